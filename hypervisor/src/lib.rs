@@ -1,0 +1,12 @@
+//! The EL2 hypervisor. Everything that is plain logic (device models, decoders, table builders,
+//! device-tree handling) lives in modules that build and test on the host; code that touches
+//! system registers or physical devices lives under `arch`, built only for `aarch64-unknown-none`.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod guest_dt;
+pub mod mmio;
+pub mod platform;
+pub mod vgic;
+pub mod vpl011;

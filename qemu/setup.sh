@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Idempotent host set-up for building and running the hypervisor under QEMU.
+# Installs only what is missing; says what it does. Debian bookworm (amd64 or arm64) only.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Guest images and kernels are cached by content outside the git tree.
+CACHE="${HV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/smmu-hv}"
+BUILD="$ROOT/build"
+KVER_GLOB='linux-image-6.12.*-arm64-unsigned'
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || die "not root and no sudo: cannot install packages"
+    SUDO="sudo"
+fi
+
+check_host() {
+    [ -r /etc/os-release ] || die "unsupported host: no /etc/os-release (need Debian bookworm)"
+    . /etc/os-release
+    if [ "${ID:-}" != debian ] || [ "${VERSION_CODENAME:-}" != bookworm ]; then
+        die "unsupported host: ${PRETTY_NAME:-unknown}; this project's set-up needs Debian 12 (bookworm)"
+    fi
+}
+
+APT_UPDATED=0
+NEED_UPDATE=0
+apt_update() {
+    if [ "$APT_UPDATED" = 0 ]; then
+        say "apt-get update"
+        $SUDO apt-get update -qq
+        APT_UPDATED=1
+    fi
+}
+
+ensure_backports() {
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        say "adding the bookworm-backports suite (QEMU >= 10 lives there)"
+        echo 'deb http://deb.debian.org/debian bookworm-backports main' |
+            $SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+        NEED_UPDATE=1
+    fi
+}
+
+ensure_arm64_arch() {
+    if ! dpkg --print-foreign-architectures | grep -qx arm64 &&
+        [ "$(dpkg --print-architecture)" != arm64 ]; then
+        say "dpkg --add-architecture arm64 (for the guest kernel and busybox packages)"
+        $SUDO dpkg --add-architecture arm64
+        NEED_UPDATE=1
+    fi
+}
+
+qemu_ok() {
+    command -v qemu-system-aarch64 >/dev/null || return 1
+    local v
+    v="$(qemu-system-aarch64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1)"
+    [ -n "$v" ] && [ "$v" -ge 10 ]
+}
+
+ensure_host_packages() {
+    local missing=()
+    command -v dtc >/dev/null || missing+=(device-tree-compiler)
+    command -v cpio >/dev/null || missing+=(cpio)
+    command -v python3 >/dev/null || missing+=(python3)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_update
+        say "installing ${missing[*]}"
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if ! qemu_ok; then
+        apt_update
+        say "installing qemu-system-arm >= 10 from bookworm-backports"
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports \
+            qemu-system-arm >/dev/null
+        qemu_ok || die "qemu-system-aarch64 >= 10 still missing after install"
+    fi
+}
+
+ensure_rust() {
+    command -v rustup >/dev/null || die "rustup not found: install Rust with rustup first"
+    # rust-toolchain.toml pins the version and names the target; this installs both if missing.
+    (cd "$ROOT" && rustup show active-toolchain >/dev/null 2>&1) || true
+    if ! (cd "$ROOT" && rustup target list --installed | grep -qx aarch64-unknown-none); then
+        say "rustup: adding target aarch64-unknown-none"
+        (cd "$ROOT" && rustup target add aarch64-unknown-none)
+    fi
+}
+
+# Fetch a Debian arm64 package into the cache once; print its path.
+fetch_deb() {
+    local pkg="$1" dir="$CACHE/debs"
+    mkdir -p "$dir"
+    local ver
+    ver="$(apt-cache policy "$pkg" | sed -n 's/ *Candidate: //p')"
+    [ -n "$ver" ] && [ "$ver" != "(none)" ] || die "package $pkg not found in apt"
+    local f
+    f="$(ls "$dir/${pkg%%:*}_${ver//:/%3a}_"*.deb 2>/dev/null | head -1 || true)"
+    if [ -z "$f" ]; then
+        say "apt-get download $pkg ($ver)"
+        (cd "$dir" && apt-get download -qq -o APT::Sandbox::User=root "$pkg=$ver" >/dev/null)
+        f="$(ls "$dir/${pkg%%:*}_${ver//:/%3a}_"*.deb | head -1)"
+    fi
+    echo "$f"
+}
+
+guest_kernel_pkg() {
+    # Newest 6.12 arm64 unsigned image in the archive (bookworm-backports).
+    apt-cache search --names-only "^linux-image-6\.12\.[0-9]+\+deb[0-9]+-arm64-unsigned$" 2>/dev/null |
+        awk '{print $1}' | sort -V | tail -1
+}
+
+ensure_guest_images() {
+    local gdir="$BUILD/guest"
+    mkdir -p "$gdir"
+    local kpkg
+    kpkg="$(guest_kernel_pkg)"
+    if [ -z "$kpkg" ]; then
+        apt_update
+        kpkg="$(guest_kernel_pkg)"
+    fi
+    [ -n "$kpkg" ] || die "no $KVER_GLOB package found (is bookworm-backports enabled?)"
+    local kdeb bdeb
+    kdeb="$(fetch_deb "$kpkg:arm64")"
+    bdeb="$(fetch_deb busybox-static:arm64)"
+
+    local key
+    key="$(cat "$kdeb" "$bdeb" "$ROOT/tests/guest/init" | sha256sum | cut -c1-16)"
+    local out="$CACHE/guest-$key"
+    if [ ! -f "$out/initramfs.cpio.gz" ] || [ ! -f "$out/Image" ]; then
+        say "building guest images from $(basename "$kdeb") and $(basename "$bdeb")"
+        local tmp
+        tmp="$(mktemp -d)"
+        dpkg-deb -x "$kdeb" "$tmp/k"
+        dpkg-deb -x "$bdeb" "$tmp/b"
+        mkdir -p "$out"
+        local vmlinuz
+        vmlinuz="$(ls "$tmp"/k/boot/vmlinuz-* | head -1)"
+        # Debian ships the arm64 kernel gzip-compressed; QEMU -kernel and our loader want a raw Image.
+        if gzip -t "$vmlinuz" 2>/dev/null; then
+            gzip -dc "$vmlinuz" >"$out/Image.tmp"
+        else
+            cp "$vmlinuz" "$out/Image.tmp"
+        fi
+        mv "$out/Image.tmp" "$out/Image"
+        basename "$vmlinuz" | sed 's/^vmlinuz-//' >"$out/kver"
+        # initramfs: busybox + the project's init.
+        local ir="$tmp/initramfs"
+        mkdir -p "$ir"/{bin,sbin,proc,sys,dev,tmp,etc,root,usr/bin,usr/sbin}
+        cp "$tmp/b/bin/busybox" "$ir/bin/busybox"
+        cp "$ROOT/tests/guest/init" "$ir/init"
+        chmod +x "$ir/init"
+        (cd "$ir" && find . | cpio -o -H newc --quiet | gzip -9 >"$out/initramfs.cpio.gz.tmp")
+        mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
+        rm -rf "$tmp"
+    fi
+    ln -sfn "$out" "$gdir/stock"
+    say "guest images ready: $gdir/stock -> $out (kernel $(cat "$out/kver"))"
+}
+
+main() {
+    check_host
+    ensure_backports
+    ensure_arm64_arch
+    # A suite or architecture added just now needs fresh package lists.
+    [ "$APT_UPDATED" = 0 ] && [ "$NEED_UPDATE" = 1 ] && apt_update
+    ensure_host_packages
+    ensure_rust
+    ensure_guest_images
+}
+
+main "$@"
