@@ -1,1 +1,460 @@
+//! The first instructions of the hypervisor at EL2: the arm64 Image header (so QEMU `-kernel` and
+//! U-Boot `booti` load it), self-relocation of the position-independent image, BSS clearing,
+//! per-CPU stacks, the EL2 exception vector table and the trap frame save/restore.
+//!
+//! Nothing here runs Rust before the stack, BSS and relocations are set up. The Rust side provides:
+//! `hv_primary_main(dtb: usize, image_base: usize) -> !`, `hv_secondary_main(cpu: usize) -> !`,
+//! `hv_lower_exception(frame: &mut TrapFrame, kind: u64)` and
+//! `hv_current_exception(frame: &mut TrapFrame, kind: u64)`.
 #![no_std]
+
+use core::mem::{offset_of, size_of};
+
+/// Most physical CPUs the hypervisor drives; each gets its own EL2 stack.
+pub const MAX_CPUS: usize = 8;
+/// Bytes of EL2 stack per CPU.
+pub const STACK_SIZE: usize = 64 * 1024;
+
+/// Why the vector table was entered, passed to the Rust handlers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum ExceptionKind {
+    /// Synchronous exception (ESR_EL2 says which).
+    Sync = 0,
+    /// Physical IRQ.
+    Irq = 1,
+    /// Physical FIQ.
+    Fiq = 2,
+    /// SError.
+    SError = 3,
+}
+
+impl ExceptionKind {
+    /// Decodes the value the vector stub passes.
+    pub fn from_raw(raw: u64) -> Self {
+        match raw {
+            0 => Self::Sync,
+            1 => Self::Irq,
+            2 => Self::Fiq,
+            _ => Self::SError,
+        }
+    }
+}
+
+/// Register state of the interrupted context, saved on the EL2 stack by every vector entry and
+/// restored (possibly modified) on return. For a trap from a guest this *is* the vCPU's
+/// general-purpose, FP/SIMD and PC/PSTATE state: the hypervisor's Rust code may use FP/SIMD
+/// registers, so they are saved on every entry.
+#[derive(Clone, Debug, Default)]
+#[repr(C, align(16))]
+pub struct TrapFrame {
+    /// x0 to x30.
+    pub x: [u64; 31],
+    /// ELR_EL2: where the interrupted context resumes.
+    pub elr: u64,
+    /// SPSR_EL2: its PSTATE.
+    pub spsr: u64,
+    _pad: u64,
+    /// q0 to q31.
+    pub q: [u128; 32],
+    /// FPCR.
+    pub fpcr: u64,
+    /// FPSR.
+    pub fpsr: u64,
+}
+
+impl TrapFrame {
+    /// A frame that enters EL1h at `pc` with DAIF masked and `x0 = arg0`, as Linux's boot
+    /// protocol and PSCI CPU_ON require.
+    pub fn new_el1_entry(pc: u64, arg0: u64) -> Self {
+        let mut f = Self::default();
+        f.x[0] = arg0;
+        f.elr = pc;
+        f.spsr = SPSR_EL1H_DAIF_MASKED;
+        f
+    }
+}
+
+/// SPSR_EL2 for entering EL1h (M = 0b0101) with D, A, I, F masked.
+pub const SPSR_EL1H_DAIF_MASKED: u64 = 0x3c5;
+
+#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+const FRAME_SIZE: usize = size_of::<TrapFrame>();
+#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+const OFF_X30: usize = offset_of!(TrapFrame, x) + 30 * 8;
+#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+const OFF_ELR: usize = offset_of!(TrapFrame, elr);
+#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+const OFF_SPSR: usize = offset_of!(TrapFrame, spsr);
+#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+const OFF_Q: usize = offset_of!(TrapFrame, q);
+#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+const OFF_FPCR: usize = offset_of!(TrapFrame, fpcr);
+const _: () = assert!(OFF_ELR == OFF_X30 + 8, "asm stores x30 and ELR with one stp");
+const _: () = assert!(offset_of!(TrapFrame, fpsr) == OFF_FPCR + 8);
+const _: () = assert!(FRAME_SIZE % 16 == 0 && FRAME_SIZE < 4096);
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+mod asm {
+    use super::*;
+
+    core::arch::global_asm!(
+        r#"
+.section .text.head, "ax"
+.global _start
+_start:
+    /* arm64 Image header, Documentation/arch/arm64/booting.rst */
+    b       primary_entry           /* code0 */
+    .long   0                       /* code1 */
+    .quad   0                       /* text_offset */
+    .quad   __image_size            /* image_size, BSS included */
+    .quad   0xa                     /* flags: LE, 4 KiB pages, any 2 MiB-aligned base */
+    .quad   0, 0, 0                 /* res2-4 */
+    .ascii  "ARM\x64"               /* magic */
+    .long   0                       /* res5 */
+
+.section .text.boot, "ax"
+primary_entry:
+    mov     x19, x0                 /* DTB physical address */
+    mrs     x1, CurrentEL
+    cmp     x1, #(2 << 2)
+    b.ne    park                    /* we must own EL2; nothing to report to without a UART */
+    adr     x20, _start             /* run-time base == load address (linked at 0) */
+
+    /* Apply R_AARCH64_RELATIVE relocations: *(base + r_offset) = base + r_addend. */
+    adrp    x1, __rela_start
+    add     x1, x1, :lo12:__rela_start
+    adrp    x2, __rela_end
+    add     x2, x2, :lo12:__rela_end
+1:  cmp     x1, x2
+    b.hs    2f
+    ldp     x3, x4, [x1], #16       /* r_offset, r_info */
+    ldr     x5, [x1], #8            /* r_addend */
+    cmp     w4, #1027               /* R_AARCH64_RELATIVE */
+    b.ne    park
+    add     x5, x5, x20
+    str     x5, [x20, x3]
+    b       1b
+2:
+    /* Clear BSS (stacks and boot heap included). */
+    adrp    x1, __bss_start
+    add     x1, x1, :lo12:__bss_start
+    adrp    x2, __bss_end
+    add     x2, x2, :lo12:__bss_end
+3:  cmp     x1, x2
+    b.hs    4f
+    stp     xzr, xzr, [x1], #16
+    b       3b
+4:
+    mov     x0, #0
+    bl      set_stack_and_vectors
+    mov     x0, x19
+    mov     x1, x20
+    bl      hv_primary_main
+    b       park
+
+/* PSCI CPU_ON entry point; x0 = logical CPU index (the context_id we passed). */
+.global secondary_entry
+secondary_entry:
+    mov     x19, x0
+    bl      set_stack_and_vectors
+    mov     x0, x19
+    bl      hv_secondary_main
+    b       park
+
+/* x0 = logical CPU index. Clobbers x1, x2. */
+set_stack_and_vectors:
+    cmp     x0, #{max_cpus}
+    b.hs    park
+    adrp    x1, __stacks_start
+    add     x1, x1, :lo12:__stacks_start
+    add     x2, x0, #1
+    mov     x3, #{stack_size}
+    madd    x1, x2, x3, x1          /* top of this CPU's stack */
+    mov     sp, x1
+    adrp    x1, __vectors
+    add     x1, x1, :lo12:__vectors
+    msr     vbar_el2, x1
+    isb
+    ret
+
+.global park
+park:
+    wfe
+    b       park
+
+.macro SAVE_FRAME
+    sub     sp, sp, #{frame}
+    stp     x0, x1, [sp, #0]
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x19, [sp, #144]
+    stp     x20, x21, [sp, #160]
+    stp     x22, x23, [sp, #176]
+    stp     x24, x25, [sp, #192]
+    stp     x26, x27, [sp, #208]
+    stp     x28, x29, [sp, #224]
+    mrs     x0, elr_el2
+    mrs     x1, spsr_el2
+    stp     x30, x0, [sp, #{off_x30}]
+    str     x1, [sp, #{off_spsr}]
+    add     x0, sp, #{off_q}
+    stp     q0, q1, [x0, #0]
+    stp     q2, q3, [x0, #32]
+    stp     q4, q5, [x0, #64]
+    stp     q6, q7, [x0, #96]
+    stp     q8, q9, [x0, #128]
+    stp     q10, q11, [x0, #160]
+    stp     q12, q13, [x0, #192]
+    stp     q14, q15, [x0, #224]
+    stp     q16, q17, [x0, #256]
+    stp     q18, q19, [x0, #288]
+    stp     q20, q21, [x0, #320]
+    stp     q22, q23, [x0, #352]
+    stp     q24, q25, [x0, #384]
+    stp     q26, q27, [x0, #416]
+    stp     q28, q29, [x0, #448]
+    stp     q30, q31, [x0, #480]
+    mrs     x1, fpcr
+    mrs     x2, fpsr
+    add     x3, sp, #{off_fpcr}
+    stp     x1, x2, [x3]
+.endm
+
+.section .text.vectors, "ax"
+.balign 0x800
+.global __vectors
+__vectors:
+    /* Current EL with SP_EL0: never used by the hypervisor. */
+    .balign 0x80
+    b       current_sync
+    .balign 0x80
+    b       current_irq
+    .balign 0x80
+    b       current_fiq
+    .balign 0x80
+    b       current_serror
+    /* Current EL with SP_ELx: a fault in the hypervisor itself. */
+    .balign 0x80
+    b       current_sync
+    .balign 0x80
+    b       current_irq
+    .balign 0x80
+    b       current_fiq
+    .balign 0x80
+    b       current_serror
+    /* Lower EL using AArch64: the guest. */
+    .balign 0x80
+    b       lower_sync
+    .balign 0x80
+    b       lower_irq
+    .balign 0x80
+    b       lower_fiq
+    .balign 0x80
+    b       lower_serror
+    /* Lower EL using AArch32: guests are AArch64 only (HCR_EL2.RW=1). */
+    .balign 0x80
+    b       lower_sync
+    .balign 0x80
+    b       lower_irq
+    .balign 0x80
+    b       lower_fiq
+    .balign 0x80
+    b       lower_serror
+
+.section .text.boot, "ax"
+lower_sync:
+    SAVE_FRAME
+    mov     x0, sp
+    mov     x1, #0
+    bl      hv_lower_exception
+    b       restore_frame_and_eret
+lower_irq:
+    SAVE_FRAME
+    mov     x0, sp
+    mov     x1, #1
+    bl      hv_lower_exception
+    b       restore_frame_and_eret
+lower_fiq:
+    SAVE_FRAME
+    mov     x0, sp
+    mov     x1, #2
+    bl      hv_lower_exception
+    b       restore_frame_and_eret
+lower_serror:
+    SAVE_FRAME
+    mov     x0, sp
+    mov     x1, #3
+    bl      hv_lower_exception
+    b       restore_frame_and_eret
+current_sync:
+    SAVE_FRAME
+    mov     x0, sp
+    mov     x1, #0
+    bl      hv_current_exception
+    b       restore_frame_and_eret
+current_irq:
+    SAVE_FRAME
+    mov     x0, sp
+    mov     x1, #1
+    bl      hv_current_exception
+    b       restore_frame_and_eret
+current_fiq:
+    SAVE_FRAME
+    mov     x0, sp
+    mov     x1, #2
+    bl      hv_current_exception
+    b       restore_frame_and_eret
+current_serror:
+    SAVE_FRAME
+    mov     x0, sp
+    mov     x1, #3
+    bl      hv_current_exception
+    b       restore_frame_and_eret
+
+/* Restores the frame at sp and returns from the exception. */
+.global restore_frame_and_eret
+restore_frame_and_eret:
+    add     x0, sp, #{off_fpcr}
+    ldp     x1, x2, [x0]
+    msr     fpcr, x1
+    msr     fpsr, x2
+    add     x0, sp, #{off_q}
+    ldp     q0, q1, [x0, #0]
+    ldp     q2, q3, [x0, #32]
+    ldp     q4, q5, [x0, #64]
+    ldp     q6, q7, [x0, #96]
+    ldp     q8, q9, [x0, #128]
+    ldp     q10, q11, [x0, #160]
+    ldp     q12, q13, [x0, #192]
+    ldp     q14, q15, [x0, #224]
+    ldp     q16, q17, [x0, #256]
+    ldp     q18, q19, [x0, #288]
+    ldp     q20, q21, [x0, #320]
+    ldp     q22, q23, [x0, #352]
+    ldp     q24, q25, [x0, #384]
+    ldp     q26, q27, [x0, #416]
+    ldp     q28, q29, [x0, #448]
+    ldp     q30, q31, [x0, #480]
+    ldr     x1, [sp, #{off_spsr}]
+    ldp     x30, x0, [sp, #{off_x30}]
+    msr     elr_el2, x0
+    msr     spsr_el2, x1
+    ldp     x0, x1, [sp, #0]
+    ldp     x2, x3, [sp, #16]
+    ldp     x4, x5, [sp, #32]
+    ldp     x6, x7, [sp, #48]
+    ldp     x8, x9, [sp, #64]
+    ldp     x10, x11, [sp, #80]
+    ldp     x12, x13, [sp, #96]
+    ldp     x14, x15, [sp, #112]
+    ldp     x16, x17, [sp, #128]
+    ldp     x18, x19, [sp, #144]
+    ldp     x20, x21, [sp, #160]
+    ldp     x22, x23, [sp, #176]
+    ldp     x24, x25, [sp, #192]
+    ldp     x26, x27, [sp, #208]
+    ldp     x28, x29, [sp, #224]
+    add     sp, sp, #{frame}
+    eret
+
+/* enter_frame(frame: *const TrapFrame, stack_top: usize): loads the frame straight into the
+ * registers (it may live anywhere, even on the stack being reset) and ERETs with sp at the top
+ * of this CPU's stack. Nothing is written to memory. */
+.global enter_frame
+enter_frame:
+    mov     sp, x1
+    add     x2, x0, #{off_fpcr}
+    ldp     x3, x4, [x2]
+    msr     fpcr, x3
+    msr     fpsr, x4
+    add     x2, x0, #{off_q}
+    ldp     q0, q1, [x2, #0]
+    ldp     q2, q3, [x2, #32]
+    ldp     q4, q5, [x2, #64]
+    ldp     q6, q7, [x2, #96]
+    ldp     q8, q9, [x2, #128]
+    ldp     q10, q11, [x2, #160]
+    ldp     q12, q13, [x2, #192]
+    ldp     q14, q15, [x2, #224]
+    ldp     q16, q17, [x2, #256]
+    ldp     q18, q19, [x2, #288]
+    ldp     q20, q21, [x2, #320]
+    ldp     q22, q23, [x2, #352]
+    ldp     q24, q25, [x2, #384]
+    ldp     q26, q27, [x2, #416]
+    ldp     q28, q29, [x2, #448]
+    ldp     q30, q31, [x2, #480]
+    ldr     x3, [x0, #{off_spsr}]
+    ldp     x30, x2, [x0, #{off_x30}]
+    msr     elr_el2, x2
+    msr     spsr_el2, x3
+    ldp     x2, x3, [x0, #16]
+    ldp     x4, x5, [x0, #32]
+    ldp     x6, x7, [x0, #48]
+    ldp     x8, x9, [x0, #64]
+    ldp     x10, x11, [x0, #80]
+    ldp     x12, x13, [x0, #96]
+    ldp     x14, x15, [x0, #112]
+    ldp     x16, x17, [x0, #128]
+    ldp     x18, x19, [x0, #144]
+    ldp     x20, x21, [x0, #160]
+    ldp     x22, x23, [x0, #176]
+    ldp     x24, x25, [x0, #192]
+    ldp     x26, x27, [x0, #208]
+    ldp     x28, x29, [x0, #224]
+    ldp     x0, x1, [x0, #0]
+    eret
+
+.section .bss.stacks, "aw", @nobits
+.balign 4096
+.global __stacks_start
+__stacks_start:
+    .space  {max_cpus} * {stack_size}
+"#,
+        max_cpus = const MAX_CPUS,
+        stack_size = const STACK_SIZE,
+        frame = const FRAME_SIZE,
+        off_x30 = const OFF_X30,
+        off_spsr = const OFF_SPSR,
+        off_q = const OFF_Q,
+        off_fpcr = const OFF_FPCR,
+    );
+
+    extern "C" {
+        fn enter_frame(frame: *const TrapFrame, stack_top: usize) -> !;
+        static __stacks_start: u8;
+        fn secondary_entry();
+    }
+
+    /// Loads `frame` into the CPU and returns from the exception into it (ERET), with this CPU's
+    /// EL2 stack reset to empty: every Rust frame on it is abandoned and nothing above this
+    /// call runs again.
+    ///
+    /// # Safety
+    ///
+    /// `cpu` must be the calling CPU's logical index, and nothing on its EL2 stack may be
+    /// borrowed by anyone else (the stack is reused from the top).
+    pub unsafe fn enter(cpu: usize, frame: &TrapFrame) -> ! {
+        assert!(cpu < MAX_CPUS);
+        let base = core::ptr::addr_of!(__stacks_start) as usize;
+        let top = base + (cpu + 1) * STACK_SIZE;
+        // SAFETY: `frame` is a valid TrapFrame; enter_frame only reads it and writes no
+        // memory before the ERET; the caller guarantees the stack may be reset.
+        unsafe { enter_frame(frame, top) }
+    }
+
+    /// Physical address of the secondary CPU entry point, for PSCI CPU_ON.
+    pub fn secondary_entry_addr() -> usize {
+        secondary_entry as *const () as usize
+    }
+}
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub use asm::{enter, secondary_entry_addr};

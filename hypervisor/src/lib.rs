@@ -10,3 +10,11 @@ pub mod mmio;
 pub mod platform;
 pub mod vgic;
 pub mod vpl011;
+pub mod esr;
+pub mod stage2;
+pub mod lr;
+pub mod psci;
+pub mod memory;
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub mod arch;

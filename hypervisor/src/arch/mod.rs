@@ -1,0 +1,332 @@
+//! Everything that runs only on the real (or emulated) machine at EL2: boot sequence, physical
+//! devices, the vCPU run loop. Built only for `aarch64-unknown-none`.
+
+pub mod gic;
+pub mod guest_mem;
+pub mod mmio;
+pub mod mmu;
+pub mod sysreg;
+pub mod uart;
+pub mod vcpu;
+pub mod vm;
+
+use crate::memory::{overlaps, place_top_down};
+use crate::platform::{MemRange, ModuleKind, Platform, PsciConduit};
+use aarch64_cpu::registers::{Readable, Writeable, CNTFRQ_EL0, CNTPCT_EL0, MPIDR_EL1, TPIDR_EL2};
+use alloc::string::String;
+use alloc::vec::Vec;
+use boot::MAX_CPUS;
+use buddy_system_allocator::LockedHeap;
+use core::sync::atomic::{AtomicUsize, Ordering};
+use gic::Gic;
+use spin::Once;
+use vcpu::Binding;
+use vm::{Vm, VmConfig};
+
+const HEAP_SIZE: usize = 16 << 20;
+const GIB: u64 = 1 << 30;
+/// RAM given to each VM when the configuration does not say.
+const DEFAULT_VM_RAM: u64 = GIB;
+/// vCPUs given to the VM when the configuration does not say.
+const DEFAULT_VCPUS: usize = 2;
+
+#[global_allocator]
+static ALLOCATOR: LockedHeap<32> = LockedHeap::empty();
+
+#[repr(C, align(4096))]
+struct HeapSpace([u8; HEAP_SIZE]);
+static mut HEAP_SPACE: HeapSpace = HeapSpace([0; HEAP_SIZE]);
+
+extern "C" {
+    static __image_start: u8;
+    static __text_end: u8;
+    static __image_end: u8;
+}
+
+/// A physical CPU.
+#[derive(Debug)]
+pub struct CpuInfo {
+    /// Its MPIDR affinity.
+    pub mpidr: u64,
+    /// Its redistributor index, set when it comes up.
+    redist: AtomicUsize,
+    /// The vCPU pinned to it, if any.
+    pub binding: Option<Binding>,
+}
+
+impl CpuInfo {
+    /// Its GIC redistributor index.
+    pub fn redist(&self) -> usize {
+        self.redist.load(Ordering::Acquire)
+    }
+}
+
+/// The hypervisor's global state, built once by the primary CPU.
+#[derive(Debug)]
+pub struct Hv {
+    /// What the DT says about the machine.
+    pub platform: Platform,
+    /// The physical GIC.
+    pub gic: Gic,
+    /// Physical CPUs, by logical index (0 = boot CPU).
+    pub cpus: Vec<CpuInfo>,
+    /// The VMs.
+    pub vms: Vec<Vm>,
+}
+
+static HV: Once<Hv> = Once::new();
+
+/// The global state (after boot).
+pub fn hv() -> &'static Hv {
+    HV.get().expect("hypervisor state is initialised before any CPU runs a vCPU")
+}
+
+/// Logical index of the calling CPU (kept in TPIDR_EL2).
+pub fn this_cpu() -> usize {
+    TPIDR_EL2.get() as usize
+}
+
+fn timestamp_ms() -> u64 {
+    CNTPCT_EL0.get() * 1000 / CNTFRQ_EL0.get().max(1)
+}
+
+static CONDUIT: Once<PsciConduit> = Once::new();
+
+/// Powers the machine off through PSCI; never returns.
+pub fn system_off() -> ! {
+    match CONDUIT.get() {
+        Some(PsciConduit::Hvc) => {
+            let _ = smccc::psci::system_off::<smccc::Hvc>();
+        }
+        _ => {
+            let _ = smccc::psci::system_off::<smccc::Smc>();
+        }
+    }
+    loop {
+        sysreg::wfi();
+    }
+}
+
+#[no_mangle]
+extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
+    TPIDR_EL2.set(0);
+    // SAFETY: HEAP_SPACE is used by nothing but the allocator, initialised once here.
+    unsafe {
+        ALLOCATOR
+            .lock()
+            .init(core::ptr::addr_of_mut!(HEAP_SPACE) as usize, HEAP_SIZE);
+    }
+    // SAFETY: x0 holds the DTB the loader placed in RAM; its header gives its size.
+    let dtb_slice = unsafe {
+        let header = core::slice::from_raw_parts(dtb as *const u8, 8);
+        let size = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        core::slice::from_raw_parts(dtb as *const u8, size.min(2 << 20))
+    };
+    let platform = match Platform::parse(dtb_slice) {
+        Ok(p) => p,
+        Err(_) => system_off_early(),
+    };
+    // SAFETY: the DT names this PL011 as the console; the MMU is off (device accesses).
+    unsafe { uart::init(platform.uart.base.base) };
+    let _ = log::set_logger(&uart::Logger);
+    log::set_max_level(log::LevelFilter::Info);
+    if let Some(c) = platform.psci {
+        CONDUIT.call_once(|| c);
+    }
+
+    let image_start = core::ptr::addr_of!(__image_start) as u64;
+    let text_end = core::ptr::addr_of!(__text_end) as u64;
+    let image_end = core::ptr::addr_of!(__image_end) as u64;
+    let ram: Vec<(u64, u64)> = platform.memory.iter().map(|m| (m.base, m.size)).collect();
+    let gic_info = platform.gic;
+    let devices = [
+        (gic_info.gicd.base, gic_info.gicd.size),
+        (gic_info.gicr.base, gic_info.gicr.size),
+        (platform.uart.base.base, platform.uart.base.size.max(0x1000)),
+    ];
+    // SAFETY: first call, MMU off; the layout covers all RAM (image, stacks, heap, DTB,
+    // modules) and every device the hypervisor touches.
+    if let Err(e) = unsafe {
+        mmu::init_primary(&mmu::Layout { ram: &ram, text: (image_start, text_end), devices: &devices })
+    } {
+        panic!("EL2 page tables: {e:?}");
+    }
+    log::info!(
+        "smmu-hv {} at EL2: image {image_base:#x}..{image_end:#x} ({} KiB), DTB at {dtb:#x}, {} CPUs, PSCI via {:?}",
+        env!("CARGO_PKG_VERSION"),
+        (image_end - image_start) / 1024,
+        platform.cpus.len(),
+        platform.psci
+    );
+
+    // SAFETY: the DT's GIC ranges, mapped as device memory above.
+    let gic = unsafe { Gic::new(&gic_info) };
+    if let Err(e) = gic.init_distributor() {
+        panic!("GIC distributor: {e}");
+    }
+
+    // Logical CPU 0 is the boot CPU; the others follow in DT order.
+    let boot_mpidr = MPIDR_EL1.get() & 0xff_00ff_ffff;
+    let mut mpidrs = Vec::with_capacity(platform.cpus.len());
+    mpidrs.push(boot_mpidr);
+    mpidrs.extend(platform.cpus.iter().copied().filter(|&m| m != boot_mpidr));
+    mpidrs.truncate(MAX_CPUS);
+
+    let busy = busy_ranges(&platform, image_start, image_end, dtb as u64, dtb_slice.len() as u64);
+    let vms = match build_vms(&platform, &mpidrs, &busy) {
+        Ok(v) => v,
+        Err(e) => {
+            log::error!("no VM could be built: {e}");
+            system_off();
+        }
+    };
+    let cpus = mpidrs
+        .iter()
+        .enumerate()
+        .map(|(i, &mpidr)| CpuInfo {
+            mpidr,
+            redist: AtomicUsize::new(0),
+            binding: vms.iter().enumerate().find_map(|(vmi, vm)| {
+                vm.vcpus.iter().position(|s| s.pcpu == i).map(|vcpu| Binding { vm: vmi, vcpu })
+            }),
+        })
+        .collect();
+    HV.call_once(|| Hv { platform, gic, cpus, vms });
+    cpu_common_init(0);
+
+    for vm in &hv().vms {
+        match vm.load() {
+            Ok((entry, dtb_ipa)) => {
+                log::info!(
+                    "{}: {} vCPUs on pCPUs {:?}, RAM IPA {:#x}+{:#x} at PA {:#x}, kernel at {entry:#x}, DTB at {dtb_ipa:#x}, starting",
+                    vm.config.name,
+                    vm.vcpus.len(),
+                    vm.config.pcpus,
+                    vm.ram_ipa.base,
+                    vm.ram_ipa.size,
+                    vm.ram_pa
+                );
+                vcpu::power_on_boot_vcpu(vm, entry, dtb_ipa);
+            }
+            Err(e) => {
+                log::error!("{}: not started: {e}", vm.config.name);
+                vm.stop();
+            }
+        }
+    }
+
+    // Secondaries read the image (page tables, statics) with their MMU off at first.
+    sysreg::clean_dcache_range(image_start as usize, (image_end - image_start) as usize);
+    for (i, &mpidr) in mpidrs.iter().enumerate().skip(1) {
+        let entry = boot::secondary_entry_addr() as u64;
+        let r = match CONDUIT.get() {
+            Some(PsciConduit::Hvc) => smccc::psci::cpu_on::<smccc::Hvc>(mpidr, entry, i as u64),
+            _ => smccc::psci::cpu_on::<smccc::Smc>(mpidr, entry, i as u64),
+        };
+        if let Err(e) = r {
+            log::error!("CPU {i} (MPIDR {mpidr:#x}) did not start: {e}");
+        }
+    }
+    log::info!("boot done at {} ms", timestamp_ms());
+    if hv().vms.iter().all(|v| v.is_stopped()) {
+        log::error!("no VM is running: powering off");
+        system_off();
+    }
+    vcpu::run_bound_vcpu();
+}
+
+#[no_mangle]
+extern "C" fn hv_secondary_main(cpu: usize) -> ! {
+    TPIDR_EL2.set(cpu as u64);
+    // SAFETY: a secondary with its MMU off; the primary built the map and cleaned the image.
+    unsafe { mmu::init_secondary() };
+    cpu_common_init(cpu);
+    vcpu::run_bound_vcpu();
+}
+
+/// Per-CPU set-up: GIC redistributor and CPU interface, the interrupts the hypervisor takes.
+fn cpu_common_init(cpu: usize) {
+    let hv = hv();
+    let info = &hv.cpus[cpu];
+    match hv.gic.init_cpu(info.mpidr) {
+        Ok(idx) => info.redist.store(idx, Ordering::Release),
+        Err(e) => panic!("GIC on CPU {cpu}: {e}"),
+    }
+    let rd = info.redist();
+    hv.gic.set_private_enabled(rd, vcpu::KICK_SGI, true);
+    hv.gic.set_private_enabled(rd, hv.platform.gic.maintenance_ppi, true);
+    if cpu == 0 {
+        uart::enable_rx_irq();
+        hv.gic.enable_spi(hv.platform.uart.intid, info.mpidr);
+    }
+}
+
+/// Everything guest RAM must not overlap: the hypervisor image, the DTB, boot modules and
+/// reserved memory.
+fn busy_ranges(p: &Platform, image_start: u64, image_end: u64, dtb: u64, dtb_len: u64) -> Vec<MemRange> {
+    let mut busy = Vec::new();
+    busy.push(MemRange { base: image_start, size: image_end - image_start });
+    busy.push(MemRange { base: dtb, size: dtb_len });
+    busy.extend(p.modules.iter().map(|m| m.range));
+    busy.extend(p.reserved.iter().copied());
+    busy
+}
+
+/// The default machine: one VM on the first CPUs with the kernel and initramfs modules.
+fn build_vms(p: &Platform, mpidrs: &[u64], busy: &[MemRange]) -> Result<Vec<Vm>, String> {
+    let kernel = p
+        .modules
+        .iter()
+        .find(|m| m.kind == ModuleKind::Kernel)
+        .ok_or_else(|| String::from("no multiboot,kernel module in /chosen"))?;
+    let initrd = p.modules.iter().find(|m| m.kind == ModuleKind::Ramdisk).map(|m| m.range);
+    let bootargs = kernel
+        .bootargs
+        .clone()
+        .or_else(|| p.bootargs.clone())
+        .unwrap_or_else(|| String::from("console=ttyAMA0"));
+    let nvcpus = DEFAULT_VCPUS.min(mpidrs.len());
+    let config = VmConfig {
+        name: String::from("vm0"),
+        pcpus: (0..nvcpus).collect(),
+        ram_size: DEFAULT_VM_RAM,
+        kernel: kernel.range,
+        initrd,
+        bootargs,
+    };
+    let ram_pa = place_top_down(&p.memory, busy, config.ram_size, 2 << 20)
+        .ok_or_else(|| alloc::format!("no free {:#x} bytes of RAM for vm0", config.ram_size))?;
+    debug_assert!(busy.iter().all(|b| !overlaps(*b, MemRange { base: ram_pa, size: config.ram_size })));
+    // SAFETY: `place_top_down` chose RAM that overlaps nothing in use; only this VM gets it.
+    let vm = unsafe { Vm::new(0, config, p, ram_pa, |i| mpidrs[i]) }.map_err(|e| alloc::format!("vm0: {e}"))?;
+    Ok(alloc::vec![vm])
+}
+
+fn system_off_early() -> ! {
+    // Without a parsed DT there is no console; QEMU and most firmware use SMC for PSCI.
+    let _ = smccc::psci::system_off::<smccc::Smc>();
+    loop {
+        sysreg::wfi();
+    }
+}
+
+static PANICKING: AtomicUsize = AtomicUsize::new(0);
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    if PANICKING.fetch_add(1, Ordering::AcqRel) == 0 {
+        // The console lock may be held by the code that panicked on this CPU.
+        for _ in 0..1_000_000 {
+            if !uart::CONSOLE.is_locked() {
+                break;
+            }
+        }
+        if uart::CONSOLE.is_locked() {
+            // SAFETY: the holder is stuck (it panicked or is spinning on us); the machine is
+            // going down and this is the last output.
+            unsafe { uart::CONSOLE.force_unlock() };
+        }
+        uart::print_hv(format_args!("PANIC on CPU {}: {info}", this_cpu()));
+    }
+    system_off();
+}

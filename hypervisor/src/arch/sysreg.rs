@@ -1,0 +1,163 @@
+//! System registers that `aarch64-cpu` does not name (the GICv3 CPU interface as seen from EL2,
+//! ICH_EISR/ELRSR) and cache/TLB maintenance. Every access is a single instruction.
+
+use core::arch::asm;
+
+macro_rules! sysreg_rw {
+    ($read:ident, $write:ident, $enc:literal, $doc:literal) => {
+        #[doc = concat!("Reads ", $doc, ".")]
+        #[inline(always)]
+        #[allow(dead_code)]
+        pub fn $read() -> u64 {
+            let v: u64;
+            // SAFETY: reading this GIC/EL2 system register has no side effect on memory; the
+            // hypervisor runs at EL2 where it is accessible (ICC_SRE_EL2.SRE is set at boot).
+            unsafe { asm!(concat!("mrs {}, ", $enc), out(reg) v, options(nomem, nostack)) };
+            v
+        }
+        #[doc = concat!("Writes ", $doc, ".")]
+        #[inline(always)]
+        #[allow(dead_code)]
+        pub fn $write(v: u64) {
+            // SAFETY: writing this register changes interrupt or virtualization state only,
+            // never memory that Rust code relies on.
+            unsafe { asm!(concat!("msr ", $enc, ", {}"), in(reg) v, options(nostack)) };
+        }
+    };
+}
+
+sysreg_rw!(icc_iar1, _icc_iar1_w, "s3_0_c12_c12_0", "ICC_IAR1_EL1 (acknowledge)");
+sysreg_rw!(_icc_eoir1_r, icc_eoir1, "s3_0_c12_c12_1", "ICC_EOIR1_EL1 (priority drop)");
+sysreg_rw!(_icc_dir_r, icc_dir, "s3_0_c12_c11_1", "ICC_DIR_EL1 (deactivate)");
+sysreg_rw!(icc_pmr, set_icc_pmr, "s3_0_c4_c6_0", "ICC_PMR_EL1");
+sysreg_rw!(icc_bpr1, set_icc_bpr1, "s3_0_c12_c12_3", "ICC_BPR1_EL1");
+sysreg_rw!(icc_ctlr, set_icc_ctlr, "s3_0_c12_c12_4", "ICC_CTLR_EL1");
+sysreg_rw!(icc_igrpen1, set_icc_igrpen1, "s3_0_c12_c12_7", "ICC_IGRPEN1_EL1");
+sysreg_rw!(_icc_sgi1r_r, icc_sgi1r, "s3_0_c12_c11_5", "ICC_SGI1R_EL1");
+sysreg_rw!(icc_sre_el2, set_icc_sre_el2, "s3_4_c12_c9_5", "ICC_SRE_EL2");
+sysreg_rw!(ich_hcr, set_ich_hcr, "s3_4_c12_c11_0", "ICH_HCR_EL2");
+sysreg_rw!(ich_vtr, _set_ich_vtr, "s3_4_c12_c11_1", "ICH_VTR_EL2");
+sysreg_rw!(ich_misr, _set_ich_misr, "s3_4_c12_c11_2", "ICH_MISR_EL2");
+sysreg_rw!(ich_vmcr, set_ich_vmcr, "s3_4_c12_c11_7", "ICH_VMCR_EL2");
+sysreg_rw!(ich_ap1r0, set_ich_ap1r0, "s3_4_c12_c9_0", "ICH_AP1R0_EL2");
+sysreg_rw!(id_aa64isar2, _set_id_aa64isar2, "s3_0_c0_c6_2", "ID_AA64ISAR2_EL1");
+sysreg_rw!(id_aa64mmfr3, _set_id_aa64mmfr3, "s3_0_c0_c7_3", "ID_AA64MMFR3_EL1");
+sysreg_rw!(_hcrx_el2, set_hcrx_el2, "s3_4_c1_c2_2", "HCRX_EL2");
+sysreg_rw!(ich_ap0r0, set_ich_ap0r0, "s3_4_c12_c8_0", "ICH_AP0R0_EL2");
+
+/// Reads ICH_LR<n>_EL2.
+pub fn ich_lr(n: usize) -> u64 {
+    macro_rules! rd {
+        ($($i:literal => $enc:literal),*) => {
+            match n {
+                $($i => { let v: u64;
+                    // SAFETY: reading a list register has no memory side effect.
+                    unsafe { asm!(concat!("mrs {}, ", $enc), out(reg) v, options(nomem, nostack)) }; v })*
+                _ => 0,
+            }
+        };
+    }
+    rd!(0 => "s3_4_c12_c12_0", 1 => "s3_4_c12_c12_1", 2 => "s3_4_c12_c12_2", 3 => "s3_4_c12_c12_3",
+        4 => "s3_4_c12_c12_4", 5 => "s3_4_c12_c12_5", 6 => "s3_4_c12_c12_6", 7 => "s3_4_c12_c12_7",
+        8 => "s3_4_c12_c13_0", 9 => "s3_4_c12_c13_1", 10 => "s3_4_c12_c13_2", 11 => "s3_4_c12_c13_3",
+        12 => "s3_4_c12_c13_4", 13 => "s3_4_c12_c13_5", 14 => "s3_4_c12_c13_6", 15 => "s3_4_c12_c13_7")
+}
+
+/// Writes ICH_LR<n>_EL2 (n beyond ICH_VTR.ListRegs is ignored).
+pub fn set_ich_lr(n: usize, v: u64) {
+    macro_rules! wr {
+        ($($i:literal => $enc:literal),*) => {
+            match n {
+                $($i => {
+                    // SAFETY: a list register only affects the virtual CPU interface of the
+                    // guest running on this CPU.
+                    unsafe { asm!(concat!("msr ", $enc, ", {}"), in(reg) v, options(nostack)) } })*
+                _ => {}
+            }
+        };
+    }
+    wr!(0 => "s3_4_c12_c12_0", 1 => "s3_4_c12_c12_1", 2 => "s3_4_c12_c12_2", 3 => "s3_4_c12_c12_3",
+        4 => "s3_4_c12_c12_4", 5 => "s3_4_c12_c12_5", 6 => "s3_4_c12_c12_6", 7 => "s3_4_c12_c12_7",
+        8 => "s3_4_c12_c13_0", 9 => "s3_4_c12_c13_1", 10 => "s3_4_c12_c13_2", 11 => "s3_4_c12_c13_3",
+        12 => "s3_4_c12_c13_4", 13 => "s3_4_c12_c13_5", 14 => "s3_4_c12_c13_6", 15 => "s3_4_c12_c13_7")
+}
+
+/// Instruction synchronization barrier.
+#[inline(always)]
+pub fn isb() {
+    // SAFETY: a barrier has no memory effect beyond ordering.
+    unsafe { asm!("isb", options(nostack)) };
+}
+
+/// Full-system data synchronization barrier.
+#[inline(always)]
+pub fn dsb_sy() {
+    // SAFETY: a barrier has no memory effect beyond ordering.
+    unsafe { asm!("dsb sy", options(nostack)) };
+}
+
+/// Wakes CPUs waiting in WFE.
+#[inline(always)]
+pub fn sev() {
+    // SAFETY: SEV only signals an event.
+    unsafe { asm!("dsb ish", "sev", options(nostack)) };
+}
+
+/// Waits for an event.
+#[inline(always)]
+pub fn wfe() {
+    // SAFETY: WFE suspends until an event; no memory effect.
+    unsafe { asm!("wfe", options(nostack)) };
+}
+
+/// Waits for an interrupt (a masked one still wakes the CPU).
+#[inline(always)]
+pub fn wfi() {
+    // SAFETY: WFI suspends until an interrupt is pending; no memory effect.
+    unsafe { asm!("dsb sy", "wfi", options(nostack)) };
+}
+
+/// Smallest data cache line size, from CTR_EL0.DminLine.
+fn dcache_line() -> usize {
+    let ctr: u64;
+    // SAFETY: reading CTR_EL0 has no side effect.
+    unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack)) };
+    4 << ((ctr >> 16) & 0xf)
+}
+
+/// Cleans `[start, start + len)` to the point of coherency, so that agents reading memory with
+/// caches off (a guest booting with its MMU off, a secondary CPU before its MMU is on) see it.
+pub fn clean_dcache_range(start: usize, len: usize) {
+    let line = dcache_line();
+    let mut p = start & !(line - 1);
+    while p < start + len {
+        // SAFETY: DC CVAC on a mapped address writes back a cache line; no data changes.
+        unsafe { asm!("dc cvac, {}", in(reg) p, options(nostack)) };
+        p += line;
+    }
+    dsb_sy();
+}
+
+/// Invalidates `[start, start + len)` to the point of coherency, discarding lines that may have
+/// been cached before the caller wrote the memory with caches off.
+///
+/// # Safety
+///
+/// Any dirty data in the range is lost: the caller must own the range and have written it with
+/// caches off (or not care about its contents).
+pub unsafe fn invalidate_dcache_range(start: usize, len: usize) {
+    let line = dcache_line();
+    let mut p = start & !(line - 1);
+    while p < start + len {
+        // SAFETY: the caller owns the range and accepts losing cached dirty data.
+        unsafe { asm!("dc ivac, {}", in(reg) p, options(nostack)) };
+        p += line;
+    }
+    dsb_sy();
+}
+
+/// Invalidates every stage-1 and stage-2 TLB entry of the current VMID, inner shareable.
+pub fn tlbi_vmalls12e1is() {
+    // SAFETY: TLB invalidation has no effect on memory contents.
+    unsafe { asm!("dsb ishst", "tlbi vmalls12e1is", "dsb ish", "isb", options(nostack)) };
+}

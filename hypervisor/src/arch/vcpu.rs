@@ -1,0 +1,710 @@
+//! Running a vCPU on its pinned physical CPU: EL2 controls for a protected guest, entry, trap
+//! dispatch (ESR_EL2 by name), emulated MMIO, PSCI, SGIs, physical interrupts and list registers.
+
+use super::gic::{Gic, SPURIOUS};
+use super::vm::{Power, Vm};
+use super::{hv, sysreg, this_cpu, uart};
+use crate::esr::{fault_ipa, instruction_length, DataAbort, ExceptionClass, SysRegAccess, SysRegId};
+use crate::lr::{ListRegister, LrState};
+use crate::mmio::AccessWidth;
+use crate::psci::{self, Call};
+use aarch64_cpu::registers::{
+    Readable, Writeable, CNTHCTL_EL2, CNTVOFF_EL2, CNTV_CTL_EL0, CPTR_EL2, ELR_EL1, ESR_EL1,
+    ESR_EL2, FAR_EL1, FAR_EL2, HCR_EL2, HPFAR_EL2, MDCR_EL2, MIDR_EL1, SCTLR_EL1, SPSR_EL1,
+    VBAR_EL1, VMPIDR_EL2, VTCR_EL2, VTTBR_EL2,
+};
+use boot::{ExceptionKind, TrapFrame};
+use core::sync::atomic::Ordering;
+
+/// SGI the hypervisor sends between physical CPUs to make a vCPU re-evaluate its interrupts
+/// (or notice that its VM stopped).
+pub const KICK_SGI: u32 = 0;
+/// PPI of the EL1 virtual timer, forwarded to the guest as a hardware interrupt.
+pub const VTIMER_PPI: u32 = 27;
+
+/// HCR_EL2 for a guest (Arm ARM D24.2.48): stage-2 on (VM), set/way invalidation upgraded
+/// (SWIO), physical IRQ/FIQ/SError to EL2 (IMO/FMO/AMO), broadcast TLB/cache maintenance (FB),
+/// inner-shareable barriers (BSU=1), trap WFI (TWI), SMC (TSC), set/way ops (TSW) and LORegions
+/// (TLOR), EL1 is AArch64 (RW), pointer authentication not trapped (APK/API).
+const HCR_GUEST: u64 = (1 << 0)
+    | (1 << 1)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 9)
+    | (1 << 10)
+    | (1 << 13)
+    | (1 << 19)
+    | (1 << 22)
+    | (1 << 31)
+    | (1 << 35)
+    | (1 << 40)
+    | (1 << 41);
+/// CPTR_EL2 (non-VHE): RES1 bits, FP/SIMD not trapped (TFP=0), SVE (TZ) and SME (TSM) trapped:
+/// the hypervisor saves only the V registers, so a guest may not use the wider Z registers.
+const CPTR_GUEST: u64 = 0x33ff;
+/// SCTLR_EL1 for a vCPU at power-on: MMU and caches off, RES1 bits only.
+const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
+/// ICH_HCR_EL2.En and .UIE (maintenance interrupt when at most one list register is valid).
+const ICH_HCR_EN: u64 = 1;
+const ICH_HCR_UIE: u64 = 1 << 1;
+
+/// Per-physical-CPU facts needed on every trap.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding {
+    /// VM index.
+    pub vm: usize,
+    /// vCPU index in that VM.
+    pub vcpu: usize,
+}
+
+fn vm_and_vcpu() -> Option<(&'static Vm, usize)> {
+    let b = hv().cpus[this_cpu()].binding?;
+    Some((&hv().vms[b.vm], b.vcpu))
+}
+
+/// Programs the EL2 controls for running `vm` on this CPU.
+fn configure_el2(vm: &Vm, vcpu: usize) {
+    let pmcr_n = {
+        let v: u64;
+        // SAFETY: reading PMCR_EL0 at EL2 has no side effect.
+        unsafe { core::arch::asm!("mrs {}, pmcr_el0", out(reg) v) };
+        (v >> 11) & 0x1f
+    };
+    // MDCR_EL2: HPMN = all counters, trap PMU (TPM, TPMCR) and debug (TDA, TDOSA, TDRA)
+    // accesses, which read as zero for the guest; no counting at EL2 (HPMD).
+    MDCR_EL2.set(pmcr_n | (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 17));
+    CPTR_EL2.set(CPTR_GUEST);
+    // CNTHCTL_EL2: counter readable (EL1PCTEN), EL1 physical timer trapped (EL1PCEN=0):
+    // the guest uses the virtual timer, the physical one is the host's.
+    CNTHCTL_EL2.set(1);
+    CNTVOFF_EL2.set(0);
+    let pa_range = aarch64_cpu::registers::ID_AA64MMFR0_EL1.get() & 0xf;
+    let vmid16 = (aarch64_cpu::registers::ID_AA64MMFR1_EL1.get() >> 4) & 0xf == 2;
+    VTCR_EL2.set(crate::stage2::Stage2::vtcr(pa_range, vmid16));
+    VTTBR_EL2.set(vm.vttbr);
+    let midr = MIDR_EL1.get();
+    // SAFETY: VPIDR_EL2 only sets what the guest reads as MIDR_EL1.
+    unsafe { core::arch::asm!("msr vpidr_el2, {}", in(reg) midr) };
+    VMPIDR_EL2.set((1 << 31) | vm.vcpus[vcpu].mpidr);
+    HCR_EL2.set(HCR_GUEST);
+    // FEAT_HCX (ID_AA64MMFR1_EL1.HCX): HCRX_EL2 resets to an UNKNOWN value and gates
+    // features the guest's ID registers advertise; enable those (as KVM does), no traps.
+    if (aarch64_cpu::registers::ID_AA64MMFR1_EL1.get() >> 40) & 0xf != 0 {
+        let mops = (sysreg::id_aa64isar2() >> 16) & 0xf != 0;
+        let tcr2 = sysreg::id_aa64mmfr3() & 0xf != 0;
+        // MSCEn (bit 11): CPY*/SET* allowed at EL1/EL0; TCR2En (bit 14): TCR2_EL1 usable.
+        let hcrx = if mops { 1 << 11 } else { 0 } | if tcr2 { 1 << 14 } else { 0 };
+        sysreg::set_hcrx_el2(hcrx);
+    }
+    sysreg::isb();
+    sysreg::tlbi_vmalls12e1is();
+}
+
+/// Resets the EL1 state a booting kernel relies on and the virtual CPU interface.
+fn reset_el1_and_vgic_cpu() {
+    SCTLR_EL1.set(SCTLR_EL1_RESET);
+    CNTV_CTL_EL0.set(0);
+    for i in 0..num_lrs() {
+        sysreg::set_ich_lr(i, 0);
+    }
+    sysreg::set_ich_ap0r0(0);
+    sysreg::set_ich_ap1r0(0);
+    sysreg::set_ich_vmcr(0);
+    sysreg::set_ich_hcr(ICH_HCR_EN);
+    sysreg::isb();
+}
+
+fn num_lrs() -> usize {
+    ((sysreg::ich_vtr() & 0x1f) + 1) as usize
+}
+
+/// Waits until this CPU's vCPU is powered on, then enters it. Never returns.
+pub fn run_bound_vcpu() -> ! {
+    let cpu = this_cpu();
+    let Some((vm, vcpu)) = vm_and_vcpu() else {
+        idle_forever();
+    };
+    loop {
+        if !vm.is_stopped() {
+            let mut power = vm.vcpus[vcpu].power.lock();
+            if let Power::OnPending { entry, context } = *power {
+                *power = Power::On;
+                drop(power);
+                configure_el2(vm, vcpu);
+                reset_el1_and_vgic_cpu();
+                let mut irqs = IRQ_STATE[cpu].lock();
+                irqs.hw_pending = None;
+                drop(irqs);
+                let gic = &hv().gic;
+                gic.set_private_enabled(hv().cpus[cpu].redist(), VTIMER_PPI, false);
+                let frame = TrapFrame::new_el1_entry(entry, context);
+                // SAFETY: `cpu` is this CPU and nothing borrows its stack across this call.
+                unsafe { boot::enter(cpu, &frame) };
+            }
+        }
+        sysreg::wfe();
+    }
+}
+
+/// A physical CPU with no vCPU: it only sleeps.
+pub fn idle_forever() -> ! {
+    loop {
+        sysreg::wfi();
+    }
+}
+
+/// Per-CPU interrupt bookkeeping for the vCPU it runs.
+#[derive(Debug, Default)]
+pub struct IrqState {
+    /// A hardware interrupt (the virtual timer) taken at EL2 and not yet in a list register.
+    hw_pending: Option<u32>,
+}
+
+/// One per physical CPU, only touched by that CPU.
+pub static IRQ_STATE: [spin::Mutex<IrqState>; boot::MAX_CPUS] =
+    [const { spin::Mutex::new(IrqState { hw_pending: None }) }; boot::MAX_CPUS];
+
+/// Entry from the vector table for exceptions from the guest.
+#[no_mangle]
+extern "C" fn hv_lower_exception(frame: &mut TrapFrame, kind: u64) {
+    let Some((vm, vcpu)) = vm_and_vcpu() else {
+        panic!("guest exception on a CPU without a vCPU");
+    };
+    match ExceptionKind::from_raw(kind) {
+        ExceptionKind::Sync => handle_sync(vm, vcpu, frame),
+        ExceptionKind::Irq | ExceptionKind::Fiq => handle_irqs(vm, vcpu),
+        ExceptionKind::SError => {
+            stop_vm(vm, "SError from the guest");
+        }
+    }
+    if vm.is_stopped() {
+        park_stopped_vcpu(vm, vcpu);
+    }
+    sync_list_registers(vm, vcpu);
+}
+
+/// Entry from the vector table for exceptions taken at EL2: a hypervisor bug.
+#[no_mangle]
+extern "C" fn hv_current_exception(frame: &mut TrapFrame, kind: u64) {
+    if ExceptionKind::from_raw(kind) == ExceptionKind::Irq {
+        // EL2 runs with interrupts masked; an IRQ here means a bug, but it is harmless.
+        return;
+    }
+    panic!(
+        "{:?} exception at EL2: ESR_EL2={:#x} FAR_EL2={:#x} ELR_EL2={:#x}",
+        ExceptionKind::from_raw(kind),
+        ESR_EL2.get(),
+        FAR_EL2.get(),
+        frame.elr
+    );
+}
+
+fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
+    let esr = ESR_EL2.get();
+    match ExceptionClass::from_esr(esr) {
+        ExceptionClass::DataAbortLower => handle_data_abort(vm, vcpu, frame, esr),
+        ExceptionClass::Hvc64 => handle_smccc(vm, vcpu, frame),
+        ExceptionClass::Smc64 => {
+            // A trapped SMC leaves ELR at the SMC itself (Arm ARM D1.11.4).
+            frame.elr += 4;
+            handle_smccc(vm, vcpu, frame);
+        }
+        ExceptionClass::WfiWfe => {
+            frame.elr += instruction_length(esr);
+            if !has_pending_virtual(vm, vcpu) {
+                sysreg::wfi();
+            }
+        }
+        ExceptionClass::SysReg => handle_sysreg(vm, vcpu, frame, esr),
+        ExceptionClass::Sve | ExceptionClass::Sme | ExceptionClass::Unknown => {
+            inject_undef(vm, frame, esr);
+        }
+        ExceptionClass::InstAbortLower => {
+            let ipa = fault_ipa(HPFAR_EL2.get(), FAR_EL2.get());
+            log::warn!(
+                "{}: vcpu{vcpu} instruction fetch from unmapped IPA {ipa:#x} (ELR {:#x}, SPSR {:#x}, ESR {esr:#x})",
+                vm.config.name,
+                frame.elr,
+                frame.spsr
+            );
+            inject_abort(vm, frame, esr, false);
+        }
+        ec => {
+            log::error!("{}: vcpu{vcpu} unhandled trap {ec:?} ESR_EL2={esr:#x} at {:#x}", vm.config.name, frame.elr);
+            stop_vm(vm, "unhandled trap");
+        }
+    }
+}
+
+fn reg_read(frame: &TrapFrame, r: usize) -> u64 {
+    if r == 31 {
+        0
+    } else {
+        frame.x[r]
+    }
+}
+
+fn reg_write(frame: &mut TrapFrame, r: usize, v: u64) {
+    if r != 31 {
+        frame.x[r] = v;
+    }
+}
+
+fn handle_data_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
+    let da = DataAbort::from_esr(esr);
+    let ipa = fault_ipa(HPFAR_EL2.get(), FAR_EL2.get());
+    if !da.isv {
+        log::warn!(
+            "{}: vcpu{vcpu} access to {ipa:#x} at {:#x} without instruction syndrome: injecting an external abort",
+            vm.config.name,
+            frame.elr
+        );
+        inject_abort(vm, frame, esr, true);
+        return;
+    }
+    let value = reg_read(frame, da.srt) & da.width.mask();
+    let result = mmio_access(vm, vcpu, ipa, da.width, da.write.then_some(value));
+    match result {
+        Some(read) => {
+            if !da.write {
+                reg_write(frame, da.srt, da.load_value(read));
+            }
+            frame.elr += instruction_length(esr);
+        }
+        None => {
+            log::warn!(
+                "{}: vcpu{vcpu} {} of unmapped IPA {ipa:#x} at {:#x}: injecting an external abort",
+                vm.config.name,
+                if da.write { "write" } else { "read" },
+                frame.elr
+            );
+            inject_abort(vm, frame, esr, true);
+        }
+    }
+}
+
+/// Emulates one access to the VM's devices. `None` if nothing lives at `ipa`.
+fn mmio_access(vm: &Vm, vcpu: usize, ipa: u64, width: AccessWidth, write: Option<u64>) -> Option<u64> {
+    if ipa >= vm.gicd.base && ipa < vm.gicd.end() {
+        let off = ipa - vm.gicd.base;
+        let mut vgic = vm.vgic.lock();
+        return Some(match write {
+            Some(v) => {
+                vgic.dist_write(off, width, v);
+                0
+            }
+            None => vgic.dist_read(off, width),
+        });
+    }
+    if ipa >= vm.gicr.base && ipa < vm.gicr.end() {
+        let target = ((ipa - vm.gicr.base) / crate::vgic::GICR_FRAME_SIZE) as usize;
+        let off = (ipa - vm.gicr.base) % crate::vgic::GICR_FRAME_SIZE;
+        let mut vgic = vm.vgic.lock();
+        return Some(match write {
+            Some(v) => {
+                vgic.redist_write(target, off, width, v);
+                // The virtual timer is forwarded in hardware: its physical enable follows the
+                // guest's.
+                let enabled = vgic.enable_bit(target, VTIMER_PPI);
+                drop(vgic);
+                let pcpu = vm.vcpus[target].pcpu;
+                hv().gic.set_private_enabled(hv().cpus[pcpu].redist(), VTIMER_PPI, enabled);
+                0
+            }
+            None => vgic.redist_read(target, off, width),
+        });
+    }
+    if ipa >= vm.uart.base && ipa < vm.uart.end() {
+        let off = ipa - vm.uart.base;
+        let mut uart = vm.vuart.lock();
+        let v = match write {
+            Some(v) => {
+                let mut out = [0u8; 1];
+                let mut n = 0;
+                uart.write(off, width, v as u32, &mut |b| {
+                    out[0] = b;
+                    n = 1;
+                });
+                drop(uart);
+                if n == 1 {
+                    uart::print_guest(&vm.prefix, &out);
+                }
+                0
+            }
+            None => uart.read(off, width) as u64,
+        };
+        let _ = vcpu;
+        return Some(v);
+    }
+    None
+}
+
+fn handle_sysreg(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
+    let acc = SysRegAccess::from_esr(esr);
+    frame.elr += instruction_length(esr);
+    match acc.reg {
+        SysRegId::ICC_SGI1R_EL1 | SysRegId::ICC_ASGI1R_EL1 if !acc.read => {
+            let value = reg_read(frame, acc.rt);
+            send_virtual_sgi(vm, vcpu, value);
+        }
+        SysRegId::ICC_SGI0R_EL1 => {} // Group 0 SGIs: the guest has no Group 0.
+        r if r.is_debug() || r.is_pmu() || r.is_phys_timer() || r.op0 == 1 => {
+            // Debug, PMU and physical-timer registers read as zero and ignore writes; op0 = 1 is
+            // a set/way cache operation, which the hypervisor's coherent memory makes a no-op.
+            if acc.read {
+                reg_write(frame, acc.rt, 0);
+            }
+        }
+        r => {
+            log::warn!(
+                "{}: vcpu{vcpu} trapped {} of S{}_{}_C{}_C{}_{}: UNDEFINED",
+                vm.config.name,
+                if acc.read { "MRS" } else { "MSR" },
+                r.op0,
+                r.op1,
+                r.crn,
+                r.crm,
+                r.op2
+            );
+            frame.elr -= instruction_length(esr);
+            inject_undef(vm, frame, esr);
+        }
+    }
+}
+
+fn send_virtual_sgi(vm: &Vm, sender: usize, value: u64) {
+    let (intid, targets) = vm.vgic.lock().sgi_targets(value, sender);
+    for t in 0..vm.vcpus.len() {
+        if targets & (1 << t) != 0 {
+            vm.vgic.lock().set_pending(t, intid);
+            if t != sender {
+                kick(vm, t);
+            }
+        }
+    }
+}
+
+/// Makes vCPU `t` of `vm` re-evaluate its interrupts soon.
+fn kick(vm: &Vm, t: usize) {
+    let pcpu = vm.vcpus[t].pcpu;
+    Gic::send_sgi(KICK_SGI, hv().cpus[pcpu].mpidr);
+}
+
+fn handle_smccc(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
+    let call = Call::decode([frame.x[0], frame.x[1], frame.x[2], frame.x[3]]);
+    let ret = match call {
+        Call::Version => psci::VERSION_1_1,
+        Call::SmcccVersion => psci::SMCCC_VERSION_1_1,
+        Call::Features(fid) => {
+            if Call::is_implemented(fid) {
+                0
+            } else {
+                psci::status(psci::NOT_SUPPORTED)
+            }
+        }
+        Call::SmcccArchFeatures(_) => psci::status(psci::NOT_SUPPORTED),
+        Call::MigrateInfoType => psci::MIGRATE_NOT_REQUIRED,
+        Call::CpuSuspend => {
+            if !has_pending_virtual(vm, vcpu) {
+                sysreg::wfi();
+            }
+            0
+        }
+        Call::CpuOn { target, entry, context } => cpu_on(vm, target, entry, context),
+        Call::AffinityInfo { target, level } => {
+            if level != 0 {
+                psci::status(psci::INVALID_PARAMETERS)
+            } else {
+                match vm.vcpu_by_mpidr(target) {
+                    None => psci::status(psci::INVALID_PARAMETERS),
+                    Some(t) => match *vm.vcpus[t].power.lock() {
+                        Power::On => psci::AFFINITY_ON,
+                        Power::Off => psci::AFFINITY_OFF,
+                        Power::OnPending { .. } => psci::AFFINITY_ON_PENDING,
+                    },
+                }
+            }
+        }
+        Call::CpuOff => {
+            log::info!("{}: vcpu{vcpu} CPU_OFF", vm.config.name);
+            *vm.vcpus[vcpu].power.lock() = Power::Off;
+            run_bound_vcpu();
+        }
+        Call::SystemOff => {
+            log::info!("{}: PSCI SYSTEM_OFF from vcpu{vcpu}", vm.config.name);
+            stop_vm(vm, "PSCI SYSTEM_OFF");
+            0
+        }
+        Call::SystemReset => {
+            log::info!("{}: PSCI SYSTEM_RESET from vcpu{vcpu}", vm.config.name);
+            stop_vm(vm, "PSCI SYSTEM_RESET (VM reboot not supported yet)");
+            0
+        }
+        Call::Unknown(fid) => {
+            log::debug!("{}: unknown SMCCC function {fid:#x}", vm.config.name);
+            psci::status(psci::NOT_SUPPORTED)
+        }
+    };
+    frame.x[0] = ret;
+}
+
+fn cpu_on(vm: &Vm, target: u64, entry: u64, context: u64) -> u64 {
+    let Some(t) = vm.vcpu_by_mpidr(target) else {
+        return psci::status(psci::INVALID_PARAMETERS);
+    };
+    if entry < vm.ram_ipa.base || entry >= vm.ram_ipa.end() {
+        return psci::status(psci::INVALID_ADDRESS);
+    }
+    let mut power = vm.vcpus[t].power.lock();
+    match *power {
+        Power::On => psci::status(psci::ALREADY_ON),
+        Power::OnPending { .. } => psci::status(psci::ON_PENDING),
+        Power::Off => {
+            *power = Power::OnPending { entry, context };
+            drop(power);
+            sysreg::sev();
+            0
+        }
+    }
+}
+
+/// Stops `vm`: logs once, makes its other vCPUs park, and powers the machine off when no VM
+/// is left running.
+pub fn stop_vm(vm: &Vm, reason: &str) {
+    if vm.stop() {
+        log::info!("{}: stopped: {reason}", vm.config.name);
+        for t in 0..vm.vcpus.len() {
+            kick(vm, t);
+        }
+        sysreg::sev();
+        if hv().vms.iter().all(|v| v.is_stopped()) {
+            log::info!("all VMs stopped: powering off");
+            super::system_off();
+        }
+    }
+}
+
+fn park_stopped_vcpu(vm: &Vm, vcpu: usize) -> ! {
+    *vm.vcpus[vcpu].power.lock() = Power::Off;
+    CNTV_CTL_EL0.set(0);
+    sysreg::set_ich_hcr(0);
+    HCR_EL2.set(0);
+    sysreg::isb();
+    run_bound_vcpu();
+}
+
+/// Whether a virtual interrupt is waiting for the vCPU (in a list register or deliverable).
+fn has_pending_virtual(vm: &Vm, vcpu: usize) -> bool {
+    for i in 0..num_lrs() {
+        let lr = ListRegister(sysreg::ich_lr(i));
+        if matches!(lr.state(), LrState::Pending | LrState::PendingActive) {
+            return true;
+        }
+    }
+    if IRQ_STATE[this_cpu()].lock().hw_pending.is_some() {
+        return true;
+    }
+    let mut vgic = vm.vgic.lock();
+    if let Some((intid, _)) = vgic.pop_deliverable(vcpu, &[]) {
+        vgic.set_pending(vcpu, intid);
+        return true;
+    }
+    false
+}
+
+fn handle_irqs(vm: &Vm, vcpu: usize) {
+    loop {
+        let intid = Gic::ack();
+        if intid >= SPURIOUS {
+            break;
+        }
+        if intid == VTIMER_PPI {
+            // Priority drop only: the guest's EOI of the HW list register deactivates it.
+            Gic::eoi(intid);
+            IRQ_STATE[this_cpu()].lock().hw_pending = Some(intid);
+        } else if intid == KICK_SGI || intid == hv().platform.gic.maintenance_ppi {
+            Gic::eoi_and_deactivate(intid);
+        } else if intid == hv().platform.uart.intid {
+            Gic::eoi_and_deactivate(intid);
+            console_input();
+        } else {
+            Gic::eoi_and_deactivate(intid);
+            log::warn!("{}: vcpu{vcpu} unexpected physical interrupt {intid}: disabled", vm.config.name);
+            if intid >= 32 {
+                hv().gic.disable_spi(intid);
+            }
+        }
+    }
+}
+
+/// Moves console input into the VM that has the input focus and wakes its UART's vCPU.
+fn console_input() {
+    let Some(vm) = hv().vms.first() else {
+        uart::drain_rx(|_| {});
+        return;
+    };
+    {
+        let mut vuart = vm.vuart.lock();
+        uart::drain_rx(|b| {
+            let _ = vuart.push_rx(b);
+        });
+    }
+    let target = vm.vgic.lock().spi_target(vm.uart_intid);
+    if Some(target) != vm_and_vcpu().map(|(_, v)| v) {
+        kick(vm, target);
+    }
+}
+
+/// Fills free list registers from what is pending for the vCPU: first a forwarded hardware
+/// interrupt, then the level of the emulated UART, then the vGIC's latched interrupts by
+/// priority. Asks for an underflow maintenance interrupt when some remain.
+fn sync_list_registers(vm: &Vm, vcpu: usize) {
+    let n = num_lrs();
+    let mut in_flight = [u32::MAX; 16];
+    let mut free = [false; 16];
+    for (i, slot) in in_flight.iter_mut().enumerate().take(n) {
+        let lr = ListRegister(sysreg::ich_lr(i));
+        if lr.state() == LrState::Invalid {
+            free[i] = true;
+        } else {
+            *slot = lr.vintid();
+        }
+    }
+    let mut next_free = (0..n).filter(|&i| free[i]).collect::<heapless_iter::FreeList>();
+    let mut vgic = vm.vgic.lock();
+
+    let mut irqs = IRQ_STATE[this_cpu()].lock();
+    if let Some(pintid) = irqs.hw_pending {
+        if vgic.is_enabled(vcpu, pintid) {
+            if let Some(i) = next_free.take() {
+                let lr = ListRegister::hardware(pintid, pintid, vgic.priority(vcpu, pintid), vgic.group1(vcpu, pintid));
+                sysreg::set_ich_lr(i, lr.0);
+                in_flight[i] = pintid;
+                irqs.hw_pending = None;
+            }
+        } else {
+            // The guest disabled it meanwhile: give the physical interrupt back.
+            Gic::deactivate(pintid);
+            irqs.hw_pending = None;
+        }
+    }
+    drop(irqs);
+
+    if vgic.spi_target(vm.uart_intid) == vcpu
+        && vm.vuart.lock().irq_level()
+        && !in_flight.contains(&vm.uart_intid)
+    {
+        vgic.set_pending(vcpu, vm.uart_intid);
+    }
+
+    let mut more = false;
+    loop {
+        let Some((intid, prio)) = vgic.pop_deliverable(vcpu, &in_flight[..n]) else {
+            break;
+        };
+        let Some(i) = next_free.take() else {
+            vgic.set_pending(vcpu, intid);
+            more = true;
+            break;
+        };
+        let level = !vgic.is_edge(vcpu, intid);
+        let lr = ListRegister::software(intid, prio, vgic.group1(vcpu, intid), level);
+        sysreg::set_ich_lr(i, lr.0);
+        in_flight[i] = intid;
+    }
+    sysreg::set_ich_hcr(if more { ICH_HCR_EN | ICH_HCR_UIE } else { ICH_HCR_EN });
+}
+
+mod heapless_iter {
+    /// The free list register indices, taken one at a time.
+    #[derive(Debug, Default)]
+    pub struct FreeList {
+        slots: [usize; 16],
+        len: usize,
+        next: usize,
+    }
+
+    impl FreeList {
+        pub fn take(&mut self) -> Option<usize> {
+            (self.next < self.len).then(|| {
+                self.next += 1;
+                self.slots[self.next - 1]
+            })
+        }
+    }
+
+    impl FromIterator<usize> for FreeList {
+        fn from_iter<I: IntoIterator<Item = usize>>(iter: I) -> Self {
+            let mut f = Self::default();
+            for i in iter.into_iter().take(16) {
+                f.slots[f.len] = i;
+                f.len += 1;
+            }
+            f
+        }
+    }
+}
+
+/// Injects a synchronous exception into the guest's EL1 (Arm ARM D1.10.2): ESR_EL1/FAR_EL1
+/// describe it, ELR_EL1/SPSR_EL1 keep the interrupted context, and the vCPU resumes at the
+/// right VBAR_EL1 offset with DAIF masked.
+fn inject_sync(vm: &Vm, frame: &mut TrapFrame, esr_el1: u64, far: Option<u64>) {
+    let spsr = frame.spsr;
+    let from_el0 = (spsr >> 2) & 3 == 0;
+    let offset = if from_el0 {
+        0x400
+    } else if spsr & 1 == 1 {
+        0x200 // EL1h: current EL with SP_ELx
+    } else {
+        0x000
+    };
+    let vector = VBAR_EL1.get() + offset;
+    if vector < vm.ram_ipa.base || vector >= vm.ram_ipa.end() {
+        // The guest has no exception vectors yet (or they point nowhere): the fault would
+        // repeat forever. A fault the hypervisor cannot hand to the guest stops the VM.
+        log::error!(
+            "{}: exception (ESR_EL1 {esr_el1:#x}) at {:#x} with VBAR_EL1 {:#x} outside RAM",
+            vm.config.name,
+            frame.elr,
+            VBAR_EL1.get()
+        );
+        stop_vm(vm, "guest fault with no exception vector to take it");
+        return;
+    }
+    ESR_EL1.set(esr_el1);
+    if let Some(far) = far {
+        FAR_EL1.set(far);
+    }
+    ELR_EL1.set(frame.elr);
+    SPSR_EL1.set(spsr);
+    frame.elr = vector;
+    frame.spsr = boot::SPSR_EL1H_DAIF_MASKED;
+}
+
+/// Synchronous external abort for a data or instruction access the hypervisor cannot emulate.
+fn inject_abort(vm: &Vm, frame: &mut TrapFrame, esr: u64, data: bool) {
+    let from_el0 = (frame.spsr >> 2) & 3 == 0;
+    let ec: u64 = match (data, from_el0) {
+        (true, true) => 0x24,
+        (true, false) => 0x25,
+        (false, true) => 0x20,
+        (false, false) => 0x21,
+    };
+    // IL, and DFSC/IFSC = 0b010000: synchronous external abort, not on a table walk.
+    let wnr = esr & (1 << 6);
+    let esr_el1 = (ec << 26) | (1 << 25) | wnr | 0x10;
+    inject_sync(vm, frame, esr_el1, Some(FAR_EL2.get()));
+}
+
+/// UNDEFINED instruction (EC = 0) for an access the guest may not make.
+fn inject_undef(vm: &Vm, frame: &mut TrapFrame, _esr: u64) {
+    inject_sync(vm, frame, 1 << 25, None);
+}
+
+/// Marks vCPU 0 of `vm` powered on at `entry` and wakes its CPU.
+pub fn power_on_boot_vcpu(vm: &Vm, entry: u64, dtb: u64) {
+    *vm.vcpus[0].power.lock() = Power::OnPending { entry, context: dtb };
+    vm.stopped.store(false, Ordering::Release);
+    sysreg::sev();
+}

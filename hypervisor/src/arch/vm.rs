@@ -1,0 +1,264 @@
+//! A VM: its RAM and stage-2, its emulated devices, its vCPUs' power state, and loading its
+//! kernel, initramfs and device tree from the pristine boot modules.
+
+use super::guest_mem::{read_phys, GuestRam};
+use crate::guest_dt::{build_guest_dt, GuestDtConfig};
+use crate::platform::{MemRange, Platform};
+use crate::stage2::{MemType, Stage2, Stage2Error};
+use crate::vgic::{VGic, VGicConfig, GICR_FRAME_SIZE};
+use crate::vpl011::VPl011;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+use spin::Mutex;
+
+/// Power state of a vCPU, as PSCI AFFINITY_INFO reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Power {
+    /// Not running; CPU_ON may start it.
+    Off,
+    /// CPU_ON accepted; its pCPU has not entered it yet.
+    OnPending {
+        /// Entry IPA.
+        entry: u64,
+        /// x0 at entry.
+        context: u64,
+    },
+    /// Running.
+    On,
+}
+
+/// One vCPU slot of a VM.
+#[derive(Debug)]
+pub struct VcpuSlot {
+    /// Physical CPU (logical index) the vCPU is pinned to.
+    pub pcpu: usize,
+    /// MPIDR the guest sees (VMPIDR_EL2).
+    pub mpidr: u64,
+    /// Power state.
+    pub power: Mutex<Power>,
+}
+
+/// What a VM is made of, decided by configuration.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Name, also the console prefix.
+    pub name: String,
+    /// Physical CPUs (logical indices) its vCPUs are pinned to, in vCPU order.
+    pub pcpus: Vec<usize>,
+    /// RAM size.
+    pub ram_size: u64,
+    /// Kernel Image module (physical, pristine).
+    pub kernel: MemRange,
+    /// Initramfs module, if any.
+    pub initrd: Option<MemRange>,
+    /// Kernel command line.
+    pub bootargs: String,
+}
+
+/// Why a VM could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The stage-2 table could not map its RAM.
+    #[error("stage-2: {0}")]
+    Stage2(#[from] Stage2Error),
+    /// The kernel module is not an arm64 Image.
+    #[error("kernel module at {0:#x} is not an arm64 Image (bad magic)")]
+    NotAnImage(u64),
+    /// The images do not fit in the VM's RAM.
+    #[error("kernel, initramfs and DTB do not fit in {0:#x} bytes of RAM")]
+    TooSmall(u64),
+    /// The guest DT could not be built.
+    #[error("guest device tree: {0}")]
+    Dt(crate::guest_dt::GuestDtError),
+    /// Copying into guest RAM failed.
+    #[error("guest memory: {0}")]
+    Mem(#[from] super::guest_mem::OutOfRam),
+}
+
+/// A VM.
+#[derive(Debug)]
+pub struct Vm {
+    /// Index in the hypervisor's VM table.
+    pub id: usize,
+    /// Console prefix, e.g. `[vm0] `.
+    pub prefix: String,
+    /// Configuration it was built from.
+    pub config: VmConfig,
+    /// VMID (VTTBR_EL2.VMID).
+    pub vmid: u16,
+    /// VTTBR_EL2 value: stage-2 root and VMID.
+    pub vttbr: u64,
+    /// Guest RAM in IPA space.
+    pub ram_ipa: MemRange,
+    /// Where guest RAM lives physically.
+    pub ram_pa: u64,
+    ram: GuestRam,
+    _stage2: Stage2,
+    /// Emulated GIC distributor (guest IPA).
+    pub gicd: MemRange,
+    /// Emulated redistributors (guest IPA).
+    pub gicr: MemRange,
+    /// Emulated PL011 (guest IPA).
+    pub uart: MemRange,
+    /// The PL011's interrupt.
+    pub uart_intid: u32,
+    /// Virtual GIC register model.
+    pub vgic: Mutex<VGic>,
+    /// Virtual PL011 model.
+    pub vuart: Mutex<VPl011>,
+    /// vCPUs.
+    pub vcpus: Vec<VcpuSlot>,
+    /// Set when the VM stops; its vCPUs park at their next exit.
+    pub stopped: AtomicBool,
+    dt_template: GuestDtInputs,
+}
+
+#[derive(Debug, Clone)]
+struct GuestDtInputs {
+    maintenance_ppi: u32,
+    timer: crate::platform::TimerInfo,
+}
+
+const MIB: u64 = 1 << 20;
+
+impl Vm {
+    /// Builds a VM whose RAM lives at physical `ram_pa`, seen by the guest at the host's first
+    /// RAM base. Emulated devices sit at the host's device addresses (they are never mapped in
+    /// stage-2, so every access traps).
+    ///
+    /// # Safety
+    ///
+    /// `[ram_pa, ram_pa + config.ram_size)` must be RAM reserved for this VM alone.
+    pub unsafe fn new(
+        id: usize,
+        config: VmConfig,
+        platform: &Platform,
+        ram_pa: u64,
+        mpidr_of_pcpu: impl Fn(usize) -> u64,
+    ) -> Result<Self, VmError> {
+        let ram_ipa = MemRange { base: platform.memory[0].base, size: config.ram_size };
+        let mut stage2 = Stage2::new();
+        stage2.map(ram_ipa.base, ram_pa, ram_ipa.size, MemType::Normal)?;
+        let vmid = (id + 1) as u16;
+        let vttbr = stage2.root_pa() | (vmid as u64) << 48;
+        let vcpus: Vec<VcpuSlot> = config
+            .pcpus
+            .iter()
+            .enumerate()
+            .map(|(i, &pcpu)| {
+                let _ = mpidr_of_pcpu(pcpu);
+                VcpuSlot { pcpu, mpidr: i as u64, power: Mutex::new(Power::Off) }
+            })
+            .collect();
+        let vgic = VGic::new(VGicConfig {
+            num_spis: 64,
+            vcpu_mpidr: vcpus.iter().map(|v| v.mpidr).collect(),
+        });
+        let gicr = MemRange {
+            base: platform.gic.gicr.base,
+            size: GICR_FRAME_SIZE * vcpus.len() as u64,
+        };
+        Ok(Self {
+            id,
+            prefix: format!("[{}] ", config.name),
+            vmid,
+            vttbr,
+            ram_ipa,
+            ram_pa,
+            // SAFETY: the caller reserved this RAM for the VM.
+            ram: unsafe { GuestRam::new(ram_ipa, ram_pa) },
+            _stage2: stage2,
+            gicd: MemRange { base: platform.gic.gicd.base, size: 0x10000 },
+            gicr,
+            uart: MemRange { base: platform.uart.base.base, size: 0x1000 },
+            uart_intid: platform.uart.intid,
+            vgic: Mutex::new(vgic),
+            vuart: Mutex::new(VPl011::new()),
+            vcpus,
+            stopped: AtomicBool::new(false),
+            dt_template: GuestDtInputs {
+                maintenance_ppi: platform.gic.maintenance_ppi,
+                timer: platform.timer,
+            },
+            config,
+        })
+    }
+
+    /// Zeroes RAM, copies the pristine kernel and initramfs in, writes the guest DT, resets the
+    /// emulated devices and returns (entry IPA, DTB IPA) for vCPU 0.
+    pub fn load(&self) -> Result<(u64, u64), VmError> {
+        let kernel = self.config.kernel;
+        // SAFETY: boot modules are reserved RAM, identity-mapped, never written by anyone.
+        let header = unsafe { read_phys(kernel.base, 64) };
+        let word = |o: usize| u64::from_le_bytes(header[o..o + 8].try_into().unwrap_or([0; 8]));
+        if &header[56..60] != b"ARM\x64" {
+            return Err(VmError::NotAnImage(kernel.base));
+        }
+        let text_offset = word(8);
+        let image_size = word(16).max(kernel.size);
+        let ram = self.ram_ipa;
+        // Linux: the Image goes text_offset bytes above a 2 MiB-aligned base; the DTB in the
+        // top 2 MiB, the initramfs right below it, both clear of the kernel's image_size.
+        let entry = ram.base + text_offset;
+        let dtb_ipa = ram.end() - 2 * MIB;
+        let initrd = self.config.initrd.map(|m| MemRange {
+            base: (dtb_ipa - m.size) & !0xfff,
+            size: m.size,
+        });
+        let lowest_top = initrd.map_or(dtb_ipa, |r| r.base);
+        if entry + image_size > lowest_top || initrd.is_some_and(|r| r.base < ram.base) {
+            return Err(VmError::TooSmall(ram.size));
+        }
+        self.ram.zero_all();
+        // SAFETY: the modules are reserved RAM (see above).
+        unsafe {
+            self.ram.copy_from_phys(entry, kernel.base, kernel.size)?;
+            if let (Some(m), Some(r)) = (self.config.initrd, initrd) {
+                self.ram.copy_from_phys(r.base, m.base, m.size)?;
+            }
+        }
+        let mpidrs: Vec<u64> = self.vcpus.iter().map(|v| v.mpidr).collect();
+        let dtb = build_guest_dt(&GuestDtConfig {
+            vm_name: &self.config.name,
+            vcpu_mpidrs: &mpidrs,
+            ram,
+            gicd: self.gicd,
+            gicr: self.gicr,
+            maintenance_ppi: self.dt_template.maintenance_ppi,
+            timer: self.dt_template.timer,
+            uart: self.uart,
+            uart_intid: self.uart_intid,
+            psci_method_hvc: true,
+            bootargs: &self.config.bootargs,
+            initrd,
+        })
+        .map_err(VmError::Dt)?;
+        if dtb.len() as u64 > 2 * MIB {
+            return Err(VmError::TooSmall(ram.size));
+        }
+        self.ram.write(dtb_ipa, &dtb)?;
+        *self.vgic.lock() = VGic::new(VGicConfig {
+            num_spis: 64,
+            vcpu_mpidr: mpidrs,
+        });
+        *self.vuart.lock() = VPl011::new();
+        Ok((entry, dtb_ipa))
+    }
+
+    /// Marks the VM stopped; returns whether this call stopped it.
+    pub fn stop(&self) -> bool {
+        !self.stopped.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether the VM has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// vCPU index with the given MPIDR.
+    pub fn vcpu_by_mpidr(&self, mpidr: u64) -> Option<usize> {
+        self.vcpus.iter().position(|v| v.mpidr == mpidr & 0xff_00ff_ffff)
+    }
+}

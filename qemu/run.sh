@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The main command: sets up the host (idempotent), builds the hypervisor, and boots it on QEMU's
+# `virt` board with the stock Linux guest, the console attached to this terminal.
+# Extra arguments go to qemu/board-virt.sh (e.g. --smp 2, --bootargs "...", --bare; see its --help).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+say() { printf '[run] %s\n' "$*" >&2; }
+die() { printf '[run] error: %s\n' "$*" >&2; exit 1; }
+
+bare=0
+for arg in "$@"; do
+    [ "$arg" = -- ] && break
+    [ "$arg" = --bare ] && bare=1
+done
+
+say "host set-up (qemu/setup.sh)"
+"$ROOT/qemu/setup.sh" || die "qemu/setup.sh failed"
+if [ "$bare" = 1 ]; then
+    say "--bare: the guest boots without the hypervisor; not building it"
+else
+    say "building the hypervisor (qemu/build.sh)"
+    "$ROOT/qemu/build.sh" || die "qemu/build.sh failed"
+fi
+say "booting on QEMU virt; to quit QEMU press Ctrl-a then x"
+exec "$ROOT/qemu/board-virt.sh" "$@"

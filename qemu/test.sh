@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The test command (and CI's): host set-up, formatting, clippy on host and aarch64-unknown-none,
+# host unit tests, the hypervisor build, then the QEMU integration tests. Stops at the first failure.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TARGET=aarch64-unknown-none
+# Integration tests boot QEMU; they run in their own step, after the build.
+IT_CRATE=integration-tests
+
+STEP=""
+say() { printf '[test] %s\n' "$*" >&2; }
+step() {
+    STEP="$1"
+    printf '\n[test] ==> %s\n' "$STEP" >&2
+}
+on_exit() {
+    local rc=$?
+    if [ "$rc" != 0 ]; then
+        printf '\n[test] FAILED at step: %s (exit %s)\n' "${STEP:-start}" "$rc" >&2
+    fi
+}
+trap on_exit EXIT
+
+cd "$ROOT"
+
+step "host set-up: qemu/setup.sh"
+qemu/setup.sh
+
+step "formatting: cargo fmt --all --check"
+cargo fmt --all --check
+
+step "clippy (host): cargo clippy --workspace --exclude $IT_CRATE -- -D warnings"
+cargo clippy --workspace --exclude "$IT_CRATE" -- -D warnings
+
+step "clippy (integration tests): cargo clippy -p $IT_CRATE --all-targets -- -D warnings"
+cargo clippy -p "$IT_CRATE" --all-targets -- -D warnings
+
+step "clippy ($TARGET): cargo clippy -p hypervisor -p boot -p smmu --target $TARGET -- -D warnings"
+cargo clippy -p hypervisor -p boot -p smmu --target "$TARGET" -- -D warnings
+
+step "host unit tests: cargo test --workspace --exclude $IT_CRATE"
+cargo test --workspace --exclude "$IT_CRATE"
+
+step "hypervisor image: qemu/build.sh"
+qemu/build.sh
+
+step "QEMU integration tests: cargo test -p $IT_CRATE -- --test-threads=1 --nocapture"
+say "each QEMU boot has a wall-clock limit; consoles are logged to target/qemu-logs/"
+cargo test -p "$IT_CRATE" -- --test-threads=1 --nocapture
+
+STEP=""
+printf '\n[test] all steps passed\n' >&2
