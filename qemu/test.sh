@@ -30,8 +30,8 @@ qemu/setup.sh
 step "formatting: cargo fmt --all --check"
 cargo fmt --all --check
 
-step "clippy (host): cargo clippy --workspace --exclude $IT_CRATE -- -D warnings"
-cargo clippy --workspace --exclude "$IT_CRATE" -- -D warnings
+step "clippy (host): cargo clippy --workspace --exclude $IT_CRATE --all-targets -- -D warnings"
+cargo clippy --workspace --exclude "$IT_CRATE" --all-targets -- -D warnings
 
 step "clippy (integration tests): cargo clippy -p $IT_CRATE --all-targets -- -D warnings"
 cargo clippy -p "$IT_CRATE" --all-targets -- -D warnings

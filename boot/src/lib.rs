@@ -78,21 +78,42 @@ impl TrapFrame {
 /// SPSR_EL2 for entering EL1h (M = 0b0101) with D, A, I, F masked.
 pub const SPSR_EL1H_DAIF_MASKED: u64 = 0x3c5;
 
-#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+#[cfg_attr(
+    not(all(target_arch = "aarch64", target_os = "none")),
+    allow(dead_code)
+)]
 const FRAME_SIZE: usize = size_of::<TrapFrame>();
-#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+#[cfg_attr(
+    not(all(target_arch = "aarch64", target_os = "none")),
+    allow(dead_code)
+)]
 const OFF_X30: usize = offset_of!(TrapFrame, x) + 30 * 8;
-#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+#[cfg_attr(
+    not(all(target_arch = "aarch64", target_os = "none")),
+    allow(dead_code)
+)]
 const OFF_ELR: usize = offset_of!(TrapFrame, elr);
-#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+#[cfg_attr(
+    not(all(target_arch = "aarch64", target_os = "none")),
+    allow(dead_code)
+)]
 const OFF_SPSR: usize = offset_of!(TrapFrame, spsr);
-#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+#[cfg_attr(
+    not(all(target_arch = "aarch64", target_os = "none")),
+    allow(dead_code)
+)]
 const OFF_Q: usize = offset_of!(TrapFrame, q);
-#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+#[cfg_attr(
+    not(all(target_arch = "aarch64", target_os = "none")),
+    allow(dead_code)
+)]
 const OFF_FPCR: usize = offset_of!(TrapFrame, fpcr);
-const _: () = assert!(OFF_ELR == OFF_X30 + 8, "asm stores x30 and ELR with one stp");
+const _: () = assert!(
+    OFF_ELR == OFF_X30 + 8,
+    "asm stores x30 and ELR with one stp"
+);
 const _: () = assert!(offset_of!(TrapFrame, fpsr) == OFF_FPCR + 8);
-const _: () = assert!(FRAME_SIZE % 16 == 0 && FRAME_SIZE < 4096);
+const _: () = assert!(FRAME_SIZE.is_multiple_of(16) && FRAME_SIZE < 4096);
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 mod asm {

@@ -143,7 +143,13 @@ pub struct SysRegId {
 impl SysRegId {
     /// Builds an encoding from its five fields, as written in the Arm ARM (`S3_0_C12_C11_5`).
     pub const fn new(op0: u8, op1: u8, crn: u8, crm: u8, op2: u8) -> Self {
-        Self { op0, op1, crn, crm, op2 }
+        Self {
+            op0,
+            op1,
+            crn,
+            crm,
+            op2,
+        }
     }
 
     /// ICC_SGI1R_EL1: generates a Group 1 SGI.
@@ -200,7 +206,10 @@ mod tests {
     fn decodes_a_32bit_store_from_w1() {
         // str w1, [x0] faulting at stage 2: EC=0x24, IL, ISV, SAS=2, SRT=1, WnR, DFSC=translation L3.
         let esr = (0x24 << 26) | (1 << 25) | (1 << 24) | (2 << 22) | (1 << 16) | (1 << 6) | 0x07;
-        assert_eq!(ExceptionClass::from_esr(esr), ExceptionClass::DataAbortLower);
+        assert_eq!(
+            ExceptionClass::from_esr(esr),
+            ExceptionClass::DataAbortLower
+        );
         let d = DataAbort::from_esr(esr);
         assert!(d.isv && d.write && !d.sf && !d.sign_extend && !d.s1ptw);
         assert_eq!(d.width, AccessWidth::Word);
@@ -221,7 +230,10 @@ mod tests {
         assert_eq!(d.load_value(0x8001), 0xffff_8001);
         // ldr w3 of a wide raw value keeps the access width only.
         let esr = (0x24 << 26) | (1 << 24) | (2 << 22) | (3 << 16);
-        assert_eq!(DataAbort::from_esr(esr).load_value(0x1_2345_6789), 0x2345_6789);
+        assert_eq!(
+            DataAbort::from_esr(esr).load_value(0x1_2345_6789),
+            0x2345_6789
+        );
     }
 
     #[test]
@@ -233,7 +245,8 @@ mod tests {
     #[test]
     fn decodes_msr_icc_sgi1r() {
         // msr ICC_SGI1R_EL1, x2: op0=3 op2=5 op1=0 CRn=12 Rt=2 CRm=11, write.
-        let esr = (0x18u64 << 26) | (1 << 25) | (3 << 20) | (5 << 17) | (12 << 10) | (2 << 5) | (11 << 1);
+        let esr =
+            (0x18u64 << 26) | (1 << 25) | (3 << 20) | (5 << 17) | (12 << 10) | (2 << 5) | (11 << 1);
         assert_eq!(ExceptionClass::from_esr(esr), ExceptionClass::SysReg);
         let a = SysRegAccess::from_esr(esr);
         assert_eq!(a.reg, SysRegId::ICC_SGI1R_EL1);
@@ -255,12 +268,15 @@ mod tests {
         assert_eq!(ExceptionClass::from_esr(0x16 << 26), ExceptionClass::Hvc64);
         assert_eq!(ExceptionClass::from_esr(0x17 << 26), ExceptionClass::Smc64);
         assert_eq!(ExceptionClass::from_esr(0x01 << 26), ExceptionClass::WfiWfe);
-        assert_eq!(ExceptionClass::from_esr(0x3c << 26), ExceptionClass::Other(0x3c));
+        assert_eq!(
+            ExceptionClass::from_esr(0x3c << 26),
+            ExceptionClass::Other(0x3c)
+        );
     }
 
     #[test]
     fn fault_ipa_combines_hpfar_and_far() {
         assert_eq!(fault_ipa(0x09000 << 4, 0xffff_0000_0900_0018), 0x0900_0018);
-        assert_eq!(fault_ipa(0x80a0 << 4, 0x1234), 0x80a0_234);
+        assert_eq!(fault_ipa(0x80a0 << 4, 0x1234), 0x080a_0234);
     }
 }

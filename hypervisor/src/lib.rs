@@ -5,16 +5,16 @@
 
 extern crate alloc;
 
+pub mod esr;
 pub mod guest_dt;
+pub mod lr;
+pub mod memory;
 pub mod mmio;
 pub mod platform;
+pub mod psci;
+pub mod stage2;
 pub mod vgic;
 pub mod vpl011;
-pub mod esr;
-pub mod stage2;
-pub mod lr;
-pub mod psci;
-pub mod memory;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod arch;

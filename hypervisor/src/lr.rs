@@ -90,7 +90,10 @@ mod tests {
     #[test]
     fn hardware_entry_layout() {
         let lr = ListRegister::hardware(27, 27, 0x80, true);
-        assert_eq!(lr.0, (1 << 62) | (1 << 61) | (1 << 60) | (0x80 << 48) | (27 << 32) | 27);
+        assert_eq!(
+            lr.0,
+            (1 << 62) | (1 << 61) | (1 << 60) | (0x80 << 48) | (27 << 32) | 27
+        );
         assert!(lr.is_hw());
         assert_eq!(ListRegister(2 << 62 | 5).state(), LrState::Active);
         assert_eq!(ListRegister(0).state(), LrState::Invalid);

@@ -11,15 +11,17 @@ pub fn place_top_down(ram: &[MemRange], busy: &[MemRange], size: u64, align: u64
     let mut best: Option<u64> = None;
     for r in ram {
         let mut top = r.end();
-        loop {
-            let Some(start) = top.checked_sub(size).map(|s| s & !(align - 1)) else {
-                break;
-            };
+        while let Some(start) = top.checked_sub(size).map(|s| s & !(align - 1)) {
             if start < r.base {
                 break;
             }
             let end = start + size;
-            match busy.iter().filter(|b| b.base < end && start < b.end()).map(|b| b.base).min() {
+            match busy
+                .iter()
+                .filter(|b| b.base < end && start < b.end())
+                .map(|b| b.base)
+                .min()
+            {
                 None => {
                     best = best.max(Some(start));
                     break;
@@ -66,7 +68,10 @@ mod tests {
     #[test]
     fn none_when_nothing_fits() {
         let ram = [r(GIB, GIB)];
-        assert_eq!(place_top_down(&ram, &[r(GIB + GIB / 2, MIB)], GIB, 2 * MIB), None);
+        assert_eq!(
+            place_top_down(&ram, &[r(GIB + GIB / 2, MIB)], GIB, 2 * MIB),
+            None
+        );
         assert_eq!(place_top_down(&ram, &[], 2 * GIB, 2 * MIB), None);
         assert_eq!(place_top_down(&ram, &[], 0, 2 * MIB), None);
     }
@@ -74,6 +79,9 @@ mod tests {
     #[test]
     fn picks_the_highest_bank() {
         let ram = [r(GIB, GIB), r(8 * GIB, GIB)];
-        assert_eq!(place_top_down(&ram, &[], 512 * MIB, 2 * MIB), Some(8 * GIB + 512 * MIB));
+        assert_eq!(
+            place_top_down(&ram, &[], 512 * MIB, 2 * MIB),
+            Some(8 * GIB + 512 * MIB)
+        );
     }
 }

@@ -114,11 +114,19 @@ mod tests {
     fn decodes_cpu_on_64_and_32() {
         assert_eq!(
             Call::decode([0xC400_0003, 0x1, 0x4020_0000, 7]),
-            Call::CpuOn { target: 1, entry: 0x4020_0000, context: 7 }
+            Call::CpuOn {
+                target: 1,
+                entry: 0x4020_0000,
+                context: 7
+            }
         );
         assert_eq!(
             Call::decode([0x8400_0003, 0xffff_ffff_0000_0001, 0x1_4020_0000, 0]),
-            Call::CpuOn { target: 1, entry: 0x4020_0000, context: 0 }
+            Call::CpuOn {
+                target: 1,
+                entry: 0x4020_0000,
+                context: 0
+            }
         );
     }
 
@@ -128,9 +136,15 @@ mod tests {
         assert_eq!(Call::decode([0x8400_0009, 0, 0, 0]), Call::SystemReset);
         assert_eq!(Call::decode([0x8000_0000, 0, 0, 0]), Call::SmcccVersion);
         assert_eq!(Call::decode([0x8400_0000, 0, 0, 0]), Call::Version);
-        assert_eq!(Call::decode([0xC600_0000, 0, 0, 0]), Call::Unknown(0xC600_0000));
+        assert_eq!(
+            Call::decode([0xC600_0000, 0, 0, 0]),
+            Call::Unknown(0xC600_0000)
+        );
         // Only the low 32 bits of x0 are the function ID.
-        assert_eq!(Call::decode([0xdead_0000_8400_0008, 0, 0, 0]), Call::SystemOff);
+        assert_eq!(
+            Call::decode([0xdead_0000_8400_0008, 0, 0, 0]),
+            Call::SystemOff
+        );
     }
 
     #[test]

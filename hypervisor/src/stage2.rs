@@ -65,9 +65,7 @@ impl MemType {
                     | Stage2Attributes::MEMATTR_NORMAL_OUTER_WB
                     | Stage2Attributes::SH_INNER
             }
-            Self::Device => {
-                common | Stage2Attributes::MEMATTR_DEVICE_nGnRE | Stage2Attributes::XN
-            }
+            Self::Device => common | Stage2Attributes::MEMATTR_DEVICE_nGnRE | Stage2Attributes::XN,
         }
     }
 }
@@ -106,10 +104,16 @@ impl Stage2 {
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)`, using the largest blocks that fit.
     pub fn map(&mut self, ipa: u64, pa: u64, size: u64, mem: MemType) -> Result<(), Stage2Error> {
         const PAGE: u64 = 4096;
-        if size == 0 || ipa % PAGE != 0 || pa % PAGE != 0 || size % PAGE != 0 {
+        if size == 0
+            || !ipa.is_multiple_of(PAGE)
+            || !pa.is_multiple_of(PAGE)
+            || !size.is_multiple_of(PAGE)
+        {
             return Err(Stage2Error::Unaligned { ipa, size });
         }
-        let end = ipa.checked_add(size).ok_or(Stage2Error::OutOfRange { ipa, size })?;
+        let end = ipa
+            .checked_add(size)
+            .ok_or(Stage2Error::OutOfRange { ipa, size })?;
         if end > 1u64 << IPA_BITS {
             return Err(Stage2Error::OutOfRange { ipa, size });
         }
@@ -138,12 +142,14 @@ impl Stage2 {
     pub fn lookup(&self, ipa: u64) -> Option<Leaf> {
         let region = MemoryRegion::new(ipa as usize, ipa as usize + 1);
         let mut found = None;
-        let _ = self.mapping.walk_range(&region, &mut |range, desc, level| {
+        let _ = self.mapping.walk_range(&region, &mut |_, desc, level| {
             let flags = desc.flags();
             if flags.contains(Stage2Attributes::VALID)
                 && (level == 3 || !flags.contains(Stage2Attributes::TABLE_OR_PAGE))
             {
-                let offset = ipa as usize - range.start().0;
+                // The callback's range is clipped to the walk; the leaf covers a whole block.
+                let block_size = 1usize << (12 + 9 * (3 - level));
+                let offset = ipa as usize & (block_size - 1);
                 let mem = if flags.contains(Stage2Attributes::XN) {
                     MemType::Device
                 } else {
@@ -189,7 +195,14 @@ mod tests {
         let mut s2 = Stage2::new();
         s2.map(GIB, 4 * GIB, GIB, MemType::Normal).unwrap();
         let leaf = s2.lookup(GIB + 0x1234).unwrap();
-        assert_eq!(leaf, Leaf { pa: 4 * GIB + 0x1234, level: 1, mem: MemType::Normal });
+        assert_eq!(
+            leaf,
+            Leaf {
+                pa: 4 * GIB + 0x1234,
+                level: 1,
+                mem: MemType::Normal
+            }
+        );
         assert!(s2.lookup(GIB - 1).is_none());
         assert!(s2.lookup(2 * GIB).is_none());
     }
@@ -198,7 +211,8 @@ mod tests {
     fn non_identity_offset_with_2mib_alignment_uses_level2_blocks() {
         let mut s2 = Stage2::new();
         // IPA is 1 GiB aligned but PA only 2 MiB aligned: level-2 blocks.
-        s2.map(GIB, 0x1_0020_0000, 64 * MIB, MemType::Normal).unwrap();
+        s2.map(GIB, 0x1_0020_0000, 64 * MIB, MemType::Normal)
+            .unwrap();
         let leaf = s2.lookup(GIB + 3 * MIB).unwrap();
         assert_eq!(leaf.level, 2);
         assert_eq!(leaf.pa, 0x1_0020_0000 + 3 * MIB);
@@ -207,7 +221,8 @@ mod tests {
     #[test]
     fn unaligned_tail_uses_pages() {
         let mut s2 = Stage2::new();
-        s2.map(GIB, 2 * GIB, 2 * MIB + 8192, MemType::Normal).unwrap();
+        s2.map(GIB, 2 * GIB, 2 * MIB + 8192, MemType::Normal)
+            .unwrap();
         assert_eq!(s2.lookup(GIB).unwrap().level, 2);
         assert_eq!(s2.lookup(GIB + 2 * MIB + 4096).unwrap().level, 3);
         assert!(s2.lookup(GIB + 2 * MIB + 8192).is_none());
@@ -216,7 +231,8 @@ mod tests {
     #[test]
     fn device_mappings_are_execute_never_device() {
         let mut s2 = Stage2::new();
-        s2.map(0x1000_0000, 0x1000_0000, 0x1000, MemType::Device).unwrap();
+        s2.map(0x1000_0000, 0x1000_0000, 0x1000, MemType::Device)
+            .unwrap();
         assert_eq!(s2.lookup(0x1000_0004).unwrap().mem, MemType::Device);
     }
 
@@ -225,14 +241,26 @@ mod tests {
         let mut s2 = Stage2::new();
         assert_eq!(
             s2.map(1 << IPA_BITS, 0, 4096, MemType::Normal),
-            Err(Stage2Error::OutOfRange { ipa: 1 << IPA_BITS, size: 4096 })
+            Err(Stage2Error::OutOfRange {
+                ipa: 1 << IPA_BITS,
+                size: 4096
+            })
         );
         assert_eq!(
             s2.map((1 << IPA_BITS) - 4096, 0, 8192, MemType::Normal),
-            Err(Stage2Error::OutOfRange { ipa: (1 << IPA_BITS) - 4096, size: 8192 })
+            Err(Stage2Error::OutOfRange {
+                ipa: (1 << IPA_BITS) - 4096,
+                size: 8192
+            })
         );
-        assert!(matches!(s2.map(0x1001, 0, 4096, MemType::Normal), Err(Stage2Error::Unaligned { .. })));
-        assert!(matches!(s2.map(0, 0, 0, MemType::Normal), Err(Stage2Error::Unaligned { .. })));
+        assert!(matches!(
+            s2.map(0x1001, 0, 4096, MemType::Normal),
+            Err(Stage2Error::Unaligned { .. })
+        ));
+        assert!(matches!(
+            s2.map(0, 0, 0, MemType::Normal),
+            Err(Stage2Error::Unaligned { .. })
+        ));
     }
 
     #[test]

@@ -44,7 +44,9 @@ impl GuestRam {
         let pa = self.pa_of(ipa, data.len() as u64)?;
         // SAFETY: `pa_of` checked the range lies in this VM's RAM, which `new`'s caller
         // guaranteed is identity-mapped and aliased by no Rust reference.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pa as usize as *mut u8, data.len()) };
+        unsafe {
+            core::ptr::copy_nonoverlapping(data.as_ptr(), pa as usize as *mut u8, data.len())
+        };
         sysreg::clean_dcache_range(pa as usize, data.len());
         Ok(())
     }

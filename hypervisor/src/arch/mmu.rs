@@ -63,7 +63,8 @@ pub unsafe fn init_primary(layout: &Layout) -> Result<(), aarch64_paging::MapErr
     let pa_range = ID_AA64MMFR0_EL1.get() & 0xf;
     // TCR_EL2 (non-VHE): T0SZ = 16 (48-bit VA, level-0 root), inner-shareable write-back
     // walks, 4 KiB granule, PS from the CPU, RES1 bits 31 and 23.
-    let tcr = 16 | (1 << 8) | (1 << 10) | (3 << 12) | (pa_range.min(5) << 16) | (1 << 23) | (1 << 31);
+    let tcr =
+        16 | (1 << 8) | (1 << 10) | (3 << 12) | (pa_range.min(5) << 16) | (1 << 23) | (1 << 31);
     let ttbr0 = map.root_address().0 as u64;
     let cfg = *CONFIG.call_once(|| MmuConfig { ttbr0, tcr });
     sysreg::clean_dcache_range(&cfg as *const _ as usize, core::mem::size_of::<MmuConfig>());
@@ -81,7 +82,9 @@ pub unsafe fn init_primary(layout: &Layout) -> Result<(), aarch64_paging::MapErr
 /// Must run on a secondary CPU with its MMU off, after `init_primary` and after the primary
 /// cleaned the hypervisor image to the point of coherency.
 pub unsafe fn init_secondary() {
-    let cfg = *CONFIG.get().expect("primary set up the MMU before starting secondaries");
+    let cfg = *CONFIG
+        .get()
+        .expect("primary set up the MMU before starting secondaries");
     // SAFETY: the same map the primary runs on covers everything the secondary touches.
     unsafe { enable(&cfg) };
 }
@@ -93,7 +96,9 @@ unsafe fn enable(cfg: &MmuConfig) {
     MAIR_EL2.set(MAIR_VALUE);
     TCR_EL2.set(cfg.tcr);
     // SAFETY: TTBR0_EL2 takes the root of a valid identity map (caller's guarantee).
-    unsafe { core::arch::asm!("msr ttbr0_el2, {}", "isb", "tlbi alle2", "dsb nsh", "isb", in(reg) cfg.ttbr0) };
+    unsafe {
+        core::arch::asm!("msr ttbr0_el2, {}", "isb", "tlbi alle2", "dsb nsh", "isb", in(reg) cfg.ttbr0)
+    };
     // SCTLR_EL2: M, C, SA, I, plus RES1 bits (4, 5, 11, 16, 18, 22, 23, 28, 29); WXN.
     let sctlr = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 12) | (1 << 19) | 0x30c5_0830;
     SCTLR_EL2.set(sctlr);
@@ -104,5 +109,8 @@ unsafe fn enable(cfg: &MmuConfig) {
 pub fn map_device(base: u64, size: u64) -> Result<(), aarch64_paging::MapError> {
     let mut guard = IDMAP.lock();
     let map = guard.as_mut().expect("MMU initialised");
-    map.map_range(&MemoryRegion::new(base as usize, (base + size) as usize), DEVICE)
+    map.map_range(
+        &MemoryRegion::new(base as usize, (base + size) as usize),
+        DEVICE,
+    )
 }

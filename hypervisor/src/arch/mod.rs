@@ -78,7 +78,8 @@ static HV: Once<Hv> = Once::new();
 
 /// The global state (after boot).
 pub fn hv() -> &'static Hv {
-    HV.get().expect("hypervisor state is initialised before any CPU runs a vCPU")
+    HV.get()
+        .expect("hypervisor state is initialised before any CPU runs a vCPU")
 }
 
 /// Logical index of the calling CPU (kept in TPIDR_EL2).
@@ -147,7 +148,11 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     // SAFETY: first call, MMU off; the layout covers all RAM (image, stacks, heap, DTB,
     // modules) and every device the hypervisor touches.
     if let Err(e) = unsafe {
-        mmu::init_primary(&mmu::Layout { ram: &ram, text: (image_start, text_end), devices: &devices })
+        mmu::init_primary(&mmu::Layout {
+            ram: &ram,
+            text: (image_start, text_end),
+            devices: &devices,
+        })
     } {
         panic!("EL2 page tables: {e:?}");
     }
@@ -172,7 +177,13 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     mpidrs.extend(platform.cpus.iter().copied().filter(|&m| m != boot_mpidr));
     mpidrs.truncate(MAX_CPUS);
 
-    let busy = busy_ranges(&platform, image_start, image_end, dtb as u64, dtb_slice.len() as u64);
+    let busy = busy_ranges(
+        &platform,
+        image_start,
+        image_end,
+        dtb as u64,
+        dtb_slice.len() as u64,
+    );
     let vms = match build_vms(&platform, &mpidrs, &busy) {
         Ok(v) => v,
         Err(e) => {
@@ -187,11 +198,19 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
             mpidr,
             redist: AtomicUsize::new(0),
             binding: vms.iter().enumerate().find_map(|(vmi, vm)| {
-                vm.vcpus.iter().position(|s| s.pcpu == i).map(|vcpu| Binding { vm: vmi, vcpu })
+                vm.vcpus
+                    .iter()
+                    .position(|s| s.pcpu == i)
+                    .map(|vcpu| Binding { vm: vmi, vcpu })
             }),
         })
         .collect();
-    HV.call_once(|| Hv { platform, gic, cpus, vms });
+    HV.call_once(|| Hv {
+        platform,
+        gic,
+        cpus,
+        vms,
+    });
     cpu_common_init(0);
 
     for vm in &hv().vms {
@@ -254,7 +273,8 @@ fn cpu_common_init(cpu: usize) {
     }
     let rd = info.redist();
     hv.gic.set_private_enabled(rd, vcpu::KICK_SGI, true);
-    hv.gic.set_private_enabled(rd, hv.platform.gic.maintenance_ppi, true);
+    hv.gic
+        .set_private_enabled(rd, hv.platform.gic.maintenance_ppi, true);
     if cpu == 0 {
         uart::enable_rx_irq();
         hv.gic.enable_spi(hv.platform.uart.intid, info.mpidr);
@@ -263,10 +283,22 @@ fn cpu_common_init(cpu: usize) {
 
 /// Everything guest RAM must not overlap: the hypervisor image, the DTB, boot modules and
 /// reserved memory.
-fn busy_ranges(p: &Platform, image_start: u64, image_end: u64, dtb: u64, dtb_len: u64) -> Vec<MemRange> {
+fn busy_ranges(
+    p: &Platform,
+    image_start: u64,
+    image_end: u64,
+    dtb: u64,
+    dtb_len: u64,
+) -> Vec<MemRange> {
     let mut busy = Vec::new();
-    busy.push(MemRange { base: image_start, size: image_end - image_start });
-    busy.push(MemRange { base: dtb, size: dtb_len });
+    busy.push(MemRange {
+        base: image_start,
+        size: image_end - image_start,
+    });
+    busy.push(MemRange {
+        base: dtb,
+        size: dtb_len,
+    });
     busy.extend(p.modules.iter().map(|m| m.range));
     busy.extend(p.reserved.iter().copied());
     busy
@@ -279,7 +311,11 @@ fn build_vms(p: &Platform, mpidrs: &[u64], busy: &[MemRange]) -> Result<Vec<Vm>,
         .iter()
         .find(|m| m.kind == ModuleKind::Kernel)
         .ok_or_else(|| String::from("no multiboot,kernel module in /chosen"))?;
-    let initrd = p.modules.iter().find(|m| m.kind == ModuleKind::Ramdisk).map(|m| m.range);
+    let initrd = p
+        .modules
+        .iter()
+        .find(|m| m.kind == ModuleKind::Ramdisk)
+        .map(|m| m.range);
     let bootargs = kernel
         .bootargs
         .clone()
@@ -296,9 +332,16 @@ fn build_vms(p: &Platform, mpidrs: &[u64], busy: &[MemRange]) -> Result<Vec<Vm>,
     };
     let ram_pa = place_top_down(&p.memory, busy, config.ram_size, 2 << 20)
         .ok_or_else(|| alloc::format!("no free {:#x} bytes of RAM for vm0", config.ram_size))?;
-    debug_assert!(busy.iter().all(|b| !overlaps(*b, MemRange { base: ram_pa, size: config.ram_size })));
+    debug_assert!(busy.iter().all(|b| !overlaps(
+        *b,
+        MemRange {
+            base: ram_pa,
+            size: config.ram_size
+        }
+    )));
     // SAFETY: `place_top_down` chose RAM that overlaps nothing in use; only this VM gets it.
-    let vm = unsafe { Vm::new(0, config, p, ram_pa, |i| mpidrs[i]) }.map_err(|e| alloc::format!("vm0: {e}"))?;
+    let vm = unsafe { Vm::new(0, config, p, ram_pa, |i| mpidrs[i]) }
+        .map_err(|e| alloc::format!("vm0: {e}"))?;
     Ok(alloc::vec![vm])
 }
 

@@ -26,13 +26,33 @@ macro_rules! sysreg_rw {
     };
 }
 
-sysreg_rw!(icc_iar1, _icc_iar1_w, "s3_0_c12_c12_0", "ICC_IAR1_EL1 (acknowledge)");
-sysreg_rw!(_icc_eoir1_r, icc_eoir1, "s3_0_c12_c12_1", "ICC_EOIR1_EL1 (priority drop)");
-sysreg_rw!(_icc_dir_r, icc_dir, "s3_0_c12_c11_1", "ICC_DIR_EL1 (deactivate)");
+sysreg_rw!(
+    icc_iar1,
+    _icc_iar1_w,
+    "s3_0_c12_c12_0",
+    "ICC_IAR1_EL1 (acknowledge)"
+);
+sysreg_rw!(
+    _icc_eoir1_r,
+    icc_eoir1,
+    "s3_0_c12_c12_1",
+    "ICC_EOIR1_EL1 (priority drop)"
+);
+sysreg_rw!(
+    _icc_dir_r,
+    icc_dir,
+    "s3_0_c12_c11_1",
+    "ICC_DIR_EL1 (deactivate)"
+);
 sysreg_rw!(icc_pmr, set_icc_pmr, "s3_0_c4_c6_0", "ICC_PMR_EL1");
 sysreg_rw!(icc_bpr1, set_icc_bpr1, "s3_0_c12_c12_3", "ICC_BPR1_EL1");
 sysreg_rw!(icc_ctlr, set_icc_ctlr, "s3_0_c12_c12_4", "ICC_CTLR_EL1");
-sysreg_rw!(icc_igrpen1, set_icc_igrpen1, "s3_0_c12_c12_7", "ICC_IGRPEN1_EL1");
+sysreg_rw!(
+    icc_igrpen1,
+    set_icc_igrpen1,
+    "s3_0_c12_c12_7",
+    "ICC_IGRPEN1_EL1"
+);
 sysreg_rw!(_icc_sgi1r_r, icc_sgi1r, "s3_0_c12_c11_5", "ICC_SGI1R_EL1");
 sysreg_rw!(icc_sre_el2, set_icc_sre_el2, "s3_4_c12_c9_5", "ICC_SRE_EL2");
 sysreg_rw!(ich_hcr, set_ich_hcr, "s3_4_c12_c11_0", "ICH_HCR_EL2");
@@ -40,8 +60,18 @@ sysreg_rw!(ich_vtr, _set_ich_vtr, "s3_4_c12_c11_1", "ICH_VTR_EL2");
 sysreg_rw!(ich_misr, _set_ich_misr, "s3_4_c12_c11_2", "ICH_MISR_EL2");
 sysreg_rw!(ich_vmcr, set_ich_vmcr, "s3_4_c12_c11_7", "ICH_VMCR_EL2");
 sysreg_rw!(ich_ap1r0, set_ich_ap1r0, "s3_4_c12_c9_0", "ICH_AP1R0_EL2");
-sysreg_rw!(id_aa64isar2, _set_id_aa64isar2, "s3_0_c0_c6_2", "ID_AA64ISAR2_EL1");
-sysreg_rw!(id_aa64mmfr3, _set_id_aa64mmfr3, "s3_0_c0_c7_3", "ID_AA64MMFR3_EL1");
+sysreg_rw!(
+    id_aa64isar2,
+    _set_id_aa64isar2,
+    "s3_0_c0_c6_2",
+    "ID_AA64ISAR2_EL1"
+);
+sysreg_rw!(
+    id_aa64mmfr3,
+    _set_id_aa64mmfr3,
+    "s3_0_c0_c7_3",
+    "ID_AA64MMFR3_EL1"
+);
 sysreg_rw!(_hcrx_el2, set_hcrx_el2, "s3_4_c1_c2_2", "HCRX_EL2");
 sysreg_rw!(ich_ap0r0, set_ich_ap0r0, "s3_4_c12_c8_0", "ICH_AP0R0_EL2");
 
@@ -159,5 +189,13 @@ pub unsafe fn invalidate_dcache_range(start: usize, len: usize) {
 /// Invalidates every stage-1 and stage-2 TLB entry of the current VMID, inner shareable.
 pub fn tlbi_vmalls12e1is() {
     // SAFETY: TLB invalidation has no effect on memory contents.
-    unsafe { asm!("dsb ishst", "tlbi vmalls12e1is", "dsb ish", "isb", options(nostack)) };
+    unsafe {
+        asm!(
+            "dsb ishst",
+            "tlbi vmalls12e1is",
+            "dsb ish",
+            "isb",
+            options(nostack)
+        )
+    };
 }

@@ -80,7 +80,10 @@ pub static CONSOLE: Mutex<Option<Uart>> = Mutex::new(None);
 pub unsafe fn init(base: u64) {
     // SAFETY: the caller guarantees `base` is a PL011 register block.
     let regs = unsafe { block::<Pl011Regs>(base) };
-    *CONSOLE.lock() = Some(Uart { regs, at_line_start: true });
+    *CONSOLE.lock() = Some(Uart {
+        regs,
+        at_line_start: true,
+    });
 }
 
 /// Writes a formatted hypervisor line, prefixed `[hv] `.

@@ -4,7 +4,9 @@
 use super::gic::{Gic, SPURIOUS};
 use super::vm::{Power, Vm};
 use super::{hv, sysreg, this_cpu, uart};
-use crate::esr::{fault_ipa, instruction_length, DataAbort, ExceptionClass, SysRegAccess, SysRegId};
+use crate::esr::{
+    fault_ipa, instruction_length, DataAbort, ExceptionClass, SysRegAccess, SysRegId,
+};
 use crate::lr::{ListRegister, LrState};
 use crate::mmio::AccessWidth;
 use crate::psci::{self, Call};
@@ -231,7 +233,11 @@ fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
             inject_abort(vm, frame, esr, false);
         }
         ec => {
-            log::error!("{}: vcpu{vcpu} unhandled trap {ec:?} ESR_EL2={esr:#x} at {:#x}", vm.config.name, frame.elr);
+            log::error!(
+                "{}: vcpu{vcpu} unhandled trap {ec:?} ESR_EL2={esr:#x} at {:#x}",
+                vm.config.name,
+                frame.elr
+            );
             stop_vm(vm, "unhandled trap");
         }
     }
@@ -285,7 +291,13 @@ fn handle_data_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
 }
 
 /// Emulates one access to the VM's devices. `None` if nothing lives at `ipa`.
-fn mmio_access(vm: &Vm, vcpu: usize, ipa: u64, width: AccessWidth, write: Option<u64>) -> Option<u64> {
+fn mmio_access(
+    vm: &Vm,
+    vcpu: usize,
+    ipa: u64,
+    width: AccessWidth,
+    write: Option<u64>,
+) -> Option<u64> {
     if ipa >= vm.gicd.base && ipa < vm.gicd.end() {
         let off = ipa - vm.gicd.base;
         let mut vgic = vm.vgic.lock();
@@ -309,7 +321,8 @@ fn mmio_access(vm: &Vm, vcpu: usize, ipa: u64, width: AccessWidth, write: Option
                 let enabled = vgic.enable_bit(target, VTIMER_PPI);
                 drop(vgic);
                 let pcpu = vm.vcpus[target].pcpu;
-                hv().gic.set_private_enabled(hv().cpus[pcpu].redist(), VTIMER_PPI, enabled);
+                hv().gic
+                    .set_private_enabled(hv().cpus[pcpu].redist(), VTIMER_PPI, enabled);
                 0
             }
             None => vgic.redist_read(target, off, width),
@@ -411,7 +424,11 @@ fn handle_smccc(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
             }
             0
         }
-        Call::CpuOn { target, entry, context } => cpu_on(vm, target, entry, context),
+        Call::CpuOn {
+            target,
+            entry,
+            context,
+        } => cpu_on(vm, target, entry, context),
         Call::AffinityInfo { target, level } => {
             if level != 0 {
                 psci::status(psci::INVALID_PARAMETERS)
@@ -523,19 +540,41 @@ fn handle_irqs(vm: &Vm, vcpu: usize) {
             // Priority drop only: the guest's EOI of the HW list register deactivates it.
             Gic::eoi(intid);
             IRQ_STATE[this_cpu()].lock().hw_pending = Some(intid);
-        } else if intid == KICK_SGI || intid == hv().platform.gic.maintenance_ppi {
+        } else if intid == hv().platform.gic.maintenance_ppi {
+            // Level-sensitive: its condition must go before it is deactivated, or it is taken
+            // again at once.
+            service_maintenance();
+            Gic::eoi_and_deactivate(intid);
+        } else if intid == KICK_SGI {
             Gic::eoi_and_deactivate(intid);
         } else if intid == hv().platform.uart.intid {
             Gic::eoi_and_deactivate(intid);
             console_input();
         } else {
             Gic::eoi_and_deactivate(intid);
-            log::warn!("{}: vcpu{vcpu} unexpected physical interrupt {intid}: disabled", vm.config.name);
+            log::warn!(
+                "{}: vcpu{vcpu} unexpected physical interrupt {intid}: disabled",
+                vm.config.name
+            );
             if intid >= 32 {
                 hv().gic.disable_spi(intid);
             }
         }
     }
+}
+
+/// Clears the conditions of the GIC maintenance interrupt (IHI 0069, 12.5.9 ICH_MISR_EL2):
+/// completed entries that asked for EOI maintenance, and the underflow request. The list
+/// registers are refilled by `sync_list_registers` before the guest runs again.
+fn service_maintenance() {
+    for i in 0..num_lrs() {
+        let lr = ListRegister(sysreg::ich_lr(i));
+        if lr.state() == LrState::Invalid && lr.0 != 0 {
+            sysreg::set_ich_lr(i, 0);
+        }
+    }
+    sysreg::set_ich_hcr(sysreg::ich_hcr() & !ICH_HCR_UIE);
+    sysreg::isb();
 }
 
 /// Moves console input into the VM that has the input focus and wakes its UART's vCPU.
@@ -567,18 +606,30 @@ fn sync_list_registers(vm: &Vm, vcpu: usize) {
         let lr = ListRegister(sysreg::ich_lr(i));
         if lr.state() == LrState::Invalid {
             free[i] = true;
+            if lr.0 != 0 {
+                // A completed entry that asked for an EOI maintenance interrupt keeps
+                // ICH_EISR_EL2 (and so the maintenance interrupt) asserted until it is cleared.
+                sysreg::set_ich_lr(i, 0);
+            }
         } else {
             *slot = lr.vintid();
         }
     }
-    let mut next_free = (0..n).filter(|&i| free[i]).collect::<heapless_iter::FreeList>();
+    let mut next_free = (0..n)
+        .filter(|&i| free[i])
+        .collect::<heapless_iter::FreeList>();
     let mut vgic = vm.vgic.lock();
 
     let mut irqs = IRQ_STATE[this_cpu()].lock();
     if let Some(pintid) = irqs.hw_pending {
         if vgic.is_enabled(vcpu, pintid) {
             if let Some(i) = next_free.take() {
-                let lr = ListRegister::hardware(pintid, pintid, vgic.priority(vcpu, pintid), vgic.group1(vcpu, pintid));
+                let lr = ListRegister::hardware(
+                    pintid,
+                    pintid,
+                    vgic.priority(vcpu, pintid),
+                    vgic.group1(vcpu, pintid),
+                );
                 sysreg::set_ich_lr(i, lr.0);
                 in_flight[i] = pintid;
                 irqs.hw_pending = None;
@@ -599,10 +650,7 @@ fn sync_list_registers(vm: &Vm, vcpu: usize) {
     }
 
     let mut more = false;
-    loop {
-        let Some((intid, prio)) = vgic.pop_deliverable(vcpu, &in_flight[..n]) else {
-            break;
-        };
+    while let Some((intid, prio)) = vgic.pop_deliverable(vcpu, &in_flight[..n]) {
         let Some(i) = next_free.take() else {
             vgic.set_pending(vcpu, intid);
             more = true;
@@ -613,7 +661,11 @@ fn sync_list_registers(vm: &Vm, vcpu: usize) {
         sysreg::set_ich_lr(i, lr.0);
         in_flight[i] = intid;
     }
-    sysreg::set_ich_hcr(if more { ICH_HCR_EN | ICH_HCR_UIE } else { ICH_HCR_EN });
+    sysreg::set_ich_hcr(if more {
+        ICH_HCR_EN | ICH_HCR_UIE
+    } else {
+        ICH_HCR_EN
+    });
 }
 
 mod heapless_iter {
@@ -704,7 +756,10 @@ fn inject_undef(vm: &Vm, frame: &mut TrapFrame, _esr: u64) {
 
 /// Marks vCPU 0 of `vm` powered on at `entry` and wakes its CPU.
 pub fn power_on_boot_vcpu(vm: &Vm, entry: u64, dtb: u64) {
-    *vm.vcpus[0].power.lock() = Power::OnPending { entry, context: dtb };
+    *vm.vcpus[0].power.lock() = Power::OnPending {
+        entry,
+        context: dtb,
+    };
     vm.stopped.store(false, Ordering::Release);
     sysreg::sev();
 }

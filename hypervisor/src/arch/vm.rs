@@ -138,7 +138,10 @@ impl Vm {
         ram_pa: u64,
         mpidr_of_pcpu: impl Fn(usize) -> u64,
     ) -> Result<Self, VmError> {
-        let ram_ipa = MemRange { base: platform.memory[0].base, size: config.ram_size };
+        let ram_ipa = MemRange {
+            base: platform.memory[0].base,
+            size: config.ram_size,
+        };
         let mut stage2 = Stage2::new();
         stage2.map(ram_ipa.base, ram_pa, ram_ipa.size, MemType::Normal)?;
         let vmid = (id + 1) as u16;
@@ -149,7 +152,11 @@ impl Vm {
             .enumerate()
             .map(|(i, &pcpu)| {
                 let _ = mpidr_of_pcpu(pcpu);
-                VcpuSlot { pcpu, mpidr: i as u64, power: Mutex::new(Power::Off) }
+                VcpuSlot {
+                    pcpu,
+                    mpidr: i as u64,
+                    power: Mutex::new(Power::Off),
+                }
             })
             .collect();
         let vgic = VGic::new(VGicConfig {
@@ -170,9 +177,15 @@ impl Vm {
             // SAFETY: the caller reserved this RAM for the VM.
             ram: unsafe { GuestRam::new(ram_ipa, ram_pa) },
             _stage2: stage2,
-            gicd: MemRange { base: platform.gic.gicd.base, size: 0x10000 },
+            gicd: MemRange {
+                base: platform.gic.gicd.base,
+                size: 0x10000,
+            },
             gicr,
-            uart: MemRange { base: platform.uart.base.base, size: 0x1000 },
+            uart: MemRange {
+                base: platform.uart.base.base,
+                size: 0x1000,
+            },
             uart_intid: platform.uart.intid,
             vgic: Mutex::new(vgic),
             vuart: Mutex::new(VPl011::new()),
@@ -259,6 +272,8 @@ impl Vm {
 
     /// vCPU index with the given MPIDR.
     pub fn vcpu_by_mpidr(&self, mpidr: u64) -> Option<usize> {
-        self.vcpus.iter().position(|v| v.mpidr == mpidr & 0xff_00ff_ffff)
+        self.vcpus
+            .iter()
+            .position(|v| v.mpidr == mpidr & 0xff_00ff_ffff)
     }
 }
