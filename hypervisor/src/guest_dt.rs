@@ -40,6 +40,9 @@ pub struct GuestDtConfig<'a> {
     pub bootargs: &'a str,
     /// Where the initrd was loaded in guest RAM, if there is one.
     pub initrd: Option<MemRange>,
+    /// How many times the VM has booted before this boot (0 on the first):
+    /// `/chosen/hypervisor,boot-count`, so a guest can tell a reboot from a first boot.
+    pub boot_count: u32,
 }
 
 /// Why a guest DT could not be built.
@@ -123,6 +126,7 @@ pub fn build_guest_dt(cfg: &GuestDtConfig) -> Result<Vec<u8>, GuestDtError> {
     w.property_string("bootargs", cfg.bootargs)?;
     w.property_string("stdout-path", &uart_path)?;
     w.property_string("hypervisor,vm-name", cfg.vm_name)?;
+    w.property_u32("hypervisor,boot-count", cfg.boot_count)?;
     if let Some(initrd) = cfg.initrd {
         w.property_u64("linux,initrd-start", initrd.base)?;
         w.property_u64("linux,initrd-end", initrd.end())?;
@@ -330,6 +334,7 @@ mod tests {
                 base: 0x4800_0000,
                 size: 0x12_3456,
             }),
+            boot_count: 3,
         }
     }
 
@@ -377,6 +382,10 @@ mod tests {
         };
         assert_eq!(u64_prop("linux,initrd-start"), 0x4800_0000);
         assert_eq!(u64_prop("linux,initrd-end"), 0x4812_3456);
+        assert_eq!(
+            chosen.property("hypervisor,boot-count").unwrap().as_usize(),
+            Some(3)
+        );
         assert_eq!(
             chosen.property("hypervisor,vm-name").unwrap().as_str(),
             Some("linux-guest")

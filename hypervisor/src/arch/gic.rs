@@ -169,6 +169,12 @@ impl Gic {
         }
     }
 
+    /// Clears the active state of SGI/PPI `intid` at redistributor `rd` (a forwarded interrupt
+    /// whose guest went away before deactivating it).
+    pub fn clear_private_active(&self, rd: usize, intid: u32) {
+        self.sgi(rd).icactiver0.set(1 << intid);
+    }
+
     /// Routes SPI `intid` to the CPU with affinity `mpidr`, level-triggered, and enables it.
     pub fn enable_spi(&self, intid: u32, mpidr: u64) {
         let n = intid as usize;

@@ -161,11 +161,18 @@ pub fn idle_forever() -> ! {
 pub struct IrqState {
     /// A hardware interrupt (the virtual timer) taken at EL2 and not yet in a list register.
     hw_pending: Option<u32>,
+    /// Where the last exception injected into the guest was sent, to spot a vector that
+    /// itself faults.
+    last_injected_vector: u64,
 }
 
 /// One per physical CPU, only touched by that CPU.
-pub static IRQ_STATE: [spin::Mutex<IrqState>; boot::MAX_CPUS] =
-    [const { spin::Mutex::new(IrqState { hw_pending: None }) }; boot::MAX_CPUS];
+pub static IRQ_STATE: [spin::Mutex<IrqState>; boot::MAX_CPUS] = [const {
+    spin::Mutex::new(IrqState {
+        hw_pending: None,
+        last_injected_vector: u64::MAX,
+    })
+}; boot::MAX_CPUS];
 
 /// Entry from the vector table for exceptions from the guest.
 #[no_mangle]
@@ -455,8 +462,7 @@ fn handle_smccc(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
         }
         Call::SystemReset => {
             log::info!("{}: PSCI SYSTEM_RESET from vcpu{vcpu}", vm.config.name);
-            stop_vm(vm, "PSCI SYSTEM_RESET (VM reboot not supported yet)");
-            0
+            reset_vm(vm, vcpu, "PSCI SYSTEM_RESET");
         }
         Call::Unknown(fid) => {
             log::debug!("{}: unknown SMCCC function {fid:#x}", vm.config.name);
@@ -495,19 +501,101 @@ pub fn stop_vm(vm: &Vm, reason: &str) {
             kick(vm, t);
         }
         sysreg::sev();
-        if hv().vms.iter().all(|v| v.is_stopped()) {
-            log::info!("all VMs stopped: powering off");
-            super::system_off();
-        }
+        power_off_if_all_stopped();
     }
 }
 
-fn park_stopped_vcpu(vm: &Vm, vcpu: usize) -> ! {
-    *vm.vcpus[vcpu].power.lock() = Power::Off;
+fn power_off_if_all_stopped() {
+    if hv().vms.iter().all(|v| v.is_stopped()) {
+        log::info!("all VMs stopped: powering off");
+        super::system_off();
+    }
+}
+
+/// Quiesces this CPU's vCPU: its virtual timer, list registers and any forwarded physical
+/// interrupt it still held, so nothing of it survives into the next boot or another guest.
+fn quiesce_local_vcpu(vm: &Vm, vcpu: usize) {
     CNTV_CTL_EL0.set(0);
+    for i in 0..num_lrs() {
+        sysreg::set_ich_lr(i, 0);
+    }
     sysreg::set_ich_hcr(0);
+    IRQ_STATE[this_cpu()].lock().hw_pending = None;
+    let rd = hv().cpus[this_cpu()].redist();
+    hv().gic.set_private_enabled(rd, VTIMER_PPI, false);
+    hv().gic.clear_private_active(rd, VTIMER_PPI);
     HCR_EL2.set(0);
     sysreg::isb();
+    *vm.vcpus[vcpu].power.lock() = Power::Off;
+}
+
+fn park_stopped_vcpu(vm: &Vm, vcpu: usize) -> ! {
+    quiesce_local_vcpu(vm, vcpu);
+    run_bound_vcpu();
+}
+
+/// Upper bound on the wait for a VM's other vCPUs to park during a reset (counter ticks are
+/// converted from this many milliseconds).
+const RESET_WAIT_MS: u64 = 1000;
+
+/// Reboots `vm` alone: stops its vCPUs, reloads its kernel, initramfs and DT from the pristine
+/// boot modules into zeroed RAM, resets its virtual devices, and powers on vCPU 0 again.
+fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
+    if !vm.stop() {
+        // Someone else is already stopping or resetting this VM.
+        park_stopped_vcpu(vm, vcpu);
+    }
+    log::info!("{}: resetting: {reason}", vm.config.name);
+    for t in 0..vm.vcpus.len() {
+        if t != vcpu {
+            kick(vm, t);
+        }
+    }
+    sysreg::sev();
+    quiesce_local_vcpu(vm, vcpu);
+    let freq = aarch64_cpu::registers::CNTFRQ_EL0.get();
+    let deadline = aarch64_cpu::registers::CNTPCT_EL0.get() + freq * RESET_WAIT_MS / 1000;
+    for t in 0..vm.vcpus.len() {
+        loop {
+            let mut power = vm.vcpus[t].power.lock();
+            match *power {
+                Power::Off => break,
+                // CPU_ON accepted but never entered: cancel it.
+                Power::OnPending { .. } => {
+                    *power = Power::Off;
+                    break;
+                }
+                Power::On => {}
+            }
+            drop(power);
+            if aarch64_cpu::registers::CNTPCT_EL0.get() > deadline {
+                log::error!(
+                    "{}: stopped: vcpu{t} did not stop within {RESET_WAIT_MS} ms for the reset",
+                    vm.config.name
+                );
+                power_off_if_all_stopped();
+                run_bound_vcpu();
+            }
+            core::hint::spin_loop();
+        }
+    }
+    match vm.load() {
+        Ok((entry, dtb)) => {
+            log::info!(
+                "{}: reset done, boot {} starting",
+                vm.config.name,
+                vm.boots.load(Ordering::Acquire)
+            );
+            power_on_boot_vcpu(vm, entry, dtb);
+        }
+        Err(e) => {
+            log::error!(
+                "{}: stopped: reload for the reset failed: {e}",
+                vm.config.name
+            );
+            power_off_if_all_stopped();
+        }
+    }
     run_bound_vcpu();
 }
 
@@ -712,11 +800,19 @@ fn inject_sync(vm: &Vm, frame: &mut TrapFrame, esr_el1: u64, far: Option<u64>) {
         0x000
     };
     let vector = VBAR_EL1.get() + offset;
-    if vector < vm.ram_ipa.base || vector >= vm.ram_ipa.end() {
-        // The guest has no exception vectors yet (or they point nowhere): the fault would
-        // repeat forever. A fault the hypervisor cannot hand to the guest stops the VM.
+    // With its MMU off the guest's VBAR_EL1 is an IPA we can check; with it on, a vector that
+    // faults shows up as the next exit happening at the vector itself.
+    let mmu_on = SCTLR_EL1.get() & 1 != 0;
+    let unusable = if mmu_on {
+        frame.elr == IRQ_STATE[this_cpu()].lock().last_injected_vector
+    } else {
+        vector < vm.ram_ipa.base || vector >= vm.ram_ipa.end()
+    };
+    if unusable {
+        // The fault would repeat forever: a fault the hypervisor cannot hand to the guest
+        // stops the VM.
         log::error!(
-            "{}: exception (ESR_EL1 {esr_el1:#x}) at {:#x} with VBAR_EL1 {:#x} outside RAM",
+            "{}: exception (ESR_EL1 {esr_el1:#x}) at {:#x} cannot be delivered: VBAR_EL1 {:#x} unusable",
             vm.config.name,
             frame.elr,
             VBAR_EL1.get()
@@ -724,6 +820,7 @@ fn inject_sync(vm: &Vm, frame: &mut TrapFrame, esr_el1: u64, far: Option<u64>) {
         stop_vm(vm, "guest fault with no exception vector to take it");
         return;
     }
+    IRQ_STATE[this_cpu()].lock().last_injected_vector = vector;
     ESR_EL1.set(esr_el1);
     if let Some(far) = far {
         FAR_EL1.set(far);

@@ -10,7 +10,7 @@ use crate::vpl011::VPl011;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use spin::Mutex;
 
 /// Power state of a vCPU, as PSCI AFFINITY_INFO reports it.
@@ -112,6 +112,8 @@ pub struct Vm {
     pub vcpus: Vec<VcpuSlot>,
     /// Set when the VM stops; its vCPUs park at their next exit.
     pub stopped: AtomicBool,
+    /// Completed loads of the VM's images (the guest sees the count before this boot).
+    pub boots: AtomicU32,
     dt_template: GuestDtInputs,
 }
 
@@ -191,6 +193,7 @@ impl Vm {
             vuart: Mutex::new(VPl011::new()),
             vcpus,
             stopped: AtomicBool::new(false),
+            boots: AtomicU32::new(0),
             dt_template: GuestDtInputs {
                 maintenance_ppi: platform.gic.maintenance_ppi,
                 timer: platform.timer,
@@ -246,6 +249,7 @@ impl Vm {
             psci_method_hvc: true,
             bootargs: &self.config.bootargs,
             initrd,
+            boot_count: self.boots.load(Ordering::Acquire),
         })
         .map_err(VmError::Dt)?;
         if dtb.len() as u64 > 2 * MIB {
@@ -257,6 +261,7 @@ impl Vm {
             vcpu_mpidr: mpidrs,
         });
         *self.vuart.lock() = VPl011::new();
+        self.boots.fetch_add(1, Ordering::AcqRel);
         Ok((entry, dtb_ipa))
     }
 
