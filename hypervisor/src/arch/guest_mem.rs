@@ -74,9 +74,8 @@ impl GuestRam {
 
     /// Zeroes the whole of guest RAM (a fresh VM must not see a previous VM's data).
     pub fn zero_all(&self) {
-        // SAFETY: the whole range is this VM's RAM (see `new`).
-        unsafe { core::ptr::write_bytes(self.pa as usize as *mut u8, 0, self.ipa.size as usize) };
-        sysreg::clean_dcache_range(self.pa as usize, self.ipa.size as usize);
+        // SAFETY: the whole range is this VM's RAM (see `new`), mapped as normal memory.
+        unsafe { sysreg::zero_and_clean(self.pa as usize, self.ipa.size as usize) };
     }
 }
 

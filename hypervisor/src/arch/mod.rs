@@ -213,8 +213,16 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     });
     cpu_common_init(0);
 
+    log::info!("platform up at {} ms", timestamp_ms());
     for vm in &hv().vms {
-        match vm.load() {
+        let t0 = timestamp_ms();
+        let loaded = vm.load();
+        log::info!(
+            "{}: images loaded in {} ms",
+            vm.config.name,
+            timestamp_ms() - t0
+        );
+        match loaded {
             Ok((entry, dtb_ipa)) => {
                 log::info!(
                     "{}: {} vCPUs on pCPUs {:?}, RAM IPA {:#x}+{:#x} at PA {:#x}, kernel at {entry:#x}, DTB at {dtb_ipa:#x}, starting",

@@ -227,7 +227,13 @@ impl Vm {
         if entry + image_size > lowest_top || initrd.is_some_and(|r| r.base < ram.base) {
             return Err(VmError::TooSmall(ram.size));
         }
-        self.ram.zero_all();
+        if self.boots.load(Ordering::Acquire) == 0 {
+            // RAM straight from firmware may hold earlier boot stages' data: the VM starts
+            // from zeroes. On a reboot the RAM only ever held this VM's own data, and the
+            // kernel, initramfs and DT are rewritten from pristine copies anyway. (Under
+            // emulation this first pass costs seconds: it makes the host allocate all of it.)
+            self.ram.zero_all();
+        }
         // SAFETY: the modules are reserved RAM (see above).
         unsafe {
             self.ram.copy_from_phys(entry, kernel.base, kernel.size)?;
