@@ -289,101 +289,32 @@ __vectors:
     .balign 0x80
     b       lower_serror
 
-.section .text.boot, "ax"
-lower_sync:
+/* A vector's body: save the interrupted context, call `handler(frame, kind)`, return into the
+ * (possibly modified) frame. */
+.macro HANDLER name, kind, handler
+\name:
     SAVE_FRAME
     mov     x0, sp
-    mov     x1, #0
-    bl      hv_lower_exception
+    mov     x1, #\kind
+    bl      \handler
     b       restore_frame_and_eret
-lower_irq:
-    SAVE_FRAME
-    mov     x0, sp
-    mov     x1, #1
-    bl      hv_lower_exception
-    b       restore_frame_and_eret
-lower_fiq:
-    SAVE_FRAME
-    mov     x0, sp
-    mov     x1, #2
-    bl      hv_lower_exception
-    b       restore_frame_and_eret
-lower_serror:
-    SAVE_FRAME
-    mov     x0, sp
-    mov     x1, #3
-    bl      hv_lower_exception
-    b       restore_frame_and_eret
-current_sync:
-    SAVE_FRAME
-    mov     x0, sp
-    mov     x1, #0
-    bl      hv_current_exception
-    b       restore_frame_and_eret
-current_irq:
-    SAVE_FRAME
-    mov     x0, sp
-    mov     x1, #1
-    bl      hv_current_exception
-    b       restore_frame_and_eret
-current_fiq:
-    SAVE_FRAME
-    mov     x0, sp
-    mov     x1, #2
-    bl      hv_current_exception
-    b       restore_frame_and_eret
-current_serror:
-    SAVE_FRAME
-    mov     x0, sp
-    mov     x1, #3
-    bl      hv_current_exception
-    b       restore_frame_and_eret
+.endm
 
-/* Restores the frame at sp and returns from the exception. */
-.global restore_frame_and_eret
+.section .text.boot, "ax"
+    HANDLER lower_sync, 0, hv_lower_exception
+    HANDLER lower_irq, 1, hv_lower_exception
+    HANDLER lower_fiq, 2, hv_lower_exception
+    HANDLER lower_serror, 3, hv_lower_exception
+    HANDLER current_sync, 0, hv_current_exception
+    HANDLER current_irq, 1, hv_current_exception
+    HANDLER current_fiq, 2, hv_current_exception
+    HANDLER current_serror, 3, hv_current_exception
+
+/* Pops the frame at sp and returns from the exception into it. */
 restore_frame_and_eret:
-    add     x0, sp, #{off_fpcr}
-    ldp     x1, x2, [x0]
-    msr     fpcr, x1
-    msr     fpsr, x2
-    add     x0, sp, #{off_q}
-    ldp     q0, q1, [x0, #0]
-    ldp     q2, q3, [x0, #32]
-    ldp     q4, q5, [x0, #64]
-    ldp     q6, q7, [x0, #96]
-    ldp     q8, q9, [x0, #128]
-    ldp     q10, q11, [x0, #160]
-    ldp     q12, q13, [x0, #192]
-    ldp     q14, q15, [x0, #224]
-    ldp     q16, q17, [x0, #256]
-    ldp     q18, q19, [x0, #288]
-    ldp     q20, q21, [x0, #320]
-    ldp     q22, q23, [x0, #352]
-    ldp     q24, q25, [x0, #384]
-    ldp     q26, q27, [x0, #416]
-    ldp     q28, q29, [x0, #448]
-    ldp     q30, q31, [x0, #480]
-    ldr     x1, [sp, #{off_spsr}]
-    ldp     x30, x0, [sp, #{off_x30}]
-    msr     elr_el2, x0
-    msr     spsr_el2, x1
-    ldp     x0, x1, [sp, #0]
-    ldp     x2, x3, [sp, #16]
-    ldp     x4, x5, [sp, #32]
-    ldp     x6, x7, [sp, #48]
-    ldp     x8, x9, [sp, #64]
-    ldp     x10, x11, [sp, #80]
-    ldp     x12, x13, [sp, #96]
-    ldp     x14, x15, [sp, #112]
-    ldp     x16, x17, [sp, #128]
-    ldp     x18, x19, [sp, #144]
-    ldp     x20, x21, [sp, #160]
-    ldp     x22, x23, [sp, #176]
-    ldp     x24, x25, [sp, #192]
-    ldp     x26, x27, [sp, #208]
-    ldp     x28, x29, [sp, #224]
-    add     sp, sp, #{frame}
-    eret
+    mov     x0, sp
+    add     x1, sp, #{frame}
+    b       enter_frame
 
 /* enter_frame(frame: *const TrapFrame, stack_top: usize): loads the frame straight into the
  * registers (it may live anywhere, even on the stack being reset) and ERETs with sp at the top

@@ -182,7 +182,7 @@ pub unsafe fn zero_and_clean(start: usize, len: usize) {
     unsafe { asm!("mrs {}, dczid_el0", out(reg) dczid, options(nomem, nostack)) };
     let prohibited = dczid & (1 << 4) != 0;
     let block = 4usize << (dczid & 0xf);
-    if prohibited || start % block != 0 || len % block != 0 {
+    if prohibited || !start.is_multiple_of(block) || !len.is_multiple_of(block) {
         // SAFETY: the caller owns the range.
         unsafe { core::ptr::write_bytes(start as *mut u8, 0, len) };
     } else {
