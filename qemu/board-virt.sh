@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
 # Board file for QEMU's `virt` machine: builds the QEMU command line and execs it.
-# The guest modules' load addresses are facts of this board and live only here; the hypervisor
-# finds the modules from /chosen in the device tree QEMU passes it.
+# The guest images' load addresses are facts of this board and live only here. The hypervisor
+# learns its VMs from /chosen/vmN nodes of the device tree it boots with (docs/vm-config.md); this
+# script makes that DT: it dumps the machine's own DT (`-M ...,dumpdtb=`, same options), appends a
+# generated `/ { chosen { vmN {...}; }; };` block, compiles it with dtc and boots with `-dtb`; the
+# images are put in memory with `-device loader`, one pristine copy that every VM names.
 #
-#   qemu/board-virt.sh [--bootargs STR] [--guest DIR] [--bare] [--smp N] [--mem SIZE]
+#   qemu/board-virt.sh [--vms N] [--vm-bootargs I STR]... [--bootargs STR] [--vm-dts FILE]
+#                      [--show-dts] [--guest DIR] [--bare] [--smp N] [--mem SIZE]
 #                      [--dumpdtb FILE] [-- QEMU_ARGS...]
 #
-#   --bootargs STR   guest kernel command line (default: "console=ttyAMA0 rdinit=/init")
-#   --guest DIR      guest images: DIR/Image, DIR/initramfs.cpio.gz (default: build/guest/stock)
-#   --bare           boot the guest kernel directly on QEMU, no hypervisor (for comparisons)
-#   --smp N          CPUs (default 4)
-#   --mem SIZE       RAM (default 4G)
-#   --dumpdtb FILE   write the DTB QEMU would pass to FILE and exit
-#   -- QEMU_ARGS     appended to the QEMU command line as they are (e.g. -s -S for gdb)
+#   --vms N             VMs to generate (default 2): VM i gets 2 vCPUs pinned to the physical CPUs
+#                       with MPIDRs 2i and 2i+1, 1 GiB of RAM, the guest kernel and initramfs
+#   --vm-bootargs I STR kernel command line of VM I (default: "console=ttyAMA0 rdinit=/init")
+#   --bootargs STR      the same as --vm-bootargs 0 STR (with --bare: the guest's command line)
+#   --vm-dts FILE       use FILE, a hand-written `/ { chosen { ... }; };` DTS block, instead of the
+#                       generated VMs; @KERNEL_ADDR@ @KERNEL_SIZE@ @INITRD_ADDR@ @INITRD_SIZE@ in it
+#                       become the guest images' load addresses and sizes (hex)
+#   --show-dts          print the whole DTS the hypervisor would boot with (the machine's DT plus
+#                       the VMs block, at its end) and exit
+#   --guest DIR         guest images: DIR/Image, DIR/initramfs.cpio.gz (default: build/guest/stock)
+#   --bare              boot VM 0's guest kernel directly on QEMU, no hypervisor (for comparisons)
+#   --smp N             CPUs (default 4)
+#   --mem SIZE          RAM (default 4G)
+#   --dumpdtb FILE      write the DTB QEMU would pass to FILE and exit
+#   -- QEMU_ARGS        appended to the QEMU command line as they are (e.g. -s -S for gdb)
 #
+# Generated files go to build/board/, named by a hash of their content (concurrent runs with
+# different VMs do not clash): vms-HASH.dts (the complete DTS) and vms-HASH.dtb; files unused
+# for a day are removed.
 # It does not build anything: run qemu/setup.sh and qemu/build.sh first (qemu/run.sh does all three).
 set -euo pipefail
 
@@ -23,11 +38,18 @@ say() { printf '[board-virt] %s\n' "$*" >&2; }
 die() { printf '[board-virt] error: %s\n' "$*" >&2; exit 1; }
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 
-# Load addresses of the guest modules (QEMU's guest-loader puts them in /chosen).
+# Load addresses of the guest images (`-device loader`); the VMs' module nodes name them.
 GUEST_KERNEL_ADDR=0x4a000000
 GUEST_INITRD_ADDR=0x50000000
+# Each generated VM: vCPUs and RAM in KiB (Xen's unit for `memory`).
+VM_CPUS=2
+VM_MEM_KIB=$((1024 * 1024))
+DEFAULT_BOOTARGS="console=ttyAMA0 rdinit=/init"
 
-BOOTARGS="console=ttyAMA0 rdinit=/init"
+VMS=2
+declare -A VM_BOOTARGS=()
+VM_DTS=""
+SHOW_DTS=0
 GUEST="$ROOT/build/guest/stock"
 BARE=0
 SMP=4
@@ -36,10 +58,20 @@ DUMPDTB=""
 EXTRA=()
 
 need_arg() { [ "$#" -ge 2 ] || die "$1 needs a value (see --help)"; }
+is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 
 while [ "$#" -gt 0 ]; do
     case "$1" in
-        --bootargs) need_arg "$@"; BOOTARGS="$2"; shift 2 ;;
+        --vms) need_arg "$@"; VMS="$2"; shift 2 ;;
+        --vm-bootargs)
+            [ "$#" -ge 3 ] || die "--vm-bootargs needs a VM index and a command line (see --help)"
+            [[ "$2" =~ ^[0-9]+$ ]] || die "--vm-bootargs wants a VM index (0, 1, ...), got '$2'"
+            VM_BOOTARGS[$((10#$2))]="$3"
+            shift 3
+            ;;
+        --bootargs) need_arg "$@"; VM_BOOTARGS[0]="$2"; shift 2 ;;
+        --vm-dts) need_arg "$@"; VM_DTS="$2"; shift 2 ;;
+        --show-dts) SHOW_DTS=1; shift ;;
         --guest) need_arg "$@"; GUEST="$2"; shift 2 ;;
         --bare) BARE=1; shift ;;
         --smp) need_arg "$@"; SMP="$2"; shift 2 ;;
@@ -51,7 +83,8 @@ while [ "$#" -gt 0 ]; do
     esac
 done
 
-[[ "$SMP" =~ ^[1-9][0-9]*$ ]] || die "--smp wants a positive number, got '$SMP'"
+is_count "$SMP" || die "--smp wants a positive number, got '$SMP'"
+is_count "$VMS" || die "--vms wants a positive number, got '$VMS'"
 command -v qemu-system-aarch64 >/dev/null || die "qemu-system-aarch64 not found: run qemu/setup.sh"
 
 GUEST_IMAGE="$GUEST/Image"
@@ -60,7 +93,7 @@ HV_IMAGE="$ROOT/build/hypervisor.bin"
 [ -f "$GUEST_IMAGE" ] || die "no guest kernel at $GUEST_IMAGE: run qemu/setup.sh"
 [ -f "$GUEST_INITRD" ] || die "no guest initramfs at $GUEST_INITRD: run qemu/setup.sh"
 
-# QEMU's option parser splits -device properties at commas; a literal comma is written twice.
+# QEMU's option parser splits -M and -device properties at commas; a literal comma is written twice.
 qemu_escape() { printf '%s' "${1//,/,,}"; }
 
 if [ "$BARE" = 1 ]; then
@@ -68,27 +101,145 @@ if [ "$BARE" = 1 ]; then
 else
     MACHINE="virt,virtualization=on,gic-version=3"
 fi
-[ -n "$DUMPDTB" ] && MACHINE="$MACHINE,dumpdtb=$(qemu_escape "$DUMPDTB")"
 
 # SVE and SME off: the hypervisor saves only the guest's V registers (its own Rust code uses
 # them), so it traps the wider Z/ZA state; a CPU without them is what guests then see.
-CMD=(qemu-system-aarch64
-    -M "$MACHINE"
-    -cpu max,sve=off,sme=off
-    -smp "$SMP"
-    -m "$MEM"
-    -nographic
-    -no-reboot)
+# The machine's options, shared by the DT dump and the real run so that both see the same machine.
+# shellcheck disable=SC2054 # the commas are QEMU's, inside one argument
+MACHINE_OPTS=(-cpu max,sve=off,sme=off -smp "$SMP" -m "$MEM" -nographic -no-reboot)
 
 if [ "$BARE" = 1 ]; then
-    CMD+=(-kernel "$GUEST_IMAGE" -initrd "$GUEST_INITRD" -append "$BOOTARGS")
-else
-    [ -f "$HV_IMAGE" ] || die "no hypervisor image at $HV_IMAGE: run qemu/build.sh"
-    CMD+=(-kernel "$HV_IMAGE"
-        -device "guest-loader,addr=$GUEST_KERNEL_ADDR,kernel=$(qemu_escape "$GUEST_IMAGE"),bootargs=$(qemu_escape "$BOOTARGS")"
-        -device "guest-loader,addr=$GUEST_INITRD_ADDR,initrd=$(qemu_escape "$GUEST_INITRD")")
+    [ "$SHOW_DTS" = 0 ] || die "--show-dts shows the hypervisor's DT; with --bare there is none"
+    [ -z "$VM_DTS" ] || die "--vm-dts configures the hypervisor's VMs; it means nothing with --bare"
+    for i in "${!VM_BOOTARGS[@]}"; do
+        [ "$i" = 0 ] || die "--bare boots one guest: --vm-bootargs $i has no VM to go to"
+    done
+    M="$MACHINE"
+    [ -n "$DUMPDTB" ] && M="$M,dumpdtb=$(qemu_escape "$DUMPDTB")"
+    CMD=(qemu-system-aarch64 -M "$M" "${MACHINE_OPTS[@]}"
+        -kernel "$GUEST_IMAGE" -initrd "$GUEST_INITRD" -append "${VM_BOOTARGS[0]-$DEFAULT_BOOTARGS}"
+        "${EXTRA[@]}")
+    say "bare guest, no hypervisor: ${CMD[*]}"
+    exec "${CMD[@]}"
 fi
-CMD+=("${EXTRA[@]}")
 
-say "$(if [ "$BARE" = 1 ]; then echo "bare guest, no hypervisor"; else echo "hypervisor"; fi): ${CMD[*]}"
+[ -f "$HV_IMAGE" ] || die "no hypervisor image at $HV_IMAGE: run qemu/build.sh"
+command -v dtc >/dev/null || die "dtc not found: run qemu/setup.sh (device-tree-compiler)"
+
+KERNEL_SIZE="$(printf '0x%x' "$(stat -L -c %s "$GUEST_IMAGE")")"
+INITRD_SIZE="$(printf '0x%x' "$(stat -L -c %s "$GUEST_INITRD")")"
+
+# The VMs block: hand-written (--vm-dts, placeholders filled in) or generated.
+dts_string() {
+    local s="${1//\\/\\\\}"
+    printf '"%s"' "${s//\"/\\\"}"
+}
+
+vms_block() {
+    if [ -n "$VM_DTS" ]; then
+        [ -r "$VM_DTS" ] || die "--vm-dts: cannot read '$VM_DTS'"
+        sed -e "s/@KERNEL_ADDR@/$GUEST_KERNEL_ADDR/g" -e "s/@KERNEL_SIZE@/$KERNEL_SIZE/g" \
+            -e "s/@INITRD_ADDR@/$GUEST_INITRD_ADDR/g" -e "s/@INITRD_SIZE@/$INITRD_SIZE/g" "$VM_DTS"
+        return
+    fi
+    local i cpu0 cpu1 mpidr0 mpidr1
+    printf '\n/* The VMs (generated by qemu/board-virt.sh --vms %s; binding: docs/vm-config.md). */\n' "$VMS"
+    printf '/ {\n\tchosen {\n'
+    for ((i = 0; i < VMS; i++)); do
+        cpu0=$((2 * i))
+        cpu1=$((2 * i + 1))
+        # virt with GICv3: MPIDR Aff0 = CPU index % 16, Aff1 = CPU index / 16.
+        mpidr0=$(((cpu0 / 16) << 8 | cpu0 % 16))
+        mpidr1=$(((cpu1 / 16) << 8 | cpu1 % 16))
+        printf '\t\tvm%d {\n' "$i"
+        printf '\t\t\tcompatible = "smmu-hv,vm";\n'
+        printf '\t\t\t#address-cells = <2>;\n\t\t\t#size-cells = <2>;\n'
+        printf '\t\t\tcpus = <%d>;\n' "$VM_CPUS"
+        printf '\t\t\tsmmu-hv,cpus = <0x%x 0x%x>;\n' "$mpidr0" "$mpidr1"
+        printf '\t\t\tmemory = <0x0 0x%x>;\n' "$VM_MEM_KIB"
+        printf '\t\t\tmodule@%x {\n' "$GUEST_KERNEL_ADDR"
+        printf '\t\t\t\tcompatible = "multiboot,kernel", "multiboot,module";\n'
+        printf '\t\t\t\treg = <0x0 %s 0x0 %s>;\n' "$GUEST_KERNEL_ADDR" "$KERNEL_SIZE"
+        printf '\t\t\t\tbootargs = %s;\n' "$(dts_string "${VM_BOOTARGS[$i]-$DEFAULT_BOOTARGS}")"
+        printf '\t\t\t};\n'
+        printf '\t\t\tmodule@%x {\n' "$GUEST_INITRD_ADDR"
+        printf '\t\t\t\tcompatible = "multiboot,ramdisk", "multiboot,module";\n'
+        printf '\t\t\t\treg = <0x0 %s 0x0 %s>;\n' "$GUEST_INITRD_ADDR" "$INITRD_SIZE"
+        printf '\t\t\t};\n'
+        printf '\t\t};\n'
+    done
+    printf '\t};\n};\n'
+}
+
+if [ -z "$VM_DTS" ]; then
+    for i in "${!VM_BOOTARGS[@]}"; do
+        [ "$i" -lt "$VMS" ] || die "--vm-bootargs $i: there are only $VMS VMs (--vms $VMS)"
+    done
+    [ $((VMS * VM_CPUS)) -le "$SMP" ] ||
+        die "--vms $VMS needs $((VMS * VM_CPUS)) CPUs ($VM_CPUS per VM) but --smp is $SMP"
+else
+    [ "${#VM_BOOTARGS[@]}" = 0 ] || say "note: --vm-dts given: --bootargs/--vm-bootargs are ignored"
+fi
+
+BOARD_DIR="$ROOT/build/board"
+mkdir -p "$BOARD_DIR"
+# Every run rewrites its files, so those not used for a day belong to old configs (and tmp.*
+# to runs that were killed before they could clean up).
+find "$BOARD_DIR" -maxdepth 1 \( -name 'vms-*' -mmin +1440 -o -name 'tmp.*' -mmin +60 \) \
+    -exec rm -rf {} + 2>/dev/null || true
+WORK="$(mktemp -d "$BOARD_DIR/tmp.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+
+# 1. The machine's own DT, from QEMU with the same machine options (it writes it and exits).
+qemu-system-aarch64 -M "$MACHINE,dumpdtb=$(qemu_escape "$WORK/machine.dtb")" "${MACHINE_OPTS[@]}" \
+    -kernel "$HV_IMAGE" "${EXTRA[@]}" </dev/null >"$WORK/dump.log" 2>&1 ||
+    { cat "$WORK/dump.log" >&2; die "QEMU could not dump the machine's DT"; }
+[ -s "$WORK/machine.dtb" ] || { cat "$WORK/dump.log" >&2; die "QEMU wrote no DT"; }
+
+# 2. Decompiled, with the random seeds zeroed (QEMU refills rng-seed and kaslr-seed of the DT
+#    it loads at every reset, so nothing is lost) so that the same VMs give the same file; then
+#    the VMs block appended: dtc merges a second root block into the first.
+dtc -q -I dtb -O dts -o "$WORK/machine.dts" "$WORK/machine.dtb" ||
+    die "dtc could not decompile the machine's DT"
+{
+    sed -E '/^\s*(rng-seed|kaslr-seed) = </s/0x[0-9a-f]+/0x00/g' "$WORK/machine.dts"
+    vms_block
+} >"$WORK/vms.dts"
+
+if [ "$SHOW_DTS" = 1 ]; then
+    cat "$WORK/vms.dts"
+    exit 0
+fi
+
+# 3. Compiled under a name from its content (written whole, then renamed: concurrent runs are safe).
+HASH="$(sha256sum "$WORK/vms.dts" | cut -c1-16)"
+DTS="$BOARD_DIR/vms-$HASH.dts"
+DTB="$BOARD_DIR/vms-$HASH.dtb"
+if ! dtc -q -I dts -O dtb -o "$WORK/vms.dtb" "$WORK/vms.dts"; then
+    cp "$WORK/vms.dts" "$DTS.bad"
+    die "dtc rejected the DTS (errors above; the DTS is kept as ${DTS#"$ROOT"/}.bad)"
+fi
+mv -f "$WORK/vms.dts" "$DTS"
+mv -f "$WORK/vms.dtb" "$DTB"
+
+M="$MACHINE"
+[ -n "$DUMPDTB" ] && M="$M,dumpdtb=$(qemu_escape "$DUMPDTB")"
+CMD=(qemu-system-aarch64 -M "$M" "${MACHINE_OPTS[@]}"
+    -kernel "$HV_IMAGE"
+    -dtb "$DTB"
+    -device "loader,file=$(qemu_escape "$GUEST_IMAGE"),addr=$GUEST_KERNEL_ADDR,force-raw=on"
+    -device "loader,file=$(qemu_escape "$GUEST_INITRD"),addr=$GUEST_INITRD_ADDR,force-raw=on"
+    "${EXTRA[@]}")
+
+if [ -n "$VM_DTS" ]; then
+    what="VMs from $VM_DTS"
+else
+    what="$VMS VM(s)"
+    for ((i = 0; i < VMS; i++)); do
+        what="$what; vm$i: ${VM_BOOTARGS[$i]-$DEFAULT_BOOTARGS}"
+    done
+fi
+say "hypervisor, $what (DT: ${DTS#"$ROOT"/}): ${CMD[*]}"
+rm -rf "$WORK"
+trap - EXIT
 exec "${CMD[@]}"

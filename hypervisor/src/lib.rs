@@ -5,6 +5,8 @@
 
 extern crate alloc;
 
+pub mod config;
+pub mod console;
 pub mod esr;
 pub mod guest_dt;
 pub mod lr;

@@ -220,6 +220,19 @@ impl Platform {
     }
 }
 
+/// Validates `dtb` exactly as [`Platform::parse`] does and hands it to `f` as an [`Fdt`], so
+/// other readers of the host DT (the VM configuration) get the same protection from `fdt`'s
+/// panics on malformed input.
+pub(crate) fn with_fdt<R>(dtb: &[u8], f: impl FnOnce(&Fdt<'_>) -> R) -> Result<R> {
+    let checked = check_blob(dtb)?;
+    let blob: &[u8] = checked
+        .compacted
+        .as_deref()
+        .unwrap_or(&dtb[..checked.total]);
+    let fdt = Fdt::new(blob).map_err(|_| malformed(0, "rejected by the fdt parser"))?;
+    Ok(f(&fdt))
+}
+
 fn memory(root: FdtNode) -> Result<Vec<MemRange>> {
     let mut memory = Vec::new();
     for node in root.children() {
@@ -506,24 +519,24 @@ fn interrupts(node: FdtNode, icells: u32) -> Result<Vec<(u32, u32)>> {
 }
 
 /// Big-endian value of up to two cells (callers guarantee the length).
-fn be(bytes: &[u8]) -> u64 {
+pub(crate) fn be(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0, |acc, &b| (acc << 8) | u64::from(b))
 }
 
-fn prop_u32(node: FdtNode, name: &str) -> Option<u32> {
+pub(crate) fn prop_u32(node: FdtNode, name: &str) -> Option<u32> {
     let value = node.property(name)?.value;
     let bytes: [u8; 4] = value.try_into().ok()?;
     Some(u32::from_be_bytes(bytes))
 }
 
 /// A string property, up to its first NUL (a stringlist yields its first string).
-fn prop_str<'a>(node: FdtNode<'_, 'a>, name: &str) -> Option<&'a str> {
+pub(crate) fn prop_str<'a>(node: FdtNode<'_, 'a>, name: &str) -> Option<&'a str> {
     let value = node.property(name)?.value;
     let end = value.iter().position(|&b| b == 0)?;
     core::str::from_utf8(&value[..end]).ok()
 }
 
-fn compatibles<'a>(node: FdtNode<'_, 'a>) -> impl Iterator<Item = &'a str> {
+pub(crate) fn compatibles<'a>(node: FdtNode<'_, 'a>) -> impl Iterator<Item = &'a str> {
     let value = node.property("compatible").map_or(&[][..], |p| p.value);
     value
         .split(|&b| b == 0)

@@ -14,10 +14,16 @@
 //! Guest facts are lines like `guest: nproc=2` printed by the guest's init (`tests/guest/init`);
 //! [`guest_fact`] splits them into key and value.
 //!
+//! With several VMs the hypervisor prefixes every guest console line with the VM's name
+//! (`[vm1] guest: nproc=2`) and its own lines with `[hv] `. The `wait_vm_*` methods look only at
+//! one VM's lines, each VM with a cursor of its own, so waiting for vm0 does not skip vm1's lines;
+//! [`vm_text`] strips the prefix.
+//!
 //! Set `HV_TEST_ECHO=1` to also echo the console live to the test's stderr.
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
@@ -73,6 +79,18 @@ pub fn target_dir() -> PathBuf {
         Some(dir) => repo_root().join(dir),
         None => repo_root().join("target"),
     }
+}
+
+/// The text of `line` without its `[VM] ` console prefix if it is a line of VM `vm`
+/// (`vm_text("[vm1] guest: count=3", "vm1") == Some("guest: count=3")`); `None` for any other line.
+pub fn vm_text<'a>(line: &'a str, vm: &str) -> Option<&'a str> {
+    line.strip_prefix('[')?.strip_prefix(vm)?.strip_prefix("] ")
+}
+
+/// The name in the `[NAME] ` prefix of a console line (`"vm1"`, `"hv"`), if it has one.
+pub fn line_source(line: &str) -> Option<&str> {
+    let (name, _) = line.strip_prefix('[')?.split_once("] ")?;
+    (!name.is_empty() && !name.contains(char::is_whitespace)).then_some(name)
 }
 
 /// Splits a guest fact line such as `guest: nproc=2` into `("nproc", "2")`.
@@ -366,6 +384,8 @@ pub struct Qemu {
     stdin: Option<ChildStdin>,
     /// Index of the first line not yet consumed by a wait.
     cursor: usize,
+    /// The same for the `wait_vm_*` waits, per VM.
+    vm_cursors: HashMap<String, usize>,
     failed: bool,
     log_path: PathBuf,
     monitor: Option<JoinHandle<()>>,
@@ -453,6 +473,7 @@ impl Qemu {
             shared,
             stdin,
             cursor: 0,
+            vm_cursors: HashMap::new(),
             failed: false,
             log_path,
             monitor,
@@ -502,17 +523,83 @@ impl Qemu {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<Line, Error> {
+        let mut cursor = self.cursor;
+        let result = self.wait_from(&mut cursor, what, timeout, pred);
+        self.cursor = cursor;
+        self.note(result)
+    }
+
+    /// Waits up to `timeout` for a console line of VM `vm` (one that starts with `[vm] `) for
+    /// which `pred` holds on its text without the prefix; `what` describes it in errors. Only
+    /// `vm`'s own cursor moves: other waits still see every line.
+    pub fn wait_vm_until(
+        &mut self,
+        vm: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<Line, Error> {
+        let mut cursor = self.vm_cursors.get(vm).copied().unwrap_or(0);
+        let what = format!("{what} from [{vm}]");
+        let result = self.wait_from(&mut cursor, &what, timeout, |l| {
+            vm_text(l, vm).is_some_and(&pred)
+        });
+        self.vm_cursors.insert(vm.to_string(), cursor);
+        self.note(result)
+    }
+
+    /// As [`Qemu::wait_for`] among the lines of VM `vm`; returns the text without the prefix.
+    pub fn wait_vm_for(
+        &mut self,
+        vm: &str,
+        pattern: &str,
+        timeout: Duration,
+    ) -> Result<String, Error> {
+        let what = format!("a line containing {pattern:?}");
+        let line = self.wait_vm_until(vm, &what, timeout, |l| l.contains(pattern))?;
+        Ok(vm_text(&line.text, vm).unwrap_or_default().to_string())
+    }
+
+    /// As [`Qemu::wait_fact`] among the lines of VM `vm`: waits for `[vm] guest: KEY=VALUE`.
+    pub fn wait_vm_fact(
+        &mut self,
+        vm: &str,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<String, Error> {
+        let what = format!("the guest fact \"guest: {key}=...\"");
+        let line = self.wait_vm_until(vm, &what, timeout, |l| {
+            guest_fact(l).is_some_and(|(k, _)| k == key)
+        })?;
+        let (_, value) = guest_fact(&line.text).expect("the line matched as a fact");
+        Ok(value.to_string())
+    }
+
+    /// Every complete line so far, with arrival times (for checks over the whole run).
+    pub fn lines(&self) -> Vec<Line> {
+        self.shared.lock().lines.clone()
+    }
+
+    /// The waiting behind [`Qemu::wait_until`], from `*cursor` (moved past the line found, or to
+    /// the end). Does not record a failure: the callers do.
+    fn wait_from(
+        &self,
+        cursor: &mut usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<Line, Error> {
         let started = Instant::now();
         let until = started + timeout;
-        let shared = Arc::clone(&self.shared);
+        let shared = &self.shared;
         let mut st = shared.lock();
-        let result = loop {
-            if let Some(i) = st.lines[self.cursor..].iter().position(|l| pred(&l.text)) {
-                let line = st.lines[self.cursor + i].clone();
-                self.cursor += i + 1;
+        loop {
+            if let Some(i) = st.lines[*cursor..].iter().position(|l| pred(&l.text)) {
+                let line = st.lines[*cursor + i].clone();
+                *cursor += i + 1;
                 break Ok(line);
             }
-            self.cursor = st.lines.len();
+            *cursor = st.lines.len();
             if let Some(reason) = st.killed.as_ref().filter(|_| st.eof == [true, true]) {
                 break Err(if reason.starts_with("wall-clock") {
                     Error::WallClock {
@@ -544,9 +631,7 @@ impl Qemu {
                 .wait_timeout(st, until - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-        };
-        drop(st);
-        self.note(result)
+        }
     }
 
     /// Best effort: waits up to `timeout` for an unfinished console line (a shell prompt has no
@@ -726,6 +811,8 @@ impl Drop for Qemu {
 pub struct GuestReport {
     /// Time from QEMU's start to `guest: init started`.
     pub init_started_at: Duration,
+    /// The VM name the guest read from its DT (`/chosen/hypervisor,vm-name`), `none` without one.
+    pub vm_name: String,
     /// The timer interrupt counts before and after the guest slept one second.
     pub timer_irqs: (u64, u64),
 }
@@ -734,46 +821,81 @@ pub struct GuestReport {
 /// against what the host expects: the kernel release (the `kver` file of `guest_dir`), the CPU
 /// count `nproc`, the MD5 of 4 MiB of 'A' (computed here), and that timer interrupts kept coming
 /// while the guest slept. Panics with the reason on a wrong fact (the log is then printed).
+/// Looks at every console line (one guest); see [`check_vm_guest_facts`] for one VM among several.
 pub fn check_guest_facts(
     q: &mut Qemu,
     guest_dir: &Path,
     nproc: usize,
 ) -> Result<GuestReport, Error> {
+    guest_facts(q, None, guest_dir, nproc)
+}
+
+/// As [`check_guest_facts`] for the next boot of VM `vm`, among its own console lines only
+/// (`[vm] ...`, with the VM's own cursor: other VMs' lines are left for their own waits), and
+/// checks that the guest's DT names it `vm`.
+pub fn check_vm_guest_facts(
+    q: &mut Qemu,
+    vm: &str,
+    guest_dir: &Path,
+    nproc: usize,
+) -> Result<GuestReport, Error> {
+    let report = guest_facts(q, Some(vm), guest_dir, nproc)?;
+    assert_eq!(
+        report.vm_name, vm,
+        "the VM name in the guest's DT (/chosen/hypervisor,vm-name) of the guest printing as [{vm}]"
+    );
+    Ok(report)
+}
+
+fn guest_facts(
+    q: &mut Qemu,
+    vm: Option<&str>,
+    guest_dir: &Path,
+    nproc: usize,
+) -> Result<GuestReport, Error> {
     let kver = guest_kver(guest_dir).expect("the guest images have a kver file");
     let md5 = md5_hex(&vec![b'A'; 4 << 20]);
+    let who = vm.map_or_else(|| "guest".to_string(), |vm| format!("{vm}'s guest"));
+    let fact = |q: &mut Qemu, key: &str| match vm {
+        Some(vm) => q.wait_vm_fact(vm, key, STEP_TIMEOUT),
+        None => q.wait_fact(key, STEP_TIMEOUT),
+    };
 
-    let started = q.wait_for_line("guest: init started", BOOT_TIMEOUT)?;
+    let started = match vm {
+        Some(vm) => q.wait_vm_until(vm, "\"guest: init started\"", BOOT_TIMEOUT, |l| {
+            l.contains("guest: init started")
+        })?,
+        None => q.wait_for_line("guest: init started", BOOT_TIMEOUT)?,
+    };
     eprintln!(
-        "[qemu] {}: guest init started {:.2} s after QEMU's start",
+        "[qemu] {}: {who} init started {:.2} s after QEMU's start",
         q.shared.name,
         started.at.as_secs_f64()
     );
+    let vm_name = fact(q, "vm-name")?;
     assert_eq!(
-        q.wait_fact("uname-r", STEP_TIMEOUT)?,
+        fact(q, "uname-r")?,
         kver,
-        "guest kernel release (uname -r)"
+        "{who}'s kernel release (uname -r)"
     );
     assert_eq!(
-        q.wait_fact("nproc", STEP_TIMEOUT)?,
+        fact(q, "nproc")?,
         nproc.to_string(),
-        "guest CPU count (nproc)"
+        "{who}'s CPU count (nproc)"
     );
-    assert_eq!(
-        q.wait_fact("md5-4MiB-A", STEP_TIMEOUT)?,
-        md5,
-        "guest MD5 of 4 MiB of 'A'"
-    );
-    let grew = q.wait_fact("timer-irqs-grew", STEP_TIMEOUT)?;
+    assert_eq!(fact(q, "md5-4MiB-A")?, md5, "{who}'s MD5 of 4 MiB of 'A'");
+    let grew = fact(q, "timer-irqs-grew")?;
     let timer_irqs = grew
         .split_once("->")
         .and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?)))
-        .unwrap_or_else(|| panic!("timer-irqs-grew={grew:?} is not A->B"));
+        .unwrap_or_else(|| panic!("{who}: timer-irqs-grew={grew:?} is not A->B"));
     assert!(
         timer_irqs.1 > timer_irqs.0,
-        "guest timer interrupts did not grow while it slept: {grew}"
+        "{who}'s timer interrupts did not grow while it slept: {grew}"
     );
     Ok(GuestReport {
         init_started_at: started.at,
+        vm_name,
         timer_irqs,
     })
 }
@@ -866,5 +988,21 @@ mod tests {
         assert_eq!(guest_fact("guest: init started"), None);
         assert_eq!(guest_fact("guest: shell (poweroff -f to stop)"), None);
         assert_eq!(guest_fact("nproc=2"), None);
+    }
+
+    #[test]
+    fn vm_prefixes() {
+        assert_eq!(
+            vm_text("[vm1] guest: count=3", "vm1"),
+            Some("guest: count=3")
+        );
+        assert_eq!(vm_text("[vm1] guest: count=3", "vm0"), None);
+        assert_eq!(vm_text("[vm10] x", "vm1"), None);
+        assert_eq!(vm_text("x [vm1] y", "vm1"), None);
+        assert_eq!(vm_text("[vm1]", "vm1"), None);
+        assert_eq!(line_source("[hv] vm0: reset done"), Some("hv"));
+        assert_eq!(line_source("[vm1] guest: nproc=2"), Some("vm1"));
+        assert_eq!(line_source("[    0.5] booting"), None);
+        assert_eq!(line_source("guest: nproc=2"), None);
     }
 }

@@ -22,6 +22,10 @@ fn bare_guest_facts_and_poweroff() -> Result<(), integration_tests::Error> {
         ],
     )?;
     let report = check_guest_facts(&mut q, &stock_guest_dir(), SMP)?;
+    assert_eq!(
+        report.vm_name, "none",
+        "without a hypervisor the guest's DT names no VM"
+    );
     q.wait_for("guest: powering off", STEP_TIMEOUT)?;
     let status = q.wait_exit(STEP_TIMEOUT)?;
     assert!(

@@ -1,4 +1,5 @@
-//! The hypervisor on QEMU `virt` with the stock Linux guest as vm0.
+//! The hypervisor on QEMU `virt` with the stock Linux guest as vm0, the only VM (`--vms 1`;
+//! several VMs: `tests/two_vms.rs`).
 //!
 //! Every verdict comes from what the guest computed at run time (see `tests/guest/init`) or from
 //! what the hypervisor reported, compared with what the host expects.
@@ -27,12 +28,13 @@ fn guest_facts_reboots_and_system_off() -> Result<(), integration_tests::Error> 
     );
     let mut q = Qemu::spawn(
         "guest_facts_reboots_and_system_off",
-        &["--bootargs", &bootargs],
+        &["--vms", "1", "--bootargs", &bootargs],
     )?;
     let mut first_init = None;
     for boot in 0..BOOTS {
         let report = check_guest_facts(&mut q, &stock_guest_dir(), VM0_CPUS)?;
         first_init.get_or_insert(report.init_started_at);
+        assert_eq!(report.vm_name, "vm0", "the VM name in the guest's DT");
         assert_eq!(q.wait_fact("boot-count", STEP_TIMEOUT)?, boot.to_string());
         let ipa = UNMAPPED_IPA.trim_start_matches("0x0");
         let refused = q.wait_for_all(&["[hv]", "vm0", "unmapped IPA", ipa], STEP_TIMEOUT)?;
@@ -70,7 +72,7 @@ fn guest_facts_reboots_and_system_off() -> Result<(), integration_tests::Error> 
 /// The guest console is interactive through the hypervisor's vPL011: input reaches the shell.
 #[test]
 fn interactive_shell() -> Result<(), integration_tests::Error> {
-    let mut q = Qemu::spawn("interactive_shell", &[])?;
+    let mut q = Qemu::spawn("interactive_shell", &["--vms", "1"])?;
     q.wait_for("guest: shell", BOOT_TIMEOUT)?;
     q.wait_for_prompt("# ", STEP_TIMEOUT);
     q.send("echo $((6*7))xyz\n")?;

@@ -10,7 +10,7 @@ pub mod uart;
 pub mod vcpu;
 pub mod vm;
 
-use crate::memory::{overlaps, place_top_down};
+use crate::config;
 use crate::platform::{MemRange, ModuleKind, Platform, PsciConduit};
 use aarch64_cpu::registers::{Readable, Writeable, CNTFRQ_EL0, CNTPCT_EL0, MPIDR_EL1, TPIDR_EL2};
 use alloc::string::String;
@@ -87,7 +87,8 @@ pub fn this_cpu() -> usize {
     TPIDR_EL2.get() as usize
 }
 
-fn timestamp_ms() -> u64 {
+/// Milliseconds since the counter started (boot-time figures in the log).
+pub fn timestamp_ms() -> u64 {
     CNTPCT_EL0.get() * 1000 / CNTFRQ_EL0.get().max(1)
 }
 
@@ -184,7 +185,11 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
         dtb as u64,
         dtb_slice.len() as u64,
     );
-    let vms = match build_vms(&platform, &mpidrs, &busy) {
+    let hypervisor = MemRange {
+        base: image_start,
+        size: image_end - image_start,
+    };
+    let vms = match build_vms(&platform, dtb_slice, &mpidrs, &busy, hypervisor) {
         Ok(v) => v,
         Err(e) => {
             log::error!("no VM could be built: {e}");
@@ -205,6 +210,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
             }),
         })
         .collect();
+    uart::set_vms(vms.iter().map(|v| v.prefix.clone()).collect());
     HV.call_once(|| Hv {
         platform,
         gic,
@@ -214,32 +220,9 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     cpu_common_init(0);
 
     log::info!("platform up at {} ms", timestamp_ms());
+    // Each VM's images are loaded by the CPU of its vCPU 0, so VMs come up in parallel.
     for vm in &hv().vms {
-        let t0 = timestamp_ms();
-        let loaded = vm.load();
-        log::info!(
-            "{}: images loaded in {} ms",
-            vm.config.name,
-            timestamp_ms() - t0
-        );
-        match loaded {
-            Ok((entry, dtb_ipa)) => {
-                log::info!(
-                    "{}: {} vCPUs on pCPUs {:?}, RAM IPA {:#x}+{:#x} at PA {:#x}, kernel at {entry:#x}, DTB at {dtb_ipa:#x}, starting",
-                    vm.config.name,
-                    vm.vcpus.len(),
-                    vm.config.pcpus,
-                    vm.ram_ipa.base,
-                    vm.ram_ipa.size,
-                    vm.ram_pa
-                );
-                vcpu::power_on_boot_vcpu(vm, entry, dtb_ipa);
-            }
-            Err(e) => {
-                log::error!("{}: not started: {e}", vm.config.name);
-                vm.stop();
-            }
-        }
+        vcpu::request_boot(vm);
     }
 
     // Secondaries read the image (page tables, statics) with their MMU off at first.
@@ -289,8 +272,8 @@ fn cpu_common_init(cpu: usize) {
     }
 }
 
-/// Everything guest RAM must not overlap: the hypervisor image, the DTB, boot modules and
-/// reserved memory.
+/// Everything guest RAM must not overlap besides the boot modules (the planner checks those):
+/// the hypervisor image, the DTB and reserved memory.
 fn busy_ranges(
     p: &Platform,
     image_start: u64,
@@ -307,50 +290,103 @@ fn busy_ranges(
         base: dtb,
         size: dtb_len,
     });
-    busy.extend(p.modules.iter().map(|m| m.range));
     busy.extend(p.reserved.iter().copied());
     busy
 }
 
-/// The default machine: one VM on the first CPUs with the kernel and initramfs modules.
-fn build_vms(p: &Platform, mpidrs: &[u64], busy: &[MemRange]) -> Result<Vec<Vm>, String> {
+/// The VMs the DT describes (`smmu-hv,vm` nodes under /chosen, see docs/vm-config.md). A VM
+/// whose configuration is wrong is refused with an error naming it and the field; the others
+/// are built. Without VM nodes, one VM is made from the /chosen boot modules (as QEMU's
+/// guest-loader or a plain dom0-style boot provides them).
+fn build_vms(
+    p: &Platform,
+    dtb: &[u8],
+    mpidrs: &[u64],
+    busy: &[MemRange],
+    hypervisor: MemRange,
+) -> Result<Vec<Vm>, String> {
+    let specs = config::parse_vm_specs(dtb).map_err(|e| alloc::format!("VM configuration: {e}"))?;
+    let specs = if specs.is_empty() {
+        legacy_spec(p)?
+    } else {
+        specs
+    };
+    let machine = config::Machine {
+        cpus: mpidrs,
+        ram: &p.memory,
+        busy,
+        hypervisor,
+    };
+    let (plans, errors) = config::plan_vms(specs, &machine);
+    for e in &errors {
+        log::error!("config: {e}: VM not started");
+    }
+    let mut vms = Vec::new();
+    for plan in plans {
+        let id = vms.len();
+        let bootargs = plan
+            .kernel
+            .bootargs
+            .clone()
+            .unwrap_or_else(|| String::from("console=ttyAMA0"));
+        let vm_config = VmConfig {
+            name: plan.name.clone(),
+            pcpus: plan.pcpus.clone(),
+            ram_size: plan.ram_size,
+            kernel: plan.kernel.range,
+            initrd: plan.ramdisk,
+            bootargs,
+        };
+        let heap_before = ALLOCATOR.lock().stats_alloc_actual();
+        // SAFETY: `plan_vms` placed this RAM inside the machine's RAM, clear of the hypervisor,
+        // the DTB, reserved memory, every boot module and every other VM's RAM.
+        match unsafe { Vm::new(id, vm_config, p, plan.ram_pa) } {
+            Ok(vm) => {
+                // A statement of its own: the allocator's lock guard must be gone before the
+                // log line allocates.
+                let used = ALLOCATOR.lock().stats_alloc_actual() - heap_before;
+                log::info!(
+                    "{}: hypervisor heap for its stage-2 tables and device models: {} KiB",
+                    plan.name,
+                    used.div_ceil(1024)
+                );
+                vms.push(vm);
+            }
+            Err(e) => log::error!("{}: not started: {e}", plan.name),
+        }
+    }
+    if vms.is_empty() {
+        return Err(String::from("no VM has a usable configuration"));
+    }
+    Ok(vms)
+}
+
+/// One VM on the first CPUs from the /chosen kernel and ramdisk modules.
+fn legacy_spec(p: &Platform) -> Result<Vec<Result<config::VmSpec, config::ConfigError>>, String> {
     let kernel = p
         .modules
         .iter()
         .find(|m| m.kind == ModuleKind::Kernel)
-        .ok_or_else(|| String::from("no multiboot,kernel module in /chosen"))?;
-    let initrd = p
+        .ok_or_else(|| {
+            String::from("no smmu-hv,vm node and no multiboot,kernel module in /chosen")
+        })?;
+    let ramdisk = p
         .modules
         .iter()
         .find(|m| m.kind == ModuleKind::Ramdisk)
         .map(|m| m.range);
-    let bootargs = kernel
-        .bootargs
-        .clone()
-        .or_else(|| p.bootargs.clone())
-        .unwrap_or_else(|| String::from("console=ttyAMA0"));
-    let nvcpus = DEFAULT_VCPUS.min(mpidrs.len());
-    let config = VmConfig {
+    Ok(alloc::vec![Ok(config::VmSpec {
         name: String::from("vm0"),
-        pcpus: (0..nvcpus).collect(),
-        ram_size: DEFAULT_VM_RAM,
-        kernel: kernel.range,
-        initrd,
-        bootargs,
-    };
-    let ram_pa = place_top_down(&p.memory, busy, config.ram_size, 2 << 20)
-        .ok_or_else(|| alloc::format!("no free {:#x} bytes of RAM for vm0", config.ram_size))?;
-    debug_assert!(busy.iter().all(|b| !overlaps(
-        *b,
-        MemRange {
-            base: ram_pa,
-            size: config.ram_size
-        }
-    )));
-    // SAFETY: `place_top_down` chose RAM that overlaps nothing in use; only this VM gets it.
-    let vm = unsafe { Vm::new(0, config, p, ram_pa, |i| mpidrs[i]) }
-        .map_err(|e| alloc::format!("vm0: {e}"))?;
-    Ok(alloc::vec![vm])
+        vcpus: DEFAULT_VCPUS.min(p.cpus.len()) as u32,
+        pcpus: None,
+        mem_size: DEFAULT_VM_RAM,
+        static_mem: None,
+        kernel: Some(config::ModuleSpec {
+            range: kernel.range,
+            bootargs: kernel.bootargs.clone().or_else(|| p.bootargs.clone()),
+        }),
+        ramdisk,
+    })])
 }
 
 fn system_off_early() -> ! {

@@ -1,7 +1,12 @@
-//! The physical console: a PL011 found through /chosen/stdout-path. Shared by the hypervisor's
-//! log and every guest's console output, under one lock so that lines stay whole.
+//! The physical console: a PL011 found through /chosen/stdout-path, shared by the hypervisor's
+//! log and every guest's console. Output goes through the [`ConsoleMux`] (one source per
+//! physical line, each line prefixed) and input through the [`InputRouter`] (one VM has the
+//! focus), both under the one console lock.
 
 use super::mmio::{block, Mmio, Pl011Regs};
+use crate::console::{ConsoleMux, InputAction, InputRouter};
+use alloc::string::String;
+use alloc::vec::Vec;
 use core::fmt::{self, Write};
 use spin::Mutex;
 use tock_registers::interfaces::{Readable, Writeable};
@@ -13,65 +18,39 @@ const INT_RT: u32 = 1 << 6;
 
 /// The physical UART.
 #[derive(Debug)]
-pub struct Uart {
+struct Uart {
     regs: Mmio<Pl011Regs>,
-    /// Whether the last byte written ended a line, so the next one gets a prefix.
-    at_line_start: bool,
 }
 
 impl Uart {
-    fn putc(&mut self, b: u8) {
-        while self.regs.uartfr.get() & FR_TXFF != 0 {}
-        self.regs.uartdr.set(b as u32);
-    }
-
-    /// Writes `bytes`, starting every line with `prefix`.
-    pub fn write_prefixed(&mut self, prefix: &str, bytes: &[u8]) {
+    fn write(&self, bytes: &[u8]) {
         for &b in bytes {
-            if self.at_line_start {
-                for p in prefix.bytes() {
-                    self.putc(p);
-                }
-                self.at_line_start = false;
-            }
-            if b == b'\n' {
-                self.putc(b'\r');
-                self.at_line_start = true;
-            }
-            self.putc(b);
+            while self.regs.uartfr.get() & FR_TXFF != 0 {}
+            self.regs.uartdr.set(b as u32);
         }
     }
 
-    /// Reads one received byte, if any.
-    pub fn getc(&mut self) -> Option<u8> {
+    fn getc(&self) -> Option<u8> {
         if self.regs.uartfr.get() & FR_RXFE != 0 {
             None
         } else {
             Some(self.regs.uartdr.get() as u8)
         }
     }
-
-    /// Unmasks the receive and receive-timeout interrupts.
-    pub fn enable_rx_irq(&mut self) {
-        self.regs.uarticr.set(INT_RX | INT_RT);
-        self.regs.uartimsc.set(INT_RX | INT_RT);
-    }
 }
 
-/// Ends any partial guest line so a hypervisor line starts on its own.
-struct LineWriter<'a>(&'a mut Uart, &'a str);
-
-impl Write for LineWriter<'_> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.0.write_prefixed(self.1, s.as_bytes());
-        Ok(())
-    }
+/// The console: the UART and the state that shares it.
+#[derive(Debug)]
+pub struct Console {
+    uart: Uart,
+    mux: ConsoleMux,
+    input: InputRouter,
 }
 
 /// The console, once probed.
-pub static CONSOLE: Mutex<Option<Uart>> = Mutex::new(None);
+pub static CONSOLE: Mutex<Option<Console>> = Mutex::new(None);
 
-/// Starts using the PL011 at `base`.
+/// Starts using the PL011 at `base`, for the hypervisor's own lines only until [`set_vms`].
 ///
 /// # Safety
 ///
@@ -80,44 +59,104 @@ pub static CONSOLE: Mutex<Option<Uart>> = Mutex::new(None);
 pub unsafe fn init(base: u64) {
     // SAFETY: the caller guarantees `base` is a PL011 register block.
     let regs = unsafe { block::<Pl011Regs>(base) };
-    *CONSOLE.lock() = Some(Uart {
-        regs,
-        at_line_start: true,
+    *CONSOLE.lock() = Some(Console {
+        uart: Uart { regs },
+        mux: ConsoleMux::new(Vec::new()),
+        input: InputRouter::new(0),
     });
 }
 
-/// Writes a formatted hypervisor line, prefixed `[hv] `.
+/// Shares the console with VMs whose prefixes are given by VM index; input goes to VM 0.
+pub fn set_vms(prefixes: Vec<String>) {
+    if let Some(c) = CONSOLE.lock().as_mut() {
+        c.input = InputRouter::new(prefixes.len());
+        c.mux = ConsoleMux::new(prefixes);
+    }
+}
+
+struct LineBuf(String);
+
+impl Write for LineBuf {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.push_str(s);
+        Ok(())
+    }
+}
+
+/// Writes one hypervisor line (prefixed `[hv] ` by the mux).
 pub fn print_hv(args: fmt::Arguments) {
+    let mut line = LineBuf(String::new());
+    let _ = line.write_fmt(args);
+    if let Some(c) = CONSOLE.lock().as_mut() {
+        let uart = &c.uart;
+        c.mux.hv_line(&line.0, &mut |b| uart.write(b));
+    }
+}
+
+/// Writes guest console output of VM `vm`. Complete lines appear at once; a partial line
+/// waits for its newline, or for [`flush_if_focused`] when the guest goes idle (a prompt, the
+/// echo of typed input), so boot messages of two VMs never break each other's lines.
+pub fn print_guest(vm: usize, bytes: &[u8]) {
+    if let Some(c) = CONSOLE.lock().as_mut() {
+        let uart = &c.uart;
+        c.mux.guest_write(vm, bytes, false, &mut |b| uart.write(b));
+    }
+}
+
+/// Shows VM `vm`'s partial line if it has the input focus: called when one of its vCPUs
+/// goes idle, which is when a shell waits at its prompt.
+pub fn flush_if_focused(vm: usize) {
+    if let Some(c) = CONSOLE.lock().as_mut() {
+        if c.input.focus() == vm {
+            let uart = &c.uart;
+            c.mux.flush_partial(vm, &mut |b| uart.write(b));
+        }
+    }
+}
+
+/// Most input bytes handled per call; the rest stay in the UART's FIFO for the next interrupt.
+const MAX_INPUT: usize = 64;
+
+/// Drains received bytes, routes them, and returns the bytes for each VM (VM index, byte) in
+/// order. Focus switches and help are handled here.
+pub fn take_input() -> Vec<(usize, u8)> {
+    let mut delivered = Vec::new();
     let mut guard = CONSOLE.lock();
-    if let Some(uart) = guard.as_mut() {
-        if !uart.at_line_start {
-            uart.write_prefixed("", b"\n");
+    let Some(c) = guard.as_mut() else {
+        return delivered;
+    };
+    while delivered.len() < MAX_INPUT {
+        let Some(byte) = c.uart.getc() else {
+            break;
+        };
+        match c.input.feed(byte) {
+            InputAction::Deliver { vm, byte } => delivered.push((vm, byte)),
+            InputAction::SwitchFocus(vm) => {
+                let uart = &c.uart;
+                c.mux
+                    .hv_line(&alloc::format!("console input -> vm{vm}"), &mut |b| {
+                        uart.write(b)
+                    });
+                c.mux.flush_partial(vm, &mut |b| uart.write(b));
+            }
+            InputAction::Help => {
+                let uart = &c.uart;
+                c.mux.hv_line(
+                    "console: Ctrl-\\ then a digit N sends input to vmN; Ctrl-\\ Ctrl-\\ sends Ctrl-\\; QEMU's own escape is Ctrl-A",
+                    &mut |b| uart.write(b),
+                );
+            }
+            InputAction::Ignored => {}
         }
-        let _ = LineWriter(uart, "[hv] ").write_fmt(args);
-        uart.write_prefixed("", b"\n");
     }
+    delivered
 }
 
-/// Writes guest console output with the VM's prefix at each line start.
-pub fn print_guest(prefix: &str, bytes: &[u8]) {
-    if let Some(uart) = CONSOLE.lock().as_mut() {
-        uart.write_prefixed(prefix, bytes);
-    }
-}
-
-/// Drains received bytes into `sink`.
-pub fn drain_rx(mut sink: impl FnMut(u8)) {
-    if let Some(uart) = CONSOLE.lock().as_mut() {
-        while let Some(b) = uart.getc() {
-            sink(b);
-        }
-    }
-}
-
-/// Enables receive interrupts on the console.
+/// Unmasks the receive and receive-timeout interrupts.
 pub fn enable_rx_irq() {
-    if let Some(uart) = CONSOLE.lock().as_mut() {
-        uart.enable_rx_irq();
+    if let Some(c) = CONSOLE.lock().as_mut() {
+        c.uart.regs.uarticr.set(INT_RX | INT_RT);
+        c.uart.regs.uartimsc.set(INT_RX | INT_RT);
     }
 }
 

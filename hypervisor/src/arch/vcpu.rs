@@ -130,6 +130,11 @@ pub fn run_bound_vcpu() -> ! {
     loop {
         if !vm.is_stopped() {
             let mut power = vm.vcpus[vcpu].power.lock();
+            if *power == Power::Boot {
+                drop(power);
+                boot_vm(vm);
+                continue;
+            }
             if let Power::OnPending { entry, context } = *power {
                 *power = Power::On;
                 drop(power);
@@ -221,6 +226,7 @@ fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
         }
         ExceptionClass::WfiWfe => {
             frame.elr += instruction_length(esr);
+            uart::flush_if_focused(vm.id);
             if !has_pending_virtual(vm, vcpu) {
                 sysreg::wfi();
             }
@@ -348,7 +354,7 @@ fn mmio_access(
                 });
                 drop(uart);
                 if n == 1 {
-                    uart::print_guest(&vm.prefix, &out);
+                    uart::print_guest(vm.id, &out);
                 }
                 0
             }
@@ -426,6 +432,7 @@ fn handle_smccc(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
         Call::SmcccArchFeatures(_) => psci::status(psci::NOT_SUPPORTED),
         Call::MigrateInfoType => psci::MIGRATE_NOT_REQUIRED,
         Call::CpuSuspend => {
+            uart::flush_if_focused(vm.id);
             if !has_pending_virtual(vm, vcpu) {
                 sysreg::wfi();
             }
@@ -445,7 +452,7 @@ fn handle_smccc(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
                     Some(t) => match *vm.vcpus[t].power.lock() {
                         Power::On => psci::AFFINITY_ON,
                         Power::Off => psci::AFFINITY_OFF,
-                        Power::OnPending { .. } => psci::AFFINITY_ON_PENDING,
+                        Power::OnPending { .. } | Power::Boot => psci::AFFINITY_ON_PENDING,
                     },
                 }
             }
@@ -482,7 +489,7 @@ fn cpu_on(vm: &Vm, target: u64, entry: u64, context: u64) -> u64 {
     let mut power = vm.vcpus[t].power.lock();
     match *power {
         Power::On => psci::status(psci::ALREADY_ON),
-        Power::OnPending { .. } => psci::status(psci::ON_PENDING),
+        Power::OnPending { .. } | Power::Boot => psci::status(psci::ON_PENDING),
         Power::Off => {
             *power = Power::OnPending { entry, context };
             drop(power);
@@ -561,7 +568,7 @@ fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
             match *power {
                 Power::Off => break,
                 // CPU_ON accepted but never entered: cancel it.
-                Power::OnPending { .. } => {
+                Power::OnPending { .. } | Power::Boot => {
                     *power = Power::Off;
                     break;
                 }
@@ -579,23 +586,8 @@ fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
             core::hint::spin_loop();
         }
     }
-    match vm.load() {
-        Ok((entry, dtb)) => {
-            log::info!(
-                "{}: reset done, boot {} starting",
-                vm.config.name,
-                vm.boots.load(Ordering::Acquire)
-            );
-            power_on_boot_vcpu(vm, entry, dtb);
-        }
-        Err(e) => {
-            log::error!(
-                "{}: stopped: reload for the reset failed: {e}",
-                vm.config.name
-            );
-            power_off_if_all_stopped();
-        }
-    }
+    log::info!("{}: reset done, reloading", vm.config.name);
+    request_boot(vm);
     run_bound_vcpu();
 }
 
@@ -665,21 +657,29 @@ fn service_maintenance() {
     sysreg::isb();
 }
 
-/// Moves console input into the VM that has the input focus and wakes its UART's vCPU.
+/// Moves console input into the VMs it is routed to and wakes the vCPUs their UART
+/// interrupts target.
 fn console_input() {
-    let Some(vm) = hv().vms.first() else {
-        uart::drain_rx(|_| {});
-        return;
-    };
-    {
-        let mut vuart = vm.vuart.lock();
-        uart::drain_rx(|b| {
-            let _ = vuart.push_rx(b);
-        });
+    let input = uart::take_input();
+    let vms = &hv().vms;
+    let mut touched = 0u64;
+    for (vm, byte) in input {
+        if let Some(v) = vms.get(vm).filter(|v| !v.is_stopped()) {
+            // A full FIFO drops the byte and flags an overrun, as a real UART would.
+            let _ = v.vuart.lock().push_rx(byte);
+            touched |= 1 << vm.min(63);
+        }
     }
-    let target = vm.vgic.lock().spi_target(vm.uart_intid);
-    if Some(target) != vm_and_vcpu().map(|(_, v)| v) {
-        kick(vm, target);
+    let here = vm_and_vcpu().map(|(v, c)| (v.id, c));
+    for (i, vm) in vms
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| touched & (1 << i.min(63)) != 0)
+    {
+        let target = vm.vgic.lock().spi_target(vm.uart_intid);
+        if here != Some((i, target)) {
+            kick(vm, target);
+        }
     }
 }
 
@@ -851,12 +851,39 @@ fn inject_undef(vm: &Vm, frame: &mut TrapFrame, _esr: u64) {
     inject_sync(vm, frame, 1 << 25, None);
 }
 
-/// Marks vCPU 0 of `vm` powered on at `entry` and wakes its CPU.
-pub fn power_on_boot_vcpu(vm: &Vm, entry: u64, dtb: u64) {
-    *vm.vcpus[0].power.lock() = Power::OnPending {
-        entry,
-        context: dtb,
-    };
+/// Asks the CPU of `vm`'s vCPU 0 to load the VM's images and start it.
+pub fn request_boot(vm: &Vm) {
+    *vm.vcpus[0].power.lock() = Power::Boot;
     vm.stopped.store(false, Ordering::Release);
     sysreg::sev();
+}
+
+/// Loads `vm`'s images on this CPU (its vCPU 0's) and makes vCPU 0 ready to enter the kernel;
+/// a VM whose images cannot be loaded is stopped.
+fn boot_vm(vm: &Vm) {
+    let t0 = super::timestamp_ms();
+    match vm.load() {
+        Ok((entry, dtb)) => {
+            log::info!(
+                "{}: boot {}: {} vCPUs on pCPUs {:?}, RAM IPA {:#x}+{:#x} at PA {:#x}, kernel at {entry:#x}, DTB at {dtb:#x}, loaded in {} ms, starting",
+                vm.config.name,
+                vm.boots.load(Ordering::Acquire),
+                vm.vcpus.len(),
+                vm.config.pcpus,
+                vm.ram_ipa.base,
+                vm.ram_ipa.size,
+                vm.ram_pa,
+                super::timestamp_ms() - t0
+            );
+            *vm.vcpus[0].power.lock() = Power::OnPending {
+                entry,
+                context: dtb,
+            };
+        }
+        Err(e) => {
+            *vm.vcpus[0].power.lock() = Power::Off;
+            log::error!("{}: not started: {e}", vm.config.name);
+            stop_vm(vm, "its images could not be loaded");
+        }
+    }
 }

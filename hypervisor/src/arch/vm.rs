@@ -18,6 +18,8 @@ use spin::Mutex;
 pub enum Power {
     /// Not running; CPU_ON may start it.
     Off,
+    /// vCPU 0 only: the VM's images must be (re)loaded, then the vCPU starts at the kernel.
+    Boot,
     /// CPU_ON accepted; its pCPU has not entered it yet.
     OnPending {
         /// Entry IPA.
@@ -138,7 +140,6 @@ impl Vm {
         config: VmConfig,
         platform: &Platform,
         ram_pa: u64,
-        mpidr_of_pcpu: impl Fn(usize) -> u64,
     ) -> Result<Self, VmError> {
         let ram_ipa = MemRange {
             base: platform.memory[0].base,
@@ -152,13 +153,10 @@ impl Vm {
             .pcpus
             .iter()
             .enumerate()
-            .map(|(i, &pcpu)| {
-                let _ = mpidr_of_pcpu(pcpu);
-                VcpuSlot {
-                    pcpu,
-                    mpidr: i as u64,
-                    power: Mutex::new(Power::Off),
-                }
+            .map(|(i, &pcpu)| VcpuSlot {
+                pcpu,
+                mpidr: i as u64,
+                power: Mutex::new(Power::Off),
             })
             .collect();
         let vgic = VGic::new(VGicConfig {
