@@ -75,6 +75,28 @@ impl TrapFrame {
     }
 }
 
+/// MAIR_EL2 shared by the early and the final EL2 map: index 0 Normal inner/outer write-back
+/// non-transient (0xff), index 1 Device-nGnRE (0x04).
+pub const MAIR_EL2_VALUE: u64 = 0xff | (0x04 << 8);
+/// TCR_EL2 (non-VHE) without PS: T0SZ = 16 (48-bit VA, level-0 root), IRGN0 = ORGN0 = write-back,
+/// SH0 inner shareable, TG0 = 4 KiB, RES1 bits 23 and 31. PS (bits 18:16) comes from
+/// ID_AA64MMFR0_EL1.PARange, capped at 48 bits.
+pub const TCR_EL2_BASE: u64 = 16 | (1 << 8) | (1 << 10) | (3 << 12) | (1 << 23) | (1 << 31);
+/// SCTLR_EL2 bits that turn translation and caches on: M, C, I.
+pub const SCTLR_EL2_MMU_ON: u64 = (1 << 0) | (1 << 2) | (1 << 12);
+/// Early map 1 GiB block: Device-nGnRE (AttrIndx 1), AF, XN (bit 54).
+#[cfg_attr(
+    not(all(target_arch = "aarch64", target_os = "none")),
+    allow(dead_code)
+)]
+const EARLY_DEVICE_BLOCK: u64 = 0b01 | (1 << 2) | (1 << 10) | (1 << 54);
+/// Early map 1 GiB block: Normal write-back (AttrIndx 0), inner shareable, AF.
+#[cfg_attr(
+    not(all(target_arch = "aarch64", target_os = "none")),
+    allow(dead_code)
+)]
+const EARLY_NORMAL_BLOCK: u64 = 0b01 | (3 << 8) | (1 << 10);
+
 /// SPSR_EL2 for entering EL1h (M = 0b0101) with D, A, I, F masked.
 pub const SPSR_EL1H_DAIF_MASKED: u64 = 0x3c5;
 
@@ -167,12 +189,88 @@ primary_entry:
     stp     xzr, xzr, [x1], #16
     b       3b
 4:
+    bl      early_mmu
     mov     x0, #0
     bl      set_stack_and_vectors
     mov     x0, x19
     mov     x1, x20
     bl      hv_primary_main
     b       park
+
+/* Turns the MMU and caches on with a coarse identity map before any Rust runs, so that Rust's
+ * atomics (exclusive loads/stores, which need Normal cacheable memory on real hardware) and
+ * unaligned-tolerant code see ordinary memory. One level-0 table -> one level-1 table of 1 GiB
+ * blocks covering the first 512 GiB: Device-nGnRE everywhere, Normal write-back for the
+ * block(s) holding the image (with its BSS: stacks and boot heap). TCR_EL2 is the same one
+ * the Rust side uses for its fine-grained map, which then only swaps TTBR0_EL2.
+ * x20 = image base. Clobbers x0-x7. */
+early_mmu:
+    /* Lines the loader may have left for memory written above with caches off. */
+    adrp    x1, __image_start
+    add     x1, x1, :lo12:__image_start
+    adrp    x2, __image_end
+    add     x2, x2, :lo12:__image_end
+    mrs     x3, ctr_el0
+    ubfx    x3, x3, #16, #4
+    mov     x4, #4
+    lsl     x3, x4, x3              /* smallest D-cache line */
+    sub     x4, x3, #1
+    bic     x1, x1, x4
+5:  dc      ivac, x1
+    add     x1, x1, x3
+    cmp     x1, x2
+    b.lo    5b
+    dsb     sy
+
+    adrp    x1, __early_l1
+    add     x1, x1, :lo12:__early_l1
+    mov     x2, #0
+    ldr     x3, ={early_device}
+6:  lsl     x4, x2, #30
+    orr     x4, x4, x3
+    str     x4, [x1, x2, lsl #3]
+    add     x2, x2, #1
+    cmp     x2, #512
+    b.lo    6b
+    lsr     x5, x20, #30            /* first block of the image */
+    adrp    x6, __image_end
+    add     x6, x6, :lo12:__image_end
+    sub     x6, x6, #1
+    lsr     x6, x6, #30             /* last block of the image */
+    ldr     x3, ={early_normal}
+7:  lsl     x4, x5, #30
+    orr     x4, x4, x3
+    str     x4, [x1, x5, lsl #3]
+    add     x5, x5, #1
+    cmp     x5, x6
+    b.ls    7b
+    adrp    x2, __early_l0
+    add     x2, x2, :lo12:__early_l0
+    orr     x4, x1, #3              /* table descriptor -> level 1 */
+    str     x4, [x2]
+    dsb     sy
+
+    ldr     x3, ={mair}
+    msr     mair_el2, x3
+    mrs     x3, id_aa64mmfr0_el1
+    and     x3, x3, #0xf
+    cmp     x3, #5
+    mov     x4, #5
+    csel    x3, x3, x4, ls          /* PS: at most 48 bits */
+    ldr     x4, ={tcr_base}
+    orr     x4, x4, x3, lsl #16
+    msr     tcr_el2, x4
+    msr     ttbr0_el2, x2
+    isb
+    tlbi    alle2
+    dsb     nsh
+    isb
+    mrs     x3, sctlr_el2
+    ldr     x4, ={sctlr_on}
+    orr     x3, x3, x4
+    msr     sctlr_el2, x3
+    isb
+    ret
 
 /* PSCI CPU_ON entry point; x0 = logical CPU index (the context_id we passed). */
 .global secondary_entry
@@ -364,6 +462,13 @@ enter_frame:
     ldp     x0, x1, [x0, #0]
     eret
 
+.section .bss.early_pt, "aw", @nobits
+.balign 4096
+__early_l0:
+    .space  4096
+__early_l1:
+    .space  4096
+
 .section .bss.stacks, "aw", @nobits
 .balign 4096
 .global __stacks_start
@@ -372,6 +477,11 @@ __stacks_start:
 "#,
         max_cpus = const MAX_CPUS,
         stack_size = const STACK_SIZE,
+        early_device = const EARLY_DEVICE_BLOCK,
+        early_normal = const EARLY_NORMAL_BLOCK,
+        mair = const MAIR_EL2_VALUE,
+        tcr_base = const TCR_EL2_BASE,
+        sctlr_on = const SCTLR_EL2_MMU_ON,
         frame = const FRAME_SIZE,
         off_x30 = const OFF_X30,
         off_spsr = const OFF_SPSR,

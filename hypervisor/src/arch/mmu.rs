@@ -8,8 +8,8 @@ use aarch64_paging::idmap::IdMap;
 use aarch64_paging::paging::{El2, MemoryRegion};
 use spin::Once;
 
-/// MAIR_EL2 index 0: normal inner/outer write-back non-transient; index 1: Device-nGnRE.
-const MAIR_VALUE: u64 = 0xff | (0x04 << 8);
+/// MAIR_EL2: the same attribute indices as boot/'s early map.
+const MAIR_VALUE: u64 = boot::MAIR_EL2_VALUE;
 const NORMAL: El23Attributes = El23Attributes::VALID
     .union(El23Attributes::ACCESSED)
     .union(El23Attributes::INNER_SHAREABLE)
@@ -42,11 +42,12 @@ pub struct Layout<'a> {
     pub devices: &'a [(u64, u64)],
 }
 
-/// Builds the identity map, programs MAIR/TCR/TTBR0_EL2 and turns the MMU and caches on.
+/// Builds the fine-grained identity map and switches to it from boot/'s early map (same MAIR and
+/// TCR, so only TTBR0_EL2 changes while translation stays on).
 ///
 /// # Safety
 ///
-/// Must be called once, on the primary CPU, with the MMU off; `layout` must cover every byte the
+/// Must be called once, on the primary CPU, running on boot/'s early map; `layout` must cover every byte the
 /// hypervisor touches afterwards (its image, stacks, heap, DTB, devices).
 pub unsafe fn init_primary(layout: &Layout) -> Result<(), aarch64_paging::MapError> {
     let mut map = IdMap::new(0, El2);
@@ -61,13 +62,16 @@ pub unsafe fn init_primary(layout: &Layout) -> Result<(), aarch64_paging::MapErr
         map.map_range(&region, DEVICE)?;
     }
     let pa_range = ID_AA64MMFR0_EL1.get() & 0xf;
-    // TCR_EL2 (non-VHE): T0SZ = 16 (48-bit VA, level-0 root), inner-shareable write-back
-    // walks, 4 KiB granule, PS from the CPU, RES1 bits 31 and 23.
-    let tcr =
-        16 | (1 << 8) | (1 << 10) | (3 << 12) | (pa_range.min(5) << 16) | (1 << 23) | (1 << 31);
+    // The same TCR_EL2 as boot/'s early map, so that switching maps is only a TTBR0 swap.
+    let tcr = boot::TCR_EL2_BASE | (pa_range.min(5) << 16);
     let ttbr0 = map.root_address().0 as u64;
-    let cfg = *CONFIG.call_once(|| MmuConfig { ttbr0, tcr });
-    sysreg::clean_dcache_range(&cfg as *const _ as usize, core::mem::size_of::<MmuConfig>());
+    let stored = CONFIG.call_once(|| MmuConfig { ttbr0, tcr });
+    // Secondaries read it with their MMU off.
+    sysreg::clean_dcache_range(
+        stored as *const _ as usize,
+        core::mem::size_of::<MmuConfig>(),
+    );
+    let cfg = *stored;
     // SAFETY: the caller guarantees the map covers everything in use.
     unsafe { enable(&cfg) };
     map.mark_active();
