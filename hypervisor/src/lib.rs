@@ -12,6 +12,7 @@ pub mod guest_dt;
 pub mod lr;
 pub mod memory;
 pub mod mmio;
+pub mod pci;
 pub mod platform;
 pub mod psci;
 pub mod stage2;

@@ -431,7 +431,7 @@ fn modules(root: FdtNode, chosen: FdtNode) -> Result<Vec<BootModule>> {
 
 /// Decodes a node's `reg` with its parent's cell sizes (`fdt` knows the parent, we do not);
 /// an absent `reg` is an empty list.
-fn reg(node: FdtNode) -> Result<Vec<MemRange>> {
+pub(crate) fn reg(node: FdtNode) -> Result<Vec<MemRange>> {
     let Some(prop) = node.property("reg") else {
         return Ok(Vec::new());
     };
@@ -544,7 +544,7 @@ pub(crate) fn compatibles<'a>(node: FdtNode<'_, 'a>) -> impl Iterator<Item = &'a
         .filter_map(|s| core::str::from_utf8(s).ok())
 }
 
-fn is_enabled(node: FdtNode) -> bool {
+pub(crate) fn is_enabled(node: FdtNode) -> bool {
     matches!(prop_str(node, "status"), None | Some("okay") | Some("ok"))
 }
 
@@ -552,14 +552,14 @@ fn node_name(node: FdtNode) -> String {
     if node.name.is_empty() { "/" } else { node.name }.to_string()
 }
 
-fn missing(node: FdtNode, property: &'static str) -> PlatformError {
+pub(crate) fn missing(node: FdtNode, property: &'static str) -> PlatformError {
     PlatformError::MissingProperty {
         node: node_name(node),
         property,
     }
 }
 
-fn bad(node: FdtNode, property: &'static str, reason: &'static str) -> PlatformError {
+pub(crate) fn bad(node: FdtNode, property: &'static str, reason: &'static str) -> PlatformError {
     PlatformError::BadProperty {
         node: node_name(node),
         property,

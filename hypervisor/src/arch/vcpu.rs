@@ -610,8 +610,12 @@ fn has_pending_virtual(vm: &Vm, vcpu: usize) -> bool {
     false
 }
 
+/// Most physical interrupts handled per exit: an interrupt whose condition the hypervisor failed
+/// to clear must not keep a CPU in EL2 forever; the rest are taken on the next exit.
+const MAX_IRQS_PER_EXIT: usize = 32;
+
 fn handle_irqs(vm: &Vm, vcpu: usize) {
-    loop {
+    for _ in 0..MAX_IRQS_PER_EXIT {
         let intid = Gic::ack();
         if intid >= SPURIOUS {
             break;

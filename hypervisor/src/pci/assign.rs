@@ -1,0 +1,388 @@
+//! Checks on the VM configuration's device assignments, before anything is given away.
+//!
+//! Isolation between VMs rests on the SMMU, which can only separate IOMMU groups: giving part
+//! of a group to a VM would let its devices reach (or be reached by) devices it does not own.
+//! Legacy interrupts are wires: two VMs on one INTx line would see each other's interrupts and
+//! could keep the line asserted for each other.
+
+use alloc::collections::BTreeMap;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use thiserror::Error;
+
+use super::enumerate::Topology;
+use super::groups::IommuGroup;
+use super::host::InterruptMap;
+use super::Bdf;
+
+/// Why a set of device assignments cannot be honoured.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum AssignError {
+    /// A VM asks for a function the host bridge does not have.
+    #[error("VM {vm}: device {bdf} does not exist on the host PCI bus")]
+    UnknownDevice {
+        /// The VM.
+        vm: String,
+        /// The requested function.
+        bdf: Bdf,
+    },
+    /// A VM asks for a bridge; bridges route everyone's traffic and stay with the hypervisor.
+    #[error("VM {vm}: device {bdf} is a bridge (IOMMU group {group}); bridges cannot be assigned")]
+    Bridge {
+        /// The VM.
+        vm: String,
+        /// The bridge.
+        bdf: Bdf,
+        /// Its IOMMU group.
+        group: usize,
+    },
+    /// One function is given to two VMs (or listed twice for one).
+    #[error("device {bdf} (IOMMU group {group}) is assigned to VM {first} and to VM {second}")]
+    DoubleAssignment {
+        /// The function.
+        bdf: Bdf,
+        /// Its IOMMU group.
+        group: usize,
+        /// The VM that got it first.
+        first: String,
+        /// The VM that asked for it again.
+        second: String,
+    },
+    /// A VM gets some of a group's functions but not all.
+    #[error(
+        "VM {vm}: device {assigned} is in IOMMU group {group}, which also holds {missing}; \
+         a VM must be given every device of a group"
+    )]
+    SplitGroup {
+        /// The VM.
+        vm: String,
+        /// The group.
+        group: usize,
+        /// A function of the group the VM gets.
+        assigned: Bdf,
+        /// A function of the group the VM does not get.
+        missing: Bdf,
+    },
+    /// Two VMs' functions raise the same legacy interrupt line.
+    #[error(
+        "VM {first_vm} ({first}) and VM {second_vm} ({second}) would share INTx line SPI {spi} \
+         (INTID {intid}); move one device to a slot with another line"
+    )]
+    SharedIntx {
+        /// The VM seen first.
+        first_vm: String,
+        /// Its function on the line.
+        first: Bdf,
+        /// The other VM.
+        second_vm: String,
+        /// Its function on the line.
+        second: Bdf,
+        /// The SPI number, as the DT writes it.
+        spi: u32,
+        /// The GIC INTID.
+        intid: u32,
+    },
+}
+
+/// Checks that `requests` (VM name, functions it is to own) give whole IOMMU groups to single
+/// VMs: no function to two VMs, no bridge to any VM, and for every group a VM touches, all of
+/// its non-bridge functions. Bridges in a group stay with the hypervisor, which never lets a
+/// VM reach them.
+pub fn check_assignment<S: AsRef<str>>(
+    groups: &[IommuGroup],
+    requests: &[(S, Vec<Bdf>)],
+) -> Result<(), AssignError> {
+    let group_of = |bdf: Bdf| groups.iter().find(|g| g.devices.contains(&bdf));
+    let mut owner: BTreeMap<Bdf, &str> = BTreeMap::new();
+    for (vm, bdfs) in requests {
+        let vm = vm.as_ref();
+        for &bdf in bdfs {
+            let group = group_of(bdf).ok_or_else(|| AssignError::UnknownDevice {
+                vm: vm.to_string(),
+                bdf,
+            })?;
+            if group.bridges.contains(&bdf) {
+                return Err(AssignError::Bridge {
+                    vm: vm.to_string(),
+                    bdf,
+                    group: group.id,
+                });
+            }
+            if let Some(first) = owner.insert(bdf, vm) {
+                return Err(AssignError::DoubleAssignment {
+                    bdf,
+                    group: group.id,
+                    first: first.to_string(),
+                    second: vm.to_string(),
+                });
+            }
+        }
+    }
+    for (vm, bdfs) in requests {
+        let vm = vm.as_ref();
+        for &bdf in bdfs {
+            let group = group_of(bdf).expect("checked above");
+            let missing = group
+                .devices
+                .iter()
+                .find(|d| !group.bridges.contains(d) && owner.get(*d) != Some(&vm));
+            if let Some(&missing) = missing {
+                return Err(AssignError::SplitGroup {
+                    vm: vm.to_string(),
+                    group: group.id,
+                    assigned: bdf,
+                    missing,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that no two VMs' functions raise the same INTx line, following each function's pin
+/// through the bridges above it ([`Topology::intx_route`]). Functions without a pin, or whose
+/// pin the `interrupt-map` does not route, raise nothing and are not counted. Functions of one
+/// VM may share a line: the VM sees a level-triggered line shared between its own devices, as
+/// it would on real hardware.
+pub fn check_intx<S: AsRef<str>>(
+    assignments: &[(S, Vec<Bdf>)],
+    topo: &Topology,
+    interrupt_map: &InterruptMap,
+) -> Result<(), AssignError> {
+    let mut lines: BTreeMap<(u32, u32), (&str, Bdf)> = BTreeMap::new();
+    for (vm, bdfs) in assignments {
+        let vm = vm.as_ref();
+        for &bdf in bdfs {
+            if topo.device(bdf).is_none() {
+                return Err(AssignError::UnknownDevice {
+                    vm: vm.to_string(),
+                    bdf,
+                });
+            }
+            let Some(route) = topo.intx_route(bdf, interrupt_map) else {
+                continue;
+            };
+            let (first_vm, first) = *lines
+                .entry((route.parent, route.intid))
+                .or_insert((vm, bdf));
+            if first_vm != vm {
+                return Err(AssignError::SharedIntx {
+                    first_vm: first_vm.to_string(),
+                    first,
+                    second_vm: vm.to_string(),
+                    second: bdf,
+                    spi: route.spi,
+                    intid: route.intid,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::enumerate::enumerate;
+    use crate::pci::fake::FakeConfigSpace;
+    use crate::pci::groups::iommu_groups;
+    use crate::pci::host::HostBridge;
+
+    const QEMU_SMMU: &[u8] = include_bytes!("../../tests/data/qemu-virt-smmuv3-pci.dtb");
+    const B: fn(u8, u8, u8) -> Bdf = Bdf::new;
+
+    fn setup(mut f: FakeConfigSpace) -> (Topology, Vec<IommuGroup>, HostBridge) {
+        let host = HostBridge::from_dtb(QEMU_SMMU).unwrap().unwrap();
+        let t = enumerate(&mut f, host.bus_start, host.bus_end).unwrap();
+        let g = iommu_groups(&t, &host).unwrap();
+        (t, g, host)
+    }
+
+    #[test]
+    fn whole_groups_to_distinct_vms() {
+        let (_, g, _) = setup(FakeConfigSpace::qemu_flat());
+        let ok = [
+            ("vm0", vec![B(0, 1, 0), B(0, 2, 0)]),
+            ("vm1", vec![B(0, 3, 0)]),
+        ];
+        assert_eq!(check_assignment(&g, &ok), Ok(()));
+        assert_eq!(check_assignment::<&str>(&g, &[]), Ok(()));
+    }
+
+    #[test]
+    fn device_to_two_vms() {
+        let (_, g, _) = setup(FakeConfigSpace::qemu_flat());
+        let req = [
+            ("vm0", vec![B(0, 1, 0), B(0, 2, 0)]),
+            ("vm1", vec![B(0, 2, 0)]),
+        ];
+        let err = check_assignment(&g, &req).unwrap_err();
+        assert_eq!(
+            err,
+            AssignError::DoubleAssignment {
+                bdf: B(0, 2, 0),
+                group: 2,
+                first: "vm0".into(),
+                second: "vm1".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "device 00:02.0 (IOMMU group 2) is assigned to VM vm0 and to VM vm1"
+        );
+        let twice = [("vm0", vec![B(0, 1, 0), B(0, 1, 0)])];
+        assert!(matches!(
+            check_assignment(&g, &twice),
+            Err(AssignError::DoubleAssignment { .. })
+        ));
+    }
+
+    #[test]
+    fn split_multifunction_group() {
+        let (_, g, _) = setup(FakeConfigSpace::multifunction(false));
+        let req = [("vm0", vec![B(0, 1, 0)]), ("vm1", vec![B(0, 1, 1)])];
+        let err = check_assignment(&g, &req).unwrap_err();
+        assert_eq!(
+            err,
+            AssignError::SplitGroup {
+                vm: "vm0".into(),
+                group: 0,
+                assigned: B(0, 1, 0),
+                missing: B(0, 1, 1)
+            }
+        );
+        assert!(err
+            .to_string()
+            .contains("VM vm0: device 00:01.0 is in IOMMU group 0"));
+        // Left to nobody is a split too.
+        assert!(check_assignment(&g, &[("vm0", vec![B(0, 1, 1)])]).is_err());
+        assert_eq!(
+            check_assignment(&g, &[("vm0", vec![B(0, 1, 1), B(0, 1, 0)])]),
+            Ok(())
+        );
+        // With ACS the functions are separate groups and may go to different VMs.
+        let (_, g, _) = setup(FakeConfigSpace::multifunction(true));
+        assert_eq!(check_assignment(&g, &req), Ok(()));
+    }
+
+    #[test]
+    fn groups_with_bridges() {
+        let (_, g, _) = setup(FakeConfigSpace::pci_bridge_topology());
+        // Both conventional devices behind the PCIe-to-PCI bridge, without the bridge: fine.
+        assert_eq!(
+            check_assignment(&g, &[("vm0", vec![B(1, 1, 0), B(1, 2, 0)])]),
+            Ok(())
+        );
+        assert!(matches!(
+            check_assignment(&g, &[("vm0", vec![B(1, 1, 0)]), ("vm1", vec![B(1, 2, 0)])]),
+            Err(AssignError::SplitGroup { group: 1, .. })
+        ));
+        assert_eq!(
+            check_assignment(&g, &[("vm0", vec![B(0, 2, 0)])]),
+            Err(AssignError::Bridge {
+                vm: "vm0".into(),
+                bdf: B(0, 2, 0),
+                group: 1
+            })
+        );
+        // Below a switch without ACS: all four endpoints' worth of group in one VM.
+        let (_, g, _) = setup(FakeConfigSpace::switch_topology(false));
+        assert!(check_assignment(&g, &[("a", vec![B(3, 0, 0)]), ("b", vec![B(4, 0, 0)])]).is_err());
+        assert_eq!(
+            check_assignment(&g, &[("a", vec![B(3, 0, 0), B(4, 0, 0)])]),
+            Ok(())
+        );
+        let (_, g, _) = setup(FakeConfigSpace::switch_topology(true));
+        assert_eq!(
+            check_assignment(&g, &[("a", vec![B(3, 0, 0)]), ("b", vec![B(4, 0, 0)])]),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn unknown_device() {
+        let (t, g, host) = setup(FakeConfigSpace::qemu_flat());
+        let req = [("vm0", vec![B(0, 9, 0)])];
+        let want = AssignError::UnknownDevice {
+            vm: "vm0".into(),
+            bdf: B(0, 9, 0),
+        };
+        assert_eq!(check_assignment(&g, &req), Err(want.clone()));
+        assert_eq!(check_intx(&req, &t, &host.interrupt_map), Err(want));
+    }
+
+    #[test]
+    fn intx_lines_on_qemu_root_bus() {
+        let (t, _, host) = setup(FakeConfigSpace::qemu_flat());
+        let map = &host.interrupt_map;
+        // Slots 1-4 raise SPIs 4, 5, 6, 3.
+        let spis: Vec<u32> = (1..=4)
+            .map(|s| t.intx_route(B(0, s, 0), map).unwrap().spi)
+            .collect();
+        assert_eq!(spis, vec![4, 5, 6, 3]);
+        assert_eq!(
+            t.intx_route(B(0, 0, 0), map),
+            None,
+            "the host bridge has no pin"
+        );
+        let ok = [
+            ("vm0", vec![B(0, 1, 0), B(0, 2, 0)]),
+            ("vm1", vec![B(0, 3, 0), B(0, 4, 0)]),
+        ];
+        assert_eq!(check_intx(&ok, &t, map), Ok(()));
+    }
+
+    #[test]
+    fn shared_intx_line_is_refused() {
+        // Slots 1 and 5 both raise SPI 4.
+        let mut f = FakeConfigSpace::qemu_flat();
+        let five = crate::pci::fake::FakeFn::endpoint(0x1af4, 0x1041)
+            .pcie(crate::pci::PortType::RcIntegratedEndpoint)
+            .pin(1);
+        f.add(None, 5, 0, five);
+        let (t, g, host) = setup(f);
+        let req = [("vm0", vec![B(0, 1, 0)]), ("vm1", vec![B(0, 5, 0)])];
+        assert_eq!(check_assignment(&g, &req), Ok(()));
+        let err = check_intx(&req, &t, &host.interrupt_map).unwrap_err();
+        assert_eq!(
+            err,
+            AssignError::SharedIntx {
+                first_vm: "vm0".into(),
+                first: B(0, 1, 0),
+                second_vm: "vm1".into(),
+                second: B(0, 5, 0),
+                spi: 4,
+                intid: 36
+            }
+        );
+        assert!(err.to_string().contains("share INTx line SPI 4 (INTID 36)"));
+        // One VM may own both.
+        let same = [("vm0", vec![B(0, 1, 0), B(0, 5, 0)])];
+        assert_eq!(check_intx(&same, &t, &host.interrupt_map), Ok(()));
+    }
+
+    #[test]
+    fn intx_is_swizzled_through_bridges() {
+        // Behind the PCIe-to-PCI bridge at 00:02.0 (bus 1): device 1 INTA -> INTB at the bridge,
+        // device 2 INTA -> INTC; slot 2 maps INTB/INTC to SPIs 6 and 3.
+        let (t, _, host) = setup(FakeConfigSpace::pci_bridge_topology());
+        let map = &host.interrupt_map;
+        assert_eq!(t.intx_route(B(1, 1, 0), map).unwrap().spi, 6);
+        assert_eq!(t.intx_route(B(1, 2, 0), map).unwrap().spi, 3);
+        // Behind root ports only device 0 exists, so the pin passes unchanged.
+        let (t, _, host) = setup(FakeConfigSpace::switch_topology(true));
+        let map = &host.interrupt_map;
+        // 03:00.0: dev 0 below 02:00.0, dev 0 below 01:00.0, then slot 1 of the root bus
+        // as INTA: SPI 4. 04:00.0 enters the switch at downstream port 02:01.0, device 1: INTB
+        // from there up, root-bus slot 1 INTB: SPI 5.
+        assert_eq!(t.intx_route(B(3, 0, 0), map).unwrap().spi, 4);
+        assert_eq!(t.intx_route(B(4, 0, 0), map).unwrap().spi, 5);
+        assert_eq!(t.intx_route(B(5, 0, 0), map).unwrap().spi, 5);
+        let req = [("a", vec![B(4, 0, 0)]), ("b", vec![B(5, 0, 0)])];
+        assert!(matches!(
+            check_intx(&req, &t, map),
+            Err(AssignError::SharedIntx { spi: 5, .. })
+        ));
+    }
+}

@@ -1,0 +1,442 @@
+use super::fake::{FakeSmmu, QEMU_IDR0, QEMU_IDR1, QEMU_IDR5};
+use super::*;
+use crate::cmd::TlbiAddr;
+use crate::event::{EventClass, EventKind};
+use crate::ste::{S1Fields, S2Config};
+
+type TestSmmu = Smmu<FakeSmmu, FakeSmmu>;
+
+fn probe(fake: &FakeSmmu, cfg: SmmuConfig) -> Result<TestSmmu, DriverError> {
+    Smmu::probe(fake.clone(), fake.clone(), cfg)
+}
+
+fn small_cfg() -> SmmuConfig {
+    SmmuConfig {
+        cmdq_max_log2: 2,
+        evtq_max_log2: 2,
+        poll_limit: 1000,
+        ..SmmuConfig::default()
+    }
+}
+
+fn s2() -> S2Config {
+    S2Config {
+        vmid: 3,
+        root_pa: 0x8_1234_5000,
+        t0sz: 24,
+        sl0: 1,
+        ps: 4,
+        affd: false,
+    }
+}
+
+fn ste_at(fake: &FakeSmmu, pa: u64) -> Ste {
+    let mut w = [0u64; 8];
+    for (i, x) in w.iter_mut().enumerate() {
+        *x = fake.read_u64(pa + 8 * i as u64);
+    }
+    Ste(w)
+}
+
+#[test]
+fn probe_linear_programs_everything() {
+    let fake = FakeSmmu::new(QEMU_IDR0, 19 << 21 | 19 << 16 | 8, QEMU_IDR5);
+    let smmu = probe(&fake, SmmuConfig::default()).unwrap();
+    let f = smmu.features();
+    assert_eq!(
+        (f.sid_bits, f.two_level, f.vmid_bits, f.oas_bits),
+        (8, false, 16, 44)
+    );
+    assert!(f.nesting);
+
+    let cfg = fake.reg32(regs::SMMU_STRTAB_BASE_CFG);
+    assert_eq!(cfg, 8, "FMT linear, LOG2SIZE 8");
+    let base = fake.reg64(regs::SMMU_STRTAB_BASE);
+    assert_ne!(base & 1 << 62, 0, "RA");
+    let table = base & crate::bits::mask(51, 6);
+    for sid in 0..256 {
+        assert_eq!(ste_at(&fake, table + sid * 64), Ste::abort(), "sid {sid}");
+    }
+
+    let gbpa = Gbpa::from_bits_retain(fake.reg32(regs::SMMU_GBPA));
+    assert!(gbpa.contains(Gbpa::ABORT) && !gbpa.contains(Gbpa::UPDATE));
+    assert_eq!(gbpa.bits() & 0x3000, 0x1000, "other GBPA fields kept");
+    assert_eq!(
+        fake.reg32(regs::SMMU_CR0ACK),
+        (Cr0::SMMUEN | Cr0::EVTQEN | Cr0::CMDQEN).bits()
+    );
+    assert_eq!(fake.reg32(regs::SMMU_CR1), regs::cr1::COHERENT);
+    assert_eq!(
+        fake.reg32(regs::SMMU_CR2),
+        (Cr2::RECINVSID | Cr2::PTM).bits()
+    );
+    assert_eq!(fake.reg32(regs::SMMU_IRQ_CTRL), 0);
+    assert_eq!(fake.reg64(regs::SMMU_CMDQ_BASE) & 0x1f, 8);
+    assert_eq!(fake.reg64(regs::SMMU_EVENTQ_BASE) & 0x1f, 8);
+    assert_eq!(
+        fake.commands(),
+        [
+            Command::CfgiAll,
+            Command::TlbiNsnhAll,
+            Command::Sync(Sync::none())
+        ]
+    );
+    // One PROD write to reset it, one for the whole batch.
+    assert_eq!(fake.st().prod_writes, 2);
+}
+
+#[test]
+fn probe_two_level_on_qemu_values() {
+    let fake = FakeSmmu::qemu();
+    let smmu = probe(&fake, SmmuConfig::default()).unwrap();
+    assert!(smmu.features().two_level);
+    assert_eq!(smmu.features().sid_bits, 16);
+    // FMT = 2-level (0b01 at [17:16]), SPLIT 8 at [10:6], LOG2SIZE 16.
+    assert_eq!(
+        fake.reg32(regs::SMMU_STRTAB_BASE_CFG),
+        1 << 16 | 8 << 6 | 16
+    );
+    let l1 = fake.reg64(regs::SMMU_STRTAB_BASE) & crate::bits::mask(51, 6);
+    for i in 0..256 {
+        assert_eq!(fake.read_u64(l1 + 8 * i), 0, "L1 descriptors start invalid");
+    }
+    // Queues capped by the config, not IDR1's 19.
+    assert_eq!(fake.reg64(regs::SMMU_CMDQ_BASE) & 0x1f, 8);
+    // A StreamID beyond the table.
+    assert_eq!(
+        smmu.ste(0x1_0000),
+        Err(DriverError::StreamIdOutOfRange {
+            sid: 0x1_0000,
+            sid_bits: 16
+        })
+    );
+}
+
+#[test]
+fn probe_issues_tlbi_el2_all_only_with_hyp() {
+    let fake = FakeSmmu::new(QEMU_IDR0 | 1 << 9, QEMU_IDR1, QEMU_IDR5);
+    probe(&fake, SmmuConfig::default()).unwrap();
+    assert!(fake.commands().contains(&Command::TlbiEl2All));
+    let fake = FakeSmmu::qemu();
+    probe(&fake, SmmuConfig::default()).unwrap();
+    assert!(!fake.commands().contains(&Command::TlbiEl2All));
+}
+
+#[test]
+fn probe_names_missing_features() {
+    let cases: [(u32, u32, u32, &str); 5] = [
+        (QEMU_IDR0 & !1, QEMU_IDR1, QEMU_IDR5, "S2P"),
+        (QEMU_IDR0 & !0b1100 | 0b0100, QEMU_IDR1, QEMU_IDR5, "TTF"),
+        (QEMU_IDR0 & !(1 << 4), QEMU_IDR1, QEMU_IDR5, "COHACC"),
+        (QEMU_IDR0, QEMU_IDR1, QEMU_IDR5 & !(1 << 4), "GRAN4K"),
+        (QEMU_IDR0, QEMU_IDR1 | 1 << 30, QEMU_IDR5, "TABLES_PRESET"),
+    ];
+    for (i0, i1, i5, name) in cases {
+        let fake = FakeSmmu::new(i0, i1, i5);
+        match probe(&fake, SmmuConfig::default()) {
+            Err(DriverError::MissingFeature(what)) => assert!(what.contains(name), "{what}"),
+            other => panic!("{name}: {other:?}"),
+        }
+        // Nothing was touched before the checks.
+        assert_eq!(fake.reg32(regs::SMMU_CR0), 0);
+    }
+    // Without VMID16 the SMMU still works, with 8-bit VMIDs.
+    let fake = FakeSmmu::new(QEMU_IDR0 & !(1 << 18), QEMU_IDR1, QEMU_IDR5);
+    assert_eq!(
+        probe(&fake, SmmuConfig::default())
+            .unwrap()
+            .features()
+            .vmid_bits,
+        8
+    );
+}
+
+#[test]
+fn probe_polls_are_bounded() {
+    let fake = FakeSmmu::qemu();
+    fake.st().cr0ack_stuck = true;
+    assert_eq!(
+        probe(&fake, small_cfg()).unwrap_err(),
+        DriverError::Timeout("SMMU_CR0ACK")
+    );
+    let fake = FakeSmmu::qemu();
+    fake.st().gbpa_stuck = true;
+    assert_eq!(
+        probe(&fake, small_cfg()).unwrap_err(),
+        DriverError::Timeout("SMMU_GBPA.UPDATE")
+    );
+}
+
+fn numbered(n: u32) -> Vec<Command> {
+    (0..n)
+        .map(|sid| Command::CfgiSte { sid, leaf: true })
+        .collect()
+}
+
+#[test]
+fn submit_wraps_the_command_queue() {
+    let fake = FakeSmmu::qemu();
+    let mut smmu = probe(&fake, small_cfg()).unwrap();
+    fake.take_commands();
+    // 4-entry queue: the probe left PROD at 3; 3 batches of 3 cross the wrap twice.
+    for round in 0..3 {
+        let cmds = numbered(3);
+        smmu.submit_sync(&cmds).unwrap();
+        let mut want = cmds.clone();
+        want.push(Command::Sync(Sync::none()));
+        assert_eq!(fake.take_commands(), want, "round {round}");
+    }
+    // A batch larger than the queue is split, waiting for space in between.
+    let cmds = numbered(10);
+    smmu.submit(&cmds).unwrap();
+    assert_eq!(fake.take_commands(), cmds);
+}
+
+#[test]
+fn submit_waits_for_space_when_the_smmu_is_slow() {
+    let fake = FakeSmmu::qemu();
+    let mut smmu = probe(&fake, small_cfg()).unwrap();
+    fake.take_commands();
+    {
+        let mut st = fake.st();
+        st.consume_on_prod = false;
+        st.consume_per_cons_read = 1;
+    }
+    let cmds = numbered(11);
+    smmu.submit_sync(&cmds).unwrap();
+    let mut want = cmds;
+    want.push(Command::Sync(Sync::none()));
+    assert_eq!(fake.take_commands(), want);
+    let p = fake.reg32(regs::SMMU_CMDQ_PROD);
+    assert_eq!(p, fake.reg32(regs::SMMU_CMDQ_CONS));
+    // 3 (probe) + 12 = 15 entries: index 3, wrap bit (bit 2) set after 3 wraps.
+    assert_eq!(p, 0b111);
+}
+
+#[test]
+fn sync_times_out_when_nothing_is_consumed() {
+    let fake = FakeSmmu::qemu();
+    let mut smmu = probe(&fake, small_cfg()).unwrap();
+    {
+        let mut st = fake.st();
+        st.consume_on_prod = false;
+        st.consume_per_cons_read = 0;
+    }
+    assert_eq!(
+        smmu.sync(),
+        Err(DriverError::Timeout("CMD_SYNC completion"))
+    );
+}
+
+#[test]
+fn illegal_command_is_reported_and_skipped() {
+    let fake = FakeSmmu::qemu();
+    let mut smmu = probe(&fake, small_cfg()).unwrap();
+    fake.take_commands();
+    fake.st()
+        .illegal_opcodes
+        .push(crate::cmd::op::TLBI_S12_VMALL);
+    let bad = Command::TlbiS12Vmall { vmid: 7 };
+    let r = smmu.submit_sync(&[Command::TlbiNhAll { vmid: 7 }, bad]);
+    // Probe used slots 0-2; the TLBI_NH_ALL is at 3, the bad one at index 0 after the wrap.
+    assert_eq!(
+        r,
+        Err(DriverError::CommandError {
+            cerror: Cerror::Illegal,
+            index: 0,
+            command: bad.encode(),
+        })
+    );
+    assert!(
+        !smmu.active_gerror().contains(Gerror::CMDQ_ERR),
+        "acknowledged"
+    );
+    // The queue resumed: the bad command became a SYNC, and our SYNC ran after it.
+    assert_eq!(
+        fake.take_commands(),
+        [
+            Command::TlbiNhAll { vmid: 7 },
+            Command::Sync(Sync::none()),
+            Command::Sync(Sync::none())
+        ]
+    );
+    smmu.submit_sync(&[Command::TlbiS2Ipa {
+        vmid: 7,
+        addr: TlbiAddr::single(0x4000_0000, true),
+    }])
+    .unwrap();
+    assert_eq!(fake.take_commands().len(), 2);
+}
+
+#[test]
+fn set_ste_linear_is_bit_exact_and_invalidates() {
+    let fake = FakeSmmu::new(QEMU_IDR0, 19 << 21 | 19 << 16 | 6, QEMU_IDR5);
+    let mut smmu = probe(&fake, SmmuConfig::default()).unwrap();
+    fake.take_commands();
+    let table = fake.reg64(regs::SMMU_STRTAB_BASE) & crate::bits::mask(51, 6);
+
+    let ste = Ste::stage2(s2());
+    smmu.set_ste(5, ste).unwrap();
+    assert_eq!(ste_at(&fake, table + 5 * 64), ste);
+    assert_eq!(smmu.ste(5), Ok(ste));
+    assert_eq!(ste_at(&fake, table + 4 * 64), Ste::abort());
+    assert_eq!(
+        fake.take_commands(),
+        [
+            Command::CfgiSte { sid: 5, leaf: true },
+            Command::Sync(Sync::none())
+        ]
+    );
+
+    // Valid -> different valid: break (abort + CFGI_STE + SYNC), then make.
+    let nested = Ste::nested(
+        S1Fields {
+            context_ptr: 0x4000_0000,
+            cir: 1,
+            cor: 1,
+            csh: 3,
+            ..S1Fields::default()
+        },
+        s2(),
+    );
+    smmu.set_ste(5, nested).unwrap();
+    assert_eq!(ste_at(&fake, table + 5 * 64), nested);
+    let cfgi = Command::CfgiSte { sid: 5, leaf: true };
+    let sync = Command::Sync(Sync::none());
+    assert_eq!(fake.take_commands(), [cfgi, sync, cfgi, sync]);
+
+    // Back to abort.
+    smmu.set_ste(5, Ste::abort()).unwrap();
+    assert_eq!(ste_at(&fake, table + 5 * 64), Ste::abort());
+    assert_eq!(
+        smmu.set_ste(64, Ste::abort()),
+        Err(DriverError::StreamIdOutOfRange {
+            sid: 64,
+            sid_bits: 6
+        })
+    );
+}
+
+#[test]
+fn set_ste_two_level_allocates_l2_on_demand() {
+    let fake = FakeSmmu::qemu();
+    let mut smmu = probe(&fake, SmmuConfig::default()).unwrap();
+    fake.take_commands();
+    let l1 = fake.reg64(regs::SMMU_STRTAB_BASE) & crate::bits::mask(51, 6);
+    assert_eq!(smmu.ste(0x0103), Ok(Ste::abort()));
+
+    let ste = Ste::stage2(s2());
+    smmu.set_ste(0x0103, ste).unwrap();
+    let desc = fake.read_u64(l1 + 8);
+    assert_eq!(desc & 0x1f, 9, "Span = SPLIT + 1");
+    let l2 = desc & crate::bits::mask(51, 6);
+    assert_eq!(l2 % (16 << 10), 0, "L2 table aligned to its 16 KiB size");
+    assert_eq!(ste_at(&fake, l2 + 3 * 64), ste);
+    for i in (0..256).filter(|&i| i != 3) {
+        assert_eq!(ste_at(&fake, l2 + i * 64), Ste::abort());
+    }
+    assert_eq!(fake.read_u64(l1), 0, "other L1 descriptors untouched");
+    assert_eq!(
+        fake.take_commands(),
+        [
+            Command::CfgiSte {
+                sid: 0x0103,
+                leaf: false
+            },
+            Command::Sync(Sync::none())
+        ]
+    );
+    // Same bus: the L2 table is reused.
+    smmu.set_ste(0x01ff, ste).unwrap();
+    assert_eq!(fake.read_u64(l1 + 8), desc);
+    assert_eq!(ste_at(&fake, l2 + 255 * 64), ste);
+    assert_eq!(
+        fake.take_commands()[0],
+        Command::CfgiSte {
+            sid: 0x01ff,
+            leaf: true
+        }
+    );
+}
+
+fn event(n: u32) -> Event {
+    Event {
+        kind: EventKind::FTranslation,
+        stream_id: n,
+        substream: None,
+        stag: 0,
+        stall: false,
+        pnu: false,
+        ind: false,
+        rnw: true,
+        nsipa: false,
+        s2: true,
+        class: EventClass::In,
+        input_addr: 0x1000 * u64::from(n),
+        addr2: 0x8000_0000 + 0x1000 * u64::from(n),
+    }
+}
+
+fn poll(smmu: &mut TestSmmu) -> (Vec<Event>, EventPoll) {
+    let mut got = Vec::new();
+    let r = smmu.poll_events(|e| got.push(e));
+    (got, r)
+}
+
+#[test]
+fn events_are_consumed_across_wrap_and_overflow_is_acknowledged() {
+    let fake = FakeSmmu::qemu();
+    let mut smmu = probe(&fake, small_cfg()).unwrap();
+    assert_eq!(poll(&mut smmu), (Vec::new(), EventPoll::default()));
+
+    let mut n = 0;
+    for round in 0..3 {
+        let batch: Vec<Event> = (n..n + 3).map(event).collect();
+        n += 3;
+        for e in &batch {
+            fake.push_event(*e);
+        }
+        let (got, r) = poll(&mut smmu);
+        assert_eq!(got, batch, "round {round}");
+        assert_eq!(
+            r,
+            EventPoll {
+                events: 3,
+                overflowed: false
+            }
+        );
+        assert_eq!(
+            fake.reg32(regs::SMMU_EVENTQ_CONS),
+            fake.reg32(regs::SMMU_EVENTQ_PROD)
+        );
+    }
+
+    // Six events into a 4-entry queue: two are dropped and OVFLG toggles.
+    let batch: Vec<Event> = (n..n + 6).map(event).collect();
+    for e in &batch {
+        fake.push_event(*e);
+    }
+    let (got, r) = poll(&mut smmu);
+    assert_eq!(got, batch[..4]);
+    assert_eq!(
+        r,
+        EventPoll {
+            events: 4,
+            overflowed: true
+        }
+    );
+    let cons = fake.reg32(regs::SMMU_EVENTQ_CONS);
+    assert_ne!(cons & OVERFLOW_FLAG, 0, "OVACKFLG copied from OVFLG");
+    // Acknowledged: the next poll sees no overflow.
+    fake.push_event(event(99));
+    assert_eq!(
+        poll(&mut smmu),
+        (
+            vec![event(99)],
+            EventPoll {
+                events: 1,
+                overflowed: false
+            }
+        )
+    );
+}
