@@ -99,7 +99,7 @@ qemu_escape() { printf '%s' "${1//,/,,}"; }
 if [ "$BARE" = 1 ]; then
     MACHINE="virt,gic-version=3"
 else
-    MACHINE="virt,virtualization=on,gic-version=3"
+    MACHINE="virt,virtualization=on,gic-version=3,iommu=smmuv3"
 fi
 
 # SVE and SME off: the hypervisor saves only the guest's V registers (its own Rust code uses

@@ -113,6 +113,8 @@ pub struct Platform {
     pub modules: Vec<BootModule>,
     /// `/chosen/bootargs`.
     pub bootargs: Option<String>,
+    /// The physical SMMUv3, if the machine has one.
+    pub smmu: Option<SmmuInfo>,
 }
 
 /// Why the DT could not be turned into a [`Platform`].
@@ -167,6 +169,17 @@ pub enum PlatformError {
 
 type Result<T> = core::result::Result<T, PlatformError>;
 
+/// A physical SMMUv3 (`arm,smmu-v3`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SmmuInfo {
+    /// Register pages 0 and 1.
+    pub regs: MemRange,
+    /// INTID of the event queue interrupt, if wired.
+    pub eventq_intid: Option<u32>,
+    /// INTID of the global error interrupt, if wired.
+    pub gerror_intid: Option<u32>,
+}
+
 const FDT_MAGIC: u32 = 0xd00d_feed;
 const FDT_BEGIN_NODE: u32 = 1;
 const FDT_END_NODE: u32 = 2;
@@ -216,8 +229,48 @@ impl Platform {
             bootargs: chosen
                 .and_then(|c| prop_str(c, "bootargs"))
                 .map(ToString::to_string),
+            smmu: smmu(&fdt, icells)?,
         })
     }
+}
+
+/// The first enabled `arm,smmu-v3` node: its registers and its wired interrupts by name
+/// (Linux's binding: "eventq", "priq", "cmdq-sync", "gerror"; a combined "combined" line is
+/// reported as both eventq and gerror).
+fn smmu(fdt: &Fdt<'_>, icells: u32) -> Result<Option<SmmuInfo>> {
+    let Some(node) = fdt
+        .all_nodes()
+        .find(|n| is_enabled(*n) && compatibles(*n).any(|c| c == "arm,smmu-v3"))
+    else {
+        return Ok(None);
+    };
+    let regs = reg(node)?
+        .first()
+        .copied()
+        .ok_or_else(|| missing(node, "reg"))?;
+    let irqs = interrupts(node, icells)?;
+    let names: Vec<&str> = node
+        .property("interrupt-names")
+        .map(|p| {
+            p.value
+                .split(|&b| b == 0)
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| core::str::from_utf8(s).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let by_name = |name: &str| {
+        names
+            .iter()
+            .position(|n| *n == name || *n == "combined")
+            .and_then(|i| irqs.get(i))
+            .map(|&(intid, _)| intid)
+    };
+    Ok(Some(SmmuInfo {
+        regs,
+        eventq_intid: by_name("eventq"),
+        gerror_intid: by_name("gerror"),
+    }))
 }
 
 /// Validates `dtb` exactly as [`Platform::parse`] does and hands it to `f` as an [`Fdt`], so
@@ -798,12 +851,30 @@ mod tests {
             },
             modules: vec![],
             bootargs: None,
+            smmu: None,
         }
     }
 
     #[test]
     fn qemu_virt() {
         assert_eq!(Platform::parse(QEMU_VIRT).unwrap(), qemu_expected());
+    }
+
+    #[test]
+    fn qemu_virt_smmuv3() {
+        // Values read off `dtc -I dtb -O dts tests/data/qemu-virt-smmuv3-pci.dtb`: SPIs 74-77.
+        let p = Platform::parse(include_bytes!("../tests/data/qemu-virt-smmuv3-pci.dtb")).unwrap();
+        assert_eq!(
+            p.smmu,
+            Some(SmmuInfo {
+                regs: MemRange {
+                    base: 0x905_0000,
+                    size: 0x2_0000,
+                },
+                eventq_intid: Some(32 + 0x4a),
+                gerror_intid: Some(32 + 0x4d),
+            })
+        );
     }
 
     #[test]

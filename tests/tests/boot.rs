@@ -26,13 +26,42 @@ fn guest_facts_reboots_and_system_off() -> Result<(), integration_tests::Error> 
         "console=ttyAMA0 rdinit=/init hvtest=reboot{} hvprobe={UNMAPPED_IPA}",
         BOOTS - 1
     );
+    // A PCI function assigned to no VM: the hypervisor must own it (SMMU enabled with global
+    // bypass off, its StreamID aborting) and no guest may see it.
     let mut q = Qemu::spawn(
         "guest_facts_reboots_and_system_off",
-        &["--vms", "1", "--bootargs", &bootargs],
+        &[
+            "--vms",
+            "1",
+            "--bootargs",
+            &bootargs,
+            "--",
+            "-device",
+            "virtio-rng-pci,disable-legacy=on,addr=3",
+        ],
     )?;
+    let smmu = q.wait_for_all(&["[hv] smmu: SMMUv3 at", "global bypass off"], BOOT_TIMEOUT)?;
+    println!("hypervisor: {smmu}");
+    let rng = q.wait_for_all(&["[hv] pci: 00:03.0 [1af4:1044]", "BAR"], STEP_TIMEOUT)?;
+    println!("hypervisor: {rng}");
+    let group = q.wait_for_all(
+        &[
+            "[hv] pci: IOMMU group",
+            "\"00:03.0\"",
+            "StreamIDs [24]",
+            "unassigned, aborting",
+        ],
+        STEP_TIMEOUT,
+    )?;
+    println!("hypervisor: {group}");
     let mut first_init = None;
     for boot in 0..BOOTS {
         let report = check_guest_facts(&mut q, &stock_guest_dir(), VM0_CPUS)?;
+        assert_eq!(
+            q.wait_fact("pci-functions", STEP_TIMEOUT)?,
+            "0",
+            "vm0 has no PCI function assigned: it must see none"
+        );
         first_init.get_or_insert(report.init_started_at);
         assert_eq!(report.vm_name, "vm0", "the VM name in the guest's DT");
         assert_eq!(q.wait_fact("boot-count", STEP_TIMEOUT)?, boot.to_string());

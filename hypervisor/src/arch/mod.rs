@@ -3,6 +3,7 @@
 
 pub mod gic;
 pub mod guest_mem;
+pub mod iommu;
 pub mod mmio;
 pub mod mmu;
 pub mod sysreg;
@@ -72,6 +73,8 @@ pub struct Hv {
     pub cpus: Vec<CpuInfo>,
     /// The VMs.
     pub vms: Vec<Vm>,
+    /// The physical SMMU's and PCI's state.
+    pub iommu: iommu::Iommu,
 }
 
 static HV: Once<Hv> = Once::new();
@@ -141,11 +144,24 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     let image_end = core::ptr::addr_of!(__image_end) as u64;
     let ram: Vec<(u64, u64)> = platform.memory.iter().map(|m| (m.base, m.size)).collect();
     let gic_info = platform.gic;
-    let devices = [
+    let host_bridge = match crate::pci::HostBridge::from_dtb(dtb_slice) {
+        Ok(h) => h,
+        Err(e) => {
+            log::error!("pci: host bridge in the DT unusable: {e}");
+            None
+        }
+    };
+    let mut devices = alloc::vec![
         (gic_info.gicd.base, gic_info.gicd.size),
         (gic_info.gicr.base, gic_info.gicr.size),
         (platform.uart.base.base, platform.uart.base.size.max(0x1000)),
     ];
+    if let Some(s) = &platform.smmu {
+        devices.push((s.regs.base, s.regs.size));
+    }
+    if let Some(h) = &host_bridge {
+        devices.push((h.ecam.base, h.ecam.size));
+    }
     // SAFETY: first call, MMU off; the layout covers all RAM (image, stacks, heap, DTB,
     // modules) and every device the hypervisor touches.
     if let Err(e) = unsafe {
@@ -170,6 +186,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     if let Err(e) = gic.init_distributor() {
         panic!("GIC distributor: {e}");
     }
+    let iommu = iommu::init(platform.smmu.as_ref(), host_bridge.as_ref());
 
     // Logical CPU 0 is the boot CPU; the others follow in DT order.
     let boot_mpidr = MPIDR_EL1.get() & 0xff_00ff_ffff;
@@ -212,6 +229,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
         .collect();
     uart::set_vms(vms.iter().map(|v| v.prefix.clone()).collect());
     HV.call_once(|| Hv {
+        iommu,
         platform,
         gic,
         cpus,
