@@ -67,6 +67,8 @@ pub struct VmSpec {
     pub kernel: Option<ModuleSpec>,
     /// The `multiboot,ramdisk` module child.
     pub ramdisk: Option<MemRange>,
+    /// `smmu-hv,pci-devices`: the physical PCI functions the VM owns.
+    pub pci_devices: Vec<crate::pci::Bdf>,
 }
 
 /// One VM config error: names the VM and the offending field, e.g.
@@ -111,6 +113,9 @@ pub struct VmPlan {
     pub kernel: ModuleSpec,
     /// The initramfs image, if any.
     pub ramdisk: Option<MemRange>,
+    /// The physical PCI functions it owns (checked against IOMMU groups by the caller, who
+    /// knows the PCI topology).
+    pub pci_devices: Vec<crate::pci::Bdf>,
 }
 
 /// Every `compatible = "smmu-hv,vm"` child of /chosen, in DT order. Ok(empty) if there are
@@ -255,6 +260,29 @@ fn parse_node(node: FdtNode) -> Result<VmSpec, ConfigError> {
         }
     }
 
+    let pci_devices = match node.property("smmu-hv,pci-devices").map(|p| p.value) {
+        None => Vec::new(),
+        Some(v) => {
+            let mut out = Vec::new();
+            for s in v.split(|&b| b == 0).filter(|s| !s.is_empty()) {
+                let bdf = core::str::from_utf8(s)
+                    .ok()
+                    .and_then(crate::pci::Bdf::parse)
+                    .ok_or_else(|| {
+                        err(
+                            "smmu-hv,pci-devices",
+                            format!("{:?} is not a BB:DD.F function", String::from_utf8_lossy(s)),
+                        )
+                    })?;
+                if out.contains(&bdf) {
+                    return Err(err("smmu-hv,pci-devices", format!("{bdf} named twice")));
+                }
+                out.push(bdf);
+            }
+            out
+        }
+    };
+
     Ok(VmSpec {
         name,
         vcpus,
@@ -263,6 +291,7 @@ fn parse_node(node: FdtNode) -> Result<VmSpec, ConfigError> {
         static_mem,
         kernel,
         ramdisk,
+        pci_devices,
     })
 }
 
@@ -416,6 +445,7 @@ impl Ctx<'_> {
             ram_size: spec.mem_size,
             kernel,
             ramdisk: spec.ramdisk,
+            pci_devices: spec.pci_devices,
         })
     }
 
@@ -569,6 +599,7 @@ fn show(r: MemRange) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::Bdf;
     use vm_fdt::FdtWriter;
 
     const MIB: u64 = 1 << 20;
@@ -790,7 +821,8 @@ mod tests {
         let node = vm("vm@0", 2, GIB)
             .set("smmu-hv,name", b"linux\0".to_vec())
             .pinned(&[1, 3])
-            .static_mem(r(0x1_0000_0000, GIB));
+            .static_mem(r(0x1_0000_0000, GIB))
+            .set("smmu-hv,pci-devices", b"00:01.0\x0000:02.0\0".to_vec());
         let specs = parse_vm_specs(&dtb(&[node])).unwrap();
         assert_eq!(
             specs,
@@ -805,8 +837,25 @@ mod tests {
                     bootargs: Some("console=ttyAMA0".into())
                 }),
                 ramdisk: Some(RAMDISK),
+                pci_devices: vec![Bdf::new(0, 1, 0), Bdf::new(0, 2, 0)],
             })]
         );
+    }
+
+    #[test]
+    fn pci_devices_must_be_bdfs_named_once() {
+        for (value, why) in [
+            (&b"00:01\0"[..], "not a BB:DD.F"),
+            (b"00:20.0\0", "not a BB:DD.F"),
+            (b"00:01.8\0", "not a BB:DD.F"),
+            (b"00:01.0\x0000:01.0\0", "named twice"),
+        ] {
+            let node = vm("vm0", 1, 64 * MIB).set("smmu-hv,pci-devices", value.to_vec());
+            let specs = parse_vm_specs(&dtb(&[node])).unwrap();
+            let e = specs[0].clone().unwrap_err();
+            assert_eq!(e.field, "smmu-hv,pci-devices");
+            assert!(e.reason.contains(why), "{e}");
+        }
     }
 
     #[test]
@@ -871,6 +920,7 @@ mod tests {
                     ram_size: GIB,
                     kernel: kernel.clone(),
                     ramdisk: Some(RAMDISK),
+                    pci_devices: vec![],
                 },
                 VmPlan {
                     name: "vm1".into(),
@@ -879,6 +929,7 @@ mod tests {
                     ram_size: GIB,
                     kernel,
                     ramdisk: Some(RAMDISK),
+                    pci_devices: vec![],
                 },
             ]
         );
@@ -1200,6 +1251,7 @@ mod tests {
                 bootargs: None,
             }),
             ramdisk: None,
+            pci_devices: vec![],
         };
         let failed = cfg_err("y", "cpus", "unreadable");
         let (plans, errors) = plan_vms(vec![Ok(spec), Err(failed.clone())], &machine());

@@ -11,6 +11,7 @@ use alloc::vec::Vec;
 
 use vm_fdt::FdtWriter;
 
+use crate::pci::{Bdf, IntxPin, PciSpace, PciWindow};
 use crate::platform::{MemRange, TimerInfo};
 
 /// Everything that varies between guests' device trees.
@@ -43,6 +44,25 @@ pub struct GuestDtConfig<'a> {
     /// How many times the VM has booted before this boot (0 on the first):
     /// `/chosen/hypervisor,boot-count`, so a guest can tell a reboot from a first boot.
     pub boot_count: u32,
+    /// The VM's virtual PCI host bridge, if it has assigned PCI functions.
+    pub pci: Option<GuestPci<'a>>,
+}
+
+/// The VM's virtual ECAM host bridge (see [`crate::pci::VirtualEcam`]), described by a
+/// `pci-host-ecam-generic` node (Linux `Documentation/devicetree/bindings/pci/
+/// host-generic-pci.yaml`).
+#[derive(Clone, Copy, Debug)]
+pub struct GuestPci<'a> {
+    /// Guest IPA range of the VM's ECAM window: 1 MiB per bus of `bus_range`.
+    pub ecam: MemRange,
+    /// First and last bus number; offset 0 of the window is the first bus.
+    pub bus_range: (u8, u8),
+    /// The address windows, as the host bridge has them (`HostBridge::windows`), with CPU
+    /// addresses as the guest sees them (IPA).
+    pub ranges: &'a [PciWindow],
+    /// One entry per assigned function that has an interrupt pin: the function, its pin, and
+    /// the GIC INTID (an SPI) that the pin raises in the VM.
+    pub intx: &'a [(Bdf, IntxPin, u32)],
 }
 
 /// Why a guest DT could not be built.
@@ -84,6 +104,46 @@ pub enum GuestDtError {
         intid: u32,
         /// "SPI" or "PPI".
         expected: &'static str,
+    },
+    /// The PCI `bus-range` is empty (start after end).
+    #[error("PCI bus range {start:#04x}-{end:#04x} is empty")]
+    BadBusRange {
+        /// First bus.
+        start: u8,
+        /// Last bus.
+        end: u8,
+    },
+    /// The PCI ECAM window does not hold 1 MiB per bus of the bus range.
+    #[error("PCI ECAM window of {size:#x} bytes is too small for {buses} buses")]
+    EcamTooSmall {
+        /// Size of the window.
+        size: u64,
+        /// Number of buses in the bus range.
+        buses: u32,
+    },
+    /// A PCI window is configuration space, empty, wraps, or is an I/O or 32-bit window
+    /// above 4 GiB on the bus, none of which a `ranges` entry can describe.
+    #[error("PCI window {pci_base:#x}+{size:#x} ({space:?}) cannot be described")]
+    BadPciWindow {
+        /// Its address space.
+        space: PciSpace,
+        /// First PCI address.
+        pci_base: u64,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// Two functions of one slot route the same pin to different SPIs, which an
+    /// `interrupt-map` keyed on (slot, pin) cannot say.
+    #[error("PCI slot {slot:#04x} pin {pin:?} routed to both INTID {first} and {second}")]
+    ConflictingIntx {
+        /// Device (slot) number.
+        slot: u8,
+        /// The pin.
+        pin: IntxPin,
+        /// The INTID of the first entry.
+        first: u32,
+        /// The INTID of the conflicting entry.
+        second: u32,
     },
     /// The FDT writer rejected something (e.g. a NUL inside `vm_name` or `bootargs`).
     #[error("FDT writer: {0}")]
@@ -130,6 +190,12 @@ pub fn build_guest_dt(cfg: &GuestDtConfig) -> Result<Vec<u8>, GuestDtError> {
     if let Some(initrd) = cfg.initrd {
         w.property_u64("linux,initrd-start", initrd.base)?;
         w.property_u64("linux,initrd-end", initrd.end())?;
+    }
+    if cfg.pci.is_some() {
+        // Linux (`of_pci_check_probe_only`) then keeps the BARs as found instead of
+        // reassigning them: the hypervisor placed them and mapped them into stage-2, and the
+        // virtual ECAM refuses moves anyway.
+        w.property_u32("linux,pci-probe-only", 1)?;
     }
     w.end_node(chosen)?;
 
@@ -205,8 +271,139 @@ pub fn build_guest_dt(cfg: &GuestDtConfig) -> Result<Vec<u8>, GuestDtError> {
     )?;
     w.end_node(uart)?;
 
+    if let Some(pci) = &cfg.pci {
+        pci_node(&mut w, pci)?;
+    }
+
     w.end_node(root)?;
     Ok(w.finish()?)
+}
+
+/// `interrupt-map-mask`: the device number (phys.hi bits 15:11) and the pin. QEMU's `virt`
+/// masks only bits 12:11 because its routing repeats every four slots; the guest's map lists
+/// exactly the slots it owns, so it keys on the whole device number and stays right whatever
+/// the physical routing is.
+const PCI_INTX_MASK: [u32; 4] = [0xf800, 0, 0, 7];
+
+/// The generic PCI bus binding's phys.hi (IEEE 1275 PCI binding 2.2.1.1): `npt000ss`, with
+/// `ss` the space code in bits 25:24 and `p` (prefetchable) bit 30.
+fn phys_hi(space: PciSpace, prefetchable: bool) -> u32 {
+    let ss = match space {
+        PciSpace::Config => 0,
+        PciSpace::Io => 1,
+        PciSpace::Mem32 => 2,
+        PciSpace::Mem64 => 3,
+    };
+    ss << 24 | u32::from(prefetchable) << 30
+}
+
+/// The host bridge node Linux's `pci-host-generic` (`pci_host_common_probe`) binds to.
+fn pci_node(w: &mut FdtWriter, pci: &GuestPci) -> Result<(), GuestDtError> {
+    let node = w.begin_node(&format!("pcie@{:x}", pci.ecam.base))?;
+    w.property_string("compatible", "pci-host-ecam-generic")?;
+    w.property_string("device_type", "pci")?;
+    w.property_u32("#address-cells", 3)?;
+    w.property_u32("#size-cells", 2)?;
+    w.property_u32("#interrupt-cells", 1)?;
+    w.property_array_u32(
+        "bus-range",
+        &[u32::from(pci.bus_range.0), u32::from(pci.bus_range.1)],
+    )?;
+    w.property_array_u64("reg", &[pci.ecam.base, pci.ecam.size])?;
+    // Each entry: PCI address (3 cells), CPU address (the root's 2), size (2).
+    let mut ranges = Vec::with_capacity(pci.ranges.len() * 7);
+    for r in pci.ranges {
+        let split = |v: u64| [(v >> 32) as u32, v as u32];
+        ranges.push(phys_hi(r.space, r.prefetchable));
+        ranges.extend(split(r.pci_base));
+        ranges.extend(split(r.cpu_base));
+        ranges.extend(split(r.size));
+    }
+    w.property_array_u32("ranges", &ranges)?;
+    // A fixed domain so that the guest's BDFs (equal to the host's) read the same in logs.
+    w.property_u32("linux,pci-domain", 0)?;
+    w.property_null("dma-coherent")?;
+    w.property_array_u32("interrupt-map-mask", &PCI_INTX_MASK)?;
+    let mut map: Vec<u32> = Vec::with_capacity(pci.intx.len() * 8);
+    let mut seen: Vec<(u8, IntxPin)> = Vec::new();
+    for &(bdf, pin, intid) in pci.intx {
+        // `validate` made sure duplicates agree; one entry per (slot, pin) is enough.
+        if seen.contains(&(bdf.dev, pin)) {
+            continue;
+        }
+        seen.push((bdf.dev, pin));
+        // Child unit address: bus/device/function in phys.hi 23:8; then the pin, the GIC,
+        // and a GIC specifier (the GIC node has #address-cells 0). INTx is level triggered
+        // (PCIe Base spec 2.2.8.1: Assert_INTx/Deassert_INTx messages model a level).
+        map.extend_from_slice(&[
+            u32::from(bdf.rid()) << 8,
+            0,
+            0,
+            pin.number(),
+            GIC_PHANDLE,
+            GIC_SPI,
+            intid - 32,
+            LEVEL_HIGH,
+        ]);
+    }
+    w.property_array_u32("interrupt-map", &map)?;
+    w.end_node(node)?;
+    Ok(())
+}
+
+fn validate_pci(pci: &GuestPci) -> Result<(), GuestDtError> {
+    let r = pci.ecam;
+    if r.size == 0 || r.base.checked_add(r.size).is_none() {
+        return Err(GuestDtError::BadRange {
+            what: "pci ecam",
+            base: r.base,
+            size: r.size,
+        });
+    }
+    let (start, end) = pci.bus_range;
+    if start > end {
+        return Err(GuestDtError::BadBusRange { start, end });
+    }
+    let buses = u32::from(end - start) + 1;
+    if r.size < u64::from(buses) << 20 {
+        return Err(GuestDtError::EcamTooSmall {
+            size: r.size,
+            buses,
+        });
+    }
+    for w in pci.ranges {
+        let wraps =
+            w.pci_base.checked_add(w.size).is_none() || w.cpu_base.checked_add(w.size).is_none();
+        let above_4g = matches!(w.space, PciSpace::Io | PciSpace::Mem32) && w.pci_end() > 1 << 32;
+        if w.space == PciSpace::Config || w.size == 0 || wraps || above_4g {
+            return Err(GuestDtError::BadPciWindow {
+                space: w.space,
+                pci_base: w.pci_base,
+                size: w.size,
+            });
+        }
+    }
+    for (i, &(bdf, pin, intid)) in pci.intx.iter().enumerate() {
+        if !(32..1020).contains(&intid) {
+            return Err(GuestDtError::BadIntid {
+                what: "pci intx",
+                intid,
+                expected: "SPI",
+            });
+        }
+        let clash = pci.intx[..i]
+            .iter()
+            .find(|&&(b, p, other)| b.dev == bdf.dev && p == pin && other != intid);
+        if let Some(&(_, _, first)) = clash {
+            return Err(GuestDtError::ConflictingIntx {
+                slot: bdf.dev,
+                pin,
+                first,
+                second: intid,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn cpus(w: &mut FdtWriter, mpidrs: &[u64]) -> Result<(), GuestDtError> {
@@ -294,6 +491,9 @@ fn validate(cfg: &GuestDtConfig) -> Result<(), GuestDtError> {
             expected: "SPI",
         });
     }
+    if let Some(pci) = &cfg.pci {
+        validate_pci(pci)?;
+    }
     Ok(())
 }
 
@@ -335,6 +535,7 @@ mod tests {
                 size: 0x12_3456,
             }),
             boot_count: 3,
+            pci: None,
         }
     }
 
@@ -525,5 +726,186 @@ mod tests {
             }),
             GuestDtError::Writer(vm_fdt::Error::InvalidString)
         );
+    }
+
+    const WINDOWS: [PciWindow; 3] = [
+        PciWindow {
+            space: PciSpace::Io,
+            prefetchable: false,
+            pci_base: 0,
+            cpu_base: 0x3eff_0000,
+            size: 0x1_0000,
+        },
+        PciWindow {
+            space: PciSpace::Mem32,
+            prefetchable: false,
+            pci_base: 0x1000_0000,
+            cpu_base: 0x1000_0000,
+            size: 0x2eff_0000,
+        },
+        PciWindow {
+            space: PciSpace::Mem64,
+            prefetchable: true,
+            pci_base: 0x80_0000_0000,
+            cpu_base: 0x80_0000_0000,
+            size: 0x80_0000_0000,
+        },
+    ];
+
+    const INTX: [(Bdf, IntxPin, u32); 4] = [
+        (Bdf::new(0, 2, 0), IntxPin::A, 37),
+        (Bdf::new(0, 3, 0), IntxPin::A, 38),
+        // Slot 6 shares slot 2's lines on QEMU (SPI 3 + slot % 4) but is its own key here.
+        (Bdf::new(0, 6, 0), IntxPin::B, 40),
+        // A second function of slot 3 on the same pin and line: one map entry.
+        (Bdf::new(0, 3, 1), IntxPin::A, 38),
+    ];
+
+    fn pci() -> GuestPci<'static> {
+        GuestPci {
+            ecam: MemRange {
+                base: 0x40_1000_0000,
+                size: 0x100_0000,
+            },
+            bus_range: (0, 0xf),
+            ranges: &WINDOWS,
+            intx: &INTX,
+        }
+    }
+
+    #[test]
+    fn pci_node_parses_back_as_the_same_host_bridge() {
+        let mpidrs = [0];
+        let cfg = GuestDtConfig {
+            pci: Some(pci()),
+            ..config(&mpidrs)
+        };
+        let dtb = build_guest_dt(&cfg).unwrap();
+        let hb = crate::pci::HostBridge::from_dtb(&dtb).unwrap().unwrap();
+        assert_eq!(hb.ecam, pci().ecam);
+        assert_eq!((hb.bus_start, hb.bus_end), (0, 0xf));
+        assert_eq!(hb.windows, WINDOWS);
+        assert!(hb.dma_coherent);
+        assert!(hb.iommu_map.is_empty());
+        assert_eq!(hb.interrupt_map.mask, PCI_INTX_MASK);
+        assert_eq!(hb.interrupt_map.entries.len(), 3);
+        for (bdf, pin, intid) in INTX {
+            let route = hb.interrupt_map.lookup(bdf, pin).unwrap();
+            assert_eq!((route.intid, route.flags, route.parent), (intid, 4, 1));
+        }
+        assert_eq!(hb.interrupt_map.lookup(Bdf::new(0, 2, 0), IntxPin::B), None);
+        assert_eq!(hb.interrupt_map.lookup(Bdf::new(0, 4, 0), IntxPin::A), None);
+
+        // What the fdt crate (and so Linux's generic binding code) sees.
+        let fdt = fdt::Fdt::new(&dtb).unwrap();
+        let chosen = fdt.find_node("/chosen").unwrap();
+        assert_eq!(
+            chosen.property("linux,pci-probe-only").unwrap().as_usize(),
+            Some(1)
+        );
+        let node = fdt.find_node("/pcie@4010000000").unwrap();
+        assert_eq!(node.compatible().unwrap().first(), "pci-host-ecam-generic");
+        assert_eq!(node.property("device_type").unwrap().as_str(), Some("pci"));
+        assert_eq!(
+            node.property("linux,pci-domain").unwrap().as_usize(),
+            Some(0)
+        );
+        assert_eq!(node.interrupt_cells(), Some(1));
+        let reg = node.reg().unwrap().next().unwrap();
+        assert_eq!(reg.starting_address as u64, 0x40_1000_0000);
+        assert_eq!(reg.size, Some(0x100_0000));
+        let ranges = node.property("ranges").unwrap().value;
+        // 64-bit prefetchable memory: ss = 11, p = 1.
+        assert_eq!(&ranges[2 * 28..2 * 28 + 4], &0x4300_0000u32.to_be_bytes());
+
+        // Without PCI, neither the node nor probe-only.
+        let dtb = build_guest_dt(&config(&mpidrs)).unwrap();
+        assert_eq!(crate::pci::HostBridge::from_dtb(&dtb).unwrap(), None);
+        let fdt = fdt::Fdt::new(&dtb).unwrap();
+        assert!(fdt
+            .find_node("/chosen")
+            .unwrap()
+            .property("linux,pci-probe-only")
+            .is_none());
+    }
+
+    #[test]
+    fn rejects_bad_pci_configs() {
+        let mpidrs = [0];
+        let err = |pci: GuestPci| {
+            build_guest_dt(&GuestDtConfig {
+                pci: Some(pci),
+                ..config(&mpidrs)
+            })
+            .unwrap_err()
+        };
+        assert_eq!(
+            err(GuestPci {
+                bus_range: (2, 1),
+                ..pci()
+            }),
+            GuestDtError::BadBusRange { start: 2, end: 1 }
+        );
+        assert_eq!(
+            err(GuestPci {
+                bus_range: (0, 0x10),
+                ..pci()
+            }),
+            GuestDtError::EcamTooSmall {
+                size: 0x100_0000,
+                buses: 17
+            }
+        );
+        assert!(matches!(
+            err(GuestPci {
+                ecam: MemRange {
+                    base: u64::MAX,
+                    size: 1 << 20
+                },
+                ..pci()
+            }),
+            GuestDtError::BadRange {
+                what: "pci ecam",
+                ..
+            }
+        ));
+        let high_io = [PciWindow {
+            pci_base: 0xffff_f000,
+            ..WINDOWS[0]
+        }];
+        assert!(matches!(
+            err(GuestPci {
+                ranges: &high_io,
+                ..pci()
+            }),
+            GuestDtError::BadPciWindow { .. }
+        ));
+        let clash = [
+            (Bdf::new(0, 2, 0), IntxPin::A, 37),
+            (Bdf::new(0, 2, 1), IntxPin::A, 38),
+        ];
+        assert_eq!(
+            err(GuestPci {
+                intx: &clash,
+                ..pci()
+            }),
+            GuestDtError::ConflictingIntx {
+                slot: 2,
+                pin: IntxPin::A,
+                first: 37,
+                second: 38
+            }
+        );
+        let ppi = [(Bdf::new(0, 2, 0), IntxPin::A, 27)];
+        assert!(matches!(
+            err(GuestPci {
+                intx: &ppi,
+                ..pci()
+            }),
+            GuestDtError::BadIntid {
+                what: "pci intx",
+                ..
+            }
+        ));
     }
 }

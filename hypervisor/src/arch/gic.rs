@@ -177,11 +177,22 @@ impl Gic {
 
     /// Routes SPI `intid` to the CPU with affinity `mpidr`, level-triggered, and enables it.
     pub fn enable_spi(&self, intid: u32, mpidr: u64) {
+        self.enable_spi_with(intid, mpidr, false);
+    }
+
+    /// Routes SPI `intid` to the CPU with affinity `mpidr`, edge- or level-triggered
+    /// (GICD_ICFGR, IHI 0069 12.9.9), and enables it.
+    pub fn enable_spi_with(&self, intid: u32, mpidr: u64, edge: bool) {
         let n = intid as usize;
         let aff = (mpidr & 0xff_ffff) | ((mpidr >> 32) & 0xff) << 32;
         self.gicd.irouter[n - 32].set(aff);
         let cfg = &self.gicd.icfgr[n / 16];
-        cfg.set(cfg.get() & !(2 << ((n % 16) * 2)));
+        let bit = 2 << ((n % 16) * 2);
+        cfg.set(if edge {
+            cfg.get() | bit
+        } else {
+            cfg.get() & !bit
+        });
         self.gicd.isenabler[n / 32].set(1 << (n % 32));
     }
 

@@ -4,9 +4,10 @@
 //! aborting; PCI enumerated, BARs assigned, IOMMU groups computed).
 
 use super::sysreg;
-use crate::pci::{self, Bdf, ConfigSpace, HostBridge, IommuGroup, Topology};
-use crate::platform::SmmuInfo;
+use crate::pci::{self, Bdf, ConfigSpace, HostBridge, IntxPin, IommuGroup, PciDevice, Topology};
+use crate::platform::{MemRange, SmmuInfo};
 use alloc::alloc::{alloc_zeroed, Layout};
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::arch::asm;
 use smmu::driver::{DmaMemory, DriverError, Smmu, SmmuConfig, SmmuRegs};
@@ -135,7 +136,12 @@ pub struct Ecam<'a> {
     host: &'a HostBridge,
 }
 
-impl Ecam<'_> {
+impl<'a> Ecam<'a> {
+    /// Config space under `host`'s ECAM window.
+    pub fn new(host: &'a HostBridge) -> Self {
+        Self { host }
+    }
+
     fn ptr(&self, bdf: Bdf, offset: u16) -> Option<*mut u32> {
         if !offset.is_multiple_of(4) || offset >= 4096 {
             return None;
@@ -171,6 +177,160 @@ pub struct Iommu {
     pub topology: Option<Topology>,
     /// Its IOMMU groups.
     pub groups: Vec<IommuGroup>,
+    /// The host bridge as the hypervisor uses it (windows the VMs' stage-2 can reach).
+    pub host: Option<HostBridge>,
+}
+
+/// The PCI functions one VM owns, resolved against the topology.
+#[derive(Debug, Clone, Default)]
+pub struct VmDevices {
+    /// The functions, as enumerated (BARs assigned).
+    pub functions: Vec<PciDevice>,
+    /// Their BARs' CPU ranges: mapped into the VM's stage-2 at the same addresses.
+    pub bars: Vec<MemRange>,
+    /// (function, pin, INTID) of each function with a legacy interrupt.
+    pub intx: Vec<(Bdf, IntxPin, u32)>,
+    /// StreamIDs whose STEs translate through the VM's stage-2.
+    pub stream_ids: Vec<u32>,
+    /// IOMMU group numbers.
+    pub groups: Vec<usize>,
+}
+
+impl Iommu {
+    /// Checks that `vm` may own `devices` given what earlier VMs were given (whole IOMMU
+    /// groups, one VM per function, no shared INTx line, BARs inside the IPA space) and
+    /// describes what it gets.
+    pub fn resolve(
+        &self,
+        vm: &str,
+        devices: &[Bdf],
+        earlier: &[(String, Vec<Bdf>)],
+    ) -> Result<VmDevices, String> {
+        if devices.is_empty() {
+            return Ok(VmDevices::default());
+        }
+        let (Some(topo), Some(host)) = (&self.topology, &self.host) else {
+            return Err("the machine has no usable PCI host bridge".to_string());
+        };
+        let mut requests: Vec<(String, Vec<Bdf>)> = earlier.to_vec();
+        requests.push((vm.to_string(), devices.to_vec()));
+        pci::check_assignment(&self.groups, &requests).map_err(|e| e.to_string())?;
+        pci::check_intx(&requests, topo, &host.interrupt_map).map_err(|e| e.to_string())?;
+        let mut out = VmDevices::default();
+        for &bdf in devices {
+            let dev = topo
+                .device(bdf)
+                .ok_or_else(|| alloc::format!("{bdf}: no such PCI function"))?;
+            for bar in &dev.bars {
+                let Some(a) = bar.addr else { continue };
+                let r = MemRange {
+                    base: a.cpu & !0xfff,
+                    size: (a.cpu + bar.size).next_multiple_of(0x1000) - (a.cpu & !0xfff),
+                };
+                if r.end() > 1 << crate::stage2::IPA_BITS {
+                    return Err(alloc::format!(
+                        "{bdf}: BAR{} at {:#x} is beyond the VM's IPA space",
+                        bar.index,
+                        a.cpu
+                    ));
+                }
+                if !out.bars.iter().any(|b| b.base == r.base) {
+                    out.bars.push(r);
+                }
+            }
+            if let Some(route) = topo.intx_route(bdf, &host.interrupt_map) {
+                if let Some(pin) = dev.interrupt_pin {
+                    out.intx.push((bdf, pin, route.intid));
+                }
+            }
+            out.functions.push(dev.clone());
+        }
+        for g in &self.groups {
+            if g.devices.iter().any(|d| devices.contains(d)) {
+                out.groups.push(g.id);
+                // A group's bridges stay with the hypervisor; their RIDs carry only the DMA of
+                // functions below them, which is this VM's.
+                out.stream_ids.extend(g.stream_ids.iter().copied());
+            }
+        }
+        out.stream_ids.sort_unstable();
+        out.stream_ids.dedup();
+        Ok(out)
+    }
+}
+
+/// Points `stream_ids` at a VM's stage-2 (STE Config = stage 2 only, the VM's VMID and root):
+/// its devices' DMA addresses are IPAs, confined to what the VM's stage-2 maps.
+pub fn attach_stage2(vm: &str, stream_ids: &[u32], vmid: u16, s2_root: u64) -> Result<(), String> {
+    let mut guard = SMMU.lock();
+    let Some(smmu) = guard.as_mut() else {
+        return Err("no SMMU: DMA would not be confined".to_string());
+    };
+    let oas = smmu.features().oas_bits;
+    // S2PS as VTCR_EL2.PS: the largest size both the SMMU's OAS and 48 bits allow.
+    let ps = match oas {
+        0..=32 => 0,
+        33..=36 => 1,
+        37..=40 => 2,
+        41..=42 => 3,
+        43..=44 => 4,
+        _ => 5,
+    };
+    let s2 = smmu::ste::S2Config {
+        vmid,
+        root_pa: s2_root,
+        t0sz: (64 - crate::stage2::IPA_BITS) as u8,
+        sl0: 1,
+        ps,
+        affd: false,
+    };
+    for &sid in stream_ids {
+        smmu.set_ste(sid, smmu::ste::Ste::stage2(s2))
+            .map_err(|e| alloc::format!("StreamID {sid}: {e}"))?;
+    }
+    log::info!("smmu: {vm}: StreamIDs {stream_ids:?} translate through its stage-2 (VMID {vmid})");
+    Ok(())
+}
+
+/// SMMU events seen since boot.
+static EVENTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// Events logged one by one before the log only counts them.
+const EVENTS_LOGGED: u64 = 64;
+
+/// Drains the SMMU's event queue (its interrupt fired), attributing each event to the VM that
+/// owns the StreamID, and reports global errors. Never fatal: an event is a fact to log.
+pub fn service_events(owner: impl Fn(u32) -> Option<&'static str>) {
+    let mut guard = SMMU.lock();
+    let Some(smmu) = guard.as_mut() else {
+        return;
+    };
+    let poll = smmu.poll_events(|e| {
+        let n = EVENTS.fetch_add(1, core::sync::atomic::Ordering::Relaxed) + 1;
+        if n <= EVENTS_LOGGED || n.is_power_of_two() {
+            log::warn!(
+                "smmu: event #{n} {} StreamID {} ({}) {} {} input {:#x} IPA {:#x}{}",
+                e.kind.name(),
+                e.stream_id,
+                owner(e.stream_id).unwrap_or("unassigned"),
+                if e.s2 { "stage-2" } else { "stage-1" },
+                if e.rnw { "read" } else { "write" },
+                e.input_addr,
+                e.addr2,
+                if n == EVENTS_LOGGED {
+                    " (further events: every power of two)"
+                } else {
+                    ""
+                }
+            );
+        }
+    });
+    if poll.overflowed {
+        log::warn!("smmu: event queue overflowed: events were lost");
+    }
+    let gerror = smmu.active_gerror();
+    if !gerror.is_empty() {
+        log::error!("smmu: GERROR {gerror:?}");
+    }
 }
 
 /// The physical SMMU, once probed.
@@ -189,7 +349,12 @@ pub fn init(smmu: Option<&SmmuInfo>, host: Option<&HostBridge>) -> Iommu {
                 size: info.regs.size,
             };
             match Smmu::probe(regs, HeapDma::default(), SmmuConfig::default()) {
-                Ok(s) => {
+                Ok(mut s) => {
+                    let irqs =
+                        smmu::regs::IrqCtrl::EVENTQ_IRQEN | smmu::regs::IrqCtrl::GERROR_IRQEN;
+                    if let Err(e) = s.set_irqs(irqs) {
+                        log::warn!("smmu: interrupts not enabled ({e}): events are not reported");
+                    }
                     let f = s.features();
                     log::info!(
                         "smmu: SMMUv3 at {:#x}: {}-bit StreamIDs ({} stream table), {}-bit VMIDs, {}-bit OAS, nesting {}; enabled, global bypass off, every stream aborting",
@@ -209,6 +374,12 @@ pub fn init(smmu: Option<&SmmuInfo>, host: Option<&HostBridge>) -> Iommu {
     let Some(host) = host else {
         return out;
     };
+    // A VM's stage-2 covers a 39-bit IPA space: BARs go only in windows below it (QEMU's
+    // 64-bit window at 512 GiB is left unused; every BAR fits the 32-bit one).
+    let mut host = host.clone();
+    host.windows
+        .retain(|w| w.cpu_base + w.size <= 1 << crate::stage2::IPA_BITS);
+    let host = &*out.host.insert(host);
     let mut ecam = Ecam { host };
     let mut topo = match pci::enumerate(&mut ecam, host.bus_start, host.bus_end) {
         Ok(t) => t,

@@ -206,7 +206,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
         base: image_start,
         size: image_end - image_start,
     };
-    let vms = match build_vms(&platform, dtb_slice, &mpidrs, &busy, hypervisor) {
+    let vms = match build_vms(&platform, dtb_slice, &mpidrs, &busy, hypervisor, &iommu) {
         Ok(v) => v,
         Err(e) => {
             log::error!("no VM could be built: {e}");
@@ -287,6 +287,12 @@ fn cpu_common_init(cpu: usize) {
     if cpu == 0 {
         uart::enable_rx_irq();
         hv.gic.enable_spi(hv.platform.uart.intid, info.mpidr);
+        if let Some(smmu) = hv.platform.smmu {
+            // The SMMU's wired interrupts are edge-triggered (QEMU pulses them).
+            for intid in [smmu.eventq_intid, smmu.gerror_intid].into_iter().flatten() {
+                hv.gic.enable_spi_with(intid, info.mpidr, true);
+            }
+        }
     }
 }
 
@@ -322,6 +328,7 @@ fn build_vms(
     mpidrs: &[u64],
     busy: &[MemRange],
     hypervisor: MemRange,
+    iommu: &iommu::Iommu,
 ) -> Result<Vec<Vm>, String> {
     let specs = config::parse_vm_specs(dtb).map_err(|e| alloc::format!("VM configuration: {e}"))?;
     let specs = if specs.is_empty() {
@@ -340,8 +347,19 @@ fn build_vms(
         log::error!("config: {e}: VM not started");
     }
     let mut vms = Vec::new();
+    let mut assigned: Vec<(String, Vec<crate::pci::Bdf>)> = Vec::new();
     for plan in plans {
         let id = vms.len();
+        let devices = match iommu.resolve(&plan.name, &plan.pci_devices, &assigned) {
+            Ok(d) => d,
+            Err(e) => {
+                log::error!(
+                    "config: {}: `smmu-hv,pci-devices`: {e}: VM not started",
+                    plan.name
+                );
+                continue;
+            }
+        };
         let bootargs = plan
             .kernel
             .bootargs
@@ -354,24 +372,49 @@ fn build_vms(
             kernel: plan.kernel.range,
             initrd: plan.ramdisk,
             bootargs,
+            devices,
         };
         let heap_before = ALLOCATOR.lock().stats_alloc_actual();
         // SAFETY: `plan_vms` placed this RAM inside the machine's RAM, clear of the hypervisor,
         // the DTB, reserved memory, every boot module and every other VM's RAM.
-        match unsafe { Vm::new(id, vm_config, p, plan.ram_pa) } {
-            Ok(vm) => {
-                // A statement of its own: the allocator's lock guard must be gone before the
-                // log line allocates.
-                let used = ALLOCATOR.lock().stats_alloc_actual() - heap_before;
-                log::info!(
-                    "{}: hypervisor heap for its stage-2 tables and device models: {} KiB",
-                    plan.name,
-                    used.div_ceil(1024)
-                );
-                vms.push(vm);
+        let vm = match unsafe { Vm::new(id, vm_config, p, plan.ram_pa, iommu.host.as_ref()) } {
+            Ok(vm) => vm,
+            Err(e) => {
+                log::error!("{}: not started: {e}", plan.name);
+                continue;
             }
-            Err(e) => log::error!("{}: not started: {e}", plan.name),
+        };
+        let d = &vm.config.devices;
+        if !d.functions.is_empty() {
+            if let Err(e) =
+                iommu::attach_stage2(&vm.config.name, &d.stream_ids, vm.vmid, vm.s2_root)
+            {
+                log::error!(
+                    "{}: not started: its devices cannot be confined: {e}",
+                    plan.name
+                );
+                continue;
+            }
+            for f in &d.functions {
+                log::info!(
+                    "{}: assigned {} (IOMMU groups {:?}, StreamIDs {:?})",
+                    plan.name,
+                    f.bdf,
+                    d.groups,
+                    d.stream_ids
+                );
+            }
+            assigned.push((plan.name.clone(), plan.pci_devices.clone()));
         }
+        // A statement of its own: the allocator's lock guard must be gone before the log line
+        // allocates.
+        let used = ALLOCATOR.lock().stats_alloc_actual() - heap_before;
+        log::info!(
+            "{}: hypervisor heap for its stage-2 tables and device models: {} KiB",
+            plan.name,
+            used.div_ceil(1024)
+        );
+        vms.push(vm);
     }
     if vms.is_empty() {
         return Err(String::from("no VM has a usable configuration"));
@@ -404,6 +447,7 @@ fn legacy_spec(p: &Platform) -> Result<Vec<Result<config::VmSpec, config::Config
             bootargs: kernel.bootargs.clone().or_else(|| p.bootargs.clone()),
         }),
         ramdisk,
+        pci_devices: Vec::new(),
     })])
 }
 

@@ -141,7 +141,7 @@ pub fn run_bound_vcpu() -> ! {
                 configure_el2(vm, vcpu);
                 reset_el1_and_vgic_cpu();
                 let mut irqs = IRQ_STATE[cpu].lock();
-                irqs.hw_pending = None;
+                irqs.hw_pending = [None; MAX_HW_PENDING];
                 drop(irqs);
                 let gic = &hv().gic;
                 gic.set_private_enabled(hv().cpus[cpu].redist(), VTIMER_PPI, false);
@@ -164,17 +164,37 @@ pub fn idle_forever() -> ! {
 /// Per-CPU interrupt bookkeeping for the vCPU it runs.
 #[derive(Debug, Default)]
 pub struct IrqState {
-    /// A hardware interrupt (the virtual timer) taken at EL2 and not yet in a list register.
-    hw_pending: Option<u32>,
+    /// Hardware interrupts (the virtual timer, assigned devices' INTx) taken at EL2, priority
+    /// dropped but still active, not yet in a list register.
+    hw_pending: [Option<u32>; MAX_HW_PENDING],
     /// Where the last exception injected into the guest was sent, to spot a vector that
     /// itself faults.
     last_injected_vector: u64,
 }
 
+/// Forwarded interrupts one CPU can hold at once: each stays active until its guest
+/// deactivates it, so one per forwarded source (timer + a few devices' lines) suffices.
+const MAX_HW_PENDING: usize = 8;
+
+impl IrqState {
+    fn push_hw(&mut self, intid: u32) -> bool {
+        if self.hw_pending.contains(&Some(intid)) {
+            return true;
+        }
+        match self.hw_pending.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => {
+                *slot = Some(intid);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// One per physical CPU, only touched by that CPU.
 pub static IRQ_STATE: [spin::Mutex<IrqState>; boot::MAX_CPUS] = [const {
     spin::Mutex::new(IrqState {
-        hw_pending: None,
+        hw_pending: [None; MAX_HW_PENDING],
         last_injected_vector: u64::MAX,
     })
 }; boot::MAX_CPUS];
@@ -317,6 +337,16 @@ fn mmio_access(
         return Some(match write {
             Some(v) => {
                 vgic.dist_write(off, width, v);
+                // Assigned devices' lines are forwarded in hardware: their physical enables
+                // follow the guest's, routed to the CPU of the VM's vCPU 0.
+                for &(_, _, intid) in &vm.config.devices.intx {
+                    if vgic.enable_bit(0, intid) {
+                        let pcpu = vm.vcpus[0].pcpu;
+                        hv().gic.enable_spi(intid, hv().cpus[pcpu].mpidr);
+                    } else {
+                        hv().gic.disable_spi(intid);
+                    }
+                }
                 0
             }
             None => vgic.dist_read(off, width),
@@ -339,6 +369,25 @@ fn mmio_access(
                 0
             }
             None => vgic.redist_read(target, off, width),
+        });
+    }
+    if let Some(pci) = vm
+        .pci
+        .as_ref()
+        .filter(|p| ipa >= p.ecam.base && ipa < p.ecam.end())
+    {
+        let off = ipa - pci.ecam.base;
+        let Some(host) = hv().iommu.host.as_ref() else {
+            return Some(u64::MAX);
+        };
+        let mut ecam = super::iommu::Ecam::new(host);
+        let mut vecam = pci.vecam.lock();
+        return Some(match write {
+            Some(v) => {
+                vecam.write(&mut ecam, off, width, v);
+                0
+            }
+            None => vecam.read(&ecam, off, width),
         });
     }
     if ipa >= vm.uart.base && ipa < vm.uart.end() {
@@ -527,7 +576,14 @@ fn quiesce_local_vcpu(vm: &Vm, vcpu: usize) {
         sysreg::set_ich_lr(i, 0);
     }
     sysreg::set_ich_hcr(0);
-    IRQ_STATE[this_cpu()].lock().hw_pending = None;
+    let held = core::mem::replace(
+        &mut IRQ_STATE[this_cpu()].lock().hw_pending,
+        [None; MAX_HW_PENDING],
+    );
+    for intid in held.into_iter().flatten().filter(|&i| i >= 32) {
+        // A device line the guest never got to handle: the next boot starts clean.
+        Gic::deactivate(intid);
+    }
     let rd = hv().cpus[this_cpu()].redist();
     hv().gic.set_private_enabled(rd, VTIMER_PPI, false);
     hv().gic.clear_private_active(rd, VTIMER_PPI);
@@ -539,6 +595,24 @@ fn quiesce_local_vcpu(vm: &Vm, vcpu: usize) {
 fn park_stopped_vcpu(vm: &Vm, vcpu: usize) -> ! {
     quiesce_local_vcpu(vm, vcpu);
     run_bound_vcpu();
+}
+
+/// Stops the VM's PCI functions from mastering DMA or raising their lines until its next
+/// boot's drivers set them up again (PCI Local Bus 3.0, 6.2.2: Command register).
+fn quiesce_devices(vm: &Vm) {
+    let Some(host) = hv().iommu.host.as_ref() else {
+        return;
+    };
+    let mut ecam = super::iommu::Ecam::new(host);
+    for f in &vm.config.devices.functions {
+        use crate::pci::ConfigSpace;
+        let cmd = ecam.read32(f.bdf, 0x04) & 0xffff;
+        // Bus Master Enable off, INTx Disable on; the status half is write-1-to-clear: 0s.
+        ecam.write32(f.bdf, 0x04, (cmd & !0x4) | 0x400);
+    }
+    for &(_, _, intid) in &vm.config.devices.intx {
+        hv().gic.disable_spi(intid);
+    }
 }
 
 /// Upper bound on the wait for a VM's other vCPUs to park during a reset (counter ticks are
@@ -586,6 +660,7 @@ fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
             core::hint::spin_loop();
         }
     }
+    quiesce_devices(vm);
     log::info!("{}: reset done, reloading", vm.config.name);
     request_boot(vm);
     run_bound_vcpu();
@@ -599,7 +674,12 @@ fn has_pending_virtual(vm: &Vm, vcpu: usize) -> bool {
             return true;
         }
     }
-    if IRQ_STATE[this_cpu()].lock().hw_pending.is_some() {
+    if IRQ_STATE[this_cpu()]
+        .lock()
+        .hw_pending
+        .iter()
+        .any(Option::is_some)
+    {
         return true;
     }
     let mut vgic = vm.vgic.lock();
@@ -623,7 +703,7 @@ fn handle_irqs(vm: &Vm, vcpu: usize) {
         if intid == VTIMER_PPI {
             // Priority drop only: the guest's EOI of the HW list register deactivates it.
             Gic::eoi(intid);
-            IRQ_STATE[this_cpu()].lock().hw_pending = Some(intid);
+            IRQ_STATE[this_cpu()].lock().push_hw(intid);
         } else if intid == hv().platform.gic.maintenance_ppi {
             // Level-sensitive: its condition must go before it is deactivated, or it is taken
             // again at once.
@@ -634,6 +714,22 @@ fn handle_irqs(vm: &Vm, vcpu: usize) {
         } else if intid == hv().platform.uart.intid {
             Gic::eoi_and_deactivate(intid);
             console_input();
+        } else if Some(intid) == hv().platform.smmu.and_then(|s| s.eventq_intid)
+            || Some(intid) == hv().platform.smmu.and_then(|s| s.gerror_intid)
+        {
+            Gic::eoi_and_deactivate(intid);
+            super::iommu::service_events(|sid| {
+                hv().vms
+                    .iter()
+                    .find(|v| v.config.devices.stream_ids.contains(&sid))
+                    .map(|v| v.config.name.as_str())
+            });
+        } else if vm.owns_spi(intid) {
+            // An assigned device's INTx: forwarded with the HW bit, like the timer.
+            Gic::eoi(intid);
+            if !IRQ_STATE[this_cpu()].lock().push_hw(intid) {
+                Gic::deactivate(intid);
+            }
         } else {
             Gic::eoi_and_deactivate(intid);
             log::warn!(
@@ -713,7 +809,10 @@ fn sync_list_registers(vm: &Vm, vcpu: usize) {
     let mut vgic = vm.vgic.lock();
 
     let mut irqs = IRQ_STATE[this_cpu()].lock();
-    if let Some(pintid) = irqs.hw_pending {
+    for slot in irqs.hw_pending.iter_mut() {
+        let Some(pintid) = *slot else { continue };
+        // SPIs of assigned devices are delivered to the vCPU on this CPU whatever the guest's
+        // routing says (the physical SPI is routed here).
         if vgic.is_enabled(vcpu, pintid) {
             if let Some(i) = next_free.take() {
                 let lr = ListRegister::hardware(
@@ -724,12 +823,12 @@ fn sync_list_registers(vm: &Vm, vcpu: usize) {
                 );
                 sysreg::set_ich_lr(i, lr.0);
                 in_flight[i] = pintid;
-                irqs.hw_pending = None;
+                *slot = None;
             }
         } else {
             // The guest disabled it meanwhile: give the physical interrupt back.
             Gic::deactivate(pintid);
-            irqs.hw_pending = None;
+            *slot = None;
         }
     }
     drop(irqs);

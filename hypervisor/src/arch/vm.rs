@@ -2,7 +2,8 @@
 //! kernel, initramfs and device tree from the pristine boot modules.
 
 use super::guest_mem::{read_phys, GuestRam};
-use crate::guest_dt::{build_guest_dt, GuestDtConfig};
+use crate::guest_dt::{build_guest_dt, GuestDtConfig, GuestPci};
+use crate::pci::VirtualEcam;
 use crate::platform::{MemRange, Platform};
 use crate::stage2::{MemType, Stage2, Stage2Error};
 use crate::vgic::{VGic, VGicConfig, GICR_FRAME_SIZE};
@@ -57,6 +58,8 @@ pub struct VmConfig {
     pub initrd: Option<MemRange>,
     /// Kernel command line.
     pub bootargs: String,
+    /// The PCI functions it owns.
+    pub devices: super::iommu::VmDevices,
 }
 
 /// Why a VM could not be built.
@@ -77,6 +80,20 @@ pub enum VmError {
     /// Copying into guest RAM failed.
     #[error("guest memory: {0}")]
     Mem(#[from] super::guest_mem::OutOfRam),
+}
+
+/// A VM's virtual generic ECAM host bridge: same ECAM window and address windows as the
+/// physical one, showing only the VM's functions.
+#[derive(Debug)]
+pub struct VmPci {
+    /// ECAM window (guest IPA = host PA; never mapped, every access traps).
+    pub ecam: MemRange,
+    /// Bus numbers.
+    pub bus_range: (u8, u8),
+    /// Address windows as the guest DT states them.
+    pub windows: Vec<crate::pci::PciWindow>,
+    /// The config-space model.
+    pub vecam: Mutex<VirtualEcam>,
 }
 
 /// A VM.
@@ -106,6 +123,10 @@ pub struct Vm {
     pub uart: MemRange,
     /// The PL011's interrupt.
     pub uart_intid: u32,
+    /// The VM's virtual PCI host bridge, if it owns PCI functions.
+    pub pci: Option<VmPci>,
+    /// Physical address of its stage-2 root table (shared with the SMMU).
+    pub s2_root: u64,
     /// Virtual GIC register model.
     pub vgic: Mutex<VGic>,
     /// Virtual PL011 model.
@@ -140,6 +161,7 @@ impl Vm {
         config: VmConfig,
         platform: &Platform,
         ram_pa: u64,
+        hv_host_bridge: Option<&crate::pci::HostBridge>,
     ) -> Result<Self, VmError> {
         let ram_ipa = MemRange {
             base: platform.memory[0].base,
@@ -147,6 +169,18 @@ impl Vm {
         };
         let mut stage2 = Stage2::new();
         stage2.map(ram_ipa.base, ram_pa, ram_ipa.size, MemType::Normal)?;
+        // Assigned functions' BARs: the guest sees them where they physically are.
+        for bar in &config.devices.bars {
+            stage2.map(bar.base, bar.base, bar.size, MemType::Device)?;
+        }
+        let pci = hv_host_bridge
+            .filter(|_| !config.devices.functions.is_empty())
+            .map(|host| VmPci {
+                ecam: host.ecam,
+                bus_range: (host.bus_start, host.bus_end),
+                windows: host.windows.clone(),
+                vecam: Mutex::new(VirtualEcam::new(config.devices.functions.clone())),
+            });
         let vmid = (id + 1) as u16;
         let vttbr = stage2.root_pa() | (vmid as u64) << 48;
         let vcpus: Vec<VcpuSlot> = config
@@ -176,7 +210,9 @@ impl Vm {
             ram_pa,
             // SAFETY: the caller reserved this RAM for the VM.
             ram: unsafe { GuestRam::new(ram_ipa, ram_pa) },
+            s2_root: stage2.root_pa(),
             _stage2: stage2,
+            pci,
             gicd: MemRange {
                 base: platform.gic.gicd.base,
                 size: 0x10000,
@@ -254,6 +290,12 @@ impl Vm {
             bootargs: &self.config.bootargs,
             initrd,
             boot_count: self.boots.load(Ordering::Acquire),
+            pci: self.pci.as_ref().map(|p| GuestPci {
+                ecam: p.ecam,
+                bus_range: p.bus_range,
+                ranges: &p.windows,
+                intx: &self.config.devices.intx,
+            }),
         })
         .map_err(VmError::Dt)?;
         if dtb.len() as u64 > 2 * MIB {
@@ -265,6 +307,9 @@ impl Vm {
             vcpu_mpidr: mpidrs,
         });
         *self.vuart.lock() = VPl011::new();
+        if let Some(p) = &self.pci {
+            *p.vecam.lock() = VirtualEcam::new(self.config.devices.functions.clone());
+        }
         self.boots.fetch_add(1, Ordering::AcqRel);
         Ok((entry, dtb_ipa))
     }
@@ -277,6 +322,11 @@ impl Vm {
     /// Whether the VM has stopped.
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Whether physical SPI `intid` is the INTx line of one of the VM's PCI functions.
+    pub fn owns_spi(&self, intid: u32) -> bool {
+        self.config.devices.intx.iter().any(|&(_, _, i)| i == intid)
     }
 
     /// vCPU index with the given MPIDR.

@@ -28,6 +28,7 @@ pub mod groups;
 pub mod host;
 pub mod regs;
 pub mod resources;
+pub mod vecam;
 
 #[cfg(test)]
 pub(crate) mod fake;
@@ -43,6 +44,7 @@ pub use host::{
     PciWindow,
 };
 pub use resources::{assign_resources, ResourceName};
+pub use vecam::VirtualEcam;
 
 /// A PCI function's address on its segment: bus, device (slot) and function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -71,6 +73,17 @@ impl Bdf {
         ((self.bus as u16) << 8) | ((self.dev as u16 & 0x1f) << 3) | (self.func as u16 & 0x7)
     }
 
+    /// Parses `BB:DD.F` (hex bus and device, function 0-7), as Linux prints and the VM
+    /// configuration names functions.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (bus, rest) = s.split_once(':')?;
+        let (dev, func) = rest.split_once('.')?;
+        let bus = u8::from_str_radix(bus, 16).ok()?;
+        let dev = u8::from_str_radix(dev, 16).ok().filter(|&d| d < 32)?;
+        let func = func.parse::<u8>().ok().filter(|&f| f < 8)?;
+        (bus_ok(s)).then_some(Bdf { bus, dev, func })
+    }
+
     /// The BDF a Requester ID names.
     pub const fn from_rid(rid: u16) -> Self {
         Bdf {
@@ -79,6 +92,16 @@ impl Bdf {
             func: (rid & 0x7) as u8,
         }
     }
+}
+
+/// Exactly two hex digits, a colon, two hex digits, a dot and one digit.
+fn bus_ok(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 7
+        && b[2] == b':'
+        && b[5] == b'.'
+        && [0, 1, 3, 4].iter().all(|&i| b[i].is_ascii_hexdigit())
+        && b[6].is_ascii_digit()
 }
 
 impl fmt::Display for Bdf {

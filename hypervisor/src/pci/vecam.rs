@@ -1,0 +1,919 @@
+//! A VM's view of PCI configuration space: a virtual generic ECAM host bridge that shows only
+//! the functions assigned to the VM, filtering every access before it reaches hardware.
+//!
+//! The guest boots with `linux,pci-probe-only` (see [`crate::guest_dt::GuestPci`]), so Linux's
+//! `pci-host-generic` takes the BARs as the hypervisor placed them and only reads, sizes and
+//! enables them. Everything a guest could use to reach beyond its own functions is filtered:
+//!
+//! | registers | reads | writes |
+//! | --- | --- | --- |
+//! | functions not assigned to the VM | all ones | dropped |
+//! | IDs, class, revision (0x00, 0x08) | hardware | dropped |
+//! | Header Type (0x0e) | hardware, multi-function bit cleared when the VM owns no other function of the device | dropped |
+//! | Command (0x04) | hardware | I/O, Memory, Bus Master, Parity Error Response, SERR#, INTx Disable only |
+//! | Status (0x06) | hardware (Capabilities List cleared if every capability is hidden) | RW1C error bits |
+//! | BARs (0x10-0x24) | hardware, or the size mask after an all-ones write | never reach hardware; moves counted in [`VirtualEcam::refused_bar_writes`] |
+//! | subsystem IDs, CardBus CIS, reserved (0x28, 0x2c, 0x38) | hardware | dropped |
+//! | Expansion ROM BAR (0x30) | 0 (no ROM) | dropped |
+//! | Capabilities Pointer (0x34) and every next pointer | MSI and MSI-X unlinked | dropped |
+//! | Interrupt Line (0x3c) | a virtual byte per function | kept in that byte |
+//! | Interrupt Pin, Min_Gnt, Max_Lat (0x3d-0x3f) | hardware | dropped |
+//! | MSI and MSI-X capabilities | 0 | dropped |
+//! | the rest of 0x40-0xff (capabilities, device-specific registers) | hardware | hardware, except Initiate FLR |
+//! | extended configuration space (0x100-0xfff) | hardware | dropped |
+//!
+//! Why MSI and MSI-X are hidden: a VM has no virtual ITS yet, so a message the device sent
+//! would reach the physical ITS (or nothing) with a doorbell address the guest chose. Linux
+//! finds neither capability and falls back to INTx, which the hypervisor routes.
+//!
+//! Why Initiate Function Level Reset is dropped: an FLR resets the function's configuration
+//! space (PCIe Base spec 6.6.2), BARs included, and the guest cannot put them back because BAR
+//! writes are refused; the function would then decode at address 0 once the guest sets Memory
+//! Space Enable again. Linux falls back to other reset methods or none.
+//!
+//! Why extended configuration space is read-only: nothing Linux needs there for a virtio or
+//! simple endpoint is writable-only (AER masks, ACS, LTR are host policy), and ACS or ATS
+//! controls written by a guest could weaken the isolation the IOMMU groups were computed with.
+//!
+//! Guest BDFs equal physical ones. Linux reaches functions behind a bridge only through that
+//! bridge, which a VM never owns (endpoints only), so in practice only functions on the host
+//! bridge's root bus are usable by a guest, which is what QEMU's `virt` gives (`pcie.0`).
+
+use alloc::vec::Vec;
+
+use super::enumerate::{Bar, BarKind, HeaderType, PciDevice};
+use super::regs::{self, bar, cap_id};
+use super::{Bdf, ConfigSpace};
+use crate::mmio::AccessWidth;
+
+/// Command register bits a guest may change (PCIe Base spec 7.5.1.1.3): I/O Space Enable (0),
+/// Memory Space Enable (1), Bus Master Enable (2), Parity Error Response (6), SERR# Enable
+/// (8), Interrupt Disable (10). The rest (Special Cycles, Memory Write and Invalidate, VGA
+/// Palette Snoop, Fast Back-to-Back) are legacy knobs with effects beyond the function.
+const COMMAND_GUEST_BITS: u32 = 1 << 0 | 1 << 1 | 1 << 2 | 1 << 6 | 1 << 8 | 1 << 10;
+
+/// Status register bits that are RW1C (PCIe Base spec 7.5.1.1.4): Master Data Parity Error
+/// (8), Signaled Target Abort (11), Received Target Abort (12), Received Master Abort (13),
+/// Signaled System Error (14), Detected Parity Error (15); in the upper half of the dword.
+const STATUS_RW1C: u32 = (1 << 8 | 0xf8 << 8) << 16;
+
+/// Expansion ROM Base Address of a Type 0 header (PCI Local Bus 3.0 6.2.5.2).
+const EXPANSION_ROM: u16 = 0x30;
+
+/// The last BAR of a Type 0 header (BAR5).
+const BAR_END: u16 = regs::BAR0 + 6 * 4;
+
+/// Where capabilities may live: after the 64-byte header, before extended space.
+const DEVICE_SPECIFIC: u16 = 0x40;
+
+/// Power Management capability ID (PCI Code and ID Assignment spec, chapter 2).
+const CAP_ID_PM: u8 = 0x01;
+
+/// Offsets inside the PCI Express capability (PCIe Base spec 7.5.3).
+mod pcie_cap {
+    /// Device Control (15:0) and Device Status (31:16).
+    pub const DEVICE: u16 = 0x08;
+    /// Link Control (15:0) and Link Status (31:16).
+    pub const LINK: u16 = 0x10;
+    /// Slot Control (15:0) and Slot Status (31:16).
+    pub const SLOT: u16 = 0x18;
+    /// Device Control bit 15: Initiate Function Level Reset (7.5.3.4).
+    pub const INITIATE_FLR: u32 = 1 << 15;
+    /// Device Status bits 3:0 (Correctable, Non-Fatal, Fatal, Unsupported Request Detected)
+    /// are RW1C (7.5.3.5).
+    pub const DEVICE_STATUS_RW1C: u32 = 0xf << 16;
+    /// Link Status bits 15:14 (Link Bandwidth Management, Link Autonomous Bandwidth) are RW1C
+    /// (7.5.3.8).
+    pub const LINK_STATUS_RW1C: u32 = 0xc000 << 16;
+    /// Slot Status bits 4:0 and 8 are RW1C (7.5.3.11).
+    pub const SLOT_STATUS_RW1C: u32 = 0x011f << 16;
+}
+
+/// PMCSR bit 15, PME_Status, is RW1C (PCI Bus Power Management Interface spec 1.2, 3.2.4);
+/// PMCSR is at offset 4 of the PM capability.
+const PMCSR_PME_STATUS: u32 = 1 << 15;
+
+/// ECAM places a function's 4 KiB at bus << 20 | device << 15 | function << 12 (PCIe Base
+/// spec 7.2.2).
+const ECAM_BUS_SHIFT: u32 = 20;
+
+/// The capability list of one function, as the guest sees it.
+#[derive(Clone, Debug, Default)]
+struct CapChain {
+    /// First visible capability, or 0.
+    first: u8,
+    /// Visible capabilities in list order: (offset, next visible offset or 0).
+    visible: Vec<(u8, u8)>,
+    /// Byte ranges of hidden capabilities, `start..end`.
+    hidden: Vec<(u16, u16)>,
+    /// The Power Management capability, for its RW1C bit.
+    pm: Option<u8>,
+}
+
+impl CapChain {
+    /// Walks the conventional list the way Linux's `__pci_find_next_cap_ttl` does (pointers
+    /// into the header end it, bounded by [`regs::CAP_TTL`], low two pointer bits reserved:
+    /// PCI Local Bus 3.0 6.7), and decides what the guest sees.
+    fn read(cfg: &dyn ConfigSpace, bdf: Bdf) -> CapChain {
+        let mut chain = CapChain::default();
+        if cfg.read32(bdf, regs::COMMAND) & regs::STATUS_CAP_LIST == 0 {
+            return chain;
+        }
+        let mut visible: Vec<u8> = Vec::new();
+        let mut ptr = (cfg.read32(bdf, regs::CAP_PTR) & 0xfc) as u8;
+        for _ in 0..regs::CAP_TTL {
+            if u16::from(ptr) < DEVICE_SPECIFIC {
+                break;
+            }
+            let hdr = cfg.read32(bdf, u16::from(ptr));
+            match hdr as u8 {
+                0xff => break,
+                cap_id::MSI => {
+                    // Message Control (PCI Local Bus 3.0 6.8.1.3): bit 7 64-bit address, bit 8
+                    // per-vector masking; the capability is 10, 14, 20 or 24 bytes long
+                    // (rounded up to whole dwords here).
+                    let control = hdr >> 16;
+                    let len = match (control & 1 << 7 != 0, control & 1 << 8 != 0) {
+                        (false, false) => 12,
+                        (true, false) => 16,
+                        (false, true) => 20,
+                        (true, true) => 24,
+                    };
+                    chain.hidden.push((u16::from(ptr), u16::from(ptr) + len));
+                }
+                // MSI-X: header, Table Offset/BIR, PBA Offset/BIR (PCI Local Bus 3.0 6.8.2).
+                cap_id::MSIX => chain.hidden.push((u16::from(ptr), u16::from(ptr) + 12)),
+                id => {
+                    if id == CAP_ID_PM {
+                        chain.pm = Some(ptr);
+                    }
+                    visible.push(ptr);
+                }
+            }
+            ptr = ((hdr >> 8) & 0xfc) as u8;
+        }
+        chain.first = visible.first().copied().unwrap_or(0);
+        chain.visible = visible
+            .iter()
+            .enumerate()
+            .map(|(i, &at)| (at, visible.get(i + 1).copied().unwrap_or(0)))
+            .collect();
+        chain
+    }
+
+    fn is_hidden(&self, offset: u16) -> bool {
+        self.hidden.iter().any(|&(s, e)| (s..e).contains(&offset))
+    }
+
+    /// The next pointer to show in the header of the visible capability at `offset`.
+    fn next_of(&self, offset: u16) -> Option<u8> {
+        self.visible
+            .iter()
+            .find(|&&(at, _)| u16::from(at) == offset)
+            .map(|&(_, next)| next)
+    }
+}
+
+/// One assigned function.
+#[derive(Debug)]
+struct VFunction {
+    dev: PciDevice,
+    /// The VM owns another function of the same device: keep Header Type bit 7.
+    keep_multifunction: bool,
+    /// Per BAR slot: an all-ones write latched, the next read returns the size mask.
+    sizing: [bool; 6],
+    /// The Interrupt Line register the guest sees.
+    interrupt_line: u8,
+    /// The capability list, read from hardware on first use (it is read-only there).
+    chain: Option<CapChain>,
+    /// A refused BAR write was already logged for this function.
+    warned: bool,
+}
+
+/// Which half of which BAR a BAR slot holds.
+enum BarSlot<'a> {
+    /// No BAR there: hard-wired to zero (PCI Local Bus 3.0 6.2.5.1).
+    None,
+    /// The BAR's low dword (an I/O, 32-bit or the low half of a 64-bit BAR).
+    Low(&'a Bar),
+    /// The upper dword of a 64-bit BAR.
+    High(&'a Bar),
+}
+
+impl VFunction {
+    fn bar_slot(&self, slot: u8) -> BarSlot<'_> {
+        for b in &self.dev.bars {
+            if b.index == slot {
+                return BarSlot::Low(b);
+            }
+            if b.kind == BarKind::Mem64 && b.index.checked_add(1) == Some(slot) {
+                return BarSlot::High(b);
+            }
+        }
+        BarSlot::None
+    }
+
+    /// What a BAR slot reads back after all ones were written to it: the writable address
+    /// bits plus the read-only type bits (PCI Local Bus 3.0 6.2.5.1), from the enumerated size.
+    fn size_mask(&self, slot: u8) -> u32 {
+        match self.bar_slot(slot) {
+            BarSlot::None => 0,
+            BarSlot::Low(b) => {
+                let addr = !b.size.wrapping_sub(1) as u32;
+                match b.kind {
+                    BarKind::Io => addr & bar::IO_ADDR_MASK | bar::IO_SPACE,
+                    BarKind::Mem32 | BarKind::Mem64 => {
+                        let ty = if b.kind == BarKind::Mem64 {
+                            bar::MEM_TYPE_64
+                        } else {
+                            0
+                        };
+                        let pf = if b.prefetchable { bar::PREFETCHABLE } else { 0 };
+                        addr & bar::MEM_ADDR_MASK | ty | pf
+                    }
+                }
+            }
+            BarSlot::High(b) => (!b.size.wrapping_sub(1) >> 32) as u32,
+        }
+    }
+}
+
+/// The configuration space of one VM's virtual ECAM host bridge.
+///
+/// Accesses are decoded as ECAM offsets (PCIe Base spec 7.2.2): bus (relative to the first
+/// bus of the window, see [`VirtualEcam::with_first_bus`]) in bits 27:20, device 19:15,
+/// function 14:12, register 11:0. One-, two- and four-byte accesses must be naturally aligned;
+/// an access that crosses a dword is outside what ECAM defines (7.2.2.2), so it reads all ones
+/// and its write is dropped. An eight-byte access (aligned to 8) is handled as two dword
+/// accesses, low dword first.
+#[derive(Debug)]
+pub struct VirtualEcam {
+    first_bus: u8,
+    functions: Vec<VFunction>,
+    refused_bar_writes: u64,
+}
+
+impl VirtualEcam {
+    /// A bridge showing `functions`, the physical functions assigned to the VM with their
+    /// enumerated (and resource-assigned) state. Only Type 0 functions are shown: a bridge's
+    /// Type 1 header would hand the guest bus numbers and windows of the physical fabric, so
+    /// any other header type is dropped (and logged).
+    pub fn new(functions: Vec<PciDevice>) -> Self {
+        let (functions, others): (Vec<_>, Vec<_>) = functions
+            .into_iter()
+            .partition(|d| d.header_type == HeaderType::Endpoint);
+        for d in &others {
+            log::warn!(
+                "vECAM: {} is not a Type 0 function; not shown to the VM",
+                d.bdf
+            );
+        }
+        let same_device = |a: Bdf, b: Bdf| a != b && a.bus == b.bus && a.dev == b.dev;
+        let bdfs: Vec<Bdf> = functions.iter().map(|d| d.bdf).collect();
+        let functions = functions
+            .into_iter()
+            .map(|dev| VFunction {
+                keep_multifunction: bdfs.iter().any(|&b| same_device(b, dev.bdf)),
+                sizing: [false; 6],
+                interrupt_line: 0,
+                chain: None,
+                warned: false,
+                dev,
+            })
+            .collect();
+        VirtualEcam {
+            first_bus: 0,
+            functions,
+            refused_bar_writes: 0,
+        }
+    }
+
+    /// Makes offset 0 of the window bus `bus` rather than bus 0: the guest DT's `bus-range`
+    /// start, which Linux subtracts before indexing the window (`pci_ecam_map_bus`).
+    pub fn with_first_bus(mut self, bus: u8) -> Self {
+        self.first_bus = bus;
+        self
+    }
+
+    /// How many guest writes tried to move a BAR (any write other than the all-ones sizing
+    /// probe or the value the BAR already holds). None reached hardware.
+    pub fn refused_bar_writes(&self) -> u64 {
+        self.refused_bar_writes
+    }
+
+    /// The functions shown to the VM.
+    pub fn bdfs(&self) -> impl Iterator<Item = Bdf> + '_ {
+        self.functions.iter().map(|f| f.dev.bdf)
+    }
+
+    /// The Interrupt Line value the guest last wrote for `bdf`.
+    pub fn interrupt_line(&self, bdf: Bdf) -> Option<u8> {
+        self.functions
+            .iter()
+            .find(|f| f.dev.bdf == bdf)
+            .map(|f| f.interrupt_line)
+    }
+
+    /// A guest read of `width` at `offset` in the window.
+    pub fn read(&mut self, cfg: &dyn ConfigSpace, offset: u64, width: AccessWidth) -> u64 {
+        if width == AccessWidth::Double {
+            if !offset.is_multiple_of(8) {
+                return u64::MAX;
+            }
+            let lo = self.read(cfg, offset, AccessWidth::Word);
+            let hi = self.read(cfg, offset.wrapping_add(4), AccessWidth::Word);
+            return hi << 32 | lo;
+        }
+        let ones = width.mask();
+        if !offset.is_multiple_of(width.bytes()) {
+            return ones;
+        }
+        let Some((i, reg)) = self.decode(offset) else {
+            return ones;
+        };
+        let dword = self.read_dword(cfg, i, reg & !3);
+        (u64::from(dword) >> ((reg & 3) * 8)) & ones
+    }
+
+    /// A guest write of the low `width` bytes of `value` at `offset` in the window.
+    pub fn write(
+        &mut self,
+        cfg: &mut dyn ConfigSpace,
+        offset: u64,
+        width: AccessWidth,
+        value: u64,
+    ) {
+        if width == AccessWidth::Double {
+            if offset.is_multiple_of(8) {
+                self.write(cfg, offset, AccessWidth::Word, value);
+                self.write(cfg, offset.wrapping_add(4), AccessWidth::Word, value >> 32);
+            }
+            return;
+        }
+        if !offset.is_multiple_of(width.bytes()) {
+            return;
+        }
+        let Some((i, reg)) = self.decode(offset) else {
+            return;
+        };
+        let shift = (reg & 3) * 8;
+        let enable = (width.mask() << shift) as u32;
+        let value = ((value & width.mask()) << shift) as u32;
+        self.write_dword(cfg, i, reg & !3, value, enable);
+    }
+
+    /// The assigned function an offset addresses, and the register offset.
+    fn decode(&self, offset: u64) -> Option<(usize, u16)> {
+        let rel_bus = offset >> ECAM_BUS_SHIFT;
+        let bus = u8::try_from(u64::from(self.first_bus) + rel_bus).ok()?;
+        let devfn = (offset >> 12) & 0xff;
+        let bdf = Bdf::new(bus, (devfn >> 3) as u8, (devfn & 7) as u8);
+        let i = self.functions.iter().position(|f| f.dev.bdf == bdf)?;
+        Some((i, (offset & 0xfff) as u16))
+    }
+
+    fn chain(&mut self, cfg: &dyn ConfigSpace, i: usize) -> &CapChain {
+        let f = &mut self.functions[i];
+        f.chain
+            .get_or_insert_with(|| CapChain::read(cfg, f.dev.bdf))
+    }
+
+    /// The dword at `reg` (a multiple of 4) as the guest sees it.
+    fn read_dword(&mut self, cfg: &dyn ConfigSpace, i: usize, reg: u16) -> u32 {
+        let bdf = self.functions[i].dev.bdf;
+        match reg {
+            regs::COMMAND => {
+                let hw = cfg.read32(bdf, reg);
+                if self.chain(cfg, i).first == 0 {
+                    hw & !regs::STATUS_CAP_LIST
+                } else {
+                    hw
+                }
+            }
+            regs::HEADER => {
+                let hw = cfg.read32(bdf, reg);
+                if self.functions[i].keep_multifunction {
+                    hw
+                } else {
+                    hw & !(u32::from(regs::HEADER_MULTIFUNCTION) << 16)
+                }
+            }
+            regs::BAR0..BAR_END => {
+                let slot = ((reg - regs::BAR0) / 4) as u8;
+                let f = &self.functions[i];
+                if f.sizing[usize::from(slot)] {
+                    f.size_mask(slot)
+                } else if matches!(f.bar_slot(slot), BarSlot::None) {
+                    0
+                } else {
+                    cfg.read32(bdf, reg)
+                }
+            }
+            EXPANSION_ROM => 0,
+            regs::CAP_PTR => {
+                let hw = cfg.read32(bdf, reg);
+                (hw & !0xff) | u32::from(self.chain(cfg, i).first)
+            }
+            regs::INTERRUPT => {
+                let hw = cfg.read32(bdf, reg);
+                (hw & !0xff) | u32::from(self.functions[i].interrupt_line)
+            }
+            DEVICE_SPECIFIC..regs::EXT_CAP_START => {
+                let chain = self.chain(cfg, i);
+                if let Some(next) = chain.next_of(reg) {
+                    let hw = cfg.read32(bdf, reg);
+                    (hw & !0xff00) | u32::from(next) << 8
+                } else if chain.is_hidden(reg) {
+                    0
+                } else {
+                    cfg.read32(bdf, reg)
+                }
+            }
+            _ => cfg.read32(bdf, reg),
+        }
+    }
+
+    /// A guest write of the bytes `enable` selects of `value` to the dword at `reg`.
+    fn write_dword(
+        &mut self,
+        cfg: &mut dyn ConfigSpace,
+        i: usize,
+        reg: u16,
+        value: u32,
+        enable: u32,
+    ) {
+        let bdf = self.functions[i].dev.bdf;
+        match reg {
+            regs::COMMAND => {
+                let hw = cfg.read32(bdf, reg);
+                let guest = COMMAND_GUEST_BITS & enable;
+                let command = (hw & 0xffff & !guest) | (value & guest);
+                // Zeros in the Status half leave it alone; only the ones the guest wrote clear.
+                cfg.write32(bdf, reg, command | (value & enable & STATUS_RW1C));
+            }
+            regs::BAR0..BAR_END => self.write_bar(&*cfg, i, reg, value, enable),
+            regs::INTERRUPT if enable & 0xff != 0 => {
+                self.functions[i].interrupt_line = value as u8;
+            }
+            DEVICE_SPECIFIC..regs::EXT_CAP_START => {
+                let pcie = self.functions[i].dev.pcie.map(|p| u16::from(p.offset));
+                let chain = self.chain(&*cfg, i);
+                if chain.is_hidden(reg) {
+                    return;
+                }
+                let pm = chain.pm.map(u16::from);
+                let (rw1c, value) = match pcie.map(|p| reg.wrapping_sub(p)) {
+                    Some(pcie_cap::DEVICE) => (
+                        pcie_cap::DEVICE_STATUS_RW1C,
+                        value & !pcie_cap::INITIATE_FLR,
+                    ),
+                    Some(pcie_cap::LINK) => (pcie_cap::LINK_STATUS_RW1C, value),
+                    Some(pcie_cap::SLOT) => (pcie_cap::SLOT_STATUS_RW1C, value),
+                    _ if pm.map(|p| p + 4) == Some(reg) => (PMCSR_PME_STATUS, value),
+                    _ => (0, value),
+                };
+                let merged = if enable == u32::MAX {
+                    value
+                } else {
+                    // Hardware takes whole dwords (see `ConfigSpace`): keep the bytes the
+                    // guest did not write, except RW1C bits there, which writing back as read
+                    // would clear behind the guest's back.
+                    let hw = cfg.read32(bdf, reg);
+                    (hw & !enable & !rw1c) | (value & enable)
+                };
+                cfg.write32(bdf, reg, merged);
+            }
+            // IDs, Header Type, BIST, cache line size, latency timer, subsystem IDs, ROM,
+            // capability pointer, Interrupt Pin and extended configuration space.
+            _ => {}
+        }
+    }
+
+    /// BARs never change: the hypervisor placed them and mapped them into stage-2, so a
+    /// guest-chosen address could alias another VM's BAR or RAM. Only the sizing protocol
+    /// (PCI Local Bus 3.0 6.2.5.1: write all ones, read the mask, write the old value back)
+    /// is emulated, per BAR slot, from the enumerated size.
+    fn write_bar(&mut self, cfg: &dyn ConfigSpace, i: usize, reg: u16, value: u32, enable: u32) {
+        let bdf = self.functions[i].dev.bdf;
+        let slot = ((reg - regs::BAR0) / 4) as u8;
+        let f = &mut self.functions[i];
+        let probe = enable == u32::MAX && value == u32::MAX;
+        f.sizing[usize::from(slot)] = probe;
+        if probe {
+            return;
+        }
+        let current = match f.bar_slot(slot) {
+            BarSlot::None => 0,
+            _ => cfg.read32(bdf, reg),
+        };
+        if value & enable == current & enable {
+            // Writing back what is there (the end of the sizing protocol) moves nothing.
+            return;
+        }
+        self.refused_bar_writes += 1;
+        if !f.warned {
+            f.warned = true;
+            log::warn!(
+                "vECAM: {bdf}: guest tried to move BAR slot {slot} to {value:#010x}; refused"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::enumerate::{enumerate, PortType};
+    use crate::pci::fake::{FakeConfigSpace, FakeFn};
+    use crate::pci::{assign_resources, HostBridge, PciSpace, PciWindow};
+    use crate::platform::MemRange;
+
+    const B: AccessWidth = AccessWidth::Byte;
+    const H: AccessWidth = AccessWidth::Half;
+    const W: AccessWidth = AccessWidth::Word;
+    const D: AccessWidth = AccessWidth::Double;
+
+    fn host() -> HostBridge {
+        HostBridge {
+            ecam: MemRange {
+                base: 0x40_1000_0000,
+                size: 0x1000_0000,
+            },
+            bus_start: 0,
+            bus_end: 0xff,
+            windows: vec![
+                PciWindow {
+                    space: PciSpace::Io,
+                    prefetchable: false,
+                    pci_base: 0,
+                    cpu_base: 0x3eff_0000,
+                    size: 0x1_0000,
+                },
+                PciWindow {
+                    space: PciSpace::Mem32,
+                    prefetchable: false,
+                    pci_base: 0x1000_0000,
+                    cpu_base: 0x1000_0000,
+                    size: 0x2eff_0000,
+                },
+                PciWindow {
+                    space: PciSpace::Mem64,
+                    prefetchable: false,
+                    pci_base: 0x80_0000_0000,
+                    cpu_base: 0x80_0000_0000,
+                    size: 0x80_0000_0000,
+                },
+            ],
+            iommu_map: Vec::new(),
+            iommu_map_mask: None,
+            interrupt_map: Default::default(),
+            dma_coherent: true,
+        }
+    }
+
+    /// Enumerates and places `f`, and gives the VM the functions `owned`.
+    fn setup(mut f: FakeConfigSpace, owned: &[Bdf]) -> (FakeConfigSpace, VirtualEcam) {
+        let mut topo = enumerate(&mut f, 0, 0xff).unwrap();
+        assign_resources(&mut f, &mut topo, &host()).unwrap();
+        let devs = topo
+            .devices
+            .into_iter()
+            .filter(|d| owned.contains(&d.bdf))
+            .collect();
+        (f, VirtualEcam::new(devs))
+    }
+
+    fn off(bdf: Bdf, reg: u16) -> u64 {
+        u64::from(bdf.bus) << 20
+            | u64::from(bdf.dev) << 15
+            | u64::from(bdf.func) << 12
+            | u64::from(reg)
+    }
+
+    /// Walks the capability list as Linux does and returns the IDs found.
+    fn cap_ids(v: &mut VirtualEcam, f: &FakeConfigSpace, bdf: Bdf) -> Vec<u8> {
+        let mut ids = Vec::new();
+        if v.read(f, off(bdf, 0x06), H) & 0x10 == 0 {
+            return ids;
+        }
+        let mut ptr = v.read(f, off(bdf, 0x34), B) as u16 & 0xfc;
+        for _ in 0..48 {
+            if ptr < 0x40 {
+                break;
+            }
+            ids.push(v.read(f, off(bdf, ptr), B) as u8);
+            ptr = v.read(f, off(bdf, ptr + 1), B) as u16 & 0xfc;
+        }
+        ids
+    }
+
+    #[test]
+    fn absent_functions_read_all_ones_and_ignore_writes() {
+        let blk = Bdf::new(0, 2, 0);
+        let (mut f, mut v) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+        let net = Bdf::new(0, 1, 0);
+        let before = f.read32(net, regs::COMMAND);
+        assert_eq!(v.read(&f, off(net, 0), W), 0xffff_ffff);
+        assert_eq!(v.read(&f, off(net, 0), H), 0xffff);
+        assert_eq!(v.read(&f, off(net, 0), B), 0xff);
+        assert_eq!(v.read(&f, off(net, 0), D), u64::MAX);
+        v.write(&mut f, off(net, 4), H, 0);
+        assert_eq!(f.read32(net, regs::COMMAND), before);
+        // The host bridge function and an empty slot or bus are absent too.
+        assert_eq!(v.read(&f, off(Bdf::new(0, 0, 0), 0), W), 0xffff_ffff);
+        assert_eq!(v.read(&f, off(Bdf::new(0, 9, 0), 0), W), 0xffff_ffff);
+        assert_eq!(v.read(&f, off(Bdf::new(3, 2, 0), 0), W), 0xffff_ffff);
+        assert_eq!(v.bdfs().collect::<Vec<_>>(), [blk]);
+    }
+
+    #[test]
+    fn identity_passes_through() {
+        let blk = Bdf::new(0, 2, 0);
+        let (mut f, mut v) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+        assert_eq!(v.read(&f, off(blk, 0), W), 0x1042_1af4);
+        assert_eq!(v.read(&f, off(blk, 0), H), 0x1af4);
+        assert_eq!(v.read(&f, off(blk, 2), H), 0x1042);
+        assert_eq!(v.read(&f, off(blk, 0x0b), B), 0x01);
+        assert_eq!(v.read(&f, off(blk, 0x08), B), 0x01);
+        assert_eq!(v.read(&f, off(blk, 0x3d), B), 1);
+        // ID writes go nowhere.
+        v.write(&mut f, off(blk, 0), W, 0);
+        assert_eq!(f.read32(blk, 0), 0x1042_1af4);
+    }
+
+    #[test]
+    fn multifunction_bit_only_when_a_sibling_is_owned() {
+        let (f, mut v) = setup(FakeConfigSpace::multifunction(true), &[Bdf::new(0, 1, 0)]);
+        assert_eq!(v.read(&f, off(Bdf::new(0, 1, 0), 0x0e), B), 0);
+        assert_eq!(v.read(&f, off(Bdf::new(0, 1, 1), 0), W), 0xffff_ffff);
+        let both = [Bdf::new(0, 1, 0), Bdf::new(0, 1, 1)];
+        let (f, mut v) = setup(FakeConfigSpace::multifunction(true), &both);
+        assert_eq!(v.read(&f, off(both[0], 0x0e), B), 0x80);
+        assert_eq!(v.read(&f, off(both[1], 0), H), 0x8086);
+    }
+
+    #[test]
+    fn bars_read_physical_and_size_by_protocol() {
+        let blk = Bdf::new(0, 2, 0);
+        let (mut f, mut v) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+        let dev_bars: Vec<u32> = (0..6).map(|i| f.read32(blk, 0x10 + 4 * i)).collect();
+        for i in 0..6u16 {
+            assert_eq!(
+                v.read(&f, off(blk, 0x10 + 4 * i), W),
+                u64::from(dev_bars[i as usize])
+            );
+        }
+        // BAR1: 32-bit, 4 KiB.
+        assert_ne!(dev_bars[1] & !0xf, 0);
+        v.write(&mut f, off(blk, 0x14), W, 0xffff_ffff);
+        assert_eq!(v.read(&f, off(blk, 0x14), W), 0xffff_f000);
+        v.write(&mut f, off(blk, 0x14), W, u64::from(dev_bars[1]));
+        assert_eq!(v.read(&f, off(blk, 0x14), W), u64::from(dev_bars[1]));
+        // BAR0: I/O, 128 bytes.
+        v.write(&mut f, off(blk, 0x10), W, 0xffff_ffff);
+        assert_eq!(v.read(&f, off(blk, 0x10), W), 0xffff_ff81);
+        v.write(&mut f, off(blk, 0x10), W, u64::from(dev_bars[0]));
+        // BAR4/5: 64-bit prefetchable, 16 KiB, sized half by half.
+        v.write(&mut f, off(blk, 0x20), W, 0xffff_ffff);
+        assert_eq!(v.read(&f, off(blk, 0x20), W), 0xffff_c00c);
+        v.write(&mut f, off(blk, 0x20), W, u64::from(dev_bars[4]));
+        v.write(&mut f, off(blk, 0x24), W, 0xffff_ffff);
+        assert_eq!(v.read(&f, off(blk, 0x24), W), 0xffff_ffff);
+        v.write(&mut f, off(blk, 0x24), W, u64::from(dev_bars[5]));
+        assert_eq!(v.read(&f, off(blk, 0x24), W), u64::from(dev_bars[5]));
+        // Unimplemented BARs and the ROM read 0 and size to 0.
+        v.write(&mut f, off(blk, 0x18), W, 0xffff_ffff);
+        assert_eq!(v.read(&f, off(blk, 0x18), W), 0);
+        v.write(&mut f, off(blk, 0x30), W, 0xffff_f800);
+        assert_eq!(v.read(&f, off(blk, 0x30), W), 0);
+        assert_eq!(v.refused_bar_writes(), 0);
+        // Hardware never saw the probes.
+        for i in 0..6u16 {
+            assert_eq!(f.read32(blk, 0x10 + 4 * i), dev_bars[i as usize]);
+        }
+        assert!(!f.decode_seen_with_all_ones);
+    }
+
+    #[test]
+    fn large_64bit_bar_sizes_across_both_halves() {
+        let mut fake = FakeConfigSpace::new();
+        fake.add(
+            None,
+            3,
+            0,
+            FakeFn::endpoint(0x1234, 0x5678)
+                .pcie(PortType::Endpoint)
+                .bar64(0, 0x2_0000_0000, true),
+        );
+        let ep = Bdf::new(0, 3, 0);
+        let (mut f, mut v) = setup(fake, &[ep]);
+        v.write(&mut f, off(ep, 0x10), W, 0xffff_ffff);
+        v.write(&mut f, off(ep, 0x14), W, 0xffff_ffff);
+        let mask = v.read(&f, off(ep, 0x10), D);
+        assert_eq!(mask, 0xffff_fffe_0000_000c);
+        assert_eq!(f.read32(ep, 0x10) & !0xf, 0);
+        assert_eq!(f.read32(ep, 0x14), 0x80);
+    }
+
+    #[test]
+    fn bar_moves_are_refused_and_counted() {
+        let blk = Bdf::new(0, 2, 0);
+        let (mut f, mut v) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+        let bar1 = f.read32(blk, 0x14);
+        let bar5 = f.read32(blk, 0x24);
+        v.write(&mut f, off(blk, 0x14), W, 0x2000_0000);
+        v.write(&mut f, off(blk, 0x24), W, 0x1);
+        v.write(&mut f, off(blk, 0x17), B, u64::from(bar1 >> 24 ^ 0xff));
+        v.write(&mut f, off(blk, 0x16), H, u64::from(bar1 >> 16 ^ 0xffff));
+        // 64-bit move in one access: both halves refused.
+        v.write(&mut f, off(blk, 0x20), D, 0x1234_5678_9abc_def0);
+        assert_eq!(v.refused_bar_writes(), 6);
+        // Writing back the current value, whole or in part, is not a move.
+        v.write(&mut f, off(blk, 0x14), W, u64::from(bar1));
+        v.write(&mut f, off(blk, 0x15), B, u64::from(bar1 >> 8 & 0xff));
+        assert_eq!(v.refused_bar_writes(), 6);
+        assert_eq!(f.read32(blk, 0x14), bar1);
+        assert_eq!(f.read32(blk, 0x24), bar5);
+        assert_eq!(v.read(&f, off(blk, 0x14), W), u64::from(bar1));
+        // A refused write after a probe also ends the probe.
+        v.write(&mut f, off(blk, 0x14), W, 0xffff_ffff);
+        v.write(&mut f, off(blk, 0x14), W, 0x3000_0000);
+        assert_eq!(v.read(&f, off(blk, 0x14), W), u64::from(bar1));
+        assert_eq!(v.refused_bar_writes(), 7);
+    }
+
+    #[test]
+    fn command_register_is_filtered() {
+        let blk = Bdf::new(0, 2, 0);
+        let (mut f, mut v) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+        // assign_resources enabled I/O and memory decoding.
+        assert_eq!(f.read32(blk, 4) & 0xffff, 0x3);
+        // Guest sets bus master, MWI (4), fast back-to-back (9) and INTx disable.
+        v.write(&mut f, off(blk, 4), H, 0x0617);
+        assert_eq!(f.read32(blk, 4) & 0xffff, 0x0407);
+        assert_eq!(v.read(&f, off(blk, 4), H), 0x0407);
+        // Byte write to the upper command byte leaves the lower alone.
+        v.write(&mut f, off(blk, 5), B, 0x01);
+        assert_eq!(f.read32(blk, 4) & 0xffff, 0x0107);
+        // Status RW1C: a set error bit is cleared by writing 1, kept by writing 0 elsewhere.
+        // qemu_flat's handles: the host bridge function is 0, then slots 1-4.
+        let hw = f.read32(blk, 4);
+        f.set(2, 4, hw | 1 << 29);
+        v.write(&mut f, off(blk, 4), H, 0x0107);
+        assert_ne!(f.read32(blk, 4) & 1 << 29, 0);
+        v.write(&mut f, off(blk, 6), H, 1 << 13);
+        assert_eq!(f.read32(blk, 4) & 1 << 29, 0);
+        assert_eq!(f.read32(blk, 4) & 0xffff, 0x0107);
+    }
+
+    #[test]
+    fn msix_hidden_when_first() {
+        // virtio in qemu_flat: PCIe capability at 0x40, then MSI-X at 0x50 (last).
+        let blk = Bdf::new(0, 2, 0);
+        let (f, mut v) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+        assert_eq!(cap_ids(&mut v, &f, blk), [cap_id::PCIE]);
+        assert_eq!(v.read(&f, off(blk, 0x41), B), 0);
+
+        // MSI-X first, then MSI, then PCIe, then PM: the pointer skips both.
+        let mut fake = FakeConfigSpace::new();
+        let h = fake.add(
+            None,
+            1,
+            0,
+            FakeFn::endpoint(1, 2)
+                .msix()
+                .msi()
+                .pcie(PortType::Endpoint)
+                .bar32(0, 0x1000, false),
+        );
+        // Append a PM capability at 0x70 behind the PCIe capability at 0x60.
+        fake.set(h, 0x60, fake.read32(Bdf::new(0, 1, 0), 0x60) | 0x70 << 8);
+        fake.set(h, 0x70, 0x0003_0001);
+        let ep = Bdf::new(0, 1, 0);
+        let (mut f, mut v2) = setup(fake, &[ep]);
+        assert_eq!(v2.read(&f, off(ep, 0x34), B), 0x60);
+        assert_eq!(cap_ids(&mut v2, &f, ep), [cap_id::PCIE, CAP_ID_PM]);
+        // The hidden capabilities read as zero and ignore writes.
+        assert_eq!(v2.read(&f, off(ep, 0x40), W), 0);
+        assert_eq!(v2.read(&f, off(ep, 0x50), W), 0);
+        let mut rec = Recorder::default();
+        v2.write(&mut rec.with(&mut f), off(ep, 0x42), H, 0x8000);
+        v2.write(&mut rec.with(&mut f), off(ep, 0x52), H, 0x0001);
+        v2.write(&mut rec.with(&mut f), off(ep, 0x44), W, 0xfee0_0000);
+        assert!(rec.writes.is_empty());
+        // The visible ones still take writes (PM's PMCSR, a byte of it: PME_Status is
+        // RW1C and must not be written back as read).
+        f.set(h, 0x74, 0x8000);
+        let mut rec = Recorder::default();
+        v2.write(&mut rec.with(&mut f), off(ep, 0x74), B, 0x3);
+        assert_eq!(rec.writes, [(ep, 0x74, 0x3)]);
+
+        // Only MSI: the list is empty and Status says so.
+        let mut fake = FakeConfigSpace::new();
+        fake.add(None, 1, 0, FakeFn::endpoint(1, 2).msi());
+        let (f, mut v3) = setup(fake, &[ep]);
+        assert_eq!(v3.read(&f, off(ep, 0x06), H) & 0x10, 0);
+        assert_eq!(v3.read(&f, off(ep, 0x34), B), 0);
+        assert!(cap_ids(&mut v3, &f, ep).is_empty());
+    }
+
+    #[test]
+    fn device_specific_writes_pass_through_with_care() {
+        let mut fake = FakeConfigSpace::new();
+        let h = fake.add(
+            None,
+            1,
+            0,
+            FakeFn::endpoint(1, 2)
+                .pcie(PortType::Endpoint)
+                .bar32(0, 0x1000, false),
+        );
+        let ep = Bdf::new(0, 1, 0);
+        let (mut f, mut v) = setup(fake, &[ep]);
+        // PCIe capability at 0x40: Device Control/Status at 0x48, Correctable Error Detected
+        // set. A 16-bit Device Control write with Initiate FLR reaches hardware without FLR
+        // and with zeros (no clearing) in the RW1C Device Status.
+        f.set(h, 0x48, 0x0001_0000);
+        let mut rec = Recorder::default();
+        v.write(&mut rec.with(&mut f), off(ep, 0x48), H, 0x8000 | 0x0010);
+        assert_eq!(rec.writes, [(ep, 0x48, 0x0010)]);
+        // An extended-space write goes nowhere; reads pass through.
+        let mut rec = Recorder::default();
+        v.write(&mut rec.with(&mut f), off(ep, 0x100), W, 0x1234);
+        assert!(rec.writes.is_empty());
+        assert_eq!(
+            v.read(&f, off(ep, 0x100), W),
+            u64::from(f.read32(ep, 0x100))
+        );
+        // A dword write elsewhere in device-specific space passes unchanged.
+        let mut rec = Recorder::default();
+        v.write(&mut rec.with(&mut f), off(ep, 0x80), W, 0xdead_beef);
+        assert_eq!(rec.writes, [(ep, 0x80, 0xdead_beef)]);
+    }
+
+    #[test]
+    fn interrupt_line_is_virtual() {
+        let blk = Bdf::new(0, 2, 0);
+        let (mut f, mut v) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+        assert_eq!(v.read(&f, off(blk, 0x3c), H), 0x0100);
+        v.write(&mut f, off(blk, 0x3c), B, 37);
+        assert_eq!(v.read(&f, off(blk, 0x3c), W) & 0xffff, 0x0125);
+        assert_eq!(v.interrupt_line(blk), Some(37));
+        assert_eq!(f.read32(blk, 0x3c) & 0xff, 0);
+        // The pin is read-only to the guest.
+        v.write(&mut f, off(blk, 0x3d), B, 4);
+        assert_eq!(v.read(&f, off(blk, 0x3d), B), 1);
+    }
+
+    #[test]
+    fn never_panics_on_any_offset_or_width() {
+        let owned = [Bdf::new(0, 2, 0), Bdf::new(0, 4, 0)];
+        let (mut f, v) = setup(FakeConfigSpace::qemu_flat(), &owned);
+        let mut v = v.with_first_bus(0);
+        for width in [B, H, W, D] {
+            for reg in 0..0x1000u64 {
+                let o = off(owned[0], 0) + reg;
+                v.read(&f, o, width);
+                v.write(&mut f, o, width, u64::MAX);
+                v.write(&mut f, o, width, 0);
+            }
+            for o in [u64::MAX, u64::MAX - 3, 0xfff_ffff, 0x1000_0000, 1 << 40] {
+                v.read(&f, o, width);
+                v.write(&mut f, o, width, 0x5a5a_5a5a);
+            }
+        }
+        // Misaligned accesses read all ones.
+        assert_eq!(v.read(&f, off(owned[0], 1), H), 0xffff);
+        assert_eq!(v.read(&f, off(owned[0], 4), D), u64::MAX);
+        let (_, shifted) = setup(FakeConfigSpace::qemu_flat(), &owned);
+        let mut shifted = shifted.with_first_bus(0xff);
+        assert_eq!(shifted.read(&f, 1 << 20, W), 0xffff_ffff);
+    }
+
+    /// Records what reaches hardware while forwarding to a fake.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        writes: Vec<(Bdf, u16, u32)>,
+    }
+
+    struct Recording<'a> {
+        rec: &'a mut Recorder,
+        inner: &'a mut FakeConfigSpace,
+    }
+
+    impl Recorder {
+        fn with<'a>(&'a mut self, inner: &'a mut FakeConfigSpace) -> Recording<'a> {
+            Recording { rec: self, inner }
+        }
+    }
+
+    impl ConfigSpace for Recording<'_> {
+        fn read32(&self, bdf: Bdf, offset: u16) -> u32 {
+            self.inner.read32(bdf, offset)
+        }
+        fn write32(&mut self, bdf: Bdf, offset: u16, value: u32) {
+            self.rec.writes.push((bdf, offset, value));
+            self.inner.write32(bdf, offset, value);
+        }
+    }
+}
