@@ -8,7 +8,7 @@
 #
 #   qemu/board-virt.sh [--vms N] [--vm-bootargs I STR]... [--bootargs STR] [--vm-dts FILE]
 #                      [--show-dts] [--guest DIR] [--bare] [--smp N] [--mem SIZE]
-#                      [--dumpdtb FILE] [-- QEMU_ARGS...]
+#                      [--pci] [--vm-pci I BDFS]... [--dumpdtb FILE] [-- QEMU_ARGS...]
 #
 #   --vms N             VMs to generate (default 2): VM i gets 2 vCPUs pinned to the physical CPUs
 #                       with MPIDRs 2i and 2i+1, 1 GiB of RAM, the guest kernel and initramfs
@@ -21,6 +21,14 @@
 #                       the VMs block, at its end) and exit
 #   --guest DIR         guest images: DIR/Image, DIR/initramfs.cpio.gz (default: build/guest/stock)
 #   --bare              boot VM 0's guest kernel directly on QEMU, no hypervisor (for comparisons)
+#   --pci               PCI devices for vm0 and vm1 on the root bus: vm0 gets a virtio-blk-pci at
+#                       00:01.0 (disk build/disks/vm0.img) and a virtio-net-pci at 00:02.0 (MAC
+#                       52:54:00:00:00:10), vm1 the same at 00:03.0 and 00:04.0 (vm1.img, MAC
+#                       ...:11); the NICs share one QEMU hub. Their VM nodes get
+#                       `smmu-hv,pci-devices`. With --bare: vm0's devices, and QEMU's user network
+#                       on the hub as a peer at 10.0.2.2
+#   --vm-pci I BDFS     VM I's `smmu-hv,pci-devices` (comma-separated BDFs, e.g. "00:01.0,00:02.0";
+#                       "" for none) instead of what --pci gives it; adds no device
 #   --smp N             CPUs (default 4)
 #   --mem SIZE          RAM (default 4G)
 #   --dumpdtb FILE      write the DTB QEMU would pass to FILE and exit
@@ -28,7 +36,9 @@
 #
 # Generated files go to build/board/, named by a hash of their content (concurrent runs with
 # different VMs do not clash): vms-HASH.dts (the complete DTS) and vms-HASH.dtb; files unused
-# for a day are removed.
+# for a day are removed. --pci's disk images are build/disks/vm0.img and vm1.img, made when
+# missing (8 MiB of deterministic content, different per VM, then 1 MiB the guest may scribble
+# on); QEMU locks them, so two --pci runs at once need separate checkouts.
 # It does not build anything: run qemu/setup.sh and qemu/build.sh first (qemu/run.sh does all three).
 set -euo pipefail
 
@@ -45,6 +55,12 @@ GUEST_INITRD_ADDR=0x50000000
 VM_CPUS=2
 VM_MEM_KIB=$((1024 * 1024))
 DEFAULT_BOOTARGS="console=ttyAMA0 rdinit=/init"
+# --pci: the functions of VM i are on root-bus slots PCI_SLOTS[i] (disk, NIC). On the root bus,
+# INTA of slot s raises SPI 3 + (s % 4), so slots 1-4 give the four functions four different lines.
+PCI_SLOTS=("1 2" "3 4")
+# The disks: DISK_MIB MiB of content (deterministic, different per VM), which the tests checksum,
+# then a 1 MiB scratch area the guest writes.
+DISK_MIB=8
 
 VMS=2
 declare -A VM_BOOTARGS=()
@@ -55,6 +71,8 @@ BARE=0
 SMP=4
 MEM=4G
 DUMPDTB=""
+PCI=0
+declare -A VM_PCI=()
 EXTRA=()
 
 need_arg() { [ "$#" -ge 2 ] || die "$1 needs a value (see --help)"; }
@@ -74,6 +92,13 @@ while [ "$#" -gt 0 ]; do
         --show-dts) SHOW_DTS=1; shift ;;
         --guest) need_arg "$@"; GUEST="$2"; shift 2 ;;
         --bare) BARE=1; shift ;;
+        --pci) PCI=1; shift ;;
+        --vm-pci)
+            [ "$#" -ge 3 ] || die "--vm-pci needs a VM index and a BDF list (see --help)"
+            [[ "$2" =~ ^[0-9]+$ ]] || die "--vm-pci wants a VM index (0, 1, ...), got '$2'"
+            VM_PCI[$((10#$2))]="$3"
+            shift 3
+            ;;
         --smp) need_arg "$@"; SMP="$2"; shift 2 ;;
         --mem) need_arg "$@"; MEM="$2"; shift 2 ;;
         --dumpdtb) need_arg "$@"; DUMPDTB="$2"; shift 2 ;;
@@ -96,6 +121,57 @@ HV_IMAGE="$ROOT/build/hypervisor.bin"
 # QEMU's option parser splits -M and -device properties at commas; a literal comma is written twice.
 qemu_escape() { printf '%s' "${1//,/,,}"; }
 
+# --pci: VM i's disk image, made (deterministic content) when missing.
+disk_image() {
+    local i="$1" dir="$ROOT/build/disks" img
+    img="$dir/vm$i.img"
+    if [ ! -f "$img" ]; then
+        command -v python3 >/dev/null || die "python3 not found: run qemu/setup.sh"
+        mkdir -p "$dir"
+        # Each 32-byte block is SHA-256("smmu-hv disk vmI block N"); then 1 MiB of zeros (scratch).
+        python3 - "$img.tmp.$$" "$i" "$DISK_MIB" <<'PY'
+import hashlib, sys
+path, vm, mib = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open(path, "wb") as f:
+    blocks = mib << 15
+    for start in range(0, blocks, 4096):
+        f.write(b"".join(hashlib.sha256(f"smmu-hv disk vm{vm} block {n}".encode()).digest()
+                         for n in range(start, min(start + 4096, blocks))))
+    f.write(bytes(1 << 20))
+PY
+        mv -f "$img.tmp.$$" "$img"
+    fi
+    echo "$img"
+}
+
+# --pci: the QEMU arguments of VM i's disk and NIC (their slots: PCI_SLOTS[i]); says where the
+# disk is. iommu_platform=on is essential: without it QEMU's virtio devices skip the SMMU and
+# DMA straight to physical addresses (a guest's IPAs would land in the hypervisor's memory).
+pci_args() {
+    local i="$1" slots disk_slot net_slot img
+    read -r -a slots <<<"${PCI_SLOTS[$i]}"
+    disk_slot="${slots[0]}"
+    net_slot="${slots[1]}"
+    img="$(disk_image "$i")"
+    say "vm$i disk: ${img#"$ROOT"/} ($DISK_MIB MiB content + 1 MiB scratch) at 00:0$disk_slot.0; NIC 52:54:00:00:00:1$i at 00:0$net_slot.0"
+    PCI_ARGS+=(-drive "if=none,id=vm${i}disk,format=raw,file=$(qemu_escape "$img")"
+        -device "virtio-blk-pci,drive=vm${i}disk,bus=pcie.0,addr=$disk_slot.0,disable-legacy=on,iommu_platform=on"
+        -netdev "hubport,id=vm${i}net,hubid=0"
+        -device "virtio-net-pci,netdev=vm${i}net,bus=pcie.0,addr=$net_slot.0,disable-legacy=on,iommu_platform=on,mac=52:54:00:00:00:1$i,romfile=")
+}
+
+# The BDFs --pci gives VM i (none beyond vm1).
+pci_bdfs() {
+    local i="$1" s out=""
+    [ "$PCI" = 1 ] && [ "$i" -lt "${#PCI_SLOTS[@]}" ] || return 0
+    for s in ${PCI_SLOTS[$i]}; do
+        out="$out${out:+,}00:0$s.0"
+    done
+    echo "$out"
+}
+
+PCI_ARGS=()
+
 if [ "$BARE" = 1 ]; then
     MACHINE="virt,gic-version=3"
 else
@@ -114,11 +190,17 @@ if [ "$BARE" = 1 ]; then
     for i in "${!VM_BOOTARGS[@]}"; do
         [ "$i" = 0 ] || die "--bare boots one guest: --vm-bootargs $i has no VM to go to"
     done
+    [ "${#VM_PCI[@]}" = 0 ] || die "--vm-pci configures the hypervisor's VMs; it means nothing with --bare"
+    if [ "$PCI" = 1 ]; then
+        # vm0's devices, and QEMU's user network (10.0.2.2) on the hub as something to ping.
+        pci_args 0
+        PCI_ARGS+=(-netdev "user,id=user0" -netdev "hubport,id=userport,hubid=0,netdev=user0")
+    fi
     M="$MACHINE"
     [ -n "$DUMPDTB" ] && M="$M,dumpdtb=$(qemu_escape "$DUMPDTB")"
     CMD=(qemu-system-aarch64 -M "$M" "${MACHINE_OPTS[@]}"
         -kernel "$GUEST_IMAGE" -initrd "$GUEST_INITRD" -append "${VM_BOOTARGS[0]-$DEFAULT_BOOTARGS}"
-        "${EXTRA[@]}")
+        "${PCI_ARGS[@]}" "${EXTRA[@]}")
     say "bare guest, no hypervisor: ${CMD[*]}"
     exec "${CMD[@]}"
 fi
@@ -135,6 +217,18 @@ dts_string() {
     printf '"%s"' "${s//\"/\\\"}"
 }
 
+# A DTS string list from comma-separated items: "a", "b".
+dts_string_list() {
+    local item out="" items
+    IFS=, read -r -a items <<<"$1"
+    for item in "${items[@]}"; do
+        item="${item// /}"
+        [ -n "$item" ] || continue
+        out="$out${out:+, }$(dts_string "$item")"
+    done
+    printf '%s' "$out"
+}
+
 vms_block() {
     if [ -n "$VM_DTS" ]; then
         [ -r "$VM_DTS" ] || die "--vm-dts: cannot read '$VM_DTS'"
@@ -142,7 +236,7 @@ vms_block() {
             -e "s/@INITRD_ADDR@/$GUEST_INITRD_ADDR/g" -e "s/@INITRD_SIZE@/$INITRD_SIZE/g" "$VM_DTS"
         return
     fi
-    local i cpu0 cpu1 mpidr0 mpidr1
+    local i cpu0 cpu1 mpidr0 mpidr1 bdfs
     printf '\n/* The VMs (generated by qemu/board-virt.sh --vms %s; binding: docs/vm-config.md). */\n' "$VMS"
     printf '/ {\n\tchosen {\n'
     for ((i = 0; i < VMS; i++)); do
@@ -157,6 +251,10 @@ vms_block() {
         printf '\t\t\tcpus = <%d>;\n' "$VM_CPUS"
         printf '\t\t\tsmmu-hv,cpus = <0x%x 0x%x>;\n' "$mpidr0" "$mpidr1"
         printf '\t\t\tmemory = <0x0 0x%x>;\n' "$VM_MEM_KIB"
+        bdfs="${VM_PCI[$i]-$(pci_bdfs "$i")}"
+        if [ -n "$bdfs" ]; then
+            printf '\t\t\tsmmu-hv,pci-devices = %s;\n' "$(dts_string_list "$bdfs")"
+        fi
         printf '\t\t\tmodule@%x {\n' "$GUEST_KERNEL_ADDR"
         printf '\t\t\t\tcompatible = "multiboot,kernel", "multiboot,module";\n'
         printf '\t\t\t\treg = <0x0 %s 0x0 %s>;\n' "$GUEST_KERNEL_ADDR" "$KERNEL_SIZE"
@@ -175,10 +273,14 @@ if [ -z "$VM_DTS" ]; then
     for i in "${!VM_BOOTARGS[@]}"; do
         [ "$i" -lt "$VMS" ] || die "--vm-bootargs $i: there are only $VMS VMs (--vms $VMS)"
     done
+    for i in "${!VM_PCI[@]}"; do
+        [ "$i" -lt "$VMS" ] || die "--vm-pci $i: there are only $VMS VMs (--vms $VMS)"
+    done
     [ $((VMS * VM_CPUS)) -le "$SMP" ] ||
         die "--vms $VMS needs $((VMS * VM_CPUS)) CPUs ($VM_CPUS per VM) but --smp is $SMP"
 else
     [ "${#VM_BOOTARGS[@]}" = 0 ] || say "note: --vm-dts given: --bootargs/--vm-bootargs are ignored"
+    [ "${#VM_PCI[@]}" = 0 ] || say "note: --vm-dts given: --vm-pci is ignored"
 fi
 
 BOARD_DIR="$ROOT/build/board"
@@ -222,6 +324,14 @@ fi
 mv -f "$WORK/vms.dts" "$DTS"
 mv -f "$WORK/vms.dtb" "$DTB"
 
+# --pci: the devices of vm0 and vm1 (as many VMs as there are, at most two). Not in the DT dump
+# above: PCI functions are not in the DT, and the disk images stay unopened until the real run.
+if [ "$PCI" = 1 ]; then
+    for ((i = 0; i < VMS && i < ${#PCI_SLOTS[@]}; i++)); do
+        pci_args "$i"
+    done
+fi
+
 M="$MACHINE"
 [ -n "$DUMPDTB" ] && M="$M,dumpdtb=$(qemu_escape "$DUMPDTB")"
 CMD=(qemu-system-aarch64 -M "$M" "${MACHINE_OPTS[@]}"
@@ -229,7 +339,7 @@ CMD=(qemu-system-aarch64 -M "$M" "${MACHINE_OPTS[@]}"
     -dtb "$DTB"
     -device "loader,file=$(qemu_escape "$GUEST_IMAGE"),addr=$GUEST_KERNEL_ADDR,force-raw=on"
     -device "loader,file=$(qemu_escape "$GUEST_INITRD"),addr=$GUEST_INITRD_ADDR,force-raw=on"
-    "${EXTRA[@]}")
+    "${PCI_ARGS[@]}" "${EXTRA[@]}")
 
 if [ -n "$VM_DTS" ]; then
     what="VMs from $VM_DTS"

@@ -8,6 +8,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${HV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/smmu-hv}"
 BUILD="$ROOT/build"
 KVER_GLOB='linux-image-6.12.*-arm64-unsigned'
+# Kernel config symbol and module name of each driver the guest needs beyond the kernel's built-in
+# ones: the virtio PCI transport and the virtio disk and NIC. Those the kernel has as modules (=m)
+# go into the initramfs with their dependencies; built-in ones (=y) need nothing.
+GUEST_DRIVERS=(VIRTIO_PCI:virtio_pci VIRTIO_BLK:virtio_blk VIRTIO_NET:virtio_net)
+# modinfo lives in /usr/sbin, which a user's PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
@@ -66,6 +72,8 @@ ensure_host_packages() {
     command -v dtc >/dev/null || missing+=(device-tree-compiler)
     command -v cpio >/dev/null || missing+=(cpio)
     command -v python3 >/dev/null || missing+=(python3)
+    command -v xz >/dev/null || missing+=(xz-utils)
+    command -v modinfo >/dev/null || missing+=(kmod)
     if [ "${#missing[@]}" -gt 0 ]; then
         apt_update
         say "installing ${missing[*]}"
@@ -113,6 +121,50 @@ guest_kernel_pkg() {
         awk '{print $1}' | sort -V | tail -1
 }
 
+# Copies into $3 (a directory) the module $1 of the kernel tree $2 (lib/modules/KVER) after its
+# dependencies (modinfo's `depends`), each decompressed (busybox insmod loads plain .ko files),
+# and appends each name, dependencies first, to $3/load-order. Each module once.
+declare -A GUEST_MOD_DONE=()
+add_guest_module() {
+    local name="$1" tree="$2" dest="$3" f dep
+    [ -z "${GUEST_MOD_DONE[$name]-}" ] || return 0
+    GUEST_MOD_DONE[$name]=1
+    # Module names use `_`; some files use `-`.
+    f="$(find "$tree" \( -name "$name.ko*" -o -name "${name//_/-}.ko*" \) | head -1)"
+    [ -n "$f" ] || die "guest kernel: no module file for $name under ${tree##*/}"
+    for dep in $(modinfo -F depends "$f" | tr ',' ' '); do
+        add_guest_module "$dep" "$tree" "$dest"
+    done
+    case "$f" in
+        *.ko.xz) xz -dc "$f" >"$dest/$name.ko" ;;
+        *.ko.gz) gzip -dc "$f" >"$dest/$name.ko" ;;
+        *.ko) cp "$f" "$dest/$name.ko" ;;
+        *) die "guest kernel: $f: unknown module compression" ;;
+    esac
+    echo "$name" >>"$dest/load-order"
+}
+
+# The initramfs's modules (see GUEST_DRIVERS) from the extracted kernel package $1, into $2.
+guest_modules() {
+    local k="$1" ir="$2" config tree d sym name val
+    config="$(ls "$k"/boot/config-* | head -1)"
+    tree="$(ls -d "$k"/lib/modules/*/ | head -1)"
+    tree="${tree%/}"
+    mkdir -p "$ir/lib/modules"
+    : >"$ir/lib/modules/load-order"
+    for d in "${GUEST_DRIVERS[@]}"; do
+        sym="${d%%:*}"
+        name="${d#*:}"
+        val="$(sed -n "s/^CONFIG_$sym=//p" "$config")"
+        case "$val" in
+            y) say "guest kernel: CONFIG_$sym=y ($name built in)" ;;
+            m) add_guest_module "$name" "$tree" "$ir/lib/modules" ;;
+            *) die "guest kernel: CONFIG_$sym is '${val:-not set}' in ${config##*/}: the guest needs $name" ;;
+        esac
+    done
+    say "guest modules (load order): $(tr '\n' ' ' <"$ir/lib/modules/load-order")"
+}
+
 ensure_guest_images() {
     local gdir="$BUILD/guest"
     mkdir -p "$gdir"
@@ -128,9 +180,12 @@ ensure_guest_images() {
     bdeb="$(fetch_deb busybox-static:arm64)"
 
     local key
-    key="$(cat "$kdeb" "$bdeb" "$ROOT/tests/guest/init" | sha256sum | cut -c1-16)"
+    key="$({
+        cat "$kdeb" "$bdeb" "$ROOT/tests/guest/init"
+        echo "modules: ${GUEST_DRIVERS[*]}"
+    } | sha256sum | cut -c1-16)"
     local out="$CACHE/guest-$key"
-    if [ ! -f "$out/initramfs.cpio.gz" ] || [ ! -f "$out/Image" ]; then
+    if [ ! -f "$out/initramfs.cpio.gz" ] || [ ! -f "$out/Image" ] || [ ! -f "$out/modules" ]; then
         say "building guest images from $(basename "$kdeb") and $(basename "$bdeb")"
         local tmp
         tmp="$(mktemp -d)"
@@ -147,10 +202,14 @@ ensure_guest_images() {
         fi
         mv "$out/Image.tmp" "$out/Image"
         basename "$vmlinuz" | sed 's/^vmlinuz-//' >"$out/kver"
-        # initramfs: busybox + the project's init.
+        # initramfs: busybox + the project's init + the virtio modules (lib/modules/NAME.ko and
+        # lib/modules/load-order, which the init follows).
         local ir="$tmp/initramfs"
         mkdir -p "$ir"/{bin,sbin,proc,sys,dev,tmp,etc,root,usr/bin,usr/sbin}
         cp "$tmp/b/bin/busybox" "$ir/bin/busybox"
+        guest_modules "$tmp/k" "$ir"
+        # The modules the guest loads, in order, for the tests to compare with (`guest: modules=`).
+        cp "$ir/lib/modules/load-order" "$out/modules"
         cp "$ROOT/tests/guest/init" "$ir/init"
         chmod +x "$ir/init"
         (cd "$ir" && find . | cpio -o -H newc --quiet | gzip -9 >"$out/initramfs.cpio.gz.tmp")

@@ -231,7 +231,6 @@ fn two_guests_lifecycle() -> Result<(), integration_tests::Error> {
 
     // Input to vm1: it answers, then powers off alone.
     focus(&mut q, "vm1")?;
-    q.wait_for_prompt("# ", STEP_TIMEOUT);
     answer(&mut q, "vm1")?;
     q.send("poweroff -f\n")?;
     q.wait_for("[hv] vm1: stopped", STEP_TIMEOUT)?;

@@ -45,6 +45,8 @@ pub struct Console {
     uart: Uart,
     mux: ConsoleMux,
     input: InputRouter,
+    /// Per VM: input has been delivered to it (it is being used interactively).
+    typed_into: Vec<bool>,
 }
 
 /// The console, once probed.
@@ -63,6 +65,7 @@ pub unsafe fn init(base: u64) {
         uart: Uart { regs },
         mux: ConsoleMux::new(Vec::new()),
         input: InputRouter::new(0),
+        typed_into: Vec::new(),
     });
 }
 
@@ -70,6 +73,7 @@ pub unsafe fn init(base: u64) {
 pub fn set_vms(prefixes: Vec<String>) {
     if let Some(c) = CONSOLE.lock().as_mut() {
         c.input = InputRouter::new(prefixes.len());
+        c.typed_into = alloc::vec![false; prefixes.len()];
         c.mux = ConsoleMux::new(prefixes);
     }
 }
@@ -103,11 +107,12 @@ pub fn print_guest(vm: usize, bytes: &[u8]) {
     }
 }
 
-/// Shows VM `vm`'s partial line if it has the input focus: called when one of its vCPUs
-/// goes idle, which is when a shell waits at its prompt.
+/// Shows VM `vm`'s partial line if it has the input focus and someone has typed into it:
+/// called when one of its vCPUs goes idle, which is when a shell waits at its prompt. A VM
+/// nobody types into keeps whole lines only, so its output never splits around other sources'.
 pub fn flush_if_focused(vm: usize) {
     if let Some(c) = CONSOLE.lock().as_mut() {
-        if c.input.focus() == vm {
+        if c.input.focus() == vm && c.typed_into.get(vm).copied().unwrap_or(false) {
             let uart = &c.uart;
             c.mux.flush_partial(vm, &mut |b| uart.write(b));
         }
@@ -130,7 +135,12 @@ pub fn take_input() -> Vec<(usize, u8)> {
             break;
         };
         match c.input.feed(byte) {
-            InputAction::Deliver { vm, byte } => delivered.push((vm, byte)),
+            InputAction::Deliver { vm, byte } => {
+                if let Some(t) = c.typed_into.get_mut(vm) {
+                    *t = true;
+                }
+                delivered.push((vm, byte));
+            }
             InputAction::SwitchFocus(vm) => {
                 let uart = &c.uart;
                 c.mux

@@ -1,0 +1,328 @@
+//! PCI device assignment: each VM gets its own physical PCI functions (`qemu/board-virt.sh --pci`:
+//! a virtio-blk-pci disk and a virtio-net-pci NIC per VM, named in the VM's
+//! `smmu-hv,pci-devices`), sees only those behind its virtual host bridge, and drives them with
+//! the stock kernel's virtio modules: it reads its own disk (the MD5 the host computes of that
+//! VM's image), writes and reads back a scratch area, and pings the other VM over the NICs' shared
+//! QEMU hub. `bare_guest_with_vm0s_pci_devices` runs the same guest with vm0's devices directly on
+//! QEMU, without the hypervisor: the reference for the guest side (and for throughput).
+//!
+//! What the guest prints is in `tests/guest/init` (`pci-list`, `eth0-*`, `disk-*`, `ping`,
+//! `pinged`); the board's PCI topology and disk images in `docs/vm-config.md`.
+
+use std::fs;
+use std::time::Duration;
+
+use integration_tests::{
+    check_guest_facts, check_vm_guest_facts, md5_hex, repo_root, stock_guest_dir, vm_text, Line,
+    Qemu, STEP_TIMEOUT,
+};
+
+/// vCPUs the board script gives each generated VM (and `--smp` of the bare run).
+const VM_CPUS: usize = 2;
+/// The part of each disk image the host and the guest checksum: its first 8 MiB.
+const DISK_CONTENT: usize = 8 << 20;
+/// The whole disk: the content, then 1 MiB of scratch that the guest writes each boot.
+const DISK_BYTES: usize = DISK_CONTENT + (1 << 20);
+/// Wall-clock limit of a run with PCI devices (two boots, disk I/O, pings that wait for the peer).
+const PCI_RUN_TIMEOUT: Duration = Duration::from_secs(600);
+/// The PCI function QEMU's host bridge shows at 00:00.0; a host bridge in a guest's list is no
+/// assigned device, so the lists are compared without it.
+const HOST_BRIDGE: &str = "00:00.0:1b36:0008";
+
+/// What the board script's `--pci` gives a VM, and the network address its test gives it.
+struct Assigned {
+    vm: &'static str,
+    /// virtio-blk-pci (modern: 1af4:1042) and its RequesterID (= StreamID).
+    disk: (&'static str, u32),
+    /// virtio-net-pci (modern: 1af4:1041) and its RequesterID.
+    nic: (&'static str, u32),
+    mac: &'static str,
+    ip: &'static str,
+}
+
+const VM0: Assigned = Assigned {
+    vm: "vm0",
+    disk: ("00:01.0", 0x08),
+    nic: ("00:02.0", 0x10),
+    mac: "52:54:00:00:00:10",
+    ip: "10.0.2.10",
+};
+const VM1: Assigned = Assigned {
+    vm: "vm1",
+    disk: ("00:03.0", 0x18),
+    nic: ("00:04.0", 0x20),
+    mac: "52:54:00:00:00:11",
+    ip: "10.0.2.11",
+};
+
+impl Assigned {
+    /// The guest's `pci-list` of exactly these functions (BDF:VENDOR:DEVICE, sorted).
+    fn pci_list(&self) -> Vec<String> {
+        vec![
+            format!("{}:1af4:1042", self.disk.0),
+            format!("{}:1af4:1041", self.nic.0),
+        ]
+    }
+
+    fn bootargs(&self, peer: &str) -> String {
+        format!(
+            "console=ttyAMA0 rdinit=/init hvip={}/24 hvping={peer} hvpinged=1 hvtest=poweroff",
+            self.ip
+        )
+    }
+}
+
+/// The MD5 of the first `DISK_CONTENT` bytes of VM `vm`'s disk image (made by the board script).
+fn host_disk_md5(vm: &str) -> String {
+    let path = repo_root().join(format!("build/disks/{vm}.img"));
+    let data = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(data.len(), DISK_BYTES, "the size of {}", path.display());
+    md5_hex(&data[..DISK_CONTENT])
+}
+
+/// The modules the guest must have loaded, in order (`guest: modules=`), as `qemu/setup.sh`
+/// listed them.
+fn expected_modules() -> String {
+    let path = stock_guest_dir().join("modules");
+    let list = fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run qemu/setup.sh)", path.display()));
+    list.split_whitespace().collect::<Vec<_>>().join(",")
+}
+
+/// The functions of a `pci-list` value, without QEMU's host bridge.
+fn functions(list: &str) -> Vec<String> {
+    list.split(',')
+        .filter(|f| !f.is_empty() && *f != "none" && *f != HOST_BRIDGE)
+        .map(str::to_string)
+        .collect()
+}
+
+/// The StreamIDs in a hypervisor line's `StreamIDs [8, 16]`.
+fn stream_ids(line: &str) -> Vec<u32> {
+    line.split_once("StreamIDs [")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(ids, _)| {
+            ids.split(',')
+                .filter_map(|id| id.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The value of the first fact `key` that `source` printed (`source` `None`: a line without a
+/// console prefix, as in a bare run; `Some(vm)`: a line of `vm`).
+fn fact_in(lines: &[Line], source: Option<&str>, key: &str) -> Option<String> {
+    let needle = format!("guest: {key}=");
+    lines.iter().find_map(|l| {
+        let text = match source {
+            Some(vm) => vm_text(&l.text, vm)?,
+            None => l.text.as_str(),
+        };
+        let (_, value) = text.split_once(&needle)?;
+        Some(value.trim().to_string())
+    })
+}
+
+/// Two VMs, each with its own disk and NIC (`--vms 2 --pci`), pinging each other: each sees
+/// exactly its own two functions, reads its own disk (the host's MD5 of that VM's image, and the
+/// two images differ), writes and reads back its scratch MiB, gets its own MAC and address, pings
+/// the other and is pinged by it; the hypervisor reports the functions and their assignment
+/// (StreamID = RequesterID), aborts none of them, and powers off when both VMs have.
+#[test]
+fn two_guests_with_their_own_disks_and_nics() -> Result<(), integration_tests::Error> {
+    let vm0_args = VM0.bootargs(VM1.ip);
+    let vm1_args = VM1.bootargs(VM0.ip);
+    let mut q = Qemu::spawn_with_limit(
+        "two_guests_with_their_own_disks_and_nics",
+        &[
+            "--vms",
+            "2",
+            "--pci",
+            "--vm-bootargs",
+            "0",
+            &vm0_args,
+            "--vm-bootargs",
+            "1",
+            &vm1_args,
+        ],
+        PCI_RUN_TIMEOUT,
+    )?;
+    let guest = stock_guest_dir();
+
+    let mut disk_md5s = Vec::new();
+    for a in [&VM0, &VM1] {
+        let vm = a.vm;
+        check_vm_guest_facts(&mut q, vm, &guest, VM_CPUS)?;
+        let list = q.wait_vm_fact(vm, "pci-list", STEP_TIMEOUT)?;
+        assert_eq!(
+            functions(&list),
+            a.pci_list(),
+            "{vm}'s PCI functions (guest: pci-list={list}): exactly its own disk and NIC"
+        );
+        assert_eq!(
+            q.wait_vm_fact(vm, "eth0-mac", STEP_TIMEOUT)?,
+            a.mac,
+            "{vm}'s NIC MAC: its own NIC"
+        );
+        assert_eq!(
+            q.wait_vm_fact(vm, "eth0-ip", STEP_TIMEOUT)?,
+            format!("{}/24", a.ip),
+            "{vm}'s eth0 address"
+        );
+        assert_eq!(
+            q.wait_vm_fact(vm, "disk-bytes", STEP_TIMEOUT)?,
+            DISK_BYTES.to_string(),
+            "{vm}'s /dev/vda size"
+        );
+        let md5 = q.wait_vm_fact(vm, "disk-md5", STEP_TIMEOUT)?;
+        assert_eq!(
+            md5,
+            host_disk_md5(vm),
+            "{vm}'s MD5 of its disk's first {DISK_CONTENT} bytes against the host's of build/disks/{vm}.img"
+        );
+        disk_md5s.push(md5);
+        assert_eq!(
+            q.wait_vm_fact(vm, "disk-rw", STEP_TIMEOUT)?,
+            "ok",
+            "{vm} read back (O_DIRECT) the pattern it wrote to its disk's scratch MiB"
+        );
+        assert_eq!(
+            q.wait_vm_fact(vm, "ping", STEP_TIMEOUT)?,
+            "ok",
+            "{vm} pinging the other VM"
+        );
+        assert_eq!(
+            q.wait_vm_fact(vm, "pinged", STEP_TIMEOUT)?,
+            "yes",
+            "{vm} pinged by the other VM"
+        );
+        q.wait_vm_for(vm, "guest: powering off", STEP_TIMEOUT)?;
+    }
+    assert_ne!(
+        disk_md5s[0], disk_md5s[1],
+        "vm0 and vm1 read the same disk content"
+    );
+
+    q.wait_for("[hv] all VMs stopped", STEP_TIMEOUT)?;
+    let status = q.wait_exit(STEP_TIMEOUT)?;
+    assert!(
+        status.success(),
+        "QEMU exited with {status} after both VMs powered off"
+    );
+
+    let lines = q.lines();
+    let modules = expected_modules();
+    let hv: Vec<&str> = lines
+        .iter()
+        .map(|l| l.text.as_str())
+        .filter(|t| t.starts_with("[hv] "))
+        .collect();
+    for a in [&VM0, &VM1] {
+        let vm = a.vm;
+        assert_eq!(
+            fact_in(&lines, Some(vm), "modules").as_deref(),
+            Some(modules.as_str()),
+            "the modules {vm}'s guest loaded"
+        );
+        for ((bdf, rid), id) in [(a.disk, "1042"), (a.nic, "1041")] {
+            let found = format!("[hv] pci: {bdf} [1af4:{id}]");
+            assert!(
+                hv.iter().any(|t| t.starts_with(&found)),
+                "the hypervisor did not report {found:?}"
+            );
+            // `[hv] vm0: assigned 00:01.0 (IOMMU group 1, StreamIDs [8])` (or, for all of the
+            // VM's groups at once, `(IOMMU groups [1, 2], StreamIDs [8, 16])`).
+            let assigned = format!("[hv] {vm}: assigned {bdf} (IOMMU group");
+            let at = hv.iter().position(|t| t.starts_with(&assigned));
+            let line = at.map(|i| hv[i]);
+            assert!(
+                line.is_some_and(|t| stream_ids(t).contains(&rid)),
+                "the hypervisor did not report {bdf} assigned to {vm} with StreamID {rid} \
+                 (= its RequesterID): {line:?}"
+            );
+            println!("hypervisor: {}", line.expect("just checked"));
+            // Enumeration may report every group unassigned first; none of the VM's may be
+            // left so after its assignment.
+            let aborted: Vec<&&str> = hv[at.expect("just checked")..]
+                .iter()
+                .filter(|t| t.contains("unassigned") && t.contains(bdf))
+                .collect();
+            assert!(
+                aborted.is_empty(),
+                "{bdf} is {vm}'s but the hypervisor left it unassigned: {aborted:?}"
+            );
+        }
+        assert!(
+            hv.iter()
+                .any(|t| t.starts_with(&format!("[hv] {vm}: stopped"))),
+            "the hypervisor did not report {vm} stopped"
+        );
+    }
+    let errors: Vec<&&str> = hv.iter().filter(|t| t.contains("config: ")).collect();
+    assert!(errors.is_empty(), "config errors: {errors:?}");
+    Ok(())
+}
+
+/// The same guest with vm0's devices (`--bare --pci`), no hypervisor: it loads its modules, sees
+/// the disk and NIC (and QEMU's host bridge), reads the disk's content (the host's MD5 of
+/// build/disks/vm0.img), writes and reads back its scratch MiB, configures eth0 and pings QEMU's
+/// user network at 10.0.2.2 on the same hub.
+#[test]
+fn bare_guest_with_vm0s_pci_devices() -> Result<(), integration_tests::Error> {
+    let smp = VM_CPUS.to_string();
+    let bootargs = format!(
+        "console=ttyAMA0 rdinit=/init hvip={}/24 hvping=10.0.2.2 hvtest=poweroff",
+        VM0.ip
+    );
+    let mut q = Qemu::spawn_with_limit(
+        "bare_guest_with_vm0s_pci_devices",
+        &["--bare", "--smp", &smp, "--pci", "--bootargs", &bootargs],
+        PCI_RUN_TIMEOUT,
+    )?;
+    let report = check_guest_facts(&mut q, &stock_guest_dir(), VM_CPUS)?;
+    assert_eq!(report.vm_name, "none", "without a hypervisor");
+    let list = q.wait_fact("pci-list", STEP_TIMEOUT)?;
+    assert_eq!(
+        functions(&list),
+        VM0.pci_list(),
+        "the bare guest's PCI functions (guest: pci-list={list})"
+    );
+    assert_eq!(q.wait_fact("eth0-mac", STEP_TIMEOUT)?, VM0.mac);
+    assert_eq!(
+        q.wait_fact("eth0-ip", STEP_TIMEOUT)?,
+        format!("{}/24", VM0.ip)
+    );
+    assert_eq!(
+        q.wait_fact("disk-bytes", STEP_TIMEOUT)?,
+        DISK_BYTES.to_string()
+    );
+    assert_eq!(
+        q.wait_fact("disk-md5", STEP_TIMEOUT)?,
+        host_disk_md5("vm0"),
+        "the guest's MD5 of its disk's first {DISK_CONTENT} bytes against the host's of build/disks/vm0.img"
+    );
+    assert_eq!(q.wait_fact("disk-rw", STEP_TIMEOUT)?, "ok");
+    assert_eq!(
+        q.wait_fact("ping", STEP_TIMEOUT)?,
+        "ok",
+        "ping QEMU's user network"
+    );
+    q.wait_for("guest: powering off", STEP_TIMEOUT)?;
+    let status = q.wait_exit(STEP_TIMEOUT)?;
+    assert!(
+        status.success(),
+        "QEMU exited with {status} after the guest powered off"
+    );
+    assert_eq!(
+        fact_in(&q.lines(), None, "modules"),
+        Some(expected_modules()),
+        "the modules the guest loaded"
+    );
+    println!(
+        "boot time (bare, --pci, -smp {VM_CPUS}): QEMU start -> 'guest: init started' = {:.2} s; \
+         QEMU exit at {:.2} s",
+        report.init_started_at.as_secs_f64(),
+        q.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
