@@ -23,5 +23,9 @@ else
     say "building the hypervisor (qemu/build.sh)"
     "$ROOT/qemu/build.sh" || die "qemu/build.sh failed"
 fi
-say "booting on QEMU virt; to quit QEMU press Ctrl-a then x"
+# The default machine: two VMs, each with its own virtio disk and NIC behind the SMMU.
+if [ "$#" = 0 ]; then
+    set -- --pci
+fi
+say "booting on QEMU virt; to quit QEMU press Ctrl-a then x; Ctrl-\\ then 0/1 picks the VM that gets input"
 exec "$ROOT/qemu/board-virt.sh" "$@"

@@ -292,6 +292,40 @@ pub fn attach_stage2(vm: &str, stream_ids: &[u32], vmid: u16, s2_root: u64) -> R
     Ok(())
 }
 
+/// Logs the STE the SMMU holds for every StreamID of every IOMMU group, read back from the
+/// stream table in memory (not from what the hypervisor meant to write).
+pub fn dump_stream_table(groups: &[IommuGroup]) {
+    let guard = SMMU.lock();
+    let Some(smmu) = guard.as_ref() else {
+        return;
+    };
+    for g in groups {
+        for &sid in &g.stream_ids {
+            match smmu.ste(sid) {
+                Ok(ste) => {
+                    let what = match ste.config() {
+                        smmu::ste::StreamConfig::S2Translate | smmu::ste::StreamConfig::Nested => {
+                            alloc::format!(
+                                "{:?}, VMID {}, S2TTB {:#x}",
+                                ste.config(),
+                                ste.s2vmid(),
+                                ste.s2ttb()
+                            )
+                        }
+                        other => alloc::format!("{other:?}"),
+                    };
+                    log::info!(
+                        "smmu: STE {sid} (IOMMU group {}): V={} {what}",
+                        g.id,
+                        u8::from(ste.v())
+                    );
+                }
+                Err(e) => log::warn!("smmu: STE {sid}: {e}"),
+            }
+        }
+    }
+}
+
 /// SMMU events seen since boot.
 static EVENTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 /// Events logged one by one before the log only counts them.

@@ -227,6 +227,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
             }),
         })
         .collect();
+    iommu::dump_stream_table(&iommu.groups);
     uart::set_vms(vms.iter().map(|v| v.prefix.clone()).collect());
     HV.call_once(|| Hv {
         iommu,

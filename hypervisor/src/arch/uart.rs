@@ -14,6 +14,9 @@ use tock_registers::interfaces::{Readable, Writeable};
 const FR_TXFF: u32 = 1 << 5;
 const FR_RXFE: u32 = 1 << 4;
 const INT_RX: u32 = 1 << 4;
+const CR_UARTEN: u32 = 1 << 0;
+const CR_TXE: u32 = 1 << 8;
+const CR_RXE: u32 = 1 << 9;
 const INT_RT: u32 = 1 << 6;
 
 /// The physical UART.
@@ -61,6 +64,12 @@ pub static CONSOLE: Mutex<Option<Console>> = Mutex::new(None);
 pub unsafe fn init(base: u64) {
     // SAFETY: the caller guarantees `base` is a PL011 register block.
     let regs = unsafe { block::<Pl011Regs>(base) };
+    // Firmware normally leaves the console enabled (U-Boot does); QEMU's loader does not.
+    // Baud rate and framing are left as firmware set them.
+    if regs.uartcr.get() & CR_UARTEN == 0 {
+        regs.uartcr
+            .set(regs.uartcr.get() | CR_UARTEN | CR_TXE | CR_RXE);
+    }
     *CONSOLE.lock() = Some(Console {
         uart: Uart { regs },
         mux: ConsoleMux::new(Vec::new()),

@@ -150,7 +150,10 @@ pub fn run_bound_vcpu() -> ! {
                 unsafe { boot::enter(cpu, &frame) };
             }
         }
-        sysreg::wfe();
+        // Woken by any interrupt (a kick from CPU_ON, a VM boot or reset, console input or
+        // an SMMU event routed here): serve the hypervisor's own before looking again.
+        sysreg::wfi();
+        handle_irqs(None);
     }
 }
 
@@ -158,6 +161,7 @@ pub fn run_bound_vcpu() -> ! {
 pub fn idle_forever() -> ! {
     loop {
         sysreg::wfi();
+        handle_irqs(None);
     }
 }
 
@@ -170,6 +174,8 @@ pub struct IrqState {
     /// Where the last exception injected into the guest was sent, to spot a vector that
     /// itself faults.
     last_injected_vector: u64,
+    /// Guest timer interrupts taken on this CPU.
+    timer_exits: u64,
 }
 
 /// Forwarded interrupts one CPU can hold at once: each stays active until its guest
@@ -196,6 +202,7 @@ pub static IRQ_STATE: [spin::Mutex<IrqState>; boot::MAX_CPUS] = [const {
     spin::Mutex::new(IrqState {
         hw_pending: [None; MAX_HW_PENDING],
         last_injected_vector: u64::MAX,
+        timer_exits: 0,
     })
 }; boot::MAX_CPUS];
 
@@ -207,7 +214,7 @@ extern "C" fn hv_lower_exception(frame: &mut TrapFrame, kind: u64) {
     };
     match ExceptionKind::from_raw(kind) {
         ExceptionKind::Sync => handle_sync(vm, vcpu, frame),
-        ExceptionKind::Irq | ExceptionKind::Fiq => handle_irqs(vm, vcpu),
+        ExceptionKind::Irq | ExceptionKind::Fiq => handle_irqs(Some((vm, vcpu))),
         ExceptionKind::SError => {
             stop_vm(vm, "SError from the guest");
         }
@@ -542,7 +549,8 @@ fn cpu_on(vm: &Vm, target: u64, entry: u64, context: u64) -> u64 {
         Power::Off => {
             *power = Power::OnPending { entry, context };
             drop(power);
-            sysreg::sev();
+            // Its CPU waits in WFI: an SGI wakes it.
+            kick(vm, t);
             0
         }
     }
@@ -694,16 +702,31 @@ fn has_pending_virtual(vm: &Vm, vcpu: usize) -> bool {
 /// to clear must not keep a CPU in EL2 forever; the rest are taken on the next exit.
 const MAX_IRQS_PER_EXIT: usize = 32;
 
-fn handle_irqs(vm: &Vm, vcpu: usize) {
+/// Physical interrupts taken while the guest runs (`running` is its VM and vCPU) or while this
+/// CPU has no running vCPU (`None`: its VM is stopped or not started): the hypervisor's own
+/// (console input, SMMU events) are served either way; a guest's are dropped when it is not
+/// running.
+fn handle_irqs(running: Option<(&Vm, usize)>) {
     for _ in 0..MAX_IRQS_PER_EXIT {
         let intid = Gic::ack();
         if intid >= SPURIOUS {
             break;
         }
-        if intid == VTIMER_PPI {
+        if intid == VTIMER_PPI && running.is_some() {
             // Priority drop only: the guest's EOI of the HW list register deactivates it.
             Gic::eoi(intid);
-            IRQ_STATE[this_cpu()].lock().push_hw(intid);
+            let ticks = {
+                let mut st = IRQ_STATE[this_cpu()].lock();
+                st.push_hw(intid);
+                st.timer_exits += 1;
+                st.timer_exits
+            };
+            // The SMMU's event interrupt is an edge routed to CPU 0; the queue is also drained
+            // every few guest timer ticks on every CPU, so events are reported promptly even
+            // if an edge is missed or CPU 0 is busy.
+            if ticks % EVENT_POLL_TICKS == 0 {
+                service_smmu_events();
+            }
         } else if intid == hv().platform.gic.maintenance_ppi {
             // Level-sensitive: its condition must go before it is deactivated, or it is taken
             // again at once.
@@ -718,29 +741,47 @@ fn handle_irqs(vm: &Vm, vcpu: usize) {
             || Some(intid) == hv().platform.smmu.and_then(|s| s.gerror_intid)
         {
             Gic::eoi_and_deactivate(intid);
-            super::iommu::service_events(|sid| {
-                hv().vms
-                    .iter()
-                    .find(|v| v.config.devices.stream_ids.contains(&sid))
-                    .map(|v| v.config.name.as_str())
-            });
-        } else if vm.owns_spi(intid) {
+            service_smmu_events();
+        } else if running.is_some_and(|(vm, _)| vm.owns_spi(intid)) {
             // An assigned device's INTx: forwarded with the HW bit, like the timer.
             Gic::eoi(intid);
             if !IRQ_STATE[this_cpu()].lock().push_hw(intid) {
                 Gic::deactivate(intid);
             }
+        } else if intid == VTIMER_PPI {
+            // A stopped vCPU's timer: masked until its next boot enables it again.
+            Gic::eoi_and_deactivate(intid);
+            hv().gic
+                .set_private_enabled(hv().cpus[this_cpu()].redist(), VTIMER_PPI, false);
         } else {
             Gic::eoi_and_deactivate(intid);
-            log::warn!(
-                "{}: vcpu{vcpu} unexpected physical interrupt {intid}: disabled",
-                vm.config.name
-            );
+            match running {
+                Some((vm, vcpu)) => log::warn!(
+                    "{}: vcpu{vcpu} unexpected physical interrupt {intid}: disabled",
+                    vm.config.name
+                ),
+                None => log::warn!(
+                    "CPU {}: physical interrupt {intid} with no vCPU running: disabled",
+                    this_cpu()
+                ),
+            }
             if intid >= 32 {
                 hv().gic.disable_spi(intid);
             }
         }
     }
+}
+
+/// Guest timer exits between two polls of the SMMU event queue.
+const EVENT_POLL_TICKS: u64 = 32;
+
+fn service_smmu_events() {
+    super::iommu::service_events(|sid| {
+        hv().vms
+            .iter()
+            .find(|v| v.config.devices.stream_ids.contains(&sid))
+            .map(|v| v.config.name.as_str())
+    });
 }
 
 /// Clears the conditions of the GIC maintenance interrupt (IHI 0069, 12.5.9 ICH_MISR_EL2):
@@ -958,7 +999,9 @@ fn inject_undef(vm: &Vm, frame: &mut TrapFrame, _esr: u64) {
 pub fn request_boot(vm: &Vm) {
     *vm.vcpus[0].power.lock() = Power::Boot;
     vm.stopped.store(false, Ordering::Release);
-    sysreg::sev();
+    if vm.vcpus[0].pcpu != this_cpu() {
+        kick(vm, 0);
+    }
 }
 
 /// Loads `vm`'s images on this CPU (its vCPU 0's) and makes vCPU 0 ready to enter the kernel;
