@@ -7,6 +7,11 @@
 //! `hv_lower_exception(frame: &mut TrapFrame, kind: u64)` and
 //! `hv_current_exception(frame: &mut TrapFrame, kind: u64)`.
 #![no_std]
+// The frame offsets and early-map constants are used only by the aarch64 assembly.
+#![cfg_attr(
+    not(all(target_arch = "aarch64", target_os = "none")),
+    allow(dead_code)
+)]
 
 use core::mem::{offset_of, size_of};
 
@@ -85,50 +90,18 @@ pub const TCR_EL2_BASE: u64 = 16 | (1 << 8) | (1 << 10) | (3 << 12) | (1 << 23) 
 /// SCTLR_EL2 bits that turn translation and caches on: M, C, I.
 pub const SCTLR_EL2_MMU_ON: u64 = (1 << 0) | (1 << 2) | (1 << 12);
 /// Early map 1 GiB block: Device-nGnRE (AttrIndx 1), AF, XN (bit 54).
-#[cfg_attr(
-    not(all(target_arch = "aarch64", target_os = "none")),
-    allow(dead_code)
-)]
 const EARLY_DEVICE_BLOCK: u64 = 0b01 | (1 << 2) | (1 << 10) | (1 << 54);
 /// Early map 1 GiB block: Normal write-back (AttrIndx 0), inner shareable, AF.
-#[cfg_attr(
-    not(all(target_arch = "aarch64", target_os = "none")),
-    allow(dead_code)
-)]
 const EARLY_NORMAL_BLOCK: u64 = 0b01 | (3 << 8) | (1 << 10);
 
 /// SPSR_EL2 for entering EL1h (M = 0b0101) with D, A, I, F masked.
 pub const SPSR_EL1H_DAIF_MASKED: u64 = 0x3c5;
 
-#[cfg_attr(
-    not(all(target_arch = "aarch64", target_os = "none")),
-    allow(dead_code)
-)]
 const FRAME_SIZE: usize = size_of::<TrapFrame>();
-#[cfg_attr(
-    not(all(target_arch = "aarch64", target_os = "none")),
-    allow(dead_code)
-)]
 const OFF_X30: usize = offset_of!(TrapFrame, x) + 30 * 8;
-#[cfg_attr(
-    not(all(target_arch = "aarch64", target_os = "none")),
-    allow(dead_code)
-)]
 const OFF_ELR: usize = offset_of!(TrapFrame, elr);
-#[cfg_attr(
-    not(all(target_arch = "aarch64", target_os = "none")),
-    allow(dead_code)
-)]
 const OFF_SPSR: usize = offset_of!(TrapFrame, spsr);
-#[cfg_attr(
-    not(all(target_arch = "aarch64", target_os = "none")),
-    allow(dead_code)
-)]
 const OFF_Q: usize = offset_of!(TrapFrame, q);
-#[cfg_attr(
-    not(all(target_arch = "aarch64", target_os = "none")),
-    allow(dead_code)
-)]
 const OFF_FPCR: usize = offset_of!(TrapFrame, fpcr);
 const _: () = assert!(
     OFF_ELR == OFF_X30 + 8,
