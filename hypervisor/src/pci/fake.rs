@@ -6,8 +6,50 @@
 use alloc::vec::Vec;
 
 use super::enumerate::PortType;
+use super::host::{InterruptMap, IommuMapEntry, PciSpace, PciWindow};
 use super::regs::{self, acs, cap_id, command, ext_cap_id};
-use super::{Bdf, ConfigSpace};
+use super::{Bdf, ConfigSpace, HostBridge};
+use crate::platform::MemRange;
+
+/// QEMU virt's host bridge with `iommu=smmuv3`, as its DT describes it (checked against the
+/// fixture DTB in resources.rs's tests): the ECAM window, the I/O, 32-bit and 64-bit windows,
+/// and the identity `iommu-map` for every RID. The interrupt map is left empty.
+pub(crate) fn qemu_host_bridge() -> HostBridge {
+    let window = |space, base, cpu_base, size| PciWindow {
+        space,
+        prefetchable: false,
+        pci_base: base,
+        cpu_base,
+        size,
+    };
+    HostBridge {
+        ecam: MemRange {
+            base: 0x40_1000_0000,
+            size: 0x1000_0000,
+        },
+        bus_start: 0,
+        bus_end: 0xff,
+        windows: alloc::vec![
+            window(PciSpace::Io, 0, 0x3eff_0000, 0x1_0000),
+            window(PciSpace::Mem32, 0x1000_0000, 0x1000_0000, 0x2eff_0000),
+            window(
+                PciSpace::Mem64,
+                0x80_0000_0000,
+                0x80_0000_0000,
+                0x80_0000_0000
+            ),
+        ],
+        iommu_map: alloc::vec![IommuMapEntry {
+            rid_base: 0,
+            iommu: 0x8007,
+            sid_base: 0,
+            length: 0x1_0000,
+        }],
+        iommu_map_mask: None,
+        interrupt_map: InterruptMap::default(),
+        dma_coherent: true,
+    }
+}
 
 const DWORDS: usize = 1024;
 

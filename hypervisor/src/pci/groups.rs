@@ -203,34 +203,11 @@ pub fn iommu_groups(topo: &Topology, host: &HostBridge) -> Result<Vec<IommuGroup
 mod tests {
     use super::*;
     use crate::pci::enumerate::enumerate;
-    use crate::pci::fake::{FakeConfigSpace, FakeFn};
-    use crate::pci::host::{InterruptMap, IommuMapEntry};
-    use crate::platform::MemRange;
-
-    fn host() -> HostBridge {
-        HostBridge {
-            ecam: MemRange {
-                base: 0x40_1000_0000,
-                size: 0x1000_0000,
-            },
-            bus_start: 0,
-            bus_end: 0xff,
-            windows: alloc::vec![],
-            iommu_map: alloc::vec![IommuMapEntry {
-                rid_base: 0,
-                iommu: 0x8007,
-                sid_base: 0,
-                length: 0x1_0000,
-            }],
-            iommu_map_mask: None,
-            interrupt_map: InterruptMap::default(),
-            dma_coherent: true,
-        }
-    }
+    use crate::pci::fake::{qemu_host_bridge, FakeConfigSpace, FakeFn};
 
     fn groups_of(mut f: FakeConfigSpace) -> Vec<IommuGroup> {
         let t = enumerate(&mut f, 0, 0xff).unwrap();
-        iommu_groups(&t, &host()).unwrap()
+        iommu_groups(&t, &qemu_host_bridge()).unwrap()
     }
 
     fn members(groups: &[IommuGroup]) -> Vec<Vec<Bdf>> {
@@ -393,7 +370,7 @@ mod tests {
     fn uncovered_rid_is_an_error() {
         let mut f = FakeConfigSpace::switch_topology(true);
         let t = enumerate(&mut f, 0, 0xff).unwrap();
-        let mut h = host();
+        let mut h = qemu_host_bridge();
         h.iommu_map[0].length = 0x400;
         assert_eq!(
             iommu_groups(&t, &h),
@@ -410,7 +387,7 @@ mod tests {
     fn stream_ids_follow_the_iommu_map() {
         let mut f = FakeConfigSpace::qemu_flat();
         let t = enumerate(&mut f, 0, 0xff).unwrap();
-        let mut h = host();
+        let mut h = qemu_host_bridge();
         h.iommu_map[0].sid_base = 0x1000;
         let g = iommu_groups(&t, &h).unwrap();
         assert_eq!(g[2].stream_ids, vec![0x1010]);

@@ -396,9 +396,9 @@ fn program_bridge<C: ConfigSpace + ?Sized>(
 mod tests {
     use super::*;
     use crate::pci::enumerate::enumerate;
-    use crate::pci::fake::{FakeConfigSpace, FakeFn};
+    use crate::pci::fake::{qemu_host_bridge, FakeConfigSpace, FakeFn};
     use crate::pci::host::PciSpace;
-    use crate::pci::{Bdf, InterruptMap};
+    use crate::pci::Bdf;
 
     fn window(space: PciSpace, pci_base: u64, cpu_base: u64, size: u64) -> PciWindow {
         PciWindow {
@@ -407,32 +407,6 @@ mod tests {
             pci_base,
             cpu_base,
             size,
-        }
-    }
-
-    /// QEMU virt's three windows.
-    fn qemu_host() -> HostBridge {
-        HostBridge {
-            ecam: MemRange {
-                base: 0x40_1000_0000,
-                size: 0x1000_0000,
-            },
-            bus_start: 0,
-            bus_end: 0xff,
-            windows: alloc::vec![
-                window(PciSpace::Io, 0, 0x3eff_0000, 0x1_0000),
-                window(PciSpace::Mem32, 0x1000_0000, 0x1000_0000, 0x2eff_0000),
-                window(
-                    PciSpace::Mem64,
-                    0x80_0000_0000,
-                    0x80_0000_0000,
-                    0x80_0000_0000
-                ),
-            ],
-            iommu_map: alloc::vec![],
-            iommu_map_mask: None,
-            interrupt_map: InterruptMap::default(),
-            dma_coherent: true,
         }
     }
 
@@ -452,14 +426,16 @@ mod tests {
     fn test_host_matches_the_qemu_dt() {
         const QEMU_SMMU: &[u8] = include_bytes!("../../tests/data/qemu-virt-smmuv3-pci.dtb");
         let dt = HostBridge::from_dtb(QEMU_SMMU).unwrap().unwrap();
-        assert_eq!(dt.windows, qemu_host().windows);
+        assert_eq!(dt.windows, qemu_host_bridge().windows);
+        assert_eq!(dt.iommu_map, qemu_host_bridge().iommu_map);
+        assert_eq!(dt.ecam, qemu_host_bridge().ecam);
     }
 
     #[test]
     fn flat_root_bus() {
         let mut f = FakeConfigSpace::qemu_flat();
         let mut t = enumerate(&mut f, 0, 0xff).unwrap();
-        let host = qemu_host();
+        let host = qemu_host_bridge();
         assign_resources(&mut f, &mut t, &host).unwrap();
         let b = |s| Bdf::new(0, s, 0);
         // 64-bit prefetchable BARs, 16 KiB each, packed from the 64-bit window's base.
@@ -511,7 +487,7 @@ mod tests {
         );
         f.add(None, 3, 0, FakeFn::endpoint(1, 3).bar32(0, 0x8000, false));
         let mut t = enumerate(&mut f, 0, 0).unwrap();
-        let mut host = qemu_host();
+        let mut host = qemu_host_bridge();
         // A window base that is only 4 KiB aligned.
         host.windows[1] = window(PciSpace::Mem32, 0x1000_1000, 0x1000_1000, 0x100_0000);
         assign_resources(&mut f, &mut t, &host).unwrap();
@@ -537,7 +513,7 @@ mod tests {
     fn prefetchable_64bit_without_high_window_goes_low() {
         let mut f = FakeConfigSpace::qemu_flat();
         let mut t = enumerate(&mut f, 0, 0xff).unwrap();
-        let mut host = qemu_host();
+        let mut host = qemu_host_bridge();
         host.windows.remove(2);
         assign_resources(&mut f, &mut t, &host).unwrap();
         let a = bar_addr(&t, Bdf::new(0, 1, 0), 4);
@@ -567,7 +543,7 @@ mod tests {
             FakeFn::endpoint(1, 3).bar32(2, 0x40_0000, false),
         );
         let mut t = enumerate(&mut f, 0, 0).unwrap();
-        let mut host = qemu_host();
+        let mut host = qemu_host_bridge();
         host.windows[1] = window(PciSpace::Mem32, 0x1000_0000, 0x1000_0000, 0x100_0000);
         let before = f.read32(Bdf::new(0, 1, 0), regs::BAR0);
         let err = assign_resources(&mut f, &mut t, &host).unwrap_err();
@@ -599,7 +575,7 @@ mod tests {
     fn missing_io_window() {
         let mut f = FakeConfigSpace::qemu_flat();
         let mut t = enumerate(&mut f, 0, 0xff).unwrap();
-        let mut host = qemu_host();
+        let mut host = qemu_host_bridge();
         host.windows.remove(0);
         assert_eq!(
             assign_resources(&mut f, &mut t, &host),
@@ -615,7 +591,7 @@ mod tests {
     fn bridge_windows_are_programmed() {
         let mut f = FakeConfigSpace::switch_topology(false);
         let mut t = enumerate(&mut f, 0, 0xff).unwrap();
-        assign_resources(&mut f, &mut t, &qemu_host()).unwrap();
+        assign_resources(&mut f, &mut t, &qemu_host_bridge()).unwrap();
         let b = Bdf::new;
         let w = |bdf: Bdf| t.device(bdf).unwrap().bridge.unwrap();
         let r = |base, size| Some(MemRange { base, size });
@@ -685,7 +661,7 @@ mod tests {
         );
         let mut t = enumerate(&mut f, 0, 0xff).unwrap();
         assert!(!t.devices[0].bridge.unwrap().pref64);
-        assign_resources(&mut f, &mut t, &qemu_host()).unwrap();
+        assign_resources(&mut f, &mut t, &qemu_host_bridge()).unwrap();
         assert_eq!(bar_addr(&t, Bdf::new(1, 0, 0), 0), 0x1000_0000);
         assert_eq!(t.devices[0].bridge.unwrap().mem.unwrap().base, 0x1000_0000);
         assert_eq!(t.devices[0].bridge.unwrap().pref, None);
@@ -702,7 +678,7 @@ mod tests {
             FakeFn::endpoint(1, 1).bar32(0, 0x4000_0000, false),
         );
         let mut t = enumerate(&mut f, 0, 0xff).unwrap();
-        let err = assign_resources(&mut f, &mut t, &qemu_host()).unwrap_err();
+        let err = assign_resources(&mut f, &mut t, &qemu_host_bridge()).unwrap_err();
         assert!(matches!(
             err,
             PciError::WindowExhausted {

@@ -523,58 +523,19 @@ impl VirtualEcam {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::assign_resources;
     use crate::pci::enumerate::{enumerate, PortType};
-    use crate::pci::fake::{FakeConfigSpace, FakeFn};
-    use crate::pci::{assign_resources, HostBridge, PciSpace, PciWindow};
-    use crate::platform::MemRange;
+    use crate::pci::fake::{qemu_host_bridge, FakeConfigSpace, FakeFn};
 
     const B: AccessWidth = AccessWidth::Byte;
     const H: AccessWidth = AccessWidth::Half;
     const W: AccessWidth = AccessWidth::Word;
     const D: AccessWidth = AccessWidth::Double;
 
-    fn host() -> HostBridge {
-        HostBridge {
-            ecam: MemRange {
-                base: 0x40_1000_0000,
-                size: 0x1000_0000,
-            },
-            bus_start: 0,
-            bus_end: 0xff,
-            windows: vec![
-                PciWindow {
-                    space: PciSpace::Io,
-                    prefetchable: false,
-                    pci_base: 0,
-                    cpu_base: 0x3eff_0000,
-                    size: 0x1_0000,
-                },
-                PciWindow {
-                    space: PciSpace::Mem32,
-                    prefetchable: false,
-                    pci_base: 0x1000_0000,
-                    cpu_base: 0x1000_0000,
-                    size: 0x2eff_0000,
-                },
-                PciWindow {
-                    space: PciSpace::Mem64,
-                    prefetchable: false,
-                    pci_base: 0x80_0000_0000,
-                    cpu_base: 0x80_0000_0000,
-                    size: 0x80_0000_0000,
-                },
-            ],
-            iommu_map: Vec::new(),
-            iommu_map_mask: None,
-            interrupt_map: Default::default(),
-            dma_coherent: true,
-        }
-    }
-
     /// Enumerates and places `f`, and gives the VM the functions `owned`.
     fn setup(mut f: FakeConfigSpace, owned: &[Bdf]) -> (FakeConfigSpace, VirtualEcam) {
         let mut topo = enumerate(&mut f, 0, 0xff).unwrap();
-        assign_resources(&mut f, &mut topo, &host()).unwrap();
+        assign_resources(&mut f, &mut topo, &qemu_host_bridge()).unwrap();
         let devs = topo
             .devices
             .into_iter()
