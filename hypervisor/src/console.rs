@@ -189,7 +189,7 @@ pub const ESCAPE: u8 = 0x1c;
 
 /// One-line help the glue can print on [`InputAction::Help`].
 pub const HELP: &str =
-    "console: Ctrl-\\ <digit> switches to that VM, Ctrl-\\ Ctrl-\\ sends Ctrl-\\, Ctrl-\\ ? shows this help";
+    "console: Ctrl-\\ <digit> switches to that VM, Ctrl-\\ Ctrl-\\ sends Ctrl-\\, Ctrl-\\ s prints vSMMU statistics and STEs, Ctrl-\\ ? shows this help";
 
 /// What the glue should do with one input byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +205,8 @@ pub enum InputAction {
     SwitchFocus(usize),
     /// The user asked for help; print [`HELP`] (e.g. with [`ConsoleMux::hv_line`]).
     Help,
+    /// The user asked for the vSMMUs' trap counters and the stream table.
+    Stats,
     /// Nothing to do: the byte was consumed by an escape sequence or dropped.
     Ignored,
 }
@@ -215,6 +217,7 @@ pub enum InputAction {
 ///   ignored. Only single digits exist, so at most VMs 0-9 are reachable.
 /// * Ctrl-\ Ctrl-\: one literal 0x1c goes to the focused VM.
 /// * Ctrl-\ ?: [`InputAction::Help`].
+/// * Ctrl-\ s: [`InputAction::Stats`].
 /// * Ctrl-\ then anything else: both bytes are dropped, so a mistyped sequence never leaks half
 ///   an escape into a guest.
 #[derive(Debug)]
@@ -256,6 +259,7 @@ impl InputRouter {
                     }
                 }
                 b'?' => InputAction::Help,
+                b's' => InputAction::Stats,
                 _ => InputAction::Ignored,
             };
         }
@@ -604,6 +608,9 @@ mod tests {
         assert_eq!(r.feed(b'1'), InputAction::Deliver { vm: 0, byte: b'1' });
         assert_eq!(r.feed(ESCAPE), InputAction::Ignored);
         assert_eq!(r.feed(b'?'), InputAction::Help);
+        assert_eq!(r.feed(ESCAPE), InputAction::Ignored);
+        assert_eq!(r.feed(b's'), InputAction::Stats);
+        assert_eq!(r.feed(b's'), InputAction::Deliver { vm: 0, byte: b's' });
         assert_eq!(r.feed(ESCAPE), InputAction::Ignored);
         assert_eq!(r.feed(b'2'), InputAction::Ignored);
         assert_eq!(r.focus(), 0);

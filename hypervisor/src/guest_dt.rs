@@ -46,6 +46,25 @@ pub struct GuestDtConfig<'a> {
     pub boot_count: u32,
     /// The VM's virtual PCI host bridge, if it has assigned PCI functions.
     pub pci: Option<GuestPci<'a>>,
+    /// The VM's emulated SMMUv3, if it has one. With [`Self::pci`] too, the host bridge is
+    /// placed behind it with StreamID = RequesterID.
+    pub smmu: Option<GuestSmmu>,
+}
+
+/// The VM's emulated SMMUv3 (the vSMMU), described by an `arm,smmu-v3` node (Linux
+/// `Documentation/devicetree/bindings/iommu/arm,smmu-v3.yaml`) shaped like QEMU `virt`'s.
+///
+/// Only the two interrupts Linux's `arm-smmu-v3` driver needs from a vSMMU without PRI and
+/// with CMD_SYNC completion by polling are listed: `priq` and `cmdq-sync` are optional in the
+/// binding and the driver never requests `cmdq-sync`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestSmmu {
+    /// Register frame (pages 0 and 1: 0x20000 bytes at least), guest IPA.
+    pub regs: MemRange,
+    /// SPI INTID of the event queue interrupt (`eventq`).
+    pub eventq_intid: u32,
+    /// SPI INTID of the global error interrupt (`gerror`).
+    pub gerror_intid: u32,
 }
 
 /// The VM's virtual ECAM host bridge (see [`crate::pci::VirtualEcam`]), described by a
@@ -95,7 +114,8 @@ pub enum GuestDtError {
         /// Initrd size.
         size: u64,
     },
-    /// An INTID is not of the kind its device needs (SPI for the UART, PPI otherwise).
+    /// An INTID is not of the kind its device needs (SPI for the UART, PCI INTx and the
+    /// vSMMU, PPI otherwise).
     #[error("{what}: INTID {intid} is not a {expected}")]
     BadIntid {
         /// Which interrupt.
@@ -145,6 +165,16 @@ pub enum GuestDtError {
         /// The INTID of the conflicting entry.
         second: u32,
     },
+    /// Two interrupts that must be separate lines were given the same INTID.
+    #[error("INTID {intid} is used for both {first} and {second}")]
+    SharedIntid {
+        /// The INTID.
+        intid: u32,
+        /// The first user.
+        first: &'static str,
+        /// The second user.
+        second: &'static str,
+    },
     /// The FDT writer rejected something (e.g. a NUL inside `vm_name` or `bootargs`).
     #[error("FDT writer: {0}")]
     Writer(vm_fdt::Error),
@@ -160,11 +190,17 @@ impl From<vm_fdt::Error> for GuestDtError {
 
 const GIC_PHANDLE: u32 = 1;
 const CLK_PHANDLE: u32 = 2;
+const SMMU_PHANDLE: u32 = 3;
 /// Interrupt type cells of the GIC binding.
 const GIC_SPI: u32 = 0;
 const GIC_PPI: u32 = 1;
+/// `IRQ_TYPE_EDGE_RISING`.
+const EDGE_RISING: u32 = 1;
 /// `IRQ_TYPE_LEVEL_HIGH`.
 const LEVEL_HIGH: u32 = 4;
+/// SMMUv3 register pages 0 and 1 (IHI 0070 chapter 6: two 64 KiB pages); the driver maps
+/// both.
+const SMMU_REGS_MIN: u64 = 0x2_0000;
 /// MPIDR_EL1 Aff3 (39:32) and Aff2..Aff0 (23:0); everything else is not part of a CPU's id.
 const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
 /// The PL011 reference clock QEMU's `virt` advertises; our vPL011 ignores baud rates anyway.
@@ -271,8 +307,12 @@ pub fn build_guest_dt(cfg: &GuestDtConfig) -> Result<Vec<u8>, GuestDtError> {
     )?;
     w.end_node(uart)?;
 
+    if let Some(smmu) = &cfg.smmu {
+        smmu_node(&mut w, smmu)?;
+    }
+
     if let Some(pci) = &cfg.pci {
-        pci_node(&mut w, pci)?;
+        pci_node(&mut w, pci, cfg.smmu.is_some())?;
     }
 
     w.end_node(root)?;
@@ -297,8 +337,42 @@ fn phys_hi(space: PciSpace, prefetchable: bool) -> u32 {
     ss << 24 | u32::from(prefetchable) << 30
 }
 
+/// The vSMMU node, as QEMU `virt` writes its SMMUv3 (`create_smmu` in `hw/arm/virt.c`).
+fn smmu_node(w: &mut FdtWriter, smmu: &GuestSmmu) -> Result<(), GuestDtError> {
+    let node = w.begin_node(&format!("smmuv3@{:x}", smmu.regs.base))?;
+    w.property_string("compatible", "arm,smmu-v3")?;
+    w.property_array_u64("reg", &[smmu.regs.base, smmu.regs.size])?;
+    // Edge rising, as in the binding's example and on QEMU `virt`. The binding fixes the
+    // name order ("eventq" before "gerror"); the driver looks lines up by name
+    // (`platform_get_irq_byname_optional`).
+    w.property_array_u32(
+        "interrupts",
+        &[
+            GIC_SPI,
+            smmu.eventq_intid - 32,
+            EDGE_RISING,
+            GIC_SPI,
+            smmu.gerror_intid - 32,
+            EDGE_RISING,
+        ],
+    )?;
+    w.property_string_list(
+        "interrupt-names",
+        vec![String::from("eventq"), String::from("gerror")],
+    )?;
+    // The vSMMU reads the guest's tables and queues through the CPU's coherent view of RAM,
+    // so the driver need not clean caches for them: it takes ARM_SMMU_FEAT_COHERENCY from
+    // this property (IDR0.COHACC disagreeing only earns a warning).
+    w.property_null("dma-coherent")?;
+    // One cell: the StreamID, the only specifier the binding allows.
+    w.property_u32("#iommu-cells", 1)?;
+    w.property_phandle(SMMU_PHANDLE)?;
+    w.end_node(node)?;
+    Ok(())
+}
+
 /// The host bridge node Linux's `pci-host-generic` (`pci_host_common_probe`) binds to.
-fn pci_node(w: &mut FdtWriter, pci: &GuestPci) -> Result<(), GuestDtError> {
+fn pci_node(w: &mut FdtWriter, pci: &GuestPci, behind_smmu: bool) -> Result<(), GuestDtError> {
     let node = w.begin_node(&format!("pcie@{:x}", pci.ecam.base))?;
     w.property_string("compatible", "pci-host-ecam-generic")?;
     w.property_string("device_type", "pci")?;
@@ -323,6 +397,12 @@ fn pci_node(w: &mut FdtWriter, pci: &GuestPci) -> Result<(), GuestDtError> {
     // A fixed domain so that the guest's BDFs (equal to the host's) read the same in logs.
     w.property_u32("linux,pci-domain", 0)?;
     w.property_null("dma-coherent")?;
+    if behind_smmu {
+        // Linux `pci-iommu.yaml`: <rid-base iommu iommu-base length>. StreamID = RID for the
+        // whole 16-bit RID space, as on QEMU `virt`: the vSMMU then sees the same StreamIDs
+        // as the physical SMMU, so no translation table is needed between them.
+        w.property_array_u32("iommu-map", &[0, SMMU_PHANDLE, 0, 1 << 16])?;
+    }
     w.property_array_u32("interrupt-map-mask", &PCI_INTX_MASK)?;
     let mut map: Vec<u32> = Vec::with_capacity(pci.intx.len() * 8);
     let mut seen: Vec<(u8, IntxPin)> = Vec::new();
@@ -494,6 +574,50 @@ fn validate(cfg: &GuestDtConfig) -> Result<(), GuestDtError> {
     if let Some(pci) = &cfg.pci {
         validate_pci(pci)?;
     }
+    if let Some(smmu) = &cfg.smmu {
+        validate_smmu(cfg, smmu)?;
+    }
+    Ok(())
+}
+
+fn validate_smmu(cfg: &GuestDtConfig, smmu: &GuestSmmu) -> Result<(), GuestDtError> {
+    let r = smmu.regs;
+    if r.size < SMMU_REGS_MIN || r.base.checked_add(r.size).is_none() {
+        return Err(GuestDtError::BadRange {
+            what: "smmu regs",
+            base: r.base,
+            size: r.size,
+        });
+    }
+    let irqs = [
+        ("smmu eventq", smmu.eventq_intid),
+        ("smmu gerror", smmu.gerror_intid),
+    ];
+    for (what, intid) in irqs {
+        if !(32..1020).contains(&intid) {
+            return Err(GuestDtError::BadIntid {
+                what,
+                intid,
+                expected: "SPI",
+            });
+        }
+    }
+    // A shared line would be requested twice by Linux without IRQF_SHARED and fail the
+    // probe; with the level-triggered UART or INTx lines it would also mix trigger types.
+    let mut used = vec![("uart", cfg.uart_intid)];
+    if let Some(pci) = &cfg.pci {
+        used.extend(pci.intx.iter().map(|&(_, _, intid)| ("pci intx", intid)));
+    }
+    for (second, intid) in irqs {
+        if let Some(&(first, _)) = used.iter().find(|&&(_, other)| other == intid) {
+            return Err(GuestDtError::SharedIntid {
+                intid,
+                first,
+                second,
+            });
+        }
+        used.push((second, intid));
+    }
     Ok(())
 }
 
@@ -536,6 +660,7 @@ mod tests {
             }),
             boot_count: 3,
             pci: None,
+            smmu: None,
         }
     }
 
@@ -786,7 +911,12 @@ mod tests {
         assert_eq!((hb.bus_start, hb.bus_end), (0, 0xf));
         assert_eq!(hb.windows, WINDOWS);
         assert!(hb.dma_coherent);
+        // No vSMMU: the guest's devices must not wait for an IOMMU that never probes.
         assert!(hb.iommu_map.is_empty());
+        assert!(fdt::Fdt::new(&dtb)
+            .unwrap()
+            .find_compatible(&["arm,smmu-v3"])
+            .is_none());
         assert_eq!(hb.interrupt_map.mask, PCI_INTX_MASK);
         assert_eq!(hb.interrupt_map.entries.len(), 3);
         for (bdf, pin, intid) in INTX {
@@ -907,5 +1037,205 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Shaped like QEMU `virt`'s SMMUv3 (SPIs 74 and 77), but INTIDs of the guest's choosing.
+    const SMMU: GuestSmmu = GuestSmmu {
+        regs: MemRange {
+            base: 0x905_0000,
+            size: 0x2_0000,
+        },
+        eventq_intid: 32 + 74,
+        gerror_intid: 32 + 77,
+    };
+
+    fn be32(bytes: &[u8]) -> Vec<u32> {
+        bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn smmu_node_and_iommu_map() {
+        let mpidrs = [0, 1];
+        let cfg = GuestDtConfig {
+            pci: Some(pci()),
+            smmu: Some(SMMU),
+            ..config(&mpidrs)
+        };
+        let dtb = build_guest_dt(&cfg).unwrap();
+
+        let fdt = fdt::Fdt::new(&dtb).unwrap();
+        let smmu = fdt.find_node("/smmuv3@9050000").unwrap();
+        assert_eq!(smmu.compatible().unwrap().first(), "arm,smmu-v3");
+        let reg = smmu.reg().unwrap().next().unwrap();
+        assert_eq!(reg.starting_address as u64, 0x905_0000);
+        assert_eq!(reg.size, Some(0x2_0000));
+        // <GIC_SPI n IRQ_TYPE_EDGE_RISING> twice, eventq first.
+        assert_eq!(
+            be32(smmu.property("interrupts").unwrap().value),
+            [0, 74, 1, 0, 77, 1]
+        );
+        assert_eq!(
+            smmu.property("interrupt-names").unwrap().value,
+            b"eventq\0gerror\0"
+        );
+        assert!(smmu.property("dma-coherent").unwrap().value.is_empty());
+        assert_eq!(smmu.property("#iommu-cells").unwrap().as_usize(), Some(1));
+        assert!(smmu.property("msi-parent").is_none());
+        let phandle = smmu.property("phandle").unwrap().as_usize().unwrap() as u32;
+        assert_eq!(fdt.find_phandle(phandle).unwrap().name, "smmuv3@9050000");
+        // The GIC's interrupt-parent still resolves: the phandles did not collide.
+        assert_eq!(
+            fdt.find_phandle(GIC_PHANDLE)
+                .unwrap()
+                .compatible()
+                .unwrap()
+                .first(),
+            "arm,gic-v3"
+        );
+
+        let pcie = fdt.find_node("/pcie@4010000000").unwrap();
+        assert_eq!(
+            be32(pcie.property("iommu-map").unwrap().value),
+            [0, phandle, 0, 0x1_0000]
+        );
+
+        // The hypervisor's own readers, as used on the host DT, agree.
+        let hb = crate::pci::HostBridge::from_dtb(&dtb).unwrap().unwrap();
+        assert_eq!(
+            hb.iommu_map,
+            [crate::pci::IommuMapEntry {
+                rid_base: 0,
+                iommu: phandle,
+                sid_base: 0,
+                length: 0x1_0000,
+            }]
+        );
+        assert_eq!(hb.iommu_map_mask, None);
+        for rid in [0, 0x10, 0x1801, 0xffff] {
+            assert_eq!(hb.stream_id(rid), Some(u32::from(rid)));
+        }
+        let p = Platform::parse(&dtb).unwrap();
+        assert_eq!(
+            p.smmu,
+            Some(crate::platform::SmmuInfo {
+                regs: SMMU.regs,
+                eventq_intid: Some(SMMU.eventq_intid),
+                gerror_intid: Some(SMMU.gerror_intid),
+            })
+        );
+    }
+
+    #[test]
+    fn smmu_without_pci() {
+        let mpidrs = [0];
+        let cfg = GuestDtConfig {
+            smmu: Some(SMMU),
+            ..config(&mpidrs)
+        };
+        let dtb = build_guest_dt(&cfg).unwrap();
+        assert_eq!(crate::pci::HostBridge::from_dtb(&dtb).unwrap(), None);
+        let p = Platform::parse(&dtb).unwrap();
+        assert_eq!(p.smmu.unwrap().regs, SMMU.regs);
+        let fdt = fdt::Fdt::new(&dtb).unwrap();
+        assert!(fdt.find_node("/smmuv3@9050000").is_some());
+    }
+
+    #[test]
+    fn rejects_bad_smmu_configs() {
+        let mpidrs = [0];
+        let err = |smmu: GuestSmmu| {
+            build_guest_dt(&GuestDtConfig {
+                pci: Some(pci()),
+                smmu: Some(smmu),
+                ..config(&mpidrs)
+            })
+            .unwrap_err()
+        };
+        // Page 1 (the event queue's PROD/CONS) would be missing.
+        assert_eq!(
+            err(GuestSmmu {
+                regs: MemRange {
+                    base: 0x905_0000,
+                    size: 0x1_0000
+                },
+                ..SMMU
+            }),
+            GuestDtError::BadRange {
+                what: "smmu regs",
+                base: 0x905_0000,
+                size: 0x1_0000
+            }
+        );
+        assert!(matches!(
+            err(GuestSmmu {
+                regs: MemRange {
+                    base: u64::MAX - 0xffff,
+                    size: 0x2_0000
+                },
+                ..SMMU
+            }),
+            GuestDtError::BadRange {
+                what: "smmu regs",
+                ..
+            }
+        ));
+        assert_eq!(
+            err(GuestSmmu {
+                eventq_intid: 27,
+                ..SMMU
+            }),
+            GuestDtError::BadIntid {
+                what: "smmu eventq",
+                intid: 27,
+                expected: "SPI"
+            }
+        );
+        assert_eq!(
+            err(GuestSmmu {
+                gerror_intid: 1020,
+                ..SMMU
+            }),
+            GuestDtError::BadIntid {
+                what: "smmu gerror",
+                intid: 1020,
+                expected: "SPI"
+            }
+        );
+        assert_eq!(
+            err(GuestSmmu {
+                gerror_intid: SMMU.eventq_intid,
+                ..SMMU
+            }),
+            GuestDtError::SharedIntid {
+                intid: SMMU.eventq_intid,
+                first: "smmu eventq",
+                second: "smmu gerror"
+            }
+        );
+        assert_eq!(
+            err(GuestSmmu {
+                eventq_intid: 33,
+                ..SMMU
+            }),
+            GuestDtError::SharedIntid {
+                intid: 33,
+                first: "uart",
+                second: "smmu eventq"
+            }
+        );
+        assert_eq!(
+            err(GuestSmmu {
+                gerror_intid: 38,
+                ..SMMU
+            }),
+            GuestDtError::SharedIntid {
+                intid: 38,
+                first: "pci intx",
+                second: "smmu gerror"
+            }
+        );
     }
 }

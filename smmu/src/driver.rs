@@ -19,7 +19,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 
 /// 32- and 64-bit access to the SMMU's register pages; `off` is from the SMMU base (page 1
 /// registers are at [`regs::PAGE1`] + offset).

@@ -9,7 +9,7 @@
 //! - [`queue`]: the PROD/CONS index arithmetic shared by all SMMU queues.
 //! - [`driver`]: the physical SMMU driver over [`driver::SmmuRegs`] and [`driver::DmaMemory`].
 //!
-//! The vSMMU (issue 5) builds on the same definitions.
+//! - [`vsmmu`]: the guest-facing stage-1 SMMUv3 model, nested over the VM's stage 2.
 #![no_std]
 #![forbid(unsafe_code)]
 // Field positions are written as the spec does, `[hi:lo]`, which rustdoc would take for links.
@@ -24,3 +24,4 @@ pub mod event;
 pub mod queue;
 pub mod regs;
 pub mod ste;
+pub mod vsmmu;

@@ -263,8 +263,9 @@ fn two_guests_with_their_own_disks_and_nics() -> Result<(), integration_tests::E
     Ok(())
 }
 
-/// The same guest with vm0's devices (`--bare --pci`), no hypervisor: it loads its modules, sees
-/// the disk and NIC (and QEMU's host bridge), reads the disk's content (the host's MD5 of
+/// The same guest with vm0's devices (`--bare --pci`) behind QEMU's own SMMUv3, no hypervisor:
+/// it loads its modules, sees the disk and NIC (and QEMU's host bridge), probes the SMMU and puts
+/// the disk and NIC in IOMMU groups, reads the disk's content (the host's MD5 of
 /// build/disks/vm0.img), writes and reads back its scratch MiB, configures eth0 and pings QEMU's
 /// user network at 10.0.2.2 on the same hub.
 #[test]
@@ -274,9 +275,22 @@ fn bare_guest_with_vm0s_pci_devices() -> Result<(), integration_tests::Error> {
         "console=ttyAMA0 rdinit=/init hvip={}/24 hvping=10.0.2.2 hvtest=poweroff",
         VM0.ip
     );
+    // QEMU's own SMMUv3 on the PCIe root complex (`--bare` leaves it out; QEMU merges a second
+    // -M into the first): the guest's DMA goes through the stage 1 of its own arm-smmu-v3
+    // driver, as it does on its vSMMU under the hypervisor.
     let mut q = Qemu::spawn_with_limit(
         "bare_guest_with_vm0s_pci_devices",
-        &["--bare", "--smp", &smp, "--pci", "--bootargs", &bootargs],
+        &[
+            "--bare",
+            "--smp",
+            &smp,
+            "--pci",
+            "--bootargs",
+            &bootargs,
+            "--",
+            "-M",
+            "virt,iommu=smmuv3",
+        ],
         PCI_RUN_TIMEOUT,
     )?;
     let report = check_guest_facts(&mut q, &stock_guest_dir(), VM_CPUS)?;
@@ -286,6 +300,17 @@ fn bare_guest_with_vm0s_pci_devices() -> Result<(), integration_tests::Error> {
         functions(&list),
         VM0.pci_list(),
         "the bare guest's PCI functions (guest: pci-list={list})"
+    );
+    let probe = q.wait_fact("smmu-probe", STEP_TIMEOUT)?;
+    assert!(
+        probe.starts_with("9050000.smmuv3: ias "),
+        "the guest's arm-smmu-v3 driver did not probe QEMU's SMMUv3 at 0x9050000: {probe:?}"
+    );
+    println!("bare guest's arm-smmu-v3: {probe}");
+    assert_eq!(
+        q.wait_fact("iommu-groups", STEP_TIMEOUT)?,
+        format!("{},{}", VM0.disk.0, VM0.nic.0),
+        "the functions in the bare guest's IOMMU groups: its disk and NIC"
     );
     assert_eq!(q.wait_fact("eth0-mac", STEP_TIMEOUT)?, VM0.mac);
     assert_eq!(
@@ -330,8 +355,11 @@ fn bare_guest_with_vm0s_pci_devices() -> Result<(), integration_tests::Error> {
 /// A device DMA that leaves its VM's memory is stopped by the SMMU at stage 2 and reported by
 /// the hypervisor with the VM, StreamID and IPA, while the other VM's disk I/O goes on untouched.
 /// vm1 also owns a virtio-rng function at 00:07.0 (RID/StreamID 56), which its init takes from
-/// the driver and programs by hand with rings at IPA 8 GiB (its RAM is 1 GiB at 1 GiB). The STE
-/// dump shows each StreamID's real table entry: the host bridge's, unassigned, aborts.
+/// the driver and programs by hand with rings at IPA 8 GiB (its RAM is 1 GiB at 1 GiB). vm1
+/// boots with `iommu.passthrough=1`: its driver gives its functions identity domains, so its
+/// vSMMU lets their DMA through untranslated to stage 2 (STE S2Translate; the stage-1 case is
+/// `vsmmu.rs`, `stage1_fault_is_forwarded_to_the_guest`). The STE dump shows each StreamID's
+/// real table entry: the host bridge's, unassigned, aborts.
 #[test]
 fn stage2_fault_is_logged_and_contained() -> Result<(), integration_tests::Error> {
     let mut q = Qemu::spawn_with_limit(
@@ -348,7 +376,7 @@ fn stage2_fault_is_logged_and_contained() -> Result<(), integration_tests::Error
             "console=ttyAMA0 rdinit=/init hvtest=poweroff",
             "--vm-bootargs",
             "1",
-            "console=ttyAMA0 rdinit=/init hvdmafault=00:07.0 hvtest=poweroff",
+            "console=ttyAMA0 rdinit=/init iommu.passthrough=1 hvdmafault=00:07.0 hvtest=poweroff",
             "--",
             "-device",
             "virtio-rng-pci,disable-legacy=on,iommu_platform=on,addr=7",
@@ -364,6 +392,19 @@ fn stage2_fault_is_logged_and_contained() -> Result<(), integration_tests::Error
     println!("hypervisor: {ste}");
     let kicked = q.wait_vm_fact("vm1", "dma-fault-kicked", PCI_RUN_TIMEOUT)?;
     assert_eq!(kicked, "00:07.0");
+    // vm1's driver put the function in an identity domain (iommu.passthrough=1): its vSMMU
+    // leaves the stream untranslated, so the DMA meets stage 2 only, and its fault is the
+    // hypervisor's, not forwarded to the guest.
+    assert_eq!(
+        q.wait_vm_fact("vm1", "dma-fault-domain", STEP_TIMEOUT)?,
+        "identity",
+        "vm1's IOMMU domain of 00:07.0 with iommu.passthrough=1"
+    );
+    assert_eq!(
+        q.wait_vm_fact("vm1", "smmu-event", STEP_TIMEOUT)?,
+        "none",
+        "SMMU events vm1's own driver received for a stage-2 fault"
+    );
     let event = q.wait_for_all(
         &[
             "smmu: event",

@@ -51,6 +51,19 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Copies guest memory at IPA `ipa` into `buf`. Guest RAM is normal write-back memory in
+    /// both the guest's and the hypervisor's mappings, so no cache maintenance is needed.
+    pub fn read(&self, ipa: u64, buf: &mut [u8]) -> Result<(), OutOfRam> {
+        let pa = self.pa_of(ipa, buf.len() as u64)?;
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `pa_of` checked the range lies in this VM's RAM, identity-mapped (see
+            // `new`). The guest may write it concurrently: volatile byte reads make that a
+            // stale value at worst, never an invalid one.
+            *b = unsafe { ((pa as usize + i) as *const u8).read_volatile() };
+        }
+        Ok(())
+    }
+
     /// Copies `len` bytes from a boot module at physical `src` into the guest at `ipa`.
     ///
     /// # Safety

@@ -259,16 +259,11 @@ impl Iommu {
     }
 }
 
-/// Points `stream_ids` at a VM's stage-2 (STE Config = stage 2 only, the VM's VMID and root):
-/// its devices' DMA addresses are IPAs, confined to what the VM's stage-2 maps.
-pub fn attach_stage2(vm: &str, stream_ids: &[u32], vmid: u16, s2_root: u64) -> Result<(), String> {
-    let mut guard = SMMU.lock();
-    let Some(smmu) = guard.as_mut() else {
-        return Err("no SMMU: DMA would not be confined".to_string());
-    };
-    let oas = smmu.features().oas_bits;
-    // S2PS as VTCR_EL2.PS: the largest size both the SMMU's OAS and 48 bits allow.
-    let ps = match oas {
+/// The stage-2 fields of every physical STE of a VM: its VMID and the root its vCPUs' VTTBR_EL2
+/// uses, the same IPA size and starting level as its VTCR_EL2, and an output size both the
+/// SMMU's OAS and 48 bits allow (S2PS encodes as VTCR_EL2.PS).
+pub fn vm_s2_config(oas_bits: u8, vmid: u16, s2_root: u64) -> smmu::ste::S2Config {
+    let ps = match oas_bits {
         0..=32 => 0,
         33..=36 => 1,
         37..=40 => 2,
@@ -276,14 +271,24 @@ pub fn attach_stage2(vm: &str, stream_ids: &[u32], vmid: u16, s2_root: u64) -> R
         43..=44 => 4,
         _ => 5,
     };
-    let s2 = smmu::ste::S2Config {
+    smmu::ste::S2Config {
         vmid,
         root_pa: s2_root,
         t0sz: (64 - crate::stage2::IPA_BITS) as u8,
         sl0: 1,
         ps,
         affd: false,
+    }
+}
+
+/// Points `stream_ids` at a VM's stage-2 (STE Config = stage 2 only, the VM's VMID and root):
+/// its devices' DMA addresses are IPAs, confined to what the VM's stage-2 maps.
+pub fn attach_stage2(vm: &str, stream_ids: &[u32], vmid: u16, s2_root: u64) -> Result<(), String> {
+    let mut guard = SMMU.lock();
+    let Some(smmu) = guard.as_mut() else {
+        return Err("no SMMU: DMA would not be confined".to_string());
     };
+    let s2 = vm_s2_config(smmu.features().oas_bits, vmid, s2_root);
     for &sid in stream_ids {
         smmu.set_ste(sid, smmu::ste::Ste::stage2(s2))
             .map_err(|e| alloc::format!("StreamID {sid}: {e}"))?;
@@ -326,45 +331,17 @@ pub fn dump_stream_table(groups: &[IommuGroup]) {
     }
 }
 
-/// SMMU events seen since boot.
-static EVENTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-/// Events logged one by one before the log only counts them.
-const EVENTS_LOGGED: u64 = 64;
-
-/// Drains the SMMU's event queue (its interrupt fired), attributing each event to the VM that
-/// owns the StreamID, and reports global errors. Never fatal: an event is a fact to log.
-pub fn service_events(owner: impl Fn(u32) -> Option<&'static str>) {
+/// Drains the SMMU's event queue: the events in order, whether some were lost to an
+/// overflow, and the global errors active. The SMMU lock is not held once this returns, so the
+/// events can be handed to vSMMU models, which take it again.
+pub fn drain_events() -> (Vec<smmu::event::Event>, bool, smmu::regs::Gerror) {
     let mut guard = SMMU.lock();
     let Some(smmu) = guard.as_mut() else {
-        return;
+        return (Vec::new(), false, smmu::regs::Gerror::empty());
     };
-    let poll = smmu.poll_events(|e| {
-        let n = EVENTS.fetch_add(1, core::sync::atomic::Ordering::Relaxed) + 1;
-        if n <= EVENTS_LOGGED || n.is_power_of_two() {
-            log::warn!(
-                "smmu: event #{n} {} StreamID {} ({}) {} {} input {:#x} IPA {:#x}{}",
-                e.kind.name(),
-                e.stream_id,
-                owner(e.stream_id).unwrap_or("unassigned"),
-                if e.s2 { "stage-2" } else { "stage-1" },
-                if e.rnw { "read" } else { "write" },
-                e.input_addr,
-                e.addr2,
-                if n == EVENTS_LOGGED {
-                    " (further events: every power of two)"
-                } else {
-                    ""
-                }
-            );
-        }
-    });
-    if poll.overflowed {
-        log::warn!("smmu: event queue overflowed: events were lost");
-    }
-    let gerror = smmu.active_gerror();
-    if !gerror.is_empty() {
-        log::error!("smmu: GERROR {gerror:?}");
-    }
+    let mut events = Vec::new();
+    let poll = smmu.poll_events(|e| events.push(e));
+    (events, poll.overflowed, smmu.active_gerror())
 }
 
 /// The physical SMMU, once probed.

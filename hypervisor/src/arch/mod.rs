@@ -10,6 +10,7 @@ pub mod sysreg;
 pub mod uart;
 pub mod vcpu;
 pub mod vm;
+pub mod vsmmu;
 
 use crate::config;
 use crate::platform::{MemRange, ModuleKind, Platform, PsciConduit};

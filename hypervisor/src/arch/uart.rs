@@ -131,13 +131,23 @@ pub fn flush_if_focused(vm: usize) {
 /// Most input bytes handled per call; the rest stay in the UART's FIFO for the next interrupt.
 const MAX_INPUT: usize = 64;
 
-/// Drains received bytes, routes them, and returns the bytes for each VM (VM index, byte) in
-/// order. Focus switches and help are handled here.
-pub fn take_input() -> Vec<(usize, u8)> {
-    let mut delivered = Vec::new();
+/// Console input taken from the UART.
+#[derive(Debug, Default)]
+pub struct Input {
+    /// The bytes for each VM (VM index, byte), in order.
+    pub bytes: Vec<(usize, u8)>,
+    /// The user asked for the vSMMU statistics (Ctrl-\ s).
+    pub stats: bool,
+}
+
+/// Drains received bytes and routes them. Focus switches and help are handled here; the rest
+/// is the caller's.
+pub fn take_input() -> Input {
+    let mut input = Input::default();
+    let delivered = &mut input.bytes;
     let mut guard = CONSOLE.lock();
     let Some(c) = guard.as_mut() else {
-        return delivered;
+        return input;
     };
     while delivered.len() < MAX_INPUT {
         let Some(byte) = c.uart.getc() else {
@@ -160,15 +170,14 @@ pub fn take_input() -> Vec<(usize, u8)> {
             }
             InputAction::Help => {
                 let uart = &c.uart;
-                c.mux.hv_line(
-                    "console: Ctrl-\\ then a digit N sends input to vmN; Ctrl-\\ Ctrl-\\ sends Ctrl-\\; QEMU's own escape is Ctrl-A",
-                    &mut |b| uart.write(b),
-                );
+                c.mux.hv_line(crate::console::HELP, &mut |b| uart.write(b));
             }
+            InputAction::Stats => input.stats = true,
             InputAction::Ignored => {}
         }
     }
-    delivered
+    drop(guard);
+    input
 }
 
 /// Unmasks the receive and receive-timeout interrupts.

@@ -397,6 +397,21 @@ fn mmio_access(
             None => vecam.read(&ecam, off, width),
         });
     }
+    if let Some(s) = vm
+        .vsmmu
+        .as_ref()
+        .filter(|s| ipa >= s.regs.base && ipa < s.regs.end())
+    {
+        let size = width.bytes() as u8;
+        return Some(super::vsmmu::access(
+            vm,
+            s,
+            vcpu,
+            ipa - s.regs.base,
+            size,
+            write,
+        ));
+    }
     if ipa >= vm.uart.base && ipa < vm.uart.end() {
         let off = ipa - vm.uart.base;
         let mut uart = vm.vuart.lock();
@@ -468,7 +483,7 @@ fn send_virtual_sgi(vm: &Vm, sender: usize, value: u64) {
 }
 
 /// Makes vCPU `t` of `vm` re-evaluate its interrupts soon.
-fn kick(vm: &Vm, t: usize) {
+pub(super) fn kick(vm: &Vm, t: usize) {
     let pcpu = vm.vcpus[t].pcpu;
     Gic::send_sgi(KICK_SGI, hv().cpus[pcpu].mpidr);
 }
@@ -561,6 +576,7 @@ fn cpu_on(vm: &Vm, target: u64, entry: u64, context: u64) -> u64 {
 pub fn stop_vm(vm: &Vm, reason: &str) {
     if vm.stop() {
         log::info!("{}: stopped: {reason}", vm.config.name);
+        super::vsmmu::log_stats(vm);
         for t in 0..vm.vcpus.len() {
             kick(vm, t);
         }
@@ -776,12 +792,8 @@ fn handle_irqs(running: Option<(&Vm, usize)>) {
 const EVENT_POLL_TICKS: u64 = 32;
 
 fn service_smmu_events() {
-    super::iommu::service_events(|sid| {
-        hv().vms
-            .iter()
-            .find(|v| v.config.devices.stream_ids.contains(&sid))
-            .map(|v| v.config.name.as_str())
-    });
+    let here = vm_and_vcpu().map(|(v, c)| (v.id, c));
+    super::vsmmu::service_events(&hv().vms, here);
 }
 
 /// Clears the conditions of the GIC maintenance interrupt (IHI 0069, 12.5.9 ICH_MISR_EL2):
@@ -803,8 +815,11 @@ fn service_maintenance() {
 fn console_input() {
     let input = uart::take_input();
     let vms = &hv().vms;
+    if input.stats {
+        super::vsmmu::print_stats(vms, &hv().iommu.groups);
+    }
     let mut touched = 0u64;
-    for (vm, byte) in input {
+    for (vm, byte) in input.bytes {
         if let Some(v) = vms.get(vm).filter(|v| !v.is_stopped()) {
             // A full FIFO drops the byte and flags an overrun, as a real UART would.
             let _ = v.vuart.lock().push_rx(byte);

@@ -2,7 +2,8 @@
 //! kernel, initramfs and device tree from the pristine boot modules.
 
 use super::guest_mem::{read_phys, GuestRam};
-use crate::guest_dt::{build_guest_dt, GuestDtConfig, GuestPci};
+use super::vsmmu::{PhysSmmu, VmSmmu};
+use crate::guest_dt::{build_guest_dt, GuestDtConfig, GuestPci, GuestSmmu};
 use crate::pci::VirtualEcam;
 use crate::platform::{MemRange, Platform};
 use crate::stage2::{MemType, Stage2, Stage2Error};
@@ -125,6 +126,8 @@ pub struct Vm {
     pub uart_intid: u32,
     /// The VM's virtual PCI host bridge, if it owns PCI functions.
     pub pci: Option<VmPci>,
+    /// The VM's emulated SMMUv3, if it owns PCI functions and the physical SMMU can nest.
+    pub vsmmu: Option<VmSmmu>,
     /// Physical address of its stage-2 root table (shared with the SMMU).
     pub s2_root: u64,
     /// Virtual GIC register model.
@@ -147,6 +150,10 @@ struct GuestDtInputs {
 }
 
 const MIB: u64 = 1 << 20;
+
+/// SPIs of each VM's vGIC (INTIDs 32-159): room for the host's own SPI numbers, which the VM's
+/// devices keep (the UART, PCI INTx, the vSMMU's lines).
+const VGIC_SPIS: u32 = 128;
 
 impl Vm {
     /// Builds a VM whose RAM lives at physical `ram_pa`, seen by the guest at the host's first
@@ -182,6 +189,19 @@ impl Vm {
                 vecam: Mutex::new(VirtualEcam::new(config.devices.functions.clone())),
             });
         let vmid = (id + 1) as u16;
+        let vsmmu = platform
+            .smmu
+            .as_ref()
+            .filter(|_| !config.devices.functions.is_empty())
+            .and_then(|info| {
+                VmSmmu::new(
+                    &config.name,
+                    info,
+                    &config.devices.stream_ids,
+                    vmid,
+                    stage2.root_pa(),
+                )
+            });
         let vttbr = stage2.root_pa() | (vmid as u64) << 48;
         let vcpus: Vec<VcpuSlot> = config
             .pcpus
@@ -194,7 +214,7 @@ impl Vm {
             })
             .collect();
         let vgic = VGic::new(VGicConfig {
-            num_spis: 64,
+            num_spis: VGIC_SPIS,
             vcpu_mpidr: vcpus.iter().map(|v| v.mpidr).collect(),
         });
         let gicr = MemRange {
@@ -213,6 +233,7 @@ impl Vm {
             s2_root: stage2.root_pa(),
             _stage2: stage2,
             pci,
+            vsmmu,
             gicd: MemRange {
                 base: platform.gic.gicd.base,
                 size: 0x10000,
@@ -296,6 +317,11 @@ impl Vm {
                 ranges: &p.windows,
                 intx: &self.config.devices.intx,
             }),
+            smmu: self.vsmmu.as_ref().map(|s| GuestSmmu {
+                regs: s.regs,
+                eventq_intid: s.eventq_intid,
+                gerror_intid: s.gerror_intid,
+            }),
         })
         .map_err(VmError::Dt)?;
         if dtb.len() as u64 > 2 * MIB {
@@ -303,15 +329,28 @@ impl Vm {
         }
         self.ram.write(dtb_ipa, &dtb)?;
         *self.vgic.lock() = VGic::new(VGicConfig {
-            num_spis: 64,
+            num_spis: VGIC_SPIS,
             vcpu_mpidr: mpidrs,
         });
         *self.vuart.lock() = VPl011::new();
         if let Some(p) = &self.pci {
             *p.vecam.lock() = VirtualEcam::new(self.config.devices.functions.clone());
         }
+        if let Some(s) = &self.vsmmu {
+            if self.boots.load(Ordering::Acquire) > 0 {
+                super::vsmmu::log_stats(self);
+            }
+            // Architectural reset: the guest's streams go back to stage 2 only (GBPA's reset
+            // value) and whatever its previous boot left in the TLBs of its VMID is dropped.
+            s.model.lock().reset(&mut PhysSmmu);
+        }
         self.boots.fetch_add(1, Ordering::AcqRel);
         Ok((entry, dtb_ipa))
+    }
+
+    /// The VM's RAM, for the device models that read or write it.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
     }
 
     /// Marks the VM stopped; returns whether this call stopped it.

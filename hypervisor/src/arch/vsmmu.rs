@@ -1,0 +1,308 @@
+//! Glue between a VM and its emulated SMMUv3 (`smmu::vsmmu`): the VM's RAM and the physical SMMU
+//! as the model reaches them, trapped register accesses, the model's wired interrupts, routing of
+//! physical SMMU events to the VM they belong to, and the statistics console command.
+
+use super::guest_mem::GuestRam;
+use super::iommu;
+use super::vm::Vm;
+use crate::platform::{MemRange, SmmuInfo};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+use smmu::cmd::Command;
+use smmu::driver::DriverError;
+use smmu::event::Event;
+use smmu::ste::Ste;
+use smmu::vsmmu::{
+    reg_name, Forward, GuestMemError, GuestMemory, Irqs, PhysicalSmmu, StreamMap, Vsmmu,
+    VsmmuConfig, REG_SLOTS,
+};
+use spin::Mutex;
+
+/// A VM's emulated SMMUv3: where the guest sees it and the model behind it.
+#[derive(Debug)]
+pub struct VmSmmu {
+    /// Register pages 0 and 1 (guest IPA; never mapped, every access traps).
+    pub regs: MemRange,
+    /// INTID of its event queue interrupt (an edge SPI).
+    pub eventq_intid: u32,
+    /// INTID of its global error interrupt (an edge SPI).
+    pub gerror_intid: u32,
+    /// The register and queue model.
+    pub model: Mutex<Vsmmu>,
+}
+
+/// Output address size of the guest's stage 1: the smallest SMMU OAS encoding that covers the
+/// VM's IPA space (39 bits -> 40). Addresses above the IPA space fault at stage 2.
+const GUEST_OAS_BITS: u8 = 40;
+/// StreamID bits the guest sees: any PCI Requester ID, as on the physical SMMU.
+const GUEST_SID_BITS: u8 = 16;
+
+impl VmSmmu {
+    /// A vSMMU for a VM owning `stream_ids` (the guest sees them under the same numbers, its
+    /// `iommu-map` being the identity like the host's), at the physical SMMU's address and
+    /// interrupt numbers. `None`, with the reason logged, when the physical SMMU cannot nest.
+    pub fn new(
+        vm: &str,
+        info: &SmmuInfo,
+        stream_ids: &[u32],
+        vmid: u16,
+        s2_root: u64,
+    ) -> Option<Self> {
+        let guard = iommu::SMMU.lock();
+        let smmu = guard.as_ref()?;
+        let f = smmu.features();
+        let (Some(eventq_intid), Some(gerror_intid)) = (info.eventq_intid, info.gerror_intid)
+        else {
+            log::warn!("vsmmu: {vm}: the SMMU's DT node names no eventq/gerror interrupts: no vSMMU, stage 2 only");
+            return None;
+        };
+        if !f.nesting {
+            log::warn!(
+                "vsmmu: {vm}: the SMMU cannot nest stage 1 over stage 2: no vSMMU, stage 2 only"
+            );
+            return None;
+        }
+        let idr3 = smmu::driver::SmmuRegs::read32(smmu.regs(), smmu::regs::SMMU_IDR3);
+        let s2 = iommu::vm_s2_config(f.oas_bits, vmid, s2_root);
+        drop(guard);
+        let cfg = VsmmuConfig {
+            name: vm.into(),
+            streams: stream_ids
+                .iter()
+                .map(|&sid| StreamMap {
+                    vsid: sid,
+                    psid: sid,
+                })
+                .collect(),
+            s2,
+            sid_bits: GUEST_SID_BITS,
+            oas_bits: GUEST_OAS_BITS,
+            phys_idr5: f.idr5.0,
+            phys_ril: smmu::regs::Idr3(idr3).ril(),
+        };
+        log::info!(
+            "vsmmu: {vm}: SMMUv3 (stage 1) at {:#x}, StreamIDs {stream_ids:?}",
+            info.regs.base
+        );
+        Some(Self {
+            regs: MemRange {
+                base: info.regs.base,
+                size: smmu::regs::MMIO_SIZE,
+            },
+            eventq_intid,
+            gerror_intid,
+            model: Mutex::new(Vsmmu::new(cfg)),
+        })
+    }
+}
+
+/// The VM's RAM as the model reads the guest's tables and queues.
+#[derive(Debug)]
+pub struct VmMem<'a>(pub &'a GuestRam);
+
+impl GuestMemory for VmMem<'_> {
+    fn read(&self, ipa: u64, buf: &mut [u8]) -> Result<(), GuestMemError> {
+        self.0.read(ipa, buf).map_err(|e| GuestMemError {
+            ipa: e.ipa,
+            len: e.len,
+        })
+    }
+
+    fn write(&mut self, ipa: u64, data: &[u8]) -> Result<(), GuestMemError> {
+        self.0.write(ipa, data).map_err(|e| GuestMemError {
+            ipa: e.ipa,
+            len: e.len,
+        })
+    }
+}
+
+/// The physical SMMU, locked for each operation only (a guest's table walk in guest memory
+/// never holds it).
+#[derive(Debug)]
+pub struct PhysSmmu;
+
+fn with_smmu(
+    f: impl FnOnce(&mut smmu::driver::Smmu<iommu::HwRegs, iommu::HeapDma>) -> Result<(), DriverError>,
+) -> Result<(), DriverError> {
+    match iommu::SMMU.lock().as_mut() {
+        Some(s) => f(s),
+        None => Err(DriverError::MissingFeature("SMMU")),
+    }
+}
+
+impl PhysicalSmmu for PhysSmmu {
+    fn set_ste(&mut self, sid: u32, ste: Ste) -> Result<(), DriverError> {
+        with_smmu(|s| s.set_ste(sid, ste))
+    }
+
+    fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
+        with_smmu(|s| s.submit(cmds))
+    }
+
+    fn submit_sync(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
+        with_smmu(|s| s.submit_sync(cmds))
+    }
+}
+
+/// A trapped access to the VM's vSMMU registers (`off` from its base). Returns the value read.
+pub fn access(vm: &Vm, s: &VmSmmu, vcpu: usize, off: u64, size: u8, write: Option<u64>) -> u64 {
+    match write {
+        None => s.model.lock().read(off, size),
+        Some(v) => {
+            let irqs = s
+                .model
+                .lock()
+                .write(off, size, v, &mut VmMem(vm.ram()), &mut PhysSmmu);
+            raise(vm, s, irqs, Some(vcpu));
+            0
+        }
+    }
+}
+
+/// Makes the model's wired interrupts pending in the VM's vGIC and wakes the vCPU they target
+/// (`here`: the vCPU running on this CPU, which needs no wake-up).
+pub fn raise(vm: &Vm, s: &VmSmmu, irqs: Irqs, here: Option<usize>) {
+    for (flag, intid) in [
+        (Irqs::EVENTQ, s.eventq_intid),
+        (Irqs::GERROR, s.gerror_intid),
+    ] {
+        if irqs.contains(flag) {
+            let target = {
+                let mut vgic = vm.vgic.lock();
+                let t = vgic.spi_target(intid);
+                vgic.set_pending(t, intid);
+                t
+            };
+            if here != Some(target) {
+                super::vcpu::kick(vm, target);
+            }
+        }
+    }
+}
+
+/// Physical SMMU events since boot.
+static EVENTS: AtomicU64 = AtomicU64::new(0);
+/// Events logged one by one before only every power of two is.
+const EVENTS_LOGGED: u64 = 64;
+
+/// Drains the physical event queue and gives each event to the VM owning its StreamID: what its
+/// guest's stage 1 caused goes into its vSMMU's event queue; the rest (stage-2 faults, streams of
+/// no VM) is logged with VM, StreamID and addresses. `here`: the (VM index, vCPU) running on
+/// this CPU.
+pub fn service_events(vms: &[Vm], here: Option<(usize, usize)>) {
+    let (events, overflowed, gerror) = iommu::drain_events();
+    if overflowed {
+        log::warn!("smmu: event queue overflowed: events were lost");
+    }
+    if !gerror.is_empty() {
+        log::error!("smmu: GERROR {gerror:?}");
+    }
+    for e in &events {
+        let n = EVENTS.fetch_add(1, Ordering::Relaxed) + 1;
+        let loud = n <= EVENTS_LOGGED || n.is_power_of_two();
+        let owner = vms
+            .iter()
+            .find(|v| v.config.devices.stream_ids.contains(&e.stream_id));
+        let forwarded = owner.and_then(|vm| {
+            let s = vm.vsmmu.as_ref().filter(|_| !vm.is_stopped())?;
+            let (fwd, irqs) = s.model.lock().forward_event(e, &mut VmMem(vm.ram()));
+            raise(vm, s, irqs, here.filter(|h| h.0 == vm.id).map(|h| h.1));
+            Some((vm, fwd))
+        });
+        match forwarded {
+            Some((vm, Forward::Guest(g))) => {
+                if loud {
+                    log::info!(
+                        "vsmmu: {}: event {} StreamID {} forwarded to the guest (input {:#x})",
+                        vm.config.name,
+                        g.kind.name(),
+                        g.stream_id,
+                        g.input_addr
+                    );
+                }
+            }
+            Some((vm, Forward::Dropped(g))) => {
+                if loud {
+                    log::warn!(
+                        "vsmmu: {}: event {} StreamID {} for the guest dropped (its event queue is off or full)",
+                        vm.config.name,
+                        g.kind.name(),
+                        g.stream_id
+                    );
+                }
+            }
+            _ => {
+                if loud {
+                    log_hypervisor_event(n, e, owner.map(|v| v.config.name.as_str()));
+                }
+            }
+        }
+    }
+}
+
+fn log_hypervisor_event(n: u64, e: &Event, owner: Option<&str>) {
+    log::warn!(
+        "smmu: event #{n} {} StreamID {} ({}) {} {} input {:#x} IPA {:#x}{}",
+        e.kind.name(),
+        e.stream_id,
+        owner.unwrap_or("unassigned"),
+        if e.s2 { "stage-2" } else { "stage-1" },
+        if e.rnw { "read" } else { "write" },
+        e.input_addr,
+        e.addr2,
+        if n == EVENTS_LOGGED {
+            " (further events: every power of two)"
+        } else {
+            ""
+        }
+    );
+}
+
+/// Logs the VM's vSMMU counters: one summary line, then the registers it trapped on.
+pub fn log_stats(vm: &Vm) {
+    let Some(s) = &vm.vsmmu else {
+        return;
+    };
+    let st = *s.model.lock().stats();
+    let prod = smmu::vsmmu::reg_index(smmu::regs::SMMU_CMDQ_PROD);
+    let cons = smmu::vsmmu::reg_index(smmu::regs::SMMU_CMDQ_CONS);
+    log::info!(
+        "vsmmu: {} stats: traps={} cmdq_prod={} cmdq_cons={} reg_reads={} reg_writes={} commands={} syncs={} phys_commands={} phys_syncs={} ste_writes={} guest_events={} dropped_events={} s2_faults={} command_errors={}",
+        vm.config.name,
+        st.traps(),
+        st.writes[prod],
+        st.reads[cons],
+        st.reg_reads(),
+        st.reg_writes(),
+        st.commands,
+        st.syncs,
+        st.phys_commands,
+        st.phys_syncs,
+        st.ste_writes,
+        st.guest_events,
+        st.dropped_events,
+        st.s2_faults,
+        st.command_errors
+    );
+    let mut by_reg: Vec<alloc::string::String> = Vec::new();
+    for slot in 0..REG_SLOTS {
+        let (r, w) = (st.reads[slot], st.writes[slot]);
+        if r + w > 0 {
+            let off = (slot / 64) as u64 * smmu::regs::PAGE1 + (slot % 64) as u64 * 4;
+            by_reg.push(alloc::format!("{}@{off:#x} r{r}/w{w}", reg_name(slot)));
+        }
+    }
+    log::info!(
+        "vsmmu: {} traps by register: {}",
+        vm.config.name,
+        by_reg.join(", ")
+    );
+}
+
+/// The console's Ctrl-\ s: every VM's vSMMU counters and the physical stream table.
+pub fn print_stats(vms: &[Vm], groups: &[crate::pci::IommuGroup]) {
+    for vm in vms {
+        log_stats(vm);
+    }
+    iommu::dump_stream_table(groups);
+}
