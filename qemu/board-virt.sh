@@ -173,7 +173,8 @@ pci_bdfs() {
 PCI_ARGS=()
 
 if [ "$BARE" = 1 ]; then
-    MACHINE="virt,gic-version=3"
+    # The same SMMUv3 as under the hypervisor: the bare reference runs its guest's stage 1 on it.
+    MACHINE="virt,gic-version=3,iommu=smmuv3"
 else
     MACHINE="virt,virtualization=on,gic-version=3,iommu=smmuv3"
 fi

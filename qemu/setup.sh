@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent host set-up for building and running the hypervisor under QEMU.
 # Installs only what is missing; says what it does. Debian bookworm (amd64 or arm64) only.
+# qemu/kernel.sh sources it for its helpers (apt, the cache, the guest initramfs): sourced, it
+# defines them and does nothing else.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -165,6 +167,20 @@ guest_modules() {
     say "guest modules (load order): $(tr '\n' ' ' <"$ir/lib/modules/load-order")"
 }
 
+# The guest initramfs $3 (gzipped cpio, written whole, then renamed) from the directory $1, which
+# holds the modules already (lib/modules/, with the load-order the init follows): adds the
+# directories busybox and the init use, busybox $2 as /bin/busybox and the project's init
+# (tests/guest/init) as /init. Shared by the stock guest and qemu/kernel.sh's modular one.
+pack_guest_initramfs() {
+    local ir="$1" busybox="$2" out="$3"
+    mkdir -p "$ir"/{bin,sbin,proc,sys,dev,tmp,etc,root,usr/bin,usr/sbin}
+    cp "$busybox" "$ir/bin/busybox"
+    cp "$ROOT/tests/guest/init" "$ir/init"
+    chmod +x "$ir/init"
+    (cd "$ir" && find . | cpio -o -H newc --quiet | gzip -9 >"$out.tmp")
+    mv "$out.tmp" "$out"
+}
+
 ensure_guest_images() {
     local gdir="$BUILD/guest"
     mkdir -p "$gdir"
@@ -205,15 +221,10 @@ ensure_guest_images() {
         # initramfs: busybox + the project's init + the virtio modules (lib/modules/NAME.ko and
         # lib/modules/load-order, which the init follows).
         local ir="$tmp/initramfs"
-        mkdir -p "$ir"/{bin,sbin,proc,sys,dev,tmp,etc,root,usr/bin,usr/sbin}
-        cp "$tmp/b/bin/busybox" "$ir/bin/busybox"
         guest_modules "$tmp/k" "$ir"
         # The modules the guest loads, in order, for the tests to compare with (`guest: modules=`).
         cp "$ir/lib/modules/load-order" "$out/modules"
-        cp "$ROOT/tests/guest/init" "$ir/init"
-        chmod +x "$ir/init"
-        (cd "$ir" && find . | cpio -o -H newc --quiet | gzip -9 >"$out/initramfs.cpio.gz.tmp")
-        mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
+        pack_guest_initramfs "$ir" "$tmp/b/bin/busybox" "$out/initramfs.cpio.gz"
         rm -rf "$tmp"
     fi
     ln -sfn "$out" "$gdir/stock"
@@ -231,4 +242,7 @@ main() {
     ensure_guest_images
 }
 
-main "$@"
+# Sourced (by qemu/kernel.sh): the functions only.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    main "$@"
+fi

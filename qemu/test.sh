@@ -45,6 +45,10 @@ cargo test --workspace --exclude "$IT_CRATE"
 step "hypervisor image: qemu/build.sh"
 qemu/build.sh
 
+step "modular guest kernel (IOMMU drivers as modules): qemu/kernel.sh"
+say "built from linux-source-6.12 once per content (about 5 min on 2 cores), then cached in ~/.cache/smmu-hv"
+qemu/kernel.sh
+
 step "QEMU integration tests: cargo test -p $IT_CRATE -- --test-threads=1 --nocapture"
 say "each QEMU boot has a wall-clock limit; consoles are logged to target/qemu-logs/"
 cargo test -p "$IT_CRATE" -- --test-threads=1 --nocapture

@@ -270,16 +270,19 @@ impl Vm {
         let text_offset = word(8);
         let image_size = word(16).max(kernel.size);
         let ram = self.ram_ipa;
-        // Linux: the Image goes text_offset bytes above a 2 MiB-aligned base; the DTB in the
-        // top 2 MiB, the initramfs right below it, both clear of the kernel's image_size.
+        // Linux: the Image goes text_offset bytes above a 2 MiB-aligned base. The DTB follows
+        // in the next 2 MiB block clear of the kernel's image_size (Linux maps it with 2 MiB
+        // blocks: it must not share one with anything else), the initramfs in the block after
+        // it: everything the guest is given sits low, as U-Boot's `booti` lays it out, so a
+        // guest that limits its RAM with `mem=` still reaches its DTB and initramfs.
         let entry = ram.base + text_offset;
-        let dtb_ipa = ram.end() - 2 * MIB;
+        let dtb_ipa = (entry + image_size).next_multiple_of(2 * MIB);
         let initrd = self.config.initrd.map(|m| MemRange {
-            base: (dtb_ipa - m.size) & !0xfff,
+            base: dtb_ipa + 2 * MIB,
             size: m.size,
         });
-        let lowest_top = initrd.map_or(dtb_ipa, |r| r.base);
-        if entry + image_size > lowest_top || initrd.is_some_and(|r| r.base < ram.base) {
+        let top = initrd.map_or(dtb_ipa + 2 * MIB, |r| r.end());
+        if top > ram.end() {
             return Err(VmError::TooSmall(ram.size));
         }
         if self.boots.load(Ordering::Acquire) == 0 {

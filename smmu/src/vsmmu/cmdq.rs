@@ -3,7 +3,7 @@
 //! CMD_SYNC is completed after a physical sync, by the MSI write the guest asked for.
 
 use super::{GuestMemory, Irqs, PhysicalSmmu, Vsmmu, BATCH};
-use crate::cmd::{Command, Sync, SyncCs};
+use crate::cmd::{Command, Sync, SyncCs, TlbiAddr};
 use crate::regs::{Cerror, Cr0, Gerror};
 
 impl Vsmmu {
@@ -115,15 +115,11 @@ impl Vsmmu {
             }
             Command::TlbiNhAsid { asid, .. } => self.push(Command::TlbiNhAsid { vmid, asid }, phys),
             Command::TlbiNhVa { asid, addr, .. } => {
-                if !self.cfg.phys_ril && addr.num | addr.scale != 0 {
-                    return Err(Cerror::Illegal);
-                }
+                let addr = self.tlbi_addr(addr)?;
                 self.push(Command::TlbiNhVa { vmid, asid, addr }, phys)
             }
             Command::TlbiNhVaa { addr, .. } => {
-                if !self.cfg.phys_ril && addr.num | addr.scale != 0 {
-                    return Err(Cerror::Illegal);
-                }
+                let addr = self.tlbi_addr(addr)?;
                 self.push(Command::TlbiNhVaa { vmid, addr }, phys)
             }
             Command::Sync(s) => return Ok(self.complete_sync(s, mem, phys)),
@@ -143,6 +139,21 @@ impl Vsmmu {
             | Command::StallTerm { .. } => return Err(Cerror::Illegal),
         }
         Ok(Irqs::empty())
+    }
+
+    /// A guest TLBI's address as the physical SMMU may take it. Without IDR3.RIL the range
+    /// fields (NUM, SCALE) make the command illegal, and the TG/TTL hints are RES0 there: they
+    /// are dropped rather than handed to an SMMU that does not know them.
+    pub(super) fn tlbi_addr(&self, mut addr: TlbiAddr) -> Result<TlbiAddr, Cerror> {
+        if self.cfg.phys_ril {
+            return Ok(addr);
+        }
+        if addr.num | addr.scale != 0 {
+            return Err(Cerror::Illegal);
+        }
+        addr.tg = 0;
+        addr.ttl = 0;
+        Ok(addr)
     }
 
     pub(super) fn psid(&self, vsid: u32) -> Option<u32> {

@@ -87,18 +87,19 @@ impl Vsmmu {
             return (Forward::Hypervisor, Irqs::empty());
         };
         match self.push_event(&g, mem) {
-            Some(irqs) => (Forward::Guest(g), irqs),
-            None => (Forward::Dropped(g), Irqs::empty()),
+            (true, irqs) => (Forward::Guest(g), irqs),
+            (false, irqs) => (Forward::Dropped(g), irqs),
         }
     }
 
     /// Records an event in the guest's event queue (IHI 0070 7.4): not at all while it is
     /// disabled; when it is full, the event is lost and EVENTQ_PROD.OVFLG toggled (once until
-    /// the guest acknowledges). `None` when the event was not recorded.
-    pub(super) fn push_event(&mut self, e: &Event, mem: &mut impl GuestMemory) -> Option<Irqs> {
+    /// the guest acknowledges). Returns whether the event was recorded, and the interrupts to
+    /// raise (the event queue's, or GERROR's when writing the record or its MSI aborted).
+    pub(super) fn push_event(&mut self, e: &Event, mem: &mut impl GuestMemory) -> (bool, Irqs) {
         if !self.cr0().contains(Cr0::EVTQEN) {
             self.stats.dropped_events += 1;
-            return None;
+            return (false, Irqs::empty());
         }
         let (base, mut q) = self.eventq();
         if q.is_full() {
@@ -106,26 +107,26 @@ impl Vsmmu {
             if !overflow_pending(self.r.eventq_prod, self.r.eventq_cons) {
                 self.r.eventq_prod ^= OVERFLOW_FLAG;
             }
-            return None;
+            return (false, Irqs::empty());
         }
         let at = base + u64::from(q.prod_index()) * Event::SIZE as u64;
         if mem.write(at, &e.to_bytes()).is_err() {
             self.stats.dropped_events += 1;
-            return Some(self.raise_gerror(Gerror::EVENTQ_ABT_ERR, mem));
+            return (false, self.raise_gerror(Gerror::EVENTQ_ABT_ERR, mem));
         }
         q.inc_prod();
         self.r.eventq_prod = q.prod() | (self.r.eventq_prod & OVERFLOW_FLAG);
         self.stats.guest_events += 1;
         if self.r.irq_ctrl & IrqCtrl::EVENTQ_IRQEN.bits() == 0 {
-            return Some(Irqs::empty());
+            return (true, Irqs::empty());
         }
         if self.r.eventq_irq_cfg0 & MSI_ADDR != 0 {
             let (addr, data) = (self.r.eventq_irq_cfg0, self.r.eventq_irq_cfg1);
             if mem.write(addr, &data.to_le_bytes()).is_err() {
-                return Some(self.raise_gerror(Gerror::MSI_EVENTQ_ABT_ERR, mem));
+                return (true, self.raise_gerror(Gerror::MSI_EVENTQ_ABT_ERR, mem));
             }
-            return Some(Irqs::empty());
+            return (true, Irqs::empty());
         }
-        Some(Irqs::EVENTQ)
+        (true, Irqs::EVENTQ)
     }
 }

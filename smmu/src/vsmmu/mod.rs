@@ -24,6 +24,8 @@
 
 mod cmdq;
 mod evtq;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod harness;
 mod shadow;
 mod stats;
 #[cfg(test)]
@@ -332,6 +334,9 @@ impl Vsmmu {
     /// A guest read of register `off` (from the vSMMU base; `size` 4 or 8 bytes).
     pub fn read(&mut self, off: u64, size: u8) -> u64 {
         self.stats.reads[reg_index(off)] += 1;
+        if off >= regs::MMIO_SIZE {
+            return 0;
+        }
         if size == 8 {
             if !off.is_multiple_of(8) {
                 return 0;
@@ -394,6 +399,9 @@ impl Vsmmu {
         phys: &mut impl PhysicalSmmu,
     ) -> Irqs {
         self.stats.writes[reg_index(off)] += 1;
+        if off >= regs::MMIO_SIZE {
+            return Irqs::empty();
+        }
         if size == 8 {
             if !off.is_multiple_of(8) {
                 return Irqs::empty();
@@ -587,11 +595,21 @@ impl Vsmmu {
                     );
                 }
             }
-            // Invalidation is what the guest asked for even when the STE did not change (the
-            // physical SMMU may cache the CD along with it), so the STE is always rewritten.
-            self.stats.ste_writes += 1;
-            if let Err(e) = phys.set_ste(s.map.psid, ste) {
-                log::error!("vsmmu: {}: physical STE {}: {e}", self.cfg.name, s.map.psid);
+            if s.phys == Some(ste) {
+                // Unchanged: only the invalidation the guest asked for (the physical SMMU may
+                // cache the CD along with the STE), completed by the guest's next CMD_SYNC.
+                self.push(
+                    Command::CfgiSte {
+                        sid: s.map.psid,
+                        leaf: true,
+                    },
+                    phys,
+                );
+            } else {
+                self.stats.ste_writes += 1;
+                if let Err(e) = phys.set_ste(s.map.psid, ste) {
+                    log::error!("vsmmu: {}: physical STE {}: {e}", self.cfg.name, s.map.psid);
+                }
             }
             let st = &mut self.streams[i];
             st.phys = Some(ste);

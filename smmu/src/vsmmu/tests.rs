@@ -79,6 +79,20 @@ struct RecPhys {
     syncs: usize,
 }
 
+impl RecPhys {
+    /// The StreamIDs whose STE was written or invalidated, sorted.
+    fn touched(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.ste_writes.clone();
+        v.extend(self.cmds.iter().filter_map(|c| match c {
+            Command::CfgiSte { sid, .. } => Some(*sid),
+            _ => None,
+        }));
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
 impl PhysicalSmmu for RecPhys {
     fn set_ste(&mut self, sid: u32, ste: Ste) -> Result<(), DriverError> {
         self.stes.insert(sid, ste);
@@ -440,13 +454,15 @@ fn linear_table_cfgi_ste_shadows_owned_streams_only() {
     assert!(r.phys.ste_writes.is_empty());
     assert!(r.phys.cmds.is_empty());
     // Ranges: [16, 32) covers 16 only; [0, 8) nothing; CFGI_ALL both.
+    // An unchanged STE is not rewritten: the physical SMMU gets the invalidation only.
     r.issue(&[Command::CfgiSteRange { sid: 17, range: 3 }]);
-    assert_eq!(r.phys.ste_writes, [0x110]);
+    assert_eq!(r.phys.touched(), [0x110]);
+    assert!(r.phys.ste_writes.is_empty());
     r.phys = RecPhys::default();
     r.issue(&[Command::CfgiSteRange { sid: 0, range: 2 }]);
-    assert!(r.phys.ste_writes.is_empty());
+    assert!(r.phys.touched().is_empty());
     r.issue(&[Command::CfgiAll]);
-    assert_eq!(r.phys.ste_writes, [0x108, 0x110]);
+    assert_eq!(r.phys.touched(), [0x108, 0x110]);
     // A StreamID beyond LOG2SIZE (5 bits here): C_BAD_STREAMID for its transactions.
     let mut c = cfg();
     c.streams = vec![StreamMap { vsid: 40, psid: 40 }];
@@ -946,9 +962,94 @@ fn a_flood_of_invalidations_costs_one_ste_write_per_stream_and_sync() {
     cmds.push(Command::Sync(Sync::none()));
     cmds.extend([Command::CfgiSte { sid: 8, leaf: true }; 50]);
     r.issue(&cmds);
-    // Two STE writes for the stream invalidated before and after the sync; one for the other.
-    assert_eq!(r.phys.ste_writes, [0x108, 0x110, 0x108]);
+    // The STEs did not change: one physical CFGI_STE per stream invalidated before the sync,
+    // completed by one physical sync, and one for the stream invalidated after it; no rewrite.
+    assert!(r.phys.ste_writes.is_empty());
+    assert_eq!(
+        r.phys.cmds,
+        [
+            Command::CfgiSte {
+                sid: 0x108,
+                leaf: true
+            },
+            Command::CfgiSte {
+                sid: 0x110,
+                leaf: true
+            },
+            Command::CfgiSte {
+                sid: 0x108,
+                leaf: true
+            },
+        ]
+    );
+    assert_eq!((r.phys.submits, r.phys.syncs), (2, 1));
+    // A changed STE is rewritten (with its own sync).
+    r.phys = RecPhys::default();
+    r.put_ste(8, guest_ste(4));
+    r.issue(&[
+        Command::CfgiSte { sid: 8, leaf: true },
+        Command::Sync(Sync::none()),
+    ]);
+    assert_eq!(r.phys.ste_writes, [0x108]);
+    r.put_ste(8, s1_ste(CD));
+    r.issue(&[
+        Command::CfgiSte { sid: 8, leaf: true },
+        Command::Sync(Sync::none()),
+    ]);
     assert_eq!(r.phys.stes[&0x108], nested(CD));
     assert_eq!(r.cons(), r.prod);
-    assert_eq!(r.v.stats().commands, 152);
+    assert_eq!(r.v.stats().commands, 156);
+}
+
+#[test]
+fn without_ril_the_tlbi_hints_are_dropped_not_forwarded() {
+    let mut c = cfg();
+    c.phys_ril = false;
+    let mut r = Rig::new();
+    r.v = Vsmmu::new(c);
+    r.enable(false);
+    r.phys = RecPhys::default();
+    let mut hinted = TlbiAddr::single(0x7000, true);
+    hinted.tg = 1;
+    hinted.ttl = 3;
+    r.issue(&[Command::TlbiNhVaa {
+        vmid: 0,
+        addr: hinted,
+    }]);
+    assert_eq!(
+        r.phys.cmds,
+        [Command::TlbiNhVaa {
+            vmid: 7,
+            addr: TlbiAddr::single(0x7000, true)
+        }]
+    );
+}
+
+#[test]
+fn accesses_beyond_the_register_pages_are_raz_wi() {
+    let mut r = Rig::new();
+    assert_eq!(r.v.read(u64::MAX - 3, 8), 0);
+    assert_eq!(r.w64(u64::MAX - 7, 1), Irqs::empty());
+    assert_eq!(r.v.read(regs::MMIO_SIZE, 4), 0);
+    assert!(r.phys.ste_writes.is_empty());
+}
+
+#[test]
+fn an_event_that_cannot_be_written_is_dropped_and_raises_gerror() {
+    let mut r = Rig::new();
+    r.enable(false);
+    r.w32(regs::SMMU_CR0, (Cr0::CMDQEN | Cr0::SMMUEN).bits());
+    r.w64(
+        regs::SMMU_EVENTQ_BASE,
+        regs::queue_base(0x10_0000_0000, 2, true),
+    );
+    r.w32(
+        regs::SMMU_CR0,
+        (Cr0::CMDQEN | Cr0::EVTQEN | Cr0::SMMUEN).bits(),
+    );
+    let e = Event::new(EventKind::FPermission, 0x108);
+    let (f, irqs) = r.v.forward_event(&e, &mut r.ram);
+    assert!(matches!(f, Forward::Dropped(_)), "{f:?}");
+    assert_eq!(irqs, Irqs::GERROR);
+    assert_eq!(r.v.stats().guest_events, 0);
 }

@@ -1,0 +1,1439 @@
+//! A self-checking driver of the vSMMU for fuzzing (`smmu/fuzz/`, `cargo fuzz run -s none vsmmu`)
+//! and for a deterministic randomised unit test. See `docs/fuzzing.md`.
+//!
+//! [`run`] plays a hostile guest: it interprets its input as a sequence of operations (register
+//! reads and writes, writes into guest RAM, well-formed commands in the guest's command queue,
+//! physical events, resets) and performs them on a [`Vsmmu`] wired to a [`FakeRam`] and a
+//! [`CheckingSmmu`]. Every security invariant of the model is checked after every step; a
+//! violation is a panic whose message names the invariant:
+//!
+//! - **(a)** no panic, and each call does bounded work: guest memory accesses, physical STE
+//!   writes and physical commands per call are below [`Bounds`] (an unbounded loop would also
+//!   be a libFuzzer timeout);
+//! - **(b)** `set_ste` only for the VM's physical StreamIDs (also checked for [`Vsmmu::reset`],
+//!   and against [`CheckingSmmu::written`], every psid ever written);
+//! - **(c)** every physical STE is abort, invalid, stage-2 only or nested, never bypass or
+//!   stage-1 only; with stage 2 enabled its stage-2 fields are exactly the VM's; a nested STE
+//!   has S1CDMax 0;
+//! - **(d)** physical commands are only TLBI_NH_ALL/ASID/VA/VAA with the VM's VMID (ranges only
+//!   when the physical SMMU has RIL), CFGI_CD/CFGI_CD_ALL/CFGI_STE with an owned psid, and
+//!   CMD_SYNC without an MSI write (a forwarded MSI would be a guest-chosen physical write);
+//! - **(e)** guest memory is reached only through [`GuestMemory`]; [`FakeRam`] bounds-checks
+//!   every access and fails those outside RAM, which the model must survive;
+//! - **(f)** an event offered to the guest carries the guest StreamID of the physical stream
+//!   it came from, which must be the VM's.
+//!
+//! Besides these, the model's record of the physical STEs ([`Vsmmu::physical_stes`]) must match
+//! what was really written, and a reset must leave every stream at stage 2 only (GBPA's reset
+//! value) with the VM's stage-1 TLB entries invalidated.
+
+use super::{
+    Forward, GuestMemError, GuestMemory, Irqs, PhysicalSmmu, StreamMap, Vsmmu, VsmmuConfig, CMDQS,
+    EVENTQS,
+};
+use crate::bits;
+use crate::cmd::{Command, Sync, SyncCs, TlbiAddr};
+use crate::driver::DriverError;
+use crate::event::{Event, EventClass, EventKind};
+use crate::regs;
+use crate::ste::{S2Config, Ste, StreamConfig};
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::Cell;
+
+/// Guest RAM: [`RAM_SIZE`] bytes at this IPA.
+pub const RAM_BASE: u64 = 0x4000_0000;
+/// Size of the fake guest RAM (256 KiB).
+pub const RAM_SIZE: usize = 256 << 10;
+/// The VM's VMID.
+pub const VMID: u16 = 5;
+/// Operations interpreted from one input at most.
+pub const MAX_OPS: usize = 1024;
+
+/// The VM's stage 2, as every physical STE with stage 2 enabled must carry it.
+pub fn s2_config() -> S2Config {
+    S2Config {
+        vmid: VMID,
+        root_pa: 0x8_1234_5000,
+        t0sz: 24,
+        sl0: 1,
+        ps: 4,
+        affd: false,
+    }
+}
+
+/// The VM's StreamIDs: two with vsid == psid, one with vsid != psid whose vsid (2) is *not*
+/// an owned psid, so a model that forwards a guest StreamID untranslated is caught by (b)/(d).
+pub const STREAMS: [StreamMap; 3] = [
+    StreamMap { vsid: 1, psid: 1 },
+    StreamMap { vsid: 8, psid: 8 },
+    StreamMap {
+        vsid: 2,
+        psid: 0x20,
+    },
+];
+
+/// The configuration selected by the first input byte: bit 0 physical RIL, bits [2:1] SIDSIZE
+/// (6, 8, 16 or 5), bits [4:3] OAS (40, 44, 48 or 32 bits), bit 5 two streams instead of three.
+pub fn config(sel: u8) -> VsmmuConfig {
+    let n = if sel & 0x20 != 0 { 2 } else { 3 };
+    VsmmuConfig {
+        name: String::from("fuzz-vm"),
+        streams: STREAMS[..n].to_vec(),
+        s2: s2_config(),
+        sid_bits: [6, 8, 16, 5][usize::from(sel >> 1 & 3)],
+        oas_bits: [40, 44, 48, 32][usize::from(sel >> 3 & 3)],
+        phys_idr5: 0x70 | 5,
+        phys_ril: sel & 1 != 0,
+    }
+}
+
+/// Bounds-checked guest RAM that counts the accesses made to it.
+#[derive(Debug)]
+pub struct FakeRam {
+    bytes: Vec<u8>,
+    /// Accesses (reads and writes, failed or not) since the counter was last cleared.
+    pub accesses: Cell<u64>,
+}
+
+impl Default for FakeRam {
+    fn default() -> Self {
+        Self {
+            bytes: vec![0; RAM_SIZE],
+            accesses: Cell::new(0),
+        }
+    }
+}
+
+impl FakeRam {
+    fn range(ipa: u64, len: usize) -> Result<core::ops::Range<usize>, GuestMemError> {
+        let err = GuestMemError {
+            ipa,
+            len: len as u64,
+        };
+        let off = ipa.checked_sub(RAM_BASE).ok_or(err)?;
+        let end = off.checked_add(len as u64).ok_or(err)?;
+        if end > RAM_SIZE as u64 {
+            return Err(err);
+        }
+        Ok(off as usize..end as usize)
+    }
+
+    /// Writes as the guest's CPU does (not counted); the part outside RAM is dropped.
+    pub fn poke(&mut self, ipa: u64, data: &[u8]) {
+        for (i, b) in data.iter().enumerate() {
+            if let Ok(r) = Self::range(ipa.wrapping_add(i as u64), 1) {
+                self.bytes[r.start] = *b;
+            }
+        }
+    }
+
+    /// Reads a doubleword as the guest's CPU does (not counted); 0 outside RAM.
+    pub fn peek_u64(&self, ipa: u64) -> u64 {
+        Self::range(ipa, 8).map_or(0, |r| {
+            let mut a = [0; 8];
+            a.copy_from_slice(&self.bytes[r]);
+            u64::from_le_bytes(a)
+        })
+    }
+}
+
+impl GuestMemory for FakeRam {
+    fn read(&self, ipa: u64, buf: &mut [u8]) -> Result<(), GuestMemError> {
+        self.accesses.set(self.accesses.get() + 1);
+        buf.copy_from_slice(&self.bytes[Self::range(ipa, buf.len())?]);
+        Ok(())
+    }
+
+    fn write(&mut self, ipa: u64, data: &[u8]) -> Result<(), GuestMemError> {
+        self.accesses.set(self.accesses.get() + 1);
+        let r = Self::range(ipa, data.len())?;
+        self.bytes[r].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// A physical SMMU that checks invariants (b), (c) and (d) on every call and keeps the
+/// reference shadow of the physical stream table.
+#[derive(Debug)]
+pub struct CheckingSmmu {
+    owned: Vec<u32>,
+    s2: S2Config,
+    ril: bool,
+    /// The last STE written for each StreamID (the reference shadow).
+    pub stes: BTreeMap<u32, Ste>,
+    /// Every StreamID ever written.
+    pub written: BTreeSet<u32>,
+    /// Every command submitted, in order, since the last [`CheckingSmmu::take_commands`].
+    pub commands: Vec<Command>,
+    /// Physical CMD_SYNCs (submit_sync calls) since the counter was last cleared.
+    pub syncs: u64,
+    /// STE writes since the counter was last cleared.
+    pub ste_calls: u64,
+    /// When set, every call fails (after taking effect, like a CMD_SYNC timeout).
+    pub fail: bool,
+    /// STEs written, by Config (index 0-7) when valid, index 8 when invalid.
+    pub ste_configs: [u64; 9],
+    /// Commands submitted in all.
+    pub total_commands: u64,
+}
+
+impl CheckingSmmu {
+    /// A physical SMMU for the VM `cfg`.
+    pub fn new(cfg: &VsmmuConfig) -> Self {
+        Self {
+            owned: cfg.streams.iter().map(|s| s.psid).collect(),
+            s2: cfg.s2,
+            ril: cfg.phys_ril,
+            stes: BTreeMap::new(),
+            written: BTreeSet::new(),
+            commands: Vec::new(),
+            syncs: 0,
+            ste_calls: 0,
+            fail: false,
+            ste_configs: [0; 9],
+            total_commands: 0,
+        }
+    }
+
+    fn owns(&self, psid: u32) -> bool {
+        self.owned.contains(&psid)
+    }
+
+    fn result(&self) -> Result<(), DriverError> {
+        if self.fail {
+            Err(DriverError::Timeout("injected by the fuzz harness"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Invariant (c) for `ste` written at `sid`.
+    pub fn check_ste(&self, sid: u32, ste: &Ste) {
+        if !ste.v() {
+            return;
+        }
+        let raw = bits::get(ste.0[0], 3, 1);
+        let ok = match raw {
+            0b000 => true,
+            0b110 | 0b111 => {
+                let want = Ste::stage2(self.s2);
+                // S2PTW (dword 2 bit 54) is what nested adds to the stage-2 fields.
+                let dw2 = ste.0[2] & !(1 << 54);
+                if dw2 != want.0[2] || ste.0[3] != want.0[3] || ste.s2_config() != self.s2 {
+                    panic!(
+                        "invariant (c) violated: physical STE of StreamID {sid:#x} has stage 2 \
+                         enabled with stage-2 fields {:#018x} {:#018x} ({:?}), not the VM's \
+                         {:#018x} {:#018x} ({:?}) (dword 2 without S2PTW); STE {:#018x?}",
+                        dw2,
+                        ste.0[3],
+                        ste.s2_config(),
+                        want.0[2],
+                        want.0[3],
+                        self.s2,
+                        ste.0
+                    );
+                }
+                if raw == 0b111 && ste.s1cdmax() != 0 {
+                    panic!(
+                        "invariant (c) violated: nested physical STE of StreamID {sid:#x} has \
+                         S1CDMax {} (must be 0); STE {:#018x?}",
+                        ste.s1cdmax(),
+                        ste.0
+                    );
+                }
+                true
+            }
+            _ => false,
+        };
+        if !ok {
+            let what = match StreamConfig::from_bits(raw as u8) {
+                StreamConfig::Bypass => "bypass",
+                StreamConfig::S1Translate => "stage-1 only (stage 2 bypassed)",
+                _ => "a reserved Config",
+            };
+            panic!(
+                "invariant (c) violated: physical STE of StreamID {sid:#x} is valid with Config \
+                 {raw:#05b} ({what}); STE {:#018x?}",
+                ste.0
+            );
+        }
+    }
+
+    /// Invariant (d) for one physical command.
+    pub fn check_command(&self, c: &Command) {
+        let vmid = self.s2.vmid;
+        let bad_vmid = |v: u16| {
+            if v != vmid {
+                panic!(
+                    "invariant (d) violated: physical {c:?} carries VMID {v}, not the VM's {vmid}"
+                );
+            }
+        };
+        let bad_sid = |s: u32| {
+            if !self.owns(s) {
+                panic!(
+                    "invariant (d) violated: physical {c:?} names StreamID {s:#x}, not one of \
+                     the VM's psids {:#x?}",
+                    self.owned
+                );
+            }
+        };
+        let range = |a: &TlbiAddr| {
+            // TG and TTL are RES0 without RIL too, but a non-range TLBI carrying them is
+            // still a single-address invalidation; only NUM/SCALE make it a range.
+            if !self.ril && (a.num != 0 || a.scale != 0) {
+                panic!(
+                    "invariant (d) violated: range invalidation {c:?} sent to a physical SMMU \
+                     without RIL"
+                );
+            }
+        };
+        match c {
+            Command::TlbiNhAll { vmid } | Command::TlbiNhAsid { vmid, .. } => bad_vmid(*vmid),
+            Command::TlbiNhVa { vmid, addr, .. } | Command::TlbiNhVaa { vmid, addr } => {
+                bad_vmid(*vmid);
+                range(addr);
+            }
+            Command::CfgiCd { sid, .. }
+            | Command::CfgiCdAll { sid }
+            | Command::CfgiSte { sid, .. } => bad_sid(*sid),
+            Command::Sync(s) => {
+                if s.cs == SyncCs::Irq {
+                    panic!(
+                        "invariant (d) violated: physical CMD_SYNC with an MSI write of {:#x} to \
+                         {:#x} (a guest-chosen physical write)",
+                        s.msidata, s.msiaddr
+                    );
+                }
+            }
+            _ => panic!(
+                "invariant (d) violated: physical command {c:?} (opcode {:#04x}) is not one a \
+                 guest may cause",
+                c.opcode()
+            ),
+        }
+    }
+
+    /// Returns and forgets the commands submitted so far.
+    pub fn take_commands(&mut self) -> Vec<Command> {
+        core::mem::take(&mut self.commands)
+    }
+}
+
+impl PhysicalSmmu for CheckingSmmu {
+    fn set_ste(&mut self, sid: u32, ste: Ste) -> Result<(), DriverError> {
+        if !self.owns(sid) {
+            panic!(
+                "invariant (b) violated: set_ste for StreamID {sid:#x}, not one of the VM's \
+                 psids {:#x?}; STE {:#018x?}",
+                self.owned, ste.0
+            );
+        }
+        self.check_ste(sid, &ste);
+        self.ste_calls += 1;
+        self.ste_configs[if ste.v() {
+            bits::get(ste.0[0], 3, 1) as usize
+        } else {
+            8
+        }] += 1;
+        self.stes.insert(sid, ste);
+        self.written.insert(sid);
+        self.result()
+    }
+
+    fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
+        for c in cmds {
+            self.check_command(c);
+        }
+        self.commands.extend_from_slice(cmds);
+        self.total_commands += cmds.len() as u64;
+        self.result()
+    }
+
+    fn submit_sync(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
+        let r = self.submit(cmds);
+        self.syncs += 1;
+        r
+    }
+}
+
+/// Work one call may do at most (invariant (a)). A command queue holds at most 2^[`CMDQS`]
+/// commands; each is one read, and a CMD_SYNC reshadows every stream (an L1 descriptor and
+/// an STE read, one STE write each) and writes an MSI; errors add an MSI write. A 64-bit
+/// write to a pair of 32-bit registers is two writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Guest memory accesses.
+    pub mem: u64,
+    /// Physical STE writes.
+    pub stes: u64,
+    /// Physical commands.
+    pub cmds: u64,
+}
+
+impl Bounds {
+    /// The bounds of one register write for a VM of `streams` StreamIDs.
+    pub fn write(streams: usize) -> Self {
+        let q = 1u64 << CMDQS;
+        let n = streams as u64;
+        Self {
+            mem: 2 * ((q + 2) * (2 * n + 2) + 4),
+            stes: 2 * (q + 2) * n,
+            cmds: 2 * (q + 2),
+        }
+    }
+}
+
+/// The input, read front to back; past its end every read is 0.
+#[derive(Debug)]
+struct Input<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Input<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Self { data, pos: 0 }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pos >= self.data.len()
+    }
+
+    fn u8(&mut self) -> u8 {
+        let b = self.data.get(self.pos).copied().unwrap_or(0);
+        self.pos = self.pos.saturating_add(1);
+        b
+    }
+
+    fn bool(&mut self) -> bool {
+        self.u8() & 1 != 0
+    }
+
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.u8(), self.u8()])
+    }
+
+    fn u32(&mut self) -> u32 {
+        u32::from(self.u16()) | u32::from(self.u16()) << 16
+    }
+
+    fn u64(&mut self) -> u64 {
+        u64::from(self.u32()) | u64::from(self.u32()) << 32
+    }
+
+    /// Mostly zero (3 in 4), else any value.
+    fn rare_u8(&mut self) -> u8 {
+        if self.u8() & 3 == 0 {
+            self.u8()
+        } else {
+            0
+        }
+    }
+}
+
+/// Register offsets the guest may touch: every named register, the high halves of the 64-bit
+/// ones, and a few aliases and reserved words.
+const OFFSETS: &[u64] = &[
+    regs::SMMU_IDR0,
+    regs::SMMU_IDR1,
+    regs::SMMU_IDR2,
+    regs::SMMU_IDR3,
+    regs::SMMU_IDR4,
+    regs::SMMU_IDR5,
+    regs::SMMU_IIDR,
+    regs::SMMU_AIDR,
+    regs::SMMU_CR0,
+    regs::SMMU_CR0ACK,
+    regs::SMMU_CR1,
+    regs::SMMU_CR2,
+    regs::SMMU_STATUSR,
+    regs::SMMU_GBPA,
+    regs::SMMU_AGBPA,
+    regs::SMMU_IRQ_CTRL,
+    regs::SMMU_IRQ_CTRLACK,
+    regs::SMMU_GERROR,
+    regs::SMMU_GERRORN,
+    regs::SMMU_GERROR_IRQ_CFG0,
+    regs::SMMU_GERROR_IRQ_CFG0 + 4,
+    regs::SMMU_GERROR_IRQ_CFG1,
+    regs::SMMU_GERROR_IRQ_CFG2,
+    regs::SMMU_STRTAB_BASE,
+    regs::SMMU_STRTAB_BASE + 4,
+    regs::SMMU_STRTAB_BASE_CFG,
+    regs::SMMU_CMDQ_BASE,
+    regs::SMMU_CMDQ_BASE + 4,
+    regs::SMMU_CMDQ_PROD,
+    regs::SMMU_CMDQ_CONS,
+    regs::SMMU_EVENTQ_BASE,
+    regs::SMMU_EVENTQ_BASE + 4,
+    regs::SMMU_EVENTQ_PROD,
+    regs::SMMU_EVENTQ_CONS,
+    regs::SMMU_EVENTQ_PROD - regs::PAGE1,
+    regs::SMMU_EVENTQ_CONS - regs::PAGE1,
+    regs::SMMU_EVENTQ_IRQ_CFG0,
+    regs::SMMU_EVENTQ_IRQ_CFG0 + 4,
+    regs::SMMU_EVENTQ_IRQ_CFG1,
+    regs::SMMU_EVENTQ_IRQ_CFG2,
+    regs::SMMU_PRIQ_BASE,
+    regs::SMMU_PRIQ_PROD,
+    regs::SMMU_PRIQ_CONS,
+    regs::SMMU_PRIQ_IRQ_CFG0,
+    regs::SMMU_PRIQ_IRQ_CFG1,
+    regs::SMMU_PRIQ_IRQ_CFG2,
+    regs::SMMU_CMDQ_PROD + regs::PAGE1,
+    0xfc,
+    0x1_00fc,
+];
+
+/// Event types a physical SMMU reports.
+const EVENT_KINDS: &[EventKind] = &[
+    EventKind::FUut,
+    EventKind::CBadStreamid,
+    EventKind::FSteFetch,
+    EventKind::CBadSte,
+    EventKind::FBadAtsTreq,
+    EventKind::FStreamDisabled,
+    EventKind::FTranslForbidden,
+    EventKind::CBadSubstreamid,
+    EventKind::FCdFetch,
+    EventKind::CBadCd,
+    EventKind::FWalkEabt,
+    EventKind::FTranslation,
+    EventKind::FAddrSize,
+    EventKind::FAccess,
+    EventKind::FPermission,
+    EventKind::FTlbConflict,
+    EventKind::FCfgConflict,
+    EventKind::EPageRequest,
+    EventKind::FVmsFetch,
+];
+
+/// The vSMMU, its guest RAM and physical SMMU, and the checks.
+#[derive(Debug)]
+pub struct Harness {
+    /// The model under test.
+    pub v: Vsmmu,
+    /// Guest RAM.
+    pub ram: FakeRam,
+    /// The checking physical SMMU.
+    pub phys: CheckingSmmu,
+    /// What the run reached.
+    pub tally: Tally,
+    bounds: Bounds,
+}
+
+/// What a run reached (to check that inputs get deep into the model).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tally {
+    /// Guest commands consumed.
+    pub commands: u64,
+    /// Guest commands refused (CMDQ_ERR).
+    pub command_errors: u64,
+    /// Guest CMD_SYNCs completed.
+    pub syncs: u64,
+    /// Events written into the guest's event queue.
+    pub guest_events: u64,
+    /// Events offered to the guest but dropped.
+    pub dropped_events: u64,
+    /// Events kept by the hypervisor.
+    pub hypervisor_events: u64,
+    /// Resets.
+    pub resets: u64,
+    /// Most guest memory accesses, STE writes and physical commands one call made.
+    pub max_per_call: (u64, u64, u64),
+}
+
+impl Tally {
+    fn add_stats(&mut self, v: &Vsmmu) {
+        let s = v.stats();
+        self.commands += s.commands;
+        self.command_errors += s.command_errors;
+        self.syncs += s.syncs;
+    }
+}
+
+impl Harness {
+    /// A harness for the VM `cfg`, reset as the hypervisor does before the guest runs.
+    pub fn new(cfg: VsmmuConfig) -> Self {
+        let mut h = Self {
+            phys: CheckingSmmu::new(&cfg),
+            bounds: Bounds::write(cfg.streams.len()),
+            v: Vsmmu::new(cfg),
+            ram: FakeRam::default(),
+            tally: Tally::default(),
+        };
+        h.reset();
+        h
+    }
+
+    fn cfg(&self) -> &VsmmuConfig {
+        self.v.config()
+    }
+
+    fn clear_counters(&mut self) {
+        self.ram.accesses.set(0);
+        self.phys.ste_calls = 0;
+        self.phys.syncs = 0;
+        self.phys.commands.clear();
+    }
+
+    /// Invariant (a) for the call just made, and the reference shadow.
+    fn check_call(&mut self, what: core::fmt::Arguments<'_>, b: Bounds) {
+        let (mem, stes, cmds) = (
+            self.ram.accesses.get(),
+            self.phys.ste_calls,
+            self.phys.commands.len() as u64,
+        );
+        if mem > b.mem || stes > b.stes || cmds > b.cmds {
+            panic!(
+                "invariant (a) violated: {what} did unbounded work: {mem} guest memory accesses \
+                 (bound {}), {stes} STE writes (bound {}), {cmds} physical commands (bound {})",
+                b.mem, b.stes, b.cmds
+            );
+        }
+        let m = &mut self.tally.max_per_call;
+        *m = (m.0.max(mem), m.1.max(stes), m.2.max(cmds));
+        self.check_shadow(what);
+    }
+
+    /// The model's record of the physical STEs matches what was written, and nothing outside
+    /// the VM was ever written.
+    fn check_shadow(&self, what: core::fmt::Arguments<'_>) {
+        for (psid, ste) in self.v.physical_stes() {
+            let Some(ste) = ste else { continue };
+            if self.phys.stes.get(&psid) != Some(&ste) {
+                panic!(
+                    "after {what}: the model believes physical STE {psid:#x} is {:#018x?}, but \
+                     {:#018x?} was written",
+                    ste.0,
+                    self.phys.stes.get(&psid).map(|s| s.0)
+                );
+            }
+        }
+        if let Some(s) = self.phys.written.iter().find(|s| !self.phys.owns(**s)) {
+            panic!("invariant (b) violated: StreamID {s:#x} was written at some point");
+        }
+    }
+
+    /// [`Vsmmu::reset`], checked: the VM's streams are stage 2 only and the VM's stage-1 TLB
+    /// entries invalidated, with a sync.
+    pub fn reset(&mut self) {
+        self.clear_counters();
+        self.tally.add_stats(&self.v);
+        self.tally.resets += 1;
+        self.v.reset(&mut self.phys);
+        let n = self.cfg().streams.len() as u64;
+        self.check_call(
+            format_args!("reset"),
+            Bounds {
+                mem: 0,
+                stes: n,
+                cmds: 1,
+            },
+        );
+        let want = Ste::stage2(self.cfg().s2);
+        for s in &self.cfg().streams {
+            if self.phys.stes.get(&s.psid) != Some(&want) {
+                panic!(
+                    "reset: physical STE {:#x} is {:#018x?}, not stage 2 only (GBPA's reset value)",
+                    s.psid,
+                    self.phys.stes.get(&s.psid).map(|s| s.0)
+                );
+            }
+        }
+        let cmds = self.phys.take_commands();
+        if !cmds.contains(&Command::TlbiNhAll { vmid: VMID }) || self.phys.syncs == 0 {
+            panic!("reset: the VM's stage-1 TLB entries were not invalidated and synced: {cmds:?}");
+        }
+    }
+
+    /// A checked [`Vsmmu::write`].
+    pub fn write(&mut self, off: u64, size: u8, value: u64) -> Irqs {
+        self.clear_counters();
+        let irqs = self
+            .v
+            .write(off, size, value, &mut self.ram, &mut self.phys);
+        let b = self.bounds;
+        self.check_call(
+            format_args!("write of {value:#x} to {off:#x} ({size} bytes)"),
+            b,
+        );
+        irqs
+    }
+
+    /// A [`Vsmmu::read`] (it reaches neither guest memory nor the physical SMMU).
+    pub fn read(&mut self, off: u64, size: u8) -> u64 {
+        self.v.read(off, size)
+    }
+
+    /// A checked [`Vsmmu::forward_event`].
+    pub fn forward(&mut self, e: &Event) -> (Forward, Irqs) {
+        self.clear_counters();
+        let (f, irqs) = self.v.forward_event(e, &mut self.ram);
+        self.check_call(
+            format_args!("forward_event of {e:?}"),
+            Bounds {
+                mem: 3,
+                stes: 0,
+                cmds: 0,
+            },
+        );
+        let owner = self
+            .cfg()
+            .streams
+            .iter()
+            .find(|s| s.psid == e.stream_id)
+            .map(|s| s.vsid);
+        match f {
+            Forward::Guest(_) => self.tally.guest_events += 1,
+            Forward::Dropped(_) => self.tally.dropped_events += 1,
+            Forward::Hypervisor => self.tally.hypervisor_events += 1,
+        }
+        match (f, owner) {
+            (Forward::Hypervisor, _) => {}
+            (Forward::Guest(g) | Forward::Dropped(g), Some(vsid)) if g.stream_id == vsid => {}
+            (Forward::Guest(g) | Forward::Dropped(g), _) => panic!(
+                "invariant (f) violated: physical event of StreamID {:#x} offered to the guest \
+                 with StreamID {:#x} (the VM's: {:?}); event {e:?}, forwarded {g:?}",
+                e.stream_id,
+                g.stream_id,
+                self.cfg().streams
+            ),
+        }
+        (f, irqs)
+    }
+
+    fn r64(&mut self, off: u64) -> u64 {
+        self.read(off, 8)
+    }
+
+    fn r32(&mut self, off: u64) -> u32 {
+        self.read(off, 4) as u32
+    }
+
+    /// A StreamID the guest names: mostly its own, sometimes a psid, sometimes anything.
+    fn sid(&self, inp: &mut Input) -> u32 {
+        let s = &self.cfg().streams;
+        let i = usize::from(inp.u8());
+        match inp.u8() % 8 {
+            0..=3 => s[i % s.len()].vsid,
+            4 => s[i % s.len()].psid,
+            5 | 6 => (i % 64) as u32,
+            _ => inp.u32(),
+        }
+    }
+
+    /// An address for guest structures: mostly in RAM (aligned to `align`), sometimes at its
+    /// edge, sometimes anywhere.
+    fn addr(&self, inp: &mut Input, align: u64) -> u64 {
+        match inp.u8() {
+            0..=199 => RAM_BASE + ((u64::from(inp.u32()) % RAM_SIZE as u64) & !(align - 1)),
+            200..=229 => (RAM_BASE + RAM_SIZE as u64 - u64::from(inp.u8()) * align) & !(align - 1),
+            230..=239 => RAM_BASE - align * u64::from(inp.u8() % 4 + 1),
+            _ => inp.u64() & !(align - 1),
+        }
+    }
+
+    /// Where the guest's STE for `vsid` is, by the stream table registers and RAM.
+    fn ste_addr(&mut self, vsid: u32) -> u64 {
+        let base = self.r64(regs::SMMU_STRTAB_BASE) & bits::mask(51, 6);
+        let cfg = u64::from(self.r32(regs::SMMU_STRTAB_BASE_CFG));
+        let split = bits::get(cfg, 10, 6) as u32;
+        if bits::get(cfg, 17, 16) == 1 && matches!(split, 6 | 8 | 10) {
+            let l1 = self
+                .ram
+                .peek_u64(base.wrapping_add(u64::from(vsid >> split) * 8));
+            (l1 & bits::mask(51, 6)).wrapping_add(u64::from(vsid & ((1 << split) - 1)) * 64)
+        } else {
+            base.wrapping_add(u64::from(vsid) * 64)
+        }
+    }
+
+    /// The L1 descriptor slot of `vsid` and SPLIT (8 when the registers do not say).
+    fn l1_addr(&mut self, vsid: u32) -> (u64, u32) {
+        let base = self.r64(regs::SMMU_STRTAB_BASE) & bits::mask(51, 6);
+        let cfg = u64::from(self.r32(regs::SMMU_STRTAB_BASE_CFG));
+        let split = match bits::get(cfg, 10, 6) as u32 {
+            s @ (6 | 8 | 10) => s,
+            _ => 8,
+        };
+        (base.wrapping_add(u64::from(vsid >> split) * 8), split)
+    }
+
+    /// (base, LOG2SIZE, PROD) of the guest's command queue.
+    fn cmdq(&mut self) -> (u64, u8, u32) {
+        let b = self.r64(regs::SMMU_CMDQ_BASE);
+        let log2 = ((b & 0x1f) as u8).min(CMDQS);
+        (b & bits::mask(51, 5), log2, self.r32(regs::SMMU_CMDQ_PROD))
+    }
+
+    /// (base, LOG2SIZE, PROD) of the guest's event queue.
+    fn eventq(&mut self) -> (u64, u8, u32) {
+        let b = self.r64(regs::SMMU_EVENTQ_BASE);
+        let log2 = ((b & 0x1f) as u8).min(EVENTQS);
+        (
+            b & bits::mask(51, 5),
+            log2,
+            self.r32(regs::SMMU_EVENTQ_PROD),
+        )
+    }
+
+    /// A guest STE: mostly valid, Config biased to stage-1 translate, bypass and abort, its
+    /// stage-2 and other fields whatever the guest likes.
+    fn guest_ste(&self, inp: &mut Input) -> Ste {
+        let mut s = Ste::default();
+        let v = inp.u8() < 224;
+        let config = [5u64, 5, 5, 5, 4, 4, 0, 6, 7, 1, 2, 3][usize::from(inp.u8() % 12)];
+        let ptr = self.addr(inp, 64) & bits::mask(51, 6);
+        s.0[0] = u64::from(v)
+            | config << 1
+            | u64::from(inp.rare_u8() & 3) << 4
+            | ptr
+            | u64::from(inp.rare_u8()) << 59;
+        s.0[1] = if inp.bool() {
+            u64::from(inp.u8())
+        } else {
+            inp.u64()
+        };
+        if inp.u8() < 192 {
+            s.0[1] &= !(3 << 30);
+        }
+        for dw in 2..8 {
+            if inp.u8() & 3 == 0 {
+                s.0[dw] = inp.u64();
+            }
+        }
+        s
+    }
+
+    /// A command with random fields, its StreamIDs mostly the guest's own.
+    fn command(&self, inp: &mut Input) -> [u8; 16] {
+        let sel = inp.u8() % 28;
+        let sid = self.sid(inp);
+        let ssid = if inp.u8() & 3 == 0 {
+            Some(inp.u32() & 0xf_ffff)
+        } else {
+            None
+        };
+        let vmid = if inp.bool() { VMID } else { inp.u16() };
+        let asid = inp.u16();
+        let addr = TlbiAddr {
+            addr: inp.u64(),
+            leaf: inp.bool(),
+            ttl: inp.u8() & 3,
+            tg: inp.rare_u8() & 3,
+            num: inp.rare_u8() & 31,
+            scale: inp.rare_u8() & 31,
+        };
+        let leaf = inp.bool();
+        let cmd = match sel {
+            0 => Command::PrefetchConfig { sid, ssid },
+            1 => Command::PrefetchAddr {
+                sid,
+                ssid,
+                addr: addr.addr,
+                size: inp.u8(),
+            },
+            2 | 3 => Command::CfgiSte { sid, leaf },
+            4 => Command::CfgiSteRange {
+                sid,
+                range: inp.u8() % 32,
+            },
+            5 => Command::CfgiAll,
+            6 => Command::CfgiCd {
+                sid,
+                ssid: ssid.unwrap_or(0),
+                leaf,
+            },
+            7 => Command::CfgiCdAll { sid },
+            8 => Command::TlbiNhAll { vmid },
+            9 => Command::TlbiNhAsid { vmid, asid },
+            10 => Command::TlbiNhVa { vmid, asid, addr },
+            11 => Command::TlbiNhVaa { vmid, addr },
+            12 => Command::TlbiEl3All,
+            13 => Command::TlbiEl3Va { addr },
+            14 => Command::TlbiEl2All,
+            15 => Command::TlbiEl2Asid { asid },
+            16 => Command::TlbiEl2Va { asid, addr },
+            17 => Command::TlbiEl2Vaa { addr },
+            18 => Command::TlbiS12Vmall { vmid },
+            19 => Command::TlbiS2Ipa { vmid, addr },
+            20 => Command::TlbiNsnhAll,
+            21 => Command::AtcInv {
+                sid,
+                ssid,
+                global: leaf,
+                addr: addr.addr,
+                size: inp.u8(),
+            },
+            22 => Command::PriResp {
+                sid,
+                ssid,
+                prgi: inp.u16(),
+                resp: inp.u8() & 3,
+            },
+            23 => Command::Resume {
+                sid,
+                stag: inp.u16(),
+                resp: inp.u8() & 3,
+            },
+            24 => Command::StallTerm { sid },
+            25 | 26 => Command::Sync(Sync {
+                cs: [SyncCs::None, SyncCs::Irq, SyncCs::Irq, SyncCs::Sev]
+                    [usize::from(inp.u8() & 3)],
+                msh: inp.u8() & 3,
+                msiattr: inp.u8() & 15,
+                msidata: inp.u32(),
+                msiaddr: if inp.u8() < 16 { 0 } else { self.addr(inp, 4) },
+            }),
+            // Any 16 bytes: unknown opcodes and reserved encodings.
+            _ => {
+                let mut b = [0; 16];
+                b[..8].copy_from_slice(&inp.u64().to_le_bytes());
+                b[8..].copy_from_slice(&inp.u64().to_le_bytes());
+                return b;
+            }
+        };
+        cmd.to_bytes()
+    }
+
+    /// A physical event of mostly the VM's streams.
+    fn event(&self, inp: &mut Input) -> Event {
+        let k = inp.u8();
+        let kind = if k < 240 {
+            EVENT_KINDS[usize::from(k) % EVENT_KINDS.len()]
+        } else {
+            EventKind::from_id(inp.u8())
+        };
+        let s = &self.cfg().streams;
+        let i = usize::from(inp.u8());
+        let stream_id = match inp.u8() % 8 {
+            0..=4 => s[i % s.len()].psid,
+            5 => s[i % s.len()].vsid,
+            6 => (i % 64) as u32,
+            _ => inp.u32(),
+        };
+        let f = inp.u8();
+        let mut e = Event::new(kind, stream_id);
+        e.substream = if f & 1 != 0 { Some(inp.u32()) } else { None };
+        e.stall = f & 2 != 0;
+        e.pnu = f & 4 != 0;
+        e.ind = f & 8 != 0;
+        e.rnw = f & 16 != 0;
+        e.nsipa = f & 32 != 0;
+        e.s2 = f & 64 != 0;
+        e.class = [
+            EventClass::Cd,
+            EventClass::Tt,
+            EventClass::In,
+            EventClass::Reserved,
+        ][usize::from(inp.u8() & 3)];
+        e.stag = inp.u16();
+        e.input_addr = inp.u64();
+        e.addr2 = inp.u64();
+        e
+    }
+
+    /// A plausible value for a writable register (what a driver, buggy or not, would write).
+    fn smart_write(&mut self, inp: &mut Input) {
+        let sid_bits = self.cfg().sid_bits;
+        match inp.u8() % 18 {
+            0 | 1 => {
+                let v = u64::from(inp.u8() & 0xd) | u64::from(inp.rare_u8()) << 8;
+                self.write(regs::SMMU_CR0, 4, v);
+            }
+            2 => {
+                let v = u64::from(inp.u16());
+                self.write(regs::SMMU_CR1 + u64::from(inp.u8() & 1) * 4, 4, v);
+            }
+            3 => {
+                let v = 1 << 31 | u64::from(inp.u8() & 1) << 20 | u64::from(inp.u32() & 0x3f3f1f);
+                self.write(regs::SMMU_GBPA, 4, v);
+            }
+            4 => {
+                let v = u64::from(inp.u8() & 7);
+                self.write(regs::SMMU_IRQ_CTRL, 4, v);
+            }
+            5 | 6 => {
+                // Acknowledge the active global errors (what a driver's GERROR handler does).
+                let g = self.r32(regs::SMMU_GERROR);
+                let v = if inp.u8() < 224 { g } else { inp.u32() };
+                self.write(regs::SMMU_GERRORN, 4, v.into());
+            }
+            7 => {
+                let off = [regs::SMMU_GERROR_IRQ_CFG0, regs::SMMU_EVENTQ_IRQ_CFG0]
+                    [usize::from(inp.u8() & 1)];
+                let a = if inp.u8() < 32 { 0 } else { self.addr(inp, 4) };
+                self.write(off, 8, a);
+            }
+            8 => {
+                let a = self.addr(inp, 64) | u64::from(inp.u8() & 1) << 62;
+                self.write(regs::SMMU_STRTAB_BASE, 8, a);
+            }
+            9 => {
+                let fmt = [0, 1, 1, 2, 3][usize::from(inp.u8() % 5)];
+                let split = [6, 8, 10, 6, 8, 10, 0, 7, 31][usize::from(inp.u8() % 9)];
+                let log2 = inp.u8() % (sid_bits + 4);
+                let v = fmt << 16 | split << 6 | u64::from(log2);
+                self.write(regs::SMMU_STRTAB_BASE_CFG, 4, v);
+            }
+            10 | 11 => {
+                let (off, max) = if inp.bool() {
+                    (regs::SMMU_CMDQ_BASE, CMDQS)
+                } else {
+                    (regs::SMMU_EVENTQ_BASE, EVENTQS)
+                };
+                let log2 = if inp.u8() < 224 {
+                    inp.u8() % (max + 1)
+                } else {
+                    inp.u8() & 31
+                };
+                let a = self.addr(inp, 32) & bits::mask(51, 5) | u64::from(log2);
+                self.write(off, 8, a | u64::from(inp.u8() & 1) << 62);
+            }
+            12 | 13 => {
+                // Move CMDQ_PROD by a few entries (wrap included), or set it to anything.
+                let (_, log2, prod) = self.cmdq();
+                let mask = (2u32 << log2) - 1;
+                let v = if inp.u8() < 224 {
+                    (prod & mask).wrapping_add(u32::from(inp.u8() % 8)) & mask
+                } else {
+                    inp.u32()
+                };
+                self.write(regs::SMMU_CMDQ_PROD, 4, v.into());
+            }
+            14 => {
+                let v = u64::from(inp.u32() & 0x7f0f_ffff);
+                self.write(regs::SMMU_CMDQ_CONS, 4, v);
+            }
+            15 | 16 => {
+                // Consume the event queue (CONS = PROD, overflow acknowledged) or set anything.
+                let p = self.r32(regs::SMMU_EVENTQ_PROD);
+                let v = if inp.u8() < 192 { p } else { inp.u32() };
+                self.write(regs::SMMU_EVENTQ_CONS, 4, v.into());
+            }
+            _ => {
+                let v = inp.u32();
+                self.write(regs::SMMU_EVENTQ_PROD, 4, v.into());
+            }
+        }
+    }
+
+    /// Writes bytes into guest RAM, mostly where the guest's registers point.
+    fn ram_write(&mut self, inp: &mut Input) {
+        let len = usize::from(inp.u8() % 64) + 1;
+        let at = match inp.u8() % 8 {
+            0 | 1 => {
+                let vsid = self.sid(inp);
+                self.ste_addr(vsid) + u64::from(inp.u8() % 64)
+            }
+            2 => {
+                let vsid = self.sid(inp);
+                self.l1_addr(vsid).0 + u64::from(inp.u8() % 8)
+            }
+            3 | 4 => {
+                let (base, log2, prod) = self.cmdq();
+                let idx = u64::from(prod.wrapping_add(u32::from(inp.u8() % 4))) & ((1 << log2) - 1);
+                base + idx * 16 + u64::from(inp.u8() % 16)
+            }
+            5 => {
+                let (base, log2, prod) = self.eventq();
+                base + u64::from(prod & ((1 << log2) - 1)) * 32 + u64::from(inp.u8() % 32)
+            }
+            _ => self.addr(inp, 1),
+        };
+        let data: Vec<u8> = (0..len).map(|_| inp.u8()).collect();
+        self.ram.poke(at, &data);
+    }
+
+    /// Puts a guest STE for a StreamID (mostly the VM's) where the stream table says.
+    fn ste_write(&mut self, inp: &mut Input) {
+        let vsid = self.sid(inp);
+        let ste = self.guest_ste(inp);
+        let at = self.ste_addr(vsid);
+        self.ram.poke(at, &ste.to_bytes());
+    }
+
+    /// Puts an L1 stream table descriptor for a StreamID (mostly the VM's).
+    fn l1_write(&mut self, inp: &mut Input) {
+        let vsid = self.sid(inp);
+        let (at, split) = self.l1_addr(vsid);
+        let span = if inp.u8() < 200 {
+            u64::from(split) + 1
+        } else {
+            u64::from(inp.u8() & 31)
+        };
+        let l2 = self.addr(inp, 64) & bits::mask(51, 6);
+        self.ram.poke(at, &(l2 | span).to_le_bytes());
+    }
+
+    /// Writes 1-4 commands at the guest's CMDQ_PROD slot and moves CMDQ_PROD past them; or
+    /// (1 in 8) up to a whole queue's worth, 1-8 commands repeated, so that one PROD write
+    /// makes the model do the most work a trap can.
+    fn commands(&mut self, inp: &mut Input) {
+        let (base, log2, mut prod) = self.cmdq();
+        let n = inp.u8();
+        let (distinct, count) = if n < 224 {
+            (n % 4 + 1, u32::from(n % 4 + 1))
+        } else {
+            let entries = 1u32 << log2;
+            (
+                n % 8 + 1,
+                entries - u32::from(inp.u8()).min(entries - 1) / 16,
+            )
+        };
+        let cmds: Vec<[u8; 16]> = (0..distinct).map(|_| self.command(inp)).collect();
+        let mask = (2u32 << log2) - 1;
+        for c in cmds.iter().cycle().take(count as usize) {
+            let idx = u64::from(prod & ((1 << log2) - 1));
+            self.ram.poke(base.wrapping_add(idx * 16), c);
+            prod = (prod & mask).wrapping_add(1) & mask;
+        }
+        self.write(regs::SMMU_CMDQ_PROD, 4, prod.into());
+    }
+
+    /// What a driver's probe does: tables and queues in RAM, STEs for the VM's streams, the
+    /// queues and then translation enabled, and a CFGI_ALL + CMD_SYNC.
+    fn bring_up(&mut self, inp: &mut Input) {
+        let sid_bits = self.cfg().sid_bits;
+        let two_level = inp.bool();
+        let split: u64 = [6, 8, 10][usize::from(inp.u8() % 3)];
+        let log2 = if inp.u8() < 192 {
+            sid_bits.min(if two_level { 16 } else { 6 })
+        } else {
+            inp.u8() % (sid_bits + 1)
+        };
+        let strtab = self.addr(inp, 64);
+        let cmdq_log2 = inp.u8() % (CMDQS + 1);
+        let cmdq = self.addr(inp, 32);
+        let evtq_log2 = inp.u8() % (EVENTQS + 1);
+        let evtq = self.addr(inp, 32);
+        self.write(regs::SMMU_CR0, 4, 0);
+        self.write(regs::SMMU_CR1, 4, regs::cr1::COHERENT.into());
+        self.write(regs::SMMU_STRTAB_BASE, 8, regs::strtab_base(strtab, true));
+        let fmt = u64::from(two_level) << 16;
+        self.write(
+            regs::SMMU_STRTAB_BASE_CFG,
+            4,
+            fmt | split << 6 | u64::from(log2),
+        );
+        self.write(
+            regs::SMMU_CMDQ_BASE,
+            8,
+            regs::queue_base(cmdq, cmdq_log2, true),
+        );
+        self.write(regs::SMMU_CMDQ_PROD, 4, 0);
+        self.write(regs::SMMU_CMDQ_CONS, 4, 0);
+        self.write(
+            regs::SMMU_EVENTQ_BASE,
+            8,
+            regs::queue_base(evtq, evtq_log2, true),
+        );
+        self.write(regs::SMMU_EVENTQ_PROD, 4, 0);
+        self.write(regs::SMMU_EVENTQ_CONS, 4, 0);
+        let irq = u64::from(inp.u8() & 3);
+        self.write(regs::SMMU_IRQ_CTRL, 4, irq);
+        self.write(regs::SMMU_CR0, 4, 0xc);
+        let vsids: Vec<u32> = self.cfg().streams.iter().map(|s| s.vsid).collect();
+        for vsid in vsids {
+            if two_level {
+                let (at, split) = self.l1_addr(vsid);
+                let l2 = self.addr(inp, 64) & bits::mask(51, 6);
+                self.ram
+                    .poke(at, &(l2 | u64::from(split + 1)).to_le_bytes());
+            }
+            let ste = self.guest_ste(inp);
+            let at = self.ste_addr(vsid);
+            self.ram.poke(at, &ste.to_bytes());
+        }
+        self.write(regs::SMMU_CR0, 4, 0xd);
+        let (base, log2, prod) = self.cmdq();
+        let mask = (2u32 << log2) - 1;
+        let mut p = prod;
+        for c in [Command::CfgiAll, Command::Sync(Sync::none())] {
+            let idx = u64::from(p & ((1 << log2) - 1));
+            self.ram.poke(base.wrapping_add(idx * 16), &c.to_bytes());
+            p = (p & mask).wrapping_add(1) & mask;
+        }
+        self.write(regs::SMMU_CMDQ_PROD, 4, p.into());
+    }
+
+    /// Performs one operation from the input.
+    fn step(&mut self, inp: &mut Input) {
+        match inp.u8() % 16 {
+            0 | 1 => {
+                let off = self.offset(inp);
+                let size = Self::size(inp);
+                self.read(off, size);
+            }
+            2..=4 => {
+                let off = self.offset(inp);
+                let size = Self::size(inp);
+                let v = inp.u64();
+                self.write(off, size, v);
+            }
+            5 | 6 => self.smart_write(inp),
+            7 | 8 => self.ram_write(inp),
+            9 => self.ste_write(inp),
+            10 => self.l1_write(inp),
+            11 | 12 => self.commands(inp),
+            13 => {
+                let e = self.event(inp);
+                self.forward(&e);
+            }
+            14 => self.bring_up(inp),
+            _ => match inp.u8() % 4 {
+                0 => self.reset(),
+                1 => self.phys.fail = !self.phys.fail,
+                _ => {
+                    let _ = self.v.stats().traps();
+                }
+            },
+        }
+    }
+
+    /// An access size: mostly 4 or 8 bytes, sometimes 1 or 2 (a guest's LDRB/LDRH reach the
+    /// model too).
+    fn size(inp: &mut Input) -> u8 {
+        [4, 4, 4, 8, 8, 8, 1, 2][usize::from(inp.u8() & 7)]
+    }
+
+    /// A register offset: mostly a named register, sometimes any offset in the MMIO window.
+    fn offset(&self, inp: &mut Input) -> u64 {
+        let b = inp.u8();
+        if b < 232 {
+            OFFSETS[usize::from(b) % OFFSETS.len()]
+        } else {
+            u64::from(inp.u32()) % regs::MMIO_SIZE
+        }
+    }
+}
+
+/// Interprets `data` as a hostile guest's operations on a fresh vSMMU and checks the
+/// invariants after each (see the module documentation). Panics on a violation.
+///
+/// Encoding: byte 0 selects the configuration ([`config`]); then each operation is an opcode
+/// byte (mod 16) and its operands, read little-endian, zero past the end of the input:
+///
+/// | opcode | operation |
+/// | --- | --- |
+/// | 0-1 | register read (offset mostly a named register, else anywhere in the MMIO window; size 4 or 8, rarely 1 or 2) |
+/// | 2-4 | register write of any value (offset and size as for reads) |
+/// | 5-6 | register write of a plausible value (CR0 enables, GBPA with UPDATE, bases in RAM, PROD a few entries on, GERRORN = GERROR, ...) |
+/// | 7-8 | 1-64 bytes into guest RAM, mostly at an STE, an L1 descriptor, a CMDQ or EVENTQ slot the registers point at |
+/// | 9 | a guest STE (mostly valid, any Config, guest-chosen S2 fields) where the stream table says |
+/// | 10 | an L1 stream table descriptor |
+/// | 11-12 | 1-4 commands (1 in 8: up to a full queue) at CMDQ_PROD, then the PROD write |
+/// | 13 | a physical event fed to [`Vsmmu::forward_event`] |
+/// | 14 | a driver's probe: tables, queues, STEs, SMMUEN, CFGI_ALL + CMD_SYNC |
+/// | 15 | reset, physical failure injection on/off, or a stats read |
+pub fn run(data: &[u8]) {
+    run_harness(data);
+}
+
+/// [`run`], returning the harness at the end (its [`Harness::tally`] and physical SMMU).
+pub fn run_harness(data: &[u8]) -> Harness {
+    let mut inp = Input::new(data);
+    let mut h = Harness::new(config(inp.u8()));
+    for _ in 0..MAX_OPS {
+        if inp.is_empty() {
+            break;
+        }
+        h.step(&mut inp);
+    }
+    h.check_shadow(format_args!("the last operation"));
+    h.tally.add_stats(&h.v);
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64*: a small deterministic generator for test inputs.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    #[test]
+    fn random_inputs_keep_the_invariants() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut t = Tally::default();
+        let mut stes = [0u64; 9];
+        let mut cmds = 0;
+        for _ in 0..3000 {
+            let len = (rng.next() % 1024) as usize;
+            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let h = run_harness(&data);
+            let (a, b) = (h.tally, h.phys.ste_configs);
+            t.commands += a.commands;
+            t.command_errors += a.command_errors;
+            t.syncs += a.syncs;
+            t.guest_events += a.guest_events;
+            t.dropped_events += a.dropped_events;
+            t.hypervisor_events += a.hypervisor_events;
+            t.resets += a.resets;
+            let (m, n) = (&mut t.max_per_call, a.max_per_call);
+            *m = (m.0.max(n.0), m.1.max(n.1), m.2.max(n.2));
+            for (x, y) in stes.iter_mut().zip(b) {
+                *x += y;
+            }
+            cmds += h.phys.total_commands;
+        }
+        // The inputs get deep: every kind of physical STE, forwarded commands, guest events.
+        let deep = stes[0] > 0
+            && stes[6] > 0
+            && stes[7] > 100
+            && stes[8] > 0
+            && cmds > 1000
+            && t.syncs > 100
+            && t.command_errors > 0
+            && t.guest_events > 100
+            && t.dropped_events > 0;
+        assert!(
+            deep,
+            "shallow: {t:?}, STEs by Config {stes:?}, {cmds} physical commands"
+        );
+    }
+
+    #[test]
+    fn empty_and_tiny_inputs() {
+        run(&[]);
+        for b in 0..=255u8 {
+            run(&[b]);
+            run(&[b, 14]);
+            run(&[b, 14, 0, 0, 0, 11]);
+        }
+    }
+
+    /// The most work one trap can cause: a full 256-entry queue of CFGI_STE + CMD_SYNC pairs
+    /// (each sync reshadows a stream and writes an MSI), consumed by one CMDQ_PROD write.
+    #[test]
+    fn a_full_command_queue_is_bounded_work() {
+        let mut h = Harness::new(config(0));
+        let (strtab, cmdq, evtq, cd) = (
+            RAM_BASE,
+            RAM_BASE + 0x1_0000,
+            RAM_BASE + 0x2_0000,
+            RAM_BASE + 0x3_0000,
+        );
+        h.write(regs::SMMU_CR1, 4, regs::cr1::COHERENT.into());
+        h.write(regs::SMMU_STRTAB_BASE, 8, regs::strtab_base(strtab, true));
+        let cfg = regs::strtab_base_cfg(regs::StrtabFmt::Linear, 6, 0);
+        h.write(regs::SMMU_STRTAB_BASE_CFG, 4, cfg.into());
+        h.write(regs::SMMU_CMDQ_BASE, 8, regs::queue_base(cmdq, CMDQS, true));
+        h.write(
+            regs::SMMU_EVENTQ_BASE,
+            8,
+            regs::queue_base(evtq, EVENTQS, true),
+        );
+        let vsids: Vec<u32> = STREAMS.iter().map(|s| s.vsid).collect();
+        for &vsid in &vsids {
+            let mut ste = Ste::default();
+            ste.set_v(true).set_config(StreamConfig::S1Translate);
+            ste.set_s1_context_ptr(cd);
+            h.ram.poke(strtab + u64::from(vsid) * 64, &ste.to_bytes());
+        }
+        h.write(regs::SMMU_CR0, 4, 0xd);
+        let entries = 1u32 << CMDQS;
+        for i in 0..entries {
+            let at = cmdq + u64::from(i) * 16;
+            let c = if i % 2 == 0 {
+                Command::CfgiSte {
+                    sid: vsids[(i as usize / 2) % vsids.len()],
+                    leaf: true,
+                }
+            } else {
+                Command::Sync(Sync {
+                    cs: SyncCs::Irq,
+                    msh: 3,
+                    msiattr: 0xf,
+                    msidata: 0,
+                    msiaddr: at,
+                })
+            };
+            h.ram.poke(at, &c.to_bytes());
+        }
+        // PROD one full lap ahead of CONS: the queue is full.
+        h.write(regs::SMMU_CMDQ_PROD, 4, entries.into());
+        assert_eq!(h.v.stats().commands, u64::from(entries));
+        assert_eq!(h.read(regs::SMMU_CMDQ_CONS, 4), u64::from(entries));
+        // Every CFGI_STE reaches the physical SMMU (as a rewrite or, the STE unchanged, as a
+        // physical CFGI_STE), yet within the bounds `step` checks.
+        let (mem, stes, cmds) = h.tally.max_per_call;
+        assert!(stes + cmds >= u64::from(entries) / 2 && mem >= u64::from(entries));
+        for (_, ste) in h.v.physical_stes() {
+            assert_eq!(ste.map(|s| s.config()), Some(StreamConfig::Nested));
+        }
+    }
+
+    /// The checks themselves catch what they are meant to.
+    #[test]
+    #[should_panic(expected = "invariant (c)")]
+    fn bypass_ste_is_caught() {
+        let mut p = CheckingSmmu::new(&config(0));
+        let _ = p.set_ste(1, Ste::bypass());
+    }
+
+    #[test]
+    #[should_panic(expected = "invariant (b)")]
+    fn foreign_stream_is_caught() {
+        let mut p = CheckingSmmu::new(&config(0));
+        let _ = p.set_ste(2, Ste::abort());
+    }
+
+    #[test]
+    #[should_panic(expected = "invariant (c)")]
+    fn foreign_stage2_is_caught() {
+        let mut p = CheckingSmmu::new(&config(0));
+        let mut s2 = s2_config();
+        s2.root_pa += 0x1000;
+        let _ = p.set_ste(8, Ste::stage2(s2));
+    }
+
+    #[test]
+    #[should_panic(expected = "invariant (d)")]
+    fn foreign_vmid_is_caught() {
+        let mut p = CheckingSmmu::new(&config(0));
+        let _ = p.submit(&[Command::TlbiNhAll { vmid: VMID + 1 }]);
+    }
+
+    #[test]
+    #[should_panic(expected = "invariant (d)")]
+    fn global_command_is_caught() {
+        let mut p = CheckingSmmu::new(&config(0));
+        let _ = p.submit(&[Command::CfgiAll]);
+    }
+
+    #[test]
+    fn allowed_physical_operations_pass() {
+        let mut p = CheckingSmmu::new(&config(1));
+        let s2 = s2_config();
+        for ste in [
+            Ste::default(),
+            Ste::abort(),
+            Ste::stage2(s2),
+            Ste::nested(crate::ste::S1Fields::default(), s2),
+        ] {
+            p.set_ste(0x20, ste).unwrap();
+        }
+        p.submit_sync(&[
+            Command::TlbiNhAll { vmid: VMID },
+            Command::CfgiSte { sid: 8, leaf: true },
+            Command::CfgiCdAll { sid: 0x20 },
+            Command::Sync(Sync::none()),
+        ])
+        .unwrap();
+    }
+}
