@@ -345,6 +345,12 @@ impl VPl011 {
         fr
     }
 
+    /// Whether the receiver can take a byte now without an overrun (in loopback mode it takes
+    /// and discards anything).
+    pub fn rx_ready(&self) -> bool {
+        self.cr & CR_LBE != 0 || self.rx_len < self.rx_depth()
+    }
+
     fn fifo_enabled(&self) -> bool {
         self.lcr_h & LCR_H_FEN != 0
     }
@@ -941,5 +947,17 @@ mod tests {
         assert!(sent > 0);
         assert_eq!(u.read(0x1000, W), 0);
         assert_eq!(u.read(UARTICR, W), 0);
+    }
+
+    #[test]
+    fn rx_ready_until_the_fifo_is_full() {
+        let mut u = with_fifo();
+        for i in 0..FIFO_DEPTH {
+            assert!(u.rx_ready(), "entry {i}");
+            assert!(u.push_rx(b'a'));
+        }
+        assert!(!u.rx_ready());
+        u.read(0x000, AccessWidth::Word);
+        assert!(u.rx_ready());
     }
 }

@@ -23,7 +23,8 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
@@ -58,6 +59,12 @@ pub fn repo_root() -> PathBuf {
 /// The stock guest images built by `qemu/setup.sh`.
 pub fn stock_guest_dir() -> PathBuf {
     repo_root().join("build/guest/stock")
+}
+
+/// The modular guest images built by `qemu/kernel.sh` (`arm_smmu_v3` as a module, which the guest
+/// can unload and reload).
+pub fn modular_guest_dir() -> PathBuf {
+    repo_root().join("build/guest/modular")
 }
 
 /// The kernel release of the guest images in `dir` (its `kver` file), as `uname -r` prints it.
@@ -898,6 +905,228 @@ fn guest_facts(
         vm_name,
         timer_irqs,
     })
+}
+
+/// The part of each `--pci` disk image the host and the guest checksum: its first 8 MiB.
+pub const DISK_CONTENT: usize = 8 << 20;
+/// The whole `--pci` disk: the content, then 1 MiB of scratch that the guest writes each boot.
+pub const DISK_BYTES: usize = DISK_CONTENT + (1 << 20);
+
+/// The MD5 of the first [`DISK_CONTENT`] bytes of VM `vm`'s disk image `build/disks/VM.img` (made
+/// by the board script's `--pci`); panics if it is missing or not [`DISK_BYTES`] long.
+pub fn host_disk_md5(vm: &str) -> String {
+    let path = repo_root().join(format!("build/disks/{vm}.img"));
+    let data = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(data.len(), DISK_BYTES, "the size of {}", path.display());
+    md5_hex(&data[..DISK_CONTENT])
+}
+
+/// Checks the disk facts of VM `vm`'s next boot, in the order its guest prints them: its
+/// `/dev/vda` size ([`DISK_BYTES`]), the MD5 of its first [`DISK_CONTENT`] bytes against the
+/// host's of its image ([`host_disk_md5`]), and its scratch MiB written and read back
+/// (`disk-rw=ok`). Returns the MD5.
+pub fn check_vm_disk(q: &mut Qemu, vm: &str) -> Result<String, Error> {
+    assert_eq!(
+        q.wait_vm_fact(vm, "disk-bytes", STEP_TIMEOUT)?,
+        DISK_BYTES.to_string(),
+        "{vm}'s /dev/vda size"
+    );
+    let md5 = q.wait_vm_fact(vm, "disk-md5", STEP_TIMEOUT)?;
+    assert_eq!(
+        md5,
+        host_disk_md5(vm),
+        "{vm}'s MD5 of its disk's first {DISK_CONTENT} bytes against the host's of \
+         build/disks/{vm}.img"
+    );
+    assert_eq!(
+        q.wait_vm_fact(vm, "disk-rw", STEP_TIMEOUT)?,
+        "ok",
+        "{vm} read back (O_DIRECT) the pattern it wrote to its disk's scratch MiB"
+    );
+    Ok(md5)
+}
+
+/// What the board script's `--pci` gives a VM (its own virtio disk and NIC), and the network
+/// address the tests give it.
+#[derive(Debug)]
+pub struct Assigned {
+    /// The VM's name.
+    pub vm: &'static str,
+    /// The VMID the hypervisor gives the VM (vm0: 1, vm1: 2).
+    pub vmid: u32,
+    /// virtio-blk-pci (modern: 1af4:1042): its BDF and RequesterID (= StreamID).
+    pub disk: (&'static str, u32),
+    /// virtio-net-pci (modern: 1af4:1041): its BDF and RequesterID.
+    pub nic: (&'static str, u32),
+    /// The NIC's MAC address.
+    pub mac: &'static str,
+    /// The address the tests give its NIC (`hvip=IP/24`).
+    pub ip: &'static str,
+}
+
+/// vm0's devices with `--pci`.
+pub const VM0: Assigned = Assigned {
+    vm: "vm0",
+    vmid: 1,
+    disk: ("00:01.0", 0x08),
+    nic: ("00:02.0", 0x10),
+    mac: "52:54:00:00:00:10",
+    ip: "10.0.2.10",
+};
+/// vm1's devices with `--pci`.
+pub const VM1: Assigned = Assigned {
+    vm: "vm1",
+    vmid: 2,
+    disk: ("00:03.0", 0x18),
+    nic: ("00:04.0", 0x20),
+    mac: "52:54:00:00:00:11",
+    ip: "10.0.2.11",
+};
+
+impl Assigned {
+    /// The guest's `pci-list` of exactly these functions (BDF:VENDOR:DEVICE, sorted), without
+    /// QEMU's host bridge.
+    pub fn pci_list(&self) -> String {
+        format!("{}:1af4:1042,{}:1af4:1041", self.disk.0, self.nic.0)
+    }
+
+    /// The guest's `iommu-groups` of exactly these functions (sorted BDFs).
+    pub fn iommu_groups(&self) -> String {
+        format!("{},{}", self.disk.0, self.nic.0)
+    }
+
+    /// Its StreamIDs, sorted.
+    pub fn stream_ids(&self) -> Vec<u32> {
+        let mut ids = vec![self.disk.1, self.nic.1];
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Kernel command line with its NIC at its address, pinging `peer` and waiting to be pinged.
+    pub fn net_bootargs(&self, peer: &str) -> String {
+        format!(
+            "console=ttyAMA0 rdinit=/init hvip={}/24 hvping={peer} hvpinged=1",
+            self.ip
+        )
+    }
+}
+
+/// The byte that starts a hypervisor console command (Ctrl-\).
+pub const CONSOLE_ESCAPE: char = '\u{1c}';
+/// [`type_paced`]: bytes per write to the console, and the pause after each.
+const TYPE_CHUNK: usize = 8;
+const TYPE_PAUSE: Duration = Duration::from_millis(100);
+
+/// The text of a hypervisor line (`[hv] ...`) without the prefix and its log level tag, if any
+/// (`[hv] WARN: smmu: event ...` gives `smmu: event ...`); `None` for any other line.
+pub fn hv_text(line: &str) -> Option<&str> {
+    let text = line.strip_prefix("[hv] ")?;
+    Some(
+        ["ERROR: ", "WARN: ", "DEBUG: ", "TRACE: "]
+            .iter()
+            .find_map(|tag| text.strip_prefix(tag))
+            .unwrap_or(text),
+    )
+}
+
+/// Sends a hypervisor console command: Ctrl-\ then `key`.
+pub fn console_command(q: &mut Qemu, key: char) -> Result<(), Error> {
+    q.send(&format!("{CONSOLE_ESCAPE}{key}"))
+}
+
+/// Types `text` into the focused VM's console a few bytes at a time (8 bytes per 100 ms): the
+/// hypervisor's vPL011 has a 32-byte receive FIFO like the real one, and bytes that arrive while
+/// it is full are lost (the guest logs `ttyAMA0: 1 input overrun(s)`).
+pub fn type_paced(q: &mut Qemu, text: &str) -> Result<(), Error> {
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut n = rest.len().min(TYPE_CHUNK);
+        while !rest.is_char_boundary(n) {
+            n -= 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        q.send(chunk)?;
+        rest = tail;
+        if !rest.is_empty() {
+            thread::sleep(TYPE_PAUSE);
+        }
+    }
+    Ok(())
+}
+
+/// Switches the console input to `vm` (Ctrl-\ then its digit) and waits for the hypervisor to
+/// say so (a global wait: it consumes the lines up to that one).
+pub fn focus(q: &mut Qemu, vm: &str) -> Result<(), Error> {
+    console_command(q, vm.trim_start_matches("vm").chars().next().unwrap_or('?'))?;
+    q.wait_for(&format!("[hv] console input -> {vm}"), STEP_TIMEOUT)?;
+    Ok(())
+}
+
+/// The counters every `[hv] vsmmu: vmN stats: ...` line has (it may have more).
+pub const VSMMU_STATS_KEYS: [&str; 9] = [
+    "traps",
+    "cmdq_prod",
+    "cmdq_cons",
+    "reg_reads",
+    "reg_writes",
+    "commands",
+    "syncs",
+    "guest_events",
+    "s2_faults",
+];
+
+/// The counters of a `[hv] vsmmu: vmN stats: traps=1 cmdq_prod=2 ...` line (all of them, decimal;
+/// at least [`VSMMU_STATS_KEYS`]); panics on anything else.
+pub fn parse_stats(line: &str) -> BTreeMap<String, u64> {
+    let (_, fields) = line
+        .split_once(" stats: ")
+        .unwrap_or_else(|| panic!("not a vSMMU stats line: {line:?}"));
+    let stats: BTreeMap<String, u64> = fields
+        .split_whitespace()
+        .map(|f| {
+            f.split_once('=')
+                .and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+                .unwrap_or_else(|| panic!("unreadable counter {f:?} in {line:?}"))
+        })
+        .collect();
+    for key in VSMMU_STATS_KEYS {
+        assert!(
+            stats.contains_key(key),
+            "the vSMMU stats line lacks {key}: {line:?}"
+        );
+    }
+    stats
+}
+
+/// Asks the hypervisor for its vSMMU counters (Ctrl-\ s) and returns VM `vm`'s, from the first
+/// stats line of `vm` after the last line a global wait consumed (the STE dump that follows is
+/// left for the next wait, [`ste_lines`]).
+pub fn vsmmu_stats(q: &mut Qemu, vm: &str) -> Result<BTreeMap<String, u64>, Error> {
+    console_command(q, 's')?;
+    let prefix = format!("vsmmu: {vm} stats: ");
+    let what = format!("the hypervisor's line {prefix:?}...");
+    let line = q.wait_until(&what, STEP_TIMEOUT, |l| {
+        hv_text(l).is_some_and(|t| t.starts_with(&prefix))
+    })?;
+    println!("hypervisor: {}", line.text);
+    Ok(parse_stats(&line.text))
+}
+
+/// The first STE dump line of each of `sids` after the last line a global wait consumed
+/// (`[hv] smmu: STE 8 (IOMMU group 1): V=1 Nested, VMID 1, S2TTB 0x...`), by StreamID.
+pub fn ste_lines(q: &mut Qemu, sids: &[u32]) -> Result<BTreeMap<u32, String>, Error> {
+    let found = RefCell::new(BTreeMap::new());
+    let what = format!("the STE dump lines of StreamIDs {sids:?}");
+    q.wait_until(&what, STEP_TIMEOUT, |l| {
+        let mut found = found.borrow_mut();
+        for &sid in sids {
+            if hv_text(l).is_some_and(|t| t.starts_with(&format!("smmu: STE {sid} ("))) {
+                found.entry(sid).or_insert_with(|| l.to_string());
+            }
+        }
+        found.len() == sids.len()
+    })?;
+    Ok(found.into_inner())
 }
 
 /// `text` without ANSI CSI escape sequences (`ESC [ params final`).

@@ -13,71 +13,25 @@ use std::fs;
 use std::time::Duration;
 
 use integration_tests::{
-    check_guest_facts, check_vm_guest_facts, md5_hex, repo_root, stock_guest_dir, vm_text, Line,
-    Qemu, STEP_TIMEOUT,
+    check_guest_facts, check_vm_disk, check_vm_guest_facts, host_disk_md5, stock_guest_dir,
+    vm_text, Assigned, Line, Qemu, DISK_BYTES, DISK_CONTENT, STEP_TIMEOUT, VM0, VM1,
 };
 
 /// vCPUs the board script gives each generated VM (and `--smp` of the bare run).
 const VM_CPUS: usize = 2;
-/// The part of each disk image the host and the guest checksum: its first 8 MiB.
-const DISK_CONTENT: usize = 8 << 20;
-/// The whole disk: the content, then 1 MiB of scratch that the guest writes each boot.
-const DISK_BYTES: usize = DISK_CONTENT + (1 << 20);
 /// Wall-clock limit of a run with PCI devices (two boots, disk I/O, pings that wait for the peer).
 const PCI_RUN_TIMEOUT: Duration = Duration::from_secs(600);
 /// The PCI function QEMU's host bridge shows at 00:00.0; a host bridge in a guest's list is no
 /// assigned device, so the lists are compared without it.
 const HOST_BRIDGE: &str = "00:00.0:1b36:0008";
 
-/// What the board script's `--pci` gives a VM, and the network address its test gives it.
-struct Assigned {
-    vm: &'static str,
-    /// virtio-blk-pci (modern: 1af4:1042) and its RequesterID (= StreamID).
-    disk: (&'static str, u32),
-    /// virtio-net-pci (modern: 1af4:1041) and its RequesterID.
-    nic: (&'static str, u32),
-    mac: &'static str,
-    ip: &'static str,
-}
-
-const VM0: Assigned = Assigned {
-    vm: "vm0",
-    disk: ("00:01.0", 0x08),
-    nic: ("00:02.0", 0x10),
-    mac: "52:54:00:00:00:10",
-    ip: "10.0.2.10",
-};
-const VM1: Assigned = Assigned {
-    vm: "vm1",
-    disk: ("00:03.0", 0x18),
-    nic: ("00:04.0", 0x20),
-    mac: "52:54:00:00:00:11",
-    ip: "10.0.2.11",
-};
-
-impl Assigned {
-    /// The guest's `pci-list` of exactly these functions (BDF:VENDOR:DEVICE, sorted).
-    fn pci_list(&self) -> Vec<String> {
-        vec![
-            format!("{}:1af4:1042", self.disk.0),
-            format!("{}:1af4:1041", self.nic.0),
-        ]
-    }
-
-    fn bootargs(&self, peer: &str) -> String {
-        format!(
-            "console=ttyAMA0 rdinit=/init hvip={}/24 hvping={peer} hvpinged=1 hvtest=poweroff",
-            self.ip
-        )
-    }
-}
-
-/// The MD5 of the first `DISK_CONTENT` bytes of VM `vm`'s disk image (made by the board script).
-fn host_disk_md5(vm: &str) -> String {
-    let path = repo_root().join(format!("build/disks/{vm}.img"));
-    let data = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(data.len(), DISK_BYTES, "the size of {}", path.display());
-    md5_hex(&data[..DISK_CONTENT])
+/// Kernel command line of VM `a` with its NIC at its address, pinging `peer`, waiting to be pinged
+/// and then powering off.
+fn bootargs(a: &Assigned, peer: &str) -> String {
+    format!(
+        "console=ttyAMA0 rdinit=/init hvip={}/24 hvping={peer} hvpinged=1 hvtest=poweroff",
+        a.ip
+    )
 }
 
 /// The modules the guest must have loaded, in order (`guest: modules=`), as `qemu/setup.sh`
@@ -130,8 +84,8 @@ fn fact_in(lines: &[Line], source: Option<&str>, key: &str) -> Option<String> {
 /// (StreamID = RequesterID), aborts none of them, and powers off when both VMs have.
 #[test]
 fn two_guests_with_their_own_disks_and_nics() -> Result<(), integration_tests::Error> {
-    let vm0_args = VM0.bootargs(VM1.ip);
-    let vm1_args = VM1.bootargs(VM0.ip);
+    let vm0_args = bootargs(&VM0, VM1.ip);
+    let vm1_args = bootargs(&VM1, VM0.ip);
     let mut q = Qemu::spawn_with_limit(
         "two_guests_with_their_own_disks_and_nics",
         &[
@@ -156,7 +110,7 @@ fn two_guests_with_their_own_disks_and_nics() -> Result<(), integration_tests::E
         let list = q.wait_vm_fact(vm, "pci-list", STEP_TIMEOUT)?;
         assert_eq!(
             functions(&list),
-            a.pci_list(),
+            functions(&a.pci_list()),
             "{vm}'s PCI functions (guest: pci-list={list}): exactly its own disk and NIC"
         );
         assert_eq!(
@@ -169,23 +123,7 @@ fn two_guests_with_their_own_disks_and_nics() -> Result<(), integration_tests::E
             format!("{}/24", a.ip),
             "{vm}'s eth0 address"
         );
-        assert_eq!(
-            q.wait_vm_fact(vm, "disk-bytes", STEP_TIMEOUT)?,
-            DISK_BYTES.to_string(),
-            "{vm}'s /dev/vda size"
-        );
-        let md5 = q.wait_vm_fact(vm, "disk-md5", STEP_TIMEOUT)?;
-        assert_eq!(
-            md5,
-            host_disk_md5(vm),
-            "{vm}'s MD5 of its disk's first {DISK_CONTENT} bytes against the host's of build/disks/{vm}.img"
-        );
-        disk_md5s.push(md5);
-        assert_eq!(
-            q.wait_vm_fact(vm, "disk-rw", STEP_TIMEOUT)?,
-            "ok",
-            "{vm} read back (O_DIRECT) the pattern it wrote to its disk's scratch MiB"
-        );
+        disk_md5s.push(check_vm_disk(&mut q, vm)?);
         assert_eq!(
             q.wait_vm_fact(vm, "ping", STEP_TIMEOUT)?,
             "ok",
@@ -298,7 +236,7 @@ fn bare_guest_with_vm0s_pci_devices() -> Result<(), integration_tests::Error> {
     let list = q.wait_fact("pci-list", STEP_TIMEOUT)?;
     assert_eq!(
         functions(&list),
-        VM0.pci_list(),
+        functions(&VM0.pci_list()),
         "the bare guest's PCI functions (guest: pci-list={list})"
     );
     let probe = q.wait_fact("smmu-probe", STEP_TIMEOUT)?;

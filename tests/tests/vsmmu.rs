@@ -15,28 +15,18 @@
 //! What the guest prints is in `tests/guest/init` (`smmu-probe`, `iommu-groups`,
 //! `trapbench-*`, `dma-fault-*`, `smmu-event*`).
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::fs;
 use std::time::Duration;
 
 use integration_tests::{
-    check_vm_guest_facts, md5_hex, repo_root, stock_guest_dir, vm_text, Line, Qemu, STEP_TIMEOUT,
+    check_vm_disk, check_vm_guest_facts, focus, host_disk_md5, hv_text, parse_stats, ste_lines,
+    stock_guest_dir, type_paced, vm_text, vsmmu_stats, Assigned, Line, Qemu, DISK_CONTENT,
+    STEP_TIMEOUT, VM0, VM1, VSMMU_STATS_KEYS,
 };
 
 /// vCPUs the board script gives each generated VM.
 const VM_CPUS: usize = 2;
-/// The part of each disk image the host and the guest checksum: its first 8 MiB.
-const DISK_CONTENT: usize = 8 << 20;
-/// The whole disk: the content, then 1 MiB of scratch that the guest writes each boot.
-const DISK_BYTES: usize = DISK_CONTENT + (1 << 20);
 /// Wall-clock limit of one run (two boots, disk I/O, pings that wait for the peer, the benchmark).
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
-/// The byte that starts a hypervisor console command (Ctrl-\).
-const CONSOLE_ESCAPE: char = '\u{1c}';
-/// [`type_paced`]: bytes per write to the console, and the pause after each.
-const TYPE_CHUNK: usize = 8;
-const TYPE_PAUSE: Duration = Duration::from_millis(100);
 /// The reads `hvbench=traps` does (tests/guest/init).
 const TRAPBENCH_READS: u64 = 256;
 /// The most vSMMU traps one 4 KiB O_DIRECT read may cost. Linux (strict invalidation, Debian's
@@ -44,99 +34,9 @@ const TRAPBENCH_READS: u64 = 256;
 /// batch (one CMDQ_PROD write) each: 4 per read on bare QEMU's SMMUv3, where each is followed by
 /// CMDQ_CONS polls. With the CMD_SYNC completed by an MSI write into guest memory the polls go.
 const MAX_TRAPS_PER_READ: f64 = 8.0;
-/// The counters of a `[hv] vsmmu: vmN stats: ...` line.
-const STATS_KEYS: [&str; 9] = [
-    "traps",
-    "cmdq_prod",
-    "cmdq_cons",
-    "reg_reads",
-    "reg_writes",
-    "commands",
-    "syncs",
-    "guest_events",
-    "s2_faults",
-];
 /// The IPA at which tests/guest/init's `hvdmafault=` puts the rings (descriptors, then avail and
 /// used rings a page apart): an IOVA the guest never mapped.
 const DMAFAULT_BASE: u64 = 0x2_0000_0000;
-
-/// What the board script's `--pci` gives a VM.
-struct Assigned {
-    vm: &'static str,
-    /// The VMID the hypervisor gives the VM (vm0: 1, vm1: 2).
-    vmid: u32,
-    /// virtio-blk-pci (modern: 1af4:1042) and its RequesterID (= StreamID).
-    disk: (&'static str, u32),
-    /// virtio-net-pci (modern: 1af4:1041) and its RequesterID.
-    nic: (&'static str, u32),
-    mac: &'static str,
-    ip: &'static str,
-}
-
-const VM0: Assigned = Assigned {
-    vm: "vm0",
-    vmid: 1,
-    disk: ("00:01.0", 0x08),
-    nic: ("00:02.0", 0x10),
-    mac: "52:54:00:00:00:10",
-    ip: "10.0.2.10",
-};
-const VM1: Assigned = Assigned {
-    vm: "vm1",
-    vmid: 2,
-    disk: ("00:03.0", 0x18),
-    nic: ("00:04.0", 0x20),
-    mac: "52:54:00:00:00:11",
-    ip: "10.0.2.11",
-};
-
-impl Assigned {
-    /// The guest's `pci-list` of exactly these functions (BDF:VENDOR:DEVICE, sorted), without
-    /// QEMU's host bridge.
-    fn pci_list(&self) -> String {
-        format!("{}:1af4:1042,{}:1af4:1041", self.disk.0, self.nic.0)
-    }
-
-    /// The guest's `iommu-groups` of exactly these functions (sorted BDFs).
-    fn iommu_groups(&self) -> String {
-        format!("{},{}", self.disk.0, self.nic.0)
-    }
-
-    /// Its StreamIDs, sorted.
-    fn stream_ids(&self) -> Vec<u32> {
-        let mut ids = vec![self.disk.1, self.nic.1];
-        ids.sort_unstable();
-        ids
-    }
-
-    /// Kernel command line with its NIC at its address, pinging `peer` and waiting to be pinged.
-    fn net_bootargs(&self, peer: &str) -> String {
-        format!(
-            "console=ttyAMA0 rdinit=/init hvip={}/24 hvping={peer} hvpinged=1",
-            self.ip
-        )
-    }
-}
-
-/// The text of a hypervisor line (`[hv] ...`) without the prefix and its log level tag, if any
-/// (`[hv] WARN: smmu: event ...` gives `smmu: event ...`); `None` for any other line.
-fn hv_text(line: &str) -> Option<&str> {
-    let text = line.strip_prefix("[hv] ")?;
-    Some(
-        ["ERROR: ", "WARN: ", "DEBUG: ", "TRACE: "]
-            .iter()
-            .find_map(|tag| text.strip_prefix(tag))
-            .unwrap_or(text),
-    )
-}
-
-/// The MD5 of the first `DISK_CONTENT` bytes of VM `vm`'s disk image (made by the board script).
-fn host_disk_md5(vm: &str) -> String {
-    let path = repo_root().join(format!("build/disks/{vm}.img"));
-    let data = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(data.len(), DISK_BYTES, "the size of {}", path.display());
-    md5_hex(&data[..DISK_CONTENT])
-}
 
 /// What the hypervisor said at boot of VM `vm`'s vSMMU:
 /// `[hv] vsmmu: vm0: SMMUv3 (stage 1) at 0x9050000, StreamIDs [8, 16]` gives
@@ -158,96 +58,6 @@ fn vsmmu_boot_line(lines: &[Line], vm: &str) -> (u64, Vec<u32>) {
         Some((addr, ids))
     });
     parsed.unwrap_or_else(|| panic!("unreadable vSMMU line of {vm}: {line:?}"))
-}
-
-/// Sends a hypervisor console command: Ctrl-\ then `key`.
-fn console_command(q: &mut Qemu, key: char) -> Result<(), integration_tests::Error> {
-    q.send(&format!("{CONSOLE_ESCAPE}{key}"))
-}
-
-/// Types `text` into the focused VM's console a few bytes at a time: the hypervisor's vPL011 has
-/// a 32-byte receive FIFO like the real one, and bytes that arrive while it is full are lost
-/// (the guest logs `ttyAMA0: 1 input overrun(s)`).
-fn type_paced(q: &mut Qemu, text: &str) -> Result<(), integration_tests::Error> {
-    let mut rest = text;
-    while !rest.is_empty() {
-        let mut n = rest.len().min(TYPE_CHUNK);
-        while !rest.is_char_boundary(n) {
-            n -= 1;
-        }
-        let (chunk, tail) = rest.split_at(n);
-        q.send(chunk)?;
-        rest = tail;
-        if !rest.is_empty() {
-            std::thread::sleep(TYPE_PAUSE);
-        }
-    }
-    Ok(())
-}
-
-/// Switches the console input to `vm` (Ctrl-\ then its digit) and waits for the hypervisor to
-/// say so.
-fn focus(q: &mut Qemu, vm: &str) -> Result<(), integration_tests::Error> {
-    console_command(q, vm.trim_start_matches("vm").chars().next().unwrap_or('?'))?;
-    q.wait_for(&format!("[hv] console input -> {vm}"), STEP_TIMEOUT)?;
-    Ok(())
-}
-
-/// The counters of a `[hv] vsmmu: vmN stats: traps=1 cmdq_prod=2 ...` line (all of
-/// [`STATS_KEYS`], decimal); panics on anything else.
-fn parse_stats(line: &str) -> BTreeMap<String, u64> {
-    let (_, fields) = line
-        .split_once(" stats: ")
-        .unwrap_or_else(|| panic!("not a vSMMU stats line: {line:?}"));
-    let stats: BTreeMap<String, u64> = fields
-        .split_whitespace()
-        .map(|f| {
-            f.split_once('=')
-                .and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-                .unwrap_or_else(|| panic!("unreadable counter {f:?} in {line:?}"))
-        })
-        .collect();
-    for key in STATS_KEYS {
-        assert!(
-            stats.contains_key(key),
-            "the vSMMU stats line lacks {key}: {line:?}"
-        );
-    }
-    stats
-}
-
-/// Asks the hypervisor for its vSMMU counters (Ctrl-\ s) and returns VM `vm`'s, from the first
-/// stats line of `vm` after the last line a global wait consumed (the STE dump that follows is
-/// left for the next wait).
-fn vsmmu_stats(q: &mut Qemu, vm: &str) -> Result<BTreeMap<String, u64>, integration_tests::Error> {
-    console_command(q, 's')?;
-    let prefix = format!("vsmmu: {vm} stats: ");
-    let what = format!("the hypervisor's line {prefix:?}...");
-    let line = q.wait_until(&what, STEP_TIMEOUT, |l| {
-        hv_text(l).is_some_and(|t| t.starts_with(&prefix))
-    })?;
-    println!("hypervisor: {}", line.text);
-    Ok(parse_stats(&line.text))
-}
-
-/// The first STE dump line of each of `sids` after the last line a global wait consumed
-/// (`[hv] smmu: STE 8 (IOMMU group 1): V=1 Nested, VMID 1, S2TTB 0x...`), by StreamID.
-fn ste_lines(
-    q: &mut Qemu,
-    sids: &[u32],
-) -> Result<BTreeMap<u32, String>, integration_tests::Error> {
-    let found = RefCell::new(BTreeMap::new());
-    let what = format!("the STE dump lines of StreamIDs {sids:?}");
-    q.wait_until(&what, STEP_TIMEOUT, |l| {
-        let mut found = found.borrow_mut();
-        for &sid in sids {
-            if hv_text(l).is_some_and(|t| t.starts_with(&format!("smmu: STE {sid} ("))) {
-                found.entry(sid).or_insert_with(|| l.to_string());
-            }
-        }
-        found.len() == sids.len()
-    })?;
-    Ok(found.into_inner())
 }
 
 /// Checks VM `a.vm`'s guest through its disk facts: the common facts, exactly its own two PCI
@@ -296,22 +106,7 @@ fn check_guest_through_disk(
             format!("{}/24", a.ip)
         );
     }
-    assert_eq!(
-        q.wait_vm_fact(vm, "disk-bytes", STEP_TIMEOUT)?,
-        DISK_BYTES.to_string(),
-        "{vm}'s /dev/vda size"
-    );
-    assert_eq!(
-        q.wait_vm_fact(vm, "disk-md5", STEP_TIMEOUT)?,
-        host_disk_md5(vm),
-        "{vm}'s MD5 of its disk's first {DISK_CONTENT} bytes (read through its vSMMU) against \
-         the host's of build/disks/{vm}.img"
-    );
-    assert_eq!(
-        q.wait_vm_fact(vm, "disk-rw", STEP_TIMEOUT)?,
-        "ok",
-        "{vm} read back (O_DIRECT) the pattern it wrote to its disk's scratch MiB"
-    );
+    check_vm_disk(q, vm)?;
     Ok(())
 }
 
@@ -611,7 +406,7 @@ fn vsmmu_line_parsers() {
     );
     assert_eq!(stats["traps"], 1200);
     assert_eq!(stats["cmdq_cons"], 0);
-    assert_eq!(stats.len(), STATS_KEYS.len());
+    assert_eq!(stats.len(), VSMMU_STATS_KEYS.len());
     let events = [
         line("[hv] WARN: smmu: event #1 F_TRANSLATION StreamID 56 (vm1) stage-2 read"),
         line("[hv] vsmmu: vm0: event F_TRANSLATION StreamID 8 forwarded to the guest"),

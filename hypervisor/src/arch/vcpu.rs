@@ -429,7 +429,12 @@ fn mmio_access(
                 }
                 0
             }
-            None => uart.read(off, width) as u64,
+            None => {
+                let v = uart.read(off, width) as u64;
+                drop(uart);
+                vm.refill_console();
+                v
+            }
         };
         let _ = vcpu;
         return Some(v);
@@ -821,8 +826,7 @@ fn console_input() {
     let mut touched = 0u64;
     for (vm, byte) in input.bytes {
         if let Some(v) = vms.get(vm).filter(|v| !v.is_stopped()) {
-            // A full FIFO drops the byte and flags an overrun, as a real UART would.
-            let _ = v.vuart.lock().push_rx(byte);
+            v.console_input(byte);
             touched |= 1 << vm.min(63);
         }
     }

@@ -134,6 +134,10 @@ pub struct Vm {
     pub vgic: Mutex<VGic>,
     /// Virtual PL011 model.
     pub vuart: Mutex<VPl011>,
+    /// Console input the virtual PL011's FIFO had no room for yet (at most
+    /// [`CONSOLE_BACKLOG`] bytes): fed in as the guest reads, like a terminal server with flow
+    /// control, so pasted text is not lost to the 32-byte FIFO.
+    pub console_backlog: Mutex<alloc::collections::VecDeque<u8>>,
     /// vCPUs.
     pub vcpus: Vec<VcpuSlot>,
     /// Set when the VM stops; its vCPUs park at their next exit.
@@ -150,6 +154,9 @@ struct GuestDtInputs {
 }
 
 const MIB: u64 = 1 << 20;
+
+/// Console input bytes held per VM while its UART's receive FIFO is full.
+pub const CONSOLE_BACKLOG: usize = 4096;
 
 /// SPIs of each VM's vGIC (INTIDs 32-159): room for the host's own SPI numbers, which the VM's
 /// devices keep (the UART, PCI INTx, the vSMMU's lines).
@@ -246,6 +253,7 @@ impl Vm {
             uart_intid: platform.uart.intid,
             vgic: Mutex::new(vgic),
             vuart: Mutex::new(VPl011::new()),
+            console_backlog: Mutex::new(alloc::collections::VecDeque::new()),
             vcpus,
             stopped: AtomicBool::new(false),
             boots: AtomicU32::new(0),
@@ -336,6 +344,7 @@ impl Vm {
             vcpu_mpidr: mpidrs,
         });
         *self.vuart.lock() = VPl011::new();
+        self.console_backlog.lock().clear();
         if let Some(p) = &self.pci {
             *p.vecam.lock() = VirtualEcam::new(self.config.devices.functions.clone());
         }
@@ -349,6 +358,35 @@ impl Vm {
         }
         self.boots.fetch_add(1, Ordering::AcqRel);
         Ok((entry, dtb_ipa))
+    }
+
+    /// Queues console input for the guest: into its UART while the FIFO has room, behind
+    /// what is already waiting otherwise. Beyond [`CONSOLE_BACKLOG`] bytes the UART gets the byte
+    /// anyway, which then overruns as a real one would.
+    pub fn console_input(&self, byte: u8) {
+        let mut backlog = self.console_backlog.lock();
+        let mut uart = self.vuart.lock();
+        if backlog.is_empty() && uart.rx_ready() {
+            uart.push_rx(byte);
+        } else if backlog.len() < CONSOLE_BACKLOG {
+            backlog.push_back(byte);
+        } else {
+            uart.push_rx(byte);
+        }
+    }
+
+    /// Moves waiting console input into the UART as far as its FIFO has room (after the guest
+    /// read from it).
+    pub fn refill_console(&self) {
+        let mut backlog = self.console_backlog.lock();
+        if backlog.is_empty() {
+            return;
+        }
+        let mut uart = self.vuart.lock();
+        while uart.rx_ready() {
+            let Some(b) = backlog.pop_front() else { break };
+            uart.push_rx(b);
+        }
     }
 
     /// The VM's RAM, for the device models that read or write it.

@@ -155,6 +155,8 @@ struct Stream {
     bad: Option<EventKind>,
     /// Marked for reshadowing; `Some(true)` when a targeted CFGI_STE(_RANGE) asked for it.
     dirty: Option<bool>,
+    /// The current `bad` configuration was logged.
+    bad_logged: bool,
 }
 
 /// Writable register state, at its architectural reset values by [`Default`] except GBPA.
@@ -234,6 +236,7 @@ impl Vsmmu {
                 phys: None,
                 bad: None,
                 dirty: None,
+                bad_logged: false,
             })
             .collect();
         Self {
@@ -585,16 +588,19 @@ impl Vsmmu {
             } else {
                 (Ste::stage2(self.cfg.s2), None)
             };
-            if let (Some(kind), true) = (bad, targeted) {
-                if s.bad != bad {
-                    log::warn!(
-                        "vsmmu: {}: StreamID {}: guest configuration is invalid ({}): its transactions abort",
-                        self.cfg.name,
-                        s.map.vsid,
-                        kind.name()
-                    );
-                }
+            // Logged once per bad configuration, when the guest invalidates the stream by name
+            // (at SMMUEN or CFGI_ALL a driver has not set up every stream yet).
+            let logged = if s.bad == bad { s.bad_logged } else { false };
+            let log_now = targeted && !logged;
+            if let (Some(kind), true) = (bad, log_now) {
+                log::warn!(
+                    "vsmmu: {}: StreamID {}: guest configuration is invalid ({}): its transactions abort",
+                    self.cfg.name,
+                    s.map.vsid,
+                    kind.name()
+                );
             }
+            self.streams[i].bad_logged = logged || (log_now && bad.is_some());
             if s.phys == Some(ste) {
                 // Unchanged: only the invalidation the guest asked for (the physical SMMU may
                 // cache the CD along with the STE), completed by the guest's next CMD_SYNC.
