@@ -133,6 +133,30 @@ impl Stage2 {
             })
     }
 
+    /// Makes `[ipa, ipa + size)` fault again (page-aligned). The caller invalidates the TLBs
+    /// of the VMID (CPU and SMMU) before relying on it.
+    pub fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), Stage2Error> {
+        const PAGE: u64 = 4096;
+        if size == 0 || !ipa.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
+            return Err(Stage2Error::Unaligned { ipa, size });
+        }
+        let end = ipa
+            .checked_add(size)
+            .filter(|&e| e <= 1u64 << IPA_BITS)
+            .ok_or(Stage2Error::OutOfRange { ipa, size })?;
+        let region = MemoryRegion::new(ipa as usize, end as usize);
+        // Entries written without VALID stay invalid (aarch64-paging `map_range`); a block
+        // partly covered is split first.
+        self.mapping
+            .map_range(
+                &region,
+                PhysicalAddress(0),
+                Stage2Attributes::empty(),
+                Constraints::empty(),
+            )
+            .map_err(|_| Stage2Error::OutOfRange { ipa, size })
+    }
+
     /// Physical address of the root table (VTTBR_EL2.BADDR, and later STE.S2TTB).
     pub fn root_pa(&self) -> u64 {
         self.mapping.root_address().0 as u64
@@ -189,6 +213,33 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn unmap_makes_a_range_fault_and_it_can_be_mapped_elsewhere() {
+        let mut s2 = Stage2::new();
+        s2.map(0x1000_0000, 0x1000_0000, 0x4000, MemType::Device)
+            .unwrap();
+        s2.map(0x4000_0000, 0x8000_0000, 0x20_0000, MemType::Normal)
+            .unwrap();
+        s2.unmap(0x1000_0000, 0x4000).unwrap();
+        assert!(s2.lookup(0x1000_0000).is_none());
+        assert!(s2.lookup(0x1000_3fff).is_none());
+        s2.map(0x1000_8000, 0x1000_0000, 0x4000, MemType::Device)
+            .unwrap();
+        assert_eq!(s2.lookup(0x1000_9000).map(|l| l.pa), Some(0x1000_1000));
+        // Unmapping part of a block splits it: the rest stays.
+        s2.unmap(0x4010_0000, 0x1000).unwrap();
+        assert!(s2.lookup(0x4010_0000).is_none());
+        assert_eq!(s2.lookup(0x4010_1000).map(|l| l.pa), Some(0x8010_1000));
+        assert_eq!(s2.lookup(0x400f_f000).map(|l| l.pa), Some(0x800f_f000));
+        assert_eq!(
+            s2.unmap(0x1000_0001, 0x1000),
+            Err(Stage2Error::Unaligned {
+                ipa: 0x1000_0001,
+                size: 0x1000
+            })
+        );
+    }
 
     #[test]
     fn aligned_gigabyte_uses_one_level1_block() {

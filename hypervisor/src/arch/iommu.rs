@@ -297,6 +297,17 @@ pub fn attach_stage2(vm: &str, stream_ids: &[u32], vmid: u16, s2_root: u64) -> R
     Ok(())
 }
 
+/// Drops every TLB entry of a VM's VMID in the SMMU (TLBI_S12_VMALL + CMD_SYNC) after its
+/// stage 2 changed: the SMMU walks the same tables. Scoped to that VMID; nothing else is
+/// touched.
+pub fn invalidate_vm_tlbs(vmid: u16) {
+    if let Some(smmu) = SMMU.lock().as_mut() {
+        if let Err(e) = smmu.submit_sync(&[smmu::cmd::Command::TlbiS12Vmall { vmid }]) {
+            log::error!("smmu: TLBI_S12_VMALL for VMID {vmid}: {e}");
+        }
+    }
+}
+
 /// Logs the STE the SMMU holds for every StreamID of every IOMMU group, read back from the
 /// stream table in memory (not from what the hypervisor meant to write).
 pub fn dump_stream_table(groups: &[IommuGroup]) {

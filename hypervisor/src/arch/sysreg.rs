@@ -214,6 +214,31 @@ pub unsafe fn invalidate_dcache_range(start: usize, len: usize) {
     dsb_sy();
 }
 
+/// Invalidates every stage-1 and stage-2 TLB entry of the VMID of `vttbr` (a VTTBR_EL2 value),
+/// inner shareable, from a CPU that may be running another VM's vCPU or none: VTTBR_EL2 is
+/// switched for the TLBI and put back (EL2's own accesses do not go through stage 2).
+pub fn tlbi_vmid(vttbr: u64) {
+    let old: u64;
+    // SAFETY: reading a system register has no side effect.
+    unsafe { asm!("mrs {}, vttbr_el2", out(reg) old, options(nostack, nomem)) };
+    // SAFETY: VTTBR_EL2 only selects the stage-2 tables and VMID of EL1/EL0 accesses, none of
+    // which run until it is restored below; TLB invalidation has no effect on memory contents.
+    unsafe {
+        asm!(
+            "msr vttbr_el2, {new}",
+            "isb",
+            "dsb ishst",
+            "tlbi vmalls12e1is",
+            "dsb ish",
+            "msr vttbr_el2, {old}",
+            "isb",
+            new = in(reg) vttbr,
+            old = in(reg) old,
+            options(nostack)
+        )
+    };
+}
+
 /// Invalidates every stage-1 and stage-2 TLB entry of the current VMID, inner shareable.
 pub fn tlbi_vmalls12e1is() {
     // SAFETY: TLB invalidation has no effect on memory contents.

@@ -392,6 +392,11 @@ fn mmio_access(
         return Some(match write {
             Some(v) => {
                 vecam.write(&mut ecam, off, width, v);
+                let moves = vecam.take_bar_moves();
+                drop(vecam);
+                if !moves.is_empty() && vm.apply_bar_moves(&moves) {
+                    vm.invalidate_tlbs();
+                }
                 0
             }
             None => vecam.read(&ecam, off, width),

@@ -83,6 +83,47 @@ pub enum VmError {
     Mem(#[from] super::guest_mem::OutOfRam),
 }
 
+/// Where one memory BAR of a VM's function is mapped in the VM's stage 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BarMap {
+    /// The function.
+    pub bdf: crate::pci::Bdf,
+    /// Its BAR.
+    pub index: u8,
+    /// Where the BAR physically is (the hypervisor placed it there).
+    pub phys: u64,
+    /// Its size.
+    pub size: u64,
+    /// The IPA the guest reaches it at, `None` while the guest has it somewhere unusable.
+    pub ipa: Option<u64>,
+}
+
+impl BarMap {
+    /// The pages `[base, base + len)` a BAR at `ipa` occupies.
+    fn pages(&self, ipa: u64) -> (u64, u64) {
+        let base = ipa & !0xfff;
+        (base, (ipa + self.size).next_multiple_of(0x1000) - base)
+    }
+}
+
+fn initial_bar_maps(devices: &super::iommu::VmDevices) -> Vec<BarMap> {
+    let mut maps = Vec::new();
+    for f in &devices.functions {
+        for b in &f.bars {
+            if let (Some(a), false) = (b.addr, b.kind == crate::pci::BarKind::Io) {
+                maps.push(BarMap {
+                    bdf: f.bdf,
+                    index: b.index,
+                    phys: a.cpu,
+                    size: b.size,
+                    ipa: Some(a.cpu),
+                });
+            }
+        }
+    }
+    maps
+}
+
 /// A VM's virtual generic ECAM host bridge: same ECAM window and address windows as the
 /// physical one, showing only the VM's functions.
 #[derive(Debug)]
@@ -115,7 +156,12 @@ pub struct Vm {
     /// Where guest RAM lives physically.
     pub ram_pa: u64,
     ram: GuestRam,
-    _stage2: Stage2,
+    /// Its stage-2 tables (shared with the SMMU); changed only when the guest moves a BAR.
+    stage2: Mutex<Stage2>,
+    /// Where each of its memory BARs is mapped in its stage 2 now.
+    bar_maps: Mutex<Vec<BarMap>>,
+    /// BAR moves since its last boot (the first few are logged).
+    bar_moves: AtomicU32,
     /// Emulated GIC distributor (guest IPA).
     pub gicd: MemRange,
     /// Emulated redistributors (guest IPA).
@@ -238,7 +284,9 @@ impl Vm {
             // SAFETY: the caller reserved this RAM for the VM.
             ram: unsafe { GuestRam::new(ram_ipa, ram_pa) },
             s2_root: stage2.root_pa(),
-            _stage2: stage2,
+            stage2: Mutex::new(stage2),
+            bar_maps: Mutex::new(initial_bar_maps(&config.devices)),
+            bar_moves: AtomicU32::new(0),
             pci,
             vsmmu,
             gicd: MemRange {
@@ -347,6 +395,7 @@ impl Vm {
         self.console_backlog.lock().clear();
         if let Some(p) = &self.pci {
             *p.vecam.lock() = VirtualEcam::new(self.config.devices.functions.clone());
+            self.reset_bar_maps();
         }
         if let Some(s) = &self.vsmmu {
             if self.boots.load(Ordering::Acquire) > 0 {
@@ -387,6 +436,134 @@ impl Vm {
             let Some(b) = backlog.pop_front() else { break };
             uart.push_rx(b);
         }
+    }
+
+    /// Maps each BAR the guest moved (virtual ECAM) at its new IPA in the VM's stage 2 and
+    /// unmaps the old place. A BAR put outside the VM's PCI memory windows, over another of its
+    /// BARs or at an address whose page offset differs from the physical one stays unmapped
+    /// (its accesses then fault, as a BAR decoding nowhere would). Returns whether stage 2
+    /// changed: the caller then invalidates the VM's TLBs in the CPUs and the SMMU.
+    pub fn apply_bar_moves(&self, moves: &[crate::pci::BarMove]) -> bool {
+        let Some(pci) = &self.pci else {
+            return false;
+        };
+        let mut changed = false;
+        let mut maps = self.bar_maps.lock();
+        let mut s2 = self.stage2.lock();
+        for m in moves {
+            let Some(k) = maps
+                .iter()
+                .position(|b| b.bdf == m.bdf && b.index == m.index)
+            else {
+                continue;
+            };
+            let overlaps_other = |maps: &[BarMap], (base, len): (u64, u64)| {
+                maps.iter().enumerate().any(|(j, o)| {
+                    j != k
+                        && o.ipa.is_some_and(|oi| {
+                            let (ob, ol) = o.pages(oi);
+                            ob < base + len && base < ob + ol
+                        })
+                })
+            };
+            if let Some(old) = maps[k].ipa.take() {
+                let span = maps[k].pages(old);
+                // A page another BAR still uses stays mapped (sub-page BARs share pages).
+                if !overlaps_other(&maps, span) {
+                    let _ = s2.unmap(span.0, span.1);
+                }
+                changed = true;
+            }
+            let ipa = pci
+                .windows
+                .iter()
+                .filter(|w| {
+                    matches!(
+                        w.space,
+                        crate::pci::PciSpace::Mem32 | crate::pci::PciSpace::Mem64
+                    )
+                })
+                .find(|w| m.pci >= w.pci_base && m.pci + m.size <= w.pci_base + w.size)
+                .map(|w| m.pci - w.pci_base + w.cpu_base);
+            let usable = ipa.filter(|&ipa| {
+                ipa & 0xfff == m.phys & 0xfff && !overlaps_other(&maps, maps[k].pages(ipa))
+            });
+            let n = self.bar_moves.fetch_add(1, Ordering::Relaxed);
+            match usable {
+                Some(ipa) => {
+                    let (base, len) = maps[k].pages(ipa);
+                    match s2.map(base, m.phys & !0xfff, len, MemType::Device) {
+                        Ok(()) => {
+                            maps[k].ipa = Some(ipa);
+                            changed = true;
+                            if n < 8 {
+                                log::info!(
+                                    "{}: {} BAR{} moved by the guest to {ipa:#x} (physically at {:#x}): stage 2 remapped",
+                                    self.config.name, m.bdf, m.index, m.phys
+                                );
+                            }
+                        }
+                        Err(e) => log::warn!(
+                            "{}: {} BAR{} at {ipa:#x}: {e}: left unmapped",
+                            self.config.name,
+                            m.bdf,
+                            m.index
+                        ),
+                    }
+                }
+                None => log::warn!(
+                    "{}: {} BAR{}: the guest put it at bus address {:#x}, outside its windows, over another BAR or misaligned: left unmapped",
+                    self.config.name,
+                    m.bdf,
+                    m.index,
+                    m.pci
+                ),
+            }
+        }
+        changed
+    }
+
+    /// Puts every BAR back where the hypervisor placed it (a VM boot: its new virtual ECAM
+    /// shows that placement) and drops the VM's TLB entries if anything moved.
+    fn reset_bar_maps(&self) {
+        let mut maps = self.bar_maps.lock();
+        let mut s2 = self.stage2.lock();
+        let moved: Vec<usize> = (0..maps.len())
+            .filter(|&k| maps[k].ipa != Some(maps[k].phys))
+            .collect();
+        // Every moved BAR out first, then every one back: a BAR's old place may be another's
+        // home.
+        for &k in &moved {
+            if let Some(ipa) = maps[k].ipa.take() {
+                let (base, len) = maps[k].pages(ipa);
+                let _ = s2.unmap(base, len);
+            }
+        }
+        for &k in &moved {
+            let (base, len) = maps[k].pages(maps[k].phys);
+            if let Err(e) = s2.map(base, base, len, MemType::Device) {
+                log::error!(
+                    "{}: {} BAR{}: {e}",
+                    self.config.name,
+                    maps[k].bdf,
+                    maps[k].index
+                );
+            }
+            maps[k].ipa = Some(maps[k].phys);
+        }
+        drop(s2);
+        drop(maps);
+        self.bar_moves.store(0, Ordering::Relaxed);
+        if !moved.is_empty() {
+            self.invalidate_tlbs();
+        }
+    }
+
+    /// Drops every TLB entry of the VM's VMID, in the CPUs and in the SMMU (after a stage-2
+    /// change).
+    pub fn invalidate_tlbs(&self) {
+        super::sysreg::tlbi_vmid(self.vttbr);
+        super::iommu::invalidate_vm_tlbs(self.vmid);
     }
 
     /// The VM's RAM, for the device models that read or write it.

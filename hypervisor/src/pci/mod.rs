@@ -44,7 +44,7 @@ pub use host::{
     PciWindow,
 };
 pub use resources::{assign_resources, ResourceName};
-pub use vecam::VirtualEcam;
+pub use vecam::{BarMove, VirtualEcam};
 
 /// A PCI function's address on its segment: bus, device (slot) and function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -12,7 +12,7 @@
 //! | Header Type (0x0e) | hardware, multi-function bit cleared when the VM owns no other function of the device | dropped |
 //! | Command (0x04) | hardware | I/O, Memory, Bus Master, Parity Error Response, SERR#, INTx Disable only |
 //! | Status (0x06) | hardware (Capabilities List cleared if every capability is hidden) | RW1C error bits |
-//! | BARs (0x10-0x24) | hardware, or the size mask after an all-ones write | never reach hardware; moves counted in [`VirtualEcam::refused_bar_writes`] |
+//! | BARs (0x10-0x24) | the guest's (virtual) BARs, or the size mask after an all-ones write | never reach hardware; a memory BAR move is reported for the hypervisor to remap ([`VirtualEcam::take_bar_moves`]) |
 //! | subsystem IDs, CardBus CIS, reserved (0x28, 0x2c, 0x38) | hardware | dropped |
 //! | Expansion ROM BAR (0x30) | 0 (no ROM) | dropped |
 //! | Capabilities Pointer (0x34) and every next pointer | MSI and MSI-X unlinked | dropped |
@@ -27,9 +27,10 @@
 //! finds neither capability and falls back to INTx, which the hypervisor routes.
 //!
 //! Why Initiate Function Level Reset is dropped: an FLR resets the function's configuration
-//! space (PCIe Base spec 6.6.2), BARs included, and the guest cannot put them back because BAR
-//! writes are refused; the function would then decode at address 0 once the guest sets Memory
-//! Space Enable again. Linux falls back to other reset methods or none.
+//! space (PCIe Base spec 6.6.2), physical BARs included, and the guest cannot put them back
+//! because its BAR writes never reach hardware; the function would then decode at address 0
+//! once the guest sets Memory Space Enable again. Linux falls back to other reset methods or
+//! none.
 //!
 //! Why extended configuration space is read-only: nothing Linux needs there for a virtio or
 //! simple endpoint is writable-only (AER masks, ACS, LTR are host policy), and ACS or ATS
@@ -186,8 +187,8 @@ struct VFunction {
     interrupt_line: u8,
     /// The capability list, read from hardware on first use (it is read-only there).
     chain: Option<CapChain>,
-    /// A refused BAR write was already logged for this function.
-    warned: bool,
+    /// The BAR registers as the guest programmed them (the physical ones never change).
+    vbar: [u32; 6],
 }
 
 /// Which half of which BAR a BAR slot holds.
@@ -211,6 +212,27 @@ impl VFunction {
             }
         }
         BarSlot::None
+    }
+
+    /// The read-only low bits of a BAR slot: I/O or memory, type, prefetchable.
+    fn type_bits(&self, slot: u8) -> u32 {
+        match self.bar_slot(slot) {
+            BarSlot::Low(b) if b.kind == BarKind::Io => self.size_mask(slot) & 0x3,
+            BarSlot::Low(_) => self.size_mask(slot) & 0xf,
+            _ => 0,
+        }
+    }
+
+    /// The bus address the guest gave BAR `b`.
+    fn vbar_addr(&self, b: &Bar) -> u64 {
+        let i = usize::from(b.index);
+        let low = self.vbar[i] & !self.type_bits(b.index);
+        let high = if b.kind == BarKind::Mem64 {
+            self.vbar.get(i + 1).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        u64::from(low) | u64::from(high) << 32
     }
 
     /// What a BAR slot reads back after all ones were written to it: the writable address
@@ -250,7 +272,24 @@ impl VFunction {
 pub struct VirtualEcam {
     first_bus: u8,
     functions: Vec<VFunction>,
-    refused_bar_writes: u64,
+    /// BAR moves not yet taken by [`VirtualEcam::take_bar_moves`].
+    moves: Vec<BarMove>,
+}
+
+/// A guest moved a memory BAR of one of its functions: the hypervisor must map the BAR's
+/// physical address at the new place in the VM's stage 2 (and unmap the old one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarMove {
+    /// The function.
+    pub bdf: Bdf,
+    /// Its BAR (the slot of the low dword).
+    pub index: u8,
+    /// The BAR's size.
+    pub size: u64,
+    /// Where the BAR physically is (CPU address), as the hypervisor placed it.
+    pub phys: u64,
+    /// The bus address the guest gave it now.
+    pub pci: u64,
 }
 
 impl VirtualEcam {
@@ -272,19 +311,31 @@ impl VirtualEcam {
         let bdfs: Vec<Bdf> = functions.iter().map(|d| d.bdf).collect();
         let functions = functions
             .into_iter()
-            .map(|dev| VFunction {
-                keep_multifunction: bdfs.iter().any(|&b| same_device(b, dev.bdf)),
-                sizing: [false; 6],
-                interrupt_line: 0,
-                chain: None,
-                warned: false,
-                dev,
+            .map(|dev| {
+                let mut f = VFunction {
+                    keep_multifunction: bdfs.iter().any(|&b| same_device(b, dev.bdf)),
+                    sizing: [false; 6],
+                    interrupt_line: 0,
+                    chain: None,
+                    vbar: [0; 6],
+                    dev,
+                };
+                // The guest starts with the BARs where the hypervisor placed them.
+                for b in f.dev.bars.clone() {
+                    let i = usize::from(b.index);
+                    let pci = b.addr.map_or(0, |a| a.pci);
+                    f.vbar[i] = pci as u32 | f.type_bits(b.index);
+                    if b.kind == BarKind::Mem64 && i + 1 < 6 {
+                        f.vbar[i + 1] = (pci >> 32) as u32;
+                    }
+                }
+                f
             })
             .collect();
         VirtualEcam {
             first_bus: 0,
             functions,
-            refused_bar_writes: 0,
+            moves: Vec::new(),
         }
     }
 
@@ -295,10 +346,9 @@ impl VirtualEcam {
         self
     }
 
-    /// How many guest writes tried to move a BAR (any write other than the all-ones sizing
-    /// probe or the value the BAR already holds). None reached hardware.
-    pub fn refused_bar_writes(&self) -> u64 {
-        self.refused_bar_writes
+    /// The memory BAR moves the guest made since the last call, in order.
+    pub fn take_bar_moves(&mut self) -> Vec<BarMove> {
+        core::mem::take(&mut self.moves)
     }
 
     /// The functions shown to the VM.
@@ -406,7 +456,7 @@ impl VirtualEcam {
                 } else if matches!(f.bar_slot(slot), BarSlot::None) {
                     0
                 } else {
-                    cfg.read32(bdf, reg)
+                    f.vbar[usize::from(slot)]
                 }
             }
             EXPANSION_ROM => 0,
@@ -489,12 +539,13 @@ impl VirtualEcam {
         }
     }
 
-    /// BARs never change: the hypervisor placed them and mapped them into stage-2, so a
-    /// guest-chosen address could alias another VM's BAR or RAM. Only the sizing protocol
-    /// (PCI Local Bus 3.0 6.2.5.1: write all ones, read the mask, write the old value back)
-    /// is emulated, per BAR slot, from the enumerated size.
-    fn write_bar(&mut self, cfg: &dyn ConfigSpace, i: usize, reg: u16, value: u32, enable: u32) {
-        let bdf = self.functions[i].dev.bdf;
+    /// BARs are virtual: the guest may place them where it likes (Linux does on a bus rescan,
+    /// which ignores `linux,pci-probe-only`), the physical BARs never change, and a move of a
+    /// memory BAR is reported ([`VirtualEcam::take_bar_moves`]) for the hypervisor to map the
+    /// BAR's physical address at its new place in the VM's stage 2. The sizing protocol (PCI
+    /// Local Bus 3.0 6.2.5.1: write all ones, read the mask, write the old value back) is
+    /// emulated per BAR slot from the enumerated size; the type bits are read-only.
+    fn write_bar(&mut self, _cfg: &dyn ConfigSpace, i: usize, reg: u16, value: u32, enable: u32) {
         let slot = ((reg - regs::BAR0) / 4) as u8;
         let f = &mut self.functions[i];
         let probe = enable == u32::MAX && value == u32::MAX;
@@ -502,20 +553,25 @@ impl VirtualEcam {
         if probe {
             return;
         }
-        let current = match f.bar_slot(slot) {
-            BarSlot::None => 0,
-            _ => cfg.read32(bdf, reg),
+        let bar = match f.bar_slot(slot) {
+            BarSlot::None => return,
+            BarSlot::Low(b) | BarSlot::High(b) => *b,
         };
-        if value & enable == current & enable {
-            // Writing back what is there (the end of the sizing protocol) moves nothing.
-            return;
-        }
-        self.refused_bar_writes += 1;
-        if !f.warned {
-            f.warned = true;
-            log::warn!(
-                "vECAM: {bdf}: guest tried to move BAR slot {slot} to {value:#010x}; refused"
-            );
+        let before = f.vbar_addr(&bar);
+        let s = usize::from(slot);
+        let merged = (f.vbar[s] & !enable) | (value & enable);
+        f.vbar[s] = (merged & f.size_mask(slot) & !f.type_bits(slot)) | f.type_bits(slot);
+        let after = f.vbar_addr(&bar);
+        if after != before && bar.kind != BarKind::Io {
+            if let Some(a) = bar.addr {
+                self.moves.push(BarMove {
+                    bdf: f.dev.bdf,
+                    index: bar.index,
+                    size: bar.size,
+                    phys: a.cpu,
+                    pci: after,
+                });
+            }
         }
     }
 }
@@ -647,7 +703,7 @@ mod tests {
         assert_eq!(v.read(&f, off(blk, 0x18), W), 0);
         v.write(&mut f, off(blk, 0x30), W, 0xffff_f800);
         assert_eq!(v.read(&f, off(blk, 0x30), W), 0);
-        assert_eq!(v.refused_bar_writes(), 0);
+        assert!(v.take_bar_moves().is_empty());
         // Hardware never saw the probes.
         for i in 0..6u16 {
             assert_eq!(f.read32(blk, 0x10 + 4 * i), dev_bars[i as usize]);
@@ -677,30 +733,65 @@ mod tests {
     }
 
     #[test]
-    fn bar_moves_are_refused_and_counted() {
+    fn bar_moves_are_virtual_and_reported() {
         let blk = Bdf::new(0, 2, 0);
         let (mut f, mut v) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
-        let bar1 = f.read32(blk, 0x14);
-        let bar5 = f.read32(blk, 0x24);
+        let hw: Vec<u32> = (0..6).map(|i| f.read32(blk, 0x10 + 4 * i)).collect();
+        let phys1 = u64::from(hw[1] & !0xf);
+        // BAR1 (32-bit, 4 KiB) to 0x2000_0000: reads back, is reported, hardware unchanged.
         v.write(&mut f, off(blk, 0x14), W, 0x2000_0000);
+        assert_eq!(v.read(&f, off(blk, 0x14), W), 0x2000_0000);
+        assert_eq!(
+            v.take_bar_moves(),
+            [BarMove {
+                bdf: blk,
+                index: 1,
+                size: 0x1000,
+                phys: phys1,
+                pci: 0x2000_0000
+            }]
+        );
+        assert_eq!(f.read32(blk, 0x14), hw[1]);
+        // Address bits below the size and the type bits are read-only.
+        v.write(&mut f, off(blk, 0x14), W, 0x3000_0fff);
+        assert_eq!(v.read(&f, off(blk, 0x14), W), 0x3000_0000);
+        assert_eq!(v.take_bar_moves()[0].pci, 0x3000_0000);
+        // A 64-bit BAR moved half by half: one move per half that changed the address; the
+        // prefetchable 64-bit type bits stay.
+        v.write(&mut f, off(blk, 0x20), W, 0x4000_0000);
         v.write(&mut f, off(blk, 0x24), W, 0x1);
-        v.write(&mut f, off(blk, 0x17), B, u64::from(bar1 >> 24 ^ 0xff));
-        v.write(&mut f, off(blk, 0x16), H, u64::from(bar1 >> 16 ^ 0xffff));
-        // 64-bit move in one access: both halves refused.
-        v.write(&mut f, off(blk, 0x20), D, 0x1234_5678_9abc_def0);
-        assert_eq!(v.refused_bar_writes(), 6);
+        assert_eq!(v.read(&f, off(blk, 0x20), D), 0x1_4000_000c);
+        let m = v.take_bar_moves();
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            (m[1].index, m[1].size, m[1].pci),
+            (4, 0x4000, 0x1_4000_0000)
+        );
+        // In one 64-bit access: two moves, the last one the final address.
+        v.write(&mut f, off(blk, 0x20), D, 0x0000_0000_5000_0000);
+        assert_eq!(v.take_bar_moves().last().map(|m| m.pci), Some(0x5000_0000));
         // Writing back the current value, whole or in part, is not a move.
-        v.write(&mut f, off(blk, 0x14), W, u64::from(bar1));
-        v.write(&mut f, off(blk, 0x15), B, u64::from(bar1 >> 8 & 0xff));
-        assert_eq!(v.refused_bar_writes(), 6);
-        assert_eq!(f.read32(blk, 0x14), bar1);
-        assert_eq!(f.read32(blk, 0x24), bar5);
-        assert_eq!(v.read(&f, off(blk, 0x14), W), u64::from(bar1));
-        // A refused write after a probe also ends the probe.
+        v.write(&mut f, off(blk, 0x20), W, 0x5000_000c);
+        v.write(&mut f, off(blk, 0x21), B, 0);
+        assert!(v.take_bar_moves().is_empty());
+        // A probe then the old value (the sizing protocol) is not a move either.
         v.write(&mut f, off(blk, 0x14), W, 0xffff_ffff);
         v.write(&mut f, off(blk, 0x14), W, 0x3000_0000);
-        assert_eq!(v.read(&f, off(blk, 0x14), W), u64::from(bar1));
-        assert_eq!(v.refused_bar_writes(), 7);
+        assert!(v.take_bar_moves().is_empty());
+        // I/O BARs are virtual too but never mapped: not reported.
+        v.write(&mut f, off(blk, 0x10), W, 0x100);
+        assert_eq!(v.read(&f, off(blk, 0x10), W), 0x101);
+        assert!(v.take_bar_moves().is_empty());
+        for i in 0..6u16 {
+            assert_eq!(
+                f.read32(blk, 0x10 + 4 * i),
+                hw[i as usize],
+                "hardware BAR{i}"
+            );
+        }
+        // A new vECAM (a VM reboot) shows the hypervisor's placement again.
+        let (_, mut fresh) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+        assert_eq!(fresh.read(&f, off(blk, 0x14), W), u64::from(hw[1]));
     }
 
     #[test]
