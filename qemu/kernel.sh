@@ -2,7 +2,9 @@
 # Idempotent build of the modular guest: a Linux kernel with its IOMMU drivers as modules
 # (arm_smmu_v3, virtio_iommu), from Debian's linux-source-6.12 with gcc-aarch64-linux-gnu and the
 # config fragment qemu/guest-kernel.config, and its initramfs (busybox and tests/guest/init, as the
-# stock guest's, loading arm_smmu_v3 first). Publishes build/guest/modular (Image,
+# stock guest's, loading arm_smmu_v3 first), which also carries the benchmark's guest script
+# (tests/guest/bench.sh as /bench.sh) and the kernel's dma_map_benchmark user tool (from the same
+# source, built statically: /bin/dma_map_benchmark). Publishes build/guest/modular (Image,
 # initramfs.cpio.gz, kver, modules, config), a link into the cache, like build/guest/stock.
 #
 #   qemu/kernel.sh            build what is missing (the kernel: 5 to 8 minutes on 2 cores), then link
@@ -12,8 +14,9 @@
 #                        build.log; KEY hashes linux-source-6.12's version, the config fragment,
 #                        this script and the cross compiler's and binutils' versions
 #   guest-modular-GKEY/  what build/guest/modular links to; GKEY hashes KEY, busybox's .deb,
-#                        tests/guest/init and the initramfs packing code (so a changed init
-#                        repacks the initramfs in seconds, without rebuilding the kernel)
+#                        tests/guest/init, tests/guest/bench.sh and the initramfs packing code
+#                        (so a changed init repacks the initramfs in seconds, without rebuilding
+#                        the kernel)
 # The kernel is built in a scratch directory under the cache, removed afterwards.
 # Installs what it needs with apt when missing. Debian bookworm (amd64 or arm64) only.
 set -euo pipefail
@@ -54,6 +57,8 @@ ensure_build_packages() {
         command -v "$c" >/dev/null || missing+=("${need[$c]}")
     done
     [ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
+    # The static C library of the guest's user tool (dma_map_benchmark).
+    [ -e /usr/aarch64-linux-gnu/lib/libc.a ] || missing+=(libc6-dev-arm64-cross)
     local have want
     have="$(dpkg-query -W -f='${Version}' "$SRC_PKG" 2>/dev/null || true)"
     want="$(apt-cache policy "$SRC_PKG" | sed -n 's/ *Candidate: //p')"
@@ -185,6 +190,24 @@ add_load_order() {
     echo "$name" >>"$mods/load-order"
 }
 
+# The user tool of the kernel's DMA map benchmark (CONFIG_DMA_MAP_BENCHMARK), from the kernel's
+# source package: tools/testing/selftests/dma/dma_map_benchmark.c, built statically for the guest
+# as $2 in the scratch directory $1. Its Makefile adds the tree's include/ for
+# <linux/map_benchmark.h> (after usr/include, the installed uapi headers, which the tarball does
+# not have); only that header is taken here, so that the rest (<linux/types.h>) is the cross C
+# library's uapi headers.
+build_dma_map_benchmark() {
+    local scratch="$1" out="$2" src=linux-source-6.12
+    local tool=tools/testing/selftests/dma/dma_map_benchmark.c hdr=include/linux/map_benchmark.h
+    mkdir -p "$scratch/inc/linux"
+    tar -xf "$SRC_TARBALL" -C "$scratch" "$src/$tool" "$src/$hdr" ||
+        die "no $tool or $hdr in $SRC_TARBALL"
+    cp "$scratch/$src/$hdr" "$scratch/inc/linux/"
+    "${CROSS}gcc" -static -O2 -Wall -I"$scratch/inc" -o "$out" "$scratch/$src/$tool" ||
+        die "could not build $tool"
+    "${CROSS}strip" "$out"
+}
+
 # The modular guest's images into the cache directory $1 from the kernel in $2 and busybox's .deb $3.
 build_guest() {
     local out="$1" kdir="$2" bdeb="$3" kver tmp ir mods ko rel m
@@ -208,6 +231,11 @@ build_guest() {
         add_load_order "$m" "$mods"
     done
     say "initramfs modules: $(cd "$mods" && ls -- *.ko | sed 's/\.ko$//' | tr '\n' ' ')(load order: $(tr '\n' ' ' <"$mods/load-order" | sed 's/ $//'))"
+    # The benchmark's guest side (qemu/bench.sh): its script and the kernel's DMA map tool.
+    mkdir -p "$ir/bin"
+    cp "$ROOT/tests/guest/bench.sh" "$ir/bench.sh"
+    build_dma_map_benchmark "$tmp/dma" "$ir/bin/dma_map_benchmark"
+    say "initramfs extras: /bench.sh, /bin/dma_map_benchmark (static, from $SRC_PKG)"
     mkdir -p "$out.tmp.$$"
     cp "$mods/load-order" "$out.tmp.$$/modules"
     pack_guest_initramfs "$ir" "$tmp/b/bin/busybox" "$out.tmp.$$/initramfs.cpio.gz"
@@ -250,12 +278,12 @@ main() {
     gkey="$({
         echo "kernel: $key"
         echo "load: ${LOAD_MODULES[*]}"
-        cat "$bdeb" "$ROOT/tests/guest/init"
-        declare -f pack_guest_initramfs build_guest add_load_order mod_name
+        cat "$bdeb" "$ROOT/tests/guest/init" "$ROOT/tests/guest/bench.sh"
+        declare -f pack_guest_initramfs build_guest add_load_order mod_name build_dma_map_benchmark
     } | sha256sum | cut -c1-16)"
     gdir="$CACHE/guest-modular-$gkey"
     if [ ! -f "$gdir/initramfs.cpio.gz" ] || [ ! -f "$gdir/Image" ] || [ ! -f "$gdir/modules" ]; then
-        say "building the modular guest's initramfs ($(basename "$bdeb"), tests/guest/init)"
+        say "building the modular guest's initramfs ($(basename "$bdeb"), tests/guest/init, tests/guest/bench.sh)"
         build_guest "$gdir" "$kdir" "$bdeb"
     fi
     ln -sfn "$gdir" "$BUILD/guest/modular"
