@@ -156,6 +156,50 @@ pub struct Features {
     pub two_level: bool,
 }
 
+/// A queued CMD_SYNC to wait for without the driver ([`Smmu::submit_sync_ticket`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncTicket {
+    /// Index and wrap bit of the CMD_SYNC's slot.
+    at: u32,
+    log2size: u8,
+    poll_limit: u32,
+}
+
+/// Why [`SyncTicket::wait`] stopped without the CMD_SYNC completing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncWait {
+    /// The queue stopped on a command error (CMDQ_CONS.ERR): the driver must handle it.
+    CommandError,
+    /// The poll limit passed.
+    Timeout,
+}
+
+impl SyncTicket {
+    /// Whether SMMU_CMDQ_CONS value `cons` is past the CMD_SYNC. At most one queue's worth of
+    /// entries is ever outstanding, so CONS is past it exactly when it is 1 to 2^LOG2SIZE entries
+    /// ahead of its slot (IHI 0070 ch. 3, circular queues).
+    pub fn done(&self, cons: u32) -> bool {
+        let n = 1u32 << self.log2size;
+        let d = cons.wrapping_sub(self.at) & ((n << 1) - 1);
+        (1..=n).contains(&d)
+    }
+
+    /// Polls SMMU_CMDQ_CONS through `regs` (bounded) until the CMD_SYNC has completed.
+    pub fn wait(&self, regs: &impl SmmuRegs) -> Result<(), SyncWait> {
+        for _ in 0..self.poll_limit {
+            let cons = regs.read32(regs::SMMU_CMDQ_CONS);
+            if self.done(cons) {
+                return Ok(());
+            }
+            if Cerror::from_cons(cons) != Cerror::None {
+                return Err(SyncWait::CommandError);
+            }
+            core::hint::spin_loop();
+        }
+        Err(SyncWait::Timeout)
+    }
+}
+
 /// Result of [`Smmu::poll_events`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EventPoll {
@@ -466,6 +510,22 @@ impl<R: SmmuRegs, M: DmaMemory> Smmu<R, M> {
         // The SYNC sits just before PROD.
         let at = self.cmdq.prod().wrapping_sub(1) & self.cmdq.wrap_index_mask();
         self.wait_cmdq(|q| q.consumed(at), "CMD_SYNC completion")
+    }
+
+    /// Queues `cmds` and a CMD_SYNC (one PROD write when they fit) and returns a ticket for that
+    /// CMD_SYNC instead of waiting: the caller can release whatever lock guards this driver and
+    /// wait with [`SyncTicket::wait`] on a copy of the registers, so that one user's wait for
+    /// completion never holds up another's submission (the vSMMUs of different VMs share the
+    /// physical command queue). A command error seen while waiting is for the driver to handle
+    /// ([`Smmu::sync`] does).
+    pub fn submit_sync_ticket(&mut self, cmds: &[Command]) -> Result<SyncTicket, DriverError> {
+        let sync = core::iter::once(Command::Sync(Sync::none()));
+        self.push(cmds.iter().copied().chain(sync))?;
+        Ok(SyncTicket {
+            at: self.cmdq.prod().wrapping_sub(1) & self.cmdq.wrap_index_mask(),
+            log2size: self.cmdq.log2size(),
+            poll_limit: self.cfg.poll_limit,
+        })
     }
 
     fn check_sid(&self, sid: u32) -> Result<(), DriverError> {

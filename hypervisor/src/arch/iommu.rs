@@ -16,7 +16,7 @@ use spin::Mutex;
 /// SMMU registers at a physical address, with the barriers Linux's `writel`/`readl` imply:
 /// memory writes (queue entries, STEs) are visible to the SMMU before a register write, and a
 /// register read completes before the memory reads it announces (event records).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct HwRegs {
     base: u64,
     size: u64,

@@ -139,8 +139,22 @@ impl PhysicalSmmu for PhysSmmu {
         with_smmu(|s| s.submit(cmds))
     }
 
+    /// The commands and a CMD_SYNC are queued under the physical SMMU's lock, but the wait for
+    /// completion happens without it: another VM's submission is never held up by this one's
+    /// wait. A command error (anyone's) or a timeout falls back to the driver's own sync, which
+    /// recovers the queue under the lock.
     fn submit_sync(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
-        with_smmu(|s| s.submit_sync(cmds))
+        let (ticket, regs) = {
+            let mut guard = iommu::SMMU.lock();
+            let Some(s) = guard.as_mut() else {
+                return Err(DriverError::MissingFeature("SMMU"));
+            };
+            (s.submit_sync_ticket(cmds)?, s.regs().clone())
+        };
+        match ticket.wait(&regs) {
+            Ok(()) => Ok(()),
+            Err(_) => with_smmu(|s| s.sync()),
+        }
     }
 }
 

@@ -440,3 +440,52 @@ fn events_are_consumed_across_wrap_and_overflow_is_acknowledged() {
         )
     );
 }
+
+#[test]
+fn sync_ticket_is_waited_for_without_the_driver() {
+    let fake = FakeSmmu::qemu();
+    let mut smmu = probe(&fake, small_cfg()).unwrap();
+    // QEMU consumes inside the PROD write: done at once.
+    let t = smmu
+        .submit_sync_ticket(&[Command::TlbiNhAll { vmid: 1 }])
+        .unwrap();
+    assert_eq!(t.wait(smmu.regs()), Ok(()));
+    // An SMMU that consumes one command per CONS read: the wait drives it to completion.
+    fake.st().consume_on_prod = false;
+    let t = smmu
+        .submit_sync_ticket(&[
+            Command::TlbiNhAll { vmid: 1 },
+            Command::TlbiNhAll { vmid: 2 },
+        ])
+        .unwrap();
+    assert!(!t.done(fake.reg32(regs::SMMU_CMDQ_CONS)));
+    let regs = fake.clone();
+    assert_eq!(t.wait(&regs), Ok(()));
+    // A command error stops the wait for the driver to handle.
+    fake.st().consume_on_prod = true;
+    fake.st().illegal_opcodes.push(0x10);
+    let t = smmu
+        .submit_sync_ticket(&[Command::TlbiNhAll { vmid: 1 }])
+        .unwrap();
+    assert_eq!(t.wait(smmu.regs()), Err(SyncWait::CommandError));
+    assert!(matches!(smmu.sync(), Err(DriverError::CommandError { .. })));
+    assert_eq!(smmu.sync(), Ok(()));
+}
+
+#[test]
+fn sync_ticket_done_across_the_wrap() {
+    // A 4-entry queue: the CMD_SYNC at index 3, wrap 1 (raw 7).
+    let t = SyncTicket {
+        at: 7,
+        log2size: 2,
+        poll_limit: 1,
+    };
+    // CONS at the CMD_SYNC or behind it: not done.
+    for cons in [7, 4, 5, 6] {
+        assert!(!t.done(cons), "cons {cons}");
+    }
+    // One to four entries past it (wrapping to index 0-3, wrap 0), ERR bits ignored.
+    for cons in [0, 1, 2, 3, 1 | 1 << 24] {
+        assert!(t.done(cons), "cons {cons:#x}");
+    }
+}
