@@ -55,11 +55,12 @@ impl GuestRam {
     /// both the guest's and the hypervisor's mappings, so no cache maintenance is needed.
     pub fn read(&self, ipa: u64, buf: &mut [u8]) -> Result<(), OutOfRam> {
         let pa = self.pa_of(ipa, buf.len() as u64)?;
+        // The guest may write this memory concurrently: volatile byte reads make that a stale
+        // value at worst, never an invalid one.
         for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: `pa_of` checked the range lies in this VM's RAM, identity-mapped (see
-            // `new`). The guest may write it concurrently: volatile byte reads make that a
-            // stale value at worst, never an invalid one.
-            *b = unsafe { ((pa as usize + i) as *const u8).read_volatile() };
+            let p = (pa as usize + i) as *const u8;
+            // SAFETY: `pa_of` checked the range lies in this VM's RAM, identity-mapped (`new`).
+            *b = unsafe { p.read_volatile() };
         }
         Ok(())
     }
