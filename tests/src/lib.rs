@@ -415,6 +415,31 @@ impl Qemu {
         Self::spawn_with_limit(name, args, RUN_TIMEOUT)
     }
 
+    /// Two VMs, each with its `--pci` disk and NIC and its own kernel command line, on the guest
+    /// images in `guest` (the stock ones for `None`), under a wall-clock `limit`.
+    pub fn spawn_two_pci_vms(
+        name: &str,
+        guest: Option<&Path>,
+        vm0_args: &str,
+        vm1_args: &str,
+        limit: Duration,
+    ) -> Result<Qemu, Error> {
+        let guest = guest.map(|g| g.to_str().expect("the repository path is UTF-8"));
+        let mut args = vec!["--vms", "2", "--pci"];
+        if let Some(g) = guest {
+            args.extend(["--guest", g]);
+        }
+        args.extend([
+            "--vm-bootargs",
+            "0",
+            vm0_args,
+            "--vm-bootargs",
+            "1",
+            vm1_args,
+        ]);
+        Qemu::spawn_with_limit(name, &args, limit)
+    }
+
     /// As [`Qemu::spawn`], with the wall-clock limit `limit`.
     pub fn spawn_with_limit(name: &str, args: &[&str], limit: Duration) -> Result<Qemu, Error> {
         let root = repo_root();

@@ -60,25 +60,7 @@ const HOSTILE_COMMAND_ERRORS: u64 = 4;
 
 /// Starts both VMs (`--vms 2 --pci`) on the modular guest with these kernel command lines.
 fn spawn_two(name: &str, vm0_args: &str, vm1_args: &str, limit: Duration) -> Result<Qemu, Error> {
-    let guest = modular_guest_dir();
-    let guest = guest.to_str().expect("the repository path is UTF-8");
-    Qemu::spawn_with_limit(
-        name,
-        &[
-            "--vms",
-            "2",
-            "--pci",
-            "--guest",
-            guest,
-            "--vm-bootargs",
-            "0",
-            vm0_args,
-            "--vm-bootargs",
-            "1",
-            vm1_args,
-        ],
-        limit,
-    )
+    Qemu::spawn_two_pci_vms(name, Some(&modular_guest_dir()), vm0_args, vm1_args, limit)
 }
 
 /// Checks boot `boot_count` of VM `a.vm`'s guest (the next one among its lines): the common facts

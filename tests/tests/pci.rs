@@ -86,19 +86,11 @@ fn fact_in(lines: &[Line], source: Option<&str>, key: &str) -> Option<String> {
 fn two_guests_with_their_own_disks_and_nics() -> Result<(), integration_tests::Error> {
     let vm0_args = bootargs(&VM0, VM1.ip);
     let vm1_args = bootargs(&VM1, VM0.ip);
-    let mut q = Qemu::spawn_with_limit(
+    let mut q = Qemu::spawn_two_pci_vms(
         "two_guests_with_their_own_disks_and_nics",
-        &[
-            "--vms",
-            "2",
-            "--pci",
-            "--vm-bootargs",
-            "0",
-            &vm0_args,
-            "--vm-bootargs",
-            "1",
-            &vm1_args,
-        ],
+        None,
+        &vm0_args,
+        &vm1_args,
         PCI_RUN_TIMEOUT,
     )?;
     let guest = stock_guest_dir();

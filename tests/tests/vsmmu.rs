@@ -137,19 +137,11 @@ fn two_guests_nested_over_stage2() -> Result<(), integration_tests::Error> {
     let vm0_args = format!("{} hvbench=traps hvtest=poweroff", VM0.net_bootargs(VM1.ip));
     // vm1 stays up with a shell, so that its STEs are still its own when vm0's benchmark ends.
     let vm1_args = VM1.net_bootargs(VM0.ip);
-    let mut q = Qemu::spawn_with_limit(
+    let mut q = Qemu::spawn_two_pci_vms(
         "two_guests_nested_over_stage2",
-        &[
-            "--vms",
-            "2",
-            "--pci",
-            "--vm-bootargs",
-            "0",
-            &vm0_args,
-            "--vm-bootargs",
-            "1",
-            &vm1_args,
-        ],
+        None,
+        &vm0_args,
+        &vm1_args,
         RUN_TIMEOUT,
     )?;
 
@@ -281,19 +273,11 @@ fn stage1_fault_is_forwarded_to_the_guest() -> Result<(), integration_tests::Err
         "console=ttyAMA0 rdinit=/init hvdmafault={} hvtest=poweroff",
         VM0.disk.0
     );
-    let mut q = Qemu::spawn_with_limit(
+    let mut q = Qemu::spawn_two_pci_vms(
         "stage1_fault_is_forwarded_to_the_guest",
-        &[
-            "--vms",
-            "2",
-            "--pci",
-            "--vm-bootargs",
-            "0",
-            &vm0_args,
-            "--vm-bootargs",
-            "1",
-            "console=ttyAMA0 rdinit=/init",
-        ],
+        None,
+        &vm0_args,
+        "console=ttyAMA0 rdinit=/init",
         RUN_TIMEOUT,
     )?;
 
