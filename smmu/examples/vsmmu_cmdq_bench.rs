@@ -6,7 +6,7 @@
 //! (figures only; not a pass/fail test).
 
 use smmu::cmd::{Command, Sync, SyncCs, TlbiAddr};
-use smmu::driver::DriverError;
+use smmu::driver::{DriverError, SyncTicket};
 use smmu::regs::{self, Cr0};
 use smmu::ste::{S2Config, Ste};
 use smmu::vsmmu::{GuestMemError, GuestMemory, PhysicalSmmu, StreamMap, Vsmmu, VsmmuConfig};
@@ -70,9 +70,13 @@ impl PhysicalSmmu for Phys {
         self.cmds += c.len() as u64;
         Ok(())
     }
-    fn submit_sync(&mut self, c: &[Command]) -> Result<(), DriverError> {
+    fn submit_sync(&mut self, c: &[Command]) -> Result<SyncTicket, DriverError> {
         self.cmds += c.len() as u64;
         self.syncs += 1;
+        Ok(SyncTicket::at(self.syncs))
+    }
+    fn publish(&self) {}
+    fn wait(&self, _: SyncTicket) -> Result<(), DriverError> {
         Ok(())
     }
 }

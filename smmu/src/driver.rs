@@ -8,18 +8,22 @@
 //! Completion is by polling SMMU_CMDQ_CONS (CMD_SYNC with CS = SIG_NONE): QEMU's `virt` SMMU has
 //! neither MSI nor SEV (DESIGN.md section 3). Every wait is bounded by [`SmmuConfig::poll_limit`].
 
-use crate::cmd::{Command, Sync};
+use crate::cmd::Command;
 use crate::event::Event;
 use crate::queue::{overflow_pending, Queue, OVERFLOW_FLAG};
 use crate::regs::{
     self, Cerror, Cr0, Cr2, Gbpa, Gerror, Idr0, Idr1, Idr5, IrqCtrl, StLevel, StrtabFmt,
 };
 use crate::ste::Ste;
+use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
 
+mod cmdq;
 #[cfg(test)]
 pub(crate) mod fake;
+
+pub use cmdq::{Cmdq, QueueMemory, SyncTicket};
 
 /// 32- and 64-bit access to the SMMU's register pages; `off` is from the SMMU base (page 1
 /// registers are at [`regs::PAGE1`] + offset).
@@ -55,6 +59,12 @@ pub trait DmaMemory {
     /// (`dmb ishst` on hardware; nothing on the host). Used between STE words and before
     /// publishing a new L2 table.
     fn write_barrier(&mut self) {}
+
+    /// The command queue's memory as several CPUs write it at once.
+    type Queue: QueueMemory;
+    /// A handle on the `size` bytes at `pa` (an allocation of this memory) through which they
+    /// are written from any CPU without `&mut` access to the allocator.
+    fn queue_memory(&self, pa: u64, size: usize) -> Self::Queue;
 }
 
 /// Driver failures.
@@ -156,50 +166,6 @@ pub struct Features {
     pub two_level: bool,
 }
 
-/// A queued CMD_SYNC to wait for without the driver ([`Smmu::submit_sync_ticket`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SyncTicket {
-    /// Index and wrap bit of the CMD_SYNC's slot.
-    at: u32,
-    log2size: u8,
-    poll_limit: u32,
-}
-
-/// Why [`SyncTicket::wait`] stopped without the CMD_SYNC completing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncWait {
-    /// The queue stopped on a command error (CMDQ_CONS.ERR): the driver must handle it.
-    CommandError,
-    /// The poll limit passed.
-    Timeout,
-}
-
-impl SyncTicket {
-    /// Whether SMMU_CMDQ_CONS value `cons` is past the CMD_SYNC. At most one queue's worth of
-    /// entries is ever outstanding, so CONS is past it exactly when it is 1 to 2^LOG2SIZE entries
-    /// ahead of its slot (IHI 0070 ch. 3, circular queues).
-    pub fn done(&self, cons: u32) -> bool {
-        let n = 1u32 << self.log2size;
-        let d = cons.wrapping_sub(self.at) & ((n << 1) - 1);
-        (1..=n).contains(&d)
-    }
-
-    /// Polls SMMU_CMDQ_CONS through `regs` (bounded) until the CMD_SYNC has completed.
-    pub fn wait(&self, regs: &impl SmmuRegs) -> Result<(), SyncWait> {
-        for _ in 0..self.poll_limit {
-            let cons = regs.read32(regs::SMMU_CMDQ_CONS);
-            if self.done(cons) {
-                return Ok(());
-            }
-            if Cerror::from_cons(cons) != Cerror::None {
-                return Err(SyncWait::CommandError);
-            }
-            core::hint::spin_loop();
-        }
-        Err(SyncWait::Timeout)
-    }
-}
-
 /// Result of [`Smmu::poll_events`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EventPoll {
@@ -211,32 +177,41 @@ pub struct EventPoll {
 
 /// The physical SMMU.
 #[derive(Debug)]
-pub struct Smmu<R, M> {
+pub struct Smmu<R, M: DmaMemory> {
     regs: R,
     mem: M,
     cfg: SmmuConfig,
     features: Features,
     strtab: StreamTable,
-    cmdq: Queue,
-    cmdq_base: u64,
+    cmdq: Arc<Cmdq<R, M::Queue>>,
     evtq: Queue,
     evtq_base: u64,
     evtq_ovack: u32,
 }
 
-impl<R: SmmuRegs, M: DmaMemory> Smmu<R, M> {
+impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
     /// Probes and resets the SMMU, leaving it enabled with every StreamID aborting (IHI 0070
     /// ch. 3 describes the initialization steps; the order follows Linux's `arm_smmu_device_reset`):
     /// ID register checks; GBPA = abort (so nothing bypasses while SMMUEN = 0); CR0 = 0; stream
     /// table, queues, CR1, CR2; CMDQEN; CFGI_ALL + TLBI_NSNH_ALL (+ TLBI_EL2_ALL when
     /// SMMU_IDR0.HYP) + CMD_SYNC; EVTQEN; SMMUEN.
-    pub fn probe(regs: R, mem: M, cfg: SmmuConfig) -> Result<Self, DriverError> {
+    pub fn probe(regs: R, mut mem: M, cfg: SmmuConfig) -> Result<Self, DriverError> {
         let idr0 = Idr0(regs.read32(regs::SMMU_IDR0));
         let idr1 = Idr1(regs.read32(regs::SMMU_IDR1));
         let idr5 = Idr5(regs.read32(regs::SMMU_IDR5));
         let features = check_features(idr0, idr1, idr5, &cfg)?;
 
-        let cmdq = Queue::new(idr1.cmdqs().min(cfg.cmdq_max_log2));
+        let cmdq_log2 = idr1.cmdqs().min(cfg.cmdq_max_log2);
+        // A queue is aligned to its size, at least 32 bytes (IHI 0070 6.3, CMDQ_BASE.ADDR).
+        let cbytes = (1usize << cmdq_log2) * Command::SIZE;
+        let cmdq_base = mem.alloc_zeroed(cbytes, cbytes.max(32))?;
+        let cmdq = Cmdq::new(
+            regs.clone(),
+            mem.queue_memory(cmdq_base, cbytes),
+            cmdq_base,
+            cmdq_log2,
+            cfg.poll_limit,
+        );
         let evtq = Queue::new(idr1.eventqs().min(cfg.evtq_max_log2));
         let mut smmu = Self {
             regs,
@@ -244,8 +219,7 @@ impl<R: SmmuRegs, M: DmaMemory> Smmu<R, M> {
             cfg,
             features,
             strtab: StreamTable::Linear { base: 0 },
-            cmdq,
-            cmdq_base: 0,
+            cmdq: Arc::new(cmdq),
             evtq,
             evtq_base: 0,
             evtq_ovack: 0,
@@ -308,6 +282,12 @@ impl<R: SmmuRegs, M: DmaMemory> Smmu<R, M> {
     /// The DMA memory.
     pub fn mem(&self) -> &M {
         &self.mem
+    }
+
+    /// The command queue, for submitting from any CPU without exclusive access to the driver
+    /// (the stream table still needs that).
+    pub fn cmdq(&self) -> &Arc<Cmdq<R, M::Queue>> {
+        &self.cmdq
     }
 
     fn poll(
@@ -383,12 +363,9 @@ impl<R: SmmuRegs, M: DmaMemory> Smmu<R, M> {
     }
 
     fn init_queues(&mut self) -> Result<(), DriverError> {
-        // A queue is aligned to its size, at least 32 bytes (IHI 0070 6.3, CMDQ_BASE.ADDR).
-        let cbytes = self.cmdq.entries() as usize * Command::SIZE;
-        self.cmdq_base = self.mem.alloc_zeroed(cbytes, cbytes.max(32))?;
         self.regs.write64(
             regs::SMMU_CMDQ_BASE,
-            regs::queue_base(self.cmdq_base, self.cmdq.log2size(), true),
+            regs::queue_base(self.cmdq.base(), self.cmdq.log2size(), true),
         );
         self.regs.write32(regs::SMMU_CMDQ_PROD, 0);
         self.regs.write32(regs::SMMU_CMDQ_CONS, 0);
@@ -404,95 +381,10 @@ impl<R: SmmuRegs, M: DmaMemory> Smmu<R, M> {
         Ok(())
     }
 
-    /// Reads SMMU_CMDQ_CONS into the queue model and returns the raw value.
-    fn refresh_cmdq_cons(&mut self) -> u32 {
-        let raw = self.regs.read32(regs::SMMU_CMDQ_CONS);
-        self.cmdq.set_cons(raw);
-        raw
-    }
-
-    /// If GERROR.CMDQ_ERR is active: reports the failed command, replaces it with a CMD_SYNC (as
-    /// Linux's `__arm_smmu_cmdq_skip_err` does), and acknowledges through GERRORN so the queue
-    /// resumes (IHI 0070 7.1).
-    fn check_cmdq_error(&mut self) -> Result<(), DriverError> {
-        let gerror = self.regs.read32(regs::SMMU_GERROR);
-        let gerrorn = self.regs.read32(regs::SMMU_GERRORN);
-        let active = Gerror::from_bits_retain(gerror ^ gerrorn);
-        if !active.contains(Gerror::CMDQ_ERR) {
-            return Ok(());
-        }
-        let cons = self.refresh_cmdq_cons();
-        let cerror = Cerror::from_cons(cons);
-        let index = self.cmdq.index(cons);
-        let pa = self.cmdq_base + u64::from(index) * Command::SIZE as u64;
-        let mut raw = [0u8; 16];
-        self.mem.read(pa, &mut raw);
-        let command = Command::words_from_bytes(&raw);
-        log::error!("smmu: command error {cerror:?} at cmdq[{index}]: {command:#x?}");
-        if cerror != Cerror::AtcInvSync {
-            // CERROR_ATC_INV_SYNC is reported on the CMD_SYNC itself, which can just be retried.
-            self.mem.write(pa, &Command::Sync(Sync::none()).to_bytes());
-            self.mem.write_barrier();
-        }
-        self.regs
-            .write32(regs::SMMU_GERRORN, gerrorn ^ Gerror::CMDQ_ERR.bits());
-        Err(DriverError::CommandError {
-            cerror,
-            index,
-            command,
-        })
-    }
-
-    fn publish_cmdq_prod(&mut self) {
-        self.mem.write_barrier();
-        self.regs.write32(regs::SMMU_CMDQ_PROD, self.cmdq.prod());
-    }
-
-    /// Writes `cmds` into the command queue and publishes them with one PROD write (more when the
-    /// queue fills up, waiting for space in between). Does not wait for completion: see
-    /// [`Smmu::sync`] and [`Smmu::submit_sync`].
+    /// Writes `cmds` into the command queue and publishes them, waiting for space when the queue
+    /// is full. Does not wait for completion: see [`Smmu::sync`] and [`Smmu::submit_sync`].
     pub fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
-        self.push(cmds.iter().copied())
-    }
-
-    fn push(&mut self, cmds: impl Iterator<Item = Command>) -> Result<(), DriverError> {
-        let mut unpublished = false;
-        for c in cmds {
-            if self.cmdq.space() == 0 {
-                self.refresh_cmdq_cons();
-            }
-            if self.cmdq.space() == 0 {
-                if unpublished {
-                    self.publish_cmdq_prod();
-                }
-                self.wait_cmdq(|q| q.space() > 0, "command queue space")?;
-            }
-            let pa = self.cmdq_base + u64::from(self.cmdq.prod_index()) * Command::SIZE as u64;
-            self.mem.write(pa, &c.to_bytes());
-            self.cmdq.inc_prod();
-            unpublished = true;
-        }
-        if unpublished {
-            self.publish_cmdq_prod();
-        }
-        Ok(())
-    }
-
-    fn wait_cmdq(
-        &mut self,
-        done: impl Fn(&Queue) -> bool,
-        what: &'static str,
-    ) -> Result<(), DriverError> {
-        for _ in 0..self.cfg.poll_limit {
-            self.refresh_cmdq_cons();
-            if done(&self.cmdq) {
-                return Ok(());
-            }
-            self.check_cmdq_error()?;
-            core::hint::spin_loop();
-        }
-        log::error!("smmu: timeout waiting for {what}");
-        Err(DriverError::Timeout(what))
+        self.cmdq.submit(cmds)
     }
 
     /// Issues CMD_SYNC (CS = SIG_NONE) and waits until SMMU_CMDQ_CONS has moved past it, i.e. all
@@ -505,27 +397,7 @@ impl<R: SmmuRegs, M: DmaMemory> Smmu<R, M> {
     /// Submits `cmds` followed by a CMD_SYNC in one batch (one PROD write when they fit), and
     /// waits for the SYNC as [`Smmu::sync`] does.
     pub fn submit_sync(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
-        let sync = core::iter::once(Command::Sync(Sync::none()));
-        self.push(cmds.iter().copied().chain(sync))?;
-        // The SYNC sits just before PROD.
-        let at = self.cmdq.prod().wrapping_sub(1) & self.cmdq.wrap_index_mask();
-        self.wait_cmdq(|q| q.consumed(at), "CMD_SYNC completion")
-    }
-
-    /// Queues `cmds` and a CMD_SYNC (one PROD write when they fit) and returns a ticket for that
-    /// CMD_SYNC instead of waiting: the caller can release whatever lock guards this driver and
-    /// wait with [`SyncTicket::wait`] on a copy of the registers, so that one user's wait for
-    /// completion never holds up another's submission (the vSMMUs of different VMs share the
-    /// physical command queue). A command error seen while waiting is for the driver to handle
-    /// ([`Smmu::sync`] does).
-    pub fn submit_sync_ticket(&mut self, cmds: &[Command]) -> Result<SyncTicket, DriverError> {
-        let sync = core::iter::once(Command::Sync(Sync::none()));
-        self.push(cmds.iter().copied().chain(sync))?;
-        Ok(SyncTicket {
-            at: self.cmdq.prod().wrapping_sub(1) & self.cmdq.wrap_index_mask(),
-            log2size: self.cmdq.log2size(),
-            poll_limit: self.cfg.poll_limit,
-        })
+        self.cmdq.submit_sync(cmds)
     }
 
     fn check_sid(&self, sid: u32) -> Result<(), DriverError> {

@@ -8,9 +8,10 @@ use crate::pci::{self, Bdf, ConfigSpace, HostBridge, IntxPin, IommuGroup, PciDev
 use crate::platform::{MemRange, SmmuInfo};
 use alloc::alloc::{alloc_zeroed, Layout};
 use alloc::string::{String, ToString};
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::arch::asm;
-use smmu::driver::{DmaMemory, DriverError, Smmu, SmmuConfig, SmmuRegs};
+use smmu::driver::{Cmdq, DmaMemory, DriverError, QueueMemory, Smmu, SmmuConfig, SmmuRegs};
 use spin::Mutex;
 
 /// SMMU registers at a physical address, with the barriers Linux's `writel`/`readl` imply:
@@ -127,6 +128,56 @@ impl DmaMemory for HeapDma {
     fn write_barrier(&mut self) {
         // SAFETY: a barrier has no memory effect beyond ordering.
         unsafe { asm!("dmb ishst", options(nostack)) };
+    }
+
+    type Queue = HwQueue;
+
+    fn queue_memory(&self, pa: u64, size: usize) -> HwQueue {
+        self.check(pa, size);
+        HwQueue { base: pa, size }
+    }
+}
+
+/// The physical command queue's memory (an allocation of [`HeapDma`], never freed), written by
+/// every CPU, each in the entries it reserved.
+#[derive(Debug, Clone, Copy)]
+pub struct HwQueue {
+    base: u64,
+    size: usize,
+}
+
+impl HwQueue {
+    fn ptr(&self, pa: u64) -> *mut u64 {
+        assert!(
+            pa >= self.base && pa + 16 <= self.base + self.size as u64 && pa.is_multiple_of(16),
+            "SMMU command queue access at {pa:#x} outside the queue"
+        );
+        pa as usize as *mut u64
+    }
+}
+
+impl QueueMemory for HwQueue {
+    fn write_entry(&self, pa: u64, words: [u64; 2]) {
+        let p = self.ptr(pa);
+        // SAFETY: `ptr` checked that the entry lies in the queue, an identity-mapped heap
+        // allocation that lives as long as the hypervisor; the driver's reservations give each
+        // entry one writer at a time. Aligned doubleword stores are single-copy atomic.
+        unsafe {
+            p.write_volatile(words[0]);
+            p.add(1).write_volatile(words[1]);
+        }
+    }
+
+    fn read_entry(&self, pa: u64) -> [u64; 2] {
+        let p = self.ptr(pa);
+        // SAFETY: as in `write_entry`.
+        unsafe { [p.read_volatile(), p.add(1).read_volatile()] }
+    }
+
+    fn entry_barrier(&self) {
+        // SAFETY: a barrier has no memory effect beyond ordering. Outer shareable, as Linux's
+        // dma_wmb: the SMMU is the observer.
+        unsafe { asm!("dmb oshst", options(nostack)) };
     }
 }
 
@@ -355,8 +406,16 @@ pub fn drain_events() -> (Vec<smmu::event::Event>, bool, smmu::regs::Gerror) {
     (events, poll.overflowed, smmu.active_gerror())
 }
 
-/// The physical SMMU, once probed.
+/// The physical SMMU, once probed. Its lock guards the stream table and event queue (the
+/// control path); commands go through [`CMDQ`] without it.
 pub static SMMU: Mutex<Option<Smmu<HwRegs, HeapDma>>> = Mutex::new(None);
+
+/// The physical SMMU's command queue, shared by every CPU without a lock: the vSMMUs of all VMs
+/// forward their guests' invalidations through it.
+pub static CMDQ: spin::Once<Arc<HwCmdq>> = spin::Once::new();
+
+/// The physical command queue's type.
+pub type HwCmdq = Cmdq<HwRegs, HwQueue>;
 
 /// Takes the SMMU (global bypass off, every StreamID aborting) and the PCI root complex.
 /// Problems are logged and leave that part out; nothing here stops the VMs from booting
@@ -387,6 +446,7 @@ pub fn init(smmu: Option<&SmmuInfo>, host: Option<&HostBridge>) -> Iommu {
                         f.oas_bits,
                         if f.nesting { "yes" } else { "no" }
                     );
+                    CMDQ.call_once(|| s.cmdq().clone());
                     *SMMU.lock() = Some(s);
                 }
                 Err(e) => log::error!("smmu: probe failed: {e}: device DMA is not confined"),

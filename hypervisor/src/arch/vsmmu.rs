@@ -9,7 +9,7 @@ use crate::platform::{MemRange, SmmuInfo};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 use smmu::cmd::Command;
-use smmu::driver::DriverError;
+use smmu::driver::{DriverError, SyncTicket};
 use smmu::event::Event;
 use smmu::ste::Ste;
 use smmu::vsmmu::{
@@ -116,57 +116,63 @@ impl GuestMemory for VmMem<'_> {
     }
 }
 
-/// The physical SMMU, locked for each operation only (a guest's table walk in guest memory
-/// never holds it).
+/// The physical SMMU as the vSMMUs reach it: STE writes under the physical SMMU's lock (the
+/// control path: a guest's attach/detach), commands through the lock-free command queue (the
+/// I/O path: every DMA unmap), so that no lock on it is shared between VMs.
 #[derive(Debug)]
 pub struct PhysSmmu;
 
-fn with_smmu(
-    f: impl FnOnce(&mut smmu::driver::Smmu<iommu::HwRegs, iommu::HeapDma>) -> Result<(), DriverError>,
-) -> Result<(), DriverError> {
-    match iommu::SMMU.lock().as_mut() {
-        Some(s) => f(s),
-        None => Err(DriverError::MissingFeature("SMMU")),
-    }
+fn cmdq() -> Result<&'static iommu::HwCmdq, DriverError> {
+    iommu::CMDQ
+        .get()
+        .map(|q| &**q)
+        .ok_or(DriverError::MissingFeature("SMMU"))
 }
 
 impl PhysicalSmmu for PhysSmmu {
     fn set_ste(&mut self, sid: u32, ste: Ste) -> Result<(), DriverError> {
-        with_smmu(|s| s.set_ste(sid, ste))
+        match iommu::SMMU.lock().as_mut() {
+            Some(s) => s.set_ste(sid, ste),
+            None => Err(DriverError::MissingFeature("SMMU")),
+        }
     }
 
     fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
-        with_smmu(|s| s.submit(cmds))
+        cmdq()?.queue(cmds)
     }
 
-    /// The commands and a CMD_SYNC are queued under the physical SMMU's lock, but the wait for
-    /// completion happens without it: another VM's submission is never held up by this one's
-    /// wait. A command error (anyone's) or a timeout falls back to the driver's own sync, which
-    /// recovers the queue under the lock.
-    fn submit_sync(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
-        let (ticket, regs) = {
-            let mut guard = iommu::SMMU.lock();
-            let Some(s) = guard.as_mut() else {
-                return Err(DriverError::MissingFeature("SMMU"));
-            };
-            (s.submit_sync_ticket(cmds)?, s.regs().clone())
-        };
-        match ticket.wait(&regs) {
-            Ok(()) => Ok(()),
-            Err(_) => with_smmu(|s| s.sync()),
+    fn submit_sync(&mut self, cmds: &[Command]) -> Result<SyncTicket, DriverError> {
+        cmdq()?.queue_sync(cmds)
+    }
+
+    fn publish(&self) {
+        if let Ok(q) = cmdq() {
+            q.publish();
         }
+    }
+
+    fn wait(&self, ticket: SyncTicket) -> Result<(), DriverError> {
+        cmdq()?.wait(ticket)
     }
 }
 
 /// A trapped access to the VM's vSMMU registers (`off` from its base). Returns the value read.
+/// A write that forwarded commands is finished without the model's lock: the physical queue is
+/// published and waited for while the VM's other vCPUs can trap on their own vSMMU accesses.
 pub fn access(vm: &Vm, s: &VmSmmu, vcpu: usize, off: u64, size: u8, write: Option<u64>) -> u64 {
     match write {
         None => s.model.lock().read(off, size),
         Some(v) => {
-            let irqs = s
+            let o = s
                 .model
                 .lock()
-                .write(off, size, v, &mut VmMem(vm.ram()), &mut PhysSmmu);
+                .write_start(off, size, v, &mut VmMem(vm.ram()), &mut PhysSmmu);
+            let irqs = if o.pending() {
+                let waited = o.wait(&PhysSmmu);
+                s.model.lock().complete(o, waited, &mut VmMem(vm.ram()))
+            } else {
+                o.irqs
+            };
             raise(vm, s, irqs, Some(vcpu));
             0
         }

@@ -5,7 +5,7 @@
 //! consumption (on PROD writes and, optionally, on CONS reads) with CERROR_ILL for undecodable
 //! commands or chosen opcodes, GERROR/GERRORN, and event production with the overflow flag.
 
-use super::{DmaMemory, DriverError, SmmuRegs};
+use super::{DmaMemory, DriverError, QueueMemory, SmmuRegs};
 use crate::cmd::Command;
 use crate::event::Event;
 use crate::queue::{Queue, OVERFLOW_FLAG};
@@ -288,4 +288,27 @@ impl DmaMemory for FakeSmmu {
     fn read(&self, pa: u64, buf: &mut [u8]) {
         self.0.borrow().read_ram(pa, buf);
     }
+
+    type Queue = FakeSmmu;
+
+    fn queue_memory(&self, _pa: u64, _size: usize) -> FakeSmmu {
+        self.clone()
+    }
+}
+
+impl QueueMemory for FakeSmmu {
+    fn write_entry(&self, pa: u64, words: [u64; 2]) {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&words[0].to_le_bytes());
+        b[8..].copy_from_slice(&words[1].to_le_bytes());
+        self.0.borrow_mut().write_ram(pa, &b);
+    }
+
+    fn read_entry(&self, pa: u64) -> [u64; 2] {
+        let mut b = [0u8; 16];
+        self.0.borrow().read_ram(pa, &mut b);
+        Command::words_from_bytes(&b)
+    }
+
+    fn entry_barrier(&self) {}
 }

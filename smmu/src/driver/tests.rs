@@ -1,5 +1,6 @@
 use super::fake::{FakeSmmu, QEMU_IDR0, QEMU_IDR1, QEMU_IDR5};
 use super::*;
+use crate::cmd::Sync;
 use crate::cmd::TlbiAddr;
 use crate::event::{EventClass, EventKind};
 use crate::ste::{S1Fields, S2Config};
@@ -442,50 +443,103 @@ fn events_are_consumed_across_wrap_and_overflow_is_acknowledged() {
 }
 
 #[test]
-fn sync_ticket_is_waited_for_without_the_driver() {
+fn a_queued_sync_is_waited_for_apart_from_queueing_it() {
     let fake = FakeSmmu::qemu();
-    let mut smmu = probe(&fake, small_cfg()).unwrap();
-    // QEMU consumes inside the PROD write: done at once.
-    let t = smmu
-        .submit_sync_ticket(&[Command::TlbiNhAll { vmid: 1 }])
-        .unwrap();
-    assert_eq!(t.wait(smmu.regs()), Ok(()));
+    let smmu = probe(&fake, small_cfg()).unwrap();
+    fake.take_commands();
+    let q = smmu.cmdq().clone();
+    // Queued, not published: the SMMU has not been told.
+    let prod = fake.reg32(regs::SMMU_CMDQ_PROD);
+    let t = q.queue_sync(&[Command::TlbiNhAll { vmid: 1 }]).unwrap();
+    assert_eq!(fake.reg32(regs::SMMU_CMDQ_PROD), prod);
+    assert!(!q.completed(t));
+    // QEMU consumes inside the PROD write: the wait publishes and sees it done.
+    assert_eq!(q.wait(t), Ok(()));
+    assert!(q.completed(t));
+    assert_eq!(
+        fake.take_commands(),
+        [Command::TlbiNhAll { vmid: 1 }, Command::Sync(Sync::none())]
+    );
     // An SMMU that consumes one command per CONS read: the wait drives it to completion.
     fake.st().consume_on_prod = false;
-    let t = smmu
-        .submit_sync_ticket(&[
+    let t = q
+        .queue_sync(&[
             Command::TlbiNhAll { vmid: 1 },
             Command::TlbiNhAll { vmid: 2 },
         ])
         .unwrap();
-    assert!(!t.done(fake.reg32(regs::SMMU_CMDQ_CONS)));
-    let regs = fake.clone();
-    assert_eq!(t.wait(&regs), Ok(()));
-    // A command error stops the wait for the driver to handle.
-    fake.st().consume_on_prod = true;
-    fake.st().illegal_opcodes.push(0x10);
-    let t = smmu
-        .submit_sync_ticket(&[Command::TlbiNhAll { vmid: 1 }])
-        .unwrap();
-    assert_eq!(t.wait(smmu.regs()), Err(SyncWait::CommandError));
-    assert!(matches!(smmu.sync(), Err(DriverError::CommandError { .. })));
-    assert_eq!(smmu.sync(), Ok(()));
+    q.publish();
+    assert!(!q.completed(t));
+    assert_eq!(q.wait(t), Ok(()));
+    assert_eq!(fake.take_commands().len(), 3);
+    // A ticket long completed stays completed however many laps the queue made since.
+    for _ in 0..10 {
+        q.submit_sync(&numbered(3)).unwrap();
+    }
+    assert!(q.completed(t));
+    assert_eq!(q.wait(t), Ok(()));
 }
 
 #[test]
-fn sync_ticket_done_across_the_wrap() {
-    // A 4-entry queue: the CMD_SYNC at index 3, wrap 1 (raw 7).
-    let t = SyncTicket {
-        at: 7,
-        log2size: 2,
-        poll_limit: 1,
-    };
-    // CONS at the CMD_SYNC or behind it: not done.
-    for cons in [7, 4, 5, 6] {
-        assert!(!t.done(cons), "cons {cons}");
-    }
-    // One to four entries past it (wrapping to index 0-3, wrap 0), ERR bits ignored.
-    for cons in [0, 1, 2, 3, 1 | 1 << 24] {
-        assert!(t.done(cons), "cons {cons:#x}");
-    }
+fn a_command_error_is_reported_to_the_batch_that_had_it() {
+    let fake = FakeSmmu::qemu();
+    let smmu = probe(&fake, small_cfg()).unwrap();
+    fake.st()
+        .illegal_opcodes
+        .push(crate::cmd::op::TLBI_S12_VMALL);
+    fake.take_commands();
+    let q = smmu.cmdq().clone();
+    let bad = Command::TlbiS12Vmall { vmid: 7 };
+    // Batch a (with the bad command), then batch b, queued before either is waited for.
+    let a = q.queue_sync(&[bad]).unwrap();
+    let b = q.queue_sync(&[Command::TlbiNhAll { vmid: 8 }]).unwrap();
+    // b's wait finds the queue stopped, recovers it, and has nothing of its own to report.
+    assert_eq!(q.wait(b), Ok(()));
+    assert_eq!(q.error_count(), 1);
+    // Probe used slots 0-2, a's bad command is at 3.
+    assert_eq!(
+        q.wait(a),
+        Err(DriverError::CommandError {
+            cerror: Cerror::Illegal,
+            index: 3,
+            command: bad.encode(),
+        })
+    );
+    assert!(!smmu.active_gerror().contains(Gerror::CMDQ_ERR));
+    assert_eq!(
+        fake.take_commands(),
+        [
+            Command::Sync(Sync::none()),
+            Command::Sync(Sync::none()),
+            Command::TlbiNhAll { vmid: 8 },
+            Command::Sync(Sync::none())
+        ]
+    );
+}
+
+#[test]
+fn publication_takes_every_contiguous_ready_entry() {
+    let fake = FakeSmmu::qemu();
+    let smmu = probe(&fake, SmmuConfig::default()).unwrap();
+    fake.take_commands();
+    let writes = fake.st().prod_writes;
+    let q = smmu.cmdq().clone();
+    q.queue(&numbered(2)).unwrap();
+    q.queue(&numbered(3)).unwrap();
+    let t = q.queue_sync(&[]).unwrap();
+    assert_eq!(fake.st().prod_writes, writes, "nothing published yet");
+    q.publish();
+    assert_eq!(
+        fake.st().prod_writes,
+        writes + 1,
+        "one PROD write for three batches"
+    );
+    assert_eq!(fake.take_commands().len(), 6);
+    assert!(q.completed(t) || q.wait(t).is_ok());
+    q.publish();
+    assert_eq!(
+        fake.st().prod_writes,
+        writes + 1,
+        "nothing new: no PROD write"
+    );
 }

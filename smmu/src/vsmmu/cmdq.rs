@@ -1,9 +1,12 @@
 //! Command queue emulation (IHI 0070 4, 7.1): the guest's commands are consumed inside the
 //! trap of its CMDQ_PROD write. Invalidations are forwarded scoped to the VM, in batches; a
-//! CMD_SYNC is completed after a physical sync, by the MSI write the guest asked for.
+//! CMD_SYNC is completed after a physical sync, by the MSI write the guest asked for. What
+//! waits for the physical sync (CONS moving past the CMD_SYNC, the MSI, a command error that
+//! follows it) is kept as a [`Completion`] until the trap, no longer holding the model, has
+//! waited (`Vsmmu::complete`).
 
-use super::{GuestMemory, Irqs, PhysicalSmmu, Vsmmu, BATCH};
-use crate::cmd::{Command, Sync, SyncCs, TlbiAddr};
+use super::{Completion, GuestMemory, Irqs, PhysicalSmmu, Vsmmu, BATCH, CONS_ERR};
+use crate::cmd::{Command, SyncCs, TlbiAddr};
 use crate::regs::{Cerror, Cr0, Gerror};
 
 impl Vsmmu {
@@ -19,9 +22,10 @@ impl Vsmmu {
         mem: &mut impl GuestMemory,
         phys: &mut impl PhysicalSmmu,
     ) -> Irqs {
-        if !self.cr0().contains(Cr0::CMDQEN) || self.cmdq_error_active() {
+        if !self.cr0().contains(Cr0::CMDQEN) || self.cmdq_error_active() || self.stopped {
             return Irqs::empty();
         }
+        let start = self.fetched;
         let (base, mut q) = self.cmdq();
         let mut irqs = Irqs::empty();
         let mut error = None;
@@ -53,11 +57,16 @@ impl Vsmmu {
                 }
             }
             q.inc_cons();
+            if let Command::Sync(s) = cmd {
+                // SIG_SEV (SEV not implemented) and SIG_NONE: completion is CONS moving past it.
+                let msi = (s.cs == SyncCs::Irq && s.msiaddr != 0).then_some((s.msiaddr, s.msidata));
+                self.completion(q.cons(), msi, false);
+            }
         }
         // Invalidations not followed by a CMD_SYNC in this batch still take effect now.
         self.reshadow_dirty(mem, phys);
         self.flush(phys);
-        self.r.cmdq_cons = q.cons();
+        self.fetched = q.cons();
         if let Some(e) = error {
             self.stats.command_errors += 1;
             log::warn!(
@@ -65,10 +74,26 @@ impl Vsmmu {
                 self.cfg.name,
                 q.cons_index()
             );
-            self.r.cmdq_cons |= u32::from(e.code()) << 24;
-            irqs |= self.raise_gerror(Gerror::CMDQ_ERR, mem);
+            self.stopped = true;
+            let cons = q.cons() | (u32::from(e.code()) << 24 & CONS_ERR);
+            self.completion(cons, None, true);
+        } else if self.fetched != start
+            && self.inflight.back().is_none_or(|c| c.cons != self.fetched)
+        {
+            self.completion(self.fetched, None, false);
         }
         irqs
+    }
+
+    /// Records what the guest sees once every physical command queued so far has completed.
+    fn completion(&mut self, cons: u32, msi: Option<(u64, u32)>, error: bool) {
+        self.inflight.push_back(Completion {
+            id: self.next_id,
+            cons,
+            msi,
+            error,
+        });
+        self.next_id += 1;
     }
 
     pub(super) fn execute(
@@ -122,7 +147,7 @@ impl Vsmmu {
                 let addr = self.tlbi_addr(addr)?;
                 self.push(Command::TlbiNhVaa { vmid, addr }, phys)
             }
-            Command::Sync(s) => return Ok(self.complete_sync(s, mem, phys)),
+            Command::Sync(_) => self.complete_sync(mem, phys),
             // EL2/EL3 and stage-2 invalidations need IDR0.HYP/S2P; ATS, PRI and stalls are not
             // implemented: all illegal on this SMMU (IHI 0070 4.1).
             Command::TlbiEl3All
@@ -170,7 +195,7 @@ impl Vsmmu {
         }
     }
 
-    /// Submits the gathered commands without waiting.
+    /// Queues the gathered commands without a sync; they are published after the trap.
     pub(super) fn flush(&mut self, phys: &mut impl PhysicalSmmu) {
         if self.batch.is_empty() {
             return;
@@ -181,42 +206,36 @@ impl Vsmmu {
         }
         self.batch.clear();
         self.unsynced = true;
+        self.unpublished = true;
     }
 
-    /// Submits the gathered commands with a CMD_SYNC and waits, if anything was submitted since
-    /// the last one.
+    /// Queues the gathered commands with a CMD_SYNC, if anything was submitted since the last
+    /// one; the trap waits for it after letting go of the model.
     pub(super) fn flush_sync(&mut self, phys: &mut impl PhysicalSmmu) {
         if self.batch.is_empty() && !self.unsynced {
             return;
         }
         self.stats.phys_commands += self.batch.len() as u64;
         self.stats.phys_syncs += 1;
-        if let Err(e) = phys.submit_sync(&self.batch) {
-            log::error!("vsmmu: {}: physical CMD_SYNC: {e}", self.cfg.name);
+        match phys.submit_sync(&self.batch) {
+            Ok(t) => self.last_sync = Some(t),
+            Err(e) => log::error!("vsmmu: {}: physical CMD_SYNC: {e}", self.cfg.name),
         }
         self.batch.clear();
         self.unsynced = false;
+        self.unpublished = true;
     }
 
     /// CMD_SYNC: every earlier command has completed once the physical SMMU completed what they
-    /// were forwarded as; then the completion signal the guest asked for.
+    /// were forwarded as (and the guest's STE changes are in force); the completion signal the
+    /// guest asked for follows that ([`Completion`]).
     pub(super) fn complete_sync(
         &mut self,
-        s: Sync,
         mem: &mut impl GuestMemory,
         phys: &mut impl PhysicalSmmu,
-    ) -> Irqs {
+    ) {
         self.stats.syncs += 1;
         self.reshadow_dirty(mem, phys);
         self.flush_sync(phys);
-        if s.cs == SyncCs::Irq && s.msiaddr != 0 {
-            // The MSI is a 32-bit write of MSIData to MSIAddr (IHI 0070 4.7.3). Linux points it
-            // at the CMD_SYNC's own slot and polls that word in RAM.
-            if mem.write(s.msiaddr, &s.msidata.to_le_bytes()).is_err() {
-                return self.raise_gerror(Gerror::MSI_CMDQ_ABT_ERR, mem);
-            }
-        }
-        // SIG_SEV (SEV not implemented) and SIG_NONE: completion is CONS moving past it.
-        Irqs::empty()
     }
 }

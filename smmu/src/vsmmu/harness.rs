@@ -33,7 +33,7 @@ use super::{
 };
 use crate::bits;
 use crate::cmd::{Command, Sync, SyncCs, TlbiAddr};
-use crate::driver::DriverError;
+use crate::driver::{DriverError, SyncTicket};
 use crate::event::{Event, EventClass, EventKind};
 use crate::regs;
 use crate::ste::{S2Config, Ste, StreamConfig};
@@ -353,10 +353,16 @@ impl PhysicalSmmu for CheckingSmmu {
         self.result()
     }
 
-    fn submit_sync(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
+    fn submit_sync(&mut self, cmds: &[Command]) -> Result<SyncTicket, DriverError> {
         let r = self.submit(cmds);
         self.syncs += 1;
-        r
+        r.map(|()| SyncTicket::at(self.syncs))
+    }
+
+    fn publish(&self) {}
+
+    fn wait(&self, _: SyncTicket) -> Result<(), DriverError> {
+        self.result()
     }
 }
 

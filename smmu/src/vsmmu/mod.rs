@@ -33,11 +33,12 @@ mod tests;
 
 use crate::bits;
 use crate::cmd::Command;
-use crate::driver::{DmaMemory, DriverError, Smmu, SmmuRegs};
+use crate::driver::{DmaMemory, DriverError, Smmu, SmmuRegs, SyncTicket};
 use crate::event::{Event, EventKind};
 use crate::queue::{Queue, OVERFLOW_FLAG};
 use crate::regs::{self, Cr0, Gbpa, Gerror, IrqCtrl};
 use crate::ste::{S2Config, Ste};
+use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use bitflags::bitflags;
 
@@ -64,26 +65,45 @@ pub trait GuestMemory {
 
 /// The physical SMMU as one VM's vSMMU uses it. The vSMMU only ever passes StreamIDs the VM owns
 /// and commands carrying the VM's VMID.
+///
+/// Commands are queued inside the trap (under the VM's vSMMU lock, so they keep the guest's
+/// order) and published and waited for after it (without), so that neither the physical
+/// command queue nor one vCPU's wait holds up the VM's other vCPUs or other VMs.
 pub trait PhysicalSmmu {
-    /// Writes the physical STE of `sid` and makes the SMMU use it (CFGI_STE + CMD_SYNC).
+    /// Writes the physical STE of `sid` and makes the SMMU use it (CFGI_STE + CMD_SYNC, waited
+    /// for: STE changes are the control path).
     fn set_ste(&mut self, sid: u32, ste: Ste) -> Result<(), DriverError>;
-    /// Queues commands without waiting for them.
+    /// Queues commands; they reach the SMMU at the next [`PhysicalSmmu::publish`] or
+    /// [`PhysicalSmmu::wait`] at the latest.
     fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError>;
-    /// Queues `cmds` and a CMD_SYNC and waits for it.
-    fn submit_sync(&mut self, cmds: &[Command]) -> Result<(), DriverError>;
+    /// Queues `cmds` and a CMD_SYNC, and returns the ticket to wait for.
+    fn submit_sync(&mut self, cmds: &[Command]) -> Result<SyncTicket, DriverError>;
+    /// Hands every queued command to the SMMU.
+    fn publish(&self);
+    /// Publishes, then waits until the ticket's CMD_SYNC (and so every command queued before it)
+    /// has completed.
+    fn wait(&self, ticket: SyncTicket) -> Result<(), DriverError>;
 }
 
-impl<R: SmmuRegs, M: DmaMemory> PhysicalSmmu for Smmu<R, M> {
+impl<R: SmmuRegs + Clone, M: DmaMemory> PhysicalSmmu for Smmu<R, M> {
     fn set_ste(&mut self, sid: u32, ste: Ste) -> Result<(), DriverError> {
         Smmu::set_ste(self, sid, ste)
     }
 
     fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
-        Smmu::submit(self, cmds)
+        self.cmdq().queue(cmds)
     }
 
-    fn submit_sync(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
-        Smmu::submit_sync(self, cmds)
+    fn submit_sync(&mut self, cmds: &[Command]) -> Result<SyncTicket, DriverError> {
+        self.cmdq().queue_sync(cmds)
+    }
+
+    fn publish(&self) {
+        self.cmdq().publish()
+    }
+
+    fn wait(&self, ticket: SyncTicket) -> Result<(), DriverError> {
+        self.cmdq().wait(ticket)
     }
 }
 
@@ -143,6 +163,10 @@ pub const CMDQS: u8 = 8;
 pub const EVENTQS: u8 = 7;
 /// Physical commands gathered before they are submitted without a sync.
 const BATCH: usize = 32;
+/// Completions a VM has in flight in steady state (its vCPUs each wait for about one).
+const INFLIGHT: usize = 16;
+/// CMDQ_CONS.ERR [30:24].
+const CONS_ERR: u32 = 0x7f00_0000;
 
 /// State of one guest StreamID.
 #[derive(Debug, Clone, Copy)]
@@ -221,7 +245,70 @@ pub struct Vsmmu {
     batch: Vec<Command>,
     /// Physical commands were submitted since the last physical CMD_SYNC.
     unsynced: bool,
+    /// The guest's CMDQ_CONS as far as commands were consumed (its index and wrap bit); the
+    /// guest's CMDQ_CONS register shows them once the physical CMD_SYNCs they wait for completed.
+    fetched: u32,
+    /// Consumption stopped on a command error that is not visible yet.
+    stopped: bool,
+    /// What the guest sees once physical CMD_SYNCs complete, in queue order.
+    inflight: VecDeque<Completion>,
+    /// Id of the next [`Completion`].
+    next_id: u64,
+    /// The latest physical CMD_SYNC queued, until it is known complete: a guest CMD_SYNC that
+    /// forwards nothing new still waits for it.
+    last_sync: Option<SyncTicket>,
+    /// A trap queued physical commands that are not published yet.
+    unpublished: bool,
     stats: Stats,
+}
+
+/// A change of the guest's command queue state that waits for a physical CMD_SYNC.
+#[derive(Debug, Clone, Copy)]
+struct Completion {
+    id: u64,
+    /// The guest's CMDQ_CONS from then on (with CMDQ_CONS.ERR when `error`).
+    cons: u32,
+    /// The completion MSI of a guest CMD_SYNC: address, data.
+    msi: Option<(u64, u32)>,
+    /// The queue stopped on a command error: GERROR.CMDQ_ERR.
+    error: bool,
+}
+
+/// A trapped register write whose effect on the guest waits for the physical SMMU: what the
+/// trap queued is published, and the physical CMD_SYNC waited for, outside the VM's vSMMU lock
+/// ([`Outstanding::wait`]); then [`Vsmmu::complete`] makes it visible to the guest.
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct Outstanding {
+    /// Interrupts to raise now.
+    pub irqs: Irqs,
+    /// The last [`Completion`] this write added.
+    upto: Option<u64>,
+    /// The physical CMD_SYNC it waits for.
+    ticket: Option<SyncTicket>,
+    /// Physical commands were queued.
+    publish: bool,
+}
+
+impl Outstanding {
+    /// Something is left to do: [`Outstanding::wait`], then [`Vsmmu::complete`].
+    pub fn pending(&self) -> bool {
+        self.upto.is_some() || self.publish
+    }
+
+    /// Publishes what the write queued and waits for its physical CMD_SYNC. Call without the
+    /// VM's vSMMU lock.
+    pub fn wait(&self, phys: &impl PhysicalSmmu) -> Result<(), DriverError> {
+        match self.ticket {
+            Some(t) => phys.wait(t),
+            None => {
+                if self.publish {
+                    phys.publish();
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 impl Vsmmu {
@@ -248,6 +335,12 @@ impl Vsmmu {
             streams,
             batch: Vec::with_capacity(BATCH),
             unsynced: false,
+            fetched: 0,
+            stopped: false,
+            inflight: VecDeque::with_capacity(INFLIGHT),
+            next_id: 0,
+            last_sync: None,
+            unpublished: false,
             stats: Stats::default(),
         }
     }
@@ -278,6 +371,9 @@ impl Vsmmu {
         };
         self.batch.clear();
         self.unsynced = false;
+        self.fetched = 0;
+        self.stopped = false;
+        self.inflight.clear();
         self.stats = Stats::default();
         for s in &mut self.streams {
             s.phys = None;
@@ -285,6 +381,7 @@ impl Vsmmu {
         self.reshadow(None, &NoMemory, phys);
         self.push(Command::TlbiNhAll { vmid: self.vmid() }, phys);
         self.flush_sync(phys);
+        self.wait_all(phys);
     }
 
     fn vmid(&self) -> u16 {
@@ -322,7 +419,7 @@ impl Vsmmu {
         let log2 = ((self.r.cmdq_base & 0x1f) as u8).min(CMDQS);
         let mut q = Queue::new(log2);
         q.set_prod(self.r.cmdq_prod);
-        q.set_cons(self.r.cmdq_cons);
+        q.set_cons(self.fetched);
         (self.r.cmdq_base & bits::mask(51, 5), q)
     }
 
@@ -391,9 +488,115 @@ impl Vsmmu {
         }
     }
 
-    /// A guest write of `value` to register `off` (`size` 4 or 8 bytes). Returns the wired
-    /// interrupts to raise.
+    /// A guest write of `value` to register `off` (`size` 4 or 8 bytes), carried out to the
+    /// end: [`Vsmmu::write_start`], [`Outstanding::wait`] and [`Vsmmu::complete`] in a row.
+    /// Returns the wired interrupts to raise.
     pub fn write(
+        &mut self,
+        off: u64,
+        size: u8,
+        value: u64,
+        mem: &mut impl GuestMemory,
+        phys: &mut impl PhysicalSmmu,
+    ) -> Irqs {
+        let o = self.write_start(off, size, value, mem, phys);
+        if !o.pending() {
+            return o.irqs;
+        }
+        let waited = o.wait(phys);
+        self.complete(o, waited, mem)
+    }
+
+    /// A guest write of `value` to register `off` (`size` 4 or 8 bytes), up to what waits for
+    /// the physical SMMU. Finish it with [`Outstanding::wait`] and [`Vsmmu::complete`] when
+    /// [`Outstanding::pending`].
+    pub fn write_start(
+        &mut self,
+        off: u64,
+        size: u8,
+        value: u64,
+        mem: &mut impl GuestMemory,
+        phys: &mut impl PhysicalSmmu,
+    ) -> Outstanding {
+        let first = self.next_id;
+        let irqs = self.write_regs(off, size, value, mem, phys);
+        let upto = (self.next_id != first).then(|| self.next_id - 1);
+        let publish = core::mem::take(&mut self.unpublished);
+        let mut o = Outstanding {
+            irqs,
+            upto,
+            ticket: self.last_sync,
+            publish,
+        };
+        if o.upto.is_some() && o.ticket.is_none() {
+            // Nothing physical to wait for: visible at once.
+            o.irqs |= self.apply(o.upto, mem);
+            o.upto = None;
+        }
+        o
+    }
+
+    /// Makes what `o`'s write waited for visible to the guest: its CONS moves, the MSIs of its
+    /// completed CMD_SYNCs are written, a command error is raised. `waited` is what
+    /// [`Outstanding::wait`] returned. Completions of other vCPUs' writes queued before it are
+    /// made visible too (the physical queue completes in order). Returns the interrupts to
+    /// raise.
+    pub fn complete(
+        &mut self,
+        o: Outstanding,
+        waited: Result<(), DriverError>,
+        mem: &mut impl GuestMemory,
+    ) -> Irqs {
+        if let Err(e) = waited {
+            log::error!("vsmmu: {}: physical CMD_SYNC: {e}", self.cfg.name);
+        }
+        if let (Some(t), Some(last)) = (o.ticket, self.last_sync) {
+            if last.seq() <= t.seq() {
+                self.last_sync = None;
+            }
+        }
+        o.irqs | self.apply(o.upto, mem)
+    }
+
+    /// Applies the completions up to id `upto`, in order.
+    fn apply(&mut self, upto: Option<u64>, mem: &mut impl GuestMemory) -> Irqs {
+        let Some(upto) = upto else {
+            return Irqs::empty();
+        };
+        let mut irqs = Irqs::empty();
+        while let Some(c) = self.inflight.front().copied() {
+            if c.id > upto {
+                break;
+            }
+            self.inflight.pop_front();
+            self.r.cmdq_cons = c.cons;
+            if let Some((addr, data)) = c.msi {
+                // The MSI is a 32-bit write of MSIData to MSIAddr (IHI 0070 4.7.3). Linux
+                // points it at the CMD_SYNC's own slot and polls that word in RAM.
+                if mem.write(addr, &data.to_le_bytes()).is_err() {
+                    irqs |= self.raise_gerror(Gerror::MSI_CMDQ_ABT_ERR, mem);
+                }
+            }
+            if c.error {
+                irqs |= self.raise_gerror(Gerror::CMDQ_ERR, mem);
+            }
+        }
+        irqs
+    }
+
+    /// Waits (holding the model) for the last physical CMD_SYNC and applies every completion:
+    /// for the control path (the guest disables its queue, a reset).
+    fn wait_all(&mut self, phys: &mut impl PhysicalSmmu) {
+        if let Some(t) = self.last_sync.take() {
+            if let Err(e) = phys.wait(t) {
+                log::error!("vsmmu: {}: physical CMD_SYNC: {e}", self.cfg.name);
+            }
+        } else if core::mem::take(&mut self.unpublished) {
+            phys.publish();
+        }
+    }
+
+    fn write_regs(
         &mut self,
         off: u64,
         size: u8,
@@ -491,8 +694,9 @@ impl Vsmmu {
             regs::SMMU_GERRORN => {
                 self.r.gerrorn = v & GERROR_FIELDS;
                 // Acknowledging CMDQ_ERR restarts the queue at CONS (IHI 0070 7.1).
-                if !self.cmdq_error_active() && self.r.cmdq_cons & 0x7f00_0000 != 0 {
-                    self.r.cmdq_cons &= !0x7f00_0000;
+                if !self.cmdq_error_active() && self.r.cmdq_cons & CONS_ERR != 0 {
+                    self.r.cmdq_cons &= !CONS_ERR;
+                    self.stopped = false;
                 }
                 return self.process_cmdq(mem, phys);
             }
@@ -517,6 +721,8 @@ impl Vsmmu {
             }
             regs::SMMU_CMDQ_CONS if !cr0.contains(Cr0::CMDQEN) => {
                 self.r.cmdq_cons = v & 0x000f_ffff;
+                self.fetched = self.r.cmdq_cons;
+                self.stopped = false;
             }
             regs::SMMU_EVENTQ_PROD if !cr0.contains(Cr0::EVTQEN) => {
                 self.r.eventq_prod = v & (OVERFLOW_FLAG | 0x000f_ffff);
@@ -545,6 +751,11 @@ impl Vsmmu {
         }
         if new.contains(Cr0::CMDQEN) && !old.contains(Cr0::CMDQEN) {
             return self.process_cmdq(mem, phys);
+        }
+        if old.contains(Cr0::CMDQEN) && !new.contains(Cr0::CMDQEN) {
+            // Everything consumed so far completes before the queue reads as stopped.
+            self.wait_all(phys);
+            return self.apply(Some(u64::MAX), mem);
         }
         Irqs::empty()
     }

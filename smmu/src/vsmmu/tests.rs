@@ -1,7 +1,7 @@
 use super::*;
 use crate::cmd::{Sync, SyncCs, TlbiAddr};
 use crate::driver::fake::FakeSmmu;
-use crate::driver::SmmuConfig;
+use crate::driver::{SmmuConfig, SyncTicket};
 use crate::event::EventClass;
 use crate::regs::Cerror;
 use crate::regs::{Idr0, Idr1, Idr3, StLevel, Ttf};
@@ -77,6 +77,10 @@ struct RecPhys {
     /// Submissions (with or without sync).
     submits: usize,
     syncs: usize,
+    /// Publications asked for.
+    publishes: core::cell::Cell<usize>,
+    /// Tickets waited for, in order.
+    waits: core::cell::RefCell<Vec<u64>>,
 }
 
 impl RecPhys {
@@ -106,10 +110,19 @@ impl PhysicalSmmu for RecPhys {
         Ok(())
     }
 
-    fn submit_sync(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
+    fn submit_sync(&mut self, cmds: &[Command]) -> Result<SyncTicket, DriverError> {
         self.cmds.extend_from_slice(cmds);
         self.submits += 1;
         self.syncs += 1;
+        Ok(SyncTicket::at(self.syncs as u64))
+    }
+
+    fn publish(&self) {
+        self.publishes.set(self.publishes.get() + 1);
+    }
+
+    fn wait(&self, ticket: SyncTicket) -> Result<(), DriverError> {
+        self.waits.borrow_mut().push(ticket.seq());
         Ok(())
     }
 }
@@ -1052,4 +1065,131 @@ fn an_event_that_cannot_be_written_is_dropped_and_raises_gerror() {
     assert!(matches!(f, Forward::Dropped(_)), "{f:?}");
     assert_eq!(irqs, Irqs::GERROR);
     assert_eq!(r.v.stats().guest_events, 0);
+}
+
+/// A CMD_SYNC whose completion MSI writes `data` to `addr`.
+fn msi_sync(addr: u64, data: u32) -> Command {
+    Command::Sync(Sync {
+        cs: SyncCs::Irq,
+        msh: 3,
+        msiattr: 0xf,
+        msidata: data,
+        msiaddr: addr,
+    })
+}
+
+impl Rig {
+    /// Writes commands into the guest's queue and starts the trap of their PROD write, as a
+    /// vCPU does before it lets go of the model to wait.
+    fn start(&mut self, cmds: &[Command]) -> Outstanding {
+        let q = Queue::new(self.cmdq_log2);
+        for c in cmds {
+            let slot = CMDQ + u64::from(q.index(self.prod)) * 16;
+            self.ram.put(slot, &c.to_bytes());
+            self.prod = q.inc(self.prod);
+        }
+        let p = self.prod;
+        self.v.write_start(
+            regs::SMMU_CMDQ_PROD,
+            4,
+            p.into(),
+            &mut self.ram,
+            &mut self.phys,
+        )
+    }
+
+    fn finish(&mut self, o: Outstanding) -> Irqs {
+        let waited = o.wait(&self.phys);
+        self.v.complete(o, waited, &mut self.ram)
+    }
+}
+
+#[test]
+fn two_vcpus_traps_overlap_and_complete_in_queue_order() {
+    let mut r = Rig::new();
+    r.enable(false);
+    r.phys = RecPhys::default();
+    let tlbi = |asid| Command::TlbiNhAsid { vmid: 0, asid };
+    // vCPU a: an unmap. Its commands are queued physically, nothing is visible yet.
+    let a = r.start(&[tlbi(1), msi_sync(RAM + 0x100, 0xa)]);
+    assert!(a.pending());
+    assert_eq!(r.cons(), 0);
+    assert_eq!(r.ram.u32_at(RAM + 0x100), 0);
+    // vCPU b traps while a waits: the model is free, b's commands queue behind a's.
+    let b = r.start(&[tlbi(2), msi_sync(RAM + 0x200, 0xb)]);
+    assert_eq!(
+        r.phys.cmds,
+        [
+            Command::TlbiNhAsid { vmid: 7, asid: 1 },
+            Command::TlbiNhAsid { vmid: 7, asid: 2 }
+        ]
+    );
+    assert_eq!(r.phys.syncs, 2);
+    assert_eq!(r.cons(), 0);
+    // vCPU c: a CMD_SYNC with nothing new to forward still waits for b's physical sync.
+    let c = r.start(&[msi_sync(RAM + 0x300, 0xc)]);
+    assert_eq!(r.phys.syncs, 2, "no physical sync of its own");
+    assert_eq!(c.ticket, b.ticket);
+    // b completes first: the physical queue completes in order, so a's sync has too.
+    assert_eq!(r.finish(b), Irqs::empty());
+    assert_eq!(r.cons(), 4);
+    assert_eq!(r.ram.u32_at(RAM + 0x100), 0xa);
+    assert_eq!(r.ram.u32_at(RAM + 0x200), 0xb);
+    assert_eq!(
+        r.ram.u32_at(RAM + 0x300),
+        0,
+        "c's sync is later in the queue"
+    );
+    // a's completion finds nothing left: CONS never goes back.
+    r.finish(a);
+    assert_eq!(r.cons(), 4);
+    r.finish(c);
+    assert_eq!(r.cons(), 5);
+    assert_eq!(r.ram.u32_at(RAM + 0x300), 0xc);
+    assert_eq!(*r.phys.waits.borrow(), [2, 1, 2]);
+    // Nothing outstanding any more: the next batch without forwarded commands completes at once.
+    let d = r.start(&[msi_sync(RAM + 0x400, 0xd)]);
+    assert!(!d.pending());
+    assert_eq!((r.cons(), r.ram.u32_at(RAM + 0x400)), (6, 0xd));
+}
+
+#[test]
+fn a_command_error_behind_an_outstanding_sync_shows_after_it() {
+    let mut r = Rig::new();
+    r.enable(false);
+    r.phys = RecPhys::default();
+    let a = r.start(&[Command::TlbiNhAll { vmid: 0 }, msi_sync(RAM + 0x100, 0xa)]);
+    // vCPU b's batch has an illegal command: consumption stops there, but the guest sees the
+    // error only once a's sync, which comes before it, has completed.
+    let b = r.start(&[Command::TlbiNhAll { vmid: 0 }, Command::TlbiEl2All]);
+    assert_eq!(r.gerror_active(), 0);
+    assert_eq!(r.cons(), 0);
+    let later = r.start(&[Command::TlbiNhAll { vmid: 0 }]);
+    assert_eq!(
+        r.phys.cmds.len(),
+        2,
+        "stopped: nothing after the bad command"
+    );
+    assert_eq!(r.finish(b), Irqs::GERROR);
+    assert_eq!(r.cons(), 3 | 1 << 24);
+    assert_eq!(r.ram.u32_at(RAM + 0x100), 0xa);
+    assert_eq!(r.gerror_active(), Gerror::CMDQ_ERR.bits());
+    assert_eq!(r.finish(a), Irqs::empty());
+    r.finish(later);
+    assert_eq!(r.cons(), 3 | 1 << 24);
+}
+
+#[test]
+fn disabling_the_queue_completes_what_is_outstanding() {
+    let mut r = Rig::new();
+    r.enable(false);
+    r.phys = RecPhys::default();
+    let a = r.start(&[Command::TlbiNhAll { vmid: 0 }, msi_sync(RAM + 0x100, 0xa)]);
+    // Another vCPU turns the queue off (a driver's remove) while a waits.
+    r.w32(regs::SMMU_CR0, (Cr0::EVTQEN | Cr0::SMMUEN).bits());
+    assert_eq!(r.cons(), 2);
+    assert_eq!(r.ram.u32_at(RAM + 0x100), 0xa);
+    assert_eq!(r.phys.waits.borrow().len(), 1);
+    r.finish(a);
+    assert_eq!(r.cons(), 2);
 }
