@@ -229,15 +229,20 @@ impl Rig {
         );
     }
 
-    /// Writes commands into the guest's queue and publishes them with one PROD write.
-    fn issue(&mut self, cmds: &[Command]) -> Irqs {
+    /// Writes commands into the guest's queue; returns its new PROD.
+    fn put_cmds(&mut self, cmds: &[Command]) -> u32 {
         let q = Queue::new(self.cmdq_log2);
         for c in cmds {
             let slot = CMDQ + u64::from(q.index(self.prod)) * 16;
             self.ram.put(slot, &c.to_bytes());
             self.prod = q.inc(self.prod);
         }
-        let p = self.prod;
+        self.prod
+    }
+
+    /// Writes commands into the guest's queue and publishes them with one PROD write.
+    fn issue(&mut self, cmds: &[Command]) -> Irqs {
+        let p = self.put_cmds(cmds);
         self.w32(regs::SMMU_CMDQ_PROD, p)
     }
 
@@ -1082,13 +1087,7 @@ impl Rig {
     /// Writes commands into the guest's queue and starts the trap of their PROD write, as a
     /// vCPU does before it lets go of the model to wait.
     fn start(&mut self, cmds: &[Command]) -> Outstanding {
-        let q = Queue::new(self.cmdq_log2);
-        for c in cmds {
-            let slot = CMDQ + u64::from(q.index(self.prod)) * 16;
-            self.ram.put(slot, &c.to_bytes());
-            self.prod = q.inc(self.prod);
-        }
-        let p = self.prod;
+        let p = self.put_cmds(cmds);
         self.v.write_start(
             regs::SMMU_CMDQ_PROD,
             4,
