@@ -16,7 +16,7 @@ use aarch64_cpu::registers::{
     VBAR_EL1, VMPIDR_EL2, VTCR_EL2, VTTBR_EL2,
 };
 use boot::{ExceptionKind, TrapFrame};
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// SGI the hypervisor sends between physical CPUs to make a vCPU re-evaluate its interrupts
 /// (or notice that its VM stopped).
@@ -107,18 +107,93 @@ fn configure_el2(vm: &Vm, vcpu: usize) {
 fn reset_el1_and_vgic_cpu() {
     SCTLR_EL1.set(SCTLR_EL1_RESET);
     CNTV_CTL_EL0.set(0);
-    for i in 0..num_lrs() {
-        sysreg::set_ich_lr(i, 0);
-    }
+    let lrs = Lrs::here();
+    lrs.clear_all();
     sysreg::set_ich_ap0r0(0);
     sysreg::set_ich_ap1r0(0);
     sysreg::set_ich_vmcr(0);
-    sysreg::set_ich_hcr(ICH_HCR_EN);
+    lrs.set_hcr(ICH_HCR_EN);
     sysreg::isb();
 }
 
-fn num_lrs() -> usize {
-    ((sysreg::ich_vtr() & 0x1f) + 1) as usize
+/// What this CPU's list registers and ICH_HCR_EL2 hold, as last written, so that an exit reads
+/// only the list registers that can be in use and writes ICH_HCR_EL2 only when it changes. On
+/// hardware that saves a few system register accesses per exit; under QEMU's TCG every
+/// ICH_* access takes its global lock (ARM_CP_IO), which all vCPUs of all VMs share.
+#[derive(Debug)]
+struct Lrs {
+    /// Implemented list registers (ICH_VTR_EL2.ListRegs + 1), 0 until read.
+    n: AtomicUsize,
+    /// List registers that may hold a non-zero value (the others hold 0).
+    used: AtomicU32,
+    /// ICH_HCR_EL2 as last written; `u64::MAX` when unknown.
+    hcr: AtomicU64,
+}
+
+/// One per physical CPU, only touched by that CPU (so Relaxed suffices).
+static LRS: [Lrs; boot::MAX_CPUS] = [const {
+    Lrs {
+        n: AtomicUsize::new(0),
+        used: AtomicU32::new(u32::MAX),
+        hcr: AtomicU64::new(u64::MAX),
+    }
+}; boot::MAX_CPUS];
+
+impl Lrs {
+    fn here() -> &'static Self {
+        &LRS[this_cpu()]
+    }
+
+    fn count(&self) -> usize {
+        match self.n.load(Ordering::Relaxed) {
+            0 => {
+                let n = ((sysreg::ich_vtr() & 0x1f) + 1) as usize;
+                self.n.store(n, Ordering::Relaxed);
+                n
+            }
+            n => n,
+        }
+    }
+
+    /// List register `i`'s value: 0 without reading it when it is known to be.
+    fn read(&self, i: usize) -> u64 {
+        if self.used.load(Ordering::Relaxed) & (1 << i) == 0 {
+            0
+        } else {
+            sysreg::ich_lr(i)
+        }
+    }
+
+    fn write(&self, i: usize, v: u64) {
+        sysreg::set_ich_lr(i, v);
+        if v == 0 {
+            self.used.fetch_and(!(1 << i), Ordering::Relaxed);
+        } else {
+            self.used.fetch_or(1 << i, Ordering::Relaxed);
+        }
+    }
+
+    fn clear_all(&self) {
+        for i in 0..self.count() {
+            sysreg::set_ich_lr(i, 0);
+        }
+        self.used.store(0, Ordering::Relaxed);
+    }
+
+    /// Writes ICH_HCR_EL2 unless it already holds `v` (the hardware changes only its
+    /// EOIcount, which nothing here enables a maintenance interrupt for).
+    fn set_hcr(&self, v: u64) {
+        if self.hcr.swap(v, Ordering::Relaxed) != v {
+            sysreg::set_ich_hcr(v);
+        }
+    }
+
+    fn hcr(&self) -> u64 {
+        match self.hcr.load(Ordering::Relaxed) {
+            u64::MAX => sysreg::ich_hcr(),
+            v => v,
+        }
+    }
 }
 
 /// Waits until this CPU's vCPU is powered on, then enters it. Never returns.
@@ -606,10 +681,9 @@ fn power_off_if_all_stopped() {
 /// interrupt it still held, so nothing of it survives into the next boot or another guest.
 fn quiesce_local_vcpu(vm: &Vm, vcpu: usize) {
     CNTV_CTL_EL0.set(0);
-    for i in 0..num_lrs() {
-        sysreg::set_ich_lr(i, 0);
-    }
-    sysreg::set_ich_hcr(0);
+    let lrs = Lrs::here();
+    lrs.clear_all();
+    lrs.set_hcr(0);
     let held = core::mem::replace(
         &mut IRQ_STATE[this_cpu()].lock().hw_pending,
         [None; MAX_HW_PENDING],
@@ -702,8 +776,9 @@ fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
 
 /// Whether a virtual interrupt is waiting for the vCPU (in a list register or deliverable).
 fn has_pending_virtual(vm: &Vm, vcpu: usize) -> bool {
-    for i in 0..num_lrs() {
-        let lr = ListRegister(sysreg::ich_lr(i));
+    let lrs = Lrs::here();
+    for i in 0..lrs.count() {
+        let lr = ListRegister(lrs.read(i));
         if matches!(lr.state(), LrState::Pending | LrState::PendingActive) {
             return true;
         }
@@ -810,13 +885,14 @@ fn service_smmu_events() {
 /// completed entries that asked for EOI maintenance, and the underflow request. The list
 /// registers are refilled by `sync_list_registers` before the guest runs again.
 fn service_maintenance() {
-    for i in 0..num_lrs() {
-        let lr = ListRegister(sysreg::ich_lr(i));
+    let lrs = Lrs::here();
+    for i in 0..lrs.count() {
+        let lr = ListRegister(lrs.read(i));
         if lr.state() == LrState::Invalid && lr.0 != 0 {
-            sysreg::set_ich_lr(i, 0);
+            lrs.write(i, 0);
         }
     }
-    sysreg::set_ich_hcr(sysreg::ich_hcr() & !ICH_HCR_UIE);
+    lrs.set_hcr(lrs.hcr() & !ICH_HCR_UIE);
     sysreg::isb();
 }
 
@@ -852,17 +928,18 @@ fn console_input() {
 /// interrupt, then the level of the emulated UART, then the vGIC's latched interrupts by
 /// priority. Asks for an underflow maintenance interrupt when some remain.
 fn sync_list_registers(vm: &Vm, vcpu: usize) {
-    let n = num_lrs();
+    let lrs = Lrs::here();
+    let n = lrs.count();
     let mut in_flight = [u32::MAX; 16];
     let mut free = [false; 16];
     for (i, slot) in in_flight.iter_mut().enumerate().take(n) {
-        let lr = ListRegister(sysreg::ich_lr(i));
+        let lr = ListRegister(lrs.read(i));
         if lr.state() == LrState::Invalid {
             free[i] = true;
             if lr.0 != 0 {
                 // A completed entry that asked for an EOI maintenance interrupt keeps
                 // ICH_EISR_EL2 (and so the maintenance interrupt) asserted until it is cleared.
-                sysreg::set_ich_lr(i, 0);
+                lrs.write(i, 0);
             }
         } else {
             *slot = lr.vintid();
@@ -886,7 +963,7 @@ fn sync_list_registers(vm: &Vm, vcpu: usize) {
                     vgic.priority(vcpu, pintid),
                     vgic.group1(vcpu, pintid),
                 );
-                sysreg::set_ich_lr(i, lr.0);
+                lrs.write(i, lr.0);
                 in_flight[i] = pintid;
                 *slot = None;
             }
@@ -914,10 +991,10 @@ fn sync_list_registers(vm: &Vm, vcpu: usize) {
         };
         let level = !vgic.is_edge(vcpu, intid);
         let lr = ListRegister::software(intid, prio, vgic.group1(vcpu, intid), level);
-        sysreg::set_ich_lr(i, lr.0);
+        lrs.write(i, lr.0);
         in_flight[i] = intid;
     }
-    sysreg::set_ich_hcr(if more {
+    lrs.set_hcr(if more {
         ICH_HCR_EN | ICH_HCR_UIE
     } else {
         ICH_HCR_EN
