@@ -780,6 +780,10 @@ impl Vsmmu {
     /// (a CMD_CFGI_* has completed only once a later CMD_SYNC has) and bounds what a guest
     /// flooding its queue with invalidations costs: one STE write per stream per sync.
     fn reshadow_dirty(&mut self, mem: &impl GuestMemory, phys: &mut impl PhysicalSmmu) {
+        if self.streams.iter().all(|s| s.dirty.is_none()) {
+            // Every CMD_SYNC and trap comes here: keep the common case out of the loop below.
+            return;
+        }
         let enabled = self.cr0().contains(Cr0::SMMUEN);
         let table = StreamTableCfg {
             base: self.r.strtab_base,
