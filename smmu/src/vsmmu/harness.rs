@@ -28,8 +28,8 @@
 //! value) with the VM's stage-1 TLB entries invalidated.
 
 use super::{
-    Forward, GuestMemError, GuestMemory, Irqs, PhysicalSmmu, StreamMap, Vsmmu, VsmmuConfig, CMDQS,
-    EVENTQS,
+    Forward, GuestMemError, GuestMemory, Irqs, Outstanding, PhysicalSmmu, StreamMap, Vsmmu,
+    VsmmuConfig, CMDQS, EVENTQS,
 };
 use crate::bits;
 use crate::cmd::{Command, Sync, SyncCs, TlbiAddr};
@@ -178,6 +178,8 @@ pub struct CheckingSmmu {
     pub ste_configs: [u64; 9],
     /// Commands submitted in all.
     pub total_commands: u64,
+    /// Physical CMD_SYNCs in all (the tickets' sequence numbers).
+    pub total_syncs: u64,
 }
 
 impl CheckingSmmu {
@@ -195,6 +197,7 @@ impl CheckingSmmu {
             fail: false,
             ste_configs: [0; 9],
             total_commands: 0,
+            total_syncs: 0,
         }
     }
 
@@ -356,7 +359,8 @@ impl PhysicalSmmu for CheckingSmmu {
     fn submit_sync(&mut self, cmds: &[Command]) -> Result<SyncTicket, DriverError> {
         let r = self.submit(cmds);
         self.syncs += 1;
-        r.map(|()| SyncTicket::at(self.syncs))
+        self.total_syncs += 1;
+        r.map(|()| SyncTicket::at(self.total_syncs))
     }
 
     fn publish(&self) {}
@@ -530,7 +534,15 @@ pub struct Harness {
     /// What the run reached.
     pub tally: Tally,
     bounds: Bounds,
+    /// Writes started and left waiting for their physical CMD_SYNC, as other vCPUs' traps are
+    /// while this one runs.
+    parked: Vec<Outstanding>,
+    /// The next CMDQ_PROD write is started and parked rather than carried out.
+    park_next: bool,
 }
+
+/// Writes left waiting at once at most.
+const MAX_PARKED: usize = 4;
 
 /// What a run reached (to check that inputs get deep into the model).
 #[derive(Debug, Clone, Copy, Default)]
@@ -549,6 +561,8 @@ pub struct Tally {
     pub hypervisor_events: u64,
     /// Resets.
     pub resets: u64,
+    /// Writes left waiting (parked) while holding back what the guest sees.
+    pub held_back: u64,
     /// Most guest memory accesses, STE writes and physical commands one call made.
     pub max_per_call: (u64, u64, u64),
 }
@@ -571,6 +585,8 @@ impl Harness {
             v: Vsmmu::new(cfg),
             ram: FakeRam::default(),
             tally: Tally::default(),
+            parked: Vec::new(),
+            park_next: false,
         };
         h.reset();
         h
@@ -660,15 +676,43 @@ impl Harness {
     /// A checked [`Vsmmu::write`].
     pub fn write(&mut self, off: u64, size: u8, value: u64) -> Irqs {
         self.clear_counters();
-        let irqs = self
-            .v
-            .write(off, size, value, &mut self.ram, &mut self.phys);
+        let park = self.park_next && off == regs::SMMU_CMDQ_PROD && self.parked.len() < MAX_PARKED;
+        let irqs = if park {
+            self.park_next = false;
+            let o = self
+                .v
+                .write_start(off, size, value, &mut self.ram, &mut self.phys);
+            self.parked.push(o);
+            self.tally.held_back += u64::from(o.upto.is_some());
+            o.irqs
+        } else {
+            self.v
+                .write(off, size, value, &mut self.ram, &mut self.phys)
+        };
         let b = self.bounds;
         self.check_call(
             format_args!("write of {value:#x} to {off:#x} ({size} bytes)"),
             b,
         );
         irqs
+    }
+
+    /// Finishes parked write `i` (modulo their number): waits and [`Vsmmu::complete`]s it,
+    /// which also makes visible what parked writes before it in the queue left waiting.
+    pub fn finish_parked(&mut self, i: usize) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let o = self.parked.remove(i % self.parked.len());
+        self.clear_counters();
+        let waited = o.wait(&self.phys);
+        self.v.complete(o, waited, &mut self.ram);
+        let b = Bounds {
+            mem: self.bounds.mem * (self.parked.len() as u64 + 2),
+            stes: 0,
+            cmds: 0,
+        };
+        self.check_call(format_args!("the completion of a parked write"), b);
     }
 
     /// A [`Vsmmu::read`] (it reaches neither guest memory nor the physical SMMU).
@@ -1093,6 +1137,8 @@ impl Harness {
             )
         };
         let cmds: Vec<[u8; 16]> = (0..distinct).map(|_| self.command(inp)).collect();
+        // One in four batches is another vCPU's: its trap is left waiting.
+        self.park_next |= n & 0x30 == 0x30;
         let mask = (2u32 << log2) - 1;
         for c in cmds.iter().cycle().take(count as usize) {
             let idx = u64::from(prod & ((1 << log2) - 1));
@@ -1192,12 +1238,14 @@ impl Harness {
                 self.forward(&e);
             }
             14 => self.bring_up(inp),
-            _ => match inp.u8() % 4 {
+            _ => match inp.u8() % 8 {
                 0 => self.reset(),
                 1 => self.phys.fail = !self.phys.fail,
-                _ => {
+                2 | 3 => {
                     let _ = self.v.stats().traps();
                 }
+                4 | 5 => self.park_next = true,
+                _ => self.finish_parked(usize::from(inp.u8())),
             },
         }
     }
@@ -1233,10 +1281,10 @@ impl Harness {
 /// | 7-8 | 1-64 bytes into guest RAM, mostly at an STE, an L1 descriptor, a CMDQ or EVENTQ slot the registers point at |
 /// | 9 | a guest STE (mostly valid, any Config, guest-chosen S2 fields) where the stream table says |
 /// | 10 | an L1 stream table descriptor |
-/// | 11-12 | 1-4 commands (1 in 8: up to a full queue) at CMDQ_PROD, then the PROD write |
+/// | 11-12 | 1-4 commands (1 in 8: up to a full queue) at CMDQ_PROD, then the PROD write (1 in 4 left waiting, as opcode 15 can ask) |
 /// | 13 | a physical event fed to [`Vsmmu::forward_event`] |
 /// | 14 | a driver's probe: tables, queues, STEs, SMMUEN, CFGI_ALL + CMD_SYNC |
-/// | 15 | reset, physical failure injection on/off, or a stats read |
+/// | 15 | reset, physical failure injection on/off, a stats read, the next CMDQ_PROD write started and left waiting (another vCPU's trap; at most 4), or one of those finished |
 pub fn run(data: &[u8]) {
     run_harness(data);
 }
@@ -1250,6 +1298,13 @@ pub fn run_harness(data: &[u8]) -> Harness {
             break;
         }
         h.step(&mut inp);
+    }
+    while !h.parked.is_empty() {
+        h.finish_parked(0);
+    }
+    // Every trap finished: nothing the guest was promised is still held back.
+    if let Some(c) = h.v.inflight.front() {
+        panic!("every write finished, yet a completion was never made visible: {c:?}");
     }
     h.check_shadow(format_args!("the last operation"));
     h.tally.add_stats(&h.v);
@@ -1290,6 +1345,7 @@ mod tests {
             t.dropped_events += a.dropped_events;
             t.hypervisor_events += a.hypervisor_events;
             t.resets += a.resets;
+            t.held_back += a.held_back;
             let (m, n) = (&mut t.max_per_call, a.max_per_call);
             *m = (m.0.max(n.0), m.1.max(n.1), m.2.max(n.2));
             for (x, y) in stes.iter_mut().zip(b) {
@@ -1306,7 +1362,8 @@ mod tests {
             && t.syncs > 100
             && t.command_errors > 0
             && t.guest_events > 100
-            && t.dropped_events > 0;
+            && t.dropped_events > 0
+            && t.held_back > 10;
         assert!(
             deep,
             "shallow: {t:?}, STEs by Config {stes:?}, {cmds} physical commands"
