@@ -727,6 +727,75 @@ fn run_pair(col: Col, rep: usize, ctx: &Ctx, res: &mut Results, name: &str) -> R
             res.add_count(row, col, f64::from(mib), d.clone());
         }
     }
+    two_vms_dma(&mut q, col, rep, ctx, res)
+}
+
+/// DMA map/unmap in vm0 alone, then in vm0 and vm1 at the same time: what one VM's IOMMU
+/// traffic costs another's (the physical command queue is the one thing they share).
+fn two_vms_dma(q: &mut Qemu, col: Col, rep: usize, ctx: &Ctx, res: &mut Results) -> R<()> {
+    // The NICs, done with the transfer, go to dma_map_benchmark; vm0 keeps the focus.
+    for (vm, bdf) in [("vm1", "00:04.0"), ("vm0", "00:02.0")] {
+        focus(q, vm).map_err(qe)?;
+        let mut facts = Facts::new();
+        type_command(q, false, &format!("sh /bench.sh dma-setup {bdf}"))?;
+        collect_until(q, Some(vm), "dma-domain", STEP_TIMEOUT, &mut facts)?;
+        let bound = facts.get("dma-bound").map_or("", String::as_str);
+        let domain = facts.get("dma-domain").map_or("", String::as_str);
+        if bound != "dma_map_benchmark" || !domain_ok(col, domain) {
+            return Err(format!(
+                "{vm}'s {bdf} for dma_map_benchmark: bound to {bound:?}, IOMMU domain {domain:?}"
+            ));
+        }
+    }
+    let secs = ctx.opts.dma_seconds;
+    let args = format!("dma 1 1 {secs}");
+    let cmd = format!("sh /bench.sh {args}");
+    let key = "dma-t1-g1";
+    let timeout = Duration::from_secs(u64::from(secs) * 4 + 120);
+    let pair_us = |f: &Facts| -> R<f64> {
+        Ok(num(f, &format!("{key}-map-us"))? + num(f, &format!("{key}-unmap-us"))?)
+    };
+
+    let (f, _) = workload(q, Some("vm0"), &[], &args, key, timeout)?;
+    let alone = pair_us(&f)?;
+    res.add("dma2-alone", col, rep, alone);
+
+    // Both wait at their handshake; each is let go with its own Enter, vm1 first.
+    let mut facts = [Facts::new(), Facts::new()];
+    for (i, vm) in ["vm1", "vm0"].iter().enumerate() {
+        focus(q, vm).map_err(qe)?;
+        type_command(q, false, &cmd)?;
+        collect_until(q, Some(vm), "ready", STEP_TIMEOUT, &mut facts[1 - i])?;
+    }
+    let before = vsmmu_counters(q, &["vm0", "vm1"])?;
+    focus(q, "vm1").map_err(qe)?;
+    let start = Instant::now();
+    q.send("\n").map_err(qe)?;
+    focus(q, "vm0").map_err(qe)?;
+    q.send("\n").map_err(qe)?;
+    let skew = start.elapsed().as_secs_f64();
+    for (i, vm) in ["vm0", "vm1"].iter().enumerate() {
+        collect_until(q, Some(vm), "measured", timeout, &mut facts[i])?;
+    }
+    let after = vsmmu_counters(q, &["vm0", "vm1"])?;
+    for vm in ["vm0", "vm1"] {
+        focus(q, vm).map_err(qe)?;
+        q.send("\n").map_err(qe)?;
+        collect_until(q, Some(vm), "end", STEP_TIMEOUT, &mut Facts::new())?;
+    }
+    let both = pair_us(&facts[0])?;
+    res.add("dma2-both", col, rep, both);
+    res.add("dma2-other", col, rep, pair_us(&facts[1])?);
+    res.add("dma2-ratio", col, rep, both / alone);
+    // Out of a run of `secs` seconds, the part the two did not overlap.
+    res.add("dma2-skew", col, rep, skew / f64::from(secs));
+    for (vm, row) in [("vm0", "dma2-vm0"), ("vm1", "dma2-vm1")] {
+        if let (Some(b), Some(a)) = (before.get(vm), after.get(vm)) {
+            let d = delta(b, a);
+            let ops = d.get("syncs").copied().unwrap_or(0) as f64;
+            res.add_count(row, col, ops, d);
+        }
+    }
     Ok(())
 }
 
@@ -937,6 +1006,31 @@ fn rows(o: &Opts) -> Vec<Row> {
             "guest-to-guest ping RTT, 1400 bytes (ms)".to_string(),
             false,
         ));
+        r.push(row(
+            "dma2-alone",
+            "two VMs: vm0's dma_map_benchmark -t 1 -g 1 map + unmap, vm1 idle (µs)".to_string(),
+            false,
+        ));
+        r.push(row(
+            "dma2-both",
+            "two VMs: the same while vm1 runs it too (µs)".to_string(),
+            false,
+        ));
+        r.push(row(
+            "dma2-other",
+            "two VMs: vm1's figure meanwhile (µs)".to_string(),
+            false,
+        ));
+        r.push(row(
+            "dma2-ratio",
+            "two VMs: vm0 with vm1 busy / vm0 alone, per boot (ratio)".to_string(),
+            false,
+        ));
+        r.push(row(
+            "dma2-skew",
+            "two VMs: start of vm0's run after vm1's, as a share of the run".to_string(),
+            false,
+        ));
     }
     r
 }
@@ -999,7 +1093,8 @@ fn figures_table(res: &Results, o: &Opts) -> String {
         let col = |c: Col| -> String {
             if c == Col::Bare {
                 match row.key.as_str() {
-                    "boot2" | "boot2-less-load" | "net" | "ping" => {
+                    "boot2" | "boot2-less-load" | "net" | "ping" | "dma2-alone" | "dma2-both"
+                    | "dma2-other" | "dma2-ratio" | "dma2-skew" => {
                         return "n/a (one guest)".to_string()
                     }
                     "boot-load" => return "n/a".to_string(),
@@ -1084,6 +1179,13 @@ fn counts_table(res: &Results, o: &Opts) -> String {
             "guest-to-guest TCP: vm1, receiving".into(),
             "MiB",
         ));
+        for vm in ["vm0", "vm1"] {
+            rows.push((
+                format!("dma2-{vm}"),
+                format!("two VMs' dma_map_benchmark -t 1 -g 1 at once: {vm}"),
+                "map+unmap (= guest CMD_SYNC)",
+            ));
+        }
     }
     let _ = writeln!(
         s,
