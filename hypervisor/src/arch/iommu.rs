@@ -159,9 +159,9 @@ impl HwQueue {
 impl QueueMemory for HwQueue {
     fn write_entry(&self, pa: u64, words: [u64; 2]) {
         let p = self.ptr(pa);
-        // SAFETY: `ptr` checked that the entry lies in the queue, an identity-mapped heap
-        // allocation that lives as long as the hypervisor; the driver's reservations give each
-        // entry one writer at a time. Aligned doubleword stores are single-copy atomic.
+        // The driver's reservations give each entry one writer at a time; aligned doubleword
+        // stores are single-copy atomic.
+        // SAFETY: `ptr` checked the entry lies in the queue (never-freed, identity-mapped heap).
         unsafe {
             p.write_volatile(words[0]);
             p.add(1).write_volatile(words[1]);
@@ -175,8 +175,8 @@ impl QueueMemory for HwQueue {
     }
 
     fn entry_barrier(&self) {
-        // SAFETY: a barrier has no memory effect beyond ordering. Outer shareable, as Linux's
-        // dma_wmb: the SMMU is the observer.
+        // Outer shareable, as Linux's dma_wmb: the SMMU is the observer.
+        // SAFETY: a barrier has no memory effect beyond ordering.
         unsafe { asm!("dmb oshst", options(nostack)) };
     }
 }
@@ -352,8 +352,8 @@ pub fn attach_stage2(vm: &str, stream_ids: &[u32], vmid: u16, s2_root: u64) -> R
 /// stage 2 changed: the SMMU walks the same tables. Scoped to that VMID; nothing else is
 /// touched.
 pub fn invalidate_vm_tlbs(vmid: u16) {
-    if let Some(smmu) = SMMU.lock().as_mut() {
-        if let Err(e) = smmu.submit_sync(&[smmu::cmd::Command::TlbiS12Vmall { vmid }]) {
+    if let Some(q) = CMDQ.get() {
+        if let Err(e) = q.submit_sync(&[smmu::cmd::Command::TlbiS12Vmall { vmid }]) {
             log::error!("smmu: TLBI_S12_VMALL for VMID {vmid}: {e}");
         }
     }

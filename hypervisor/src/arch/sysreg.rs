@@ -221,8 +221,9 @@ pub fn tlbi_vmid(vttbr: u64) {
     let old: u64;
     // SAFETY: reading a system register has no side effect.
     unsafe { asm!("mrs {}, vttbr_el2", out(reg) old, options(nostack, nomem)) };
-    // SAFETY: VTTBR_EL2 only selects the stage-2 tables and VMID of EL1/EL0 accesses, none of
-    // which run until it is restored below; TLB invalidation has no effect on memory contents.
+    // VTTBR_EL2 only selects the stage-2 tables and VMID of EL1/EL0 accesses, none of which
+    // run until it is restored below.
+    // SAFETY: so switching it is harmless here; TLB invalidation does not touch memory contents.
     unsafe {
         asm!(
             "msr vttbr_el2, {new}",
