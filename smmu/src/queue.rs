@@ -50,7 +50,7 @@ impl Queue {
     }
 
     /// Mask of the index and wrap bits.
-    pub fn wrap_index_mask(&self) -> u32 {
+    fn wrap_index_mask(&self) -> u32 {
         (self.entries() << 1) - 1
     }
 
@@ -118,25 +118,6 @@ impl Queue {
     pub fn is_full(&self) -> bool {
         self.index(self.prod) == self.index(self.cons) && self.prod != self.cons
     }
-
-    /// Entries produced but not yet consumed.
-    pub fn used(&self) -> u32 {
-        self.prod.wrapping_sub(self.cons) & self.wrap_index_mask()
-    }
-
-    /// Free slots.
-    pub fn space(&self) -> u32 {
-        self.entries() - self.used()
-    }
-
-    /// True when CONS has moved past the entry at `p` (which was produced at PROD = `p`), given
-    /// that at most `entries()` entries were produced since: the distance from `p` to CONS is
-    /// at least one and not more than the produced count.
-    pub fn consumed(&self, p: u32) -> bool {
-        let done = self.cons.wrapping_sub(p) & self.wrap_index_mask();
-        let pending = self.prod.wrapping_sub(p) & self.wrap_index_mask();
-        done >= 1 && done <= pending
-    }
 }
 
 /// OVFLG / OVACKFLG of a raw PROD or CONS register value.
@@ -159,19 +140,16 @@ mod tests {
         let mut q = Queue::new(2);
         assert_eq!(q.entries(), 4);
         assert!(q.is_empty() && !q.is_full());
-        assert_eq!(q.space(), 4);
         for i in 0..4 {
             assert!(!q.is_full());
+            assert_eq!(q.prod(), i);
             q.inc_prod();
-            assert_eq!(q.used(), i + 1);
         }
         assert!(q.is_full() && !q.is_empty());
         assert_eq!(q.prod(), 0b100, "index 0, wrap 1");
         assert!(q.wrap(q.prod()) && !q.wrap(q.cons()));
-        assert_eq!(q.space(), 0);
         q.inc_cons();
         assert!(!q.is_full());
-        assert_eq!(q.space(), 1);
         q.inc_prod();
         assert!(q.is_full());
         for _ in 0..4 {
@@ -205,20 +183,5 @@ mod tests {
         assert!(one.is_full());
         one.inc_cons();
         assert!(one.is_empty());
-    }
-
-    #[test]
-    fn consumed_tracks_across_wrap() {
-        let mut q = Queue::new(2);
-        q.set_prod(0b011);
-        q.set_cons(0b011);
-        let at = q.prod();
-        q.inc_prod(); // the entry at index 3
-        q.inc_prod(); // index 0, wrap toggled
-        assert!(!q.consumed(at));
-        q.inc_cons();
-        assert!(q.consumed(at));
-        q.inc_cons();
-        assert!(q.consumed(at));
     }
 }
