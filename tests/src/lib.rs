@@ -971,6 +971,21 @@ pub fn check_vm_disk(q: &mut Qemu, vm: &str) -> Result<String, Error> {
     Ok(md5)
 }
 
+/// Checks that VM `vm` pinged the other VM over its own NIC and was pinged by it (`hvping=`).
+pub fn check_vm_pings(q: &mut Qemu, vm: &str) -> Result<(), Error> {
+    assert_eq!(
+        q.wait_vm_fact(vm, "ping", STEP_TIMEOUT)?,
+        "ok",
+        "{vm} pinging the other VM"
+    );
+    assert_eq!(
+        q.wait_vm_fact(vm, "pinged", STEP_TIMEOUT)?,
+        "yes",
+        "{vm} pinged by the other VM"
+    );
+    Ok(())
+}
+
 /// What the board script's `--pci` gives a VM (its own virtio disk and NIC), and the network
 /// address the tests give it.
 #[derive(Debug)]

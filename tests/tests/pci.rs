@@ -13,8 +13,9 @@ use std::fs;
 use std::time::Duration;
 
 use integration_tests::{
-    check_guest_facts, check_vm_disk, check_vm_guest_facts, host_disk_md5, stock_guest_dir,
-    vm_text, Assigned, Line, Qemu, DISK_BYTES, DISK_CONTENT, STEP_TIMEOUT, VM0, VM1,
+    check_guest_facts, check_vm_disk, check_vm_guest_facts, check_vm_pings, host_disk_md5,
+    stock_guest_dir, vm_text, Assigned, Line, Qemu, DISK_BYTES, DISK_CONTENT, STEP_TIMEOUT, VM0,
+    VM1,
 };
 
 /// vCPUs the board script gives each generated VM (and `--smp` of the bare run).
@@ -116,16 +117,7 @@ fn two_guests_with_their_own_disks_and_nics() -> Result<(), integration_tests::E
             "{vm}'s eth0 address"
         );
         disk_md5s.push(check_vm_disk(&mut q, vm)?);
-        assert_eq!(
-            q.wait_vm_fact(vm, "ping", STEP_TIMEOUT)?,
-            "ok",
-            "{vm} pinging the other VM"
-        );
-        assert_eq!(
-            q.wait_vm_fact(vm, "pinged", STEP_TIMEOUT)?,
-            "yes",
-            "{vm} pinged by the other VM"
-        );
+        check_vm_pings(&mut q, vm)?;
         q.wait_vm_for(vm, "guest: powering off", STEP_TIMEOUT)?;
     }
     assert_ne!(

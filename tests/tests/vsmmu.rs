@@ -18,9 +18,9 @@
 use std::time::Duration;
 
 use integration_tests::{
-    check_vm_disk, check_vm_guest_facts, focus, host_disk_md5, hv_text, parse_stats, ste_lines,
-    stock_guest_dir, type_paced, vm_text, vsmmu_stats, Assigned, Line, Qemu, DISK_CONTENT,
-    STEP_TIMEOUT, VM0, VM1, VSMMU_STATS_KEYS,
+    check_vm_disk, check_vm_guest_facts, check_vm_pings, focus, host_disk_md5, hv_text,
+    parse_stats, ste_lines, stock_guest_dir, type_paced, vm_text, vsmmu_stats, Assigned, Line,
+    Qemu, DISK_CONTENT, STEP_TIMEOUT, VM0, VM1, VSMMU_STATS_KEYS,
 };
 
 /// vCPUs the board script gives each generated VM.
@@ -148,16 +148,7 @@ fn two_guests_nested_over_stage2() -> Result<(), integration_tests::Error> {
     for a in [&VM0, &VM1] {
         let vm = a.vm;
         check_guest_through_disk(&mut q, a, true)?;
-        assert_eq!(
-            q.wait_vm_fact(vm, "ping", STEP_TIMEOUT)?,
-            "ok",
-            "{vm} pinging the other VM"
-        );
-        assert_eq!(
-            q.wait_vm_fact(vm, "pinged", STEP_TIMEOUT)?,
-            "yes",
-            "{vm} pinged by the other VM"
-        );
+        check_vm_pings(&mut q, vm)?;
     }
     q.wait_vm_for("vm1", "guest: shell", STEP_TIMEOUT)?;
 

@@ -627,16 +627,7 @@ fn run_single(col: Col, rep: usize, ctx: &Ctx, res: &mut Results, name: &str) ->
         res.add_count("rand", col, reads, d.clone());
     }
 
-    let mut facts = Facts::new();
-    type_command(&mut q, true, "sh /bench.sh dma-setup")?;
-    collect_until(&mut q, None, "dma-domain", STEP_TIMEOUT, &mut facts)?;
-    let bound = facts.get("dma-bound").map_or("", String::as_str);
-    let domain = facts.get("dma-domain").map_or("", String::as_str);
-    if bound != "dma_map_benchmark" || !domain_ok(col, domain) {
-        return Err(format!(
-            "00:02.0 for dma_map_benchmark: bound to {bound:?}, IOMMU domain {domain:?}"
-        ));
-    }
+    dma_setup(&mut q, None, "00:02.0", col)?;
     for (t, g) in DMA_CONFIGS {
         let k = format!("dma-t{t}-g{g}");
         let cmd = format!("dma {t} {g} {}", o.dma_seconds);
@@ -730,22 +721,30 @@ fn run_pair(col: Col, rep: usize, ctx: &Ctx, res: &mut Results, name: &str) -> R
     two_vms_dma(&mut q, col, rep, ctx, res)
 }
 
+/// Binds PCI function `bdf` of the focused guest (`vm`, or the one guest) to the kernel's
+/// dma_map_benchmark driver and checks it sits in the IOMMU domain the setup `col` gives.
+fn dma_setup(q: &mut Qemu, vm: Option<&str>, bdf: &str, col: Col) -> R<()> {
+    let mut facts = Facts::new();
+    type_command(q, vm.is_none(), &format!("sh /bench.sh dma-setup {bdf}"))?;
+    collect_until(q, vm, "dma-domain", STEP_TIMEOUT, &mut facts)?;
+    let bound = facts.get("dma-bound").map_or("", String::as_str);
+    let domain = facts.get("dma-domain").map_or("", String::as_str);
+    if bound != "dma_map_benchmark" || !domain_ok(col, domain) {
+        return Err(format!(
+            "{} {bdf} for dma_map_benchmark: bound to {bound:?}, IOMMU domain {domain:?}",
+            vm.unwrap_or("the guest's")
+        ));
+    }
+    Ok(())
+}
+
 /// DMA map/unmap in vm0 alone, then in vm0 and vm1 at the same time: what one VM's IOMMU
 /// traffic costs another's (the physical command queue is the one thing they share).
 fn two_vms_dma(q: &mut Qemu, col: Col, rep: usize, ctx: &Ctx, res: &mut Results) -> R<()> {
     // The NICs, done with the transfer, go to dma_map_benchmark; vm0 keeps the focus.
     for (vm, bdf) in [("vm1", "00:04.0"), ("vm0", "00:02.0")] {
         focus(q, vm).map_err(qe)?;
-        let mut facts = Facts::new();
-        type_command(q, false, &format!("sh /bench.sh dma-setup {bdf}"))?;
-        collect_until(q, Some(vm), "dma-domain", STEP_TIMEOUT, &mut facts)?;
-        let bound = facts.get("dma-bound").map_or("", String::as_str);
-        let domain = facts.get("dma-domain").map_or("", String::as_str);
-        if bound != "dma_map_benchmark" || !domain_ok(col, domain) {
-            return Err(format!(
-                "{vm}'s {bdf} for dma_map_benchmark: bound to {bound:?}, IOMMU domain {domain:?}"
-            ));
-        }
+        dma_setup(q, Some(vm), bdf, col)?;
     }
     let secs = ctx.opts.dma_seconds;
     let args = format!("dma 1 1 {secs}");
