@@ -4,7 +4,7 @@
 //! aborting; PCI enumerated, BARs assigned, IOMMU groups computed).
 
 use super::sysreg;
-use crate::pci::{self, Bdf, ConfigSpace, HostBridge, IntxPin, IommuGroup, PciDevice, Topology};
+use crate::pci::{self, Bdf, ConfigSpace, HostBridge, IommuGroup, Topology};
 use crate::platform::{MemRange, SmmuInfo};
 use alloc::alloc::{alloc_zeroed, Layout};
 use alloc::string::{String, ToString};
@@ -221,6 +221,74 @@ impl ConfigSpace for Ecam<'_> {
     }
 }
 
+/// The host bridge windows whose CPU ranges the EL2 map covers as Device memory (set once at
+/// boot, [`set_forwardable`]): the only places [`forward_access`] ever touches.
+static FORWARDABLE: spin::Once<Vec<MemRange>> = spin::Once::new();
+
+/// Records the host bridge windows the EL2 map covers, for [`forward_access`].
+pub fn set_forwardable(windows: Vec<MemRange>) {
+    FORWARDABLE.call_once(|| windows);
+}
+
+/// Performs a guest's trapped access at physical address `phys` (inside one of its own
+/// functions' BARs, as `VirtualEcam::resolve` decided) with the guest's width: a read returns
+/// the value, a write returns 0. Outside the recorded windows, or misaligned, a read returns all
+/// ones and a write is dropped, as a PCI master abort would.
+pub fn forward_access(phys: u64, width: crate::mmio::AccessWidth, write: Option<u64>) -> u64 {
+    use crate::mmio::AccessWidth as W;
+    let inside = FORWARDABLE.get().is_some_and(|ws| {
+        ws.iter().any(|w| {
+            phys >= w.base
+                && phys
+                    .checked_add(width.bytes())
+                    .is_some_and(|e| e <= w.end())
+        })
+    });
+    if !inside || !phys.is_multiple_of(width.bytes()) {
+        return if write.is_some() { 0 } else { width.mask() };
+    }
+    let p = phys as usize;
+    // SAFETY: `phys` lies wholly inside a host bridge window, which the EL2 map covers as Device
+    // memory for the hypervisor's life, and is aligned to the access width; it is inside a BAR
+    // of a function the calling VM owns, which decodes it (checked by the caller).
+    unsafe {
+        match (width, write) {
+            (W::Byte, None) => u64::from((p as *const u8).read_volatile()),
+            (W::Half, None) => u64::from((p as *const u16).read_volatile()),
+            (W::Word, None) => u64::from((p as *const u32).read_volatile()),
+            (W::Double, None) => (p as *const u64).read_volatile(),
+            (W::Byte, Some(v)) => {
+                (p as *mut u8).write_volatile(v as u8);
+                0
+            }
+            (W::Half, Some(v)) => {
+                (p as *mut u16).write_volatile(v as u16);
+                0
+            }
+            (W::Word, Some(v)) => {
+                (p as *mut u32).write_volatile(v as u32);
+                0
+            }
+            (W::Double, Some(v)) => {
+                (p as *mut u64).write_volatile(v);
+                0
+            }
+        }
+    }
+}
+
+/// BAR registers at their CPU addresses, for probes at boot (only inside the windows
+/// [`set_forwardable`] recorded, as [`forward_access`] checks).
+impl pci::virtio::BarMmio for Ecam<'_> {
+    fn read32(&mut self, pa: u64) -> u32 {
+        forward_access(pa, crate::mmio::AccessWidth::Word, None) as u32
+    }
+
+    fn write32(&mut self, pa: u64, value: u32) {
+        forward_access(pa, crate::mmio::AccessWidth::Word, Some(u64::from(value)));
+    }
+}
+
 /// What the hypervisor found and owns.
 #[derive(Debug, Default)]
 pub struct Iommu {
@@ -232,25 +300,13 @@ pub struct Iommu {
     pub host: Option<HostBridge>,
 }
 
-/// The PCI functions one VM owns, resolved against the topology.
-#[derive(Debug, Clone, Default)]
-pub struct VmDevices {
-    /// The functions, as enumerated (BARs assigned).
-    pub functions: Vec<PciDevice>,
-    /// Their BARs' CPU ranges: mapped into the VM's stage-2 at the same addresses.
-    pub bars: Vec<MemRange>,
-    /// (function, pin, INTID) of each function with a legacy interrupt.
-    pub intx: Vec<(Bdf, IntxPin, u32)>,
-    /// StreamIDs whose STEs translate through the VM's stage-2.
-    pub stream_ids: Vec<u32>,
-    /// IOMMU group numbers.
-    pub groups: Vec<usize>,
-}
+/// The PCI functions one VM owns (see [`pci::resolve`]).
+pub use crate::pci::VmDevices;
 
 impl Iommu {
-    /// Checks that `vm` may own `devices` given what earlier VMs were given (whole IOMMU
-    /// groups, one VM per function, no shared INTx line, BARs inside the IPA space) and
-    /// describes what it gets.
+    /// Checks that `vm` may own `devices` given what earlier VMs were given and describes what
+    /// it gets ([`pci::resolve`]: whole IOMMU groups, one VM per function, no shared INTx line,
+    /// DMA through the SMMU, device pages that are the VM's alone).
     pub fn resolve(
         &self,
         vm: &str,
@@ -263,50 +319,16 @@ impl Iommu {
         let (Some(topo), Some(host)) = (&self.topology, &self.host) else {
             return Err("the machine has no usable PCI host bridge".to_string());
         };
-        let mut requests: Vec<(String, Vec<Bdf>)> = earlier.to_vec();
-        requests.push((vm.to_string(), devices.to_vec()));
-        pci::check_assignment(&self.groups, &requests).map_err(|e| e.to_string())?;
-        pci::check_intx(&requests, topo, &host.interrupt_map).map_err(|e| e.to_string())?;
-        let mut out = VmDevices::default();
-        for &bdf in devices {
-            let dev = topo
-                .device(bdf)
-                .ok_or_else(|| alloc::format!("{bdf}: no such PCI function"))?;
-            for bar in &dev.bars {
-                let Some(a) = bar.addr else { continue };
-                let r = MemRange {
-                    base: a.cpu & !0xfff,
-                    size: (a.cpu + bar.size).next_multiple_of(0x1000) - (a.cpu & !0xfff),
-                };
-                if r.end() > 1 << crate::stage2::IPA_BITS {
-                    return Err(alloc::format!(
-                        "{bdf}: BAR{} at {:#x} is beyond the VM's IPA space",
-                        bar.index,
-                        a.cpu
-                    ));
-                }
-                if !out.bars.iter().any(|b| b.base == r.base) {
-                    out.bars.push(r);
-                }
-            }
-            if let Some(route) = topo.intx_route(bdf, &host.interrupt_map) {
-                if let Some(pin) = dev.interrupt_pin {
-                    out.intx.push((bdf, pin, route.intid));
-                }
-            }
-            out.functions.push(dev.clone());
-        }
-        for g in &self.groups {
-            if g.devices.iter().any(|d| devices.contains(d)) {
-                out.groups.push(g.id);
-                // A group's bridges stay with the hypervisor; their RIDs carry only the DMA of
-                // functions below them, which is this VM's.
-                out.stream_ids.extend(g.stream_ids.iter().copied());
-            }
-        }
-        out.stream_ids.sort_unstable();
-        out.stream_ids.dedup();
-        Ok(out)
+        pci::resolve(
+            topo,
+            &self.groups,
+            host,
+            vm,
+            devices,
+            earlier,
+            crate::stage2::IPA_BITS,
+        )
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -475,13 +497,20 @@ pub fn init(smmu: Option<&SmmuInfo>, host: Option<&HostBridge>) -> Iommu {
         return out;
     }
     sysreg::dsb_sy();
+    pci::virtio::probe_all(&mut ecam, &mut topo);
     for d in &topo.devices {
         log::info!(
-            "pci: {} [{:04x}:{:04x}] class {:06x}{}",
+            "pci: {} [{:04x}:{:04x}] class {:06x}{}{}",
             d.bdf,
             d.vendor_id,
             d.device_id,
             d.class,
+            match d.virtio {
+                Some(pci::virtio::VirtioDma::Translated) => ", virtio with ACCESS_PLATFORM",
+                Some(_) =>
+                    ", virtio WITHOUT ACCESS_PLATFORM (DMA bypasses the SMMU: never assigned)",
+                None => "",
+            },
             d.bars
                 .iter()
                 .filter_map(|b| b.addr.map(|a| alloc::format!(

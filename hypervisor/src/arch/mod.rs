@@ -160,8 +160,23 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     if let Some(s) = &platform.smmu {
         devices.push((s.regs.base, s.regs.size));
     }
+    let mut forwardable = Vec::new();
     if let Some(h) = &host_bridge {
         devices.push((h.ecam.base, h.ecam.size));
+        // The windows a VM's trapped PCI accesses are forwarded into (I/O BARs, and memory
+        // BARs a guest placed where they cannot be mapped): only those its IPA space reaches.
+        for w in h.windows.iter().filter(|w| {
+            w.space != crate::pci::PciSpace::Config
+                && w.cpu_base
+                    .checked_add(w.size)
+                    .is_some_and(|e| e <= 1 << crate::stage2::IPA_BITS)
+        }) {
+            devices.push((w.cpu_base, w.size));
+            forwardable.push(MemRange {
+                base: w.cpu_base,
+                size: w.size,
+            });
+        }
     }
     // SAFETY: first call, MMU off; the layout covers all RAM (image, stacks, heap, DTB,
     // modules) and every device the hypervisor touches.
@@ -187,6 +202,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     if let Err(e) = gic.init_distributor() {
         panic!("GIC distributor: {e}");
     }
+    iommu::set_forwardable(forwardable);
     let iommu = iommu::init(platform.smmu.as_ref(), host_bridge.as_ref());
 
     // Logical CPU 0 is the boot CPU; the others follow in DT order.

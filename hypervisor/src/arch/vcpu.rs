@@ -519,7 +519,9 @@ fn mmio_access(
         let _ = vcpu;
         return Some(v);
     }
-    None
+    // Last: the VM's PCI windows where its stage 2 maps nothing (its I/O BARs, and memory BARs
+    // it placed where they cannot be mapped): forwarded inside its own functions' BARs only.
+    vm.forward_pci(ipa, width, write)
 }
 
 fn handle_sysreg(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {

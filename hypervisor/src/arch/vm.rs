@@ -86,42 +86,35 @@ pub enum VmError {
 /// Where one memory BAR of a VM's function is mapped in the VM's stage 2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BarMap {
-    /// The function.
-    pub bdf: crate::pci::Bdf,
-    /// Its BAR.
-    pub index: u8,
-    /// Where the BAR physically is (the hypervisor placed it there).
-    pub phys: u64,
-    /// Its size.
-    pub size: u64,
-    /// The IPA the guest reaches it at, `None` while the guest has it somewhere unusable.
+    /// The BAR's pages, checked at VM start to hold its function's registers only: the one
+    /// physical range any IPA of this BAR may ever map.
+    pub slot: crate::pci::DeviceSlot,
+    /// The IPA of the slot's first page, `None` while the guest has the BAR somewhere that
+    /// cannot be mapped a page at a time (its accesses then trap and are forwarded).
     pub ipa: Option<u64>,
 }
 
 impl BarMap {
-    /// The pages `[base, base + len)` a BAR at `ipa` occupies.
-    fn pages(&self, ipa: u64) -> (u64, u64) {
-        let base = ipa & !0xfff;
-        (base, (ipa + self.size).next_multiple_of(0x1000) - base)
+    /// The IPA pages `[base, base + len)` the BAR's slot would take with the BAR at `ipa`:
+    /// `None` unless `ipa` has the same offset in its page as the BAR has in its slot (then a
+    /// page-granular mapping puts every byte where the guest expects it) and nothing wraps.
+    fn pages_at(&self, ipa: u64) -> Option<(u64, u64)> {
+        let offset = self.slot.phys - self.slot.page;
+        let base = ipa.checked_sub(offset)?;
+        (base.is_multiple_of(crate::pci::DEVICE_PAGE) && base.checked_add(self.slot.len).is_some())
+            .then_some((base, self.slot.len))
     }
 }
 
 fn initial_bar_maps(devices: &super::iommu::VmDevices) -> Vec<BarMap> {
-    let mut maps = Vec::new();
-    for f in &devices.functions {
-        for b in &f.bars {
-            if let (Some(a), false) = (b.addr, b.kind == crate::pci::BarKind::Io) {
-                maps.push(BarMap {
-                    bdf: f.bdf,
-                    index: b.index,
-                    phys: a.cpu,
-                    size: b.size,
-                    ipa: Some(a.cpu),
-                });
-            }
-        }
-    }
-    maps
+    devices
+        .slots
+        .iter()
+        .map(|&slot| BarMap {
+            slot,
+            ipa: Some(slot.page),
+        })
+        .collect()
 }
 
 /// A VM's virtual generic ECAM host bridge: same ECAM window and address windows as the
@@ -229,9 +222,10 @@ impl Vm {
         };
         let mut stage2 = Stage2::new();
         stage2.map(ram_ipa.base, ram_pa, ram_ipa.size, MemType::Normal)?;
-        // Assigned functions' BARs: the guest sees them where they physically are.
-        for bar in &config.devices.bars {
-            stage2.map(bar.base, bar.base, bar.size, MemType::Device)?;
+        // Assigned functions' memory BARs, their slots checked to hold nothing else: the guest
+        // sees them where they physically are. I/O BARs are not mapped: their accesses trap.
+        for slot in &config.devices.slots {
+            stage2.map(slot.page, slot.page, slot.len, MemType::Device)?;
         }
         let pci = hv_host_bridge
             .filter(|_| !config.devices.functions.is_empty())
@@ -439,10 +433,11 @@ impl Vm {
     }
 
     /// Maps each BAR the guest moved (virtual ECAM) at its new IPA in the VM's stage 2 and
-    /// unmaps the old place. A BAR put outside the VM's PCI memory windows, over another of its
-    /// BARs or at an address whose page offset differs from the physical one stays unmapped
-    /// (its accesses then fault, as a BAR decoding nowhere would). Returns whether stage 2
-    /// changed: the caller then invalidates the VM's TLBs in the CPUs and the SMMU.
+    /// unmaps the old place. Only the BAR's own slot is ever mapped. A BAR put outside the VM's
+    /// PCI memory windows, over another of its BARs, or at an address whose page offset differs
+    /// from the physical one stays unmapped: its accesses then trap and are forwarded by
+    /// [`Vm::forward_pci`] as long as they stay inside it. Returns whether stage 2 changed: the
+    /// caller then invalidates the VM's TLBs in the CPUs and the SMMU.
     pub fn apply_bar_moves(&self, moves: &[crate::pci::BarMove]) -> bool {
         let Some(pci) = &self.pci else {
             return false;
@@ -453,25 +448,20 @@ impl Vm {
         for m in moves {
             let Some(k) = maps
                 .iter()
-                .position(|b| b.bdf == m.bdf && b.index == m.index)
+                .position(|b| b.slot.bdf == m.bdf && b.slot.bar == m.index)
             else {
                 continue;
             };
             let overlaps_other = |maps: &[BarMap], (base, len): (u64, u64)| {
                 maps.iter().enumerate().any(|(j, o)| {
                     j != k
-                        && o.ipa.is_some_and(|oi| {
-                            let (ob, ol) = o.pages(oi);
-                            ob < base + len && base < ob + ol
-                        })
+                        && o.ipa
+                            .is_some_and(|ob| ob < base + len && base < ob + o.slot.len)
                 })
             };
             if let Some(old) = maps[k].ipa.take() {
-                let span = maps[k].pages(old);
-                // A page another BAR still uses stays mapped (sub-page BARs share pages).
-                if !overlaps_other(&maps, span) {
-                    let _ = s2.unmap(span.0, span.1);
-                }
+                // Slots are whole pages of one BAR each: nothing else uses these pages.
+                let _ = s2.unmap(old, maps[k].slot.len);
                 changed = true;
             }
             let ipa = pci
@@ -483,36 +473,36 @@ impl Vm {
                         crate::pci::PciSpace::Mem32 | crate::pci::PciSpace::Mem64
                     )
                 })
-                .find(|w| m.pci >= w.pci_base && m.pci + m.size <= w.pci_base + w.size)
-                .map(|w| m.pci - w.pci_base + w.cpu_base);
-            let usable = ipa.filter(|&ipa| {
-                ipa & 0xfff == m.phys & 0xfff && !overlaps_other(&maps, maps[k].pages(ipa))
-            });
+                .find(|w| {
+                    m.pci >= w.pci_base
+                        && m.pci.checked_add(m.size).is_some_and(|e| e <= w.pci_end())
+                })
+                .and_then(|w| (m.pci - w.pci_base).checked_add(w.cpu_base));
+            let usable = ipa
+                .and_then(|ipa| maps[k].pages_at(ipa))
+                .filter(|&span| !overlaps_other(&maps, span));
             let n = self.bar_moves.fetch_add(1, Ordering::Relaxed);
             match usable {
-                Some(ipa) => {
-                    let (base, len) = maps[k].pages(ipa);
-                    match s2.map(base, m.phys & !0xfff, len, MemType::Device) {
-                        Ok(()) => {
-                            maps[k].ipa = Some(ipa);
-                            changed = true;
-                            if n < 8 {
-                                log::info!(
-                                    "{}: {} BAR{} moved by the guest to {ipa:#x} (physically at {:#x}): stage 2 remapped",
-                                    self.config.name, m.bdf, m.index, m.phys
-                                );
-                            }
+                Some((base, len)) => match s2.map(base, maps[k].slot.page, len, MemType::Device) {
+                    Ok(()) => {
+                        maps[k].ipa = Some(base);
+                        changed = true;
+                        if n < 8 {
+                            log::info!(
+                                "{}: {} BAR{} moved by the guest to {:#x} (physically at {:#x}): stage 2 remapped",
+                                self.config.name, m.bdf, m.index, base, m.phys
+                            );
                         }
-                        Err(e) => log::warn!(
-                            "{}: {} BAR{} at {ipa:#x}: {e}: left unmapped",
-                            self.config.name,
-                            m.bdf,
-                            m.index
-                        ),
                     }
-                }
+                    Err(e) => log::warn!(
+                        "{}: {} BAR{} at {base:#x}: {e}: left unmapped, accesses forwarded",
+                        self.config.name,
+                        m.bdf,
+                        m.index
+                    ),
+                },
                 None => log::warn!(
-                    "{}: {} BAR{}: the guest put it at bus address {:#x}, outside its windows, over another BAR or misaligned: left unmapped",
+                    "{}: {} BAR{}: the guest put it at bus address {:#x}, outside its windows, over another BAR or off its page offset: left unmapped, accesses forwarded",
                     self.config.name,
                     m.bdf,
                     m.index,
@@ -529,27 +519,21 @@ impl Vm {
         let mut maps = self.bar_maps.lock();
         let mut s2 = self.stage2.lock();
         let moved: Vec<usize> = (0..maps.len())
-            .filter(|&k| maps[k].ipa != Some(maps[k].phys))
+            .filter(|&k| maps[k].ipa != Some(maps[k].slot.page))
             .collect();
         // Every moved BAR out first, then every one back: a BAR's old place may be another's
         // home.
         for &k in &moved {
             if let Some(ipa) = maps[k].ipa.take() {
-                let (base, len) = maps[k].pages(ipa);
-                let _ = s2.unmap(base, len);
+                let _ = s2.unmap(ipa, maps[k].slot.len);
             }
         }
         for &k in &moved {
-            let (base, len) = maps[k].pages(maps[k].phys);
-            if let Err(e) = s2.map(base, base, len, MemType::Device) {
-                log::error!(
-                    "{}: {} BAR{}: {e}",
-                    self.config.name,
-                    maps[k].bdf,
-                    maps[k].index
-                );
+            let slot = maps[k].slot;
+            if let Err(e) = s2.map(slot.page, slot.page, slot.len, MemType::Device) {
+                log::error!("{}: {} BAR{}: {e}", self.config.name, slot.bdf, slot.bar);
             }
-            maps[k].ipa = Some(maps[k].phys);
+            maps[k].ipa = Some(slot.page);
         }
         drop(s2);
         drop(maps);
@@ -557,6 +541,31 @@ impl Vm {
         if !moved.is_empty() {
             self.invalidate_tlbs();
         }
+    }
+
+    /// A trapped guest access at `ipa` inside its PCI windows that its stage 2 does not map:
+    /// forwarded to the function whose BAR the guest placed there (its virtual ECAM decides:
+    /// inside one of the VM's own BARs, wholly, with decoding on), or `None` (absent: the
+    /// access faults). I/O BARs are served here always, memory BARs when the guest placed them
+    /// where they cannot be mapped.
+    pub fn forward_pci(
+        &self,
+        ipa: u64,
+        width: crate::mmio::AccessWidth,
+        write: Option<u64>,
+    ) -> Option<u64> {
+        let pci = self.pci.as_ref()?;
+        let w = pci.windows.iter().find(|w| {
+            ipa >= w.cpu_base
+                && ipa - w.cpu_base < w.size
+                && w.space != crate::pci::PciSpace::Config
+        })?;
+        let bus = (ipa - w.cpu_base).checked_add(w.pci_base)?;
+        let io = w.space == crate::pci::PciSpace::Io;
+        let host = super::hv().iommu.host.as_ref()?;
+        let ecam = super::iommu::Ecam::new(host);
+        let phys = pci.vecam.lock().resolve(&ecam, io, bus, width.bytes())?;
+        Some(super::iommu::forward_access(phys, width, write))
     }
 
     /// Drops every TLB entry of the VM's VMID, in the CPUs and in the SMMU (after a stage-2

@@ -11,9 +11,11 @@ use alloc::vec::Vec;
 
 use thiserror::Error;
 
-use super::enumerate::Topology;
+use super::enumerate::{PciDevice, Topology};
 use super::groups::IommuGroup;
-use super::host::InterruptMap;
+use super::host::{HostBridge, InterruptMap, IntxPin};
+use super::isolation::{device_slots, DeviceSlot, IsolationError};
+use super::virtio::VirtioDma;
 use super::Bdf;
 
 /// Why a set of device assignments cannot be honoured.
@@ -83,6 +85,99 @@ pub enum AssignError {
         /// The GIC INTID.
         intid: u32,
     },
+    /// A function's DMA would not go through the IOMMU at all.
+    #[error(
+        "VM {vm}: device {bdf} is a {what} virtio device without VIRTIO_F_ACCESS_PLATFORM: its \
+         DMA would bypass the SMMU and reach any memory; give it iommu_platform=on (QEMU: \
+         -device ...,disable-legacy=on,iommu_platform=on)"
+    )]
+    DmaBypassesIommu {
+        /// The VM.
+        vm: String,
+        /// The function.
+        bdf: Bdf,
+        /// "legacy-only", "modern" or "modern (feature bits unreadable)".
+        what: &'static str,
+    },
+    /// A page the VM's stage 2 would map is not the VM's alone.
+    #[error("{0}")]
+    Isolation(#[from] IsolationError),
+}
+
+/// The PCI functions one VM owns, resolved against the topology.
+#[derive(Debug, Clone, Default)]
+pub struct VmDevices {
+    /// The functions, as enumerated (BARs assigned).
+    pub functions: Vec<PciDevice>,
+    /// The pages of their memory BARs, checked to hold nothing else: mapped into the VM's
+    /// stage 2 at the same addresses. I/O BARs are not mapped (their accesses are forwarded).
+    pub slots: Vec<DeviceSlot>,
+    /// (function, pin, INTID) of each function with a legacy interrupt.
+    pub intx: Vec<(Bdf, IntxPin, u32)>,
+    /// StreamIDs whose STEs translate through the VM's stage-2.
+    pub stream_ids: Vec<u32>,
+    /// IOMMU group numbers.
+    pub groups: Vec<usize>,
+}
+
+/// Checks that `vm` may own `devices` given what `earlier` VMs were given: whole IOMMU groups,
+/// one VM per function, no shared INTx line, DMA that the IOMMU translates, device pages that
+/// hold nothing of anyone else's and lie in the VM's `ipa_bits`-bit IPA space; and describes
+/// what it gets.
+pub fn resolve(
+    topo: &Topology,
+    groups: &[IommuGroup],
+    host: &HostBridge,
+    vm: &str,
+    devices: &[Bdf],
+    earlier: &[(String, Vec<Bdf>)],
+    ipa_bits: u32,
+) -> Result<VmDevices, AssignError> {
+    if devices.is_empty() {
+        return Ok(VmDevices::default());
+    }
+    let mut requests: Vec<(String, Vec<Bdf>)> = earlier.to_vec();
+    requests.push((vm.to_string(), devices.to_vec()));
+    check_assignment(groups, &requests)?;
+    check_intx(&requests, topo, &host.interrupt_map)?;
+    let mut out = VmDevices::default();
+    for &bdf in devices {
+        let dev = topo.device(bdf).ok_or_else(|| AssignError::UnknownDevice {
+            vm: vm.to_string(),
+            bdf,
+        })?;
+        let what = match dev.virtio {
+            Some(VirtioDma::LegacyOnly) => Some("legacy-only"),
+            Some(VirtioDma::NoAccessPlatform) => Some("modern"),
+            Some(VirtioDma::Unknown) => Some("modern (feature bits unreadable)"),
+            Some(VirtioDma::Translated) | None => None,
+        };
+        if let Some(what) = what {
+            return Err(AssignError::DmaBypassesIommu {
+                vm: vm.to_string(),
+                bdf,
+                what,
+            });
+        }
+        if let Some(route) = topo.intx_route(bdf, &host.interrupt_map) {
+            if let Some(pin) = dev.interrupt_pin {
+                out.intx.push((bdf, pin, route.intid));
+            }
+        }
+        out.functions.push(dev.clone());
+    }
+    out.slots = device_slots(vm, topo, host, devices, ipa_bits)?;
+    for g in groups {
+        if g.devices.iter().any(|d| devices.contains(d)) {
+            out.groups.push(g.id);
+            // A group's bridges stay with the hypervisor; their RIDs carry only the DMA of
+            // functions below them, which is this VM's.
+            out.stream_ids.extend(g.stream_ids.iter().copied());
+        }
+    }
+    out.stream_ids.sort_unstable();
+    out.stream_ids.dedup();
+    Ok(out)
 }
 
 /// Checks that `requests` (VM name, functions it is to own) give whole IOMMU groups to single

@@ -187,6 +187,9 @@ pub struct PciDevice {
     /// The bridge whose secondary bus this function is on (Linux `bus->self`); `None` on the
     /// root bus.
     pub parent: Option<Bdf>,
+    /// For a virtio function, whether its DMA goes through the IOMMU
+    /// ([`super::virtio::probe_all`], after resources are assigned).
+    pub virtio: Option<super::virtio::VirtioDma>,
 }
 
 impl PciDevice {
@@ -415,6 +418,7 @@ fn probe<C: ConfigSpace + ?Sized>(
         bars: size_bars(cfg, bdf, bar_count)?,
         bridge,
         parent,
+        virtio: None,
     })
 }
 

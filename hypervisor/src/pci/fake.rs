@@ -60,6 +60,16 @@ pub(crate) struct FakeFn {
     masks: Vec<u32>,
     next_cap: u8,
     last_cap: Option<u8>,
+    /// A modern virtio device's feature bits, reached through its VIRTIO_PCI_CAP_PCI_CFG window.
+    virtio: Option<FakeVirtio>,
+}
+
+/// What a virtio device's common configuration answers (virtio 1.2 4.1.4.3):
+/// `device_feature_select` and `device_feature`, at offset 0 of its BAR 4.
+#[derive(Clone, Copy, Debug)]
+struct FakeVirtio {
+    features: u64,
+    select: u32,
 }
 
 impl FakeFn {
@@ -69,6 +79,7 @@ impl FakeFn {
             masks: alloc::vec![0; DWORDS],
             next_cap: 0x40,
             last_cap: None,
+            virtio: None,
         };
         f.regs[0] = u32::from(device) << 16 | u32::from(vendor);
         f.regs[2] = class << 8 | 1;
@@ -146,9 +157,14 @@ impl FakeFn {
         self
     }
 
-    fn cap(mut self, id: u8, second_byte_pair: u16) -> FakeFn {
+    fn cap(self, id: u8, second_byte_pair: u16) -> FakeFn {
+        self.cap_sized(id, second_byte_pair, 0x10)
+    }
+
+    /// Links a capability of `len` bytes (a multiple of 4) at the next free offset.
+    fn cap_sized(mut self, id: u8, second_byte_pair: u16, len: u8) -> FakeFn {
         let at = self.next_cap;
-        self.next_cap += 0x10;
+        self.next_cap += len;
         self.regs[(at / 4) as usize] = u32::from(second_byte_pair) << 16 | u32::from(id);
         match self.last_cap {
             None => {
@@ -184,6 +200,50 @@ impl FakeFn {
 
     pub(crate) fn msix(self) -> FakeFn {
         self.cap(cap_id::MSIX, 0)
+    }
+
+    /// A Power Management capability (PCI Bus PM Interface 1.2, 3.2): PMC with D1/D2 support,
+    /// PMCSR in D0 with No_Soft_Reset as given; PowerState and PME_En writable, PME_Status RW1C.
+    pub(crate) fn pm(self, no_soft_reset: bool) -> FakeFn {
+        let at = usize::from(self.next_cap);
+        let mut f = self.cap(regs::cap_id::PM, 0x0603);
+        let pmcsr = at / 4 + 1;
+        f.regs[pmcsr] = if no_soft_reset { 1 << 3 } else { 0 };
+        f.masks[pmcsr] = 0x0103;
+        f
+    }
+
+    /// An Advanced Features capability (PCI Advanced Features ECN): TP and FLR capable, AF
+    /// Control (byte 4) with Initiate FLR writable.
+    pub(crate) fn af(self) -> FakeFn {
+        let at = usize::from(self.next_cap);
+        let mut f = self.cap(regs::cap_id::AF, 0x0306);
+        f.masks[at / 4 + 1] = 0x1;
+        f
+    }
+
+    /// An Enhanced Allocation capability (PCIe Base spec 7.8.5) with one entry, Enable writable.
+    pub(crate) fn ea(self) -> FakeFn {
+        let at = usize::from(self.next_cap);
+        let mut f = self.cap(regs::cap_id::EA, 0x0001);
+        f.regs[at / 4 + 1] = 1 << 31 | 0x3 << 1;
+        f.masks[at / 4 + 1] = 1 << 31;
+        f
+    }
+
+    /// The modern virtio common configuration capability (virtio 1.2 4.1.4): the structure at
+    /// offset 0 of BAR 4, answering with `features`.
+    pub(crate) fn virtio_modern(self, features: u64) -> FakeFn {
+        let at = usize::from(self.next_cap);
+        // cap_len 16, cfg_type 1 (COMMON_CFG); bar 4, offset 0, length 0x38.
+        let mut f = self.cap_sized(regs::cap_id::VENDOR, 0x0110, 0x10);
+        f.regs[at / 4 + 1] = 4;
+        f.regs[at / 4 + 3] = 0x38;
+        f.virtio = Some(FakeVirtio {
+            features,
+            select: 0,
+        });
+        f
     }
 
     /// An ACS extended capability (adds a PCIe endpoint capability if there is none).
@@ -403,6 +463,45 @@ fn virtio(device: u16, class: u32) -> FakeFn {
         .bar32(1, 0x1000, false)
         .bar64(4, 0x4000, true)
         .pin(1)
+}
+
+impl FakeConfigSpace {
+    /// A virtio function's `device_feature_select` as the probe left it.
+    pub(crate) fn virtio_select(&self, bdf: Bdf) -> Option<u32> {
+        self.slots[self.find(bdf)?].f.virtio.map(|v| v.select)
+    }
+
+    /// The virtio function whose BAR 4 (as programmed, decoding memory) holds `pa`, and the
+    /// offset there. Bus addresses are CPU addresses, as in [`qemu_host_bridge`]'s 32-bit window.
+    fn virtio_at(&mut self, pa: u64) -> Option<(&mut FakeVirtio, u64)> {
+        self.slots.iter_mut().find_map(|s| {
+            let f = &mut s.f;
+            let bar = u64::from(f.regs[8] & !0xf) | u64::from(f.regs[9]) << 32;
+            let on = f.regs[1] & command::MEMORY != 0;
+            let off = pa.checked_sub(bar).filter(|&o| on && o < 0x38)?;
+            f.virtio.as_mut().map(|v| (v, off))
+        })
+    }
+}
+
+impl super::virtio::BarMmio for FakeConfigSpace {
+    fn read32(&mut self, pa: u64) -> u32 {
+        match self.virtio_at(pa) {
+            Some((v, 0)) => v.select,
+            Some((v, 4)) => match v.select {
+                0 => v.features as u32,
+                1 => (v.features >> 32) as u32,
+                _ => 0,
+            },
+            _ => u32::MAX,
+        }
+    }
+
+    fn write32(&mut self, pa: u64, value: u32) {
+        if let Some((v, 0)) = self.virtio_at(pa) {
+            v.select = value;
+        }
+    }
 }
 
 impl ConfigSpace for FakeConfigSpace {

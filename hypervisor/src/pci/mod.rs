@@ -10,8 +10,10 @@
 //!    decoding;
 //! 4. [`groups`]: compute IOMMU groups exactly as Linux's `pci_device_group` would, with the
 //!    StreamIDs each group emits;
-//! 5. [`assign`]: refuse VM configurations that split a group, share a device or share an INTx
-//!    line.
+//! 5. [`virtio`]: find virtio functions whose DMA would bypass the IOMMU;
+//! 6. [`assign`] and [`isolation`]: refuse VM configurations that split a group, share a device
+//!    or an INTx line, assign a function whose DMA is not translated, or would map a page that
+//!    holds registers of a function the VM does not own.
 //!
 //! Hardware is reached only through [`ConfigSpace`], so all of it runs on the host against a
 //! fake configuration space.
@@ -26,14 +28,16 @@ pub mod assign;
 pub mod enumerate;
 pub mod groups;
 pub mod host;
+pub mod isolation;
 pub mod regs;
 pub mod resources;
 pub mod vecam;
+pub mod virtio;
 
 #[cfg(test)]
 pub(crate) mod fake;
 
-pub use assign::{check_assignment, check_intx, AssignError};
+pub use assign::{check_assignment, check_intx, resolve, AssignError, VmDevices};
 pub use enumerate::{
     enumerate, Bar, BarAddr, BarKind, BridgeInfo, HeaderType, PciDevice, PcieInfo, PortType,
     Topology,
@@ -43,7 +47,8 @@ pub use host::{
     HostBridge, InterruptMap, InterruptMapEntry, IntxPin, IntxRoute, IommuMapEntry, PciSpace,
     PciWindow,
 };
-pub use resources::{assign_resources, ResourceName};
+pub use isolation::{DeviceSlot, IsolationError};
+pub use resources::{assign_resources, ResourceName, DEVICE_PAGE};
 pub use vecam::{BarMove, VirtualEcam};
 
 /// A PCI function's address on its segment: bus, device (slot) and function.

@@ -72,12 +72,20 @@ pub mod bar {
 
 /// Capability IDs in the conventional list (PCI Code and ID Assignment spec, chapter 2).
 pub mod cap_id {
+    /// PCI Power Management.
+    pub const PM: u8 = 0x01;
     /// MSI.
     pub const MSI: u8 = 0x05;
+    /// Vendor specific (virtio's configuration structures, virtio 1.2 4.1.4).
+    pub const VENDOR: u8 = 0x09;
     /// PCI Express.
     pub const PCIE: u8 = 0x10;
     /// MSI-X.
     pub const MSIX: u8 = 0x11;
+    /// Advanced Features (conventional PCI's FLR, PCI Advanced Features ECN).
+    pub const AF: u8 = 0x13;
+    /// Enhanced Allocation (PCIe Base spec 7.8.5): fixed BAR placement.
+    pub const EA: u8 = 0x14;
 }
 
 /// Extended capability IDs (PCI Code and ID Assignment spec, chapter 3).

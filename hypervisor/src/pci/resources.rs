@@ -12,7 +12,12 @@
 //!   memory, 4 KiB for I/O; PCI-to-PCI Bridge spec 3.2.5.6-3.2.5.9);
 //! - top-down, the root bus's items are placed in the host windows in the same order, every
 //!   BAR naturally aligned (a BAR of size 2^n decodes only n-aligned bases, PCIe Base spec
-//!   7.5.1.2.1), and each bridge window's contents follow at their precomputed offsets.
+//!   7.5.1.2.1), and each bridge window's contents follow at their precomputed offsets;
+//! - every memory BAR gets a slot of whole pages of its own ([`DEVICE_PAGE`]-aligned, at least a
+//!   page long), as Linux's `pci=resource_alignment` and VFIO arrange: a VM's stage 2 maps
+//!   device registers a page at a time, so a page must never hold two functions' registers,
+//!   whichever VMs (or none) own them. I/O BARs stay packed: they are never mapped into a VM,
+//!   a VM's I/O accesses trap and are forwarded only inside its own functions' ranges.
 //!
 //! Everything is computed before anything is written, so an exhausted window leaves the
 //! hardware untouched.
@@ -26,6 +31,20 @@ use super::host::{HostBridge, PciWindow};
 use super::regs::{self, command};
 use super::{ConfigSpace, PciError};
 use crate::platform::MemRange;
+
+/// The granule of a VM's stage 2 (4 KiB): the unit in which device registers are given to a VM,
+/// and so the smallest slot a memory BAR is placed in.
+pub const DEVICE_PAGE: u64 = 4096;
+
+/// The bytes a memory BAR of `size` occupies in its window, and the alignment of its slot: at
+/// least one [`DEVICE_PAGE`], so that nothing else is ever placed in the pages it touches.
+pub const fn memory_slot(size: u64) -> u64 {
+    if size < DEVICE_PAGE {
+        DEVICE_PAGE
+    } else {
+        size
+    }
+}
 
 /// A resource of a function, for error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,11 +209,16 @@ pub fn assign_resources<C: ConfigSpace + ?Sized>(
         {
             for bar in &d.bars {
                 if class_of(dev, bar.kind, bar.prefetchable) == class {
+                    // BAR sizes are powers of two, so a page-sized slot stays naturally aligned.
+                    let slot = match class {
+                        Class::Io => bar.size,
+                        Class::Mem | Class::Pref => memory_slot(bar.size),
+                    };
                     items.push(Item {
                         dev,
                         what: ResourceName::Bar(bar.index),
-                        size: bar.size,
-                        align: bar.size,
+                        size: slot,
+                        align: slot,
                     });
                 }
             }

@@ -15,11 +15,13 @@
 //! | BARs (0x10-0x24) | the guest's (virtual) BARs, or the size mask after an all-ones write | never reach hardware; a memory BAR move is reported for the hypervisor to remap ([`VirtualEcam::take_bar_moves`]) |
 //! | subsystem IDs, CardBus CIS, reserved (0x28, 0x2c, 0x38) | hardware | dropped |
 //! | Expansion ROM BAR (0x30) | 0 (no ROM) | dropped |
-//! | Capabilities Pointer (0x34) and every next pointer | MSI and MSI-X unlinked | dropped |
+//! | Capabilities Pointer (0x34) and every next pointer | MSI, MSI-X and Enhanced Allocation unlinked | dropped |
 //! | Interrupt Line (0x3c) | a virtual byte per function | kept in that byte |
 //! | Interrupt Pin, Min_Gnt, Max_Lat (0x3d-0x3f) | hardware | dropped |
-//! | MSI and MSI-X capabilities | 0 | dropped |
-//! | the rest of 0x40-0xff (capabilities, device-specific registers) | hardware | hardware, except Initiate FLR |
+//! | MSI, MSI-X and Enhanced Allocation capabilities | 0 | dropped |
+//! | Power Management PMCSR | hardware; PowerState virtual when No_Soft_Reset = 0 | hardware, PowerState kept D0 when No_Soft_Reset = 0 |
+//! | PCIe Device Control, AF Control | hardware | hardware, without Initiate FLR |
+//! | the rest of 0x40-0xff (capabilities, device-specific registers) | hardware | hardware |
 //! | extended configuration space (0x100-0xfff) | hardware | dropped |
 //!
 //! Why MSI and MSI-X are hidden: a VM has no virtual ITS yet, so a message the device sent
@@ -31,6 +33,14 @@
 //! because its BAR writes never reach hardware; the function would then decode at address 0
 //! once the guest sets Memory Space Enable again. Linux falls back to other reset methods or
 //! none.
+//!
+//! The same holds for every other path that resets a function or re-places its BARs behind the
+//! hypervisor's back: Advanced Features' Initiate FLR is dropped too; a D3hot to D0 transition
+//! of a function without No_Soft_Reset resets it (PCI Bus PM 1.2, 5.4.1), so its PowerState is
+//! kept virtual and it stays in D0; Enhanced Allocation (fixed BAR addresses with writable
+//! Enable bits) is hidden; Resizable BAR, SR-IOV and the other extended capabilities are in
+//! read-only extended space; the Expansion ROM BAR reads 0; BIST is not writable; and bridges,
+//! whose Bridge Control holds Secondary Bus Reset, are never shown.
 //!
 //! Why extended configuration space is read-only: nothing Linux needs there for a virtio or
 //! simple endpoint is writable-only (AER masks, ACS, LTR are host policy), and ACS or ATS
@@ -67,9 +77,6 @@ const BAR_END: u16 = regs::BAR0 + 6 * 4;
 /// Where capabilities may live: after the 64-byte header, before extended space.
 const DEVICE_SPECIFIC: u16 = 0x40;
 
-/// Power Management capability ID (PCI Code and ID Assignment spec, chapter 2).
-const CAP_ID_PM: u8 = 0x01;
-
 /// Offsets inside the PCI Express capability (PCIe Base spec 7.5.3).
 mod pcie_cap {
     /// Device Control (15:0) and Device Status (31:16).
@@ -93,6 +100,12 @@ mod pcie_cap {
 /// PMCSR bit 15, PME_Status, is RW1C (PCI Bus Power Management Interface spec 1.2, 3.2.4);
 /// PMCSR is at offset 4 of the PM capability.
 const PMCSR_PME_STATUS: u32 = 1 << 15;
+/// AF Control bit 0, Initiate FLR (PCI Advanced Features ECN), in the dword at offset 4.
+const AF_INITIATE_FLR: u32 = 1 << 0;
+/// PMCSR bits 1:0, PowerState: D0-D3hot.
+const PMCSR_POWER_STATE: u32 = 0x3;
+/// PMCSR bit 3, No_Soft_Reset: a D3hot to D0 transition keeps the function's configuration.
+const PMCSR_NO_SOFT_RESET: u32 = 1 << 3;
 
 /// ECAM places a function's 4 KiB at bus << 20 | device << 15 | function << 12 (PCIe Base
 /// spec 7.2.2).
@@ -107,8 +120,28 @@ struct CapChain {
     visible: Vec<(u8, u8)>,
     /// Byte ranges of hidden capabilities, `start..end`.
     hidden: Vec<(u16, u16)>,
-    /// The Power Management capability, for its RW1C bit.
+    /// The Power Management capability, for its RW1C bit and PowerState.
     pm: Option<u8>,
+    /// The Advanced Features capability, for its Initiate FLR bit.
+    af: Option<u8>,
+}
+
+/// The bytes of the Enhanced Allocation capability at `ptr` (PCIe Base spec 7.8.5): its header,
+/// one more dword in a Type 1 header, then each entry's header and the dwords its Entry Size
+/// says follow; clipped to the end of conventional configuration space.
+fn ea_len(cfg: &dyn ConfigSpace, bdf: Bdf, ptr: u8) -> u16 {
+    let hdr = cfg.read32(bdf, u16::from(ptr));
+    let entries = (hdr >> 16) & 0x3f;
+    let type1 = regs::header_type(cfg.read32(bdf, regs::HEADER)) & 0x7f == regs::HEADER_TYPE_BRIDGE;
+    let mut at = u16::from(ptr) + if type1 { 8 } else { 4 };
+    for _ in 0..entries {
+        if at >= regs::EXT_CAP_START {
+            break;
+        }
+        let size = (cfg.read32(bdf, at) & 0x7) as u16;
+        at = at.saturating_add(4 + 4 * size);
+    }
+    at.min(regs::EXT_CAP_START) - u16::from(ptr)
 }
 
 impl CapChain {
@@ -144,9 +177,17 @@ impl CapChain {
                 }
                 // MSI-X: header, Table Offset/BIR, PBA Offset/BIR (PCI Local Bus 3.0 6.8.2).
                 cap_id::MSIX => chain.hidden.push((u16::from(ptr), u16::from(ptr) + 12)),
+                // Enhanced Allocation fixes where BARs decode and has writable Enable bits:
+                // the hypervisor placed the BARs, the guest must not see or move them.
+                cap_id::EA => {
+                    let len = ea_len(cfg, bdf, ptr);
+                    chain.hidden.push((u16::from(ptr), u16::from(ptr) + len));
+                }
                 id => {
-                    if id == CAP_ID_PM {
-                        chain.pm = Some(ptr);
+                    match id {
+                        cap_id::PM => chain.pm = Some(ptr),
+                        cap_id::AF => chain.af = Some(ptr),
+                        _ => {}
                     }
                     visible.push(ptr);
                 }
@@ -189,6 +230,9 @@ struct VFunction {
     chain: Option<CapChain>,
     /// The BAR registers as the guest programmed them (the physical ones never change).
     vbar: [u32; 6],
+    /// PMCSR.PowerState as the guest set it, for a function whose D3hot to D0 transition
+    /// resets it (No_Soft_Reset = 0): the function itself stays in D0.
+    power_state: u32,
 }
 
 /// Which half of which BAR a BAR slot holds.
@@ -318,6 +362,7 @@ impl VirtualEcam {
                     interrupt_line: 0,
                     chain: None,
                     vbar: [0; 6],
+                    power_state: 0,
                     dev,
                 };
                 // The guest starts with the BARs where the hypervisor placed them.
@@ -354,6 +399,47 @@ impl VirtualEcam {
     /// The functions shown to the VM.
     pub fn bdfs(&self) -> impl Iterator<Item = Bdf> + '_ {
         self.functions.iter().map(|f| f.dev.bdf)
+    }
+
+    /// Where a guest access of `len` bytes at bus address `pci` of its I/O space (`io`) or
+    /// memory space lands: the CPU physical address inside one of its functions' BARs, as the
+    /// guest placed the BAR, if the access lies wholly inside that BAR and the function decodes
+    /// it now (Command's I/O or Memory Space Enable, and power state D0). Used for the accesses
+    /// the VM's stage 2 does not map: I/O BARs always, memory BARs the guest placed where they
+    /// cannot be mapped a page at a time. Anything else is absent (the caller makes the access
+    /// fault).
+    pub fn resolve(&mut self, cfg: &dyn ConfigSpace, io: bool, pci: u64, len: u64) -> Option<u64> {
+        let end = pci.checked_add(len)?;
+        let (i, phys) = self.functions.iter().enumerate().find_map(|(i, f)| {
+            f.dev.bars.iter().find_map(|b| {
+                if (b.kind == BarKind::Io) != io {
+                    return None;
+                }
+                let at = b.addr?;
+                let base = f.vbar_addr(b);
+                let off = pci.checked_sub(base)?;
+                (end <= base.checked_add(b.size)?)
+                    .then(|| at.cpu.checked_add(off))?
+                    .map(|p| (i, p))
+            })
+        })?;
+        let bdf = self.functions[i].dev.bdf;
+        let decode = if io {
+            regs::command::IO
+        } else {
+            regs::command::MEMORY
+        };
+        if cfg.read32(bdf, regs::COMMAND) & decode == 0 {
+            return None;
+        }
+        // A function out of D0 answers only configuration requests (PCI Bus PM 1.2, 5.3.1.4):
+        // the access would end in an Unsupported Request, an external abort at EL2.
+        if let Some(pm) = self.chain(cfg, i).pm {
+            if cfg.read32(bdf, u16::from(pm) + 4) & PMCSR_POWER_STATE != 0 {
+                return None;
+            }
+        }
+        Some(phys)
     }
 
     /// The Interrupt Line value the guest last wrote for `bdf`.
@@ -470,11 +556,19 @@ impl VirtualEcam {
             }
             DEVICE_SPECIFIC..regs::EXT_CAP_START => {
                 let chain = self.chain(cfg, i);
+                let pmcsr = chain.pm.map(|p| u16::from(p) + 4);
                 if let Some(next) = chain.next_of(reg) {
                     let hw = cfg.read32(bdf, reg);
                     (hw & !0xff00) | u32::from(next) << 8
                 } else if chain.is_hidden(reg) {
                     0
+                } else if pmcsr == Some(reg) {
+                    let hw = cfg.read32(bdf, reg);
+                    if hw & PMCSR_NO_SOFT_RESET == 0 {
+                        (hw & !PMCSR_POWER_STATE) | self.functions[i].power_state
+                    } else {
+                        hw
+                    }
                 } else {
                     cfg.read32(bdf, reg)
                 }
@@ -512,6 +606,7 @@ impl VirtualEcam {
                     return;
                 }
                 let pm = chain.pm.map(u16::from);
+                let af = chain.af.map(u16::from);
                 let (rw1c, value) = match pcie.map(|p| reg.wrapping_sub(p)) {
                     Some(pcie_cap::DEVICE) => (
                         pcie_cap::DEVICE_STATUS_RW1C,
@@ -519,7 +614,13 @@ impl VirtualEcam {
                     ),
                     Some(pcie_cap::LINK) => (pcie_cap::LINK_STATUS_RW1C, value),
                     Some(pcie_cap::SLOT) => (pcie_cap::SLOT_STATUS_RW1C, value),
-                    _ if pm.map(|p| p + 4) == Some(reg) => (PMCSR_PME_STATUS, value),
+                    _ if pm.map(|p| p + 4) == Some(reg) => (
+                        PMCSR_PME_STATUS,
+                        self.power_write(&*cfg, i, reg, value, enable),
+                    ),
+                    // AF Control, byte 4 of the capability: bit 0 is Initiate FLR, dropped as
+                    // the PCIe one is.
+                    _ if af.map(|p| p + 4) == Some(reg) => (0, value & !AF_INITIATE_FLR),
                     _ => (0, value),
                 };
                 let merged = if enable == u32::MAX {
@@ -537,6 +638,28 @@ impl VirtualEcam {
             // capability pointer, Interrupt Pin and extended configuration space.
             _ => {}
         }
+    }
+
+    /// A guest write to PMCSR: when the function's D3hot to D0 transition would reset it
+    /// (No_Soft_Reset = 0; PCI Bus PM 1.2, 5.4.1 and PCIe Base spec 5.3.1.4: its BARs then read
+    /// 0 and the guest could not put them back, its BAR writes never reaching hardware), the
+    /// PowerState the guest writes is kept virtual and the function stays in D0, which every
+    /// function supports. Returns the value to pass on.
+    fn power_write(
+        &mut self,
+        cfg: &dyn ConfigSpace,
+        i: usize,
+        reg: u16,
+        value: u32,
+        enable: u32,
+    ) -> u32 {
+        let bdf = self.functions[i].dev.bdf;
+        let hw = cfg.read32(bdf, reg);
+        if hw & PMCSR_NO_SOFT_RESET != 0 || enable & PMCSR_POWER_STATE == 0 {
+            return value;
+        }
+        self.functions[i].power_state = value & PMCSR_POWER_STATE;
+        (value & !PMCSR_POWER_STATE) | (hw & PMCSR_POWER_STATE)
     }
 
     /// BARs are virtual: the guest may place them where it likes (Linux does on a bus rescan,
@@ -844,7 +967,7 @@ mod tests {
         let ep = Bdf::new(0, 1, 0);
         let (mut f, mut v2) = setup(fake, &[ep]);
         assert_eq!(v2.read(&f, off(ep, 0x34), B), 0x60);
-        assert_eq!(cap_ids(&mut v2, &f, ep), [cap_id::PCIE, CAP_ID_PM]);
+        assert_eq!(cap_ids(&mut v2, &f, ep), [cap_id::PCIE, cap_id::PM]);
         // The hidden capabilities read as zero and ignore writes.
         assert_eq!(v2.read(&f, off(ep, 0x40), W), 0);
         assert_eq!(v2.read(&f, off(ep, 0x50), W), 0);
@@ -854,11 +977,12 @@ mod tests {
         v2.write(&mut rec.with(&mut f), off(ep, 0x44), W, 0xfee0_0000);
         assert!(rec.writes.is_empty());
         // The visible ones still take writes (PM's PMCSR, a byte of it: PME_Status is
-        // RW1C and must not be written back as read).
+        // RW1C and must not be written back as read; PME_En passes; without No_Soft_Reset the
+        // PowerState stays D0 in hardware).
         f.set(h, 0x74, 0x8000);
         let mut rec = Recorder::default();
-        v2.write(&mut rec.with(&mut f), off(ep, 0x74), B, 0x3);
-        assert_eq!(rec.writes, [(ep, 0x74, 0x3)]);
+        v2.write(&mut rec.with(&mut f), off(ep, 0x74), H, 0x0103);
+        assert_eq!(rec.writes, [(ep, 0x74, 0x0100)]);
 
         // Only MSI: the list is empty and Status says so.
         let mut fake = FakeConfigSpace::new();
@@ -940,6 +1064,153 @@ mod tests {
         let (_, shifted) = setup(FakeConfigSpace::qemu_flat(), &owned);
         let mut shifted = shifted.with_first_bus(0xff);
         assert_eq!(shifted.read(&f, 1 << 20, W), 0xffff_ffff);
+    }
+
+    /// Walks the capability list as the guest sees it; returns (ID, offset) pairs.
+    fn caps_at(v: &mut VirtualEcam, f: &FakeConfigSpace, bdf: Bdf) -> Vec<(u8, u16)> {
+        let mut ptr = v.read(f, off(bdf, 0x34), B) as u16 & 0xfc;
+        let mut out = Vec::new();
+        for _ in 0..48 {
+            if ptr < 0x40 {
+                break;
+            }
+            out.push((v.read(f, off(bdf, ptr), B) as u8, ptr));
+            ptr = v.read(f, off(bdf, ptr + 1), B) as u16 & 0xfc;
+        }
+        out
+    }
+
+    #[test]
+    fn d3hot_never_resets_a_function_behind_the_hypervisors_back() {
+        // Without No_Soft_Reset, D3hot -> D0 resets the function (its BARs): PowerState is
+        // virtual and hardware stays in D0.
+        let mut fake = FakeConfigSpace::new();
+        let h = fake.add(
+            None,
+            1,
+            0,
+            FakeFn::endpoint(1, 2).pm(false).bar32(0, 0x1000, false),
+        );
+        let ep = Bdf::new(0, 1, 0);
+        let (mut f, mut v) = setup(fake, &[ep]);
+        let pm = caps_at(&mut v, &f, ep)
+            .into_iter()
+            .find(|&(id, _)| id == cap_id::PM)
+            .unwrap()
+            .1;
+        let pmcsr = off(ep, pm + 4);
+        f.set(h, pm + 4, f.read32(ep, pm + 4) | 1 << 15);
+        let mut rec = Recorder::default();
+        // D3hot with PME_En, as Linux's pci_set_power_state writes it (16 bits).
+        v.write(&mut rec.with(&mut f), pmcsr, H, 0x0103);
+        assert_eq!(v.read(&f, pmcsr, H) & 0x3, 3, "the guest sees D3hot");
+        assert_eq!(f.read32(ep, pm + 4) & 0x3, 0, "the function stays in D0");
+        assert_eq!(f.read32(ep, pm + 4) & 0x100, 0x100, "PME_En reaches it");
+        // PME_Status was not cleared by the write of 0 there.
+        assert_ne!(f.read32(ep, pm + 4) & 1 << 15, 0);
+        v.write(&mut f, pmcsr, H, 0x0000);
+        assert_eq!(v.read(&f, pmcsr, H) & 0x3, 0);
+        // Its BAR is reachable all along.
+        let bar = f.read32(ep, 0x10) as u64;
+        assert_eq!(v.resolve(&f, false, bar, 4), Some(bar));
+
+        // With No_Soft_Reset the transition keeps the configuration: passed through, and a
+        // function out of D0 resolves no access (it would answer Unsupported Request).
+        let mut fake = FakeConfigSpace::new();
+        fake.add(
+            None,
+            1,
+            0,
+            FakeFn::endpoint(1, 2).pm(true).bar32(0, 0x1000, false),
+        );
+        let (mut f, mut v) = setup(fake, &[ep]);
+        v.write(&mut f, pmcsr, H, 0x0003);
+        assert_eq!(f.read32(ep, pm + 4) & 0x3, 3);
+        assert_eq!(v.read(&f, pmcsr, H) & 0x3, 3);
+        let bar = f.read32(ep, 0x10) as u64;
+        assert_eq!(v.resolve(&f, false, bar, 4), None);
+        v.write(&mut f, pmcsr, H, 0x0000);
+        assert_eq!(v.resolve(&f, false, bar, 4), Some(bar));
+    }
+
+    #[test]
+    fn af_flr_is_dropped_and_ea_is_hidden() {
+        let mut fake = FakeConfigSpace::new();
+        fake.add(
+            None,
+            1,
+            0,
+            FakeFn::endpoint(1, 2)
+                .af()
+                .ea()
+                .pm(false)
+                .bar32(0, 0x1000, false),
+        );
+        let ep = Bdf::new(0, 1, 0);
+        let (mut f, mut v) = setup(fake, &[ep]);
+        let caps = caps_at(&mut v, &f, ep);
+        let ids: Vec<u8> = caps.iter().map(|c| c.0).collect();
+        assert_eq!(ids, [cap_id::AF, cap_id::PM], "EA is unlinked");
+        let af = caps[0].1;
+        let mut rec = Recorder::default();
+        // AF Control: Initiate FLR (bit 0 of byte 4) never reaches hardware.
+        v.write(&mut rec.with(&mut f), off(ep, af + 4), B, 0x1);
+        assert!(rec
+            .writes
+            .iter()
+            .all(|&(_, o, val)| o != af + 4 || val & 1 == 0));
+        assert_eq!(f.read32(ep, af + 4) & 1, 0);
+        // The EA capability (at 0x50) reads 0 and takes no writes: its entry's Enable stays.
+        assert_eq!(v.read(&f, off(ep, 0x50), W), 0);
+        assert_eq!(v.read(&f, off(ep, 0x54), W), 0);
+        let mut rec = Recorder::default();
+        v.write(&mut rec.with(&mut f), off(ep, 0x54), W, 0);
+        assert!(rec.writes.is_empty());
+        assert_ne!(f.read32(ep, 0x54) & 1 << 31, 0);
+    }
+
+    #[test]
+    fn bridges_are_never_shown_so_secondary_bus_reset_is_unreachable() {
+        let mut fake = FakeConfigSpace::switch_topology(true);
+        let mut topo = enumerate(&mut fake, 0, 0xff).unwrap();
+        assign_resources(&mut fake, &mut topo, &qemu_host_bridge()).unwrap();
+        // A VM handed a root port (check_assignment refuses it; the model drops it too).
+        let rp = Bdf::new(0, 1, 0);
+        let devs = topo.devices.into_iter().filter(|d| d.bdf == rp).collect();
+        let mut v = VirtualEcam::new(devs);
+        let mut rec = Recorder::default();
+        // Bridge Control (0x3e) bit 6: Secondary Bus Reset.
+        v.write(&mut rec.with(&mut fake), off(rp, 0x3c), W, 0x0040_0000);
+        assert!(rec.writes.is_empty());
+        assert_eq!(v.read(&fake, off(rp, 0), W), 0xffff_ffff);
+    }
+
+    #[test]
+    fn io_and_unmappable_accesses_resolve_only_inside_own_bars() {
+        let (blk, net) = (Bdf::new(0, 2, 0), Bdf::new(0, 1, 0));
+        let (mut f, mut v) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+        let io = u64::from(f.read32(blk, 0x10) & !0x3);
+        let net_io = u64::from(f.read32(net, 0x10) & !0x3);
+        // The guest's I/O BAR: 0x80 bytes, physically where it is placed.
+        let phys = |pci: u64| 0x3eff_0000 + pci;
+        assert_eq!(v.resolve(&f, true, io, 4), Some(phys(io)));
+        assert_eq!(v.resolve(&f, true, io + 0x7c, 4), Some(phys(io + 0x7c)));
+        // Crossing its end, or another function's BAR next to it: absent.
+        assert_eq!(v.resolve(&f, true, io + 0x7e, 4), None);
+        assert_eq!(v.resolve(&f, true, net_io, 1), None);
+        assert_eq!(v.resolve(&f, true, u64::MAX, 4), None);
+        // A memory address is not an I/O one.
+        let mem = u64::from(f.read32(blk, 0x14) & !0xf);
+        assert_eq!(v.resolve(&f, true, mem, 4), None);
+        assert_eq!(v.resolve(&f, false, mem + 8, 4), Some(mem + 8));
+        // Moved by the guest: resolved at the new place only, to the same physical bytes.
+        v.write(&mut f, off(blk, 0x10), W, 0x2000);
+        assert_eq!(v.resolve(&f, true, 0x2010, 2), Some(phys(io + 0x10)));
+        assert_eq!(v.resolve(&f, true, io, 4), None);
+        // With I/O decoding off, nothing answers.
+        v.write(&mut f, off(blk, 4), H, 0x0002);
+        assert_eq!(v.resolve(&f, true, 0x2010, 2), None);
+        assert_eq!(v.resolve(&f, false, mem, 4), Some(mem));
     }
 
     /// Records what reaches hardware while forwarding to a fake.
