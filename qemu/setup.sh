@@ -11,9 +11,10 @@ CACHE="${HV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/smmu-hv}"
 BUILD="$ROOT/build"
 KVER_GLOB='linux-image-6.12.*-arm64-unsigned'
 # Kernel config symbol and module name of each driver the guest needs beyond the kernel's built-in
-# ones: the virtio PCI transport and the virtio disk and NIC. Those the kernel has as modules (=m)
-# go into the initramfs with their dependencies; built-in ones (=y) need nothing.
-GUEST_DRIVERS=(VIRTIO_PCI:virtio_pci VIRTIO_BLK:virtio_blk VIRTIO_NET:virtio_net)
+# ones: the virtio PCI transport and the virtio disk and NIC, and Intel's e1000e NIC (QEMU's
+# `-device e1000e`, a device users plug as it comes). Those the kernel has as modules (=m) go into
+# the initramfs with their dependencies; built-in ones (=y) need nothing.
+GUEST_DRIVERS=(VIRTIO_PCI:virtio_pci VIRTIO_BLK:virtio_blk VIRTIO_NET:virtio_net E1000E:e1000e)
 # modinfo lives in /usr/sbin, which a user's PATH may lack.
 export PATH="$PATH:/usr/sbin:/sbin"
 
