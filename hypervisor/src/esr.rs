@@ -96,6 +96,15 @@ impl DataAbort {
         }
     }
 
+    /// Whether the abort is a stage-2 translation, access flag or permission fault (DFSC
+    /// 0b0001LL, 0b0010LL, 0b0011LL, or 0b101011 at level -1): an access to an IPA the VM's
+    /// stage 2 does not map the way the access needs, which the hypervisor may emulate. Anything
+    /// else (an external abort routed here by HCR_EL2.TEA, a parity error, an alignment or TLB
+    /// conflict fault) is the guest's own to take.
+    pub fn is_stage2_fault(&self) -> bool {
+        is_stage2_fault_code(self.dfsc)
+    }
+
     /// Turns the raw bytes a load returned into the register value, applying SSE and SF.
     pub fn load_value(&self, raw: u64) -> u64 {
         let raw = raw & self.width.mask();
@@ -111,6 +120,12 @@ impl DataAbort {
             v & 0xffff_ffff
         }
     }
+}
+
+/// Whether a DFSC/IFSC is a translation, access flag or permission fault (see
+/// [`DataAbort::is_stage2_fault`]).
+pub const fn is_stage2_fault_code(fsc: u8) -> bool {
+    matches!(fsc, 0x04..=0x0f | 0x2b)
 }
 
 /// A trapped MSR/MRS (Arm ARM D24.2.40.8, "ISS encoding for an exception from MSR, MRS, or
@@ -159,6 +174,15 @@ impl SysRegId {
     /// ICC_SGI0R_EL1: generates a Group 0 SGI.
     pub const ICC_SGI0R_EL1: Self = Self::new(3, 0, 12, 11, 7);
 
+    /// ACTLR_EL1, trapped by HCR_EL2.TACR.
+    pub const ACTLR_EL1: Self = Self::new(3, 0, 1, 0, 1);
+
+    /// The RAS error record registers (ERRIDR_EL1, ERRSELR_EL1, ERX*_EL1: op0 3, op1 0, CRn 5,
+    /// CRm 3-5), trapped by HCR_EL2.TERR.
+    pub fn is_ras_error_record(&self) -> bool {
+        self.op0 == 3 && self.op1 == 0 && self.crn == 5 && (3..=5).contains(&self.crm)
+    }
+
     /// Debug registers (op0 = 2) and the OS lock, trapped by MDCR_EL2.TDA/TDOSA.
     pub fn is_debug(&self) -> bool {
         self.op0 == 2 || (self.op0 == 3 && self.op1 == 3 && self.crn == 4 && self.crm == 5)
@@ -201,6 +225,21 @@ pub fn fault_ipa(hpfar: u64, far: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stage2_faults_and_external_aborts() {
+        // A 32-bit store, translation fault level 3 (0x07): emulate.
+        assert!(DataAbort::from_esr(0x9300_0047).is_stage2_fault());
+        // Permission fault level 3, access flag level 1, level -1 translation.
+        for fsc in [0x0f, 0x09, 0x2b] {
+            assert!(is_stage2_fault_code(fsc), "{fsc:#x}");
+        }
+        // Synchronous external abort (0x10), on a walk (0x15), parity (0x18), alignment (0x21),
+        // TLB conflict (0x30): the guest's.
+        for fsc in [0x10, 0x15, 0x18, 0x21, 0x30] {
+            assert!(!is_stage2_fault_code(fsc), "{fsc:#x}");
+        }
+    }
 
     #[test]
     fn decodes_a_32bit_store_from_w1() {

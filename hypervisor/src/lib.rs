@@ -9,14 +9,17 @@ pub mod config;
 pub mod console;
 pub mod esr;
 pub mod guest_dt;
+pub mod idregs;
 pub mod lr;
 pub mod memory;
 pub mod mmio;
 pub mod pci;
 pub mod platform;
 pub mod psci;
+pub mod ratelimit;
 pub mod stage2;
 pub mod vgic;
+pub mod vm;
 pub mod vpl011;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]

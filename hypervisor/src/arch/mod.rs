@@ -274,7 +274,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
         }
     }
     log::info!("boot done at {} ms", timestamp_ms());
-    if hv().vms.iter().all(|v| v.is_stopped()) {
+    if crate::vm::lifecycle::all_stopped_for_good(hv().vms.iter().map(|v| &v.life)) {
         log::error!("no VM is running: powering off");
         system_off();
     }

@@ -75,6 +75,87 @@ sysreg_rw!(
 sysreg_rw!(_hcrx_el2, set_hcrx_el2, "s3_4_c1_c2_2", "HCRX_EL2");
 sysreg_rw!(ich_ap0r0, set_ich_ap0r0, "s3_4_c12_c8_0", "ICH_AP0R0_EL2");
 
+/// Reads ID group 3 register (op0 3, op1 0, CRn 0, CRm `crm` 1-7, op2 `op2`) at EL2; 0 for
+/// anything else. Unallocated encodings in this space are RAZ (Arm ARM D19.2.1), so every one
+/// may be read.
+pub fn id_reg(crm: u8, op2: u8) -> u64 {
+    macro_rules! id_read {
+        ($enc:literal) => {{
+            let v: u64;
+            // SAFETY: reading an ID register has no side effect; the ID space is readable at
+            // EL2 and its unallocated encodings are RAZ.
+            unsafe { asm!(concat!("mrs {}, ", $enc), out(reg) v, options(nomem, nostack)) };
+            v
+        }};
+    }
+    match (crm, op2) {
+        (1, 0) => id_read!("s3_0_c0_c1_0"),
+        (1, 1) => id_read!("s3_0_c0_c1_1"),
+        (1, 2) => id_read!("s3_0_c0_c1_2"),
+        (1, 3) => id_read!("s3_0_c0_c1_3"),
+        (1, 4) => id_read!("s3_0_c0_c1_4"),
+        (1, 5) => id_read!("s3_0_c0_c1_5"),
+        (1, 6) => id_read!("s3_0_c0_c1_6"),
+        (1, 7) => id_read!("s3_0_c0_c1_7"),
+        (2, 0) => id_read!("s3_0_c0_c2_0"),
+        (2, 1) => id_read!("s3_0_c0_c2_1"),
+        (2, 2) => id_read!("s3_0_c0_c2_2"),
+        (2, 3) => id_read!("s3_0_c0_c2_3"),
+        (2, 4) => id_read!("s3_0_c0_c2_4"),
+        (2, 5) => id_read!("s3_0_c0_c2_5"),
+        (2, 6) => id_read!("s3_0_c0_c2_6"),
+        (2, 7) => id_read!("s3_0_c0_c2_7"),
+        (3, 0) => id_read!("s3_0_c0_c3_0"),
+        (3, 1) => id_read!("s3_0_c0_c3_1"),
+        (3, 2) => id_read!("s3_0_c0_c3_2"),
+        (3, 3) => id_read!("s3_0_c0_c3_3"),
+        (3, 4) => id_read!("s3_0_c0_c3_4"),
+        (3, 5) => id_read!("s3_0_c0_c3_5"),
+        (3, 6) => id_read!("s3_0_c0_c3_6"),
+        (3, 7) => id_read!("s3_0_c0_c3_7"),
+        (4, 0) => id_read!("s3_0_c0_c4_0"),
+        (4, 1) => id_read!("s3_0_c0_c4_1"),
+        (4, 2) => id_read!("s3_0_c0_c4_2"),
+        (4, 3) => id_read!("s3_0_c0_c4_3"),
+        (4, 4) => id_read!("s3_0_c0_c4_4"),
+        (4, 5) => id_read!("s3_0_c0_c4_5"),
+        (4, 6) => id_read!("s3_0_c0_c4_6"),
+        (4, 7) => id_read!("s3_0_c0_c4_7"),
+        (5, 0) => id_read!("s3_0_c0_c5_0"),
+        (5, 1) => id_read!("s3_0_c0_c5_1"),
+        (5, 2) => id_read!("s3_0_c0_c5_2"),
+        (5, 3) => id_read!("s3_0_c0_c5_3"),
+        (5, 4) => id_read!("s3_0_c0_c5_4"),
+        (5, 5) => id_read!("s3_0_c0_c5_5"),
+        (5, 6) => id_read!("s3_0_c0_c5_6"),
+        (5, 7) => id_read!("s3_0_c0_c5_7"),
+        (6, 0) => id_read!("s3_0_c0_c6_0"),
+        (6, 1) => id_read!("s3_0_c0_c6_1"),
+        (6, 2) => id_read!("s3_0_c0_c6_2"),
+        (6, 3) => id_read!("s3_0_c0_c6_3"),
+        (6, 4) => id_read!("s3_0_c0_c6_4"),
+        (6, 5) => id_read!("s3_0_c0_c6_5"),
+        (6, 6) => id_read!("s3_0_c0_c6_6"),
+        (6, 7) => id_read!("s3_0_c0_c6_7"),
+        (7, 0) => id_read!("s3_0_c0_c7_0"),
+        (7, 1) => id_read!("s3_0_c0_c7_1"),
+        (7, 2) => id_read!("s3_0_c0_c7_2"),
+        (7, 3) => id_read!("s3_0_c0_c7_3"),
+        (7, 4) => id_read!("s3_0_c0_c7_4"),
+        (7, 5) => id_read!("s3_0_c0_c7_5"),
+        (7, 6) => id_read!("s3_0_c0_c7_6"),
+        (7, 7) => id_read!("s3_0_c0_c7_7"),
+        _ => 0,
+    }
+}
+
+sysreg_rw!(actlr_el1, _set_actlr_el1, "actlr_el1", "ACTLR_EL1");
+sysreg_rw!(_hfgrtr_el2, set_hfgrtr_el2, "s3_4_c1_c1_4", "HFGRTR_EL2");
+sysreg_rw!(_hfgwtr_el2, set_hfgwtr_el2, "s3_4_c1_c1_5", "HFGWTR_EL2");
+sysreg_rw!(_hfgitr_el2, set_hfgitr_el2, "s3_4_c1_c1_6", "HFGITR_EL2");
+sysreg_rw!(_hdfgrtr_el2, set_hdfgrtr_el2, "s3_4_c3_c1_4", "HDFGRTR_EL2");
+sysreg_rw!(_hdfgwtr_el2, set_hdfgwtr_el2, "s3_4_c3_c1_5", "HDFGWTR_EL2");
+
 /// Reads ICH_LR<n>_EL2.
 pub fn ich_lr(n: usize) -> u64 {
     macro_rules! rd {

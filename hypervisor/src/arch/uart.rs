@@ -5,9 +5,11 @@
 
 use super::mmio::{block, Mmio, Pl011Regs};
 use crate::console::{ConsoleMux, InputAction, InputRouter};
+use crate::ratelimit::{site_key, LogLimiter, Verdict};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicUsize, Ordering};
 use spin::Mutex;
 use tock_registers::interfaces::{Readable, Writeable};
 
@@ -188,7 +190,41 @@ pub fn enable_rx_irq() {
     }
 }
 
-/// `log` backend printing to the console.
+/// The VM whose action each CPU is handling, for the log rate limits: `usize::MAX` while the
+/// CPU does the hypervisor's own work (boot, a VM's load, console input).
+static LOG_VM: [AtomicUsize; boot::MAX_CPUS] =
+    [const { AtomicUsize::new(usize::MAX) }; boot::MAX_CPUS];
+
+/// The log rate limits (crate::ratelimit): per VM and call site.
+static LIMITER: Mutex<LogLimiter> = Mutex::new(LogLimiter::new());
+
+/// Makes this CPU's log lines from now on count against `vm`'s rate limits (`None`: the
+/// hypervisor's own, not limited). Returns what it was.
+pub fn set_log_vm(vm: Option<usize>) -> Option<usize> {
+    let old = LOG_VM[super::this_cpu()].swap(vm.unwrap_or(usize::MAX), Ordering::Relaxed);
+    (old != usize::MAX).then_some(old)
+}
+
+/// Prints how many lines each VM had dropped by the rate limits, if that is due.
+pub fn report_dropped() {
+    let Some(counts) = LIMITER.lock().report(super::timestamp_ms()) else {
+        return;
+    };
+    for (vm, &n) in counts.iter().enumerate().filter(|(_, &n)| n > 0) {
+        let name = super::HV
+            .get()
+            .and_then(|h| h.vms.get(vm))
+            .map_or("a VM", |v| v.config.name.as_str());
+        print_hv(format_args!(
+            "WARN: {name}: {n} log lines it caused were dropped by the rate limit (at most {} a second per message after a burst of {})",
+            1000 / crate::ratelimit::REFILL_MS.max(1),
+            crate::ratelimit::BURST
+        ));
+    }
+}
+
+/// `log` backend printing to the console; lines a guest caused are rate-limited per VM and
+/// call site.
 #[derive(Debug)]
 pub struct Logger;
 
@@ -198,11 +234,32 @@ impl log::Log for Logger {
     }
 
     fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            match record.level() {
-                log::Level::Info => print_hv(format_args!("{}", record.args())),
-                level => print_hv(format_args!("{level}: {}", record.args())),
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let vm = LOG_VM[super::this_cpu()].load(Ordering::Relaxed);
+        let mut dropped = 0;
+        if vm != usize::MAX {
+            let site = site_key(record.file().unwrap_or(""), record.line().unwrap_or(0));
+            match LIMITER.lock().check(vm, site, super::timestamp_ms()) {
+                Verdict::Drop => return,
+                Verdict::Print { dropped: n } => dropped = n,
             }
+        }
+        let level = record.level();
+        match (level, dropped) {
+            (log::Level::Info, 0) => print_hv(format_args!("{}", record.args())),
+            (log::Level::Info, n) => {
+                print_hv(format_args!("{} ({n} more like it dropped)", record.args()))
+            }
+            (_, 0) => print_hv(format_args!("{level}: {}", record.args())),
+            (_, n) => print_hv(format_args!(
+                "{level}: {} ({n} more like it dropped)",
+                record.args()
+            )),
+        }
+        if vm != usize::MAX {
+            report_dropped();
         }
     }
 

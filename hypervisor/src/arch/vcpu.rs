@@ -7,9 +7,11 @@ use super::{hv, sysreg, this_cpu, uart};
 use crate::esr::{
     fault_ipa, instruction_length, DataAbort, ExceptionClass, SysRegAccess, SysRegId,
 };
+use crate::idregs;
 use crate::lr::{ListRegister, LrState};
 use crate::mmio::AccessWidth;
 use crate::psci::{self, Call};
+use crate::vm::lifecycle::{all_stopped_for_good, CpuOnError};
 use aarch64_cpu::registers::{
     Readable, Writeable, CNTHCTL_EL2, CNTVOFF_EL2, CNTV_CTL_EL0, CPTR_EL2, ELR_EL1, ESR_EL1,
     ESR_EL2, FAR_EL1, FAR_EL2, HCR_EL2, HPFAR_EL2, MDCR_EL2, MIDR_EL1, SCTLR_EL1, SPSR_EL1,
@@ -24,27 +26,40 @@ pub const KICK_SGI: u32 = 0;
 /// PPI of the EL1 virtual timer, forwarded to the guest as a hardware interrupt.
 pub const VTIMER_PPI: u32 = 27;
 
-/// HCR_EL2 for a guest (Arm ARM D24.2.48): stage-2 on (VM), set/way invalidation upgraded
-/// (SWIO), physical IRQ/FIQ/SError to EL2 (IMO/FMO/AMO), broadcast TLB/cache maintenance (FB),
-/// inner-shareable barriers (BSU=1), trap WFI (TWI), SMC (TSC), set/way ops (TSW) and LORegions
-/// (TLOR), EL1 is AArch64 (RW), pointer authentication not trapped (APK/API).
+/// HCR_EL2 for a guest (Arm ARM D24.2.48), as KVM sets it for an untrusted one: stage-2 on (VM),
+/// set/way invalidation upgraded (SWIO), stage-1 walks into stage-2 Device memory fault (PTW),
+/// physical IRQ/FIQ/SError to EL2 (IMO/FMO/AMO), broadcast TLB/cache maintenance (FB),
+/// inner-shareable barriers (BSU=1), trap WFI (TWI), ID group 3 reads (TID3, answered by
+/// [`crate::idregs`]), implementation-defined registers (TIDCP), SMC (TSC), ACTLR_EL1 (TACR),
+/// set/way ops (TSW) and LORegions (TLOR); EL1 is AArch64 (RW); pointer authentication not
+/// trapped (APK/API). With FEAT_RAS also [`HCR_RAS`].
 const HCR_GUEST: u64 = (1 << 0)
     | (1 << 1)
+    | (1 << 2)
     | (1 << 3)
     | (1 << 4)
     | (1 << 5)
     | (1 << 9)
     | (1 << 10)
     | (1 << 13)
+    | (1 << 18)
     | (1 << 19)
+    | (1 << 20)
+    | (1 << 21)
     | (1 << 22)
     | (1 << 31)
     | (1 << 35)
     | (1 << 40)
     | (1 << 41);
+/// HCR_EL2.TERR (36, RAS error record registers, read as zero: no records) and TEA (37,
+/// synchronous external aborts to EL2, handed back to the guest as the abort it would have
+/// taken): RES0 without FEAT_RAS.
+const HCR_RAS: u64 = (1 << 36) | (1 << 37);
 /// CPTR_EL2 (non-VHE): RES1 bits, FP/SIMD not trapped (TFP=0), SVE (TZ) and SME (TSM) trapped:
 /// the hypervisor saves only the V registers, so a guest may not use the wider Z registers.
 const CPTR_GUEST: u64 = 0x33ff;
+/// CPTR_EL2.TAM: activity monitor accesses trapped (with FEAT_AMUv1; RES0 without).
+const CPTR_TAM: u64 = 1 << 30;
 /// SCTLR_EL1 for a vCPU at power-on: MMU and caches off, RES1 bits only.
 const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 /// ICH_HCR_EL2.En and .UIE (maintenance interrupt when at most one list register is valid).
@@ -76,7 +91,10 @@ fn configure_el2(vm: &Vm, vcpu: usize) {
     // MDCR_EL2: HPMN = all counters, trap PMU (TPM, TPMCR) and debug (TDA, TDOSA, TDRA)
     // accesses, which read as zero for the guest; no counting at EL2 (HPMD).
     MDCR_EL2.set(pmcr_n | (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 17));
-    CPTR_EL2.set(CPTR_GUEST);
+    let pfr0 = sysreg::id_reg(4, 0);
+    let amu = (pfr0 >> 44) & 0xf != 0;
+    let ras = (pfr0 >> 28) & 0xf != 0;
+    CPTR_EL2.set(CPTR_GUEST | if amu { CPTR_TAM } else { 0 });
     // CNTHCTL_EL2: counter readable (EL1PCTEN), EL1 physical timer trapped (EL1PCEN=0):
     // the guest uses the virtual timer, the physical one is the host's.
     CNTHCTL_EL2.set(1);
@@ -89,7 +107,16 @@ fn configure_el2(vm: &Vm, vcpu: usize) {
     // SAFETY: VPIDR_EL2 only sets what the guest reads as MIDR_EL1.
     unsafe { core::arch::asm!("msr vpidr_el2, {}", in(reg) midr) };
     VMPIDR_EL2.set((1 << 31) | vm.vcpus[vcpu].mpidr);
-    HCR_EL2.set(HCR_GUEST);
+    HCR_EL2.set(HCR_GUEST | if ras { HCR_RAS } else { 0 });
+    // FEAT_FGT: the fine-grained trap registers reset to UNKNOWN values. Cleared, nothing is
+    // trapped but the registers of features the guest's ID registers hide ("n" bits).
+    if (aarch64_cpu::registers::ID_AA64MMFR0_EL1.get() >> 56) & 0xf != 0 {
+        sysreg::set_hfgrtr_el2(0);
+        sysreg::set_hfgwtr_el2(0);
+        sysreg::set_hfgitr_el2(0);
+        sysreg::set_hdfgrtr_el2(0);
+        sysreg::set_hdfgwtr_el2(0);
+    }
     // FEAT_HCX (ID_AA64MMFR1_EL1.HCX): HCRX_EL2 resets to an UNKNOWN value and gates
     // features the guest's ID registers advertise; enable those (as KVM does), no traps.
     if (aarch64_cpu::registers::ID_AA64MMFR1_EL1.get() >> 40) & 0xf != 0 {
@@ -203,16 +230,15 @@ pub fn run_bound_vcpu() -> ! {
         idle_forever();
     };
     loop {
-        if !vm.is_stopped() {
-            let mut power = vm.vcpus[vcpu].power.lock();
-            if *power == Power::Boot {
-                drop(power);
+        if vm.life.runs() {
+            let power = &vm.vcpus[vcpu].power;
+            if power.get() == Power::Boot {
                 boot_vm(vm);
                 continue;
             }
-            if let Power::OnPending { entry, context } = *power {
-                *power = Power::On;
-                drop(power);
+            // Only a CPU_ON (or boot) of the VM's current generation: never the entry point of
+            // the image it had before a reload.
+            if let Some((entry, context)) = power.take_entry(&vm.life) {
                 configure_el2(vm, vcpu);
                 reset_el1_and_vgic_cpu();
                 let mut irqs = IRQ_STATE[cpu].lock();
@@ -227,6 +253,7 @@ pub fn run_bound_vcpu() -> ! {
         }
         // Woken by any interrupt (a kick from CPU_ON, a VM boot or reset, console input or
         // an SMMU event routed here): serve the hypervisor's own before looking again.
+        uart::set_log_vm(None);
         sysreg::wfi();
         handle_irqs(None);
     }
@@ -287,6 +314,8 @@ extern "C" fn hv_lower_exception(frame: &mut TrapFrame, kind: u64) {
     let Some((vm, vcpu)) = vm_and_vcpu() else {
         panic!("guest exception on a CPU without a vCPU");
     };
+    // What the hypervisor logs while it handles this exit is the guest's doing: rate-limited.
+    uart::set_log_vm(Some(vm.id));
     match ExceptionKind::from_raw(kind) {
         ExceptionKind::Sync => handle_sync(vm, vcpu, frame),
         ExceptionKind::Irq | ExceptionKind::Fiq => handle_irqs(Some((vm, vcpu))),
@@ -323,11 +352,11 @@ fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
         ExceptionClass::Hvc64 => handle_smccc(vm, vcpu, frame),
         ExceptionClass::Smc64 => {
             // A trapped SMC leaves ELR at the SMC itself (Arm ARM D1.11.4).
-            frame.elr += 4;
+            frame.elr = frame.elr.wrapping_add(4);
             handle_smccc(vm, vcpu, frame);
         }
         ExceptionClass::WfiWfe => {
-            frame.elr += instruction_length(esr);
+            frame.elr = frame.elr.wrapping_add(instruction_length(esr));
             uart::flush_if_focused(vm.id);
             if !has_pending_virtual(vm, vcpu) {
                 sysreg::wfi();
@@ -336,6 +365,15 @@ fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
         ExceptionClass::SysReg => handle_sysreg(vm, vcpu, frame, esr),
         ExceptionClass::Sve | ExceptionClass::Sme | ExceptionClass::Unknown => {
             inject_undef(vm, frame, esr);
+        }
+        ExceptionClass::InstAbortLower if !crate::esr::is_stage2_fault_code(esr as u8 & 0x3f) => {
+            log::warn!(
+                "{}: vcpu{vcpu} instruction fetch abort (IFSC {:#x}) at {:#x}: handed to the guest",
+                vm.config.name,
+                esr & 0x3f,
+                frame.elr
+            );
+            inject_abort(vm, frame, esr, false);
         }
         ExceptionClass::InstAbortLower => {
             let ipa = fault_ipa(HPFAR_EL2.get(), FAR_EL2.get());
@@ -374,6 +412,20 @@ fn reg_write(frame: &mut TrapFrame, r: usize, v: u64) {
 
 fn handle_data_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
     let da = DataAbort::from_esr(esr);
+    if !da.is_stage2_fault() {
+        // An external abort (HCR_EL2.TEA), parity error or the like on the guest's own access:
+        // it gets the abort it would have taken without the hypervisor.
+        log::warn!(
+            "{}: vcpu{vcpu} {} abort (DFSC {:#x}) at {:#x}, FAR {:#x}: handed to the guest",
+            vm.config.name,
+            if da.write { "write" } else { "read" },
+            da.dfsc,
+            frame.elr,
+            FAR_EL2.get()
+        );
+        inject_abort(vm, frame, esr, true);
+        return;
+    }
     let ipa = fault_ipa(HPFAR_EL2.get(), FAR_EL2.get());
     if !da.isv {
         log::warn!(
@@ -391,7 +443,7 @@ fn handle_data_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
             if !da.write {
                 reg_write(frame, da.srt, da.load_value(read));
             }
-            frame.elr += instruction_length(esr);
+            frame.elr = frame.elr.wrapping_add(instruction_length(esr));
         }
         None => {
             log::warn!(
@@ -526,13 +578,29 @@ fn mmio_access(
 
 fn handle_sysreg(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
     let acc = SysRegAccess::from_esr(esr);
-    frame.elr += instruction_length(esr);
+    frame.elr = frame.elr.wrapping_add(instruction_length(esr));
     match acc.reg {
         SysRegId::ICC_SGI1R_EL1 | SysRegId::ICC_ASGI1R_EL1 if !acc.read => {
             let value = reg_read(frame, acc.rt);
             send_virtual_sgi(vm, vcpu, value);
         }
         SysRegId::ICC_SGI0R_EL1 => {} // Group 0 SGIs: the guest has no Group 0.
+        r if idregs::is_id_reg(r) && acc.read => {
+            let v = idregs::guest_value(r.crm, r.op2, sysreg::id_reg(r.crm, r.op2));
+            reg_write(frame, acc.rt, v);
+        }
+        // ACTLR_EL1 (HCR_EL2.TACR): the CPU's value, read only.
+        SysRegId::ACTLR_EL1 => {
+            if acc.read {
+                reg_write(frame, acc.rt, sysreg::actlr_el1());
+            }
+        }
+        // RAS error records (HCR_EL2.TERR): ERRIDR_EL1 reads 0, so there are none to select.
+        r if r.is_ras_error_record() => {
+            if acc.read {
+                reg_write(frame, acc.rt, 0);
+            }
+        }
         r if r.is_debug() || r.is_pmu() || r.is_phys_timer() || r.op0 == 1 => {
             // Debug, PMU and physical-timer registers read as zero and ignore writes; op0 = 1 is
             // a set/way cache operation, which the hypervisor's coherent memory makes a no-op.
@@ -551,7 +619,7 @@ fn handle_sysreg(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
                 r.crm,
                 r.op2
             );
-            frame.elr -= instruction_length(esr);
+            frame.elr = frame.elr.wrapping_sub(instruction_length(esr));
             inject_undef(vm, frame, esr);
         }
     }
@@ -607,7 +675,7 @@ fn handle_smccc(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
             } else {
                 match vm.vcpu_by_mpidr(target) {
                     None => psci::status(psci::INVALID_PARAMETERS),
-                    Some(t) => match *vm.vcpus[t].power.lock() {
+                    Some(t) => match vm.vcpus[t].power.get() {
                         Power::On => psci::AFFINITY_ON,
                         Power::Off => psci::AFFINITY_OFF,
                         Power::OnPending { .. } | Power::Boot => psci::AFFINITY_ON_PENDING,
@@ -617,7 +685,7 @@ fn handle_smccc(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
         }
         Call::CpuOff => {
             log::info!("{}: vcpu{vcpu} CPU_OFF", vm.config.name);
-            *vm.vcpus[vcpu].power.lock() = Power::Off;
+            vm.vcpus[vcpu].power.set(Power::Off);
             run_bound_vcpu();
         }
         Call::SystemOff => {
@@ -644,17 +712,16 @@ fn cpu_on(vm: &Vm, target: u64, entry: u64, context: u64) -> u64 {
     if entry < vm.ram_ipa.base || entry >= vm.ram_ipa.end() {
         return psci::status(psci::INVALID_ADDRESS);
     }
-    let mut power = vm.vcpus[t].power.lock();
-    match *power {
-        Power::On => psci::status(psci::ALREADY_ON),
-        Power::OnPending { .. } | Power::Boot => psci::status(psci::ON_PENDING),
-        Power::Off => {
-            *power = Power::OnPending { entry, context };
-            drop(power);
+    match vm.vcpus[t].power.cpu_on(&vm.life, entry, context) {
+        Ok(()) => {
             // Its CPU waits in WFI: an SGI wakes it.
             kick(vm, t);
             0
         }
+        Err(CpuOnError::AlreadyOn) => psci::status(psci::ALREADY_ON),
+        Err(CpuOnError::OnPending) => psci::status(psci::ON_PENDING),
+        // The VM is resetting (this vCPU has not parked yet) or stopping.
+        Err(CpuOnError::Denied) => psci::status(psci::DENIED),
     }
 }
 
@@ -672,8 +739,9 @@ pub fn stop_vm(vm: &Vm, reason: &str) {
     }
 }
 
+/// Powers the machine off once every VM is stopped for good (none running, none resetting).
 fn power_off_if_all_stopped() {
-    if hv().vms.iter().all(|v| v.is_stopped()) {
+    if all_stopped_for_good(hv().vms.iter().map(|v| &v.life)) {
         log::info!("all VMs stopped: powering off");
         super::system_off();
     }
@@ -699,7 +767,7 @@ fn quiesce_local_vcpu(vm: &Vm, vcpu: usize) {
     hv().gic.clear_private_active(rd, VTIMER_PPI);
     HCR_EL2.set(0);
     sysreg::isb();
-    *vm.vcpus[vcpu].power.lock() = Power::Off;
+    vm.vcpus[vcpu].power.set(Power::Off);
 }
 
 fn park_stopped_vcpu(vm: &Vm, vcpu: usize) -> ! {
@@ -732,7 +800,7 @@ const RESET_WAIT_MS: u64 = 1000;
 /// Reboots `vm` alone: stops its vCPUs, reloads its kernel, initramfs and DT from the pristine
 /// boot modules into zeroed RAM, resets its virtual devices, and powers on vCPU 0 again.
 fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
-    if !vm.stop() {
+    if !vm.life.begin_reset() {
         // Someone else is already stopping or resetting this VM.
         park_stopped_vcpu(vm, vcpu);
     }
@@ -747,23 +815,14 @@ fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
     let freq = aarch64_cpu::registers::CNTFRQ_EL0.get();
     let deadline = aarch64_cpu::registers::CNTPCT_EL0.get() + freq * RESET_WAIT_MS / 1000;
     for t in 0..vm.vcpus.len() {
-        loop {
-            let mut power = vm.vcpus[t].power.lock();
-            match *power {
-                Power::Off => break,
-                // CPU_ON accepted but never entered: cancel it.
-                Power::OnPending { .. } | Power::Boot => {
-                    *power = Power::Off;
-                    break;
-                }
-                Power::On => {}
-            }
-            drop(power);
+        // A CPU_ON accepted but never entered is cancelled; a running vCPU must park.
+        while !vm.vcpus[t].power.stopped_for_reset() {
             if aarch64_cpu::registers::CNTPCT_EL0.get() > deadline {
                 log::error!(
                     "{}: stopped: vcpu{t} did not stop within {RESET_WAIT_MS} ms for the reset",
                     vm.config.name
                 );
+                vm.life.abandon_reset();
                 power_off_if_all_stopped();
                 run_bound_vcpu();
             }
@@ -772,6 +831,7 @@ fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
     }
     quiesce_devices(vm);
     log::info!("{}: reset done, reloading", vm.config.name);
+    vm.life.finish_reset();
     request_boot(vm);
     run_bound_vcpu();
 }
@@ -829,6 +889,7 @@ fn handle_irqs(running: Option<(&Vm, usize)>) {
             // if an edge is missed or CPU 0 is busy.
             if ticks % EVENT_POLL_TICKS == 0 {
                 service_smmu_events();
+                uart::report_dropped();
             }
         } else if intid == hv().platform.gic.maintenance_ppi {
             // Level-sensitive: its condition must go before it is deactivated, or it is taken
@@ -1046,7 +1107,7 @@ fn inject_sync(vm: &Vm, frame: &mut TrapFrame, esr_el1: u64, far: Option<u64>) {
     } else {
         0x000
     };
-    let vector = VBAR_EL1.get() + offset;
+    let vector = VBAR_EL1.get().wrapping_add(offset);
     // With its MMU off the guest's VBAR_EL1 is an IPA we can check; with it on, a vector that
     // faults shows up as the next exit happening at the vector itself.
     let mmu_on = SCTLR_EL1.get() & 1 != 0;
@@ -1100,8 +1161,7 @@ fn inject_undef(vm: &Vm, frame: &mut TrapFrame, _esr: u64) {
 
 /// Asks the CPU of `vm`'s vCPU 0 to load the VM's images and start it.
 pub fn request_boot(vm: &Vm) {
-    *vm.vcpus[0].power.lock() = Power::Boot;
-    vm.stopped.store(false, Ordering::Release);
+    vm.vcpus[0].power.set(Power::Boot);
     if vm.vcpus[0].pcpu != this_cpu() {
         kick(vm, 0);
     }
@@ -1124,13 +1184,14 @@ fn boot_vm(vm: &Vm) {
                 vm.ram_pa,
                 super::timestamp_ms() - t0
             );
-            *vm.vcpus[0].power.lock() = Power::OnPending {
+            vm.vcpus[0].power.set(Power::OnPending {
                 entry,
                 context: dtb,
-            };
+                generation: vm.life.generation(),
+            });
         }
         Err(e) => {
-            *vm.vcpus[0].power.lock() = Power::Off;
+            vm.vcpus[0].power.set(Power::Off);
             log::error!("{}: not started: {e}", vm.config.name);
             stop_vm(vm, "its images could not be loaded");
         }

@@ -12,26 +12,11 @@ use crate::vpl011::VPl011;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, Ordering};
 use spin::Mutex;
 
-/// Power state of a vCPU, as PSCI AFFINITY_INFO reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Power {
-    /// Not running; CPU_ON may start it.
-    Off,
-    /// vCPU 0 only: the VM's images must be (re)loaded, then the vCPU starts at the kernel.
-    Boot,
-    /// CPU_ON accepted; its pCPU has not entered it yet.
-    OnPending {
-        /// Entry IPA.
-        entry: u64,
-        /// x0 at entry.
-        context: u64,
-    },
-    /// Running.
-    On,
-}
+pub use crate::vm::lifecycle::Power;
+use crate::vm::lifecycle::{Lifecycle, VcpuPower};
 
 /// One vCPU slot of a VM.
 #[derive(Debug)]
@@ -41,7 +26,7 @@ pub struct VcpuSlot {
     /// MPIDR the guest sees (VMPIDR_EL2).
     pub mpidr: u64,
     /// Power state.
-    pub power: Mutex<Power>,
+    pub power: VcpuPower,
 }
 
 /// What a VM is made of, decided by configuration.
@@ -179,8 +164,9 @@ pub struct Vm {
     pub console_backlog: Mutex<alloc::collections::VecDeque<u8>>,
     /// vCPUs.
     pub vcpus: Vec<VcpuSlot>,
-    /// Set when the VM stops; its vCPUs park at their next exit.
-    pub stopped: AtomicBool,
+    /// Running, resetting or stopped for good; its vCPUs park at their next exit when it is
+    /// not running.
+    pub life: Lifecycle,
     /// Completed loads of the VM's images (the guest sees the count before this boot).
     pub boots: AtomicU32,
     dt_template: GuestDtInputs,
@@ -257,7 +243,7 @@ impl Vm {
             .map(|(i, &pcpu)| VcpuSlot {
                 pcpu,
                 mpidr: i as u64,
-                power: Mutex::new(Power::Off),
+                power: VcpuPower::new(),
             })
             .collect();
         let vgic = VGic::new(VGicConfig {
@@ -297,7 +283,7 @@ impl Vm {
             vuart: Mutex::new(VPl011::new()),
             console_backlog: Mutex::new(alloc::collections::VecDeque::new()),
             vcpus,
-            stopped: AtomicBool::new(false),
+            life: Lifecycle::new(),
             boots: AtomicU32::new(0),
             dt_template: GuestDtInputs {
                 maintenance_ppi: platform.gic.maintenance_ppi,
@@ -580,14 +566,15 @@ impl Vm {
         &self.ram
     }
 
-    /// Marks the VM stopped; returns whether this call stopped it.
+    /// Stops the VM for good; returns whether this call stopped it (a VM that is resetting is
+    /// the reset's to finish).
     pub fn stop(&self) -> bool {
-        !self.stopped.swap(true, Ordering::AcqRel)
+        self.life.stop()
     }
 
-    /// Whether the VM has stopped.
+    /// Whether the VM's vCPUs must not run: it is stopped or resetting.
     pub fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire)
+        !self.life.runs()
     }
 
     /// Whether physical SPI `intid` is the INTx line of one of the VM's PCI functions.

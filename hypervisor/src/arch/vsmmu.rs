@@ -223,6 +223,8 @@ pub fn service_events(vms: &[Vm], here: Option<(usize, usize)>) {
         let owner = vms
             .iter()
             .find(|v| v.config.devices.stream_ids.contains(&e.stream_id));
+        // An event's lines count against its VM's log rate limits, whichever CPU drained it.
+        let ctx = super::uart::set_log_vm(owner.map(|v| v.id));
         let forwarded = owner.and_then(|vm| {
             let s = vm.vsmmu.as_ref().filter(|_| !vm.is_stopped())?;
             let (fwd, irqs) = s.model.lock().forward_event(e, &mut VmMem(vm.ram()));
@@ -257,6 +259,7 @@ pub fn service_events(vms: &[Vm], here: Option<(usize, usize)>) {
                 }
             }
         }
+        super::uart::set_log_vm(ctx);
     }
 }
 
