@@ -847,7 +847,19 @@ pub struct GuestReport {
     pub vm_name: String,
     /// The timer interrupt counts before and after the guest slept one second.
     pub timer_irqs: (u64, u64),
+    /// The CPU features its kernel found (`Features` of /proc/cpuinfo).
+    pub cpu_features: Vec<String>,
 }
+
+/// Features of QEMU's `-cpu max,sve=off,sme=off` a guest must keep under the hypervisor: plain
+/// EL0/EL1 instructions and state it switches nothing for (pointer authentication and BTI are
+/// left untrapped, MOPS is enabled in HCRX_EL2).
+pub const CPU_FEATURES_KEPT: [&str; 9] = [
+    "fp", "asimd", "atomics", "lrcpc", "paca", "pacg", "bti", "ecv", "mops",
+];
+/// Features a guest must never see under the hypervisor: their state is trapped (SVE, SME) or
+/// not given to it (MTE tag storage).
+pub const CPU_FEATURES_HIDDEN: [&str; 5] = ["sve", "sve2", "sme", "mte", "mte3"];
 
 /// Checks, in the order the stock guest's init prints them, the facts it computes at run time
 /// against what the host expects: the kernel release (the `kver` file of `guest_dir`), the CPU
@@ -915,6 +927,25 @@ fn guest_facts(
         nproc.to_string(),
         "{who}'s CPU count (nproc)"
     );
+    let cpu_features: Vec<String> = fact(q, "cpu-features")?
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    // Under the hypervisor; the modular kernel is built without most of these features.
+    if vm_name != "none" && guest_dir == stock_guest_dir() {
+        for f in CPU_FEATURES_KEPT {
+            assert!(
+                cpu_features.iter().any(|c| c == f),
+                "{who} lost CPU feature {f:?} under the hypervisor: {cpu_features:?}"
+            );
+        }
+        for f in CPU_FEATURES_HIDDEN {
+            assert!(
+                !cpu_features.iter().any(|c| c == f),
+                "{who} sees CPU feature {f:?}, which the hypervisor does not give it"
+            );
+        }
+    }
     assert_eq!(fact(q, "md5-4MiB-A")?, md5, "{who}'s MD5 of 4 MiB of 'A'");
     let grew = fact(q, "timer-irqs-grew")?;
     let timer_irqs = grew
@@ -929,6 +960,7 @@ fn guest_facts(
         init_started_at: started.at,
         vm_name,
         timer_irqs,
+        cpu_features,
     })
 }
 
