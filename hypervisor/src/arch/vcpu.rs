@@ -731,6 +731,8 @@ pub fn stop_vm(vm: &Vm, reason: &str) {
     if vm.stop() {
         log::info!("{}: stopped: {reason}", vm.config.name);
         super::vsmmu::log_stats(vm);
+        // A VM stopped for good: its functions stop mastering DMA and raising their lines.
+        quiesce_devices(vm);
         for t in 0..vm.vcpus.len() {
             kick(vm, t);
         }
@@ -822,6 +824,8 @@ fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
                     "{}: stopped: vcpu{t} did not stop within {RESET_WAIT_MS} ms for the reset",
                     vm.config.name
                 );
+                // Its devices stop mastering and raising their lines all the same.
+                quiesce_devices(vm);
                 vm.life.abandon_reset();
                 power_off_if_all_stopped();
                 run_bound_vcpu();

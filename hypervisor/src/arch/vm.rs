@@ -15,6 +15,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
 use spin::Mutex;
 
+use crate::vm::bars::BarMaps;
 pub use crate::vm::lifecycle::Power;
 use crate::vm::lifecycle::{Lifecycle, VcpuPower};
 
@@ -68,40 +69,6 @@ pub enum VmError {
     Mem(#[from] super::guest_mem::OutOfRam),
 }
 
-/// Where one memory BAR of a VM's function is mapped in the VM's stage 2.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BarMap {
-    /// The BAR's pages, checked at VM start to hold its function's registers only: the one
-    /// physical range any IPA of this BAR may ever map.
-    pub slot: crate::pci::DeviceSlot,
-    /// The IPA of the slot's first page, `None` while the guest has the BAR somewhere that
-    /// cannot be mapped a page at a time (its accesses then trap and are forwarded).
-    pub ipa: Option<u64>,
-}
-
-impl BarMap {
-    /// The IPA pages `[base, base + len)` the BAR's slot would take with the BAR at `ipa`:
-    /// `None` unless `ipa` has the same offset in its page as the BAR has in its slot (then a
-    /// page-granular mapping puts every byte where the guest expects it) and nothing wraps.
-    fn pages_at(&self, ipa: u64) -> Option<(u64, u64)> {
-        let offset = self.slot.phys - self.slot.page;
-        let base = ipa.checked_sub(offset)?;
-        (base.is_multiple_of(crate::pci::DEVICE_PAGE) && base.checked_add(self.slot.len).is_some())
-            .then_some((base, self.slot.len))
-    }
-}
-
-fn initial_bar_maps(devices: &super::iommu::VmDevices) -> Vec<BarMap> {
-    devices
-        .slots
-        .iter()
-        .map(|&slot| BarMap {
-            slot,
-            ipa: Some(slot.page),
-        })
-        .collect()
-}
-
 /// A VM's virtual generic ECAM host bridge: same ECAM window and address windows as the
 /// physical one, showing only the VM's functions.
 #[derive(Debug)]
@@ -137,7 +104,7 @@ pub struct Vm {
     /// Its stage-2 tables (shared with the SMMU); changed only when the guest moves a BAR.
     stage2: Mutex<Stage2>,
     /// Where each of its memory BARs is mapped in its stage 2 now.
-    bar_maps: Mutex<Vec<BarMap>>,
+    bar_maps: Mutex<BarMaps>,
     /// BAR moves since its last boot (the first few are logged).
     bar_moves: AtomicU32,
     /// Emulated GIC distributor (guest IPA).
@@ -265,7 +232,7 @@ impl Vm {
             ram: unsafe { GuestRam::new(ram_ipa, ram_pa) },
             s2_root: stage2.root_pa(),
             stage2: Mutex::new(stage2),
-            bar_maps: Mutex::new(initial_bar_maps(&config.devices)),
+            bar_maps: Mutex::new(BarMaps::new(&config.devices.slots)),
             bar_moves: AtomicU32::new(0),
             pci,
             vsmmu,
@@ -432,46 +399,24 @@ impl Vm {
         let mut maps = self.bar_maps.lock();
         let mut s2 = self.stage2.lock();
         for m in moves {
-            let Some(k) = maps
-                .iter()
-                .position(|b| b.slot.bdf == m.bdf && b.slot.bar == m.index)
-            else {
+            let Some(plan) = maps.plan_move(m, &pci.windows) else {
                 continue;
             };
-            let overlaps_other = |maps: &[BarMap], (base, len): (u64, u64)| {
-                maps.iter().enumerate().any(|(j, o)| {
-                    j != k
-                        && o.ipa
-                            .is_some_and(|ob| ob < base + len && base < ob + o.slot.len)
-                })
-            };
-            if let Some(old) = maps[k].ipa.take() {
+            if let Some((old, len)) = plan.unmap {
                 // Slots are whole pages of one BAR each: nothing else uses these pages.
-                let _ = s2.unmap(old, maps[k].slot.len);
+                let _ = s2.unmap(old, len);
                 changed = true;
             }
-            let ipa = pci
-                .windows
-                .iter()
-                .filter(|w| {
-                    matches!(
-                        w.space,
-                        crate::pci::PciSpace::Mem32 | crate::pci::PciSpace::Mem64
-                    )
-                })
-                .find(|w| {
-                    m.pci >= w.pci_base
-                        && m.pci.checked_add(m.size).is_some_and(|e| e <= w.pci_end())
-                })
-                .and_then(|w| (m.pci - w.pci_base).checked_add(w.cpu_base));
-            let usable = ipa
-                .and_then(|ipa| maps[k].pages_at(ipa))
-                .filter(|&span| !overlaps_other(&maps, span));
             let n = self.bar_moves.fetch_add(1, Ordering::Relaxed);
-            match usable {
-                Some((base, len)) => match s2.map(base, maps[k].slot.page, len, MemType::Device) {
+            let slot = maps
+                .maps()
+                .iter()
+                .find(|b| b.slot.bdf == m.bdf && b.slot.bar == m.index)
+                .map(|b| b.slot);
+            match (plan.map, slot) {
+                (Some((base, len)), Some(slot)) => match s2.map(base, slot.page, len, MemType::Device) {
                     Ok(()) => {
-                        maps[k].ipa = Some(base);
+                        maps.set_mapped(m.bdf, m.index, base);
                         changed = true;
                         if n < 8 {
                             log::info!(
@@ -487,7 +432,7 @@ impl Vm {
                         m.index
                     ),
                 },
-                None => log::warn!(
+                _ => log::warn!(
                     "{}: {} BAR{}: the guest put it at bus address {:#x}, outside its windows, over another BAR or off its page offset: left unmapped, accesses forwarded",
                     self.config.name,
                     m.bdf,
@@ -504,27 +449,21 @@ impl Vm {
     fn reset_bar_maps(&self) {
         let mut maps = self.bar_maps.lock();
         let mut s2 = self.stage2.lock();
-        let moved: Vec<usize> = (0..maps.len())
-            .filter(|&k| maps[k].ipa != Some(maps[k].slot.page))
-            .collect();
         // Every moved BAR out first, then every one back: a BAR's old place may be another's
         // home.
-        for &k in &moved {
-            if let Some(ipa) = maps[k].ipa.take() {
-                let _ = s2.unmap(ipa, maps[k].slot.len);
-            }
+        let (unmap, home) = maps.reset();
+        for &(ipa, len) in &unmap {
+            let _ = s2.unmap(ipa, len);
         }
-        for &k in &moved {
-            let slot = maps[k].slot;
+        for slot in &home {
             if let Err(e) = s2.map(slot.page, slot.page, slot.len, MemType::Device) {
                 log::error!("{}: {} BAR{}: {e}", self.config.name, slot.bdf, slot.bar);
             }
-            maps[k].ipa = Some(slot.page);
         }
         drop(s2);
         drop(maps);
         self.bar_moves.store(0, Ordering::Relaxed);
-        if !moved.is_empty() {
+        if !home.is_empty() {
             self.invalidate_tlbs();
         }
     }
