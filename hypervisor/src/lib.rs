@@ -8,6 +8,8 @@ extern crate alloc;
 pub mod config;
 pub mod console;
 pub mod esr;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz_harness;
 pub mod guest_dt;
 pub mod idregs;
 pub mod lr;
