@@ -194,6 +194,19 @@ impl FakeFn {
         self.cap(cap_id::PCIE, bits << 4 | 2)
     }
 
+    /// Capability `id` with `second_byte_pair` in the upper half of its header and `body`, the
+    /// (value, writable bits) of up to three dwords after the header: for capabilities without
+    /// a builder of their own (the vECAM fuzz harness's PM, AF, EA and 64-bit MSI).
+    pub(crate) fn raw_cap(self, id: u8, second_byte_pair: u16, body: &[(u32, u32)]) -> FakeFn {
+        let at = usize::from(self.next_cap / 4);
+        let mut f = self.cap(id, second_byte_pair);
+        for (i, &(value, mask)) in body.iter().take(3).enumerate() {
+            f.regs[at + 1 + i] = value;
+            f.masks[at + 1 + i] = mask;
+        }
+        f
+    }
+
     pub(crate) fn msi(self) -> FakeFn {
         self.cap(cap_id::MSI, 0)
     }

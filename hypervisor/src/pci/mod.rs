@@ -34,7 +34,9 @@ pub mod resources;
 pub mod vecam;
 pub mod virtio;
 
-#[cfg(test)]
+// The fake configuration space, also the ground of the vECAM fuzz harness (docs/fuzzing.md).
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod fake;
 
 pub use assign::{check_assignment, check_intx, resolve, AssignError, VmDevices};
