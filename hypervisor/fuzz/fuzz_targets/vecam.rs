@@ -1,10 +1,23 @@
 //! The hostile-guest fuzz target of the virtual ECAM config space, over a recording fake
 //! configuration space: every input is a sequence of operations checked against the model's
-//! invariants by `hypervisor::fuzz_harness::vecam::run` (docs/fuzzing.md).
+//! invariants by `hypervisor::fuzz_harness::vecam::run_with` (docs/fuzzing.md).
+//!
+//! `VECAM_CHECKS=pm,af,ea,bar` (or `all`) switches on the checks of rules vECAM does not have
+//! yet.
 #![no_main]
 
+use std::sync::OnceLock;
+
+use hypervisor::fuzz_harness::vecam::{run_with, Checks};
 use libfuzzer_sys::fuzz_target;
 
+static CHECKS: OnceLock<Checks> = OnceLock::new();
+
 fuzz_target!(|data: &[u8]| {
-    hypervisor::fuzz_harness::vecam::run(data);
+    let checks = *CHECKS.get_or_init(|| {
+        std::env::var("VECAM_CHECKS")
+            .map(|s| Checks::parse(&s))
+            .unwrap_or_default()
+    });
+    run_with(data, checks);
 });

@@ -242,7 +242,7 @@ impl ConfigSpace for Recorder<'_> {
     fn read32(&self, bdf: Bdf, off: u16) -> u32 {
         self.func(bdf, "read");
         assert!(
-            off % 4 == 0 && off < 0x1000,
+            off.is_multiple_of(4) && off < 0x1000,
             "(a) hardware read of {bdf} at {off:#x}"
         );
         self.counts.reads.set(self.counts.reads.get() + 1);
@@ -252,7 +252,7 @@ impl ConfigSpace for Recorder<'_> {
     fn write32(&mut self, bdf: Bdf, off: u16, value: u32) {
         let f = self.func(bdf, "write");
         assert!(
-            off % 4 == 0 && off < 0x1000,
+            off.is_multiple_of(4) && off < 0x1000,
             "(a) hardware write of {bdf} at {off:#x}"
         );
         if self.guest.is_empty() {
@@ -669,14 +669,14 @@ impl Harness {
 
     fn expected_read(&mut self, off: u64, w: AccessWidth) -> u64 {
         if w == Double {
-            if off % 8 != 0 {
+            if !off.is_multiple_of(8) {
                 return u64::MAX;
             }
             let lo = self.expected_read(off, Word);
             let hi = self.expected_read(off.wrapping_add(4), Word);
             return hi << 32 | lo;
         }
-        if off % w.bytes() != 0 {
+        if !off.is_multiple_of(w.bytes()) {
             return w.mask();
         }
         let Some((i, reg)) = self.decode(off) else {
@@ -691,7 +691,7 @@ impl Harness {
     pub fn write(&mut self, off: u64, w: AccessWidth, value: u64) {
         let mut guest: Vec<GuestWrite> = Vec::new();
         let mut target = None;
-        let aligned = off % w.bytes() == 0;
+        let aligned = off.is_multiple_of(w.bytes());
         if let Some((i, reg)) = aligned.then(|| self.decode(off)).flatten() {
             target = Some(i);
             if w == Double {
@@ -867,9 +867,9 @@ impl Harness {
     /// A width that fits `reg`'s alignment, mostly.
     fn width_for(inp: &mut Input, reg: u16) -> AccessWidth {
         let w = inp.width();
-        if inp.u8() & 7 == 0 || reg % w.bytes() as u16 == 0 {
+        if inp.u8() & 7 == 0 || reg.is_multiple_of(w.bytes() as u16) {
             w
-        } else if reg % 2 == 0 {
+        } else if reg.is_multiple_of(2) {
             Half
         } else {
             Byte
@@ -936,7 +936,7 @@ impl Harness {
                     2 => u64::MAX - u64::from(inp.u8()),
                     _ => inp.u64(),
                 };
-                if inp.bool() && at % 8 == 0 {
+                if inp.bool() && at.is_multiple_of(8) {
                     self.write(at, Double, addr);
                 } else {
                     self.write(at, Word, addr & 0xffff_ffff);

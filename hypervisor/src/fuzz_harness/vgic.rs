@@ -226,7 +226,7 @@ impl RefGic {
 
     /// Whether an access fits naturally aligned in a frame of `size` bytes.
     fn legal(off: u64, w: AccessWidth, size: u64) -> bool {
-        off % w.bytes() == 0 && off < size && off + w.bytes() <= size
+        off.is_multiple_of(w.bytes()) && off < size && off + w.bytes() <= size
     }
 
     /// A GICD read (IHI 0069H 12.9).
@@ -736,7 +736,7 @@ impl Harness {
             let group1 = self.gic.group1(vcpu, intid);
             let r = self.reference.irq(vcpu, intid).copied().unwrap_or_default();
             assert!(
-                prio == r.prio && group1 == r.group1 && level == !r.edge,
+                prio == r.prio && group1 == r.group1 && level != r.edge,
                 "(g) vCPU {vcpu}: INTID {intid} filled with priority {prio:#x}, group1 {group1}, \
                  level {level}; specified {r:?}"
             );
