@@ -429,8 +429,10 @@ impl VPl011 {
         };
         self.rx_head = (self.rx_head + 1) % FIFO_DEPTH;
         self.rx_len -= 1;
-        // FE/PE/BE describe the character just read; OE stays until UARTECR is written.
-        self.rsr = (self.rsr & RSR_OE) | u32::from(entry >> 8);
+        // FE/PE/BE (UARTDR 10:8) describe the character just read; OE is set when the overrun
+        // happens and stays until UARTECR is written (TRM 3.3.2), so the DR.OE of the character
+        // after an overrun must not set it again.
+        self.rsr = (self.rsr & RSR_OE) | u32::from((entry >> 8) & 0x7);
         self.rx_level_dropped();
         u32::from(entry)
     }
@@ -578,6 +580,25 @@ mod tests {
         assert!(!ris(&mut u).contains(Interrupts::OE));
         // Empty reads are harmless.
         assert_eq!(u.read(UARTDR, W), 0);
+    }
+
+    /// Found by the vpl011 fuzz target: reading the character that carries DR.OE set
+    /// UARTRSR.OE again after the guest had cleared it with UARTECR.
+    #[test]
+    fn rsr_overrun_stays_clear_after_ecr() {
+        let mut u = VPl011::new();
+        assert!(u.push_rx(b'a'));
+        assert!(!u.push_rx(b'b'), "the holding register is full");
+        assert_eq!(u.read(UARTRSR, W), RSR_OE);
+        wr(&mut u, UARTECR, 0);
+        assert_eq!(u.read(UARTDR, W), u32::from(b'a'));
+        assert!(u.push_rx(b'c'));
+        assert_eq!(u.read(UARTDR, W), u32::from(DR_OE) | u32::from(b'c'));
+        assert_eq!(
+            u.read(UARTRSR, W),
+            0,
+            "OE was cleared by UARTECR, no overrun since"
+        );
     }
 
     #[test]

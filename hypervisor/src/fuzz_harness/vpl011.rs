@@ -1129,6 +1129,16 @@ mod tests {
         h.drain();
     }
 
+    /// The vpl011 target's find in the model (minimised): UARTRSR.OE set again by reading the
+    /// character after an overrun, once UARTECR had cleared it.
+    #[test]
+    fn rsr_overrun_after_ecr() {
+        run(&[
+            0x25, 0xf0, 0x31, 0x21, 0xff, 0x03, 0xc1, 0xc1, 0xc1, 0xc1, 0xc1, 0, 0, 0, 0, 0, 0, 0,
+            0x01, 0xc1, 0xc1,
+        ]);
+    }
+
     /// The fuzzer's first find was the harness's own: "\r\r\n\n" drops one CR, not two.
     #[test]
     fn only_the_cr_of_a_crlf_goes() {
