@@ -660,6 +660,27 @@ impl Harness {
             counts.reads.get()
         );
         let want = self.expected_read(off, w);
+        if let Some((i, reg)) = self.decode(off).filter(|_| got != want) {
+            let f = &self.funcs[i];
+            if let Some(&(s, e)) = f
+                .hidden
+                .iter()
+                .find(|&&(s, e)| (s..e).contains(&(reg & !3)))
+            {
+                panic!(
+                    "(d) {}: the guest reads {got:#x} at {reg:#x} in the hidden capability {s:#x}..{e:#x}",
+                    f.dev.bdf
+                );
+            }
+            if f.visible.iter().any(|v| v.0 == reg & !3) {
+                panic!(
+                    "(d) {}: the capability at {:#x} reads {got:#x} at {reg:#x}, documented {want:#x}: \
+                     its next pointer must skip the hidden ones",
+                    f.dev.bdf,
+                    reg & !3
+                );
+            }
+        }
         assert_eq!(
             got, want,
             "(i) guest read at {off:#x} ({w:?}): model {got:#x}, documented {want:#x}"
