@@ -2,8 +2,8 @@
 //! configuration space: every input is a sequence of operations checked against the model's
 //! invariants by `hypervisor::fuzz_harness::vecam::run_with` (docs/fuzzing.md).
 //!
-//! `VECAM_CHECKS=pm,af,ea,bar` (or `all`) switches on the checks of rules vECAM does not have
-//! yet.
+//! `VECAM_CHECKS` picks the checks of the PCI isolation rules (`pm,af,ea,bar`, `all`, the default,
+//! or `none` for code without them).
 #![no_main]
 
 use std::sync::OnceLock;
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let checks = *CHECKS.get_or_init(|| {
         std::env::var("VECAM_CHECKS")
             .map(|s| Checks::parse(&s))
-            .unwrap_or_default()
+            .unwrap_or(Checks::ALL)
     });
     run_with(data, checks);
 });

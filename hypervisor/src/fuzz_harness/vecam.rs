@@ -33,9 +33,12 @@
 //!   reported exactly when a memory BAR's guest address changes;
 //! - **(i) reads as documented**: every guest read equals the filtering table of
 //!   `pci/vecam.rs` (IDs, class, Status, Header Type with the multi-function bit, virtual BARs and
-//!   sizing, no ROM, the visible capability chain, the virtual Interrupt Line, hardware elsewhere).
+//!   sizing, no ROM, the visible capability chain, the virtual Interrupt Line and PowerState,
+//!   hardware elsewhere);
+//! - **(j) forwarded accesses**: `VirtualEcam::resolve` answers only inside a decoding, D0 BAR
+//!   of the VM's as the guest placed it, at the same offset of its physical range.
 //!
-//! The rules vECAM is getting next are checks switched on with [`Checks`]:
+//! The rules of the PCI isolation work are checks that [`Checks`] switches (all on by default):
 //! [`Checks::pm_power_state`], [`Checks::af_flr`], [`Checks::ea_hidden`],
 //! [`Checks::bar_page_slots`].
 
