@@ -221,10 +221,15 @@ impl Default for Budget {
         Self {
             tlbi_per_trap: 16,
             outstanding: 64,
+            // A driver's probe or a device's attach and detach use a handful; 10000 per second
+            // in steady state leave the physical SMMU (an STE fetch and a CMD_SYNC each, a few
+            // microseconds) mostly to the others whatever a guest does.
             ste_burst: 64,
-            ste_period_ns: 20_000,
+            ste_period_ns: 100_000,
+            // 200000 physical CMD_SYNCs per second: more than a guest's strict-mode unmaps on
+            // QEMU or a fast disk need, a fraction of what one SMMU completes.
             sync_burst: 64,
-            sync_period_ns: 1_000,
+            sync_period_ns: 5_000,
         }
     }
 }
