@@ -1688,6 +1688,17 @@ mod tests {
         );
     }
 
+    /// Fuzzer finding: a reset whose wait for a break's CMD_SYNC failed took that CMD_SYNC as
+    /// complete and made the break (invariant (g)).
+    #[test]
+    fn a_reset_never_makes_a_break_whose_sync_failed() {
+        run(&[
+            40, 255, 255, 255, 11, 213, 253, 63, 85, 255, 255, 255, 1, 149, 149, 0, 0, 0, 30, 255,
+            255, 255, 11, 213, 149, 149, 255, 0, 85, 1, 149, 2, 237, 0, 0, 11, 85, 37, 191, 191,
+            255,
+        ]);
+    }
+
     #[test]
     fn empty_and_tiny_inputs() {
         run(&[]);

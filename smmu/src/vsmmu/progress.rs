@@ -366,6 +366,18 @@ impl Vsmmu {
         }
     }
 
+    /// Stops counting the VM's physical CMD_SYNCs up to `t` as outstanding, without taking
+    /// them as complete.
+    fn give_up(&mut self, t: SyncTicket) {
+        while let Some(&(s, queued)) = self.syncs.front() {
+            if s.seq() > t.seq() {
+                break;
+            }
+            self.done_queued = self.done_queued.max(queued);
+            self.syncs.pop_front();
+        }
+    }
+
     /// The VM's physical CMD_SYNC `t` failed (timed out, or a command before it did).
     pub(super) fn sync_failed(
         &mut self,
@@ -375,13 +387,7 @@ impl Vsmmu {
     ) -> Irqs {
         // What it was to complete is unknown: stop counting it as outstanding (the budget
         // would wait for it forever), without calling it complete.
-        while let Some(&(s, queued)) = self.syncs.front() {
-            if s.seq() > t.seq() {
-                break;
-            }
-            self.done_queued = self.done_queued.max(queued);
-            self.syncs.pop_front();
-        }
+        self.give_up(t);
         self.phys_failed(e, mem)
     }
 
@@ -564,8 +570,10 @@ impl Vsmmu {
                     Err(e) => {
                         self.stats.phys_sync_errors += 1;
                         log::error!("vsmmu: {}: physical CMD_SYNC: {e}", self.cfg.name);
-                        // Given up on: nothing more to learn from it.
-                        self.synced(t.seq());
+                        // Given up on, and not taken as complete: a break behind it is not made
+                        // (the reset rewrites its stream from the aborting STE, no break needed).
+                        self.give_up(t);
+                        break;
                     }
                 },
             }
