@@ -8,13 +8,15 @@
 //! Completion is by polling SMMU_CMDQ_CONS (CMD_SYNC with CS = SIG_NONE): QEMU's `virt` SMMU has
 //! neither MSI nor SEV (DESIGN.md section 3). Every wait is bounded by [`SmmuConfig::poll_limit`].
 
+use crate::budget::TokenBucket;
 use crate::cmd::Command;
 use crate::event::Event;
 use crate::queue::{overflow_pending, Queue, OVERFLOW_FLAG};
 use crate::regs::{
-    self, Cerror, Cr0, Cr2, Gbpa, Gerror, Idr0, Idr1, Idr5, IrqCtrl, StLevel, StrtabFmt,
+    self, Cerror, Cr0, Cr2, Gbpa, Gerror, Idr0, Idr1, Idr5, IrqCtrl, StLevel, StallModel, StrtabFmt,
 };
 use crate::ste::Ste;
+use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -113,6 +115,8 @@ pub struct SmmuConfig {
     pub evtq_max_log2: u8,
     /// Register reads before a poll gives up with [`DriverError::Timeout`].
     pub poll_limit: u32,
+    /// What each stream may put in the shared event queue ([`Smmu::poll_events`]).
+    pub events: EventBudget,
 }
 
 impl Default for SmmuConfig {
@@ -121,11 +125,127 @@ impl Default for SmmuConfig {
             linear_max_sid_bits: 8,
             max_sid_bits: 16,
             cmdq_max_log2: 8,
-            evtq_max_log2: 8,
+            // 32 KiB: room for a burst of one stream's faults before its budget stops them, with
+            // the other streams' records still fitting.
+            evtq_max_log2: 10,
             poll_limit: 1_000_000,
+            events: EventBudget::default(),
         }
     }
 }
+
+/// The share of the physical event queue each StreamID gets (DESIGN.md section 5): a token
+/// bucket of records per stream. A stream that runs out is **quarantined**: its STE is made to
+/// abort, which records no events (STE.Config = 0b0xx, IHI 0070 5.2), for `cooldown_ns`, then
+/// the STE it had (or was given meanwhile) is restored. A device that faults without end so
+/// puts at most `burst` records per cool-down into the queue, however fast it faults, and
+/// every other stream's records keep their room. Each quarantine that follows the previous
+/// one's end within a cool-down doubles the next cool-down, up to 8 times.
+///
+/// STE.MEV (merge events) would be gentler, but whether and how an SMMU merges is
+/// IMPLEMENTATION DEFINED (QEMU does not), so the budget cannot rest on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventBudget {
+    /// Records a stream may have delivered at once.
+    pub burst: u32,
+    /// One more record per this many nanoseconds.
+    pub period_ns: u64,
+    /// How long an exhausted stream aborts before its STE is restored.
+    pub cooldown_ns: u64,
+}
+
+impl Default for EventBudget {
+    fn default() -> Self {
+        Self {
+            // A drain charges the records it finds at once: the burst absorbs what one stream
+            // records between two drains (the hypervisor drains on the event interrupt, and
+            // every few timer ticks), and leaves most of the 2^10-entry queue to the others.
+            burst: 64,
+            // 4000 records per second per stream in steady state: a driver logging faults
+            // keeps them all, a device faulting in a loop gets quarantined.
+            period_ns: 250_000,
+            cooldown_ns: 10_000_000,
+        }
+    }
+}
+
+/// What became of one physical event record ([`Smmu::poll_events`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventFate {
+    /// Within its stream's budget: route it.
+    Deliver,
+    /// This record exhausted its stream's budget: the stream now aborts (no more records) for
+    /// the cool-down. Route it still; it stands for the records the cool-down suppresses.
+    Quarantined,
+    /// Its stream is over budget or quarantined (recorded before the abort took effect):
+    /// dropped, only to be counted.
+    Suppressed,
+}
+
+/// Streams tracked for the event budget at most (a StreamID past them gets no budget of its
+/// own and is suppressed once they are all in use: the map stays bounded).
+const TRACKED_STREAMS: usize = 4096;
+
+/// One stream's share of the event queue.
+#[derive(Debug, Clone, Copy)]
+struct StreamEvents {
+    bucket: TokenBucket,
+    /// While quarantined: the STE to restore and when.
+    quarantine: Option<Quarantine>,
+    /// Consecutive quarantines (the cool-down doubles with each, up to 8x).
+    strikes: u8,
+    /// When the last quarantine ended.
+    released: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Quarantine {
+    /// The STE the stream gets back (the last one asked for while it was quarantined).
+    saved: Ste,
+    until: u64,
+}
+
+/// Counters of the physical driver since probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DriverStats {
+    /// Event records dropped by the per-stream budget.
+    pub events_suppressed: u64,
+    /// Streams quarantined for faulting beyond their budget.
+    pub quarantines: u64,
+    /// Quarantined streams restored.
+    pub restores: u64,
+    /// Stalled transactions terminated (CMD_RESUME, Action = abort).
+    pub stalls_terminated: u64,
+}
+
+/// What [`Smmu::write_ste`] did and what is left to make the SMMU use the new STE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum SteWrite {
+    /// The table already holds this STE: nothing written, nothing to invalidate.
+    Unchanged,
+    /// Written; in force once this CMD_CFGI_STE and a CMD_SYNC after it have completed.
+    Written(Command),
+    /// A valid STE changing in more than one doubleword: its word 0 now aborts (break). Queue
+    /// [`SteBreak::cfgi`], wait for a CMD_SYNC after it, then [`Smmu::make_ste`].
+    Broken(SteBreak),
+}
+
+/// The second half of a break-before-make STE update ([`SteWrite::Broken`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct SteBreak {
+    /// StreamID.
+    pub sid: u32,
+    /// The STE to make.
+    pub ste: Ste,
+    /// The CMD_CFGI_STE that makes the break (and then the make) known to the SMMU.
+    pub cfgi: Command,
+}
+
+/// CMD_RESUME Action = abort (IHI 0070 4.7.2; Linux `CMDQ_RESUME_0_RESP_ABORT`): the stalled
+/// transaction is aborted.
+pub const RESUME_ABORT: u8 = 2;
 
 /// SPLIT of a 2-level stream table: each L2 table holds 2^8 STEs (one PCI bus), 16 KiB.
 pub const STRTAB_SPLIT: u8 = 8;
@@ -164,15 +284,19 @@ pub struct Features {
     pub nesting: bool,
     /// The stream table is 2-level (SPLIT = [`STRTAB_SPLIT`]) rather than linear.
     pub two_level: bool,
+    /// SMMU_IDR0.STALL_MODEL, which every STE written honours ([`Smmu::write_ste`]).
+    pub stall_model: StallModel,
 }
 
 /// Result of [`Smmu::poll_events`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EventPoll {
-    /// Records delivered.
+    /// Records consumed (whatever their [`EventFate`]).
     pub events: usize,
     /// The SMMU dropped records since the last poll (EVENTQ_PROD.OVFLG toggled); acknowledged.
     pub overflowed: bool,
+    /// Stalled transactions terminated with CMD_RESUME (Action = abort).
+    pub stalls_terminated: usize,
 }
 
 /// The physical SMMU.
@@ -187,6 +311,11 @@ pub struct Smmu<R, M: DmaMemory> {
     evtq: Queue,
     evtq_base: u64,
     evtq_ovack: u32,
+    /// The event budget of each stream that had a record.
+    events: BTreeMap<u32, StreamEvents>,
+    /// The earliest end of a quarantine.
+    next_restore: Option<u64>,
+    stats: DriverStats,
 }
 
 impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
@@ -223,6 +352,9 @@ impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
             evtq,
             evtq_base: 0,
             evtq_ovack: 0,
+            events: BTreeMap::new(),
+            next_restore: None,
+            stats: DriverStats::default(),
         };
 
         smmu.set_gbpa_abort()?;
@@ -282,6 +414,11 @@ impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
     /// The DMA memory.
     pub fn mem(&self) -> &M {
         &self.mem
+    }
+
+    /// Counters since probe.
+    pub fn stats(&self) -> DriverStats {
+        self.stats
     }
 
     /// The command queue, for submitting from any CPU without exclusive access to the driver
@@ -464,45 +601,177 @@ impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
         Ok(true)
     }
 
-    /// Writes `ste` for StreamID `sid` and makes the SMMU use it (CMD_CFGI_STE + CMD_SYNC).
-    ///
-    /// Update rules (IHI 0070 ch. 3, structure update procedures): the SMMU may fetch an STE at any time, 64 bits at a time.
-    /// When the current entry is valid and not an abort entry, it is first made to abort (word 0
-    /// only) and invalidated, so no mix of old and new words is ever used. Then words 1-7 are
-    /// written, and word 0 (with V and Config) last.
+    /// Writes `ste` for StreamID `sid` and makes the SMMU use it, waiting for each CMD_SYNC:
+    /// [`Smmu::write_ste`], then CMD_CFGI_STE + CMD_SYNC (twice for a break-before-make). For the
+    /// hypervisor's own control path; whoever holds the driver meanwhile holds it across the
+    /// waits, so the vSMMUs use [`Smmu::write_ste`] and [`Smmu::make_ste`] with the waits
+    /// between them outside the driver's lock.
     pub fn set_ste(&mut self, sid: u32, ste: Ste) -> Result<(), DriverError> {
+        match self.write_ste(sid, ste)? {
+            SteWrite::Unchanged => Ok(()),
+            SteWrite::Written(cfgi) => self.submit_sync(&[cfgi]),
+            SteWrite::Broken(b) => {
+                self.submit_sync(&[b.cfgi])?;
+                let cfgi = self.make_ste(b)?;
+                self.submit_sync(&[cfgi])
+            }
+        }
+    }
+
+    /// `ste` as this SMMU must have it (SMMU_IDR0.STALL_MODEL, IHI 0070 5.2): with stalls
+    /// supported but optional, stage 1 never stalls (S1STALLD = 1) and stage 2 neither (S2S = 0),
+    /// since no guest is told of stalls (a vSMMU's IDR0 says STALL_MODEL = 0b01) and the
+    /// hypervisor resumes none; with stalls forced, S1STALLD is RES0 and S2S must be 1 (else
+    /// the STE is ILLEGAL), and the hypervisor terminates every stall ([`Smmu::poll_events`]).
+    fn honour_stall_model(&self, mut ste: Ste) -> Ste {
+        if !ste.v() {
+            return ste;
+        }
+        let c = ste.config();
+        match self.features.stall_model {
+            StallModel::Terminate => {}
+            StallModel::Stall => {
+                ste.set_s1stalld(c.s1_enabled()).set_s2s(false);
+            }
+            StallModel::Forced => {
+                ste.set_s1stalld(false).set_s2s(c.s2_enabled());
+            }
+        }
+        ste
+    }
+
+    /// Writes `ste` for StreamID `sid` into the stream table as far as it can go without
+    /// waiting for the SMMU, and says what is left ([`SteWrite`]). Nothing here waits: the
+    /// caller issues the CMD_CFGI_STE and CMD_SYNCs through the lock-free [`Cmdq`], so no lock
+    /// held across this call is held across a CMD_SYNC wait.
+    ///
+    /// Update rules (IHI 0070 3.21.3, configuration structure update procedures): the SMMU may
+    /// fetch an STE at any time, 64 bits at a time, and must never see a mix of two valid
+    /// configurations. So:
+    /// - a change of at most one doubleword is one single-copy atomic write (every fetch sees
+    ///   the old or the new STE);
+    /// - an aborting or invalid current STE gets words 1-7, a barrier, then word 0 (V, Config)
+    ///   last;
+    /// - a valid STE becoming abort gets only word 0 (any fetch then sees the old STE or one
+    ///   that aborts, whatever words 1-7 hold; they keep their stale values, which an aborting
+    ///   STE ignores);
+    /// - any other change of a valid STE is a break-before-make: word 0 is made to abort now
+    ///   ([`SteWrite::Broken`]); once its CMD_CFGI_STE and a CMD_SYNC have completed,
+    ///   [`Smmu::make_ste`] writes words 1-7 and then word 0.
+    ///
+    /// STE.S1STALLD and S2S are set as SMMU_IDR0.STALL_MODEL requires. A stream in event
+    /// quarantine keeps aborting: `ste` is kept for its restoration.
+    pub fn write_ste(&mut self, sid: u32, ste: Ste) -> Result<SteWrite, DriverError> {
         self.check_sid(sid)?;
+        let ste = self.honour_stall_model(ste);
+        if let Some(q) = self
+            .events
+            .get_mut(&sid)
+            .and_then(|s| s.quarantine.as_mut())
+        {
+            q.saved = ste;
+            return Ok(SteWrite::Unchanged);
+        }
         let new_l2 = self.ensure_l2(sid)?;
         let pa = self
             .ste_pa(sid)
             .expect("stream table covers every checked StreamID");
         let cfgi = Command::CfgiSte { sid, leaf: !new_l2 };
         let cur = self.read_ste(pa);
-        if cur.v() && cur.config().bits() != 0 && cur != ste {
-            self.mem.write(pa, &Ste::abort().0[0].to_le_bytes());
-            self.submit_sync(&[cfgi])?;
+        let differ = (0..8).filter(|&i| cur.0[i] != ste.0[i]).count();
+        if differ == 0 {
+            // A new L2 table still needs its L1 descriptor invalidated (Leaf = 0).
+            return Ok(if new_l2 {
+                SteWrite::Written(cfgi)
+            } else {
+                SteWrite::Unchanged
+            });
         }
+        let live = cur.v() && cur.config().bits() != 0;
+        if differ == 1 {
+            let i = (0..8).find(|&i| cur.0[i] != ste.0[i]).unwrap_or(0);
+            self.mem.write(pa + 8 * i as u64, &ste.0[i].to_le_bytes());
+        } else if live && ste.v() && ste.config().bits() == 0 {
+            self.mem.write(pa, &ste.0[0].to_le_bytes());
+        } else if live {
+            self.mem.write(pa, &Ste::abort().0[0].to_le_bytes());
+            return Ok(SteWrite::Broken(SteBreak { sid, ste, cfgi }));
+        } else {
+            self.write_ste_words(pa, &ste);
+        }
+        Ok(SteWrite::Written(cfgi))
+    }
+
+    /// Words 1-7, a barrier, then word 0: the order for an STE that is not live.
+    fn write_ste_words(&mut self, pa: u64, ste: &Ste) {
         let bytes = ste.to_bytes();
         self.mem.write(pa + 8, &bytes[8..]);
         self.mem.write_barrier();
         self.mem.write(pa, &bytes[..8]);
-        self.submit_sync(&[cfgi])
     }
 
-    /// Consumes the event queue, calling `f` for each record in order, then publishes CONS and
-    /// acknowledges an overflow (EVENTQ_CONS.OVACKFLG := EVENTQ_PROD.OVFLG, IHI 0070 7.4).
-    pub fn poll_events(&mut self, mut f: impl FnMut(Event)) -> EventPoll {
+    /// The make of a break-before-make update: writes words 1-7 and then word 0 of `b.ste` and
+    /// returns the CMD_CFGI_STE that puts it in force (with a CMD_SYNC after it). Call only
+    /// once the break's CMD_CFGI_STE and a CMD_SYNC after it have completed: until then the
+    /// SMMU may still use the old STE, which the new words would tear.
+    pub fn make_ste(&mut self, b: SteBreak) -> Result<Command, DriverError> {
+        self.check_sid(b.sid)?;
+        let ste = self.honour_stall_model(b.ste);
+        if let Some(q) = self
+            .events
+            .get_mut(&b.sid)
+            .and_then(|s| s.quarantine.as_mut())
+        {
+            q.saved = ste;
+            return Ok(b.cfgi);
+        }
+        let pa = self
+            .ste_pa(b.sid)
+            .expect("write_ste installed the StreamID's L2 table");
+        self.write_ste_words(pa, &ste);
+        Ok(b.cfgi)
+    }
+
+    /// Consumes the event queue, calling `f` for each record in order with what its stream's
+    /// budget made of it ([`EventBudget`], [`EventFate`]), then publishes CONS and acknowledges
+    /// an overflow (EVENTQ_CONS.OVACKFLG := EVENTQ_PROD.OVFLG, IHI 0070 7.4).
+    ///
+    /// `now` is a monotonic clock in nanoseconds; without one (`None`) every record is
+    /// delivered. Streams whose quarantine is over are restored first.
+    ///
+    /// Every record with Stall = 1 is answered with CMD_RESUME, Action = abort (IHI 0070 4.7.2;
+    /// Linux's `CMDQ_RESUME_0_RESP_ABORT`): no guest is told of stalls and the hypervisor
+    /// retries none, so no stalled transaction is left behind, whoever's stream it is.
+    pub fn poll_events(
+        &mut self,
+        now: Option<u64>,
+        mut f: impl FnMut(Event, EventFate),
+    ) -> EventPoll {
+        if let Some(now) = now {
+            self.restore_quarantined(now);
+        }
         let prod_raw = self.regs.read32(regs::SMMU_EVENTQ_PROD);
         self.evtq.set_prod(prod_raw);
         let mut out = EventPoll {
             events: 0,
             overflowed: overflow_pending(prod_raw, self.evtq_ovack),
+            stalls_terminated: 0,
         };
+        let mut resumes = Vec::new();
         while !self.evtq.is_empty() {
             let pa = self.evtq_base + u64::from(self.evtq.cons_index()) * Event::SIZE as u64;
             let mut b = [0u8; 32];
             self.mem.read(pa, &mut b);
-            f(Event::from_bytes(&b));
+            let e = Event::from_bytes(&b);
+            if e.stall {
+                resumes.push(Command::Resume {
+                    sid: e.stream_id,
+                    stag: e.stag,
+                    resp: RESUME_ABORT,
+                });
+            }
+            let fate = self.budget_event(&e, now);
+            f(e, fate);
             self.evtq.inc_cons();
             out.events += 1;
         }
@@ -514,7 +783,129 @@ impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
             self.regs
                 .write32(regs::SMMU_EVENTQ_CONS, self.evtq.cons() | self.evtq_ovack);
         }
+        if !resumes.is_empty() {
+            out.stalls_terminated = resumes.len();
+            self.stats.stalls_terminated += resumes.len() as u64;
+            // Published, not waited for: a CMD_RESUME takes effect when consumed.
+            if let Err(e) = self.cmdq.submit(&resumes) {
+                log::error!(
+                    "smmu: CMD_RESUME of {} stalled transactions: {e}",
+                    resumes.len()
+                );
+            }
+        }
         out
+    }
+
+    /// Charges `e` to its stream's budget.
+    fn budget_event(&mut self, e: &Event, now: Option<u64>) -> EventFate {
+        let Some(now) = now else {
+            return EventFate::Deliver;
+        };
+        let sid = e.stream_id;
+        if self.check_sid(sid).is_err() {
+            // No STE to quarantine (C_BAD_STREAMID of a StreamID beyond the table).
+            return EventFate::Deliver;
+        }
+        let budget = self.cfg.events;
+        if !self.events.contains_key(&sid) {
+            if self.events.len() >= TRACKED_STREAMS {
+                self.stats.events_suppressed += 1;
+                return EventFate::Suppressed;
+            }
+            self.events.insert(
+                sid,
+                StreamEvents {
+                    bucket: TokenBucket::new(budget.burst, budget.period_ns),
+                    quarantine: None,
+                    strikes: 0,
+                    released: 0,
+                },
+            );
+        }
+        let st = self.events.get_mut(&sid).expect("inserted above");
+        if st.quarantine.is_some() {
+            self.stats.events_suppressed += 1;
+            return EventFate::Suppressed;
+        }
+        if st.bucket.take(1, Some(now)).is_ok() {
+            return EventFate::Deliver;
+        }
+        // Out of budget: abort the stream's transactions, which records nothing, for the
+        // cool-down. A quarantine soon after the last one doubles it.
+        let cooldown = |strikes: u8| budget.cooldown_ns.saturating_mul(1 << strikes);
+        let soon = now.saturating_sub(st.released) < cooldown(st.strikes);
+        st.strikes = if soon { (st.strikes + 1).min(3) } else { 0 };
+        let strikes = st.strikes;
+        let until = now.saturating_add(cooldown(strikes));
+        let Some(pa) = self.ste_pa(sid) else {
+            self.stats.events_suppressed += 1;
+            return EventFate::Suppressed;
+        };
+        let saved = self.read_ste(pa);
+        // Word 0 alone: any fetch sees the old STE or one that aborts ([`Smmu::write_ste`]).
+        self.mem.write(pa, &Ste::abort().0[0].to_le_bytes());
+        if let Some(st) = self.events.get_mut(&sid) {
+            st.quarantine = Some(Quarantine { saved, until });
+        }
+        self.next_restore = Some(self.next_restore.map_or(until, |t| t.min(until)));
+        self.stats.quarantines += 1;
+        log::warn!(
+            "smmu: StreamID {sid}: {} event records beyond its budget: its transactions abort for {} ms",
+            e.kind.name(),
+            cooldown(strikes) / 1_000_000
+        );
+        // Published now, waited for by nobody: the abort takes effect when it is consumed, and
+        // what the stream recorded meanwhile is suppressed as it is drained.
+        if let Err(err) = self.cmdq.submit(&[
+            Command::CfgiSte { sid, leaf: true },
+            Command::Sync(crate::cmd::Sync::none()),
+        ]) {
+            log::error!("smmu: StreamID {sid}: CMD_CFGI_STE of its quarantine: {err}");
+        }
+        EventFate::Quarantined
+    }
+
+    /// Gives every stream whose cool-down ended at `now` its STE back (the last one asked for
+    /// while it was quarantined). The quarantine STE aborts, so words 1-7 and then word 0
+    /// need no break ([`Smmu::write_ste`]).
+    pub fn restore_quarantined(&mut self, now: u64) {
+        if self.next_restore.is_none_or(|t| t > now) {
+            return;
+        }
+        let mut next = None;
+        let mut restored = Vec::new();
+        for (&sid, st) in self.events.iter_mut() {
+            let Some(q) = st.quarantine else { continue };
+            if q.until > now {
+                next = Some(next.map_or(q.until, |t: u64| t.min(q.until)));
+                continue;
+            }
+            st.quarantine = None;
+            st.released = now;
+            st.bucket.fill();
+            restored.push((sid, q.saved));
+        }
+        self.next_restore = next;
+        for (sid, ste) in restored {
+            if let Some(pa) = self.ste_pa(sid) {
+                self.write_ste_words(pa, &ste);
+                self.stats.restores += 1;
+                if let Err(e) = self.cmdq.submit(&[
+                    Command::CfgiSte { sid, leaf: true },
+                    Command::Sync(crate::cmd::Sync::none()),
+                ]) {
+                    log::error!("smmu: StreamID {sid}: CMD_CFGI_STE of its restoration: {e}");
+                }
+            }
+        }
+    }
+
+    /// Whether StreamID `sid` is in event quarantine (its STE aborts).
+    pub fn quarantined(&self, sid: u32) -> bool {
+        self.events
+            .get(&sid)
+            .is_some_and(|s| s.quarantine.is_some())
     }
 
     /// Global errors currently active (GERROR ^ GERRORN).
@@ -591,6 +982,7 @@ fn check_features(
         oas_bits,
         nesting: idr0.s1p() && idr0.s2p(),
         two_level,
+        stall_model: idr0.stalls(),
     })
 }
 

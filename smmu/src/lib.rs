@@ -8,6 +8,7 @@
 //! - [`event`]: the 32-byte event queue records.
 //! - [`queue`]: the PROD/CONS index arithmetic shared by all SMMU queues.
 //! - [`driver`]: the physical SMMU driver over [`driver::SmmuRegs`] and [`driver::DmaMemory`].
+//! - [`budget`]: the token bucket behind the budgets of what VMs share.
 //!
 //! - [`vsmmu`]: the guest-facing stage-1 SMMUv3 model, nested over the VM's stage 2.
 #![no_std]
@@ -18,6 +19,7 @@
 extern crate alloc;
 
 mod bits;
+pub mod budget;
 pub mod cmd;
 pub mod driver;
 pub mod event;

@@ -171,6 +171,18 @@ pub enum StLevel {
     Reserved(u8),
 }
 
+/// SMMU_IDR0.STALL_MODEL (IHI 0070 6.3.1): what the SMMU does with a faulting transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StallModel {
+    /// 0b00: stall and terminate both supported; STE.S1STALLD/S2S and CD.S choose.
+    Stall,
+    /// 0b01: terminate only; no transaction ever stalls.
+    Terminate,
+    /// 0b10: stalls forced: every fault stalls until software resumes or terminates it
+    /// (CMD_RESUME, CMD_STALL_TERM); CD.S = 0 and STE.S2S = 0 are ILLEGAL.
+    Forced,
+}
+
 /// SMMU_IDR0 (IHI 0070 6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Idr0(pub u32);
@@ -258,6 +270,14 @@ impl Idr0 {
     /// STALL_MODEL: 0 stall and terminate, 1 terminate only, 2 stall forced.
     pub fn stall_model(self) -> u8 {
         self.f(25, 24)
+    }
+    /// STALL_MODEL decoded (the reserved 0b11 is taken as terminate only: nothing stalls).
+    pub fn stalls(self) -> StallModel {
+        match self.stall_model() {
+            0 => StallModel::Stall,
+            2 => StallModel::Forced,
+            _ => StallModel::Terminate,
+        }
     }
     /// TERM_MODEL: 1 when terminated transactions always abort (never RAZ/WI).
     pub fn term_model(self) -> bool {

@@ -11,7 +11,9 @@ use alloc::string::{String, ToString};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::arch::asm;
-use smmu::driver::{Cmdq, DmaMemory, DriverError, QueueMemory, Smmu, SmmuConfig, SmmuRegs};
+use smmu::driver::{
+    Cmdq, DmaMemory, DriverError, EventFate, QueueMemory, Smmu, SmmuConfig, SmmuRegs, SteWrite,
+};
 use spin::Mutex;
 
 /// SMMU registers at a physical address, with the barriers Linux's `writel`/`readl` imply:
@@ -357,17 +359,41 @@ pub fn vm_s2_config(oas_bits: u8, vmid: u16, s2_root: u64) -> smmu::ste::S2Confi
 /// Points `stream_ids` at a VM's stage-2 (STE Config = stage 2 only, the VM's VMID and root):
 /// its devices' DMA addresses are IPAs, confined to what the VM's stage-2 maps.
 pub fn attach_stage2(vm: &str, stream_ids: &[u32], vmid: u16, s2_root: u64) -> Result<(), String> {
-    let mut guard = SMMU.lock();
-    let Some(smmu) = guard.as_mut() else {
+    let Some(oas_bits) = SMMU.lock().as_ref().map(|s| s.features().oas_bits) else {
         return Err("no SMMU: DMA would not be confined".to_string());
     };
-    let s2 = vm_s2_config(smmu.features().oas_bits, vmid, s2_root);
+    let s2 = vm_s2_config(oas_bits, vmid, s2_root);
     for &sid in stream_ids {
-        smmu.set_ste(sid, smmu::ste::Ste::stage2(s2))
+        set_ste(sid, smmu::ste::Ste::stage2(s2))
             .map_err(|e| alloc::format!("StreamID {sid}: {e}"))?;
     }
     log::info!("smmu: {vm}: StreamIDs {stream_ids:?} translate through its stage-2 (VMID {vmid})");
     Ok(())
+}
+
+/// Writes the physical STE of `sid` and waits until the SMMU uses it, holding the SMMU's lock
+/// only for the stream-table writes: the CMD_CFGI_STE + CMD_SYNC waits (two for a
+/// break-before-make) go through the lock-free command queue without it, so no other CPU's
+/// STE change or event drain waits behind them.
+pub fn set_ste(sid: u32, ste: smmu::ste::Ste) -> Result<(), DriverError> {
+    let cmdq = CMDQ.get().ok_or(DriverError::MissingFeature("SMMU"))?;
+    let write = SMMU
+        .lock()
+        .as_mut()
+        .ok_or(DriverError::MissingFeature("SMMU"))?
+        .write_ste(sid, ste)?;
+    let cfgi = match write {
+        SteWrite::Unchanged => return Ok(()),
+        SteWrite::Written(cfgi) => cfgi,
+        SteWrite::Broken(b) => {
+            cmdq.submit_sync(&[b.cfgi])?;
+            SMMU.lock()
+                .as_mut()
+                .ok_or(DriverError::MissingFeature("SMMU"))?
+                .make_ste(b)?
+        }
+    };
+    cmdq.submit_sync(&[cfgi])
 }
 
 /// Drops every TLB entry of a VM's VMID in the SMMU (TLBI_S12_VMALL + CMD_SYNC) after its
@@ -415,17 +441,49 @@ pub fn dump_stream_table(groups: &[IommuGroup]) {
     }
 }
 
-/// Drains the SMMU's event queue: the events in order, whether some were lost to an
-/// overflow, and the global errors active. The SMMU lock is not held once this returns, so the
-/// events can be handed to vSMMU models, which take it again.
-pub fn drain_events() -> (Vec<smmu::event::Event>, bool, smmu::regs::Gerror) {
+/// Nanoseconds since the counter started: the clock of the budgets on what VMs share (the
+/// generic timer's CNTPCT_EL0, monotonic and the same on every CPU).
+pub fn now_ns() -> u64 {
+    use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTPCT_EL0};
+    let freq = CNTFRQ_EL0.get().max(1);
+    (u128::from(CNTPCT_EL0.get()) * 1_000_000_000 / u128::from(freq)) as u64
+}
+
+/// What one drain of the SMMU's event queue found.
+#[derive(Debug)]
+pub struct Drained {
+    /// The records in order, each with what its stream's budget made of it.
+    pub events: Vec<(smmu::event::Event, EventFate)>,
+    /// Some records were lost to an overflow.
+    pub overflowed: bool,
+    /// The global errors active.
+    pub gerror: smmu::regs::Gerror,
+    /// Stalled transactions terminated (CMD_RESUME with Action = abort).
+    pub stalls_terminated: usize,
+}
+
+/// Drains the SMMU's event queue, budgeting each stream's records (a stream faulting beyond
+/// its budget is quarantined, see `smmu::driver::EventBudget`) and terminating every stalled
+/// transaction; streams whose quarantine is over get their STE back. The SMMU lock is not held
+/// once this returns, so the events can be handed to vSMMU models, which take it again.
+pub fn drain_events() -> Drained {
     let mut guard = SMMU.lock();
     let Some(smmu) = guard.as_mut() else {
-        return (Vec::new(), false, smmu::regs::Gerror::empty());
+        return Drained {
+            events: Vec::new(),
+            overflowed: false,
+            gerror: smmu::regs::Gerror::empty(),
+            stalls_terminated: 0,
+        };
     };
     let mut events = Vec::new();
-    let poll = smmu.poll_events(|e| events.push(e));
-    (events, poll.overflowed, smmu.active_gerror())
+    let poll = smmu.poll_events(Some(now_ns()), |e, fate| events.push((e, fate)));
+    Drained {
+        events,
+        overflowed: poll.overflowed,
+        gerror: smmu.active_gerror(),
+        stalls_terminated: poll.stalls_terminated,
+    }
 }
 
 /// The physical SMMU, once probed. Its lock guards the stream table and event queue (the

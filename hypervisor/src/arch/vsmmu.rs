@@ -9,12 +9,12 @@ use crate::platform::{MemRange, SmmuInfo};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 use smmu::cmd::Command;
-use smmu::driver::{DriverError, SyncTicket};
+use smmu::driver::{DriverError, EventFate, SteBreak, SteWrite, SyncTicket};
 use smmu::event::Event;
 use smmu::ste::Ste;
 use smmu::vsmmu::{
-    reg_name, Forward, GuestMemError, GuestMemory, Irqs, PhysicalSmmu, StreamMap, Vsmmu,
-    VsmmuConfig, REG_SLOTS,
+    reg_name, Budget, Forward, GuestMemError, GuestMemory, Irqs, PhysicalSmmu, StreamMap, Vsmmu,
+    VsmmuConfig, MAX_ROUNDS, REG_SLOTS,
 };
 use spin::Mutex;
 
@@ -62,6 +62,14 @@ impl VmSmmu {
             );
             return None;
         }
+        if f.stall_model == smmu::regs::StallModel::Forced {
+            // With stalls forced a CD with S = 0 is ILLEGAL (IHI 0070 5.4), and the guest's CDs
+            // have S = 0: its vSMMU says there are no stalls (STALL_MODEL = 0b01).
+            log::warn!(
+                "vsmmu: {vm}: the SMMU forces stalls, which a guest's stage 1 cannot use: no vSMMU, stage 2 only"
+            );
+            return None;
+        }
         let idr3 = smmu::driver::SmmuRegs::read32(smmu.regs(), smmu::regs::SMMU_IDR3);
         let s2 = iommu::vm_s2_config(f.oas_bits, vmid, s2_root);
         drop(guard);
@@ -79,6 +87,7 @@ impl VmSmmu {
             oas_bits: GUEST_OAS_BITS,
             phys_idr5: f.idr5.0,
             phys_ril: smmu::regs::Idr3(idr3).ril(),
+            budget: Budget::default(),
         };
         log::info!(
             "vsmmu: {vm}: SMMUv3 (stage 1) at {:#x}, StreamIDs {stream_ids:?}",
@@ -116,11 +125,16 @@ impl GuestMemory for VmMem<'_> {
     }
 }
 
-/// The physical SMMU as the vSMMUs reach it: STE writes under the physical SMMU's lock (the
-/// control path: a guest's attach/detach), commands through the lock-free command queue (the
-/// I/O path: every DMA unmap), so that no lock on it is shared between VMs.
+/// The physical SMMU as the vSMMUs reach it: stream-table writes under the physical SMMU's
+/// lock, held for the writes only (a break-before-make's CMD_SYNC is waited for between
+/// `write_ste` and `make_ste`, without it); commands through the lock-free command queue (the
+/// I/O path: every DMA unmap), so that no lock on it is shared between VMs across a wait.
 #[derive(Debug)]
 pub struct PhysSmmu;
+
+/// Counter reads a budget wait spins at most per microsecond it waits (a bound on the loop
+/// should the counter stop).
+const SPINS_PER_US: u64 = 1_000;
 
 fn cmdq() -> Result<&'static iommu::HwCmdq, DriverError> {
     iommu::CMDQ
@@ -130,9 +144,16 @@ fn cmdq() -> Result<&'static iommu::HwCmdq, DriverError> {
 }
 
 impl PhysicalSmmu for PhysSmmu {
-    fn set_ste(&mut self, sid: u32, ste: Ste) -> Result<(), DriverError> {
+    fn write_ste(&mut self, sid: u32, ste: Ste) -> Result<SteWrite, DriverError> {
         match iommu::SMMU.lock().as_mut() {
-            Some(s) => s.set_ste(sid, ste),
+            Some(s) => s.write_ste(sid, ste),
+            None => Err(DriverError::MissingFeature("SMMU")),
+        }
+    }
+
+    fn make_ste(&mut self, b: SteBreak) -> Result<Command, DriverError> {
+        match iommu::SMMU.lock().as_mut() {
+            Some(s) => s.make_ste(b),
             None => Err(DriverError::MissingFeature("SMMU")),
         }
     }
@@ -154,25 +175,55 @@ impl PhysicalSmmu for PhysSmmu {
     fn wait(&self, ticket: SyncTicket) -> Result<(), DriverError> {
         cmdq()?.wait(ticket)
     }
+
+    fn now(&self) -> Option<u64> {
+        Some(iommu::now_ns())
+    }
+
+    fn wait_until(&self, deadline: u64) {
+        let now = iommu::now_ns();
+        let spins = deadline.saturating_sub(now) / 1_000 * SPINS_PER_US + SPINS_PER_US;
+        for _ in 0..spins {
+            if iommu::now_ns() >= deadline {
+                return;
+            }
+            core::hint::spin_loop();
+        }
+    }
 }
 
 /// A trapped access to the VM's vSMMU registers (`off` from its base). Returns the value read.
 /// A write that forwarded commands is finished without the model's lock: the physical queue is
-/// published and waited for while the VM's other vCPUs can trap on their own vSMMU accesses.
+/// published and waited for (and a budget waited out) while the VM's other vCPUs can trap on
+/// their own vSMMU accesses; round after round, at most `MAX_ROUNDS`.
 pub fn access(vm: &Vm, s: &VmSmmu, vcpu: usize, off: u64, size: u8, write: Option<u64>) -> u64 {
     match write {
         None => s.model.lock().read(off, size),
         Some(v) => {
-            let o = s
-                .model
-                .lock()
-                .write_start(off, size, v, &mut VmMem(vm.ram()), &mut PhysSmmu);
-            let irqs = if o.pending() {
+            let mut o =
+                s.model
+                    .lock()
+                    .write_start(off, size, v, &mut VmMem(vm.ram()), &mut PhysSmmu);
+            let mut irqs = o.irqs;
+            for _ in 0..MAX_ROUNDS {
+                if !o.pending() {
+                    break;
+                }
                 let waited = o.wait(&PhysSmmu);
-                s.model.lock().complete(o, waited, &mut VmMem(vm.ram()))
-            } else {
-                o.irqs
-            };
+                o = s
+                    .model
+                    .lock()
+                    .complete(o, waited, &mut VmMem(vm.ram()), &mut PhysSmmu);
+                irqs |= o.irqs;
+            }
+            if o.pending() {
+                // A model bug: the rest is left to the VM's next trap.
+                log::error!(
+                    "vsmmu: {}: a register write still waits after {MAX_ROUNDS} rounds",
+                    vm.config.name
+                );
+            }
+            o.publish(&PhysSmmu);
             raise(vm, s, irqs, Some(vcpu));
             0
         }
@@ -210,16 +261,21 @@ const EVENTS_LOGGED: u64 = 64;
 /// no VM) is logged with VM, StreamID and addresses. `here`: the (VM index, vCPU) running on
 /// this CPU.
 pub fn service_events(vms: &[Vm], here: Option<(usize, usize)>) {
-    let (events, overflowed, gerror) = iommu::drain_events();
-    if overflowed {
+    let drained = iommu::drain_events();
+    if drained.overflowed {
         log::warn!("smmu: event queue overflowed: events were lost");
     }
-    if !gerror.is_empty() {
-        log::error!("smmu: GERROR {gerror:?}");
+    if !drained.gerror.is_empty() {
+        log::error!("smmu: GERROR {:?}", drained.gerror);
     }
-    for e in &events {
-        let n = EVENTS.fetch_add(1, Ordering::Relaxed) + 1;
-        let loud = n <= EVENTS_LOGGED || n.is_power_of_two();
+    if drained.stalls_terminated > 0 {
+        log::warn!(
+            "smmu: {} stalled transactions terminated (CMD_RESUME, abort)",
+            drained.stalls_terminated
+        );
+    }
+    for (e, fate) in &drained.events {
+        let (e, fate) = (e, *fate);
         let owner = vms
             .iter()
             .find(|v| v.config.devices.stream_ids.contains(&e.stream_id));
@@ -227,10 +283,16 @@ pub fn service_events(vms: &[Vm], here: Option<(usize, usize)>) {
         let ctx = super::uart::set_log_vm(owner.map(|v| v.id));
         let forwarded = owner.and_then(|vm| {
             let s = vm.vsmmu.as_ref().filter(|_| !vm.is_stopped())?;
-            let (fwd, irqs) = s.model.lock().forward_event(e, &mut VmMem(vm.ram()));
+            let (fwd, irqs) = s.model.lock().forward_event(e, fate, &mut VmMem(vm.ram()));
             raise(vm, s, irqs, here.filter(|h| h.0 == vm.id).map(|h| h.1));
             Some((vm, fwd))
         });
+        if fate == EventFate::Suppressed {
+            // Counted by the owner's vSMMU; the one that quarantined the stream was logged.
+            continue;
+        }
+        let n = EVENTS.fetch_add(1, Ordering::Relaxed) + 1;
+        let loud = n <= EVENTS_LOGGED || n.is_power_of_two();
         match forwarded {
             Some((vm, Forward::Guest(g))) => {
                 if loud {
@@ -290,7 +352,7 @@ pub fn log_stats(vm: &Vm) {
     let prod = smmu::vsmmu::reg_index(smmu::regs::SMMU_CMDQ_PROD);
     let cons = smmu::vsmmu::reg_index(smmu::regs::SMMU_CMDQ_CONS);
     log::info!(
-        "vsmmu: {} stats: traps={} cmdq_prod={} cmdq_cons={} reg_reads={} reg_writes={} commands={} syncs={} phys_commands={} phys_syncs={} ste_writes={} guest_events={} dropped_events={} s2_faults={} command_errors={}",
+        "vsmmu: {} stats: traps={} cmdq_prod={} cmdq_cons={} reg_reads={} reg_writes={} commands={} syncs={} phys_commands={} phys_syncs={} ste_writes={} guest_events={} dropped_events={} s2_faults={} command_errors={} tlbi_merged={} syncs_merged={} budget_waits={} order_waits={} gbpa_deferred={} ste_skipped={} ste_breaks={} evt_quarantined={} evt_suppressed={} phys_sync_errors={}",
         vm.config.name,
         st.traps(),
         st.writes[prod],
@@ -305,7 +367,17 @@ pub fn log_stats(vm: &Vm) {
         st.guest_events,
         st.dropped_events,
         st.s2_faults,
-        st.command_errors
+        st.command_errors,
+        st.tlbi_merged,
+        st.syncs_merged,
+        st.budget_waits,
+        st.order_waits,
+        st.gbpa_deferred,
+        st.ste_skipped,
+        st.ste_breaks,
+        st.evt_quarantined,
+        st.evt_suppressed,
+        st.phys_sync_errors
     );
     let mut by_reg: Vec<alloc::string::String> = Vec::new();
     for slot in 0..REG_SLOTS {

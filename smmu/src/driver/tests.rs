@@ -3,6 +3,7 @@ use super::*;
 use crate::cmd::Sync;
 use crate::cmd::TlbiAddr;
 use crate::event::{EventClass, EventKind};
+use crate::regs::StallModel;
 use crate::ste::{S1Fields, S2Config};
 
 type TestSmmu = Smmu<FakeSmmu, FakeSmmu>;
@@ -73,7 +74,7 @@ fn probe_linear_programs_everything() {
     );
     assert_eq!(fake.reg32(regs::SMMU_IRQ_CTRL), 0);
     assert_eq!(fake.reg64(regs::SMMU_CMDQ_BASE) & 0x1f, 8);
-    assert_eq!(fake.reg64(regs::SMMU_EVENTQ_BASE) & 0x1f, 8);
+    assert_eq!(fake.reg64(regs::SMMU_EVENTQ_BASE) & 0x1f, 10);
     assert_eq!(
         fake.commands(),
         [
@@ -306,9 +307,20 @@ fn set_ste_linear_is_bit_exact_and_invalidates() {
     let sync = Command::Sync(Sync::none());
     assert_eq!(fake.take_commands(), [cfgi, sync, cfgi, sync]);
 
-    // Back to abort.
+    // Back to abort: word 0 alone (any fetch sees the nested STE or an aborting one), no
+    // break; words 1-7 keep their stale values, which an aborting STE ignores.
     smmu.set_ste(5, Ste::abort()).unwrap();
-    assert_eq!(ste_at(&fake, table + 5 * 64), Ste::abort());
+    let now = ste_at(&fake, table + 5 * 64);
+    assert_eq!(now.0[0], Ste::abort().0[0]);
+    assert_eq!(now.0[1..], nested.0[1..]);
+    assert_eq!(fake.take_commands(), [cfgi, sync]);
+    // From there (aborting) to stage 2: words 1-7, then word 0, no break.
+    smmu.set_ste(5, ste).unwrap();
+    assert_eq!(ste_at(&fake, table + 5 * 64), ste);
+    assert_eq!(fake.take_commands(), [cfgi, sync]);
+    // The same STE again: nothing written, nothing invalidated.
+    smmu.set_ste(5, ste).unwrap();
+    assert_eq!(fake.take_commands(), []);
     assert_eq!(
         smmu.set_ste(64, Ste::abort()),
         Err(DriverError::StreamIdOutOfRange {
@@ -380,7 +392,10 @@ fn event(n: u32) -> Event {
 
 fn poll(smmu: &mut TestSmmu) -> (Vec<Event>, EventPoll) {
     let mut got = Vec::new();
-    let r = smmu.poll_events(|e| got.push(e));
+    let r = smmu.poll_events(None, |e, fate| {
+        assert_eq!(fate, EventFate::Deliver, "no clock, no budget");
+        got.push(e)
+    });
     (got, r)
 }
 
@@ -403,7 +418,7 @@ fn events_are_consumed_across_wrap_and_overflow_is_acknowledged() {
             r,
             EventPoll {
                 events: 3,
-                overflowed: false
+                ..EventPoll::default()
             }
         );
         assert_eq!(
@@ -423,7 +438,8 @@ fn events_are_consumed_across_wrap_and_overflow_is_acknowledged() {
         r,
         EventPoll {
             events: 4,
-            overflowed: true
+            overflowed: true,
+            stalls_terminated: 0
         }
     );
     let cons = fake.reg32(regs::SMMU_EVENTQ_CONS);
@@ -436,7 +452,7 @@ fn events_are_consumed_across_wrap_and_overflow_is_acknowledged() {
             vec![event(99)],
             EventPoll {
                 events: 1,
-                overflowed: false
+                ..EventPoll::default()
             }
         )
     );
@@ -542,4 +558,200 @@ fn publication_takes_every_contiguous_ready_entry() {
         writes + 1,
         "nothing new: no PROD write"
     );
+}
+
+#[test]
+fn write_ste_breaks_only_what_a_single_write_cannot_change() {
+    let fake = FakeSmmu::new(QEMU_IDR0, 19 << 21 | 19 << 16 | 6, QEMU_IDR5);
+    let mut smmu = probe(&fake, SmmuConfig::default()).unwrap();
+    fake.take_commands();
+    let table = fake.reg64(regs::SMMU_STRTAB_BASE) & crate::bits::mask(51, 6);
+    let cfgi = Command::CfgiSte { sid: 3, leaf: true };
+    let s1 = |ptr| S1Fields {
+        context_ptr: ptr,
+        cir: 1,
+        cor: 1,
+        csh: 3,
+        ..S1Fields::default()
+    };
+    let a = Ste::nested(s1(0x4000_0000), s2());
+    let b = Ste::nested(s1(0x4000_1000), s2());
+    // From abort: written at once (words 1-7, then word 0).
+    assert_eq!(smmu.write_ste(3, a), Ok(SteWrite::Written(cfgi)));
+    assert_eq!(ste_at(&fake, table + 3 * 64), a);
+    // Another CD pointer: only word 0 differs, one single-copy atomic write.
+    assert_eq!(smmu.write_ste(3, b), Ok(SteWrite::Written(cfgi)));
+    assert_eq!(ste_at(&fake, table + 3 * 64), b);
+    assert_eq!(smmu.write_ste(3, b), Ok(SteWrite::Unchanged));
+    // Nested to stage 2 changes words 0-2: break. Word 0 aborts now, nothing else moved.
+    let st2 = Ste::stage2(s2());
+    let SteWrite::Broken(br) = smmu.write_ste(3, st2).unwrap() else {
+        panic!("nested -> stage 2 needs a break");
+    };
+    assert_eq!(
+        br,
+        SteBreak {
+            sid: 3,
+            ste: st2,
+            cfgi
+        }
+    );
+    let mid = ste_at(&fake, table + 3 * 64);
+    assert_eq!(mid.0[0], Ste::abort().0[0]);
+    assert_eq!(mid.0[1..], b.0[1..]);
+    // The make writes the rest and hands back the CFGI_STE; nothing was queued by the driver.
+    assert_eq!(smmu.make_ste(br), Ok(cfgi));
+    assert_eq!(ste_at(&fake, table + 3 * 64), st2);
+    assert_eq!(fake.take_commands(), []);
+}
+
+#[test]
+fn stall_model_is_read_and_every_ste_honours_it() {
+    let stall_idr0 = |model: u32| (QEMU_IDR0 & !(3 << 24)) | model << 24;
+    let nested = Ste::nested(S1Fields::default(), s2());
+    let st2 = Ste::stage2(s2());
+    for (model, want, s1stalld, s2s) in [
+        (0, StallModel::Stall, true, false),
+        (1, StallModel::Terminate, false, false),
+        (2, StallModel::Forced, false, true),
+    ] {
+        let fake = FakeSmmu::new(stall_idr0(model), QEMU_IDR1, QEMU_IDR5);
+        let mut smmu = probe(&fake, SmmuConfig::default()).unwrap();
+        assert_eq!(smmu.features().stall_model, want);
+        smmu.set_ste(0x10, nested).unwrap();
+        let got = smmu.ste(0x10).unwrap();
+        assert_eq!(
+            (got.s1stalld(), got.s2s()),
+            (s1stalld, s2s),
+            "nested STE, {want:?}"
+        );
+        smmu.set_ste(0x11, st2).unwrap();
+        let got = smmu.ste(0x11).unwrap();
+        assert_eq!(
+            (got.s1stalld(), got.s2s()),
+            (false, s2s),
+            "stage 2, {want:?}"
+        );
+        // The abort STE carries neither.
+        smmu.set_ste(0x12, Ste::abort()).unwrap();
+        assert_eq!(smmu.ste(0x12).unwrap(), Ste::abort());
+    }
+}
+
+#[test]
+fn forced_stalls_are_all_terminated() {
+    let fake = FakeSmmu::new((QEMU_IDR0 & !(3 << 24)) | 2 << 24, QEMU_IDR1, QEMU_IDR5);
+    let mut smmu = probe(&fake, SmmuConfig::default()).unwrap();
+    fake.take_commands();
+    let mut stalled = event(0x10);
+    stalled.stall = true;
+    stalled.stag = 0x1234;
+    let mut other = event(0x11);
+    other.stall = true;
+    other.stag = 7;
+    fake.push_event(stalled);
+    fake.push_event(event(0x12));
+    fake.push_event(other);
+    let (got, r) = poll(&mut smmu);
+    assert_eq!(got.len(), 3);
+    assert_eq!(r.stalls_terminated, 2);
+    assert_eq!(smmu.stats().stalls_terminated, 2);
+    assert_eq!(
+        fake.take_commands(),
+        [
+            Command::Resume {
+                sid: 0x10,
+                stag: 0x1234,
+                resp: RESUME_ABORT
+            },
+            Command::Resume {
+                sid: 0x11,
+                stag: 7,
+                resp: RESUME_ABORT
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_stream_faulting_beyond_its_budget_is_quarantined_then_restored() {
+    let fake = FakeSmmu::qemu();
+    let cfg = SmmuConfig {
+        events: EventBudget {
+            burst: 4,
+            period_ns: 1_000,
+            cooldown_ns: 100_000,
+        },
+        ..SmmuConfig::default()
+    };
+    let mut smmu = probe(&fake, cfg).unwrap();
+    let st2 = Ste::stage2(s2());
+    smmu.set_ste(0x10, st2).unwrap();
+    smmu.set_ste(0x20, st2).unwrap();
+    fake.take_commands();
+    let mut t = 1_000_000u64;
+    let run = |smmu: &mut TestSmmu, evs: &[Event], t: u64| {
+        for e in evs {
+            fake.push_event(*e);
+        }
+        let mut fates = Vec::new();
+        smmu.poll_events(Some(t), |e, f| fates.push((e.stream_id, f)));
+        fates
+    };
+    // Stream 0x10 floods: 4 delivered, the 5th quarantines, the rest are suppressed. The other
+    // stream's records in between are all delivered.
+    let mut evs: Vec<Event> = (0..10).map(|_| event(0x10)).collect();
+    evs.insert(7, event(0x20));
+    let fates = run(&mut smmu, &evs, t);
+    let of = |sid: u32, fate| fates.iter().filter(|&&x| x == (sid, fate)).count();
+    assert_eq!(of(0x10, EventFate::Deliver), 4);
+    assert_eq!(of(0x10, EventFate::Quarantined), 1);
+    assert_eq!(of(0x10, EventFate::Suppressed), 5);
+    assert_eq!(of(0x20, EventFate::Deliver), 1);
+    assert!(smmu.quarantined(0x10) && !smmu.quarantined(0x20));
+    assert_eq!(
+        smmu.ste(0x10).unwrap().config(),
+        crate::ste::StreamConfig::Abort
+    );
+    assert_eq!(
+        fake.take_commands(),
+        [
+            Command::CfgiSte {
+                sid: 0x10,
+                leaf: true
+            },
+            Command::Sync(Sync::none())
+        ]
+    );
+    // Its owner changes its STE meanwhile: kept for the restoration, the table still aborts.
+    let nested = Ste::nested(S1Fields::default(), s2());
+    assert_eq!(smmu.write_ste(0x10, nested), Ok(SteWrite::Unchanged));
+    assert_eq!(
+        smmu.ste(0x10).unwrap().config(),
+        crate::ste::StreamConfig::Abort
+    );
+    // Before the cool-down ends: still quarantined.
+    t += 50_000;
+    assert_eq!(run(&mut smmu, &[], t), []);
+    assert!(smmu.quarantined(0x10));
+    // After: restored with the STE asked for last, its budget full again.
+    t += 60_000;
+    assert_eq!(
+        run(&mut smmu, &[event(0x10)], t),
+        [(0x10, EventFate::Deliver)]
+    );
+    assert!(!smmu.quarantined(0x10));
+    assert_eq!(smmu.ste(0x10).unwrap(), nested);
+    assert_eq!(smmu.stats().quarantines, 1);
+    assert_eq!(smmu.stats().restores, 1);
+    assert_eq!(smmu.stats().events_suppressed, 5);
+    // Faulting again right away: the next cool-down is twice as long.
+    let fates = run(&mut smmu, &vec![event(0x10); 8], t);
+    assert!(fates.contains(&(0x10, EventFate::Quarantined)));
+    t += 150_000;
+    run(&mut smmu, &[], t);
+    assert!(smmu.quarantined(0x10), "doubled cool-down: 200 us");
+    t += 60_000;
+    run(&mut smmu, &[], t);
+    assert!(!smmu.quarantined(0x10));
 }

@@ -1,13 +1,192 @@
 //! Command queue emulation (IHI 0070 4, 7.1): the guest's commands are consumed inside the
-//! trap of its CMDQ_PROD write. Invalidations are forwarded scoped to the VM, in batches; a
-//! CMD_SYNC is completed after a physical sync, by the MSI write the guest asked for. What
-//! waits for the physical sync (CONS moving past the CMD_SYNC, the MSI, a command error that
-//! follows it) is kept as a [`Completion`] until the trap, no longer holding the model, has
-//! waited (`Vsmmu::complete`).
+//! trap of its CMDQ_PROD write. Invalidations are forwarded scoped to the VM into a merge
+//! window ([`Batch`]); a trap's CMD_SYNCs are completed after one physical sync, by the MSI
+//! writes the guest asked for. What waits for the physical sync (CONS moving past a CMD_SYNC,
+//! its MSI, a command error that follows it) is kept as a `Completion` until the trap, no
+//! longer holding the model, has waited (`Vsmmu::complete`).
 
-use super::{Completion, GuestMemory, Irqs, PhysicalSmmu, Vsmmu, BATCH, CONS_ERR};
+use super::progress::Pause;
+use super::{Cover, Effect, GuestMemory, PhysicalSmmu, Vsmmu, CONS_ERR};
 use crate::cmd::{Command, SyncCs, TlbiAddr};
-use crate::regs::{Cerror, Cr0, Gerror};
+use crate::regs::{Cerror, Gerror};
+use alloc::vec::Vec;
+
+/// Physical commands forwarded and not yet handed to the SMMU: the merge window. Merging only
+/// here, never with commands already queued, keeps every invalidation taking effect no earlier
+/// than the guest asked (a command already queued may have run before the guest's later
+/// memory writes).
+///
+/// Within it: a command equal to one already in it is dropped; a TLBI_NH_ALL of the VM's VMID
+/// (what the guest's TLBI_NH_ALL and TLBI_NSNH_ALL become) replaces every other TLBI and
+/// subsumes those after it; past `limit` distinct TLBIs they all collapse into one TLBI_NH_ALL;
+/// a CMD_CFGI_CD_ALL subsumes the stream's CMD_CFGI_CDs, and a non-leaf CMD_CFGI_STE or
+/// CMD_CFGI_CD its leaf form. (A TLBI_NH_ASID does not subsume a TLBI_NH_VA: the latter also
+/// drops global entries.)
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    cmds: Vec<Command>,
+    /// A fingerprint of each TLBI in it ([`tlbi_key`]): duplicates are looked for among these
+    /// before whole commands are compared (the trap path's one loop over the window).
+    keys: Vec<u64>,
+    /// A TLBI_NH_ALL is in it: every other TLBI is redundant.
+    all: bool,
+    /// TLBIs in it.
+    tlbis: usize,
+    /// Commands in it forwarded for the guest (the rest are CFGI_STEs of physical STE writes).
+    guest: usize,
+}
+
+/// A fingerprint of a TLBI: equal commands have equal ones (different ones mostly not).
+fn tlbi_key(c: &Command) -> u64 {
+    let a = |a: &TlbiAddr| {
+        a.addr
+            ^ u64::from(a.leaf)
+            ^ (u64::from(a.ttl) | u64::from(a.tg) << 2 | u64::from(a.num) << 4) << 1
+            ^ u64::from(a.scale) << 56
+    };
+    match c {
+        Command::TlbiNhAsid { asid, .. } => 1 << 63 | u64::from(*asid),
+        Command::TlbiNhVa { asid, addr, .. } => a(addr) ^ u64::from(*asid) << 40,
+        Command::TlbiNhVaa { addr, .. } => a(addr) ^ 1 << 62,
+        _ => 0,
+    }
+}
+
+fn is_tlbi(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::TlbiNhAll { .. }
+            | Command::TlbiNhAsid { .. }
+            | Command::TlbiNhVa { .. }
+            | Command::TlbiNhVaa { .. }
+    )
+}
+
+impl Batch {
+    pub(super) fn with_capacity(n: usize) -> Self {
+        Self {
+            cmds: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            ..Self::default()
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.cmds.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.cmds.is_empty()
+    }
+
+    pub(super) fn commands(&self) -> &[Command] {
+        &self.cmds
+    }
+
+    /// Commands in it forwarded for the guest.
+    pub(super) fn guest(&self) -> usize {
+        self.guest
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.cmds.clear();
+        self.keys.clear();
+        self.all = false;
+        self.tlbis = 0;
+        self.guest = 0;
+    }
+
+    /// Adds a TLBI of the VM's (keeping at most `limit` distinct ones). Returns how many guest
+    /// TLBIs this made redundant: the command itself when a duplicate or subsumed, those it
+    /// replaced when a TLBI_NH_ALL.
+    pub(super) fn push_tlbi(&mut self, c: Command, limit: usize) -> u64 {
+        if self.all {
+            return 1;
+        }
+        let key = tlbi_key(&c);
+        let c = match c {
+            Command::TlbiNhAll { .. } => c,
+            _ if self.keys.contains(&key) && self.cmds.contains(&c) => return 1,
+            Command::TlbiNhAsid { vmid, .. }
+            | Command::TlbiNhVa { vmid, .. }
+            | Command::TlbiNhVaa { vmid, .. }
+                if self.tlbis >= limit =>
+            {
+                // One more than the trap keeps: it and those kept become one TLBI_NH_ALL.
+                Command::TlbiNhAll { vmid }
+            }
+            _ => {
+                self.cmds.push(c);
+                self.keys.push(key);
+                self.tlbis += 1;
+                self.guest += 1;
+                return 0;
+            }
+        };
+        let before = self.cmds.len();
+        self.cmds.retain(|x| !is_tlbi(x));
+        self.keys.clear();
+        let replaced = before - self.cmds.len();
+        self.guest -= replaced;
+        self.cmds.push(c);
+        self.guest += 1;
+        self.all = true;
+        self.tlbis = 1;
+        replaced as u64
+    }
+
+    /// Adds a configuration invalidation (CMD_CFGI_STE, CMD_CFGI_CD, CMD_CFGI_CD_ALL);
+    /// `guest`: forwarded for the guest rather than for a physical STE write.
+    pub(super) fn push_config(&mut self, c: Command, guest: bool) {
+        let stronger = |old: &Command| match (*old, c) {
+            (Command::CfgiSte { sid: a, leaf: la }, Command::CfgiSte { sid: b, leaf: lb }) => {
+                (a == b).then_some(la && !lb)
+            }
+            (Command::CfgiCdAll { sid: a }, Command::CfgiCd { sid: b, .. }) => {
+                (a == b).then_some(false)
+            }
+            (Command::CfgiCd { sid: a, .. }, Command::CfgiCdAll { sid: b }) => {
+                (a == b).then_some(true)
+            }
+            (
+                Command::CfgiCd {
+                    sid: a,
+                    ssid: sa,
+                    leaf: la,
+                },
+                Command::CfgiCd {
+                    sid: b,
+                    ssid: sb,
+                    leaf: lb,
+                },
+            ) => (a == b && sa == sb).then_some(la && !lb),
+            (Command::CfgiCdAll { sid: a }, Command::CfgiCdAll { sid: b }) => {
+                (a == b).then_some(false)
+            }
+            _ => None,
+        };
+        // Some(true): the new one covers the old one (replace it); Some(false): the old covers
+        // the new (drop it).
+        if let Some(i) = self.cmds.iter().position(|o| stronger(o).is_some()) {
+            if stronger(&self.cmds[i]) == Some(true) {
+                self.cmds[i] = c;
+                // Any other the new one covers (a CMD_CFGI_CD_ALL over several CFGI_CDs).
+                let mut j = i + 1;
+                while j < self.cmds.len() {
+                    if stronger(&self.cmds[j]) == Some(true) {
+                        self.cmds.remove(j);
+                    } else {
+                        j += 1;
+                    }
+                }
+                self.guest = self.guest.min(self.cmds.len());
+            }
+            return;
+        }
+        self.cmds.push(c);
+        self.guest += usize::from(guest);
+    }
+}
 
 impl Vsmmu {
     pub(super) fn cmdq_error_active(&self) -> bool {
@@ -16,19 +195,20 @@ impl Vsmmu {
 
     /// Consumes the guest's commands from CONS to PROD (at most one queue's worth, so a trap's
     /// work is bounded). Stops at the first bad command with CMDQ_CONS.ERR and GERROR.CMDQ_ERR,
-    /// CONS left pointing at it (IHI 0070 7.1).
+    /// CONS left pointing at it (IHI 0070 7.1); pauses before an invalidation whose ordering
+    /// behind earlier STE or CD work needs that work complete first.
     pub(super) fn process_cmdq(
         &mut self,
         mem: &mut impl GuestMemory,
         phys: &mut impl PhysicalSmmu,
-    ) -> Irqs {
-        if !self.cr0().contains(Cr0::CMDQEN) || self.cmdq_error_active() || self.stopped {
-            return Irqs::empty();
+    ) -> Result<(), Pause> {
+        if !self.can_consume() {
+            return Ok(());
         }
         let start = self.fetched;
         let (base, mut q) = self.cmdq();
-        let mut irqs = Irqs::empty();
         let mut error = None;
+        let mut result = Ok(());
         for _ in 0..q.entries() {
             if q.is_empty() {
                 break;
@@ -48,25 +228,40 @@ impl Vsmmu {
                     break;
                 }
             };
-            self.stats.commands += 1;
-            match self.execute(cmd, mem, phys) {
-                Ok(i) => irqs |= i,
-                Err(e) => {
-                    error = Some(e);
+            if self.barrier && orders_after_config(&cmd) {
+                if let Err(p) = self.config_complete(mem, phys) {
+                    // Not consumed: the trap that goes on after the wait takes it from here.
+                    result = Err(p);
                     break;
                 }
             }
+            if let Err(e) = self.execute(cmd) {
+                self.stats.commands += 1;
+                error = Some(e);
+                break;
+            }
+            self.stats.commands += 1;
             q.inc_cons();
+            self.fetched = q.cons();
+            self.consumed += 1;
             if let Command::Sync(s) = cmd {
                 // SIG_SEV (SEV not implemented) and SIG_NONE: completion is CONS moving past it.
+                self.stats.syncs += 1;
                 let msi = (s.cs == SyncCs::Irq && s.msiaddr != 0).then_some((s.msiaddr, s.msidata));
-                self.completion(q.cons(), msi, false);
+                if self.config_unsettled() {
+                    // Invalidations after this CMD_SYNC follow the STE and CD work before it.
+                    self.barrier = true;
+                }
+                self.completion(
+                    Cover::Pending,
+                    Effect::Cons {
+                        cons: q.cons(),
+                        sync: true,
+                        msi,
+                    },
+                );
             }
         }
-        // Invalidations not followed by a CMD_SYNC in this batch still take effect now.
-        self.reshadow_dirty(mem, phys);
-        self.flush(phys);
-        self.fetched = q.cons();
         if let Some(e) = error {
             self.stats.command_errors += 1;
             log::warn!(
@@ -76,78 +271,80 @@ impl Vsmmu {
             );
             self.stopped = true;
             let cons = q.cons() | (u32::from(e.code()) << 24 & CONS_ERR);
-            self.completion(cons, None, true);
+            self.completion(Cover::Now, Effect::Error { cons });
         } else if self.fetched != start
-            && self.inflight.back().is_none_or(|c| c.cons != self.fetched)
+            && !self.inflight.back().is_some_and(
+                |c| matches!(c.what, Effect::Cons { cons, .. } if cons == self.fetched),
+            )
         {
-            self.completion(self.fetched, None, false);
+            self.completion(
+                Cover::Now,
+                Effect::Cons {
+                    cons: self.fetched,
+                    sync: false,
+                    msi: None,
+                },
+            );
         }
-        irqs
+        result
     }
 
-    /// Records what the guest sees once every physical command queued so far has completed.
-    fn completion(&mut self, cons: u32, msi: Option<(u64, u32)>, error: bool) {
-        self.inflight.push_back(Completion {
-            id: self.next_id,
-            cons,
-            msi,
-            error,
-        });
-        self.next_id += 1;
-    }
-
-    pub(super) fn execute(
-        &mut self,
-        cmd: Command,
-        mem: &mut impl GuestMemory,
-        phys: &mut impl PhysicalSmmu,
-    ) -> Result<Irqs, Cerror> {
+    pub(super) fn execute(&mut self, cmd: Command) -> Result<(), Cerror> {
         let vmid = self.vmid();
-        match cmd {
-            Command::PrefetchConfig { .. } | Command::PrefetchAddr { .. } => {}
-            Command::CfgiSte { sid, .. } => self.invalidate(Some((sid, 1)), true),
+        let tlbi = match cmd {
+            Command::PrefetchConfig { .. } | Command::PrefetchAddr { .. } | Command::Sync(_) => {
+                return Ok(());
+            }
+            Command::CfgiSte { sid, .. } => {
+                self.invalidate(Some((sid, 1)), true, true);
+                return Ok(());
+            }
             Command::CfgiSteRange { sid, range } => {
                 let n = 2u64 << range;
                 let start = u64::from(sid) & !(n - 1);
-                self.invalidate(Some((start as u32, n)), true);
+                self.invalidate(Some((start as u32, n)), true, true);
+                return Ok(());
             }
-            Command::CfgiAll => self.invalidate(None, false),
+            Command::CfgiAll => {
+                self.invalidate(None, false, true);
+                return Ok(());
+            }
             Command::CfgiCd { sid, ssid, leaf } => {
                 // SSIDSIZE is 0: only SubstreamID 0 exists.
                 if ssid != 0 {
                     return Err(Cerror::Illegal);
                 }
                 if let Some(psid) = self.psid(sid) {
-                    self.push(
-                        Command::CfgiCd {
-                            sid: psid,
-                            ssid,
-                            leaf,
-                        },
-                        phys,
-                    );
+                    let c = Command::CfgiCd {
+                        sid: psid,
+                        ssid,
+                        leaf,
+                    };
+                    self.batch.push_config(c, true);
+                    self.config_cover = Cover::Pending;
                 }
+                return Ok(());
             }
             Command::CfgiCdAll { sid } => {
                 if let Some(psid) = self.psid(sid) {
-                    self.push(Command::CfgiCdAll { sid: psid }, phys);
+                    self.batch
+                        .push_config(Command::CfgiCdAll { sid: psid }, true);
+                    self.config_cover = Cover::Pending;
                 }
+                return Ok(());
             }
             // The guest's SMMU has no stage 2, so its VMID fields mean nothing: every stage-1
             // invalidation is scoped to the VM's VMID.
-            Command::TlbiNhAll { .. } | Command::TlbiNsnhAll => {
-                self.push(Command::TlbiNhAll { vmid }, phys)
-            }
-            Command::TlbiNhAsid { asid, .. } => self.push(Command::TlbiNhAsid { vmid, asid }, phys),
+            Command::TlbiNhAll { .. } | Command::TlbiNsnhAll => Command::TlbiNhAll { vmid },
+            Command::TlbiNhAsid { asid, .. } => Command::TlbiNhAsid { vmid, asid },
             Command::TlbiNhVa { asid, addr, .. } => {
                 let addr = self.tlbi_addr(addr)?;
-                self.push(Command::TlbiNhVa { vmid, asid, addr }, phys)
+                Command::TlbiNhVa { vmid, asid, addr }
             }
             Command::TlbiNhVaa { addr, .. } => {
                 let addr = self.tlbi_addr(addr)?;
-                self.push(Command::TlbiNhVaa { vmid, addr }, phys)
+                Command::TlbiNhVaa { vmid, addr }
             }
-            Command::Sync(_) => self.complete_sync(mem, phys),
             // EL2/EL3 and stage-2 invalidations need IDR0.HYP/S2P; ATS, PRI and stalls are not
             // implemented: all illegal on this SMMU (IHI 0070 4.1).
             Command::TlbiEl3All
@@ -162,8 +359,10 @@ impl Vsmmu {
             | Command::PriResp { .. }
             | Command::Resume { .. }
             | Command::StallTerm { .. } => return Err(Cerror::Illegal),
-        }
-        Ok(Irqs::empty())
+        };
+        let limit = usize::from(self.cfg.budget.tlbi_per_trap);
+        self.stats.tlbi_merged += self.batch.push_tlbi(tlbi, limit);
+        Ok(())
     }
 
     /// A guest TLBI's address as the physical SMMU may take it. Without IDR3.RIL the range
@@ -187,55 +386,19 @@ impl Vsmmu {
             .find(|s| s.map.vsid == vsid)
             .map(|s| s.map.psid)
     }
+}
 
-    pub(super) fn push(&mut self, cmd: Command, phys: &mut impl PhysicalSmmu) {
-        self.batch.push(cmd);
-        if self.batch.len() >= BATCH {
-            self.flush(phys);
-        }
-    }
-
-    /// Queues the gathered commands without a sync; they are published after the trap.
-    pub(super) fn flush(&mut self, phys: &mut impl PhysicalSmmu) {
-        if self.batch.is_empty() {
-            return;
-        }
-        self.stats.phys_commands += self.batch.len() as u64;
-        if let Err(e) = phys.submit(&self.batch) {
-            log::error!("vsmmu: {}: physical command submission: {e}", self.cfg.name);
-        }
-        self.batch.clear();
-        self.unsynced = true;
-        self.unpublished = true;
-    }
-
-    /// Queues the gathered commands with a CMD_SYNC, if anything was submitted since the last
-    /// one; the trap waits for it after letting go of the model.
-    pub(super) fn flush_sync(&mut self, phys: &mut impl PhysicalSmmu) {
-        if self.batch.is_empty() && !self.unsynced {
-            return;
-        }
-        self.stats.phys_commands += self.batch.len() as u64;
-        self.stats.phys_syncs += 1;
-        match phys.submit_sync(&self.batch) {
-            Ok(t) => self.last_sync = Some(t),
-            Err(e) => log::error!("vsmmu: {}: physical CMD_SYNC: {e}", self.cfg.name),
-        }
-        self.batch.clear();
-        self.unsynced = false;
-        self.unpublished = true;
-    }
-
-    /// CMD_SYNC: every earlier command has completed once the physical SMMU completed what they
-    /// were forwarded as (and the guest's STE changes are in force); the completion signal the
-    /// guest asked for follows that ([`Completion`]).
-    pub(super) fn complete_sync(
-        &mut self,
-        mem: &mut impl GuestMemory,
-        phys: &mut impl PhysicalSmmu,
-    ) {
-        self.stats.syncs += 1;
-        self.reshadow_dirty(mem, phys);
-        self.flush_sync(phys);
-    }
+/// Invalidations the guest may order behind its STE and CD changes with a CMD_SYNC: TLBIs
+/// and CD invalidations (an STE invalidation is itself such a change).
+fn orders_after_config(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::TlbiNhAll { .. }
+            | Command::TlbiNsnhAll
+            | Command::TlbiNhAsid { .. }
+            | Command::TlbiNhVa { .. }
+            | Command::TlbiNhVaa { .. }
+            | Command::CfgiCd { .. }
+            | Command::CfgiCdAll { .. }
+    )
 }

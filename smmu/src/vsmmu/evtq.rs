@@ -2,7 +2,7 @@
 //! caused are recorded in the guest's event queue (IHI 0070 7.3, 7.4); global errors are raised
 //! in GERROR and signalled by wire or MSI (IHI 0070 7.5, 6.3.18).
 
-use super::{Forward, GuestMemory, Irqs, Vsmmu, MSI_ADDR};
+use super::{EventFate, Forward, GuestMemory, Irqs, Vsmmu, MSI_ADDR};
 use crate::event::{Event, EventClass, EventKind};
 use crate::queue::{overflow_pending, OVERFLOW_FLAG};
 use crate::regs::{Cr0, Gerror, IrqCtrl};
@@ -36,10 +36,30 @@ impl Vsmmu {
     /// faults on the data address are the hypervisor's. A fault of the stage-2 walk while
     /// fetching the guest's CD or stage-1 tables is, for a stage-1-only SMMU, an external abort
     /// on that fetch: F_CD_FETCH or F_WALK_EABT.
-    pub fn forward_event(&mut self, e: &Event, mem: &mut impl GuestMemory) -> (Forward, Irqs) {
+    ///
+    /// `fate` is what the physical event queue's per-stream budget made of the record
+    /// ([`crate::driver::Smmu::poll_events`]): a suppressed one is only counted; the one that
+    /// put its stream in quarantine is forwarded like any, and stands for the records the
+    /// cool-down suppresses (the device's DMA meanwhile aborts without a record, as through an
+    /// aborting STE). The guest's SMMU has no stalls (its IDR0.STALL_MODEL is 0b01), so what
+    /// it gets has Stall = 0 and no STAG; the physical driver terminated the stall.
+    pub fn forward_event(
+        &mut self,
+        e: &Event,
+        fate: EventFate,
+        mem: &mut impl GuestMemory,
+    ) -> (Forward, Irqs) {
         let Some(s) = self.streams.iter().find(|s| s.map.psid == e.stream_id) else {
             return (Forward::Hypervisor, Irqs::empty());
         };
+        match fate {
+            EventFate::Deliver => {}
+            EventFate::Quarantined => self.stats.evt_quarantined += 1,
+            EventFate::Suppressed => {
+                self.stats.evt_suppressed += 1;
+                return (Forward::Suppressed, Irqs::empty());
+            }
+        }
         let vsid = s.map.vsid;
         let guest = match e.kind {
             EventKind::CBadSte => s.bad.map(|kind| Event::new(kind, vsid)),
@@ -75,6 +95,8 @@ impl Vsmmu {
                     g.s2 = false;
                     g.nsipa = false;
                     g.addr2 = 0;
+                    g.stall = false;
+                    g.stag = 0;
                     Some(g)
                 }
             }

@@ -10,8 +10,8 @@
 //! - **(a)** no panic, and each call does bounded work: guest memory accesses, physical STE
 //!   writes and physical commands per call are below [`Bounds`] (an unbounded loop would also
 //!   be a libFuzzer timeout);
-//! - **(b)** `set_ste` only for the VM's physical StreamIDs (also checked for [`Vsmmu::reset`],
-//!   and against [`CheckingSmmu::written`], every psid ever written);
+//! - **(b)** `write_ste`/`make_ste` only for the VM's physical StreamIDs (also checked for
+//!   [`Vsmmu::reset`], and against [`CheckingSmmu::written`], every psid ever written);
 //! - **(c)** every physical STE is abort, invalid, stage-2 only or nested, never bypass or
 //!   stage-1 only; with stage 2 enabled its stage-2 fields are exactly the VM's; a nested STE
 //!   has S1CDMax 0;
@@ -21,19 +21,32 @@
 //! - **(e)** guest memory is reached only through [`GuestMemory`]; [`FakeRam`] bounds-checks
 //!   every access and fails those outside RAM, which the model must survive;
 //! - **(f)** an event offered to the guest carries the guest StreamID of the physical stream
-//!   it came from, which must be the VM's.
+//!   it came from, which must be the VM's, and no stall (Stall = 0, STAG = 0: the guest's SMMU
+//!   has none); an event its budget suppressed is never offered;
+//! - **(g)** break-before-make: [`PhysicalSmmu::make_ste`] only for a stream
+//!   [`PhysicalSmmu::write_ste`] broke, and only after a CMD_SYNC queued after the break's
+//!   CMD_CFGI_STE was waited for successfully;
+//! - **(h)** the VM's share of the physical queue: at most [`CheckingSmmu::window_bound`]
+//!   commands in one submission, a merge window (the per-trap budget: `tlbi_per_trap` TLBIs, a
+//!   TLBI_NH_ALL, a CMD_CFGI_STE and a CMD_CFGI_CD per stream, and the full invalidation after
+//!   an error), never more than the outstanding budget plus one window queued and not known
+//!   complete, and per call at most one physical STE write per stream (per 32-bit half of a
+//!   64-bit write);
+//! - **(i)** a guest CMD_SYNC is made visible (CONS past it, its MSI) only once a physical
+//!   CMD_SYNC covering it was waited for successfully: never after a failed wait, whose guest
+//!   CMD_SYNC gets CERROR_ABT instead.
 //!
 //! Besides these, the model's record of the physical STEs ([`Vsmmu::physical_stes`]) must match
 //! what was really written, and a reset must leave every stream at stage 2 only (GBPA's reset
 //! value) with the VM's stage-1 TLB entries invalidated.
 
 use super::{
-    Forward, GuestMemError, GuestMemory, Irqs, Outstanding, PhysicalSmmu, StreamMap, Vsmmu,
-    VsmmuConfig, CMDQS, EVENTQS,
+    Budget, Cover, EventFate, Forward, GuestMemError, GuestMemory, Irqs, Outstanding, PhysicalSmmu,
+    StreamMap, Vsmmu, VsmmuConfig, CMDQS, EVENTQS, MAX_ROUNDS,
 };
 use crate::bits;
 use crate::cmd::{Command, Sync, SyncCs, TlbiAddr};
-use crate::driver::{DriverError, SyncTicket};
+use crate::driver::{DriverError, SteBreak, SteWrite, SyncTicket};
 use crate::event::{Event, EventClass, EventKind};
 use crate::regs;
 use crate::ste::{S2Config, Ste, StreamConfig};
@@ -75,8 +88,21 @@ pub const STREAMS: [StreamMap; 3] = [
     },
 ];
 
+/// Budgets small enough that the fuzzer runs into every one of them.
+pub fn tight_budget() -> Budget {
+    Budget {
+        tlbi_per_trap: 3,
+        outstanding: 12,
+        ste_burst: 2,
+        ste_period_ns: 1_000,
+        sync_burst: 2,
+        sync_period_ns: 1_000,
+    }
+}
+
 /// The configuration selected by the first input byte: bit 0 physical RIL, bits [2:1] SIDSIZE
-/// (6, 8, 16 or 5), bits [4:3] OAS (40, 44, 48 or 32 bits), bit 5 two streams instead of three.
+/// (6, 8, 16 or 5), bits [4:3] OAS (40, 44, 48 or 32 bits), bit 5 two streams instead of three,
+/// bit 6 [`tight_budget`] instead of the default one (bit 7 is the clock, [`CheckingSmmu`]).
 pub fn config(sel: u8) -> VsmmuConfig {
     let n = if sel & 0x20 != 0 { 2 } else { 3 };
     VsmmuConfig {
@@ -87,6 +113,11 @@ pub fn config(sel: u8) -> VsmmuConfig {
         oas_bits: [40, 44, 48, 32][usize::from(sel >> 3 & 3)],
         phys_idr5: 0x70 | 5,
         phys_ril: sel & 1 != 0,
+        budget: if sel & 0x40 != 0 {
+            tight_budget()
+        } else {
+            Budget::default()
+        },
     }
 }
 
@@ -155,13 +186,37 @@ impl GuestMemory for FakeRam {
     }
 }
 
-/// A physical SMMU that checks invariants (b), (c) and (d) on every call and keeps the
-/// reference shadow of the physical stream table.
+/// A physical SMMU that checks invariants (b), (c), (d), (g) and (h) on every call and keeps
+/// the reference shadow of the physical stream table. Its stream table follows the driver's
+/// update rules ([`crate::driver::Smmu::write_ste`]); its clock moves only when the model
+/// waits for it or the input says so.
 #[derive(Debug)]
 pub struct CheckingSmmu {
     owned: Vec<u32>,
     s2: S2Config,
     ril: bool,
+    budget: Budget,
+    /// What the stream table holds (an aborting word 0 between break and make).
+    table: BTreeMap<u32, Ste>,
+    /// Streams broken and not made yet: the sequence number of the first CMD_SYNC queued after
+    /// their CMD_CFGI_STE, once queued.
+    breaks: BTreeMap<u32, Option<u64>>,
+    /// The highest CMD_SYNC waited for successfully.
+    ok_seq: Cell<u64>,
+    /// Waits that failed.
+    pub failed_waits: Cell<u64>,
+    /// The highest CMD_SYNC whose wait failed: what it covered no longer counts as
+    /// outstanding (the model gives up on it too), nor as complete.
+    given_up: Cell<u64>,
+    /// Commands of the last submission.
+    window: u64,
+    /// Entries (commands and CMD_SYNCs) queued in all, and as of each CMD_SYNC.
+    entries: u64,
+    at_sync: BTreeMap<u64, u64>,
+    /// The clock, `None` for a physical SMMU without one.
+    clock: Cell<Option<u64>>,
+    /// The outstanding check (h) is off (a reset settles what earlier traps left).
+    pub relaxed: bool,
     /// The last STE written for each StreamID (the reference shadow).
     pub stes: BTreeMap<u32, Ste>,
     /// Every StreamID ever written.
@@ -189,6 +244,17 @@ impl CheckingSmmu {
             owned: cfg.streams.iter().map(|s| s.psid).collect(),
             s2: cfg.s2,
             ril: cfg.phys_ril,
+            budget: cfg.budget,
+            table: BTreeMap::new(),
+            breaks: BTreeMap::new(),
+            ok_seq: Cell::new(0),
+            failed_waits: Cell::new(0),
+            given_up: Cell::new(0),
+            window: 0,
+            entries: 0,
+            at_sync: BTreeMap::new(),
+            clock: Cell::new(Some(1_000_000)),
+            relaxed: false,
             stes: BTreeMap::new(),
             written: BTreeSet::new(),
             commands: Vec::new(),
@@ -198,6 +264,73 @@ impl CheckingSmmu {
             ste_configs: [0; 9],
             total_commands: 0,
             total_syncs: 0,
+        }
+    }
+
+    /// Commands one window may hold at most (invariant (h)).
+    pub fn window_bound(&self) -> u64 {
+        let n = self.owned.len() as u64;
+        u64::from(self.budget.tlbi_per_trap) + 1 + 3 * n + 1
+    }
+
+    /// Takes the clock away (budgets by time off) or gives it back.
+    pub fn set_clock(&self, on: bool) {
+        self.clock
+            .set(on.then(|| self.clock.get().unwrap_or(1_000_000)));
+    }
+
+    /// Lets `ns` pass.
+    pub fn advance_clock(&self, ns: u64) {
+        if let Some(t) = self.clock.get() {
+            self.clock.set(Some(t.saturating_add(ns)));
+        }
+    }
+
+    /// The highest CMD_SYNC waited for successfully (invariant (i)).
+    pub fn ok_seq(&self) -> u64 {
+        self.ok_seq.get()
+    }
+
+    /// Entries queued and not covered by a CMD_SYNC waited for successfully.
+    fn outstanding(&self) -> u64 {
+        let done = self
+            .at_sync
+            .range(..=self.ok_seq.get().max(self.given_up.get()))
+            .next_back()
+            .map_or(0, |(_, &e)| e);
+        self.entries.saturating_sub(done)
+    }
+
+    /// Invariant (h) for `cmds` queued now.
+    fn check_queue(&mut self, cmds: &[Command], sync: bool) {
+        for c in cmds {
+            if let Command::CfgiSte { sid, .. } = c {
+                if let Some(b) = self.breaks.get_mut(sid) {
+                    // The first CMD_SYNC from now on orders the break.
+                    b.get_or_insert(self.total_syncs + 1);
+                }
+            }
+        }
+        // One submission is one merge window (what accumulates over several without a
+        // CMD_SYNC is bounded by the outstanding check below).
+        self.window = cmds.len() as u64;
+        let bound = self.window_bound();
+        if self.window > bound {
+            panic!(
+                "invariant (h) violated: {} physical commands in one submission (bound {bound}); \
+                 these: {cmds:?}",
+                self.window
+            );
+        }
+        self.entries += cmds.len() as u64 + u64::from(sync);
+        let cap = u64::from(self.budget.outstanding) + bound + self.owned.len() as u64 + 2;
+        if !self.relaxed && self.outstanding() > cap {
+            panic!(
+                "invariant (h) violated: {} physical entries of the VM outstanding (budget {}, \
+                 bound with one window {cap})",
+                self.outstanding(),
+                self.budget.outstanding
+            );
         }
     }
 
@@ -326,54 +459,128 @@ impl CheckingSmmu {
     }
 }
 
-impl PhysicalSmmu for CheckingSmmu {
-    fn set_ste(&mut self, sid: u32, ste: Ste) -> Result<(), DriverError> {
+impl CheckingSmmu {
+    fn owned_or_panic(&self, sid: u32, what: &str, ste: &Ste) {
         if !self.owns(sid) {
             panic!(
-                "invariant (b) violated: set_ste for StreamID {sid:#x}, not one of the VM's \
+                "invariant (b) violated: {what} for StreamID {sid:#x}, not one of the VM's \
                  psids {:#x?}; STE {:#018x?}",
                 self.owned, ste.0
             );
         }
+    }
+}
+
+impl PhysicalSmmu for CheckingSmmu {
+    fn write_ste(&mut self, sid: u32, ste: Ste) -> Result<SteWrite, DriverError> {
+        self.owned_or_panic(sid, "write_ste", &ste);
         self.check_ste(sid, &ste);
+        // A write over a break supersedes its make: the table aborts, from which the driver
+        // writes without a break. The model must then not make it any more.
+        self.breaks.remove(&sid);
+        self.stes.insert(sid, ste);
+        self.written.insert(sid);
+        let cur = self.table.get(&sid).copied().unwrap_or(Ste::abort());
+        if cur == ste {
+            return Ok(SteWrite::Unchanged);
+        }
         self.ste_calls += 1;
         self.ste_configs[if ste.v() {
             bits::get(ste.0[0], 3, 1) as usize
         } else {
             8
         }] += 1;
-        self.stes.insert(sid, ste);
-        self.written.insert(sid);
-        self.result()
+        let cfgi = Command::CfgiSte { sid, leaf: true };
+        let differ = (0..8).filter(|&i| cur.0[i] != ste.0[i]).count();
+        let live = cur.v() && cur.config().bits() != 0;
+        if live && differ > 1 && !(ste.v() && ste.config().bits() == 0) {
+            self.table.insert(sid, Ste::abort());
+            self.breaks.insert(sid, None);
+            return Ok(SteWrite::Broken(SteBreak { sid, ste, cfgi }));
+        }
+        self.table.insert(sid, ste);
+        Ok(SteWrite::Written(cfgi))
+    }
+
+    fn make_ste(&mut self, b: SteBreak) -> Result<Command, DriverError> {
+        self.owned_or_panic(b.sid, "make_ste", &b.ste);
+        self.check_ste(b.sid, &b.ste);
+        match self.breaks.remove(&b.sid) {
+            None => panic!(
+                "invariant (g) violated: make_ste for StreamID {:#x}, which is not broken",
+                b.sid
+            ),
+            Some(at) if at.is_none_or(|s| s > self.ok_seq.get()) => panic!(
+                "invariant (g) violated: make_ste for StreamID {:#x} before a CMD_SYNC after its \
+                 break's CMD_CFGI_STE was waited for (that CMD_SYNC: {at:?}, waited up to {})",
+                b.sid,
+                self.ok_seq.get()
+            ),
+            Some(_) => {}
+        }
+        self.stes.insert(b.sid, b.ste);
+        self.table.insert(b.sid, b.ste);
+        Ok(b.cfgi)
     }
 
     fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
         for c in cmds {
             self.check_command(c);
         }
+        self.check_queue(cmds, false);
         self.commands.extend_from_slice(cmds);
         self.total_commands += cmds.len() as u64;
         self.result()
     }
 
     fn submit_sync(&mut self, cmds: &[Command]) -> Result<SyncTicket, DriverError> {
-        let r = self.submit(cmds);
+        for c in cmds {
+            self.check_command(c);
+        }
+        self.check_queue(cmds, true);
+        self.commands.extend_from_slice(cmds);
+        self.total_commands += cmds.len() as u64;
         self.syncs += 1;
         self.total_syncs += 1;
-        r.map(|()| SyncTicket::at(self.total_syncs))
+        self.at_sync.insert(self.total_syncs, self.entries);
+        if self.fail {
+            // No ticket to wait for: given up on, as the model does.
+            self.given_up.set(self.total_syncs);
+        }
+        self.result().map(|()| SyncTicket::at(self.total_syncs))
     }
 
     fn publish(&self) {}
 
-    fn wait(&self, _: SyncTicket) -> Result<(), DriverError> {
-        self.result()
+    fn wait(&self, t: SyncTicket) -> Result<(), DriverError> {
+        if self.fail {
+            self.failed_waits.set(self.failed_waits.get() + 1);
+            self.given_up.set(self.given_up.get().max(t.seq()));
+            return Err(DriverError::Timeout("injected by the fuzz harness"));
+        }
+        self.ok_seq.set(self.ok_seq.get().max(t.seq()));
+        Ok(())
+    }
+
+    fn now(&self) -> Option<u64> {
+        self.clock.get()
+    }
+
+    fn wait_until(&self, deadline: u64) {
+        if let Some(t) = self.clock.get() {
+            self.clock.set(Some(t.max(deadline)));
+        }
     }
 }
 
-/// Work one call may do at most (invariant (a)). A command queue holds at most 2^[`CMDQS`]
-/// commands; each is one read, and a CMD_SYNC reshadows every stream (an L1 descriptor and
-/// an STE read, one STE write each) and writes an MSI; errors add an MSI write. A 64-bit
-/// write to a pair of 32-bit registers is two writes.
+/// Work one call may do at most (invariants (a) and (h)). A command queue holds at most
+/// 2^[`CMDQS`] commands; each is read once (twice when the trap paused before it), a CMD_SYNC
+/// may reshadow every stream (an L1 descriptor and an STE read) and writes an MSI; errors add
+/// an MSI write. Each guest command forwards at most one physical command; each reshadow of a
+/// stream the guest named, one CMD_CFGI_STE; a failed physical CMD_SYNC, a full invalidation
+/// (TLBI_NH_ALL and a CMD_CFGI_STE per stream). Physical STE writes: one per stream per call,
+/// however many invalidations (the guest's STEs do not move during a call). A 64-bit write to
+/// a pair of 32-bit registers is two writes.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
     /// Guest memory accesses.
@@ -391,8 +598,8 @@ impl Bounds {
         let n = streams as u64;
         Self {
             mem: 2 * ((q + 2) * (2 * n + 2) + 4),
-            stes: 2 * (q + 2) * n,
-            cmds: 2 * (q + 2),
+            stes: 2 * n,
+            cmds: 2 * (2 * q + 4 * n + 8),
         }
     }
 }
@@ -565,6 +772,23 @@ pub struct Tally {
     pub held_back: u64,
     /// Most guest memory accesses, STE writes and physical commands one call made.
     pub max_per_call: (u64, u64, u64),
+    /// Events its budget suppressed.
+    pub suppressed_events: u64,
+    /// Rounds of wait and complete.
+    pub rounds: u64,
+    /// Guest CMD_SYNCs made visible after a physical one.
+    pub visible_syncs: u64,
+    /// Pauses on a budget, on the order of invalidations, and CERROR_ABT for a failed
+    /// physical CMD_SYNC (the model's counters).
+    pub budget_waits: u64,
+    /// See `budget_waits`.
+    pub order_waits: u64,
+    /// See `budget_waits`.
+    pub phys_sync_errors: u64,
+    /// Break-before-make STE updates.
+    pub ste_breaks: u64,
+    /// Guest TLBIs and CMD_SYNCs merged away.
+    pub merged: u64,
 }
 
 impl Tally {
@@ -573,6 +797,33 @@ impl Tally {
         self.commands += s.commands;
         self.command_errors += s.command_errors;
         self.syncs += s.syncs;
+        self.budget_waits += s.budget_waits;
+        self.order_waits += s.order_waits;
+        self.phys_sync_errors += s.phys_sync_errors;
+        self.ste_breaks += s.ste_breaks;
+        self.merged += s.tlbi_merged + s.syncs_merged;
+    }
+
+    /// Adds another run's tally.
+    pub fn add(&mut self, a: &Tally) {
+        self.commands += a.commands;
+        self.command_errors += a.command_errors;
+        self.syncs += a.syncs;
+        self.guest_events += a.guest_events;
+        self.dropped_events += a.dropped_events;
+        self.hypervisor_events += a.hypervisor_events;
+        self.resets += a.resets;
+        self.held_back += a.held_back;
+        let (m, n) = (&mut self.max_per_call, a.max_per_call);
+        *m = (m.0.max(n.0), m.1.max(n.1), m.2.max(n.2));
+        self.suppressed_events += a.suppressed_events;
+        self.rounds += a.rounds;
+        self.visible_syncs += a.visible_syncs;
+        self.budget_waits += a.budget_waits;
+        self.order_waits += a.order_waits;
+        self.phys_sync_errors += a.phys_sync_errors;
+        self.ste_breaks += a.ste_breaks;
+        self.merged += a.merged;
     }
 }
 
@@ -620,6 +871,20 @@ impl Harness {
         let m = &mut self.tally.max_per_call;
         *m = (m.0.max(mem), m.1.max(stes), m.2.max(cmds));
         self.check_shadow(what);
+        // (i): every guest CMD_SYNC made visible was covered by a physical one waited for.
+        for c in core::mem::take(&mut self.v.visible_syncs) {
+            if let Cover::Seq(s) = c {
+                if s > self.phys.ok_seq() {
+                    panic!(
+                        "invariant (i) violated: after {what}: a guest CMD_SYNC completed on \
+                         physical CMD_SYNC {s}, but waits succeeded only up to {} ({} failed)",
+                        self.phys.ok_seq(),
+                        self.phys.failed_waits.get()
+                    );
+                }
+                self.tally.visible_syncs += 1;
+            }
+        }
     }
 
     /// The model's record of the physical STEs matches what was written, and nothing outside
@@ -627,6 +892,10 @@ impl Harness {
     fn check_shadow(&self, what: core::fmt::Arguments<'_>) {
         for (psid, ste) in self.v.physical_stes() {
             let Some(ste) = ste else { continue };
+            if self.phys.breaks.contains_key(&psid) {
+                // Between break and make the model already names the STE it will make.
+                continue;
+            }
             if self.phys.stes.get(&psid) != Some(&ste) {
                 panic!(
                     "after {what}: the model believes physical STE {psid:#x} is {:#018x?}, but \
@@ -647,14 +916,18 @@ impl Harness {
         self.clear_counters();
         self.tally.add_stats(&self.v);
         self.tally.resets += 1;
+        // It settles what earlier writes left queued, whatever the outstanding budget says.
+        self.phys.relaxed = true;
         self.v.reset(&mut self.phys);
+        self.phys.relaxed = false;
         let n = self.cfg().streams.len() as u64;
+        let window = self.phys.window_bound();
         self.check_call(
             format_args!("reset"),
             Bounds {
                 mem: 0,
                 stes: n,
-                cmds: 1,
+                cmds: window + 2 * n + 2,
             },
         );
         let want = Ste::stage2(self.cfg().s2);
@@ -673,21 +946,40 @@ impl Harness {
         }
     }
 
+    /// Waits for and completes `o` round after round, as a vCPU does; it must be done within
+    /// [`MAX_ROUNDS`] (invariant (a)).
+    fn finish(&mut self, mut o: Outstanding, what: core::fmt::Arguments<'_>) -> Irqs {
+        let mut irqs = o.irqs;
+        for _ in 0..MAX_ROUNDS {
+            if !o.pending() {
+                o.publish(&self.phys);
+                return irqs;
+            }
+            self.tally.rounds += 1;
+            let waited = o.wait(&self.phys);
+            o = self.v.complete(o, waited, &mut self.ram, &mut self.phys);
+            irqs |= o.irqs;
+        }
+        if o.pending() {
+            panic!("invariant (a) violated: {what} still pending after {MAX_ROUNDS} rounds: {o:?}");
+        }
+        irqs
+    }
+
     /// A checked [`Vsmmu::write`].
     pub fn write(&mut self, off: u64, size: u8, value: u64) -> Irqs {
         self.clear_counters();
         let park = self.park_next && off == regs::SMMU_CMDQ_PROD && self.parked.len() < MAX_PARKED;
+        let o = self
+            .v
+            .write_start(off, size, value, &mut self.ram, &mut self.phys);
         let irqs = if park {
             self.park_next = false;
-            let o = self
-                .v
-                .write_start(off, size, value, &mut self.ram, &mut self.phys);
             self.parked.push(o);
             self.tally.held_back += u64::from(o.upto.is_some());
             o.irqs
         } else {
-            self.v
-                .write(off, size, value, &mut self.ram, &mut self.phys)
+            self.finish(o, format_args!("write of {value:#x} to {off:#x}"))
         };
         let b = self.bounds;
         self.check_call(
@@ -705,12 +997,12 @@ impl Harness {
         }
         let o = self.parked.remove(i % self.parked.len());
         self.clear_counters();
-        let waited = o.wait(&self.phys);
-        self.v.complete(o, waited, &mut self.ram);
+        self.finish(o, format_args!("a parked write"));
+        // It may go on with what it paused at: a write's work, and the completions of the
+        // parked writes before it.
         let b = Bounds {
             mem: self.bounds.mem * (self.parked.len() as u64 + 2),
-            stes: 0,
-            cmds: 0,
+            ..self.bounds
         };
         self.check_call(format_args!("the completion of a parked write"), b);
     }
@@ -721,9 +1013,9 @@ impl Harness {
     }
 
     /// A checked [`Vsmmu::forward_event`].
-    pub fn forward(&mut self, e: &Event) -> (Forward, Irqs) {
+    pub fn forward(&mut self, e: &Event, fate: EventFate) -> (Forward, Irqs) {
         self.clear_counters();
-        let (f, irqs) = self.v.forward_event(e, &mut self.ram);
+        let (f, irqs) = self.v.forward_event(e, fate, &mut self.ram);
         self.check_call(
             format_args!("forward_event of {e:?}"),
             Bounds {
@@ -742,9 +1034,23 @@ impl Harness {
             Forward::Guest(_) => self.tally.guest_events += 1,
             Forward::Dropped(_) => self.tally.dropped_events += 1,
             Forward::Hypervisor => self.tally.hypervisor_events += 1,
+            Forward::Suppressed => self.tally.suppressed_events += 1,
+        }
+        if fate == EventFate::Suppressed && !matches!(f, Forward::Suppressed | Forward::Hypervisor)
+        {
+            panic!("invariant (f) violated: an event its budget suppressed was offered: {f:?}");
+        }
+        if let Forward::Guest(g) | Forward::Dropped(g) = f {
+            if g.stall || g.stag != 0 {
+                panic!(
+                    "invariant (f) violated: an event offered to the guest is stalled (Stall \
+                     {}, STAG {:#x}); the guest's SMMU has no stalls: {g:?}",
+                    g.stall, g.stag
+                );
+            }
         }
         match (f, owner) {
-            (Forward::Hypervisor, _) => {}
+            (Forward::Hypervisor | Forward::Suppressed, _) => {}
             (Forward::Guest(g) | Forward::Dropped(g), Some(vsid)) if g.stream_id == vsid => {}
             (Forward::Guest(g) | Forward::Dropped(g), _) => panic!(
                 "invariant (f) violated: physical event of StreamID {:#x} offered to the guest \
@@ -1235,16 +1541,26 @@ impl Harness {
             11 | 12 => self.commands(inp),
             13 => {
                 let e = self.event(inp);
-                self.forward(&e);
+                let fate = match inp.u8() {
+                    0..=223 => EventFate::Deliver,
+                    224..=239 => EventFate::Quarantined,
+                    _ => EventFate::Suppressed,
+                };
+                self.forward(&e, fate);
             }
             14 => self.bring_up(inp),
-            _ => match inp.u8() % 8 {
+            _ => match inp.u8() % 10 {
                 0 => self.reset(),
                 1 => self.phys.fail = !self.phys.fail,
-                2 | 3 => {
+                2 => {
                     let _ = self.v.stats().traps();
                 }
+                3 => self.phys.advance_clock(u64::from(inp.u16()) * 100),
                 4 | 5 => self.park_next = true,
+                6 => {
+                    let on = self.phys.now().is_none();
+                    self.phys.set_clock(on);
+                }
                 _ => self.finish_parked(usize::from(inp.u8())),
             },
         }
@@ -1292,7 +1608,9 @@ pub fn run(data: &[u8]) {
 /// [`run`], returning the harness at the end (its [`Harness::tally`] and physical SMMU).
 pub fn run_harness(data: &[u8]) -> Harness {
     let mut inp = Input::new(data);
-    let mut h = Harness::new(config(inp.u8()));
+    let sel = inp.u8();
+    let mut h = Harness::new(config(sel));
+    h.phys.set_clock(sel & 0x80 == 0);
     for _ in 0..MAX_OPS {
         if inp.is_empty() {
             break;
@@ -1338,22 +1656,14 @@ mod tests {
             let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
             let h = run_harness(&data);
             let (a, b) = (h.tally, h.phys.ste_configs);
-            t.commands += a.commands;
-            t.command_errors += a.command_errors;
-            t.syncs += a.syncs;
-            t.guest_events += a.guest_events;
-            t.dropped_events += a.dropped_events;
-            t.hypervisor_events += a.hypervisor_events;
-            t.resets += a.resets;
-            t.held_back += a.held_back;
-            let (m, n) = (&mut t.max_per_call, a.max_per_call);
-            *m = (m.0.max(n.0), m.1.max(n.1), m.2.max(n.2));
+            t.add(&a);
             for (x, y) in stes.iter_mut().zip(b) {
                 *x += y;
             }
             cmds += h.phys.total_commands;
         }
-        // The inputs get deep: every kind of physical STE, forwarded commands, guest events.
+        // The inputs get deep: every kind of physical STE, forwarded commands, guest events,
+        // every budget, break-before-make, the ordering waits, failed physical CMD_SYNCs.
         let deep = stes[0] > 0
             && stes[6] > 0
             && stes[7] > 100
@@ -1363,11 +1673,51 @@ mod tests {
             && t.command_errors > 0
             && t.guest_events > 100
             && t.dropped_events > 0
-            && t.held_back > 10;
+            && t.suppressed_events > 0
+            && t.held_back > 10
+            && t.budget_waits > 10
+            && t.order_waits > 0
+            && t.ste_breaks > 10
+            && t.phys_sync_errors > 10
+            && t.visible_syncs > 100
+            && t.merged > 100;
         assert!(
             deep,
             "shallow: {t:?}, STEs by Config {stes:?}, {cmds} physical commands"
         );
+    }
+
+    /// Fuzzer finding: a reset whose wait for a break's CMD_SYNC failed took that CMD_SYNC as
+    /// complete and made the break (invariant (g)).
+    /// Fuzzer finding (of the check, not the model): traps without a guest CMD_SYNC hand their
+    /// windows over without a physical one, each within the window bound; what accumulates is
+    /// the outstanding budget's to bound (invariant (h) checks each submission).
+    #[test]
+    fn windows_without_a_sync_stay_within_the_outstanding_budget() {
+        run(&[
+            126, 255, 157, 0, 254, 206, 47, 206, 197, 0, 0, 0, 187, 49, 49, 49, 49, 49, 51, 21, 20,
+            49, 20, 20, 20, 39, 39, 34, 216, 216, 216, 216, 216, 216, 62, 0, 235, 31, 31, 31, 31,
+            31, 31, 31, 31, 31, 31, 31, 31, 31, 31, 31, 31, 31, 31, 31, 31, 31, 31, 31, 31, 235,
+            235, 235, 235, 235, 235, 46, 235, 235, 235, 235, 235, 235, 235, 235, 181, 235, 235,
+            235, 235, 235, 235, 235, 235, 235, 235, 235, 235, 235, 235, 235, 235, 235, 235, 235,
+            235, 235, 235, 235, 235, 235, 235, 235, 255, 253, 255, 253, 255, 235, 235, 235, 235, 0,
+            6, 118, 235, 235, 223, 253, 255, 17, 15, 0, 0, 64, 0, 0, 0, 0, 232, 0, 0, 0, 0, 16, 0,
+            0, 5, 0, 0, 0, 88, 53, 76, 4, 0, 80, 52, 18, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 51, 51, 51, 51, 51, 51, 51,
+            51, 51, 51, 51, 51, 51, 51, 51, 51, 51, 51, 51, 51, 102, 102, 102, 102, 102, 102, 102,
+            102, 102, 102, 102, 102, 102, 102, 102, 102, 102, 102, 102, 102, 102, 102, 102, 102,
+            102, 102, 102, 102, 102, 102, 51, 51, 51, 51, 51, 51, 62, 62, 62, 62, 62, 62, 62, 62,
+            62, 62, 62, 62, 62, 62, 62, 62, 62, 62, 62, 62, 206, 206, 206, 206,
+        ]);
+    }
+
+    #[test]
+    fn a_reset_never_makes_a_break_whose_sync_failed() {
+        run(&[
+            40, 255, 255, 255, 11, 213, 253, 63, 85, 255, 255, 255, 1, 149, 149, 0, 0, 0, 30, 255,
+            255, 255, 11, 213, 149, 149, 255, 0, 85, 1, 149, 2, 237, 0, 0, 11, 85, 37, 191, 191,
+            255,
+        ]);
     }
 
     #[test]
@@ -1380,8 +1730,10 @@ mod tests {
         }
     }
 
-    /// The most work one trap can cause: a full 256-entry queue of CFGI_STE + CMD_SYNC pairs
-    /// (each sync reshadows a stream and writes an MSI), consumed by one CMDQ_PROD write.
+    /// What was the most work one trap could cause: a full 256-entry queue of CFGI_STE +
+    /// CMD_SYNC pairs, consumed by one CMDQ_PROD write. It now costs each stream one reshadow
+    /// (its STE read once, the CFGI_STEs merged), one physical CMD_SYNC for all 128 guest ones,
+    /// and every MSI written.
     #[test]
     fn a_full_command_queue_is_bounded_work() {
         let mut h = Harness::new(config(0));
@@ -1432,10 +1784,21 @@ mod tests {
         h.write(regs::SMMU_CMDQ_PROD, 4, entries.into());
         assert_eq!(h.v.stats().commands, u64::from(entries));
         assert_eq!(h.read(regs::SMMU_CMDQ_CONS, 4), u64::from(entries));
-        // Every CFGI_STE reaches the physical SMMU (as a rewrite or, the STE unchanged, as a
-        // physical CFGI_STE), yet within the bounds `step` checks.
-        let (mem, stes, cmds) = h.tally.max_per_call;
-        assert!(stes + cmds >= u64::from(entries) / 2 && mem >= u64::from(entries));
+        // The STEs did not change: no STE write, one CFGI_STE per stream, one CMD_SYNC, every
+        // MSI written.
+        let n = STREAMS.len() as u64;
+        assert_eq!(h.phys.ste_calls, 0);
+        assert_eq!(h.phys.commands.len() as u64, n, "{:?}", h.phys.commands);
+        assert!(
+            h.ram.accesses.get() >= u64::from(entries),
+            "every command read"
+        );
+        assert_eq!(h.phys.syncs, 1);
+        assert_eq!(h.v.stats().syncs_merged, u64::from(entries) / 2 - 1);
+        for i in (1..entries).step_by(2) {
+            let at = cmdq + u64::from(i) * 16;
+            assert_eq!(h.ram.peek_u64(at) as u32, 0, "MSI of the CMD_SYNC at {i}");
+        }
         for (_, ste) in h.v.physical_stes() {
             assert_eq!(ste.map(|s| s.config()), Some(StreamConfig::Nested));
         }
@@ -1446,14 +1809,14 @@ mod tests {
     #[should_panic(expected = "invariant (c)")]
     fn bypass_ste_is_caught() {
         let mut p = CheckingSmmu::new(&config(0));
-        let _ = p.set_ste(1, Ste::bypass());
+        let _ = p.write_ste(1, Ste::bypass());
     }
 
     #[test]
     #[should_panic(expected = "invariant (b)")]
     fn foreign_stream_is_caught() {
         let mut p = CheckingSmmu::new(&config(0));
-        let _ = p.set_ste(2, Ste::abort());
+        let _ = p.write_ste(2, Ste::abort());
     }
 
     #[test]
@@ -1462,7 +1825,7 @@ mod tests {
         let mut p = CheckingSmmu::new(&config(0));
         let mut s2 = s2_config();
         s2.root_pa += 0x1000;
-        let _ = p.set_ste(8, Ste::stage2(s2));
+        let _ = p.write_ste(8, Ste::stage2(s2));
     }
 
     #[test]
@@ -1480,6 +1843,35 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "invariant (g)")]
+    fn a_make_before_its_break_completed_is_caught() {
+        let mut p = CheckingSmmu::new(&config(0));
+        let s2 = s2_config();
+        let _ = p.write_ste(8, Ste::stage2(s2));
+        let nested = Ste::nested(crate::ste::S1Fields::default(), s2);
+        let SteWrite::Broken(b) = p.write_ste(8, nested).unwrap() else {
+            panic!("stage 2 to nested breaks");
+        };
+        // Its CMD_CFGI_STE and a CMD_SYNC queued, but not waited for.
+        p.submit_sync(&[b.cfgi]).unwrap();
+        let _ = p.make_ste(b);
+    }
+
+    #[test]
+    #[should_panic(expected = "invariant (h)")]
+    fn a_window_beyond_the_budget_is_caught() {
+        let mut p = CheckingSmmu::new(&config(0x40));
+        let many: Vec<Command> = (0..64)
+            .map(|i| Command::TlbiNhVa {
+                vmid: VMID,
+                asid: 1,
+                addr: TlbiAddr::single(i << 12, true),
+            })
+            .collect();
+        let _ = p.submit_sync(&many);
+    }
+
+    #[test]
     fn allowed_physical_operations_pass() {
         let mut p = CheckingSmmu::new(&config(1));
         let s2 = s2_config();
@@ -1489,7 +1881,13 @@ mod tests {
             Ste::stage2(s2),
             Ste::nested(crate::ste::S1Fields::default(), s2),
         ] {
-            p.set_ste(0x20, ste).unwrap();
+            // Each from the last: abort to stage 2 is written at once, stage 2 to nested
+            // breaks first; a make after a CMD_SYNC waited for is allowed.
+            if let SteWrite::Broken(b) = p.write_ste(0x20, ste).unwrap() {
+                let t = p.submit_sync(&[b.cfgi]).unwrap();
+                p.wait(t).unwrap();
+                p.make_ste(b).unwrap();
+            }
         }
         p.submit_sync(&[
             Command::TlbiNhAll { vmid: VMID },

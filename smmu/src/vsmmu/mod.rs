@@ -6,18 +6,52 @@
 //! and queues live in its own RAM. The hypervisor owns stage 2, the physical stream table and
 //! the physical queues. Three paths connect them:
 //!
-//! - **Stream table shadowing** ([`shadow`]): on CMD_CFGI_STE(_RANGE)/CFGI_ALL, on SMMUEN and
-//!   GBPA changes, the guest's STE for each StreamID the VM owns is read from guest memory and
-//!   turned into a physical STE: stage-1 translate becomes nested (guest S1 over the VM's S2),
-//!   bypass becomes stage-2 only, abort stays abort, and anything invalid or illegal becomes an
-//!   invalid physical STE whose C_BAD_STE events are reported to the guest as the event its own
-//!   SMMU would have recorded. StreamIDs the VM does not own are never touched.
+//! - **Stream table shadowing** ([`shadow`], `streams`): on CMD_CFGI_STE(_RANGE)/CFGI_ALL, on
+//!   SMMUEN and GBPA changes, the guest's STE for each StreamID the VM owns is read from guest
+//!   memory and turned into a physical STE: stage-1 translate becomes nested (guest S1 over the
+//!   VM's S2), bypass becomes stage-2 only, abort stays abort, and anything invalid or illegal
+//!   becomes an invalid physical STE whose C_BAD_STE events are reported to the guest as the
+//!   event its own SMMU would have recorded. StreamIDs the VM does not own are never touched.
 //! - **Command queue emulation** ([`Vsmmu::write`] of CMDQ_PROD): the guest's commands are
 //!   consumed inside the trap; TLB and CD invalidations are forwarded with the VM's VMID and the
-//!   physical StreamID, a CMD_SYNC is completed (physical sync first) by the MSI write the guest
-//!   asked for, so a guest map/unmap batch costs one trap.
+//!   physical StreamID, merged within the trap, and the trap's CMD_SYNCs are completed (physical
+//!   sync first) by the MSI writes the guest asked for, so a guest map/unmap batch costs one trap.
 //! - **Event forwarding** ([`Vsmmu::forward_event`]): physical events of the VM's streams that
 //!   its stage 1 caused go into the guest's event queue; stage-2 faults stay the hypervisor's.
+//!
+//! # What a VM may take of the shared SMMU
+//!
+//! The physical command queue and stream table are shared by every VM (DESIGN.md section 5),
+//! so each VM's use of them is bounded ([`Budget`]), and a VM that floods waits, in its own
+//! traps and holding no lock another VM needs, for its own earlier work:
+//!
+//! - **STE work**: a stream's physical STE is rewritten at most once per trap however often
+//!   the guest invalidates it (the guest sees its CMD_SYNCs complete only once the trap is
+//!   done, so reading its STE once, last, is what a real SMMU refetching it could do), never
+//!   when the physical STE it gives is the one in force (GBPA, CR0 and reset paths included),
+//!   and within a per-VM budget by time. A GBPA update that needs STE work reads UPDATE = 1
+//!   until the budget let it happen, and a CR0 change CR0ACK the old value (IHI 0070 6.3.14,
+//!   6.3.9: software polls both). The waits of a break-before-make update go through the
+//!   lock-free queue with the VM's model lock released ([`Outstanding`]).
+//! - **Commands**: within a trap, duplicate invalidations are dropped, a TLBI_NH_ALL of the
+//!   VM's VMID subsumes its other TLBIs, more than [`Budget::tlbi_per_trap`] distinct TLBIs
+//!   collapse into one TLBI_NH_ALL (as Linux does past its threshold), and one physical
+//!   CMD_SYNC completes all of the trap's guest CMD_SYNCs. A VM with more than
+//!   [`Budget::outstanding`] physical entries queued and not known complete waits for its own
+//!   earlier CMD_SYNC before queueing more, and its physical CMD_SYNCs have a budget by time.
+//!   So another VM's unmap (TLBI + CMD_SYNC) waits behind at most `outstanding` entries (plus
+//!   one trap's worth) of each other VM, and the hypervisor's own.
+//! - **Errors**: a physical CMD_SYNC that fails is reported to the guest as CERROR_ABT at the
+//!   first guest CMD_SYNC it was to complete (GERROR.CMDQ_ERR, no MSI), never as a completed
+//!   sync; the guest's driver acknowledges and the queue retries it (IHI 0070 7.1; Linux's
+//!   `arm_smmu_cmdq_skip_err` retries on CERROR_ABT).
+//!
+//! Ordering, where commands are merged or moved: an invalidation may reach the physical SMMU
+//! later than the guest asked, never before an STE or CD change that the guest put before it
+//! with a CMD_SYNC between them (the trap then waits for that change to be complete before it
+//! queues the invalidation), and always before the physical CMD_SYNC that completes the
+//! guest's CMD_SYNC after it. Physical commands are merged only with others not yet handed to
+//! the SMMU, so a merged invalidation never takes effect earlier than the guest asked.
 //!
 //! Guest memory is reached only through [`GuestMemory`] (bounds-checked IPA accesses), the
 //! physical SMMU only through [`PhysicalSmmu`].
@@ -26,14 +60,17 @@ mod cmdq;
 mod evtq;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod harness;
+mod progress;
 mod shadow;
 mod stats;
+mod streams;
 #[cfg(test)]
 mod tests;
 
 use crate::bits;
+use crate::budget::TokenBucket;
 use crate::cmd::Command;
-use crate::driver::{DmaMemory, DriverError, Smmu, SmmuRegs, SyncTicket};
+use crate::driver::{DmaMemory, DriverError, Smmu, SmmuRegs, SteBreak, SteWrite, SyncTicket};
 use crate::event::{Event, EventKind};
 use crate::queue::{Queue, OVERFLOW_FLAG};
 use crate::regs::{self, Cr0, Gbpa, Gerror, IrqCtrl};
@@ -42,6 +79,7 @@ use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use bitflags::bitflags;
 
+pub use crate::driver::EventFate;
 pub use shadow::{shadow_ste, GuestSte, StreamTableCfg};
 pub use stats::{reg_index, reg_name, Stats, REG_SLOTS};
 
@@ -68,11 +106,15 @@ pub trait GuestMemory {
 ///
 /// Commands are queued inside the trap (under the VM's vSMMU lock, so they keep the guest's
 /// order) and published and waited for after it (without), so that neither the physical
-/// command queue nor one vCPU's wait holds up the VM's other vCPUs or other VMs.
+/// command queue nor one vCPU's wait holds up the VM's other vCPUs or other VMs. Nothing here
+/// waits but [`PhysicalSmmu::wait`] and [`PhysicalSmmu::wait_until`], which the vSMMU calls
+/// only from [`Outstanding::wait`] (no lock held) and [`Vsmmu::reset`].
 pub trait PhysicalSmmu {
-    /// Writes the physical STE of `sid` and makes the SMMU use it (CFGI_STE + CMD_SYNC, waited
-    /// for: STE changes are the control path).
-    fn set_ste(&mut self, sid: u32, ste: Ste) -> Result<(), DriverError>;
+    /// Writes the physical STE of `sid` as far as it goes without waiting ([`Smmu::write_ste`]).
+    fn write_ste(&mut self, sid: u32, ste: Ste) -> Result<SteWrite, DriverError>;
+    /// The make of a break-before-make STE update ([`Smmu::make_ste`]), once the break's
+    /// CMD_CFGI_STE and a CMD_SYNC after it are known to have completed.
+    fn make_ste(&mut self, b: SteBreak) -> Result<Command, DriverError>;
     /// Queues commands; they reach the SMMU at the next [`PhysicalSmmu::publish`] or
     /// [`PhysicalSmmu::wait`] at the latest.
     fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError>;
@@ -83,11 +125,25 @@ pub trait PhysicalSmmu {
     /// Publishes, then waits until the ticket's CMD_SYNC (and so every command queued before it)
     /// has completed.
     fn wait(&self, ticket: SyncTicket) -> Result<(), DriverError>;
+    /// A monotonic clock in nanoseconds for the budgets by time ([`Budget`]). `None` (the
+    /// default): there is no clock and those budgets are off; the others still hold.
+    fn now(&self) -> Option<u64> {
+        None
+    }
+    /// Returns once [`PhysicalSmmu::now`] has reached `deadline` (a vCPU over its budget waits
+    /// in its own trap, holding no lock). Bounded by the deadline itself.
+    fn wait_until(&self, deadline: u64) {
+        let _ = deadline;
+    }
 }
 
 impl<R: SmmuRegs + Clone, M: DmaMemory> PhysicalSmmu for Smmu<R, M> {
-    fn set_ste(&mut self, sid: u32, ste: Ste) -> Result<(), DriverError> {
-        Smmu::set_ste(self, sid, ste)
+    fn write_ste(&mut self, sid: u32, ste: Ste) -> Result<SteWrite, DriverError> {
+        Smmu::write_ste(self, sid, ste)
+    }
+
+    fn make_ste(&mut self, b: SteBreak) -> Result<Command, DriverError> {
+        Smmu::make_ste(self, b)
     }
 
     fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
@@ -133,7 +189,55 @@ pub struct VsmmuConfig {
     pub phys_idr5: u32,
     /// The physical SMMU supports range invalidation (IDR3.RIL): guest range TLBIs are forwarded.
     pub phys_ril: bool,
+    /// What the VM may take of the shared physical SMMU.
+    pub budget: Budget,
 }
+
+/// A VM's share of the physical SMMU ([module docs](self)). The bound another VM's unmap sees:
+/// at most `outstanding` physical entries (plus one trap's worth, `tlbi_per_trap` + a few) of
+/// each other VM ahead of its own TLBI and CMD_SYNC. The budgets by time need a clock
+/// ([`PhysicalSmmu::now`]); a VM without a token waits in its own trap until the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Distinct TLBIs one trap forwards before the rest collapse with them into one
+    /// TLBI_NH_ALL of the VM's VMID.
+    pub tlbi_per_trap: u16,
+    /// Physical entries (commands and CMD_SYNCs) the VM may have queued and not known complete;
+    /// beyond, its trap waits for its own earlier CMD_SYNC first. A VM with nothing outstanding
+    /// may always queue one trap's worth.
+    pub outstanding: u16,
+    /// Physical STE operations (rewrites, and CFGI_STEs forwarded for a nested stream) at once.
+    pub ste_burst: u32,
+    /// One more STE operation per this many nanoseconds.
+    pub ste_period_ns: u64,
+    /// Physical CMD_SYNCs at once.
+    pub sync_burst: u32,
+    /// One more physical CMD_SYNC per this many nanoseconds.
+    pub sync_period_ns: u64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            tlbi_per_trap: 16,
+            outstanding: 64,
+            // A driver's probe or a device's attach and detach use a handful; 10000 per second
+            // in steady state leave the physical SMMU (an STE fetch and a CMD_SYNC each, a few
+            // microseconds) mostly to the others whatever a guest does.
+            ste_burst: 64,
+            ste_period_ns: 100_000,
+            // 200000 physical CMD_SYNCs per second: more than a guest's strict-mode unmaps on
+            // QEMU or a fast disk need, a fraction of what one SMMU completes.
+            sync_burst: 64,
+            sync_period_ns: 5_000,
+        }
+    }
+}
+
+/// Rounds of [`Outstanding::wait`] and [`Vsmmu::complete`] one write needs at most: each
+/// consumes a guest command, completes a break-before-make, or waits out a budget that then
+/// lets it go on. Past it a caller gives up (a model bug), leaving the rest to the next trap.
+pub const MAX_ROUNDS: usize = 4 * (1 << CMDQS) + 64;
 
 bitflags! {
     /// Wired interrupts of the vSMMU the caller must raise in the guest (edge-triggered SPIs).
@@ -155,16 +259,14 @@ pub enum Forward {
     Dropped(Event),
     /// The hypervisor's: a stage-2 fault or a fault the guest's SMMU cannot have.
     Hypervisor,
+    /// Dropped by its stream's event budget (counted, never forwarded).
+    Suppressed,
 }
 
 /// Largest command queue a guest may have (IDR1.CMDQS): Linux needs more than 64 entries.
 pub const CMDQS: u8 = 8;
 /// Largest event queue a guest may have (IDR1.EVENTQS).
 pub const EVENTQS: u8 = 7;
-/// Physical commands gathered before they are submitted without a sync.
-const BATCH: usize = 32;
-/// Completions a VM has in flight in steady state (its vCPUs each wait for about one).
-const INFLIGHT: usize = 16;
 /// CMDQ_CONS.ERR [30:24].
 const CONS_ERR: u32 = 0x7f00_0000;
 
@@ -172,21 +274,29 @@ const CONS_ERR: u32 = 0x7f00_0000;
 #[derive(Debug, Clone, Copy)]
 struct Stream {
     map: StreamMap,
-    /// The physical STE last written.
+    /// The physical STE last written (asked for); `None`: not known, as after a reset.
     phys: Option<Ste>,
     /// When the guest's configuration for the stream is invalid, the event its SMMU would record
     /// for each transaction (the physical STE is then invalid and reports C_BAD_STE).
     bad: Option<EventKind>,
-    /// Marked for reshadowing; `Some(true)` when a targeted CFGI_STE(_RANGE) asked for it.
+    /// Marked for reshadowing; `Some(true)` when a targeted CFGI_STE(_RANGE) asked for it,
+    /// `Some(false)` for SMMUEN, GBPA and CFGI_ALL.
     dirty: Option<bool>,
+    /// A guest CMD_CFGI_STE(_RANGE)/CFGI_ALL named the stream: a nested one gets a physical
+    /// CMD_CFGI_STE even when its STE is unchanged (the SMMU may cache the guest's CD with it).
+    named: bool,
     /// The current `bad` configuration was logged.
     bad_logged: bool,
+    /// A break-before-make in progress: the make, and the physical CMD_SYNC after the break.
+    making: Option<(SteBreak, u64)>,
 }
 
 /// Writable register state, at its architectural reset values by [`Default`] except GBPA.
 #[derive(Debug, Clone, Copy, Default)]
 struct RegState {
     cr0: u32,
+    /// CR0ACK: follows CR0 once what the change started is complete.
+    cr0ack: u32,
     cr1: u32,
     cr2: u32,
     gbpa: u32,
@@ -241,72 +351,215 @@ pub struct Vsmmu {
     cfg: VsmmuConfig,
     r: RegState,
     streams: Vec<Stream>,
-    /// Forwarded physical commands not yet submitted.
-    batch: Vec<Command>,
+    /// Physical commands forwarded and not handed to the SMMU yet: the merge window.
+    batch: cmdq::Batch,
     /// Physical commands were submitted since the last physical CMD_SYNC.
     unsynced: bool,
     /// The guest's CMDQ_CONS as far as commands were consumed (its index and wrap bit); the
     /// guest's CMDQ_CONS register shows them once the physical CMD_SYNCs they wait for completed.
     fetched: u32,
-    /// Consumption stopped on a command error that is not visible yet.
+    /// Guest commands consumed in all (a whole-life count: what a write waits to see consumed).
+    consumed: u64,
+    /// Consumption stopped on a command error or a failed physical CMD_SYNC.
     stopped: bool,
     /// What the guest sees once physical CMD_SYNCs complete, in queue order.
-    inflight: VecDeque<Completion>,
-    /// Id of the next [`Completion`].
+    inflight: Inflight,
+    /// Id of the next [`Completion`]: they are numbered in order, so the one at index `i` of
+    /// `inflight` has id `next_id - inflight.len() + i`.
     next_id: u64,
-    /// The latest physical CMD_SYNC queued, until it is known complete: a guest CMD_SYNC that
-    /// forwards nothing new still waits for it.
-    last_sync: Option<SyncTicket>,
+    /// How many completions at the back wait for a physical CMD_SYNC not queued yet
+    /// ([`Cover::Pending`]; once one does, every later one does too).
+    pending_tail: usize,
+    /// Some stream may be marked for reshadowing or be between break and make.
+    stream_work: bool,
+    /// The VM's physical CMD_SYNCs queued and not known complete, in order, each with
+    /// `queued` as it was right after it.
+    syncs: VecDeque<(SyncTicket, u64)>,
+    /// The highest physical CMD_SYNC sequence number known complete (they complete in order).
+    done_seq: u64,
+    /// Physical entries (commands and CMD_SYNCs) the VM queued in all...
+    queued: u64,
+    /// ...and as of the last CMD_SYNC known complete: the difference is outstanding.
+    done_queued: u64,
     /// A trap queued physical commands that are not published yet.
     unpublished: bool,
+    /// Why the processing is stopped until something completes or time passes.
+    pause: Option<progress::Pause>,
+    /// The physical CMD_SYNC after the latest STE change or forwarded CFGI_STE/CFGI_CD: an
+    /// invalidation the guest ordered after them (with a CMD_SYNC between) waits for it.
+    config_cover: Cover,
+    /// A guest CMD_SYNC was consumed after an STE or CD invalidation: the next TLBI or CFGI_CD
+    /// waits until those have taken effect ([module docs](self), ordering).
+    barrier: bool,
+    /// GBPA updates not complete yet (UPDATE reads 1 meanwhile).
+    gbpa_updates: u32,
+    /// A failed physical CMD_SYNC left the outcome of earlier commands unknown: the next
+    /// physical CMD_SYNC for the guest comes with TLBI_NH_ALL and CFGI_STE of every nested
+    /// stream, so the retried guest CMD_SYNC completes a superset of what was lost.
+    recover_full: bool,
+    ste_budget: TokenBucket,
+    sync_budget: TokenBucket,
+    /// Interrupts raised while moving along, for the caller.
+    raised: Irqs,
     stats: Stats,
+    /// What covered each guest CMD_SYNC made visible, for the fuzz harness's invariant (i).
+    #[cfg(any(test, feature = "fuzzing"))]
+    visible_syncs: Vec<Cover>,
 }
 
-/// A change of the guest's command queue state that waits for a physical CMD_SYNC.
+/// When a [`Completion`] may be made visible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cover {
+    /// Right away (after the completions before it).
+    Now,
+    /// Once this physical CMD_SYNC (a sequence number) has completed.
+    Seq(u64),
+    /// Once the physical CMD_SYNC that will cover it, not queued yet, has completed.
+    Pending,
+}
+
+/// The completions in flight, in queue order: a vector taken from the front (a trap's
+/// completions are usually all made visible by its own `complete`, leaving it empty, so it
+/// costs less than a ring that wraps).
+#[derive(Debug)]
+struct Inflight {
+    buf: Vec<Completion>,
+    /// The first one still in flight.
+    head: usize,
+}
+
+impl Inflight {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(n),
+            head: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len() - self.head
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head == self.buf.len()
+    }
+
+    fn front(&self) -> Option<&Completion> {
+        self.buf.get(self.head)
+    }
+
+    fn back(&self) -> Option<&Completion> {
+        self.buf.last().filter(|_| !self.is_empty())
+    }
+
+    fn push_back(&mut self, c: Completion) {
+        if self.head > 0 && self.head >= self.buf.len() / 2 {
+            // Keep it compact when some stay in flight for long.
+            self.buf.drain(..self.head);
+            self.head = 0;
+        }
+        self.buf.push(c);
+    }
+
+    fn pop_front(&mut self) -> Option<Completion> {
+        let c = *self.buf.get(self.head)?;
+        self.head += 1;
+        if self.head == self.buf.len() {
+            self.buf.clear();
+            self.head = 0;
+        }
+        Some(c)
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.head = 0;
+    }
+
+    /// The first `n`.
+    fn first(&self, n: usize) -> &[Completion] {
+        &self.buf[self.head..self.head + n.min(self.len())]
+    }
+
+    /// The last `n`.
+    fn last_mut(&mut self, n: usize) -> &mut [Completion] {
+        let from = self.buf.len() - n.min(self.len());
+        &mut self.buf[from..]
+    }
+}
+
+/// A change of the guest-visible state that waits for the physical SMMU.
 #[derive(Debug, Clone, Copy)]
 struct Completion {
-    id: u64,
-    /// The guest's CMDQ_CONS from then on (with CMDQ_CONS.ERR when `error`).
-    cons: u32,
-    /// The completion MSI of a guest CMD_SYNC: address, data.
-    msi: Option<(u64, u32)>,
-    /// The queue stopped on a command error: GERROR.CMDQ_ERR.
-    error: bool,
+    cover: Cover,
+    what: Effect,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Effect {
+    /// The guest's CMDQ_CONS moves to `cons`; for a CMD_SYNC (`sync`), its completion MSI
+    /// (address, data) if it asked for one.
+    Cons {
+        cons: u32,
+        sync: bool,
+        msi: Option<(u64, u32)>,
+    },
+    /// Consumption stopped on a refused command: CMDQ_CONS (with ERR) and GERROR.CMDQ_ERR.
+    Error { cons: u32 },
+    /// A GBPA update completed (UPDATE reads 0 once none is left).
+    Gbpa,
+    /// CR0ACK takes this value.
+    Cr0Ack(u32),
 }
 
 /// A trapped register write whose effect on the guest waits for the physical SMMU: what the
-/// trap queued is published, and the physical CMD_SYNC waited for, outside the VM's vSMMU lock
-/// ([`Outstanding::wait`]); then [`Vsmmu::complete`] makes it visible to the guest.
+/// trap queued is published, and the physical CMD_SYNC (or the budget) waited for, outside the
+/// VM's vSMMU lock ([`Outstanding::wait`]); then [`Vsmmu::complete`] goes on with the write
+/// and makes what is complete visible, and says whether there is more to wait for. At most
+/// [`MAX_ROUNDS`] rounds.
 #[derive(Debug, Clone, Copy)]
 #[must_use]
 pub struct Outstanding {
     /// Interrupts to raise now.
     pub irqs: Irqs,
-    /// The last [`Completion`] this write added.
+    /// The last [`Completion`] this write added, until it is visible.
     upto: Option<u64>,
-    /// The physical CMD_SYNC it waits for.
+    /// Guest commands this write asked to have consumed: until [`Vsmmu`]'s count reaches it.
+    target: Option<u64>,
+    /// The physical CMD_SYNC to wait for first.
     ticket: Option<SyncTicket>,
+    /// Or the clock reading to wait for (a budget's next token).
+    until: Option<u64>,
     /// Physical commands were queued.
     publish: bool,
 }
 
 impl Outstanding {
-    /// Something is left to do: [`Outstanding::wait`], then [`Vsmmu::complete`].
+    /// Something is left to do: [`Outstanding::wait`], then [`Vsmmu::complete`]. Once it is
+    /// not, [`Outstanding::publish`].
     pub fn pending(&self) -> bool {
-        self.upto.is_some() || self.publish
+        self.upto.is_some() || self.target.is_some()
     }
 
-    /// Publishes what the write queued and waits for its physical CMD_SYNC. Call without the
-    /// VM's vSMMU lock.
+    /// Publishes what the write queued and waits for what it needs first: its physical CMD_SYNC
+    /// or its budget's next token. Call without the VM's vSMMU lock.
     pub fn wait(&self, phys: &impl PhysicalSmmu) -> Result<(), DriverError> {
+        self.publish(phys);
+        if let Some(t) = self.until {
+            phys.wait_until(t);
+        }
         match self.ticket {
             Some(t) => phys.wait(t),
-            None => {
-                if self.publish {
-                    phys.publish();
-                }
-                Ok(())
-            }
+            None => Ok(()),
+        }
+    }
+
+    /// Hands to the SMMU what the write queued, if anything (the last round of a write that is
+    /// no longer [`Outstanding::pending`]; [`Outstanding::wait`] does it for the others). Call
+    /// without the VM's vSMMU lock.
+    pub fn publish(&self, phys: &impl PhysicalSmmu) {
+        if self.publish {
+            phys.publish();
         }
     }
 }
@@ -323,25 +576,47 @@ impl Vsmmu {
                 phys: None,
                 bad: None,
                 dirty: None,
+                named: false,
                 bad_logged: false,
+                making: None,
             })
             .collect();
+        let b = cfg.budget;
+        // The merge window holds at most the TLBIs one trap keeps, a TLBI_NH_ALL, a CFGI_CD and
+        // a CFGI_STE per stream, and the full invalidation after an error.
+        let window = usize::from(b.tlbi_per_trap) + 2 * cfg.streams.len() + 4;
         Self {
-            cfg,
             r: RegState {
                 gbpa: GBPA_RESET,
                 ..RegState::default()
             },
             streams,
-            batch: Vec::with_capacity(BATCH),
+            batch: cmdq::Batch::with_capacity(window),
             unsynced: false,
             fetched: 0,
+            consumed: 0,
             stopped: false,
-            inflight: VecDeque::with_capacity(INFLIGHT),
+            inflight: Inflight::with_capacity(16),
             next_id: 0,
-            last_sync: None,
+            pending_tail: 0,
+            stream_work: false,
+            syncs: VecDeque::with_capacity(16),
+            done_seq: 0,
+            queued: 0,
+            done_queued: 0,
             unpublished: false,
+            pause: None,
+            config_cover: Cover::Now,
+            barrier: false,
+            gbpa_updates: 0,
+            recover_full: false,
+            ste_budget: TokenBucket::new(b.ste_burst, b.ste_period_ns),
+            sync_budget: TokenBucket::new(b.sync_burst, b.sync_period_ns),
+            raised: Irqs::empty(),
             stats: Stats::default(),
+            #[cfg(any(test, feature = "fuzzing"))]
+            visible_syncs: Vec::new(),
+            cfg,
         }
     }
 
@@ -361,10 +636,14 @@ impl Vsmmu {
     }
 
     /// Architectural reset (a VM boot or reboot): registers to their reset values, every stream
-    /// to what GBPA's reset value gives (stage 2 only), and the VM's stage-1 TLB entries dropped
-    /// so that nothing the previous guest cached survives. Touches only the VM's StreamIDs and
-    /// VMID.
+    /// to what GBPA's reset value gives (stage 2 only; no STE work where it already is), and
+    /// the VM's stage-1 TLB entries dropped so that nothing the previous guest cached survives.
+    /// Touches only the VM's StreamIDs and VMID. The hypervisor's control path: it waits for
+    /// the physical SMMU holding the model (the VM's own lock, no other).
     pub fn reset(&mut self, phys: &mut impl PhysicalSmmu) {
+        // What earlier traps queued completes first: nothing of it may land after the reset.
+        self.settle(phys);
+        let b = self.cfg.budget;
         self.r = RegState {
             gbpa: GBPA_RESET,
             ..RegState::default()
@@ -374,14 +653,25 @@ impl Vsmmu {
         self.fetched = 0;
         self.stopped = false;
         self.inflight.clear();
+        self.pending_tail = 0;
+        self.pause = None;
+        self.config_cover = Cover::Now;
+        self.barrier = false;
+        self.gbpa_updates = 0;
+        self.recover_full = false;
+        self.ste_budget = TokenBucket::new(b.ste_burst, b.ste_period_ns);
+        self.sync_budget = TokenBucket::new(b.sync_burst, b.sync_period_ns);
         self.stats = Stats::default();
         for s in &mut self.streams {
+            // Not known: the driver compares with what its table holds.
             s.phys = None;
+            s.named = false;
         }
-        self.reshadow(None, &NoMemory, phys);
-        self.push(Command::TlbiNhAll { vmid: self.vmid() }, phys);
-        self.flush_sync(phys);
-        self.wait_all(phys);
+        self.invalidate(None, false, false);
+        self.reshadow_now(&NoMemory, phys);
+        self.batch
+            .push_tlbi(Command::TlbiNhAll { vmid: self.vmid() }, usize::MAX);
+        self.settle(phys);
     }
 
     fn vmid(&self) -> u16 {
@@ -390,6 +680,11 @@ impl Vsmmu {
 
     fn cr0(&self) -> Cr0 {
         Cr0::from_bits_retain(self.r.cr0)
+    }
+
+    /// CR0 and CR0ACK together: a queue or table is in use while either says so.
+    fn cr0_either(&self) -> Cr0 {
+        Cr0::from_bits_retain(self.r.cr0 | self.r.cr0ack)
     }
 
     fn idr0(&self) -> u32 {
@@ -457,10 +752,19 @@ impl Vsmmu {
             regs::SMMU_IDR5 => self.idr5(),
             // SMMUv3.2: RIL is a v3.2 feature.
             regs::SMMU_AIDR => 2,
-            regs::SMMU_CR0 | regs::SMMU_CR0ACK => r.cr0,
+            regs::SMMU_CR0 => r.cr0,
+            regs::SMMU_CR0ACK => r.cr0ack,
             regs::SMMU_CR1 => r.cr1,
             regs::SMMU_CR2 => r.cr2,
-            regs::SMMU_GBPA => r.gbpa,
+            // UPDATE reads 1 while an update the guest asked for is not complete.
+            regs::SMMU_GBPA => {
+                r.gbpa
+                    | if self.gbpa_updates > 0 {
+                        Gbpa::UPDATE.bits()
+                    } else {
+                        0
+                    }
+            }
             regs::SMMU_IRQ_CTRL | regs::SMMU_IRQ_CTRLACK => r.irq_ctrl,
             regs::SMMU_GERROR => r.gerror,
             regs::SMMU_GERRORN => r.gerrorn,
@@ -489,8 +793,9 @@ impl Vsmmu {
     }
 
     /// A guest write of `value` to register `off` (`size` 4 or 8 bytes), carried out to the
-    /// end: [`Vsmmu::write_start`], [`Outstanding::wait`] and [`Vsmmu::complete`] in a row.
-    /// Returns the wired interrupts to raise.
+    /// end: [`Vsmmu::write_start`], then [`Outstanding::wait`] and [`Vsmmu::complete`] while
+    /// [`Outstanding::pending`] (the waits with the model held: for tests and the hypervisor's
+    /// own use). Returns the wired interrupts to raise.
     pub fn write(
         &mut self,
         off: u64,
@@ -499,17 +804,23 @@ impl Vsmmu {
         mem: &mut impl GuestMemory,
         phys: &mut impl PhysicalSmmu,
     ) -> Irqs {
-        let o = self.write_start(off, size, value, mem, phys);
-        if !o.pending() {
-            return o.irqs;
+        let mut o = self.write_start(off, size, value, mem, phys);
+        let mut irqs = o.irqs;
+        for _ in 0..MAX_ROUNDS {
+            if !o.pending() {
+                break;
+            }
+            let waited = o.wait(phys);
+            o = self.complete(o, waited, mem, phys);
+            irqs |= o.irqs;
         }
-        let waited = o.wait(phys);
-        self.complete(o, waited, mem)
+        o.publish(phys);
+        irqs
     }
 
     /// A guest write of `value` to register `off` (`size` 4 or 8 bytes), up to what waits for
-    /// the physical SMMU. Finish it with [`Outstanding::wait`] and [`Vsmmu::complete`] when
-    /// [`Outstanding::pending`].
+    /// the physical SMMU. While [`Outstanding::pending`], finish it with
+    /// [`Outstanding::wait`] (without the model's lock) and [`Vsmmu::complete`].
     pub fn write_start(
         &mut self,
         off: u64,
@@ -519,108 +830,64 @@ impl Vsmmu {
         phys: &mut impl PhysicalSmmu,
     ) -> Outstanding {
         let first = self.next_id;
-        let irqs = self.write_regs(off, size, value, mem, phys);
+        let mut target = None;
+        self.write_regs(off, size, value, &mut target);
+        let irqs = self.advance(mem, phys);
         let upto = (self.next_id != first).then(|| self.next_id - 1);
-        let publish = core::mem::take(&mut self.unpublished);
-        let mut o = Outstanding {
-            irqs,
-            upto,
-            ticket: self.last_sync,
-            publish,
-        };
-        if o.upto.is_some() && o.ticket.is_none() {
-            // Nothing physical to wait for: visible at once.
-            o.irqs |= self.apply(o.upto, mem);
-            o.upto = None;
-        }
-        o
+        self.outstanding(irqs, upto, target)
     }
 
-    /// Makes what `o`'s write waited for visible to the guest: its CONS moves, the MSIs of its
-    /// completed CMD_SYNCs are written, a command error is raised. `waited` is what
-    /// [`Outstanding::wait`] returned. Completions of other vCPUs' writes queued before it are
-    /// made visible too (the physical queue completes in order). Returns the interrupts to
-    /// raise.
+    /// Goes on with the write `o` after [`Outstanding::wait`] returned `waited`: records what
+    /// completed (or reports a failed physical CMD_SYNC to the guest as CERROR_ABT), resumes
+    /// what was paused, makes visible what is complete (the guest's CONS moves, the MSIs of its
+    /// completed CMD_SYNCs are written, errors are raised; other vCPUs' completions queued
+    /// before are made visible too, the physical queue completes in order), and returns what
+    /// is left, with the interrupts to raise now.
     pub fn complete(
         &mut self,
         o: Outstanding,
         waited: Result<(), DriverError>,
         mem: &mut impl GuestMemory,
-    ) -> Irqs {
-        if let Err(e) = waited {
-            log::error!("vsmmu: {}: physical CMD_SYNC: {e}", self.cfg.name);
-        }
-        if let (Some(t), Some(last)) = (o.ticket, self.last_sync) {
-            if last.seq() <= t.seq() {
-                self.last_sync = None;
-            }
-        }
-        o.irqs | self.apply(o.upto, mem)
-    }
-
-    /// Applies the completions up to id `upto`, in order.
-    fn apply(&mut self, upto: Option<u64>, mem: &mut impl GuestMemory) -> Irqs {
-        let Some(upto) = upto else {
-            return Irqs::empty();
-        };
-        let mut irqs = Irqs::empty();
-        while let Some(c) = self.inflight.front().copied() {
-            if c.id > upto {
-                break;
-            }
-            self.inflight.pop_front();
-            self.r.cmdq_cons = c.cons;
-            if let Some((addr, data)) = c.msi {
-                // The MSI is a 32-bit write of MSIData to MSIAddr (IHI 0070 4.7.3). Linux
-                // points it at the CMD_SYNC's own slot and polls that word in RAM.
-                if mem.write(addr, &data.to_le_bytes()).is_err() {
-                    irqs |= self.raise_gerror(Gerror::MSI_CMDQ_ABT_ERR, mem);
-                }
-            }
-            if c.error {
-                irqs |= self.raise_gerror(Gerror::CMDQ_ERR, mem);
-            }
-        }
-        irqs
-    }
-
-    /// Waits (holding the model) for the last physical CMD_SYNC and applies every completion:
-    /// for the control path (the guest disables its queue, a reset).
-    fn wait_all(&mut self, phys: &mut impl PhysicalSmmu) {
-        if let Some(t) = self.last_sync.take() {
-            if let Err(e) = phys.wait(t) {
-                log::error!("vsmmu: {}: physical CMD_SYNC: {e}", self.cfg.name);
-            }
-        } else if core::mem::take(&mut self.unpublished) {
-            phys.publish();
-        }
-    }
-
-    fn write_regs(
-        &mut self,
-        off: u64,
-        size: u8,
-        value: u64,
-        mem: &mut impl GuestMemory,
         phys: &mut impl PhysicalSmmu,
-    ) -> Irqs {
+    ) -> Outstanding {
+        let mut irqs = Irqs::empty();
+        if let Some(t) = o.ticket {
+            match waited {
+                Ok(()) => self.synced(t.seq()),
+                Err(e) => irqs |= self.sync_failed(t, e, mem),
+            }
+        }
+        let first = self.next_id;
+        irqs |= self.advance(mem, phys);
+        let upto = if self.next_id != first {
+            Some(self.next_id - 1)
+        } else {
+            o.upto
+        };
+        self.outstanding(irqs, upto, o.target)
+    }
+
+    /// The register side of a write: what it changes, and what it sets off (completions,
+    /// streams to reshadow, commands to consume up to `target`) for [`Vsmmu::advance`].
+    fn write_regs(&mut self, off: u64, size: u8, value: u64, target: &mut Option<u64>) {
         self.stats.writes[reg_index(off)] += 1;
         if off >= regs::MMIO_SIZE {
-            return Irqs::empty();
+            return;
         }
         if size == 8 {
             if !off.is_multiple_of(8) {
-                return Irqs::empty();
+                return;
             }
             // A 64-bit access to a 64-bit register is one update; to a pair of 32-bit
             // registers it is two, low address first.
             if let Some(r) = self.reg64(off) {
                 *r = value;
                 self.mask_reg64(off);
-                return Irqs::empty();
+                return;
             }
-            let a = self.write32(off, value as u32, mem, phys);
-            return a | self.write32(off + 4, (value >> 32) as u32, mem, phys);
+            self.write32(off, value as u32, target);
+            self.write32(off + 4, (value >> 32) as u32, target);
+            return;
         }
         let off = off & !3;
         let base = off & !7;
@@ -628,16 +895,16 @@ impl Vsmmu {
             let shift = (off - base) * 8;
             *r = (*r & !(0xffff_ffff << shift)) | u64::from(value as u32) << shift;
             self.mask_reg64(base);
-            return Irqs::empty();
+            return;
         }
-        self.write32(off, value as u32, mem, phys)
+        self.write32(off, value as u32, target);
     }
 
     /// The 64-bit register at `off`, if it is one and writable now (queue and table bases are
-    /// read-only while their enable is set; IRQ_CFG registers while their interrupt is enabled;
-    /// IHI 0070 6.3).
+    /// read-only while their enable is set in CR0 or CR0ACK; IRQ_CFG registers while their
+    /// interrupt is enabled; IHI 0070 6.3).
     fn reg64(&mut self, off: u64) -> Option<&mut u64> {
-        let cr0 = self.cr0();
+        let cr0 = self.cr0_either();
         let irq = IrqCtrl::from_bits_retain(self.r.irq_ctrl);
         let r = &mut self.r;
         match off {
@@ -667,29 +934,16 @@ impl Vsmmu {
         }
     }
 
-    fn write32(
-        &mut self,
-        off: u64,
-        v: u32,
-        mem: &mut impl GuestMemory,
-        phys: &mut impl PhysicalSmmu,
-    ) -> Irqs {
-        let cr0 = self.cr0();
+    fn write32(&mut self, off: u64, v: u32, target: &mut Option<u64>) {
+        let cr0 = self.cr0_either();
         let irq = IrqCtrl::from_bits_retain(self.r.irq_ctrl);
         match off {
-            regs::SMMU_CR0 => return self.write_cr0(v & CR0_FIELDS, mem, phys),
+            regs::SMMU_CR0 => self.write_cr0(v & CR0_FIELDS, target),
             // Table and queue attributes: fixed while anything that uses them is enabled.
             regs::SMMU_CR1 if cr0.bits() & CR0_FIELDS == 0 => self.r.cr1 = v & 0xfff,
             regs::SMMU_CR2 if !cr0.contains(Cr0::SMMUEN) => self.r.cr2 = v & CR2_FIELDS,
-            // Only a write with UPDATE set takes effect; the update completes at once, so
-            // UPDATE always reads 0 (IHI 0070 6.3.14).
-            regs::SMMU_GBPA if v & Gbpa::UPDATE.bits() != 0 => {
-                let old = self.r.gbpa;
-                self.r.gbpa = v & GBPA_FIELDS;
-                if !cr0.contains(Cr0::SMMUEN) && old != self.r.gbpa {
-                    self.reshadow(None, mem, phys);
-                }
-            }
+            // Only a write with UPDATE set takes effect (IHI 0070 6.3.14).
+            regs::SMMU_GBPA if v & Gbpa::UPDATE.bits() != 0 => self.write_gbpa(v & GBPA_FIELDS),
             regs::SMMU_IRQ_CTRL => self.r.irq_ctrl = v & IRQ_FIELDS,
             regs::SMMU_GERRORN => {
                 self.r.gerrorn = v & GERROR_FIELDS;
@@ -697,8 +951,8 @@ impl Vsmmu {
                 if !self.cmdq_error_active() && self.r.cmdq_cons & CONS_ERR != 0 {
                     self.r.cmdq_cons &= !CONS_ERR;
                     self.stopped = false;
+                    self.request_consumption(target);
                 }
-                return self.process_cmdq(mem, phys);
             }
             regs::SMMU_GERROR_IRQ_CFG1 if !irq.contains(IrqCtrl::GERROR_IRQEN) => {
                 self.r.gerror_irq_cfg1 = v;
@@ -717,7 +971,7 @@ impl Vsmmu {
             }
             regs::SMMU_CMDQ_PROD => {
                 self.r.cmdq_prod = v & 0x000f_ffff;
-                return self.process_cmdq(mem, phys);
+                self.request_consumption(target);
             }
             regs::SMMU_CMDQ_CONS if !cr0.contains(Cr0::CMDQEN) => {
                 self.r.cmdq_cons = v & 0x000f_ffff;
@@ -733,121 +987,63 @@ impl Vsmmu {
             // Read-only, RES0 or guarded: ignored, as the spec lets hardware do.
             _ => {}
         }
-        Irqs::empty()
     }
 
-    fn write_cr0(
-        &mut self,
-        v: u32,
-        mem: &mut impl GuestMemory,
-        phys: &mut impl PhysicalSmmu,
-    ) -> Irqs {
+    /// This write wants the guest's queue consumed up to its PROD: `target` is the count
+    /// [`Vsmmu::consumed`] reaches then (at most one queue's worth on).
+    fn request_consumption(&self, target: &mut Option<u64>) {
+        if !self.can_consume() {
+            return;
+        }
+        let (_, q) = self.cmdq();
+        let ahead = u64::from(q.prod().wrapping_sub(q.cons()) & ((2 << q.log2size()) - 1))
+            .min(u64::from(q.entries()));
+        if ahead > 0 {
+            let t = self.consumed + ahead;
+            *target = Some(target.map_or(t, |x| x.max(t)));
+        }
+    }
+
+    /// Whether guest commands can be consumed now (CMDQEN, no error standing).
+    fn can_consume(&self) -> bool {
+        self.cr0().contains(Cr0::CMDQEN) && !self.cmdq_error_active() && !self.stopped
+    }
+
+    /// CR0 (IHI 0070 6.3.9): SMMUEN puts the guest's stream table (or GBPA) in force, CMDQEN
+    /// starts or stops consumption. CR0ACK follows once what the change set off is complete:
+    /// the physical STEs it changed in force, and, when CMDQEN goes off, every command
+    /// consumed so far complete ("the queue reads as stopped").
+    fn write_cr0(&mut self, v: u32, target: &mut Option<u64>) {
         let old = self.cr0();
         self.r.cr0 = v;
         let new = self.cr0();
         if old.contains(Cr0::SMMUEN) != new.contains(Cr0::SMMUEN) {
-            // Enabling puts the guest's stream table in force; disabling puts GBPA in force.
-            self.reshadow(None, mem, phys);
+            self.invalidate(None, false, false);
+            // Invalidations consumed after it follow its STE changes.
+            self.barrier = true;
         }
         if new.contains(Cr0::CMDQEN) && !old.contains(Cr0::CMDQEN) {
-            return self.process_cmdq(mem, phys);
+            self.request_consumption(target);
         }
-        if old.contains(Cr0::CMDQEN) && !new.contains(Cr0::CMDQEN) {
-            // Everything consumed so far completes before the queue reads as stopped.
-            self.wait_all(phys);
-            return self.apply(Some(u64::MAX), mem);
-        }
-        Irqs::empty()
+        self.completion(Cover::Pending, Effect::Cr0Ack(v));
     }
 
-    /// Marks the VM's streams whose guest StreamID is in `[start, start + n)` (all of them for
-    /// `None`) for reshadowing. `targeted`: the guest invalidated them one by one, so it means
-    /// them to be usable (at SMMUEN or CFGI_ALL a driver has not set up every stream yet).
-    fn invalidate(&mut self, range: Option<(u32, u64)>, targeted: bool) {
-        for s in &mut self.streams {
-            if let Some((start, n)) = range {
-                let v = u64::from(s.map.vsid);
-                if v < u64::from(start) || v >= u64::from(start) + n {
-                    continue;
-                }
-            }
-            s.dirty = Some(targeted || s.dirty == Some(true));
-        }
-    }
-
-    /// Recomputes and writes the physical STE of every stream marked by [`Vsmmu::invalidate`].
-    /// Deferring the work to the next CMD_SYNC (or the end of the trap) is what the spec allows
-    /// (a CMD_CFGI_* has completed only once a later CMD_SYNC has) and bounds what a guest
-    /// flooding its queue with invalidations costs: one STE write per stream per sync.
-    fn reshadow_dirty(&mut self, mem: &impl GuestMemory, phys: &mut impl PhysicalSmmu) {
-        if self.streams.iter().all(|s| s.dirty.is_none()) {
-            // Every CMD_SYNC and trap comes here: keep the common case out of the loop below.
+    /// GBPA with UPDATE (IHI 0070 6.3.14). While SMMUEN is off a change of ABORT changes every
+    /// stream's physical STE; that STE work is budgeted, and UPDATE reads 1 until it is done
+    /// (software must poll it). A write while an update is still in progress takes its value
+    /// last, and the update completes once, for that value. A change with no physical effect
+    /// completes at once.
+    fn write_gbpa(&mut self, v: u32) {
+        let old = self.r.gbpa;
+        self.r.gbpa = v;
+        let abort = Gbpa::ABORT.bits();
+        if self.cr0_either().contains(Cr0::SMMUEN) || (old ^ v) & abort == 0 {
             return;
         }
-        let enabled = self.cr0().contains(Cr0::SMMUEN);
-        let table = StreamTableCfg {
-            base: self.r.strtab_base,
-            cfg: self.r.strtab_base_cfg,
-            sid_bits: self.cfg.sid_bits,
-        };
-        for i in 0..self.streams.len() {
-            let s = self.streams[i];
-            let Some(targeted) = s.dirty else { continue };
-            let (ste, bad) = if enabled {
-                match table.fetch(s.map.vsid, mem) {
-                    Ok(g) => shadow_ste(&g, &self.cfg),
-                    Err(kind) => (Ste::default(), Some(kind)),
-                }
-            } else if self.r.gbpa & Gbpa::ABORT.bits() != 0 {
-                (Ste::abort(), None)
-            } else {
-                (Ste::stage2(self.cfg.s2), None)
-            };
-            // Logged once per bad configuration, when the guest invalidates the stream by name
-            // (at SMMUEN or CFGI_ALL a driver has not set up every stream yet).
-            let logged = if s.bad == bad { s.bad_logged } else { false };
-            let log_now = targeted && !logged;
-            if let (Some(kind), true) = (bad, log_now) {
-                log::warn!(
-                    "vsmmu: {}: StreamID {}: guest configuration is invalid ({}): its transactions abort",
-                    self.cfg.name,
-                    s.map.vsid,
-                    kind.name()
-                );
-            }
-            self.streams[i].bad_logged = logged || (log_now && bad.is_some());
-            if s.phys == Some(ste) {
-                // Unchanged: only the invalidation the guest asked for (the physical SMMU may
-                // cache the CD along with the STE), completed by the guest's next CMD_SYNC.
-                self.push(
-                    Command::CfgiSte {
-                        sid: s.map.psid,
-                        leaf: true,
-                    },
-                    phys,
-                );
-            } else {
-                self.stats.ste_writes += 1;
-                if let Err(e) = phys.set_ste(s.map.psid, ste) {
-                    log::error!("vsmmu: {}: physical STE {}: {e}", self.cfg.name, s.map.psid);
-                }
-            }
-            let st = &mut self.streams[i];
-            st.phys = Some(ste);
-            st.bad = bad;
-            st.dirty = None;
-        }
-    }
-
-    /// Reshadows the streams in the range now (SMMUEN, GBPA and reset changes).
-    fn reshadow(
-        &mut self,
-        range: Option<(u32, u64)>,
-        mem: &impl GuestMemory,
-        phys: &mut impl PhysicalSmmu,
-    ) {
-        self.invalidate(range, false);
-        self.reshadow_dirty(mem, phys);
+        self.invalidate(None, false, false);
+        self.barrier = true;
+        self.gbpa_updates += 1;
+        self.completion(Cover::Pending, Effect::Gbpa);
     }
 }
 

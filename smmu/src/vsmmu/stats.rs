@@ -13,11 +13,12 @@ pub struct Stats {
     pub commands: u64,
     /// Guest CMD_SYNCs completed.
     pub syncs: u64,
-    /// Physical commands submitted on the guest's behalf (not counting STE writes).
+    /// Physical commands submitted on the guest's behalf, after merging (not counting the
+    /// CMD_CFGI_STEs of physical STE writes).
     pub phys_commands: u64,
-    /// Physical CMD_SYNCs issued on the guest's behalf.
+    /// Physical CMD_SYNCs issued on the guest's behalf (not counting a break-before-make's).
     pub phys_syncs: u64,
-    /// Physical STEs written.
+    /// Physical STEs written (rewrites; at most one per stream per trap).
     pub ste_writes: u64,
     /// Events written into the guest's event queue.
     pub guest_events: u64,
@@ -27,6 +28,31 @@ pub struct Stats {
     pub s2_faults: u64,
     /// Guest commands refused with CERROR_ILL or CERROR_ABT.
     pub command_errors: u64,
+    /// Guest TLBIs not forwarded as a physical command of their own: duplicates in a trap,
+    /// subsumed by a TLBI_NH_ALL of the VM's VMID, or collapsed into one past the per-trap cap.
+    pub tlbi_merged: u64,
+    /// Guest CMD_SYNCs completed without a physical CMD_SYNC of their own (another one in the
+    /// same trap, or an earlier one still in flight, covered them; or none was needed).
+    pub syncs_merged: u64,
+    /// Times a trap waited for the VM's budget: over its outstanding physical entries, or out
+    /// of STE operations or CMD_SYNCs for the moment.
+    pub budget_waits: u64,
+    /// Times a trap waited for an STE or CD change to take effect before an invalidation the
+    /// guest ordered after it.
+    pub order_waits: u64,
+    /// GBPA updates that waited for the STE budget (UPDATE read 1 meanwhile).
+    pub gbpa_deferred: u64,
+    /// Reshadowed streams whose physical STE needed no write (unchanged physical configuration).
+    pub ste_skipped: u64,
+    /// Physical STE writes that were a break-before-make (a CMD_SYNC waited for between).
+    pub ste_breaks: u64,
+    /// Times one of the VM's streams was quarantined for faulting beyond its event budget.
+    pub evt_quarantined: u64,
+    /// Event records of the VM's streams dropped by the event budget.
+    pub evt_suppressed: u64,
+    /// Physical CMD_SYNCs that failed or could not be queued (each reported to the guest as
+    /// CERROR_ABT at its first CMD_SYNC not completed).
+    pub phys_sync_errors: u64,
 }
 
 /// Counter slots: page 0 registers 0x00-0xfc, page 1 registers 0x00-0xfc, one for the rest.
@@ -111,6 +137,16 @@ impl Default for Stats {
             dropped_events: 0,
             s2_faults: 0,
             command_errors: 0,
+            tlbi_merged: 0,
+            syncs_merged: 0,
+            budget_waits: 0,
+            order_waits: 0,
+            gbpa_deferred: 0,
+            ste_skipped: 0,
+            ste_breaks: 0,
+            evt_quarantined: 0,
+            evt_suppressed: 0,
+            phys_sync_errors: 0,
         }
     }
 }

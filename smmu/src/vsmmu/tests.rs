@@ -68,19 +68,50 @@ impl GuestMemory for FakeRam {
     }
 }
 
-/// A physical SMMU that records what it is asked to do.
+/// What [`RecPhys`] was asked to do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Op {
+    /// An STE written at once.
+    Write(u32),
+    /// An STE broken (word 0 aborts).
+    Break(u32),
+    /// The make of a break.
+    Make(u32),
+    /// Commands queued without a sync.
+    Submit(Vec<Command>),
+    /// Commands and a CMD_SYNC queued: the ticket's sequence number.
+    Sync(u64, Vec<Command>),
+    /// A ticket waited for.
+    Wait(u64),
+    /// A budget wait until this clock reading.
+    Until(u64),
+}
+
+/// A physical SMMU that records what it is asked to do. Its stream table follows the
+/// driver's update rules ([`Smmu::write_ste`]): a valid STE changing in more than one
+/// doubleword, into anything but abort, is a break-before-make.
 #[derive(Default)]
 struct RecPhys {
+    /// The STEs in its table (an aborting one between break and make).
     stes: BTreeMap<u32, Ste>,
+    /// StreamIDs whose STE was written (or broken), in order.
     ste_writes: Vec<u32>,
     cmds: Vec<Command>,
     /// Submissions (with or without sync).
     submits: usize,
     syncs: usize,
+    /// The last ticket's sequence number (never cleared).
+    seq: u64,
     /// Publications asked for.
     publishes: core::cell::Cell<usize>,
     /// Tickets waited for, in order.
     waits: core::cell::RefCell<Vec<u64>>,
+    /// Everything, in order.
+    ops: core::cell::RefCell<Vec<Op>>,
+    /// Waits fail while set.
+    fail: core::cell::Cell<bool>,
+    /// The clock, if it has one.
+    now: core::cell::Cell<Option<u64>>,
 }
 
 impl RecPhys {
@@ -95,18 +126,56 @@ impl RecPhys {
         v.dedup();
         v
     }
+
+    /// Forgets what was asked so far; keeps its stream table, clock and failure injection.
+    fn clear(&mut self) {
+        self.ste_writes.clear();
+        self.cmds.clear();
+        self.submits = 0;
+        self.syncs = 0;
+        self.publishes.set(0);
+        self.waits.borrow_mut().clear();
+        self.ops.borrow_mut().clear();
+    }
+
+    fn with_clock(t: u64) -> Self {
+        let p = Self::default();
+        p.now.set(Some(t));
+        p
+    }
 }
 
 impl PhysicalSmmu for RecPhys {
-    fn set_ste(&mut self, sid: u32, ste: Ste) -> Result<(), DriverError> {
-        self.stes.insert(sid, ste);
+    fn write_ste(&mut self, sid: u32, ste: Ste) -> Result<SteWrite, DriverError> {
+        let cur = self.stes.get(&sid).copied().unwrap_or(Ste::abort());
+        if cur == ste {
+            return Ok(SteWrite::Unchanged);
+        }
         self.ste_writes.push(sid);
-        Ok(())
+        let cfgi = Command::CfgiSte { sid, leaf: true };
+        let differ = (0..8).filter(|&i| cur.0[i] != ste.0[i]).count();
+        let live = cur.v() && cur.config().bits() != 0;
+        let to_abort = ste.v() && ste.config().bits() == 0;
+        if live && differ > 1 && !to_abort {
+            self.stes.insert(sid, Ste::abort());
+            self.ops.borrow_mut().push(Op::Break(sid));
+            return Ok(SteWrite::Broken(crate::driver::SteBreak { sid, ste, cfgi }));
+        }
+        self.stes.insert(sid, ste);
+        self.ops.borrow_mut().push(Op::Write(sid));
+        Ok(SteWrite::Written(cfgi))
+    }
+
+    fn make_ste(&mut self, b: crate::driver::SteBreak) -> Result<Command, DriverError> {
+        self.stes.insert(b.sid, b.ste);
+        self.ops.borrow_mut().push(Op::Make(b.sid));
+        Ok(b.cfgi)
     }
 
     fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
         self.cmds.extend_from_slice(cmds);
         self.submits += 1;
+        self.ops.borrow_mut().push(Op::Submit(cmds.to_vec()));
         Ok(())
     }
 
@@ -114,7 +183,11 @@ impl PhysicalSmmu for RecPhys {
         self.cmds.extend_from_slice(cmds);
         self.submits += 1;
         self.syncs += 1;
-        Ok(SyncTicket::at(self.syncs as u64))
+        self.seq += 1;
+        self.ops
+            .borrow_mut()
+            .push(Op::Sync(self.seq, cmds.to_vec()));
+        Ok(SyncTicket::at(self.seq))
     }
 
     fn publish(&self) {
@@ -123,7 +196,22 @@ impl PhysicalSmmu for RecPhys {
 
     fn wait(&self, ticket: SyncTicket) -> Result<(), DriverError> {
         self.waits.borrow_mut().push(ticket.seq());
+        self.ops.borrow_mut().push(Op::Wait(ticket.seq()));
+        if self.fail.get() {
+            return Err(DriverError::Timeout("CMD_SYNC completion"));
+        }
         Ok(())
+    }
+
+    fn now(&self) -> Option<u64> {
+        self.now.get()
+    }
+
+    fn wait_until(&self, deadline: u64) {
+        self.ops.borrow_mut().push(Op::Until(deadline));
+        if let Some(t) = self.now.get() {
+            self.now.set(Some(t.max(deadline)));
+        }
     }
 }
 
@@ -157,6 +245,7 @@ fn cfg() -> VsmmuConfig {
         oas_bits: 40,
         phys_idr5: 0x70 | 4,
         phys_ril: true,
+        budget: Budget::default(),
     }
 }
 
@@ -180,7 +269,7 @@ impl Rig {
             cmdq_log2: CMDQS,
         };
         r.v.reset(&mut r.phys);
-        r.phys = RecPhys::default();
+        r.phys.clear();
         r
     }
 
@@ -373,9 +462,20 @@ fn reset_puts_streams_on_stage_2_only_and_drops_the_vms_tlb() {
     for sid in [0x108, 0x110] {
         assert_eq!(phys.stes[&sid], Ste::stage2(s2()));
     }
-    assert_eq!(phys.cmds, [Command::TlbiNhAll { vmid: 7 }]);
+    // The STE writes' CFGI_STEs and the VM's TLBI_NH_ALL, completed by one CMD_SYNC.
+    let cfgi = |sid| Command::CfgiSte { sid, leaf: true };
+    assert_eq!(
+        phys.cmds,
+        [cfgi(0x108), cfgi(0x110), Command::TlbiNhAll { vmid: 7 }]
+    );
     assert_eq!(phys.syncs, 1);
     assert_eq!(v.read(regs::SMMU_GBPA, 4), 0x1000);
+    // A reboot that finds the streams at stage 2 already: no STE work, only the TLBI.
+    phys.clear();
+    v.reset(&mut phys);
+    assert!(phys.ste_writes.is_empty());
+    assert_eq!(phys.cmds, [Command::TlbiNhAll { vmid: 7 }]);
+    assert_eq!(v.stats().ste_skipped, 2);
 }
 
 #[test]
@@ -454,7 +554,7 @@ fn linear_table_cfgi_ste_shadows_owned_streams_only() {
     // SMMUEN: the guest table comes into force for owned streams.
     assert_eq!(r.phys.stes[&0x108], nested(CD + 8 * 64));
     assert_eq!(r.phys.stes[&0x110], nested(CD + 16 * 64));
-    r.phys = RecPhys::default();
+    r.phys.clear();
     r.put_ste(8, guest_ste(4));
     r.issue(&[
         Command::CfgiSte { sid: 8, leaf: true },
@@ -463,7 +563,7 @@ fn linear_table_cfgi_ste_shadows_owned_streams_only() {
     assert_eq!(r.phys.ste_writes, [0x108]);
     assert_eq!(r.phys.stes[&0x108], Ste::stage2(s2()));
     // StreamIDs the VM does not own: nothing physical, whatever the guest table says.
-    r.phys = RecPhys::default();
+    r.phys.clear();
     r.issue(&[
         Command::CfgiSte { sid: 9, leaf: true },
         Command::CfgiSte { sid: 0, leaf: true },
@@ -476,11 +576,14 @@ fn linear_table_cfgi_ste_shadows_owned_streams_only() {
     r.issue(&[Command::CfgiSteRange { sid: 17, range: 3 }]);
     assert_eq!(r.phys.touched(), [0x110]);
     assert!(r.phys.ste_writes.is_empty());
-    r.phys = RecPhys::default();
+    r.phys.clear();
     r.issue(&[Command::CfgiSteRange { sid: 0, range: 2 }]);
     assert!(r.phys.touched().is_empty());
+    // CFGI_ALL: a physical CFGI_STE for the nested stream only (StreamID 8 is stage 2 only
+    // now: nothing of the guest's is cached through it).
     r.issue(&[Command::CfgiAll]);
-    assert_eq!(r.phys.touched(), [0x108, 0x110]);
+    assert_eq!(r.phys.touched(), [0x110]);
+    assert!(r.phys.ste_writes.is_empty());
     // A StreamID beyond LOG2SIZE (5 bits here): C_BAD_STREAMID for its transactions.
     let mut c = cfg();
     c.streams = vec![StreamMap { vsid: 40, psid: 40 }];
@@ -528,10 +631,9 @@ fn two_level_table_walk() {
 fn invalidations_are_forwarded_with_the_vms_vmid_and_physical_streamids() {
     let mut r = Rig::new();
     r.enable(false);
-    r.phys = RecPhys::default();
+    r.phys.clear();
     let va = TlbiAddr::single(0x1234_5000, true);
     r.issue(&[
-        Command::TlbiNhAll { vmid: 0 },
         Command::TlbiNhAsid { vmid: 3, asid: 5 },
         Command::TlbiNhVa {
             vmid: 0,
@@ -557,17 +659,10 @@ fn invalidations_are_forwarded_with_the_vms_vmid_and_physical_streamids() {
         },
         Command::Sync(Sync::none()),
     ]);
+    // TLBI_NSNH_ALL becomes the VM's TLBI_NH_ALL, which subsumes the TLBIs before it.
     assert_eq!(
         r.phys.cmds,
         [
-            Command::TlbiNhAll { vmid: 7 },
-            Command::TlbiNhAsid { vmid: 7, asid: 5 },
-            Command::TlbiNhVa {
-                vmid: 7,
-                asid: 5,
-                addr: va
-            },
-            Command::TlbiNhVaa { vmid: 7, addr: va },
             Command::TlbiNhAll { vmid: 7 },
             Command::CfgiCd {
                 sid: 0x108,
@@ -577,10 +672,35 @@ fn invalidations_are_forwarded_with_the_vms_vmid_and_physical_streamids() {
             Command::CfgiCdAll { sid: 0x110 },
         ]
     );
+    assert_eq!(r.v.stats().tlbi_merged, 3);
     // One physical submission, with one sync, for the whole batch.
     assert_eq!((r.phys.submits, r.phys.syncs), (1, 1));
     assert_eq!(r.cons(), r.prod);
-    assert_eq!(r.v.stats().commands, 11);
+    assert_eq!(r.v.stats().commands, 10);
+    // Without a TLBI_NH_ALL each is forwarded as it is, with the VM's VMID.
+    r.phys.clear();
+    r.issue(&[
+        Command::TlbiNhAsid { vmid: 3, asid: 5 },
+        Command::TlbiNhVa {
+            vmid: 0,
+            asid: 5,
+            addr: va,
+        },
+        Command::TlbiNhVaa { vmid: 9, addr: va },
+        Command::Sync(Sync::none()),
+    ]);
+    assert_eq!(
+        r.phys.cmds,
+        [
+            Command::TlbiNhAsid { vmid: 7, asid: 5 },
+            Command::TlbiNhVa {
+                vmid: 7,
+                asid: 5,
+                addr: va
+            },
+            Command::TlbiNhVaa { vmid: 7, addr: va },
+        ]
+    );
 }
 
 #[test]
@@ -623,7 +743,7 @@ fn illegal_commands_stop_the_queue_with_cerror_ill() {
     for bad in illegal {
         let mut r = Rig::new();
         r.enable(false);
-        r.phys = RecPhys::default();
+        r.phys.clear();
         let irqs = r.issue(&[
             Command::TlbiNhAll { vmid: 0 },
             bad,
@@ -644,13 +764,8 @@ fn illegal_commands_stop_the_queue_with_cerror_ill() {
         r.w32(regs::SMMU_GERRORN, g);
         assert_eq!(r.gerror_active(), 0);
         assert_eq!(r.cons(), r.prod, "{bad:?}: queue resumed from CONS");
-        assert_eq!(
-            r.phys.cmds[1..],
-            [
-                Command::TlbiNhAsid { vmid: 7, asid: 1 },
-                Command::TlbiNhAll { vmid: 7 }
-            ]
-        );
+        // The TLBI_NH_ALL after it subsumes the TLBI_NH_ASID of the same trap.
+        assert_eq!(r.phys.cmds[1..], [Command::TlbiNhAll { vmid: 7 }]);
     }
     // An undecodable opcode and a reserved CMD_SYNC CS value.
     for raw in [[0x7f, 0], [0x46 | 3 << 12, 0]] {
@@ -695,7 +810,7 @@ fn command_fetch_outside_guest_ram_is_cerror_abt() {
 fn cmd_sync_completes_by_msi_into_guest_memory() {
     let mut r = Rig::new();
     r.enable(false);
-    r.phys = RecPhys::default();
+    r.phys.clear();
     let traps = r.v.stats().traps();
     // Linux's unmap: TLBI_NH_VA, then a CMD_SYNC whose MSI targets its own slot with data 0.
     let sync_slot = CMDQ + u64::from(r.prod + 1) * 16;
@@ -752,7 +867,7 @@ fn queue_wraps_and_a_full_queue_is_consumed() {
     let mut r = Rig::new();
     r.cmdq_log2 = 3;
     r.enable(false);
-    r.phys = RecPhys::default();
+    r.phys.clear();
     let mut sent = 0;
     for round in 0..5 {
         // 8 entries: PROD ends with the wrap bit flipped relative to CONS (full).
@@ -789,7 +904,7 @@ fn stage_1_events_are_forwarded_and_stage_2_faults_kept() {
     e.input_addr = 0x2_0000_0000;
     e.rnw = true;
     e.class = EventClass::In;
-    let (f, irqs) = r.v.forward_event(&e, &mut r.ram);
+    let (f, irqs) = r.v.forward_event(&e, EventFate::Deliver, &mut r.ram);
     let mut want = e;
     want.stream_id = 8;
     assert_eq!(f, Forward::Guest(want));
@@ -801,7 +916,7 @@ fn stage_1_events_are_forwarded_and_stage_2_faults_kept() {
     s2f.s2 = true;
     s2f.addr2 = 0x2_0000_0000;
     assert_eq!(
-        r.v.forward_event(&s2f, &mut r.ram),
+        r.v.forward_event(&s2f, EventFate::Deliver, &mut r.ram),
         (Forward::Hypervisor, Irqs::empty())
     );
     assert_eq!(r.v.stats().s2_faults, 1);
@@ -809,7 +924,7 @@ fn stage_1_events_are_forwarded_and_stage_2_faults_kept() {
     let mut cdf = s2f;
     cdf.class = EventClass::Cd;
     cdf.addr2 = 0x9_0000_0000;
-    let (f, _) = r.v.forward_event(&cdf, &mut r.ram);
+    let (f, _) = r.v.forward_event(&cdf, EventFate::Deliver, &mut r.ram);
     let Forward::Guest(g) = f else {
         panic!("{f:?}")
     };
@@ -819,19 +934,28 @@ fn stage_1_events_are_forwarded_and_stage_2_faults_kept() {
     );
     // Another VM's (or the hypervisor's) stream.
     let other = Event::new(EventKind::FTranslation, 0x200);
-    assert_eq!(r.v.forward_event(&other, &mut r.ram).0, Forward::Hypervisor);
+    assert_eq!(
+        r.v.forward_event(&other, EventFate::Deliver, &mut r.ram).0,
+        Forward::Hypervisor
+    );
     // C_BAD_STE on a stream whose guest STE is bad: the guest's own event.
     r.put_ste(16, guest_ste(6));
     r.issue(&[Command::CfgiSte {
         sid: 16,
         leaf: true,
     }]);
-    let (f, _) =
-        r.v.forward_event(&Event::new(EventKind::CBadSte, 0x110), &mut r.ram);
+    let (f, _) = r.v.forward_event(
+        &Event::new(EventKind::CBadSte, 0x110),
+        EventFate::Deliver,
+        &mut r.ram,
+    );
     assert_eq!(f, Forward::Guest(Event::new(EventKind::CBadSte, 16)));
     // C_BAD_STE where the guest's STE is fine: not the guest's doing.
-    let (f, _) =
-        r.v.forward_event(&Event::new(EventKind::CBadSte, 0x108), &mut r.ram);
+    let (f, _) = r.v.forward_event(
+        &Event::new(EventKind::CBadSte, 0x108),
+        EventFate::Deliver,
+        &mut r.ram,
+    );
     assert_eq!(f, Forward::Hypervisor);
 }
 
@@ -843,26 +967,26 @@ fn full_event_queue_sets_overflow_once_until_acknowledged() {
     // 4 slots.
     for _ in 0..4 {
         assert!(matches!(
-            r.v.forward_event(&e, &mut r.ram).0,
+            r.v.forward_event(&e, EventFate::Deliver, &mut r.ram).0,
             Forward::Guest(_)
         ));
     }
     let prod = r.r32(regs::SMMU_EVENTQ_PROD);
     assert_eq!(prod, 4, "full: index 0, wrap 1, no overflow");
     assert!(matches!(
-        r.v.forward_event(&e, &mut r.ram).0,
+        r.v.forward_event(&e, EventFate::Deliver, &mut r.ram).0,
         Forward::Dropped(_)
     ));
     assert_eq!(r.r32(regs::SMMU_EVENTQ_PROD), 4 | 1 << 31);
     assert!(matches!(
-        r.v.forward_event(&e, &mut r.ram).0,
+        r.v.forward_event(&e, EventFate::Deliver, &mut r.ram).0,
         Forward::Dropped(_)
     ));
     assert_eq!(r.r32(regs::SMMU_EVENTQ_PROD), 4 | 1 << 31, "toggled once");
     // The guest consumes everything and acknowledges the overflow.
     r.w32(regs::SMMU_EVENTQ_CONS, 4 | 1 << 31);
     assert!(matches!(
-        r.v.forward_event(&e, &mut r.ram).0,
+        r.v.forward_event(&e, EventFate::Deliver, &mut r.ram).0,
         Forward::Guest(_)
     ));
     assert_eq!(r.r32(regs::SMMU_EVENTQ_PROD), 5 | 1 << 31);
@@ -870,7 +994,7 @@ fn full_event_queue_sets_overflow_once_until_acknowledged() {
     // Event queue disabled: nothing recorded.
     r.w32(regs::SMMU_CR0, (Cr0::CMDQEN | Cr0::SMMUEN).bits());
     assert!(matches!(
-        r.v.forward_event(&e, &mut r.ram).0,
+        r.v.forward_event(&e, EventFate::Deliver, &mut r.ram).0,
         Forward::Dropped(_)
     ));
     // Event queue outside guest RAM: GERROR.EVENTQ_ABT_ERR.
@@ -885,7 +1009,7 @@ fn full_event_queue_sets_overflow_once_until_acknowledged() {
         regs::SMMU_CR0,
         (Cr0::CMDQEN | Cr0::EVTQEN | Cr0::SMMUEN).bits(),
     );
-    let (_, irqs) = r.v.forward_event(&e, &mut r.ram);
+    let (_, irqs) = r.v.forward_event(&e, EventFate::Deliver, &mut r.ram);
     assert_eq!(irqs, Irqs::GERROR);
     assert_eq!(r.gerror_active(), Gerror::EVENTQ_ABT_ERR.bits());
 }
@@ -902,7 +1026,7 @@ fn msi_configured_interrupts_are_memory_writes() {
     r.w64(regs::SMMU_EVENTQ_IRQ_CFG0, RAM + 0x300);
     assert_eq!(r.v.read(regs::SMMU_EVENTQ_IRQ_CFG0, 8), RAM + 0x200);
     let e = Event::new(EventKind::FPermission, 0x108);
-    let (_, irqs) = r.v.forward_event(&e, &mut r.ram);
+    let (_, irqs) = r.v.forward_event(&e, EventFate::Deliver, &mut r.ram);
     assert_eq!(irqs, Irqs::empty());
     assert_eq!(r.ram.u32_at(RAM + 0x200), 0x55);
 }
@@ -974,35 +1098,27 @@ fn a_flood_of_invalidations_costs_one_ste_write_per_stream_and_sync() {
     let mut r = Rig::new();
     r.put_ste(8, s1_ste(CD));
     r.enable(false);
-    r.phys = RecPhys::default();
+    r.phys.clear();
     let mut cmds = vec![Command::CfgiSte { sid: 8, leaf: true }; 100];
     cmds.push(Command::CfgiAll);
     cmds.push(Command::Sync(Sync::none()));
     cmds.extend([Command::CfgiSte { sid: 8, leaf: true }; 50]);
     r.issue(&cmds);
-    // The STEs did not change: one physical CFGI_STE per stream invalidated before the sync,
-    // completed by one physical sync, and one for the stream invalidated after it; no rewrite.
+    // The STEs did not change: one physical CFGI_STE for the nested stream (its guest CD may
+    // be cached with it), none for the other (invalid: nothing cached), no rewrite, and one
+    // physical sync for the trap, the invalidations after the guest's CMD_SYNC included.
     assert!(r.phys.ste_writes.is_empty());
     assert_eq!(
         r.phys.cmds,
-        [
-            Command::CfgiSte {
-                sid: 0x108,
-                leaf: true
-            },
-            Command::CfgiSte {
-                sid: 0x110,
-                leaf: true
-            },
-            Command::CfgiSte {
-                sid: 0x108,
-                leaf: true
-            },
-        ]
+        [Command::CfgiSte {
+            sid: 0x108,
+            leaf: true
+        }]
     );
-    assert_eq!((r.phys.submits, r.phys.syncs), (2, 1));
+    assert_eq!((r.phys.submits, r.phys.syncs), (1, 1));
+    assert_eq!(r.v.stats().ste_skipped, 1);
     // A changed STE is rewritten (with its own sync).
-    r.phys = RecPhys::default();
+    r.phys.clear();
     r.put_ste(8, guest_ste(4));
     r.issue(&[
         Command::CfgiSte { sid: 8, leaf: true },
@@ -1026,7 +1142,7 @@ fn without_ril_the_tlbi_hints_are_dropped_not_forwarded() {
     let mut r = Rig::new();
     r.v = Vsmmu::new(c);
     r.enable(false);
-    r.phys = RecPhys::default();
+    r.phys.clear();
     let mut hinted = TlbiAddr::single(0x7000, true);
     hinted.tg = 1;
     hinted.ttl = 3;
@@ -1066,7 +1182,7 @@ fn an_event_that_cannot_be_written_is_dropped_and_raises_gerror() {
         (Cr0::CMDQEN | Cr0::EVTQEN | Cr0::SMMUEN).bits(),
     );
     let e = Event::new(EventKind::FPermission, 0x108);
-    let (f, irqs) = r.v.forward_event(&e, &mut r.ram);
+    let (f, irqs) = r.v.forward_event(&e, EventFate::Deliver, &mut r.ram);
     assert!(matches!(f, Forward::Dropped(_)), "{f:?}");
     assert_eq!(irqs, Irqs::GERROR);
     assert_eq!(r.v.stats().guest_events, 0);
@@ -1097,9 +1213,24 @@ impl Rig {
         )
     }
 
-    fn finish(&mut self, o: Outstanding) -> Irqs {
-        let waited = o.wait(&self.phys);
-        self.v.complete(o, waited, &mut self.ram)
+    /// Waits and completes `o` as a vCPU does, round after round; the interrupts of every
+    /// round after the first.
+    fn finish(&mut self, mut o: Outstanding) -> Irqs {
+        let mut irqs = Irqs::empty();
+        for _ in 0..MAX_ROUNDS {
+            if !o.pending() {
+                break;
+            }
+            let waited = o.wait(&self.phys);
+            o = self.v.complete(o, waited, &mut self.ram, &mut self.phys);
+            irqs |= o.irqs;
+        }
+        assert!(
+            !o.pending(),
+            "a write still pending after MAX_ROUNDS: {o:?}"
+        );
+        o.publish(&self.phys);
+        irqs
     }
 }
 
@@ -1107,7 +1238,7 @@ impl Rig {
 fn two_vcpus_traps_overlap_and_complete_in_queue_order() {
     let mut r = Rig::new();
     r.enable(false);
-    r.phys = RecPhys::default();
+    r.phys.clear();
     let tlbi = |asid| Command::TlbiNhAsid { vmid: 0, asid };
     // vCPU a: an unmap. Its commands are queued physically, nothing is visible yet.
     let a = r.start(&[tlbi(1), msi_sync(RAM + 0x100, 0xa)]);
@@ -1129,23 +1260,30 @@ fn two_vcpus_traps_overlap_and_complete_in_queue_order() {
     let c = r.start(&[msi_sync(RAM + 0x300, 0xc)]);
     assert_eq!(r.phys.syncs, 2, "no physical sync of its own");
     assert_eq!(c.ticket, b.ticket);
-    // b completes first: the physical queue completes in order, so a's sync has too.
+    // b completes first: the physical queue completes in order, so a's sync has too, and c's,
+    // which waited for nothing more than b's physical sync.
     assert_eq!(r.finish(b), Irqs::empty());
-    assert_eq!(r.cons(), 4);
+    assert_eq!(r.cons(), 5);
     assert_eq!(r.ram.u32_at(RAM + 0x100), 0xa);
     assert_eq!(r.ram.u32_at(RAM + 0x200), 0xb);
-    assert_eq!(
-        r.ram.u32_at(RAM + 0x300),
-        0,
-        "c's sync is later in the queue"
-    );
-    // a's completion finds nothing left: CONS never goes back.
+    assert_eq!(r.ram.u32_at(RAM + 0x300), 0xc);
+    assert_eq!(r.v.stats().syncs_merged, 1, "c's");
+    // a's and c's completions find nothing left: CONS never goes back.
     r.finish(a);
-    assert_eq!(r.cons(), 4);
+    assert_eq!(r.cons(), 5);
     r.finish(c);
     assert_eq!(r.cons(), 5);
-    assert_eq!(r.ram.u32_at(RAM + 0x300), 0xc);
-    assert_eq!(*r.phys.waits.borrow(), [2, 1, 2]);
+    let seq = |o: &Outstanding| o.ticket.map(|t| t.seq());
+    assert_eq!(
+        r.phys
+            .waits
+            .borrow()
+            .iter()
+            .map(|&w| Some(w))
+            .collect::<Vec<_>>(),
+        [seq(&b), seq(&a), seq(&c)]
+    );
+    assert_eq!(seq(&a).map(|s| s + 1), seq(&b));
     // Nothing outstanding any more: the next batch without forwarded commands completes at once.
     let d = r.start(&[msi_sync(RAM + 0x400, 0xd)]);
     assert!(!d.pending());
@@ -1156,7 +1294,7 @@ fn two_vcpus_traps_overlap_and_complete_in_queue_order() {
 fn a_command_error_behind_an_outstanding_sync_shows_after_it() {
     let mut r = Rig::new();
     r.enable(false);
-    r.phys = RecPhys::default();
+    r.phys.clear();
     let a = r.start(&[Command::TlbiNhAll { vmid: 0 }, msi_sync(RAM + 0x100, 0xa)]);
     // vCPU b's batch has an illegal command: consumption stops there, but the guest sees the
     // error only once a's sync, which comes before it, has completed.
@@ -1182,7 +1320,7 @@ fn a_command_error_behind_an_outstanding_sync_shows_after_it() {
 fn disabling_the_queue_completes_what_is_outstanding() {
     let mut r = Rig::new();
     r.enable(false);
-    r.phys = RecPhys::default();
+    r.phys.clear();
     let a = r.start(&[Command::TlbiNhAll { vmid: 0 }, msi_sync(RAM + 0x100, 0xa)]);
     // Another vCPU turns the queue off (a driver's remove) while a waits.
     r.w32(regs::SMMU_CR0, (Cr0::EVTQEN | Cr0::SMMUEN).bits());
@@ -1191,4 +1329,569 @@ fn disabling_the_queue_completes_what_is_outstanding() {
     assert_eq!(r.phys.waits.borrow().len(), 1);
     r.finish(a);
     assert_eq!(r.cons(), 2);
+}
+
+// ---- What one VM may take of the shared physical SMMU (issue 12, part 2) ----
+
+impl Rig {
+    /// A rig whose physical SMMU has a clock and whose budget is `b`.
+    fn with_budget(b: Budget) -> Self {
+        let mut c = cfg();
+        c.budget = b;
+        let mut r = Self {
+            v: Vsmmu::new(c),
+            ram: FakeRam::new(),
+            phys: RecPhys::with_clock(1_000_000),
+            prod: 0,
+            cmdq_log2: CMDQS,
+        };
+        r.v.reset(&mut r.phys);
+        r.phys.clear();
+        r
+    }
+
+    /// Starts the trap of a register write, as a vCPU does before it lets go of the model.
+    fn start_write(&mut self, off: u64, v: u32) -> Outstanding {
+        self.v
+            .write_start(off, 4, v.into(), &mut self.ram, &mut self.phys)
+    }
+
+    fn clock(&self) -> u64 {
+        self.phys.now.get().unwrap_or(0)
+    }
+}
+
+/// Guest RAM in which another vCPU keeps flipping StreamID 8's STE between two values: every
+/// read of it sees the other one.
+struct FlipRam<'a> {
+    ram: &'a mut FakeRam,
+    stes: [Ste; 2],
+    reads: core::cell::Cell<usize>,
+}
+
+impl GuestMemory for FlipRam<'_> {
+    fn read(&self, ipa: u64, buf: &mut [u8]) -> Result<(), GuestMemError> {
+        if ipa == STRTAB + 8 * 64 && buf.len() == 64 {
+            let n = self.reads.get();
+            self.reads.set(n + 1);
+            buf.copy_from_slice(&self.stes[n % 2].to_bytes());
+            return Ok(());
+        }
+        self.ram.read(ipa, buf)
+    }
+
+    fn write(&mut self, ipa: u64, data: &[u8]) -> Result<(), GuestMemError> {
+        self.ram.write(ipa, data)
+    }
+}
+
+/// The brief's first measurement: 128 CFGI_STE + CMD_SYNC pairs in one CMDQ_PROD write while a
+/// second vCPU flips the STE between them cost 128 physical STE rewrites and 255 waited
+/// CMD_SYNCs under the global lock. Now the stream is reshadowed once, at the end of the trap:
+/// one rewrite (a break-before-make: two physical CMD_SYNCs in all), and the 128 guest
+/// CMD_SYNCs complete together.
+#[test]
+fn ste_flips_between_a_trap_s_syncs_cost_one_rewrite_per_stream() {
+    let mut r = Rig::new();
+    r.put_ste(8, s1_ste(CD));
+    r.enable(false);
+    r.phys.clear();
+    let before = *r.v.stats();
+    let mut cmds = Vec::new();
+    for i in 0..128u32 {
+        cmds.push(Command::CfgiSte { sid: 8, leaf: true });
+        cmds.push(msi_sync(RAM + 0x1000 + u64::from(i) * 4, 1));
+    }
+    let p = r.put_cmds(&cmds);
+    let mut mem = FlipRam {
+        ram: &mut r.ram,
+        stes: [guest_ste(4), s1_ste(CD)],
+        reads: core::cell::Cell::new(0),
+    };
+    let mut o =
+        r.v.write_start(regs::SMMU_CMDQ_PROD, 4, p.into(), &mut mem, &mut r.phys);
+    for _ in 0..MAX_ROUNDS {
+        if !o.pending() {
+            break;
+        }
+        let w = o.wait(&r.phys);
+        o = r.v.complete(o, w, &mut mem, &mut r.phys);
+    }
+    assert!(!o.pending());
+    assert_eq!(mem.reads.get(), 1, "the STE read once");
+    assert_eq!(r.phys.ste_writes, [0x108]);
+    assert_eq!(r.phys.stes[&0x108], Ste::stage2(s2()));
+    assert_eq!(r.phys.syncs, 2, "the break's and the trap's");
+    assert_eq!(r.cons(), r.prod);
+    for i in 0..128 {
+        assert_eq!(r.ram.u32_at(RAM + 0x1000 + i * 4), 1, "MSI {i}");
+    }
+    let st = r.v.stats();
+    assert_eq!(
+        (
+            st.ste_writes - before.ste_writes,
+            st.ste_breaks - before.ste_breaks,
+            st.syncs - before.syncs
+        ),
+        (1, 1, 128)
+    );
+    assert_eq!(st.syncs_merged - before.syncs_merged, 127);
+}
+
+/// A break-before-make: word 0 aborts, its CMD_CFGI_STE and a CMD_SYNC are waited for outside
+/// the model (the trap returns with that ticket to wait for), then the make, whose CMD_CFGI_STE
+/// goes with the guest's own CMD_SYNC: abort word 0, CFGI_STE, sync, words 1-7, word 0,
+/// CFGI_STE, sync.
+#[test]
+fn a_break_before_make_waits_without_the_model_and_shares_the_guest_s_sync() {
+    let mut r = Rig::new();
+    r.put_ste(8, s1_ste(CD));
+    r.enable(false);
+    r.phys.clear();
+    r.put_ste(8, guest_ste(4));
+    let o = r.start(&[
+        Command::CfgiSte { sid: 8, leaf: true },
+        msi_sync(RAM + 0x100, 7),
+    ]);
+    assert!(o.pending());
+    assert!(
+        r.phys.waits.borrow().is_empty(),
+        "nothing waited for in the model"
+    );
+    let cfgi = Command::CfgiSte {
+        sid: 0x108,
+        leaf: true,
+    };
+    let t1 = o.ticket.expect("waits for the break's CMD_SYNC").seq();
+    assert_eq!(
+        *r.phys.ops.borrow(),
+        [
+            Op::Break(0x108),
+            Op::Submit(vec![cfgi]),
+            Op::Sync(t1, vec![])
+        ]
+    );
+    assert_eq!(r.ram.u32_at(RAM + 0x100), 0);
+    r.finish(o);
+    assert_eq!(
+        r.phys.ops.borrow()[3..],
+        [
+            Op::Wait(t1),
+            Op::Make(0x108),
+            Op::Sync(t1 + 1, vec![cfgi]),
+            Op::Wait(t1 + 1)
+        ]
+    );
+    assert_eq!(r.ram.u32_at(RAM + 0x100), 7);
+    assert_eq!(r.phys.stes[&0x108], Ste::stage2(s2()));
+    // Back to nested is a break again; to abort a single word-0 write with no break.
+    r.phys.clear();
+    r.w32(regs::SMMU_CR0, (Cr0::CMDQEN | Cr0::EVTQEN).bits());
+    r.w32(regs::SMMU_GBPA, (Gbpa::ABORT | Gbpa::UPDATE).bits());
+    assert_eq!(r.phys.stes[&0x108], Ste::abort());
+    assert!(!r
+        .phys
+        .ops
+        .borrow()
+        .iter()
+        .any(|o| matches!(o, Op::Break(_))));
+}
+
+/// GBPA while disabled (IHI 0070 6.3.14): a write that changes no physical STE completes at
+/// once and costs nothing; one that does is STE work within the VM's budget, so a guest
+/// toggling ABORT waits in its own traps (UPDATE reads 1 to its other vCPUs meanwhile) and
+/// gets at most the budget's rate of physical STE writes.
+#[test]
+fn gbpa_toggles_are_budgeted_and_unchanged_ones_cost_nothing() {
+    let period = 10_000;
+    let mut r = Rig::with_budget(Budget {
+        ste_burst: 4,
+        ste_period_ns: period,
+        ..Budget::default()
+    });
+    // Other fields only: no physical effect, nothing physical.
+    r.w32(regs::SMMU_GBPA, Gbpa::UPDATE.bits() | 0x2000);
+    assert_eq!(r.r32(regs::SMMU_GBPA), 0x2000);
+    assert!(r.phys.ops.borrow().is_empty());
+    let t0 = r.clock();
+    for i in 0..20 {
+        let v = if i % 2 == 0 { Gbpa::ABORT.bits() } else { 0 };
+        r.w32(regs::SMMU_GBPA, Gbpa::UPDATE.bits() | v);
+        assert_eq!(r.r32(regs::SMMU_GBPA) & Gbpa::UPDATE.bits(), 0);
+    }
+    // Two streams, 20 toggles: 40 writes, of which the burst's 4 came at once, the other 36 at
+    // the budget's rate.
+    assert_eq!(r.phys.ste_writes.len(), 40);
+    assert!(r.clock() - t0 >= 36 * period, "{} ns", r.clock() - t0);
+    assert!(r.v.stats().budget_waits >= 18);
+    // Out of budget: the update waits, and another vCPU sees UPDATE = 1 meanwhile.
+    let o = r.start_write(regs::SMMU_GBPA, (Gbpa::ABORT | Gbpa::UPDATE).bits());
+    assert!(o.pending() && o.until.is_some(), "{o:?}");
+    assert_ne!(r.r32(regs::SMMU_GBPA) & Gbpa::UPDATE.bits(), 0);
+    r.finish(o);
+    assert_eq!(r.r32(regs::SMMU_GBPA), Gbpa::ABORT.bits());
+    assert!(r.v.stats().gbpa_deferred > 0);
+}
+
+/// CR0.SMMUEN: CR0ACK follows once the physical STEs are in force; and toggling it when the
+/// guest's STEs and GBPA give the same physical STEs costs no STE work.
+#[test]
+fn cr0ack_follows_once_the_stes_are_in_force_and_unchanged_ones_cost_nothing() {
+    let mut r = Rig::new();
+    r.put_ste(8, s1_ste(CD));
+    r.enable(false);
+    r.phys.clear();
+    let on = (Cr0::CMDQEN | Cr0::EVTQEN | Cr0::SMMUEN).bits();
+    let o = r.start_write(regs::SMMU_CR0, (Cr0::CMDQEN | Cr0::EVTQEN).bits());
+    assert!(o.pending());
+    assert_eq!(r.r32(regs::SMMU_CR0ACK), on, "not yet in force");
+    r.finish(o);
+    assert_eq!(r.r32(regs::SMMU_CR0ACK), (Cr0::CMDQEN | Cr0::EVTQEN).bits());
+    // Guest STEs abort, GBPA aborts: SMMUEN on and off change nothing physical.
+    r.put_ste(8, guest_ste(0));
+    r.put_ste(16, guest_ste(0));
+    r.w32(regs::SMMU_GBPA, (Gbpa::ABORT | Gbpa::UPDATE).bits());
+    r.phys.clear();
+    let skipped = r.v.stats().ste_skipped;
+    for _ in 0..4 {
+        r.w32(regs::SMMU_CR0, on);
+        r.w32(regs::SMMU_CR0, (Cr0::CMDQEN | Cr0::EVTQEN).bits());
+    }
+    assert!(r.phys.ste_writes.is_empty());
+    assert!(r.phys.cmds.is_empty());
+    assert_eq!(r.v.stats().ste_skipped - skipped, 16);
+}
+
+/// Item 2: within one trap, duplicates are dropped, a TLBI_NH_ALL subsumes the other TLBIs,
+/// past the per-trap cap distinct TLBIs collapse into one TLBI_NH_ALL, and one physical
+/// CMD_SYNC completes all of the trap's CMD_SYNCs (a flood of 128 TLBI + CMD_SYNC pairs was
+/// 128 + 128 physical entries).
+#[test]
+fn a_trap_s_invalidations_and_syncs_are_merged() {
+    let mut r = Rig::new();
+    r.enable(false);
+    r.phys.clear();
+    let va = |i: u64| Command::TlbiNhVa {
+        vmid: 0,
+        asid: 1,
+        addr: TlbiAddr::single(i << 12, true),
+    };
+    let pva = |i: u64| Command::TlbiNhVa {
+        vmid: 7,
+        asid: 1,
+        addr: TlbiAddr::single(i << 12, true),
+    };
+    r.issue(&[va(1), va(1), va(2), va(1), Command::Sync(Sync::none())]);
+    assert_eq!(r.phys.cmds, [pva(1), pva(2)]);
+    assert_eq!(r.v.stats().tlbi_merged, 2);
+    // 20 distinct TLBIs with a cap of 16: one TLBI_NH_ALL.
+    r.phys.clear();
+    let cmds: Vec<Command> = (0..20).map(va).collect();
+    r.issue(&cmds);
+    assert_eq!(r.phys.cmds, [Command::TlbiNhAll { vmid: 7 }]);
+    // 128 unmaps in one trap.
+    r.phys.clear();
+    let merged = r.v.stats().syncs_merged;
+    let mut cmds = Vec::new();
+    for i in 0..128 {
+        cmds.push(va(i));
+        cmds.push(msi_sync(RAM + 0x2000 + i * 4, 3));
+    }
+    r.issue(&cmds);
+    assert_eq!(r.phys.cmds, [Command::TlbiNhAll { vmid: 7 }]);
+    assert_eq!(r.phys.syncs, 1);
+    assert_eq!(r.v.stats().syncs_merged - merged, 127);
+    assert_eq!(r.cons(), r.prod);
+    assert!((0..128).all(|i| r.ram.u32_at(RAM + 0x2000 + i * 4) == 3));
+}
+
+/// The ordering rule: an invalidation the guest put after a CD or STE change, with a CMD_SYNC
+/// between them, reaches the physical SMMU only once that change is known complete (the trap
+/// waits for it, outside the model); one before it may share its CMD_SYNC.
+#[test]
+fn an_invalidation_after_a_config_change_and_a_sync_waits_for_it() {
+    let mut r = Rig::new();
+    r.put_ste(8, s1_ste(CD));
+    r.enable(false);
+    r.phys.clear();
+    let cd = Command::CfgiCd {
+        sid: 8,
+        ssid: 0,
+        leaf: true,
+    };
+    let pcd = Command::CfgiCd {
+        sid: 0x108,
+        ssid: 0,
+        leaf: true,
+    };
+    let asid = Command::TlbiNhAsid { vmid: 0, asid: 3 };
+    let pasid = Command::TlbiNhAsid { vmid: 7, asid: 3 };
+    let o = r.start(&[
+        cd,
+        Command::Sync(Sync::none()),
+        asid,
+        Command::Sync(Sync::none()),
+    ]);
+    let t1 = o.ticket.expect("waits for the CD change").seq();
+    assert_eq!(*r.phys.ops.borrow(), [Op::Sync(t1, vec![pcd])]);
+    r.finish(o);
+    assert_eq!(
+        *r.phys.ops.borrow(),
+        [
+            Op::Sync(t1, vec![pcd]),
+            Op::Wait(t1),
+            Op::Sync(t1 + 1, vec![pasid]),
+            Op::Wait(t1 + 1)
+        ]
+    );
+    assert_eq!(r.v.stats().order_waits, 1);
+    // The other way round, or with no CMD_SYNC between: one physical CMD_SYNC.
+    r.phys.clear();
+    r.issue(&[
+        asid,
+        Command::Sync(Sync::none()),
+        cd,
+        Command::Sync(Sync::none()),
+    ]);
+    assert_eq!(r.phys.syncs, 1);
+    r.phys.clear();
+    r.issue(&[cd, asid, Command::Sync(Sync::none())]);
+    assert_eq!(r.phys.syncs, 1);
+    // An STE change then a TLBI: the STE's CFGI_STE is complete before the TLBI is queued.
+    r.phys.clear();
+    r.put_ste(8, guest_ste(0));
+    r.issue(&[
+        Command::CfgiSte { sid: 8, leaf: true },
+        Command::Sync(Sync::none()),
+        asid,
+        Command::Sync(Sync::none()),
+    ]);
+    let ops = r.phys.ops.borrow().clone();
+    let tlbi_at = ops
+        .iter()
+        .position(|o| matches!(o, Op::Sync(_, c) if c.contains(&pasid)))
+        .expect("the TLBI");
+    assert!(
+        ops[..tlbi_at].contains(&Op::Write(0x108))
+            && ops[..tlbi_at].iter().any(|o| matches!(o, Op::Wait(_))),
+        "{ops:?}"
+    );
+}
+
+/// Item 3: a VM with more than its outstanding budget queued waits for its own oldest
+/// physical CMD_SYNC before queueing more; its physical CMD_SYNCs have a budget by time.
+#[test]
+fn a_vm_over_its_outstanding_budget_waits_for_its_own_sync() {
+    let mut r = Rig::with_budget(Budget {
+        outstanding: 4,
+        ..Budget::default()
+    });
+    r.enable(false);
+    r.phys.clear();
+    let unmap = |i: u64| {
+        [
+            Command::TlbiNhVa {
+                vmid: 0,
+                asid: 1,
+                addr: TlbiAddr::single(i << 12, true),
+            },
+            Command::Sync(Sync::none()),
+        ]
+    };
+    // Two vCPUs' unmaps in flight: four entries.
+    let a = r.start(&unmap(1));
+    let b = r.start(&unmap(2));
+    assert_eq!(r.phys.syncs, 2);
+    // A third would make six: it waits for a's CMD_SYNC, its TLBI not queued yet.
+    let c = r.start(&unmap(3));
+    assert_eq!(r.phys.cmds.len(), 2);
+    assert_eq!(c.ticket, a.ticket);
+    assert_eq!(r.v.stats().budget_waits, 1);
+    r.finish(c);
+    assert_eq!(r.phys.cmds.len(), 3);
+    r.finish(a);
+    r.finish(b);
+    assert_eq!(r.cons(), r.prod);
+}
+
+#[test]
+fn physical_syncs_have_a_budget_by_time() {
+    let period = 50_000;
+    let mut r = Rig::with_budget(Budget {
+        sync_burst: 2,
+        sync_period_ns: period,
+        ..Budget::default()
+    });
+    r.enable(false);
+    r.phys.clear();
+    let t0 = r.clock();
+    for i in 0..10 {
+        r.issue(&[
+            Command::TlbiNhVa {
+                vmid: 0,
+                asid: 1,
+                addr: TlbiAddr::single(i << 12, true),
+            },
+            Command::Sync(Sync::none()),
+        ]);
+    }
+    assert_eq!(r.phys.syncs, 10);
+    assert!(r.clock() - t0 >= 8 * period);
+    assert!(r.v.stats().budget_waits >= 8);
+    let untils = r
+        .phys
+        .ops
+        .borrow()
+        .iter()
+        .filter(|o| matches!(o, Op::Until(_)))
+        .count();
+    assert!(untils >= 8);
+}
+
+/// Item 4: a physical CMD_SYNC whose wait fails is CERROR_ABT at the guest's CMD_SYNC (CONS on
+/// it, GERROR.CMDQ_ERR, no MSI), never a completed sync. Acknowledged, the queue retries it,
+/// with a full invalidation of the VM before its physical CMD_SYNC (what failed is unknown).
+#[test]
+fn a_failed_physical_sync_is_cerror_abt_never_a_completed_sync() {
+    let mut r = Rig::new();
+    r.put_ste(8, s1_ste(CD));
+    r.enable(false);
+    r.phys.clear();
+    r.phys.fail.set(true);
+    let irqs = r.issue(&[
+        Command::TlbiNhVa {
+            vmid: 0,
+            asid: 1,
+            addr: TlbiAddr::single(0x5000, true),
+        },
+        msi_sync(RAM + 0x100, 9),
+    ]);
+    assert_eq!(irqs, Irqs::GERROR);
+    assert_eq!(r.cons(), 1 | u32::from(Cerror::Abort.code()) << 24);
+    assert_eq!(r.gerror_active(), Gerror::CMDQ_ERR.bits());
+    assert_eq!(r.ram.u32_at(RAM + 0x100), 0, "no MSI");
+    assert_eq!(r.v.stats().phys_sync_errors, 1);
+    // More PROD writes consume nothing until the guest acknowledges.
+    r.issue(&[msi_sync(RAM + 0x200, 1)]);
+    assert_eq!(r.cons() & 0xfffff, 1);
+    // Linux's recovery for CERROR_ABT: acknowledge; the SMMU fetches the command again.
+    r.phys.fail.set(false);
+    r.phys.clear();
+    let g = r.r32(regs::SMMU_GERROR);
+    r.w32(regs::SMMU_GERRORN, g);
+    assert_eq!(r.gerror_active(), 0);
+    assert_eq!(r.cons(), r.prod);
+    assert_eq!(r.ram.u32_at(RAM + 0x100), 9);
+    assert_eq!(r.ram.u32_at(RAM + 0x200), 1);
+    assert!(r.phys.cmds.contains(&Command::TlbiNhAll { vmid: 7 }));
+    assert!(r.phys.cmds.contains(&Command::CfgiSte {
+        sid: 0x108,
+        leaf: false
+    }));
+    assert_eq!(r.phys.syncs, 1);
+}
+
+/// Item 4 with two vCPUs: the failure of one vCPU's wait stops the queue at the earliest
+/// guest CMD_SYNC not known complete; the other's later CMD_SYNC is not completed either.
+#[test]
+fn a_failed_sync_stops_the_queue_at_the_first_guest_sync_it_covers() {
+    let mut r = Rig::new();
+    r.enable(false);
+    r.phys.clear();
+    let a = r.start(&[Command::TlbiNhAll { vmid: 0 }, msi_sync(RAM + 0x100, 1)]);
+    let b = r.start(&[Command::TlbiNhAll { vmid: 0 }, msi_sync(RAM + 0x200, 2)]);
+    r.phys.fail.set(true);
+    let irqs = r.finish(b);
+    assert_eq!(irqs, Irqs::GERROR);
+    assert_eq!(
+        r.cons(),
+        1 | 2 << 24,
+        "a's CMD_SYNC, the first not known complete"
+    );
+    assert_eq!(
+        (r.ram.u32_at(RAM + 0x100), r.ram.u32_at(RAM + 0x200)),
+        (0, 0)
+    );
+    r.phys.fail.set(false);
+    r.finish(a);
+    assert_eq!(
+        (r.ram.u32_at(RAM + 0x100), r.ram.u32_at(RAM + 0x200)),
+        (0, 0)
+    );
+    let g = r.r32(regs::SMMU_GERROR);
+    r.w32(regs::SMMU_GERRORN, g);
+    assert_eq!(r.cons(), 4);
+    assert_eq!(
+        (r.ram.u32_at(RAM + 0x100), r.ram.u32_at(RAM + 0x200)),
+        (1, 2)
+    );
+}
+
+/// Items 5 and 6 at the vSMMU: what the event budget suppressed is counted, never forwarded;
+/// the record that quarantined its stream is forwarded and counted; and a stalled record is
+/// forwarded without its stall (the guest's SMMU has none; the driver terminated it).
+#[test]
+fn budgeted_and_stalled_events_reach_the_guest_as_its_smmu_would_record_them() {
+    let mut r = Rig::new();
+    r.enable(false);
+    let mut e = Event::new(EventKind::FTranslation, 0x108);
+    e.input_addr = 0x1000;
+    e.stall = true;
+    e.stag = 0x55;
+    let (f, _) = r.v.forward_event(&e, EventFate::Suppressed, &mut r.ram);
+    assert_eq!(f, Forward::Suppressed);
+    assert_eq!(r.v.stats().guest_events, 0);
+    let (f, _) = r.v.forward_event(&e, EventFate::Quarantined, &mut r.ram);
+    let Forward::Guest(g) = f else {
+        panic!("{f:?}");
+    };
+    assert_eq!(
+        (g.stream_id, g.stall, g.stag, g.input_addr),
+        (8, false, 0, 0x1000)
+    );
+    let st = r.v.stats();
+    assert_eq!(
+        (st.evt_suppressed, st.evt_quarantined, st.guest_events),
+        (1, 1, 1)
+    );
+}
+
+/// Over the real driver: a VM's STE updates through `write_ste` never wait inside the
+/// driver (nothing is queued by it), and a break-before-make's waits go through its lock-free
+/// queue.
+#[test]
+fn over_the_driver_an_ste_update_waits_only_through_the_queue() {
+    let fake = FakeSmmu::qemu();
+    let mut phys = Smmu::probe(fake.clone(), fake.clone(), SmmuConfig::default()).unwrap();
+    let mut v = Vsmmu::new(cfg());
+    v.reset(&mut phys);
+    let mut ram = FakeRam::new();
+    ram.put(STRTAB + 8 * 64, &s1_ste(CD).to_bytes());
+    v.write(regs::SMMU_STRTAB_BASE, 8, STRTAB, &mut ram, &mut phys);
+    v.write(regs::SMMU_STRTAB_BASE_CFG, 4, 5, &mut ram, &mut phys);
+    v.write(regs::SMMU_CMDQ_BASE, 8, CMDQ | 8, &mut ram, &mut phys);
+    fake.take_commands();
+    // SMMUEN: StreamID 8 goes from stage 2 to nested, a break-before-make.
+    let o = v.write_start(regs::SMMU_CR0, 4, 0b1001, &mut ram, &mut phys);
+    assert!(o.pending());
+    assert_eq!(
+        phys.ste(0x108).unwrap().config(),
+        StreamConfig::Abort,
+        "broken"
+    );
+    let mut o = o;
+    while o.pending() {
+        let w = o.wait(&phys);
+        o = v.complete(o, w, &mut ram, &mut phys);
+    }
+    o.publish(&phys);
+    assert_eq!(phys.ste(0x108).unwrap(), nested(CD));
+    let cfgi = Command::CfgiSte {
+        sid: 0x108,
+        leaf: true,
+    };
+    let cmds = fake.take_commands();
+    assert_eq!(cmds[0], cfgi);
+    assert!(cmds.contains(&Command::Sync(Sync::none())));
+    assert_eq!(cmds.iter().filter(|&&c| c == cfgi).count(), 2);
 }
