@@ -3,8 +3,9 @@
 # (arm_smmu_v3, virtio_iommu), from Debian's linux-source-6.12 with gcc-aarch64-linux-gnu and the
 # config fragment qemu/guest-kernel.config, and its initramfs (busybox and tests/guest/init, as the
 # stock guest's, loading arm_smmu_v3 first), which also carries the benchmark's guest script
-# (tests/guest/bench.sh as /bench.sh) and the kernel's dma_map_benchmark user tool (from the same
-# source, built statically: /bin/dma_map_benchmark). Publishes build/guest/modular (Image,
+# (tests/guest/bench.sh as /bench.sh), the kernel's dma_map_benchmark user tool (from the same
+# source, built statically: /bin/dma_map_benchmark) and the noisy-neighbour test's attacker
+# (tests/guest/attacker.c, built statically: /bin/hvattack). Publishes build/guest/modular (Image,
 # initramfs.cpio.gz, kver, modules, config), a link into the cache, like build/guest/stock.
 #
 #   qemu/kernel.sh            build what is missing (the kernel: 5 to 8 minutes on 2 cores), then link
@@ -14,7 +15,8 @@
 #                        build.log; KEY hashes linux-source-6.12's version, the config fragment,
 #                        this script and the cross compiler's and binutils' versions
 #   guest-modular-GKEY/  what build/guest/modular links to; GKEY hashes KEY, busybox's .deb,
-#                        tests/guest/init, tests/guest/bench.sh and the initramfs packing code
+#                        tests/guest/init, tests/guest/bench.sh, tests/guest/attacker.c and the
+#                        initramfs packing code
 #                        (so a changed init repacks the initramfs in seconds, without rebuilding
 #                        the kernel)
 # The kernel is built in a scratch directory under the cache, removed afterwards.
@@ -208,6 +210,15 @@ build_dma_map_benchmark() {
     "${CROSS}strip" "$out"
 }
 
+# The noisy-neighbour test's attacker (tests/tests/noisy.rs, tests/guest/init's `hvattack=`):
+# tests/guest/attacker.c built statically for the guest as $1 (C, pthreads).
+build_attacker() {
+    local out="$1" src="$ROOT/tests/guest/attacker.c"
+    "${CROSS}gcc" -static -O2 -pthread -Wall -Wextra -Werror -o "$out" "$src" ||
+        die "could not build ${src#"$ROOT"/}"
+    "${CROSS}strip" "$out"
+}
+
 # The modular guest's images into the cache directory $1 from the kernel in $2 and busybox's .deb $3.
 build_guest() {
     local out="$1" kdir="$2" bdeb="$3" kver tmp ir mods ko rel m
@@ -235,7 +246,8 @@ build_guest() {
     mkdir -p "$ir/bin"
     cp "$ROOT/tests/guest/bench.sh" "$ir/bench.sh"
     build_dma_map_benchmark "$tmp/dma" "$ir/bin/dma_map_benchmark"
-    say "initramfs extras: /bench.sh, /bin/dma_map_benchmark (static, from $SRC_PKG)"
+    build_attacker "$ir/bin/hvattack"
+    say "initramfs extras: /bench.sh, /bin/dma_map_benchmark (static, from $SRC_PKG), /bin/hvattack (static, tests/guest/attacker.c)"
     mkdir -p "$out.tmp.$$"
     cp "$mods/load-order" "$out.tmp.$$/modules"
     pack_guest_initramfs "$ir" "$tmp/b/bin/busybox" "$out.tmp.$$/initramfs.cpio.gz"
@@ -278,12 +290,13 @@ main() {
     gkey="$({
         echo "kernel: $key"
         echo "load: ${LOAD_MODULES[*]}"
-        cat "$bdeb" "$ROOT/tests/guest/init" "$ROOT/tests/guest/bench.sh"
-        declare -f pack_guest_initramfs build_guest add_load_order mod_name build_dma_map_benchmark
+        cat "$bdeb" "$ROOT/tests/guest/init" "$ROOT/tests/guest/bench.sh" "$ROOT/tests/guest/attacker.c"
+        declare -f pack_guest_initramfs build_guest add_load_order mod_name build_dma_map_benchmark \
+            build_attacker
     } | sha256sum | cut -c1-16)"
     gdir="$CACHE/guest-modular-$gkey"
     if [ ! -f "$gdir/initramfs.cpio.gz" ] || [ ! -f "$gdir/Image" ] || [ ! -f "$gdir/modules" ]; then
-        say "building the modular guest's initramfs ($(basename "$bdeb"), tests/guest/init, tests/guest/bench.sh)"
+        say "building the modular guest's initramfs ($(basename "$bdeb"), tests/guest/init, tests/guest/bench.sh, tests/guest/attacker.c)"
         build_guest "$gdir" "$kdir" "$bdeb"
     fi
     ln -sfn "$gdir" "$BUILD/guest/modular"
