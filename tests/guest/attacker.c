@@ -10,7 +10,8 @@
  *          CD over an empty page table), while another (pinned to CPU 1) publishes batches of
  *          128 x (CMD_CFGI_STE of that StreamID; CMD_SYNC) and waits for CONS to catch up.
  *   gbpa   With SMMUEN = 0: SMMU_GBPA written with UPDATE|ABORT, then with UPDATE alone, as fast as
- *          it goes, UPDATE polled back to 0 after each write (a bounded poll; timeouts counted).
+ *          it goes, UPDATE polled back to 0 after each write (for 1 s at most; timeouts
+ *          counted).
  *   cmdq   One full 256-entry queue of TLBI_NH_ALL, TLBI_NH_VA (naming another VM's VMID, which
  *          the vSMMU must ignore) and CMD_SYNC, PROD advanced by 256 on every write: the same
  *          entries consumed again and again.
@@ -140,8 +141,9 @@
 /* Where the guest's StreamIDs are: its disk, its NIC (the `--pci` board: RID = StreamID). */
 #define SID_DISK 8
 
-/* Polls of a register before giving up. */
-#define POLL_LIMIT 100000
+/* A poll of a register gives up after this long, as Linux's arm-smmu-v3 driver does
+ * (ARM_SMMU_POLL_TIMEOUT_US): a guest driver would fail past it. */
+#define POLL_SECS 1.0
 
 /* The rings of the faulting DMA: outside the VM's RAM (1 GiB at 1 GiB; 8 GiB is far beyond it),
  * and an IOVA its stage-1 table does not map. */
@@ -179,6 +181,17 @@ static double now(void)
     return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
 }
 
+/* Polling state: the clock is read every 64 polls only. */
+struct poll {
+    double until;
+    unsigned n;
+};
+
+static struct poll poll_start(void) { return (struct poll){now() + POLL_SECS, 0}; }
+
+/* Whether a poll may go on. */
+static int poll_more(struct poll *p) { return (++p->n & 63) || now() < p->until; }
+
 static void barrier(void)
 {
     /* Table and queue writes land before the register write that publishes them. */
@@ -198,7 +211,7 @@ static uint32_t gerror(void) { return r32(SMMU_GERROR) ^ r32(SMMU_GERRORN); }
 static int set_cr0(uint32_t v)
 {
     w32(SMMU_CR0, v);
-    for (int i = 0; i < POLL_LIMIT; i++)
+    for (struct poll p = poll_start(); poll_more(&p);)
         if (r32(SMMU_CR0ACK) == v)
             return 1;
     return 0;
@@ -221,19 +234,20 @@ static uint64_t tlbi_nh_va(unsigned vmid, unsigned asid)
 static uint32_t prod;
 
 /* Publishes PROD and polls CONS (index, wrap and ERR) until it equals PROD; returns the polls
- * it took (0 when the PROD trap had already consumed everything), or -1 on a timeout. *cons is
- * what CONS read last. */
+ * it took beyond the first read (0 when the PROD trap had already consumed everything), or -1
+ * on an error or after POLL_SECS. *cons is what CONS read last. */
 static long publish(uint32_t p, uint32_t *cons)
 {
     barrier();
     w32(SMMU_CMDQ_PROD, p);
-    for (long i = 0; i < POLL_LIMIT; i++) {
+    struct poll t = poll_start();
+    do {
         *cons = r32(SMMU_CMDQ_CONS);
         if (*cons == p)
-            return i;
+            return (long)t.n;
         if (CONS_ERR(*cons))
             return -1;
-    }
+    } while (poll_more(&t));
     return -1;
 }
 
@@ -359,13 +373,12 @@ static void flood_gbpa(unsigned round)
     while (now() - t0 < flood_secs && (!max_iters || toggles < max_iters)) {
         uint32_t v = keep | GBPA_UPDATE | (toggles % 2 == 0 ? GBPA_ABORT : 0);
         w32(SMMU_GBPA, v);
-        int i;
-        for (i = 0; i < POLL_LIMIT; i++) {
+        int done = 0;
+        for (struct poll p = poll_start(); !done && poll_more(&p);) {
             polls++;
-            if (!(r32(SMMU_GBPA) & GBPA_UPDATE))
-                break;
+            done = !(r32(SMMU_GBPA) & GBPA_UPDATE);
         }
-        if (i == POLL_LIMIT)
+        if (!done)
             timeouts++;
         toggles++;
     }
@@ -526,10 +539,10 @@ static void nic_setup(const char *bdf)
 static int nic_kick(uint64_t addr)
 {
     vw8(VC_DEVICE_STATUS, 0);
-    int i;
-    for (i = 0; i < POLL_LIMIT && vr8(VC_DEVICE_STATUS); i++)
-        ;
-    if (i == POLL_LIMIT)
+    int reset = 0;
+    for (struct poll p = poll_start(); !reset && poll_more(&p);)
+        reset = vr8(VC_DEVICE_STATUS) == 0;
+    if (!reset)
         return -1;
     vw8(VC_DEVICE_STATUS, VS_ACK | VS_DRIVER);
     vw32(VC_DRIVER_FEATURE_SELECT, 1);
@@ -648,8 +661,8 @@ static void flood_storm(unsigned round)
     sigaction(SIGBUS, &old, NULL);
     double ms = (now() - t0) * 1e3;
     printf("guest: attack-storm=round=%u ipa=0x%llx loads=%lu sigbus=%lu answered=%lu "
-           "last=0x%x ms=%.0f\n",
-           round, (unsigned long long)storm_ipa, loads, sigbus, answered, last, ms);
+           "last=0x%x gerror=%u ms=%.0f\n",
+           round, (unsigned long long)storm_ipa, loads, sigbus, answered, last, gerror(), ms);
 }
 
 /* ---- set-up and the rounds -------------------------------------------------------------- */
@@ -736,13 +749,14 @@ int main(int argc, char **argv)
            (unsigned long long)smmu_base, (unsigned long long)ram_base, bdf, nic_sid,
            r32(SMMU_IDR0), sysconf(_SC_NPROCESSORS_ONLN), flood_secs, which);
     double t0 = now();
-    unsigned round = 0;
+    /* Rounds begun, and floods run. */
+    unsigned round = 0, ran = 0;
     int stopped = 0;
+    char list[128];
+    snprintf(list, sizeof(list), ",%s,", which);
     while (!stopped && (!max_rounds || round < max_rounds)) {
-        round++;
+        int begun = 0;
         for (unsigned i = 0; i < NFLOODS; i++) {
-            char list[64];
-            snprintf(list, sizeof(list), ",%s,", which);
             char want[16];
             snprintf(want, sizeof(want), ",%s,", floods[i].name);
             if (!strstr(list, want))
@@ -751,13 +765,20 @@ int main(int argc, char **argv)
                 stopped = 1;
                 break;
             }
+            if (!begun) {
+                round++;
+                begun = 1;
+            }
             printf("guest: attack-flood=%s round=%u\n", floods[i].name, round);
             floods[i].run(round);
+            ran++;
         }
+        if (!begun)
+            break;
     }
     /* Whatever the floods left: the vSMMU off, GBPA bypass, the queues empty. */
     set_cr0(CR0_CMDQEN | CR0_EVTQEN);
-    printf("guest: attack-end=rounds=%u secs=%.1f gerror=%u cons=0x%08x prod=0x%08x\n", round,
-           now() - t0, gerror(), r32(SMMU_CMDQ_CONS), prod);
+    printf("guest: attack-end=rounds=%u floods=%u secs=%.1f gerror=%u cons=0x%08x prod=0x%08x\n",
+           round, ran, now() - t0, gerror(), r32(SMMU_CMDQ_CONS), prod);
     return 0;
 }
