@@ -15,28 +15,32 @@
  *   cmdq   One full 256-entry queue of TLBI_NH_ALL, TLBI_NH_VA (naming another VM's VMID, which
  *          the vSMMU must ignore) and CMD_SYNC, PROD advanced by 256 on every write: the same
  *          entries consumed again and again.
- *   dma    Its virtio NIC programmed by hand in a loop (device reset, the transmit queue's rings at
- *          an address that faults, the notify kick): first with SMMUEN = 0, rings at an IPA
- *          outside the VM's RAM (stage-2 faults, the hypervisor's events), then with SMMUEN = 1
- *          and a stage-1 STE, rings at an IOVA its empty stage-1 table does not map (stage-1
- *          faults, forwarded into its own event queue, which it consumes).
+ *   dma    Its virtio NIC (and with -b its disk too, each from its own thread on its own vCPU)
+ *          programmed by hand in a loop (device reset, a queue's rings at an address that faults,
+ *          the notify kick): first with SMMUEN = 0, rings at an IPA outside the VM's RAM
+ *          (stage-2 faults, the hypervisor's events), then with SMMUEN = 1 and stage-1 STEs,
+ *          rings at an IOVA its empty stage-1 table does not map (stage-1 faults, forwarded into
+ *          its own event queue, which it consumes).
  *   storm  Loads from an IPA where the VM has nothing: each one makes the hypervisor log a line
  *          and inject an external abort, caught here as SIGBUS (sigsetjmp/siglongjmp).
+ *   spin   (only with -f) a control: both vCPUs spin, no trap, no shared path.
  *
  * After each flood it prints one fact line, `guest: attack-NAME=round=R k=v ...`: what it did
  * (counts, milliseconds) and what the vSMMU answered (CMDQ_CONS, the active GERROR bits, the
  * events in its queue). It judges nothing: the host compares these facts with the hypervisor's
  * counters and log.
  *
- * Usage: hvattack -s SMMU_BASE -m RAM_BASE -p NIC_BDF [-d SECS] [-n COUNT] [-r ROUNDS]
- *                 [-T MAX_SECS] [-x STOPFILE] [-u IPA] [-f ste,gbpa,cmdq,dma,storm]
+ * Usage: hvattack -s SMMU_BASE -m RAM_BASE -p NIC_BDF [-b DISK_BDF] [-d SECS] [-n COUNT]
+ *                 [-r ROUNDS] [-T MAX_SECS] [-x STOPFILE] [-u IPA] [-f ste,gbpa,cmdq,dma,storm]
  *   -s  the vSMMU's registers (the guest DT's smmuv3@ADDR node)
  *   -m  256 KiB of the VM's own RAM that Linux does not use (above its `mem=` limit)
  *   -p  its virtio-net-pci function (BB:DD.F), already released from its driver
+ *   -b  its virtio-blk-pci function, released from its driver too: the dma flood kicks both
  *   -d  how long each flood runs (default 4 s); -n  at most this many iterations of each
  *   -r  rounds at most (default 0: until stopped); -T  whole run at most (default 300 s)
  *   -x  stop (after the current flood) once this file exists (default /tmp/hvattack-stop)
  *   -u  the unmapped IPA of the storm (default 0x0a000000)
+ *   -f  the floods of a round, in this order (default ste,gbpa,cmdq,dma,storm; or spin)
  *
  * Every access to the vSMMU and to the tables is one aligned 32- or 64-bit load or store
  * (/dev/mem maps memory Linux does not own as Device memory, where libc's memset or memcpy
@@ -138,8 +142,6 @@
 #define STE_BYPASS 0x9ull
 #define STE_S1 0xbull
 
-/* Where the guest's StreamIDs are: its disk, its NIC (the `--pci` board: RID = StreamID). */
-#define SID_DISK 8
 
 /* A poll of a register gives up after this long, as Linux's arm-smmu-v3 driver does
  * (ARM_SMMU_POLL_TIMEOUT_US): a guest driver would fail past it. */
@@ -153,7 +155,23 @@
 static volatile uint8_t *smmu;  /* the vSMMU's two register pages */
 static volatile uint8_t *ram;   /* RAM_SIZE bytes of the VM's RAM */
 static uint64_t ram_base;       /* its IPA */
-static unsigned nic_sid;        /* the NIC's StreamID */
+
+/* One of its virtio functions, programmed by hand: its StreamID, the queue it kicks, and its
+ * common configuration and notify structures. */
+struct vdev {
+    const char *bdf;
+    const char *kind;
+    unsigned sid;
+    uint16_t queue;
+    int cfg_fd;
+    volatile uint8_t *common;
+    volatile uint8_t *notify;
+    uint32_t notify_mult;
+};
+
+/* Its NIC (devs[0], whose STE the ste flood flips) and, with -b, its disk. */
+static struct vdev devs[2];
+static unsigned ndevs;
 
 static double flood_secs = 4.0;
 static unsigned long max_iters; /* 0: no limit */
@@ -298,7 +316,7 @@ static void *flipper(void *arg)
 {
     struct flip *f = arg;
     const uint64_t cfgs[3] = {STE_ABORT, STE_BYPASS, STE_S1 | (ram_base + OFF_CD)};
-    unsigned off = OFF_STRTAB + nic_sid * 64;
+    unsigned off = OFF_STRTAB + devs[0].sid * 64;
     f->cpu = pin(0);
     while (!f->stop) {
         set64(off, cfgs[f->flips % 3]);
@@ -338,7 +356,7 @@ static void *batcher(void *arg)
 static void flood_ste(unsigned round)
 {
     for (unsigned i = 0; i < CMDQ_ENTRIES; i += 2) {
-        cmd(i, cfgi_ste(nic_sid), 1);
+        cmd(i, cfgi_ste(devs[0].sid), 1);
         cmd(i + 1, OP_SYNC, 0);
     }
     int en = set_cr0(CR0_CMDQEN | CR0_EVTQEN | CR0_SMMUEN);
@@ -353,7 +371,7 @@ static void flood_ste(unsigned round)
     pthread_join(tf, NULL);
     double ms = (now() - t0) * 1e3;
     /* Leave the NIC's stream as the next flood expects it (stage 2 only). */
-    set_ste(nic_sid, STE_BYPASS);
+    set_ste(devs[0].sid, STE_BYPASS);
     printf("guest: attack-ste=round=%u flips=%lu batches=%lu commands=%lu cfgi=%lu syncs=%lu "
            "cons-timeouts=%lu cons-polls=%lu cons=0x%08x prod=0x%08x gerror=%u smmuen=%d "
            "flip-cpu=%d batch-cpu=%d ms=%.0f\n",
@@ -436,17 +454,11 @@ static void flood_cmdq(unsigned round)
 
 /* ---- 4. Faulting DMA -------------------------------------------------------------------- */
 
-/* The NIC's virtio registers: the common configuration and the notify address of queue 1. */
-static volatile uint8_t *vcommon;
-static volatile uint8_t *vnotify_base;
-static uint32_t vnotify_mult;
-static int cfg_fd = -1;
-
-static void vw8(unsigned off, uint8_t v) { *(volatile uint8_t *)(vcommon + off) = v; }
-static uint8_t vr8(unsigned off) { return *(volatile uint8_t *)(vcommon + off); }
-static void vw16(unsigned off, uint16_t v) { *(volatile uint16_t *)(vcommon + off) = v; }
-static uint16_t vr16(unsigned off) { return *(volatile uint16_t *)(vcommon + off); }
-static void vw32(unsigned off, uint32_t v) { *(volatile uint32_t *)(vcommon + off) = v; }
+static void vw8(struct vdev *d, unsigned off, uint8_t v) { *(volatile uint8_t *)(d->common + off) = v; }
+static uint8_t vr8(struct vdev *d, unsigned off) { return *(volatile uint8_t *)(d->common + off); }
+static void vw16(struct vdev *d, unsigned off, uint16_t v) { *(volatile uint16_t *)(d->common + off) = v; }
+static uint16_t vr16(struct vdev *d, unsigned off) { return *(volatile uint16_t *)(d->common + off); }
+static void vw32(struct vdev *d, unsigned off, uint32_t v) { *(volatile uint32_t *)(d->common + off) = v; }
 
 /* virtio common configuration (virtio 1.x, 4.1.4.3). */
 #define VC_DRIVER_FEATURE_SELECT 0x08
@@ -464,15 +476,16 @@ static void vw32(unsigned off, uint32_t v) { *(volatile uint32_t *)(vcommon + of
 #define VS_DRIVER_OK 4
 #define VS_FEATURES_OK 8
 #define VS_NEEDS_RESET 0x40
-/* The transmit queue of a virtio-net device: kicked with nothing to send it still reads its
- * avail ring (the receive queue would not). */
+/* The queue kicked: a virtio-net device's transmit queue (kicked with nothing to send it still
+ * reads its avail ring; the receive queue would not), a virtio-blk device's request queue. */
 #define NET_TXQ 1
+#define BLK_REQQ 0
 
-static unsigned cfg_read(unsigned off, unsigned len)
+static unsigned cfg_read(struct vdev *d, unsigned off, unsigned len)
 {
     uint8_t b[4] = {0};
-    if (pread(cfg_fd, b, len, off) != (ssize_t)len)
-        die("config space read at 0x%x: %s", off, strerror(errno));
+    if (pread(d->cfg_fd, b, len, off) != (ssize_t)len)
+        die("%s: config space read at 0x%x: %s", d->bdf, off, strerror(errno));
     return b[0] | b[1] << 8 | b[2] << 16 | (unsigned)b[3] << 24;
 }
 
@@ -502,77 +515,95 @@ static volatile uint8_t *map_phys(uint64_t pa, size_t len)
     return p;
 }
 
+/* Its StreamID from its BDF (the `--pci` board's iommu-map: StreamID = RequesterID). */
+static unsigned bdf_sid(const char *bdf)
+{
+    unsigned bus, dev, fn;
+    if (sscanf(bdf, "%x:%x.%x", &bus, &dev, &fn) != 3)
+        die("bad BDF %s", bdf);
+    unsigned sid = bus << 8 | dev << 3 | fn;
+    if (sid >= 1u << STRTAB_LOG2)
+        die("StreamID %u of %s does not fit its 256-entry stream table", sid, bdf);
+    return sid;
+}
+
 /* Finds the function's common and notify structures (virtio 1.x, 4.1.4: vendor-specific
  * capabilities, cfg_type 1 and 2) and maps them; enables memory decode and bus mastering. */
-static void nic_setup(const char *bdf)
+static void vdev_setup(struct vdev *d, const char *bdf, const char *kind, uint16_t queue)
 {
     char dev[128], path[192];
+    d->bdf = bdf;
+    d->kind = kind;
+    d->sid = bdf_sid(bdf);
+    d->queue = queue;
     snprintf(dev, sizeof(dev), "/sys/bus/pci/devices/0000:%s", bdf);
     snprintf(path, sizeof(path), "%s/config", dev);
-    if ((cfg_fd = open(path, O_RDWR)) < 0)
+    if ((d->cfg_fd = open(path, O_RDWR)) < 0)
         die("%s: %s", path, strerror(errno));
-    unsigned cmdreg = cfg_read(4, 2) | 0x6; /* Memory Space, Bus Master */
+    unsigned cmdreg = cfg_read(d, 4, 2) | 0x6; /* Memory Space, Bus Master */
     uint8_t c[2] = {cmdreg & 0xff, cmdreg >> 8};
-    if (pwrite(cfg_fd, c, 2, 4) != 2)
-        die("command register: %s", strerror(errno));
+    if (pwrite(d->cfg_fd, c, 2, 4) != 2)
+        die("%s: command register: %s", bdf, strerror(errno));
     uint64_t common = 0, notify = 0;
-    for (unsigned p = cfg_read(0x34, 1) & 0xfc, n = 0; p && n < 48; p = cfg_read(p + 1, 1) & 0xfc, n++) {
-        if (cfg_read(p, 1) != 0x09)
+    for (unsigned p = cfg_read(d, 0x34, 1) & 0xfc, n = 0; p && n < 48;
+         p = cfg_read(d, p + 1, 1) & 0xfc, n++) {
+        if (cfg_read(d, p, 1) != 0x09)
             continue;
-        unsigned type = cfg_read(p + 3, 1), bar = cfg_read(p + 4, 1);
-        uint64_t at = bar_addr(dev, bar) + cfg_read(p + 8, 4);
+        unsigned type = cfg_read(d, p + 3, 1), bar = cfg_read(d, p + 4, 1);
+        uint64_t at = bar_addr(dev, bar) + cfg_read(d, p + 8, 4);
         if (type == 1 && !common)
             common = at;
         if (type == 2 && !notify) {
             notify = at;
-            vnotify_mult = cfg_read(p + 16, 4);
+            d->notify_mult = cfg_read(d, p + 16, 4);
         }
     }
     if (!common || !notify)
         die("%s: no virtio common or notify capability", bdf);
-    vcommon = map_phys(common & ~0xfffull, 0x1000) + (common & 0xfff);
-    vnotify_base = map_phys(notify & ~0xfffull, 0x2000) + (notify & 0xfff);
+    d->common = map_phys(common & ~0xfffull, 0x1000) + (common & 0xfff);
+    d->notify = map_phys(notify & ~0xfffull, 0x2000) + (notify & 0xfff);
 }
 
-/* One reset-program-kick of the NIC's transmit queue with rings at `addr`; returns the device
+/* One reset-program-kick of the function's queue with rings at `addr`; returns the device
  * status read back after the kick (-1: the reset did not complete). */
-static int nic_kick(uint64_t addr)
+static int vdev_kick(struct vdev *d, uint64_t addr)
 {
-    vw8(VC_DEVICE_STATUS, 0);
+    vw8(d, VC_DEVICE_STATUS, 0);
     int reset = 0;
     for (struct poll p = poll_start(); !reset && poll_more(&p);)
-        reset = vr8(VC_DEVICE_STATUS) == 0;
+        reset = vr8(d, VC_DEVICE_STATUS) == 0;
     if (!reset)
         return -1;
-    vw8(VC_DEVICE_STATUS, VS_ACK | VS_DRIVER);
-    vw32(VC_DRIVER_FEATURE_SELECT, 1);
-    vw32(VC_DRIVER_FEATURE, 3); /* VERSION_1, ACCESS_PLATFORM: feature bits 32, 33 */
-    vw8(VC_DEVICE_STATUS, VS_ACK | VS_DRIVER | VS_FEATURES_OK);
-    vw16(VC_QUEUE_SELECT, NET_TXQ);
-    vw16(VC_QUEUE_SIZE, 16);
+    vw8(d, VC_DEVICE_STATUS, VS_ACK | VS_DRIVER);
+    vw32(d, VC_DRIVER_FEATURE_SELECT, 1);
+    vw32(d, VC_DRIVER_FEATURE, 3); /* VERSION_1, ACCESS_PLATFORM: feature bits 32, 33 */
+    vw8(d, VC_DEVICE_STATUS, VS_ACK | VS_DRIVER | VS_FEATURES_OK);
+    vw16(d, VC_QUEUE_SELECT, d->queue);
+    vw16(d, VC_QUEUE_SIZE, 16);
     /* 64-bit fields as two 32-bit halves, low first (virtio 1.x, 4.1.3.1). */
-    vw32(VC_QUEUE_DESC, (uint32_t)addr);
-    vw32(VC_QUEUE_DESC + 4, (uint32_t)(addr >> 32));
-    vw32(VC_QUEUE_DRIVER, (uint32_t)(addr + 0x1000));
-    vw32(VC_QUEUE_DRIVER + 4, (uint32_t)((addr + 0x1000) >> 32));
-    vw32(VC_QUEUE_DEVICE, (uint32_t)(addr + 0x2000));
-    vw32(VC_QUEUE_DEVICE + 4, (uint32_t)((addr + 0x2000) >> 32));
-    vw16(VC_QUEUE_ENABLE, 1);
-    vw8(VC_DEVICE_STATUS, VS_ACK | VS_DRIVER | VS_FEATURES_OK | VS_DRIVER_OK);
-    uint16_t off = vr16(VC_QUEUE_NOTIFY_OFF);
+    vw32(d, VC_QUEUE_DESC, (uint32_t)addr);
+    vw32(d, VC_QUEUE_DESC + 4, (uint32_t)(addr >> 32));
+    vw32(d, VC_QUEUE_DRIVER, (uint32_t)(addr + 0x1000));
+    vw32(d, VC_QUEUE_DRIVER + 4, (uint32_t)((addr + 0x1000) >> 32));
+    vw32(d, VC_QUEUE_DEVICE, (uint32_t)(addr + 0x2000));
+    vw32(d, VC_QUEUE_DEVICE + 4, (uint32_t)((addr + 0x2000) >> 32));
+    vw16(d, VC_QUEUE_ENABLE, 1);
+    vw8(d, VC_DEVICE_STATUS, VS_ACK | VS_DRIVER | VS_FEATURES_OK | VS_DRIVER_OK);
+    uint16_t off = vr16(d, VC_QUEUE_NOTIFY_OFF);
     barrier();
-    *(volatile uint16_t *)(vnotify_base + (uint32_t)off * vnotify_mult) = NET_TXQ;
-    return vr8(VC_DEVICE_STATUS);
+    *(volatile uint16_t *)(d->notify + (uint32_t)off * d->notify_mult) = d->queue;
+    return vr8(d, VC_DEVICE_STATUS);
 }
 
 /* Events in its own event queue since `*cons`, consumed (CONS moved to PROD, an overflow
- * acknowledged); `*overflows` counts the overflows seen. */
+ * acknowledged); `*overflows` counts the overflows seen, `*first` takes the first event's
+ * number. */
 static unsigned long drain_events(uint32_t *cons, unsigned long *overflows, unsigned *first)
 {
     uint32_t p = r32(SMMU_EVENTQ_PROD);
     uint32_t pi = p & EVTQ_PTR_MASK, ci = *cons & EVTQ_PTR_MASK;
     unsigned long n = (pi - ci) & EVTQ_PTR_MASK;
-    if (n && first && !*first)
+    if (n && !*first)
         *first = (unsigned)(m64(OFF_EVTQ + (ci & ((1u << EVTQ_LOG2) - 1)) * 32) & 0xff);
     if ((p & Q_OVFLG) != (*cons & Q_OVFLG))
         (*overflows)++;
@@ -581,49 +612,86 @@ static unsigned long drain_events(uint32_t *cons, unsigned long *overflows, unsi
     return n;
 }
 
+/* One phase of the faulting DMA on one function, on one vCPU; the first one also consumes
+ * its event queue when asked to. */
+struct kicker {
+    struct vdev *dev;
+    int cpu;
+    uint64_t addr;
+    int drain;
+    double secs;
+    unsigned long kicks, stuck, needs_reset, events, overflows;
+    uint32_t cons;
+    unsigned first;
+};
+
+static void *kicker(void *arg)
+{
+    struct kicker *k = arg;
+    pin(k->cpu);
+    double t0 = now();
+    while (now() - t0 < k->secs && (!max_iters || k->kicks < max_iters)) {
+        int st = vdev_kick(k->dev, k->addr);
+        if (st < 0)
+            k->stuck++;
+        else if (st & VS_NEEDS_RESET)
+            k->needs_reset++;
+        k->kicks++;
+        if (k->drain)
+            k->events += drain_events(&k->cons, &k->overflows, &k->first);
+    }
+    return NULL;
+}
+
+/* Runs a phase: each function kicked from its own thread, function i on vCPU i. */
+static void kick_phase(struct kicker *ks, uint64_t addr, int drain, uint32_t cons)
+{
+    pthread_t t[2];
+    for (unsigned i = 0; i < ndevs; i++) {
+        ks[i] = (struct kicker){.dev = &devs[i], .cpu = (int)i, .addr = addr,
+                                .drain = drain && i == 0, .secs = flood_secs / 2, .cons = cons};
+        if (pthread_create(&t[i], NULL, kicker, &ks[i]))
+            die("pthread_create: %s", strerror(errno));
+    }
+    for (unsigned i = 0; i < ndevs; i++)
+        pthread_join(t[i], NULL);
+}
+
 static void flood_dma(unsigned round)
 {
-    unsigned long kicks[2] = {0}, resets_stuck = 0, needs_reset = 0, events = 0, overflows = 0;
-    unsigned first = 0;
-    double t0 = now(), ms[2];
+    struct kicker s2[2], s1[2];
+    unsigned long kicks[2] = {0}, stuck = 0, needs_reset = 0;
     /* Phase 0, stage 2: the vSMMU off, GBPA bypass (stage 2 only), rings outside its RAM. */
+    double t0 = now(), ms[2];
     int off = set_cr0(CR0_CMDQEN | CR0_EVTQEN);
-    while (now() - t0 < flood_secs / 2 && (!max_iters || kicks[0] < max_iters)) {
-        int st = nic_kick(DMA_S2_FAULT);
-        if (st < 0)
-            resets_stuck++;
-        else if (st & VS_NEEDS_RESET)
-            needs_reset++;
-        kicks[0]++;
-    }
+    kick_phase(s2, DMA_S2_FAULT, 0, 0);
     ms[0] = (now() - t0) * 1e3;
-    /* Phase 1, stage 1: the NIC's STE translates through the CD's empty table. */
+    /* Phase 1, stage 1: their STEs translate through the CD's empty table. */
     double t1 = now();
-    uint32_t cons = r32(SMMU_EVENTQ_CONS);
-    set64(OFF_STRTAB + nic_sid * 64, STE_S1 | (ram_base + OFF_CD));
+    for (unsigned i = 0; i < ndevs; i++)
+        set64(OFF_STRTAB + devs[i].sid * 64, STE_S1 | (ram_base + OFF_CD));
     int on = set_cr0(CR0_CMDQEN | CR0_EVTQEN | CR0_SMMUEN);
-    invalidate_ste(nic_sid);
-    while (now() - t1 < flood_secs / 2 && (!max_iters || kicks[1] < max_iters)) {
-        int st = nic_kick(DMA_S1_FAULT);
-        if (st < 0)
-            resets_stuck++;
-        else if (st & VS_NEEDS_RESET)
-            needs_reset++;
-        kicks[1]++;
-        events += drain_events(&cons, &overflows, &first);
-    }
+    for (unsigned i = 0; i < ndevs; i++)
+        invalidate_ste(devs[i].sid);
+    kick_phase(s1, DMA_S1_FAULT, 1, r32(SMMU_EVENTQ_CONS));
     /* The hypervisor forwards events as it drains the physical queue: let the last ones in. */
     usleep(300000);
-    events += drain_events(&cons, &overflows, &first);
+    s1[0].events += drain_events(&s1[0].cons, &s1[0].overflows, &s1[0].first);
     ms[1] = (now() - t1) * 1e3;
-    vw8(VC_DEVICE_STATUS, 0);
-    set_ste(nic_sid, STE_BYPASS);
+    for (unsigned i = 0; i < ndevs; i++) {
+        kicks[0] += s2[i].kicks;
+        kicks[1] += s1[i].kicks;
+        stuck += s2[i].stuck + s1[i].stuck;
+        needs_reset += s2[i].needs_reset + s1[i].needs_reset;
+        vw8(&devs[i], VC_DEVICE_STATUS, 0);
+        set_ste(devs[i].sid, STE_BYPASS);
+    }
     set_cr0(CR0_CMDQEN | CR0_EVTQEN);
-    printf("guest: attack-dma=round=%u kicks=%lu s2-kicks=%lu s1-kicks=%lu s1-events=%lu "
-           "s1-first-event=0x%02x evtq-overflows=%lu needs-reset=%lu resets-stuck=%lu "
-           "gerror=%u smmuen=%d,%d s2-ms=%.0f s1-ms=%.0f\n",
-           round, kicks[0] + kicks[1], kicks[0], kicks[1], events, first, overflows,
-           needs_reset, resets_stuck, gerror(), off, on, ms[0], ms[1]);
+    printf("guest: attack-dma=round=%u devices=%u kicks=%lu s2-kicks=%lu s1-kicks=%lu "
+           "s1-events=%lu s1-first-event=0x%02x evtq-overflows=%lu needs-reset=%lu "
+           "resets-stuck=%lu gerror=%u smmuen=%d,%d s2-ms=%.0f s1-ms=%.0f\n",
+           round, ndevs, kicks[0] + kicks[1], kicks[0], kicks[1], s1[0].events, s1[0].first,
+           s1[0].overflows, needs_reset, stuck, gerror(), off, on, ms[0], ms[1]);
 }
 
 /* ---- 5. Unmapped-IPA log storm ---------------------------------------------------------- */
@@ -665,16 +733,54 @@ static void flood_storm(unsigned round)
            round, (unsigned long long)storm_ipa, loads, sigbus, answered, last, gerror(), ms);
 }
 
+/* ---- A control: CPU time only ---------------------------------------------------------- */
+
+struct spinner {
+    volatile int stop;
+    unsigned long loops;
+    int cpu;
+};
+
+static void *spinner(void *arg)
+{
+    struct spinner *p = arg;
+    p->cpu = pin(p->cpu);
+    while (!p->stop)
+        p->loops++;
+    return NULL;
+}
+
+/* Both vCPUs spin without a trap: what the floods cost the other VM through the host's CPUs
+ * alone (under TCG its vCPUs are host threads), with no shared path of the hypervisor in it.
+ * Not part of the default rounds (-f spin). */
+static void flood_spin(unsigned round)
+{
+    struct spinner sp[2] = {{.cpu = 0}, {.cpu = 1}};
+    pthread_t t[2];
+    double t0 = now();
+    for (unsigned i = 0; i < 2; i++)
+        if (pthread_create(&t[i], NULL, spinner, &sp[i]))
+            die("pthread_create: %s", strerror(errno));
+    while (now() - t0 < flood_secs)
+        usleep(10000);
+    for (unsigned i = 0; i < 2; i++) {
+        sp[i].stop = 1;
+        pthread_join(t[i], NULL);
+    }
+    printf("guest: attack-spin=round=%u loops=%lu cpus=%d,%d gerror=%u ms=%.0f\n", round,
+           sp[0].loops + sp[1].loops, sp[0].cpu, sp[1].cpu, gerror(), (now() - t0) * 1e3);
+}
+
 /* ---- set-up and the rounds -------------------------------------------------------------- */
 
 static void setup(void)
 {
     for (unsigned off = 0; off < RAM_SIZE; off += 8)
         set64(off, 0);
-    /* The stream table: its disk bypass (stage 2 only), its NIC bypass until a flood changes
-     * it; every other StreamID invalid. */
-    set64(OFF_STRTAB + SID_DISK * 64, STE_BYPASS);
-    set64(OFF_STRTAB + nic_sid * 64, STE_BYPASS);
+    /* The stream table: every STE bypass (for its StreamIDs the VM's stage 2 only) until a
+     * flood changes its functions'. */
+    for (unsigned sid = 0; sid < 1u << STRTAB_LOG2; sid++)
+        set64(OFF_STRTAB + sid * 64, STE_BYPASS);
     /* The CD: 39-bit VA, 4 KiB granule, TTB1 disabled, 40-bit IPS, AArch64, faults recorded and
      * aborted, ASID 1, TTB0 the empty level-1 table (IHI 0070 5.4). */
     uint64_t cd0 = 25 | 1ull << 8 | 1ull << 10 | 3ull << 12 | 1ull << 30 | 1ull << 31 |
@@ -707,21 +813,22 @@ struct flood {
 
 static const struct flood floods[] = {
     {"ste", flood_ste}, {"gbpa", flood_gbpa}, {"cmdq", flood_cmdq},
-    {"dma", flood_dma}, {"storm", flood_storm},
+    {"dma", flood_dma}, {"storm", flood_storm}, {"spin", flood_spin},
 };
 #define NFLOODS (sizeof(floods) / sizeof(floods[0]))
 
 int main(int argc, char **argv)
 {
     uint64_t smmu_base = 0;
-    const char *bdf = NULL, *which = "ste,gbpa,cmdq,dma,storm";
+    const char *bdf = NULL, *disk = NULL, *which = "ste,gbpa,cmdq,dma,storm";
     int opt;
     setvbuf(stdout, NULL, _IOLBF, 0);
-    while ((opt = getopt(argc, argv, "s:m:p:d:n:r:T:x:u:f:")) != -1) {
+    while ((opt = getopt(argc, argv, "s:m:p:b:d:n:r:T:x:u:f:")) != -1) {
         switch (opt) {
         case 's': smmu_base = strtoull(optarg, NULL, 0); break;
         case 'm': ram_base = strtoull(optarg, NULL, 0); break;
         case 'p': bdf = optarg; break;
+        case 'b': disk = optarg; break;
         case 'd': flood_secs = strtod(optarg, NULL); break;
         case 'n': max_iters = strtoul(optarg, NULL, 0); break;
         case 'r': max_rounds = (unsigned)strtoul(optarg, NULL, 0); break;
@@ -729,25 +836,24 @@ int main(int argc, char **argv)
         case 'x': stop_file = optarg; break;
         case 'u': storm_ipa = strtoull(optarg, NULL, 0); break;
         case 'f': which = optarg; break;
-        default: die("usage: hvattack -s SMMU -m RAM -p BDF [-d S] [-n N] [-r R] [-T S] [-x F] [-u IPA] [-f LIST]");
+        default: die("usage: hvattack -s SMMU -m RAM -p NIC [-b DISK] [-d S] [-n N] [-r R] [-T S] [-x F] [-u IPA] [-f LIST]");
         }
     }
     if (!smmu_base || !ram_base || !bdf)
         die("-s, -m and -p are needed");
-    unsigned bus, devn, fn;
-    if (sscanf(bdf, "%x:%x.%x", &bus, &devn, &fn) != 3)
-        die("bad BDF %s", bdf);
-    nic_sid = bus << 8 | devn << 3 | fn;
-    if (nic_sid >= 1u << STRTAB_LOG2 || nic_sid == SID_DISK)
-        die("StreamID %u of %s does not fit its 256-entry stream table", nic_sid, bdf);
     smmu = map_phys(smmu_base, SMMU_MMIO_SIZE);
     ram = map_phys(ram_base, RAM_SIZE);
-    nic_setup(bdf);
+    vdev_setup(&devs[ndevs++], bdf, "nic", NET_TXQ);
+    if (disk)
+        vdev_setup(&devs[ndevs++], disk, "disk", BLK_REQQ);
+    if (ndevs == 2 && devs[1].sid == devs[0].sid)
+        die("-p and -b name the same StreamID");
     setup();
-    printf("guest: attack-setup=smmu=0x%llx ram=0x%llx nic=%s sid=%u idr0=0x%08x cpus=%ld "
-           "flood-secs=%.1f floods=%s\n",
-           (unsigned long long)smmu_base, (unsigned long long)ram_base, bdf, nic_sid,
-           r32(SMMU_IDR0), sysconf(_SC_NPROCESSORS_ONLN), flood_secs, which);
+    printf("guest: attack-setup=smmu=0x%llx ram=0x%llx nic=%s,sid=%u disk=%s,sid=%d idr0=0x%08x "
+           "cpus=%ld flood-secs=%.1f floods=%s\n",
+           (unsigned long long)smmu_base, (unsigned long long)ram_base, bdf, devs[0].sid,
+           disk ? disk : "none", ndevs == 2 ? (int)devs[1].sid : -1, r32(SMMU_IDR0),
+           sysconf(_SC_NPROCESSORS_ONLN), flood_secs, which);
     double t0 = now();
     /* Rounds begun, and floods run. */
     unsigned round = 0, ran = 0;
