@@ -119,6 +119,16 @@ pub struct SmmuConfig {
     pub events: EventBudget,
 }
 
+/// log2 of the physical event queue's entries by default: 2^14 records (512 KiB). The queue
+/// is shared: the more a flood of one stream needs to fill it between two drains, the longer a
+/// drain can be late (a CPU busy in a trap, the event interrupt behind others) before any record,
+/// of any VM, is lost; the per-stream budget below then stops the flood.
+pub const EVTQ_LOG2: u8 = 14;
+
+/// Quarantines in a row (each beginning within its predecessor's cool-down of its end) after
+/// which the cool-down stops doubling: 2^7 = 128 times the base, 1.28 s by default.
+const MAX_STRIKES: u8 = 7;
+
 impl Default for SmmuConfig {
     fn default() -> Self {
         Self {
@@ -127,7 +137,7 @@ impl Default for SmmuConfig {
             cmdq_max_log2: 8,
             // 32 KiB: room for a burst of one stream's faults before its budget stops them, with
             // the other streams' records still fitting.
-            evtq_max_log2: 10,
+            evtq_max_log2: EVTQ_LOG2,
             poll_limit: 1_000_000,
             events: EventBudget::default(),
         }
@@ -159,7 +169,7 @@ impl Default for EventBudget {
         Self {
             // A drain charges the records it finds at once: the burst absorbs what one stream
             // records between two drains (the hypervisor drains on the event interrupt, and
-            // every few timer ticks), and leaves most of the 2^10-entry queue to the others.
+            // every few timer ticks), and leaves most of the 2^14-entry queue to the others.
             burst: 64,
             // 4000 records per second per stream in steady state: a driver logging faults
             // keeps them all, a device faulting in a loop gets quarantined.
@@ -192,7 +202,7 @@ struct StreamEvents {
     bucket: TokenBucket,
     /// While quarantined: the STE to restore and when.
     quarantine: Option<Quarantine>,
-    /// Consecutive quarantines (the cool-down doubles with each, up to 8x).
+    /// Consecutive quarantines (the cool-down doubles with each, up to 2^[`MAX_STRIKES`] x).
     strikes: u8,
     /// When the last quarantine ended.
     released: u64,
@@ -311,6 +321,9 @@ pub struct Smmu<R, M: DmaMemory> {
     evtq: Queue,
     evtq_base: u64,
     evtq_ovack: u32,
+    /// Quarantines [`Smmu::poll_events`] started and nobody has reported yet: (StreamID,
+    /// cool-down in nanoseconds).
+    new_quarantines: Vec<(u32, u64)>,
     /// The event budget of each stream that had a record.
     events: BTreeMap<u32, StreamEvents>,
     /// The earliest end of a quarantine.
@@ -352,6 +365,7 @@ impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
             evtq,
             evtq_base: 0,
             evtq_ovack: 0,
+            new_quarantines: Vec::new(),
             events: BTreeMap::new(),
             next_restore: None,
             stats: DriverStats::default(),
@@ -776,7 +790,7 @@ impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
             out.events += 1;
         }
         if out.overflowed {
-            log::warn!("smmu: event queue overflowed, events were lost");
+            // Reported by the caller, who knows whose records filled it.
             self.evtq_ovack = prod_raw & OVERFLOW_FLAG;
         }
         if out.events > 0 || out.overflowed {
@@ -835,7 +849,11 @@ impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
         // cool-down. A quarantine soon after the last one doubles it.
         let cooldown = |strikes: u8| budget.cooldown_ns.saturating_mul(1 << strikes);
         let soon = now.saturating_sub(st.released) < cooldown(st.strikes);
-        st.strikes = if soon { (st.strikes + 1).min(3) } else { 0 };
+        st.strikes = if soon {
+            (st.strikes + 1).min(MAX_STRIKES)
+        } else {
+            0
+        };
         let strikes = st.strikes;
         let until = now.saturating_add(cooldown(strikes));
         let Some(pa) = self.ste_pa(sid) else {
@@ -850,11 +868,9 @@ impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
         }
         self.next_restore = Some(self.next_restore.map_or(until, |t| t.min(until)));
         self.stats.quarantines += 1;
-        log::warn!(
-            "smmu: StreamID {sid}: {} event records beyond its budget: its transactions abort for {} ms",
-            e.kind.name(),
-            cooldown(strikes) / 1_000_000
-        );
+        if self.new_quarantines.len() < TRACKED_STREAMS {
+            self.new_quarantines.push((sid, cooldown(strikes)));
+        }
         // Published now, waited for by nobody: the abort takes effect when it is consumed, and
         // what the stream recorded meanwhile is suppressed as it is drained.
         if let Err(err) = self.cmdq.submit(&[
@@ -906,6 +922,31 @@ impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
         self.events
             .get(&sid)
             .is_some_and(|s| s.quarantine.is_some())
+    }
+
+    /// The quarantines started since the last call, for the caller to report with the VM that
+    /// owns each stream: (StreamID, cool-down in nanoseconds).
+    pub fn take_quarantines(&mut self) -> Vec<(u32, u64)> {
+        core::mem::take(&mut self.new_quarantines)
+    }
+
+    /// Acknowledges the active global errors the hypervisor handles by reporting them
+    /// (EVENTQ_ABT_ERR: records lost to a full or unwritable event queue; the MSI abort errors),
+    /// toggling their GERRORN bits (IHI 0070 7.5), and returns them. CMDQ_ERR is left to the
+    /// command queue's recovery, which acknowledges it after it has skipped the command.
+    pub fn acknowledge_gerror(&mut self) -> Gerror {
+        let handled = Gerror::EVENTQ_ABT_ERR
+            | Gerror::PRIQ_ABT_ERR
+            | Gerror::MSI_CMDQ_ABT_ERR
+            | Gerror::MSI_EVENTQ_ABT_ERR
+            | Gerror::MSI_PRIQ_ABT_ERR
+            | Gerror::MSI_GERROR_ABT_ERR;
+        let ack = self.active_gerror() & handled;
+        if !ack.is_empty() {
+            let gerrorn = self.regs.read32(regs::SMMU_GERRORN);
+            self.regs.write32(regs::SMMU_GERRORN, gerrorn ^ ack.bits());
+        }
+        ack
     }
 
     /// Global errors currently active (GERROR ^ GERRORN).

@@ -456,10 +456,13 @@ pub struct Drained {
     pub events: Vec<(smmu::event::Event, EventFate)>,
     /// Some records were lost to an overflow.
     pub overflowed: bool,
-    /// The global errors active.
+    /// The global errors the drain found and acknowledged (records lost to a full event
+    /// queue, failed MSI writes); CMD_SYNC errors are the command queue's to recover.
     pub gerror: smmu::regs::Gerror,
     /// Stalled transactions terminated (CMD_RESUME with Action = abort).
     pub stalls_terminated: usize,
+    /// Streams the drain quarantined: (StreamID, cool-down in nanoseconds).
+    pub quarantined: Vec<(u32, u64)>,
 }
 
 /// Drains the SMMU's event queue, budgeting each stream's records (a stream faulting beyond
@@ -474,6 +477,7 @@ pub fn drain_events() -> Drained {
             overflowed: false,
             gerror: smmu::regs::Gerror::empty(),
             stalls_terminated: 0,
+            quarantined: Vec::new(),
         };
     };
     let mut events = Vec::new();
@@ -481,8 +485,9 @@ pub fn drain_events() -> Drained {
     Drained {
         events,
         overflowed: poll.overflowed,
-        gerror: smmu.active_gerror(),
+        gerror: smmu.acknowledge_gerror(),
         stalls_terminated: poll.stalls_terminated,
+        quarantined: smmu.take_quarantines(),
     }
 }
 

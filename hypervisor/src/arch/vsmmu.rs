@@ -251,22 +251,43 @@ pub fn raise(vm: &Vm, s: &VmSmmu, irqs: Irqs, here: Option<usize>) {
     }
 }
 
-/// Physical SMMU events since boot.
+/// Physical SMMU events since boot (they number the hypervisor's event lines).
 static EVENTS: AtomicU64 = AtomicU64::new(0);
-/// Events logged one by one before only every power of two is.
-const EVENTS_LOGGED: u64 = 64;
 
 /// Drains the physical event queue and gives each event to the VM owning its StreamID: what its
 /// guest's stage 1 caused goes into its vSMMU's event queue; the rest (stage-2 faults, streams of
-/// no VM) is logged with VM, StreamID and addresses. `here`: the (VM index, vCPU) running on
-/// this CPU.
+/// no VM) is logged with VM, StreamID and addresses. Every line counts against the log rate
+/// limit of the VM whose stream it is about; what concerns the queue as a whole (records lost,
+/// a global error) against the VM whose records this drain found most of. `here`: the (VM
+/// index, vCPU) running on this CPU.
 pub fn service_events(vms: &[Vm], here: Option<(usize, usize)>) {
     let drained = iommu::drain_events();
-    if drained.overflowed {
-        log::warn!("smmu: event queue overflowed: events were lost");
-    }
-    if !drained.gerror.is_empty() {
-        log::error!("smmu: GERROR {:?}", drained.gerror);
+    let owner_of = |sid: u32| {
+        vms.iter()
+            .find(|v| v.config.devices.stream_ids.contains(&sid))
+    };
+    if drained.overflowed || !drained.gerror.is_empty() {
+        let mut counts = alloc::collections::BTreeMap::<usize, usize>::new();
+        for (e, _) in &drained.events {
+            if let Some(v) = owner_of(e.stream_id) {
+                *counts.entry(v.id).or_default() += 1;
+            }
+        }
+        let top = counts.iter().max_by_key(|&(_, &n)| n).map(|(&vm, _)| vm);
+        let ctx = super::uart::set_log_vm(top);
+        let whose = top
+            .and_then(|i| vms.get(i))
+            .map_or("", |v| v.config.name.as_str());
+        if drained.overflowed {
+            log::warn!("smmu: event queue overflowed: events were lost (most records: {whose})");
+        }
+        if !drained.gerror.is_empty() {
+            log::error!(
+                "smmu: GERROR {:?} (acknowledged; most records: {whose})",
+                drained.gerror
+            );
+        }
+        super::uart::set_log_vm(ctx);
     }
     if drained.stalls_terminated > 0 {
         log::warn!(
@@ -274,11 +295,19 @@ pub fn service_events(vms: &[Vm], here: Option<(usize, usize)>) {
             drained.stalls_terminated
         );
     }
+    for &(sid, cooldown_ns) in &drained.quarantined {
+        let owner = owner_of(sid);
+        let ctx = super::uart::set_log_vm(owner.map(|v| v.id));
+        log::warn!(
+            "smmu: StreamID {sid} ({}): event records beyond its budget: its transactions abort for {} ms",
+            owner.map_or("unassigned", |v| v.config.name.as_str()),
+            cooldown_ns / 1_000_000
+        );
+        super::uart::set_log_vm(ctx);
+    }
     for (e, fate) in &drained.events {
         let (e, fate) = (e, *fate);
-        let owner = vms
-            .iter()
-            .find(|v| v.config.devices.stream_ids.contains(&e.stream_id));
+        let owner = owner_of(e.stream_id);
         // An event's lines count against its VM's log rate limits, whichever CPU drained it.
         let ctx = super::uart::set_log_vm(owner.map(|v| v.id));
         let forwarded = owner.and_then(|vm| {
@@ -288,38 +317,26 @@ pub fn service_events(vms: &[Vm], here: Option<(usize, usize)>) {
             Some((vm, fwd))
         });
         if fate == EventFate::Suppressed {
-            // Counted by the owner's vSMMU; the one that quarantined the stream was logged.
+            // Counted by the owner's vSMMU; the quarantine was logged above.
+            super::uart::set_log_vm(ctx);
             continue;
         }
         let n = EVENTS.fetch_add(1, Ordering::Relaxed) + 1;
-        let loud = n <= EVENTS_LOGGED || n.is_power_of_two();
         match forwarded {
-            Some((vm, Forward::Guest(g))) => {
-                if loud {
-                    log::info!(
-                        "vsmmu: {}: event {} StreamID {} forwarded to the guest (input {:#x})",
-                        vm.config.name,
-                        g.kind.name(),
-                        g.stream_id,
-                        g.input_addr
-                    );
-                }
-            }
-            Some((vm, Forward::Dropped(g))) => {
-                if loud {
-                    log::warn!(
-                        "vsmmu: {}: event {} StreamID {} for the guest dropped (its event queue is off or full)",
-                        vm.config.name,
-                        g.kind.name(),
-                        g.stream_id
-                    );
-                }
-            }
-            _ => {
-                if loud {
-                    log_hypervisor_event(n, e, owner.map(|v| v.config.name.as_str()));
-                }
-            }
+            Some((vm, Forward::Guest(g))) => log::info!(
+                "vsmmu: {}: event {} StreamID {} forwarded to the guest (input {:#x})",
+                vm.config.name,
+                g.kind.name(),
+                g.stream_id,
+                g.input_addr
+            ),
+            Some((vm, Forward::Dropped(g))) => log::warn!(
+                "vsmmu: {}: event {} StreamID {} for the guest dropped (its event queue is off or full)",
+                vm.config.name,
+                g.kind.name(),
+                g.stream_id
+            ),
+            _ => log_hypervisor_event(n, e, owner.map(|v| v.config.name.as_str())),
         }
         super::uart::set_log_vm(ctx);
     }
@@ -327,7 +344,7 @@ pub fn service_events(vms: &[Vm], here: Option<(usize, usize)>) {
 
 fn log_hypervisor_event(n: u64, e: &Event, owner: Option<&str>) {
     log::warn!(
-        "smmu: event #{n} {} StreamID {} ({}) {} {} input {:#x} IPA {:#x}{}",
+        "smmu: event #{n} {} StreamID {} ({}) {} {} input {:#x} IPA {:#x}",
         e.kind.name(),
         e.stream_id,
         owner.unwrap_or("unassigned"),
@@ -335,11 +352,6 @@ fn log_hypervisor_event(n: u64, e: &Event, owner: Option<&str>) {
         if e.rnw { "read" } else { "write" },
         e.input_addr,
         e.addr2,
-        if n == EVENTS_LOGGED {
-            " (further events: every power of two)"
-        } else {
-            ""
-        }
     );
 }
 

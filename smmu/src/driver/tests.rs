@@ -74,7 +74,10 @@ fn probe_linear_programs_everything() {
     );
     assert_eq!(fake.reg32(regs::SMMU_IRQ_CTRL), 0);
     assert_eq!(fake.reg64(regs::SMMU_CMDQ_BASE) & 0x1f, 8);
-    assert_eq!(fake.reg64(regs::SMMU_EVENTQ_BASE) & 0x1f, 10);
+    assert_eq!(
+        fake.reg64(regs::SMMU_EVENTQ_BASE) & 0x1f,
+        u64::from(EVTQ_LOG2)
+    );
     assert_eq!(
         fake.commands(),
         [
@@ -709,6 +712,9 @@ fn a_stream_faulting_beyond_its_budget_is_quarantined_then_restored() {
     assert_eq!(of(0x10, EventFate::Suppressed), 5);
     assert_eq!(of(0x20, EventFate::Deliver), 1);
     assert!(smmu.quarantined(0x10) && !smmu.quarantined(0x20));
+    // Reported once, with its cool-down, for the caller to name the stream's VM.
+    assert_eq!(smmu.take_quarantines(), [(0x10, 100_000)]);
+    assert_eq!(smmu.take_quarantines(), []);
     assert_eq!(
         smmu.ste(0x10).unwrap().config(),
         crate::ste::StreamConfig::Abort
@@ -754,4 +760,25 @@ fn a_stream_faulting_beyond_its_budget_is_quarantined_then_restored() {
     t += 60_000;
     run(&mut smmu, &[], t);
     assert!(!smmu.quarantined(0x10));
+}
+
+/// A global error the hypervisor reports is acknowledged (its GERRORN bit toggled, IHI 0070
+/// 7.5), once; CMDQ_ERR is left to the command queue's recovery.
+#[test]
+fn reported_global_errors_are_acknowledged_and_cmdq_err_is_left_alone() {
+    let fake = FakeSmmu::qemu();
+    let mut smmu = probe(&fake, SmmuConfig::default()).unwrap();
+    assert_eq!(smmu.acknowledge_gerror(), Gerror::empty());
+    let raised = Gerror::EVENTQ_ABT_ERR | Gerror::CMDQ_ERR | Gerror::MSI_EVENTQ_ABT_ERR;
+    fake.st().regs32.insert(regs::SMMU_GERROR, raised.bits());
+    assert_eq!(
+        smmu.acknowledge_gerror(),
+        Gerror::EVENTQ_ABT_ERR | Gerror::MSI_EVENTQ_ABT_ERR
+    );
+    assert_eq!(smmu.active_gerror(), Gerror::CMDQ_ERR);
+    assert_eq!(smmu.acknowledge_gerror(), Gerror::empty(), "once");
+    // Raised again (the SMMU toggles its GERROR bit once more): acknowledged again.
+    let again = raised ^ Gerror::EVENTQ_ABT_ERR;
+    fake.st().regs32.insert(regs::SMMU_GERROR, again.bits());
+    assert_eq!(smmu.acknowledge_gerror(), Gerror::EVENTQ_ABT_ERR);
 }
