@@ -1134,6 +1134,16 @@ pub fn focus(q: &mut Qemu, vm: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The longest the worker's load may go between two rounds' ends (its `maxgap-ms`). A round is a
+/// 1 MiB read, a 64 KiB write and read-back and a few processes, on TCG sharing two host cores
+/// with the other VM: 0.06-0.25 s measured. The longest gap measured: 1190 ms (while the other
+/// VM cycled its driver and another QEMU ran on the host), otherwise 220-530 ms. A stall of the
+/// worker's DMA behind the other VM's driver reset (a global SMMU disable or invalidation, a
+/// physical queue stuck on the other VM's commands) would last for the whole reset or past the
+/// guest's 1 s CMD_SYNC timeout, and its block layer's 30 s request timeout; 5 s is 4x the worst
+/// measured, room for a busy host, and still catches those.
+pub const MAX_LOAD_GAP_MS: u64 = 5000;
+
 /// The counters every `[hv] vsmmu: vmN stats: ...` line has (it may have more).
 pub const VSMMU_STATS_KEYS: [&str; 9] = [
     "traps",

@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use integration_tests::{
     check_vm_disk, check_vm_guest_facts, focus, hv_text, modular_guest_dir, parse_stats, ste_lines,
-    type_paced, vm_text, vsmmu_stats, Assigned, Error, Line, Qemu, STEP_TIMEOUT, VM0, VM1,
+    type_paced, vm_text, vsmmu_stats, Assigned, Error, Line, Qemu, MAX_LOAD_GAP_MS, STEP_TIMEOUT,
+    VM0, VM1,
 };
 
 /// vCPUs the board script gives each generated VM.
@@ -35,15 +36,6 @@ const REBOOTS: u32 = 3;
 const LOAD_SECONDS: u32 = 900;
 /// How long the worker's load runs on after the cycler stopped, for the idle throughput figure.
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
-/// The longest the worker's load may go between two rounds' ends (its `maxgap-ms`). A round is a
-/// 1 MiB read, a 64 KiB write and read-back and a few processes, on TCG sharing two host cores
-/// with the other VM: 0.06-0.25 s measured. The longest gap measured: 1190 ms (while the other
-/// VM cycled its driver and another QEMU ran on the host), otherwise 220-530 ms. A stall of the
-/// worker's DMA behind the other VM's driver reset (a global SMMU disable or invalidation, a
-/// physical queue stuck on the other VM's commands) would last for the whole reset or past the
-/// guest's 1 s CMD_SYNC timeout, and its block layer's 30 s request timeout; 5 s is 4x the worst
-/// measured, room for a busy host, and still catches those.
-const MAX_LOAD_GAP_MS: u64 = 5000;
 /// The fewest rounds the worker's load must complete over the cycling run (6-15 a second measured).
 const MIN_ROUNDS: u64 = 50;
 /// Wall-clock limit of a cycling run (measured: 37-49 s here, up to ~4 minutes on a busier host).

@@ -40,7 +40,7 @@ use std::time::Duration;
 use integration_tests::{
     check_vm_disk, check_vm_guest_facts, focus, guest_fact, hv_text, modular_guest_dir,
     parse_stats, ste_lines, type_paced, vm_text, vsmmu_stats, Assigned, Error, Line, Qemu,
-    STEP_TIMEOUT, VM0, VM1,
+    MAX_LOAD_GAP_MS, STEP_TIMEOUT, VM0, VM1,
 };
 
 /// vCPUs the board script gives each generated VM.
@@ -100,11 +100,6 @@ const DMA_SECS: u64 = 4;
 const CYCLES: u32 = 5;
 /// How long one of vm1's phases may take (the load and the cycles under the floods).
 const PHASE_TIMEOUT: Duration = Duration::from_secs(120);
-/// The longest vm1's load may go between two rounds' ends: as tests/tests/mediation.rs (measured
-/// under vm0's floods: 0.5-2.4 s, on a host running other QEMUs too); a stall behind the other
-/// VM's floods (a physical queue it monopolises, the SMMU's lock held through its STE storm)
-/// would last the whole flood, or past the guest driver's 1 s CMD_SYNC timeout.
-const MAX_LOAD_GAP_MS: u64 = 5000;
 /// The hypervisor's log rate limit (hypervisor/src/ratelimit.rs): lines a call site may print at
 /// once per VM, and then one a second.
 const LOG_BURST: u64 = 10;
@@ -1091,24 +1086,18 @@ fn noisy_neighbour_floods_while_the_victim_works() -> Result<(), Error> {
         floods.len() as u64,
         "{what}: the floods it ran, against the flood facts it printed"
     );
-    let stops: Vec<&str> = lines
-        .iter()
-        .filter_map(|l| hv_text(&l.text)?.strip_prefix("vm0: stopped: "))
-        .collect();
-    assert_eq!(
-        stops,
-        ["PSCI SYSTEM_OFF"],
-        "vm0 is stopped only by its own power-off: the hypervisor contained its floods"
-    );
-    let stops: Vec<&str> = lines
-        .iter()
-        .filter_map(|l| hv_text(&l.text)?.strip_prefix("vm1: stopped: "))
-        .collect();
-    assert_eq!(
-        stops,
-        ["PSCI SYSTEM_OFF"],
-        "vm1 stopped by its own power-off only"
-    );
+    for vm in ["vm0", "vm1"] {
+        let prefix = format!("{vm}: stopped: ");
+        let stops: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| hv_text(&l.text)?.strip_prefix(prefix.as_str()))
+            .collect();
+        assert_eq!(
+            stops,
+            ["PSCI SYSTEM_OFF"],
+            "{vm} is stopped only by its own power-off: the hypervisor contained vm0's floods"
+        );
+    }
     for (phase, from, to) in [
         ("load", work_from, load_final.1),
         ("dma_map_benchmark", flooded.from, flooded.to),

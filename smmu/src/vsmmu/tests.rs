@@ -261,10 +261,15 @@ struct Rig {
 
 impl Rig {
     fn new() -> Self {
+        Self::build(cfg(), RecPhys::default())
+    }
+
+    /// A reset vSMMU of `c` over `phys`, its reset's physical work forgotten.
+    fn build(c: VsmmuConfig, phys: RecPhys) -> Self {
         let mut r = Self {
-            v: Vsmmu::new(cfg()),
+            v: Vsmmu::new(c),
             ram: FakeRam::new(),
-            phys: RecPhys::default(),
+            phys,
             prod: 0,
             cmdq_log2: CMDQS,
         };
@@ -1338,16 +1343,7 @@ impl Rig {
     fn with_budget(b: Budget) -> Self {
         let mut c = cfg();
         c.budget = b;
-        let mut r = Self {
-            v: Vsmmu::new(c),
-            ram: FakeRam::new(),
-            phys: RecPhys::with_clock(1_000_000),
-            prod: 0,
-            cmdq_log2: CMDQS,
-        };
-        r.v.reset(&mut r.phys);
-        r.phys.clear();
-        r
+        Self::build(c, RecPhys::with_clock(1_000_000))
     }
 
     /// Starts the trap of a register write, as a vCPU does before it lets go of the model.
