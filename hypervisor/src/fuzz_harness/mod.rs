@@ -8,10 +8,12 @@
 //!
 //! - [`vgic`]: the virtual GICv3 distributor and redistributors, with simulated list registers;
 //! - [`vpl011`]: the virtual PL011, the console input path into it and the console output mux;
-//! - [`vecam`]: the virtual ECAM, over a recording fake configuration space.
+//! - [`vecam`]: the virtual ECAM, over a recording fake configuration space;
+//! - [`bars`]: the guest's BAR moves against where `vm::bars` maps them in its stage 2.
 //!
 //! Compiled only under `cfg(test)` or the `fuzzing` feature; no `unsafe`.
 
+pub mod bars;
 pub mod vecam;
 pub mod vgic;
 pub mod vpl011;

@@ -78,19 +78,24 @@ impl BarMaps {
         let k = self.find(m.bdf, m.index)?;
         let len = self.maps[k].slot.len;
         let unmap = self.maps[k].ipa.take().map(|old| (old, len));
-        let ipa = windows
+        let window = windows
             .iter()
             .filter(|w| matches!(w.space, PciSpace::Mem32 | PciSpace::Mem64))
             .find(|w| {
                 m.pci >= w.pci_base && m.pci.checked_add(m.size).is_some_and(|e| e <= w.pci_end())
-            })
-            .and_then(|w| (m.pci - w.pci_base).checked_add(w.cpu_base));
+            });
         let slot = self.maps[k].slot;
         let offset = slot.phys - slot.page;
-        let map = ipa
-            .and_then(|ipa| ipa.checked_sub(offset))
+        let map = window
+            .and_then(|w| {
+                let ipa = (m.pci - w.pci_base).checked_add(w.cpu_base)?;
+                let base = ipa.checked_sub(offset)?;
+                // The whole pages, not only the BAR's bytes, inside the window.
+                let end = base.checked_add(len)?;
+                (base >= w.cpu_base && w.cpu_base.checked_add(w.size).is_some_and(|we| end <= we))
+                    .then_some(base)
+            })
             .filter(|base| base.is_multiple_of(DEVICE_PAGE))
-            .filter(|base| base.checked_add(len).is_some())
             .filter(|&base| !self.overlaps_other(k, base, len))
             .map(|base| (base, len));
         Some(MovePlan { unmap, map })
