@@ -1175,6 +1175,9 @@ pub fn request_boot(vm: &Vm) {
 /// a VM whose images cannot be loaded is stopped.
 fn boot_vm(vm: &Vm) {
     let t0 = super::timestamp_ms();
+    // A reload is the guest's doing (its reset): what it logs counts against the VM's limits,
+    // whichever CPU loads it (a guest that resets in a loop must not fill the console).
+    uart::set_log_vm(Some(vm.id));
     match vm.load() {
         Ok((entry, dtb)) => {
             log::info!(
