@@ -22,9 +22,9 @@
 //! - **(d) hidden capabilities stay hidden**: no hardware write touches a byte of an MSI or MSI-X
 //!   capability (nor Enhanced Allocation with [`Checks::ea_hidden`]), the guest reads them as 0
 //!   and never finds them walking the list;
-//! - **(e) Command and FLR**: a hardware Command write changes no bit outside I/O, Memory, Bus
-//!   Master, Parity Error Response, SERR# and INTx Disable; no write sets PCIe Device Control's
-//!   Initiate FLR;
+//! - **(e) Command and FLR**: a hardware Command write changes no bit outside Bus Master,
+//!   Parity Error Response, SERR# and INTx Disable (nor I/O and Memory Space Enable, virtual
+//!   with [`Checks::decode_virtual`]); no write sets PCIe Device Control's Initiate FLR;
 //! - **(f) RW1C**: no RW1C bit (Status, Device/Link/Slot Status, PMCSR.PME_Status) is written as 1
 //!   unless the guest wrote it as 1;
 //! - **(g) no side effects**: a narrow guest write changes no hardware byte it did not address;
@@ -40,7 +40,7 @@
 //!
 //! The rules of the PCI isolation work are checks that [`Checks`] switches (all on by default):
 //! [`Checks::pm_power_state`], [`Checks::af_flr`], [`Checks::ea_hidden`],
-//! [`Checks::bar_page_slots`].
+//! [`Checks::bar_page_slots`], [`Checks::decode_virtual`].
 
 use alloc::vec::Vec;
 use core::cell::Cell;
@@ -69,6 +69,9 @@ pub struct Checks {
     /// BARs are in page-sized slots: each owned memory BAR's physical address is page aligned
     /// and shares its pages with no other memory BAR of the topology.
     pub bar_page_slots: bool,
+    /// Command's I/O and Memory Space Enable are virtual: no hardware write changes them, the
+    /// guest reads what it wrote, and `resolve` follows the guest's bits.
+    pub decode_virtual: bool,
 }
 
 impl Default for Checks {
@@ -84,6 +87,7 @@ impl Checks {
         af_flr: true,
         ea_hidden: true,
         bar_page_slots: true,
+        decode_virtual: true,
     };
 
     /// None of them.
@@ -92,9 +96,10 @@ impl Checks {
         af_flr: false,
         ea_hidden: false,
         bar_page_slots: false,
+        decode_virtual: false,
     };
 
-    /// From a comma-separated list of `pm`, `af`, `ea`, `bar`, `all` or `none` (for the fuzz
+    /// From a comma-separated list of `pm`, `af`, `ea`, `bar`, `decode`, `all` or `none` (for the fuzz
     /// target's `VECAM_CHECKS` variable).
     pub fn parse(s: &str) -> Checks {
         let mut c = Checks::NONE;
@@ -106,6 +111,7 @@ impl Checks {
                 "af" => c.af_flr = true,
                 "ea" => c.ea_hidden = true,
                 "bar" => c.bar_page_slots = true,
+                "decode" => c.decode_virtual = true,
                 _ => {}
             }
         }
@@ -206,6 +212,9 @@ struct Func {
     af: Option<u16>,
     /// PMCSR.PowerState as the guest set it (virtual when No_Soft_Reset = 0).
     power_state: u32,
+    /// Command's I/O and Memory Space Enable as the guest set them (with
+    /// [`Checks::decode_virtual`]).
+    decode: u32,
     /// Reference virtual BARs and sizing latches.
     vbar: [u32; 6],
     sizing: [bool; 6],
@@ -321,7 +330,12 @@ impl ConfigSpace for Recorder<'_> {
             "(f) {bdf}: RW1C bits {stray:#x} at {off:#x} written back as read"
         );
         if off == 4 {
-            let changed = (value ^ hw) & 0xffff & !GUEST_COMMAND;
+            let guest = if self.checks.decode_virtual {
+                GUEST_COMMAND & !3
+            } else {
+                GUEST_COMMAND
+            };
+            let changed = (value ^ hw) & 0xffff & !guest;
             assert!(changed == 0, "(e) {bdf}: Command bits {changed:#x} changed");
         }
         if f.pcie.is_some_and(|p| off == p + 8) {
@@ -457,6 +471,7 @@ impl Harness {
                     no_soft_reset: false,
                     af: None,
                     power_state: 0,
+                    decode: self.hw.read32(bdf, 4) & 3,
                     vbar: [0; 6],
                     sizing: [false; 6],
                     interrupt_line: 0,
@@ -620,7 +635,18 @@ impl Harness {
         let f = &self.funcs[i];
         let hw = self.hw.read32(f.dev.bdf, reg);
         match reg {
-            0x04 if f.visible.is_empty() => hw & !(1 << 20),
+            0x04 => {
+                let hw = if self.checks.decode_virtual {
+                    hw & !3 | f.decode
+                } else {
+                    hw
+                };
+                if f.visible.is_empty() {
+                    hw & !(1 << 20)
+                } else {
+                    hw
+                }
+            }
             0x0c if !f.keep_multifunction => hw & !(0x80 << 16),
             0x10..=0x27 => {
                 let slot = ((reg - 0x10) / 4) as u8;
@@ -794,6 +820,9 @@ impl Harness {
                 match g.reg {
                     0x10..=0x27 => want.extend(self.bar_write(i, g)),
                     0x3c if g.enable & 0xff != 0 => self.funcs[i].interrupt_line = g.value as u8,
+                    0x04 if g.enable & 0xff != 0 => {
+                        self.funcs[i].decode = g.value & 3;
+                    }
                     r if g.enable & 3 != 0
                         && self.virtual_power(&self.funcs[i])
                         && self.funcs[i].pm.map(|p| p + 4) == Some(r) =>
@@ -886,7 +915,11 @@ impl Harness {
         // Every BAR the access lies wholly in, and where it would land.
         let mut fits = Vec::new();
         for f in &self.funcs {
-            let cmd = self.hw.read32(f.dev.bdf, 4);
+            let cmd = if self.checks.decode_virtual {
+                f.decode
+            } else {
+                self.hw.read32(f.dev.bdf, 4)
+            };
             let decodes = cmd & if io { 1 } else { 2 } != 0;
             let d0 =
                 f.pm.is_none_or(|p| self.hw.read32(f.dev.bdf, p + 4) & 3 == 0);
@@ -1272,6 +1305,15 @@ mod tests {
     fn memory_write_and_invalidate_is_caught() {
         let mut h = rich_all();
         hw_write(&mut h, F0, 4, 0x16, full(4, 0x16));
+    }
+
+    #[test]
+    #[should_panic(expected = "(e) 00:01.0: Command bits 0x2 changed")]
+    fn a_decode_write_through_is_caught() {
+        let mut h = Harness::new(3, 0x7fff, Checks::parse("decode"));
+        let hw = h.hw.read32(F0, 4) & 0xffff;
+        assert_eq!(hw & 3, 3, "the hypervisor's placement enables decoding");
+        hw_write(&mut h, F0, 4, hw & !2, full(4, hw & !2));
     }
 
     #[test]

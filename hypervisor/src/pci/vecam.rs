@@ -10,7 +10,7 @@
 //! | functions not assigned to the VM | all ones | dropped |
 //! | IDs, class, revision (0x00, 0x08) | hardware | dropped |
 //! | Header Type (0x0e) | hardware, multi-function bit cleared when the VM owns no other function of the device | dropped |
-//! | Command (0x04) | hardware | I/O, Memory, Bus Master, Parity Error Response, SERR#, INTx Disable only |
+//! | Command (0x04) | hardware; I/O and Memory Space Enable virtual (as the hypervisor set them until the guest writes them) | Bus Master, Parity Error Response, SERR#, INTx Disable to hardware; I/O and Memory Space Enable kept virtual (the physical address map never changes after boot) |
 //! | Status (0x06) | hardware (Capabilities List cleared if every capability is hidden) | RW1C error bits |
 //! | BARs (0x10-0x24) | the guest's (virtual) BARs, or the size mask after an all-ones write | never reach hardware; a memory BAR move is reported for the hypervisor to remap ([`VirtualEcam::take_bar_moves`]) |
 //! | subsystem IDs, CardBus CIS, reserved (0x28, 0x2c, 0x38) | hardware | dropped |
@@ -62,6 +62,18 @@ use crate::mmio::AccessWidth;
 /// (8), Interrupt Disable (10). The rest (Special Cycles, Memory Write and Invalidate, VGA
 /// Palette Snoop, Fast Back-to-Back) are legacy knobs with effects beyond the function.
 const COMMAND_GUEST_BITS: u32 = 1 << 0 | 1 << 1 | 1 << 2 | 1 << 6 | 1 << 8 | 1 << 10;
+
+/// The guest's I/O and Memory Space Enable, kept virtual: the function decodes its BARs where
+/// the hypervisor placed them from boot to power-off, whatever its guest writes. A guest
+/// toggling decode (Linux does around every BAR sizing, `__pci_read_base`) would otherwise
+/// change the physical address map while the other VMs run: nothing a partition should be able
+/// to do, and on QEMU it is the trigger of a TCG race (a vCPU's stale TLB entry looked up in
+/// the new memory map, `iotlb_to_section: Assertion 'section_index < d->map.sections_nb'`
+/// after QEMU's fix for its issue 3040) that aborted a CI run. What the guest's bits gate is
+/// its own view: reads return them and [`VirtualEcam::resolve`] forwards nothing while the
+/// matching one is clear. Stage 2 keeps mapping the memory BARs, so a guest that clears Memory
+/// Space Enable and still touches a BAR reaches its own function's registers, never another's.
+const COMMAND_DECODE: u32 = regs::command::IO | regs::command::MEMORY;
 
 /// Status register bits that are RW1C (PCIe Base spec 7.5.1.1.4): Master Data Parity Error
 /// (8), Signaled Target Abort (11), Received Target Abort (12), Received Master Abort (13),
@@ -233,6 +245,9 @@ struct VFunction {
     /// PMCSR.PowerState as the guest set it, for a function whose D3hot to D0 transition
     /// resets it (No_Soft_Reset = 0): the function itself stays in D0.
     power_state: u32,
+    /// The guest's I/O and Memory Space Enable ([`COMMAND_DECODE`]), read from hardware (as
+    /// the hypervisor set them) on first use.
+    decode: Option<u32>,
 }
 
 /// Which half of which BAR a BAR slot holds.
@@ -363,6 +378,7 @@ impl VirtualEcam {
                     chain: None,
                     vbar: [0; 6],
                     power_state: 0,
+                    decode: None,
                     dev,
                 };
                 // The guest starts with the BARs where the hypervisor placed them.
@@ -429,7 +445,7 @@ impl VirtualEcam {
         } else {
             regs::command::MEMORY
         };
-        if cfg.read32(bdf, regs::COMMAND) & decode == 0 {
+        if self.decode_bits(cfg, i) & decode == 0 {
             return None;
         }
         // A function out of D0 answers only configuration requests (PCI Bus PM 1.2, 5.3.1.4):
@@ -508,6 +524,13 @@ impl VirtualEcam {
         Some((i, (offset & 0xfff) as u16))
     }
 
+    /// The guest's [`COMMAND_DECODE`] bits of function `i`.
+    fn decode_bits(&mut self, cfg: &dyn ConfigSpace, i: usize) -> u32 {
+        let f = &mut self.functions[i];
+        *f.decode
+            .get_or_insert_with(|| cfg.read32(f.dev.bdf, regs::COMMAND) & COMMAND_DECODE)
+    }
+
     fn chain(&mut self, cfg: &dyn ConfigSpace, i: usize) -> &CapChain {
         let f = &mut self.functions[i];
         f.chain
@@ -519,7 +542,7 @@ impl VirtualEcam {
         let bdf = self.functions[i].dev.bdf;
         match reg {
             regs::COMMAND => {
-                let hw = cfg.read32(bdf, reg);
+                let hw = cfg.read32(bdf, reg) & !COMMAND_DECODE | self.decode_bits(cfg, i);
                 if self.chain(cfg, i).first == 0 {
                     hw & !regs::STATUS_CAP_LIST
                 } else {
@@ -589,11 +612,17 @@ impl VirtualEcam {
         let bdf = self.functions[i].dev.bdf;
         match reg {
             regs::COMMAND => {
+                let decode = self.decode_bits(&*cfg, i);
+                self.functions[i].decode = Some(decode & !enable | value & enable & COMMAND_DECODE);
                 let hw = cfg.read32(bdf, reg);
-                let guest = COMMAND_GUEST_BITS & enable;
+                let guest = COMMAND_GUEST_BITS & !COMMAND_DECODE & enable;
                 let command = (hw & 0xffff & !guest) | (value & guest);
                 // Zeros in the Status half leave it alone; only the ones the guest wrote clear.
-                cfg.write32(bdf, reg, command | (value & enable & STATUS_RW1C));
+                let clear = value & enable & STATUS_RW1C;
+                // A write that changes nothing is not made: decode toggles stay off the bus.
+                if command != hw & 0xffff || clear != 0 {
+                    cfg.write32(bdf, reg, command | clear);
+                }
             }
             regs::BAR0..BAR_END => self.write_bar(&*cfg, i, reg, value, enable),
             regs::INTERRUPT if enable & 0xff != 0 => {
@@ -915,6 +944,39 @@ mod tests {
         // A new vECAM (a VM reboot) shows the hypervisor's placement again.
         let (_, mut fresh) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
         assert_eq!(fresh.read(&f, off(blk, 0x14), W), u64::from(hw[1]));
+    }
+
+    #[test]
+    fn decode_enables_are_virtual() {
+        let blk = Bdf::new(0, 2, 0);
+        let (mut f, mut v) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+        let io = v.functions[0].dev.bars[0].addr.unwrap().pci;
+        let writes = f.writes();
+        // Linux's BAR sizing: decode off, all ones, size, restore, decode on again.
+        v.write(&mut f, off(blk, 4), H, 0x0000);
+        assert_eq!(v.read(&f, off(blk, 4), H) & 0x3, 0);
+        assert_eq!(f.read32(blk, 4) & 0x3, 0x3, "decode changed physically");
+        assert_eq!(
+            v.resolve(&f, true, io, 4),
+            None,
+            "forwarded with I/O Space off"
+        );
+        v.write(&mut f, off(blk, 4), H, 0x0001);
+        assert_eq!(v.read(&f, off(blk, 4), H) & 0x3, 0x1);
+        assert_eq!(v.resolve(&f, true, io, 4), Some(io + 0x3eff_0000));
+        v.write(&mut f, off(blk, 4), H, 0x0003);
+        // Decode toggles alone never reach the function.
+        assert_eq!(f.writes(), writes);
+        // Bus Master Enable does, with the decode bits as the hypervisor set them.
+        v.write(&mut f, off(blk, 4), H, 0x0004);
+        assert_eq!(f.read32(blk, 4) & 0x7, 0x7);
+        assert_eq!(v.read(&f, off(blk, 4), H) & 0x7, 0x4);
+        // A byte write to the upper Command byte leaves the guest's decode bits alone.
+        v.write(&mut f, off(blk, 5), B, 0x04);
+        assert_eq!(v.read(&f, off(blk, 4), H), 0x0404);
+        // A new vECAM (the VM's next boot) starts from the hypervisor's decode again.
+        let (_, mut fresh) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+        assert_eq!(fresh.read(&f, off(blk, 4), H) & 0x3, 0x3);
     }
 
     #[test]
