@@ -59,8 +59,9 @@ use crate::pci::{
 /// All on by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Checks {
-    /// PMCSR PowerState is virtualised when No_Soft_Reset is 0: the guest's D-state writes never
-    /// reach hardware, so D3hot -> D0 never resets the function.
+    /// PMCSR PowerState is virtual: the guest's D-state writes never reach hardware, so
+    /// D3hot -> D0 never resets a function without No_Soft_Reset and no function stops
+    /// decoding; `resolve` forwards nothing while the guest's state is not D0.
     pub pm_power_state: bool,
     /// Advanced Features (capability 0x13) Initiate FLR is dropped.
     pub af_flr: bool,
@@ -210,7 +211,7 @@ struct Func {
     pm: Option<u16>,
     no_soft_reset: bool,
     af: Option<u16>,
-    /// PMCSR.PowerState as the guest set it (virtual when No_Soft_Reset = 0).
+    /// PMCSR.PowerState as the guest set it (virtual with [`Checks::pm_power_state`]).
     power_state: u32,
     /// Command's I/O and Memory Space Enable as the guest set them (with
     /// [`Checks::decode_virtual`]).
@@ -350,12 +351,13 @@ impl ConfigSpace for Recorder<'_> {
                 "(i) {bdf}: Advanced Features Initiate FLR written"
             );
         }
-        if self.checks.pm_power_state && !f.no_soft_reset && f.pm.is_some_and(|p| off == p + 4) {
+        if self.checks.pm_power_state && f.pm.is_some_and(|p| off == p + 4) {
             assert!(
                 (value ^ hw) & 3 == 0,
-                "(i) {bdf}: PowerState {} -> {} written with No_Soft_Reset=0",
+                "(i) {bdf}: PowerState {} -> {} written (No_Soft_Reset={})",
                 hw & 3,
-                value & 3
+                value & 3,
+                u8::from(f.no_soft_reset)
             );
         }
         self.counts.writes += 1;
@@ -677,9 +679,10 @@ impl Harness {
     }
 
     /// Whether `f`'s PowerState is the guest's alone (PCI Bus PM 1.2 5.4.1: without
-    /// No_Soft_Reset, D3hot -> D0 resets the function).
+    /// No_Soft_Reset, D3hot -> D0 resets the function; with it, the function out of D0 stops
+    /// decoding).
     fn virtual_power(&self, f: &Func) -> bool {
-        self.checks.pm_power_state && f.pm.is_some() && !f.no_soft_reset
+        self.checks.pm_power_state && f.pm.is_some()
     }
 
     /// The owned function (index into `funcs`) at an ECAM offset, and the register.
@@ -921,8 +924,10 @@ impl Harness {
                 self.hw.read32(f.dev.bdf, 4)
             };
             let decodes = cmd & if io { 1 } else { 2 } != 0;
-            let d0 =
-                f.pm.is_none_or(|p| self.hw.read32(f.dev.bdf, p + 4) & 3 == 0);
+            let d0 = f.pm.is_none_or(|p| {
+                self.hw.read32(f.dev.bdf, p + 4) & 3 == 0
+                    && !(self.virtual_power(f) && f.power_state != 0)
+            });
             for b in f.dev.bars.iter().filter(|b| (b.kind == BarKind::Io) == io) {
                 let Some(a) = b.addr else { continue };
                 let base = self.bar_addr(f, b);
@@ -1351,14 +1356,15 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "(i) 00:01.0: PowerState 0 -> 3 written with No_Soft_Reset=0")]
+    #[should_panic(expected = "(i) 00:01.0: PowerState 0 -> 3 written (No_Soft_Reset=0)")]
     fn a_d3hot_write_through_is_caught() {
         let mut h = rich_all();
         hw_write(&mut h, F0, 0x54, 3, full(0x54, 3));
     }
 
     #[test]
-    fn power_state_writes_are_fine_with_no_soft_reset() {
+    #[should_panic(expected = "(i) 00:01.1: PowerState 0 -> 3 written (No_Soft_Reset=1)")]
+    fn a_d3hot_write_through_is_caught_with_no_soft_reset() {
         let mut h = rich_all();
         let f1 = Bdf::new(0, 1, 1);
         hw_write(&mut h, f1, 0x54, 3 | 1 << 3, full(0x54, 3));

@@ -19,7 +19,7 @@
 //! | Interrupt Line (0x3c) | a virtual byte per function | kept in that byte |
 //! | Interrupt Pin, Min_Gnt, Max_Lat (0x3d-0x3f) | hardware | dropped |
 //! | MSI, MSI-X and Enhanced Allocation capabilities | 0 | dropped |
-//! | Power Management PMCSR | hardware; PowerState virtual when No_Soft_Reset = 0 | hardware, PowerState kept D0 when No_Soft_Reset = 0 |
+//! | Power Management PMCSR | hardware; PowerState virtual | hardware, PowerState kept D0 |
 //! | PCIe Device Control, AF Control | hardware | hardware, without Initiate FLR |
 //! | the rest of 0x40-0xff (capabilities, device-specific registers) | hardware | hardware |
 //! | extended configuration space (0x100-0xfff) | hardware | dropped |
@@ -37,7 +37,8 @@
 //! The same holds for every other path that resets a function or re-places its BARs behind the
 //! hypervisor's back: Advanced Features' Initiate FLR is dropped too; a D3hot to D0 transition
 //! of a function without No_Soft_Reset resets it (PCI Bus PM 1.2, 5.4.1), so its PowerState is
-//! kept virtual and it stays in D0; Enhanced Allocation (fixed BAR addresses with writable
+//! kept virtual and it stays in D0 (every function's is: see [`VirtualEcam::power_write`]);
+//! Enhanced Allocation (fixed BAR addresses with writable
 //! Enable bits) is hidden; Resizable BAR, SR-IOV and the other extended capabilities are in
 //! read-only extended space; the Expansion ROM BAR reads 0; BIST is not writable; and bridges,
 //! whose Bridge Control holds Secondary Bus Reset, are never shown.
@@ -116,8 +117,6 @@ const PMCSR_PME_STATUS: u32 = 1 << 15;
 const AF_INITIATE_FLR: u32 = 1 << 0;
 /// PMCSR bits 1:0, PowerState: D0-D3hot.
 const PMCSR_POWER_STATE: u32 = 0x3;
-/// PMCSR bit 3, No_Soft_Reset: a D3hot to D0 transition keeps the function's configuration.
-const PMCSR_NO_SOFT_RESET: u32 = 1 << 3;
 
 /// ECAM places a function's 4 KiB at bus << 20 | device << 15 | function << 12 (PCIe Base
 /// spec 7.2.2).
@@ -242,8 +241,7 @@ struct VFunction {
     chain: Option<CapChain>,
     /// The BAR registers as the guest programmed them (the physical ones never change).
     vbar: [u32; 6],
-    /// PMCSR.PowerState as the guest set it, for a function whose D3hot to D0 transition
-    /// resets it (No_Soft_Reset = 0): the function itself stays in D0.
+    /// PMCSR.PowerState as the guest set it: the function itself stays in D0.
     power_state: u32,
     /// The guest's I/O and Memory Space Enable ([`COMMAND_DECODE`]), read from hardware (as
     /// the hypervisor set them) on first use.
@@ -449,9 +447,12 @@ impl VirtualEcam {
             return None;
         }
         // A function out of D0 answers only configuration requests (PCI Bus PM 1.2, 5.3.1.4):
-        // the access would end in an Unsupported Request, an external abort at EL2.
+        // in the guest's view (its virtual PowerState) the access is not answered; one left
+        // out of D0 before boot would end in an Unsupported Request, an external abort at EL2.
         if let Some(pm) = self.chain(cfg, i).pm {
-            if cfg.read32(bdf, u16::from(pm) + 4) & PMCSR_POWER_STATE != 0 {
+            if self.functions[i].power_state != 0
+                || cfg.read32(bdf, u16::from(pm) + 4) & PMCSR_POWER_STATE != 0
+            {
                 return None;
             }
         }
@@ -587,11 +588,7 @@ impl VirtualEcam {
                     0
                 } else if pmcsr == Some(reg) {
                     let hw = cfg.read32(bdf, reg);
-                    if hw & PMCSR_NO_SOFT_RESET == 0 {
-                        (hw & !PMCSR_POWER_STATE) | self.functions[i].power_state
-                    } else {
-                        hw
-                    }
+                    (hw & !PMCSR_POWER_STATE) | self.functions[i].power_state
                 } else {
                     cfg.read32(bdf, reg)
                 }
@@ -669,11 +666,18 @@ impl VirtualEcam {
         }
     }
 
-    /// A guest write to PMCSR: when the function's D3hot to D0 transition would reset it
-    /// (No_Soft_Reset = 0; PCI Bus PM 1.2, 5.4.1 and PCIe Base spec 5.3.1.4: its BARs then read
-    /// 0 and the guest could not put them back, its BAR writes never reaching hardware), the
-    /// PowerState the guest writes is kept virtual and the function stays in D0, which every
-    /// function supports. Returns the value to pass on.
+    /// A guest write to PMCSR: the PowerState the guest writes is kept virtual and the
+    /// function stays in D0, which every function supports. Returns the value to pass on.
+    ///
+    /// Without No_Soft_Reset, the function's D3hot to D0 transition would reset it (PCI Bus PM
+    /// 1.2, 5.4.1 and PCIe Base spec 5.3.1.4: its BARs then read 0 and the guest could not put
+    /// them back, its BAR writes never reaching hardware). With it, a function out of D0
+    /// stops decoding its BARs: a change of the physical address map, which no guest may make
+    /// (see [`COMMAND_DECODE`]; QEMU 10.0 unmaps a BAR in D1-D3hot, and a guest's suspend, a
+    /// runtime-suspending driver or a shutdown path such as e1000e's for quad-port adapters
+    /// writes D3hot while the other VMs run), and on hardware the guest's own accesses would
+    /// end in Unsupported Requests, external aborts at EL2. So neither reaches the function;
+    /// a partition gives up the power its functions would save in D3hot.
     fn power_write(
         &mut self,
         cfg: &dyn ConfigSpace,
@@ -684,7 +688,7 @@ impl VirtualEcam {
     ) -> u32 {
         let bdf = self.functions[i].dev.bdf;
         let hw = cfg.read32(bdf, reg);
-        if hw & PMCSR_NO_SOFT_RESET != 0 || enable & PMCSR_POWER_STATE == 0 {
+        if enable & PMCSR_POWER_STATE == 0 {
             return value;
         }
         self.functions[i].power_state = value & PMCSR_POWER_STATE;
@@ -1176,10 +1180,11 @@ mod tests {
         let bar = f.read32(ep, 0x10) as u64;
         assert_eq!(v.resolve(&f, false, bar, 4), Some(bar));
 
-        // With No_Soft_Reset the transition keeps the configuration: passed through, and a
-        // function out of D0 resolves no access (it would answer Unsupported Request).
+        // With No_Soft_Reset the transition would keep the configuration, but a function out
+        // of D0 stops decoding (a change of the physical address map): virtual as well. In the
+        // guest's D3hot its accesses are not forwarded (they would be Unsupported Requests).
         let mut fake = FakeConfigSpace::new();
-        fake.add(
+        let h = fake.add(
             None,
             1,
             0,
@@ -1187,12 +1192,19 @@ mod tests {
         );
         let (mut f, mut v) = setup(fake, &[ep]);
         v.write(&mut f, pmcsr, H, 0x0003);
-        assert_eq!(f.read32(ep, pm + 4) & 0x3, 3);
-        assert_eq!(v.read(&f, pmcsr, H) & 0x3, 3);
+        assert_eq!(f.read32(ep, pm + 4) & 0x3, 0, "the function stays in D0");
+        assert_eq!(
+            v.read(&f, pmcsr, H) & 0xb,
+            0xb,
+            "D3hot, No_Soft_Reset as hardware"
+        );
         let bar = f.read32(ep, 0x10) as u64;
         assert_eq!(v.resolve(&f, false, bar, 4), None);
         v.write(&mut f, pmcsr, H, 0x0000);
         assert_eq!(v.resolve(&f, false, bar, 4), Some(bar));
+        // A function some earlier software left out of D0 is not forwarded to either.
+        f.set(h, pm + 4, f.read32(ep, pm + 4) | 3);
+        assert_eq!(v.resolve(&f, false, bar, 4), None);
     }
 
     #[test]
