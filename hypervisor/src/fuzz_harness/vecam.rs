@@ -73,6 +73,9 @@ pub struct Checks {
     /// Command's I/O and Memory Space Enable are virtual: no hardware write changes them, the
     /// guest reads what it wrote, and `resolve` follows the guest's bits.
     pub decode_virtual: bool,
+    /// A virtio function's VIRTIO_PCI_CAP_PCI_CFG (vendor capability, cfg_type 5) is hidden
+    /// like MSI.
+    pub virtio_cfg_hidden: bool,
 }
 
 impl Default for Checks {
@@ -89,6 +92,7 @@ impl Checks {
         ea_hidden: true,
         bar_page_slots: true,
         decode_virtual: true,
+        virtio_cfg_hidden: true,
     };
 
     /// None of them.
@@ -98,9 +102,10 @@ impl Checks {
         ea_hidden: false,
         bar_page_slots: false,
         decode_virtual: false,
+        virtio_cfg_hidden: false,
     };
 
-    /// From a comma-separated list of `pm`, `af`, `ea`, `bar`, `decode`, `all` or `none` (for the fuzz
+    /// From a comma-separated list of `pm`, `af`, `ea`, `bar`, `decode`, `pcicfg`, `all` or `none` (for the fuzz
     /// target's `VECAM_CHECKS` variable).
     pub fn parse(s: &str) -> Checks {
         let mut c = Checks::NONE;
@@ -113,6 +118,7 @@ impl Checks {
                 "ea" => c.ea_hidden = true,
                 "bar" => c.bar_page_slots = true,
                 "decode" => c.decode_virtual = true,
+                "pcicfg" => c.virtio_cfg_hidden = true,
                 _ => {}
             }
         }
@@ -194,6 +200,12 @@ pub(crate) fn rich() -> (FakeConfigSpace, Vec<(Bdf, usize)>) {
         .bar_io(0, 0x100)
         .pin(1);
     h.push((Bdf::new(0, 3, 0), f.add(None, 3, 0, conv)));
+    let virtio = FakeFn::endpoint(0x1af4, 0x1042)
+        .virtio_pci_cfg()
+        .virtio_modern(1 << 32 | 1)
+        .bar32(4, 0x4000, false)
+        .pin(1);
+    h.push((Bdf::new(0, 4, 0), f.add(None, 4, 0, virtio)));
     (f, h)
 }
 
@@ -501,6 +513,15 @@ impl Harness {
                                 f.hidden.push((ptr, ptr + len));
                             }
                             cap_id::MSIX => f.hidden.push((ptr, ptr + 12)),
+                            // virtio 1.2 4.1.4.9: at least the 20 bytes of virtio_pci_cfg_cap.
+                            cap_id::VENDOR
+                                if self.checks.virtio_cfg_hidden
+                                    && hw.read32(bdf, 0) as u16 == 0x1af4
+                                    && hdr >> 24 == 5 =>
+                            {
+                                let len = (control as u8).max(20).next_multiple_of(4);
+                                f.hidden.push((ptr, (ptr + u16::from(len)).min(0x100)));
+                            }
                             CAP_EA if self.checks.ea_hidden => {
                                 // PCIe Base spec 7.8.5: header (+ a dword for a Type 1), then
                                 // entries of 1 + Entry Size dwords.
@@ -1277,7 +1298,7 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "(b) hardware read of 00:04.0")]
+    #[should_panic(expected = "(b) hardware read of 00:05.0")]
     fn a_read_of_an_absent_function_is_caught() {
         let mut h = rich_all();
         let mut counts = Counts::default();
@@ -1288,7 +1309,7 @@ mod tests {
             counts: &mut counts,
             guest: &[],
         };
-        rec.read32(Bdf::new(0, 4, 0), 0);
+        rec.read32(Bdf::new(0, 5, 0), 0);
     }
 
     #[test]
@@ -1303,6 +1324,16 @@ mod tests {
     fn a_write_into_msi_is_caught() {
         let mut h = rich_all();
         hw_write(&mut h, F0, 0x74, 0xfee0_0000, full(0x74, 0xfee0_0000));
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "(d) 00:04.0: hardware write at 0x50 into the hidden capability 0x40..0x54"
+    )]
+    fn a_write_into_virtio_pci_cfg_is_caught() {
+        let mut h = Harness::new(3, 0x7fff, Checks::default());
+        let virtio = Bdf::new(0, 4, 0);
+        hw_write(&mut h, virtio, 0x50, 1, full(0x50, 1));
     }
 
     #[test]

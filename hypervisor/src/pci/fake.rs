@@ -259,6 +259,17 @@ impl FakeFn {
         f
     }
 
+    /// virtio's PCI configuration access capability (virtio 1.2 4.1.4.9): cap_len 20,
+    /// cfg_type 5, its `bar`, `offset`, `length` and `pci_cfg_data` writable.
+    pub(crate) fn virtio_pci_cfg(self) -> FakeFn {
+        let at = usize::from(self.next_cap / 4);
+        let mut f = self.cap_sized(regs::cap_id::VENDOR, 0x0514, 20);
+        for (i, mask) in [0xff, u32::MAX, u32::MAX, u32::MAX].into_iter().enumerate() {
+            f.masks[at + 1 + i] = mask;
+        }
+        f
+    }
+
     /// An ACS extended capability (adds a PCIe endpoint capability if there is none).
     pub(crate) fn acs(self, capability: u16, control: u16) -> FakeFn {
         let mut f = if self.regs[1] & regs::STATUS_CAP_LIST == 0 {

@@ -18,7 +18,7 @@
 //! | Capabilities Pointer (0x34) and every next pointer | MSI, MSI-X and Enhanced Allocation unlinked | dropped |
 //! | Interrupt Line (0x3c) | a virtual byte per function | kept in that byte |
 //! | Interrupt Pin, Min_Gnt, Max_Lat (0x3d-0x3f) | hardware | dropped |
-//! | MSI, MSI-X and Enhanced Allocation capabilities | 0 | dropped |
+//! | MSI, MSI-X and Enhanced Allocation capabilities, virtio's VIRTIO_PCI_CAP_PCI_CFG | 0 | dropped |
 //! | Power Management PMCSR | hardware; PowerState virtual | hardware, PowerState kept D0 |
 //! | PCIe Device Control, AF Control | hardware | hardware, without Initiate FLR |
 //! | the rest of 0x40-0xff (capabilities, device-specific registers) | hardware | hardware |
@@ -42,6 +42,12 @@
 //! Enable bits) is hidden; Resizable BAR, SR-IOV and the other extended capabilities are in
 //! read-only extended space; the Expansion ROM BAR reads 0; BIST is not writable; and bridges,
 //! whose Bridge Control holds Secondary Bus Reset, are never shown.
+//!
+//! Why a virtio function's VIRTIO_PCI_CAP_PCI_CFG capability (virtio 1.2 4.1.4.9) is hidden:
+//! it is a window from configuration space into the function's BARs, which no driver uses
+//! (Linux and Windows map the BARs), and which on QEMU 10.0 aborts the whole machine on a BAR
+//! access through it (an assertion in `virtio_address_space_lookup`, QEMU issue 2576; see
+//! `pci/virtio.rs`): one VM could take every VM down with a few configuration writes.
 //!
 //! Why extended configuration space is read-only: nothing Linux needs there for a virtio or
 //! simple endpoint is writable-only (AER masks, ACS, LTR are host policy), and ACS or ATS
@@ -115,6 +121,10 @@ mod pcie_cap {
 const PMCSR_PME_STATUS: u32 = 1 << 15;
 /// AF Control bit 0, Initiate FLR (PCI Advanced Features ECN), in the dword at offset 4.
 const AF_INITIATE_FLR: u32 = 1 << 0;
+/// virtio's `cfg_type` of the PCI configuration access capability, and its length: the 16-byte
+/// `virtio_pci_cap` and the 4-byte `pci_cfg_data` (virtio 1.2 4.1.4.9).
+const VIRTIO_PCI_CAP_PCI_CFG: u8 = 5;
+const VIRTIO_PCI_CFG_CAP_LEN: u8 = 20;
 /// PMCSR bits 1:0, PowerState: D0-D3hot.
 const PMCSR_POWER_STATE: u32 = 0x3;
 
@@ -165,6 +175,7 @@ impl CapChain {
             return chain;
         }
         let mut visible: Vec<u8> = Vec::new();
+        let virtio = cfg.read32(bdf, regs::ID) as u16 == super::virtio::VENDOR_ID;
         let mut ptr = (cfg.read32(bdf, regs::CAP_PTR) & 0xfc) as u8;
         for _ in 0..regs::CAP_TTL {
             if u16::from(ptr) < DEVICE_SPECIFIC {
@@ -193,6 +204,14 @@ impl CapChain {
                 cap_id::EA => {
                     let len = ea_len(cfg, bdf, ptr);
                     chain.hidden.push((u16::from(ptr), u16::from(ptr) + len));
+                }
+                // virtio 1.2 4.1.4: cap_len in byte 2, cfg_type in byte 3.
+                cap_id::VENDOR if virtio && (hdr >> 24) as u8 == VIRTIO_PCI_CAP_PCI_CFG => {
+                    let len = ((hdr >> 16) as u8)
+                        .max(VIRTIO_PCI_CFG_CAP_LEN)
+                        .next_multiple_of(4);
+                    let end = (u16::from(ptr) + u16::from(len)).min(regs::EXT_CAP_START);
+                    chain.hidden.push((u16::from(ptr), end));
                 }
                 id => {
                     match id {
@@ -1205,6 +1224,36 @@ mod tests {
         // A function some earlier software left out of D0 is not forwarded to either.
         f.set(h, pm + 4, f.read32(ep, pm + 4) | 3);
         assert_eq!(v.resolve(&f, false, bar, 4), None);
+    }
+
+    #[test]
+    fn virtio_pci_cfg_window_is_hidden() {
+        let mut fake = FakeConfigSpace::new();
+        let virtio = FakeFn::endpoint(0x1af4, 0x1042)
+            .pm(true)
+            .virtio_pci_cfg()
+            .virtio_modern(1 << 32 | 1)
+            .bar32(4, 0x4000, false);
+        fake.add(None, 1, 0, virtio);
+        // Another vendor's capability of the same cfg_type byte stays.
+        let other = FakeFn::endpoint(0x8086, 0x1234).virtio_pci_cfg();
+        fake.add(None, 2, 0, other);
+        let (ep, not_virtio) = (Bdf::new(0, 1, 0), Bdf::new(0, 2, 0));
+        let (mut f, mut v) = setup(fake, &[ep, not_virtio]);
+        let caps = caps_at(&mut v, &f, ep);
+        assert_eq!(
+            caps.iter().map(|c| c.0).collect::<Vec<_>>(),
+            [cap_id::PM, cap_id::VENDOR]
+        );
+        // The hidden one: 20 bytes at 0x50, after PM's 16 at 0x40.
+        assert_eq!(caps[1].1, 0x64);
+        let mut rec = Recorder::default();
+        for reg in (0x50..0x64).step_by(4) {
+            assert_eq!(v.read(&f, off(ep, reg), W), 0);
+            v.write(&mut rec.with(&mut f), off(ep, reg), W, 0x0004_0000);
+        }
+        assert!(rec.writes.is_empty(), "{:x?}", rec.writes);
+        assert_eq!(cap_ids(&mut v, &f, not_virtio), [cap_id::VENDOR]);
     }
 
     #[test]
