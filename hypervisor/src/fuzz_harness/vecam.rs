@@ -20,7 +20,8 @@
 //!   only at the dword the guest addressed, never at 0x10-0x27, 0x30, 0x00-0x3f except Command,
 //!   or 0x100 and above;
 //! - **(d) hidden capabilities stay hidden**: no hardware write touches a byte of an MSI or MSI-X
-//!   capability (nor Enhanced Allocation with [`Checks::ea_hidden`]), the guest reads them as 0
+//!   capability (nor Enhanced Allocation with [`Checks::ea_hidden`], nor a virtio function's
+//!   VIRTIO_PCI_CAP_PCI_CFG with [`Checks::virtio_cfg_hidden`]), the guest reads them as 0
 //!   and never finds them walking the list;
 //! - **(e) Command and FLR**: a hardware Command write changes no bit outside Bus Master,
 //!   Parity Error Response, SERR# and INTx Disable (nor I/O and Memory Space Enable, virtual
@@ -40,7 +41,7 @@
 //!
 //! The rules of the PCI isolation work are checks that [`Checks`] switches (all on by default):
 //! [`Checks::pm_power_state`], [`Checks::af_flr`], [`Checks::ea_hidden`],
-//! [`Checks::bar_page_slots`], [`Checks::decode_virtual`].
+//! [`Checks::bar_page_slots`], [`Checks::decode_virtual`], [`Checks::virtio_cfg_hidden`].
 
 use alloc::vec::Vec;
 use core::cell::Cell;
@@ -105,8 +106,8 @@ impl Checks {
         virtio_cfg_hidden: false,
     };
 
-    /// From a comma-separated list of `pm`, `af`, `ea`, `bar`, `decode`, `pcicfg`, `all` or `none` (for the fuzz
-    /// target's `VECAM_CHECKS` variable).
+    /// From a comma-separated list of `pm`, `af`, `ea`, `bar`, `decode`, `pcicfg`, `all` or
+    /// `none` (for the fuzz target's `VECAM_CHECKS` variable).
     pub fn parse(s: &str) -> Checks {
         let mut c = Checks::NONE;
         for w in s.split(',').map(str::trim) {

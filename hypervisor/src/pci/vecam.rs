@@ -15,7 +15,7 @@
 //! | BARs (0x10-0x24) | the guest's (virtual) BARs, or the size mask after an all-ones write | never reach hardware; a memory BAR move is reported for the hypervisor to remap ([`VirtualEcam::take_bar_moves`]) |
 //! | subsystem IDs, CardBus CIS, reserved (0x28, 0x2c, 0x38) | hardware | dropped |
 //! | Expansion ROM BAR (0x30) | 0 (no ROM) | dropped |
-//! | Capabilities Pointer (0x34) and every next pointer | MSI, MSI-X and Enhanced Allocation unlinked | dropped |
+//! | Capabilities Pointer (0x34) and every next pointer | MSI, MSI-X, Enhanced Allocation and virtio's PCI_CFG unlinked | dropped |
 //! | Interrupt Line (0x3c) | a virtual byte per function | kept in that byte |
 //! | Interrupt Pin, Min_Gnt, Max_Lat (0x3d-0x3f) | hardware | dropped |
 //! | MSI, MSI-X and Enhanced Allocation capabilities, virtio's VIRTIO_PCI_CAP_PCI_CFG | 0 | dropped |
@@ -37,10 +37,9 @@
 //! The same holds for every other path that resets a function or re-places its BARs behind the
 //! hypervisor's back: Advanced Features' Initiate FLR is dropped too; a D3hot to D0 transition
 //! of a function without No_Soft_Reset resets it (PCI Bus PM 1.2, 5.4.1), so its PowerState is
-//! kept virtual and it stays in D0 (every function's is: see [`VirtualEcam::power_write`]);
-//! Enhanced Allocation (fixed BAR addresses with writable
-//! Enable bits) is hidden; Resizable BAR, SR-IOV and the other extended capabilities are in
-//! read-only extended space; the Expansion ROM BAR reads 0; BIST is not writable; and bridges,
+//! kept virtual and it stays in D0 (every function's is: see `VirtualEcam::power_write`);
+//! Enhanced Allocation (fixed BAR addresses with writable Enable bits) is hidden; Resizable
+//! BAR, SR-IOV and the other extended capabilities are in read-only extended space; the Expansion ROM BAR reads 0; BIST is not writable; and bridges,
 //! whose Bridge Control holds Secondary Bus Reset, are never shown.
 //!
 //! Why a virtio function's VIRTIO_PCI_CAP_PCI_CFG capability (virtio 1.2 4.1.4.9) is hidden:
