@@ -520,8 +520,8 @@ impl Harness {
                                     && hw.read32(bdf, 0) as u16 == 0x1af4
                                     && hdr >> 24 == 5 =>
                             {
-                                let len = (control as u8).max(20).next_multiple_of(4);
-                                f.hidden.push((ptr, (ptr + u16::from(len)).min(0x100)));
+                                let len = (control & 0xff).max(20).next_multiple_of(4) as u16;
+                                f.hidden.push((ptr, (ptr + len).min(0x100)));
                             }
                             CAP_EA if self.checks.ea_hidden => {
                                 // PCIe Base spec 7.8.5: header (+ a dword for a Type 1), then

@@ -303,18 +303,11 @@ pub(crate) struct FakeConfigSpace {
     slots: Vec<Slot>,
     /// Set if a BAR was ever written all ones while its function decoded memory or I/O.
     pub(crate) decode_seen_with_all_ones: bool,
-    /// Configuration writes made to any function.
-    writes: usize,
 }
 
 impl FakeConfigSpace {
     pub(crate) fn new() -> FakeConfigSpace {
         FakeConfigSpace::default()
-    }
-
-    /// How many configuration writes reached any function so far.
-    pub(crate) fn writes(&self) -> usize {
-        self.writes
     }
 
     /// Adds a function at `dev.func` on the root bus (`parent` = `None`) or behind the bridge
@@ -547,7 +540,6 @@ impl ConfigSpace for FakeConfigSpace {
         let Some(i) = self.find(bdf) else {
             return;
         };
-        self.writes += 1;
         let r = (offset / 4) as usize % DWORDS;
         let f = &mut self.slots[i].f;
         let mut new = (f.regs[r] & !f.masks[r]) | (value & f.masks[r]);
