@@ -67,7 +67,7 @@ pub struct GuestSmmu {
     pub gerror_intid: u32,
 }
 
-/// The VM's virtual ECAM host bridge (see [`crate::pci::VirtualEcam`]), described by a
+/// The VM's virtual ECAM host bridge (see [`crate::devices::vecam::VirtualEcam`]), described by a
 /// `pci-host-ecam-generic` node (Linux `Documentation/devicetree/bindings/pci/
 /// host-generic-pci.yaml`).
 #[derive(Clone, Copy, Debug)]

@@ -207,6 +207,28 @@ impl Stage2 {
     }
 }
 
+/// The stage-2 fields of every physical STE of a VM: its VMID and the root its vCPUs' VTTBR_EL2
+/// uses, the same IPA size and starting level as its VTCR_EL2 ([`Stage2::vtcr`]), and an output
+/// size both the SMMU's OAS and 48 bits allow (S2PS encodes as VTCR_EL2.PS).
+pub fn smmu_s2_config(oas_bits: u8, vmid: u16, s2_root: u64) -> smmu::ste::S2Config {
+    let ps = match oas_bits {
+        0..=32 => 0,
+        33..=36 => 1,
+        37..=40 => 2,
+        41..=42 => 3,
+        43..=44 => 4,
+        _ => 5,
+    };
+    smmu::ste::S2Config {
+        vmid,
+        root_pa: s2_root,
+        t0sz: (64 - IPA_BITS) as u8,
+        sl0: 1,
+        ps,
+        affd: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,9 +11,13 @@ use alloc::string::{String, ToString};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::arch::asm;
+use smmu::cmd::Command;
 use smmu::driver::{
-    Cmdq, DmaMemory, DriverError, EventFate, QueueMemory, Smmu, SmmuConfig, SmmuRegs, SteWrite,
+    Cmdq, DmaMemory, DriverError, QueueMemory, Smmu, SmmuConfig, SmmuRegs, SteWrite,
 };
+use smmu::driver::{SteBreak, SyncTicket};
+use smmu::ste::Ste;
+use smmu::vsmmu::PhysicalSmmu;
 use spin::Mutex;
 
 /// SMMU registers at a physical address, with the barriers Linux's `writel`/`readl` imply:
@@ -334,35 +338,13 @@ impl Iommu {
     }
 }
 
-/// The stage-2 fields of every physical STE of a VM: its VMID and the root its vCPUs' VTTBR_EL2
-/// uses, the same IPA size and starting level as its VTCR_EL2, and an output size both the
-/// SMMU's OAS and 48 bits allow (S2PS encodes as VTCR_EL2.PS).
-pub fn vm_s2_config(oas_bits: u8, vmid: u16, s2_root: u64) -> smmu::ste::S2Config {
-    let ps = match oas_bits {
-        0..=32 => 0,
-        33..=36 => 1,
-        37..=40 => 2,
-        41..=42 => 3,
-        43..=44 => 4,
-        _ => 5,
-    };
-    smmu::ste::S2Config {
-        vmid,
-        root_pa: s2_root,
-        t0sz: (64 - crate::stage2::IPA_BITS) as u8,
-        sl0: 1,
-        ps,
-        affd: false,
-    }
-}
-
 /// Points `stream_ids` at a VM's stage-2 (STE Config = stage 2 only, the VM's VMID and root):
 /// its devices' DMA addresses are IPAs, confined to what the VM's stage-2 maps.
 pub fn attach_stage2(vm: &str, stream_ids: &[u32], vmid: u16, s2_root: u64) -> Result<(), String> {
     let Some(oas_bits) = SMMU.lock().as_ref().map(|s| s.features().oas_bits) else {
         return Err("no SMMU: DMA would not be confined".to_string());
     };
-    let s2 = vm_s2_config(oas_bits, vmid, s2_root);
+    let s2 = crate::stage2::smmu_s2_config(oas_bits, vmid, s2_root);
     for &sid in stream_ids {
         set_ste(sid, smmu::ste::Ste::stage2(s2))
             .map_err(|e| alloc::format!("StreamID {sid}: {e}"))?;
@@ -449,21 +431,7 @@ pub fn now_ns() -> u64 {
     (u128::from(CNTPCT_EL0.get()) * 1_000_000_000 / u128::from(freq)) as u64
 }
 
-/// What one drain of the SMMU's event queue found.
-#[derive(Debug)]
-pub struct Drained {
-    /// The records in order, each with what its stream's budget made of it.
-    pub events: Vec<(smmu::event::Event, EventFate)>,
-    /// Some records were lost to an overflow.
-    pub overflowed: bool,
-    /// The global errors the drain found and acknowledged (records lost to a full event
-    /// queue, failed MSI writes); CMD_SYNC errors are the command queue's to recover.
-    pub gerror: smmu::regs::Gerror,
-    /// Stalled transactions terminated (CMD_RESUME with Action = abort).
-    pub stalls_terminated: usize,
-    /// Streams the drain quarantined: (StreamID, cool-down in nanoseconds).
-    pub quarantined: Vec<(u32, u64)>,
-}
+pub use crate::vm::events::Drained;
 
 /// Drains the SMMU's event queue, budgeting each stream's records (a stream faulting beyond
 /// its budget is quarantined, see `smmu::driver::EventBudget`) and terminating every stalled
@@ -604,4 +572,88 @@ pub fn init(smmu: Option<&SmmuInfo>, host: Option<&HostBridge>) -> Iommu {
     }
     out.topology = Some(topo);
     out
+}
+
+/// The physical SMMU as the vSMMUs reach it: stream-table writes under the physical SMMU's
+/// lock, held for the writes only (a break-before-make's CMD_SYNC is waited for between
+/// `write_ste` and `make_ste`, without it); commands through the lock-free command queue (the
+/// I/O path: every DMA unmap), so that no lock on it is shared between VMs across a wait.
+#[derive(Debug)]
+pub struct PhysSmmu;
+
+/// Counter reads a budget wait spins at most per microsecond it waits (a bound on the loop
+/// should the counter stop).
+const SPINS_PER_US: u64 = 1_000;
+
+fn cmdq() -> Result<&'static HwCmdq, DriverError> {
+    CMDQ.get()
+        .map(|q| &**q)
+        .ok_or(DriverError::MissingFeature("SMMU"))
+}
+
+impl PhysicalSmmu for PhysSmmu {
+    fn write_ste(&mut self, sid: u32, ste: Ste) -> Result<SteWrite, DriverError> {
+        match SMMU.lock().as_mut() {
+            Some(s) => s.write_ste(sid, ste),
+            None => Err(DriverError::MissingFeature("SMMU")),
+        }
+    }
+
+    fn make_ste(&mut self, b: SteBreak) -> Result<Command, DriverError> {
+        match SMMU.lock().as_mut() {
+            Some(s) => s.make_ste(b),
+            None => Err(DriverError::MissingFeature("SMMU")),
+        }
+    }
+
+    fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
+        cmdq()?.queue(cmds)
+    }
+
+    fn submit_sync(&mut self, cmds: &[Command]) -> Result<SyncTicket, DriverError> {
+        cmdq()?.queue_sync(cmds)
+    }
+
+    fn publish(&self) {
+        if let Ok(q) = cmdq() {
+            q.publish();
+        }
+    }
+
+    fn wait(&self, ticket: SyncTicket) -> Result<(), DriverError> {
+        cmdq()?.wait(ticket)
+    }
+
+    fn now(&self) -> Option<u64> {
+        Some(now_ns())
+    }
+
+    fn wait_until(&self, deadline: u64) {
+        let now = now_ns();
+        let spins = deadline.saturating_sub(now) / 1_000 * SPINS_PER_US + SPINS_PER_US;
+        for _ in 0..spins {
+            if now_ns() >= deadline {
+                return;
+            }
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// What a VM's construction needs of the physical SMMU, once probed: its output address size and
+/// what a vSMMU can be built on.
+pub fn facts() -> Option<(u8, crate::devices::vsmmu::PhysFacts)> {
+    let guard = SMMU.lock();
+    let smmu = guard.as_ref()?;
+    let f = smmu.features();
+    let idr3 = SmmuRegs::read32(smmu.regs(), smmu::regs::SMMU_IDR3);
+    Some((
+        f.oas_bits,
+        crate::devices::vsmmu::PhysFacts {
+            nesting: f.nesting,
+            stalls_forced: f.stall_model == smmu::regs::StallModel::Forced,
+            idr5: f.idr5.0,
+            ril: smmu::regs::Idr3(idr3).ril(),
+        },
+    ))
 }

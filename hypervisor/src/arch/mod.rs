@@ -3,17 +3,17 @@
 
 pub mod gic;
 pub mod guest_mem;
+pub mod hw;
 pub mod iommu;
 pub mod mmio;
 pub mod mmu;
 pub mod sysreg;
 pub mod uart;
 pub mod vcpu;
-pub mod vm;
-pub mod vsmmu;
 
 use crate::config;
 use crate::platform::{MemRange, ModuleKind, Platform, PsciConduit};
+use crate::vm::{BootImage, SmmuFacts, Vm, VmConfig};
 use aarch64_cpu::registers::{Readable, Writeable, CNTFRQ_EL0, CNTPCT_EL0, MPIDR_EL1, TPIDR_EL2};
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -21,9 +21,9 @@ use boot::MAX_CPUS;
 use buddy_system_allocator::LockedHeap;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use gic::Gic;
+use hw::Machine;
 use spin::Once;
 use vcpu::Binding;
-use vm::{Vm, VmConfig};
 
 const HEAP_SIZE: usize = 16 << 20;
 const GIB: u64 = 1 << 30;
@@ -258,7 +258,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     log::info!("platform up at {} ms", timestamp_ms());
     // Each VM's images are loaded by the CPU of its vCPU 0, so VMs come up in parallel.
     for vm in &hv().vms {
-        vcpu::request_boot(vm);
+        vm.request_boot(&Machine);
     }
 
     // Secondaries read the image (page tables, statics) with their MMU off at first.
@@ -299,7 +299,8 @@ fn cpu_common_init(cpu: usize) {
         Err(e) => panic!("GIC on CPU {cpu}: {e}"),
     }
     let rd = info.redist();
-    hv.gic.set_private_enabled(rd, vcpu::KICK_SGI, true);
+    hv.gic
+        .set_private_enabled(rd, crate::vm::irq::KICK_SGI.0, true);
     hv.gic
         .set_private_enabled(rd, hv.platform.gic.maintenance_ppi, true);
     if cpu == 0 {
@@ -366,6 +367,7 @@ fn build_vms(
     }
     let mut vms = Vec::new();
     let mut assigned: Vec<(String, Vec<crate::pci::Bdf>)> = Vec::new();
+    let smmu_facts = iommu::facts();
     for plan in plans {
         let id = vms.len();
         let devices = match iommu.resolve(&plan.name, &plan.pci_devices, &assigned) {
@@ -383,19 +385,45 @@ fn build_vms(
             .bootargs
             .clone()
             .unwrap_or_else(|| String::from("console=ttyAMA0"));
+        let module = |r: MemRange| BootImage {
+            range: r,
+            // SAFETY: the boot modules are RAM the planner keeps clear of every VM and of the
+            // heap, identity-mapped, never written: the pristine copies every boot loads from.
+            bytes: unsafe { guest_mem::boot_module(r.base, r.size) },
+        };
         let vm_config = VmConfig {
             name: plan.name.clone(),
             pcpus: plan.pcpus.clone(),
             ram_size: plan.ram_size,
-            kernel: plan.kernel.range,
-            initrd: plan.ramdisk,
+            kernel: module(plan.kernel.range),
+            initrd: plan.ramdisk.map(module),
             bootargs,
             devices,
         };
         let heap_before = ALLOCATOR.lock().stats_alloc_actual();
+        let ram_ipa = MemRange {
+            base: p.memory[0].base,
+            size: plan.ram_size,
+        };
         // SAFETY: `plan_vms` placed this RAM inside the machine's RAM, clear of the hypervisor,
         // the DTB, reserved memory, every boot module and every other VM's RAM.
-        let vm = match unsafe { Vm::new(id, vm_config, p, plan.ram_pa, iommu.host.as_ref()) } {
+        let ram = alloc::boxed::Box::new(unsafe { guest_mem::PhysRam::new(ram_ipa, plan.ram_pa) });
+        let smmu = smmu_facts.as_ref().and_then(|(oas_bits, phys)| {
+            p.smmu.as_ref().map(|info| SmmuFacts {
+                info,
+                oas_bits: *oas_bits,
+                phys: *phys,
+            })
+        });
+        let vm = match Vm::new(
+            id,
+            vm_config,
+            p,
+            ram,
+            plan.ram_pa,
+            iommu.host.as_ref(),
+            smmu,
+        ) {
             Ok(vm) => vm,
             Err(e) => {
                 log::error!("{}: not started: {e}", plan.name);

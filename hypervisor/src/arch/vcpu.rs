@@ -1,30 +1,30 @@
 //! Running a vCPU on its pinned physical CPU: EL2 controls for a protected guest, entry, trap
-//! dispatch (ESR_EL2 by name), emulated MMIO, PSCI, SGIs, physical interrupts and list registers.
+//! dispatch (ESR_EL2 by name), exception injection, and the run loop. What a trap means for the
+//! VM is decided in `crate::vm` (PSCI, lifecycle, the MMIO bus, list registers) and by the
+//! devices in `crate::devices`; this file decodes the trap and carries the decision out.
 
 use super::gic::{Gic, SPURIOUS};
-use super::vm::{Power, Vm};
-use super::{hv, sysreg, this_cpu, uart};
+use super::hw::Machine;
+use super::{hv, iommu, sysreg, this_cpu, uart};
 use crate::esr::{
     fault_ipa, instruction_length, DataAbort, ExceptionClass, SysRegAccess, SysRegId,
 };
+use crate::hw::IntId;
 use crate::idregs;
-use crate::lr::{ListRegister, LrState};
 use crate::mmio::AccessWidth;
-use crate::psci::{self, Call};
-use crate::vm::lifecycle::{all_stopped_for_good, CpuOnError};
+use crate::vm::bus::{self, Target};
+use crate::vm::irq::{self, VmIrqs, KICK_SGI, VTIMER_PPI};
+use crate::vm::lifecycle::{all_stopped_for_good, Power, RESET_WAIT_MS};
+use crate::vm::lr::{self, HwPending, Lrs, ICH_HCR_EN};
+use crate::vm::psci::{Call, Outcome};
+use crate::vm::Vm;
 use aarch64_cpu::registers::{
     Readable, Writeable, CNTHCTL_EL2, CNTVOFF_EL2, CNTV_CTL_EL0, CPTR_EL2, ELR_EL1, ESR_EL1,
     ESR_EL2, FAR_EL1, FAR_EL2, HCR_EL2, HPFAR_EL2, MDCR_EL2, MIDR_EL1, SCTLR_EL1, SPSR_EL1,
     VBAR_EL1, VMPIDR_EL2, VTCR_EL2, VTTBR_EL2,
 };
 use boot::{ExceptionKind, TrapFrame};
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-
-/// SGI the hypervisor sends between physical CPUs to make a vCPU re-evaluate its interrupts
-/// (or notice that its VM stopped).
-pub const KICK_SGI: u32 = 0;
-/// PPI of the EL1 virtual timer, forwarded to the guest as a hardware interrupt.
-pub const VTIMER_PPI: u32 = 27;
+use core::sync::atomic::Ordering;
 
 /// HCR_EL2 for a guest (Arm ARM D24.2.48), as KVM sets it for an untrusted one: stage-2 on (VM),
 /// set/way invalidation upgraded (SWIO), stage-1 walks into stage-2 Device memory fault (PTW),
@@ -62,9 +62,6 @@ const CPTR_GUEST: u64 = 0x33ff;
 const CPTR_TAM: u64 = 1 << 30;
 /// SCTLR_EL1 for a vCPU at power-on: MMU and caches off, RES1 bits only.
 const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
-/// ICH_HCR_EL2.En and .UIE (maintenance interrupt when at most one list register is valid).
-const ICH_HCR_EN: u64 = 1;
-const ICH_HCR_UIE: u64 = 1 << 1;
 
 /// Per-physical-CPU facts needed on every trap.
 #[derive(Debug, Clone, Copy)]
@@ -134,93 +131,20 @@ fn configure_el2(vm: &Vm, vcpu: usize) {
 fn reset_el1_and_vgic_cpu() {
     SCTLR_EL1.set(SCTLR_EL1_RESET);
     CNTV_CTL_EL0.set(0);
-    let lrs = Lrs::here();
-    lrs.clear_all();
+    let lrs = lrs_here();
+    lrs.clear_all(&Machine);
     sysreg::set_ich_ap0r0(0);
     sysreg::set_ich_ap1r0(0);
     sysreg::set_ich_vmcr(0);
-    lrs.set_hcr(ICH_HCR_EN);
+    lrs.set_hcr(&Machine, ICH_HCR_EN);
     sysreg::isb();
 }
 
-/// What this CPU's list registers and ICH_HCR_EL2 hold, as last written, so that an exit reads
-/// only the list registers that can be in use and writes ICH_HCR_EL2 only when it changes. On
-/// hardware that saves a few system register accesses per exit; under QEMU's TCG every
-/// ICH_* access takes its global lock (ARM_CP_IO), which all vCPUs of all VMs share.
-#[derive(Debug)]
-struct Lrs {
-    /// Implemented list registers (ICH_VTR_EL2.ListRegs + 1), 0 until read.
-    n: AtomicUsize,
-    /// List registers that may hold a non-zero value (the others hold 0).
-    used: AtomicU32,
-    /// ICH_HCR_EL2 as last written; `u64::MAX` when unknown.
-    hcr: AtomicU64,
-}
+/// Each physical CPU's list registers as last written (`vm::lr`), only touched by that CPU.
+static LRS: [Lrs; boot::MAX_CPUS] = [const { Lrs::new() }; boot::MAX_CPUS];
 
-/// One per physical CPU, only touched by that CPU (so Relaxed suffices).
-static LRS: [Lrs; boot::MAX_CPUS] = [const {
-    Lrs {
-        n: AtomicUsize::new(0),
-        used: AtomicU32::new(u32::MAX),
-        hcr: AtomicU64::new(u64::MAX),
-    }
-}; boot::MAX_CPUS];
-
-impl Lrs {
-    fn here() -> &'static Self {
-        &LRS[this_cpu()]
-    }
-
-    fn count(&self) -> usize {
-        match self.n.load(Ordering::Relaxed) {
-            0 => {
-                let n = ((sysreg::ich_vtr() & 0x1f) + 1) as usize;
-                self.n.store(n, Ordering::Relaxed);
-                n
-            }
-            n => n,
-        }
-    }
-
-    /// List register `i`'s value: 0 without reading it when it is known to be.
-    fn read(&self, i: usize) -> u64 {
-        if self.used.load(Ordering::Relaxed) & (1 << i) == 0 {
-            0
-        } else {
-            sysreg::ich_lr(i)
-        }
-    }
-
-    fn write(&self, i: usize, v: u64) {
-        sysreg::set_ich_lr(i, v);
-        if v == 0 {
-            self.used.fetch_and(!(1 << i), Ordering::Relaxed);
-        } else {
-            self.used.fetch_or(1 << i, Ordering::Relaxed);
-        }
-    }
-
-    fn clear_all(&self) {
-        for i in 0..self.count() {
-            sysreg::set_ich_lr(i, 0);
-        }
-        self.used.store(0, Ordering::Relaxed);
-    }
-
-    /// Writes ICH_HCR_EL2 unless it already holds `v` (the hardware changes only its
-    /// EOIcount, which nothing here enables a maintenance interrupt for).
-    fn set_hcr(&self, v: u64) {
-        if self.hcr.swap(v, Ordering::Relaxed) != v {
-            sysreg::set_ich_hcr(v);
-        }
-    }
-
-    fn hcr(&self) -> u64 {
-        match self.hcr.load(Ordering::Relaxed) {
-            u64::MAX => sysreg::ich_hcr(),
-            v => v,
-        }
-    }
+fn lrs_here() -> &'static Lrs {
+    &LRS[this_cpu()]
 }
 
 /// Waits until this CPU's vCPU is powered on, then enters it. Never returns.
@@ -241,11 +165,9 @@ pub fn run_bound_vcpu() -> ! {
             if let Some((entry, context)) = power.take_entry(&vm.life) {
                 configure_el2(vm, vcpu);
                 reset_el1_and_vgic_cpu();
-                let mut irqs = IRQ_STATE[cpu].lock();
-                irqs.hw_pending = [None; MAX_HW_PENDING];
-                drop(irqs);
-                let gic = &hv().gic;
-                gic.set_private_enabled(hv().cpus[cpu].redist(), VTIMER_PPI, false);
+                IRQ_STATE[cpu].lock().hw_pending = HwPending::default();
+                hv().gic
+                    .set_private_enabled(hv().cpus[cpu].redist(), VTIMER_PPI.0, false);
                 let frame = TrapFrame::new_el1_entry(entry, context);
                 // SAFETY: `cpu` is this CPU and nothing borrows its stack across this call.
                 unsafe { boot::enter(cpu, &frame) };
@@ -270,9 +192,8 @@ pub fn idle_forever() -> ! {
 /// Per-CPU interrupt bookkeeping for the vCPU it runs.
 #[derive(Debug, Default)]
 pub struct IrqState {
-    /// Hardware interrupts (the virtual timer, assigned devices' INTx) taken at EL2, priority
-    /// dropped but still active, not yet in a list register.
-    hw_pending: [Option<u32>; MAX_HW_PENDING],
+    /// Hardware interrupts taken at EL2 for the vCPU, not yet in a list register.
+    hw_pending: HwPending,
     /// Where the last exception injected into the guest was sent, to spot a vector that
     /// itself faults.
     last_injected_vector: u64,
@@ -280,29 +201,10 @@ pub struct IrqState {
     timer_exits: u64,
 }
 
-/// Forwarded interrupts one CPU can hold at once: each stays active until its guest
-/// deactivates it, so one per forwarded source (timer + a few devices' lines) suffices.
-const MAX_HW_PENDING: usize = 8;
-
-impl IrqState {
-    fn push_hw(&mut self, intid: u32) -> bool {
-        if self.hw_pending.contains(&Some(intid)) {
-            return true;
-        }
-        match self.hw_pending.iter_mut().find(|s| s.is_none()) {
-            Some(slot) => {
-                *slot = Some(intid);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
 /// One per physical CPU, only touched by that CPU.
 pub static IRQ_STATE: [spin::Mutex<IrqState>; boot::MAX_CPUS] = [const {
     spin::Mutex::new(IrqState {
-        hw_pending: [None; MAX_HW_PENDING],
+        hw_pending: HwPending::new(),
         last_injected_vector: u64::MAX,
         timer_exits: 0,
     })
@@ -457,7 +359,8 @@ fn handle_data_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
     }
 }
 
-/// Emulates one access to the VM's devices. `None` if nothing lives at `ipa`.
+/// Emulates one access to the VM's devices (`vm::bus` says which). `None` if nothing lives at
+/// `ipa`.
 fn mmio_access(
     vm: &Vm,
     vcpu: usize,
@@ -465,115 +368,88 @@ fn mmio_access(
     width: AccessWidth,
     write: Option<u64>,
 ) -> Option<u64> {
-    if ipa >= vm.gicd.base && ipa < vm.gicd.end() {
-        let off = ipa - vm.gicd.base;
-        let mut vgic = vm.vgic.lock();
-        return Some(match write {
+    let ecam = || hv().iommu.host.as_ref().map(iommu::Ecam::new);
+    Some(match bus::route(vm, ipa)? {
+        Target::Gicd(off) => match write {
             Some(v) => {
-                vgic.dist_write(off, width, v);
-                // Assigned devices' lines are forwarded in hardware: their physical enables
-                // follow the guest's, routed to the CPU of the VM's vCPU 0.
-                for &(_, _, intid) in &vm.config.devices.intx {
-                    if vgic.enable_bit(0, intid) {
-                        let pcpu = vm.vcpus[0].pcpu;
-                        hv().gic.enable_spi(intid, hv().cpus[pcpu].mpidr);
-                    } else {
-                        hv().gic.disable_spi(intid);
+                vm.vgic.lock().dist_write(off, width, v);
+                irq::follow_spi_enables(vm, &Machine);
+                0
+            }
+            None => vm.vgic.lock().dist_read(off, width),
+        },
+        Target::Gicr { vcpu: target, off } => match write {
+            Some(v) => {
+                vm.vgic.lock().redist_write(target, off, width, v);
+                irq::follow_timer_enable(vm, target, &Machine);
+                0
+            }
+            None => vm.vgic.lock().redist_read(target, off, width),
+        },
+        Target::Ecam(off) => {
+            let (Some(pci), Some(mut ecam)) = (vm.pci.as_ref(), ecam()) else {
+                return Some(u64::MAX);
+            };
+            let mut vecam = pci.vecam.lock();
+            match write {
+                Some(v) => {
+                    vecam.write(&mut ecam, off, width, v);
+                    let moves = vecam.take_bar_moves();
+                    drop(vecam);
+                    if !moves.is_empty() && vm.apply_bar_moves(&moves) {
+                        vm.invalidate_tlbs(&Machine);
                     }
+                    0
                 }
-                0
+                None => vecam.read(&ecam, off, width),
             }
-            None => vgic.dist_read(off, width),
-        });
-    }
-    if ipa >= vm.gicr.base && ipa < vm.gicr.end() {
-        let target = ((ipa - vm.gicr.base) / crate::vgic::GICR_FRAME_SIZE) as usize;
-        let off = (ipa - vm.gicr.base) % crate::vgic::GICR_FRAME_SIZE;
-        let mut vgic = vm.vgic.lock();
-        return Some(match write {
-            Some(v) => {
-                vgic.redist_write(target, off, width, v);
-                // The virtual timer is forwarded in hardware: its physical enable follows the
-                // guest's.
-                let enabled = vgic.enable_bit(target, VTIMER_PPI);
-                drop(vgic);
-                let pcpu = vm.vcpus[target].pcpu;
-                hv().gic
-                    .set_private_enabled(hv().cpus[pcpu].redist(), VTIMER_PPI, enabled);
-                0
-            }
-            None => vgic.redist_read(target, off, width),
-        });
-    }
-    if let Some(pci) = vm
-        .pci
-        .as_ref()
-        .filter(|p| ipa >= p.ecam.base && ipa < p.ecam.end())
-    {
-        let off = ipa - pci.ecam.base;
-        let Some(host) = hv().iommu.host.as_ref() else {
-            return Some(u64::MAX);
-        };
-        let mut ecam = super::iommu::Ecam::new(host);
-        let mut vecam = pci.vecam.lock();
-        return Some(match write {
-            Some(v) => {
-                vecam.write(&mut ecam, off, width, v);
-                let moves = vecam.take_bar_moves();
-                drop(vecam);
-                if !moves.is_empty() && vm.apply_bar_moves(&moves) {
-                    vm.invalidate_tlbs();
+        }
+        Target::Vsmmu(off) => {
+            let s = vm.vsmmu.as_ref()?;
+            let size = width.bytes() as u8;
+            match write {
+                None => s.read(off, size),
+                Some(v) => {
+                    let irqs = VmIrqs {
+                        vm,
+                        hw: &Machine,
+                        here: Some(vcpu),
+                    };
+                    if !s.write(off, size, v, vm.ram(), &mut iommu::PhysSmmu, &irqs) {
+                        log::error!(
+                            "vsmmu: {}: a register write still waits after {} rounds",
+                            vm.config.name,
+                            smmu::vsmmu::MAX_ROUNDS
+                        );
+                    }
+                    0
                 }
-                0
             }
-            None => vecam.read(&ecam, off, width),
-        });
-    }
-    if let Some(s) = vm
-        .vsmmu
-        .as_ref()
-        .filter(|s| ipa >= s.regs.base && ipa < s.regs.end())
-    {
-        let size = width.bytes() as u8;
-        return Some(super::vsmmu::access(
-            vm,
-            s,
-            vcpu,
-            ipa - s.regs.base,
-            size,
-            write,
-        ));
-    }
-    if ipa >= vm.uart.base && ipa < vm.uart.end() {
-        let off = ipa - vm.uart.base;
-        let mut uart = vm.vuart.lock();
-        let v = match write {
+        }
+        Target::Uart(off) => match write {
             Some(v) => {
                 let mut out = [0u8; 1];
                 let mut n = 0;
-                uart.write(off, width, v as u32, &mut |b| {
+                vm.vuart.lock().write(off, width, v as u32, &mut |b| {
                     out[0] = b;
                     n = 1;
                 });
-                drop(uart);
                 if n == 1 {
                     uart::print_guest(vm.id, &out);
                 }
                 0
             }
             None => {
-                let v = uart.read(off, width) as u64;
-                drop(uart);
+                let v = vm.vuart.lock().read(off, width) as u64;
                 vm.refill_console();
                 v
             }
-        };
-        let _ = vcpu;
-        return Some(v);
-    }
-    // Last: the VM's PCI windows where its stage 2 maps nothing (its I/O BARs, and memory BARs
-    // it placed where they cannot be mapped): forwarded inside its own functions' BARs only.
-    vm.forward_pci(ipa, width, write)
+        },
+        Target::Pci => {
+            let phys = vm.resolve_pci(&ecam()?, ipa, width)?;
+            iommu::forward_access(phys, width, write)
+        }
+    })
 }
 
 fn handle_sysreg(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
@@ -582,7 +458,7 @@ fn handle_sysreg(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
     match acc.reg {
         SysRegId::ICC_SGI1R_EL1 | SysRegId::ICC_ASGI1R_EL1 if !acc.read => {
             let value = reg_read(frame, acc.rt);
-            send_virtual_sgi(vm, vcpu, value);
+            irq::send_sgi(vm, vcpu, value, &Machine);
         }
         SysRegId::ICC_SGI0R_EL1 => {} // Group 0 SGIs: the guest has no Group 0.
         r if idregs::is_id_reg(r) && acc.read => {
@@ -625,104 +501,24 @@ fn handle_sysreg(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
     }
 }
 
-fn send_virtual_sgi(vm: &Vm, sender: usize, value: u64) {
-    let (intid, targets) = vm.vgic.lock().sgi_targets(value, sender);
-    for t in 0..vm.vcpus.len() {
-        if targets & (1 << t) != 0 {
-            vm.vgic.lock().set_pending(t, intid);
-            if t != sender {
-                kick(vm, t);
-            }
-        }
-    }
-}
-
-/// Makes vCPU `t` of `vm` re-evaluate its interrupts soon.
-pub(super) fn kick(vm: &Vm, t: usize) {
-    let pcpu = vm.vcpus[t].pcpu;
-    Gic::send_sgi(KICK_SGI, hv().cpus[pcpu].mpidr);
-}
-
 fn handle_smccc(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
     let call = Call::decode([frame.x[0], frame.x[1], frame.x[2], frame.x[3]]);
-    let ret = match call {
-        Call::Version => psci::VERSION_1_1,
-        Call::SmcccVersion => psci::SMCCC_VERSION_1_1,
-        Call::Features(fid) => {
-            if Call::is_implemented(fid) {
-                0
-            } else {
-                psci::status(psci::NOT_SUPPORTED)
-            }
-        }
-        Call::SmcccArchFeatures(_) => psci::status(psci::NOT_SUPPORTED),
-        Call::MigrateInfoType => psci::MIGRATE_NOT_REQUIRED,
-        Call::CpuSuspend => {
+    frame.x[0] = match crate::vm::psci::handle(call, &vm.psci_view(), vcpu, &Machine) {
+        Outcome::Return(v) => v,
+        Outcome::Suspend => {
             uart::flush_if_focused(vm.id);
             if !has_pending_virtual(vm, vcpu) {
                 sysreg::wfi();
             }
             0
         }
-        Call::CpuOn {
-            target,
-            entry,
-            context,
-        } => cpu_on(vm, target, entry, context),
-        Call::AffinityInfo { target, level } => {
-            if level != 0 {
-                psci::status(psci::INVALID_PARAMETERS)
-            } else {
-                match vm.vcpu_by_mpidr(target) {
-                    None => psci::status(psci::INVALID_PARAMETERS),
-                    Some(t) => match vm.vcpus[t].power.get() {
-                        Power::On => psci::AFFINITY_ON,
-                        Power::Off => psci::AFFINITY_OFF,
-                        Power::OnPending { .. } | Power::Boot => psci::AFFINITY_ON_PENDING,
-                    },
-                }
-            }
-        }
-        Call::CpuOff => {
-            log::info!("{}: vcpu{vcpu} CPU_OFF", vm.config.name);
-            vm.vcpus[vcpu].power.set(Power::Off);
-            run_bound_vcpu();
-        }
-        Call::SystemOff => {
-            log::info!("{}: PSCI SYSTEM_OFF from vcpu{vcpu}", vm.config.name);
+        Outcome::CpuOff => run_bound_vcpu(),
+        Outcome::SystemOff => {
             stop_vm(vm, "PSCI SYSTEM_OFF");
             0
         }
-        Call::SystemReset => {
-            log::info!("{}: PSCI SYSTEM_RESET from vcpu{vcpu}", vm.config.name);
-            reset_vm(vm, vcpu, "PSCI SYSTEM_RESET");
-        }
-        Call::Unknown(fid) => {
-            log::debug!("{}: unknown SMCCC function {fid:#x}", vm.config.name);
-            psci::status(psci::NOT_SUPPORTED)
-        }
+        Outcome::SystemReset => reset_vm(vm, vcpu, "PSCI SYSTEM_RESET"),
     };
-    frame.x[0] = ret;
-}
-
-fn cpu_on(vm: &Vm, target: u64, entry: u64, context: u64) -> u64 {
-    let Some(t) = vm.vcpu_by_mpidr(target) else {
-        return psci::status(psci::INVALID_PARAMETERS);
-    };
-    if entry < vm.ram_ipa.base || entry >= vm.ram_ipa.end() {
-        return psci::status(psci::INVALID_ADDRESS);
-    }
-    match vm.vcpus[t].power.cpu_on(&vm.life, entry, context) {
-        Ok(()) => {
-            // Its CPU waits in WFI: an SGI wakes it.
-            kick(vm, t);
-            0
-        }
-        Err(CpuOnError::AlreadyOn) => psci::status(psci::ALREADY_ON),
-        Err(CpuOnError::OnPending) => psci::status(psci::ON_PENDING),
-        // The VM is resetting (this vCPU has not parked yet) or stopping.
-        Err(CpuOnError::Denied) => psci::status(psci::DENIED),
-    }
 }
 
 /// Stops `vm`: logs once, makes its other vCPUs park, and powers the machine off when no VM
@@ -730,13 +526,10 @@ fn cpu_on(vm: &Vm, target: u64, entry: u64, context: u64) -> u64 {
 pub fn stop_vm(vm: &Vm, reason: &str) {
     if vm.stop() {
         log::info!("{}: stopped: {reason}", vm.config.name);
-        super::vsmmu::log_stats(vm);
+        vm.log_vsmmu_stats();
         // A VM stopped for good: its functions stop mastering DMA and raising their lines.
         quiesce_devices(vm);
-        for t in 0..vm.vcpus.len() {
-            kick(vm, t);
-        }
-        sysreg::sev();
+        vm.kick_all(&Machine);
         power_off_if_all_stopped();
     }
 }
@@ -753,20 +546,17 @@ fn power_off_if_all_stopped() {
 /// interrupt it still held, so nothing of it survives into the next boot or another guest.
 fn quiesce_local_vcpu(vm: &Vm, vcpu: usize) {
     CNTV_CTL_EL0.set(0);
-    let lrs = Lrs::here();
-    lrs.clear_all();
-    lrs.set_hcr(0);
-    let held = core::mem::replace(
-        &mut IRQ_STATE[this_cpu()].lock().hw_pending,
-        [None; MAX_HW_PENDING],
-    );
-    for intid in held.into_iter().flatten().filter(|&i| i >= 32) {
+    let lrs = lrs_here();
+    lrs.clear_all(&Machine);
+    lrs.set_hcr(&Machine, 0);
+    let mut held = core::mem::take(&mut IRQ_STATE[this_cpu()].lock().hw_pending);
+    for intid in held.take_all().filter(|i| i.is_spi()) {
         // A device line the guest never got to handle: the next boot starts clean.
-        Gic::deactivate(intid);
+        Gic::deactivate(intid.0);
     }
     let rd = hv().cpus[this_cpu()].redist();
-    hv().gic.set_private_enabled(rd, VTIMER_PPI, false);
-    hv().gic.clear_private_active(rd, VTIMER_PPI);
+    hv().gic.set_private_enabled(rd, VTIMER_PPI.0, false);
+    hv().gic.clear_private_active(rd, VTIMER_PPI.0);
     HCR_EL2.set(0);
     sysreg::isb();
     vm.vcpus[vcpu].power.set(Power::Off);
@@ -777,27 +567,11 @@ fn park_stopped_vcpu(vm: &Vm, vcpu: usize) -> ! {
     run_bound_vcpu();
 }
 
-/// Stops the VM's PCI functions from mastering DMA or raising their lines until its next
-/// boot's drivers set them up again (PCI Local Bus 3.0, 6.2.2: Command register).
+/// Stops the VM's PCI functions from mastering DMA or raising their lines.
 fn quiesce_devices(vm: &Vm) {
-    let Some(host) = hv().iommu.host.as_ref() else {
-        return;
-    };
-    let mut ecam = super::iommu::Ecam::new(host);
-    for f in &vm.config.devices.functions {
-        use crate::pci::ConfigSpace;
-        let cmd = ecam.read32(f.bdf, 0x04) & 0xffff;
-        // Bus Master Enable off, INTx Disable on; the status half is write-1-to-clear: 0s.
-        ecam.write32(f.bdf, 0x04, (cmd & !0x4) | 0x400);
-    }
-    for &(_, _, intid) in &vm.config.devices.intx {
-        hv().gic.disable_spi(intid);
-    }
+    let mut ecam = hv().iommu.host.as_ref().map(iommu::Ecam::new);
+    vm.quiesce_devices(ecam.as_mut(), &Machine);
 }
-
-/// Upper bound on the wait for a VM's other vCPUs to park during a reset (counter ticks are
-/// converted from this many milliseconds).
-const RESET_WAIT_MS: u64 = 1000;
 
 /// Reboots `vm` alone: stops its vCPUs, reloads its kernel, initramfs and DT from the pristine
 /// boot modules into zeroed RAM, resets its virtual devices, and powers on vCPU 0 again.
@@ -809,60 +583,33 @@ fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
     log::info!("{}: resetting: {reason}", vm.config.name);
     for t in 0..vm.vcpus.len() {
         if t != vcpu {
-            kick(vm, t);
+            irq::kick(vm, t, &Machine);
         }
     }
     sysreg::sev();
     quiesce_local_vcpu(vm, vcpu);
-    let freq = aarch64_cpu::registers::CNTFRQ_EL0.get();
-    let deadline = aarch64_cpu::registers::CNTPCT_EL0.get() + freq * RESET_WAIT_MS / 1000;
-    for t in 0..vm.vcpus.len() {
-        // A CPU_ON accepted but never entered is cancelled; a running vCPU must park.
-        while !vm.vcpus[t].power.stopped_for_reset() {
-            if aarch64_cpu::registers::CNTPCT_EL0.get() > deadline {
-                log::error!(
-                    "{}: stopped: vcpu{t} did not stop within {RESET_WAIT_MS} ms for the reset",
-                    vm.config.name
-                );
-                // Its devices stop mastering and raising their lines all the same.
-                quiesce_devices(vm);
-                vm.life.abandon_reset();
-                power_off_if_all_stopped();
-                run_bound_vcpu();
-            }
-            core::hint::spin_loop();
-        }
+    if let Err(t) = vm.wait_stopped_for_reset(&Machine, RESET_WAIT_MS) {
+        log::error!(
+            "{}: stopped: vcpu{t} did not stop within {RESET_WAIT_MS} ms for the reset",
+            vm.config.name
+        );
+        // Its devices stop mastering and raising their lines all the same.
+        quiesce_devices(vm);
+        vm.life.abandon_reset();
+        power_off_if_all_stopped();
+        run_bound_vcpu();
     }
     quiesce_devices(vm);
     log::info!("{}: reset done, reloading", vm.config.name);
     vm.life.finish_reset();
-    request_boot(vm);
+    vm.request_boot(&Machine);
     run_bound_vcpu();
 }
 
 /// Whether a virtual interrupt is waiting for the vCPU (in a list register or deliverable).
 fn has_pending_virtual(vm: &Vm, vcpu: usize) -> bool {
-    let lrs = Lrs::here();
-    for i in 0..lrs.count() {
-        let lr = ListRegister(lrs.read(i));
-        if matches!(lr.state(), LrState::Pending | LrState::PendingActive) {
-            return true;
-        }
-    }
-    if IRQ_STATE[this_cpu()]
-        .lock()
-        .hw_pending
-        .iter()
-        .any(Option::is_some)
-    {
-        return true;
-    }
-    let mut vgic = vm.vgic.lock();
-    if let Some((intid, _)) = vgic.pop_deliverable(vcpu, &[]) {
-        vgic.set_pending(vcpu, intid);
-        return true;
-    }
-    false
+    let held = IRQ_STATE[this_cpu()].lock().hw_pending;
+    lr::has_pending(&Machine, lrs_here(), &held, &mut vm.vgic.lock(), vcpu)
 }
 
 /// Most physical interrupts handled per exit: an interrupt whose condition the hypervisor failed
@@ -879,12 +626,12 @@ fn handle_irqs(running: Option<(&Vm, usize)>) {
         if intid >= SPURIOUS {
             break;
         }
-        if intid == VTIMER_PPI && running.is_some() {
+        if intid == VTIMER_PPI.0 && running.is_some() {
             // Priority drop only: the guest's EOI of the HW list register deactivates it.
             Gic::eoi(intid);
             let ticks = {
                 let mut st = IRQ_STATE[this_cpu()].lock();
-                st.push_hw(intid);
+                st.hw_pending.push(VTIMER_PPI);
                 st.timer_exits += 1;
                 st.timer_exits
             };
@@ -900,7 +647,7 @@ fn handle_irqs(running: Option<(&Vm, usize)>) {
             // again at once.
             service_maintenance();
             Gic::eoi_and_deactivate(intid);
-        } else if intid == KICK_SGI {
+        } else if intid == KICK_SGI.0 {
             Gic::eoi_and_deactivate(intid);
         } else if intid == hv().platform.uart.intid {
             Gic::eoi_and_deactivate(intid);
@@ -913,14 +660,14 @@ fn handle_irqs(running: Option<(&Vm, usize)>) {
         } else if running.is_some_and(|(vm, _)| vm.owns_spi(intid)) {
             // An assigned device's INTx: forwarded with the HW bit, like the timer.
             Gic::eoi(intid);
-            if !IRQ_STATE[this_cpu()].lock().push_hw(intid) {
+            if !IRQ_STATE[this_cpu()].lock().hw_pending.push(IntId(intid)) {
                 Gic::deactivate(intid);
             }
-        } else if intid == VTIMER_PPI {
+        } else if intid == VTIMER_PPI.0 {
             // A stopped vCPU's timer: masked until its next boot enables it again.
             Gic::eoi_and_deactivate(intid);
             hv().gic
-                .set_private_enabled(hv().cpus[this_cpu()].redist(), VTIMER_PPI, false);
+                .set_private_enabled(hv().cpus[this_cpu()].redist(), VTIMER_PPI.0, false);
         } else {
             Gic::eoi_and_deactivate(intid);
             match running {
@@ -945,21 +692,12 @@ const EVENT_POLL_TICKS: u64 = 32;
 
 fn service_smmu_events() {
     let here = vm_and_vcpu().map(|(v, c)| (v.id, c));
-    super::vsmmu::service_events(&hv().vms, here);
+    crate::vm::events::route(&hv().vms, &iommu::drain_events(), here, &Machine);
 }
 
-/// Clears the conditions of the GIC maintenance interrupt (IHI 0069, 12.5.9 ICH_MISR_EL2):
-/// completed entries that asked for EOI maintenance, and the underflow request. The list
-/// registers are refilled by `sync_list_registers` before the guest runs again.
+/// Clears the conditions of the GIC maintenance interrupt (`vm::lr::service_maintenance`).
 fn service_maintenance() {
-    let lrs = Lrs::here();
-    for i in 0..lrs.count() {
-        let lr = ListRegister(lrs.read(i));
-        if lr.state() == LrState::Invalid && lr.0 != 0 {
-            lrs.write(i, 0);
-        }
-    }
-    lrs.set_hcr(lrs.hcr() & !ICH_HCR_UIE);
+    lr::service_maintenance(&Machine, lrs_here());
     sysreg::isb();
 }
 
@@ -969,7 +707,11 @@ fn console_input() {
     let input = uart::take_input();
     let vms = &hv().vms;
     if input.stats {
-        super::vsmmu::print_stats(vms, &hv().iommu.groups);
+        // The console's Ctrl-\ s: every VM's vSMMU counters and the physical stream table.
+        for vm in vms {
+            vm.log_vsmmu_stats();
+        }
+        iommu::dump_stream_table(&hv().iommu.groups);
     }
     let mut touched = 0u64;
     for (vm, byte) in input.bytes {
@@ -984,118 +726,26 @@ fn console_input() {
         .enumerate()
         .filter(|&(i, _)| touched & (1 << i.min(63)) != 0)
     {
-        let target = vm.vgic.lock().spi_target(vm.uart_intid);
+        let target = irq::uart_target(vm);
         if here != Some((i, target)) {
-            kick(vm, target);
+            irq::kick(vm, target, &Machine);
         }
     }
 }
 
-/// Fills free list registers from what is pending for the vCPU: first a forwarded hardware
-/// interrupt, then the level of the emulated UART, then the vGIC's latched interrupts by
-/// priority. Asks for an underflow maintenance interrupt when some remain.
+/// Fills this CPU's free list registers for the vCPU before it runs again (`vm::lr::fill`).
 fn sync_list_registers(vm: &Vm, vcpu: usize) {
-    let lrs = Lrs::here();
-    let n = lrs.count();
-    let mut in_flight = [u32::MAX; 16];
-    let mut free = [false; 16];
-    for (i, slot) in in_flight.iter_mut().enumerate().take(n) {
-        let lr = ListRegister(lrs.read(i));
-        if lr.state() == LrState::Invalid {
-            free[i] = true;
-            if lr.0 != 0 {
-                // A completed entry that asked for an EOI maintenance interrupt keeps
-                // ICH_EISR_EL2 (and so the maintenance interrupt) asserted until it is cleared.
-                lrs.write(i, 0);
-            }
-        } else {
-            *slot = lr.vintid();
-        }
-    }
-    let mut next_free = (0..n)
-        .filter(|&i| free[i])
-        .collect::<heapless_iter::FreeList>();
-    let mut vgic = vm.vgic.lock();
-
+    // The UART's level is sampled before the vGIC is locked (the lock order is vGIC alone).
+    let uart = vm.vuart.lock().irq_level().then_some(IntId(vm.uart_intid));
     let mut irqs = IRQ_STATE[this_cpu()].lock();
-    for slot in irqs.hw_pending.iter_mut() {
-        let Some(pintid) = *slot else { continue };
-        // SPIs of assigned devices are delivered to the vCPU on this CPU whatever the guest's
-        // routing says (the physical SPI is routed here).
-        if vgic.is_enabled(vcpu, pintid) {
-            if let Some(i) = next_free.take() {
-                let lr = ListRegister::hardware(
-                    pintid,
-                    pintid,
-                    vgic.priority(vcpu, pintid),
-                    vgic.group1(vcpu, pintid),
-                );
-                lrs.write(i, lr.0);
-                in_flight[i] = pintid;
-                *slot = None;
-            }
-        } else {
-            // The guest disabled it meanwhile: give the physical interrupt back.
-            Gic::deactivate(pintid);
-            *slot = None;
-        }
-    }
-    drop(irqs);
-
-    if vgic.spi_target(vm.uart_intid) == vcpu
-        && vm.vuart.lock().irq_level()
-        && !in_flight.contains(&vm.uart_intid)
-    {
-        vgic.set_pending(vcpu, vm.uart_intid);
-    }
-
-    let mut more = false;
-    while let Some((intid, prio)) = vgic.pop_deliverable(vcpu, &in_flight[..n]) {
-        let Some(i) = next_free.take() else {
-            vgic.set_pending(vcpu, intid);
-            more = true;
-            break;
-        };
-        let level = !vgic.is_edge(vcpu, intid);
-        let lr = ListRegister::software(intid, prio, vgic.group1(vcpu, intid), level);
-        lrs.write(i, lr.0);
-        in_flight[i] = intid;
-    }
-    lrs.set_hcr(if more {
-        ICH_HCR_EN | ICH_HCR_UIE
-    } else {
-        ICH_HCR_EN
-    });
-}
-
-mod heapless_iter {
-    /// The free list register indices, taken one at a time.
-    #[derive(Debug, Default)]
-    pub struct FreeList {
-        slots: [usize; 16],
-        len: usize,
-        next: usize,
-    }
-
-    impl FreeList {
-        pub fn take(&mut self) -> Option<usize> {
-            (self.next < self.len).then(|| {
-                self.next += 1;
-                self.slots[self.next - 1]
-            })
-        }
-    }
-
-    impl FromIterator<usize> for FreeList {
-        fn from_iter<I: IntoIterator<Item = usize>>(iter: I) -> Self {
-            let mut f = Self::default();
-            for i in iter.into_iter().take(16) {
-                f.slots[f.len] = i;
-                f.len += 1;
-            }
-            f
-        }
-    }
+    lr::fill(
+        &Machine,
+        lrs_here(),
+        &mut irqs.hw_pending,
+        &mut vm.vgic.lock(),
+        vcpu,
+        uart,
+    );
 }
 
 /// Injects a synchronous exception into the guest's EL1 (Arm ARM D1.10.2): ESR_EL1/FAR_EL1
@@ -1163,14 +813,6 @@ fn inject_undef(vm: &Vm, frame: &mut TrapFrame, _esr: u64) {
     inject_sync(vm, frame, 1 << 25, None);
 }
 
-/// Asks the CPU of `vm`'s vCPU 0 to load the VM's images and start it.
-pub fn request_boot(vm: &Vm) {
-    vm.vcpus[0].power.set(Power::Boot);
-    if vm.vcpus[0].pcpu != this_cpu() {
-        kick(vm, 0);
-    }
-}
-
 /// Loads `vm`'s images on this CPU (its vCPU 0's) and makes vCPU 0 ready to enter the kernel;
 /// a VM whose images cannot be loaded is stopped.
 fn boot_vm(vm: &Vm) {
@@ -1178,7 +820,7 @@ fn boot_vm(vm: &Vm) {
     // A reload is the guest's doing (its reset): what it logs counts against the VM's limits,
     // whichever CPU loads it (a guest that resets in a loop must not fill the console).
     uart::set_log_vm(Some(vm.id));
-    match vm.load() {
+    match vm.load(&Machine, &mut iommu::PhysSmmu) {
         Ok((entry, dtb)) => {
             log::info!(
                 "{}: boot {}: {} vCPUs on pCPUs {:?}, RAM IPA {:#x}+{:#x} at PA {:#x}, kernel at {entry:#x}, DTB at {dtb:#x}, loaded in {} ms, starting",

@@ -23,8 +23,9 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use super::{Input, MAX_OPS};
+use crate::devices::vecam::BarMove;
 use crate::pci::fake::qemu_host_bridge;
-use crate::pci::{BarMove, Bdf, DeviceSlot, PciSpace, PciWindow, DEVICE_PAGE};
+use crate::pci::{Bdf, DeviceSlot, PciSpace, PciWindow, DEVICE_PAGE};
 use crate::vm::bars::BarMaps;
 
 /// What one run did, for the fixed-seed test's depth check.

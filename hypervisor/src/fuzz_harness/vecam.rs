@@ -47,13 +47,12 @@ use alloc::vec::Vec;
 use core::cell::Cell;
 
 use super::{Input, MAX_OPS};
+use crate::devices::vecam::{BarMove, VirtualEcam};
 use crate::mmio::AccessWidth::{self, Byte, Double, Half, Word};
 use crate::pci::enumerate::{enumerate, PortType};
 use crate::pci::fake::{qemu_host_bridge, FakeConfigSpace, FakeFn};
 use crate::pci::regs::{cap_id, CAP_TTL};
-use crate::pci::{
-    assign_resources, BarKind, BarMove, Bdf, ConfigSpace, HeaderType, PciDevice, VirtualEcam,
-};
+use crate::pci::{assign_resources, BarKind, Bdf, ConfigSpace, HeaderType, PciDevice};
 
 /// Checks of the vECAM rules added after the first filtering table (PCI isolation: page slots,
 /// PowerState, AF FLR, EA), each switchable so the harness also runs against code without them.

@@ -38,9 +38,9 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::{Input, MAX_OPS};
+use crate::devices::vgic::regs::*;
+use crate::devices::vgic::{VGic, VGicConfig, MAX_SPIS};
 use crate::mmio::AccessWidth::{self, Byte, Double, Word};
-use crate::vgic::regs::*;
-use crate::vgic::{VGic, VGicConfig, MAX_SPIS};
 
 /// The emulated UART's SPI (QEMU `virt`: SPI 1), whose level the filler samples.
 pub const UART_INTID: u32 = 33;

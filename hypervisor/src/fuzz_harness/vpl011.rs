@@ -45,8 +45,8 @@ use super::{Input, MAX_OPS};
 use crate::console::{
     ConsoleMux, InputAction, InputRouter, ESCAPE, HV_PREFIX, LINE_CAPACITY, UNKNOWN_PREFIX,
 };
+use crate::devices::vpl011::*;
 use crate::mmio::AccessWidth::{self, Byte, Half, Word};
-use crate::vpl011::*;
 
 /// Console input held per VM while its UART is full (`arch::vm::CONSOLE_BACKLOG`).
 pub const BACKLOG: usize = 4096;

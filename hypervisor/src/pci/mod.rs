@@ -31,7 +31,6 @@ pub mod host;
 pub mod isolation;
 pub mod regs;
 pub mod resources;
-pub mod vecam;
 pub mod virtio;
 
 // The fake configuration space, also the ground of the vECAM fuzz harness (docs/fuzzing.md).
@@ -51,7 +50,6 @@ pub use host::{
 };
 pub use isolation::{DeviceSlot, IsolationError};
 pub use resources::{assign_resources, ResourceName, DEVICE_PAGE};
-pub use vecam::{BarMove, VirtualEcam};
 
 /// A PCI function's address on its segment: bus, device (slot) and function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -10,7 +10,8 @@
 
 use alloc::vec::Vec;
 
-use crate::pci::{BarMove, Bdf, DeviceSlot, PciSpace, PciWindow, DEVICE_PAGE};
+use crate::devices::vecam::BarMove;
+use crate::pci::{Bdf, DeviceSlot, PciSpace, PciWindow, DEVICE_PAGE};
 
 /// One memory BAR of a VM's function and where its slot is mapped now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

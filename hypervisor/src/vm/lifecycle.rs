@@ -246,6 +246,76 @@ impl VcpuPower {
     }
 }
 
+/// Upper bound on the wait for a VM's other vCPUs to park during a reset.
+pub const RESET_WAIT_MS: u64 = 1000;
+
+impl super::Vm {
+    /// Asks the CPU of the VM's vCPU 0 to load its images and start it (woken unless it is the
+    /// calling CPU).
+    pub fn request_boot(&self, hw: &impl crate::hw::Hw) {
+        let Some(v0) = self.vcpus.first() else {
+            return;
+        };
+        v0.power.set(Power::Boot);
+        if v0.pcpu != hw.this_cpu() {
+            hw.kick(v0.pcpu);
+        }
+    }
+
+    /// Makes every vCPU of the VM look at its state: those in the guest exit, those waiting
+    /// wake.
+    pub fn kick_all(&self, hw: &impl crate::hw::Hw) {
+        for v in &self.vcpus {
+            hw.kick(v.pcpu);
+        }
+        hw.wake_all();
+    }
+
+    /// During a reset: waits until every vCPU is off (a CPU_ON accepted but never entered is
+    /// cancelled; a running vCPU must park), at most `timeout_ms` by the system counter.
+    /// `Err(t)`: vCPU `t` did not stop in time.
+    pub fn wait_stopped_for_reset(
+        &self,
+        hw: &impl crate::hw::Hw,
+        timeout_ms: u64,
+    ) -> Result<(), usize> {
+        let deadline = hw
+            .counter()
+            .saturating_add(hw.counter_freq().saturating_mul(timeout_ms) / 1000);
+        for (t, v) in self.vcpus.iter().enumerate() {
+            while !v.power.stopped_for_reset() {
+                if hw.counter() > deadline {
+                    return Err(t);
+                }
+                core::hint::spin_loop();
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the VM's PCI functions from mastering DMA or raising their lines until its next
+    /// boot's drivers set them up again (PCI Local Bus 3.0, 6.2.2: Command register): a VM
+    /// stopped for good, or one being reset.
+    pub fn quiesce_devices(
+        &self,
+        cfg: Option<&mut impl crate::pci::ConfigSpace>,
+        hw: &impl crate::hw::Hw,
+    ) {
+        let d = &self.config.devices;
+        if let Some(cfg) = cfg {
+            for f in &d.functions {
+                let cmd = cfg.read32(f.bdf, 0x04) & 0xffff;
+                // Bus Master Enable off, INTx Disable on; the status half is write-1-to-clear:
+                // 0s.
+                cfg.write32(f.bdf, 0x04, (cmd & !0x4) | 0x400);
+            }
+        }
+        for &(_, _, intid) in &d.intx {
+            hw.disable_spi(crate::hw::IntId(intid));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,545 @@
-//! The VM control plane as plain, host-tested Rust (DESIGN.md section 2): what the run loop,
-//! PSCI and the virtual ECAM decide about a VM, without touching the machine. `arch/` carries the
-//! decisions out (stage-2 changes, TLB invalidation, entering vCPUs).
+//! The VM control plane as plain, host-tested Rust: a VM and what is decided about it — its
+//! vCPUs' power states and PSCI ([`psci`]), its lifecycle ([`lifecycle`]), the MMIO bus of its
+//! IPA space ([`bus`]), BAR remapping ([`bars`]), list-register scheduling ([`lr`]), interrupt
+//! delivery ([`irq`]) and where its images go ([`layout`]). It reaches the machine only through
+//! the [`crate::hw::Hw`] port; `arch/` carries the decisions out (entering vCPUs, the traps).
 
 pub mod bars;
+pub mod bus;
+pub mod events;
+pub mod irq;
+pub mod layout;
 pub mod lifecycle;
+pub mod lr;
+pub mod psci;
+
+use crate::devices::console::ConsoleBacklog;
+use crate::devices::vecam::{BarMove, VirtualEcam};
+use crate::devices::vgic::{VGic, VGicConfig, GICR_FRAME_SIZE};
+use crate::devices::vpl011::VPl011;
+use crate::devices::vsmmu::{PhysFacts, VmSmmu};
+use crate::guest_dt::{build_guest_dt, GuestDtConfig, GuestPci, GuestSmmu};
+use crate::hw::{GuestRam, Hw, OutOfRam};
+use crate::pci::{ConfigSpace, VmDevices};
+use crate::platform::{MemRange, Platform};
+use crate::stage2::{MemType, Stage2, Stage2Error};
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use bars::BarMaps;
+use core::sync::atomic::{AtomicU32, Ordering};
+use lifecycle::{Lifecycle, VcpuPower};
+use spin::Mutex;
+
+/// One vCPU slot of a VM.
+#[derive(Debug)]
+pub struct VcpuSlot {
+    /// Physical CPU (logical index) the vCPU is pinned to.
+    pub pcpu: usize,
+    /// MPIDR the guest sees (VMPIDR_EL2).
+    pub mpidr: u64,
+    /// Power state.
+    pub power: VcpuPower,
+}
+
+/// A boot module: where it lies and its bytes (pristine, never written: every boot of the VM
+/// copies from it).
+#[derive(Debug, Clone, Copy)]
+pub struct BootImage {
+    /// Its physical range.
+    pub range: MemRange,
+    /// Its contents.
+    pub bytes: &'static [u8],
+}
+
+/// What a VM is made of, decided by configuration.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Name, also the console prefix.
+    pub name: String,
+    /// Physical CPUs (logical indices) its vCPUs are pinned to, in vCPU order.
+    pub pcpus: Vec<usize>,
+    /// RAM size.
+    pub ram_size: u64,
+    /// Kernel Image module.
+    pub kernel: BootImage,
+    /// Initramfs module, if any.
+    pub initrd: Option<BootImage>,
+    /// Kernel command line.
+    pub bootargs: String,
+    /// The PCI functions it owns.
+    pub devices: VmDevices,
+}
+
+/// Why a VM could not be built or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The stage-2 table could not map its RAM or devices.
+    #[error("stage-2: {0}")]
+    Stage2(#[from] Stage2Error),
+    /// The images cannot be placed in its RAM.
+    #[error("kernel at {kernel:#x}: {err}")]
+    Layout {
+        /// The kernel module's physical address.
+        kernel: u64,
+        /// What is wrong.
+        err: layout::LayoutError,
+    },
+    /// The guest DT could not be built.
+    #[error("guest device tree: {0}")]
+    Dt(crate::guest_dt::GuestDtError),
+    /// The guest device tree is larger than its 2 MiB block.
+    #[error("guest device tree of {0} bytes exceeds its 2 MiB block")]
+    DtTooLarge(usize),
+    /// Copying into guest RAM failed.
+    #[error("guest memory: {0}")]
+    Mem(#[from] OutOfRam),
+}
+
+/// A VM's virtual generic ECAM host bridge: same ECAM window and address windows as the
+/// physical one, showing only the VM's functions.
+#[derive(Debug)]
+pub struct VmPci {
+    /// ECAM window (guest IPA = host PA; never mapped, every access traps).
+    pub ecam: MemRange,
+    /// Bus numbers.
+    pub bus_range: (u8, u8),
+    /// Address windows as the guest DT states them.
+    pub windows: Vec<crate::pci::PciWindow>,
+    /// The config-space model.
+    pub vecam: Mutex<VirtualEcam>,
+}
+
+/// The physical SMMU as a VM's construction needs it: its DT node and what it can do.
+#[derive(Debug, Clone, Copy)]
+pub struct SmmuFacts<'a> {
+    /// Its DT node.
+    pub info: &'a crate::platform::SmmuInfo,
+    /// Its output address size (stage-2 STEs' S2PS).
+    pub oas_bits: u8,
+    /// What a vSMMU needs of it.
+    pub phys: PhysFacts,
+}
+
+/// A VM.
+#[derive(Debug)]
+pub struct Vm {
+    /// Index in the hypervisor's VM table.
+    pub id: usize,
+    /// Console prefix, e.g. `[vm0] `.
+    pub prefix: String,
+    /// Configuration it was built from.
+    pub config: VmConfig,
+    /// VMID (VTTBR_EL2.VMID).
+    pub vmid: u16,
+    /// VTTBR_EL2 value: stage-2 root and VMID.
+    pub vttbr: u64,
+    /// Guest RAM in IPA space.
+    pub ram_ipa: MemRange,
+    /// Where guest RAM lives physically.
+    pub ram_pa: u64,
+    ram: Box<dyn GuestRam>,
+    /// Its stage-2 tables (shared with the SMMU); changed only when the guest moves a BAR.
+    stage2: Mutex<Stage2>,
+    /// Where each of its memory BARs is mapped in its stage 2 now.
+    bar_maps: Mutex<BarMaps>,
+    /// BAR moves since its last boot (the first few are logged).
+    bar_moves: AtomicU32,
+    /// Emulated GIC distributor (guest IPA).
+    pub gicd: MemRange,
+    /// Emulated redistributors (guest IPA).
+    pub gicr: MemRange,
+    /// Emulated PL011 (guest IPA).
+    pub uart: MemRange,
+    /// The PL011's interrupt.
+    pub uart_intid: u32,
+    /// The VM's virtual PCI host bridge, if it owns PCI functions.
+    pub pci: Option<VmPci>,
+    /// The VM's emulated SMMUv3, if it owns PCI functions and the physical SMMU can nest.
+    pub vsmmu: Option<VmSmmu>,
+    /// Physical address of its stage-2 root table (shared with the SMMU).
+    pub s2_root: u64,
+    /// Virtual GIC register model.
+    pub vgic: Mutex<VGic>,
+    /// Virtual PL011 model.
+    pub vuart: Mutex<VPl011>,
+    /// Console input its PL011's FIFO had no room for yet.
+    pub console_backlog: Mutex<ConsoleBacklog>,
+    /// vCPUs.
+    pub vcpus: Vec<VcpuSlot>,
+    /// Running, resetting or stopped for good; its vCPUs park at their next exit when it is
+    /// not running.
+    pub life: Lifecycle,
+    /// Completed loads of the VM's images (the guest sees the count before this boot).
+    pub boots: AtomicU32,
+    dt_template: GuestDtInputs,
+}
+
+#[derive(Debug, Clone)]
+struct GuestDtInputs {
+    maintenance_ppi: u32,
+    timer: crate::platform::TimerInfo,
+}
+
+/// SPIs of each VM's vGIC (INTIDs 32-159): room for the host's own SPI numbers, which the VM's
+/// devices keep (the UART, PCI INTx, the vSMMU's lines).
+const VGIC_SPIS: u32 = 128;
+
+impl Vm {
+    /// Builds a VM whose RAM is `ram` (physically at `ram_pa`), seen by the guest at the host's
+    /// first RAM base. Emulated devices sit at the host's device addresses (they are never
+    /// mapped in stage-2, so every access traps). A VM with PCI functions gets a vSMMU when
+    /// `smmu` can nest; otherwise the reason is logged and its devices run on stage 2 only.
+    pub fn new(
+        id: usize,
+        config: VmConfig,
+        platform: &Platform,
+        ram: Box<dyn GuestRam>,
+        ram_pa: u64,
+        host_bridge: Option<&crate::pci::HostBridge>,
+        smmu: Option<SmmuFacts<'_>>,
+    ) -> Result<Self, VmError> {
+        let ram_ipa = MemRange {
+            base: platform.memory[0].base,
+            size: config.ram_size,
+        };
+        let mut stage2 = Stage2::new();
+        stage2.map(ram_ipa.base, ram_pa, ram_ipa.size, MemType::Normal)?;
+        // Assigned functions' memory BARs, their slots checked to hold nothing else: the guest
+        // sees them where they physically are. I/O BARs are not mapped: their accesses trap.
+        for slot in &config.devices.slots {
+            stage2.map(slot.page, slot.page, slot.len, MemType::Device)?;
+        }
+        let has_devices = !config.devices.functions.is_empty();
+        let pci = host_bridge.filter(|_| has_devices).map(|host| VmPci {
+            ecam: host.ecam,
+            bus_range: (host.bus_start, host.bus_end),
+            windows: host.windows.clone(),
+            vecam: Mutex::new(VirtualEcam::new(config.devices.functions.clone())),
+        });
+        let vmid = (id + 1) as u16;
+        let vsmmu = smmu.filter(|_| has_devices).and_then(|s| {
+            let s2 = crate::stage2::smmu_s2_config(s.oas_bits, vmid, stage2.root_pa());
+            let ids = &config.devices.stream_ids;
+            match VmSmmu::new(&config.name, s.info, &s.phys, ids, s2) {
+                Ok(v) => {
+                    log::info!(
+                        "vsmmu: {}: SMMUv3 (stage 1) at {:#x}, StreamIDs {ids:?}",
+                        config.name,
+                        s.info.regs.base
+                    );
+                    Some(v)
+                }
+                Err(e) => {
+                    log::warn!("vsmmu: {}: {e}: no vSMMU, stage 2 only", config.name);
+                    None
+                }
+            }
+        });
+        let vttbr = stage2.root_pa() | (vmid as u64) << 48;
+        let vcpus: Vec<VcpuSlot> = config
+            .pcpus
+            .iter()
+            .enumerate()
+            .map(|(i, &pcpu)| VcpuSlot {
+                pcpu,
+                mpidr: i as u64,
+                power: VcpuPower::new(),
+            })
+            .collect();
+        let vgic = VGic::new(VGicConfig {
+            num_spis: VGIC_SPIS,
+            vcpu_mpidr: vcpus.iter().map(|v| v.mpidr).collect(),
+        });
+        let gicr = MemRange {
+            base: platform.gic.gicr.base,
+            size: GICR_FRAME_SIZE * vcpus.len() as u64,
+        };
+        Ok(Self {
+            id,
+            prefix: format!("[{}] ", config.name),
+            vmid,
+            vttbr,
+            ram_ipa,
+            ram_pa,
+            ram,
+            s2_root: stage2.root_pa(),
+            stage2: Mutex::new(stage2),
+            bar_maps: Mutex::new(BarMaps::new(&config.devices.slots)),
+            bar_moves: AtomicU32::new(0),
+            pci,
+            vsmmu,
+            gicd: MemRange {
+                base: platform.gic.gicd.base,
+                size: 0x10000,
+            },
+            gicr,
+            uart: MemRange {
+                base: platform.uart.base.base,
+                size: 0x1000,
+            },
+            uart_intid: platform.uart.intid,
+            vgic: Mutex::new(vgic),
+            vuart: Mutex::new(VPl011::new()),
+            console_backlog: Mutex::new(ConsoleBacklog::default()),
+            vcpus,
+            life: Lifecycle::new(),
+            boots: AtomicU32::new(0),
+            dt_template: GuestDtInputs {
+                maintenance_ppi: platform.gic.maintenance_ppi,
+                timer: platform.timer,
+            },
+            config,
+        })
+    }
+
+    /// Zeroes RAM (first boot), copies the pristine kernel and initramfs in, writes the guest
+    /// DT, resets the emulated devices (the vSMMU through `phys`) and returns (entry IPA,
+    /// DTB IPA) for vCPU 0.
+    pub fn load(
+        &self,
+        hw: &impl Hw,
+        phys: &mut impl smmu::vsmmu::PhysicalSmmu,
+    ) -> Result<(u64, u64), VmError> {
+        let kernel = self.config.kernel;
+        let place = layout::place(
+            self.ram_ipa,
+            kernel.bytes,
+            kernel.bytes.len() as u64,
+            self.config.initrd.map(|m| m.bytes.len() as u64),
+        )
+        .map_err(|err| VmError::Layout {
+            kernel: kernel.range.base,
+            err,
+        })?;
+        let boots = self.boots.load(Ordering::Acquire);
+        if boots == 0 {
+            // RAM straight from firmware may hold earlier boot stages' data: the VM starts
+            // from zeroes. On a reboot the RAM only ever held this VM's own data, and the
+            // kernel, initramfs and DT are rewritten from pristine copies anyway. (Under
+            // emulation this first pass costs seconds: it makes the host allocate all of it.)
+            self.ram.zero_all();
+        }
+        self.ram.write(place.entry, kernel.bytes)?;
+        if let (Some(m), Some(r)) = (self.config.initrd, place.initrd) {
+            self.ram.write(r.base, m.bytes)?;
+        }
+        let mpidrs: Vec<u64> = self.vcpus.iter().map(|v| v.mpidr).collect();
+        let dtb = build_guest_dt(&GuestDtConfig {
+            vm_name: &self.config.name,
+            vcpu_mpidrs: &mpidrs,
+            ram: self.ram_ipa,
+            gicd: self.gicd,
+            gicr: self.gicr,
+            maintenance_ppi: self.dt_template.maintenance_ppi,
+            timer: self.dt_template.timer,
+            uart: self.uart,
+            uart_intid: self.uart_intid,
+            psci_method_hvc: true,
+            bootargs: &self.config.bootargs,
+            initrd: place.initrd,
+            boot_count: boots,
+            pci: self.pci.as_ref().map(|p| GuestPci {
+                ecam: p.ecam,
+                bus_range: p.bus_range,
+                ranges: &p.windows,
+                intx: &self.config.devices.intx,
+            }),
+            smmu: self.vsmmu.as_ref().map(|s| GuestSmmu {
+                regs: s.regs,
+                eventq_intid: s.eventq_intid,
+                gerror_intid: s.gerror_intid,
+            }),
+        })
+        .map_err(VmError::Dt)?;
+        if dtb.len() as u64 > layout::DTB_MAX {
+            return Err(VmError::DtTooLarge(dtb.len()));
+        }
+        self.ram.write(place.dtb, &dtb)?;
+        *self.vgic.lock() = VGic::new(VGicConfig {
+            num_spis: VGIC_SPIS,
+            vcpu_mpidr: mpidrs,
+        });
+        *self.vuart.lock() = VPl011::new();
+        self.console_backlog.lock().clear();
+        if let Some(p) = &self.pci {
+            *p.vecam.lock() = VirtualEcam::new(self.config.devices.functions.clone());
+            self.reset_bar_maps(hw);
+        }
+        if let Some(s) = &self.vsmmu {
+            if boots > 0 {
+                self.log_vsmmu_stats();
+            }
+            // Architectural reset: the guest's streams go back to stage 2 only (GBPA's reset
+            // value) and whatever its previous boot left in the TLBs of its VMID is dropped.
+            s.model.lock().reset(phys);
+        }
+        self.boots.fetch_add(1, Ordering::AcqRel);
+        Ok((place.entry, place.dtb))
+    }
+
+    /// Logs the VM's vSMMU counters, if it has one.
+    pub fn log_vsmmu_stats(&self) {
+        if let Some(s) = &self.vsmmu {
+            for line in s.stats_lines(&self.config.name) {
+                log::info!("{line}");
+            }
+        }
+    }
+
+    /// Queues console input for the guest (see [`ConsoleBacklog::input`]).
+    pub fn console_input(&self, byte: u8) {
+        let mut backlog = self.console_backlog.lock();
+        backlog.input(&mut self.vuart.lock(), byte);
+    }
+
+    /// Moves waiting console input into the UART as far as its FIFO has room (after the guest
+    /// read from it).
+    pub fn refill_console(&self) {
+        let mut backlog = self.console_backlog.lock();
+        if !backlog.is_empty() {
+            backlog.refill(&mut self.vuart.lock());
+        }
+    }
+
+    /// Maps each BAR the guest moved (virtual ECAM) at its new IPA in the VM's stage 2 and
+    /// unmaps the old place. Only the BAR's own slot is ever mapped. A BAR put outside the VM's
+    /// PCI memory windows, over another of its BARs, or at an address whose page offset differs
+    /// from the physical one stays unmapped: its accesses then trap and are forwarded (see
+    /// [`Vm::resolve_pci`]) as long as they stay inside it. Returns whether stage 2 changed:
+    /// the caller then invalidates the VM's TLBs in the CPUs and the SMMU.
+    pub fn apply_bar_moves(&self, moves: &[BarMove]) -> bool {
+        let Some(pci) = &self.pci else {
+            return false;
+        };
+        let mut changed = false;
+        let mut maps = self.bar_maps.lock();
+        let mut s2 = self.stage2.lock();
+        for m in moves {
+            let Some(plan) = maps.plan_move(m, &pci.windows) else {
+                continue;
+            };
+            if let Some((old, len)) = plan.unmap {
+                // Slots are whole pages of one BAR each: nothing else uses these pages.
+                let _ = s2.unmap(old, len);
+                changed = true;
+            }
+            let n = self.bar_moves.fetch_add(1, Ordering::Relaxed);
+            let slot = maps
+                .maps()
+                .iter()
+                .find(|b| b.slot.bdf == m.bdf && b.slot.bar == m.index)
+                .map(|b| b.slot);
+            match (plan.map, slot) {
+                (Some((base, len)), Some(slot)) => match s2.map(base, slot.page, len, MemType::Device) {
+                    Ok(()) => {
+                        maps.set_mapped(m.bdf, m.index, base);
+                        changed = true;
+                        if n < 8 {
+                            log::info!(
+                                "{}: {} BAR{} moved by the guest to {:#x} (physically at {:#x}): stage 2 remapped",
+                                self.config.name, m.bdf, m.index, base, m.phys
+                            );
+                        }
+                    }
+                    Err(e) => log::warn!(
+                        "{}: {} BAR{} at {base:#x}: {e}: left unmapped, accesses forwarded",
+                        self.config.name,
+                        m.bdf,
+                        m.index
+                    ),
+                },
+                _ => log::warn!(
+                    "{}: {} BAR{}: the guest put it at bus address {:#x}, outside its windows, over another BAR or off its page offset: left unmapped, accesses forwarded",
+                    self.config.name,
+                    m.bdf,
+                    m.index,
+                    m.pci
+                ),
+            }
+        }
+        changed
+    }
+
+    /// Puts every BAR back where the hypervisor placed it (a VM boot: its new virtual ECAM
+    /// shows that placement) and drops the VM's TLB entries if anything moved.
+    fn reset_bar_maps(&self, hw: &impl Hw) {
+        let mut maps = self.bar_maps.lock();
+        let mut s2 = self.stage2.lock();
+        // Every moved BAR out first, then every one back: a BAR's old place may be another's
+        // home.
+        let (unmap, home) = maps.reset();
+        for &(ipa, len) in &unmap {
+            let _ = s2.unmap(ipa, len);
+        }
+        for slot in &home {
+            if let Err(e) = s2.map(slot.page, slot.page, slot.len, MemType::Device) {
+                log::error!("{}: {} BAR{}: {e}", self.config.name, slot.bdf, slot.bar);
+            }
+        }
+        drop(s2);
+        drop(maps);
+        self.bar_moves.store(0, Ordering::Relaxed);
+        if !home.is_empty() {
+            self.invalidate_tlbs(hw);
+        }
+    }
+
+    /// Where a trapped guest access at `ipa` inside its PCI windows that its stage 2 does not
+    /// map goes: the physical address in the function whose BAR the guest placed there (its
+    /// virtual ECAM decides, reading `cfg`: inside one of the VM's own BARs, wholly, with
+    /// decoding on), or `None` (absent: the access faults). I/O BARs are served this way
+    /// always, memory BARs when the guest placed them where they cannot be mapped.
+    pub fn resolve_pci(
+        &self,
+        cfg: &impl ConfigSpace,
+        ipa: u64,
+        width: crate::mmio::AccessWidth,
+    ) -> Option<u64> {
+        let pci = self.pci.as_ref()?;
+        let (io, bus) = bus::pci_window(&pci.windows, ipa)?;
+        pci.vecam.lock().resolve(cfg, io, bus, width.bytes())
+    }
+
+    /// Drops every TLB entry of the VM's VMID, in the CPUs and in the SMMU (after a stage-2
+    /// change).
+    pub fn invalidate_tlbs(&self, hw: &impl Hw) {
+        hw.tlbi_vm(self.vttbr);
+        hw.smmu_tlbi_vmid(self.vmid);
+    }
+
+    /// The VM's RAM, for the device models that read or write it.
+    pub fn ram(&self) -> &dyn GuestRam {
+        &*self.ram
+    }
+
+    /// Stops the VM for good; returns whether this call stopped it (a VM that is resetting is
+    /// the reset's to finish).
+    pub fn stop(&self) -> bool {
+        self.life.stop()
+    }
+
+    /// Whether the VM's vCPUs must not run: it is stopped or resetting.
+    pub fn is_stopped(&self) -> bool {
+        !self.life.runs()
+    }
+
+    /// Whether physical SPI `intid` is the INTx line of one of the VM's PCI functions.
+    pub fn owns_spi(&self, intid: u32) -> bool {
+        self.config.devices.intx.iter().any(|&(_, _, i)| i == intid)
+    }
+
+    /// Its vCPUs as PSCI sees them.
+    pub fn psci_view(&self) -> psci::Vcpus<'_> {
+        psci::Vcpus {
+            vm: &self.config.name,
+            slots: &self.vcpus,
+            life: &self.life,
+            ram: self.ram_ipa,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

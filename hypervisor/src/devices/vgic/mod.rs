@@ -16,6 +16,7 @@
 //! out-of-frame offsets, unknown vCPUs) is RAZ/WI and never panics.
 
 mod dist;
+pub mod lr;
 mod redist;
 pub mod regs;
 

@@ -58,10 +58,10 @@
 
 use alloc::vec::Vec;
 
-use super::enumerate::{Bar, BarKind, HeaderType, PciDevice};
-use super::regs::{self, bar, cap_id};
-use super::{Bdf, ConfigSpace};
 use crate::mmio::AccessWidth;
+use crate::pci::enumerate::{Bar, BarKind, HeaderType, PciDevice};
+use crate::pci::regs::{self, bar, cap_id};
+use crate::pci::{Bdf, ConfigSpace};
 
 /// Command register bits a guest may change (PCIe Base spec 7.5.1.1.3): I/O Space Enable (0),
 /// Memory Space Enable (1), Bus Master Enable (2), Parity Error Response (6), SERR# Enable
@@ -174,7 +174,7 @@ impl CapChain {
             return chain;
         }
         let mut visible: Vec<u8> = Vec::new();
-        let virtio = cfg.read32(bdf, regs::ID) as u16 == super::virtio::VENDOR_ID;
+        let virtio = cfg.read32(bdf, regs::ID) as u16 == crate::pci::virtio::VENDOR_ID;
         let mut ptr = (cfg.read32(bdf, regs::CAP_PTR) & 0xfc) as u8;
         for _ in 0..regs::CAP_TTL {
             if u16::from(ptr) < DEVICE_SPECIFIC {

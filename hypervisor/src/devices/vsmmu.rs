@@ -1,0 +1,226 @@
+//! Glue between a VM and its emulated SMMUv3 (`smmu::vsmmu`): where the guest sees it, the
+//! trapped register accesses, and the model's wired interrupts. The model reaches the guest's
+//! tables and queues through the VM's RAM ([`crate::hw::GuestRam`] implements
+//! `smmu::vsmmu::GuestMemory`) and the physical SMMU through `arch`'s implementation of
+//! `smmu::vsmmu::PhysicalSmmu`, with no adapter in between.
+
+use super::IrqPort;
+use crate::hw::IntId;
+use crate::platform::{MemRange, SmmuInfo};
+use alloc::string::String;
+use alloc::vec::Vec;
+use smmu::driver::EventFate;
+use smmu::event::Event;
+use smmu::vsmmu::{
+    reg_name, Budget, Forward, GuestMemory, Irqs, PhysicalSmmu, StreamMap, Vsmmu, VsmmuConfig,
+    MAX_ROUNDS, REG_SLOTS,
+};
+use spin::Mutex;
+
+/// What a vSMMU needs to know of the physical SMMU it forwards to.
+#[derive(Debug, Clone, Copy)]
+pub struct PhysFacts {
+    /// SMMU_IDR0.S1P and S2P: stage 1 can be nested over stage 2.
+    pub nesting: bool,
+    /// SMMU_IDR0.STALL_MODEL = 0b10: stalls forced.
+    pub stalls_forced: bool,
+    /// SMMU_IDR5 (granules and OAS the guest may be offered).
+    pub idr5: u32,
+    /// SMMU_IDR3.RIL: range invalidation.
+    pub ril: bool,
+}
+
+/// Why a VM gets no vSMMU (its devices then run on stage 2 only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoVsmmu {
+    /// The DT names no eventq or gerror interrupt for the SMMU: the guest could not be told of
+    /// its events.
+    #[error("the SMMU's DT node names no eventq/gerror interrupts")]
+    NoInterrupts,
+    /// The SMMU cannot nest stage 1 over stage 2.
+    #[error("the SMMU cannot nest stage 1 over stage 2")]
+    NoNesting,
+    /// With stalls forced a CD with S = 0 is ILLEGAL (IHI 0070 5.4), and a guest's CDs have
+    /// S = 0 (its vSMMU says there are no stalls, STALL_MODEL = 0b01).
+    #[error("the SMMU forces stalls, which a guest's stage 1 cannot use")]
+    StallsForced,
+}
+
+/// A VM's emulated SMMUv3: where the guest sees it and the model behind it.
+#[derive(Debug)]
+pub struct VmSmmu {
+    /// Register pages 0 and 1 (guest IPA; never mapped, every access traps).
+    pub regs: MemRange,
+    /// INTID of its event queue interrupt (an edge SPI).
+    pub eventq_intid: u32,
+    /// INTID of its global error interrupt (an edge SPI).
+    pub gerror_intid: u32,
+    /// The register and queue model.
+    pub model: Mutex<Vsmmu>,
+}
+
+/// Output address size of the guest's stage 1: the smallest SMMU OAS encoding that covers the
+/// VM's IPA space (39 bits -> 40). Addresses above the IPA space fault at stage 2.
+const GUEST_OAS_BITS: u8 = 40;
+/// StreamID bits the guest sees: any PCI Requester ID, as on the physical SMMU.
+const GUEST_SID_BITS: u8 = 16;
+
+impl VmSmmu {
+    /// A vSMMU for VM `vm` owning `stream_ids` (the guest sees them under the same numbers, its
+    /// `iommu-map` being the identity like the host's), at the physical SMMU's address and
+    /// interrupt numbers, forwarding to stage-2 configuration `s2`.
+    pub fn new(
+        vm: &str,
+        info: &SmmuInfo,
+        phys: &PhysFacts,
+        stream_ids: &[u32],
+        s2: smmu::ste::S2Config,
+    ) -> Result<Self, NoVsmmu> {
+        let (Some(eventq_intid), Some(gerror_intid)) = (info.eventq_intid, info.gerror_intid)
+        else {
+            return Err(NoVsmmu::NoInterrupts);
+        };
+        if !phys.nesting {
+            return Err(NoVsmmu::NoNesting);
+        }
+        if phys.stalls_forced {
+            return Err(NoVsmmu::StallsForced);
+        }
+        let cfg = VsmmuConfig {
+            name: String::from(vm),
+            streams: stream_ids
+                .iter()
+                .map(|&sid| StreamMap {
+                    vsid: sid,
+                    psid: sid,
+                })
+                .collect(),
+            s2,
+            sid_bits: GUEST_SID_BITS,
+            oas_bits: GUEST_OAS_BITS,
+            phys_idr5: phys.idr5,
+            phys_ril: phys.ril,
+            budget: Budget::default(),
+        };
+        Ok(Self {
+            regs: MemRange {
+                base: info.regs.base,
+                size: smmu::regs::MMIO_SIZE,
+            },
+            eventq_intid,
+            gerror_intid,
+            model: Mutex::new(Vsmmu::new(cfg)),
+        })
+    }
+
+    /// A trapped read at `off` from the register base.
+    pub fn read(&self, off: u64, size: u8) -> u64 {
+        self.model.lock().read(off, size)
+    }
+
+    /// A trapped write at `off`. A write that forwarded commands is finished without the
+    /// model's lock: the physical queue is published and waited for (and a budget waited out)
+    /// while the VM's other vCPUs can trap on their own vSMMU accesses; round after round, at
+    /// most `MAX_ROUNDS`. Its interrupts are raised through `irq` at the end. Returns whether
+    /// the write completed within `MAX_ROUNDS` (if not, a model bug, the rest is left to the
+    /// VM's next trap).
+    pub fn write(
+        &self,
+        off: u64,
+        size: u8,
+        value: u64,
+        mut ram: impl GuestMemory,
+        phys: &mut impl PhysicalSmmu,
+        irq: &impl IrqPort,
+    ) -> bool {
+        let mut o = self
+            .model
+            .lock()
+            .write_start(off, size, value, &mut ram, phys);
+        let mut irqs = o.irqs;
+        for _ in 0..MAX_ROUNDS {
+            if !o.pending() {
+                break;
+            }
+            let waited = o.wait(&*phys);
+            o = self.model.lock().complete(o, waited, &mut ram, phys);
+            irqs |= o.irqs;
+        }
+        let done = !o.pending();
+        o.publish(&*phys);
+        self.raise(irqs, irq);
+        done
+    }
+
+    /// Makes the model's wired interrupts pending.
+    pub fn raise(&self, irqs: Irqs, irq: &impl IrqPort) {
+        for (flag, intid) in [
+            (Irqs::EVENTQ, self.eventq_intid),
+            (Irqs::GERROR, self.gerror_intid),
+        ] {
+            if irqs.contains(flag) {
+                irq.raise(IntId(intid));
+            }
+        }
+    }
+
+    /// Hands a physical event of one of the VM's streams to the model: what the guest's stage 1
+    /// caused goes into its event queue (and raises its interrupt).
+    pub fn forward_event(
+        &self,
+        e: &Event,
+        fate: EventFate,
+        mut ram: impl GuestMemory,
+        irq: &impl IrqPort,
+    ) -> Forward {
+        let (fwd, irqs) = self.model.lock().forward_event(e, fate, &mut ram);
+        self.raise(irqs, irq);
+        fwd
+    }
+
+    /// The model's counters as two log lines: a summary, then the registers it trapped on.
+    pub fn stats_lines(&self, vm: &str) -> [String; 2] {
+        let st = *self.model.lock().stats();
+        let prod = smmu::vsmmu::reg_index(smmu::regs::SMMU_CMDQ_PROD);
+        let cons = smmu::vsmmu::reg_index(smmu::regs::SMMU_CMDQ_CONS);
+        let summary = alloc::format!(
+            "vsmmu: {vm} stats: traps={} cmdq_prod={} cmdq_cons={} reg_reads={} reg_writes={} commands={} syncs={} phys_commands={} phys_syncs={} ste_writes={} guest_events={} dropped_events={} s2_faults={} command_errors={} tlbi_merged={} syncs_merged={} budget_waits={} order_waits={} gbpa_deferred={} ste_skipped={} ste_breaks={} evt_quarantined={} evt_suppressed={} phys_sync_errors={}",
+            st.traps(),
+            st.writes[prod],
+            st.reads[cons],
+            st.reg_reads(),
+            st.reg_writes(),
+            st.commands,
+            st.syncs,
+            st.phys_commands,
+            st.phys_syncs,
+            st.ste_writes,
+            st.guest_events,
+            st.dropped_events,
+            st.s2_faults,
+            st.command_errors,
+            st.tlbi_merged,
+            st.syncs_merged,
+            st.budget_waits,
+            st.order_waits,
+            st.gbpa_deferred,
+            st.ste_skipped,
+            st.ste_breaks,
+            st.evt_quarantined,
+            st.evt_suppressed,
+            st.phys_sync_errors
+        );
+        let mut by_reg: Vec<String> = Vec::new();
+        for slot in 0..REG_SLOTS {
+            let (r, w) = (st.reads[slot], st.writes[slot]);
+            if r + w > 0 {
+                let off = (slot / 64) as u64 * smmu::regs::PAGE1 + (slot % 64) as u64 * 4;
+                by_reg.push(alloc::format!("{}@{off:#x} r{r}/w{w}", reg_name(slot)));
+            }
+        }
+        [
+            summary,
+            alloc::format!("vsmmu: {vm} traps by register: {}", by_reg.join(", ")),
+        ]
+    }
+}

@@ -1,0 +1,78 @@
+//! The MMIO bus of a VM's IPA space: which emulated device a trapped access at an IPA belongs
+//! to, and at what offset. Nothing here is mapped in stage 2; everything that is (RAM, assigned
+//! BAR pages) never traps.
+
+use super::Vm;
+use crate::devices::vgic::GICR_FRAME_SIZE;
+use crate::pci::{PciSpace, PciWindow};
+
+/// The device a trapped access goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The vGIC distributor, at this offset.
+    Gicd(u64),
+    /// vCPU `vcpu`'s vGIC redistributor frame, at this offset in it.
+    Gicr {
+        /// The vCPU whose frame it is.
+        vcpu: usize,
+        /// Offset in the frame.
+        off: u64,
+    },
+    /// The virtual ECAM, at this offset (bus/device/function/register).
+    Ecam(u64),
+    /// The vSMMU's register pages, at this offset.
+    Vsmmu(u64),
+    /// The vPL011, at this offset.
+    Uart(u64),
+    /// The VM's PCI windows where its stage 2 maps nothing (its I/O BARs, memory BARs it
+    /// placed where they cannot be mapped): forwarded inside its own functions' BARs only.
+    Pci,
+}
+
+fn within(base: u64, size: u64, ipa: u64) -> Option<u64> {
+    ipa.checked_sub(base).filter(|&off| off < size)
+}
+
+/// Which device `ipa` belongs to, in the order the devices are tried (distributor, then
+/// redistributors, ECAM, vSMMU, UART, PCI windows): `None` when nothing lives there.
+pub fn route(vm: &Vm, ipa: u64) -> Option<Target> {
+    if let Some(off) = within(vm.gicd.base, vm.gicd.size, ipa) {
+        return Some(Target::Gicd(off));
+    }
+    if let Some(off) = within(vm.gicr.base, vm.gicr.size, ipa) {
+        return Some(Target::Gicr {
+            vcpu: (off / GICR_FRAME_SIZE) as usize,
+            off: off % GICR_FRAME_SIZE,
+        });
+    }
+    if let Some(off) = vm
+        .pci
+        .as_ref()
+        .and_then(|p| within(p.ecam.base, p.ecam.size, ipa))
+    {
+        return Some(Target::Ecam(off));
+    }
+    if let Some(off) = vm
+        .vsmmu
+        .as_ref()
+        .and_then(|s| within(s.regs.base, s.regs.size, ipa))
+    {
+        return Some(Target::Vsmmu(off));
+    }
+    if let Some(off) = within(vm.uart.base, vm.uart.size, ipa) {
+        return Some(Target::Uart(off));
+    }
+    vm.pci
+        .as_ref()
+        .and_then(|p| pci_window(&p.windows, ipa))
+        .map(|_| Target::Pci)
+}
+
+/// The PCI I/O or memory window holding `ipa`: (whether it is I/O space, the bus address).
+pub fn pci_window(windows: &[PciWindow], ipa: u64) -> Option<(bool, u64)> {
+    let w = windows
+        .iter()
+        .find(|w| w.space != PciSpace::Config && within(w.cpu_base, w.size, ipa).is_some())?;
+    let bus = (ipa - w.cpu_base).checked_add(w.pci_base)?;
+    Some((w.space == PciSpace::Io, bus))
+}

@@ -1,0 +1,198 @@
+use super::*;
+use crate::devices::vgic::regs::*;
+use crate::devices::vgic::VGicConfig;
+use crate::hw::fake::FakeHw;
+use crate::mmio::AccessWidth::Word;
+
+const TIMER: IntId = IntId(27);
+const UART: IntId = IntId(33);
+
+/// A two-vCPU vGIC whose guest turned on Group 1, put INTIDs 32..63 and the PPIs in Group 1
+/// and enabled `spis` and the virtual timer on vCPU 0.
+fn vgic(spis: &[u32]) -> VGic {
+    let mut g = VGic::new(VGicConfig {
+        num_spis: 64,
+        vcpu_mpidr: alloc::vec![0, 1],
+    });
+    g.dist_write(
+        GICD_CTLR,
+        Word,
+        u64::from(GICD_CTLR_ARE | GICD_CTLR_ENABLE_GRP1),
+    );
+    g.dist_write(GICD_IGROUPR + 4, Word, 0xffff_ffff);
+    g.redist_write(0, GICR_IGROUPR0, Word, 0xffff_ffff);
+    g.redist_write(0, GICR_ISENABLER0, Word, 1 << TIMER.0);
+    for &i in spis {
+        g.dist_write(GICD_ISENABLER + u64::from(i / 32) * 4, Word, 1 << (i % 32));
+    }
+    g
+}
+
+fn pend(g: &mut VGic, intid: u32) {
+    g.dist_write(
+        GICD_ISPENDR + u64::from(intid / 32) * 4,
+        Word,
+        1 << (intid % 32),
+    );
+}
+
+#[test]
+fn a_forwarded_interrupt_goes_in_as_a_hardware_entry() {
+    let hw = FakeHw::new(0, 4);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut held = HwPending::default();
+    assert!(held.push(TIMER));
+    let mut g = vgic(&[]);
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    let lr = ListRegister(hw.lrs()[0]);
+    assert_eq!(lr.state(), LrState::Pending);
+    assert!(lr.is_hw());
+    assert_eq!(lr.vintid(), TIMER.0);
+    assert!(!held.any(), "it left the held set");
+    assert_eq!(hw.hcr(), ICH_HCR_EN);
+}
+
+#[test]
+fn a_forwarded_interrupt_the_guest_disabled_is_given_back() {
+    let hw = FakeHw::new(0, 4);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut held = HwPending::default();
+    held.push(IntId(40));
+    let mut g = vgic(&[]); // 40 not enabled
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    assert_eq!(hw.lrs(), alloc::vec![0; 4]);
+    assert_eq!(
+        hw.take_ops(),
+        alloc::vec![crate::hw::fake::HwOp::Deactivate(IntId(40))]
+    );
+    assert!(!held.any());
+}
+
+#[test]
+fn more_pending_than_list_registers_asks_for_underflow_and_keeps_the_rest() {
+    let hw = FakeHw::new(0, 2);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut held = HwPending::default();
+    let mut g = vgic(&[40, 41, 42]);
+    for i in [40, 41, 42] {
+        pend(&mut g, i);
+    }
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    let got: alloc::vec::Vec<u32> = hw.lrs().iter().map(|&v| ListRegister(v).vintid()).collect();
+    assert_eq!(got, [40, 41], "lowest INTID first at equal priority");
+    assert_eq!(hw.hcr(), ICH_HCR_EN | ICH_HCR_UIE);
+    assert!(
+        g.pop_deliverable(0, &[40, 41]).is_some(),
+        "42 still pending"
+    );
+    // The guest takes and EOIs both: the entries read back invalid.
+    hw.set_lr(0, 0);
+    hw.set_lr(1, 0);
+    service_maintenance(&hw, &lrs);
+    assert_eq!(hw.hcr(), ICH_HCR_EN, "underflow request dropped");
+    pend(&mut g, 42);
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    assert_eq!(ListRegister(hw.lrs()[0]).vintid(), 42);
+    assert_eq!(hw.hcr(), ICH_HCR_EN);
+}
+
+#[test]
+fn a_completed_eoi_entry_is_cleared_so_the_maintenance_interrupt_drops() {
+    let hw = FakeHw::new(0, 4);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut g = vgic(&[40]);
+    // Level-triggered (ICFGR default): the entry asks for EOI maintenance.
+    pend(&mut g, 40);
+    let mut held = HwPending::default();
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    let lr = hw.lrs()[0];
+    assert_ne!(
+        lr & (1 << 41),
+        0,
+        "EOI maintenance requested for a level line"
+    );
+    // The guest deactivates it: state Invalid, the rest of the entry stays.
+    hw.set_lr(0, lr & !(3 << 62));
+    service_maintenance(&hw, &lrs);
+    assert_eq!(hw.lrs()[0], 0);
+}
+
+#[test]
+fn the_uart_level_is_delivered_once_to_the_vcpu_it_targets() {
+    let hw = FakeHw::new(0, 4);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut g = vgic(&[UART.0]);
+    let mut held = HwPending::default();
+    fill(&hw, &lrs, &mut held, &mut g, 0, Some(UART));
+    assert_eq!(ListRegister(hw.lrs()[0]).vintid(), UART.0);
+    // Still high at the next exit, and still in a list register: not doubled.
+    fill(&hw, &lrs, &mut held, &mut g, 0, Some(UART));
+    let uarts = hw
+        .lrs()
+        .iter()
+        .filter(|&&v| v != 0 && ListRegister(v).vintid() == UART.0)
+        .count();
+    assert_eq!(uarts, 1);
+    // vCPU 1 is not its target.
+    let hw1 = FakeHw::new(1, 4);
+    let lrs1 = Lrs::new();
+    lrs1.clear_all(&hw1);
+    fill(&hw1, &lrs1, &mut held, &mut g, 1, Some(UART));
+    assert_eq!(hw1.lrs(), alloc::vec![0; 4]);
+}
+
+#[test]
+fn known_empty_list_registers_are_not_read_and_ich_hcr_is_written_on_change_only() {
+    let hw = FakeHw::new(0, 4);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut g = vgic(&[]);
+    let mut held = HwPending::default();
+    let before = hw.sysreg_accesses();
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    let after = hw.sysreg_accesses();
+    assert_eq!(after.0, before.0, "no list register read");
+    assert_eq!(after.1, before.1, "no list register written");
+    assert_eq!(after.2, before.2 + 1, "ICH_HCR_EL2 written once");
+}
+
+#[test]
+fn pending_work_keeps_a_wfi_from_sleeping() {
+    let hw = FakeHw::new(0, 4);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut g = vgic(&[40]);
+    let mut held = HwPending::default();
+    assert!(!has_pending(&hw, &lrs, &held, &mut g, 0));
+    pend(&mut g, 40);
+    assert!(has_pending(&hw, &lrs, &held, &mut g, 0));
+    assert!(
+        g.pop_deliverable(0, &[]).is_some(),
+        "asking does not consume it"
+    );
+    held.push(TIMER);
+    assert!(has_pending(&hw, &lrs, &held, &mut g, 0));
+    let mut held = HwPending::default();
+    lrs.write(&hw, 2, ListRegister::software(41, 0xa0, true, false));
+    assert!(has_pending(&hw, &lrs, &held, &mut g, 0));
+    held.take_all().for_each(drop);
+}
+
+#[test]
+fn held_interrupts_are_bounded_and_not_doubled() {
+    let mut held = HwPending::default();
+    assert!(held.push(TIMER));
+    assert!(held.push(TIMER));
+    for i in 0..MAX_HW_PENDING as u32 - 1 {
+        assert!(held.push(IntId(40 + i)));
+    }
+    assert!(!held.push(IntId(100)), "full: the caller deactivates it");
+    assert_eq!(held.take_all().count(), MAX_HW_PENDING);
+    assert!(!held.any());
+}

@@ -1,0 +1,419 @@
+//! A whole VM on the fake machine: building it, loading its images, its lifecycle, its MMIO bus
+//! and interrupt delivery.
+
+use super::bus::{route, Target};
+use super::irq::{self, VmIrqs, KICK_SGI, VTIMER_PPI};
+use super::lifecycle::Power;
+use super::*;
+use crate::devices::vgic::regs::*;
+use crate::devices::IrqPort;
+use crate::hw::fake::{FakeHw, FakeRam, HwOp};
+use crate::hw::IntId;
+use crate::mmio::AccessWidth::Word;
+use crate::pci::fake::FakeConfigSpace;
+use crate::pci::{Bdf, IntxPin};
+
+const QEMU_DTB: &[u8] = include_bytes!("../../tests/data/qemu-virt-smmuv3-pci.dtb");
+const RAM_SIZE: u64 = 64 << 20;
+const KERNEL_PA: u64 = 0x4800_0000;
+
+fn platform() -> Platform {
+    Platform::parse(QEMU_DTB).unwrap()
+}
+
+/// A 1 MiB arm64 Image whose bytes after the header count up.
+fn kernel() -> BootImage {
+    let mut bytes = alloc::vec![0u8; 1 << 20];
+    bytes[16..24].copy_from_slice(&(2u64 << 20).to_le_bytes()); // image_size
+    bytes[56..60].copy_from_slice(b"ARM\x64");
+    for (i, b) in bytes.iter_mut().enumerate().skip(64) {
+        *b = i as u8;
+    }
+    BootImage {
+        range: MemRange {
+            base: KERNEL_PA,
+            size: bytes.len() as u64,
+        },
+        bytes: alloc::boxed::Box::leak(bytes.into_boxed_slice()),
+    }
+}
+
+fn config(devices: VmDevices) -> VmConfig {
+    VmConfig {
+        name: "vm7".into(),
+        pcpus: alloc::vec![2, 3],
+        ram_size: RAM_SIZE,
+        kernel: kernel(),
+        initrd: Some(BootImage {
+            range: MemRange {
+                base: 0x4900_0000,
+                size: 4,
+            },
+            bytes: b"cpio",
+        }),
+        bootargs: "console=ttyAMA0".into(),
+        devices,
+    }
+}
+
+fn vm_with(devices: VmDevices) -> Vm {
+    let p = platform();
+    let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
+    Vm::new(0, config(devices), &p, ram, 0x8000_0000, None, None).unwrap()
+}
+
+fn vm() -> Vm {
+    vm_with(VmDevices::default())
+}
+
+/// The physical SMMU a VM without a vSMMU never touches.
+#[derive(Debug)]
+struct NoSmmu;
+
+impl smmu::vsmmu::PhysicalSmmu for NoSmmu {
+    fn write_ste(
+        &mut self,
+        _: u32,
+        _: smmu::ste::Ste,
+    ) -> Result<smmu::driver::SteWrite, smmu::driver::DriverError> {
+        unreachable!("no vSMMU")
+    }
+    fn make_ste(
+        &mut self,
+        _: smmu::driver::SteBreak,
+    ) -> Result<smmu::cmd::Command, smmu::driver::DriverError> {
+        unreachable!("no vSMMU")
+    }
+    fn submit(&mut self, _: &[smmu::cmd::Command]) -> Result<(), smmu::driver::DriverError> {
+        unreachable!("no vSMMU")
+    }
+    fn submit_sync(
+        &mut self,
+        _: &[smmu::cmd::Command],
+    ) -> Result<smmu::driver::SyncTicket, smmu::driver::DriverError> {
+        unreachable!("no vSMMU")
+    }
+    fn publish(&self) {}
+    fn wait(&self, _: smmu::driver::SyncTicket) -> Result<(), smmu::driver::DriverError> {
+        unreachable!("no vSMMU")
+    }
+    fn now(&self) -> Option<u64> {
+        None
+    }
+    fn wait_until(&self, _: u64) {}
+}
+
+#[test]
+fn load_places_the_images_and_writes_a_device_tree_naming_the_vm() {
+    let vm = vm();
+    let hw = FakeHw::new(2, 4);
+    let (entry, dtb) = vm.load(&hw, &mut NoSmmu).unwrap();
+    assert_eq!(entry, vm.ram_ipa.base);
+    assert_eq!(
+        dtb,
+        vm.ram_ipa.base + (2 << 20),
+        "the 2 MiB block after image_size"
+    );
+    let mut k = [0u8; 64];
+    vm.ram().read(entry + 1000, &mut k).unwrap();
+    assert_eq!(k[0], 1000u32 as u8, "the kernel's bytes, in place");
+    let mut i = [0u8; 4];
+    vm.ram().read(dtb + (2 << 20), &mut i).unwrap();
+    assert_eq!(&i, b"cpio", "the initramfs in the block after the DTB");
+    let mut d = alloc::vec![0u8; 4096];
+    vm.ram().read(dtb, &mut d).unwrap();
+    assert_eq!(&d[..4], &[0xd0, 0x0d, 0xfe, 0xed], "FDT magic");
+    let fdt = fdt::Fdt::new(&d).unwrap();
+    assert_eq!(
+        fdt.chosen().bootargs(),
+        Some("console=ttyAMA0"),
+        "the VM's command line"
+    );
+    assert_eq!(fdt.cpus().count(), 2);
+    assert_eq!(vm.boots.load(Ordering::Acquire), 1);
+}
+
+#[test]
+fn ram_is_zeroed_on_the_first_boot_only() {
+    let p = platform();
+    let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
+    ram.fill(0xa5);
+    let vm = Vm::new(0, config(VmDevices::default()), &p, ram, 0, None, None).unwrap();
+    let hw = FakeHw::new(2, 4);
+    vm.load(&hw, &mut NoSmmu).unwrap();
+    let top = vm.ram_ipa.end() - 16;
+    let mut b = [0xffu8; 16];
+    vm.ram().read(top, &mut b).unwrap();
+    assert_eq!(b, [0; 16], "firmware's leftovers are gone");
+    vm.ram().write(top, &[7; 16]).unwrap();
+    vm.load(&hw, &mut NoSmmu).unwrap();
+    vm.ram().read(top, &mut b).unwrap();
+    assert_eq!(
+        b, [7; 16],
+        "a reboot rewrites only the images (the RAM was the VM's own)"
+    );
+}
+
+#[test]
+fn a_kernel_that_is_not_an_image_or_does_not_fit_is_refused_with_its_address() {
+    let p = platform();
+    let mut c = config(VmDevices::default());
+    c.kernel.bytes = &[0u8; 64];
+    let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
+    let vm = Vm::new(0, c, &p, ram, 0, None, None).unwrap();
+    let e = vm.load(&FakeHw::new(2, 4), &mut NoSmmu).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "kernel at 0x48000000: the kernel module is not an arm64 Image (bad magic)"
+    );
+    let mut c = config(VmDevices::default());
+    c.ram_size = 3 << 20;
+    let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, 3 << 20));
+    let vm = Vm::new(0, c, &p, ram, 0, None, None).unwrap();
+    assert!(matches!(
+        vm.load(&FakeHw::new(2, 4), &mut NoSmmu),
+        Err(VmError::Layout { .. })
+    ));
+}
+
+#[test]
+fn a_boot_request_wakes_vcpu0s_cpu_unless_it_is_the_caller() {
+    let vm = vm();
+    let hw = FakeHw::new(0, 4);
+    vm.request_boot(&hw);
+    assert_eq!(vm.vcpus[0].power.get(), Power::Boot);
+    assert_eq!(hw.take_ops(), [HwOp::Kick(2)]);
+    hw.set_cpu(2);
+    vm.request_boot(&hw);
+    assert!(hw.take_ops().is_empty());
+}
+
+#[test]
+fn a_reset_waits_for_every_vcpu_to_park_and_gives_up_at_its_deadline() {
+    let vm = vm();
+    let hw = FakeHw::new(2, 4);
+    vm.vcpus[0].power.set(Power::Off);
+    vm.vcpus[1].power.set(Power::OnPending {
+        entry: 0,
+        context: 0,
+        generation: 0,
+    });
+    assert_eq!(vm.wait_stopped_for_reset(&hw, 1000), Ok(()));
+    assert_eq!(
+        vm.vcpus[1].power.get(),
+        Power::Off,
+        "a CPU_ON never entered is cancelled"
+    );
+    vm.vcpus[1].power.set(Power::On);
+    // 1 MHz counter, 1 tick per read: a 5 ms deadline is 5000 reads away.
+    assert_eq!(vm.wait_stopped_for_reset(&hw, 5), Err(1));
+    assert!(hw.counter() >= 5000, "it waited for the deadline, not less");
+}
+
+#[test]
+fn stop_and_kick_reach_every_vcpu() {
+    let vm = vm();
+    let hw = FakeHw::new(2, 4);
+    assert!(vm.stop());
+    assert!(vm.is_stopped());
+    assert!(!vm.stop(), "once");
+    vm.kick_all(&hw);
+    assert_eq!(hw.take_ops(), [HwOp::Kick(2), HwOp::Kick(3), HwOp::WakeAll]);
+}
+
+#[test]
+fn quiesce_stops_dma_and_lines_of_the_vms_functions_only() {
+    let mut cfg = FakeConfigSpace::qemu_flat();
+    let topo = crate::pci::enumerate::enumerate(&mut cfg, 0, 0).unwrap();
+    let mine = Bdf::new(0, 2, 0);
+    let other = Bdf::new(0, 3, 0);
+    for b in [mine, other] {
+        // Memory Space + Bus Master on, as a guest driver leaves them.
+        cfg.write32(b, 0x04, 0x6);
+    }
+    let devices = VmDevices {
+        functions: alloc::vec![topo.device(mine).unwrap().clone()],
+        intx: alloc::vec![(mine, IntxPin::A, 37)],
+        ..VmDevices::default()
+    };
+    let vm = vm_with(devices);
+    let hw = FakeHw::new(2, 4);
+    vm.quiesce_devices(Some(&mut cfg), &hw);
+    use crate::pci::ConfigSpace;
+    assert_eq!(
+        cfg.read32(mine, 0x04) & 0xffff,
+        0x402,
+        "BME off, INTx Disable on"
+    );
+    assert_eq!(
+        cfg.read32(other, 0x04) & 0xffff,
+        0x6,
+        "another VM's function untouched"
+    );
+    assert_eq!(hw.take_ops(), [HwOp::DisableSpi(IntId(37))]);
+}
+
+#[test]
+fn the_bus_routes_each_device_window_and_nothing_else() {
+    let vm = vm();
+    let p = platform();
+    let gicd = p.gic.gicd.base;
+    let gicr = p.gic.gicr.base;
+    let uart = p.uart.base.base;
+    assert_eq!(route(&vm, gicd), Some(Target::Gicd(0)));
+    assert_eq!(route(&vm, gicd + 0xfffc), Some(Target::Gicd(0xfffc)));
+    assert_eq!(
+        route(&vm, gicd + 0x1_0000),
+        None,
+        "past the distributor frame"
+    );
+    assert_eq!(
+        route(&vm, gicr + GICR_FRAME_SIZE + 0x80),
+        Some(Target::Gicr { vcpu: 1, off: 0x80 })
+    );
+    assert_eq!(
+        route(&vm, gicr + 2 * GICR_FRAME_SIZE),
+        None,
+        "two vCPUs: no third redistributor frame"
+    );
+    assert_eq!(route(&vm, uart + 0x18), Some(Target::Uart(0x18)));
+    assert_eq!(route(&vm, uart + 0x1000), None);
+    assert_eq!(
+        route(&vm, vm.ram_ipa.base),
+        None,
+        "RAM never traps to a device"
+    );
+    assert_eq!(route(&vm, u64::MAX), None);
+    assert_eq!(
+        route(&vm, p.smmu.unwrap().regs.base),
+        None,
+        "no vSMMU without devices"
+    );
+}
+
+#[test]
+fn a_device_interrupt_is_made_pending_for_its_target_which_is_woken_unless_it_runs_here() {
+    let vm = vm();
+    let hw = FakeHw::new(2, 4);
+    {
+        let mut g = vm.vgic.lock();
+        g.dist_write(
+            GICD_CTLR,
+            Word,
+            u64::from(GICD_CTLR_ARE | GICD_CTLR_ENABLE_GRP1),
+        );
+        g.dist_write(GICD_IGROUPR + 4, Word, 0xffff_ffff);
+        g.dist_write(GICD_ISENABLER + 4, Word, 1 << 8); // SPI 40
+        g.dist_write(GICD_IROUTER + 40 * 8, crate::mmio::AccessWidth::Double, 1);
+        // vCPU 1
+    }
+    VmIrqs {
+        vm: &vm,
+        hw: &hw,
+        here: Some(0),
+    }
+    .raise(IntId(40));
+    assert_eq!(hw.take_ops(), [HwOp::Kick(3)], "vCPU 1 runs on pCPU 3");
+    assert_eq!(
+        vm.vgic.lock().pop_deliverable(1, &[]).map(|d| d.0),
+        Some(40)
+    );
+    VmIrqs {
+        vm: &vm,
+        hw: &hw,
+        here: Some(1),
+    }
+    .raise(IntId(40));
+    assert!(hw.take_ops().is_empty(), "it runs here: no kick");
+}
+
+#[test]
+fn sgis_go_to_their_targets_and_wake_the_others() {
+    let vm = vm();
+    let hw = FakeHw::new(2, 4);
+    {
+        let mut g = vm.vgic.lock();
+        g.dist_write(
+            GICD_CTLR,
+            Word,
+            u64::from(GICD_CTLR_ARE | GICD_CTLR_ENABLE_GRP1),
+        );
+        for t in 0..2 {
+            g.redist_write(t, GICR_IGROUPR0, Word, 0xffff_ffff);
+            g.redist_write(t, GICR_ISENABLER0, Word, 0xffff);
+        }
+    }
+    // ICC_SGI1R_EL1: INTID 3, target list = vCPUs 0 and 1 (Aff0 0, 1).
+    irq::send_sgi(&vm, 0, (3 << 24) | 0b11, &hw);
+    assert_eq!(hw.take_ops(), [HwOp::Kick(3)], "the sender is not kicked");
+    assert_eq!(vm.vgic.lock().pop_deliverable(0, &[]).map(|d| d.0), Some(3));
+    assert_eq!(vm.vgic.lock().pop_deliverable(1, &[]).map(|d| d.0), Some(3));
+}
+
+#[test]
+fn forwarded_lines_follow_the_guests_enables() {
+    let devices = VmDevices {
+        intx: alloc::vec![(Bdf::new(0, 2, 0), IntxPin::A, 37)],
+        ..VmDevices::default()
+    };
+    let vm = vm_with(devices);
+    let hw = FakeHw::new(2, 4);
+    irq::follow_spi_enables(&vm, &hw);
+    assert_eq!(hw.take_ops(), [HwOp::DisableSpi(IntId(37))]);
+    vm.vgic.lock().dist_write(GICD_ISENABLER + 4, Word, 1 << 5);
+    irq::follow_spi_enables(&vm, &hw);
+    assert_eq!(
+        hw.take_ops(),
+        [HwOp::EnableSpi(IntId(37), 2)],
+        "routed to vCPU 0's CPU"
+    );
+    vm.vgic
+        .lock()
+        .redist_write(1, GICR_ISENABLER0, Word, 1 << VTIMER_PPI.0);
+    irq::follow_timer_enable(&vm, 1, &hw);
+    assert_eq!(hw.take_ops(), [HwOp::SetPpi(3, VTIMER_PPI, true)]);
+    assert_eq!(KICK_SGI, IntId(0));
+}
+
+#[test]
+fn a_bar_move_without_pci_changes_nothing_and_tlbs_are_dropped_for_the_vmid_only() {
+    let vm = vm();
+    assert!(!vm.apply_bar_moves(&[]));
+    let hw = FakeHw::new(2, 4);
+    vm.invalidate_tlbs(&hw);
+    assert_eq!(hw.take_ops(), [HwOp::TlbiVm(vm.vttbr), HwOp::SmmuTlbi(1)]);
+    assert_eq!(vm.vttbr >> 48, 1, "VMID 1 for VM 0");
+}
+
+#[test]
+fn console_input_waits_in_the_backlog_while_the_fifo_is_full() {
+    let vm = vm();
+    for i in 0..100u8 {
+        vm.console_input(i);
+    }
+    assert!(!vm.console_backlog.lock().is_empty());
+    let mut got = alloc::vec::Vec::new();
+    loop {
+        let fr = vm.vuart.lock().read(crate::devices::vpl011::UARTFR, Word);
+        if fr & (1 << 4) != 0 {
+            break;
+        }
+        got.push(vm.vuart.lock().read(crate::devices::vpl011::UARTDR, Word) as u8);
+        vm.refill_console();
+    }
+    assert_eq!(got, (0..100u8).collect::<alloc::vec::Vec<_>>());
+}
+
+#[test]
+fn psci_sees_the_vms_vcpus_by_mpidr() {
+    let vm = vm();
+    let v = vm.psci_view();
+    assert_eq!(v.by_mpidr(1), Some(1));
+    assert_eq!(
+        v.by_mpidr(0x8000_0001),
+        Some(1),
+        "non-affinity bits ignored"
+    );
+    assert_eq!(v.by_mpidr(2), None);
+    assert_eq!(v.ram, vm.ram_ipa);
+}
