@@ -3,7 +3,7 @@
 # same guest kernel bare on the same QEMU, measured side by side in one run. Sets up the host
 # (qemu/setup.sh), builds the hypervisor (qemu/build.sh) and the modular guest (qemu/kernel.sh,
 # minutes the first time), then runs the `bench` binary of the integration-tests crate
-# (tests/src/bin/bench.rs), which boots bare / vSMMU / stage-2-only setups N times each, runs
+# (tests/src/bin/bench/), which boots bare / vSMMU / stage-2-only setups N times each, runs
 # tests/guest/bench.sh's workloads in them and prints a table. Arguments go to it:
 #
 #   qemu/bench.sh [--repeats N] [--out FILE] [--setups LIST] [--no-net] [--dma-seconds S] [--quick]

@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# Guest side of the benchmark (qemu/bench.sh, tests/src/bin/bench.rs). The modular guest's
+# Guest side of the benchmark (qemu/bench.sh, tests/src/bin/bench/). The modular guest's
 # initramfs carries it as /bench.sh next to /init (qemu/kernel.sh); the host types
 # `sh /bench.sh WORKLOAD [ARGS]` into the guest's shell. It prints its figures as
 # `bench: KEY=VALUE` lines, which the host parses; it judges nothing.

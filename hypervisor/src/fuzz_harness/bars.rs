@@ -1,6 +1,6 @@
 //! The guest's BAR moves against `vm::bars` (where a VM's memory BARs are mapped in its stage 2):
 //! a hostile guest places its BARs anywhere, and a model of the VM's stage 2 carries out every
-//! plan as `arch/vm.rs` does (unmap the old range, map the new one onto the BAR's slot).
+//! plan as `vm/bars.rs` does (unmap the old range, map the new one onto the BAR's slot).
 //!
 //! Invariants, checked after every step (the letter starts each panic message):
 //!

@@ -33,7 +33,7 @@
 //!   enumerated size and physical address and the bus address the guest just gave it; one is
 //!   reported exactly when a memory BAR's guest address changes;
 //! - **(i) reads as documented**: every guest read equals the filtering table of
-//!   `pci/vecam.rs` (IDs, class, Status, Header Type with the multi-function bit, virtual BARs and
+//!   `devices/vecam.rs` (IDs, class, Status, Header Type with the multi-function bit, virtual BARs and
 //!   sizing, no ROM, the visible capability chain, the virtual Interrupt Line and PowerState,
 //!   hardware elsewhere);
 //! - **(j) forwarded accesses**: `VirtualEcam::resolve` answers only inside a decoding, D0 BAR

@@ -362,9 +362,10 @@ pub struct Harness {
     term: Terminal,
     /// VM 0 was typed into (the glue's `typed_into`).
     typed_into: bool,
-    /// The copy of `Vm::console_input` refills the UART from a full backlog before it hands it
-    /// a byte directly. Without it (as `arch/vm.rs` is), a byte typed while the backlog is full
-    /// and the FIFO has room overtakes the whole backlog (docs/fuzzing.md).
+    /// The copy of `devices::console::ConsoleBacklog::input` refills the UART from a full
+    /// backlog before it hands it a byte directly. Without it (as the glue was when the fuzzer
+    /// found it), a byte typed while the backlog is full and the FIFO has room overtakes the
+    /// whole backlog (docs/fuzzing.md).
     pub refill_when_full: bool,
     /// Counters.
     pub tally: Tally,
@@ -1101,7 +1102,8 @@ mod tests {
         t.parse(Src::Guest(0), b"[vm0] ab");
     }
 
-    /// The fuzzer's find in `arch/vm.rs`'s `Vm::console_input`: the FIFO flushed by an FEN
+    /// The fuzzer's find in the console glue (now `devices::console::ConsoleBacklog::input`,
+    /// fixed): the FIFO flushed by an FEN
     /// change while the backlog is full, the next byte typed goes straight into the FIFO,
     /// ahead of the 4096 bytes waiting.
     #[test]

@@ -5,10 +5,14 @@
 //! its MSI, a command error that follows it) is kept as a `Completion` until the trap, no
 //! longer holding the model, has waited (`Vsmmu::complete`).
 
+use super::completion::{Cover, Effect};
 use super::progress::Pause;
-use super::{Cover, Effect, GuestMemory, PhysicalSmmu, Vsmmu, CONS_ERR};
+use super::regfile::CONS_ERR;
+use super::{GuestMemory, PhysicalSmmu, Vsmmu, CMDQS};
+use crate::bits;
 use crate::cmd::{Command, SyncCs, TlbiAddr};
-use crate::regs::{Cerror, Gerror};
+use crate::queue::Queue;
+use crate::regs::{Cerror, Cr0, Gerror};
 use alloc::vec::Vec;
 
 /// Physical commands forwarded and not yet handed to the SMMU: the merge window. Merging only
@@ -189,6 +193,34 @@ impl Batch {
 }
 
 impl Vsmmu {
+    pub(super) fn cmdq(&self) -> (u64, Queue) {
+        let log2 = ((self.r.cmdq_base & 0x1f) as u8).min(CMDQS);
+        let mut q = Queue::new(log2);
+        q.set_prod(self.r.cmdq_prod);
+        q.set_cons(self.fetched);
+        (self.r.cmdq_base & bits::mask(51, 5), q)
+    }
+
+    /// This write wants the guest's queue consumed up to its PROD: `target` is the count
+    /// [`Vsmmu::consumed`] reaches then (at most one queue's worth on).
+    pub(super) fn request_consumption(&self, target: &mut Option<u64>) {
+        if !self.can_consume() {
+            return;
+        }
+        let (_, q) = self.cmdq();
+        let ahead = u64::from(q.prod().wrapping_sub(q.cons()) & ((2 << q.log2size()) - 1))
+            .min(u64::from(q.entries()));
+        if ahead > 0 {
+            let t = self.consumed + ahead;
+            *target = Some(target.map_or(t, |x| x.max(t)));
+        }
+    }
+
+    /// Whether guest commands can be consumed now (CMDQEN, no error standing).
+    pub(super) fn can_consume(&self) -> bool {
+        self.cr0().contains(Cr0::CMDQEN) && !self.cmdq_error_active() && !self.stopped
+    }
+
     pub(super) fn cmdq_error_active(&self) -> bool {
         (self.r.gerror ^ self.r.gerrorn) & Gerror::CMDQ_ERR.bits() != 0
     }

@@ -2,12 +2,22 @@
 //! caused are recorded in the guest's event queue (IHI 0070 7.3, 7.4); global errors are raised
 //! in GERROR and signalled by wire or MSI (IHI 0070 7.5, 6.3.18).
 
-use super::{EventFate, Forward, GuestMemory, Irqs, Vsmmu, MSI_ADDR};
+use super::regfile::MSI_ADDR;
+use super::{EventFate, Forward, GuestMemory, Irqs, Vsmmu, EVENTQS};
+use crate::bits;
 use crate::event::{Event, EventClass, EventKind};
-use crate::queue::{overflow_pending, OVERFLOW_FLAG};
+use crate::queue::{overflow_pending, Queue, OVERFLOW_FLAG};
 use crate::regs::{Cr0, Gerror, IrqCtrl};
 
 impl Vsmmu {
+    pub(super) fn eventq(&self) -> (u64, Queue) {
+        let log2 = ((self.r.eventq_base & 0x1f) as u8).min(EVENTQS);
+        let mut q = Queue::new(log2);
+        q.set_prod(self.r.eventq_prod);
+        q.set_cons(self.r.eventq_cons);
+        (self.r.eventq_base & bits::mask(51, 5), q)
+    }
+
     /// Activates a global error (GERROR bit made to differ from GERRORN) and signals it.
     pub(super) fn raise_gerror(&mut self, bit: Gerror, mem: &mut impl GuestMemory) -> Irqs {
         if (self.r.gerror ^ self.r.gerrorn) & bit.bits() != 0 {

@@ -57,29 +57,32 @@
 //! physical SMMU only through [`PhysicalSmmu`].
 
 mod cmdq;
+mod completion;
 mod evtq;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod harness;
 mod progress;
+mod regfile;
 mod shadow;
 mod stats;
 mod streams;
 #[cfg(test)]
 mod tests;
 
-use crate::bits;
 use crate::budget::TokenBucket;
 use crate::cmd::Command;
 use crate::driver::{DmaMemory, DriverError, Smmu, SmmuRegs, SteBreak, SteWrite, SyncTicket};
-use crate::event::{Event, EventKind};
-use crate::queue::{Queue, OVERFLOW_FLAG};
-use crate::regs::{self, Cr0, Gbpa, Gerror, IrqCtrl};
+use crate::event::Event;
 use crate::ste::{S2Config, Ste};
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use bitflags::bitflags;
+use completion::{Cover, Inflight};
+use regfile::{RegState, GBPA_RESET};
+use streams::Stream;
 
 pub use crate::driver::EventFate;
+pub use regfile::{CMDQS, EVENTQS};
 pub use shadow::{shadow_ste, GuestSte, StreamTableCfg};
 pub use stats::{reg_index, reg_name, Stats, REG_SLOTS};
 
@@ -263,88 +266,6 @@ pub enum Forward {
     Suppressed,
 }
 
-/// Largest command queue a guest may have (IDR1.CMDQS): Linux needs more than 64 entries.
-pub const CMDQS: u8 = 8;
-/// Largest event queue a guest may have (IDR1.EVENTQS).
-pub const EVENTQS: u8 = 7;
-/// CMDQ_CONS.ERR [30:24].
-const CONS_ERR: u32 = 0x7f00_0000;
-
-/// State of one guest StreamID.
-#[derive(Debug, Clone, Copy)]
-struct Stream {
-    map: StreamMap,
-    /// The physical STE last written (asked for); `None`: not known, as after a reset.
-    phys: Option<Ste>,
-    /// When the guest's configuration for the stream is invalid, the event its SMMU would record
-    /// for each transaction (the physical STE is then invalid and reports C_BAD_STE).
-    bad: Option<EventKind>,
-    /// Marked for reshadowing; `Some(true)` when a targeted CFGI_STE(_RANGE) asked for it,
-    /// `Some(false)` for SMMUEN, GBPA and CFGI_ALL.
-    dirty: Option<bool>,
-    /// A guest CMD_CFGI_STE(_RANGE)/CFGI_ALL named the stream: a nested one gets a physical
-    /// CMD_CFGI_STE even when its STE is unchanged (the SMMU may cache the guest's CD with it).
-    named: bool,
-    /// The current `bad` configuration was logged.
-    bad_logged: bool,
-    /// A break-before-make in progress: the make, and the physical CMD_SYNC after the break.
-    making: Option<(SteBreak, u64)>,
-}
-
-/// Writable register state, at its architectural reset values by [`Default`] except GBPA.
-#[derive(Debug, Clone, Copy, Default)]
-struct RegState {
-    cr0: u32,
-    /// CR0ACK: follows CR0 once what the change started is complete.
-    cr0ack: u32,
-    cr1: u32,
-    cr2: u32,
-    gbpa: u32,
-    irq_ctrl: u32,
-    gerror: u32,
-    gerrorn: u32,
-    gerror_irq_cfg0: u64,
-    gerror_irq_cfg1: u32,
-    gerror_irq_cfg2: u32,
-    strtab_base: u64,
-    strtab_base_cfg: u32,
-    cmdq_base: u64,
-    cmdq_prod: u32,
-    cmdq_cons: u32,
-    eventq_base: u64,
-    eventq_prod: u32,
-    eventq_cons: u32,
-    eventq_irq_cfg0: u64,
-    eventq_irq_cfg1: u32,
-    eventq_irq_cfg2: u32,
-}
-
-/// SMMU_GBPA at reset: SHCFG = 0b01 (use incoming), not aborting (IHI 0070 6.3.14): a guest
-/// whose driver never ran, or that removed it, has its streams translated by stage 2 only.
-const GBPA_RESET: u32 = 0x1000;
-/// GBPA's writable fields: MemAttr, MTCFG, ALLOCCFG, SHCFG, PRIVCFG, INSTCFG, ABORT.
-const GBPA_FIELDS: u32 = 0x001f_3f1f;
-/// CR0 enables a stage-1-only SMMU without PRI, ATS or VMW has.
-const CR0_FIELDS: u32 = Cr0::SMMUEN.bits() | Cr0::EVTQEN.bits() | Cr0::CMDQEN.bits();
-/// CR2 without E2H (RES0 without IDR0.HYP).
-const CR2_FIELDS: u32 = 0b110;
-/// GERROR bits this SMMU can raise.
-const GERROR_FIELDS: u32 = Gerror::CMDQ_ERR.bits()
-    | Gerror::EVENTQ_ABT_ERR.bits()
-    | Gerror::MSI_CMDQ_ABT_ERR.bits()
-    | Gerror::MSI_EVENTQ_ABT_ERR.bits()
-    | Gerror::MSI_GERROR_ABT_ERR.bits();
-/// IRQ_CTRL without PRIQ_IRQEN.
-const IRQ_FIELDS: u32 = IrqCtrl::GERROR_IRQEN.bits() | IrqCtrl::EVENTQ_IRQEN.bits();
-/// IRQ_CFG0.ADDR [51:2].
-const MSI_ADDR: u64 = bits::mask(51, 2);
-/// Queue BASE registers: RA/WA [62], ADDR [51:5], LOG2SIZE [4:0].
-const Q_BASE_FIELDS: u64 = 1 << 62 | bits::mask(51, 0);
-/// STRTAB_BASE: RA [62], ADDR [51:6].
-const STRTAB_BASE_FIELDS: u64 = 1 << 62 | bits::mask(51, 6);
-/// STRTAB_BASE_CFG: FMT [17:16], SPLIT [10:6], LOG2SIZE [5:0].
-const STRTAB_CFG_FIELDS: u32 = 0x3_07ff;
-
 /// One VM's emulated SMMUv3.
 #[derive(Debug)]
 pub struct Vsmmu {
@@ -364,7 +285,7 @@ pub struct Vsmmu {
     stopped: bool,
     /// What the guest sees once physical CMD_SYNCs complete, in queue order.
     inflight: Inflight,
-    /// Id of the next [`Completion`]: they are numbered in order, so the one at index `i` of
+    /// Id of the next [`Completion`](completion::Completion): they are numbered in order, so the one at index `i` of
     /// `inflight` has id `next_id - inflight.len() + i`.
     next_id: u64,
     /// How many completions at the back wait for a physical CMD_SYNC not queued yet
@@ -407,111 +328,6 @@ pub struct Vsmmu {
     visible_syncs: Vec<Cover>,
 }
 
-/// When a [`Completion`] may be made visible.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cover {
-    /// Right away (after the completions before it).
-    Now,
-    /// Once this physical CMD_SYNC (a sequence number) has completed.
-    Seq(u64),
-    /// Once the physical CMD_SYNC that will cover it, not queued yet, has completed.
-    Pending,
-}
-
-/// The completions in flight, in queue order: a vector taken from the front (a trap's
-/// completions are usually all made visible by its own `complete`, leaving it empty, so it
-/// costs less than a ring that wraps).
-#[derive(Debug)]
-struct Inflight {
-    buf: Vec<Completion>,
-    /// The first one still in flight.
-    head: usize,
-}
-
-impl Inflight {
-    fn with_capacity(n: usize) -> Self {
-        Self {
-            buf: Vec::with_capacity(n),
-            head: 0,
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.buf.len() - self.head
-    }
-
-    fn is_empty(&self) -> bool {
-        self.head == self.buf.len()
-    }
-
-    fn front(&self) -> Option<&Completion> {
-        self.buf.get(self.head)
-    }
-
-    fn back(&self) -> Option<&Completion> {
-        self.buf.last().filter(|_| !self.is_empty())
-    }
-
-    fn push_back(&mut self, c: Completion) {
-        if self.head > 0 && self.head >= self.buf.len() / 2 {
-            // Keep it compact when some stay in flight for long.
-            self.buf.drain(..self.head);
-            self.head = 0;
-        }
-        self.buf.push(c);
-    }
-
-    fn pop_front(&mut self) -> Option<Completion> {
-        let c = *self.buf.get(self.head)?;
-        self.head += 1;
-        if self.head == self.buf.len() {
-            self.buf.clear();
-            self.head = 0;
-        }
-        Some(c)
-    }
-
-    fn clear(&mut self) {
-        self.buf.clear();
-        self.head = 0;
-    }
-
-    /// The first `n`.
-    fn first(&self, n: usize) -> &[Completion] {
-        &self.buf[self.head..self.head + n.min(self.len())]
-    }
-
-    /// The last `n`.
-    fn last_mut(&mut self, n: usize) -> &mut [Completion] {
-        let from = self.buf.len() - n.min(self.len());
-        &mut self.buf[from..]
-    }
-}
-
-/// A change of the guest-visible state that waits for the physical SMMU.
-#[derive(Debug, Clone, Copy)]
-struct Completion {
-    cover: Cover,
-    what: Effect,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Effect {
-    /// The guest's CMDQ_CONS moves to `cons`; for a CMD_SYNC (`sync`), its completion MSI
-    /// (address, data) if it asked for one.
-    Cons {
-        cons: u32,
-        sync: bool,
-        msi: Option<(u64, u32)>,
-    },
-    /// Consumption stopped on a refused command: CMDQ_CONS (with ERR) and GERROR.CMDQ_ERR.
-    Error { cons: u32 },
-    /// A GBPA update completed (UPDATE reads 0 once none is left).
-    Gbpa,
-    /// CR0ACK takes this value.
-    Cr0Ack(u32),
-}
-
 /// A trapped register write whose effect on the guest waits for the physical SMMU: what the
 /// trap queued is published, and the physical CMD_SYNC (or the budget) waited for, outside the
 /// VM's vSMMU lock ([`Outstanding::wait`]); then [`Vsmmu::complete`] goes on with the write
@@ -522,7 +338,7 @@ enum Effect {
 pub struct Outstanding {
     /// Interrupts to raise now.
     pub irqs: Irqs,
-    /// The last [`Completion`] this write added, until it is visible.
+    /// The last [`Completion`](completion::Completion) this write added, until it is visible.
     upto: Option<u64>,
     /// Guest commands this write asked to have consumed: until [`Vsmmu`]'s count reaches it.
     target: Option<u64>,
@@ -563,7 +379,6 @@ impl Outstanding {
         }
     }
 }
-
 impl Vsmmu {
     /// A vSMMU at its reset state. Call [`Vsmmu::reset`] before the guest runs, to put the
     /// physical STEs in the matching state.
@@ -678,120 +493,6 @@ impl Vsmmu {
         self.cfg.s2.vmid
     }
 
-    fn cr0(&self) -> Cr0 {
-        Cr0::from_bits_retain(self.r.cr0)
-    }
-
-    /// CR0 and CR0ACK together: a queue or table is in use while either says so.
-    fn cr0_either(&self) -> Cr0 {
-        Cr0::from_bits_retain(self.r.cr0 | self.r.cr0ack)
-    }
-
-    fn idr0(&self) -> u32 {
-        // S1P, TTF = AArch64, COHACC, ASID16, MSI, TTENDIAN = little-endian, STALL_MODEL = no
-        // stalls, TERM_MODEL = abort, ST_LEVEL = 2-level (IHI 0070 6.3.1). No S2P, HYP, ATS, PRI,
-        // SEV, VMW, BTM, HTTU: a guest must not ask for what the VM cannot own.
-        1 << 1 | 2 << 2 | 1 << 4 | 1 << 12 | 1 << 13 | 2 << 21 | 1 << 24 | 1 << 26 | 1 << 27
-    }
-
-    fn idr1(&self) -> u32 {
-        // SIDSIZE [5:0], SSIDSIZE [10:6] = 0, PRIQS [15:11] = 0, EVENTQS [20:16], CMDQS [25:21].
-        u32::from(self.cfg.sid_bits.min(32)) | u32::from(EVENTQS) << 16 | u32::from(CMDQS) << 21
-    }
-
-    fn idr3(&self) -> u32 {
-        u32::from(self.cfg.phys_ril) << 10
-    }
-
-    fn idr5(&self) -> u32 {
-        let oas = regs::bits_to_oas(self.cfg.oas_bits).unwrap_or(2);
-        // Granules [6:4] as the physical SMMU has them; VAX [11:10] = 0 (no 52-bit VA: QEMU
-        // refuses T0SZ < 16); STALL_MAX = 0.
-        (self.cfg.phys_idr5 & 0x70) | u32::from(oas)
-    }
-
-    fn cmdq(&self) -> (u64, Queue) {
-        let log2 = ((self.r.cmdq_base & 0x1f) as u8).min(CMDQS);
-        let mut q = Queue::new(log2);
-        q.set_prod(self.r.cmdq_prod);
-        q.set_cons(self.fetched);
-        (self.r.cmdq_base & bits::mask(51, 5), q)
-    }
-
-    fn eventq(&self) -> (u64, Queue) {
-        let log2 = ((self.r.eventq_base & 0x1f) as u8).min(EVENTQS);
-        let mut q = Queue::new(log2);
-        q.set_prod(self.r.eventq_prod);
-        q.set_cons(self.r.eventq_cons);
-        (self.r.eventq_base & bits::mask(51, 5), q)
-    }
-
-    /// A guest read of register `off` (from the vSMMU base; `size` 4 or 8 bytes).
-    pub fn read(&mut self, off: u64, size: u8) -> u64 {
-        self.stats.reads[reg_index(off)] += 1;
-        if off >= regs::MMIO_SIZE {
-            return 0;
-        }
-        if size == 8 {
-            if !off.is_multiple_of(8) {
-                return 0;
-            }
-            return u64::from(self.read32(off)) | u64::from(self.read32(off + 4)) << 32;
-        }
-        u64::from(self.read32(off & !3))
-    }
-
-    fn read32(&self, off: u64) -> u32 {
-        let r = &self.r;
-        let lo = |v: u64| v as u32;
-        let hi = |v: u64| (v >> 32) as u32;
-        match off {
-            regs::SMMU_IDR0 => self.idr0(),
-            regs::SMMU_IDR1 => self.idr1(),
-            regs::SMMU_IDR3 => self.idr3(),
-            regs::SMMU_IDR5 => self.idr5(),
-            // SMMUv3.2: RIL is a v3.2 feature.
-            regs::SMMU_AIDR => 2,
-            regs::SMMU_CR0 => r.cr0,
-            regs::SMMU_CR0ACK => r.cr0ack,
-            regs::SMMU_CR1 => r.cr1,
-            regs::SMMU_CR2 => r.cr2,
-            // UPDATE reads 1 while an update the guest asked for is not complete.
-            regs::SMMU_GBPA => {
-                r.gbpa
-                    | if self.gbpa_updates > 0 {
-                        Gbpa::UPDATE.bits()
-                    } else {
-                        0
-                    }
-            }
-            regs::SMMU_IRQ_CTRL | regs::SMMU_IRQ_CTRLACK => r.irq_ctrl,
-            regs::SMMU_GERROR => r.gerror,
-            regs::SMMU_GERRORN => r.gerrorn,
-            regs::SMMU_GERROR_IRQ_CFG0 => lo(r.gerror_irq_cfg0),
-            0x6c => hi(r.gerror_irq_cfg0),
-            regs::SMMU_GERROR_IRQ_CFG1 => r.gerror_irq_cfg1,
-            regs::SMMU_GERROR_IRQ_CFG2 => r.gerror_irq_cfg2,
-            regs::SMMU_STRTAB_BASE => lo(r.strtab_base),
-            0x84 => hi(r.strtab_base),
-            regs::SMMU_STRTAB_BASE_CFG => r.strtab_base_cfg,
-            regs::SMMU_CMDQ_BASE => lo(r.cmdq_base),
-            0x94 => hi(r.cmdq_base),
-            regs::SMMU_CMDQ_PROD => r.cmdq_prod,
-            regs::SMMU_CMDQ_CONS => r.cmdq_cons,
-            regs::SMMU_EVENTQ_BASE => lo(r.eventq_base),
-            0xa4 => hi(r.eventq_base),
-            regs::SMMU_EVENTQ_IRQ_CFG0 => lo(r.eventq_irq_cfg0),
-            0xb4 => hi(r.eventq_irq_cfg0),
-            regs::SMMU_EVENTQ_IRQ_CFG1 => r.eventq_irq_cfg1,
-            regs::SMMU_EVENTQ_IRQ_CFG2 => r.eventq_irq_cfg2,
-            regs::SMMU_EVENTQ_PROD => r.eventq_prod,
-            regs::SMMU_EVENTQ_CONS => r.eventq_cons,
-            // IDR2/IDR4/IIDR, STATUSR, AGBPA, the PRI queue, reserved space: RAZ.
-            _ => 0,
-        }
-    }
-
     /// A guest write of `value` to register `off` (`size` 4 or 8 bytes), carried out to the
     /// end: [`Vsmmu::write_start`], then [`Outstanding::wait`] and [`Vsmmu::complete`] while
     /// [`Outstanding::pending`] (the waits with the model held: for tests and the hypervisor's
@@ -865,185 +566,6 @@ impl Vsmmu {
             o.upto
         };
         self.outstanding(irqs, upto, o.target)
-    }
-
-    /// The register side of a write: what it changes, and what it sets off (completions,
-    /// streams to reshadow, commands to consume up to `target`) for [`Vsmmu::advance`].
-    fn write_regs(&mut self, off: u64, size: u8, value: u64, target: &mut Option<u64>) {
-        self.stats.writes[reg_index(off)] += 1;
-        if off >= regs::MMIO_SIZE {
-            return;
-        }
-        if size == 8 {
-            if !off.is_multiple_of(8) {
-                return;
-            }
-            // A 64-bit access to a 64-bit register is one update; to a pair of 32-bit
-            // registers it is two, low address first.
-            if let Some(r) = self.reg64(off) {
-                *r = value;
-                self.mask_reg64(off);
-                return;
-            }
-            self.write32(off, value as u32, target);
-            self.write32(off + 4, (value >> 32) as u32, target);
-            return;
-        }
-        let off = off & !3;
-        let base = off & !7;
-        if let Some(r) = self.reg64(base) {
-            let shift = (off - base) * 8;
-            *r = (*r & !(0xffff_ffff << shift)) | u64::from(value as u32) << shift;
-            self.mask_reg64(base);
-            return;
-        }
-        self.write32(off, value as u32, target);
-    }
-
-    /// The 64-bit register at `off`, if it is one and writable now (queue and table bases are
-    /// read-only while their enable is set in CR0 or CR0ACK; IRQ_CFG registers while their
-    /// interrupt is enabled; IHI 0070 6.3).
-    fn reg64(&mut self, off: u64) -> Option<&mut u64> {
-        let cr0 = self.cr0_either();
-        let irq = IrqCtrl::from_bits_retain(self.r.irq_ctrl);
-        let r = &mut self.r;
-        match off {
-            regs::SMMU_STRTAB_BASE if !cr0.contains(Cr0::SMMUEN) => Some(&mut r.strtab_base),
-            regs::SMMU_CMDQ_BASE if !cr0.contains(Cr0::CMDQEN) => Some(&mut r.cmdq_base),
-            regs::SMMU_EVENTQ_BASE if !cr0.contains(Cr0::EVTQEN) => Some(&mut r.eventq_base),
-            regs::SMMU_GERROR_IRQ_CFG0 if !irq.contains(IrqCtrl::GERROR_IRQEN) => {
-                Some(&mut r.gerror_irq_cfg0)
-            }
-            regs::SMMU_EVENTQ_IRQ_CFG0 if !irq.contains(IrqCtrl::EVENTQ_IRQEN) => {
-                Some(&mut r.eventq_irq_cfg0)
-            }
-            _ => None,
-        }
-    }
-
-    /// Clears the RES0 bits of a 64-bit register just written.
-    fn mask_reg64(&mut self, off: u64) {
-        let r = &mut self.r;
-        match off {
-            regs::SMMU_STRTAB_BASE => r.strtab_base &= STRTAB_BASE_FIELDS,
-            regs::SMMU_CMDQ_BASE => r.cmdq_base &= Q_BASE_FIELDS,
-            regs::SMMU_EVENTQ_BASE => r.eventq_base &= Q_BASE_FIELDS,
-            regs::SMMU_GERROR_IRQ_CFG0 => r.gerror_irq_cfg0 &= MSI_ADDR,
-            regs::SMMU_EVENTQ_IRQ_CFG0 => r.eventq_irq_cfg0 &= MSI_ADDR,
-            _ => {}
-        }
-    }
-
-    fn write32(&mut self, off: u64, v: u32, target: &mut Option<u64>) {
-        let cr0 = self.cr0_either();
-        let irq = IrqCtrl::from_bits_retain(self.r.irq_ctrl);
-        match off {
-            regs::SMMU_CR0 => self.write_cr0(v & CR0_FIELDS, target),
-            // Table and queue attributes: fixed while anything that uses them is enabled.
-            regs::SMMU_CR1 if cr0.bits() & CR0_FIELDS == 0 => self.r.cr1 = v & 0xfff,
-            regs::SMMU_CR2 if !cr0.contains(Cr0::SMMUEN) => self.r.cr2 = v & CR2_FIELDS,
-            // Only a write with UPDATE set takes effect (IHI 0070 6.3.14).
-            regs::SMMU_GBPA if v & Gbpa::UPDATE.bits() != 0 => self.write_gbpa(v & GBPA_FIELDS),
-            regs::SMMU_IRQ_CTRL => self.r.irq_ctrl = v & IRQ_FIELDS,
-            regs::SMMU_GERRORN => {
-                self.r.gerrorn = v & GERROR_FIELDS;
-                // Acknowledging CMDQ_ERR restarts the queue at CONS (IHI 0070 7.1).
-                if !self.cmdq_error_active() && self.r.cmdq_cons & CONS_ERR != 0 {
-                    self.r.cmdq_cons &= !CONS_ERR;
-                    self.stopped = false;
-                    self.request_consumption(target);
-                }
-            }
-            regs::SMMU_GERROR_IRQ_CFG1 if !irq.contains(IrqCtrl::GERROR_IRQEN) => {
-                self.r.gerror_irq_cfg1 = v;
-            }
-            regs::SMMU_GERROR_IRQ_CFG2 if !irq.contains(IrqCtrl::GERROR_IRQEN) => {
-                self.r.gerror_irq_cfg2 = v & 0x3f;
-            }
-            regs::SMMU_EVENTQ_IRQ_CFG1 if !irq.contains(IrqCtrl::EVENTQ_IRQEN) => {
-                self.r.eventq_irq_cfg1 = v;
-            }
-            regs::SMMU_EVENTQ_IRQ_CFG2 if !irq.contains(IrqCtrl::EVENTQ_IRQEN) => {
-                self.r.eventq_irq_cfg2 = v & 0x3f;
-            }
-            regs::SMMU_STRTAB_BASE_CFG if !cr0.contains(Cr0::SMMUEN) => {
-                self.r.strtab_base_cfg = v & STRTAB_CFG_FIELDS;
-            }
-            regs::SMMU_CMDQ_PROD => {
-                self.r.cmdq_prod = v & 0x000f_ffff;
-                self.request_consumption(target);
-            }
-            regs::SMMU_CMDQ_CONS if !cr0.contains(Cr0::CMDQEN) => {
-                self.r.cmdq_cons = v & 0x000f_ffff;
-                self.fetched = self.r.cmdq_cons;
-                self.stopped = false;
-            }
-            regs::SMMU_EVENTQ_PROD if !cr0.contains(Cr0::EVTQEN) => {
-                self.r.eventq_prod = v & (OVERFLOW_FLAG | 0x000f_ffff);
-            }
-            regs::SMMU_EVENTQ_CONS => {
-                self.r.eventq_cons = v & (OVERFLOW_FLAG | 0x000f_ffff);
-            }
-            // Read-only, RES0 or guarded: ignored, as the spec lets hardware do.
-            _ => {}
-        }
-    }
-
-    /// This write wants the guest's queue consumed up to its PROD: `target` is the count
-    /// [`Vsmmu::consumed`] reaches then (at most one queue's worth on).
-    fn request_consumption(&self, target: &mut Option<u64>) {
-        if !self.can_consume() {
-            return;
-        }
-        let (_, q) = self.cmdq();
-        let ahead = u64::from(q.prod().wrapping_sub(q.cons()) & ((2 << q.log2size()) - 1))
-            .min(u64::from(q.entries()));
-        if ahead > 0 {
-            let t = self.consumed + ahead;
-            *target = Some(target.map_or(t, |x| x.max(t)));
-        }
-    }
-
-    /// Whether guest commands can be consumed now (CMDQEN, no error standing).
-    fn can_consume(&self) -> bool {
-        self.cr0().contains(Cr0::CMDQEN) && !self.cmdq_error_active() && !self.stopped
-    }
-
-    /// CR0 (IHI 0070 6.3.9): SMMUEN puts the guest's stream table (or GBPA) in force, CMDQEN
-    /// starts or stops consumption. CR0ACK follows once what the change set off is complete:
-    /// the physical STEs it changed in force, and, when CMDQEN goes off, every command
-    /// consumed so far complete ("the queue reads as stopped").
-    fn write_cr0(&mut self, v: u32, target: &mut Option<u64>) {
-        let old = self.cr0();
-        self.r.cr0 = v;
-        let new = self.cr0();
-        if old.contains(Cr0::SMMUEN) != new.contains(Cr0::SMMUEN) {
-            self.invalidate(None, false, false);
-            // Invalidations consumed after it follow its STE changes.
-            self.barrier = true;
-        }
-        if new.contains(Cr0::CMDQEN) && !old.contains(Cr0::CMDQEN) {
-            self.request_consumption(target);
-        }
-        self.completion(Cover::Pending, Effect::Cr0Ack(v));
-    }
-
-    /// GBPA with UPDATE (IHI 0070 6.3.14). While SMMUEN is off a change of ABORT changes every
-    /// stream's physical STE; that STE work is budgeted, and UPDATE reads 1 until it is done
-    /// (software must poll it). A write while an update is still in progress takes its value
-    /// last, and the update completes once, for that value. A change with no physical effect
-    /// completes at once.
-    fn write_gbpa(&mut self, v: u32) {
-        let old = self.r.gbpa;
-        self.r.gbpa = v;
-        let abort = Gbpa::ABORT.bits();
-        if self.cr0_either().contains(Cr0::SMMUEN) || (old ^ v) & abort == 0 {
-            return;
-        }
-        self.invalidate(None, false, false);
-        self.barrier = true;
-        self.gbpa_updates += 1;
-        self.completion(Cover::Pending, Effect::Gbpa);
     }
 }
 

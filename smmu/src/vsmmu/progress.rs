@@ -8,10 +8,9 @@
 //! [`Vsmmu::complete`], which resumes from where the model stands (the guest's queue position
 //! is the state, so any vCPU's trap may be the one that goes on).
 
-use super::{
-    Completion, Cover, Effect, GuestMemory, Irqs, Outstanding, PhysicalSmmu, Vsmmu, CONS_ERR,
-    MAX_ROUNDS,
-};
+use super::completion::{Completion, Cover, Effect};
+use super::regfile::CONS_ERR;
+use super::{GuestMemory, Irqs, Outstanding, PhysicalSmmu, Vsmmu, MAX_ROUNDS};
 
 /// CMDQ_PROD/CONS: WR [19] and RD/WR [18:0], the part that names a queue position.
 const CONS_PTR: u32 = 0x000f_ffff;

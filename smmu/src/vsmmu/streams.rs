@@ -1,12 +1,36 @@
-//! The VM's physical STEs: which streams need reshadowing, and the STE work that follows,
-//! bounded per trap and per unit of time ([module docs](super), STE work).
+//! The VM's streams and their physical STEs: each guest StreamID's state ([`Stream`]), which
+//! streams need reshadowing, and the STE work that follows, bounded per trap and per unit of
+//! time ([module docs](super), STE work).
 
+use super::completion::Cover;
 use super::progress::Pause;
-use super::{shadow_ste, Cover, GuestMemory, PhysicalSmmu, StreamTableCfg, Vsmmu};
+use super::{shadow_ste, GuestMemory, PhysicalSmmu, StreamMap, StreamTableCfg, Vsmmu};
 use crate::cmd::Command;
-use crate::driver::SteWrite;
+use crate::driver::{SteBreak, SteWrite};
+use crate::event::EventKind;
 use crate::regs::{Cr0, Gbpa};
 use crate::ste::Ste;
+
+/// State of one guest StreamID.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Stream {
+    pub(super) map: StreamMap,
+    /// The physical STE last written (asked for); `None`: not known, as after a reset.
+    pub(super) phys: Option<Ste>,
+    /// When the guest's configuration for the stream is invalid, the event its SMMU would record
+    /// for each transaction (the physical STE is then invalid and reports C_BAD_STE).
+    pub(super) bad: Option<EventKind>,
+    /// Marked for reshadowing; `Some(true)` when a targeted CFGI_STE(_RANGE) asked for it,
+    /// `Some(false)` for SMMUEN, GBPA and CFGI_ALL.
+    pub(super) dirty: Option<bool>,
+    /// A guest CMD_CFGI_STE(_RANGE)/CFGI_ALL named the stream: a nested one gets a physical
+    /// CMD_CFGI_STE even when its STE is unchanged (the SMMU may cache the guest's CD with it).
+    pub(super) named: bool,
+    /// The current `bad` configuration was logged.
+    pub(super) bad_logged: bool,
+    /// A break-before-make in progress: the make, and the physical CMD_SYNC after the break.
+    pub(super) making: Option<(SteBreak, u64)>,
+}
 
 impl Vsmmu {
     /// Marks the VM's streams whose guest StreamID is in `[start, start + n)` (all of them for

@@ -1,0 +1,107 @@
+//! Static partitioning: which VMs to run, read from `/chosen` of the host DT.
+//!
+//! The binding follows Xen's dom0less one (domain nodes under `/chosen` with `cpus`, `memory`
+//! in KiB, and `multiboot,kernel` / `multiboot,ramdisk` module children), with our own
+//! `smmu-hv,*` properties for naming, CPU pinning and static memory:
+//!
+//! ```text
+//! chosen {
+//!     vm0 {
+//!         compatible = "smmu-hv,vm";
+//!         #address-cells = <2>; #size-cells = <2>;   /* default 2/2 */
+//!         smmu-hv,name = "vm0";                      /* optional, else the node name */
+//!         cpus = <2>;                                /* vCPU count */
+//!         smmu-hv,cpus = <0x0 0x1>;                  /* optional MPIDR per vCPU */
+//!         memory = <0x0 0x100000>;                   /* KiB, 64-bit */
+//!         smmu-hv,static-mem = <0x1 0x0 0x0 0x40000000>; /* optional base/size */
+//!         module@4a000000 { compatible = "multiboot,kernel", "multiboot,module";
+//!                           reg = <...>; bootargs = "..."; };
+//!         module@50000000 { compatible = "multiboot,ramdisk", "multiboot,module"; reg = <...>; };
+//!     };
+//! };
+//! ```
+//!
+//! Reading happens in two steps: [`parse_vm_specs`] turns each node into a [`VmSpec`] (only
+//! what the node itself says), then [`plan_vms`] checks every spec against the machine and the
+//! VMs accepted before it and decides where each VM's CPUs and RAM are. A bad VM is refused on
+//! its own, with a [`ConfigError`] naming it and the offending property, so one typo in one
+//! node does not keep the other VMs from booting.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::platform::MemRange;
+
+mod error;
+mod parse;
+mod plan;
+#[cfg(test)]
+mod tests;
+
+pub use error::ConfigError;
+pub use parse::parse_vm_specs;
+pub use plan::plan_vms;
+
+/// A boot module (an image the boot loader placed in memory) as a VM node names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleSpec {
+    /// Where the image is in physical memory.
+    pub range: MemRange,
+    /// The module's `bootargs` (the kernel command line, for a kernel).
+    pub bootargs: Option<String>,
+}
+
+/// What one VM node says, before any machine-level checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSpec {
+    /// `smmu-hv,name`, or the node name.
+    pub name: String,
+    /// `cpus`: number of vCPUs (0 if the node says 0; [`plan_vms`] refuses that).
+    pub vcpus: u32,
+    /// `smmu-hv,cpus`: the MPIDR of the physical CPU each vCPU is pinned to, in vCPU order.
+    pub pcpus: Option<Vec<u64>>,
+    /// `memory`, converted from KiB to bytes.
+    pub mem_size: u64,
+    /// `smmu-hv,static-mem`: where the VM's RAM must be.
+    pub static_mem: Option<MemRange>,
+    /// The `multiboot,kernel` module child.
+    pub kernel: Option<ModuleSpec>,
+    /// The `multiboot,ramdisk` module child.
+    pub ramdisk: Option<MemRange>,
+    /// `smmu-hv,pci-devices`: the physical PCI functions the VM owns.
+    pub pci_devices: Vec<crate::pci::Bdf>,
+}
+
+/// The host resources VMs are carved from.
+#[derive(Clone, Copy, Debug)]
+pub struct Machine<'a> {
+    /// MPIDR of each CPU, indexed by logical CPU number.
+    pub cpus: &'a [u64],
+    /// Usable RAM.
+    pub ram: &'a [MemRange],
+    /// Memory nothing may overlap: the hypervisor image, the DTB, reserved memory. Must not
+    /// include the boot modules themselves (they are checked against this list).
+    pub busy: &'a [MemRange],
+    /// The hypervisor image (checked separately so errors can say so).
+    pub hypervisor: MemRange,
+}
+
+/// An accepted VM: everything it was given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmPlan {
+    /// The VM's name, unique among accepted VMs.
+    pub name: String,
+    /// Logical index of the physical CPU each vCPU runs on, in vCPU order.
+    pub pcpus: Vec<usize>,
+    /// Physical base of the VM's RAM.
+    pub ram_pa: u64,
+    /// Size of the VM's RAM in bytes.
+    pub ram_size: u64,
+    /// The kernel image.
+    pub kernel: ModuleSpec,
+    /// The initramfs image, if any.
+    pub ramdisk: Option<MemRange>,
+    /// The physical PCI functions it owns (checked against IOMMU groups by the caller, who
+    /// knows the PCI topology).
+    pub pci_devices: Vec<crate::pci::Bdf>,
+}

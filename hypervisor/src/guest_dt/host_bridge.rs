@@ -1,0 +1,92 @@
+//! The node of the VM's virtual PCI host bridge: `ranges`, `iommu-map` and the INTx
+//! `interrupt-map`.
+
+use alloc::format;
+use alloc::vec::Vec;
+
+use vm_fdt::FdtWriter;
+
+use super::{GuestDtError, GuestPci, GIC_PHANDLE, GIC_SPI, LEVEL_HIGH, SMMU_PHANDLE};
+use crate::pci::{IntxPin, PciSpace};
+
+/// `interrupt-map-mask`: the device number (phys.hi bits 15:11) and the pin. QEMU's `virt`
+/// masks only bits 12:11 because its routing repeats every four slots; the guest's map lists
+/// exactly the slots it owns, so it keys on the whole device number and stays right whatever
+/// the physical routing is.
+pub(super) const PCI_INTX_MASK: [u32; 4] = [0xf800, 0, 0, 7];
+
+/// The generic PCI bus binding's phys.hi (IEEE 1275 PCI binding 2.2.1.1): `npt000ss`, with
+/// `ss` the space code in bits 25:24 and `p` (prefetchable) bit 30.
+fn phys_hi(space: PciSpace, prefetchable: bool) -> u32 {
+    let ss = match space {
+        PciSpace::Config => 0,
+        PciSpace::Io => 1,
+        PciSpace::Mem32 => 2,
+        PciSpace::Mem64 => 3,
+    };
+    ss << 24 | u32::from(prefetchable) << 30
+}
+
+/// The host bridge node Linux's `pci-host-generic` (`pci_host_common_probe`) binds to.
+pub(super) fn pci_node(
+    w: &mut FdtWriter,
+    pci: &GuestPci,
+    behind_smmu: bool,
+) -> Result<(), GuestDtError> {
+    let node = w.begin_node(&format!("pcie@{:x}", pci.ecam.base))?;
+    w.property_string("compatible", "pci-host-ecam-generic")?;
+    w.property_string("device_type", "pci")?;
+    w.property_u32("#address-cells", 3)?;
+    w.property_u32("#size-cells", 2)?;
+    w.property_u32("#interrupt-cells", 1)?;
+    w.property_array_u32(
+        "bus-range",
+        &[u32::from(pci.bus_range.0), u32::from(pci.bus_range.1)],
+    )?;
+    w.property_array_u64("reg", &[pci.ecam.base, pci.ecam.size])?;
+    // Each entry: PCI address (3 cells), CPU address (the root's 2), size (2).
+    let mut ranges = Vec::with_capacity(pci.ranges.len() * 7);
+    for r in pci.ranges {
+        let split = |v: u64| [(v >> 32) as u32, v as u32];
+        ranges.push(phys_hi(r.space, r.prefetchable));
+        ranges.extend(split(r.pci_base));
+        ranges.extend(split(r.cpu_base));
+        ranges.extend(split(r.size));
+    }
+    w.property_array_u32("ranges", &ranges)?;
+    // A fixed domain so that the guest's BDFs (equal to the host's) read the same in logs.
+    w.property_u32("linux,pci-domain", 0)?;
+    w.property_null("dma-coherent")?;
+    if behind_smmu {
+        // Linux `pci-iommu.yaml`: <rid-base iommu iommu-base length>. StreamID = RID for the
+        // whole 16-bit RID space, as on QEMU `virt`: the vSMMU then sees the same StreamIDs
+        // as the physical SMMU, so no translation table is needed between them.
+        w.property_array_u32("iommu-map", &[0, SMMU_PHANDLE, 0, 1 << 16])?;
+    }
+    w.property_array_u32("interrupt-map-mask", &PCI_INTX_MASK)?;
+    let mut map: Vec<u32> = Vec::with_capacity(pci.intx.len() * 8);
+    let mut seen: Vec<(u8, IntxPin)> = Vec::new();
+    for &(bdf, pin, intid) in pci.intx {
+        // `validate` made sure duplicates agree; one entry per (slot, pin) is enough.
+        if seen.contains(&(bdf.dev, pin)) {
+            continue;
+        }
+        seen.push((bdf.dev, pin));
+        // Child unit address: bus/device/function in phys.hi 23:8; then the pin, the GIC,
+        // and a GIC specifier (the GIC node has #address-cells 0). INTx is level triggered
+        // (PCIe Base spec 2.2.8.1: Assert_INTx/Deassert_INTx messages model a level).
+        map.extend_from_slice(&[
+            u32::from(bdf.rid()) << 8,
+            0,
+            0,
+            pin.number(),
+            GIC_PHANDLE,
+            GIC_SPI,
+            intid - 32,
+            LEVEL_HIGH,
+        ]);
+    }
+    w.property_array_u32("interrupt-map", &map)?;
+    w.end_node(node)?;
+    Ok(())
+}

@@ -1,0 +1,616 @@
+use super::host_bridge::PCI_INTX_MASK;
+use super::*;
+use crate::platform::{Platform, PsciConduit};
+
+fn config<'a>(mpidrs: &'a [u64]) -> GuestDtConfig<'a> {
+    GuestDtConfig {
+        vm_name: "linux-guest",
+        vcpu_mpidrs: mpidrs,
+        ram: MemRange {
+            base: 0x4000_0000,
+            size: 0x2000_0000,
+        },
+        gicd: MemRange {
+            base: 0x800_0000,
+            size: 0x1_0000,
+        },
+        gicr: MemRange {
+            base: 0x80a_0000,
+            size: 0x2_0000 * mpidrs.len() as u64,
+        },
+        maintenance_ppi: 25,
+        timer: TimerInfo {
+            intids: [29, 30, 27, 26],
+            flags: [4, 4, 4, 8],
+        },
+        uart: MemRange {
+            base: 0x900_0000,
+            size: 0x1000,
+        },
+        uart_intid: 33,
+        psci_method_hvc: true,
+        bootargs: "console=ttyAMA0 earlycon",
+        initrd: Some(MemRange {
+            base: 0x4800_0000,
+            size: 0x12_3456,
+        }),
+        boot_count: 3,
+        pci: None,
+        smmu: None,
+    }
+}
+
+#[test]
+fn round_trip_through_platform_parse() {
+    let mpidrs = [0, 1, 0x100, 0x101];
+    let cfg = config(&mpidrs);
+    let dtb = build_guest_dt(&cfg).unwrap();
+    let p = Platform::parse(&dtb).unwrap();
+    assert_eq!(p.cpus, mpidrs);
+    assert_eq!(p.memory, vec![cfg.ram]);
+    assert!(p.reserved.is_empty());
+    assert_eq!(p.gic.gicd, cfg.gicd);
+    assert_eq!(p.gic.gicr, cfg.gicr);
+    assert_eq!(p.gic.maintenance_ppi, 25);
+    assert_eq!(p.timer, cfg.timer);
+    assert_eq!(p.uart.base, cfg.uart);
+    assert_eq!(p.uart.intid, 33);
+    assert_eq!(p.uart.compatible, "arm,pl011");
+    assert_eq!(p.psci, Some(PsciConduit::Hvc));
+    assert_eq!(p.bootargs.as_deref(), Some(cfg.bootargs));
+    assert!(p.modules.is_empty());
+
+    let smc = build_guest_dt(&GuestDtConfig {
+        psci_method_hvc: false,
+        ..cfg
+    })
+    .unwrap();
+    assert_eq!(Platform::parse(&smc).unwrap().psci, Some(PsciConduit::Smc));
+}
+
+#[test]
+fn round_trip_through_fdt_crate() {
+    let mpidrs = [0, 1];
+    let cfg = config(&mpidrs);
+    let dtb = build_guest_dt(&cfg).unwrap();
+    let fdt = fdt::Fdt::new(&dtb).unwrap();
+    let root = fdt.root();
+    assert_eq!(root.compatible().first(), "linux,dummy-virt");
+    assert_eq!(root.model(), "linux-guest");
+    let chosen = fdt.find_node("/chosen").unwrap();
+    let u64_prop = |name| {
+        let v = chosen.property(name).unwrap().value;
+        u64::from_be_bytes(v.try_into().unwrap())
+    };
+    assert_eq!(u64_prop("linux,initrd-start"), 0x4800_0000);
+    assert_eq!(u64_prop("linux,initrd-end"), 0x4812_3456);
+    assert_eq!(
+        chosen.property("hypervisor,boot-count").unwrap().as_usize(),
+        Some(3)
+    );
+    assert_eq!(
+        chosen.property("hypervisor,vm-name").unwrap().as_str(),
+        Some("linux-guest")
+    );
+    assert_eq!(fdt.chosen().stdout().unwrap().name, "pl011@9000000");
+    assert_eq!(fdt.chosen().bootargs(), Some("console=ttyAMA0 earlycon"));
+
+    let ids: Vec<usize> = fdt.cpus().map(|c| c.ids().first()).collect();
+    assert_eq!(ids, [0, 1]);
+    for cpu in fdt.cpus() {
+        assert_eq!(
+            cpu.property("enable-method").unwrap().as_str(),
+            Some("psci")
+        );
+        assert_eq!(
+            cpu.property("compatible").unwrap().as_str(),
+            Some("arm,armv8")
+        );
+    }
+
+    let gic = fdt.find_compatible(&["arm,gic-v3"]).unwrap();
+    let gic_phandle = gic.property("phandle").unwrap().as_usize().unwrap();
+    assert_eq!(
+        root.property("interrupt-parent").unwrap().as_usize(),
+        Some(gic_phandle)
+    );
+    assert!(gic.property("interrupt-controller").is_some());
+    assert_eq!(gic.interrupt_cells(), Some(3));
+
+    let uart = fdt.find_compatible(&["arm,pl011"]).unwrap();
+    let clocks = uart.property("clocks").unwrap().value;
+    let clk = fdt
+        .find_phandle(u32::from_be_bytes(clocks[..4].try_into().unwrap()))
+        .unwrap();
+    assert_eq!(clk.name, "apb-pclk");
+    assert_eq!(
+        clk.property("clock-frequency").unwrap().as_usize(),
+        Some(24_000_000)
+    );
+    assert_eq!(clk.property("#clock-cells").unwrap().as_usize(), Some(0));
+    assert_eq!(&clocks[4..], &clocks[..4]);
+    assert_eq!(
+        uart.property("clock-names").unwrap().value,
+        b"uartclk\0apb_pclk\0"
+    );
+    assert!(fdt
+        .find_node("/timer")
+        .unwrap()
+        .property("always-on")
+        .is_some());
+}
+
+#[test]
+fn wide_mpidrs_and_no_initrd() {
+    let mpidrs = [0x1_0000_0000, 0x1_0000_0001];
+    let cfg = GuestDtConfig {
+        initrd: None,
+        ..config(&mpidrs)
+    };
+    let dtb = build_guest_dt(&cfg).unwrap();
+    assert_eq!(Platform::parse(&dtb).unwrap().cpus, mpidrs);
+    let fdt = fdt::Fdt::new(&dtb).unwrap();
+    assert!(fdt
+        .find_node("/chosen")
+        .unwrap()
+        .property("linux,initrd-start")
+        .is_none());
+}
+
+#[test]
+fn rejects_bad_configs() {
+    let mpidrs = [0, 1];
+    let ok = config(&mpidrs);
+    let err = |cfg: GuestDtConfig| build_guest_dt(&cfg).unwrap_err();
+    assert_eq!(
+        err(GuestDtConfig {
+            vcpu_mpidrs: &[],
+            ..ok
+        }),
+        GuestDtError::NoVcpus
+    );
+    assert_eq!(
+        err(GuestDtConfig {
+            vcpu_mpidrs: &[1, 1],
+            ..ok
+        }),
+        GuestDtError::DuplicateMpidr(1)
+    );
+    assert_eq!(
+        err(GuestDtConfig {
+            vcpu_mpidrs: &[1 << 31],
+            ..ok
+        }),
+        GuestDtError::BadMpidr(1 << 31)
+    );
+    assert!(matches!(
+        err(GuestDtConfig {
+            uart_intid: 27,
+            ..ok
+        }),
+        GuestDtError::BadIntid { what: "uart", .. }
+    ));
+    assert!(matches!(
+        err(GuestDtConfig {
+            maintenance_ppi: 40,
+            ..ok
+        }),
+        GuestDtError::BadIntid {
+            what: "maintenance",
+            ..
+        }
+    ));
+    assert!(matches!(
+        err(GuestDtConfig {
+            ram: MemRange {
+                base: u64::MAX,
+                size: 2
+            },
+            ..ok
+        }),
+        GuestDtError::BadRange { what: "ram", .. }
+    ));
+    assert!(matches!(
+        err(GuestDtConfig {
+            initrd: Some(MemRange {
+                base: 0x1000,
+                size: 0x1000
+            }),
+            ..ok
+        }),
+        GuestDtError::InitrdOutsideRam { .. }
+    ));
+    assert_eq!(
+        err(GuestDtConfig {
+            bootargs: "a\0b",
+            ..ok
+        }),
+        GuestDtError::Writer(vm_fdt::Error::InvalidString)
+    );
+}
+
+const WINDOWS: [PciWindow; 3] = [
+    PciWindow {
+        space: PciSpace::Io,
+        prefetchable: false,
+        pci_base: 0,
+        cpu_base: 0x3eff_0000,
+        size: 0x1_0000,
+    },
+    PciWindow {
+        space: PciSpace::Mem32,
+        prefetchable: false,
+        pci_base: 0x1000_0000,
+        cpu_base: 0x1000_0000,
+        size: 0x2eff_0000,
+    },
+    PciWindow {
+        space: PciSpace::Mem64,
+        prefetchable: true,
+        pci_base: 0x80_0000_0000,
+        cpu_base: 0x80_0000_0000,
+        size: 0x80_0000_0000,
+    },
+];
+
+const INTX: [(Bdf, IntxPin, u32); 4] = [
+    (Bdf::new(0, 2, 0), IntxPin::A, 37),
+    (Bdf::new(0, 3, 0), IntxPin::A, 38),
+    // Slot 6 shares slot 2's lines on QEMU (SPI 3 + slot % 4) but is its own key here.
+    (Bdf::new(0, 6, 0), IntxPin::B, 40),
+    // A second function of slot 3 on the same pin and line: one map entry.
+    (Bdf::new(0, 3, 1), IntxPin::A, 38),
+];
+
+fn pci() -> GuestPci<'static> {
+    GuestPci {
+        ecam: MemRange {
+            base: 0x40_1000_0000,
+            size: 0x100_0000,
+        },
+        bus_range: (0, 0xf),
+        ranges: &WINDOWS,
+        intx: &INTX,
+    }
+}
+
+#[test]
+fn pci_node_parses_back_as_the_same_host_bridge() {
+    let mpidrs = [0];
+    let cfg = GuestDtConfig {
+        pci: Some(pci()),
+        ..config(&mpidrs)
+    };
+    let dtb = build_guest_dt(&cfg).unwrap();
+    let hb = crate::pci::HostBridge::from_dtb(&dtb).unwrap().unwrap();
+    assert_eq!(hb.ecam, pci().ecam);
+    assert_eq!((hb.bus_start, hb.bus_end), (0, 0xf));
+    assert_eq!(hb.windows, WINDOWS);
+    assert!(hb.dma_coherent);
+    // No vSMMU: the guest's devices must not wait for an IOMMU that never probes.
+    assert!(hb.iommu_map.is_empty());
+    assert!(fdt::Fdt::new(&dtb)
+        .unwrap()
+        .find_compatible(&["arm,smmu-v3"])
+        .is_none());
+    assert_eq!(hb.interrupt_map.mask, PCI_INTX_MASK);
+    assert_eq!(hb.interrupt_map.entries.len(), 3);
+    for (bdf, pin, intid) in INTX {
+        let route = hb.interrupt_map.lookup(bdf, pin).unwrap();
+        assert_eq!((route.intid, route.flags, route.parent), (intid, 4, 1));
+    }
+    assert_eq!(hb.interrupt_map.lookup(Bdf::new(0, 2, 0), IntxPin::B), None);
+    assert_eq!(hb.interrupt_map.lookup(Bdf::new(0, 4, 0), IntxPin::A), None);
+
+    // What the fdt crate (and so Linux's generic binding code) sees.
+    let fdt = fdt::Fdt::new(&dtb).unwrap();
+    let chosen = fdt.find_node("/chosen").unwrap();
+    assert_eq!(
+        chosen.property("linux,pci-probe-only").unwrap().as_usize(),
+        Some(1)
+    );
+    let node = fdt.find_node("/pcie@4010000000").unwrap();
+    assert_eq!(node.compatible().unwrap().first(), "pci-host-ecam-generic");
+    assert_eq!(node.property("device_type").unwrap().as_str(), Some("pci"));
+    assert_eq!(
+        node.property("linux,pci-domain").unwrap().as_usize(),
+        Some(0)
+    );
+    assert_eq!(node.interrupt_cells(), Some(1));
+    let reg = node.reg().unwrap().next().unwrap();
+    assert_eq!(reg.starting_address as u64, 0x40_1000_0000);
+    assert_eq!(reg.size, Some(0x100_0000));
+    let ranges = node.property("ranges").unwrap().value;
+    // 64-bit prefetchable memory: ss = 11, p = 1.
+    assert_eq!(&ranges[2 * 28..2 * 28 + 4], &0x4300_0000u32.to_be_bytes());
+
+    // Without PCI, neither the node nor probe-only.
+    let dtb = build_guest_dt(&config(&mpidrs)).unwrap();
+    assert_eq!(crate::pci::HostBridge::from_dtb(&dtb).unwrap(), None);
+    let fdt = fdt::Fdt::new(&dtb).unwrap();
+    assert!(fdt
+        .find_node("/chosen")
+        .unwrap()
+        .property("linux,pci-probe-only")
+        .is_none());
+}
+
+#[test]
+fn rejects_bad_pci_configs() {
+    let mpidrs = [0];
+    let err = |pci: GuestPci| {
+        build_guest_dt(&GuestDtConfig {
+            pci: Some(pci),
+            ..config(&mpidrs)
+        })
+        .unwrap_err()
+    };
+    assert_eq!(
+        err(GuestPci {
+            bus_range: (2, 1),
+            ..pci()
+        }),
+        GuestDtError::BadBusRange { start: 2, end: 1 }
+    );
+    assert_eq!(
+        err(GuestPci {
+            bus_range: (0, 0x10),
+            ..pci()
+        }),
+        GuestDtError::EcamTooSmall {
+            size: 0x100_0000,
+            buses: 17
+        }
+    );
+    assert!(matches!(
+        err(GuestPci {
+            ecam: MemRange {
+                base: u64::MAX,
+                size: 1 << 20
+            },
+            ..pci()
+        }),
+        GuestDtError::BadRange {
+            what: "pci ecam",
+            ..
+        }
+    ));
+    let high_io = [PciWindow {
+        pci_base: 0xffff_f000,
+        ..WINDOWS[0]
+    }];
+    assert!(matches!(
+        err(GuestPci {
+            ranges: &high_io,
+            ..pci()
+        }),
+        GuestDtError::BadPciWindow { .. }
+    ));
+    let clash = [
+        (Bdf::new(0, 2, 0), IntxPin::A, 37),
+        (Bdf::new(0, 2, 1), IntxPin::A, 38),
+    ];
+    assert_eq!(
+        err(GuestPci {
+            intx: &clash,
+            ..pci()
+        }),
+        GuestDtError::ConflictingIntx {
+            slot: 2,
+            pin: IntxPin::A,
+            first: 37,
+            second: 38
+        }
+    );
+    let ppi = [(Bdf::new(0, 2, 0), IntxPin::A, 27)];
+    assert!(matches!(
+        err(GuestPci {
+            intx: &ppi,
+            ..pci()
+        }),
+        GuestDtError::BadIntid {
+            what: "pci intx",
+            ..
+        }
+    ));
+}
+
+/// Shaped like QEMU `virt`'s SMMUv3 (SPIs 74 and 77), but INTIDs of the guest's choosing.
+const SMMU: GuestSmmu = GuestSmmu {
+    regs: MemRange {
+        base: 0x905_0000,
+        size: 0x2_0000,
+    },
+    eventq_intid: 32 + 74,
+    gerror_intid: 32 + 77,
+};
+
+fn be32(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn smmu_node_and_iommu_map() {
+    let mpidrs = [0, 1];
+    let cfg = GuestDtConfig {
+        pci: Some(pci()),
+        smmu: Some(SMMU),
+        ..config(&mpidrs)
+    };
+    let dtb = build_guest_dt(&cfg).unwrap();
+
+    let fdt = fdt::Fdt::new(&dtb).unwrap();
+    let smmu = fdt.find_node("/smmuv3@9050000").unwrap();
+    assert_eq!(smmu.compatible().unwrap().first(), "arm,smmu-v3");
+    let reg = smmu.reg().unwrap().next().unwrap();
+    assert_eq!(reg.starting_address as u64, 0x905_0000);
+    assert_eq!(reg.size, Some(0x2_0000));
+    // <GIC_SPI n IRQ_TYPE_EDGE_RISING> twice, eventq first.
+    assert_eq!(
+        be32(smmu.property("interrupts").unwrap().value),
+        [0, 74, 1, 0, 77, 1]
+    );
+    assert_eq!(
+        smmu.property("interrupt-names").unwrap().value,
+        b"eventq\0gerror\0"
+    );
+    assert!(smmu.property("dma-coherent").unwrap().value.is_empty());
+    assert_eq!(smmu.property("#iommu-cells").unwrap().as_usize(), Some(1));
+    assert!(smmu.property("msi-parent").is_none());
+    let phandle = smmu.property("phandle").unwrap().as_usize().unwrap() as u32;
+    assert_eq!(fdt.find_phandle(phandle).unwrap().name, "smmuv3@9050000");
+    // The GIC's interrupt-parent still resolves: the phandles did not collide.
+    assert_eq!(
+        fdt.find_phandle(GIC_PHANDLE)
+            .unwrap()
+            .compatible()
+            .unwrap()
+            .first(),
+        "arm,gic-v3"
+    );
+
+    let pcie = fdt.find_node("/pcie@4010000000").unwrap();
+    assert_eq!(
+        be32(pcie.property("iommu-map").unwrap().value),
+        [0, phandle, 0, 0x1_0000]
+    );
+
+    // The hypervisor's own readers, as used on the host DT, agree.
+    let hb = crate::pci::HostBridge::from_dtb(&dtb).unwrap().unwrap();
+    assert_eq!(
+        hb.iommu_map,
+        [crate::pci::IommuMapEntry {
+            rid_base: 0,
+            iommu: phandle,
+            sid_base: 0,
+            length: 0x1_0000,
+        }]
+    );
+    assert_eq!(hb.iommu_map_mask, None);
+    for rid in [0, 0x10, 0x1801, 0xffff] {
+        assert_eq!(hb.stream_id(rid), Some(u32::from(rid)));
+    }
+    let p = Platform::parse(&dtb).unwrap();
+    assert_eq!(
+        p.smmu,
+        Some(crate::platform::SmmuInfo {
+            regs: SMMU.regs,
+            eventq_intid: Some(SMMU.eventq_intid),
+            gerror_intid: Some(SMMU.gerror_intid),
+        })
+    );
+}
+
+#[test]
+fn smmu_without_pci() {
+    let mpidrs = [0];
+    let cfg = GuestDtConfig {
+        smmu: Some(SMMU),
+        ..config(&mpidrs)
+    };
+    let dtb = build_guest_dt(&cfg).unwrap();
+    assert_eq!(crate::pci::HostBridge::from_dtb(&dtb).unwrap(), None);
+    let p = Platform::parse(&dtb).unwrap();
+    assert_eq!(p.smmu.unwrap().regs, SMMU.regs);
+    let fdt = fdt::Fdt::new(&dtb).unwrap();
+    assert!(fdt.find_node("/smmuv3@9050000").is_some());
+}
+
+#[test]
+fn rejects_bad_smmu_configs() {
+    let mpidrs = [0];
+    let err = |smmu: GuestSmmu| {
+        build_guest_dt(&GuestDtConfig {
+            pci: Some(pci()),
+            smmu: Some(smmu),
+            ..config(&mpidrs)
+        })
+        .unwrap_err()
+    };
+    // Page 1 (the event queue's PROD/CONS) would be missing.
+    assert_eq!(
+        err(GuestSmmu {
+            regs: MemRange {
+                base: 0x905_0000,
+                size: 0x1_0000
+            },
+            ..SMMU
+        }),
+        GuestDtError::BadRange {
+            what: "smmu regs",
+            base: 0x905_0000,
+            size: 0x1_0000
+        }
+    );
+    assert!(matches!(
+        err(GuestSmmu {
+            regs: MemRange {
+                base: u64::MAX - 0xffff,
+                size: 0x2_0000
+            },
+            ..SMMU
+        }),
+        GuestDtError::BadRange {
+            what: "smmu regs",
+            ..
+        }
+    ));
+    assert_eq!(
+        err(GuestSmmu {
+            eventq_intid: 27,
+            ..SMMU
+        }),
+        GuestDtError::BadIntid {
+            what: "smmu eventq",
+            intid: 27,
+            expected: "SPI"
+        }
+    );
+    assert_eq!(
+        err(GuestSmmu {
+            gerror_intid: 1020,
+            ..SMMU
+        }),
+        GuestDtError::BadIntid {
+            what: "smmu gerror",
+            intid: 1020,
+            expected: "SPI"
+        }
+    );
+    assert_eq!(
+        err(GuestSmmu {
+            gerror_intid: SMMU.eventq_intid,
+            ..SMMU
+        }),
+        GuestDtError::SharedIntid {
+            intid: SMMU.eventq_intid,
+            first: "smmu eventq",
+            second: "smmu gerror"
+        }
+    );
+    assert_eq!(
+        err(GuestSmmu {
+            eventq_intid: 33,
+            ..SMMU
+        }),
+        GuestDtError::SharedIntid {
+            intid: 33,
+            first: "uart",
+            second: "smmu eventq"
+        }
+    );
+    assert_eq!(
+        err(GuestSmmu {
+            gerror_intid: 38,
+            ..SMMU
+        }),
+        GuestDtError::SharedIntid {
+            intid: 38,
+            first: "pci intx",
+            second: "smmu gerror"
+        }
+    );
+}

@@ -1,0 +1,179 @@
+//! The checks [`build_guest_dt`](super::build_guest_dt) makes before writing anything.
+
+use alloc::vec;
+
+use super::{GuestDtConfig, GuestDtError, GuestPci, GuestSmmu};
+use crate::pci::PciSpace;
+
+/// SMMUv3 register pages 0 and 1 (IHI 0070 chapter 6: two 64 KiB pages); the driver maps
+/// both.
+const SMMU_REGS_MIN: u64 = 0x2_0000;
+/// MPIDR_EL1 Aff3 (39:32) and Aff2..Aff0 (23:0); everything else is not part of a CPU's id.
+const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
+
+fn validate_pci(pci: &GuestPci) -> Result<(), GuestDtError> {
+    let r = pci.ecam;
+    if r.size == 0 || r.base.checked_add(r.size).is_none() {
+        return Err(GuestDtError::BadRange {
+            what: "pci ecam",
+            base: r.base,
+            size: r.size,
+        });
+    }
+    let (start, end) = pci.bus_range;
+    if start > end {
+        return Err(GuestDtError::BadBusRange { start, end });
+    }
+    let buses = u32::from(end - start) + 1;
+    if r.size < u64::from(buses) << 20 {
+        return Err(GuestDtError::EcamTooSmall {
+            size: r.size,
+            buses,
+        });
+    }
+    for w in pci.ranges {
+        let wraps =
+            w.pci_base.checked_add(w.size).is_none() || w.cpu_base.checked_add(w.size).is_none();
+        let above_4g = matches!(w.space, PciSpace::Io | PciSpace::Mem32) && w.pci_end() > 1 << 32;
+        if w.space == PciSpace::Config || w.size == 0 || wraps || above_4g {
+            return Err(GuestDtError::BadPciWindow {
+                space: w.space,
+                pci_base: w.pci_base,
+                size: w.size,
+            });
+        }
+    }
+    for (i, &(bdf, pin, intid)) in pci.intx.iter().enumerate() {
+        if !(32..1020).contains(&intid) {
+            return Err(GuestDtError::BadIntid {
+                what: "pci intx",
+                intid,
+                expected: "SPI",
+            });
+        }
+        let clash = pci.intx[..i]
+            .iter()
+            .find(|&&(b, p, other)| b.dev == bdf.dev && p == pin && other != intid);
+        if let Some(&(_, _, first)) = clash {
+            return Err(GuestDtError::ConflictingIntx {
+                slot: bdf.dev,
+                pin,
+                first,
+                second: intid,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Rejects configurations that would produce a DT the guest misreads, so that the writer
+/// code can compute interrupt numbers and ends without overflow checks.
+pub(super) fn validate(cfg: &GuestDtConfig) -> Result<(), GuestDtError> {
+    if cfg.vcpu_mpidrs.is_empty() {
+        return Err(GuestDtError::NoVcpus);
+    }
+    for (i, &mpidr) in cfg.vcpu_mpidrs.iter().enumerate() {
+        if mpidr & !MPIDR_AFFINITY_MASK != 0 {
+            return Err(GuestDtError::BadMpidr(mpidr));
+        }
+        if cfg.vcpu_mpidrs[..i].contains(&mpidr) {
+            return Err(GuestDtError::DuplicateMpidr(mpidr));
+        }
+    }
+    let mut ranges = vec![
+        ("ram", cfg.ram),
+        ("gicd", cfg.gicd),
+        ("gicr", cfg.gicr),
+        ("uart", cfg.uart),
+    ];
+    if let Some(initrd) = cfg.initrd {
+        ranges.push(("initrd", initrd));
+    }
+    for (what, r) in ranges {
+        if r.size == 0 || r.base.checked_add(r.size).is_none() {
+            return Err(GuestDtError::BadRange {
+                what,
+                base: r.base,
+                size: r.size,
+            });
+        }
+    }
+    if let Some(initrd) = cfg.initrd {
+        if initrd.base < cfg.ram.base || initrd.end() > cfg.ram.end() {
+            return Err(GuestDtError::InitrdOutsideRam {
+                base: initrd.base,
+                size: initrd.size,
+            });
+        }
+    }
+    let ppi = |what, intid: u32| {
+        if (16..32).contains(&intid) {
+            Ok(())
+        } else {
+            Err(GuestDtError::BadIntid {
+                what,
+                intid,
+                expected: "PPI",
+            })
+        }
+    };
+    ppi("maintenance", cfg.maintenance_ppi)?;
+    for intid in cfg.timer.intids {
+        ppi("timer", intid)?;
+    }
+    if !(32..1020).contains(&cfg.uart_intid) {
+        return Err(GuestDtError::BadIntid {
+            what: "uart",
+            intid: cfg.uart_intid,
+            expected: "SPI",
+        });
+    }
+    if let Some(pci) = &cfg.pci {
+        validate_pci(pci)?;
+    }
+    if let Some(smmu) = &cfg.smmu {
+        validate_smmu(cfg, smmu)?;
+    }
+    Ok(())
+}
+
+fn validate_smmu(cfg: &GuestDtConfig, smmu: &GuestSmmu) -> Result<(), GuestDtError> {
+    let r = smmu.regs;
+    if r.size < SMMU_REGS_MIN || r.base.checked_add(r.size).is_none() {
+        return Err(GuestDtError::BadRange {
+            what: "smmu regs",
+            base: r.base,
+            size: r.size,
+        });
+    }
+    let irqs = [
+        ("smmu eventq", smmu.eventq_intid),
+        ("smmu gerror", smmu.gerror_intid),
+    ];
+    for (what, intid) in irqs {
+        if !(32..1020).contains(&intid) {
+            return Err(GuestDtError::BadIntid {
+                what,
+                intid,
+                expected: "SPI",
+            });
+        }
+    }
+    // A shared line would be requested twice by Linux without IRQF_SHARED and fail the
+    // probe; with the level-triggered UART or INTx lines it would also mix trigger types.
+    let mut used = vec![("uart", cfg.uart_intid)];
+    if let Some(pci) = &cfg.pci {
+        used.extend(pci.intx.iter().map(|&(_, _, intid)| ("pci intx", intid)));
+    }
+    for (second, intid) in irqs {
+        if let Some(&(first, _)) = used.iter().find(|&&(_, other)| other == intid) {
+            return Err(GuestDtError::SharedIntid {
+                intid,
+                first,
+                second,
+            });
+        }
+        used.push((second, intid));
+    }
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! The host machine as described by the device tree blob firmware hands over in x0.
+//!
+//! Nothing about the board is hard-coded: RAM, CPUs, the GIC, the timer PPIs, the console UART
+//! and the guest images loaded by the boot loader all come from the DT. The blob is untrusted
+//! input as far as robustness goes (a malformed one must be reported, not crash EL2), and the
+//! `fdt` crate panics on several kinds of malformed input, so [`Platform::parse`] first walks
+//! the whole blob itself and only hands it to `fdt` once every structural assumption `fdt`
+//! makes is known to hold.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use fdt::Fdt;
+
+mod blob;
+mod boot_modules;
+mod devices;
+mod props;
+mod ram;
+#[cfg(test)]
+mod tests;
+
+use blob::{check_blob, malformed};
+use boot_modules::modules;
+use devices::{cpus, gic, psci, smmu, timer, uart};
+use ram::{memory, reserved};
+
+pub(crate) use props::{bad, be, compatibles, is_enabled, missing, prop_str, prop_u32, reg};
+
+/// A physical (or, for guests, IPA) address range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemRange {
+    /// First byte of the range.
+    pub base: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+impl MemRange {
+    /// One past the last byte. Saturates rather than wraps: `parse` never produces a wrapping
+    /// range, and a saturated end still compares correctly against any real address.
+    pub const fn end(self) -> u64 {
+        self.base.saturating_add(self.size)
+    }
+}
+
+/// How PSCI calls reach the firmware.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PsciConduit {
+    /// `SMC #0`, to EL3 firmware.
+    Smc,
+    /// `HVC #0` (only meaningful if something runs above us, which at EL2 means nothing does).
+    Hvc,
+}
+
+/// The GICv3 as described by its `arm,gic-v3` node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GicInfo {
+    /// Distributor frame.
+    pub gicd: MemRange,
+    /// First redistributor region (the only one on small machines).
+    pub gicr: MemRange,
+    /// INTID of the virtual-interface maintenance interrupt (a PPI, so 16 + the DT number).
+    pub maintenance_ppi: u32,
+}
+
+/// The architected timer's interrupts, in binding order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimerInfo {
+    /// Secure physical, non-secure physical, virtual and hypervisor physical timer, as INTIDs.
+    pub intids: [u32; 4],
+    /// The DT trigger-type cell of each of those interrupts, passed through to guests.
+    pub flags: [u32; 4],
+}
+
+/// The console UART.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UartInfo {
+    /// MMIO frame.
+    pub base: MemRange,
+    /// INTID of its interrupt.
+    pub intid: u32,
+    /// First `compatible` string, so the caller can tell a PL011 from anything else.
+    pub compatible: String,
+}
+
+/// What a boot module is, from its `multiboot,*` compatible.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// `multiboot,kernel`.
+    Kernel,
+    /// `multiboot,ramdisk`.
+    Ramdisk,
+    /// Any other `multiboot,module`.
+    Other,
+}
+
+/// An image the boot loader placed in memory for us (Xen dom0less `/chosen/module@` binding).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootModule {
+    /// What the image is.
+    pub kind: ModuleKind,
+    /// Where it was loaded.
+    pub range: MemRange,
+    /// The module's own command line, if it has one.
+    pub bootargs: Option<String>,
+}
+
+/// Everything the hypervisor needs to know about the host machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    /// Every enabled `/memory` node's `reg` entries, sorted by base.
+    pub memory: Vec<MemRange>,
+    /// `/memreserve/` entries plus enabled `/reserved-memory` children with a `reg`, sorted.
+    pub reserved: Vec<MemRange>,
+    /// MPIDR affinity of each `/cpus/cpu@` node, in DT order.
+    pub cpus: Vec<u64>,
+    /// PSCI conduit, if the DT has a PSCI 0.2+ node.
+    pub psci: Option<PsciConduit>,
+    /// The GICv3.
+    pub gic: GicInfo,
+    /// The architected timer.
+    pub timer: TimerInfo,
+    /// The console UART.
+    pub uart: UartInfo,
+    /// Boot modules under `/chosen`, in DT order.
+    pub modules: Vec<BootModule>,
+    /// `/chosen/bootargs`.
+    pub bootargs: Option<String>,
+    /// The physical SMMUv3, if the machine has one.
+    pub smmu: Option<SmmuInfo>,
+}
+
+/// Why the DT could not be turned into a [`Platform`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlatformError {
+    /// The blob is not a well-formed flattened device tree (bad header, truncated or
+    /// inconsistent structure block); `offset` is relative to the start of the blob.
+    #[error("malformed DTB at offset {offset:#x}: {reason}")]
+    Malformed {
+        /// Byte offset of the problem.
+        offset: usize,
+        /// What is wrong there.
+        reason: &'static str,
+    },
+    /// No enabled `/memory` node with a non-empty `reg`.
+    #[error("DT describes no memory (no enabled /memory node with a non-empty reg)")]
+    NoMemory,
+    /// No `/cpus/cpu@` node with `device_type = "cpu"`.
+    #[error("DT describes no CPUs (no /cpus/cpu node with device_type \"cpu\")")]
+    NoCpus,
+    /// No node compatible with `arm,gic-v3`.
+    #[error("DT has no GICv3 (no node compatible with \"arm,gic-v3\")")]
+    NoGic,
+    /// No node compatible with `arm,armv8-timer`.
+    #[error("DT has no architected timer (no node compatible with \"arm,armv8-timer\")")]
+    NoTimer,
+    /// Neither `/chosen/stdout-path` nor any enabled `arm,pl011` node names a console UART.
+    #[error("DT has no console UART (no usable stdout-path and no enabled \"arm,pl011\" node)")]
+    NoUart,
+    /// A node lacks a property the hypervisor cannot do without.
+    #[error("node {node}: missing property {property}")]
+    MissingProperty {
+        /// Name of the node.
+        node: String,
+        /// Name of the missing property.
+        property: &'static str,
+    },
+    /// A property is present but its value cannot be used.
+    #[error("node {node}: bad property {property}: {reason}")]
+    BadProperty {
+        /// Name of the node.
+        node: String,
+        /// Name of the property.
+        property: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// `/psci` names a conduit other than `smc` or `hvc`.
+    #[error("PSCI node: unknown method {0:?} (expected \"smc\" or \"hvc\")")]
+    UnknownPsciMethod(String),
+}
+
+type Result<T> = core::result::Result<T, PlatformError>;
+
+/// A physical SMMUv3 (`arm,smmu-v3`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SmmuInfo {
+    /// Register pages 0 and 1.
+    pub regs: MemRange,
+    /// INTID of the event queue interrupt, if wired.
+    pub eventq_intid: Option<u32>,
+    /// INTID of the global error interrupt, if wired.
+    pub gerror_intid: Option<u32>,
+}
+
+impl Platform {
+    /// Parses the host DT.
+    pub fn parse(dtb: &[u8]) -> Result<Platform> {
+        let checked = check_blob(dtb)?;
+        // A blob containing NOP tokens is rewritten without them, because `fdt` only skips NOPs
+        // in some positions and panics on the others.
+        let blob: &[u8] = checked
+            .compacted
+            .as_deref()
+            .unwrap_or(&dtb[..checked.total]);
+        let fdt = Fdt::new(blob).map_err(|_| malformed(0, "rejected by the fdt parser"))?;
+        let root = fdt
+            .find_node("/")
+            .ok_or_else(|| malformed(0, "no root node"))?;
+
+        let chosen = fdt.find_node("/chosen");
+        let gic_node = fdt
+            .find_compatible(&["arm,gic-v3"])
+            .ok_or(PlatformError::NoGic)?;
+        // Every interrupt we care about (timer PPIs, UART SPI, maintenance PPI) is wired to the
+        // GIC, so its specifier width applies to all of them.
+        let icells = prop_u32(gic_node, "#interrupt-cells")
+            .ok_or_else(|| missing(gic_node, "#interrupt-cells"))?;
+
+        Ok(Platform {
+            memory: memory(root)?,
+            reserved: reserved(root, &checked.memreserve)?,
+            cpus: cpus(&fdt)?,
+            psci: psci(&fdt)?,
+            gic: gic(gic_node, icells)?,
+            timer: timer(&fdt, icells)?,
+            uart: uart(&fdt, chosen, icells)?,
+            modules: match chosen {
+                Some(chosen) => modules(root, chosen)?,
+                None => Vec::new(),
+            },
+            bootargs: chosen
+                .and_then(|c| prop_str(c, "bootargs"))
+                .map(ToString::to_string),
+            smmu: smmu(&fdt, icells)?,
+        })
+    }
+}
+
+/// Validates `dtb` exactly as [`Platform::parse`] does and hands it to `f` as an [`Fdt`], so
+/// other readers of the host DT (the VM configuration) get the same protection from `fdt`'s
+/// panics on malformed input.
+pub(crate) fn with_fdt<R>(dtb: &[u8], f: impl FnOnce(&Fdt<'_>) -> R) -> Result<R> {
+    let checked = check_blob(dtb)?;
+    let blob: &[u8] = checked
+        .compacted
+        .as_deref()
+        .unwrap_or(&dtb[..checked.total]);
+    let fdt = Fdt::new(blob).map_err(|_| malformed(0, "rejected by the fdt parser"))?;
+    Ok(f(&fdt))
+}

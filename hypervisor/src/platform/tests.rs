@@ -1,0 +1,510 @@
+use super::blob::{align4, cstr, read_u32, FDT_BEGIN_NODE, FDT_END, FDT_NOP, FDT_PROP};
+use super::*;
+use vm_fdt::{FdtReserveEntry, FdtWriter};
+
+const QEMU_VIRT: &[u8] = include_bytes!("../../tests/data/qemu-virt-gicv3.dtb");
+const QEMU_VIRT_MODULES: &[u8] = include_bytes!("../../tests/data/qemu-virt-gicv3-modules.dtb");
+
+fn qemu_expected() -> Platform {
+    // Values read off `dtc -I dtb -O dts tests/data/qemu-virt-gicv3.dtb`.
+    Platform {
+        memory: vec![MemRange {
+            base: 0x4000_0000,
+            size: 0x1_0000_0000,
+        }],
+        reserved: vec![],
+        cpus: vec![0, 1, 2, 3],
+        psci: Some(PsciConduit::Smc),
+        gic: GicInfo {
+            gicd: MemRange {
+                base: 0x800_0000,
+                size: 0x1_0000,
+            },
+            gicr: MemRange {
+                base: 0x80a_0000,
+                size: 0xf6_0000,
+            },
+            maintenance_ppi: 25,
+        },
+        timer: TimerInfo {
+            intids: [29, 30, 27, 26],
+            flags: [4; 4],
+        },
+        uart: UartInfo {
+            base: MemRange {
+                base: 0x900_0000,
+                size: 0x1000,
+            },
+            intid: 33,
+            compatible: "arm,pl011".to_string(),
+        },
+        modules: vec![],
+        bootargs: None,
+        smmu: None,
+    }
+}
+
+#[test]
+fn qemu_virt() {
+    assert_eq!(Platform::parse(QEMU_VIRT).unwrap(), qemu_expected());
+}
+
+#[test]
+fn qemu_virt_smmuv3() {
+    // Values read off `dtc -I dtb -O dts tests/data/qemu-virt-smmuv3-pci.dtb`: SPIs 74-77.
+    let p = Platform::parse(include_bytes!("../../tests/data/qemu-virt-smmuv3-pci.dtb")).unwrap();
+    assert_eq!(
+        p.smmu,
+        Some(SmmuInfo {
+            regs: MemRange {
+                base: 0x905_0000,
+                size: 0x2_0000,
+            },
+            eventq_intid: Some(32 + 0x4a),
+            gerror_intid: Some(32 + 0x4d),
+        })
+    );
+}
+
+#[test]
+fn qemu_virt_guest_loader_modules() {
+    let p = Platform::parse(QEMU_VIRT_MODULES).unwrap();
+    // QEMU adds the ramdisk node last but it ends up first in the blob.
+    assert_eq!(
+        p.modules,
+        vec![
+            BootModule {
+                kind: ModuleKind::Ramdisk,
+                range: MemRange {
+                    base: 0x5000_0000,
+                    size: 0xc
+                },
+                bootargs: None,
+            },
+            BootModule {
+                kind: ModuleKind::Kernel,
+                range: MemRange {
+                    base: 0x4800_0000,
+                    size: 0x12
+                },
+                bootargs: Some("console=ttyAMA0 hvtest=x".to_string()),
+            },
+        ]
+    );
+    assert_eq!(
+        Platform {
+            modules: vec![],
+            ..p
+        },
+        qemu_expected()
+    );
+}
+
+#[test]
+fn memrange_end() {
+    assert_eq!(
+        MemRange {
+            base: 0x1000,
+            size: 0x2000
+        }
+        .end(),
+        0x3000
+    );
+    assert_eq!(
+        MemRange {
+            base: u64::MAX,
+            size: 2
+        }
+        .end(),
+        u64::MAX
+    );
+}
+
+/// Knobs for the synthetic DT, each removing or changing one thing.
+struct Opts {
+    memory: bool,
+    gic: bool,
+    timer: bool,
+    uarts: bool,
+    psci_method: Option<&'static str>,
+    stdout: Option<&'static str>,
+    timer_irqs: &'static [u32],
+}
+
+const FULL: Opts = Opts {
+    memory: true,
+    gic: true,
+    timer: true,
+    uarts: true,
+    psci_method: Some("hvc"),
+    stdout: Some("serial1:115200n8"),
+    timer_irqs: &[1, 13, 8, 1, 14, 8, 1, 11, 8, 1, 10, 8],
+};
+
+/// A board unlike QEMU's: devices under a 1/1-cell bus, 2-cell MPIDRs, reservations,
+/// stdout-path through an alias with options, /chosen with its own cell sizes.
+fn synth(o: &Opts) -> Vec<u8> {
+    let rsv = [FdtReserveEntry::new(0x8000_0000, 0x1000).unwrap()];
+    let mut w = FdtWriter::new_with_mem_reserv(&rsv).unwrap();
+    let root = w.begin_node("").unwrap();
+    w.property_u32("#address-cells", 2).unwrap();
+    w.property_u32("#size-cells", 2).unwrap();
+    w.property_u32("interrupt-parent", 1).unwrap();
+    if o.memory {
+        let n = w.begin_node("memory@80000000").unwrap();
+        w.property_string("device_type", "memory").unwrap();
+        w.property_array_u64("reg", &[0x8000_0000, 0x4000_0000])
+            .unwrap();
+        w.end_node(n).unwrap();
+        let n = w.begin_node("memory@40000000").unwrap();
+        w.property_string("device_type", "memory").unwrap();
+        w.property_array_u64("reg", &[0x6000_0000, 0x1000_0000, 0x4000_0000, 0x1000_0000])
+            .unwrap();
+        w.end_node(n).unwrap();
+        let n = w.begin_node("memory@c0000000").unwrap();
+        w.property_string("device_type", "memory").unwrap();
+        w.property_string("status", "disabled").unwrap();
+        w.property_array_u64("reg", &[0xc000_0000, 0x1000_0000])
+            .unwrap();
+        w.end_node(n).unwrap();
+    }
+    let rm = w.begin_node("reserved-memory").unwrap();
+    w.property_u32("#address-cells", 2).unwrap();
+    w.property_u32("#size-cells", 2).unwrap();
+    w.property_null("ranges").unwrap();
+    let n = w.begin_node("fw@48000000").unwrap();
+    w.property_array_u64("reg", &[0x4800_0000, 0x10_0000])
+        .unwrap();
+    w.property_null("no-map").unwrap();
+    w.end_node(n).unwrap();
+    let n = w.begin_node("cma").unwrap();
+    w.property_array_u64("size", &[0x100_0000]).unwrap();
+    w.end_node(n).unwrap();
+    let n = w.begin_node("off@50000000").unwrap();
+    w.property_string("status", "disabled").unwrap();
+    w.property_array_u64("reg", &[0x5000_0000, 0x1000]).unwrap();
+    w.end_node(n).unwrap();
+    w.end_node(rm).unwrap();
+
+    let cpus = w.begin_node("cpus").unwrap();
+    w.property_u32("#address-cells", 2).unwrap();
+    w.property_u32("#size-cells", 0).unwrap();
+    for mpidr in [0x0u64, 0x1_0000_0100] {
+        let n = w.begin_node(&format!("cpu@{mpidr:x}")).unwrap();
+        w.property_string("device_type", "cpu").unwrap();
+        w.property_u64("reg", mpidr).unwrap();
+        w.end_node(n).unwrap();
+    }
+    let n = w.begin_node("cpu-map").unwrap();
+    w.end_node(n).unwrap();
+    w.end_node(cpus).unwrap();
+
+    if let Some(method) = o.psci_method {
+        let n = w.begin_node("psci").unwrap();
+        w.property_string_list(
+            "compatible",
+            vec!["arm,psci-1.0".into(), "arm,psci-0.2".into()],
+        )
+        .unwrap();
+        w.property_string("method", method).unwrap();
+        w.end_node(n).unwrap();
+    }
+
+    let soc = w.begin_node("soc").unwrap();
+    w.property_u32("#address-cells", 1).unwrap();
+    w.property_u32("#size-cells", 1).unwrap();
+    w.property_null("ranges").unwrap();
+    if o.gic {
+        let n = w.begin_node("intc@2f000000").unwrap();
+        w.property_string("compatible", "arm,gic-v3").unwrap();
+        w.property_u32("#interrupt-cells", 3).unwrap();
+        w.property_null("interrupt-controller").unwrap();
+        w.property_array_u32("reg", &[0x2f00_0000, 0x1_0000, 0x2f10_0000, 0x20_0000])
+            .unwrap();
+        w.property_array_u32("interrupts", &[1, 9, 4]).unwrap();
+        w.property_phandle(1).unwrap();
+        w.end_node(n).unwrap();
+    }
+    if o.uarts {
+        for (addr, spi) in [(0x1c09_0000u32, 5u32), (0x1c0a_0000, 6)] {
+            let n = w.begin_node(&format!("serial@{addr:x}")).unwrap();
+            w.property_string_list(
+                "compatible",
+                vec!["arm,pl011".into(), "arm,primecell".into()],
+            )
+            .unwrap();
+            w.property_array_u32("reg", &[addr, 0x1000]).unwrap();
+            w.property_array_u32("interrupts", &[0, spi, 4]).unwrap();
+            w.end_node(n).unwrap();
+        }
+    }
+    w.end_node(soc).unwrap();
+
+    if o.timer {
+        let n = w.begin_node("timer").unwrap();
+        w.property_string("compatible", "arm,armv8-timer").unwrap();
+        w.property_array_u32("interrupts", o.timer_irqs).unwrap();
+        w.end_node(n).unwrap();
+    }
+
+    let n = w.begin_node("aliases").unwrap();
+    w.property_string("serial0", "/soc/serial@1c090000")
+        .unwrap();
+    w.property_string("serial1", "/soc/serial@1c0a0000")
+        .unwrap();
+    w.property_string("loop", "loop").unwrap();
+    w.end_node(n).unwrap();
+
+    let chosen = w.begin_node("chosen").unwrap();
+    w.property_u32("#address-cells", 1).unwrap();
+    w.property_u32("#size-cells", 1).unwrap();
+    w.property_string("bootargs", "hv=1").unwrap();
+    if let Some(stdout) = o.stdout {
+        w.property_string("stdout-path", stdout).unwrap();
+    }
+    let n = w.begin_node("module@90000000").unwrap();
+    w.property_string_list(
+        "compatible",
+        vec!["multiboot,kernel".into(), "multiboot,module".into()],
+    )
+    .unwrap();
+    w.property_array_u32("reg", &[0x9000_0000, 0x20_0000])
+        .unwrap();
+    w.end_node(n).unwrap();
+    let n = w.begin_node("module@a0000000").unwrap();
+    w.property_string("compatible", "multiboot,module").unwrap();
+    w.property_array_u32("reg", &[0xa000_0000, 0x1000]).unwrap();
+    w.property_string("bootargs", "blob").unwrap();
+    w.end_node(n).unwrap();
+    let n = w.begin_node("other").unwrap();
+    w.property_string("compatible", "something,else").unwrap();
+    w.end_node(n).unwrap();
+    w.end_node(chosen).unwrap();
+
+    w.end_node(root).unwrap();
+    w.finish().unwrap()
+}
+
+#[test]
+fn synthetic_board() {
+    let p = Platform::parse(&synth(&FULL)).unwrap();
+    let r = |base, size| MemRange { base, size };
+    assert_eq!(
+        p.memory,
+        vec![
+            r(0x4000_0000, 0x1000_0000),
+            r(0x6000_0000, 0x1000_0000),
+            r(0x8000_0000, 0x4000_0000)
+        ]
+    );
+    assert_eq!(
+        p.reserved,
+        vec![r(0x4800_0000, 0x10_0000), r(0x8000_0000, 0x1000)]
+    );
+    assert_eq!(p.cpus, vec![0, 0x1_0000_0100]);
+    assert_eq!(p.psci, Some(PsciConduit::Hvc));
+    assert_eq!(
+        p.gic,
+        GicInfo {
+            gicd: r(0x2f00_0000, 0x1_0000),
+            gicr: r(0x2f10_0000, 0x20_0000),
+            maintenance_ppi: 25
+        }
+    );
+    assert_eq!(
+        p.timer,
+        TimerInfo {
+            intids: [29, 30, 27, 26],
+            flags: [8; 4]
+        }
+    );
+    assert_eq!(
+        p.uart,
+        UartInfo {
+            base: r(0x1c0a_0000, 0x1000),
+            intid: 38,
+            compatible: "arm,pl011".into()
+        }
+    );
+    assert_eq!(
+        p.modules,
+        vec![
+            BootModule {
+                kind: ModuleKind::Kernel,
+                range: r(0x9000_0000, 0x20_0000),
+                bootargs: None
+            },
+            BootModule {
+                kind: ModuleKind::Other,
+                range: r(0xa000_0000, 0x1000),
+                bootargs: Some("blob".into())
+            },
+        ]
+    );
+    assert_eq!(p.bootargs.as_deref(), Some("hv=1"));
+}
+
+#[test]
+fn stdout_path_variants() {
+    let uart_base = |stdout| {
+        let dtb = synth(&Opts { stdout, ..FULL });
+        Platform::parse(&dtb).unwrap().uart.base.base
+    };
+    assert_eq!(uart_base(Some("/soc/serial@1c0a0000")), 0x1c0a_0000);
+    assert_eq!(uart_base(Some("/soc/serial@1c0a0000:115200")), 0x1c0a_0000);
+    assert_eq!(uart_base(Some("serial1")), 0x1c0a_0000);
+    // Unresolvable or self-referential: fall back to the first PL011.
+    assert_eq!(uart_base(Some("serial7")), 0x1c09_0000);
+    assert_eq!(uart_base(Some("loop")), 0x1c09_0000);
+    assert_eq!(uart_base(Some("/nowhere")), 0x1c09_0000);
+    assert_eq!(uart_base(None), 0x1c09_0000);
+}
+
+#[test]
+fn missing_mandatory_nodes() {
+    let err = |o: Opts| Platform::parse(&synth(&o)).unwrap_err();
+    assert_eq!(err(Opts { gic: false, ..FULL }), PlatformError::NoGic);
+    assert_eq!(
+        err(Opts {
+            timer: false,
+            ..FULL
+        }),
+        PlatformError::NoTimer
+    );
+    assert_eq!(
+        err(Opts {
+            memory: false,
+            ..FULL
+        }),
+        PlatformError::NoMemory
+    );
+    assert_eq!(
+        err(Opts {
+            uarts: false,
+            ..FULL
+        }),
+        PlatformError::NoUart
+    );
+    assert_eq!(
+        err(Opts {
+            psci_method: Some("svc"),
+            ..FULL
+        }),
+        PlatformError::UnknownPsciMethod("svc".into())
+    );
+    assert!(matches!(
+        err(Opts {
+            timer_irqs: &[1, 13, 8, 1, 14, 8],
+            ..FULL
+        }),
+        PlatformError::BadProperty {
+            property: "interrupts",
+            ..
+        }
+    ));
+    assert!(matches!(
+        err(Opts {
+            timer_irqs: &[1, 16, 8, 1, 14, 8, 1, 11, 8, 1, 10, 8],
+            ..FULL
+        }),
+        PlatformError::BadProperty {
+            property: "interrupts",
+            ..
+        }
+    ));
+    let no_psci = Platform::parse(&synth(&Opts {
+        psci_method: None,
+        ..FULL
+    }))
+    .unwrap();
+    assert_eq!(no_psci.psci, None);
+    assert!(err(Opts { gic: false, ..FULL })
+        .to_string()
+        .contains("arm,gic-v3"));
+}
+
+#[test]
+fn malformed_blobs() {
+    assert!(matches!(
+        Platform::parse(&[]),
+        Err(PlatformError::Malformed { .. })
+    ));
+    assert!(matches!(
+        Platform::parse(&[0u8; 64]),
+        Err(PlatformError::Malformed { .. })
+    ));
+    let truncated = &QEMU_VIRT[..QEMU_VIRT.len() - 1];
+    assert!(matches!(
+        Platform::parse(truncated),
+        Err(PlatformError::Malformed { .. })
+    ));
+}
+
+/// Inserts a NOP token before every token of the structure block, fixing up the header.
+fn with_nops(dtb: &[u8]) -> Vec<u8> {
+    let field = |i: usize| read_u32(dtb, i * 4).unwrap() as usize;
+    let (off_struct, off_strings, size_struct) = (field(2), field(3), field(9));
+    let strings = &dtb[off_strings..off_strings + field(8)];
+    let s = &dtb[off_struct..off_struct + size_struct];
+    let mut out_struct = Vec::new();
+    let mut pos = 0;
+    loop {
+        let tok = read_u32(s, pos).unwrap();
+        let next = match tok {
+            FDT_BEGIN_NODE => align4(pos + 4 + cstr(s, pos + 4).unwrap().len() + 1),
+            FDT_PROP => align4(pos + 12 + read_u32(s, pos + 4).unwrap() as usize),
+            _ => pos + 4,
+        };
+        out_struct.extend_from_slice(&FDT_NOP.to_be_bytes());
+        out_struct.extend_from_slice(&s[pos..next]);
+        if tok == FDT_END {
+            break;
+        }
+        pos = next;
+    }
+    // Rebuild as header | rsvmap | struct | strings.
+    let mut out = dtb[..off_struct].to_vec();
+    out.extend_from_slice(&out_struct);
+    let new_strings = out.len();
+    out.extend_from_slice(strings);
+    let total = out.len();
+    out[4..8].copy_from_slice(&(total as u32).to_be_bytes());
+    out[12..16].copy_from_slice(&(new_strings as u32).to_be_bytes());
+    out[36..40].copy_from_slice(&(out_struct.len() as u32).to_be_bytes());
+    out
+}
+
+#[test]
+fn nop_tokens_are_tolerated() {
+    // The raw `fdt` crate misreads (or panics on) this blob, which is why `check_blob`
+    // compacts it.
+    let nops = with_nops(QEMU_VIRT);
+    let raw = std::panic::catch_unwind(|| {
+        let fdt = Fdt::new(&nops).unwrap();
+        fdt.find_node("/chosen").map(|n| n.name)
+    });
+    assert!(!matches!(raw, Ok(Some("chosen"))));
+    assert_eq!(
+        Platform::parse(&with_nops(QEMU_VIRT)).unwrap(),
+        qemu_expected()
+    );
+    let synth = synth(&FULL);
+    assert_eq!(Platform::parse(&with_nops(&synth)), Platform::parse(&synth));
+}
+
+#[test]
+fn corrupted_blobs_never_panic() {
+    // Every byte of the blob, set to a few nasty values: parse may fail or even succeed,
+    // but must return.
+    let base = synth(&FULL);
+    for i in 0..base.len() {
+        for v in [0x00, 0x01, 0x03, 0x04, 0x7f, 0xff] {
+            let mut dtb = base.clone();
+            dtb[i] = v;
+            let _ = Platform::parse(&dtb);
+        }
+    }
+    for len in 0..base.len() {
+        let _ = Platform::parse(&base[..len]);
+    }
+}

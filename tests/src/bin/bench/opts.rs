@@ -1,0 +1,97 @@
+//! The command line: the usage text and the options it parses.
+
+use crate::setup::Col;
+use std::path::PathBuf;
+
+pub(crate) const USAGE: &str = "\
+usage: bench [--repeats N] [--out FILE] [--setups LIST] [--no-net] [--dma-seconds S] [--quick]
+
+Boots the modular guest (build/guest/modular) bare on QEMU, under the hypervisor with its vSMMU,
+and under the hypervisor with stage 2 only (iommu.passthrough=1), N times each in a rotated
+order, runs the same workloads in each (tests/guest/bench.sh) and prints one table of figures
+and ratios (median [min-max]) and the exact vSMMU counts per operation.
+
+  --repeats N      boots of each setup (default 3)
+  --out FILE       also write the tables as Markdown to FILE, with the date, the machine and
+                   the command line
+  --setups LIST    only these setups, comma-separated: bare, vsmmu, s2, net (the two-VM
+                   pairs); default all
+  --no-net         the same as --setups bare,vsmmu,s2
+  --dma-seconds S  length of each dma_map_benchmark run (default 3)
+  --quick          a smoke run: 1 repeat, short workloads (figures not worth keeping)
+
+Run it through qemu/bench.sh, which sets up, builds the hypervisor and the modular guest first.";
+
+#[derive(Debug, Clone)]
+pub(crate) struct Opts {
+    pub(crate) repeats: usize,
+    pub(crate) out: Option<PathBuf>,
+    pub(crate) singles: Vec<Col>,
+    pub(crate) net: bool,
+    pub(crate) dma_seconds: u32,
+    pub(crate) seq_passes: u32,
+    pub(crate) k4_passes: u32,
+    pub(crate) rand_reads: u32,
+    pub(crate) net_mib: u32,
+}
+
+impl Opts {
+    pub(crate) fn parse(args: &[String]) -> Result<Opts, String> {
+        let mut o = Opts {
+            repeats: 3,
+            out: None,
+            singles: Col::ALL.to_vec(),
+            net: true,
+            dma_seconds: 3,
+            seq_passes: 64,
+            k4_passes: 4,
+            rand_reads: 200,
+            net_mib: 16,
+        };
+        let mut it = args.iter();
+        let num = |v: Option<&String>, what: &str| -> Result<u64, String> {
+            v.and_then(|s| s.parse::<u64>().ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("{what} wants a positive number"))
+        };
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--repeats" => o.repeats = num(it.next(), "--repeats")? as usize,
+                "--dma-seconds" => o.dma_seconds = num(it.next(), "--dma-seconds")? as u32,
+                "--out" => {
+                    o.out = Some(PathBuf::from(it.next().ok_or("--out wants a file name")?));
+                }
+                "--no-net" => o.net = false,
+                "--setups" => {
+                    let list = it.next().ok_or("--setups wants a list")?;
+                    o.singles.clear();
+                    o.net = false;
+                    for w in list.split(',') {
+                        match w.trim() {
+                            "net" => o.net = true,
+                            w => o.singles.push(
+                                *Col::ALL
+                                    .iter()
+                                    .find(|c| c.slug() == w)
+                                    .ok_or_else(|| format!("--setups: unknown setup {w:?}"))?,
+                            ),
+                        }
+                    }
+                    o.singles.sort();
+                    o.singles.dedup();
+                }
+                "--quick" => {
+                    o.repeats = 1;
+                    o.dma_seconds = 1;
+                    o.seq_passes = 8;
+                    o.k4_passes = 1;
+                    o.rand_reads = 50;
+                    o.net_mib = 8;
+                }
+                "-h" | "--help" => return Err(String::new()),
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        Ok(o)
+    }
+}

@@ -1,0 +1,58 @@
+use super::*;
+
+#[test]
+fn md5_known_vectors() {
+    assert_eq!(md5_hex(b""), "d41d8cd98f00b204e9800998ecf8427e");
+    assert_eq!(md5_hex(b"abc"), "900150983cd24fb0d6963f7d28e17f72");
+    assert_eq!(
+        md5_hex(b"The quick brown fox jumps over the lazy dog"),
+        "9e107d9d372bb6826bd81d3542a419d6"
+    );
+    // 56..64 bytes: the padding spills into a second block.
+    assert_eq!(
+        md5_hex(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"),
+        "d174ab98d277d9f5a5611c2c9f419d9f"
+    );
+    assert_eq!(
+        md5_hex(
+            b"12345678901234567890123456789012345678901234567890123456789012345678901234567890"
+        ),
+        "57edf4a22be3c955ac49da2e2107b67a"
+    );
+}
+
+#[test]
+fn ansi() {
+    assert_eq!(strip_ansi("/ # \u{1b}[6n"), "/ # ");
+    assert_eq!(strip_ansi("a\u{1b}[1;31mb\u{1b}[0mc"), "abc");
+    assert_eq!(strip_ansi("plain"), "plain");
+}
+
+#[test]
+fn facts() {
+    assert_eq!(guest_fact("guest: nproc=2"), Some(("nproc", "2")));
+    assert_eq!(guest_fact("guest: nproc=2\r"), Some(("nproc", "2")));
+    assert_eq!(
+        guest_fact("[    1.0] x guest: timer-irqs-grew=10->20"),
+        Some(("timer-irqs-grew", "10->20"))
+    );
+    assert_eq!(guest_fact("guest: init started"), None);
+    assert_eq!(guest_fact("guest: shell (poweroff -f to stop)"), None);
+    assert_eq!(guest_fact("nproc=2"), None);
+}
+
+#[test]
+fn vm_prefixes() {
+    assert_eq!(
+        vm_text("[vm1] guest: count=3", "vm1"),
+        Some("guest: count=3")
+    );
+    assert_eq!(vm_text("[vm1] guest: count=3", "vm0"), None);
+    assert_eq!(vm_text("[vm10] x", "vm1"), None);
+    assert_eq!(vm_text("x [vm1] y", "vm1"), None);
+    assert_eq!(vm_text("[vm1]", "vm1"), None);
+    assert_eq!(line_source("[hv] vm0: reset done"), Some("hv"));
+    assert_eq!(line_source("[vm1] guest: nproc=2"), Some("vm1"));
+    assert_eq!(line_source("[    0.5] booting"), None);
+    assert_eq!(line_source("guest: nproc=2"), None);
+}
