@@ -4,7 +4,8 @@
 use super::mmio::{block, GicdRegs, GicrRdRegs, GicrSgiRegs, Mmio};
 use super::sysreg;
 use crate::platform::GicInfo;
-use tock_registers::interfaces::{Readable, Writeable};
+use aarch64_cpu::registers::{ICC_CTLR_EL1, ICC_SRE_EL2};
+use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 
 const GICD_CTLR_RWP: u32 = 1 << 31;
 /// ARE_NS (bit 4) and EnableGrp1NS (bit 1); with a single security state these are ARE and
@@ -18,10 +19,9 @@ const GICR_STRIDE: u64 = 0x20000;
 const DEFAULT_PRIORITY: u32 = 0xa0;
 const POLL_LIMIT: u32 = 1_000_000;
 
-/// ICC_SRE_EL2: SRE (system register interface) and Enable (lets EL1 use ICC_SRE_EL1).
-const ICC_SRE_EL2_SRE_ENABLE: u64 = (1 << 0) | (1 << 3);
-/// ICC_CTLR_EL1.EOImode: priority drop and deactivation are separate, so that a forwarded
-/// interrupt stays active until the guest deactivates it through a HW list register.
+/// ICC_CTLR_EL1.EOImode (bit 1; aarch64-cpu names only ExtRange): priority drop and
+/// deactivation are separate, so that a forwarded interrupt stays active until the guest
+/// deactivates it through a HW list register.
 const ICC_CTLR_EOIMODE: u64 = 1 << 1;
 
 /// INTID returned by ICC_IAR1_EL1 when nothing is pending.
@@ -149,11 +149,12 @@ impl Gic {
             p.set(DEFAULT_PRIORITY * 0x0101_0101);
         }
 
-        sysreg::set_icc_sre_el2(sysreg::icc_sre_el2() | ICC_SRE_EL2_SRE_ENABLE);
+        // SRE: the system register interface; Enable: EL1 may use ICC_SRE_EL1.
+        ICC_SRE_EL2.modify(ICC_SRE_EL2::SRE::SET + ICC_SRE_EL2::ENABLE::SET);
         sysreg::isb();
         sysreg::set_icc_pmr(0xff);
         sysreg::set_icc_bpr1(0);
-        sysreg::set_icc_ctlr(sysreg::icc_ctlr() | ICC_CTLR_EOIMODE);
+        sysreg::set_icc_ctlr(ICC_CTLR_EL1.get() | ICC_CTLR_EOIMODE);
         sysreg::set_icc_igrpen1(1);
         sysreg::isb();
         Ok(idx)

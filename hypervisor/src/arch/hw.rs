@@ -5,7 +5,9 @@
 use super::gic::Gic;
 use super::{hv, sysreg, this_cpu};
 use crate::hw::{Hw, IntId};
-use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTPCT_EL0};
+use aarch64_cpu::registers::{
+    Readable, Writeable, CNTFRQ_EL0, CNTPCT_EL0, ICH_HCR_EL2, ICH_VTR_EL2,
+};
 
 /// The machine itself.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +49,7 @@ impl Hw for Machine {
     }
 
     fn lr_count(&self) -> usize {
-        ((sysreg::ich_vtr() & 0x1f) + 1) as usize
+        ICH_VTR_EL2.read(ICH_VTR_EL2::ListRegs) as usize + 1
     }
 
     fn read_lr(&self, i: usize) -> u64 {
@@ -59,11 +61,11 @@ impl Hw for Machine {
     }
 
     fn read_ich_hcr(&self) -> u64 {
-        sysreg::ich_hcr()
+        ICH_HCR_EL2.get()
     }
 
     fn write_ich_hcr(&self, value: u64) {
-        sysreg::set_ich_hcr(value);
+        ICH_HCR_EL2.set(value);
     }
 
     fn tlbi_vm(&self, vttbr: u64) {

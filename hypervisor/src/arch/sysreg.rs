@@ -1,7 +1,11 @@
-//! System registers that `aarch64-cpu` does not name (the GICv3 CPU interface as seen from EL2,
-//! ICH_EISR/ELRSR) and cache/TLB maintenance. Every access is a single instruction.
+//! System registers that `aarch64-cpu` 11.2 does not name or cannot write (ICC_IAR1/EOIR1/DIR,
+//! PMR, BPR1, CTLR, IGRPEN1 and SGI1R of the GICv3 CPU interface; HCRX_EL2; ID_AA64ISAR2 and
+//! MMFR3; the ID group 3 space by encoding), the ICH_LR<n>_EL2 array by index over the crate's
+//! registers, and cache/TLB maintenance. Every access is a single instruction.
 
 use core::arch::asm;
+#[rustfmt::skip]
+use aarch64_cpu::registers::{Readable, Writeable, ICH_LR0_EL2, ICH_LR1_EL2, ICH_LR2_EL2, ICH_LR3_EL2, ICH_LR4_EL2, ICH_LR5_EL2, ICH_LR6_EL2, ICH_LR7_EL2, ICH_LR8_EL2, ICH_LR9_EL2, ICH_LR10_EL2, ICH_LR11_EL2, ICH_LR12_EL2, ICH_LR13_EL2, ICH_LR14_EL2, ICH_LR15_EL2};
 
 macro_rules! sysreg_rw {
     ($read:ident, $write:ident, $enc:literal, $doc:literal) => {
@@ -46,6 +50,7 @@ sysreg_rw!(
 );
 sysreg_rw!(icc_pmr, set_icc_pmr, "s3_0_c4_c6_0", "ICC_PMR_EL1");
 sysreg_rw!(icc_bpr1, set_icc_bpr1, "s3_0_c12_c12_3", "ICC_BPR1_EL1");
+// aarch64-cpu 11.2 has ICC_CTLR_EL1 read-only (for its ExtRange field); EOImode is written here.
 sysreg_rw!(icc_ctlr, set_icc_ctlr, "s3_0_c12_c12_4", "ICC_CTLR_EL1");
 sysreg_rw!(
     icc_igrpen1,
@@ -54,12 +59,6 @@ sysreg_rw!(
     "ICC_IGRPEN1_EL1"
 );
 sysreg_rw!(_icc_sgi1r_r, icc_sgi1r, "s3_0_c12_c11_5", "ICC_SGI1R_EL1");
-sysreg_rw!(icc_sre_el2, set_icc_sre_el2, "s3_4_c12_c9_5", "ICC_SRE_EL2");
-sysreg_rw!(ich_hcr, set_ich_hcr, "s3_4_c12_c11_0", "ICH_HCR_EL2");
-sysreg_rw!(ich_vtr, _set_ich_vtr, "s3_4_c12_c11_1", "ICH_VTR_EL2");
-sysreg_rw!(ich_misr, _set_ich_misr, "s3_4_c12_c11_2", "ICH_MISR_EL2");
-sysreg_rw!(ich_vmcr, set_ich_vmcr, "s3_4_c12_c11_7", "ICH_VMCR_EL2");
-sysreg_rw!(ich_ap1r0, set_ich_ap1r0, "s3_4_c12_c9_0", "ICH_AP1R0_EL2");
 sysreg_rw!(
     id_aa64isar2,
     _set_id_aa64isar2,
@@ -73,7 +72,6 @@ sysreg_rw!(
     "ID_AA64MMFR3_EL1"
 );
 sysreg_rw!(_hcrx_el2, set_hcrx_el2, "s3_4_c1_c2_2", "HCRX_EL2");
-sysreg_rw!(ich_ap0r0, set_ich_ap0r0, "s3_4_c12_c8_0", "ICH_AP0R0_EL2");
 
 /// Reads ID group 3 register (op0 3, op1 0, CRn 0, CRm `crm` 1-7, op2 `op2`) at EL2; 0 for
 /// anything else. Unallocated encodings in this space are RAZ (Arm ARM D19.2.1), so every one
@@ -149,48 +147,51 @@ pub fn id_reg(crm: u8, op2: u8) -> u64 {
     }
 }
 
-sysreg_rw!(actlr_el1, _set_actlr_el1, "actlr_el1", "ACTLR_EL1");
-sysreg_rw!(_hfgrtr_el2, set_hfgrtr_el2, "s3_4_c1_c1_4", "HFGRTR_EL2");
-sysreg_rw!(_hfgwtr_el2, set_hfgwtr_el2, "s3_4_c1_c1_5", "HFGWTR_EL2");
-sysreg_rw!(_hfgitr_el2, set_hfgitr_el2, "s3_4_c1_c1_6", "HFGITR_EL2");
-sysreg_rw!(_hdfgrtr_el2, set_hdfgrtr_el2, "s3_4_c3_c1_4", "HDFGRTR_EL2");
-sysreg_rw!(_hdfgwtr_el2, set_hdfgwtr_el2, "s3_4_c3_c1_5", "HDFGWTR_EL2");
-
-/// Reads ICH_LR<n>_EL2.
+/// Reads ICH_LR<n>_EL2; 0 for an `n` past the 16 the architecture has.
 pub fn ich_lr(n: usize) -> u64 {
-    macro_rules! rd {
-        ($($i:literal => $enc:literal),*) => {
-            match n {
-                $($i => { let v: u64;
-                    // SAFETY: reading a list register has no memory side effect.
-                    unsafe { asm!(concat!("mrs {}, ", $enc), out(reg) v, options(nomem, nostack)) }; v })*
-                _ => 0,
-            }
-        };
+    match n {
+        0 => ICH_LR0_EL2.get(),
+        1 => ICH_LR1_EL2.get(),
+        2 => ICH_LR2_EL2.get(),
+        3 => ICH_LR3_EL2.get(),
+        4 => ICH_LR4_EL2.get(),
+        5 => ICH_LR5_EL2.get(),
+        6 => ICH_LR6_EL2.get(),
+        7 => ICH_LR7_EL2.get(),
+        8 => ICH_LR8_EL2.get(),
+        9 => ICH_LR9_EL2.get(),
+        10 => ICH_LR10_EL2.get(),
+        11 => ICH_LR11_EL2.get(),
+        12 => ICH_LR12_EL2.get(),
+        13 => ICH_LR13_EL2.get(),
+        14 => ICH_LR14_EL2.get(),
+        15 => ICH_LR15_EL2.get(),
+        _ => 0,
     }
-    rd!(0 => "s3_4_c12_c12_0", 1 => "s3_4_c12_c12_1", 2 => "s3_4_c12_c12_2", 3 => "s3_4_c12_c12_3",
-        4 => "s3_4_c12_c12_4", 5 => "s3_4_c12_c12_5", 6 => "s3_4_c12_c12_6", 7 => "s3_4_c12_c12_7",
-        8 => "s3_4_c12_c13_0", 9 => "s3_4_c12_c13_1", 10 => "s3_4_c12_c13_2", 11 => "s3_4_c12_c13_3",
-        12 => "s3_4_c12_c13_4", 13 => "s3_4_c12_c13_5", 14 => "s3_4_c12_c13_6", 15 => "s3_4_c12_c13_7")
 }
 
-/// Writes ICH_LR<n>_EL2 (n beyond ICH_VTR.ListRegs is ignored).
+/// Writes ICH_LR<n>_EL2 (`n` past the 16 the architecture has, or beyond ICH_VTR.ListRegs, is
+/// ignored: the caller never writes one it did not count).
 pub fn set_ich_lr(n: usize, v: u64) {
-    macro_rules! wr {
-        ($($i:literal => $enc:literal),*) => {
-            match n {
-                $($i => {
-                    // SAFETY: a list register only affects the virtual CPU interface of the
-                    // guest running on this CPU.
-                    unsafe { asm!(concat!("msr ", $enc, ", {}"), in(reg) v, options(nostack)) } })*
-                _ => {}
-            }
-        };
+    match n {
+        0 => ICH_LR0_EL2.set(v),
+        1 => ICH_LR1_EL2.set(v),
+        2 => ICH_LR2_EL2.set(v),
+        3 => ICH_LR3_EL2.set(v),
+        4 => ICH_LR4_EL2.set(v),
+        5 => ICH_LR5_EL2.set(v),
+        6 => ICH_LR6_EL2.set(v),
+        7 => ICH_LR7_EL2.set(v),
+        8 => ICH_LR8_EL2.set(v),
+        9 => ICH_LR9_EL2.set(v),
+        10 => ICH_LR10_EL2.set(v),
+        11 => ICH_LR11_EL2.set(v),
+        12 => ICH_LR12_EL2.set(v),
+        13 => ICH_LR13_EL2.set(v),
+        14 => ICH_LR14_EL2.set(v),
+        15 => ICH_LR15_EL2.set(v),
+        _ => {}
     }
-    wr!(0 => "s3_4_c12_c12_0", 1 => "s3_4_c12_c12_1", 2 => "s3_4_c12_c12_2", 3 => "s3_4_c12_c12_3",
-        4 => "s3_4_c12_c12_4", 5 => "s3_4_c12_c12_5", 6 => "s3_4_c12_c12_6", 7 => "s3_4_c12_c12_7",
-        8 => "s3_4_c12_c13_0", 9 => "s3_4_c12_c13_1", 10 => "s3_4_c12_c13_2", 11 => "s3_4_c12_c13_3",
-        12 => "s3_4_c12_c13_4", 13 => "s3_4_c12_c13_5", 14 => "s3_4_c12_c13_6", 15 => "s3_4_c12_c13_7")
 }
 
 /// Instruction synchronization barrier.

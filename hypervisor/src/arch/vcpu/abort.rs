@@ -1,0 +1,155 @@
+//! Data aborts from the guest (ESR_EL2.EC = 0x24): a stage-2 fault on an emulated device is
+//! one MMIO access, routed by `vm::bus` to the device that owns the IPA; anything else is the
+//! abort the guest would have taken.
+
+use super::inject::inject_abort;
+use super::{reg_read, reg_write};
+use crate::arch::hw::Machine;
+use crate::arch::{hv, iommu, uart};
+use crate::esr::{fault_ipa, instruction_length, DataAbort};
+use crate::mmio::AccessWidth;
+use crate::vm::bus::{self, Target};
+use crate::vm::irq::{self, VmIrqs};
+use crate::vm::Vm;
+use aarch64_cpu::registers::{Readable, FAR_EL2, HPFAR_EL2};
+use boot::TrapFrame;
+
+pub(super) fn handle_data_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
+    let da = DataAbort::from_esr(esr);
+    if !da.is_stage2_fault() {
+        // An external abort (HCR_EL2.TEA), parity error or the like on the guest's own access:
+        // it gets the abort it would have taken without the hypervisor.
+        log::warn!(
+            "{}: vcpu{vcpu} {} abort (DFSC {:#x}) at {:#x}, FAR {:#x}: handed to the guest",
+            vm.config.name,
+            if da.write { "write" } else { "read" },
+            da.dfsc,
+            frame.elr,
+            FAR_EL2.get()
+        );
+        inject_abort(vm, frame, esr, true);
+        return;
+    }
+    let ipa = fault_ipa(HPFAR_EL2.get(), FAR_EL2.get());
+    if !da.isv {
+        log::warn!(
+            "{}: vcpu{vcpu} access to {ipa:#x} at {:#x} without instruction syndrome: injecting an external abort",
+            vm.config.name,
+            frame.elr
+        );
+        inject_abort(vm, frame, esr, true);
+        return;
+    }
+    let value = reg_read(frame, da.srt) & da.width.mask();
+    let result = mmio_access(vm, vcpu, ipa, da.width, da.write.then_some(value));
+    match result {
+        Some(read) => {
+            if !da.write {
+                reg_write(frame, da.srt, da.load_value(read));
+            }
+            frame.elr = frame.elr.wrapping_add(instruction_length(esr));
+        }
+        None => {
+            log::warn!(
+                "{}: vcpu{vcpu} {} of unmapped IPA {ipa:#x} at {:#x}: injecting an external abort",
+                vm.config.name,
+                if da.write { "write" } else { "read" },
+                frame.elr
+            );
+            inject_abort(vm, frame, esr, true);
+        }
+    }
+}
+
+/// Emulates one access to the VM's devices (`vm::bus` says which). `None` if nothing lives at
+/// `ipa`.
+pub(super) fn mmio_access(
+    vm: &Vm,
+    vcpu: usize,
+    ipa: u64,
+    width: AccessWidth,
+    write: Option<u64>,
+) -> Option<u64> {
+    let ecam = || hv().iommu.host.as_ref().map(iommu::Ecam::new);
+    Some(match bus::route(vm, ipa)? {
+        Target::Gicd(off) => match write {
+            Some(v) => {
+                vm.vgic.lock().dist_write(off, width, v);
+                irq::follow_spi_enables(vm, &Machine);
+                0
+            }
+            None => vm.vgic.lock().dist_read(off, width),
+        },
+        Target::Gicr { vcpu: target, off } => match write {
+            Some(v) => {
+                vm.vgic.lock().redist_write(target, off, width, v);
+                irq::follow_timer_enable(vm, target, &Machine);
+                0
+            }
+            None => vm.vgic.lock().redist_read(target, off, width),
+        },
+        Target::Ecam(off) => {
+            let (Some(pci), Some(mut ecam)) = (vm.pci.as_ref(), ecam()) else {
+                return Some(u64::MAX);
+            };
+            let mut vecam = pci.vecam.lock();
+            match write {
+                Some(v) => {
+                    vecam.write(&mut ecam, off, width, v);
+                    let moves = vecam.take_bar_moves();
+                    drop(vecam);
+                    if !moves.is_empty() && vm.apply_bar_moves(&moves) {
+                        vm.invalidate_tlbs(&Machine);
+                    }
+                    0
+                }
+                None => vecam.read(&ecam, off, width),
+            }
+        }
+        Target::Vsmmu(off) => {
+            let s = vm.vsmmu.as_ref()?;
+            let size = width.bytes() as u8;
+            match write {
+                None => s.read(off, size),
+                Some(v) => {
+                    let irqs = VmIrqs {
+                        vm,
+                        hw: &Machine,
+                        here: Some(vcpu),
+                    };
+                    if !s.write(off, size, v, vm.ram(), &mut iommu::PhysSmmu, &irqs) {
+                        log::error!(
+                            "vsmmu: {}: a register write still waits after {} rounds",
+                            vm.config.name,
+                            smmu::vsmmu::MAX_ROUNDS
+                        );
+                    }
+                    0
+                }
+            }
+        }
+        Target::Uart(off) => match write {
+            Some(v) => {
+                let mut out = [0u8; 1];
+                let mut n = 0;
+                vm.vuart.lock().write(off, width, v as u32, &mut |b| {
+                    out[0] = b;
+                    n = 1;
+                });
+                if n == 1 {
+                    uart::print_guest(vm.id, &out);
+                }
+                0
+            }
+            None => {
+                let v = vm.vuart.lock().read(off, width) as u64;
+                vm.refill_console();
+                v
+            }
+        },
+        Target::Pci => {
+            let phys = vm.resolve_pci(&ecam()?, ipa, width)?;
+            iommu::forward_access(phys, width, write)
+        }
+    })
+}

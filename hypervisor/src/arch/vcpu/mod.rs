@@ -1,0 +1,214 @@
+//! Running a vCPU on its pinned physical CPU: EL2 controls for a protected guest, entry, trap
+//! dispatch (ESR_EL2 by name), exception injection, and the run loop. What a trap means for the
+//! VM is decided in `crate::vm` (PSCI, lifecycle, the MMIO bus, list registers) and by the
+//! devices in `crate::devices`; this file decodes the trap and carries the decision out.
+
+mod abort;
+mod el2;
+mod inject;
+mod irqs;
+mod lifecycle;
+mod smccc;
+mod sysreg_trap;
+
+use crate::arch::{hv, sysreg, this_cpu, uart};
+use crate::esr::{fault_ipa, instruction_length, ExceptionClass};
+use crate::vm::irq::VTIMER_PPI;
+use crate::vm::lifecycle::Power;
+use crate::vm::lr::{HwPending, Lrs};
+use crate::vm::Vm;
+use aarch64_cpu::registers::{Readable, ESR_EL2, FAR_EL2, HPFAR_EL2};
+use abort::handle_data_abort;
+use boot::{ExceptionKind, TrapFrame};
+use el2::{configure_el2, reset_el1_and_vgic_cpu};
+use inject::{inject_abort, inject_undef};
+use irqs::{handle_irqs, has_pending_virtual, sync_list_registers};
+use lifecycle::{boot_vm, park_stopped_vcpu, stop_vm};
+use smccc::handle_smccc;
+use sysreg_trap::handle_sysreg;
+
+/// Per-physical-CPU facts needed on every trap.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding {
+    /// VM index.
+    pub vm: usize,
+    /// vCPU index in that VM.
+    pub vcpu: usize,
+}
+
+pub(super) fn vm_and_vcpu() -> Option<(&'static Vm, usize)> {
+    let b = hv().cpus[this_cpu()].binding?;
+    Some((&hv().vms[b.vm], b.vcpu))
+}
+
+/// Each physical CPU's list registers as last written (`vm::lr`), only touched by that CPU.
+static LRS: [Lrs; boot::MAX_CPUS] = [const { Lrs::new() }; boot::MAX_CPUS];
+
+pub(super) fn lrs_here() -> &'static Lrs {
+    &LRS[this_cpu()]
+}
+
+/// Waits until this CPU's vCPU is powered on, then enters it. Never returns.
+pub fn run_bound_vcpu() -> ! {
+    let cpu = this_cpu();
+    let Some((vm, vcpu)) = vm_and_vcpu() else {
+        idle_forever();
+    };
+    loop {
+        if vm.life.runs() {
+            let power = &vm.vcpus[vcpu].power;
+            if power.get() == Power::Boot {
+                boot_vm(vm);
+                continue;
+            }
+            // Only a CPU_ON (or boot) of the VM's current generation: never the entry point of
+            // the image it had before a reload.
+            if let Some((entry, context)) = power.take_entry(&vm.life) {
+                configure_el2(vm, vcpu);
+                reset_el1_and_vgic_cpu();
+                IRQ_STATE[cpu].lock().hw_pending = HwPending::default();
+                hv().gic
+                    .set_private_enabled(hv().cpus[cpu].redist(), VTIMER_PPI.0, false);
+                let frame = TrapFrame::new_el1_entry(entry, context);
+                // SAFETY: `cpu` is this CPU and nothing borrows its stack across this call.
+                unsafe { boot::enter(cpu, &frame) };
+            }
+        }
+        // Woken by any interrupt (a kick from CPU_ON, a VM boot or reset, console input or
+        // an SMMU event routed here): serve the hypervisor's own before looking again.
+        uart::set_log_vm(None);
+        sysreg::wfi();
+        handle_irqs(None);
+    }
+}
+
+/// A physical CPU with no vCPU: it only sleeps.
+pub fn idle_forever() -> ! {
+    loop {
+        sysreg::wfi();
+        handle_irqs(None);
+    }
+}
+
+/// Per-CPU interrupt bookkeeping for the vCPU it runs.
+#[derive(Debug, Default)]
+pub struct IrqState {
+    /// Hardware interrupts taken at EL2 for the vCPU, not yet in a list register.
+    hw_pending: HwPending,
+    /// Where the last exception injected into the guest was sent, to spot a vector that
+    /// itself faults.
+    last_injected_vector: u64,
+    /// Guest timer interrupts taken on this CPU.
+    timer_exits: u64,
+}
+
+/// One per physical CPU, only touched by that CPU.
+pub static IRQ_STATE: [spin::Mutex<IrqState>; boot::MAX_CPUS] = [const {
+    spin::Mutex::new(IrqState {
+        hw_pending: HwPending::new(),
+        last_injected_vector: u64::MAX,
+        timer_exits: 0,
+    })
+}; boot::MAX_CPUS];
+
+/// Entry from the vector table for exceptions from the guest.
+#[no_mangle]
+extern "C" fn hv_lower_exception(frame: &mut TrapFrame, kind: u64) {
+    let Some((vm, vcpu)) = vm_and_vcpu() else {
+        panic!("guest exception on a CPU without a vCPU");
+    };
+    // What the hypervisor logs while it handles this exit is the guest's doing: rate-limited.
+    uart::set_log_vm(Some(vm.id));
+    match ExceptionKind::from_raw(kind) {
+        ExceptionKind::Sync => handle_sync(vm, vcpu, frame),
+        ExceptionKind::Irq | ExceptionKind::Fiq => handle_irqs(Some((vm, vcpu))),
+        ExceptionKind::SError => {
+            stop_vm(vm, "SError from the guest");
+        }
+    }
+    if vm.is_stopped() {
+        park_stopped_vcpu(vm, vcpu);
+    }
+    sync_list_registers(vm, vcpu);
+}
+
+/// Entry from the vector table for exceptions taken at EL2: a hypervisor bug.
+#[no_mangle]
+extern "C" fn hv_current_exception(frame: &mut TrapFrame, kind: u64) {
+    if ExceptionKind::from_raw(kind) == ExceptionKind::Irq {
+        // EL2 runs with interrupts masked; an IRQ here means a bug, but it is harmless.
+        return;
+    }
+    panic!(
+        "{:?} exception at EL2: ESR_EL2={:#x} FAR_EL2={:#x} ELR_EL2={:#x}",
+        ExceptionKind::from_raw(kind),
+        ESR_EL2.get(),
+        FAR_EL2.get(),
+        frame.elr
+    );
+}
+
+pub(super) fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
+    let esr = ESR_EL2.get();
+    match ExceptionClass::from_esr(esr) {
+        ExceptionClass::DataAbortLower => handle_data_abort(vm, vcpu, frame, esr),
+        ExceptionClass::Hvc64 => handle_smccc(vm, vcpu, frame),
+        ExceptionClass::Smc64 => {
+            // A trapped SMC leaves ELR at the SMC itself (Arm ARM D1.11.4).
+            frame.elr = frame.elr.wrapping_add(4);
+            handle_smccc(vm, vcpu, frame);
+        }
+        ExceptionClass::WfiWfe => {
+            frame.elr = frame.elr.wrapping_add(instruction_length(esr));
+            uart::flush_if_focused(vm.id);
+            if !has_pending_virtual(vm, vcpu) {
+                sysreg::wfi();
+            }
+        }
+        ExceptionClass::SysReg => handle_sysreg(vm, vcpu, frame, esr),
+        ExceptionClass::Sve | ExceptionClass::Sme | ExceptionClass::Unknown => {
+            inject_undef(vm, frame, esr);
+        }
+        ExceptionClass::InstAbortLower if !crate::esr::is_stage2_fault_code(esr as u8 & 0x3f) => {
+            log::warn!(
+                "{}: vcpu{vcpu} instruction fetch abort (IFSC {:#x}) at {:#x}: handed to the guest",
+                vm.config.name,
+                esr & 0x3f,
+                frame.elr
+            );
+            inject_abort(vm, frame, esr, false);
+        }
+        ExceptionClass::InstAbortLower => {
+            let ipa = fault_ipa(HPFAR_EL2.get(), FAR_EL2.get());
+            log::warn!(
+                "{}: vcpu{vcpu} instruction fetch from unmapped IPA {ipa:#x} (ELR {:#x}, SPSR {:#x}, ESR {esr:#x})",
+                vm.config.name,
+                frame.elr,
+                frame.spsr
+            );
+            inject_abort(vm, frame, esr, false);
+        }
+        ec => {
+            log::error!(
+                "{}: vcpu{vcpu} unhandled trap {ec:?} ESR_EL2={esr:#x} at {:#x}",
+                vm.config.name,
+                frame.elr
+            );
+            stop_vm(vm, "unhandled trap");
+        }
+    }
+}
+
+pub(super) fn reg_read(frame: &TrapFrame, r: usize) -> u64 {
+    if r == 31 {
+        0
+    } else {
+        frame.x[r]
+    }
+}
+
+pub(super) fn reg_write(frame: &mut TrapFrame, r: usize, v: u64) {
+    if r != 31 {
+        frame.x[r] = v;
+    }
+}
