@@ -189,7 +189,7 @@ pub struct PciDevice {
     pub parent: Option<Bdf>,
     /// For a virtio function, whether its DMA goes through the IOMMU
     /// ([`super::virtio::probe_all`], after resources are assigned).
-    pub virtio: Option<super::virtio::VirtioDma>,
+    pub virtio: Option<super::VirtioDma>,
 }
 
 impl PciDevice {

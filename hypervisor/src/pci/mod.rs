@@ -115,6 +115,28 @@ impl fmt::Display for Bdf {
     }
 }
 
+/// How a virtio function's DMA reaches memory, as `virtio::probe` found it (here, beside the
+/// other facts enumeration records, because [`PciDevice`] holds it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtioDma {
+    /// It offers VIRTIO_F_ACCESS_PLATFORM: its DMA is translated by the IOMMU.
+    Translated,
+    /// A modern interface without VIRTIO_F_ACCESS_PLATFORM: its DMA bypasses the IOMMU.
+    NoAccessPlatform,
+    /// Only the legacy interface (no modern capabilities): it cannot offer the feature.
+    LegacyOnly,
+    /// The common configuration is not inside a placed memory BAR, so the feature bits could
+    /// not be read.
+    Unknown,
+}
+
+impl VirtioDma {
+    /// Whether the function may be assigned to a VM.
+    pub const fn translated(self) -> bool {
+        matches!(self, VirtioDma::Translated)
+    }
+}
+
 /// 32-bit access to the configuration space of any function under the host bridge.
 ///
 /// Only dword accesses: ECAM allows narrower ones, but dwords are all every register we touch

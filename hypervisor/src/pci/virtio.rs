@@ -12,6 +12,7 @@
 
 use super::enumerate::{BarKind, PciDevice, Topology};
 use super::regs::{self, cap_id};
+pub use super::VirtioDma;
 use super::{Bdf, ConfigSpace};
 
 /// The virtio PCI vendor ID (virtio 1.2 4.1.2).
@@ -40,27 +41,6 @@ pub trait BarMmio {
     fn read32(&mut self, pa: u64) -> u32;
     /// Writes the dword at `pa`.
     fn write32(&mut self, pa: u64, value: u32);
-}
-
-/// How a virtio function's DMA reaches memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VirtioDma {
-    /// It offers VIRTIO_F_ACCESS_PLATFORM: its DMA is translated by the IOMMU.
-    Translated,
-    /// A modern interface without VIRTIO_F_ACCESS_PLATFORM: its DMA bypasses the IOMMU.
-    NoAccessPlatform,
-    /// Only the legacy interface (no modern capabilities): it cannot offer the feature.
-    LegacyOnly,
-    /// The common configuration is not inside a placed memory BAR, so the feature bits could
-    /// not be read.
-    Unknown,
-}
-
-impl VirtioDma {
-    /// Whether the function may be assigned to a VM.
-    pub const fn translated(self) -> bool {
-        matches!(self, VirtioDma::Translated)
-    }
 }
 
 /// Whether `dev` is a virtio function (by its IDs).
