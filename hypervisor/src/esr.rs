@@ -218,8 +218,8 @@ impl SysRegAccess {
 }
 
 /// Fault IPA of a stage-2 abort: HPFAR_EL2.FIPA gives bits [51:12], FAR_EL2 the page offset.
-pub fn fault_ipa(hpfar: u64, far: u64) -> u64 {
-    ((hpfar >> 4) & 0xff_ffff_ffff) << 12 | (far & 0xfff)
+pub fn fault_ipa(hpfar: u64, far: u64) -> crate::hw::Ipa {
+    crate::hw::Ipa(((hpfar >> 4) & 0xff_ffff_ffff) << 12 | (far & 0xfff))
 }
 
 #[cfg(test)]
@@ -315,7 +315,10 @@ mod tests {
 
     #[test]
     fn fault_ipa_combines_hpfar_and_far() {
-        assert_eq!(fault_ipa(0x09000 << 4, 0xffff_0000_0900_0018), 0x0900_0018);
-        assert_eq!(fault_ipa(0x80a0 << 4, 0x1234), 0x080a_0234);
+        assert_eq!(
+            fault_ipa(0x09000 << 4, 0xffff_0000_0900_0018).get(),
+            0x0900_0018
+        );
+        assert_eq!(fault_ipa(0x80a0 << 4, 0x1234).get(), 0x080a_0234);
     }
 }

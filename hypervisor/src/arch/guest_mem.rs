@@ -2,14 +2,14 @@
 //! reads or writes. Every access is bounds-checked against a range the hypervisor owns.
 
 use super::sysreg;
-use crate::hw::{GuestRam, OutOfRam};
+use crate::hw::{GuestRam, Ipa, OutOfRam, PhysAddr};
 use crate::platform::MemRange;
 
 /// A VM's RAM: IPA `ipa.base..` backed by PA `pa..`.
 #[derive(Clone, Copy, Debug)]
 pub struct PhysRam {
     ipa: MemRange,
-    pa: u64,
+    pa: PhysAddr,
 }
 
 impl PhysRam {
@@ -17,16 +17,19 @@ impl PhysRam {
     ///
     /// `[pa, pa + ipa.size)` must be RAM owned by this VM alone (not the hypervisor's image, heap
     /// or another VM's RAM), identity-mapped at EL2.
-    pub unsafe fn new(ipa: MemRange, pa: u64) -> Self {
+    pub unsafe fn new(ipa: MemRange, pa: PhysAddr) -> Self {
         Self { ipa, pa }
     }
 
-    fn pa_of(&self, ipa: u64, len: u64) -> Result<u64, OutOfRam> {
-        let end = ipa.checked_add(len).ok_or(OutOfRam { ipa, len })?;
-        if ipa < self.ipa.base || end > self.ipa.end() {
-            return Err(OutOfRam { ipa, len });
+    /// The PA of `[ipa, ipa + len)`, which must lie in this VM's RAM.
+    fn pa_of(&self, ipa: Ipa, len: u64) -> Result<usize, OutOfRam> {
+        let out = OutOfRam { ipa, len };
+        let end = ipa.checked_add(len).ok_or(out)?;
+        let off = ipa.offset_from(Ipa(self.ipa.base)).ok_or(out)?;
+        if end.get() > self.ipa.end() {
+            return Err(out);
         }
-        Ok(self.pa + (ipa - self.ipa.base))
+        Ok((self.pa.get() + off) as usize)
     }
 }
 
@@ -37,25 +40,23 @@ impl GuestRam for PhysRam {
 
     /// Copies `data` to guest IPA `ipa` and cleans it to the point of coherency (the guest may
     /// read it with its MMU and caches off).
-    fn write(&self, ipa: u64, data: &[u8]) -> Result<(), OutOfRam> {
+    fn write(&self, ipa: Ipa, data: &[u8]) -> Result<(), OutOfRam> {
         let pa = self.pa_of(ipa, data.len() as u64)?;
         // SAFETY: `pa_of` checked the range lies in this VM's RAM, which `new`'s caller
         // guaranteed is identity-mapped and aliased by no Rust reference.
-        unsafe {
-            core::ptr::copy_nonoverlapping(data.as_ptr(), pa as usize as *mut u8, data.len())
-        };
-        sysreg::clean_dcache_range(pa as usize, data.len());
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pa as *mut u8, data.len()) };
+        sysreg::clean_dcache_range(pa, data.len());
         Ok(())
     }
 
     /// Copies guest memory at IPA `ipa` into `buf`. Guest RAM is normal write-back memory in
     /// both the guest's and the hypervisor's mappings, so no cache maintenance is needed.
-    fn read(&self, ipa: u64, buf: &mut [u8]) -> Result<(), OutOfRam> {
+    fn read(&self, ipa: Ipa, buf: &mut [u8]) -> Result<(), OutOfRam> {
         let pa = self.pa_of(ipa, buf.len() as u64)?;
         // The guest may write this memory concurrently: volatile byte reads make that a stale
         // value at worst, never an invalid one.
         for (i, b) in buf.iter_mut().enumerate() {
-            let p = (pa as usize + i) as *const u8;
+            let p = (pa + i) as *const u8;
             // SAFETY: `pa_of` checked the range lies in this VM's RAM, identity-mapped (`new`).
             *b = unsafe { p.read_volatile() };
         }
@@ -65,7 +66,7 @@ impl GuestRam for PhysRam {
     /// Zeroes the whole of guest RAM (a fresh VM must not see a previous VM's data).
     fn zero_all(&self) {
         // SAFETY: the whole range is this VM's RAM (see `new`), mapped as normal memory.
-        unsafe { sysreg::zero_and_clean(self.pa as usize, self.ipa.size as usize) };
+        unsafe { sysreg::zero_and_clean(self.pa.get() as usize, self.ipa.size as usize) };
     }
 }
 

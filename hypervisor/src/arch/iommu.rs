@@ -7,7 +7,7 @@ use super::sysreg;
 use crate::pci::{self, Bdf, ConfigSpace, HostBridge, IommuGroup, Topology};
 use crate::platform::{MemRange, SmmuInfo};
 use alloc::alloc::{alloc_zeroed, Layout};
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::arch::asm;
@@ -240,8 +240,13 @@ pub fn set_forwardable(windows: Vec<MemRange>) {
 /// functions' BARs, as `VirtualEcam::resolve` decided) with the guest's width: a read returns
 /// the value, a write returns 0. Outside the recorded windows, or misaligned, a read returns all
 /// ones and a write is dropped, as a PCI master abort would.
-pub fn forward_access(phys: u64, width: crate::mmio::AccessWidth, write: Option<u64>) -> u64 {
+pub fn forward_access(
+    phys: crate::hw::PhysAddr,
+    width: crate::mmio::AccessWidth,
+    write: Option<u64>,
+) -> u64 {
     use crate::mmio::AccessWidth as W;
+    let phys = phys.get();
     let inside = FORWARDABLE.get().is_some_and(|ws| {
         ws.iter().any(|w| {
             phys >= w.base
@@ -287,11 +292,19 @@ pub fn forward_access(phys: u64, width: crate::mmio::AccessWidth, write: Option<
 /// [`set_forwardable`] recorded, as [`forward_access`] checks).
 impl pci::virtio::BarMmio for Ecam<'_> {
     fn read32(&mut self, pa: u64) -> u32 {
-        forward_access(pa, crate::mmio::AccessWidth::Word, None) as u32
+        forward_access(
+            crate::hw::PhysAddr(pa),
+            crate::mmio::AccessWidth::Word,
+            None,
+        ) as u32
     }
 
     fn write32(&mut self, pa: u64, value: u32) {
-        forward_access(pa, crate::mmio::AccessWidth::Word, Some(u64::from(value)));
+        forward_access(
+            crate::hw::PhysAddr(pa),
+            crate::mmio::AccessWidth::Word,
+            Some(u64::from(value)),
+        );
     }
 }
 
@@ -318,12 +331,12 @@ impl Iommu {
         vm: &str,
         devices: &[Bdf],
         earlier: &[(String, Vec<Bdf>)],
-    ) -> Result<VmDevices, String> {
+    ) -> Result<VmDevices, DeviceError> {
         if devices.is_empty() {
             return Ok(VmDevices::default());
         }
         let (Some(topo), Some(host)) = (&self.topology, &self.host) else {
-            return Err("the machine has no usable PCI host bridge".to_string());
+            return Err(DeviceError::NoHostBridge);
         };
         pci::resolve(
             topo,
@@ -334,20 +347,47 @@ impl Iommu {
             earlier,
             crate::stage2::IPA_BITS,
         )
-        .map_err(|e| e.to_string())
+        .map_err(DeviceError::Assign)
     }
+}
+
+/// Why a VM cannot have the PCI functions it names, or cannot have them confined.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The DT has no host bridge the hypervisor could take.
+    #[error("the machine has no usable PCI host bridge")]
+    NoHostBridge,
+    /// [`pci::resolve`] refused them.
+    #[error(transparent)]
+    Assign(#[from] pci::AssignError),
+    /// No SMMU, so nothing would confine their DMA.
+    #[error("no SMMU: DMA would not be confined")]
+    NoSmmu,
+    /// A StreamID's STE could not be written.
+    #[error("StreamID {sid}: {source}")]
+    Ste {
+        /// The StreamID.
+        sid: u32,
+        /// What the driver said.
+        source: DriverError,
+    },
 }
 
 /// Points `stream_ids` at a VM's stage-2 (STE Config = stage 2 only, the VM's VMID and root):
 /// its devices' DMA addresses are IPAs, confined to what the VM's stage-2 maps.
-pub fn attach_stage2(vm: &str, stream_ids: &[u32], vmid: u16, s2_root: u64) -> Result<(), String> {
+pub fn attach_stage2(
+    vm: &str,
+    stream_ids: &[u32],
+    vmid: u16,
+    s2_root: u64,
+) -> Result<(), DeviceError> {
     let Some(oas_bits) = SMMU.lock().as_ref().map(|s| s.features().oas_bits) else {
-        return Err("no SMMU: DMA would not be confined".to_string());
+        return Err(DeviceError::NoSmmu);
     };
     let s2 = crate::stage2::smmu_s2_config(oas_bits, vmid, s2_root);
     for &sid in stream_ids {
         set_ste(sid, smmu::ste::Ste::stage2(s2))
-            .map_err(|e| alloc::format!("StreamID {sid}: {e}"))?;
+            .map_err(|source| DeviceError::Ste { sid, source })?;
     }
     log::info!("smmu: {vm}: StreamIDs {stream_ids:?} translate through its stage-2 (VMID {vmid})");
     Ok(())

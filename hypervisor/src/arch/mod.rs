@@ -12,6 +12,7 @@ pub mod uart;
 pub mod vcpu;
 
 use crate::config;
+use crate::hw::PhysAddr;
 use crate::platform::{MemRange, ModuleKind, Platform, PsciConduit};
 use crate::vm::{BootImage, SmmuFacts, Vm, VmConfig};
 use aarch64_cpu::registers::{Readable, Writeable, CNTFRQ_EL0, CNTPCT_EL0, MPIDR_EL1, TPIDR_EL2};
@@ -337,6 +338,20 @@ fn busy_ranges(
     busy
 }
 
+/// Why no VM can be built at all (a single VM's fault refuses only that VM).
+#[derive(Debug, thiserror::Error)]
+enum BuildError {
+    /// /chosen cannot be read for VM nodes.
+    #[error("VM configuration: {0}")]
+    Config(crate::platform::PlatformError),
+    /// Neither VM nodes nor a kernel module to make the one default VM of.
+    #[error("no smmu-hv,vm node and no multiboot,kernel module in /chosen")]
+    NoVm,
+    /// Every VM was refused (each with its own error, logged).
+    #[error("no VM has a usable configuration")]
+    AllRefused,
+}
+
 /// The VMs the DT describes (`smmu-hv,vm` nodes under /chosen, see docs/vm-config.md). A VM
 /// whose configuration is wrong is refused with an error naming it and the field; the others
 /// are built. Without VM nodes, one VM is made from the /chosen boot modules (as QEMU's
@@ -348,8 +363,8 @@ fn build_vms(
     busy: &[MemRange],
     hypervisor: MemRange,
     iommu: &iommu::Iommu,
-) -> Result<Vec<Vm>, String> {
-    let specs = config::parse_vm_specs(dtb).map_err(|e| alloc::format!("VM configuration: {e}"))?;
+) -> Result<Vec<Vm>, BuildError> {
+    let specs = config::parse_vm_specs(dtb).map_err(BuildError::Config)?;
     let specs = if specs.is_empty() {
         legacy_spec(p)?
     } else {
@@ -407,7 +422,9 @@ fn build_vms(
         };
         // SAFETY: `plan_vms` placed this RAM inside the machine's RAM, clear of the hypervisor,
         // the DTB, reserved memory, every boot module and every other VM's RAM.
-        let ram = alloc::boxed::Box::new(unsafe { guest_mem::PhysRam::new(ram_ipa, plan.ram_pa) });
+        let ram = alloc::boxed::Box::new(unsafe {
+            guest_mem::PhysRam::new(ram_ipa, PhysAddr(plan.ram_pa))
+        });
         let smmu = smmu_facts.as_ref().and_then(|(oas_bits, phys)| {
             p.smmu.as_ref().map(|info| SmmuFacts {
                 info,
@@ -420,7 +437,7 @@ fn build_vms(
             vm_config,
             p,
             ram,
-            plan.ram_pa,
+            PhysAddr(plan.ram_pa),
             iommu.host.as_ref(),
             smmu,
         ) {
@@ -463,20 +480,20 @@ fn build_vms(
         vms.push(vm);
     }
     if vms.is_empty() {
-        return Err(String::from("no VM has a usable configuration"));
+        return Err(BuildError::AllRefused);
     }
     Ok(vms)
 }
 
 /// One VM on the first CPUs from the /chosen kernel and ramdisk modules.
-fn legacy_spec(p: &Platform) -> Result<Vec<Result<config::VmSpec, config::ConfigError>>, String> {
+fn legacy_spec(
+    p: &Platform,
+) -> Result<Vec<Result<config::VmSpec, config::ConfigError>>, BuildError> {
     let kernel = p
         .modules
         .iter()
         .find(|m| m.kind == ModuleKind::Kernel)
-        .ok_or_else(|| {
-            String::from("no smmu-hv,vm node and no multiboot,kernel module in /chosen")
-        })?;
+        .ok_or(BuildError::NoVm)?;
     let ramdisk = p
         .modules
         .iter()

@@ -105,7 +105,9 @@ fn parse_node(node: FdtNode) -> Result<VmSpec, ConfigError> {
 
     let static_mem = match node.property("smmu-hv,static-mem").map(|p| p.value) {
         None => None,
-        Some(v) => Some(one_range(v, acells, scells).map_err(|r| err("smmu-hv,static-mem", r))?),
+        Some(v) => Some(
+            one_range(v, acells, scells).map_err(|r| err("smmu-hv,static-mem", r.to_string()))?,
+        ),
     };
 
     let mut kernel = None;
@@ -195,20 +197,42 @@ fn u32_cells(value: &[u8], n: usize) -> Option<Vec<u32>> {
     )
 }
 
+/// Why a `<base size>` property is not one usable range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    /// Not exactly one entry of the node's cell sizes.
+    #[error("must be one <base size> entry of {acells}+{scells} cells, is {len} bytes")]
+    Cells {
+        /// `#address-cells`.
+        acells: u32,
+        /// `#size-cells`.
+        scells: u32,
+        /// The property's length.
+        len: usize,
+    },
+    /// `base + size` is past 2^64.
+    #[error("[{base:#x} +{size:#x}) wraps past the top of the address space")]
+    Wraps {
+        /// The range's base.
+        base: u64,
+        /// Its size.
+        size: u64,
+    },
+}
+
 /// `value` as exactly one `<base size>` entry of the given cell sizes (1 or 2 each).
-fn one_range(value: &[u8], acells: u32, scells: u32) -> Result<MemRange, String> {
+fn one_range(value: &[u8], acells: u32, scells: u32) -> Result<MemRange, RangeError> {
     let (alen, slen) = (acells as usize * 4, scells as usize * 4);
     if value.len() != alen + slen {
-        return Err(format!(
-            "must be one <base size> entry of {acells}+{scells} cells, is {} bytes",
-            value.len()
-        ));
+        return Err(RangeError::Cells {
+            acells,
+            scells,
+            len: value.len(),
+        });
     }
     let (base, size) = (platform::be(&value[..alen]), platform::be(&value[alen..]));
     if base.checked_add(size).is_none() {
-        return Err(format!(
-            "[{base:#x} +{size:#x}) wraps past the top of the address space"
-        ));
+        return Err(RangeError::Wraps { base, size });
     }
     Ok(MemRange { base, size })
 }

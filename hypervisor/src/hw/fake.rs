@@ -2,7 +2,7 @@
 //! values, a counter that advances by a fixed step on every read (so a bounded wait ends), and a
 //! log of every other operation in the order it was asked for.
 
-use super::{Hw, IntId};
+use super::{Hw, IntId, Ipa};
 use alloc::vec::Vec;
 use spin::Mutex;
 
@@ -194,13 +194,13 @@ impl FakeRam {
         self.bytes.lock().fill(byte);
     }
 
-    fn span(&self, ipa: u64, len: usize) -> Result<core::ops::Range<usize>, super::OutOfRam> {
+    fn span(&self, ipa: Ipa, len: usize) -> Result<core::ops::Range<usize>, super::OutOfRam> {
         let size = self.bytes.lock().len() as u64;
         let err = super::OutOfRam {
             ipa,
             len: len as u64,
         };
-        let off = ipa.checked_sub(self.base).ok_or(err)?;
+        let off = ipa.offset_from(Ipa(self.base)).ok_or(err)?;
         let end = off.checked_add(len as u64).ok_or(err)?;
         if end > size {
             return Err(err);
@@ -216,12 +216,12 @@ impl super::GuestRam for FakeRam {
             size: self.bytes.lock().len() as u64,
         }
     }
-    fn read(&self, ipa: u64, buf: &mut [u8]) -> Result<(), super::OutOfRam> {
+    fn read(&self, ipa: Ipa, buf: &mut [u8]) -> Result<(), super::OutOfRam> {
         let r = self.span(ipa, buf.len())?;
         buf.copy_from_slice(&self.bytes.lock()[r]);
         Ok(())
     }
-    fn write(&self, ipa: u64, data: &[u8]) -> Result<(), super::OutOfRam> {
+    fn write(&self, ipa: Ipa, data: &[u8]) -> Result<(), super::OutOfRam> {
         let r = self.span(ipa, data.len())?;
         self.bytes.lock()[r].copy_from_slice(data);
         Ok(())

@@ -80,7 +80,7 @@ pub trait Hw {
 #[error("IPA range {ipa:#x}+{len:#x} is outside guest RAM")]
 pub struct OutOfRam {
     /// Start of the access.
-    pub ipa: u64,
+    pub ipa: Ipa,
     /// Its length.
     pub len: u64,
 }
@@ -92,26 +92,27 @@ pub trait GuestRam: Send + Sync + core::fmt::Debug {
     /// The IPA range it covers.
     fn ipa_range(&self) -> crate::platform::MemRange;
     /// Copies guest memory at `ipa` into `buf`.
-    fn read(&self, ipa: u64, buf: &mut [u8]) -> Result<(), OutOfRam>;
+    fn read(&self, ipa: Ipa, buf: &mut [u8]) -> Result<(), OutOfRam>;
     /// Copies `data` to guest memory at `ipa`, visible to a guest running with its MMU and
     /// caches off.
-    fn write(&self, ipa: u64, data: &[u8]) -> Result<(), OutOfRam>;
+    fn write(&self, ipa: Ipa, data: &[u8]) -> Result<(), OutOfRam>;
     /// Zeroes all of it.
     fn zero_all(&self);
 }
 
-/// The emulated SMMU's model reads the guest's tables and queues straight through the VM's RAM.
+/// The emulated SMMU's model reads the guest's tables and queues straight through the VM's RAM
+/// (the `smmu` crate has no address types: what it is handed from a guest register is an IPA).
 impl smmu::vsmmu::GuestMemory for &dyn GuestRam {
     fn read(&self, ipa: u64, buf: &mut [u8]) -> Result<(), smmu::vsmmu::GuestMemError> {
-        GuestRam::read(*self, ipa, buf).map_err(|e| smmu::vsmmu::GuestMemError {
-            ipa: e.ipa,
+        GuestRam::read(*self, Ipa(ipa), buf).map_err(|e| smmu::vsmmu::GuestMemError {
+            ipa: e.ipa.get(),
             len: e.len,
         })
     }
 
     fn write(&mut self, ipa: u64, data: &[u8]) -> Result<(), smmu::vsmmu::GuestMemError> {
-        GuestRam::write(*self, ipa, data).map_err(|e| smmu::vsmmu::GuestMemError {
-            ipa: e.ipa,
+        GuestRam::write(*self, Ipa(ipa), data).map_err(|e| smmu::vsmmu::GuestMemError {
+            ipa: e.ipa.get(),
             len: e.len,
         })
     }

@@ -4,6 +4,7 @@
 
 use super::Vm;
 use crate::devices::vgic::GICR_FRAME_SIZE;
+use crate::hw::Ipa;
 use crate::pci::{PciSpace, PciWindow};
 
 /// The device a trapped access goes to.
@@ -29,13 +30,13 @@ pub enum Target {
     Pci,
 }
 
-fn within(base: u64, size: u64, ipa: u64) -> Option<u64> {
-    ipa.checked_sub(base).filter(|&off| off < size)
+fn within(base: u64, size: u64, ipa: Ipa) -> Option<u64> {
+    ipa.offset_from(Ipa(base)).filter(|&off| off < size)
 }
 
 /// Which device `ipa` belongs to, in the order the devices are tried (distributor, then
 /// redistributors, ECAM, vSMMU, UART, PCI windows): `None` when nothing lives there.
-pub fn route(vm: &Vm, ipa: u64) -> Option<Target> {
+pub fn route(vm: &Vm, ipa: Ipa) -> Option<Target> {
     if let Some(off) = within(vm.gicd.base, vm.gicd.size, ipa) {
         return Some(Target::Gicd(off));
     }
@@ -69,10 +70,11 @@ pub fn route(vm: &Vm, ipa: u64) -> Option<Target> {
 }
 
 /// The PCI I/O or memory window holding `ipa`: (whether it is I/O space, the bus address).
-pub fn pci_window(windows: &[PciWindow], ipa: u64) -> Option<(bool, u64)> {
-    let w = windows
+pub fn pci_window(windows: &[PciWindow], ipa: Ipa) -> Option<(bool, u64)> {
+    let (w, off) = windows
         .iter()
-        .find(|w| w.space != PciSpace::Config && within(w.cpu_base, w.size, ipa).is_some())?;
-    let bus = (ipa - w.cpu_base).checked_add(w.pci_base)?;
+        .filter(|w| w.space != PciSpace::Config)
+        .find_map(|w| within(w.cpu_base, w.size, ipa).map(|off| (w, off)))?;
+    let bus = off.checked_add(w.pci_base)?;
     Some((w.space == PciSpace::Io, bus))
 }

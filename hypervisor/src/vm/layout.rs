@@ -1,6 +1,7 @@
 //! Where a VM's kernel, device tree and initramfs go in its RAM (Linux's arm64 boot protocol,
 //! Documentation/arch/arm64/booting.rst).
 
+use crate::hw::Ipa;
 use crate::platform::MemRange;
 
 const MIB: u64 = 1 << 20;
@@ -22,9 +23,9 @@ pub enum LayoutError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
     /// The kernel's first byte, also its entry point.
-    pub entry: u64,
+    pub entry: Ipa,
     /// The device tree (at most [`DTB_MAX`] bytes).
-    pub dtb: u64,
+    pub dtb: Ipa,
     /// The initramfs, if any.
     pub initrd: Option<MemRange>,
 }
@@ -64,7 +65,11 @@ pub fn place(
     if top > ram.end() {
         return Err(too_small);
     }
-    Ok(Placement { entry, dtb, initrd })
+    Ok(Placement {
+        entry: Ipa(entry),
+        dtb: Ipa(dtb),
+        initrd,
+    })
 }
 
 #[cfg(test)]
@@ -88,8 +93,8 @@ mod tests {
     fn a_debian_kernel_is_laid_out_as_booti_does() {
         // Linux 6.12's header: text_offset 0, image_size covering BSS beyond the file.
         let p = place(RAM, &header(0, 0x2c9_0000), 0x260_0000, Some(0x80_0000)).unwrap();
-        assert_eq!(p.entry, RAM.base);
-        assert_eq!(p.dtb, 0x42e0_0000, "next 2 MiB block after image_size");
+        assert_eq!(p.entry, Ipa(RAM.base));
+        assert_eq!(p.dtb, Ipa(0x42e0_0000), "next 2 MiB block after image_size");
         assert_eq!(
             p.initrd,
             Some(MemRange {
@@ -102,8 +107,8 @@ mod tests {
     #[test]
     fn text_offset_and_a_file_larger_than_image_size_are_honoured() {
         let p = place(RAM, &header(0x8_0000, 0x1000), 0x30_0001, None).unwrap();
-        assert_eq!(p.entry, RAM.base + 0x8_0000);
-        assert_eq!(p.dtb, RAM.base + 0x40_0000);
+        assert_eq!(p.entry, Ipa(RAM.base + 0x8_0000));
+        assert_eq!(p.dtb, Ipa(RAM.base + 0x40_0000));
         assert_eq!(p.initrd, None);
     }
 
@@ -119,7 +124,7 @@ mod tests {
         );
         assert_eq!(
             place(small, &header(0, 0x20_0000), 0x20_0000, None).map(|p| p.dtb),
-            Ok(RAM.base + 0x20_0000),
+            Ok(Ipa(RAM.base + 0x20_0000)),
             "exactly fits: kernel block + DTB block"
         );
         let mut bad = header(0, 0x1000);

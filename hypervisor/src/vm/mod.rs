@@ -19,7 +19,7 @@ use crate::devices::vgic::{VGic, VGicConfig, GICR_FRAME_SIZE};
 use crate::devices::vpl011::VPl011;
 use crate::devices::vsmmu::{PhysFacts, VmSmmu};
 use crate::guest_dt::{build_guest_dt, GuestDtConfig, GuestPci, GuestSmmu};
-use crate::hw::{GuestRam, Hw, OutOfRam};
+use crate::hw::{GuestRam, Hw, Ipa, OutOfRam, PhysAddr};
 use crate::pci::{ConfigSpace, VmDevices};
 use crate::platform::{MemRange, Platform};
 use crate::stage2::{MemType, Stage2, Stage2Error};
@@ -138,7 +138,7 @@ pub struct Vm {
     /// Guest RAM in IPA space.
     pub ram_ipa: MemRange,
     /// Where guest RAM lives physically.
-    pub ram_pa: u64,
+    pub ram_pa: PhysAddr,
     ram: Box<dyn GuestRam>,
     /// Its stage-2 tables (shared with the SMMU); changed only when the guest moves a BAR.
     stage2: Mutex<Stage2>,
@@ -196,7 +196,7 @@ impl Vm {
         config: VmConfig,
         platform: &Platform,
         ram: Box<dyn GuestRam>,
-        ram_pa: u64,
+        ram_pa: PhysAddr,
         host_bridge: Option<&crate::pci::HostBridge>,
         smmu: Option<SmmuFacts<'_>>,
     ) -> Result<Self, VmError> {
@@ -205,7 +205,7 @@ impl Vm {
             size: config.ram_size,
         };
         let mut stage2 = Stage2::new();
-        stage2.map(ram_ipa.base, ram_pa, ram_ipa.size, MemType::Normal)?;
+        stage2.map(ram_ipa.base, ram_pa.get(), ram_ipa.size, MemType::Normal)?;
         // Assigned functions' memory BARs, their slots checked to hold nothing else: the guest
         // sees them where they physically are. I/O BARs are not mapped: their accesses trap.
         for slot in &config.devices.slots {
@@ -301,7 +301,7 @@ impl Vm {
         &self,
         hw: &impl Hw,
         phys: &mut impl smmu::vsmmu::PhysicalSmmu,
-    ) -> Result<(u64, u64), VmError> {
+    ) -> Result<(Ipa, Ipa), VmError> {
         let kernel = self.config.kernel;
         let place = layout::place(
             self.ram_ipa,
@@ -323,7 +323,7 @@ impl Vm {
         }
         self.ram.write(place.entry, kernel.bytes)?;
         if let (Some(m), Some(r)) = (self.config.initrd, place.initrd) {
-            self.ram.write(r.base, m.bytes)?;
+            self.ram.write(Ipa(r.base), m.bytes)?;
         }
         let mpidrs: Vec<u64> = self.vcpus.iter().map(|v| v.mpidr).collect();
         let dtb = build_guest_dt(&GuestDtConfig {
@@ -494,12 +494,15 @@ impl Vm {
     pub fn resolve_pci(
         &self,
         cfg: &impl ConfigSpace,
-        ipa: u64,
+        ipa: Ipa,
         width: crate::mmio::AccessWidth,
-    ) -> Option<u64> {
+    ) -> Option<PhysAddr> {
         let pci = self.pci.as_ref()?;
         let (io, bus) = bus::pci_window(&pci.windows, ipa)?;
-        pci.vecam.lock().resolve(cfg, io, bus, width.bytes())
+        pci.vecam
+            .lock()
+            .resolve(cfg, io, bus, width.bytes())
+            .map(PhysAddr)
     }
 
     /// Drops every TLB entry of the VM's VMID, in the CPUs and in the SMMU (after a stage-2

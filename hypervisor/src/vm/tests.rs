@@ -59,7 +59,16 @@ fn config(devices: VmDevices) -> VmConfig {
 fn vm_with(devices: VmDevices) -> Vm {
     let p = platform();
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
-    Vm::new(0, config(devices), &p, ram, 0x8000_0000, None, None).unwrap()
+    Vm::new(
+        0,
+        config(devices),
+        &p,
+        ram,
+        PhysAddr(0x8000_0000),
+        None,
+        None,
+    )
+    .unwrap()
 }
 
 fn vm() -> Vm {
@@ -108,17 +117,17 @@ fn load_places_the_images_and_writes_a_device_tree_naming_the_vm() {
     let vm = vm();
     let hw = FakeHw::new(2, 4);
     let (entry, dtb) = vm.load(&hw, &mut NoSmmu).unwrap();
-    assert_eq!(entry, vm.ram_ipa.base);
+    assert_eq!(entry, Ipa(vm.ram_ipa.base));
     assert_eq!(
         dtb,
-        vm.ram_ipa.base + (2 << 20),
+        Ipa(vm.ram_ipa.base + (2 << 20)),
         "the 2 MiB block after image_size"
     );
     let mut k = [0u8; 64];
-    vm.ram().read(entry + 1000, &mut k).unwrap();
+    vm.ram().read(Ipa(entry.get() + 1000), &mut k).unwrap();
     assert_eq!(k[0], 1000u32 as u8, "the kernel's bytes, in place");
     let mut i = [0u8; 4];
-    vm.ram().read(dtb + (2 << 20), &mut i).unwrap();
+    vm.ram().read(Ipa(dtb.get() + (2 << 20)), &mut i).unwrap();
     assert_eq!(&i, b"cpio", "the initramfs in the block after the DTB");
     let mut d = alloc::vec![0u8; 4096];
     vm.ram().read(dtb, &mut d).unwrap();
@@ -138,10 +147,19 @@ fn ram_is_zeroed_on_the_first_boot_only() {
     let p = platform();
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
     ram.fill(0xa5);
-    let vm = Vm::new(0, config(VmDevices::default()), &p, ram, 0, None, None).unwrap();
+    let vm = Vm::new(
+        0,
+        config(VmDevices::default()),
+        &p,
+        ram,
+        PhysAddr(0),
+        None,
+        None,
+    )
+    .unwrap();
     let hw = FakeHw::new(2, 4);
     vm.load(&hw, &mut NoSmmu).unwrap();
-    let top = vm.ram_ipa.end() - 16;
+    let top = Ipa(vm.ram_ipa.end() - 16);
     let mut b = [0xffu8; 16];
     vm.ram().read(top, &mut b).unwrap();
     assert_eq!(b, [0; 16], "firmware's leftovers are gone");
@@ -160,7 +178,7 @@ fn a_kernel_that_is_not_an_image_or_does_not_fit_is_refused_with_its_address() {
     let mut c = config(VmDevices::default());
     c.kernel.bytes = &[0u8; 64];
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
-    let vm = Vm::new(0, c, &p, ram, 0, None, None).unwrap();
+    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), None, None).unwrap();
     let e = vm.load(&FakeHw::new(2, 4), &mut NoSmmu).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -169,7 +187,7 @@ fn a_kernel_that_is_not_an_image_or_does_not_fit_is_refused_with_its_address() {
     let mut c = config(VmDevices::default());
     c.ram_size = 3 << 20;
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, 3 << 20));
-    let vm = Vm::new(0, c, &p, ram, 0, None, None).unwrap();
+    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), None, None).unwrap();
     assert!(matches!(
         vm.load(&FakeHw::new(2, 4), &mut NoSmmu),
         Err(VmError::Layout { .. })
@@ -260,32 +278,32 @@ fn the_bus_routes_each_device_window_and_nothing_else() {
     let gicd = p.gic.gicd.base;
     let gicr = p.gic.gicr.base;
     let uart = p.uart.base.base;
-    assert_eq!(route(&vm, gicd), Some(Target::Gicd(0)));
-    assert_eq!(route(&vm, gicd + 0xfffc), Some(Target::Gicd(0xfffc)));
+    assert_eq!(route(&vm, Ipa(gicd)), Some(Target::Gicd(0)));
+    assert_eq!(route(&vm, Ipa(gicd + 0xfffc)), Some(Target::Gicd(0xfffc)));
     assert_eq!(
-        route(&vm, gicd + 0x1_0000),
+        route(&vm, Ipa(gicd + 0x1_0000)),
         None,
         "past the distributor frame"
     );
     assert_eq!(
-        route(&vm, gicr + GICR_FRAME_SIZE + 0x80),
+        route(&vm, Ipa(gicr + GICR_FRAME_SIZE + 0x80)),
         Some(Target::Gicr { vcpu: 1, off: 0x80 })
     );
     assert_eq!(
-        route(&vm, gicr + 2 * GICR_FRAME_SIZE),
+        route(&vm, Ipa(gicr + 2 * GICR_FRAME_SIZE)),
         None,
         "two vCPUs: no third redistributor frame"
     );
-    assert_eq!(route(&vm, uart + 0x18), Some(Target::Uart(0x18)));
-    assert_eq!(route(&vm, uart + 0x1000), None);
+    assert_eq!(route(&vm, Ipa(uart + 0x18)), Some(Target::Uart(0x18)));
+    assert_eq!(route(&vm, Ipa(uart + 0x1000)), None);
     assert_eq!(
-        route(&vm, vm.ram_ipa.base),
+        route(&vm, Ipa(vm.ram_ipa.base)),
         None,
         "RAM never traps to a device"
     );
-    assert_eq!(route(&vm, u64::MAX), None);
+    assert_eq!(route(&vm, Ipa(u64::MAX)), None);
     assert_eq!(
-        route(&vm, p.smmu.unwrap().regs.base),
+        route(&vm, Ipa(p.smmu.unwrap().regs.base)),
         None,
         "no vSMMU without devices"
     );

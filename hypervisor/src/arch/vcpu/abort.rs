@@ -7,6 +7,7 @@ use super::{reg_read, reg_write};
 use crate::arch::hw::Machine;
 use crate::arch::{hv, iommu, uart};
 use crate::esr::{fault_ipa, instruction_length, DataAbort};
+use crate::hw::Ipa;
 use crate::mmio::AccessWidth;
 use crate::vm::bus::{self, Target};
 use crate::vm::irq::{self, VmIrqs};
@@ -66,7 +67,7 @@ pub(super) fn handle_data_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr
 pub(super) fn mmio_access(
     vm: &Vm,
     vcpu: usize,
-    ipa: u64,
+    ipa: Ipa,
     width: AccessWidth,
     write: Option<u64>,
 ) -> Option<u64> {

@@ -117,8 +117,8 @@ pub(super) fn boot_vm(vm: &Vm) {
                 crate::arch::timestamp_ms() - t0
             );
             vm.vcpus[0].power.set(Power::OnPending {
-                entry,
-                context: dtb,
+                entry: entry.get(),
+                context: dtb.get(),
                 generation: vm.life.generation(),
             });
         }
