@@ -1,4 +1,4 @@
-//! Budgets by time for what VMs share (DESIGN.md section 5, "Shared paths have budgets"): a token
+//! Budgets by time for what VMs share (docs/design.md section 10, "Shared paths and their budgets"): a token
 //! bucket on a nanosecond clock. The physical driver budgets each stream's event records with it,
 //! the vSMMU each VM's physical STE work and CMD_SYNCs.
 //!

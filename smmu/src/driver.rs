@@ -1,12 +1,12 @@
 //! The physical SMMUv3 driver: probe and reset, the stream table, the command queue and the event
 //! queue. It owns the physical SMMU; guests only ever reach it through the vSMMU, and only with
-//! operations scoped to their own StreamIDs and VMID (DESIGN.md section 5).
+//! operations scoped to their own StreamIDs and VMID (docs/design.md section 5).
 //!
 //! Hardware is reached through [`SmmuRegs`] (MMIO) and [`DmaMemory`] (memory the SMMU reads and
 //! writes: tables and queues), so all of it runs on the host against a fake.
 //!
 //! Completion is by polling SMMU_CMDQ_CONS (CMD_SYNC with CS = SIG_NONE): QEMU's `virt` SMMU has
-//! neither MSI nor SEV (DESIGN.md section 3). Every wait is bounded by [`SmmuConfig::poll_limit`].
+//! neither MSI nor SEV (QEMU 10.0 `hw/arm/smmuv3.c`: SMMU_IDR0.MSI and SEV are 0). Every wait is bounded by [`SmmuConfig::poll_limit`].
 
 use crate::budget::TokenBucket;
 use crate::cmd::Command;
@@ -144,7 +144,7 @@ impl Default for SmmuConfig {
     }
 }
 
-/// The share of the physical event queue each StreamID gets (DESIGN.md section 5): a token
+/// The share of the physical event queue each StreamID gets (docs/design.md section 10): a token
 /// bucket of records per stream. A stream that runs out is **quarantined**: its STE is made to
 /// abort, which records no events (STE.Config = 0b0xx, IHI 0070 5.2), for `cooldown_ns`, then
 /// the STE it had (or was given meanwhile) is restored. A device that faults without end so
@@ -381,7 +381,7 @@ impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
         // Table and queue walks: write-back cacheable, inner shareable (COHACC checked above).
         smmu.regs.write32(regs::SMMU_CR1, regs::cr1::COHERENT);
         // Record invalid StreamIDs; ignore broadcast TLB maintenance: every stage-2 change is
-        // followed by explicit SMMU invalidation (DESIGN.md section 5). E2H = 0.
+        // followed by explicit SMMU invalidation (docs/design.md section 3). E2H = 0.
         smmu.regs
             .write32(regs::SMMU_CR2, (Cr2::RECINVSID | Cr2::PTM).bits());
 

@@ -566,7 +566,7 @@ pub fn queue_base(pa: u64, log2size: u8, allocate_hint: bool) -> u64 {
 mod tests {
     use super::*;
 
-    /// The IDR values of QEMU 10.0's `virt` SMMU (DESIGN.md section 3).
+    /// The IDR values of QEMU 10.0's `virt` SMMU (`hw/arm/smmuv3.c`, `smmuv3_init_regs`).
     const QEMU_IDR0: u32 = 0x0d44_101b;
 
     #[test]

@@ -80,7 +80,7 @@ pub mod share {
 }
 
 /// Stage-2 configuration the hypervisor puts in an STE: the VM's stage-2 tables, which are the same
-/// as (or kept identical to) the CPU's VTTBR_EL2/VTCR_EL2 ones (DESIGN.md section 5).
+/// as (or kept identical to) the CPU's VTTBR_EL2/VTCR_EL2 ones (docs/design.md section 3).
 ///
 /// Fixed by [`Ste::stage2`]: 4 KiB granule (S2TG 0b00), inner-shareable write-back walks
 /// (S2IR0/S2OR0 WBRA, S2SH0 ISH), AArch64 tables (S2AA64 = 1: QEMU aborts itself otherwise),

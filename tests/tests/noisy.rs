@@ -419,7 +419,7 @@ const STE_PERIOD_NS: u64 = 100_000;
 const MERGE_RATIO: u64 = 10;
 
 /// The budgets (issue 12: "the hypervisor's counters show the budgets acting"; docs/design.md
-/// section 8). `vm0` and `vm1` are the VMs' vSMMU counters at the end (`[hv] vsmmu: vmN stats:
+/// section 10). `vm0` and `vm1` are the VMs' vSMMU counters at the end (`[hv] vsmmu: vmN stats:
 /// ...`), `t` what vm0's floods did. Checks what vm0's floods reached its vSMMU as; then, when
 /// every flood of [`FLOODS`] ran (`every_flood`; a diagnosis with [`FLOODS_ENV`] may leave some
 /// out), that each budget acted on vm0: its guest commands and CMD_SYNCs merged to a fraction

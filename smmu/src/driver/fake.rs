@@ -50,7 +50,7 @@ pub struct FakeState {
 #[derive(Debug, Clone)]
 pub struct FakeSmmu(pub Rc<RefCell<FakeState>>);
 
-/// QEMU 10.0 `virt` values (DESIGN.md section 3).
+/// QEMU 10.0 `virt` values (`hw/arm/smmuv3.c`, `smmuv3_init_regs`).
 pub const QEMU_IDR0: u32 = 0x0d44_101b;
 pub const QEMU_IDR1: u32 = 19 << 21 | 19 << 16 | 16;
 pub const QEMU_IDR5: u32 = 0x70 | 4;

@@ -21,7 +21,7 @@
 //!
 //! # What a VM may take of the shared SMMU
 //!
-//! The physical command queue and stream table are shared by every VM (DESIGN.md section 5),
+//! The physical command queue and stream table are shared by every VM (docs/design.md section 10),
 //! so each VM's use of them is bounded ([`Budget`]), and a VM that floods waits, in its own
 //! traps and holding no lock another VM needs, for its own earlier work:
 //!
