@@ -252,7 +252,8 @@ pub enum Command {
         /// VMID.
         vmid: u16,
     },
-    /// CMD_TLBI_S2_IPA: stage-2 entries for an IPA (QEMU 10.0 does not drop combined nested entries with it: a stage-2 change also needs TLBI_NH_ALL or TLBI_S12_VMALL for the VMID).
+    /// CMD_TLBI_S2_IPA: stage-2 entries for an IPA (QEMU 10.0 does not drop combined nested
+    /// entries with it: a stage-2 change also needs TLBI_NH_ALL or TLBI_S12_VMALL for the VMID).
     TlbiS2Ipa {
         /// VMID.
         vmid: u16,
