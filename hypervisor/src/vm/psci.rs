@@ -302,16 +302,20 @@ mod tests {
             size: 0x1000_0000,
         };
 
+        fn view<'a>(slots: &'a [VcpuSlot], life: &'a Lifecycle) -> Vcpus<'a> {
+            Vcpus {
+                vm: "vm0",
+                slots,
+                life,
+                ram: RAM,
+            }
+        }
+
         #[test]
         fn cpu_on_starts_an_off_vcpu_once_and_wakes_its_cpu() {
             let (s, life, hw) = (slots(), Lifecycle::new(), FakeHw::new(4, 4));
             s[0].power.set(Power::On);
-            let v = Vcpus {
-                vm: "vm0",
-                slots: &s,
-                life: &life,
-                ram: RAM,
-            };
+            let v = view(&s, &life);
             let on = Call::CpuOn {
                 target: 2,
                 entry: 0x4008_0000,
@@ -345,12 +349,7 @@ mod tests {
         #[test]
         fn cpu_on_refuses_bad_targets_entries_and_a_vm_that_is_resetting() {
             let (s, life, hw) = (slots(), Lifecycle::new(), FakeHw::new(4, 4));
-            let v = Vcpus {
-                vm: "vm0",
-                slots: &s,
-                life: &life,
-                ram: RAM,
-            };
+            let v = view(&s, &life);
             let call = |target, entry| Call::CpuOn {
                 target,
                 entry,
@@ -380,12 +379,7 @@ mod tests {
         #[test]
         fn affinity_info_answers_level_0_only() {
             let (s, life, hw) = (slots(), Lifecycle::new(), FakeHw::new(4, 4));
-            let v = Vcpus {
-                vm: "vm0",
-                slots: &s,
-                life: &life,
-                ram: RAM,
-            };
+            let v = view(&s, &life);
             assert_eq!(
                 handle(
                     Call::AffinityInfo {
@@ -428,12 +422,7 @@ mod tests {
         fn power_calls_tell_the_caller_what_to_do() {
             let (s, life, hw) = (slots(), Lifecycle::new(), FakeHw::new(4, 4));
             s[1].power.set(Power::On);
-            let v = Vcpus {
-                vm: "vm0",
-                slots: &s,
-                life: &life,
-                ram: RAM,
-            };
+            let v = view(&s, &life);
             assert_eq!(handle(Call::CpuOff, &v, 1, &hw), Outcome::CpuOff);
             assert_eq!(s[1].power.get(), Power::Off);
             assert_eq!(handle(Call::SystemOff, &v, 0, &hw), Outcome::SystemOff);

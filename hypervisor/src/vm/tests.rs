@@ -309,17 +309,22 @@ fn the_bus_routes_each_device_window_and_nothing_else() {
     );
 }
 
+/// The guest's GICD_CTLR as Linux sets it: affinity routing, Group 1 on.
+fn enable_group1(g: &mut VGic) {
+    g.dist_write(
+        GICD_CTLR,
+        Word,
+        u64::from(GICD_CTLR_ARE | GICD_CTLR_ENABLE_GRP1),
+    );
+}
+
 #[test]
 fn a_device_interrupt_is_made_pending_for_its_target_which_is_woken_unless_it_runs_here() {
     let vm = vm();
     let hw = FakeHw::new(2, 4);
     {
         let mut g = vm.vgic.lock();
-        g.dist_write(
-            GICD_CTLR,
-            Word,
-            u64::from(GICD_CTLR_ARE | GICD_CTLR_ENABLE_GRP1),
-        );
+        enable_group1(&mut g);
         g.dist_write(GICD_IGROUPR + 4, Word, 0xffff_ffff);
         g.dist_write(GICD_ISENABLER + 4, Word, 1 << 8); // SPI 40
         g.dist_write(GICD_IROUTER + 40 * 8, crate::mmio::AccessWidth::Double, 1);
@@ -351,11 +356,7 @@ fn sgis_go_to_their_targets_and_wake_the_others() {
     let hw = FakeHw::new(2, 4);
     {
         let mut g = vm.vgic.lock();
-        g.dist_write(
-            GICD_CTLR,
-            Word,
-            u64::from(GICD_CTLR_ARE | GICD_CTLR_ENABLE_GRP1),
-        );
+        enable_group1(&mut g);
         for t in 0..2 {
             g.redist_write(t, GICR_IGROUPR0, Word, 0xffff_ffff);
             g.redist_write(t, GICR_ISENABLER0, Word, 0xffff);
