@@ -1,7 +1,8 @@
-//! Running a vCPU on its pinned physical CPU: EL2 controls for a protected guest, entry, trap
-//! dispatch (ESR_EL2 by name), exception injection, and the run loop. What a trap means for the
-//! VM is decided in `crate::vm` (PSCI, lifecycle, the MMIO bus, list registers) and by the
-//! devices in `crate::devices`; this file decodes the trap and carries the decision out.
+//! Running a vCPU on its pinned physical CPU: the run loop, the entries from the vector table
+//! and trap dispatch by ESR_EL2.EC, here; one submodule per kind of trap and for the EL2 set-up,
+//! the lifecycle on this CPU and exception injection. What a trap means for the VM is decided
+//! in `crate::vm` (PSCI, lifecycle, the MMIO bus, list registers) and by the devices in
+//! `crate::devices`; this module decodes the trap and carries the decision out.
 
 mod abort;
 mod el2;
@@ -36,7 +37,7 @@ pub struct Binding {
     pub vcpu: usize,
 }
 
-pub(super) fn vm_and_vcpu() -> Option<(&'static Vm, usize)> {
+fn vm_and_vcpu() -> Option<(&'static Vm, usize)> {
     let b = hv().cpus[this_cpu()].binding?;
     Some((&hv().vms[b.vm], b.vcpu))
 }
@@ -44,7 +45,7 @@ pub(super) fn vm_and_vcpu() -> Option<(&'static Vm, usize)> {
 /// Each physical CPU's list registers as last written (`vm::lr`), only touched by that CPU.
 static LRS: [Lrs; boot::MAX_CPUS] = [const { Lrs::new() }; boot::MAX_CPUS];
 
-pub(super) fn lrs_here() -> &'static Lrs {
+fn lrs_here() -> &'static Lrs {
     &LRS[this_cpu()]
 }
 
@@ -148,7 +149,7 @@ extern "C" fn hv_current_exception(frame: &mut TrapFrame, kind: u64) {
     );
 }
 
-pub(super) fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
+fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
     let esr = ESR_EL2.get();
     match ExceptionClass::from_esr(esr) {
         ExceptionClass::DataAbortLower => handle_data_abort(vm, vcpu, frame, esr),
@@ -199,7 +200,7 @@ pub(super) fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
     }
 }
 
-pub(super) fn reg_read(frame: &TrapFrame, r: usize) -> u64 {
+fn reg_read(frame: &TrapFrame, r: usize) -> u64 {
     if r == 31 {
         0
     } else {
@@ -207,7 +208,7 @@ pub(super) fn reg_read(frame: &TrapFrame, r: usize) -> u64 {
     }
 }
 
-pub(super) fn reg_write(frame: &mut TrapFrame, r: usize, v: u64) {
+fn reg_write(frame: &mut TrapFrame, r: usize, v: u64) {
     if r != 31 {
         frame.x[r] = v;
     }
