@@ -40,6 +40,7 @@ use alloc::vec::Vec;
 use super::{Input, MAX_OPS};
 use crate::devices::vgic::regs::*;
 use crate::devices::vgic::{VGic, VGicConfig, MAX_SPIS};
+use crate::hw::IntId;
 use crate::mmio::AccessWidth::{self, Byte, Double, Word};
 
 /// The emulated UART's SPI (QEMU `virt`: SPI 1), whose level the filler samples.
@@ -634,9 +635,9 @@ impl Harness {
     /// The hypervisor latches or clears a pending interrupt.
     pub fn set_pending(&mut self, vcpu: usize, intid: u32, on: bool) {
         if on {
-            self.gic.set_pending(vcpu, intid);
+            self.gic.set_pending(vcpu, IntId(intid));
         } else {
-            self.gic.clear_pending(vcpu, intid);
+            self.gic.clear_pending(vcpu, IntId(intid));
         }
         self.reference.set_pending(vcpu, intid, on);
         self.touched.push((vcpu, intid));
@@ -644,7 +645,8 @@ impl Harness {
 
     /// (d): the guest on `sender` writes ICC_SGI1R_EL1; delivered as `send_virtual_sgi` does.
     pub fn sgi(&mut self, v: u64, sender: usize) {
-        let got = self.gic.sgi_targets(v, sender);
+        let (sgi, targets) = self.gic.sgi_targets(v, sender);
+        let got = (sgi.0, targets);
         let want = self.reference.sgi_targets(v, sender);
         let all = if self.n() >= 64 {
             u64::MAX
@@ -674,7 +676,11 @@ impl Harness {
 
     /// (f) one `pop_deliverable`, compared with the reference, whose latch it then clears.
     pub fn pop(&mut self, vcpu: usize, exclude: &[u32]) -> Option<(u32, u8)> {
-        let got = self.gic.pop_deliverable(vcpu, exclude);
+        let typed: Vec<IntId> = exclude.iter().copied().map(IntId).collect();
+        let got = self
+            .gic
+            .pop_deliverable(vcpu, &typed)
+            .map(|(i, p)| (i.0, p));
         let want = self.reference.best(vcpu, exclude);
         if let Some((intid, _)) = got {
             let implemented = intid < 32 + self.reference.nspis && vcpu < self.n();
@@ -713,7 +719,7 @@ impl Harness {
             .iter()
             .map(|l| l.map_or(u32::MAX, |l| l.intid))
             .collect();
-        if self.gic.spi_target(UART_INTID) == vcpu
+        if self.gic.spi_target(IntId(UART_INTID)) == vcpu
             && self.uart_level
             && !in_flight.contains(&UART_INTID)
         {
@@ -732,8 +738,8 @@ impl Harness {
                 self.tally.put_back += 1;
                 break;
             };
-            let level = !self.gic.is_edge(vcpu, intid);
-            let group1 = self.gic.group1(vcpu, intid);
+            let level = !self.gic.is_edge(vcpu, IntId(intid));
+            let group1 = self.gic.group1(vcpu, IntId(intid));
             let r = self.reference.irq(vcpu, intid).copied().unwrap_or_default();
             assert!(
                 prio == r.prio && group1 == r.group1 && level != r.edge,
@@ -779,11 +785,11 @@ impl Harness {
         let r = &self.reference;
         let irq = r.irq(vcpu, intid).copied().unwrap_or_default();
         let got = (
-            g.enable_bit(vcpu, intid),
-            g.is_enabled(vcpu, intid),
-            g.priority(vcpu, intid),
-            g.group1(vcpu, intid),
-            g.is_pending(vcpu, intid),
+            g.enable_bit(vcpu, IntId(intid)),
+            g.is_enabled(vcpu, IntId(intid)),
+            g.priority(vcpu, IntId(intid)),
+            g.group1(vcpu, IntId(intid)),
+            g.is_pending(vcpu, IntId(intid)),
         );
         let want = (
             irq.enable,
@@ -798,12 +804,12 @@ impl Harness {
              model {got:?}, specified {want:?}"
         );
         // The trigger of an unimplemented INTID is not state; it must not read as edge.
-        let edge = g.is_edge(vcpu, intid);
+        let edge = g.is_edge(vcpu, IntId(intid));
         assert_eq!(
             edge, irq.edge,
             "(c) vCPU {vcpu} INTID {intid}: is_edge {edge}"
         );
-        let t = g.spi_target(intid);
+        let t = g.spi_target(IntId(intid));
         assert!(
             t < self.n().max(1),
             "(e) INTID {intid}: spi_target {t} is not one of the VM's {} vCPUs",
@@ -1227,7 +1233,7 @@ mod tests {
     #[should_panic(expected = "(c) vCPU")]
     fn a_latch_the_reference_does_not_know_is_caught() {
         let mut h = booted(Checks::default());
-        h.gic.set_pending(1, 40);
+        h.gic.set_pending(1, IntId(40));
         h.touched.push((1, 40));
         h.check();
     }
@@ -1255,7 +1261,7 @@ mod tests {
         let mut h = booted(Checks::default());
         h.set_pending(0, 41, true);
         // The model forgets the latch behind the harness's back: pop must then disagree.
-        h.gic.clear_pending(0, 41);
+        h.gic.clear_pending(0, IntId(41));
         h.pop(0, &[]);
     }
 

@@ -35,8 +35,8 @@ impl<H: Hw> IrqPort for VmIrqs<'_, H> {
     fn raise(&self, intid: IntId) {
         let target = {
             let mut vgic = self.vm.vgic.lock();
-            let t = vgic.spi_target(intid.0);
-            vgic.set_pending(t, intid.0);
+            let t = vgic.spi_target(intid);
+            vgic.set_pending(t, intid);
             t
         };
         if self.here != Some(target) {
@@ -67,7 +67,7 @@ pub fn follow_spi_enables(vm: &Vm, hw: &impl Hw) {
         return;
     };
     for &(_, _, intid) in &vm.config.devices.intx {
-        if vgic.enable_bit(0, intid) {
+        if vgic.enable_bit(0, IntId(intid)) {
             hw.enable_spi(IntId(intid), pcpu);
         } else {
             hw.disable_spi(IntId(intid));
@@ -78,7 +78,7 @@ pub fn follow_spi_enables(vm: &Vm, hw: &impl Hw) {
 /// After a guest write to vCPU `target`'s redistributor: the virtual timer is forwarded in
 /// hardware, so its physical enable on that vCPU's CPU follows the guest's.
 pub fn follow_timer_enable(vm: &Vm, target: usize, hw: &impl Hw) {
-    let enabled = vm.vgic.lock().enable_bit(target, VTIMER_PPI.0);
+    let enabled = vm.vgic.lock().enable_bit(target, VTIMER_PPI);
     if let Some(slot) = vm.vcpus.get(target) {
         hw.set_ppi_enabled(slot.pcpu, VTIMER_PPI, enabled);
     }
@@ -86,5 +86,5 @@ pub fn follow_timer_enable(vm: &Vm, target: usize, hw: &impl Hw) {
 
 /// The vCPU that takes the VM's UART interrupt (to wake it after console input).
 pub fn uart_target(vm: &Vm) -> usize {
-    vm.vgic.lock().spi_target(vm.uart_intid)
+    vm.vgic.lock().spi_target(IntId(vm.uart_intid))
 }

@@ -162,7 +162,7 @@ pub fn fill(
     uart_level: Option<IntId>,
 ) {
     let n = lrs.count(hw);
-    let mut in_flight = [u32::MAX; MAX_LRS];
+    let mut in_flight = [IntId(u32::MAX); MAX_LRS];
     let mut free = [0usize; MAX_LRS];
     let mut nfree = 0;
     for (i, slot) in in_flight.iter_mut().enumerate().take(n) {
@@ -176,23 +176,23 @@ pub fn fill(
                 lrs.write(hw, i, ListRegister(0));
             }
         } else {
-            *slot = lr.vintid();
+            *slot = IntId(lr.vintid());
         }
     }
     let mut free = free[..nfree].iter().copied();
 
     for slot in pending.slots.iter_mut() {
         let Some(pintid) = *slot else { continue };
-        if vgic.is_enabled(vcpu, pintid.0) {
+        if vgic.is_enabled(vcpu, pintid) {
             if let Some(i) = free.next() {
                 let lr = ListRegister::hardware(
                     pintid.0,
                     pintid.0,
-                    vgic.priority(vcpu, pintid.0),
-                    vgic.group1(vcpu, pintid.0),
+                    vgic.priority(vcpu, pintid),
+                    vgic.group1(vcpu, pintid),
                 );
                 lrs.write(hw, i, lr);
-                in_flight[i] = pintid.0;
+                in_flight[i] = pintid;
                 *slot = None;
             }
         } else {
@@ -203,8 +203,8 @@ pub fn fill(
     }
 
     if let Some(uart) = uart_level {
-        if vgic.spi_target(uart.0) == vcpu && !in_flight.contains(&uart.0) {
-            vgic.set_pending(vcpu, uart.0);
+        if vgic.spi_target(uart) == vcpu && !in_flight.contains(&uart) {
+            vgic.set_pending(vcpu, uart);
         }
     }
 
@@ -216,7 +216,7 @@ pub fn fill(
             break;
         };
         let level = !vgic.is_edge(vcpu, intid);
-        let lr = ListRegister::software(intid, prio, vgic.group1(vcpu, intid), level);
+        let lr = ListRegister::software(intid.0, prio, vgic.group1(vcpu, intid), level);
         lrs.write(hw, i, lr);
         in_flight[i] = intid;
     }

@@ -339,7 +339,7 @@ fn a_device_interrupt_is_made_pending_for_its_target_which_is_woken_unless_it_ru
     assert_eq!(hw.take_ops(), [HwOp::Kick(3)], "vCPU 1 runs on pCPU 3");
     assert_eq!(
         vm.vgic.lock().pop_deliverable(1, &[]).map(|d| d.0),
-        Some(40)
+        Some(IntId(40))
     );
     VmIrqs {
         vm: &vm,
@@ -365,8 +365,14 @@ fn sgis_go_to_their_targets_and_wake_the_others() {
     // ICC_SGI1R_EL1: INTID 3, target list = vCPUs 0 and 1 (Aff0 0, 1).
     irq::send_sgi(&vm, 0, (3 << 24) | 0b11, &hw);
     assert_eq!(hw.take_ops(), [HwOp::Kick(3)], "the sender is not kicked");
-    assert_eq!(vm.vgic.lock().pop_deliverable(0, &[]).map(|d| d.0), Some(3));
-    assert_eq!(vm.vgic.lock().pop_deliverable(1, &[]).map(|d| d.0), Some(3));
+    assert_eq!(
+        vm.vgic.lock().pop_deliverable(0, &[]).map(|d| d.0),
+        Some(IntId(3))
+    );
+    assert_eq!(
+        vm.vgic.lock().pop_deliverable(1, &[]).map(|d| d.0),
+        Some(IntId(3))
+    );
 }
 
 #[test]

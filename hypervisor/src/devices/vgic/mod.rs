@@ -20,6 +20,7 @@ pub mod lr;
 mod redist;
 pub mod regs;
 
+use crate::hw::IntId;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -269,7 +270,7 @@ impl VGic {
     }
 
     /// Enabled at its (re)distributor AND its group enabled in GICD_CTLR.
-    pub fn is_enabled(&self, vcpu: usize, intid: u32) -> bool {
+    pub fn is_enabled(&self, vcpu: usize, intid: IntId) -> bool {
         let group_enable = if self.group1(vcpu, intid) {
             regs::GICD_CTLR_ENABLE_GRP1
         } else {
@@ -280,31 +281,32 @@ impl VGic {
 
     /// Raw enable bit only (ISENABLER), regardless of GICD_CTLR; used to mirror enables of
     /// hardware-mapped interrupts.
-    pub fn enable_bit(&self, vcpu: usize, intid: u32) -> bool {
-        self.bit(vcpu, intid, BitReg::Enable)
+    pub fn enable_bit(&self, vcpu: usize, intid: IntId) -> bool {
+        self.bit(vcpu, intid.0, BitReg::Enable)
     }
 
     /// Priority byte (all 8 bits as written by the guest; 0 for unknown interrupts).
-    pub fn priority(&self, vcpu: usize, intid: u32) -> u8 {
-        self.locate(vcpu, intid)
+    pub fn priority(&self, vcpu: usize, intid: IntId) -> u8 {
+        self.locate(vcpu, intid.0)
             .and_then(|(bank, idx)| bank.priority.get(idx).copied())
             .unwrap_or(0)
     }
 
     /// IGROUPR bit: true = Group 1.
-    pub fn group1(&self, vcpu: usize, intid: u32) -> bool {
-        self.bit(vcpu, intid, BitReg::Group)
+    pub fn group1(&self, vcpu: usize, intid: IntId) -> bool {
+        self.bit(vcpu, intid.0, BitReg::Group)
     }
 
     /// ICFGR: true = edge-triggered (always for SGIs), false = level-sensitive.
-    pub fn is_edge(&self, vcpu: usize, intid: u32) -> bool {
-        self.bit(vcpu, intid, BitReg::Edge)
+    pub fn is_edge(&self, vcpu: usize, intid: IntId) -> bool {
+        self.bit(vcpu, intid.0, BitReg::Edge)
     }
 
     /// vCPU an SPI is routed to (GICD_IROUTER: match Aff3.Aff2.Aff1.Aff0 against vcpu_mpidr;
     /// IRM=1, no match, or not an SPI -> 0).
-    pub fn spi_target(&self, intid: u32) -> usize {
+    pub fn spi_target(&self, intid: IntId) -> usize {
         intid
+            .0
             .checked_sub(NUM_PRIVATE)
             .and_then(|idx| self.spi_target.get(idx as usize))
             .copied()
@@ -325,28 +327,28 @@ impl VGic {
     }
 
     /// Latch an interrupt pending (SGI/PPI: for that vcpu; SPI: vcpu ignored).
-    pub fn set_pending(&mut self, vcpu: usize, intid: u32) {
-        if let Some((bank, idx)) = self.locate_mut(vcpu, intid) {
+    pub fn set_pending(&mut self, vcpu: usize, intid: IntId) {
+        if let Some((bank, idx)) = self.locate_mut(vcpu, intid.0) {
             bank.set_bit(BitReg::Pending, idx, true);
         }
     }
 
     /// Clear an interrupt's pending latch (SGI/PPI: for that vcpu; SPI: vcpu ignored).
-    pub fn clear_pending(&mut self, vcpu: usize, intid: u32) {
-        if let Some((bank, idx)) = self.locate_mut(vcpu, intid) {
+    pub fn clear_pending(&mut self, vcpu: usize, intid: IntId) {
+        if let Some((bank, idx)) = self.locate_mut(vcpu, intid.0) {
             bank.set_bit(BitReg::Pending, idx, false);
         }
     }
 
     /// Whether the pending latch is set (SGI/PPI: for that vcpu; SPI: vcpu ignored).
-    pub fn is_pending(&self, vcpu: usize, intid: u32) -> bool {
-        self.bit(vcpu, intid, BitReg::Pending)
+    pub fn is_pending(&self, vcpu: usize, intid: IntId) -> bool {
+        self.bit(vcpu, intid.0, BitReg::Pending)
     }
 
     /// Highest-priority (lowest value; ties -> lowest INTID) latched-pending interrupt that
     /// is_enabled for `vcpu` (SGIs/PPIs of that vcpu, SPIs whose spi_target is vcpu), whose
     /// INTID is not in `exclude`; clears its latch and returns (intid, priority).
-    pub fn pop_deliverable(&mut self, vcpu: usize, exclude: &[u32]) -> Option<(u32, u8)> {
+    pub fn pop_deliverable(&mut self, vcpu: usize, exclude: &[IntId]) -> Option<(IntId, u8)> {
         let redist = self.redists.get(vcpu)?;
         // Best candidate so far as (priority, intid): tuple order gives the tie-break.
         let mut best: Option<(u8, u32)> = None;
@@ -357,7 +359,7 @@ impl VGic {
                 bits &= bits - 1;
                 let idx = w * 32 + b;
                 let intid = base + idx as u32;
-                if !filter(idx) || exclude.contains(&intid) {
+                if !filter(idx) || exclude.contains(&IntId(intid)) {
                     continue;
                 }
                 let cand = (bank.priority.get(idx).copied().unwrap_or(0), intid);
@@ -373,6 +375,7 @@ impl VGic {
             });
         }
         let (prio, intid) = best?;
+        let intid = IntId(intid);
         self.clear_pending(vcpu, intid);
         Some((intid, prio))
     }
@@ -381,8 +384,8 @@ impl VGic {
     /// Aff1[23:16], INTID[27:24], Aff2[39:32], IRM[40], RS[47:44], Aff3[55:48]).
     /// Returns (intid, bitmap of target vCPU ids). IRM=1 -> every vCPU except sender.
     /// vCPUs with id >= 64 cannot be represented in the bitmap and are never targeted.
-    pub fn sgi_targets(&self, sgi1r: u64, sender: usize) -> (u32, u64) {
-        let intid = ((sgi1r >> 24) & 0xF) as u32;
+    pub fn sgi_targets(&self, sgi1r: u64, sender: usize) -> (IntId, u64) {
+        let intid = IntId(((sgi1r >> 24) & 0xF) as u32);
         let field = |shift: u32| (sgi1r >> shift) & 0xFF;
         let irm = (sgi1r >> 40) & 1 != 0;
         let target_list = sgi1r & 0xFFFF;

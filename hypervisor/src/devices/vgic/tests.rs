@@ -60,11 +60,11 @@ fn linux_distributor_probe() {
     for i in 32..96 {
         g.dist_write(GICD_IROUTER + 8 * i, Double, 0);
     }
-    assert!(g.group1(0, 40));
-    assert_eq!(g.priority(0, 95), 0xa0);
+    assert!(g.group1(0, IntId(40)));
+    assert_eq!(g.priority(0, IntId(95)), 0xa0);
     // The writes to INTIDs past the implemented ones were ignored.
-    assert_eq!(g.priority(0, 96), 0);
-    assert_eq!(g.spi_target(40), 0);
+    assert_eq!(g.priority(0, IntId(96)), 0);
+    assert_eq!(g.spi_target(IntId(40)), 0);
 }
 
 #[test]
@@ -80,7 +80,7 @@ fn typer_with_zero_spis_and_topology_flags() {
     // Every SPI register is RAZ/WI.
     dw32(&mut g, GICD_ISENABLER + 4, !0);
     assert_eq!(dr32(&mut g, GICD_ISENABLER + 4), 0);
-    assert!(!g.enable_bit(0, 32));
+    assert!(!g.enable_bit(0, IntId(32)));
     // Capping: more SPIs than INTIDs allow.
     let g = VGic::new(VGicConfig {
         num_spis: 4096 + 7,
@@ -163,22 +163,22 @@ fn private_enables_are_banked_per_vcpu() {
     assert_eq!(rd32(&mut g, 1, GICR_ISENABLER0), 0x0800_FFFF);
     assert_eq!(rd32(&mut g, 1, GICR_ICENABLER0), 0x0800_FFFF);
     assert_eq!(rd32(&mut g, 0, GICR_ISENABLER0), 0);
-    assert!(g.enable_bit(1, 27) && !g.enable_bit(0, 27));
+    assert!(g.enable_bit(1, IntId(27)) && !g.enable_bit(0, IntId(27)));
     wr32(&mut g, 1, GICR_ICENABLER0, 1 << 3);
-    assert!(!g.enable_bit(1, 3) && g.enable_bit(1, 4));
+    assert!(!g.enable_bit(1, IntId(3)) && g.enable_bit(1, IntId(4)));
     // Group 0 by default; GICD_CTLR gates by group.
-    assert!(g.is_enabled(1, 27));
+    assert!(g.is_enabled(1, IntId(27)));
     dw32(&mut g, GICD_CTLR, GICD_CTLR_ENABLE_GRP1);
-    assert!(!g.is_enabled(1, 27));
-    assert!(g.enable_bit(1, 27));
+    assert!(!g.is_enabled(1, IntId(27)));
+    assert!(g.enable_bit(1, IntId(27)));
     wr32(&mut g, 1, GICR_IGROUPR0, !0);
-    assert!(g.is_enabled(1, 27) && g.group1(1, 0));
+    assert!(g.is_enabled(1, IntId(27)) && g.group1(1, IntId(0)));
     assert_eq!(rd32(&mut g, 1, GICR_IGROUPR0), !0);
-    assert!(!g.group1(2, 0));
+    assert!(!g.group1(2, IntId(0)));
     // The GICD banked views are RAZ/WI with ARE=1.
     dw32(&mut g, GICD_ISENABLER, !0);
     assert_eq!(dr32(&mut g, GICD_ISENABLER), 0);
-    assert!(!g.enable_bit(0, 5));
+    assert!(!g.enable_bit(0, IntId(5)));
 }
 
 #[test]
@@ -186,62 +186,62 @@ fn spi_enables_and_pending_via_distributor() {
     let mut g = gic();
     dw32(&mut g, GICD_ISENABLER + 4, 1 << 1 | 1 << 31); // INTIDs 33, 63
     dw32(&mut g, GICD_ISENABLER + 8, 1); // INTID 64
-    assert!(g.enable_bit(3, 33) && g.enable_bit(0, 63) && g.enable_bit(0, 64));
+    assert!(g.enable_bit(3, IntId(33)) && g.enable_bit(0, IntId(63)) && g.enable_bit(0, IntId(64)));
     assert_eq!(dr32(&mut g, GICD_ICENABLER + 4), 0x8000_0002);
     dw32(&mut g, GICD_ICENABLER + 4, 1 << 31);
-    assert!(!g.enable_bit(0, 63));
+    assert!(!g.enable_bit(0, IntId(63)));
     // Word 3 (INTIDs 96..127) is beyond num_spis: RAZ/WI.
     dw32(&mut g, GICD_ISENABLER + 12, !0);
     assert_eq!(dr32(&mut g, GICD_ISENABLER + 12), 0);
     // Pending latch through ISPENDR/ICPENDR and the API.
     dw32(&mut g, GICD_ISPENDR + 4, 1 << 8);
-    assert!(g.is_pending(2, 40));
-    g.set_pending(0, 41);
+    assert!(g.is_pending(2, IntId(40)));
+    g.set_pending(0, IntId(41));
     assert_eq!(dr32(&mut g, GICD_ICPENDR + 4), 0x300);
     dw32(&mut g, GICD_ICPENDR + 4, 1 << 8);
-    assert!(!g.is_pending(0, 40) && g.is_pending(0, 41));
-    g.clear_pending(3, 41);
-    assert!(!g.is_pending(0, 41));
+    assert!(!g.is_pending(0, IntId(40)) && g.is_pending(0, IntId(41)));
+    g.clear_pending(3, IntId(41));
+    assert!(!g.is_pending(0, IntId(41)));
     // Active registers are RAZ/WI.
     dw32(&mut g, GICD_ISACTIVER + 4, !0);
     assert_eq!(dr32(&mut g, GICD_ISACTIVER + 4), 0);
     // Private pending via GICR and API.
     wr32(&mut g, 2, GICR_ISPENDR0, 1 << 20);
-    assert!(g.is_pending(2, 20) && !g.is_pending(1, 20));
-    g.set_pending(1, 5);
+    assert!(g.is_pending(2, IntId(20)) && !g.is_pending(1, IntId(20)));
+    g.set_pending(1, IntId(5));
     assert_eq!(rd32(&mut g, 1, GICR_ICPENDR0), 1 << 5);
     wr32(&mut g, 1, GICR_ICPENDR0, 1 << 5);
-    assert!(!g.is_pending(1, 5));
+    assert!(!g.is_pending(1, IntId(5)));
 }
 
 #[test]
 fn ipriorityr_byte_and_word() {
     let mut g = gic();
     dw32(&mut g, GICD_IPRIORITYR + 32, 0x4433_2211);
-    assert_eq!(g.priority(0, 32), 0x11);
-    assert_eq!(g.priority(0, 35), 0x44);
+    assert_eq!(g.priority(0, IntId(32)), 0x11);
+    assert_eq!(g.priority(0, IntId(35)), 0x44);
     g.dist_write(GICD_IPRIORITYR + 33, Byte, 0xFF);
-    assert_eq!(g.priority(0, 33), 0xFF, "all 8 bits implemented");
+    assert_eq!(g.priority(0, IntId(33)), 0xFF, "all 8 bits implemented");
     assert_eq!(g.dist_read(GICD_IPRIORITYR + 34, Byte), 0x33);
     assert_eq!(dr32(&mut g, GICD_IPRIORITYR + 32), 0x4433_FF11);
     // Private priorities: GICD view RAZ/WI, GICR view banked.
     dw32(&mut g, GICD_IPRIORITYR, !0);
-    assert_eq!(g.priority(0, 0), 0);
+    assert_eq!(g.priority(0, IntId(0)), 0);
     wr32(&mut g, 1, GICR_IPRIORITYR + 24, 0xa0b0_c0d0);
     g.redist_write(1, GICR_IPRIORITYR + 1, Byte, 0x80);
-    assert_eq!(g.priority(1, 24), 0xd0);
-    assert_eq!(g.priority(1, 27), 0xa0);
-    assert_eq!(g.priority(1, 1), 0x80);
-    assert_eq!(g.priority(0, 1), 0);
+    assert_eq!(g.priority(1, IntId(24)), 0xd0);
+    assert_eq!(g.priority(1, IntId(27)), 0xa0);
+    assert_eq!(g.priority(1, IntId(1)), 0x80);
+    assert_eq!(g.priority(0, IntId(1)), 0);
     assert_eq!(g.redist_read(1, GICR_IPRIORITYR + 25, Byte), 0xc0);
     assert_eq!(rd32(&mut g, 1, GICR_IPRIORITYR), 0x8000);
     // Halfword accesses are not supported: RAZ/WI.
     g.dist_write(GICD_IPRIORITYR + 36, Half, 0xFFFF);
-    assert_eq!(g.priority(0, 36), 0);
+    assert_eq!(g.priority(0, IntId(36)), 0);
     assert_eq!(g.dist_read(GICD_IPRIORITYR + 32, Half), 0);
     // Byte access to a register that only takes words: RAZ/WI.
     g.dist_write(GICD_ISENABLER + 4, Byte, 0xFF);
-    assert!(!g.enable_bit(0, 32));
+    assert!(!g.enable_bit(0, IntId(32)));
 }
 
 #[test]
@@ -249,16 +249,16 @@ fn icfgr_writable_bits() {
     let mut g = gic();
     // Reset: SPIs level.
     assert_eq!(dr32(&mut g, GICD_ICFGR + 8), 0);
-    assert!(!g.is_edge(0, 32));
+    assert!(!g.is_edge(0, IntId(32)));
     // Only bit[2F+1] is writable.
     dw32(&mut g, GICD_ICFGR + 8, 0xFFFF_FFFF);
     assert_eq!(dr32(&mut g, GICD_ICFGR + 8), 0xAAAA_AAAA);
-    assert!(g.is_edge(0, 32) && g.is_edge(0, 47) && !g.is_edge(0, 48));
+    assert!(g.is_edge(0, IntId(32)) && g.is_edge(0, IntId(47)) && !g.is_edge(0, IntId(48)));
     dw32(&mut g, GICD_ICFGR + 8, 0b10 << 2);
-    assert!(!g.is_edge(0, 32) && g.is_edge(0, 33));
+    assert!(!g.is_edge(0, IntId(32)) && g.is_edge(0, IntId(33)));
     // INTIDs 80..95 (ICFGR5) exist, ICFGR6 does not.
     dw32(&mut g, GICD_ICFGR + 20, 0x8000_0000);
-    assert!(g.is_edge(0, 95));
+    assert!(g.is_edge(0, IntId(95)));
     dw32(&mut g, GICD_ICFGR + 24, !0);
     assert_eq!(dr32(&mut g, GICD_ICFGR + 24), 0);
     // GICD view of private config is RAZ/WI.
@@ -267,13 +267,13 @@ fn icfgr_writable_bits() {
     assert_eq!(rd32(&mut g, 0, GICR_ICFGR0), 0xAAAA_AAAA);
     wr32(&mut g, 0, GICR_ICFGR0, 0);
     assert_eq!(rd32(&mut g, 0, GICR_ICFGR0), 0xAAAA_AAAA);
-    assert!(g.is_edge(0, 15));
+    assert!(g.is_edge(0, IntId(15)));
     // PPIs: level at reset, programmable per vCPU.
     assert_eq!(rd32(&mut g, 0, GICR_ICFGR1), 0);
-    assert!(!g.is_edge(0, 27));
+    assert!(!g.is_edge(0, IntId(27)));
     wr32(&mut g, 0, GICR_ICFGR1, 0b11 << 22); // INTID 27
     assert_eq!(rd32(&mut g, 0, GICR_ICFGR1), 0b10 << 22);
-    assert!(g.is_edge(0, 27) && !g.is_edge(1, 27));
+    assert!(g.is_edge(0, IntId(27)) && !g.is_edge(1, IntId(27)));
 }
 
 #[test]
@@ -281,31 +281,31 @@ fn irouter_routing() {
     let mut g = gic();
     // 64-bit write to vCPU 3 (Aff1=1).
     g.dist_write(GICD_IROUTER + 8 * 40, Double, 0x100);
-    assert_eq!(g.spi_target(40), 3);
+    assert_eq!(g.spi_target(IntId(40)), 3);
     assert_eq!(g.dist_read(GICD_IROUTER + 8 * 40, Double), 0x100);
     // 32-bit halves.
     g.dist_write(GICD_IROUTER + 8 * 41, Word, 0x2);
-    assert_eq!(g.spi_target(41), 2);
+    assert_eq!(g.spi_target(IntId(41)), 2);
     assert_eq!(g.dist_read(GICD_IROUTER + 8 * 41, Word), 0x2);
     // Aff3 in the upper half: no vCPU has Aff3=1 -> 0.
     g.dist_write(GICD_IROUTER + 8 * 41 + 4, Word, 0x1);
     assert_eq!(g.dist_read(GICD_IROUTER + 8 * 41 + 4, Word), 0x1);
     assert_eq!(g.dist_read(GICD_IROUTER + 8 * 41, Double), 0x1_0000_0002);
-    assert_eq!(g.spi_target(41), 0);
+    assert_eq!(g.spi_target(IntId(41)), 0);
     // IRM=1 -> vCPU 0; reserved bits are RES0.
     g.dist_write(GICD_IROUTER + 8 * 42, Double, u64::MAX);
     assert_eq!(
         g.dist_read(GICD_IROUTER + 8 * 42, Double),
         GICD_IROUTER_WRITABLE
     );
-    assert_eq!(g.spi_target(42), 0);
+    assert_eq!(g.spi_target(IntId(42)), 0);
     // IROUTER<n> for n < 32 and beyond the SPIs: RAZ/WI.
     g.dist_write(GICD_IROUTER + 8 * 5, Double, 1);
     assert_eq!(g.dist_read(GICD_IROUTER + 8 * 5, Double), 0);
     g.dist_write(GICD_IROUTER + 8 * 96, Double, 1);
     assert_eq!(g.dist_read(GICD_IROUTER + 8 * 96, Double), 0);
-    assert_eq!(g.spi_target(96), 0);
-    assert_eq!(g.spi_target(3), 0);
+    assert_eq!(g.spi_target(IntId(96)), 0);
+    assert_eq!(g.spi_target(IntId(3)), 0);
     // ITARGETSR is RAZ/WI with ARE=1.
     dw32(&mut g, GICD_ITARGETSR + 40, !0);
     assert_eq!(dr32(&mut g, GICD_ITARGETSR + 40), 0);
@@ -323,35 +323,35 @@ fn pop_deliverable_order_exclusion_and_gating() {
     g.dist_write(GICD_IPRIORITYR + 40, Byte, 0x40);
     g.dist_write(GICD_IPRIORITYR + 41, Byte, 0x10);
     for intid in [1, 27, 40, 41] {
-        g.set_pending(0, intid);
+        g.set_pending(0, IntId(intid));
     }
-    g.set_pending(0, 2); // not enabled
+    g.set_pending(0, IntId(2)); // not enabled
 
     // Group 0 interrupts, group 0 disabled: nothing.
     assert_eq!(g.pop_deliverable(0, &[]), None);
     dw32(&mut g, GICD_CTLR, GICD_CTLR_ENABLE_GRP0);
 
     // Ties at 0x40 go to the lowest INTID; exclusion skips an INTID without consuming it.
-    assert_eq!(g.pop_deliverable(0, &[27]), Some((40, 0x40)));
-    assert!(g.is_pending(0, 27));
-    assert_eq!(g.pop_deliverable(0, &[]), Some((27, 0x40)));
-    assert!(!g.is_pending(0, 27));
-    assert_eq!(g.pop_deliverable(0, &[]), Some((1, 0x80)));
+    assert_eq!(g.pop_deliverable(0, &[IntId(27)]), Some((IntId(40), 0x40)));
+    assert!(g.is_pending(0, IntId(27)));
+    assert_eq!(g.pop_deliverable(0, &[]), Some((IntId(27), 0x40)));
+    assert!(!g.is_pending(0, IntId(27)));
+    assert_eq!(g.pop_deliverable(0, &[]), Some((IntId(1), 0x80)));
     assert_eq!(g.pop_deliverable(0, &[]), None);
-    assert!(g.is_pending(0, 2));
+    assert!(g.is_pending(0, IntId(2)));
     // SPI 41 only goes to its target, vCPU 3.
     assert_eq!(g.pop_deliverable(1, &[]), None);
-    assert_eq!(g.pop_deliverable(3, &[]), Some((41, 0x10)));
+    assert_eq!(g.pop_deliverable(3, &[]), Some((IntId(41), 0x10)));
     assert_eq!(g.pop_deliverable(3, &[]), None);
 
     // Group 1 gating.
     dw32(&mut g, GICD_IGROUPR + 4, 1 << 8);
-    g.set_pending(0, 40);
-    assert!(!g.is_enabled(0, 40));
+    g.set_pending(0, IntId(40));
+    assert!(!g.is_enabled(0, IntId(40)));
     assert_eq!(g.pop_deliverable(0, &[]), None);
     dw32(&mut g, GICD_CTLR, GICD_CTLR_ENABLE_GRP1);
-    assert!(g.is_enabled(0, 40));
-    assert_eq!(g.pop_deliverable(0, &[]), Some((40, 0x40)));
+    assert!(g.is_enabled(0, IntId(40)));
+    assert_eq!(g.pop_deliverable(0, &[]), Some((IntId(40), 0x40)));
     // Unknown vCPU.
     assert_eq!(g.pop_deliverable(9, &[]), None);
 }
@@ -361,25 +361,25 @@ fn sgi_target_decoding() {
     let g = gic();
     let sgi1r = |intid: u64, aff1: u64, list: u64| (intid << 24) | (aff1 << 16) | list;
     // Target list in cluster 0: vCPUs 0 and 2; Aff0=3 does not exist.
-    assert_eq!(g.sgi_targets(sgi1r(5, 0, 0b1101), 0), (5, 0b0101));
+    assert_eq!(g.sgi_targets(sgi1r(5, 0, 0b1101), 0), (IntId(5), 0b0101));
     // Aff1=1 selects vCPU 3 (Aff0=0).
-    assert_eq!(g.sgi_targets(sgi1r(15, 1, 0b1), 1), (15, 0b1000));
+    assert_eq!(g.sgi_targets(sgi1r(15, 1, 0b1), 1), (IntId(15), 0b1000));
     // Self-targeting through the list is allowed.
-    assert_eq!(g.sgi_targets(sgi1r(0, 0, 0b10), 1), (0, 0b0010));
+    assert_eq!(g.sgi_targets(sgi1r(0, 0, 0b10), 1), (IntId(0), 0b0010));
     // IRM=1: everyone but the sender.
-    assert_eq!(g.sgi_targets((1 << 40) | (7 << 24), 2), (7, 0b1011));
+    assert_eq!(g.sgi_targets((1 << 40) | (7 << 24), 2), (IntId(7), 0b1011));
     // Aff2/Aff3/RS mismatches hit nothing.
-    assert_eq!(g.sgi_targets((1 << 32) | 1, 0), (0, 0));
-    assert_eq!(g.sgi_targets((1 << 48) | 1, 0), (0, 0));
-    assert_eq!(g.sgi_targets((1 << 44) | 1, 0), (0, 0));
+    assert_eq!(g.sgi_targets((1 << 32) | 1, 0), (IntId(0), 0));
+    assert_eq!(g.sgi_targets((1 << 48) | 1, 0), (IntId(0), 0));
+    assert_eq!(g.sgi_targets((1 << 44) | 1, 0), (IntId(0), 0));
 
     // Range selector and Aff3 addressing.
     let g = VGic::new(VGicConfig {
         num_spis: 0,
         vcpu_mpidr: vec![0x0, 0x12, 0x2_0000_0000],
     });
-    assert_eq!(g.sgi_targets((1 << 44) | (1 << 2), 0), (0, 0b010));
-    assert_eq!(g.sgi_targets((2 << 48) | 1, 0), (0, 0b100));
+    assert_eq!(g.sgi_targets((1 << 44) | (1 << 2), 0), (IntId(0), 0b010));
+    assert_eq!(g.sgi_targets((2 << 48) | 1, 0), (IntId(0), 0b100));
 }
 
 #[test]
@@ -446,16 +446,16 @@ fn never_panics_on_any_access() {
     for intid in [0, 31, 32, 95, 96, 1019, 1023, u32::MAX] {
         for vcpu in [0, 4, usize::MAX] {
             let _ = (
-                g.is_enabled(vcpu, intid),
-                g.enable_bit(vcpu, intid),
-                g.priority(vcpu, intid),
-                g.group1(vcpu, intid),
-                g.is_edge(vcpu, intid),
-                g.spi_target(intid),
-                g.is_pending(vcpu, intid),
+                g.is_enabled(vcpu, IntId(intid)),
+                g.enable_bit(vcpu, IntId(intid)),
+                g.priority(vcpu, IntId(intid)),
+                g.group1(vcpu, IntId(intid)),
+                g.is_edge(vcpu, IntId(intid)),
+                g.spi_target(IntId(intid)),
+                g.is_pending(vcpu, IntId(intid)),
             );
-            g.set_pending(vcpu, intid);
-            g.clear_pending(vcpu, intid);
+            g.set_pending(vcpu, IntId(intid));
+            g.clear_pending(vcpu, IntId(intid));
         }
     }
     let _ = g.pop_deliverable(usize::MAX, &[]);
@@ -469,6 +469,6 @@ fn never_panics_on_any_access() {
     let mut empty = VGic::new(VGicConfig::default());
     assert_eq!(empty.num_vcpus(), 0);
     assert_eq!(empty.redist_read(0, GICR_TYPER, Double), 0);
-    assert_eq!(empty.sgi_targets(1 << 40, 0), (0, 0));
+    assert_eq!(empty.sgi_targets(1 << 40, 0), (IntId(0), 0));
     empty.dist_write(GICD_IROUTER + 8 * 32, Double, 0);
 }

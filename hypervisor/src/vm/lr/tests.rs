@@ -85,7 +85,7 @@ fn more_pending_than_list_registers_asks_for_underflow_and_keeps_the_rest() {
     assert_eq!(got, [40, 41], "lowest INTID first at equal priority");
     assert_eq!(hw.hcr(), ICH_HCR_EN | ICH_HCR_UIE);
     assert!(
-        g.pop_deliverable(0, &[40, 41]).is_some(),
+        g.pop_deliverable(0, &[IntId(40), IntId(41)]).is_some(),
         "42 still pending"
     );
     // The guest takes and EOIs both: the entries read back invalid.
