@@ -19,6 +19,7 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
+use crate::hw::Ipa;
 use spin::Mutex;
 
 /// Where a VM is in its life.
@@ -138,7 +139,7 @@ pub enum Power {
     /// CPU_ON accepted; its pCPU has not entered it yet.
     OnPending {
         /// Entry IPA.
-        entry: u64,
+        entry: Ipa,
         /// x0 at entry.
         context: u64,
         /// The boot generation it was accepted in.
@@ -191,7 +192,7 @@ impl VcpuPower {
 
     /// PSCI CPU_ON for this vCPU of a VM in `life`: accepted only while the VM runs and the
     /// vCPU is off; the entry point is tied to the current boot generation.
-    pub fn cpu_on(&self, life: &Lifecycle, entry: u64, context: u64) -> Result<(), CpuOnError> {
+    pub fn cpu_on(&self, life: &Lifecycle, entry: Ipa, context: u64) -> Result<(), CpuOnError> {
         let mut power = self.power.lock();
         // Under the lock: a reset marks the VM before it takes this lock (see the module doc).
         if !life.runs() {
@@ -213,7 +214,7 @@ impl VcpuPower {
 
     /// What the vCPU's CPU does when it looks: an accepted CPU_ON of the VM's current
     /// generation, taken (the vCPU is then on); a stale one is dropped (the vCPU stays off).
-    pub fn take_entry(&self, life: &Lifecycle) -> Option<(u64, u64)> {
+    pub fn take_entry(&self, life: &Lifecycle) -> Option<(Ipa, u64)> {
         let mut power = self.power.lock();
         let Power::OnPending {
             entry,
@@ -359,11 +360,14 @@ mod tests {
     fn cpu_on_is_refused_while_resetting_and_stale_entries_are_dropped() {
         let l = Lifecycle::new();
         let v = VcpuPower::new();
-        assert_eq!(v.cpu_on(&l, 0x4008_0000, 7), Ok(()));
-        assert_eq!(v.cpu_on(&l, 0x4008_0000, 7), Err(CpuOnError::OnPending));
+        assert_eq!(v.cpu_on(&l, Ipa(0x4008_0000), 7), Ok(()));
+        assert_eq!(
+            v.cpu_on(&l, Ipa(0x4008_0000), 7),
+            Err(CpuOnError::OnPending)
+        );
         assert!(l.begin_reset());
         assert_eq!(
-            VcpuPower::new().cpu_on(&l, 0x4008_0000, 0),
+            VcpuPower::new().cpu_on(&l, Ipa(0x4008_0000), 0),
             Err(CpuOnError::Denied)
         );
         // The reset's walk cancels the pending one; after the reload nothing of it is left.
@@ -374,16 +378,16 @@ mod tests {
         // A CPU_ON from before a reset that the walk never saw (it would have) is still stale.
         let stale = VcpuPower::new();
         stale.set(Power::OnPending {
-            entry: 1,
+            entry: Ipa(1),
             context: 2,
             generation: 0,
         });
         assert_eq!(stale.take_entry(&l), None);
         // A current one is entered once.
-        assert_eq!(v.cpu_on(&l, 0x4100_0000, 9), Ok(()));
-        assert_eq!(v.take_entry(&l), Some((0x4100_0000, 9)));
+        assert_eq!(v.cpu_on(&l, Ipa(0x4100_0000), 9), Ok(()));
+        assert_eq!(v.take_entry(&l), Some((Ipa(0x4100_0000), 9)));
         assert_eq!(v.get(), Power::On);
-        assert_eq!(v.cpu_on(&l, 0, 0), Err(CpuOnError::AlreadyOn));
+        assert_eq!(v.cpu_on(&l, Ipa(0), 0), Err(CpuOnError::AlreadyOn));
         assert!(!v.stopped_for_reset(), "a running vCPU must park first");
     }
 
@@ -401,7 +405,7 @@ mod tests {
                 let (life, vcpus) = (life.clone(), vcpus.clone());
                 thread::spawn(move || {
                     for t in 1..3 {
-                        let _ = vcpus[t].cpu_on(&life, 0x1000 + round, t as u64);
+                        let _ = vcpus[t].cpu_on(&life, Ipa(0x1000 + round), t as u64);
                     }
                     // It notices the reset and parks.
                     vcpus[0].set(Power::Off);
@@ -441,7 +445,7 @@ mod tests {
             done.store(true, Ordering::Release);
             for ((entry, _), generation) in cpus.join().unwrap() {
                 assert!(
-                    generation == 0 && entry == 0x1000 + round,
+                    generation == 0 && entry == Ipa(0x1000 + round),
                     "round {round}: entry {entry:#x} entered in generation {generation}"
                 );
             }

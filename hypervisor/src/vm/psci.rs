@@ -4,7 +4,7 @@
 
 use super::lifecycle::{CpuOnError, Lifecycle, Power};
 use super::VcpuSlot;
-use crate::hw::Hw;
+use crate::hw::{Hw, Ipa};
 use crate::platform::MemRange;
 
 use smccc::arch::{SMCCC_ARCH_FEATURES, SMCCC_VERSION};
@@ -47,7 +47,7 @@ pub enum Call {
         /// MPIDR of the target vCPU.
         target: u64,
         /// Entry point IPA.
-        entry: u64,
+        entry: Ipa,
         /// Value for the target's x0.
         context: u64,
     },
@@ -85,7 +85,7 @@ impl Call {
             PSCI_CPU_OFF => Self::CpuOff,
             PSCI_CPU_ON_32 | PSCI_CPU_ON_64 => Self::CpuOn {
                 target: arg(1),
-                entry: arg(2),
+                entry: Ipa(arg(2)),
                 context: arg(3),
             },
             PSCI_AFFINITY_INFO_32 | PSCI_AFFINITY_INFO_64 => Self::AffinityInfo {
@@ -207,11 +207,14 @@ pub fn handle(call: Call, vcpus: &Vcpus<'_>, caller: usize, hw: &impl Hw) -> Out
     Outcome::Return(ret)
 }
 
-fn cpu_on(vcpus: &Vcpus<'_>, target: u64, entry: u64, context: u64, hw: &impl Hw) -> u64 {
+fn cpu_on(vcpus: &Vcpus<'_>, target: u64, entry: Ipa, context: u64, hw: &impl Hw) -> u64 {
     let Some(t) = vcpus.by_mpidr(target) else {
         return status(INVALID_PARAMETERS);
     };
-    if entry < vcpus.ram.base || entry >= vcpus.ram.end() {
+    if entry
+        .offset_from(Ipa(vcpus.ram.base))
+        .is_none_or(|off| off >= vcpus.ram.size)
+    {
         return status(INVALID_ADDRESS);
     }
     match vcpus.slots[t].power.cpu_on(vcpus.life, entry, context) {
@@ -237,7 +240,7 @@ mod tests {
             Call::decode([0xC400_0003, 0x1, 0x4020_0000, 7]),
             Call::CpuOn {
                 target: 1,
-                entry: 0x4020_0000,
+                entry: Ipa(0x4020_0000),
                 context: 7
             }
         );
@@ -245,7 +248,7 @@ mod tests {
             Call::decode([0x8400_0003, 0xffff_ffff_0000_0001, 0x1_4020_0000, 0]),
             Call::CpuOn {
                 target: 1,
-                entry: 0x4020_0000,
+                entry: Ipa(0x4020_0000),
                 context: 0
             }
         );
@@ -318,7 +321,7 @@ mod tests {
             let v = view(&s, &life);
             let on = Call::CpuOn {
                 target: 2,
-                entry: 0x4008_0000,
+                entry: Ipa(0x4008_0000),
                 context: 9,
             };
             assert_eq!(handle(on, &v, 0, &hw), Outcome::Return(0));
@@ -326,7 +329,7 @@ mod tests {
             assert_eq!(
                 s[2].power.get(),
                 Power::OnPending {
-                    entry: 0x4008_0000,
+                    entry: Ipa(0x4008_0000),
                     context: 9,
                     generation: life.generation()
                 }
@@ -340,7 +343,7 @@ mod tests {
                 Outcome::Return(AFFINITY_ON_PENDING)
             );
             assert_eq!(handle(on, &v, 0, &hw), Outcome::Return(status(ON_PENDING)));
-            assert_eq!(s[2].power.take_entry(&life), Some((0x4008_0000, 9)));
+            assert_eq!(s[2].power.take_entry(&life), Some((Ipa(0x4008_0000), 9)));
             assert_eq!(handle(on, &v, 0, &hw), Outcome::Return(status(ALREADY_ON)));
             assert_eq!(handle(info, &v, 0, &hw), Outcome::Return(AFFINITY_ON));
             assert!(hw.take_ops().is_empty(), "refusals wake nobody");
@@ -356,20 +359,20 @@ mod tests {
                 context: 0,
             };
             assert_eq!(
-                handle(call(7, 0x4000_0000), &v, 0, &hw),
+                handle(call(7, Ipa(0x4000_0000)), &v, 0, &hw),
                 Outcome::Return(status(INVALID_PARAMETERS))
             );
             assert_eq!(
-                handle(call(1, 0x3fff_f000), &v, 0, &hw),
+                handle(call(1, Ipa(0x3fff_f000)), &v, 0, &hw),
                 Outcome::Return(status(INVALID_ADDRESS))
             );
             assert_eq!(
-                handle(call(1, RAM.end()), &v, 0, &hw),
+                handle(call(1, Ipa(RAM.end())), &v, 0, &hw),
                 Outcome::Return(status(INVALID_ADDRESS))
             );
             assert!(life.begin_reset());
             assert_eq!(
-                handle(call(1, 0x4000_0000), &v, 0, &hw),
+                handle(call(1, Ipa(0x4000_0000)), &v, 0, &hw),
                 Outcome::Return(status(DENIED))
             );
             assert_eq!(s[1].power.get(), Power::Off);

@@ -212,7 +212,7 @@ fn a_reset_waits_for_every_vcpu_to_park_and_gives_up_at_its_deadline() {
     let hw = FakeHw::new(2, 4);
     vm.vcpus[0].power.set(Power::Off);
     vm.vcpus[1].power.set(Power::OnPending {
-        entry: 0,
+        entry: Ipa(0),
         context: 0,
         generation: 0,
     });

@@ -117,7 +117,7 @@ pub(super) fn boot_vm(vm: &Vm) {
                 crate::arch::timestamp_ms() - t0
             );
             vm.vcpus[0].power.set(Power::OnPending {
-                entry: entry.get(),
+                entry,
                 context: dtb.get(),
                 generation: vm.life.generation(),
             });

@@ -70,7 +70,7 @@ pub fn run_bound_vcpu() -> ! {
                 IRQ_STATE[cpu].lock().hw_pending = HwPending::default();
                 hv().gic
                     .set_private_enabled(hv().cpus[cpu].redist(), VTIMER_PPI.0, false);
-                let frame = TrapFrame::new_el1_entry(entry, context);
+                let frame = TrapFrame::new_el1_entry(entry.get(), context);
                 // SAFETY: `cpu` is this CPU and nothing borrows its stack across this call.
                 unsafe { boot::enter(cpu, &frame) };
             }
