@@ -2,7 +2,11 @@
 //!
 //! [`ConsoleMux`] merges output: every physical line on the terminal carries exactly one source's
 //! bytes behind that source's prefix (`[vm0] `, `[hv] `, ...), so interleaved boot logs stay
-//! readable. [`InputRouter`] splits input: typed bytes go to the VM with the input focus, and an
+//! readable. A guest line another source had to cut (the focused guest's output goes out as it
+//! comes, so a hypervisor line can land in the middle of it) says so at both ends: the cut
+//! physical line ends with [`CUT_MARK`], and the rest follows on a line with the guest's
+//! continuation prefix (`[vm0]+ `), which no guest output can produce. A reader (a person, the
+//! integration tests' runner) joins them back into the guest's logical line. [`InputRouter`] splits input: typed bytes go to the VM with the input focus, and an
 //! escape sequence (Ctrl-\ then a digit) moves the focus.
 //!
 //! Both are pure state machines. The glue calls them under its console lock and passes an output
@@ -19,6 +23,20 @@ pub const UNKNOWN_PREFIX: &str = "[vm?] ";
 /// Bytes of one guest line that may wait for their newline. Long enough for any ordinary kernel
 /// log line; a longer line is broken so a silent guest cannot hold back unbounded output.
 pub const LINE_CAPACITY: usize = 512;
+/// Ends a guest's physical line that another source cut (before the "\r\n"); its rest follows
+/// behind the guest's continuation prefix ([`continuation_prefix`]).
+pub const CUT_MARK: &str = "\\";
+
+/// The prefix of the rest of a cut line: the guest's prefix with `+` before its final space
+/// (`[vm0] ` -> `[vm0]+ `). A guest's own bytes always follow its prefix's space, so no guest can
+/// print this.
+pub fn continuation_prefix(prefix: &str) -> String {
+    match prefix.strip_suffix(' ') {
+        Some(p) => alloc::format!("{p}+ "),
+        None => alloc::format!("{prefix}+"),
+    }
+}
+
 /// Ends every physical line: the terminal needs the carriage return because the raw UART does no
 /// newline translation.
 const EOL: &[u8] = b"\r\n";
@@ -36,6 +54,8 @@ enum Source {
 #[derive(Debug)]
 struct GuestLine {
     prefix: String,
+    /// [`continuation_prefix`] of `prefix`.
+    cont_prefix: String,
     /// Bytes of the current logical line not yet written to the terminal. A trailing '\r' is
     /// kept here even for the focused guest because it may be the first half of "\r\n".
     pending: Vec<u8>,
@@ -65,6 +85,7 @@ impl ConsoleMux {
             .into_iter()
             .chain(core::iter::once(String::from(UNKNOWN_PREFIX)))
             .map(|prefix| GuestLine {
+                cont_prefix: continuation_prefix(&prefix),
                 prefix,
                 // Allocated once up front so the output path does not allocate.
                 pending: Vec::with_capacity(LINE_CAPACITY),
@@ -137,10 +158,19 @@ impl ConsoleMux {
     fn end_foreign_line(&mut self, src: Source, out: &mut dyn FnMut(&[u8])) {
         if let Some(open) = self.open {
             if open != src {
-                out(EOL);
+                Self::cut(open, out);
                 self.open = None;
             }
         }
+    }
+
+    /// Ends the open physical line of `open` because another source needs the terminal: a
+    /// guest's gets [`CUT_MARK`] (its logical line goes on later).
+    fn cut(open: Source, out: &mut dyn FnMut(&[u8])) {
+        if matches!(open, Source::Guest(_)) {
+            out(CUT_MARK.as_bytes());
+        }
+        out(EOL);
     }
 
     /// Writes slot `slot`'s pending bytes and, if `end_line`, ends its logical line. Without
@@ -151,25 +181,24 @@ impl ConsoleMux {
         let held_cr = !end_line && g.pending.last() == Some(&b'\r');
         let len = g.pending.len() - usize::from(held_cr);
         let continuing = g.mid_line && self.open == Some(src);
-        if len == 0 {
-            if !end_line {
-                return;
-            }
-            if g.mid_line && !continuing {
-                // The line was already cut off by another source, which ended the physical
-                // line; printing just the prefix and "\r\n" would add a useless empty line.
-                g.mid_line = false;
-                return;
-            }
+        if len == 0 && !end_line {
+            return;
         }
+        // Cut by another source: what follows is the rest of that line (an empty rest still
+        // says the line ended there, so a reader waiting for it is not left waiting).
+        let rest_of_cut = g.mid_line && !continuing;
         if !continuing {
             if let Some(open) = self.open {
                 // Only another source can own the open line here (our own would be
                 // `continuing`).
                 debug_assert_ne!(open, src);
-                out(EOL);
+                Self::cut(open, out);
             }
-            out(g.prefix.as_bytes());
+            out(if rest_of_cut {
+                g.cont_prefix.as_bytes()
+            } else {
+                g.prefix.as_bytes()
+            });
         }
         out(&g.pending[..len]);
         g.pending.drain(..len);
@@ -356,7 +385,7 @@ mod tests {
             m.guest_write(0, b"ls", true, out);
             m.guest_write(0, b"\r\n", true, out);
         });
-        assert_eq!(o, b"[vm0] $ \r\n[vm1] kernel msg\r\n[vm0] ls\r\n");
+        assert_eq!(o, b"[vm0] $ \\\r\n[vm1] kernel msg\r\n[vm0]+ ls\r\n");
     }
 
     #[test]
@@ -367,12 +396,13 @@ mod tests {
             m.hv_line("switched", out);
             m.guest_write(0, b"def", true, out);
             m.hv_line("two\nlines", out);
-            // The line was already cut by the hypervisor: no empty "[vm0] " line.
+            // The line was cut by the hypervisor right before its end: an empty rest says so.
             m.guest_write(0, b"\n", true, out);
         });
         assert_eq!(
             o,
-            b"[vm0] abc\r\n[hv] switched\r\n[vm0] def\r\n[hv] two\r\n[hv] lines\r\n".as_slice()
+            b"[vm0] abc\\\r\n[hv] switched\r\n[vm0]+ def\\\r\n[hv] two\r\n[hv] lines\r\n[vm0]+ \r\n"
+                .as_slice()
         );
     }
 
@@ -457,10 +487,13 @@ mod tests {
     }
 
     /// Splits `output` into physical lines and returns each source's reconstructed stream (line
-    /// contents with '\n' after each ended physical line), indexed like `prefixes`. Panics if a
-    /// physical line does not start with a known prefix.
+    /// contents with '\n' after each ended logical line: a cut line joined with its rest),
+    /// indexed like `prefixes`. Panics if a physical line does not start with a known prefix, if
+    /// a cut line is not continued before that source's next line, or a continuation has no cut.
     fn demux(output: &[u8], prefixes: &[String]) -> Vec<Vec<u8>> {
+        let conts: Vec<String> = prefixes.iter().map(|p| continuation_prefix(p)).collect();
         let mut streams = vec![Vec::new(); prefixes.len()];
+        let mut cut = vec![false; prefixes.len()];
         let mut rest = output;
         while !rest.is_empty() {
             let (line, ended) = match rest.windows(2).position(|w| w == EOL) {
@@ -475,17 +508,39 @@ mod tests {
                     (l, false)
                 }
             };
-            let (src, content) = prefixes
-                .iter()
-                .enumerate()
-                .find_map(|(i, p)| line.strip_prefix(p.as_bytes()).map(|c| (i, c)))
+            let (src, is_cont, content) = (0..prefixes.len())
+                .find_map(|i| {
+                    line.strip_prefix(conts[i].as_bytes())
+                        .map(|c| (i, true, c))
+                        .or_else(|| {
+                            line.strip_prefix(prefixes[i].as_bytes())
+                                .map(|c| (i, false, c))
+                        })
+                })
                 .unwrap_or_else(|| {
                     panic!("line without prefix: {:?}", String::from_utf8_lossy(line))
                 });
-            // Contents never contain '[' or '\n', so a second prefix inside would be a mix-up.
-            assert!(!content.contains(&b'['), "two sources on one line");
+            let text = String::from_utf8_lossy(line);
+            assert_eq!(
+                is_cont, cut[src],
+                "cut and continuation must pair: {text:?}"
+            );
+            // Contents never contain '[', '+' or '\\', so these inside would be a mix-up.
+            let (content, was_cut) = match content.strip_suffix(CUT_MARK.as_bytes()) {
+                Some(c) if ended => (c, true),
+                _ => (content, false),
+            };
+            assert!(
+                !content.contains(&b'['),
+                "two sources on one line: {text:?}"
+            );
+            assert!(
+                !content.contains(&b'\\'),
+                "a cut mark inside a line: {text:?}"
+            );
             streams[src].extend_from_slice(content);
-            if ended {
+            cut[src] = was_cut;
+            if ended && !was_cut {
                 streams[src].push(b'\n');
             }
         }
@@ -511,6 +566,7 @@ mod tests {
         const VMS: usize = 3;
         // Small alphabet with many line ends and CRs to hit the edge cases often.
         const ALPHABET: &[u8] = b"abc \r\n\n\r\nxyz";
+        let mut cuts = 0;
         for seed in 1..=40u64 {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
             let mut m = mux(VMS);
@@ -572,12 +628,17 @@ mod tests {
                 input.push(b'\n');
             }
             assert!(output.ends_with(EOL));
+            cuts += output.windows(3).filter(|w| w == b"\\\r\n").count();
             let streams = demux(&output, &prefixes);
             for (i, (got, input)) in streams.iter().zip(&inputs).enumerate() {
                 let who = format!("seed {seed} source {i}");
                 assert_same_modulo_breaks(got, &collapse_crlf(input), &who);
             }
         }
+        assert!(
+            cuts > 0,
+            "the runs cut no line: the pairing check saw nothing"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 mod expect;
 
 use crate::paths::{repo_root, target_dir};
+use crate::text::LineJoiner;
 use crate::{Error, RUN_TIMEOUT};
 use std::collections::HashMap;
 use std::fmt;
@@ -49,6 +50,8 @@ struct State {
     lines: Vec<Line>,
     /// The unfinished last line of each stream (a shell prompt has no newline).
     partial: [String; 2],
+    /// Guest lines on the console that the hypervisor's multiplexer cut, waiting for their rest.
+    joiner: LineJoiner,
     eof: [bool; 2],
     child: Child,
     status: Option<ExitStatus>,
@@ -101,12 +104,22 @@ impl Shared {
                 }
                 st.eof[idx] = true;
             }
+            // The waits see the guests' logical lines: a line the console multiplexer cut (to
+            // print another source's) is joined with its rest. The log file keeps what the
+            // terminal showed.
+            let mut logical = Vec::new();
             for text in &done {
-                st.lines.push(Line {
-                    text: text.clone(),
-                    at,
-                    stream,
-                });
+                if stream == Stream::Stdout {
+                    logical.extend(st.joiner.push(text));
+                } else {
+                    logical.push(text.clone());
+                }
+            }
+            if eof && stream == Stream::Stdout {
+                logical.extend(st.joiner.drain());
+            }
+            for text in logical {
+                st.lines.push(Line { text, at, stream });
             }
         }
         self.changed.notify_all();
@@ -279,6 +292,7 @@ impl Qemu {
             state: Mutex::new(State {
                 lines: Vec::new(),
                 partial: [String::new(), String::new()],
+                joiner: LineJoiner::default(),
                 eof: [false, false],
                 child,
                 status: None,
@@ -374,6 +388,10 @@ impl Qemu {
         for line in &st.lines {
             out.push_str(&line.text);
             out.push('\n');
+        }
+        for held in st.joiner.pending() {
+            out.push_str(&held);
+            out.push_str("  <cut by another source's line, its rest not yet shown>\n");
         }
         for partial in &st.partial {
             if !partial.is_empty() {

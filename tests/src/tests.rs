@@ -56,3 +56,31 @@ fn vm_prefixes() {
     assert_eq!(line_source("[    0.5] booting"), None);
     assert_eq!(line_source("guest: nproc=2"), None);
 }
+
+#[test]
+fn cut_guest_lines_are_joined_back() {
+    use crate::text::LineJoiner;
+    let mut j = LineJoiner::default();
+    // The report cut by a hypervisor line, then continued.
+    assert!(j
+        .push("[vm1] guest: load-report rounds=22 io-error-lin\\")
+        .is_empty());
+    assert_eq!(j.push("[hv] vsmmu: vm0: event"), ["[hv] vsmmu: vm0: event"]);
+    assert_eq!(j.push("[vm0] other vm"), ["[vm0] other vm"]);
+    assert!(j.push("[vm1]+ es=0 echo\\").is_empty(), "cut again");
+    assert_eq!(
+        j.push("[vm1]+ -replies=0"),
+        ["[vm1] guest: load-report rounds=22 io-error-lines=0 echo-replies=0"]
+    );
+    // A line that really ends with a backslash comes out whole, before the VM's next line.
+    assert!(j.push("[vm0] a \\").is_empty());
+    assert_eq!(j.push("[vm0] b"), ["[vm0] a \\", "[vm0] b"]);
+    // An empty rest ends the line; a continuation without its start keeps its text.
+    assert!(j.push("[vm0] ready\\").is_empty());
+    assert_eq!(j.pending().collect::<Vec<_>>(), ["[vm0] ready\\"]);
+    assert_eq!(j.push("[vm0]+ "), ["[vm0] ready"]);
+    assert_eq!(j.push("[vm2]+ tail"), ["[vm2] tail"]);
+    assert!(j.push("[vm3] x\\").is_empty());
+    assert_eq!(j.drain(), ["[vm3] x\\"]);
+    assert_eq!(j.push("plain qemu line"), ["plain qemu line"]);
+}

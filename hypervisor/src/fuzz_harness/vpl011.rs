@@ -43,7 +43,8 @@ use alloc::vec::Vec;
 
 use super::{Input, MAX_OPS};
 use crate::console::{
-    ConsoleMux, InputAction, InputRouter, ESCAPE, HV_PREFIX, LINE_CAPACITY, UNKNOWN_PREFIX,
+    continuation_prefix, ConsoleMux, InputAction, InputRouter, CUT_MARK, ESCAPE, HV_PREFIX,
+    LINE_CAPACITY, UNKNOWN_PREFIX,
 };
 use crate::devices::vpl011::*;
 use crate::mmio::AccessWidth::{self, Byte, Half, Word};
@@ -206,6 +207,17 @@ struct Terminal {
     hv: Vec<u8>,
     /// Hypervisor lines completed by the current call.
     hv_done: Vec<Vec<u8>>,
+    /// Per guest slot: its line was cut by another source (ended with `CUT_MARK`), so its next
+    /// physical line must be the continuation.
+    cut: [bool; 3],
+}
+
+/// The continuation prefixes of the guest slots (`[vm0]+ `...), for the rest of a cut line.
+fn continuation_prefixes() -> [(Vec<u8>, usize); 3] {
+    [0, 1, 2].map(|s| {
+        let p = core::str::from_utf8(PREFIXES[s].0).unwrap_or_default();
+        (continuation_prefix(p).into_bytes(), s)
+    })
 }
 
 const PREFIXES: [(&[u8], Src); 4] = [
@@ -239,6 +251,21 @@ impl Terminal {
             let rest = &out[i..];
             match self.open {
                 None => {
+                    if let Some((p, s)) = continuation_prefixes()
+                        .into_iter()
+                        .find(|(p, _)| rest.starts_with(p))
+                    {
+                        assert!(self.cut[s], "(g) a continuation of slot {s} without a cut");
+                        assert_eq!(
+                            Src::Guest(s),
+                            caller,
+                            "(g) a call for {caller:?} continued slot {s}'s cut line"
+                        );
+                        self.cut[s] = false;
+                        self.open = Some((Src::Guest(s), self.shown[s].len()));
+                        i += p.len();
+                        continue;
+                    }
                     let Some(&(p, src)) = PREFIXES.iter().find(|(p, _)| rest.starts_with(p)) else {
                         panic!(
                             "(g) a physical line without a source prefix: {:?}",
@@ -250,7 +277,10 @@ impl Terminal {
                         "(g) a call for {caller:?} started a line of {src:?}"
                     );
                     let start = match src {
-                        Src::Guest(s) => self.shown[s].len(),
+                        Src::Guest(s) => {
+                            assert!(!self.cut[s], "(g) slot {s}'s cut line was not continued");
+                            self.shown[s].len()
+                        }
                         Src::Hv => 0,
                     };
                     self.open = Some((src, start));
@@ -258,6 +288,16 @@ impl Terminal {
                     i += p.len();
                 }
                 Some((src, start)) => {
+                    let cut_end = [CUT_MARK.as_bytes(), b"\r\n"].concat();
+                    if let Src::Guest(s) = src {
+                        if caller != src && rest.starts_with(&cut_end) {
+                            // Another source needs the terminal: the guest's line is cut.
+                            self.cut[s] = true;
+                            self.open = None;
+                            i += cut_end.len();
+                            continue;
+                        }
+                    }
                     if rest.starts_with(b"\r\n") {
                         self.open = None;
                         if src == Src::Hv {
