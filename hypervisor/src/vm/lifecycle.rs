@@ -263,11 +263,13 @@ impl super::Vm {
         }
     }
 
-    /// Makes every vCPU of the VM look at its state: those in the guest exit, those waiting
-    /// wake.
-    pub fn kick_all(&self, hw: &impl crate::hw::Hw) {
-        for v in &self.vcpus {
-            hw.kick(v.pcpu);
+    /// Makes every vCPU of the VM but `except` (the caller's, which needs no kick) look at its
+    /// state: those in the guest exit, those waiting wake.
+    pub fn kick_all(&self, except: Option<usize>, hw: &impl crate::hw::Hw) {
+        for (t, v) in self.vcpus.iter().enumerate() {
+            if Some(t) != except {
+                hw.kick(v.pcpu);
+            }
         }
         hw.wake_all();
     }

@@ -235,8 +235,11 @@ fn stop_and_kick_reach_every_vcpu() {
     assert!(vm.stop());
     assert!(vm.is_stopped());
     assert!(!vm.stop(), "once");
-    vm.kick_all(&hw);
+    vm.kick_all(None, &hw);
     assert_eq!(hw.take_ops(), [HwOp::Kick(2), HwOp::Kick(3), HwOp::WakeAll]);
+    // A reset from vCPU 1 kicks the others only.
+    vm.kick_all(Some(1), &hw);
+    assert_eq!(hw.take_ops(), [HwOp::Kick(2), HwOp::WakeAll]);
 }
 
 #[test]

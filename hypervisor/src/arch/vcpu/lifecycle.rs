@@ -5,7 +5,7 @@ use super::{lrs_here, run_bound_vcpu, IRQ_STATE};
 use crate::arch::gic::Gic;
 use crate::arch::hw::Machine;
 use crate::arch::{hv, iommu, sysreg, this_cpu, uart};
-use crate::vm::irq::{self, VTIMER_PPI};
+use crate::vm::irq::VTIMER_PPI;
 use crate::vm::lifecycle::{all_stopped_for_good, Power, RESET_WAIT_MS};
 use crate::vm::Vm;
 use aarch64_cpu::registers::{Writeable, CNTV_CTL_EL0, HCR_EL2};
@@ -19,7 +19,7 @@ pub fn stop_vm(vm: &Vm, reason: &str) {
         vm.log_vsmmu_stats();
         // A VM stopped for good: its functions stop mastering DMA and raising their lines.
         quiesce_devices(vm);
-        vm.kick_all(&Machine);
+        vm.kick_all(None, &Machine);
         power_off_if_all_stopped();
     }
 }
@@ -71,12 +71,7 @@ pub(super) fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
         park_stopped_vcpu(vm, vcpu);
     }
     log::info!("{}: resetting: {reason}", vm.config.name);
-    for t in 0..vm.vcpus.len() {
-        if t != vcpu {
-            irq::kick(vm, t, &Machine);
-        }
-    }
-    sysreg::sev();
+    vm.kick_all(Some(vcpu), &Machine);
     quiesce_local_vcpu(vm, vcpu);
     if let Err(t) = vm.wait_stopped_for_reset(&Machine, RESET_WAIT_MS) {
         log::error!(
