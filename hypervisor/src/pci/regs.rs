@@ -42,6 +42,8 @@ pub mod command {
     pub const MEMORY: u32 = 1 << 1;
     /// Bus Master Enable.
     pub const BUS_MASTER: u32 = 1 << 2;
+    /// Interrupt Disable: the function does not assert INTx.
+    pub const INTX_DISABLE: u32 = 1 << 10;
 }
 
 /// Status register bit 4 (in the upper half of the `COMMAND` dword): a capability list exists.

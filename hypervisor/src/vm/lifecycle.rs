@@ -304,13 +304,17 @@ impl super::Vm {
         cfg: Option<&mut impl crate::pci::ConfigSpace>,
         hw: &impl crate::hw::Hw,
     ) {
+        use crate::pci::regs::{command, COMMAND};
         let d = &self.config.devices;
         if let Some(cfg) = cfg {
             for f in &d.functions {
-                let cmd = cfg.read32(f.bdf, 0x04) & 0xffff;
-                // Bus Master Enable off, INTx Disable on; the status half is write-1-to-clear:
-                // 0s.
-                cfg.write32(f.bdf, 0x04, (cmd & !0x4) | 0x400);
+                let cmd = cfg.read32(f.bdf, COMMAND) & 0xffff;
+                // The status half is write-1-to-clear: 0s.
+                cfg.write32(
+                    f.bdf,
+                    COMMAND,
+                    (cmd & !command::BUS_MASTER) | command::INTX_DISABLE,
+                );
             }
         }
         for &(_, _, intid) in &d.intx {
