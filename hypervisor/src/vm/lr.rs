@@ -10,12 +10,13 @@
 use crate::devices::vgic::lr::{ListRegister, LrState};
 use crate::devices::vgic::VGic;
 use crate::hw::{Hw, IntId};
+use aarch64_cpu::registers::ICH_HCR_EL2;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// ICH_HCR_EL2.En: the virtual CPU interface is on.
-pub const ICH_HCR_EN: u64 = 1;
+pub const ICH_HCR_EN: u64 = ICH_HCR_EL2::En::SET.value;
 /// ICH_HCR_EL2.UIE: maintenance interrupt when at most one list register is valid.
-pub const ICH_HCR_UIE: u64 = 1 << 1;
+pub const ICH_HCR_UIE: u64 = ICH_HCR_EL2::UIE::SET.value;
 /// List registers the architecture allows (ICH_VTR_EL2.ListRegs is 4 bits).
 pub const MAX_LRS: usize = 16;
 
