@@ -422,9 +422,8 @@ fn build_vms(
         };
         // SAFETY: `plan_vms` placed this RAM inside the machine's RAM, clear of the hypervisor,
         // the DTB, reserved memory, every boot module and every other VM's RAM.
-        let ram = alloc::boxed::Box::new(unsafe {
-            guest_mem::PhysRam::new(ram_ipa, PhysAddr(plan.ram_pa))
-        });
+        let ram = unsafe { guest_mem::PhysRam::new(ram_ipa, PhysAddr(plan.ram_pa)) };
+        let ram = alloc::boxed::Box::new(ram);
         let smmu = smmu_facts.as_ref().and_then(|(oas_bits, phys)| {
             p.smmu.as_ref().map(|info| SmmuFacts {
                 info,
