@@ -5,9 +5,9 @@
 //! active state, priority bytes of 8 bits, `spi_target` 0 for 1-of-N and unmatched routes). It
 //! keeps its own state one INTID at a time and decodes every register access itself, so it
 //! shares no code with the model. The input drives guest register accesses, the hypervisor's
-//! calls (`set_pending`, `clear_pending`, `sgi_targets` as `send_virtual_sgi` uses it,
+//! calls (`set_pending`, `clear_pending`, `sgi_targets` as `vm::irq::send_sgi` uses it,
 //! `spi_target`, `pop_deliverable`) and a copy of the list-register filler
-//! (`sync_list_registers`) over simulated list registers that the guest acknowledges and
+//! (`vm::lr::fill`) over simulated list registers that the guest acknowledges and
 //! deactivates. Invariants, each a panic naming it:
 //!
 //! - **(a) no panic**, and bounded work: the list-register filler's loop takes at most one
@@ -643,7 +643,7 @@ impl Harness {
         self.touched.push((vcpu, intid));
     }
 
-    /// (d): the guest on `sender` writes ICC_SGI1R_EL1; delivered as `send_virtual_sgi` does.
+    /// (d): the guest on `sender` writes ICC_SGI1R_EL1; delivered as `vm::irq::send_sgi` does.
     pub fn sgi(&mut self, v: u64, sender: usize) {
         let (sgi, targets) = self.gic.sgi_targets(v, sender);
         let got = (sgi.0, targets);
@@ -709,7 +709,7 @@ impl Harness {
         got
     }
 
-    /// The list-register filler of `arch::vcpu::sync_list_registers`, over the simulated list
+    /// The list-register filler of `vm::lr::fill`, over the simulated list
     /// registers (hardware-forwarded interrupts aside).
     pub fn sync(&mut self, vcpu: usize) {
         let Some(lrs) = self.lrs.get(vcpu) else {
