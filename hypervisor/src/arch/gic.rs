@@ -31,8 +31,8 @@ pub const SPURIOUS: u32 = 1020;
 #[derive(Debug)]
 pub struct Gic {
     gicd: Mmio<GicdRegs>,
-    gicr_base: u64,
-    gicr_count: usize,
+    /// Redistributor regions: (base, frames it can hold, frame stride).
+    gicr: alloc::vec::Vec<(u64, usize, u64)>,
 }
 
 /// A redistributor that did not wake up or could not be found.
@@ -57,9 +57,28 @@ impl Gic {
         Self {
             // SAFETY: guaranteed by the caller.
             gicd: unsafe { block::<GicdRegs>(info.gicd.base) },
-            gicr_base: info.gicr.base,
-            gicr_count: (info.gicr.size / GICR_STRIDE) as usize,
+            gicr: info
+                .gicr
+                .iter()
+                .map(|r| {
+                    let stride = info.redist_stride.unwrap_or(GICR_STRIDE);
+                    (r.base, (r.size / stride) as usize, stride)
+                })
+                .collect(),
         }
+    }
+
+    /// The address of redistributor frame `index`, counting through the regions in DT order.
+    fn frame(&self, index: usize) -> u64 {
+        let mut i = index;
+        for &(base, count, stride) in &self.gicr {
+            if i < count {
+                return base + i as u64 * stride;
+            }
+            i -= count;
+        }
+        // `find_redistributor` only returns indices inside a region.
+        unreachable!("redistributor index {index} outside every region")
     }
 
     fn wait_rwp(&self) -> Result<(), GicError> {
@@ -99,27 +118,32 @@ impl Gic {
     }
 
     fn rd(&self, index: usize) -> Mmio<GicrRdRegs> {
-        // SAFETY: `index` < gicr_count, so the frame is inside the redistributor range the
-        // caller of `new` vouched for.
-        unsafe { block::<GicrRdRegs>(self.gicr_base + index as u64 * GICR_STRIDE) }
+        // SAFETY: `frame` only returns frames inside a redistributor region the caller of `new`
+        // vouched for.
+        unsafe { block::<GicrRdRegs>(self.frame(index)) }
     }
 
     fn sgi(&self, index: usize) -> Mmio<GicrSgiRegs> {
         // SAFETY: as in `rd`; SGI_base is the second 64 KiB frame of the redistributor.
-        unsafe { block::<GicrSgiRegs>(self.gicr_base + index as u64 * GICR_STRIDE + 0x10000) }
+        unsafe { block::<GicrSgiRegs>(self.frame(index) + 0x10000) }
     }
 
     /// Index of the redistributor whose GICR_TYPER.Affinity_Value matches `mpidr`.
     pub fn find_redistributor(&self, mpidr: u64) -> Result<usize, GicError> {
         let aff = (mpidr & 0xff_ffff) | ((mpidr >> 32) & 0xff) << 24;
-        for i in 0..self.gicr_count {
-            let typer = self.rd(i).typer.get();
-            if typer >> 32 == aff {
-                return Ok(i);
+        // GICR_TYPER.Last ends a region's populated frames (IHI 0069 12.11.35), not the search.
+        let mut first = 0;
+        for &(_, count, _) in &self.gicr {
+            for i in first..first + count {
+                let typer = self.rd(i).typer.get();
+                if typer >> 32 == aff {
+                    return Ok(i);
+                }
+                if typer & GICR_TYPER_LAST != 0 {
+                    break;
+                }
             }
-            if typer & GICR_TYPER_LAST != 0 {
-                break;
-            }
+            first += count;
         }
         Err(GicError::NoRedistributor(mpidr))
     }

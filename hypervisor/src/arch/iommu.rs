@@ -4,7 +4,7 @@
 //! aborting; PCI enumerated, BARs assigned, IOMMU groups computed).
 
 use super::sysreg;
-use crate::pci::{self, Bdf, ConfigSpace, HostBridge, IommuGroup, Topology};
+use crate::pci::{self, Bdf, ConfigSpace, HostBridge, IommuDirectory, IommuGroup, Topology};
 use crate::platform::{MemRange, SmmuInfo};
 use alloc::alloc::{alloc_zeroed, Layout};
 use alloc::string::String;
@@ -317,6 +317,8 @@ pub struct Iommu {
     pub groups: Vec<IommuGroup>,
     /// The host bridge as the hypervisor uses it (windows the VMs' stage-2 can reach).
     pub host: Option<HostBridge>,
+    /// Every SMMU an `iommu-map` can name, driven or not.
+    pub directory: IommuDirectory,
 }
 
 /// The PCI functions one VM owns (see [`pci::resolve`]).
@@ -325,7 +327,7 @@ pub use crate::pci::VmDevices;
 impl Iommu {
     /// Checks that `vm` may own `devices` given what earlier VMs were given and describes what
     /// it gets ([`pci::resolve`]: whole IOMMU groups, one VM per function, no shared INTx line,
-    /// DMA through the SMMU, device pages that are the VM's alone).
+    /// DMA through an SMMU the hypervisor drives, device pages that are the VM's alone).
     pub fn resolve(
         &self,
         vm: &str,
@@ -342,6 +344,7 @@ impl Iommu {
             topo,
             &self.groups,
             host,
+            &self.directory,
             vm,
             devices,
             earlier,
@@ -373,70 +376,120 @@ pub enum DeviceError {
     },
 }
 
-/// Points `stream_ids` at a VM's stage-2 (STE Config = stage 2 only, the VM's VMID and root):
-/// its devices' DMA addresses are IPAs, confined to what the VM's stage-2 maps.
+/// One physical SMMU the hypervisor drives: its stream table and event queue behind a lock
+/// (the control path), its command queue shared by every CPU without one.
+pub struct SmmuUnit {
+    /// Its DT node's path, which names it in messages.
+    pub path: String,
+    /// Index of its node in `Platform::smmus`.
+    pub info: usize,
+    /// Its wired interrupts (event queue, global error), if any.
+    pub intids: [Option<u32>; 2],
+    /// The driver.
+    pub smmu: Mutex<Smmu<HwRegs, HeapDma>>,
+    /// Its command queue: the vSMMUs of the VMs behind it forward their guests'
+    /// invalidations through it.
+    pub cmdq: Arc<HwCmdq>,
+}
+
+impl core::fmt::Debug for SmmuUnit {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SmmuUnit")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Every SMMU the hypervisor drives, set once at boot ([`init`]); a unit's index is what
+/// `VmDevices::smmu` and [`PhysSmmu`] name.
+static UNITS: spin::Once<Vec<SmmuUnit>> = spin::Once::new();
+
+fn units() -> &'static [SmmuUnit] {
+    UNITS.get().map_or(&[], |u| &u[..])
+}
+
+fn unit(index: usize) -> Result<&'static SmmuUnit, DriverError> {
+    units()
+        .get(index)
+        .ok_or(DriverError::MissingFeature("SMMU"))
+}
+
+/// Whether `intid` is one of a driven SMMU's wired interrupts.
+pub fn is_smmu_irq(intid: u32) -> bool {
+    units().iter().any(|u| u.intids.contains(&Some(intid)))
+}
+
+/// The wired interrupts of every driven SMMU.
+pub fn smmu_irqs() -> impl Iterator<Item = u32> {
+    units().iter().flat_map(|u| u.intids.into_iter().flatten())
+}
+
+/// Points `stream_ids` of SMMU `unit` at a VM's stage-2 (STE Config = stage 2 only, the VM's
+/// VMID and root): its devices' DMA addresses are IPAs, confined to what the VM's stage-2 maps.
 pub fn attach_stage2(
     vm: &str,
+    unit_index: usize,
     stream_ids: &[u32],
     vmid: u16,
     s2_root: u64,
 ) -> Result<(), DeviceError> {
-    let Some(oas_bits) = SMMU.lock().as_ref().map(|s| s.features().oas_bits) else {
-        return Err(DeviceError::NoSmmu);
-    };
+    let u = unit(unit_index).map_err(|_| DeviceError::NoSmmu)?;
+    let oas_bits = u.smmu.lock().features().oas_bits;
     let s2 = crate::stage2::smmu_s2_config(oas_bits, vmid, s2_root);
     for &sid in stream_ids {
-        set_ste(sid, smmu::ste::Ste::stage2(s2))
+        set_ste(unit_index, sid, smmu::ste::Ste::stage2(s2))
             .map_err(|source| DeviceError::Ste { sid, source })?;
     }
-    log::info!("smmu: {vm}: StreamIDs {stream_ids:?} translate through its stage-2 (VMID {vmid})");
+    log::info!(
+        "smmu: {vm}: StreamIDs {stream_ids:?} of {} translate through its stage-2 (VMID {vmid})",
+        u.path
+    );
     Ok(())
 }
 
-/// Writes the physical STE of `sid` and waits until the SMMU uses it, holding the SMMU's lock
-/// only for the stream-table writes: the CMD_CFGI_STE + CMD_SYNC waits (two for a
-/// break-before-make) go through the lock-free command queue without it, so no other CPU's
-/// STE change or event drain waits behind them.
-pub fn set_ste(sid: u32, ste: smmu::ste::Ste) -> Result<(), DriverError> {
-    let cmdq = CMDQ.get().ok_or(DriverError::MissingFeature("SMMU"))?;
-    let write = SMMU
-        .lock()
-        .as_mut()
-        .ok_or(DriverError::MissingFeature("SMMU"))?
-        .write_ste(sid, ste)?;
+/// Writes the physical STE of `sid` on SMMU `unit` and waits until the SMMU uses it, holding
+/// the SMMU's lock only for the stream-table writes: the CMD_CFGI_STE + CMD_SYNC waits (two
+/// for a break-before-make) go through the lock-free command queue without it, so no other
+/// CPU's STE change or event drain waits behind them.
+pub fn set_ste(unit_index: usize, sid: u32, ste: smmu::ste::Ste) -> Result<(), DriverError> {
+    let u = unit(unit_index)?;
+    let write = u.smmu.lock().write_ste(sid, ste)?;
     let cfgi = match write {
         SteWrite::Unchanged => return Ok(()),
         SteWrite::Written(cfgi) => cfgi,
         SteWrite::Broken(b) => {
-            cmdq.submit_sync(&[b.cfgi])?;
-            SMMU.lock()
-                .as_mut()
-                .ok_or(DriverError::MissingFeature("SMMU"))?
-                .make_ste(b)?
+            u.cmdq.submit_sync(&[b.cfgi])?;
+            u.smmu.lock().make_ste(b)?
         }
     };
-    cmdq.submit_sync(&[cfgi])
+    u.cmdq.submit_sync(&[cfgi])
 }
 
-/// Drops every TLB entry of a VM's VMID in the SMMU (TLBI_S12_VMALL + CMD_SYNC) after its
-/// stage 2 changed: the SMMU walks the same tables. Scoped to that VMID; nothing else is
+/// Drops every TLB entry of a VM's VMID in every SMMU (TLBI_S12_VMALL + CMD_SYNC) after its
+/// stage 2 changed: the SMMUs walk the same tables. Scoped to that VMID; nothing else is
 /// touched.
 pub fn invalidate_vm_tlbs(vmid: u16) {
-    if let Some(q) = CMDQ.get() {
-        if let Err(e) = q.submit_sync(&[smmu::cmd::Command::TlbiS12Vmall { vmid }]) {
-            log::error!("smmu: TLBI_S12_VMALL for VMID {vmid}: {e}");
+    for u in units() {
+        if let Err(e) = u
+            .cmdq
+            .submit_sync(&[smmu::cmd::Command::TlbiS12Vmall { vmid }])
+        {
+            log::error!("smmu: {}: TLBI_S12_VMALL for VMID {vmid}: {e}", u.path);
         }
     }
 }
 
 /// Logs the STE the SMMU holds for every StreamID of every IOMMU group, read back from the
 /// stream table in memory (not from what the hypervisor meant to write).
-pub fn dump_stream_table(groups: &[IommuGroup]) {
-    let guard = SMMU.lock();
-    let Some(smmu) = guard.as_ref() else {
-        return;
-    };
+pub fn dump_stream_table(groups: &[IommuGroup], directory: &IommuDirectory) {
     for g in groups {
+        let Ok(index) = directory.unit_of(g) else {
+            continue;
+        };
+        let Ok(u) = unit(index) else {
+            continue;
+        };
+        let smmu = u.smmu.lock();
         for &sid in &g.stream_ids {
             match smmu.ste(sid) {
                 Ok(ste) => {
@@ -473,79 +526,66 @@ pub fn now_ns() -> u64 {
 
 pub use crate::vm::events::Drained;
 
-/// Drains the SMMU's event queue, budgeting each stream's records (a stream faulting beyond
+/// Drains every SMMU's event queue, budgeting each stream's records (a stream faulting beyond
 /// its budget is quarantined, see `smmu::driver::EventBudget`) and terminating every stalled
-/// transaction; streams whose quarantine is over get their STE back. The SMMU lock is not held
+/// transaction; streams whose quarantine is over get their STE back. No SMMU lock is held
 /// once this returns, so the events can be handed to vSMMU models, which take it again.
-pub fn drain_events() -> Drained {
-    let mut guard = SMMU.lock();
-    let Some(smmu) = guard.as_mut() else {
-        return Drained {
-            events: Vec::new(),
-            overflowed: false,
-            gerror: smmu::regs::Gerror::empty(),
-            stalls_terminated: 0,
-            quarantined: Vec::new(),
-        };
-    };
-    let mut events = Vec::new();
-    let poll = smmu.poll_events(Some(now_ns()), |e, fate| events.push((e, fate)));
-    Drained {
-        events,
-        overflowed: poll.overflowed,
-        gerror: smmu.acknowledge_gerror(),
-        stalls_terminated: poll.stalls_terminated,
-        quarantined: smmu.take_quarantines(),
-    }
+pub fn drain_events() -> Vec<Drained> {
+    units()
+        .iter()
+        .enumerate()
+        .map(|(index, u)| {
+            let mut smmu = u.smmu.lock();
+            let mut events = Vec::new();
+            let poll = smmu.poll_events(Some(now_ns()), |e, fate| events.push((e, fate)));
+            Drained {
+                unit: index,
+                events,
+                overflowed: poll.overflowed,
+                gerror: smmu.acknowledge_gerror(),
+                stalls_terminated: poll.stalls_terminated,
+                quarantined: smmu.take_quarantines(),
+            }
+        })
+        .collect()
 }
-
-/// The physical SMMU, once probed. Its lock guards the stream table and event queue (the
-/// control path); commands go through [`CMDQ`] without it.
-pub static SMMU: Mutex<Option<Smmu<HwRegs, HeapDma>>> = Mutex::new(None);
-
-/// The physical SMMU's command queue, shared by every CPU without a lock: the vSMMUs of all VMs
-/// forward their guests' invalidations through it.
-pub static CMDQ: spin::Once<Arc<HwCmdq>> = spin::Once::new();
 
 /// The physical command queue's type.
 pub type HwCmdq = Cmdq<HwRegs, HwQueue>;
 
-/// Takes the SMMU (global bypass off, every StreamID aborting) and the PCI root complex.
-/// Problems are logged and leave that part out; nothing here stops the VMs from booting
-/// without devices.
-pub fn init(smmu: Option<&SmmuInfo>, host: Option<&HostBridge>) -> Iommu {
+/// Takes every SMMU the DT describes and the hypervisor can drive (global bypass off, every
+/// StreamID aborting) and the PCI root complex. Problems are logged and leave that part out:
+/// an SMMU not driven makes the functions behind it unassignable, and nothing here stops the
+/// VMs from booting without devices.
+pub fn init(smmus: &[SmmuInfo], host: Option<&HostBridge>) -> Iommu {
     let mut out = Iommu::default();
-    match smmu {
-        None => log::warn!("smmu: no arm,smmu-v3 in the DT: device DMA is not confined"),
-        Some(info) => {
-            let regs = HwRegs {
-                base: info.regs.base,
-                size: info.regs.size,
-            };
-            match Smmu::probe(regs, HeapDma::default(), SmmuConfig::default()) {
-                Ok(mut s) => {
-                    let irqs =
-                        smmu::regs::IrqCtrl::EVENTQ_IRQEN | smmu::regs::IrqCtrl::GERROR_IRQEN;
-                    if let Err(e) = s.set_irqs(irqs) {
-                        log::warn!("smmu: interrupts not enabled ({e}): events are not reported");
-                    }
-                    let f = s.features();
-                    log::info!(
-                        "smmu: SMMUv3 at {:#x}: {}-bit StreamIDs ({} stream table), {}-bit VMIDs, {}-bit OAS, nesting {}; enabled, global bypass off, every stream aborting",
-                        info.regs.base,
-                        f.sid_bits,
-                        if f.two_level { "2-level" } else { "linear" },
-                        f.vmid_bits,
-                        f.oas_bits,
-                        if f.nesting { "yes" } else { "no" }
-                    );
-                    CMDQ.call_once(|| s.cmdq().clone());
-                    *SMMU.lock() = Some(s);
-                }
-                Err(e) => log::error!("smmu: probe failed: {e}: device DMA is not confined"),
-            }
+    if smmus.is_empty() {
+        log::warn!("smmu: no arm,smmu-v3 in the DT: no PCI function can be assigned");
+    }
+    let mut driven = Vec::new();
+    for (i, info) in smmus.iter().enumerate() {
+        let result = match &info.refused {
+            Some(why) => Err(why.clone()),
+            None => probe(info, i).map(|u| {
+                driven.push(u);
+                driven.len() - 1
+            }),
+        };
+        if let Err(why) = &result {
+            log::error!(
+                "smmu: {}: not driven: {why}; the PCI functions behind it are never assigned",
+                info.path
+            );
+        }
+        if let Some(phandle) = info.phandle {
+            out.directory.entries.push(pci::IommuEntry {
+                phandle,
+                path: info.path.clone(),
+                driven: result,
+            });
         }
     }
+    UNITS.call_once(|| driven);
     let Some(host) = host else {
         return out;
     };
@@ -593,75 +633,113 @@ pub fn init(smmu: Option<&SmmuInfo>, host: Option<&HostBridge>) -> Iommu {
                 .collect::<alloc::string::String>()
         );
     }
-    match pci::iommu_groups(&topo, host) {
-        Ok(groups) => {
-            for g in &groups {
-                log::info!(
-                    "pci: IOMMU group {}: devices {:?}, StreamIDs {:?}: unassigned, aborting",
-                    g.id,
-                    g.devices
-                        .iter()
-                        .map(|b| alloc::format!("{b}"))
-                        .collect::<Vec<_>>(),
-                    g.stream_ids
-                );
-            }
-            out.groups = groups;
+    let groups = pci::iommu_groups(&topo, host);
+    for g in &groups {
+        let devices = g
+            .devices
+            .iter()
+            .map(|b| alloc::format!("{b}"))
+            .collect::<Vec<_>>();
+        match out.directory.unit_of(g) {
+            Ok(u) => log::info!(
+                "pci: IOMMU group {}: devices {devices:?}, StreamIDs {:?} of {}: unassigned, aborting",
+                g.id,
+                g.stream_ids,
+                units().get(u).map_or("?", |u| u.path.as_str())
+            ),
+            Err(why) => log::warn!(
+                "pci: IOMMU group {}: devices {devices:?}: never assigned: {why}",
+                g.id
+            ),
         }
-        Err(e) => log::error!("pci: IOMMU groups: {e}"),
     }
+    out.groups = groups;
     out.topology = Some(topo);
     out
 }
 
-/// The physical SMMU as the vSMMUs reach it: stream-table writes under the physical SMMU's
-/// lock, held for the writes only (a break-before-make's CMD_SYNC is waited for between
-/// `write_ste` and `make_ste`, without it); commands through the lock-free command queue (the
-/// I/O path: every DMA unmap), so that no lock on it is shared between VMs across a wait.
-#[derive(Debug)]
-pub struct PhysSmmu;
+/// Probes one SMMU and takes it over: global bypass off, every stream aborting, its
+/// interrupts on where it has them wired to the GIC.
+fn probe(info: &SmmuInfo, index: usize) -> Result<SmmuUnit, String> {
+    let regs = HwRegs {
+        base: info.regs.base,
+        size: info.regs.size,
+    };
+    let mut s = Smmu::probe(regs, HeapDma::default(), SmmuConfig::default())
+        .map_err(|e| alloc::format!("probe failed: {e}"))?;
+    let wired = info.eventq_intid.is_some() || info.gerror_intid.is_some();
+    if wired {
+        let irqs = smmu::regs::IrqCtrl::EVENTQ_IRQEN | smmu::regs::IrqCtrl::GERROR_IRQEN;
+        if let Err(e) = s.set_irqs(irqs) {
+            log::warn!(
+                "smmu: {}: interrupts not enabled ({e}): its event queue is polled",
+                info.path
+            );
+        }
+    }
+    if let Some(why) = &info.polled {
+        log::warn!(
+            "smmu: {}: {why}: its event queue is polled (every few guest timer ticks)",
+            info.path
+        );
+    }
+    let f = s.features();
+    log::info!(
+        "smmu: {} (SMMUv3 at {:#x}): {}-bit StreamIDs ({} stream table), {}-bit VMIDs, {}-bit OAS, nesting {}; enabled, global bypass off, every stream aborting",
+        info.path,
+        info.regs.base,
+        f.sid_bits,
+        if f.two_level { "2-level" } else { "linear" },
+        f.vmid_bits,
+        f.oas_bits,
+        if f.nesting { "yes" } else { "no" }
+    );
+    Ok(SmmuUnit {
+        path: info.path.clone(),
+        info: index,
+        intids: [info.eventq_intid, info.gerror_intid],
+        cmdq: s.cmdq().clone(),
+        smmu: Mutex::new(s),
+    })
+}
+
+/// The physical SMMU a vSMMU sits on (a unit index of [`UNITS`]), as the vSMMUs reach it:
+/// stream-table writes under that SMMU's lock, held for the writes only (a
+/// break-before-make's CMD_SYNC is waited for between `write_ste` and `make_ste`, without it);
+/// commands through its lock-free command queue (the I/O path: every DMA unmap), so that no
+/// lock on it is shared between VMs across a wait.
+#[derive(Debug, Clone, Copy)]
+pub struct PhysSmmu(pub usize);
 
 /// Counter reads a budget wait spins at most per microsecond it waits (a bound on the loop
 /// should the counter stop).
 const SPINS_PER_US: u64 = 1_000;
 
-fn cmdq() -> Result<&'static HwCmdq, DriverError> {
-    CMDQ.get()
-        .map(|q| &**q)
-        .ok_or(DriverError::MissingFeature("SMMU"))
-}
-
 impl PhysicalSmmu for PhysSmmu {
     fn write_ste(&mut self, sid: u32, ste: Ste) -> Result<SteWrite, DriverError> {
-        match SMMU.lock().as_mut() {
-            Some(s) => s.write_ste(sid, ste),
-            None => Err(DriverError::MissingFeature("SMMU")),
-        }
+        unit(self.0)?.smmu.lock().write_ste(sid, ste)
     }
 
     fn make_ste(&mut self, b: SteBreak) -> Result<Command, DriverError> {
-        match SMMU.lock().as_mut() {
-            Some(s) => s.make_ste(b),
-            None => Err(DriverError::MissingFeature("SMMU")),
-        }
+        unit(self.0)?.smmu.lock().make_ste(b)
     }
 
     fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
-        cmdq()?.queue(cmds)
+        unit(self.0)?.cmdq.queue(cmds)
     }
 
     fn submit_sync(&mut self, cmds: &[Command]) -> Result<SyncTicket, DriverError> {
-        cmdq()?.queue_sync(cmds)
+        unit(self.0)?.cmdq.queue_sync(cmds)
     }
 
     fn publish(&self) {
-        if let Ok(q) = cmdq() {
-            q.publish();
+        if let Ok(u) = unit(self.0) {
+            u.cmdq.publish();
         }
     }
 
     fn wait(&self, ticket: SyncTicket) -> Result<(), DriverError> {
-        cmdq()?.wait(ticket)
+        unit(self.0)?.cmdq.wait(ticket)
     }
 
     fn now(&self) -> Option<u64> {
@@ -680,14 +758,15 @@ impl PhysicalSmmu for PhysSmmu {
     }
 }
 
-/// What a VM's construction needs of the physical SMMU, once probed: its output address size and
-/// what a vSMMU can be built on.
-pub fn facts() -> Option<(u8, crate::devices::vsmmu::PhysFacts)> {
-    let guard = SMMU.lock();
-    let smmu = guard.as_ref()?;
+/// What a VM's construction needs of driven SMMU `unit`: its `Platform::smmus` index, its
+/// output address size and what a vSMMU can be built on.
+pub fn facts(unit_index: usize) -> Option<(usize, u8, crate::devices::vsmmu::PhysFacts)> {
+    let u = units().get(unit_index)?;
+    let smmu = u.smmu.lock();
     let f = smmu.features();
     let idr3 = SmmuRegs::read32(smmu.regs(), smmu::regs::SMMU_IDR3);
     Some((
+        u.info,
         f.oas_bits,
         crate::devices::vsmmu::PhysFacts {
             nesting: f.nesting,

@@ -131,12 +131,16 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     };
     let platform = match Platform::parse(dtb_slice) {
         Ok(p) => p,
-        Err(_) => system_off_early(),
+        Err(e) => system_off_early(dtb_slice, &e),
     };
-    // SAFETY: the DT names this PL011 as the console; the MMU is off (device accesses).
-    unsafe { uart::init(platform.uart.base.base) };
+    // SAFETY: the DT names this UART as the console, of this kind; the MMU is off (device
+    // accesses).
+    unsafe { uart::init(platform.uart.base.base, platform.uart.kind) };
     let _ = log::set_logger(&uart::Logger);
     log::set_max_level(log::LevelFilter::Info);
+    if let Some(note) = &platform.uart.note {
+        log::warn!("console: {note}");
+    }
     if let Some(c) = platform.psci {
         CONDUIT.call_once(|| c);
     }
@@ -145,7 +149,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     let text_end = core::ptr::addr_of!(__text_end) as u64;
     let image_end = core::ptr::addr_of!(__image_end) as u64;
     let ram: Vec<(u64, u64)> = platform.memory.iter().map(|m| (m.base, m.size)).collect();
-    let gic_info = platform.gic;
+    let gic_info = platform.gic.clone();
     let host_bridge = match crate::pci::HostBridge::from_dtb(dtb_slice) {
         Ok(h) => h,
         Err(e) => {
@@ -155,12 +159,17 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     };
     let mut devices = alloc::vec![
         (gic_info.gicd.base, gic_info.gicd.size),
-        (gic_info.gicr.base, gic_info.gicr.size),
         (platform.uart.base.base, platform.uart.base.size.max(0x1000)),
     ];
-    if let Some(s) = &platform.smmu {
-        devices.push((s.regs.base, s.regs.size));
-    }
+    devices.extend(gic_info.gicr.iter().map(|r| (r.base, r.size)));
+    // Only the SMMUs the hypervisor may drive: the others' registers are never touched.
+    devices.extend(
+        platform
+            .smmus
+            .iter()
+            .filter(|s| s.refused.is_none())
+            .map(|s| (s.regs.base, s.regs.size)),
+    );
     let mut forwardable = Vec::new();
     if let Some(h) = &host_bridge {
         devices.push((h.ecam.base, h.ecam.size));
@@ -204,14 +213,21 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
         panic!("GIC distributor: {e}");
     }
     iommu::set_forwardable(forwardable);
-    let iommu = iommu::init(platform.smmu.as_ref(), host_bridge.as_ref());
+    let iommu = iommu::init(&platform.smmus, host_bridge.as_ref());
 
     // Logical CPU 0 is the boot CPU; the others follow in DT order.
     let boot_mpidr = MPIDR_EL1.get() & 0xff_00ff_ffff;
     let mut mpidrs = Vec::with_capacity(platform.cpus.len());
     mpidrs.push(boot_mpidr);
     mpidrs.extend(platform.cpus.iter().copied().filter(|&m| m != boot_mpidr));
-    mpidrs.truncate(MAX_CPUS);
+    if mpidrs.len() > MAX_CPUS {
+        log::error!(
+            "the DT describes {} CPUs; this build drives at most {MAX_CPUS} (boot::MAX_CPUS): the CPUs with MPIDRs {:#x?} stay off",
+            mpidrs.len(),
+            &mpidrs[MAX_CPUS..]
+        );
+        mpidrs.truncate(MAX_CPUS);
+    }
 
     let busy = busy_ranges(
         &platform,
@@ -245,7 +261,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
             }),
         })
         .collect();
-    iommu::dump_stream_table(&iommu.groups);
+    iommu::dump_stream_table(&iommu.groups, &iommu.directory);
     uart::set_vms(vms.iter().map(|v| v.prefix.clone()).collect());
     HV.call_once(|| Hv {
         iommu,
@@ -305,13 +321,13 @@ fn cpu_common_init(cpu: usize) {
     hv.gic
         .set_private_enabled(rd, hv.platform.gic.maintenance_ppi, true);
     if cpu == 0 {
-        uart::enable_rx_irq();
-        hv.gic.enable_spi(hv.platform.uart.intid, info.mpidr);
-        if let Some(smmu) = hv.platform.smmu {
-            // The SMMU's wired interrupts are edge-triggered (QEMU pulses them).
-            for intid in [smmu.eventq_intid, smmu.gerror_intid].into_iter().flatten() {
-                hv.gic.enable_spi_with(intid, info.mpidr, true);
-            }
+        if let Some(intid) = hv.platform.uart.intid {
+            uart::enable_rx_irq();
+            hv.gic.enable_spi(intid, info.mpidr);
+        }
+        // The SMMUs' wired interrupts are edge-triggered (QEMU pulses them).
+        for intid in iommu::smmu_irqs() {
+            hv.gic.enable_spi_with(intid, info.mpidr, true);
         }
     }
 }
@@ -382,7 +398,6 @@ fn build_vms(
     }
     let mut vms = Vec::new();
     let mut assigned: Vec<(String, Vec<crate::pci::Bdf>)> = Vec::new();
-    let smmu_facts = iommu::facts();
     for plan in plans {
         let id = vms.len();
         let devices = match iommu.resolve(&plan.name, &plan.pci_devices, &assigned) {
@@ -415,6 +430,7 @@ fn build_vms(
             bootargs,
             devices,
         };
+        let devices_smmu = vm_config.devices.smmu;
         let heap_before = ALLOCATOR.lock().stats_alloc_actual();
         let ram_ipa = MemRange {
             base: p.memory[0].base,
@@ -424,13 +440,15 @@ fn build_vms(
         // the DTB, reserved memory, every boot module and every other VM's RAM.
         let ram = unsafe { guest_mem::PhysRam::new(ram_ipa, PhysAddr(plan.ram_pa)) };
         let ram = alloc::boxed::Box::new(ram);
-        let smmu = smmu_facts.as_ref().and_then(|(oas_bits, phys)| {
-            p.smmu.as_ref().map(|info| SmmuFacts {
-                info,
-                oas_bits: *oas_bits,
-                phys: *phys,
-            })
-        });
+        let smmu = devices_smmu
+            .and_then(iommu::facts)
+            .and_then(|(info, oas_bits, phys)| {
+                p.smmus.get(info).map(|info| SmmuFacts {
+                    info,
+                    oas_bits,
+                    phys,
+                })
+            });
         let vm = match Vm::new(
             id,
             vm_config,
@@ -448,9 +466,13 @@ fn build_vms(
         };
         let d = &vm.config.devices;
         if !d.functions.is_empty() {
-            if let Err(e) =
-                iommu::attach_stage2(&vm.config.name, &d.stream_ids, vm.vmid, vm.s2_root)
-            {
+            let attached = match d.smmu {
+                Some(unit) => {
+                    iommu::attach_stage2(&vm.config.name, unit, &d.stream_ids, vm.vmid, vm.s2_root)
+                }
+                None => Err(iommu::DeviceError::NoSmmu),
+            };
+            if let Err(e) = attached {
                 log::error!(
                     "{}: not started: its devices cannot be confined: {e}",
                     plan.name
@@ -513,8 +535,20 @@ fn legacy_spec(
     })])
 }
 
-fn system_off_early() -> ! {
-    // Without a parsed DT there is no console; QEMU and most firmware use SMC for PSCI.
+/// Powers off when the host DT cannot be used, having said why on its console if the DT
+/// still names one the hypervisor can drive (found by `platform::early_console`, which needs
+/// no more of the DT than the blob structure and `stdout-path`).
+fn system_off_early(dtb: &[u8], error: &crate::platform::PlatformError) -> ! {
+    if let Some((base, kind)) = crate::platform::early_console(dtb) {
+        // SAFETY: the DT's stdout-path names a UART of this kind at `base`; the MMU is off, so
+        // the access is a Device access.
+        unsafe { uart::init(base, kind) };
+        uart::print_hv(format_args!(
+            "smmu-hv {}: the host device tree cannot be used: {error}; powering off",
+            env!("CARGO_PKG_VERSION")
+        ));
+    }
+    // QEMU and most firmware use SMC for PSCI; the DT that would say otherwise is unusable.
     let _ = smccc::psci::system_off::<smccc::Smc>();
     loop {
         sysreg::wfi();

@@ -1,10 +1,11 @@
-//! The physical console: a PL011 found through /chosen/stdout-path, shared by the hypervisor's
+//! The physical console: a PL011 or 8250-family UART found through /chosen/stdout-path, shared by the hypervisor's
 //! log and every guest's console. Output goes through the [`ConsoleMux`] (one source per
 //! physical line, each line prefixed) and input through the [`InputRouter`] (one VM has the
 //! focus), both under the one console lock.
 
 use super::mmio::{block, Mmio, Pl011Regs};
 use crate::console::{ConsoleMux, InputAction, InputRouter};
+use crate::platform::UartKind;
 use crate::ratelimit::{site_key, LogLimiter, Verdict};
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -23,23 +24,96 @@ const INT_RT: u32 = 1 << 6;
 
 /// The physical UART.
 #[derive(Debug)]
-struct Uart {
-    regs: Mmio<Pl011Regs>,
+enum Uart {
+    Pl011(Mmio<Pl011Regs>),
+    Ns16550(Ns16550),
 }
 
 impl Uart {
     fn write(&self, bytes: &[u8]) {
-        for &b in bytes {
-            while self.regs.uartfr.get() & FR_TXFF != 0 {}
-            self.regs.uartdr.set(b as u32);
+        match self {
+            Uart::Pl011(regs) => {
+                for &b in bytes {
+                    while regs.uartfr.get() & FR_TXFF != 0 {}
+                    regs.uartdr.set(b as u32);
+                }
+            }
+            Uart::Ns16550(u) => {
+                for &b in bytes {
+                    while u.read(NS_LSR) & LSR_THRE == 0 {}
+                    u.write(NS_THR, b);
+                }
+            }
         }
     }
 
     fn getc(&self) -> Option<u8> {
-        if self.regs.uartfr.get() & FR_RXFE != 0 {
-            None
-        } else {
-            Some(self.regs.uartdr.get() as u8)
+        match self {
+            Uart::Pl011(regs) => {
+                (regs.uartfr.get() & FR_RXFE == 0).then(|| regs.uartdr.get() as u8)
+            }
+            Uart::Ns16550(u) => (u.read(NS_LSR) & LSR_DR != 0).then(|| u.read(NS_RBR)),
+        }
+    }
+
+    fn enable_rx_irq(&self) {
+        match self {
+            Uart::Pl011(regs) => {
+                regs.uarticr.set(INT_RX | INT_RT);
+                regs.uartimsc.set(INT_RX | INT_RT);
+            }
+            // Received-data-available only: the line stays asserted until RBR is drained.
+            Uart::Ns16550(u) => u.write(NS_IER, IER_ERBFI),
+        }
+    }
+}
+
+// 8250/16550 registers (by index, spaced by `reg-shift`) and bits, as in Linux's
+// `include/uapi/linux/serial_reg.h`.
+const NS_RBR: usize = 0;
+const NS_THR: usize = 0;
+const NS_IER: usize = 1;
+const NS_LSR: usize = 5;
+const LSR_DR: u8 = 1 << 0;
+const LSR_THRE: u8 = 1 << 5;
+const IER_ERBFI: u8 = 1 << 0;
+
+/// An 8250/16550-compatible UART: register `n` at `base + (n << shift)`, accessed with
+/// `width`-byte loads and stores (DesignWare APB UARTs need 32-bit ones).
+#[derive(Debug)]
+struct Ns16550 {
+    base: u64,
+    shift: u8,
+    width: u8,
+}
+
+impl Ns16550 {
+    fn addr(&self, reg: usize) -> usize {
+        self.base as usize + (reg << self.shift)
+    }
+
+    fn read(&self, reg: usize) -> u8 {
+        let a = self.addr(reg);
+        // SAFETY: `init`'s caller guarantees an 8250-family register block at `base`, mapped as
+        // Device memory; `reg` is one of its registers at the DT's spacing and width.
+        unsafe {
+            if self.width == 4 {
+                (a as *const u32).read_volatile() as u8
+            } else {
+                (a as *const u8).read_volatile()
+            }
+        }
+    }
+
+    fn write(&self, reg: usize, v: u8) {
+        let a = self.addr(reg);
+        // SAFETY: as in `read`.
+        unsafe {
+            if self.width == 4 {
+                (a as *mut u32).write_volatile(u32::from(v));
+            } else {
+                (a as *mut u8).write_volatile(v);
+            }
         }
     }
 }
@@ -57,23 +131,39 @@ pub struct Console {
 /// The console, once probed.
 pub static CONSOLE: Mutex<Option<Console>> = Mutex::new(None);
 
-/// Starts using the PL011 at `base`, for the hypervisor's own lines only until [`set_vms`].
+/// Starts using the UART of `kind` at `base`, for the hypervisor's own lines only until
+/// [`set_vms`].
 ///
 /// # Safety
 ///
-/// `base` must be a PL011 mapped as Device memory (or the MMU off) for the rest of the
-/// hypervisor's life.
-pub unsafe fn init(base: u64) {
-    // SAFETY: the caller guarantees `base` is a PL011 register block.
-    let regs = unsafe { block::<Pl011Regs>(base) };
-    // Firmware normally leaves the console enabled (U-Boot does); QEMU's loader does not.
-    // Baud rate and framing are left as firmware set them.
-    if regs.uartcr.get() & CR_UARTEN == 0 {
-        regs.uartcr
-            .set(regs.uartcr.get() | CR_UARTEN | CR_TXE | CR_RXE);
-    }
+/// `base` must be a UART of that kind mapped as Device memory (or the MMU off) for the rest of
+/// the hypervisor's life.
+pub unsafe fn init(base: u64, kind: UartKind) {
+    let uart = match kind {
+        UartKind::Pl011 => {
+            // SAFETY: the caller guarantees `base` is a PL011 register block.
+            let regs = unsafe { block::<Pl011Regs>(base) };
+            // Firmware normally leaves the console enabled (U-Boot does); QEMU's loader does
+            // not. Baud rate and framing are left as firmware set them.
+            if regs.uartcr.get() & CR_UARTEN == 0 {
+                regs.uartcr
+                    .set(regs.uartcr.get() | CR_UARTEN | CR_TXE | CR_RXE);
+            }
+            Uart::Pl011(regs)
+        }
+        // Left as firmware programmed it (divisor, framing, FIFOs): the boot loader printed
+        // through it.
+        UartKind::Ns16550 {
+            reg_shift,
+            reg_io_width,
+        } => Uart::Ns16550(Ns16550 {
+            base,
+            shift: reg_shift,
+            width: reg_io_width,
+        }),
+    };
     *CONSOLE.lock() = Some(Console {
-        uart: Uart { regs },
+        uart,
         mux: ConsoleMux::new(Vec::new()),
         input: InputRouter::new(0),
         typed_into: Vec::new(),
@@ -185,8 +275,7 @@ pub fn take_input() -> Input {
 /// Unmasks the receive and receive-timeout interrupts.
 pub fn enable_rx_irq() {
     if let Some(c) = CONSOLE.lock().as_mut() {
-        c.uart.regs.uarticr.set(INT_RX | INT_RT);
-        c.uart.regs.uartimsc.set(INT_RX | INT_RT);
+        c.uart.enable_rx_irq();
     }
 }
 

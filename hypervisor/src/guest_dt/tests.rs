@@ -50,11 +50,11 @@ fn round_trip_through_platform_parse() {
     assert_eq!(p.memory, vec![cfg.ram]);
     assert!(p.reserved.is_empty());
     assert_eq!(p.gic.gicd, cfg.gicd);
-    assert_eq!(p.gic.gicr, cfg.gicr);
+    assert_eq!(p.gic.gicr, vec![cfg.gicr]);
     assert_eq!(p.gic.maintenance_ppi, 25);
     assert_eq!(p.timer, cfg.timer);
     assert_eq!(p.uart.base, cfg.uart);
-    assert_eq!(p.uart.intid, 33);
+    assert_eq!(p.uart.intid, Some(33));
     assert_eq!(p.uart.compatible, "arm,pl011");
     assert_eq!(p.psci, Some(PsciConduit::Hvc));
     assert_eq!(p.bootargs.as_deref(), Some(cfg.bootargs));
@@ -495,12 +495,17 @@ fn smmu_node_and_iommu_map() {
     }
     let p = Platform::parse(&dtb).unwrap();
     assert_eq!(
-        p.smmu,
-        Some(crate::platform::SmmuInfo {
+        p.smmus,
+        vec![crate::platform::SmmuInfo {
+            path: "/smmuv3@9050000".to_string(),
+            phandle: Some(phandle),
             regs: SMMU.regs,
             eventq_intid: Some(SMMU.eventq_intid),
             gerror_intid: Some(SMMU.gerror_intid),
-        })
+            coherent: true,
+            polled: None,
+            refused: None,
+        }]
     );
 }
 
@@ -514,7 +519,7 @@ fn smmu_without_pci() {
     let dtb = build_guest_dt(&cfg).unwrap();
     assert_eq!(crate::pci::HostBridge::from_dtb(&dtb).unwrap(), None);
     let p = Platform::parse(&dtb).unwrap();
-    assert_eq!(p.smmu.unwrap().regs, SMMU.regs);
+    assert_eq!(p.smmus[0].regs, SMMU.regs);
     let fdt = fdt::Fdt::new(&dtb).unwrap();
     assert!(fdt.find_node("/smmuv3@9050000").is_some());
 }

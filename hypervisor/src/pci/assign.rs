@@ -6,13 +6,14 @@
 //! could keep the line asserted for each other.
 
 use alloc::collections::BTreeMap;
+use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use thiserror::Error;
 
 use super::enumerate::{PciDevice, Topology};
-use super::groups::IommuGroup;
+use super::groups::{GroupIommu, IommuGroup};
 use super::host::{HostBridge, InterruptMap, IntxPin};
 use super::isolation::{device_slots, DeviceSlot, IsolationError};
 use super::virtio::VirtioDma;
@@ -102,6 +103,101 @@ pub enum AssignError {
     /// A page the VM's stage 2 would map is not the VM's alone.
     #[error("{0}")]
     Isolation(#[from] IsolationError),
+    /// No SMMU the hypervisor drives would translate the function's DMA.
+    #[error(
+        "VM {vm}: device {bdf} (IOMMU group {group}) cannot be assigned: {why}; a VM is never \
+         given a device whose DMA its stage 2 does not confine"
+    )]
+    Untranslated {
+        /// The VM.
+        vm: String,
+        /// The function.
+        bdf: Bdf,
+        /// Its IOMMU group.
+        group: usize,
+        /// What the `iommu-map` and the SMMUs say.
+        why: String,
+    },
+    /// The VM's functions sit behind two SMMUs; a VM has one vSMMU, over one physical SMMU.
+    #[error(
+        "VM {vm}: devices {first} (behind {first_smmu}) and {second} (behind {second_smmu}) are \
+         translated by different SMMUs; a VM's devices must all sit behind one SMMU"
+    )]
+    SeveralSmmus {
+        /// The VM.
+        vm: String,
+        /// A function behind the first SMMU.
+        first: Bdf,
+        /// That SMMU's node.
+        first_smmu: String,
+        /// A function behind another SMMU.
+        second: Bdf,
+        /// That SMMU's node.
+        second_smmu: String,
+    },
+}
+
+/// The IOMMUs the host bridges' `iommu-map`s can name, as the hypervisor took them at boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IommuDirectory {
+    /// One entry per `arm,smmu-v3` node with a phandle.
+    pub entries: Vec<IommuEntry>,
+}
+
+/// One IOMMU of an [`IommuDirectory`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IommuEntry {
+    /// Its phandle.
+    pub phandle: u32,
+    /// Its node's path.
+    pub path: String,
+    /// The index of the hypervisor's driver instance for it, or why there is none.
+    pub driven: Result<usize, String>,
+}
+
+impl IommuDirectory {
+    fn get(&self, phandle: u32) -> Option<&IommuEntry> {
+        self.entries.iter().find(|e| e.phandle == phandle)
+    }
+
+    /// The name of the IOMMU with `phandle`, for messages.
+    fn name(&self, phandle: u32) -> String {
+        self.get(phandle).map_or_else(
+            || format!("the node with phandle {phandle:#x}"),
+            |e| e.path.clone(),
+        )
+    }
+
+    /// The driver instance that translates group `g`'s DMA, or why none does.
+    pub fn unit_of(&self, g: &IommuGroup) -> Result<usize, String> {
+        match g.iommu {
+            GroupIommu::Iommu(ph) => match self.get(ph) {
+                Some(IommuEntry {
+                    driven: Ok(unit), ..
+                }) => Ok(*unit),
+                Some(IommuEntry {
+                    path,
+                    driven: Err(why),
+                    ..
+                }) => Err(format!(
+                    "its DMA goes through {path}, which the hypervisor does not drive ({why})"
+                )),
+                None => Err(format!(
+                    "the host bridge's iommu-map sends its DMA to the node with phandle {ph:#x}, \
+                     which is not an SMMUv3 the hypervisor knows"
+                )),
+            },
+            GroupIommu::Unmapped { bdf, rid } => Err(format!(
+                "the host bridge's iommu-map has no entry for Requester ID {rid:#06x} ({bdf}), so \
+                 no SMMU translates its DMA"
+            )),
+            GroupIommu::Split(a, b) => Err(format!(
+                "its Requester IDs map onto two IOMMUs ({} and {})",
+                self.name(a),
+                self.name(b)
+            )),
+        }
+    }
 }
 
 /// The PCI functions one VM owns, resolved against the topology.
@@ -118,16 +214,20 @@ pub struct VmDevices {
     pub stream_ids: Vec<u32>,
     /// IOMMU group numbers.
     pub groups: Vec<usize>,
+    /// The hypervisor's driver instance of the SMMU that translates them all.
+    pub smmu: Option<usize>,
 }
 
 /// Checks that `vm` may own `devices` given what `earlier` VMs were given: whole IOMMU groups,
 /// one VM per function, no shared INTx line, DMA that the IOMMU translates, device pages that
 /// hold nothing of anyone else's and lie in the VM's `ipa_bits`-bit IPA space; and describes
 /// what it gets.
+#[allow(clippy::too_many_arguments)]
 pub fn resolve(
     topo: &Topology,
     groups: &[IommuGroup],
     host: &HostBridge,
+    iommus: &IommuDirectory,
     vm: &str,
     devices: &[Bdf],
     earlier: &[(String, Vec<Bdf>)],
@@ -166,6 +266,39 @@ pub fn resolve(
         }
         out.functions.push(dev.clone());
     }
+    let mut first: Option<(usize, Bdf)> = None;
+    for g in groups {
+        let Some(&bdf) = g.devices.iter().find(|d| devices.contains(d)) else {
+            continue;
+        };
+        let unit = iommus.unit_of(g).map_err(|why| AssignError::Untranslated {
+            vm: vm.to_string(),
+            bdf,
+            group: g.id,
+            why,
+        })?;
+        match first {
+            None => first = Some((unit, bdf)),
+            Some((u, other)) if u != unit => {
+                let path = |u: usize| {
+                    iommus
+                        .entries
+                        .iter()
+                        .find(|e| e.driven == Ok(u))
+                        .map_or_else(String::new, |e| e.path.clone())
+                };
+                return Err(AssignError::SeveralSmmus {
+                    vm: vm.to_string(),
+                    first: other,
+                    first_smmu: path(u),
+                    second: bdf,
+                    second_smmu: path(unit),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    out.smmu = first.map(|(u, _)| u);
     out.slots = device_slots(vm, topo, host, devices, ipa_bits)?;
     for g in groups {
         if g.devices.iter().any(|d| devices.contains(d)) {
@@ -290,7 +423,7 @@ mod tests {
     fn setup(mut f: FakeConfigSpace) -> (Topology, Vec<IommuGroup>, HostBridge) {
         let host = HostBridge::from_dtb(QEMU_SMMU).unwrap().unwrap();
         let t = enumerate(&mut f, host.bus_start, host.bus_end).unwrap();
-        let g = iommu_groups(&t, &host).unwrap();
+        let g = iommu_groups(&t, &host);
         (t, g, host)
     }
 

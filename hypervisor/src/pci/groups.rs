@@ -30,7 +30,7 @@ use alloc::vec::Vec;
 use super::enumerate::{PciDevice, PortType, Topology};
 use super::host::HostBridge;
 use super::regs::acs;
-use super::{Bdf, PciError};
+use super::Bdf;
 
 /// Linux's `REQ_ACS_FLAGS`: requester IDs cannot be spoofed, peer requests and completions are
 /// redirected upstream, and everything is forwarded upstream even when the target is below.
@@ -50,6 +50,25 @@ pub struct IommuGroup {
     /// Every StreamID the group's DMA can carry: each member's RID and each of its DMA alias
     /// RIDs, through the host bridge's `iommu-map`; sorted, no duplicates.
     pub stream_ids: Vec<u32>,
+    /// Which IOMMU those StreamIDs belong to, as the `iommu-map` says.
+    pub iommu: GroupIommu,
+}
+
+/// What translates an IOMMU group's DMA, from the host bridge's `iommu-map`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupIommu {
+    /// The IOMMU with this phandle carries every StreamID of the group.
+    Iommu(u32),
+    /// The `iommu-map` has no entry for this member's RID (or one of its DMA aliases): nothing
+    /// would translate its DMA.
+    Unmapped {
+        /// The member.
+        bdf: Bdf,
+        /// The Requester ID with no entry.
+        rid: u16,
+    },
+    /// The group's RIDs map onto two IOMMUs (phandles): no one STE set confines it.
+    Split(u32, u32),
 }
 
 /// Whether `dev` provides the isolation Linux's `pci_acs_enabled(dev, REQ_ACS_FLAGS)` asks for.
@@ -130,9 +149,10 @@ fn union(parent: &mut [usize], a: usize, b: usize) {
 
 /// Computes the IOMMU groups of `topo` and their StreamIDs through `host`'s `iommu-map`.
 ///
-/// Fails if a member's RID (or DMA alias) is not covered by the `iommu-map`: its DMA would
-/// bypass the SMMU, and nothing behind that host bridge could then be isolated.
-pub fn iommu_groups(topo: &Topology, host: &HostBridge) -> Result<Vec<IommuGroup>, PciError> {
+/// A group some member RID (or DMA alias) of which the `iommu-map` does not cover, or whose
+/// RIDs map onto two IOMMUs, says so in [`IommuGroup::iommu`]: assignment refuses it, while the
+/// other groups stay assignable.
+pub fn iommu_groups(topo: &Topology, host: &HostBridge) -> Vec<IommuGroup> {
     let n = topo.devices.len();
     let mut parent: Vec<usize> = (0..n).collect();
     for i in 0..n {
@@ -165,6 +185,9 @@ pub fn iommu_groups(topo: &Topology, host: &HostBridge) -> Result<Vec<IommuGroup
     }
 
     let mut groups: Vec<IommuGroup> = Vec::new();
+    // Per group: the IOMMUs its RIDs map onto, and the first RID with no mapping.
+    let mut iommus: Vec<Vec<u32>> = alloc::vec![Vec::new(); n];
+    let mut unmapped: Vec<Option<(Bdf, u16)>> = alloc::vec![None; n];
     let mut group_of_root: Vec<Option<usize>> = alloc::vec![None; n];
     for i in 0..n {
         let root = find(&mut parent, i);
@@ -174,6 +197,7 @@ pub fn iommu_groups(topo: &Topology, host: &HostBridge) -> Result<Vec<IommuGroup
                 devices: Vec::new(),
                 bridges: Vec::new(),
                 stream_ids: Vec::new(),
+                iommu: GroupIommu::Split(0, 0),
             });
             groups.len() - 1
         });
@@ -184,11 +208,27 @@ pub fn iommu_groups(topo: &Topology, host: &HostBridge) -> Result<Vec<IommuGroup
             group.bridges.push(dev.bdf);
         }
         for (_, rid) in dma_aliases(topo, i) {
-            let sid = host
-                .stream_id(rid)
-                .ok_or(PciError::NoStreamId { bdf: dev.bdf, rid })?;
-            group.stream_ids.push(sid);
+            match host.translate(rid) {
+                Some((iommu, sid)) => {
+                    group.stream_ids.push(sid);
+                    iommus[g].push(iommu);
+                }
+                None => {
+                    unmapped[g].get_or_insert((dev.bdf, rid));
+                }
+            }
         }
+    }
+    for (g, group) in groups.iter_mut().enumerate() {
+        iommus[g].sort_unstable();
+        iommus[g].dedup();
+        group.iommu = match (unmapped[g], &iommus[g][..]) {
+            (Some((bdf, rid)), _) => GroupIommu::Unmapped { bdf, rid },
+            (None, [one]) => GroupIommu::Iommu(*one),
+            (None, [a, b, ..]) => GroupIommu::Split(*a, *b),
+            // A group always has a member, and each member at least its own RID.
+            (None, []) => GroupIommu::Split(0, 0),
+        };
     }
     for g in &mut groups {
         g.devices.sort_unstable();
@@ -196,7 +236,7 @@ pub fn iommu_groups(topo: &Topology, host: &HostBridge) -> Result<Vec<IommuGroup
         g.stream_ids.sort_unstable();
         g.stream_ids.dedup();
     }
-    Ok(groups)
+    groups
 }
 
 #[cfg(test)]
@@ -204,10 +244,11 @@ mod tests {
     use super::*;
     use crate::pci::enumerate::enumerate;
     use crate::pci::fake::{qemu_host_bridge, FakeConfigSpace, FakeFn};
+    use crate::pci::host::IommuMapEntry;
 
     fn groups_of(mut f: FakeConfigSpace) -> Vec<IommuGroup> {
         let t = enumerate(&mut f, 0, 0xff).unwrap();
-        iommu_groups(&t, &qemu_host_bridge()).unwrap()
+        iommu_groups(&t, &qemu_host_bridge())
     }
 
     fn members(groups: &[IommuGroup]) -> Vec<Vec<Bdf>> {
@@ -367,20 +408,66 @@ mod tests {
     }
 
     #[test]
-    fn uncovered_rid_is_an_error() {
+    fn uncovered_rid_marks_only_its_group() {
         let mut f = FakeConfigSpace::switch_topology(true);
         let t = enumerate(&mut f, 0, 0xff).unwrap();
         let mut h = qemu_host_bridge();
         h.iommu_map[0].length = 0x400;
-        assert_eq!(
-            iommu_groups(&t, &h),
-            Err(PciError::NoStreamId {
-                bdf: B(4, 0, 0),
-                rid: 0x400
-            })
-        );
+        let g = iommu_groups(&t, &h);
+        // RIDs from 0x400 (bus 4 on) are outside the map: exactly the groups holding one are
+        // marked, each naming its first such member; the others keep their IOMMU.
+        let mut marked = 0;
+        for grp in &g {
+            let outside = grp.devices.iter().find(|b| b.rid() >= 0x400);
+            match (outside, grp.iommu) {
+                (Some(&bdf), GroupIommu::Unmapped { bdf: b, rid }) => {
+                    assert_eq!((b, rid), (bdf, bdf.rid()), "{grp:?}");
+                    marked += 1;
+                }
+                (None, GroupIommu::Iommu(ph)) => assert_eq!(ph, h.iommu_map[0].iommu),
+                _ => panic!("{grp:?}"),
+            }
+        }
+        assert!(marked >= 1 && marked < g.len(), "{g:#?}");
+        assert!(g.iter().any(|x| x.devices.contains(&B(4, 0, 0))
+            && x.iommu
+                == GroupIommu::Unmapped {
+                    bdf: B(4, 0, 0),
+                    rid: 0x400
+                }));
         h.iommu_map.clear();
-        assert!(iommu_groups(&t, &h).is_err());
+        assert!(iommu_groups(&t, &h)
+            .iter()
+            .all(|g| matches!(g.iommu, GroupIommu::Unmapped { .. })));
+    }
+
+    #[test]
+    fn rids_on_two_iommus_split_the_group() {
+        // RIDs below 0x10 (device 0 and 1 of bus 0) go to IOMMU 7, the rest to IOMMU 9; a
+        // multi-function device straddling the boundary cannot be confined by either alone.
+        let mut f = FakeConfigSpace::qemu_flat();
+        let t = enumerate(&mut f, 0, 0xff).unwrap();
+        let mut h = qemu_host_bridge();
+        let whole = h.iommu_map[0];
+        h.iommu_map = vec![
+            IommuMapEntry {
+                length: 0x10,
+                iommu: 7,
+                ..whole
+            },
+            IommuMapEntry {
+                rid_base: 0x10,
+                sid_base: 0x10,
+                length: 0x10000 - 0x10,
+                iommu: 9,
+            },
+        ];
+        let g = iommu_groups(&t, &h);
+        for grp in &g {
+            let first = grp.devices[0].rid();
+            let want = if first < 0x10 { 7 } else { 9 };
+            assert_eq!(grp.iommu, GroupIommu::Iommu(want), "{grp:?}");
+        }
     }
 
     #[test]
@@ -389,7 +476,7 @@ mod tests {
         let t = enumerate(&mut f, 0, 0xff).unwrap();
         let mut h = qemu_host_bridge();
         h.iommu_map[0].sid_base = 0x1000;
-        let g = iommu_groups(&t, &h).unwrap();
+        let g = iommu_groups(&t, &h);
         assert_eq!(g[2].stream_ids, vec![0x1010]);
     }
 }

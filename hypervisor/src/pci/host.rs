@@ -225,11 +225,16 @@ impl HostBridge {
     /// The StreamID the SMMU sees for Requester ID `rid`, or `None` if the `iommu-map` does
     /// not cover it (Linux `of_map_id`: first entry whose range holds the masked RID wins).
     pub fn stream_id(&self, rid: u16) -> Option<u32> {
+        self.translate(rid).map(|(_, sid)| sid)
+    }
+
+    /// Which IOMMU (its phandle) translates Requester ID `rid`, and with which StreamID.
+    pub fn translate(&self, rid: u16) -> Option<(u32, u32)> {
         let rid = u32::from(rid) & self.iommu_map_mask.unwrap_or(u32::MAX);
         self.iommu_map
             .iter()
             .find(|e| rid >= e.rid_base && rid - e.rid_base < e.length)
-            .map(|e| e.sid_base + (rid - e.rid_base))
+            .map(|e| (e.iommu, e.sid_base + (rid - e.rid_base)))
     }
 
     /// CPU physical address of register `offset` of function `bdf` in the ECAM window, or

@@ -38,12 +38,14 @@ pub mod virtio;
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod fake;
 
-pub use assign::{check_assignment, check_intx, resolve, AssignError, VmDevices};
+pub use assign::{
+    check_assignment, check_intx, resolve, AssignError, IommuDirectory, IommuEntry, VmDevices,
+};
 pub use enumerate::{
     enumerate, Bar, BarAddr, BarKind, BridgeInfo, HeaderType, PciDevice, PcieInfo, PortType,
     Topology,
 };
-pub use groups::{iommu_groups, IommuGroup};
+pub use groups::{iommu_groups, GroupIommu, IommuGroup};
 pub use host::{
     HostBridge, InterruptMap, InterruptMapEntry, IntxPin, IntxRoute, IommuMapEntry, PciSpace,
     PciWindow,
@@ -204,14 +206,5 @@ pub enum PciError {
         base: u64,
         /// One past the window's last PCI address.
         end: u64,
-    },
-    /// A function's Requester ID (or a DMA alias of it) is not covered by the `iommu-map`, so
-    /// its DMA would not be translated by the SMMU.
-    #[error("{bdf}: Requester ID {rid:#06x} is not covered by the host bridge's iommu-map")]
-    NoStreamId {
-        /// The function.
-        bdf: Bdf,
-        /// The uncovered Requester ID.
-        rid: u16,
     },
 }

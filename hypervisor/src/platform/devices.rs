@@ -1,14 +1,17 @@
-//! The CPU, PSCI, GICv3, timer, console UART and SMMUv3 nodes, and the GIC interrupt
-//! specifiers they use.
+//! The CPU, PSCI, GICv3, timer, console UART and SMMUv3 nodes.
 
-use alloc::string::ToString;
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use fdt::node::FdtNode;
 use fdt::Fdt;
 
-use super::props::{bad, be, compatibles, is_enabled, missing, prop_str, reg};
-use super::{GicInfo, PlatformError, PsciConduit, Result, SmmuInfo, TimerInfo, UartInfo};
+use super::irqs::{irqs, Irqs};
+use super::props::{bad, be, compatibles, missing, prop_str, prop_u32, reg};
+use super::tree::Tree;
+use super::{
+    GicInfo, MemRange, PlatformError, PsciConduit, Result, SmmuInfo, TimerInfo, UartInfo, UartKind,
+};
 
 pub(super) fn cpus(fdt: &Fdt) -> Result<Vec<u64>> {
     let Some(cpus_node) = fdt.find_node("/cpus") else {
@@ -46,33 +49,63 @@ pub(super) fn psci(fdt: &Fdt) -> Result<Option<PsciConduit>> {
     }
 }
 
-pub(super) fn gic(node: FdtNode, icells: u32) -> Result<GicInfo> {
-    // Binding order: GICD, then #redistributor-regions GICR regions, then optional CPU
-    // interface frames we do not use.
+pub(super) fn gic(tree: &Tree, gic: usize) -> Result<GicInfo> {
+    let node = tree.nodes[gic].node;
+    // Binding order (`arm,gic-v3.yaml`): GICD, then #redistributor-regions GICR regions, then
+    // CPU interface frames the hypervisor does not use.
     let regs = reg(node)?;
-    let [gicd, gicr, ..] = regs[..] else {
+    let regions = match node.property("#redistributor-regions") {
+        None => 1,
+        Some(_) => match prop_u32(node, "#redistributor-regions") {
+            Some(n @ 1..=MAX_GICR_REGIONS) => n as usize,
+            _ => {
+                return Err(bad(
+                    node,
+                    "#redistributor-regions",
+                    "not one cell between 1 and 64",
+                ))
+            }
+        },
+    };
+    let (Some(&gicd), Some(gicr)) = (regs.first(), regs.get(1..1 + regions)) else {
         return Err(bad(
             node,
             "reg",
-            "needs at least a distributor and a redistributor region",
+            "needs a distributor and #redistributor-regions redistributor regions",
         ));
     };
-    let maintenance_ppi = interrupts(node, icells)?
+    let redist_stride = match node.property("redistributor-stride") {
+        None => None,
+        Some(p) => match p.value.len() {
+            4 | 8 => Some(be(p.value)).filter(|s| s.is_multiple_of(0x1_0000) && *s > 0),
+            _ => None,
+        }
+        .map(Some)
+        .ok_or_else(|| bad(node, "redistributor-stride", "not a multiple of 64 KiB"))?,
+    };
+    let maintenance_ppi = irqs(tree, gic, gic)?
+        .require_gic(tree, gic)?
         .first()
         .map(|&(intid, _)| intid)
         .ok_or_else(|| missing(node, "interrupts"))?;
     Ok(GicInfo {
         gicd,
-        gicr,
+        gicr: gicr.to_vec(),
+        redist_stride,
         maintenance_ppi,
     })
 }
 
-pub(super) fn timer(fdt: &Fdt, icells: u32) -> Result<TimerInfo> {
-    let node = fdt
-        .find_compatible(&["arm,armv8-timer"])
+/// Redistributor regions accepted; more than any GICv3 implementation has.
+const MAX_GICR_REGIONS: u32 = 64;
+
+pub(super) fn timer(tree: &Tree, gic: usize) -> Result<TimerInfo> {
+    let index = *tree
+        .compatible("arm,armv8-timer")
+        .first()
         .ok_or(PlatformError::NoTimer)?;
-    let irqs = interrupts(node, icells)?;
+    let node = tree.nodes[index].node;
+    let irqs = irqs(tree, index, gic)?.require_gic(tree, index)?;
     // A fifth entry (hypervisor virtual timer, FEAT_VHE) may follow; we only use the four.
     if irqs.len() < 4 {
         return Err(bad(node, "interrupts", "fewer than four timer interrupts"));
@@ -88,39 +121,106 @@ pub(super) fn timer(fdt: &Fdt, icells: u32) -> Result<TimerInfo> {
     Ok(info)
 }
 
+/// The UART families the console driver knows, by `compatible`.
+const PL011: &[&str] = &["arm,pl011"];
+/// 8250/16550-style UARTs (`8250.yaml`): the registers are the same, `reg-shift` spaces them.
+const NS16550: &[&str] = &["ns16550a", "ns16550", "snps,dw-apb-uart"];
+
+pub(super) fn uart_kind(node: FdtNode) -> Result<Option<UartKind>> {
+    if compatibles(node).any(|c| PL011.contains(&c)) {
+        return Ok(Some(UartKind::Pl011));
+    }
+    if !compatibles(node).any(|c| NS16550.contains(&c)) {
+        return Ok(None);
+    }
+    let reg_shift = match node.property("reg-shift") {
+        None => 0,
+        Some(_) => prop_u32(node, "reg-shift")
+            .filter(|&s| s <= 3)
+            .ok_or_else(|| bad(node, "reg-shift", "not one cell between 0 and 3"))?,
+    };
+    let reg_io_width = match node.property("reg-io-width") {
+        None => 1,
+        Some(_) => prop_u32(node, "reg-io-width")
+            .filter(|&w| w == 1 || w == 4)
+            .ok_or_else(|| bad(node, "reg-io-width", "not 1 or 4"))?,
+    };
+    Ok(Some(UartKind::Ns16550 {
+        reg_shift: reg_shift as u8,
+        reg_io_width: reg_io_width as u8,
+    }))
+}
+
+/// The console: the UART `/chosen/stdout-path` names if the driver knows its kind, else the
+/// first enabled UART it knows (with a note saying why the named one was passed over).
 pub(super) fn uart<'b, 'a>(
+    tree: &Tree<'b, 'a>,
     fdt: &'b Fdt<'a>,
     chosen: Option<FdtNode<'b, 'a>>,
-    icells: u32,
+    gic: usize,
 ) -> Result<UartInfo> {
-    let node = chosen
+    let named = chosen
         .and_then(|c| prop_str(c, "stdout-path"))
-        .and_then(|path| stdout_node(fdt, path))
-        .or_else(|| {
-            fdt.all_nodes()
-                .find(|n| is_enabled(*n) && compatibles(*n).any(|c| c == "arm,pl011"))
-        })
-        .ok_or(PlatformError::NoUart)?;
+        .and_then(|path| stdout_node(tree, fdt, path));
+    let mut note = None;
+    let index = match named {
+        Some(i) if uart_kind(tree.nodes[i].node)?.is_some() => i,
+        other => {
+            let any = (0..tree.nodes.len()).find(|&i| {
+                tree.enabled(i)
+                    && compatibles(tree.nodes[i].node)
+                        .any(|c| PL011.contains(&c) || NS16550.contains(&c))
+            });
+            match (other, any) {
+                (Some(n), Some(any)) => {
+                    note = Some(alloc::format!(
+                        "stdout-path names {} (compatible {:?}), which the console driver does not know: using {}",
+                        tree.path(n),
+                        compatibles(tree.nodes[n].node).next().unwrap_or(""),
+                        tree.path(any)
+                    ));
+                    any
+                }
+                (None, Some(any)) => any,
+                (Some(n), None) => {
+                    return Err(PlatformError::UnsupportedUart {
+                        node: tree.path(n),
+                        compatible: compatibles(tree.nodes[n].node)
+                            .next()
+                            .unwrap_or("")
+                            .to_string(),
+                    })
+                }
+                (None, None) => return Err(PlatformError::NoUart),
+            }
+        }
+    };
+    let node = tree.nodes[index].node;
+    let kind = uart_kind(node)?.ok_or(PlatformError::NoUart)?;
     let base = reg(node)?
         .first()
         .copied()
         .ok_or_else(|| missing(node, "reg"))?;
-    let intid = interrupts(node, icells)?
-        .first()
-        .map(|&(intid, _)| intid)
-        .ok_or_else(|| missing(node, "interrupts"))?;
+    // Without its interrupt the console still prints; only input is lost.
+    let intid = match irqs(tree, index, gic)? {
+        Irqs::Gic(v) => v.first().map(|&(intid, _)| intid),
+        Irqs::None | Irqs::Elsewhere { .. } => None,
+    };
     let compatible = compatibles(node)
         .next()
         .ok_or_else(|| missing(node, "compatible"))?;
     Ok(UartInfo {
         base,
         intid,
+        kind,
         compatible: compatible.to_string(),
+        path: tree.path(index),
+        note,
     })
 }
 
 /// Resolves a `stdout-path` value ("path-or-alias[:options]") to its node.
-fn stdout_node<'b, 'a>(fdt: &'b Fdt<'a>, value: &str) -> Option<FdtNode<'b, 'a>> {
+pub(super) fn stdout_node(tree: &Tree, fdt: &Fdt, value: &str) -> Option<usize> {
     let name = value.split(':').next()?.trim();
     // Aliases are resolved here rather than through `Fdt::find_node`'s own fallback, because
     // that recurses without bound on an alias whose value is itself an unknown alias.
@@ -129,29 +229,90 @@ fn stdout_node<'b, 'a>(fdt: &'b Fdt<'a>, value: &str) -> Option<FdtNode<'b, 'a>>
     } else {
         prop_str(fdt.find_node("/aliases")?, name)?
     };
-    if !path.starts_with('/') {
-        return None;
-    }
-    fdt.find_node(path)
+    tree.find(path)
 }
 
-/// The first enabled `arm,smmu-v3` node: its registers and its wired interrupts by name
-/// (Linux's binding: "eventq", "priq", "cmdq-sync", "gerror"; a combined "combined" line is
-/// reported as both eventq and gerror).
-pub(super) fn smmu(fdt: &Fdt<'_>, icells: u32) -> Result<Option<SmmuInfo>> {
-    let Some(node) = fdt
-        .all_nodes()
-        .find(|n| is_enabled(*n) && compatibles(*n).any(|c| c == "arm,smmu-v3"))
-    else {
-        return Ok(None);
-    };
-    let regs = reg(node)?
-        .first()
-        .copied()
-        .ok_or_else(|| missing(node, "reg"))?;
-    let irqs = interrupts(node, icells)?;
-    let names: Vec<&str> = node
-        .property("interrupt-names")
+/// Every enabled `arm,smmu-v3` node (`arm,smmu-v3.yaml`), in document order, with what the
+/// hypervisor makes of it: its registers, its wired interrupts by name ("eventq", "priq",
+/// "cmdq-sync", "gerror"; "combined" counts as eventq and gerror), or why it is polled, or why
+/// the hypervisor will not drive it. Which SMMU translates which PCI function is the host
+/// bridges' `iommu-map` business, never this order.
+pub(super) fn smmus(tree: &Tree, gic: usize) -> Result<Vec<SmmuInfo>> {
+    let mut out = Vec::new();
+    for index in tree.compatible("arm,smmu-v3") {
+        let node = tree.nodes[index].node;
+        let path = tree.path(index);
+        let regs = reg(node)?.first().copied();
+        let coherent = node.property("dma-coherent").is_some();
+        let mut info = SmmuInfo {
+            path,
+            phandle: tree.phandle_of(index),
+            regs: regs.unwrap_or(MemRange { base: 0, size: 0 }),
+            eventq_intid: None,
+            gerror_intid: None,
+            coherent,
+            polled: None,
+            refused: None,
+        };
+        // Pages 0 and 1 (SMMUv3 spec 6.1: 64 KiB each) hold every register the driver uses.
+        info.refused = match regs {
+            None => Some(String::from("it has no reg")),
+            Some(r) if r.size < 0x2_0000 => Some(String::from(
+                "its reg is smaller than the two 64 KiB register pages",
+            )),
+            Some(r) if !r.base.is_multiple_of(0x1_0000) => {
+                Some(String::from("its registers are not 64 KiB aligned"))
+            }
+            // The driver writes tables and queues with plain cacheable stores and no cache
+            // maintenance, so a non-coherent SMMU would walk stale memory.
+            Some(_) if !coherent => Some(String::from(
+                "it is not dma-coherent, and the hypervisor's driver needs coherent table walks",
+            )),
+            Some(_) => None,
+        };
+        if prop_u32(node, "#iommu-cells") != Some(1) {
+            info.refused = Some(String::from("its #iommu-cells is not 1"));
+        }
+        match irqs(tree, index, gic)? {
+            Irqs::Gic(wired) => {
+                let names = stringlist(node, "interrupt-names");
+                let by_name = |name: &str| {
+                    names
+                        .iter()
+                        .position(|n| *n == name || *n == "combined")
+                        .and_then(|i| wired.get(i))
+                        .map(|&(intid, _)| intid)
+                };
+                info.eventq_intid = by_name("eventq");
+                info.gerror_intid = by_name("gerror");
+                if info.eventq_intid.is_none() {
+                    info.polled = Some(String::from("it has no interrupt named eventq"));
+                }
+            }
+            Irqs::None => {
+                info.polled = Some(if node.property("msi-parent").is_some() {
+                    String::from("its interrupts are MSIs (msi-parent), which the hypervisor does not program")
+                } else {
+                    String::from("it has no interrupts")
+                });
+            }
+            Irqs::Elsewhere {
+                controller,
+                compatible,
+            } => {
+                info.polled = Some(alloc::format!(
+                    "its interrupts go to {controller} ({compatible:?}), not to the GIC"
+                ));
+            }
+        }
+        out.push(info);
+    }
+    Ok(out)
+}
+
+/// The strings of a stringlist property (empty if absent or not UTF-8).
+fn stringlist<'a>(node: FdtNode<'_, 'a>, name: &str) -> Vec<&'a str> {
+    node.property(name)
         .map(|p| {
             p.value
                 .split(|&b| b == 0)
@@ -159,62 +320,5 @@ pub(super) fn smmu(fdt: &Fdt<'_>, icells: u32) -> Result<Option<SmmuInfo>> {
                 .filter_map(|s| core::str::from_utf8(s).ok())
                 .collect()
         })
-        .unwrap_or_default();
-    let by_name = |name: &str| {
-        names
-            .iter()
-            .position(|n| *n == name || *n == "combined")
-            .and_then(|i| irqs.get(i))
-            .map(|&(intid, _)| intid)
-    };
-    Ok(Some(SmmuInfo {
-        regs,
-        eventq_intid: by_name("eventq"),
-        gerror_intid: by_name("gerror"),
-    }))
-}
-
-/// Decodes GIC interrupt specifiers into (INTID, trigger flags).
-fn interrupts(node: FdtNode, icells: u32) -> Result<Vec<(u32, u32)>> {
-    let Some(prop) = node.property("interrupts") else {
-        return Ok(Vec::new());
-    };
-    // GICv3 specifiers are <type number flags> with an optional fourth (PPI partition) cell.
-    if !(3..=4).contains(&icells) {
-        return Err(bad(
-            node,
-            "interrupts",
-            "interrupt parent's #interrupt-cells is not 3 or 4",
-        ));
-    }
-    let stride = icells as usize * 4;
-    if !prop.value.len().is_multiple_of(stride) {
-        return Err(bad(
-            node,
-            "interrupts",
-            "length is not a whole number of specifiers",
-        ));
-    }
-    prop.value
-        .chunks_exact(stride)
-        .map(|spec| {
-            let cell = |i: usize| be(&spec[i * 4..i * 4 + 4]) as u32;
-            let (kind, num) = (cell(0), cell(1));
-            // Ranges from the GICv3 binding: SPI 0-987, PPI 0-15, ESPI 0-1023, EPPI 0-63.
-            let intid = match kind {
-                0 if num < 988 => 32 + num,
-                1 if num < 16 => 16 + num,
-                2 if num < 1024 => 4096 + num,
-                3 if num < 64 => 1056 + num,
-                _ => {
-                    return Err(bad(
-                        node,
-                        "interrupts",
-                        "unknown type or out-of-range number",
-                    ))
-                }
-            };
-            Ok((intid, cell(2)))
-        })
-        .collect()
+        .unwrap_or_default()
 }

@@ -15,14 +15,16 @@ use fdt::Fdt;
 mod blob;
 mod boot_modules;
 mod devices;
+mod irqs;
 mod props;
 mod ram;
 #[cfg(test)]
 mod tests;
+mod tree;
 
 use blob::{check_blob, malformed};
 use boot_modules::modules;
-use devices::{cpus, gic, psci, smmu, timer, uart};
+use devices::{cpus, gic, psci, smmus, timer, uart};
 use ram::{memory, reserved};
 
 pub(crate) use props::{bad, be, compatibles, is_enabled, missing, prop_str, prop_u32, reg};
@@ -54,12 +56,15 @@ pub enum PsciConduit {
 }
 
 /// The GICv3 as described by its `arm,gic-v3` node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GicInfo {
     /// Distributor frame.
     pub gicd: MemRange,
-    /// First redistributor region (the only one on small machines).
-    pub gicr: MemRange,
+    /// Every redistributor region (`#redistributor-regions` of them, one on small machines),
+    /// in DT order.
+    pub gicr: Vec<MemRange>,
+    /// `redistributor-stride`, when the DT overrides the architected frame spacing.
+    pub redist_stride: Option<u64>,
     /// INTID of the virtual-interface maintenance interrupt (a PPI, so 16 + the DT number).
     pub maintenance_ppi: u32,
 }
@@ -73,15 +78,36 @@ pub struct TimerInfo {
     pub flags: [u32; 4],
 }
 
+/// The register layout of a console UART the hypervisor can drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UartKind {
+    /// Arm PrimeCell UART (PL011), `arm,pl011`.
+    Pl011,
+    /// An 8250/16550-compatible UART (`ns16550a`, `snps,dw-apb-uart`): register `n` at byte
+    /// offset `n << reg_shift`, accessed `reg_io_width` bytes wide (1 or 4).
+    Ns16550 {
+        /// `reg-shift` (default 0).
+        reg_shift: u8,
+        /// `reg-io-width` (default 1).
+        reg_io_width: u8,
+    },
+}
+
 /// The console UART.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UartInfo {
     /// MMIO frame.
     pub base: MemRange,
-    /// INTID of its interrupt.
-    pub intid: u32,
-    /// First `compatible` string, so the caller can tell a PL011 from anything else.
+    /// INTID of its interrupt, if it is wired to the GIC (without it there is no input).
+    pub intid: Option<u32>,
+    /// How to drive it.
+    pub kind: UartKind,
+    /// First `compatible` string.
     pub compatible: String,
+    /// Its node's path.
+    pub path: String,
+    /// Why it is not the UART `stdout-path` names, if it is not.
+    pub note: Option<String>,
 }
 
 /// What a boot module is, from its `multiboot,*` compatible.
@@ -127,8 +153,8 @@ pub struct Platform {
     pub modules: Vec<BootModule>,
     /// `/chosen/bootargs`.
     pub bootargs: Option<String>,
-    /// The physical SMMUv3, if the machine has one.
-    pub smmu: Option<SmmuInfo>,
+    /// Every enabled SMMUv3, in DT order, driven or not (see [`SmmuInfo::refused`]).
+    pub smmus: Vec<SmmuInfo>,
 }
 
 /// Why the DT could not be turned into a [`Platform`].
@@ -155,9 +181,30 @@ pub enum PlatformError {
     /// No node compatible with `arm,armv8-timer`.
     #[error("DT has no architected timer (no node compatible with \"arm,armv8-timer\")")]
     NoTimer,
-    /// Neither `/chosen/stdout-path` nor any enabled `arm,pl011` node names a console UART.
-    #[error("DT has no console UART (no usable stdout-path and no enabled \"arm,pl011\" node)")]
+    /// Neither `/chosen/stdout-path` nor any enabled UART node names a console the driver
+    /// knows.
+    #[error(
+        "DT has no console UART (no stdout-path, and no enabled arm,pl011, ns16550a or snps,dw-apb-uart node)"
+    )]
     NoUart,
+    /// `stdout-path` names a UART of a kind the console driver does not know, and there is no
+    /// other one it does.
+    #[error("console {node}: compatible {compatible:?} is not a UART the hypervisor can drive (arm,pl011, ns16550a, snps,dw-apb-uart)")]
+    UnsupportedUart {
+        /// Path of the UART node.
+        node: String,
+        /// Its first compatible.
+        compatible: String,
+    },
+    /// A node the hypervisor needs interrupts from has them wired to a controller other than
+    /// the GICv3.
+    #[error("node {node}: its interrupts go to {controller}, not to the GICv3")]
+    NotThroughGic {
+        /// Path of the node.
+        node: String,
+        /// Path of the controller.
+        controller: String,
+    },
     /// A node lacks a property the hypervisor cannot do without.
     #[error("node {node}: missing property {property}")]
     MissingProperty {
@@ -184,14 +231,25 @@ pub enum PlatformError {
 type Result<T> = core::result::Result<T, PlatformError>;
 
 /// A physical SMMUv3 (`arm,smmu-v3`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SmmuInfo {
+    /// Its node's path, which names it in messages.
+    pub path: String,
+    /// Its phandle, by which host bridges' `iommu-map` entries name it.
+    pub phandle: Option<u32>,
     /// Register pages 0 and 1.
     pub regs: MemRange,
-    /// INTID of the event queue interrupt, if wired.
+    /// INTID of the event queue interrupt, if wired to the GIC.
     pub eventq_intid: Option<u32>,
-    /// INTID of the global error interrupt, if wired.
+    /// INTID of the global error interrupt, if wired to the GIC.
     pub gerror_intid: Option<u32>,
+    /// `dma-coherent`: its table walks and queue accesses snoop the CPU caches.
+    pub coherent: bool,
+    /// Why its event queue is polled rather than interrupt-driven, if it is.
+    pub polled: Option<String>,
+    /// Why the hypervisor will not drive it, if it will not: the functions behind it are then
+    /// never assigned.
+    pub refused: Option<String>,
 }
 
 impl Platform {
@@ -210,22 +268,22 @@ impl Platform {
             .ok_or_else(|| malformed(0, "no root node"))?;
 
         let chosen = fdt.find_node("/chosen");
-        let gic_node = fdt
-            .find_compatible(&["arm,gic-v3"])
+        let tree = tree::Tree::new(&fdt).ok_or_else(|| malformed(0, "no root node"))?;
+        // The GICv3 every interrupt the hypervisor takes goes to; other controllers' interrupts
+        // are reported by the node that uses them.
+        let gic_index = *tree
+            .compatible("arm,gic-v3")
+            .first()
             .ok_or(PlatformError::NoGic)?;
-        // Every interrupt we care about (timer PPIs, UART SPI, maintenance PPI) is wired to the
-        // GIC, so its specifier width applies to all of them.
-        let icells = prop_u32(gic_node, "#interrupt-cells")
-            .ok_or_else(|| missing(gic_node, "#interrupt-cells"))?;
 
         Ok(Platform {
             memory: memory(root)?,
             reserved: reserved(root, &checked.memreserve)?,
             cpus: cpus(&fdt)?,
             psci: psci(&fdt)?,
-            gic: gic(gic_node, icells)?,
-            timer: timer(&fdt, icells)?,
-            uart: uart(&fdt, chosen, icells)?,
+            gic: gic(&tree, gic_index)?,
+            timer: timer(&tree, gic_index)?,
+            uart: uart(&tree, &fdt, chosen, gic_index)?,
             modules: match chosen {
                 Some(chosen) => modules(root, chosen)?,
                 None => Vec::new(),
@@ -233,9 +291,26 @@ impl Platform {
             bootargs: chosen
                 .and_then(|c| prop_str(c, "bootargs"))
                 .map(ToString::to_string),
-            smmu: smmu(&fdt, icells)?,
+            smmus: smmus(&tree, gic_index)?,
         })
     }
+}
+
+/// The console UART, found with as little of the DT as possible (the blob's structure,
+/// `/chosen/stdout-path` and that node's `compatible` and `reg`), so that a DT
+/// [`Platform::parse`] rejects can still be reported on the board's console.
+pub fn early_console(dtb: &[u8]) -> Option<(u64, UartKind)> {
+    with_fdt(dtb, |fdt| {
+        let tree = tree::Tree::new(fdt)?;
+        let chosen = fdt.find_node("/chosen")?;
+        let index = devices::stdout_node(&tree, fdt, prop_str(chosen, "stdout-path")?)?;
+        let node = tree.nodes[index].node;
+        let kind = devices::uart_kind(node).ok()??;
+        let base = reg(node).ok()?.first()?.base;
+        Some((base, kind))
+    })
+    .ok()
+    .flatten()
 }
 
 /// Validates `dtb` exactly as [`Platform::parse`] does and hands it to `f` as an [`Fdt`], so

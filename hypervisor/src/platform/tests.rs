@@ -20,10 +20,11 @@ fn qemu_expected() -> Platform {
                 base: 0x800_0000,
                 size: 0x1_0000,
             },
-            gicr: MemRange {
+            gicr: vec![MemRange {
                 base: 0x80a_0000,
                 size: 0xf6_0000,
-            },
+            }],
+            redist_stride: None,
             maintenance_ppi: 25,
         },
         timer: TimerInfo {
@@ -35,12 +36,15 @@ fn qemu_expected() -> Platform {
                 base: 0x900_0000,
                 size: 0x1000,
             },
-            intid: 33,
+            intid: Some(33),
+            kind: UartKind::Pl011,
             compatible: "arm,pl011".to_string(),
+            path: "/pl011@9000000".to_string(),
+            note: None,
         },
         modules: vec![],
         bootargs: None,
-        smmu: None,
+        smmus: vec![],
     }
 }
 
@@ -54,15 +58,20 @@ fn qemu_virt_smmuv3() {
     // Values read off `dtc -I dtb -O dts tests/data/qemu-virt-smmuv3-pci.dtb`: SPIs 74-77.
     let p = Platform::parse(include_bytes!("../../tests/data/qemu-virt-smmuv3-pci.dtb")).unwrap();
     assert_eq!(
-        p.smmu,
-        Some(SmmuInfo {
+        p.smmus,
+        vec![SmmuInfo {
+            path: "/smmuv3@9050000".to_string(),
+            phandle: Some(0x8007),
             regs: MemRange {
                 base: 0x905_0000,
                 size: 0x2_0000,
             },
             eventq_intid: Some(32 + 0x4a),
             gerror_intid: Some(32 + 0x4d),
-        })
+            coherent: true,
+            polled: None,
+            refused: None,
+        }]
     );
 }
 
@@ -307,7 +316,8 @@ fn synthetic_board() {
         p.gic,
         GicInfo {
             gicd: r(0x2f00_0000, 0x1_0000),
-            gicr: r(0x2f10_0000, 0x20_0000),
+            gicr: vec![r(0x2f10_0000, 0x20_0000)],
+            redist_stride: None,
             maintenance_ppi: 25
         }
     );
@@ -322,8 +332,11 @@ fn synthetic_board() {
         p.uart,
         UartInfo {
             base: r(0x1c0a_0000, 0x1000),
-            intid: 38,
-            compatible: "arm,pl011".into()
+            intid: Some(38),
+            kind: UartKind::Pl011,
+            compatible: "arm,pl011".into(),
+            path: "/soc/serial@1c0a0000".into(),
+            note: None,
         }
     );
     assert_eq!(

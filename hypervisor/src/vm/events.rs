@@ -16,6 +16,8 @@ use smmu::vsmmu::Forward;
 /// What one drain of the SMMU's event queue found.
 #[derive(Debug)]
 pub struct Drained {
+    /// Which driven SMMU's queue it was (its unit index).
+    pub unit: usize,
     /// The records in order, each with what its stream's budget made of it.
     pub events: Vec<(Event, EventFate)>,
     /// Some records were lost to an overflow.
@@ -35,9 +37,12 @@ static EVENTS: AtomicU64 = AtomicU64::new(0);
 /// Gives what a drain found to the VMs. `here`: the (VM index, vCPU) running on this CPU.
 /// Returns how many events went into guests' event queues.
 pub fn route(vms: &[Vm], drained: &Drained, here: Option<(usize, usize)>, hw: &impl Hw) -> usize {
+    // StreamIDs are per SMMU: a stream belongs to the VM whose devices sit behind this one.
     let owner_of = |sid: u32| {
-        vms.iter()
-            .find(|v| v.config.devices.stream_ids.contains(&sid))
+        vms.iter().find(|v| {
+            v.config.devices.smmu == Some(drained.unit)
+                && v.config.devices.stream_ids.contains(&sid)
+        })
     };
     if drained.overflowed || !drained.gerror.is_empty() {
         let mut counts = alloc::collections::BTreeMap::<usize, usize>::new();

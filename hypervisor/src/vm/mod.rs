@@ -111,6 +111,10 @@ pub struct VmPci {
     pub vecam: Mutex<VirtualEcam>,
 }
 
+/// The virtual UART's INTID when the host UART has none wired to the GIC (SPI 1, QEMU `virt`'s
+/// UART line and clear of PCI INTx lines on the boards the hypervisor knows).
+const VUART_FALLBACK_INTID: u32 = 33;
+
 /// The physical SMMU as a VM's construction needs it: its DT node and what it can do.
 #[derive(Debug, Clone, Copy)]
 pub struct SmmuFacts<'a> {
@@ -253,7 +257,9 @@ impl Vm {
             vcpu_mpidr: vcpus.iter().map(|v| v.mpidr).collect(),
         });
         let gicr = MemRange {
-            base: platform.gic.gicr.base,
+            // The guest's redistributors sit where the host's first region starts (its layout
+            // mirrors the host's; `guest_dt::validate` checks they fit).
+            base: platform.gic.gicr.first().map_or(0, |r| r.base),
             size: GICR_FRAME_SIZE * vcpus.len() as u64,
         };
         Ok(Self {
@@ -279,7 +285,8 @@ impl Vm {
                 base: platform.uart.base.base,
                 size: 0x1000,
             },
-            uart_intid: platform.uart.intid,
+            // A host console without a wired interrupt still gives the guest a working one.
+            uart_intid: platform.uart.intid.unwrap_or(VUART_FALLBACK_INTID),
             vgic: Mutex::new(vgic),
             vuart: Mutex::new(VPl011::new()),
             console_backlog: Mutex::new(ConsoleBacklog::default()),

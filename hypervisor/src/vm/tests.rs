@@ -279,7 +279,7 @@ fn the_bus_routes_each_device_window_and_nothing_else() {
     let vm = vm();
     let p = platform();
     let gicd = p.gic.gicd.base;
-    let gicr = p.gic.gicr.base;
+    let gicr = p.gic.gicr[0].base;
     let uart = p.uart.base.base;
     assert_eq!(route(&vm, Ipa(gicd)), Some(Target::Gicd(0)));
     assert_eq!(route(&vm, Ipa(gicd + 0xfffc)), Some(Target::Gicd(0xfffc)));
@@ -306,7 +306,7 @@ fn the_bus_routes_each_device_window_and_nothing_else() {
     );
     assert_eq!(route(&vm, Ipa(u64::MAX)), None);
     assert_eq!(
-        route(&vm, Ipa(p.smmu.unwrap().regs.base)),
+        route(&vm, Ipa(p.smmus[0].regs.base)),
         None,
         "no vSMMU without devices"
     );

@@ -118,7 +118,8 @@ pub(super) fn mmio_access(
                         hw: &Machine,
                         here: Some(vcpu),
                     };
-                    if !s.write(off, size, v, vm.ram(), &mut iommu::PhysSmmu, &irqs) {
+                    let mut phys = iommu::PhysSmmu(vm.config.devices.smmu.unwrap_or(0));
+                    if !s.write(off, size, v, vm.ram(), &mut phys, &irqs) {
                         log::error!(
                             "vsmmu: {}: a register write still waits after {} rounds",
                             vm.config.name,

@@ -54,12 +54,10 @@ pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) {
             Gic::eoi_and_deactivate(intid);
         } else if intid == KICK_SGI.0 {
             Gic::eoi_and_deactivate(intid);
-        } else if intid == hv().platform.uart.intid {
+        } else if Some(intid) == hv().platform.uart.intid {
             Gic::eoi_and_deactivate(intid);
             console_input();
-        } else if Some(intid) == hv().platform.smmu.and_then(|s| s.eventq_intid)
-            || Some(intid) == hv().platform.smmu.and_then(|s| s.gerror_intid)
-        {
+        } else if iommu::is_smmu_irq(intid) {
             Gic::eoi_and_deactivate(intid);
             service_smmu_events();
         } else if running.is_some_and(|(vm, _)| vm.owns_spi(intid)) {
@@ -97,7 +95,9 @@ pub(super) const EVENT_POLL_TICKS: u64 = 32;
 
 pub(super) fn service_smmu_events() {
     let here = vm_and_vcpu().map(|(v, c)| (v.id, c));
-    crate::vm::events::route(&hv().vms, &iommu::drain_events(), here, &Machine);
+    for drained in iommu::drain_events() {
+        crate::vm::events::route(&hv().vms, &drained, here, &Machine);
+    }
 }
 
 /// Clears the conditions of the GIC maintenance interrupt (`vm::lr::service_maintenance`).
@@ -116,7 +116,7 @@ pub(super) fn console_input() {
         for vm in vms {
             vm.log_vsmmu_stats();
         }
-        iommu::dump_stream_table(&hv().iommu.groups);
+        iommu::dump_stream_table(&hv().iommu.groups, &hv().iommu.directory);
     }
     let mut touched = 0u64;
     for (vm, byte) in input.bytes {

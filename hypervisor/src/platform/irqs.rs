@@ -1,0 +1,176 @@
+//! Which controller a node's interrupts go to and what they are there: `interrupt-parent`
+//! (inherited, DT spec 2.4.1, resolved as Linux's `of_irq_find_parent`), `interrupts` and
+//! `interrupts-extended` (DT spec 2.4.1.2), each specifier read with its own controller's
+//! `#interrupt-cells`. Only the GICv3 is a controller the hypervisor drives; interrupts that
+//! reach another one (an mbigen, a nexus with an `interrupt-map`) are reported as such, so the
+//! caller can poll instead or refuse with the controller's name.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use super::props::{be, compatibles, prop_u32};
+use super::tree::Tree;
+use super::{bad, PlatformError, Result};
+
+/// Where a node's interrupts go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Irqs {
+    /// The node has no `interrupts` or `interrupts-extended`.
+    None,
+    /// Every one goes to the GICv3: (INTID, trigger-type cell), in property order.
+    Gic(Vec<(u32, u32)>),
+    /// At least one goes to another controller.
+    Elsewhere {
+        /// That controller's path.
+        controller: String,
+        /// Its first `compatible`.
+        compatible: String,
+    },
+}
+
+impl Irqs {
+    /// The GIC interrupts, or an error naming the node and the controller it uses instead.
+    pub(crate) fn require_gic(self, tree: &Tree, node: usize) -> Result<Vec<(u32, u32)>> {
+        match self {
+            Irqs::None => Ok(Vec::new()),
+            Irqs::Gic(v) => Ok(v),
+            Irqs::Elsewhere { controller, .. } => Err(PlatformError::NotThroughGic {
+                node: tree.path(node),
+                controller,
+            }),
+        }
+    }
+}
+
+/// The interrupt parent of node `index`: its `interrupt-parent`, else its tree parent's, going
+/// up until a node with `#interrupt-cells` is found (Linux `of_irq_find_parent`). Bounded by
+/// the node count, so a phandle cycle is an error, not a hang.
+fn interrupt_parent(tree: &Tree, index: usize) -> Result<Option<usize>> {
+    let node = tree.nodes[index].node;
+    let mut child = index;
+    for _ in 0..=tree.nodes.len() {
+        let c = tree.nodes[child].node;
+        let parent = match c.property("interrupt-parent") {
+            Some(p) => {
+                let ph: Option<[u8; 4]> = p.value.try_into().ok();
+                let ph = ph
+                    .map(u32::from_be_bytes)
+                    .ok_or_else(|| bad(c, "interrupt-parent", "not one cell"))?;
+                Some(
+                    tree.by_phandle(ph)
+                        .ok_or_else(|| bad(c, "interrupt-parent", "phandle names no node"))?,
+                )
+            }
+            None => tree.nodes[child].parent,
+        };
+        let Some(parent) = parent else {
+            return Ok(None);
+        };
+        if prop_u32(tree.nodes[parent].node, "#interrupt-cells").is_some() {
+            return Ok(Some(parent));
+        }
+        child = parent;
+    }
+    Err(bad(node, "interrupt-parent", "the chain of parents loops"))
+}
+
+/// Where node `index`'s interrupts go; `gic` is the GICv3 node's index.
+pub(crate) fn irqs(tree: &Tree, index: usize, gic: usize) -> Result<Irqs> {
+    let node = tree.nodes[index].node;
+    // Per-controller decode of a list of (controller, specifier cells).
+    let mut entries: Vec<(usize, Vec<u32>)> = Vec::new();
+    if let Some(prop) = node.property("interrupts-extended") {
+        let cells =
+            cells(prop.value).ok_or_else(|| bad(node, "interrupts-extended", "not whole cells"))?;
+        let mut rest = &cells[..];
+        while let Some((&ph, tail)) = rest.split_first() {
+            let ctrl = tree
+                .by_phandle(ph)
+                .ok_or_else(|| bad(node, "interrupts-extended", "phandle names no node"))?;
+            let n = icells(tree, ctrl).ok_or_else(|| {
+                bad(
+                    node,
+                    "interrupts-extended",
+                    "controller has no usable #interrupt-cells",
+                )
+            })?;
+            let spec = tail
+                .get(..n)
+                .ok_or_else(|| bad(node, "interrupts-extended", "truncated specifier"))?;
+            entries.push((ctrl, spec.to_vec()));
+            rest = &tail[n..];
+        }
+    } else if let Some(prop) = node.property("interrupts") {
+        if prop.value.is_empty() {
+            return Ok(Irqs::None);
+        }
+        let ctrl = interrupt_parent(tree, index)?
+            .ok_or_else(|| bad(node, "interrupts", "no interrupt parent"))?;
+        let n = icells(tree, ctrl).ok_or_else(|| {
+            bad(
+                node,
+                "interrupts",
+                "interrupt parent has no usable #interrupt-cells",
+            )
+        })?;
+        let cells = cells(prop.value).ok_or_else(|| bad(node, "interrupts", "not whole cells"))?;
+        if n == 0 || !cells.len().is_multiple_of(n) {
+            return Err(bad(
+                node,
+                "interrupts",
+                "length is not a whole number of specifiers",
+            ));
+        }
+        entries.extend(cells.chunks_exact(n).map(|c| (ctrl, c.to_vec())));
+    } else {
+        return Ok(Irqs::None);
+    }
+    if let Some(&(other, _)) = entries.iter().find(|(c, _)| *c != gic) {
+        return Ok(Irqs::Elsewhere {
+            controller: tree.path(other),
+            compatible: compatibles(tree.nodes[other].node)
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        });
+    }
+    entries
+        .iter()
+        .map(|(_, spec)| gic_intid(spec).ok_or_else(|| bad(node, "interrupts", GIC_RANGE)))
+        .collect::<Result<Vec<_>>>()
+        .map(Irqs::Gic)
+}
+
+const GIC_RANGE: &str = "not a GICv3 specifier (<type number flags>, known type, number in range)";
+
+/// A controller's `#interrupt-cells`, if it is a plausible width (1-8 cells).
+fn icells(tree: &Tree, ctrl: usize) -> Option<usize> {
+    prop_u32(tree.nodes[ctrl].node, "#interrupt-cells")
+        .filter(|n| (1..=8).contains(n))
+        .map(|n| n as usize)
+}
+
+/// A GICv3 specifier `<type number flags [ppi-partition]>` as (INTID, flags). Ranges from the
+/// GICv3 binding (`arm,gic-v3.yaml`): SPI 0-987, PPI 0-15, ESPI 0-1023, EPPI 0-63.
+pub(crate) fn gic_intid(spec: &[u32]) -> Option<(u32, u32)> {
+    if !(3..=4).contains(&spec.len()) {
+        return None;
+    }
+    let (kind, num, flags) = (spec[0], spec[1], spec[2]);
+    let intid = match kind {
+        0 if num < 988 => 32 + num,
+        1 if num < 16 => 16 + num,
+        2 if num < 1024 => 4096 + num,
+        3 if num < 64 => 1056 + num,
+        _ => return None,
+    };
+    Some((intid, flags))
+}
+
+/// The value as big-endian cells, if it is a whole number of them.
+pub(crate) fn cells(value: &[u8]) -> Option<Vec<u32>> {
+    if !value.len().is_multiple_of(4) {
+        return None;
+    }
+    Some(value.chunks_exact(4).map(|c| be(c) as u32).collect())
+}

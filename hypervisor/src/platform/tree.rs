@@ -1,0 +1,124 @@
+//! The host DT as a tree the parsers can walk upwards: every node with its path and its parent,
+//! and phandles resolved to nodes. The `fdt` crate only walks downwards, but interrupt parents
+//! are inherited from ancestors (DT spec 2.4.1) and messages should name a node by its path.
+
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use fdt::node::FdtNode;
+use fdt::Fdt;
+
+use super::props::{compatibles, is_enabled, prop_u32};
+
+/// One node, with where it sits.
+#[derive(Clone, Copy)]
+pub(crate) struct TreeNode<'b, 'a> {
+    /// The node.
+    pub node: FdtNode<'b, 'a>,
+    /// Index of its parent in [`Tree::nodes`]; `None` for the root.
+    pub parent: Option<usize>,
+}
+
+/// Every node of a (validated) blob in document order, the root first.
+pub(crate) struct Tree<'b, 'a> {
+    /// The nodes.
+    pub nodes: Vec<TreeNode<'b, 'a>>,
+    phandles: BTreeMap<u32, usize>,
+}
+
+impl<'b, 'a> Tree<'b, 'a> {
+    /// Walks the whole tree. The blob validator bounds its depth (63) and size, so this ends.
+    pub(crate) fn new(fdt: &'b Fdt<'a>) -> Option<Self> {
+        let root = fdt.find_node("/")?;
+        let mut nodes = Vec::new();
+        // (node, parent index) still to visit; children pushed in reverse keep document order.
+        let mut stack = alloc::vec![(root, None)];
+        while let Some((node, parent)) = stack.pop() {
+            let index = nodes.len();
+            nodes.push(TreeNode { node, parent });
+            let children: Vec<_> = node.children().collect();
+            stack.extend(children.into_iter().rev().map(|c| (c, Some(index))));
+        }
+        let mut phandles = BTreeMap::new();
+        for (i, n) in nodes.iter().enumerate() {
+            // Old blobs spell it `linux,phandle`. The first node claiming a value keeps it.
+            if let Some(p) =
+                prop_u32(n.node, "phandle").or_else(|| prop_u32(n.node, "linux,phandle"))
+            {
+                phandles.entry(p).or_insert(i);
+            }
+        }
+        Some(Tree { nodes, phandles })
+    }
+
+    /// The node a phandle names.
+    pub(crate) fn by_phandle(&self, phandle: u32) -> Option<usize> {
+        self.phandles.get(&phandle).copied()
+    }
+
+    /// The node's own phandle, if it has one.
+    pub(crate) fn phandle_of(&self, index: usize) -> Option<u32> {
+        let n = self.nodes[index].node;
+        prop_u32(n, "phandle").or_else(|| prop_u32(n, "linux,phandle"))
+    }
+
+    /// The node's full path, for messages ("/soc/iommu@fc900000").
+    pub(crate) fn path(&self, index: usize) -> String {
+        let mut names = Vec::new();
+        let mut at = Some(index);
+        // Bounded: parents always come earlier in document order.
+        while let Some(i) = at {
+            if self.nodes[i].parent.is_some() {
+                names.push(self.nodes[i].node.name);
+            }
+            at = self.nodes[i].parent.filter(|&p| p < i);
+        }
+        if names.is_empty() {
+            return String::from("/");
+        }
+        let mut path = String::new();
+        for n in names.iter().rev() {
+            path.push('/');
+            path.push_str(n);
+        }
+        path
+    }
+
+    /// The node at `path` ("/soc/serial@fe660000"); a component without a unit address matches
+    /// a node whose name has one, as in Linux's `of_find_node_by_path`.
+    pub(crate) fn find(&self, path: &str) -> Option<usize> {
+        let rest = path.strip_prefix('/')?;
+        let mut at = 0;
+        for want in rest.split('/').filter(|c| !c.is_empty()) {
+            at = (at + 1..self.nodes.len())
+                .filter(|&i| self.nodes[i].parent == Some(at))
+                .find(|&i| {
+                    let name = self.nodes[i].node.name;
+                    name == want || (!want.contains('@') && name.split('@').next() == Some(want))
+                })?;
+        }
+        Some(at)
+    }
+
+    /// Whether the node and every ancestor are enabled: a disabled bus disables what sits on it
+    /// (Linux `of_device_is_available` on each level, as `of_platform_populate` walks it).
+    pub(crate) fn enabled(&self, index: usize) -> bool {
+        let mut at = Some(index);
+        while let Some(i) = at {
+            if !is_enabled(self.nodes[i].node) {
+                return false;
+            }
+            at = self.nodes[i].parent.filter(|&p| p < i);
+        }
+        true
+    }
+
+    /// Indices of the enabled nodes with compatible `compat`, in document order.
+    pub(crate) fn compatible(&self, compat: &str) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| compatibles(self.nodes[i].node).any(|c| c == compat))
+            .filter(|&i| self.enabled(i))
+            .collect()
+    }
+}
