@@ -7,7 +7,7 @@
 # images are put in memory with `-device loader`, one pristine copy that every VM names.
 #
 #   qemu/board-virt.sh [--vms N] [--vm-bootargs I STR]... [--bootargs STR] [--vm-dts FILE]
-#                      [--show-dts] [--guest DIR] [--bare] [--smp N] [--mem SIZE]
+#                      [--host-dts FILE] [--show-dts] [--guest DIR] [--bare] [--smp N] [--mem SIZE]
 #                      [--pci] [--vm-pci I BDFS]... [--dumpdtb FILE] [-- QEMU_ARGS...]
 #
 #   --vms N             VMs to generate (default 2): VM i gets 2 vCPUs pinned to the physical CPUs
@@ -17,6 +17,10 @@
 #   --vm-dts FILE       use FILE, a hand-written `/ { chosen { ... }; };` DTS block, instead of the
 #                       generated VMs; @KERNEL_ADDR@ @KERNEL_SIZE@ @INITRD_ADDR@ @INITRD_SIZE@ in it
 #                       become the guest images' load addresses and sizes (hex)
+#   --host-dts FILE     merge FILE, DTS `/ { ... };` blocks, into the machine's DT before the VMs
+#                       block: nodes and properties added or overridden as another board's DT
+#                       would differ (labels and `&{/path}` references work; tests add an SMMU
+#                       the hypervisor cannot drive and break properties with it)
 #   --show-dts          print the whole DTS the hypervisor would boot with (the machine's DT plus
 #                       the VMs block, at its end) and exit
 #   --guest DIR         guest images: DIR/Image, DIR/initramfs.cpio.gz (default: build/guest/stock)
@@ -65,6 +69,7 @@ DISK_MIB=8
 VMS=2
 declare -A VM_BOOTARGS=()
 VM_DTS=""
+HOST_DTS=""
 SHOW_DTS=0
 GUEST="$ROOT/build/guest/stock"
 BARE=0
@@ -89,6 +94,7 @@ while [ "$#" -gt 0 ]; do
             ;;
         --bootargs) need_arg "$@"; VM_BOOTARGS[0]="$2"; shift 2 ;;
         --vm-dts) need_arg "$@"; VM_DTS="$2"; shift 2 ;;
+        --host-dts) need_arg "$@"; HOST_DTS="$2"; shift 2 ;;
         --show-dts) SHOW_DTS=1; shift ;;
         --guest) need_arg "$@"; GUEST="$2"; shift 2 ;;
         --bare) BARE=1; shift ;;
@@ -306,6 +312,11 @@ dtc -q -I dtb -O dts -o "$WORK/machine.dts" "$WORK/machine.dtb" ||
     die "dtc could not decompile the machine's DT"
 {
     sed -E '/^\s*(rng-seed|kaslr-seed) = </s/0x[0-9a-f]+/0x00/g' "$WORK/machine.dts"
+    if [ -n "$HOST_DTS" ]; then
+        [ -r "$HOST_DTS" ] || die "--host-dts: cannot read '$HOST_DTS'"
+        printf '\n/* Merged from --host-dts %s. */\n' "$HOST_DTS"
+        cat "$HOST_DTS"
+    fi
     vms_block
 } >"$WORK/vms.dts"
 

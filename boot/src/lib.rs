@@ -15,8 +15,9 @@
 
 use core::mem::{offset_of, size_of};
 
-/// Most physical CPUs the hypervisor drives; each gets its own EL2 stack.
-pub const MAX_CPUS: usize = 8;
+/// Most physical CPUs the hypervisor drives, each with its own EL2 stack (64: HiSilicon D05 has
+/// as many). A DT with more is told so at boot, and the CPUs beyond stay off.
+pub const MAX_CPUS: usize = 64;
 /// Bytes of EL2 stack per CPU.
 pub const STACK_SIZE: usize = 64 * 1024;
 

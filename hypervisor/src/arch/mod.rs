@@ -150,13 +150,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     let image_end = core::ptr::addr_of!(__image_end) as u64;
     let ram: Vec<(u64, u64)> = platform.memory.iter().map(|m| (m.base, m.size)).collect();
     let gic_info = platform.gic.clone();
-    let host_bridge = match crate::pci::HostBridge::from_dtb(dtb_slice) {
-        Ok(h) => h,
-        Err(e) => {
-            log::error!("pci: host bridge in the DT unusable: {e}");
-            None
-        }
-    };
+    let host_bridge = pick_host_bridge(dtb_slice);
     let mut devices = alloc::vec![
         (gic_info.gicd.base, gic_info.gicd.size),
         (platform.uart.base.base, platform.uart.base.size.max(0x1000)),
@@ -330,6 +324,36 @@ fn cpu_common_init(cpu: usize) {
             hv.gic.enable_spi_with(intid, info.mpidr, true);
         }
     }
+}
+
+/// The host bridge the hypervisor takes: the first generic ECAM one. Every other host bridge
+/// node is named with why it is left alone, so that a function behind it, which can then never
+/// be assigned, is not a silent surprise.
+fn pick_host_bridge(dtb: &[u8]) -> Option<crate::pci::HostBridge> {
+    let nodes = match crate::pci::host_bridges(dtb) {
+        Ok(n) => n,
+        Err(e) => {
+            log::error!("pci: the DT's host bridges cannot be read: {e}");
+            return None;
+        }
+    };
+    let mut taken: Option<(String, crate::pci::HostBridge)> = None;
+    for n in nodes {
+        match (n.bridge, &taken) {
+            (Ok(b), None) => taken = Some((n.path, b)),
+            (Ok(_), Some((first, _))) => log::warn!(
+                "pci: {} (domain {:?}): not driven: the hypervisor takes one host bridge, {first}; its functions cannot be assigned",
+                n.path,
+                n.domain
+            ),
+            (Err(e), _) => log::warn!(
+                "pci: {} ({:?}): not driven: {e}; its functions cannot be assigned",
+                n.path,
+                n.compatible
+            ),
+        }
+    }
+    taken.map(|(_, b)| b)
 }
 
 /// Everything guest RAM must not overlap besides the boot modules (the planner checks those):

@@ -58,10 +58,22 @@ pub(super) fn pci_node(
     w.property_u32("linux,pci-domain", 0)?;
     w.property_null("dma-coherent")?;
     if behind_smmu {
-        // Linux `pci-iommu.yaml`: <rid-base iommu iommu-base length>. StreamID = RID for the
-        // whole 16-bit RID space, as on QEMU `virt`: the vSMMU then sees the same StreamIDs
-        // as the physical SMMU, so no translation table is needed between them.
-        w.property_array_u32("iommu-map", &[0, SMMU_PHANDLE, 0, 1 << 16])?;
+        // Linux `pci-iommu.yaml`: <rid-base iommu iommu-base length>. The host's entries for
+        // the physical SMMU under the vSMMU, onto the vSMMU: the vSMMU then sees the same
+        // StreamIDs as the physical SMMU, so no translation table is needed between them.
+        // Without any, StreamID = RID for the whole 16-bit RID space, as on QEMU `virt`.
+        let map: Vec<u32> = if pci.iommu_map.is_empty() {
+            alloc::vec![0, SMMU_PHANDLE, 0, 1 << 16]
+        } else {
+            pci.iommu_map
+                .iter()
+                .flat_map(|e| [e.rid_base, SMMU_PHANDLE, e.sid_base, e.length])
+                .collect()
+        };
+        w.property_array_u32("iommu-map", &map)?;
+        if let Some(mask) = pci.iommu_map_mask {
+            w.property_u32("iommu-map-mask", mask)?;
+        }
     }
     w.property_array_u32("interrupt-map-mask", &PCI_INTX_MASK)?;
     let mut map: Vec<u32> = Vec::with_capacity(pci.intx.len() * 8);

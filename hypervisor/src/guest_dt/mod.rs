@@ -92,6 +92,12 @@ pub struct GuestPci<'a> {
     /// One entry per assigned function that has an interrupt pin: the function, its pin, and
     /// the GIC INTID (an SPI) that the pin raises in the VM.
     pub intx: &'a [(Bdf, IntxPin, u32)],
+    /// The host bridge's `iommu-map` entries onto the SMMU the VM's vSMMU sits on: the guest's
+    /// map repeats them (onto the vSMMU), so a function's StreamID is the same on both sides.
+    /// Empty means StreamID = RID over the whole RID space.
+    pub iommu_map: &'a [crate::pci::IommuMapEntry],
+    /// The host bridge's `iommu-map-mask`, repeated for the same reason.
+    pub iommu_map_mask: Option<u32>,
 }
 
 /// Why a guest DT could not be built.

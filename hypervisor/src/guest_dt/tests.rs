@@ -271,6 +271,8 @@ fn pci() -> GuestPci<'static> {
         bus_range: (0, 0xf),
         ranges: &WINDOWS,
         intx: &INTX,
+        iommu_map: &[],
+        iommu_map_mask: None,
     }
 }
 
@@ -618,4 +620,38 @@ fn rejects_bad_smmu_configs() {
             second: "smmu gerror"
         }
     );
+}
+
+#[test]
+fn guest_iommu_map_repeats_the_hosts_onto_the_vsmmu() {
+    // A board whose bridge offsets StreamIDs (RID 0x100.. → SID 0x1100..) and masks the RID:
+    // the guest's map must give each function the same StreamID the physical SMMU sees, as the
+    // vSMMU keeps StreamIDs as they are.
+    let mpidrs = [0];
+    let host_map = [crate::pci::IommuMapEntry {
+        rid_base: 0x100,
+        iommu: 0x77,
+        sid_base: 0x1100,
+        length: 0x100,
+    }];
+    let cfg = GuestDtConfig {
+        pci: Some(GuestPci {
+            iommu_map: &host_map,
+            iommu_map_mask: Some(0xfff8),
+            ..pci()
+        }),
+        smmu: Some(SMMU),
+        ..config(&mpidrs)
+    };
+    let dtb = build_guest_dt(&cfg).unwrap();
+    let hb = crate::pci::HostBridge::from_dtb(&dtb).unwrap().unwrap();
+    let vsmmu = Platform::parse(&dtb).unwrap().smmus[0].phandle.unwrap();
+    assert_eq!(hb.iommu_map_mask, Some(0xfff8));
+    for rid in [0x100u16, 0x10f, 0x1ff] {
+        assert_eq!(
+            hb.translate(rid),
+            Some((vsmmu, 0x1100 + u32::from(rid & 0xfff8) - 0x100))
+        );
+    }
+    assert_eq!(hb.translate(0x200), None);
 }

@@ -415,7 +415,7 @@ mod tests {
     use crate::pci::enumerate::enumerate;
     use crate::pci::fake::FakeConfigSpace;
     use crate::pci::groups::iommu_groups;
-    use crate::pci::host::HostBridge;
+    use crate::pci::host::{HostBridge, IommuMapEntry};
 
     const QEMU_SMMU: &[u8] = include_bytes!("../../tests/data/qemu-virt-smmuv3-pci.dtb");
     const B: fn(u8, u8, u8) -> Bdf = Bdf::new;
@@ -425,6 +425,103 @@ mod tests {
         let t = enumerate(&mut f, host.bus_start, host.bus_end).unwrap();
         let g = iommu_groups(&t, &host);
         (t, g, host)
+    }
+
+    fn directory(entries: &[(u32, &str, Result<usize, &str>)]) -> IommuDirectory {
+        IommuDirectory {
+            entries: entries
+                .iter()
+                .map(|(phandle, path, driven)| IommuEntry {
+                    phandle: *phandle,
+                    path: path.to_string(),
+                    driven: driven.map_err(|e| e.to_string()),
+                })
+                .collect(),
+        }
+    }
+
+    fn resolve_with(
+        dir: &IommuDirectory,
+        host: &HostBridge,
+        devices: &[Bdf],
+    ) -> Result<VmDevices, AssignError> {
+        let mut f = FakeConfigSpace::qemu_flat();
+        let t = enumerate(&mut f, host.bus_start, host.bus_end).unwrap();
+        let g = iommu_groups(&t, host);
+        resolve(&t, &g, host, dir, "vm0", devices, &[], 39)
+    }
+
+    #[test]
+    fn only_smmus_the_hypervisor_drives_translate() {
+        let host = HostBridge::from_dtb(QEMU_SMMU).unwrap().unwrap();
+        let ph = host.iommu_map[0].iommu;
+        let driven = directory(&[(ph, "/smmuv3@9050000", Ok(0))]);
+        let d = resolve_with(&driven, &host, &[B(0, 3, 0)]).unwrap();
+        assert_eq!(d.smmu, Some(0));
+        assert_eq!(d.stream_ids, vec![0x18]);
+
+        let refused = directory(&[(ph, "/smmuv3@9050000", Err("it is not dma-coherent"))]);
+        let e = resolve_with(&refused, &host, &[B(0, 3, 0)]).unwrap_err();
+        assert!(
+            matches!(&e, AssignError::Untranslated { bdf, why, .. }
+                if *bdf == B(0, 3, 0) && why.contains("/smmuv3@9050000") && why.contains("not dma-coherent")),
+            "{e}"
+        );
+        // The iommu-map names something that is not an SMMU the hypervisor found.
+        let e = resolve_with(&IommuDirectory::default(), &host, &[B(0, 3, 0)]).unwrap_err();
+        assert!(
+            matches!(&e, AssignError::Untranslated { why, .. } if why.contains("not an SMMUv3")),
+            "{e}"
+        );
+        // A RID the map does not cover.
+        let mut short = host.clone();
+        short.iommu_map[0].length = 0x18;
+        let e = resolve_with(&driven, &short, &[B(0, 3, 0)]).unwrap_err();
+        assert!(
+            matches!(&e, AssignError::Untranslated { why, .. } if why.contains("no entry for Requester ID 0x0018")),
+            "{e}"
+        );
+        // Other functions, still covered, are still assignable.
+        assert!(resolve_with(&driven, &short, &[B(0, 2, 0)]).is_ok());
+    }
+
+    #[test]
+    fn a_vm_behind_two_smmus_is_refused() {
+        let mut host = HostBridge::from_dtb(QEMU_SMMU).unwrap().unwrap();
+        let whole = host.iommu_map[0];
+        host.iommu_map = vec![
+            IommuMapEntry {
+                length: 0x18,
+                iommu: 1,
+                ..whole
+            },
+            IommuMapEntry {
+                rid_base: 0x18,
+                sid_base: 0x18,
+                length: 0x1_0000 - 0x18,
+                iommu: 2,
+            },
+        ];
+        let dir = directory(&[(1, "/display-smmu", Ok(0)), (2, "/pcie-smmu", Ok(1))]);
+        assert_eq!(
+            resolve_with(&dir, &host, &[B(0, 3, 0)]).unwrap().smmu,
+            Some(1)
+        );
+        assert_eq!(
+            resolve_with(&dir, &host, &[B(0, 2, 0)]).unwrap().smmu,
+            Some(0)
+        );
+        let e = resolve_with(&dir, &host, &[B(0, 2, 0), B(0, 3, 0)]).unwrap_err();
+        assert_eq!(
+            e,
+            AssignError::SeveralSmmus {
+                vm: "vm0".into(),
+                first: B(0, 2, 0),
+                first_smmu: "/display-smmu".into(),
+                second: B(0, 3, 0),
+                second_smmu: "/pcie-smmu".into(),
+            }
+        );
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub(crate) fn qemu_host_bridge() -> HostBridge {
             length: 0x1_0000,
         }],
         iommu_map_mask: None,
+        msi_map: alloc::vec::Vec::new(),
+        msi_map_mask: None,
+        domain: None,
         interrupt_map: InterruptMap::default(),
         dma_coherent: true,
     }

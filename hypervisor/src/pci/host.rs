@@ -2,6 +2,8 @@
 //! `Documentation/devicetree/bindings/pci/host-generic-pci.yaml`, the generic PCI bus binding
 //! `pci-bus-common.yaml`, and `pci-iommu.yaml` for `iommu-map`).
 
+use alloc::format;
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use fdt::node::FdtNode;
@@ -178,10 +180,88 @@ pub struct HostBridge {
     pub iommu_map: Vec<IommuMapEntry>,
     /// `iommu-map-mask`, applied to a RID before the lookup.
     pub iommu_map_mask: Option<u32>,
+    /// `msi-map` entries (`pci-msi.yaml`): Requester IDs onto MSI controller DeviceIDs, in DT
+    /// order; the `sid_base` field holds the DeviceID of `rid_base`.
+    pub msi_map: Vec<IommuMapEntry>,
+    /// `msi-map-mask`.
+    pub msi_map_mask: Option<u32>,
+    /// `linux,pci-domain`, if the DT fixes one.
+    pub domain: Option<u32>,
     /// Legacy interrupt routing.
     pub interrupt_map: InterruptMap,
     /// `dma-coherent`: devices' DMA snoops CPU caches.
     pub dma_coherent: bool,
+}
+
+/// A PCI host bridge node of the host DT, generic or not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeNode {
+    /// Its path.
+    pub path: String,
+    /// Its first `compatible`.
+    pub compatible: String,
+    /// `linux,pci-domain`.
+    pub domain: Option<u32>,
+    /// The bridge, if it is a generic ECAM one; else why the hypervisor cannot take it.
+    pub bridge: Result<HostBridge, PlatformError>,
+}
+
+/// Every enabled PCI host bridge node (`device_type = "pci"` at the top of a PCI hierarchy, or
+/// a generic ECAM compatible) in document order: the generic ECAM ones parsed, the others
+/// (DesignWare, vendor controllers that need their own drivers) named with their compatible.
+pub fn host_bridges(dtb: &[u8]) -> Result<Vec<BridgeNode>, PciError> {
+    with_fdt(dtb, |fdt| {
+        let mut out = Vec::new();
+        walk_bridges(fdt, fdt.find_node("/"), "", &mut out, 0);
+        out
+    })
+    .map_err(PciError::from)
+}
+
+fn walk_bridges(
+    fdt: &Fdt,
+    node: Option<FdtNode>,
+    path: &str,
+    out: &mut Vec<BridgeNode>,
+    depth: usize,
+) {
+    let Some(node) = node else { return };
+    // The blob validator bounds the depth to 63; this bound only keeps the recursion obvious.
+    if depth > 64 || !is_enabled(node) {
+        return;
+    }
+    for child in node.children() {
+        if !is_enabled(child) {
+            continue;
+        }
+        let child_path = format!("{path}/{}", child.name);
+        let generic = compatibles(child).any(|c| c == "pci-host-ecam-generic");
+        let is_pci = generic
+            || child
+                .property("device_type")
+                .is_some_and(|p| p.value.starts_with(b"pci\0"));
+        if is_pci {
+            let compatible = compatibles(child).next().unwrap_or("").to_string();
+            let bridge = if generic {
+                parse(fdt, child)
+            } else {
+                Err(PlatformError::BadProperty {
+                    node: child_path.clone(),
+                    property: "compatible",
+                    reason: "not a generic ECAM host bridge (pci-host-ecam-generic): it needs a driver of its own",
+                })
+            };
+            out.push(BridgeNode {
+                path: child_path,
+                compatible,
+                domain: prop_u32(child, "linux,pci-domain"),
+                bridge,
+            });
+            // A host bridge's children are PCI devices and bridges, not host bridges.
+            continue;
+        }
+        walk_bridges(fdt, Some(child), &child_path, out, depth + 1);
+    }
 }
 
 /// ECAM gives each bus 1 MiB: 32 devices x 8 functions x 4 KiB (PCIe Base spec 7.2.2).
@@ -189,7 +269,7 @@ const ECAM_BUS_SHIFT: u32 = 20;
 
 impl HostBridge {
     /// Describes the first enabled `pci-host-ecam-generic` node of the host DT, or `None` if
-    /// there is none.
+    /// there is none ([`host_bridges`] lists them all).
     pub fn from_dtb(dtb: &[u8]) -> Result<Option<HostBridge>, PciError> {
         with_fdt(dtb, |fdt| {
             let node = fdt
@@ -298,8 +378,11 @@ fn parse(fdt: &Fdt, node: FdtNode) -> Result<HostBridge, PlatformError> {
         bus_start,
         bus_end,
         windows: ranges(node)?,
-        iommu_map: iommu_map(fdt, node)?,
+        iommu_map: id_map(fdt, node, "iommu-map", "#iommu-cells")?,
         iommu_map_mask: prop_u32(node, "iommu-map-mask"),
+        msi_map: id_map(fdt, node, "msi-map", "#msi-cells")?,
+        msi_map_mask: prop_u32(node, "msi-map-mask"),
+        domain: prop_u32(node, "linux,pci-domain"),
         interrupt_map: interrupt_map(fdt, node)?,
         dma_coherent: node.property("dma-coherent").is_some(),
     })
@@ -382,39 +465,37 @@ fn ranges(node: FdtNode) -> Result<Vec<PciWindow>, PlatformError> {
     Ok(windows)
 }
 
-fn iommu_map(fdt: &Fdt, node: FdtNode) -> Result<Vec<IommuMapEntry>, PlatformError> {
-    let Some(prop) = node.property("iommu-map") else {
+/// An `iommu-map` or `msi-map` (`pci-iommu.yaml`, `pci-msi.yaml`): <rid-base phandle
+/// id-base length>, where id-base is one specifier of the target; the SMMUv3 and GICv3 ITS
+/// bindings have #iommu-cells / #msi-cells = 1, the only width accepted.
+fn id_map(
+    fdt: &Fdt,
+    node: FdtNode,
+    name: &'static str,
+    target_cells: &str,
+) -> Result<Vec<IommuMapEntry>, PlatformError> {
+    let Some(prop) = node.property(name) else {
         return Ok(Vec::new());
     };
-    // `pci-iommu.yaml`: <rid-base iommu-phandle iommu-base length>, where iommu-base is one
-    // IOMMU specifier; the SMMUv3 binding has #iommu-cells = 1, the only width we accept.
-    let cells = cells(prop.value).ok_or_else(|| bad(node, "iommu-map", "not whole cells"))?;
+    let cells = cells(prop.value).ok_or_else(|| bad(node, name, "not whole cells"))?;
     if !cells.len().is_multiple_of(4) {
-        return Err(bad(
-            node,
-            "iommu-map",
-            "length is not a whole number of entries",
-        ));
+        return Err(bad(node, name, "length is not a whole number of entries"));
     }
     cells
         .chunks_exact(4)
         .map(|e| {
             let iommu = fdt
                 .find_phandle(e[1])
-                .ok_or_else(|| bad(node, "iommu-map", "phandle names no node"))?;
-            if prop_u32(iommu, "#iommu-cells") != Some(1) {
+                .ok_or_else(|| bad(node, name, "phandle names no node"))?;
+            if prop_u32(iommu, target_cells) != Some(1) {
                 return Err(bad(
                     node,
-                    "iommu-map",
-                    "target IOMMU's #iommu-cells is not 1",
+                    name,
+                    "its target's #iommu-cells / #msi-cells is not 1",
                 ));
             }
             if u64::from(e[0]) + u64::from(e[3]) > 1 << 16 || e[2].checked_add(e[3]).is_none() {
-                return Err(bad(
-                    node,
-                    "iommu-map",
-                    "entry reaches past RID or StreamID space",
-                ));
+                return Err(bad(node, name, "entry reaches past the RID or ID space"));
             }
             Ok(IommuMapEntry {
                 rid_base: e[0],

@@ -47,8 +47,8 @@ pub use enumerate::{
 };
 pub use groups::{iommu_groups, GroupIommu, IommuGroup};
 pub use host::{
-    HostBridge, InterruptMap, InterruptMapEntry, IntxPin, IntxRoute, IommuMapEntry, PciSpace,
-    PciWindow,
+    host_bridges, BridgeNode, HostBridge, InterruptMap, InterruptMapEntry, IntxPin, IntxRoute,
+    IommuMapEntry, PciSpace, PciWindow,
 };
 pub use isolation::{DeviceSlot, IsolationError};
 pub use resources::{assign_resources, ResourceName, DEVICE_PAGE};

@@ -521,3 +521,303 @@ fn corrupted_blobs_never_panic() {
         let _ = Platform::parse(&base[..len]);
     }
 }
+
+/// What varies in [`multi`]'s machine.
+#[derive(Clone, Copy)]
+struct Multi {
+    /// The console's compatible and (reg-shift, reg-io-width).
+    uart: (&'static str, Option<(u32, u32)>),
+    /// The third SMMU's `interrupt-parent` (none: inherited from its bus, the mbigen).
+    loop_parents: bool,
+}
+
+const MULTI: Multi = Multi {
+    uart: ("snps,dw-apb-uart", Some((2, 4))),
+    loop_parents: false,
+};
+
+/// A board with three SMMUs in the ways real DTs wire them: one on the GIC by
+/// `interrupt-parent` inherited from the root, one by `interrupts-extended`, one on a bus whose
+/// `interrupt-parent` is an mbigen-like controller (HiSilicon D05); a GIC with two
+/// redistributor regions and a stride; an 8250-family console through an alias.
+fn multi(o: Multi) -> Vec<u8> {
+    let mut w = FdtWriter::new().unwrap();
+    let root = w.begin_node("").unwrap();
+    w.property_u32("#address-cells", 2).unwrap();
+    w.property_u32("#size-cells", 2).unwrap();
+    w.property_u32("interrupt-parent", 1).unwrap();
+    let n = w.begin_node("memory@80000000").unwrap();
+    w.property_string("device_type", "memory").unwrap();
+    w.property_array_u64("reg", &[0x8000_0000, 0x8000_0000])
+        .unwrap();
+    w.end_node(n).unwrap();
+    let cpus = w.begin_node("cpus").unwrap();
+    w.property_u32("#address-cells", 1).unwrap();
+    w.property_u32("#size-cells", 0).unwrap();
+    for mpidr in 0..3u32 {
+        let n = w.begin_node(&format!("cpu@{mpidr:x}")).unwrap();
+        w.property_string("device_type", "cpu").unwrap();
+        w.property_u32("reg", mpidr).unwrap();
+        w.end_node(n).unwrap();
+    }
+    w.end_node(cpus).unwrap();
+    let n = w.begin_node("interrupt-controller@2f000000").unwrap();
+    w.property_string("compatible", "arm,gic-v3").unwrap();
+    w.property_u32("#interrupt-cells", 3).unwrap();
+    w.property_null("interrupt-controller").unwrap();
+    w.property_u32("#redistributor-regions", 2).unwrap();
+    w.property_u64("redistributor-stride", 0x4_0000).unwrap();
+    w.property_array_u64(
+        "reg",
+        &[
+            0x2f00_0000,
+            0x1_0000,
+            0x2f10_0000,
+            0x8_0000,
+            0x3f10_0000,
+            0x4_0000,
+            0x2c00_0000,
+            0x2000,
+        ],
+    )
+    .unwrap();
+    w.property_array_u32("interrupts", &[1, 9, 4]).unwrap();
+    w.property_phandle(1).unwrap();
+    w.end_node(n).unwrap();
+    let n = w.begin_node("timer").unwrap();
+    w.property_string("compatible", "arm,armv8-timer").unwrap();
+    w.property_array_u32("interrupts", &[1, 13, 8, 1, 14, 8, 1, 11, 8, 1, 10, 8])
+        .unwrap();
+    w.end_node(n).unwrap();
+    let smmu = |w: &mut FdtWriter, name: &str, base: u64, phandle: u32| {
+        let n = w.begin_node(name).unwrap();
+        w.property_string("compatible", "arm,smmu-v3").unwrap();
+        w.property_array_u64("reg", &[base, 0x2_0000]).unwrap();
+        w.property_u32("#iommu-cells", 1).unwrap();
+        w.property_null("dma-coherent").unwrap();
+        w.property_phandle(phandle).unwrap();
+        n
+    };
+    // The display's SMMU first, on the GIC through the root's interrupt-parent.
+    let n = smmu(&mut w, "iommu@4f000000", 0x4f00_0000, 10);
+    w.property_array_u32("interrupts", &[0, 100, 1, 0, 101, 1])
+        .unwrap();
+    w.property_string_list("interrupt-names", vec!["eventq".into(), "gerror".into()])
+        .unwrap();
+    w.end_node(n).unwrap();
+    // PCIe's, combined interrupt by interrupts-extended.
+    let n = smmu(&mut w, "iommu@4f100000", 0x4f10_0000, 11);
+    w.property_array_u32("interrupts-extended", &[1, 0, 110, 4])
+        .unwrap();
+    w.property_string("interrupt-names", "combined").unwrap();
+    w.end_node(n).unwrap();
+    // A bus whose interrupts go to an mbigen, itself (in D05) wired to the GIC by MSIs.
+    let bus = w.begin_node("soc").unwrap();
+    w.property_u32("#address-cells", 2).unwrap();
+    w.property_u32("#size-cells", 2).unwrap();
+    w.property_null("ranges").unwrap();
+    w.property_u32("interrupt-parent", 20).unwrap();
+    let n = w.begin_node("mbigen@60000000").unwrap();
+    w.property_string("compatible", "hisilicon,mbigen-v2")
+        .unwrap();
+    w.property_array_u64("reg", &[0x6000_0000, 0x1_0000])
+        .unwrap();
+    w.property_u32("#interrupt-cells", 2).unwrap();
+    w.property_null("interrupt-controller").unwrap();
+    w.property_phandle(20).unwrap();
+    if o.loop_parents {
+        w.property_u32("interrupt-parent", 21).unwrap();
+    }
+    w.end_node(n).unwrap();
+    if o.loop_parents {
+        // A node with no #interrupt-cells pointing back: Linux would walk A -> B -> A.
+        let n = w.begin_node("nexus").unwrap();
+        w.property_phandle(21).unwrap();
+        w.property_u32("interrupt-parent", 22).unwrap();
+        w.end_node(n).unwrap();
+        let n = w.begin_node("nexus2").unwrap();
+        w.property_phandle(22).unwrap();
+        w.property_u32("interrupt-parent", 21).unwrap();
+        w.end_node(n).unwrap();
+    }
+    let n = smmu(&mut w, "iommu@a0040000", 0xa004_0000, 12);
+    if o.loop_parents {
+        w.property_u32("interrupt-parent", 21).unwrap();
+    }
+    w.property_array_u32("interrupts", &[65, 4]).unwrap();
+    w.end_node(n).unwrap();
+    // Disabled: not reported at all.
+    let n = smmu(&mut w, "iommu@a0050000", 0xa005_0000, 13);
+    w.property_string("status", "disabled").unwrap();
+    w.end_node(n).unwrap();
+    let n = w.begin_node("serial@feb50000").unwrap();
+    w.property_string_list("compatible", vec![o.uart.0.into(), "ns16550a".into()])
+        .unwrap();
+    w.property_array_u64("reg", &[0xfeb5_0000, 0x100]).unwrap();
+    w.property_u32("interrupt-parent", 1).unwrap();
+    w.property_array_u32("interrupts", &[0, 333, 4]).unwrap();
+    if let Some((shift, width)) = o.uart.1 {
+        w.property_u32("reg-shift", shift).unwrap();
+        w.property_u32("reg-io-width", width).unwrap();
+    }
+    w.end_node(n).unwrap();
+    w.end_node(bus).unwrap();
+    let n = w.begin_node("aliases").unwrap();
+    w.property_string("serial2", "/soc/serial@feb50000")
+        .unwrap();
+    w.end_node(n).unwrap();
+    let n = w.begin_node("chosen").unwrap();
+    w.property_string("stdout-path", "serial2:1500000n8")
+        .unwrap();
+    w.end_node(n).unwrap();
+    w.end_node(root).unwrap();
+    w.finish().unwrap()
+}
+
+#[test]
+fn every_smmu_with_its_interrupts_resolved_per_node() {
+    let p = Platform::parse(&multi(MULTI)).unwrap();
+    let s = &p.smmus;
+    assert_eq!(s.len(), 3, "the disabled one is left out: {s:#?}");
+    assert_eq!(
+        (s[0].path.as_str(), s[0].phandle, s[0].regs.base),
+        ("/iommu@4f000000", Some(10), 0x4f00_0000)
+    );
+    assert_eq!(
+        (s[0].eventq_intid, s[0].gerror_intid),
+        (Some(132), Some(133))
+    );
+    assert_eq!((s[0].polled.as_ref(), s[0].refused.as_ref()), (None, None));
+    // "combined" is both.
+    assert_eq!(
+        (s[1].eventq_intid, s[1].gerror_intid),
+        (Some(142), Some(142))
+    );
+    assert_eq!(s[1].polled, None);
+    // Inherited from its bus: the mbigen. Driven, polled, and the message names the controller.
+    assert_eq!(s[2].path, "/soc/iommu@a0040000");
+    assert_eq!((s[2].eventq_intid, s[2].gerror_intid), (None, None));
+    let why = s[2].polled.as_deref().unwrap();
+    assert!(
+        why.contains("/soc/mbigen@60000000") && why.contains("hisilicon,mbigen-v2"),
+        "{why}"
+    );
+    assert_eq!(s[2].refused, None);
+
+    let r = |base, size| MemRange { base, size };
+    assert_eq!(
+        p.gic.gicr,
+        vec![r(0x2f10_0000, 0x8_0000), r(0x3f10_0000, 0x4_0000)]
+    );
+    assert_eq!(p.gic.redist_stride, Some(0x4_0000));
+    assert_eq!(p.cpus, vec![0, 1, 2]);
+    assert_eq!(
+        p.uart,
+        UartInfo {
+            base: r(0xfeb5_0000, 0x100),
+            intid: Some(32 + 333),
+            kind: UartKind::Ns16550 {
+                reg_shift: 2,
+                reg_io_width: 4
+            },
+            compatible: "snps,dw-apb-uart".into(),
+            path: "/soc/serial@feb50000".into(),
+            note: None,
+        }
+    );
+    assert_eq!(
+        early_console(&multi(MULTI)),
+        Some((
+            0xfeb5_0000,
+            UartKind::Ns16550 {
+                reg_shift: 2,
+                reg_io_width: 4
+            }
+        ))
+    );
+}
+
+#[test]
+fn interrupt_parent_loops_are_errors() {
+    let e = Platform::parse(&multi(Multi {
+        loop_parents: true,
+        ..MULTI
+    }))
+    .unwrap_err();
+    assert!(
+        matches!(&e, PlatformError::BadProperty { property: "interrupt-parent", reason, .. } if reason.contains("loops")),
+        "{e}"
+    );
+}
+
+#[test]
+fn console_uart_kinds() {
+    // Plain 16550 defaults: byte registers, no shift.
+    let p = Platform::parse(&multi(Multi {
+        uart: ("ns16550a", None),
+        ..MULTI
+    }))
+    .unwrap();
+    assert_eq!(
+        p.uart.kind,
+        UartKind::Ns16550 {
+            reg_shift: 0,
+            reg_io_width: 1
+        }
+    );
+    // A width the driver cannot do is an error naming the property.
+    let e = Platform::parse(&multi(Multi {
+        uart: ("ns16550a", Some((2, 2))),
+        ..MULTI
+    }))
+    .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            PlatformError::BadProperty {
+                property: "reg-io-width",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_console_falls_back_or_is_refused_by_name() {
+    // stdout-path names a UART the driver does not know: a known one elsewhere is used, with
+    // a note saying why; with none, the error names the node and its compatible.
+    let mut blob = synth(&FULL);
+    let at = blob.windows(9).position(|w| w == b"arm,pl011").unwrap();
+    blob[at..at + 9].copy_from_slice(b"xyz,uart0");
+    let p = Platform::parse(&blob).unwrap();
+    assert_eq!(p.uart.path, "/soc/serial@1c0a0000");
+    assert_eq!(p.uart.note, None, "serial1 is still a PL011");
+    let at = blob.windows(9).position(|w| w == b"arm,pl011").unwrap();
+    blob[at..at + 9].copy_from_slice(b"xyz,uart1");
+    match Platform::parse(&blob).unwrap_err() {
+        PlatformError::UnsupportedUart { node, compatible } => {
+            assert_eq!(
+                (node.as_str(), compatible.as_str()),
+                ("/soc/serial@1c0a0000", "xyz,uart1")
+            );
+        }
+        e => panic!("{e}"),
+    }
+    let mut blob = synth(&FULL);
+    let second = blob
+        .windows(9)
+        .enumerate()
+        .filter(|(_, w)| *w == b"arm,pl011")
+        .nth(1)
+        .unwrap()
+        .0;
+    blob[second..second + 9].copy_from_slice(b"xyz,uart1");
+    let p = Platform::parse(&blob).unwrap();
+    assert_eq!(p.uart.path, "/soc/serial@1c090000");
+    let note = p.uart.note.unwrap();
+    assert!(
+        note.contains("/soc/serial@1c0a0000") && note.contains("xyz,uart1"),
+        "{note}"
+    );
+}

@@ -109,6 +109,10 @@ pub struct VmPci {
     pub windows: Vec<crate::pci::PciWindow>,
     /// The config-space model.
     pub vecam: Mutex<VirtualEcam>,
+    /// The host bridge's `iommu-map` entries onto the SMMU under the VM's vSMMU.
+    pub iommu_map: Vec<crate::pci::IommuMapEntry>,
+    /// The host bridge's `iommu-map-mask`.
+    pub iommu_map_mask: Option<u32>,
 }
 
 /// The virtual UART's INTID when the host UART has none wired to the GIC (SPI 1, QEMU `virt`'s
@@ -216,11 +220,19 @@ impl Vm {
             stage2.map(slot.page, slot.page, slot.len, MemType::Device)?;
         }
         let has_devices = !config.devices.functions.is_empty();
+        let smmu_phandle = smmu.and_then(|s| s.info.phandle);
         let pci = host_bridge.filter(|_| has_devices).map(|host| VmPci {
             ecam: host.ecam,
             bus_range: (host.bus_start, host.bus_end),
             windows: host.windows.clone(),
             vecam: Mutex::new(VirtualEcam::new(config.devices.functions.clone())),
+            iommu_map: host
+                .iommu_map
+                .iter()
+                .filter(|e| Some(e.iommu) == smmu_phandle)
+                .copied()
+                .collect(),
+            iommu_map_mask: host.iommu_map_mask,
         });
         let vmid = (id + 1) as u16;
         let vsmmu = smmu.filter(|_| has_devices).and_then(|s| {
@@ -352,6 +364,8 @@ impl Vm {
                 bus_range: p.bus_range,
                 ranges: &p.windows,
                 intx: &self.config.devices.intx,
+                iommu_map: &p.iommu_map,
+                iommu_map_mask: p.iommu_map_mask,
             }),
             smmu: self.vsmmu.as_ref().map(|s| GuestSmmu {
                 regs: s.regs,
