@@ -11,7 +11,7 @@ use fdt::Fdt;
 
 use super::{Bdf, PciError};
 use crate::platform::{
-    bad, compatibles, is_enabled, missing, prop_u32, reg, with_fdt, MemRange, PlatformError,
+    bad, cells, compatibles, is_enabled, missing, prop_u32, reg, with_fdt, MemRange, PlatformError,
 };
 
 /// The address space a `ranges` entry maps, from bits 25:24 (`ss`) of its first PCI address
@@ -386,19 +386,6 @@ fn parse(fdt: &Fdt, node: FdtNode) -> Result<HostBridge, PlatformError> {
         interrupt_map: interrupt_map(fdt, node)?,
         dma_coherent: node.property("dma-coherent").is_some(),
     })
-}
-
-/// The value as big-endian cells, if it is a whole number of them.
-fn cells(value: &[u8]) -> Option<Vec<u32>> {
-    if !value.len().is_multiple_of(4) {
-        return None;
-    }
-    Some(
-        value
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    )
 }
 
 /// A value of one or two cells.

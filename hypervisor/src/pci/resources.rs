@@ -367,9 +367,17 @@ fn program<C: ConfigSpace + ?Sized>(
             }
             decode |= command::BUS_MASTER;
         }
-        if decode != 0 {
-            let cmd = cfg.read32(d.bdf, regs::COMMAND) & 0xffff;
-            cfg.write32(d.bdf, regs::COMMAND, cmd | decode);
+        // An endpoint masters DMA only once a VM's driver enables it: a boot loader leaves its
+        // own devices live (U-Boot does not reset its virtio disk before `booti`), and until a
+        // VM owns a function nothing should be mastering behind the hypervisor's back.
+        let stop = if d.bridge.is_none() {
+            command::BUS_MASTER
+        } else {
+            0
+        };
+        let cmd = cfg.read32(d.bdf, regs::COMMAND) & 0xffff;
+        if decode != 0 || cmd & stop != 0 {
+            cfg.write32(d.bdf, regs::COMMAND, (cmd & !stop) | decode);
         }
     }
 }
@@ -460,6 +468,12 @@ mod tests {
         let mut f = FakeConfigSpace::qemu_flat();
         let mut t = enumerate(&mut f, 0, 0xff).unwrap();
         let host = qemu_host_bridge();
+        // A boot loader left 00:03.0 mastering (U-Boot's virtio disk).
+        f.write32(Bdf::new(0, 3, 0), regs::COMMAND, command::BUS_MASTER);
+        assert_eq!(
+            f.read32(Bdf::new(0, 3, 0), regs::COMMAND) & 0x7,
+            command::BUS_MASTER
+        );
         assign_resources(&mut f, &mut t, &host).unwrap();
         let b = |s| Bdf::new(0, s, 0);
         // 64-bit prefetchable BARs, 16 KiB each, packed from the 64-bit window's base.
@@ -488,11 +502,13 @@ mod tests {
         assert_eq!(f.read32(b(2), regs::BAR0 + 16), 0x0000_400c);
         assert_eq!(f.read32(b(2), regs::BAR0 + 20), 0x80);
         assert_eq!(f.read32(b(2), regs::BAR0 + 4), 0x1000_1000);
-        // Decoding on, bus mastering left to the VM.
-        assert_eq!(
-            f.read32(b(2), regs::COMMAND) & 0x7,
-            command::IO | command::MEMORY
-        );
+        // Decoding on, bus mastering left to the VM (and stopped where firmware left it on).
+        for s in [2, 3] {
+            assert_eq!(
+                f.read32(b(s), regs::COMMAND) & 0x7,
+                command::IO | command::MEMORY
+            );
+        }
         // The host bridge function has no BARs: its Command is untouched.
         assert_eq!(f.read32(b(0), regs::COMMAND) & 0x7, 0);
     }

@@ -8,7 +8,7 @@
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use super::props::{be, compatibles, prop_u32};
+use super::props::{cells, compatibles, prop_u32};
 use super::tree::Tree;
 use super::{bad, PlatformError, Result};
 
@@ -165,12 +165,4 @@ pub(crate) fn gic_intid(spec: &[u32]) -> Option<(u32, u32)> {
         _ => return None,
     };
     Some((intid, flags))
-}
-
-/// The value as big-endian cells, if it is a whole number of them.
-pub(crate) fn cells(value: &[u8]) -> Option<Vec<u32>> {
-    if !value.len().is_multiple_of(4) {
-        return None;
-    }
-    Some(value.chunks_exact(4).map(|c| be(c) as u32).collect())
 }

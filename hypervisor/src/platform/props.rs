@@ -57,6 +57,14 @@ pub(super) fn decode_reg(
         .collect()
 }
 
+/// The value as big-endian cells, if it is a whole number of them.
+pub(crate) fn cells(value: &[u8]) -> Option<Vec<u32>> {
+    if !value.len().is_multiple_of(4) {
+        return None;
+    }
+    Some(value.chunks_exact(4).map(|c| be(c) as u32).collect())
+}
+
 /// Big-endian value of up to two cells (callers guarantee the length).
 pub(crate) fn be(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0, |acc, &b| (acc << 8) | u64::from(b))
