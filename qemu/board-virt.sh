@@ -8,7 +8,7 @@
 #
 #   qemu/board-virt.sh [--vms N] [--vm-bootargs I STR]... [--bootargs STR] [--vm-dts FILE]
 #                      [--host-dts FILE] [--show-dts] [--guest DIR] [--bare] [--smp N] [--mem SIZE]
-#                      [--pci] [--vm-pci I BDFS]... [--dumpdtb FILE] [-- QEMU_ARGS...]
+#                      [--pci] [--vm-pci I BDFS]... [--dumpdtb FILE] [--uboot] [-- QEMU_ARGS...]
 #
 #   --vms N             VMs to generate (default 2): VM i gets 2 vCPUs pinned to the physical CPUs
 #                       with MPIDRs 2i and 2i+1, 1 GiB of RAM, the guest kernel and initramfs
@@ -36,6 +36,13 @@
 #   --smp N             CPUs (default 4)
 #   --mem SIZE          RAM (default 4G)
 #   --dumpdtb FILE      write the DTB QEMU would pass to FILE and exit
+#   --uboot             the board path instead: QEMU starts Debian's U-Boot (u-boot-qemu) as its
+#                       firmware, at EL2, with a virtio disk (qemu/uboot-disk.sh) holding
+#                       hypervisor.bin, board.dtb (this machine's own DT, no VMs), Image and
+#                       initramfs.cpio.gz; at U-Boot's prompt, type the commands of
+#                       docs/vm-config.md ("A real board with U-Boot"), which describe the VMs
+#                       (so --vms, --vm-bootargs, --vm-dts and --vm-pci do not apply; nor --pci,
+#                       whose virtio disks would change U-Boot's numbering of its virtio disk)
 #   -- QEMU_ARGS        appended to the QEMU command line as they are (e.g. -s -S for gdb)
 #
 # Generated files go to build/board/, named by a hash of their content (concurrent runs with
@@ -76,6 +83,7 @@ BARE=0
 SMP=4
 MEM=4G
 DUMPDTB=""
+UBOOT=0
 PCI=0
 declare -A VM_PCI=()
 EXTRA=()
@@ -108,6 +116,7 @@ while [ "$#" -gt 0 ]; do
         --smp) need_arg "$@"; SMP="$2"; shift 2 ;;
         --mem) need_arg "$@"; MEM="$2"; shift 2 ;;
         --dumpdtb) need_arg "$@"; DUMPDTB="$2"; shift 2 ;;
+        --uboot) UBOOT=1; shift ;;
         -h | --help) usage; exit 0 ;;
         --) shift; EXTRA=("$@"); break ;;
         *) die "unknown option '$1' (see --help)" ;;
@@ -178,6 +187,61 @@ pci_bdfs() {
 
 PCI_ARGS=()
 
+# Debian's U-Boot for QEMU virt (qemu/setup.sh installs u-boot-qemu).
+UBOOT_BIN=/usr/lib/u-boot/qemu_arm64/u-boot.bin
+# The section of docs/vm-config.md whose commands are typed at U-Boot's prompt.
+UBOOT_DOC="$ROOT/docs/vm-config.md"
+
+# --uboot: the machine's own DT as board.dtb, the boot disk with it and the images, and QEMU
+# with U-Boot as its firmware. Execs QEMU.
+uboot_board() {
+    [ -f "$UBOOT_BIN" ] || die "no U-Boot at $UBOOT_BIN: run qemu/setup.sh (u-boot-qemu)"
+    [ -z "$VM_DTS" ] && [ "${#VM_BOOTARGS[@]}" = 0 ] && [ "${#VM_PCI[@]}" = 0 ] && [ "$VMS" = 2 ] ||
+        die "--uboot: the VMs come from the U-Boot commands typed at its prompt (docs/vm-config.md); --vms, --vm-bootargs, --vm-dts and --vm-pci do not apply"
+    [ -z "$HOST_DTS" ] || die "--uboot: board.dtb is the machine's own DT; --host-dts does not apply"
+    [ "$PCI" = 0 ] || die "--uboot: --pci is not supported (its virtio disks would change U-Boot's virtio numbering)"
+    local dir="$ROOT/build/board" work hash dtb disk
+    mkdir -p "$dir"
+    find "$dir" -maxdepth 1 -name 'board-*.dtb' -mmin +1440 -exec rm -f {} + 2>/dev/null || true
+    work="$(mktemp -d "$dir/tmp.XXXXXX")"
+    # The board's DT as QEMU makes it for firmware (with -bios; without the gpio-keys it adds
+    # for -kernel), from the same machine options, compiled small (QEMU's blob is 1 MiB) and with
+    # the random seeds zeroed (the same machine gives the same file).
+    qemu-system-aarch64 -M "$MACHINE,dumpdtb=$(qemu_escape "$work/machine.dtb")" "${MACHINE_OPTS[@]}" \
+        -bios "$UBOOT_BIN" "${EXTRA[@]}" </dev/null >"$work/dump.log" 2>&1 ||
+        { cat "$work/dump.log" >&2; rm -rf "$work"; die "QEMU could not dump the machine's DT"; }
+    dtc -q -I dtb -O dts "$work/machine.dtb" |
+        sed -E '/^\s*(rng-seed|kaslr-seed) = </s/0x[0-9a-f]+/0x00/g' >"$work/board.dts" ||
+        { rm -rf "$work"; die "dtc could not decompile the machine's DT"; }
+    hash="$(sha256sum "$work/board.dts" | cut -c1-16)"
+    dtb="$dir/board-$hash.dtb"
+    dtc -q -I dts -O dtb -o "$work/board.dtb" "$work/board.dts" ||
+        { rm -rf "$work"; die "dtc could not compile the board DT"; }
+    mv -f "$work/board.dtb" "$dtb"
+    rm -rf "$work"
+    if [ "$SHOW_DTS" = 1 ]; then
+        dtc -q -I dtb -O dts "$dtb"
+        exit 0
+    fi
+    disk="$("$ROOT/qemu/uboot-disk.sh" "$HV_IMAGE" "$dtb" "$GUEST_IMAGE" "$GUEST_INITRD")" ||
+        die "qemu/uboot-disk.sh failed"
+    M="$MACHINE"
+    [ -n "$DUMPDTB" ] && M="$M,dumpdtb=$(qemu_escape "$DUMPDTB")"
+    # The disk on QEMU's virtio-mmio bus: off the PCI bus (its slots and StreamIDs stay free),
+    # read-only (U-Boot only reads it, and runs can share it).
+    CMD=(qemu-system-aarch64 -M "$M" "${MACHINE_OPTS[@]}"
+        -bios "$UBOOT_BIN"
+        -drive "if=none,id=ubootdisk,format=raw,readonly=on,file=$(qemu_escape "$disk")"
+        -device "virtio-blk-device,drive=ubootdisk"
+        "${EXTRA[@]}")
+    if [ -t 0 ]; then
+        say "at U-Boot's prompt (press a key to stop its autoboot), type these commands, from ${UBOOT_DOC#"$ROOT"/}:"
+        sed -n '/<!-- uboot-commands:begin -->/,/<!-- uboot-commands:end -->/{/^<!--/d;/^```/d;p}' "$UBOOT_DOC" >&2
+    fi
+    say "U-Boot, disk ${disk#"$ROOT"/} (board DT ${dtb#"$ROOT"/}): ${CMD[*]}"
+    exec "${CMD[@]}"
+}
+
 if [ "$BARE" = 1 ]; then
     # The same SMMUv3 as under the hypervisor: the bare reference runs its guest's stage 1 on it.
     MACHINE="virt,gic-version=3,iommu=smmuv3"
@@ -192,6 +256,7 @@ fi
 MACHINE_OPTS=(-cpu max,sve=off,sme=off -smp "$SMP" -m "$MEM" -nographic -no-reboot)
 
 if [ "$BARE" = 1 ]; then
+    [ "$UBOOT" = 0 ] || die "--uboot boots the hypervisor; it cannot be combined with --bare"
     [ "$SHOW_DTS" = 0 ] || die "--show-dts shows the hypervisor's DT; with --bare there is none"
     [ -z "$VM_DTS" ] || die "--vm-dts configures the hypervisor's VMs; it means nothing with --bare"
     for i in "${!VM_BOOTARGS[@]}"; do
@@ -214,6 +279,10 @@ fi
 
 [ -f "$HV_IMAGE" ] || die "no hypervisor image at $HV_IMAGE: run qemu/build.sh"
 command -v dtc >/dev/null || die "dtc not found: run qemu/setup.sh (device-tree-compiler)"
+
+if [ "$UBOOT" = 1 ]; then
+    uboot_board
+fi
 
 KERNEL_SIZE="$(printf '0x%x' "$(stat -L -c %s "$GUEST_IMAGE")")"
 INITRD_SIZE="$(printf '0x%x' "$(stat -L -c %s "$GUEST_INITRD")")"

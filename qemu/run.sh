@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main command: sets up the host (idempotent), builds the hypervisor, and boots it on QEMU's
 # `virt` board with two stock Linux guests (vm0, vm1), the console attached to this terminal.
-# Extra arguments go to qemu/board-virt.sh (e.g. --vms 1, --vm-bootargs 1 "...", --bare; see its --help).
+# Extra arguments go to qemu/board-virt.sh (e.g. --vms 1, --vm-bootargs 1 "...", --bare, or --uboot
+# for the U-Boot board path: U-Boot as the firmware, the commands of docs/vm-config.md typed at its
+# prompt; see its --help).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

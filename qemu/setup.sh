@@ -10,6 +10,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${HV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/smmu-hv}"
 BUILD="$ROOT/build"
 KVER_GLOB='linux-image-6.12.*-arm64-unsigned'
+# Debian's U-Boot for QEMU's virt board (package u-boot-qemu), firmware of the U-Boot board path.
+UBOOT_BIN=/usr/lib/u-boot/qemu_arm64/u-boot.bin
 # Kernel config symbol and module name of each driver the guest needs beyond the kernel's built-in
 # ones: the virtio PCI transport and the virtio disk and NIC, and Intel's e1000e NIC (QEMU's
 # `-device e1000e`, a device users plug as it comes). Those the kernel has as modules (=m) go into
@@ -77,6 +79,11 @@ ensure_host_packages() {
     command -v python3 >/dev/null || missing+=(python3)
     command -v xz >/dev/null || missing+=(xz-utils)
     command -v modinfo >/dev/null || missing+=(kmod)
+    # The U-Boot board path (qemu/board-virt.sh --uboot, tests/tests/uboot.rs): Debian's U-Boot
+    # for QEMU as firmware, and the FAT disk it loads the images from (qemu/uboot-disk.sh).
+    [ -f "$UBOOT_BIN" ] || missing+=(u-boot-qemu)
+    command -v mkfs.vfat >/dev/null || missing+=(dosfstools)
+    command -v mcopy >/dev/null || missing+=(mtools)
     if [ "${#missing[@]}" -gt 0 ]; then
         apt_update
         say "installing ${missing[*]}"

@@ -23,7 +23,9 @@
 
 //! The modules: [`Qemu`] and its waits (`qemu`), [`Error`], the paths of the repository and the
 //! guest images (`paths`), console text (`text`), the checks of the guests' facts (`guest`),
-//! of the `--pci` devices (`pci`), the hypervisor console's commands (`console`), and MD5.
+//! of the `--pci` devices (`pci`), the hypervisor console's commands (`console`), the U-Boot
+//! board path's commands, taken from docs/vm-config.md and typed at U-Boot's prompt (`uboot`),
+//! and MD5.
 
 #![forbid(unsafe_code)]
 
@@ -37,6 +39,7 @@ mod qemu;
 #[cfg(test)]
 mod tests;
 mod text;
+mod uboot;
 
 use std::time::Duration;
 
@@ -56,6 +59,11 @@ pub use pci::{
 };
 pub use qemu::{Line, Qemu, Stream};
 pub use text::{guest_fact, hv_text, line_source, strip_ansi, vm_text};
+pub use uboot::{
+    check_uboot_commands, doc_uboot_commands, stop_autoboot, type_uboot_commands, uboot_commands,
+    uboot_literal_vars, uboot_words, UbootReport, AUTOBOOT_PROMPT, BEGIN_MARKER, END_MARKER,
+    UBOOT_DOC, UBOOT_LINE_MAX, UBOOT_MAX_ARGS, UBOOT_PROMPT,
+};
 
 /// How long a guest may take from QEMU's start to its first `guest:` line (TCG on two slow cores).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);

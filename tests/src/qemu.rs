@@ -407,6 +407,14 @@ impl Qemu {
         &self.log_path
     }
 
+    /// Records `e` as a failure of this run (its log is printed on drop) and returns it, for
+    /// the checks outside this module that make their own errors.
+    pub(crate) fn fail(&mut self, e: Error) -> Error {
+        self.failed = true;
+        eprintln!("[qemu] {}: FAILED: {e}", self.shared.name);
+        e
+    }
+
     fn note<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
         if let Err(e) = &result {
             self.failed = true;

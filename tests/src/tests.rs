@@ -84,3 +84,58 @@ fn cut_guest_lines_are_joined_back() {
     assert_eq!(j.drain(), ["[vm3] x\\"]);
     assert_eq!(j.push("plain qemu line"), ["plain qemu line"]);
 }
+
+#[test]
+fn uboot_block_extraction() {
+    let doc = "text\n<!-- uboot-commands:begin -->\n```\n# a comment\nsetenv a 0x1\n\nbooti ${a} - ${b}\n```\n<!-- uboot-commands:end -->\nmore\n";
+    assert_eq!(
+        uboot_commands(doc).unwrap(),
+        ["# a comment", "setenv a 0x1", "booti ${a} - ${b}"]
+    );
+    // No block, two blocks, markers reversed, no fence, a second fence: refused.
+    assert!(uboot_commands("no markers").is_err());
+    let twice = format!("{doc}{doc}");
+    assert!(uboot_commands(&twice).is_err());
+    let reversed = "<!-- uboot-commands:end -->\n```\nbooti\n```\n<!-- uboot-commands:begin -->\n";
+    assert!(uboot_commands(reversed).is_err());
+    let unfenced = "<!-- uboot-commands:begin -->\nbooti\n<!-- uboot-commands:end -->\n";
+    assert!(uboot_commands(unfenced).is_err());
+    let nested = "<!-- uboot-commands:begin -->\n```\nbooti\n```\n```\nx\n```\n<!-- uboot-commands:end -->\n";
+    assert!(uboot_commands(nested).is_err());
+}
+
+#[test]
+fn uboot_word_splitting_and_limits() {
+    assert_eq!(
+        uboot_words(r##"fdt set /chosen/vm0 "#address-cells" <2>"##),
+        ["fdt", "set", "/chosen/vm0", "#address-cells", "<2>"]
+    );
+    assert_eq!(
+        uboot_words(r#"fdt set /n compatible "a,b" "c""#),
+        ["fdt", "set", "/n", "compatible", "a,b", "c"]
+    );
+    assert_eq!(uboot_words("echo a # comment"), ["echo", "a"]);
+    assert!(uboot_words("# only a comment").is_empty());
+    assert!(uboot_words("").is_empty());
+
+    let ok: Vec<String> = ["# c", "setenv x 0x1", "booti ${x} - ${y}"]
+        .map(String::from)
+        .to_vec();
+    check_uboot_commands(&ok).unwrap();
+    // 17 words: U-Boot would print the usage.
+    let long = format!("fdt set /n p <{}>", vec!["0x1"; 13].join(" "));
+    assert_eq!(uboot_words(&long).len(), 17);
+    assert!(check_uboot_commands(&[long, "booti".to_string()]).is_err());
+    let wide = format!("echo {}", "x".repeat(UBOOT_LINE_MAX));
+    assert!(check_uboot_commands(&[wide, "booti".to_string()]).is_err());
+    assert!(check_uboot_commands(&["booti\t1".to_string()]).is_err());
+    assert!(check_uboot_commands(&["echo \"open".to_string(), "booti".to_string()]).is_err());
+    assert!(check_uboot_commands(&["booti x".to_string(), "# after".to_string()]).is_ok());
+    assert!(check_uboot_commands(&["booti x".to_string(), "echo late".to_string()]).is_err());
+
+    let vars = uboot_literal_vars(
+        &["setenv a 0x49000000", "setenv b 0x${filesize}", "load x"].map(String::from),
+    );
+    assert_eq!(vars.len(), 1);
+    assert_eq!(vars["a"], "0x49000000");
+}

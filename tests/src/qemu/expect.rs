@@ -163,12 +163,21 @@ impl Qemu {
     /// newline) that ends with `prompt`, ignoring terminal escape sequences (busybox's line editor
     /// follows its prompt with a cursor-position query) and trailing blanks. Returns whether it appeared; never a failure by itself.
     pub fn wait_for_prompt(&mut self, prompt: &str, timeout: Duration) -> bool {
+        self.wait_for_partial(timeout, |partial| {
+            partial.trim_end().ends_with(prompt.trim_end())
+        })
+    }
+
+    /// Best effort: waits up to `timeout` for the unfinished console line (without terminal
+    /// escape sequences) to satisfy `pred`, e.g. U-Boot's "Hit any key to stop autoboot:  2 ",
+    /// which counts down on one line. Returns whether it did; never a failure by itself.
+    pub fn wait_for_partial(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
         let until = Instant::now() + timeout;
         let shared = Arc::clone(&self.shared);
         let mut st = shared.lock();
         loop {
             let partial = strip_ansi(&st.partial[Stream::Stdout as usize]);
-            if partial.trim_end().ends_with(prompt.trim_end()) {
+            if pred(&partial) {
                 return true;
             }
             let now = Instant::now();
