@@ -151,6 +151,8 @@ pub unsafe fn init(base: u64, kind: UartKind) {
             }
             Uart::Pl011(regs)
         }
+        // SAFETY: as above; the SBSA UART has the PL011's registers but UARTCR.
+        UartKind::SbsaUart => Uart::Pl011(unsafe { block::<Pl011Regs>(base) }),
         // Left as firmware programmed it (divisor, framing, FIFOs): the boot loader printed
         // through it.
         UartKind::Ns16550 {

@@ -10,6 +10,7 @@ use fdt::node::FdtNode;
 use fdt::Fdt;
 
 use super::{Bdf, PciError};
+use crate::platform::tree::Tree;
 use crate::platform::{
     bad, cells, compatibles, is_enabled, missing, prop_u32, reg, with_fdt, MemRange, PlatformError,
 };
@@ -213,9 +214,40 @@ pub fn host_bridges(dtb: &[u8]) -> Result<Vec<BridgeNode>, PciError> {
     with_fdt(dtb, |fdt| {
         let mut out = Vec::new();
         walk_bridges(fdt, fdt.find_node("/"), "", &mut out, 0);
+        // `reg` and the CPU side of `ranges` are in the parent bus's space: through the buses'
+        // `ranges` to CPU addresses (a bridge under /soc on most boards).
+        if let Some(tree) = Tree::new(fdt) {
+            for b in &mut out {
+                let Some(index) = tree.find(&b.path) else {
+                    continue;
+                };
+                if let Ok(h) = &mut b.bridge {
+                    if let Err(why) = to_cpu(&tree, index, h) {
+                        b.bridge = Err(PlatformError::BadProperty {
+                            node: b.path.clone(),
+                            property: "reg",
+                            reason: why,
+                        });
+                    }
+                }
+            }
+        }
         out
     })
     .map_err(PciError::from)
+}
+
+/// Rewrites the ECAM window and the windows' CPU addresses from the parent bus's space to the
+/// CPU's.
+fn to_cpu(tree: &Tree, index: usize, h: &mut HostBridge) -> Result<(), &'static str> {
+    h.ecam.base = tree.translate(index, h.ecam.base)?;
+    for w in &mut h.windows {
+        w.cpu_base = tree.translate(index, w.cpu_base)?;
+        w.cpu_base
+            .checked_add(w.size)
+            .ok_or("a window wraps once translated")?;
+    }
+    Ok(())
 }
 
 fn walk_bridges(
@@ -271,13 +303,11 @@ impl HostBridge {
     /// Describes the first enabled `pci-host-ecam-generic` node of the host DT, or `None` if
     /// there is none ([`host_bridges`] lists them all).
     pub fn from_dtb(dtb: &[u8]) -> Result<Option<HostBridge>, PciError> {
-        with_fdt(dtb, |fdt| {
-            let node = fdt
-                .all_nodes()
-                .find(|n| is_enabled(*n) && compatibles(*n).any(|c| c == "pci-host-ecam-generic"));
-            node.map(|node| parse(fdt, node)).transpose()
-        })?
-        .map_err(PciError::from)
+        host_bridges(dtb)?
+            .into_iter()
+            .find(|b| b.compatible == "pci-host-ecam-generic" || b.bridge.is_ok())
+            .map(|b| b.bridge.map_err(PciError::from))
+            .transpose()
     }
 
     /// The I/O window.

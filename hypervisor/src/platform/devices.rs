@@ -53,7 +53,7 @@ pub(super) fn gic(tree: &Tree, gic: usize) -> Result<GicInfo> {
     let node = tree.nodes[gic].node;
     // Binding order (`arm,gic-v3.yaml`): GICD, then #redistributor-regions GICR regions, then
     // CPU interface frames the hypervisor does not use.
-    let regs = reg(node)?;
+    let regs = tree.cpu_reg(gic)?;
     let regions = match node.property("#redistributor-regions") {
         None => 1,
         Some(_) => match prop_u32(node, "#redistributor-regions") {
@@ -123,12 +123,16 @@ pub(super) fn timer(tree: &Tree, gic: usize) -> Result<TimerInfo> {
 
 /// The UART families the console driver knows, by `compatible`.
 const PL011: &[&str] = &["arm,pl011"];
+const SBSA_UART: &str = "arm,sbsa-uart";
 /// 8250/16550-style UARTs (`8250.yaml`): the registers are the same, `reg-shift` spaces them.
 const NS16550: &[&str] = &["ns16550a", "ns16550", "snps,dw-apb-uart"];
 
 pub(super) fn uart_kind(node: FdtNode) -> Result<Option<UartKind>> {
     if compatibles(node).any(|c| PL011.contains(&c)) {
         return Ok(Some(UartKind::Pl011));
+    }
+    if compatibles(node).any(|c| c == SBSA_UART) {
+        return Ok(Some(UartKind::SbsaUart));
     }
     if !compatibles(node).any(|c| NS16550.contains(&c)) {
         return Ok(None);
@@ -169,7 +173,7 @@ pub(super) fn uart<'b, 'a>(
             let any = (0..tree.nodes.len()).find(|&i| {
                 tree.enabled(i)
                     && compatibles(tree.nodes[i].node)
-                        .any(|c| PL011.contains(&c) || NS16550.contains(&c))
+                        .any(|c| PL011.contains(&c) || c == SBSA_UART || NS16550.contains(&c))
             });
             match (other, any) {
                 (Some(n), Some(any)) => {
@@ -197,7 +201,8 @@ pub(super) fn uart<'b, 'a>(
     };
     let node = tree.nodes[index].node;
     let kind = uart_kind(node)?.ok_or(PlatformError::NoUart)?;
-    let base = reg(node)?
+    let base = tree
+        .cpu_reg(index)?
         .first()
         .copied()
         .ok_or_else(|| missing(node, "reg"))?;
@@ -242,7 +247,8 @@ pub(super) fn smmus(tree: &Tree, gic: usize) -> Result<Vec<SmmuInfo>> {
     for index in tree.compatible("arm,smmu-v3") {
         let node = tree.nodes[index].node;
         let path = tree.path(index);
-        let regs = reg(node)?.first().copied();
+        let translated = tree.cpu_reg(index);
+        let regs = translated.as_ref().ok().and_then(|r| r.first().copied());
         let coherent = node.property("dma-coherent").is_some();
         let mut info = SmmuInfo {
             path,
@@ -256,6 +262,9 @@ pub(super) fn smmus(tree: &Tree, gic: usize) -> Result<Vec<SmmuInfo>> {
         };
         // Pages 0 and 1 (SMMUv3 spec 6.1: 64 KiB each) hold every register the driver uses.
         info.refused = match regs {
+            None if translated.is_err() => Some(String::from(
+                "its reg does not translate to a CPU address through its buses' ranges",
+            )),
             None => Some(String::from("it has no reg")),
             Some(r) if r.size < 0x2_0000 => Some(String::from(
                 "its reg is smaller than the two 64 KiB register pages",

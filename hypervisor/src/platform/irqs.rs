@@ -125,13 +125,29 @@ pub(crate) fn irqs(tree: &Tree, index: usize, gic: usize) -> Result<Irqs> {
     } else {
         return Ok(Irqs::None);
     }
+    // A controller with an `interrupt-map` is a nexus (DT spec 2.4.3, FVP's `bus@8000000`):
+    // each specifier goes on to the parent its map names.
+    let unit = unit_address(node);
+    let mut routed = Vec::with_capacity(entries.len());
+    for (ctrl, spec) in entries {
+        routed.push(through_nexus(tree, index, ctrl, spec, &unit)?);
+    }
+    let entries = routed;
     if let Some(&(other, _)) = entries.iter().find(|(c, _)| *c != gic) {
+        // Sub-controllers (an mbigen's children) often carry no compatible of their own: the
+        // nearest ancestor's names the hardware.
+        let mut at = Some(other);
+        let mut compatible = "";
+        while let Some(i) = at {
+            if let Some(c) = compatibles(tree.nodes[i].node).next() {
+                compatible = c;
+                break;
+            }
+            at = tree.nodes[i].parent.filter(|&p| p < i);
+        }
         return Ok(Irqs::Elsewhere {
             controller: tree.path(other),
-            compatible: compatibles(tree.nodes[other].node)
-                .next()
-                .unwrap_or("")
-                .to_string(),
+            compatible: compatible.to_string(),
         });
     }
     entries
@@ -139,6 +155,95 @@ pub(crate) fn irqs(tree: &Tree, index: usize, gic: usize) -> Result<Irqs> {
         .map(|(_, spec)| gic_intid(spec).ok_or_else(|| bad(node, "interrupts", GIC_RANGE)))
         .collect::<Result<Vec<_>>>()
         .map(Irqs::Gic)
+}
+
+/// The node's unit address as its `reg` spells it (all cells of the first entry's address,
+/// taken from the front; a nexus keys on as many as its own `#address-cells`).
+fn unit_address(node: fdt::node::FdtNode) -> Vec<u32> {
+    node.property("reg")
+        .and_then(|p| cells(p.value))
+        .unwrap_or_default()
+}
+
+/// Follows `interrupt-map` nexuses from `ctrl` until a controller without one (Linux
+/// `of_irq_parse_raw`): the child unit address and specifier, masked by `interrupt-map-mask`,
+/// select an entry, whose parent and parent specifier replace them. Bounded by the node count.
+fn through_nexus(
+    tree: &Tree,
+    index: usize,
+    mut ctrl: usize,
+    mut spec: Vec<u32>,
+    unit: &[u32],
+) -> Result<(usize, Vec<u32>)> {
+    let node = tree.nodes[index].node;
+    let mut unit = unit.to_vec();
+    for _ in 0..=tree.nodes.len() {
+        let nexus = tree.nodes[ctrl].node;
+        let Some(map) = nexus.property("interrupt-map") else {
+            return Ok((ctrl, spec));
+        };
+        let bad_map = |reason| bad(nexus, "interrupt-map", reason);
+        let ac = prop_u32(nexus, "#address-cells").unwrap_or(0) as usize;
+        let ic = spec.len();
+        if ac > 4 {
+            return Err(bad(nexus, "#address-cells", "more than 4 cells"));
+        }
+        let mut key: Vec<u32> = (0..ac).map(|i| unit.get(i).copied().unwrap_or(0)).collect();
+        key.extend_from_slice(&spec);
+        let mask = match nexus.property("interrupt-map-mask") {
+            None => alloc::vec![u32::MAX; key.len()],
+            Some(m) => cells(m.value)
+                .filter(|m| m.len() == key.len())
+                .ok_or_else(|| {
+                    bad(
+                        nexus,
+                        "interrupt-map-mask",
+                        "not #address-cells + #interrupt-cells cells",
+                    )
+                })?,
+        };
+        let masked = |v: &[u32]| -> Vec<u32> { v.iter().zip(&mask).map(|(a, m)| a & m).collect() };
+        let want = masked(&key);
+        let map = cells(map.value).ok_or_else(|| bad_map("not whole cells"))?;
+        let mut rest = &map[..];
+        let mut found = None;
+        while !rest.is_empty() {
+            let head = rest
+                .get(..ac + ic + 1)
+                .ok_or_else(|| bad_map("truncated entry"))?;
+            let parent = tree
+                .by_phandle(head[ac + ic])
+                .ok_or_else(|| bad_map("phandle names no node"))?;
+            let pn = tree.nodes[parent].node;
+            let pa = prop_u32(pn, "#address-cells").unwrap_or(0) as usize;
+            let pi = icells(tree, parent)
+                .ok_or_else(|| bad_map("parent has no usable #interrupt-cells"))?;
+            if pa > 4 {
+                return Err(bad_map("parent's #address-cells is more than 4"));
+            }
+            let len = ac + ic + 1 + pa + pi;
+            let entry = rest.get(..len).ok_or_else(|| bad_map("truncated entry"))?;
+            if found.is_none() && masked(&entry[..ac + ic]) == want {
+                found = Some((
+                    parent,
+                    entry[ac + ic + 1..ac + ic + 1 + pa].to_vec(),
+                    entry[ac + ic + 1 + pa..].to_vec(),
+                ));
+            }
+            rest = &rest[len..];
+        }
+        let (parent, parent_unit, parent_spec) = found.ok_or_else(|| {
+            bad(
+                node,
+                "interrupts",
+                "no entry of its interrupt parent's interrupt-map matches it",
+            )
+        })?;
+        ctrl = parent;
+        unit = parent_unit;
+        spec = parent_spec;
+    }
+    Err(bad(node, "interrupts", "its interrupt-map nexuses loop"))
 }
 
 const GIC_RANGE: &str = "not a GICv3 specifier (<type number flags>, known type, number in range)";

@@ -13,6 +13,8 @@ use alloc::vec::Vec;
 use fdt::Fdt;
 
 mod blob;
+#[cfg(test)]
+mod boards;
 mod boot_modules;
 mod devices;
 mod irqs;
@@ -20,7 +22,7 @@ mod props;
 mod ram;
 #[cfg(test)]
 mod tests;
-mod tree;
+pub(crate) mod tree;
 
 use blob::{check_blob, malformed};
 use boot_modules::modules;
@@ -83,6 +85,9 @@ pub struct TimerInfo {
 pub enum UartKind {
     /// Arm PrimeCell UART (PL011), `arm,pl011`.
     Pl011,
+    /// The SBSA Generic UART (`arm,sbsa-uart`, Arm SBSA appendix B): the PL011's data, flag and
+    /// interrupt registers, without UARTCR (firmware enables it).
+    SbsaUart,
     /// An 8250/16550-compatible UART (`ns16550a`, `snps,dw-apb-uart`): register `n` at byte
     /// offset `n << reg_shift`, accessed `reg_io_width` bytes wide (1 or 4).
     Ns16550 {
@@ -184,12 +189,12 @@ pub enum PlatformError {
     /// Neither `/chosen/stdout-path` nor any enabled UART node names a console the driver
     /// knows.
     #[error(
-        "DT has no console UART (no stdout-path, and no enabled arm,pl011, ns16550a or snps,dw-apb-uart node)"
+        "DT has no console UART (no stdout-path, and no enabled arm,pl011, arm,sbsa-uart, ns16550a or snps,dw-apb-uart node)"
     )]
     NoUart,
     /// `stdout-path` names a UART of a kind the console driver does not know, and there is no
     /// other one it does.
-    #[error("console {node}: compatible {compatible:?} is not a UART the hypervisor can drive (arm,pl011, ns16550a, snps,dw-apb-uart)")]
+    #[error("console {node}: compatible {compatible:?} is not a UART the hypervisor can drive (arm,pl011, arm,sbsa-uart, ns16550a, snps,dw-apb-uart)")]
     UnsupportedUart {
         /// Path of the UART node.
         node: String,
@@ -304,9 +309,8 @@ pub fn early_console(dtb: &[u8]) -> Option<(u64, UartKind)> {
         let tree = tree::Tree::new(fdt)?;
         let chosen = fdt.find_node("/chosen")?;
         let index = devices::stdout_node(&tree, fdt, prop_str(chosen, "stdout-path")?)?;
-        let node = tree.nodes[index].node;
-        let kind = devices::uart_kind(node).ok()??;
-        let base = reg(node).ok()?.first()?.base;
+        let kind = devices::uart_kind(tree.nodes[index].node).ok()??;
+        let base = tree.cpu_reg(index).ok()?.first()?.base;
         Some((base, kind))
     })
     .ok()

@@ -85,6 +85,68 @@ impl<'b, 'a> Tree<'b, 'a> {
         path
     }
 
+    /// The CPU physical address of `addr`, an address in the space of node `index`'s parent
+    /// bus (what its `reg` holds), through every ancestor's `ranges` (DT spec 2.3.8): an empty
+    /// `ranges` is the identity, a bus without one is not memory-mapped. `Err` says why it does
+    /// not translate.
+    pub(crate) fn translate(&self, index: usize, addr: u64) -> Result<u64, &'static str> {
+        let mut addr = addr;
+        let mut bus = self.nodes[index].parent;
+        // Bounded: parents always come earlier in document order.
+        while let Some(b) = bus {
+            let Some(up) = self.nodes[b].parent.filter(|&p| p < b) else {
+                return Ok(addr); // the root's space is the CPU's
+            };
+            let node = self.nodes[b].node;
+            let Some(ranges) = node.property("ranges") else {
+                return Err("a bus above it has no ranges (not memory-mapped)");
+            };
+            if !ranges.value.is_empty() {
+                let cells =
+                    super::props::cells(ranges.value).ok_or("a ranges is not whole cells")?;
+                let ac = prop_u32(node, "#address-cells").unwrap_or(2) as usize;
+                let sc = prop_u32(node, "#size-cells").unwrap_or(1) as usize;
+                let pac = prop_u32(self.nodes[up].node, "#address-cells").unwrap_or(2) as usize;
+                if !(1..=2).contains(&ac) || !(1..=2).contains(&pac) || !(1..=2).contains(&sc) {
+                    return Err("a bus above it has cell sizes other than 1 or 2");
+                }
+                let join = |c: &[u32]| c.iter().fold(0u64, |a, &v| (a << 32) | u64::from(v));
+                let stride = ac + pac + sc;
+                if !cells.len().is_multiple_of(stride) {
+                    return Err("a ranges above it is not a whole number of entries");
+                }
+                addr = cells
+                    .chunks_exact(stride)
+                    .find_map(|e| {
+                        let (child, parent, size) =
+                            (join(&e[..ac]), join(&e[ac..ac + pac]), join(&e[ac + pac..]));
+                        (addr >= child && addr - child < size)
+                            .then(|| parent.checked_add(addr - child))
+                            .flatten()
+                    })
+                    .ok_or("no ranges entry of a bus above it covers it")?;
+            }
+            bus = Some(up);
+        }
+        Ok(addr)
+    }
+
+    /// The node's `reg` entries as CPU physical ranges ([`Self::translate`]).
+    pub(crate) fn cpu_reg(&self, index: usize) -> super::Result<Vec<super::MemRange>> {
+        let node = self.nodes[index].node;
+        super::props::reg(node)?
+            .into_iter()
+            .map(|r| {
+                let base = self
+                    .translate(index, r.base)
+                    .map_err(|why| super::props::bad(node, "reg", why))?;
+                base.checked_add(r.size)
+                    .ok_or_else(|| super::props::bad(node, "reg", "translated range wraps"))?;
+                Ok(super::MemRange { base, size: r.size })
+            })
+            .collect()
+    }
+
     /// The node at `path` ("/soc/serial@fe660000"); a component without a unit address matches
     /// a node whose name has one, as in Linux's `of_find_node_by_path`.
     pub(crate) fn find(&self, path: &str) -> Option<usize> {
