@@ -40,6 +40,20 @@ pub fn type_paced(q: &mut Qemu, text: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Types a computation into `vm`'s shell (which has the input) and checks that the answer comes
+/// back as a whole line of that VM: `[vm] 42<vm>`. The typed line itself echoes as `$((6*7))`,
+/// so only the shell's answer can match.
+pub fn check_answer(q: &mut Qemu, vm: &str) -> Result<(), Error> {
+    q.send(&format!("echo $((6*7)){vm}\n"))?;
+    let line = q.wait_for(&format!("42{vm}"), STEP_TIMEOUT)?;
+    assert_eq!(
+        line.trim_end(),
+        format!("[{vm}] 42{vm}"),
+        "the answer to what was typed must be a line of {vm}, the VM with the input"
+    );
+    Ok(())
+}
+
 /// Switches the console input to `vm` (Ctrl-\ then its digit) and waits for the hypervisor to
 /// say so (a global wait: it consumes the lines up to that one).
 pub fn focus(q: &mut Qemu, vm: &str) -> Result<(), Error> {

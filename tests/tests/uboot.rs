@@ -15,9 +15,9 @@ use std::fs;
 use std::time::Duration;
 
 use integration_tests::{
-    check_uboot_commands, check_vm_guest_facts, doc_uboot_commands, focus, hv_text, repo_root,
-    stock_guest_dir, stop_autoboot, type_uboot_commands, uboot_literal_vars, uboot_words, Line,
-    Qemu, Stream, BOOT_TIMEOUT, STEP_TIMEOUT, UBOOT_DOC,
+    check_answer, check_uboot_commands, check_vm_guest_facts, doc_uboot_commands, focus, hv_text,
+    repo_root, stock_guest_dir, stop_autoboot, type_uboot_commands, uboot_literal_vars,
+    uboot_words, Line, Qemu, Stream, BOOT_TIMEOUT, STEP_TIMEOUT, UBOOT_DOC,
 };
 
 /// vCPUs of each VM, in the doc's block and in the board script's generated VMs.
@@ -83,19 +83,6 @@ fn qemu_exec_at(lines: &[Line]) -> Duration {
         })
         .map(|l| l.at)
         .expect("qemu/board-virt.sh shows the QEMU command line before it execs QEMU")
-}
-
-/// Types a computation into `vm`'s shell (which has the input); its answer must come back as a
-/// whole line of that VM (the echo of the typed line shows `$((6*7))`, not the answer).
-fn answer(q: &mut Qemu, vm: &str) -> Result<(), integration_tests::Error> {
-    q.send(&format!("echo $((6*7)){vm}\n"))?;
-    let line = q.wait_for(&format!("42{vm}"), STEP_TIMEOUT)?;
-    assert_eq!(
-        line.trim_end(),
-        format!("[{vm}] 42{vm}"),
-        "the answer to what was typed must be a line of {vm}, the VM with the input"
-    );
-    Ok(())
 }
 
 /// Both VMs' facts (each among its own lines) and their shells; returns their inits' times.
@@ -182,7 +169,7 @@ fn uboot_booti_from_the_doc_boots_two_vms() -> Result<(), integration_tests::Err
     let uboot_inits = both_vms_up(&mut q)?;
     for vm in VMS.iter().rev() {
         focus(&mut q, vm)?;
-        answer(&mut q, vm)?;
+        check_answer(&mut q, vm)?;
         q.send("poweroff -f\n")?;
         q.wait_for(&format!("[hv] {vm}: stopped"), STEP_TIMEOUT)?;
     }
