@@ -40,7 +40,10 @@ fn guest_facts_reboots_and_system_off() -> Result<(), integration_tests::Error> 
             "virtio-rng-pci,disable-legacy=on,addr=3",
         ],
     )?;
-    let smmu = q.wait_for_all(&["[hv] smmu: SMMUv3 at", "global bypass off"], BOOT_TIMEOUT)?;
+    let smmu = q.wait_for_all(
+        &["[hv] smmu: /smmuv3@9050000 (SMMUv3 at", "global bypass off"],
+        BOOT_TIMEOUT,
+    )?;
     println!("hypervisor: {smmu}");
     let rng = q.wait_for_all(&["[hv] pci: 00:03.0 [1af4:1044]", "BAR"], STEP_TIMEOUT)?;
     println!("hypervisor: {rng}");
