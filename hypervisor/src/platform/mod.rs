@@ -14,6 +14,8 @@ use fdt::Fdt;
 
 mod blob;
 mod boot_modules;
+#[cfg(test)]
+mod corpus_tests;
 mod devices;
 mod props;
 mod ram;
