@@ -70,12 +70,16 @@ struct Outcome {
     vms: core::result::Result<Vec<core::result::Result<VmSpec, ConfigError>>, PlatformError>,
 }
 
+/// The three readers' answers, checked against the invariants of the `host_dt` fuzz target
+/// (`fuzz_harness::host_dt`: one validation, well-formed results).
 fn outcome(dtb: &[u8]) -> Outcome {
-    Outcome {
+    let o = Outcome {
         platform: Platform::parse(dtb),
         bridge: HostBridge::from_dtb(dtb),
         vms: parse_vm_specs(dtb),
-    }
+    };
+    crate::fuzz_harness::host_dt::check(&o.platform, &o.bridge, &o.vms);
+    o
 }
 
 /// What a case must come to besides returning: a set of these bits, all of which must hold.
