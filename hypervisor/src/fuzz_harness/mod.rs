@@ -9,11 +9,13 @@
 //! - [`vgic`]: the virtual GICv3 distributor and redistributors, with simulated list registers;
 //! - [`vpl011`]: the virtual PL011, the console input path into it and the console output mux;
 //! - [`vecam`]: the virtual ECAM, over a recording fake configuration space;
-//! - [`bars`]: the guest's BAR moves against where `vm::bars` maps them in its stage 2.
+//! - [`bars`]: the guest's BAR moves against where `vm::bars` maps them in its stage 2;
+//! - [`host_dt`]: not a guest's model but the readers of the untrusted host DT, on any blob.
 //!
 //! Compiled only under `cfg(test)` or the `fuzzing` feature; no `unsafe`.
 
 pub mod bars;
+pub mod host_dt;
 pub mod vecam;
 pub mod vgic;
 pub mod vpl011;

@@ -262,9 +262,10 @@ pub(super) fn smmus(tree: &Tree, gic: usize) -> Result<Vec<SmmuInfo>> {
         };
         // Pages 0 and 1 (SMMUv3 spec 6.1: 64 KiB each) hold every register the driver uses.
         info.refused = match regs {
-            None if translated.is_err() => Some(String::from(
-                "its reg does not translate to a CPU address through its buses' ranges",
-            )),
+            None if translated.is_err() => translated
+                .as_ref()
+                .err()
+                .map(|e| alloc::format!("its reg is unusable ({e})")),
             None => Some(String::from("it has no reg")),
             Some(r) if r.size < 0x2_0000 => Some(String::from(
                 "its reg is smaller than the two 64 KiB register pages",

@@ -14,8 +14,10 @@ use fdt::Fdt;
 
 mod blob;
 #[cfg(test)]
-mod boards;
+mod board_tests;
 mod boot_modules;
+#[cfg(test)]
+mod corpus_tests;
 mod devices;
 mod irqs;
 mod props;
