@@ -33,10 +33,6 @@ pub struct PhysFacts {
 /// Why a VM gets no vSMMU (its devices then run on stage 2 only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum NoVsmmu {
-    /// The DT names no eventq or gerror interrupt for the SMMU: the guest could not be told of
-    /// its events.
-    #[error("the SMMU's DT node names no eventq/gerror interrupts")]
-    NoInterrupts,
     /// The SMMU cannot nest stage 1 over stage 2.
     #[error("the SMMU cannot nest stage 1 over stage 2")]
     NoNesting,
@@ -67,18 +63,24 @@ const GUEST_SID_BITS: u8 = 16;
 
 impl VmSmmu {
     /// A vSMMU for VM `vm` owning `stream_ids` (the guest sees them under the same numbers, its
-    /// `iommu-map` being the identity like the host's), at the physical SMMU's address and
-    /// interrupt numbers, forwarding to stage-2 configuration `s2`.
+    /// `iommu-map` repeating the host's), at the physical SMMU's address, forwarding to stage-2
+    /// configuration `s2`. Its interrupts are the physical SMMU's numbers where the DT wires it
+    /// two distinct GIC lines the VM's vGIC has (`spi_end`: one past its last SPI), so the
+    /// guest's DT reads like the host's; else (MSIs, mbigen lines, one combined line, SPIs
+    /// beyond the vGIC's) the vGIC's last two SPIs. They are virtual either way: the vSMMU
+    /// raises them itself.
     pub fn new(
         vm: &str,
         info: &SmmuInfo,
         phys: &PhysFacts,
         stream_ids: &[u32],
         s2: smmu::ste::S2Config,
+        spi_end: u32,
     ) -> Result<Self, NoVsmmu> {
-        let (Some(eventq_intid), Some(gerror_intid)) = (info.eventq_intid, info.gerror_intid)
-        else {
-            return Err(NoVsmmu::NoInterrupts);
+        let fits = |i: u32| (32..spi_end).contains(&i);
+        let (eventq_intid, gerror_intid) = match (info.eventq_intid, info.gerror_intid) {
+            (Some(e), Some(g)) if e != g && fits(e) && fits(g) => (e, g),
+            _ => (spi_end - 2, spi_end - 1),
         };
         if !phys.nesting {
             return Err(NoVsmmu::NoNesting);
@@ -222,5 +224,50 @@ impl VmSmmu {
             summary,
             alloc::format!("vsmmu: {vm} traps by register: {}", by_reg.join(", ")),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    fn info(eventq: Option<u32>, gerror: Option<u32>) -> SmmuInfo {
+        SmmuInfo {
+            path: "/smmuv3@9050000".to_string(),
+            phandle: Some(1),
+            regs: MemRange {
+                base: 0x905_0000,
+                size: 0x2_0000,
+            },
+            eventq_intid: eventq,
+            gerror_intid: gerror,
+            coherent: true,
+            polled: None,
+            refused: None,
+        }
+    }
+
+    fn intids(i: &SmmuInfo) -> (u32, u32) {
+        let phys = PhysFacts {
+            nesting: true,
+            stalls_forced: false,
+            idr5: 0,
+            ril: false,
+        };
+        let s2 = crate::stage2::smmu_s2_config(44, 1, 0x1000);
+        let v = VmSmmu::new("vm0", i, &phys, &[8], s2, 32 + 128).unwrap();
+        (v.eventq_intid, v.gerror_intid)
+    }
+
+    #[test]
+    fn interrupts_mirror_the_host_where_they_can() {
+        // Two distinct lines the vGIC has: the guest's DT reads like the host's.
+        assert_eq!(intids(&info(Some(106), Some(109))), (106, 109));
+        // Polled (MSIs, mbigen lines), one combined line, or lines beyond the vGIC's SPIs: the
+        // vGIC's last two SPIs, so the guest's driver still gets its two interrupts.
+        assert_eq!(intids(&info(None, None)), (158, 159));
+        assert_eq!(intids(&info(Some(260), Some(260))), (158, 159));
+        assert_eq!(intids(&info(Some(401), Some(403))), (158, 159));
     }
 }

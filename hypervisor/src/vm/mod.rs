@@ -238,7 +238,7 @@ impl Vm {
         let vsmmu = smmu.filter(|_| has_devices).and_then(|s| {
             let s2 = crate::stage2::smmu_s2_config(s.oas_bits, vmid, stage2.root_pa());
             let ids = &config.devices.stream_ids;
-            match VmSmmu::new(&config.name, s.info, &s.phys, ids, s2) {
+            match VmSmmu::new(&config.name, s.info, &s.phys, ids, s2, 32 + VGIC_SPIS) {
                 Ok(v) => {
                     log::info!(
                         "vsmmu: {}: SMMUv3 (stage 1) at {:#x}, StreamIDs {ids:?}",
