@@ -2,7 +2,6 @@
 //! `Documentation/devicetree/bindings/pci/host-generic-pci.yaml`, the generic PCI bus binding
 //! `pci-bus-common.yaml`, and `pci-iommu.yaml` for `iommu-map`).
 
-use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
@@ -12,7 +11,7 @@ use fdt::Fdt;
 use super::{Bdf, PciError};
 use crate::platform::tree::Tree;
 use crate::platform::{
-    bad, cells, compatibles, is_enabled, missing, prop_u32, reg, with_fdt, MemRange, PlatformError,
+    bad, cells, compatibles, missing, prop_u32, reg, with_fdt, MemRange, PlatformError,
 };
 
 /// The address space a `ranges` entry maps, from bits 25:24 (`ss`) of its first PCI address
@@ -194,6 +193,9 @@ pub struct HostBridge {
     pub dma_coherent: bool,
 }
 
+/// The binding of the generic ECAM host bridge (`host-generic-pci.yaml`).
+const GENERIC_ECAM: &str = "pci-host-ecam-generic";
+
 /// A PCI host bridge node of the host DT, generic or not.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BridgeNode {
@@ -203,6 +205,8 @@ pub struct BridgeNode {
     pub compatible: String,
     /// `linux,pci-domain`.
     pub domain: Option<u32>,
+    /// Compatible with `pci-host-ecam-generic`.
+    pub generic: bool,
     /// The bridge, if it is a generic ECAM one; else why the hypervisor cannot take it.
     pub bridge: Result<HostBridge, PlatformError>,
 }
@@ -212,27 +216,52 @@ pub struct BridgeNode {
 /// (DesignWare, vendor controllers that need their own drivers) named with their compatible.
 pub fn host_bridges(dtb: &[u8]) -> Result<Vec<BridgeNode>, PciError> {
     with_fdt(dtb, |fdt| {
-        let mut out = Vec::new();
-        walk_bridges(fdt, fdt.find_node("/"), "", &mut out, 0);
-        // `reg` and the CPU side of `ranges` are in the parent bus's space: through the buses'
-        // `ranges` to CPU addresses (a bridge under /soc on most boards).
-        if let Some(tree) = Tree::new(fdt) {
-            for b in &mut out {
-                let Some(index) = tree.find(&b.path) else {
-                    continue;
+        let Some(tree) = Tree::new(fdt) else {
+            return Vec::new();
+        };
+        let generic = |i: usize| compatibles(tree.nodes[i].node).any(|c| c == GENERIC_ECAM);
+        let is_host = |i: usize| {
+            i > 0
+                && (generic(i)
+                    || tree.nodes[i]
+                        .node
+                        .property("device_type")
+                        .is_some_and(|p| p.value.starts_with(b"pci\0")))
+        };
+        (0..tree.nodes.len())
+            // A host bridge's children are PCI devices and bridges, not host bridges.
+            .filter(|&i| is_host(i) && tree.enabled(i) && !tree.ancestors(i).skip(1).any(is_host))
+            .map(|i| {
+                let node = tree.nodes[i].node;
+                let path = tree.path(i);
+                let bridge = if generic(i) {
+                    // `reg` and the CPU side of `ranges` are in the parent bus's space: through
+                    // the buses' `ranges` to CPU addresses (a bridge under /soc on most boards).
+                    parse(fdt, node).and_then(|mut h| {
+                        to_cpu(&tree, i, &mut h).map(|()| h).map_err(|why| {
+                            PlatformError::BadProperty {
+                                node: path.clone(),
+                                property: "reg",
+                                reason: why,
+                            }
+                        })
+                    })
+                } else {
+                    Err(PlatformError::BadProperty {
+                        node: path.clone(),
+                        property: "compatible",
+                        reason: "not a generic ECAM host bridge (pci-host-ecam-generic): it needs a driver of its own",
+                    })
                 };
-                if let Ok(h) = &mut b.bridge {
-                    if let Err(why) = to_cpu(&tree, index, h) {
-                        b.bridge = Err(PlatformError::BadProperty {
-                            node: b.path.clone(),
-                            property: "reg",
-                            reason: why,
-                        });
-                    }
+                BridgeNode {
+                    compatible: compatibles(node).next().unwrap_or("").to_string(),
+                    domain: prop_u32(node, "linux,pci-domain"),
+                    generic: generic(i),
+                    path,
+                    bridge,
                 }
-            }
-        }
-        out
+            })
+            .collect()
     })
     .map_err(PciError::from)
 }
@@ -250,52 +279,6 @@ fn to_cpu(tree: &Tree, index: usize, h: &mut HostBridge) -> Result<(), &'static 
     Ok(())
 }
 
-fn walk_bridges(
-    fdt: &Fdt,
-    node: Option<FdtNode>,
-    path: &str,
-    out: &mut Vec<BridgeNode>,
-    depth: usize,
-) {
-    let Some(node) = node else { return };
-    // The blob validator bounds the depth to 63; this bound only keeps the recursion obvious.
-    if depth > 64 || !is_enabled(node) {
-        return;
-    }
-    for child in node.children() {
-        if !is_enabled(child) {
-            continue;
-        }
-        let child_path = format!("{path}/{}", child.name);
-        let generic = compatibles(child).any(|c| c == "pci-host-ecam-generic");
-        let is_pci = generic
-            || child
-                .property("device_type")
-                .is_some_and(|p| p.value.starts_with(b"pci\0"));
-        if is_pci {
-            let compatible = compatibles(child).next().unwrap_or("").to_string();
-            let bridge = if generic {
-                parse(fdt, child)
-            } else {
-                Err(PlatformError::BadProperty {
-                    node: child_path.clone(),
-                    property: "compatible",
-                    reason: "not a generic ECAM host bridge (pci-host-ecam-generic): it needs a driver of its own",
-                })
-            };
-            out.push(BridgeNode {
-                path: child_path,
-                compatible,
-                domain: prop_u32(child, "linux,pci-domain"),
-                bridge,
-            });
-            // A host bridge's children are PCI devices and bridges, not host bridges.
-            continue;
-        }
-        walk_bridges(fdt, Some(child), &child_path, out, depth + 1);
-    }
-}
-
 /// ECAM gives each bus 1 MiB: 32 devices x 8 functions x 4 KiB (PCIe Base spec 7.2.2).
 const ECAM_BUS_SHIFT: u32 = 20;
 
@@ -305,7 +288,7 @@ impl HostBridge {
     pub fn from_dtb(dtb: &[u8]) -> Result<Option<HostBridge>, PciError> {
         host_bridges(dtb)?
             .into_iter()
-            .find(|b| b.compatible == "pci-host-ecam-generic" || b.bridge.is_ok())
+            .find(|b| b.generic)
             .map(|b| b.bridge.map_err(PciError::from))
             .transpose()
     }

@@ -170,11 +170,10 @@ pub(super) fn uart<'b, 'a>(
     let index = match named {
         Some(i) if uart_kind(tree.nodes[i].node)?.is_some() => i,
         other => {
-            let any = (0..tree.nodes.len()).find(|&i| {
-                tree.enabled(i)
-                    && compatibles(tree.nodes[i].node)
-                        .any(|c| PL011.contains(&c) || c == SBSA_UART || NS16550.contains(&c))
-            });
+            // A UART of a known kind, even one whose properties are then refused: the error
+            // names it.
+            let any = (0..tree.nodes.len())
+                .find(|&i| tree.enabled(i) && !matches!(uart_kind(tree.nodes[i].node), Ok(None)));
             match (other, any) {
                 (Some(n), Some(any)) => {
                     note = Some(alloc::format!(

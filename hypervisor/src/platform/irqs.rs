@@ -51,10 +51,8 @@ fn interrupt_parent(tree: &Tree, index: usize) -> Result<Option<usize>> {
     for _ in 0..=tree.nodes.len() {
         let c = tree.nodes[child].node;
         let parent = match c.property("interrupt-parent") {
-            Some(p) => {
-                let ph: Option<[u8; 4]> = p.value.try_into().ok();
-                let ph = ph
-                    .map(u32::from_be_bytes)
+            Some(_) => {
+                let ph = prop_u32(c, "interrupt-parent")
                     .ok_or_else(|| bad(c, "interrupt-parent", "not one cell"))?;
                 Some(
                     tree.by_phandle(ph)
@@ -136,15 +134,10 @@ pub(crate) fn irqs(tree: &Tree, index: usize, gic: usize) -> Result<Irqs> {
     if let Some(&(other, _)) = entries.iter().find(|(c, _)| *c != gic) {
         // Sub-controllers (an mbigen's children) often carry no compatible of their own: the
         // nearest ancestor's names the hardware.
-        let mut at = Some(other);
-        let mut compatible = "";
-        while let Some(i) = at {
-            if let Some(c) = compatibles(tree.nodes[i].node).next() {
-                compatible = c;
-                break;
-            }
-            at = tree.nodes[i].parent.filter(|&p| p < i);
-        }
+        let compatible = tree
+            .ancestors(other)
+            .find_map(|i| compatibles(tree.nodes[i].node).next())
+            .unwrap_or("");
         return Ok(Irqs::Elsewhere {
             controller: tree.path(other),
             compatible: compatible.to_string(),

@@ -31,7 +31,7 @@ use boot_modules::modules;
 use devices::{cpus, gic, psci, smmus, timer, uart};
 use ram::{memory, reserved};
 
-pub(crate) use props::{bad, be, cells, compatibles, is_enabled, missing, prop_str, prop_u32, reg};
+pub(crate) use props::{bad, be, cells, compatibles, missing, prop_str, prop_u32, reg};
 
 /// A physical (or, for guests, IPA) address range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

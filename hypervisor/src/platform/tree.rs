@@ -40,16 +40,17 @@ impl<'b, 'a> Tree<'b, 'a> {
             let children: Vec<_> = node.children().collect();
             stack.extend(children.into_iter().rev().map(|c| (c, Some(index))));
         }
-        let mut phandles = BTreeMap::new();
-        for (i, n) in nodes.iter().enumerate() {
-            // Old blobs spell it `linux,phandle`. The first node claiming a value keeps it.
-            if let Some(p) =
-                prop_u32(n.node, "phandle").or_else(|| prop_u32(n.node, "linux,phandle"))
-            {
-                phandles.entry(p).or_insert(i);
+        let mut tree = Tree {
+            nodes,
+            phandles: BTreeMap::new(),
+        };
+        for i in 0..tree.nodes.len() {
+            // The first node claiming a value keeps it.
+            if let Some(p) = tree.phandle_of(i) {
+                tree.phandles.entry(p).or_insert(i);
             }
         }
-        Some(Tree { nodes, phandles })
+        Some(tree)
     }
 
     /// The node a phandle names.
@@ -57,7 +58,7 @@ impl<'b, 'a> Tree<'b, 'a> {
         self.phandles.get(&phandle).copied()
     }
 
-    /// The node's own phandle, if it has one.
+    /// The node's own phandle, if it has one (old blobs spell it `linux,phandle`).
     pub(crate) fn phandle_of(&self, index: usize) -> Option<u32> {
         let n = self.nodes[index].node;
         prop_u32(n, "phandle").or_else(|| prop_u32(n, "linux,phandle"))
@@ -65,15 +66,11 @@ impl<'b, 'a> Tree<'b, 'a> {
 
     /// The node's full path, for messages ("/soc/iommu@fc900000").
     pub(crate) fn path(&self, index: usize) -> String {
-        let mut names = Vec::new();
-        let mut at = Some(index);
-        // Bounded: parents always come earlier in document order.
-        while let Some(i) = at {
-            if self.nodes[i].parent.is_some() {
-                names.push(self.nodes[i].node.name);
-            }
-            at = self.nodes[i].parent.filter(|&p| p < i);
-        }
+        let names: Vec<&str> = self
+            .ancestors(index)
+            .filter(|&i| self.nodes[i].parent.is_some())
+            .map(|i| self.nodes[i].node.name)
+            .collect();
         if names.is_empty() {
             return String::from("/");
         }
@@ -166,14 +163,14 @@ impl<'b, 'a> Tree<'b, 'a> {
     /// Whether the node and every ancestor are enabled: a disabled bus disables what sits on it
     /// (Linux `of_device_is_available` on each level, as `of_platform_populate` walks it).
     pub(crate) fn enabled(&self, index: usize) -> bool {
-        let mut at = Some(index);
-        while let Some(i) = at {
-            if !is_enabled(self.nodes[i].node) {
-                return false;
-            }
-            at = self.nodes[i].parent.filter(|&p| p < i);
-        }
-        true
+        self.ancestors(index)
+            .all(|i| is_enabled(self.nodes[i].node))
+    }
+
+    /// The node itself, then its parent, up to the root. Bounded: parents always come earlier
+    /// in document order.
+    pub(crate) fn ancestors(&self, index: usize) -> impl Iterator<Item = usize> + '_ {
+        core::iter::successors(Some(index), |&i| self.nodes[i].parent.filter(|&p| p < i))
     }
 
     /// Indices of the enabled nodes with compatible `compat`, in document order.
