@@ -401,7 +401,7 @@ impl core::fmt::Debug for SmmuUnit {
 }
 
 /// Every SMMU the hypervisor drives, set once at boot ([`init`]); a unit's index is what
-/// `VmDevices::smmu` and [`PhysSmmu`] name.
+/// `VmDevices::smmus` and [`PhysSmmu`] name.
 static UNITS: spin::Once<Vec<SmmuUnit>> = spin::Once::new();
 
 fn units() -> &'static [SmmuUnit] {
@@ -412,6 +412,11 @@ fn unit(index: usize) -> Result<&'static SmmuUnit, DriverError> {
     units()
         .get(index)
         .ok_or(DriverError::MissingFeature("SMMU"))
+}
+
+/// The DT path of driven SMMU `unit`, for messages.
+pub fn unit_path(index: usize) -> &'static str {
+    units().get(index).map_or("no SMMU", |u| u.path.as_str())
 }
 
 /// Whether `intid` is one of a driven SMMU's wired interrupts.

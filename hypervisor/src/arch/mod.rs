@@ -454,7 +454,7 @@ fn build_vms(
             bootargs,
             devices,
         };
-        let devices_smmu = vm_config.devices.smmu;
+        let units: Vec<usize> = vm_config.devices.smmus.iter().map(|u| u.unit).collect();
         let heap_before = ALLOCATOR.lock().stats_alloc_actual();
         let ram_ipa = MemRange {
             base: p.memory[0].base,
@@ -464,15 +464,18 @@ fn build_vms(
         // the DTB, reserved memory, every boot module and every other VM's RAM.
         let ram = unsafe { guest_mem::PhysRam::new(ram_ipa, PhysAddr(plan.ram_pa)) };
         let ram = alloc::boxed::Box::new(ram);
-        let smmu = devices_smmu
-            .and_then(iommu::facts)
-            .and_then(|(info, oas_bits, phys)| {
+        let smmus: Vec<SmmuFacts> = units
+            .iter()
+            .filter_map(|&unit| {
+                let (info, oas_bits, phys) = iommu::facts(unit)?;
                 p.smmus.get(info).map(|info| SmmuFacts {
+                    unit,
                     info,
                     oas_bits,
                     phys,
                 })
-            });
+            })
+            .collect();
         let vm = match Vm::new(
             id,
             vm_config,
@@ -480,7 +483,7 @@ fn build_vms(
             ram,
             PhysAddr(plan.ram_pa),
             iommu.host.as_ref(),
-            smmu,
+            &smmus,
         ) {
             Ok(vm) => vm,
             Err(e) => {
@@ -490,11 +493,20 @@ fn build_vms(
         };
         let d = &vm.config.devices;
         if !d.functions.is_empty() {
-            let attached = match d.smmu {
-                Some(unit) => {
-                    iommu::attach_stage2(&vm.config.name, unit, &d.stream_ids, vm.vmid, vm.s2_root)
-                }
-                None => Err(iommu::DeviceError::NoSmmu),
+            // Every SMMU its functions sit behind translates them through its stage 2, or the VM
+            // does not start.
+            let attached = if d.smmus.is_empty() {
+                Err(iommu::DeviceError::NoSmmu)
+            } else {
+                d.smmus.iter().try_for_each(|u| {
+                    iommu::attach_stage2(
+                        &vm.config.name,
+                        u.unit,
+                        &u.stream_ids,
+                        vm.vmid,
+                        vm.s2_root,
+                    )
+                })
             };
             if let Err(e) = attached {
                 log::error!(
@@ -503,13 +515,18 @@ fn build_vms(
                 );
                 continue;
             }
+            let streams: Vec<String> = d
+                .smmus
+                .iter()
+                .map(|u| alloc::format!("{:?} on {}", u.stream_ids, iommu::unit_path(u.unit)))
+                .collect();
             for f in &d.functions {
                 log::info!(
-                    "{}: assigned {} (IOMMU groups {:?}, StreamIDs {:?})",
+                    "{}: assigned {} (IOMMU groups {:?}, StreamIDs {})",
                     plan.name,
                     f.bdf,
                     d.groups,
-                    d.stream_ids
+                    streams.join(", ")
                 );
             }
             assigned.push((plan.name.clone(), plan.pci_devices.clone()));

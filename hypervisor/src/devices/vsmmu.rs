@@ -40,11 +40,19 @@ pub enum NoVsmmu {
     /// S = 0 (its vSMMU says there are no stalls, STALL_MODEL = 0b01).
     #[error("the SMMU forces stalls, which a guest's stage 1 cannot use")]
     StallsForced,
+    /// Every SPI of the VM's vGIC is taken: the vSMMU's two lines have nowhere to go.
+    #[error("no two SPIs of the VM's vGIC are free for its interrupts")]
+    NoSpi,
 }
 
 /// A VM's emulated SMMUv3: where the guest sees it and the model behind it.
 #[derive(Debug)]
 pub struct VmSmmu {
+    /// The driver instance of the physical SMMU it sits on (`arch::iommu`'s unit index).
+    pub unit: usize,
+    /// The physical SMMU's phandle: the host bridge `iommu-map` entries naming it name this
+    /// vSMMU in the guest's.
+    pub host_phandle: Option<u32>,
     /// Register pages 0 and 1 (guest IPA; never mapped, every access traps).
     pub regs: MemRange,
     /// INTID of its event queue interrupt (an edge SPI).
@@ -61,27 +69,40 @@ const GUEST_OAS_BITS: u8 = 40;
 /// StreamID bits the guest sees: any PCI Requester ID, as on the physical SMMU.
 const GUEST_SID_BITS: u8 = 16;
 
+/// The vSMMU's two interrupts (eventq, gerror): the physical SMMU's numbers where the DT wires
+/// it two distinct GIC lines the VM's vGIC has (`spi_end`: one past its last SPI) and nothing
+/// in `used` (the VM's other lines) has them, so the guest's DT reads like the host's; else
+/// (MSIs, mbigen lines, one combined line, SPIs beyond the vGIC's, a clash) the highest pair of
+/// free SPIs. They are virtual either way: the vSMMU raises them itself. `None` when no two
+/// SPIs are free.
+pub fn pick_intids(info: &SmmuInfo, spi_end: u32, used: &[u32]) -> Option<(u32, u32)> {
+    let free = |i: u32| (32..spi_end).contains(&i) && !used.contains(&i);
+    if let (Some(e), Some(g)) = (info.eventq_intid, info.gerror_intid) {
+        if e != g && free(e) && free(g) {
+            return Some((e, g));
+        }
+    }
+    let mut spare = (32..spi_end).rev().filter(|&i| free(i));
+    let gerror = spare.next()?;
+    let eventq = spare.next()?;
+    Some((eventq, gerror))
+}
+
 impl VmSmmu {
-    /// A vSMMU for VM `vm` owning `stream_ids` (the guest sees them under the same numbers, its
-    /// `iommu-map` repeating the host's), at the physical SMMU's address, forwarding to stage-2
-    /// configuration `s2`. Its interrupts are the physical SMMU's numbers where the DT wires it
-    /// two distinct GIC lines the VM's vGIC has (`spi_end`: one past its last SPI), so the
-    /// guest's DT reads like the host's; else (MSIs, mbigen lines, one combined line, SPIs
-    /// beyond the vGIC's) the vGIC's last two SPIs. They are virtual either way: the vSMMU
-    /// raises them itself.
+    /// A vSMMU for VM `vm` owning `stream_ids` of physical SMMU `unit` (the guest sees them
+    /// under the same numbers, its `iommu-map` repeating the host's), at the physical SMMU's
+    /// address, forwarding to stage-2 configuration `s2`, raising `intids` (eventq, gerror;
+    /// see [`pick_intids`]).
     pub fn new(
         vm: &str,
+        unit: usize,
         info: &SmmuInfo,
         phys: &PhysFacts,
         stream_ids: &[u32],
         s2: smmu::ste::S2Config,
-        spi_end: u32,
+        intids: (u32, u32),
     ) -> Result<Self, NoVsmmu> {
-        let fits = |i: u32| (32..spi_end).contains(&i);
-        let (eventq_intid, gerror_intid) = match (info.eventq_intid, info.gerror_intid) {
-            (Some(e), Some(g)) if e != g && fits(e) && fits(g) => (e, g),
-            _ => (spi_end - 2, spi_end - 1),
-        };
+        let (eventq_intid, gerror_intid) = intids;
         if !phys.nesting {
             return Err(NoVsmmu::NoNesting);
         }
@@ -105,6 +126,8 @@ impl VmSmmu {
             budget: Budget::default(),
         };
         Ok(Self {
+            unit,
+            host_phandle: info.phandle,
             regs: MemRange {
                 base: info.regs.base,
                 size: smmu::regs::MMIO_SIZE,
@@ -248,7 +271,40 @@ mod tests {
         }
     }
 
-    fn intids(i: &SmmuInfo) -> (u32, u32) {
+    #[test]
+    fn interrupts_mirror_the_host_where_they_can() {
+        let end = 32 + 128;
+        // Two distinct lines the vGIC has: the guest's DT reads like the host's.
+        assert_eq!(
+            pick_intids(&info(Some(106), Some(109)), end, &[33]),
+            Some((106, 109))
+        );
+        // Polled (MSIs, mbigen lines), one combined line, or lines beyond the vGIC's SPIs: the
+        // vGIC's last two SPIs, so the guest's driver still gets its two interrupts.
+        assert_eq!(pick_intids(&info(None, None), end, &[]), Some((158, 159)));
+        assert_eq!(
+            pick_intids(&info(Some(260), Some(260)), end, &[]),
+            Some((158, 159))
+        );
+        assert_eq!(
+            pick_intids(&info(Some(401), Some(403)), end, &[]),
+            Some((158, 159))
+        );
+        // A second vSMMU of the VM: the lines the first one took (or an INTx line) are not
+        // reused, whether the host's numbers clash or the spare ones do.
+        assert_eq!(
+            pick_intids(&info(Some(106), Some(109)), end, &[109]),
+            Some((158, 159))
+        );
+        assert_eq!(
+            pick_intids(&info(None, None), end, &[158, 159, 157]),
+            Some((155, 156))
+        );
+        assert_eq!(pick_intids(&info(None, None), 34, &[33]), None);
+    }
+
+    #[test]
+    fn a_vsmmu_names_its_unit_and_the_host_phandle() {
         let phys = PhysFacts {
             nesting: true,
             stalls_forced: false,
@@ -256,18 +312,16 @@ mod tests {
             ril: false,
         };
         let s2 = crate::stage2::smmu_s2_config(44, 1, 0x1000);
-        let v = VmSmmu::new("vm0", i, &phys, &[8], s2, 32 + 128).unwrap();
-        (v.eventq_intid, v.gerror_intid)
-    }
-
-    #[test]
-    fn interrupts_mirror_the_host_where_they_can() {
-        // Two distinct lines the vGIC has: the guest's DT reads like the host's.
-        assert_eq!(intids(&info(Some(106), Some(109))), (106, 109));
-        // Polled (MSIs, mbigen lines), one combined line, or lines beyond the vGIC's SPIs: the
-        // vGIC's last two SPIs, so the guest's driver still gets its two interrupts.
-        assert_eq!(intids(&info(None, None)), (158, 159));
-        assert_eq!(intids(&info(Some(260), Some(260))), (158, 159));
-        assert_eq!(intids(&info(Some(401), Some(403))), (158, 159));
+        let v = VmSmmu::new("vm0", 2, &info(None, None), &phys, &[8], s2, (150, 151)).unwrap();
+        assert_eq!((v.unit, v.host_phandle), (2, Some(1)));
+        assert_eq!((v.eventq_intid, v.gerror_intid), (150, 151));
+        let no_nest = PhysFacts {
+            nesting: false,
+            ..phys
+        };
+        assert_eq!(
+            VmSmmu::new("vm0", 0, &info(None, None), &no_nest, &[8], s2, (150, 151)).unwrap_err(),
+            NoVsmmu::NoNesting
+        );
     }
 }

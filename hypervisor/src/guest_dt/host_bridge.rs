@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 
 use vm_fdt::FdtWriter;
 
-use super::{GuestDtError, GuestPci, GIC_PHANDLE, GIC_SPI, LEVEL_HIGH, SMMU_PHANDLE};
+use super::{smmu_phandle, GuestDtError, GuestPci, GuestSmmu, GIC_PHANDLE, GIC_SPI, LEVEL_HIGH};
 use crate::pci::{IntxPin, PciSpace};
 
 /// `interrupt-map-mask`: the device number (phys.hi bits 15:11) and the pin. QEMU's `virt`
@@ -31,7 +31,7 @@ fn phys_hi(space: PciSpace, prefetchable: bool) -> u32 {
 pub(super) fn pci_node(
     w: &mut FdtWriter,
     pci: &GuestPci,
-    behind_smmu: bool,
+    smmus: &[GuestSmmu],
 ) -> Result<(), GuestDtError> {
     let node = w.begin_node(&format!("pcie@{:x}", pci.ecam.base))?;
     w.property_string("compatible", "pci-host-ecam-generic")?;
@@ -57,17 +57,23 @@ pub(super) fn pci_node(
     // A fixed domain so that the guest's BDFs (equal to the host's) read the same in logs.
     w.property_u32("linux,pci-domain", 0)?;
     w.property_null("dma-coherent")?;
-    if behind_smmu {
+    if !smmus.is_empty() {
         // Linux `pci-iommu.yaml`: <rid-base iommu iommu-base length>. The host's entries for
-        // the physical SMMU under the vSMMU, onto the vSMMU: the vSMMU then sees the same
-        // StreamIDs as the physical SMMU, so no translation table is needed between them.
-        // Without any, StreamID = RID for the whole 16-bit RID space, as on QEMU `virt`.
+        // the physical SMMUs under the vSMMUs, each onto the vSMMU over its SMMU: a vSMMU then
+        // sees the same StreamIDs as its physical SMMU, so no translation table is needed
+        // between them. Without any, StreamID = RID for the whole 16-bit RID space, as on
+        // QEMU `virt`. A RID no entry covers (a function behind an SMMU that gave the VM no
+        // vSMMU) is, for Linux's `of_map_id`, a device with no IOMMU: stage 2 alone.
         let map: Vec<u32> = if pci.iommu_map.is_empty() {
-            alloc::vec![0, SMMU_PHANDLE, 0, 1 << 16]
+            alloc::vec![0, smmu_phandle(0), 0, 1 << 16]
         } else {
             pci.iommu_map
                 .iter()
-                .flat_map(|e| [e.rid_base, SMMU_PHANDLE, e.sid_base, e.length])
+                .filter_map(|e| {
+                    let i = smmus.iter().position(|s| s.host_phandle == Some(e.iommu))?;
+                    Some([e.rid_base, smmu_phandle(i), e.sid_base, e.length])
+                })
+                .flatten()
                 .collect()
         };
         w.property_array_u32("iommu-map", &map)?;

@@ -56,9 +56,10 @@ pub struct GuestDtConfig<'a> {
     pub boot_count: u32,
     /// The VM's virtual PCI host bridge, if it has assigned PCI functions.
     pub pci: Option<GuestPci<'a>>,
-    /// The VM's emulated SMMUv3, if it has one. With [`Self::pci`] too, the host bridge is
-    /// placed behind it with StreamID = RequesterID.
-    pub smmu: Option<GuestSmmu>,
+    /// The VM's emulated SMMUv3s, one per physical SMMU its functions sit behind (empty if
+    /// none). With [`Self::pci`] too, the host bridge's `iommu-map` sends each RID to the
+    /// vSMMU over the physical SMMU the host's map sends it to, with the host's StreamID.
+    pub smmus: &'a [GuestSmmu],
 }
 
 /// The VM's emulated SMMUv3 (the vSMMU), described by an `arm,smmu-v3` node (Linux
@@ -75,6 +76,9 @@ pub struct GuestSmmu {
     pub eventq_intid: u32,
     /// SPI INTID of the global error interrupt (`gerror`).
     pub gerror_intid: u32,
+    /// The phandle of the physical SMMU it sits on, as the host bridge's `iommu-map` entries
+    /// name it: the guest's entries naming this vSMMU are those.
+    pub host_phandle: Option<u32>,
 }
 
 /// The VM's virtual ECAM host bridge (see [`crate::devices::vecam::VirtualEcam`]), described by a
@@ -92,9 +96,10 @@ pub struct GuestPci<'a> {
     /// One entry per assigned function that has an interrupt pin: the function, its pin, and
     /// the GIC INTID (an SPI) that the pin raises in the VM.
     pub intx: &'a [(Bdf, IntxPin, u32)],
-    /// The host bridge's `iommu-map` entries onto the SMMU the VM's vSMMU sits on: the guest's
-    /// map repeats them (onto the vSMMU), so a function's StreamID is the same on both sides.
-    /// Empty means StreamID = RID over the whole RID space.
+    /// The host bridge's `iommu-map` entries onto the SMMUs the VM's vSMMUs sit on: the
+    /// guest's map repeats them, each onto the vSMMU over the SMMU it names, so a function's
+    /// StreamID is the same on both sides. Empty means StreamID = RID over the whole RID space
+    /// (a VM with one vSMMU only).
     pub iommu_map: &'a [crate::pci::IommuMapEntry],
     /// The host bridge's `iommu-map-mask`, repeated for the same reason.
     pub iommu_map_mask: Option<u32>,
@@ -191,6 +196,17 @@ pub enum GuestDtError {
         /// The second user.
         second: &'static str,
     },
+    /// Two vSMMUs' register frames overlap.
+    #[error("the vSMMUs at {first:#x} and {second:#x} overlap")]
+    SmmusOverlap {
+        /// The first one's base.
+        first: u64,
+        /// The second one's base.
+        second: u64,
+    },
+    /// Several vSMMUs and a host bridge with no `iommu-map` to say which RIDs go to which.
+    #[error("{0} vSMMUs, and the host bridge has no iommu-map to divide the RIDs between them")]
+    NoIommuMap(usize),
     /// The FDT writer rejected something (e.g. a NUL inside `vm_name` or `bootargs`).
     #[error("FDT writer: {0}")]
     Writer(vm_fdt::Error),
@@ -206,7 +222,13 @@ impl From<vm_fdt::Error> for GuestDtError {
 
 const GIC_PHANDLE: u32 = 1;
 const CLK_PHANDLE: u32 = 2;
+/// The first vSMMU's phandle; the others follow.
 const SMMU_PHANDLE: u32 = 3;
+
+/// The phandle of the VM's vSMMU with index `i` (guest phandles are the hypervisor's to pick).
+const fn smmu_phandle(i: usize) -> u32 {
+    SMMU_PHANDLE + i as u32
+}
 /// Interrupt type cells of the GIC binding.
 const GIC_SPI: u32 = 0;
 const GIC_PPI: u32 = 1;
@@ -318,12 +340,12 @@ pub fn build_guest_dt(cfg: &GuestDtConfig) -> Result<Vec<u8>, GuestDtError> {
     )?;
     w.end_node(uart)?;
 
-    if let Some(smmu) = &cfg.smmu {
-        smmu_node(&mut w, smmu)?;
+    for (i, smmu) in cfg.smmus.iter().enumerate() {
+        smmu_node(&mut w, smmu, smmu_phandle(i))?;
     }
 
     if let Some(pci) = &cfg.pci {
-        pci_node(&mut w, pci, cfg.smmu.is_some())?;
+        pci_node(&mut w, pci, cfg.smmus)?;
     }
 
     w.end_node(root)?;

@@ -36,7 +36,7 @@ fn config<'a>(mpidrs: &'a [u64]) -> GuestDtConfig<'a> {
         }),
         boot_count: 3,
         pci: None,
-        smmu: None,
+        smmus: &[],
     }
 }
 
@@ -425,6 +425,7 @@ const SMMU: GuestSmmu = GuestSmmu {
     },
     eventq_intid: 32 + 74,
     gerror_intid: 32 + 77,
+    host_phandle: Some(0x77),
 };
 
 fn be32(bytes: &[u8]) -> Vec<u32> {
@@ -439,7 +440,7 @@ fn smmu_node_and_iommu_map() {
     let mpidrs = [0, 1];
     let cfg = GuestDtConfig {
         pci: Some(pci()),
-        smmu: Some(SMMU),
+        smmus: &[SMMU],
         ..config(&mpidrs)
     };
     let dtb = build_guest_dt(&cfg).unwrap();
@@ -515,7 +516,7 @@ fn smmu_node_and_iommu_map() {
 fn smmu_without_pci() {
     let mpidrs = [0];
     let cfg = GuestDtConfig {
-        smmu: Some(SMMU),
+        smmus: &[SMMU],
         ..config(&mpidrs)
     };
     let dtb = build_guest_dt(&cfg).unwrap();
@@ -532,7 +533,7 @@ fn rejects_bad_smmu_configs() {
     let err = |smmu: GuestSmmu| {
         build_guest_dt(&GuestDtConfig {
             pci: Some(pci()),
-            smmu: Some(smmu),
+            smmus: &[smmu],
             ..config(&mpidrs)
         })
         .unwrap_err()
@@ -640,7 +641,7 @@ fn guest_iommu_map_repeats_the_hosts_onto_the_vsmmu() {
             iommu_map_mask: Some(0xfff8),
             ..pci()
         }),
-        smmu: Some(SMMU),
+        smmus: &[SMMU],
         ..config(&mpidrs)
     };
     let dtb = build_guest_dt(&cfg).unwrap();
@@ -654,4 +655,111 @@ fn guest_iommu_map_repeats_the_hosts_onto_the_vsmmu() {
         );
     }
     assert_eq!(hb.translate(0x200), None);
+}
+
+#[test]
+fn a_vsmmu_per_physical_smmu_each_with_its_share_of_the_map() {
+    // Functions behind two physical SMMUs (phandles 0x77 and 0x88) and a third SMMU the VM has
+    // no vSMMU over (0x99: its RIDs get no entry, so no IOMMU in the guest): the guest gets two
+    // `arm,smmu-v3` nodes, and each RID goes to the vSMMU over the SMMU the host sends it to,
+    // with the host's StreamID.
+    let mpidrs = [0];
+    let host_map = [
+        crate::pci::IommuMapEntry {
+            rid_base: 0,
+            iommu: 0x77,
+            sid_base: 0,
+            length: 0x18,
+        },
+        crate::pci::IommuMapEntry {
+            rid_base: 0x18,
+            iommu: 0x88,
+            sid_base: 0x10,
+            length: 0x100,
+        },
+        crate::pci::IommuMapEntry {
+            rid_base: 0x200,
+            iommu: 0x99,
+            sid_base: 0,
+            length: 0x100,
+        },
+    ];
+    let second = GuestSmmu {
+        regs: MemRange {
+            base: 0x2b40_0000,
+            size: 0x2_0000,
+        },
+        eventq_intid: 158,
+        gerror_intid: 159,
+        host_phandle: Some(0x88),
+    };
+    let smmus = [SMMU, second];
+    let cfg = GuestDtConfig {
+        pci: Some(GuestPci {
+            iommu_map: &host_map,
+            ..pci()
+        }),
+        smmus: &smmus,
+        ..config(&mpidrs)
+    };
+    let dtb = build_guest_dt(&cfg).unwrap();
+    let p = Platform::parse(&dtb).unwrap();
+    assert_eq!(p.smmus.len(), 2, "{:?}", p.smmus);
+    let by_base = |base: u64| p.smmus.iter().find(|s| s.regs.base == base).unwrap();
+    let (a, b) = (by_base(0x905_0000), by_base(0x2b40_0000));
+    assert_eq!((a.eventq_intid, a.gerror_intid), (Some(106), Some(109)));
+    assert_eq!((b.eventq_intid, b.gerror_intid), (Some(158), Some(159)));
+    assert!(a.refused.is_none() && b.refused.is_none(), "{a:?} {b:?}");
+    let hb = crate::pci::HostBridge::from_dtb(&dtb).unwrap().unwrap();
+    let (pa, pb) = (a.phandle.unwrap(), b.phandle.unwrap());
+    assert_ne!(pa, pb);
+    assert_eq!(hb.translate(0x10), Some((pa, 0x10)));
+    assert_eq!(hb.translate(0x18), Some((pb, 0x10)));
+    assert_eq!(hb.translate(0x20), Some((pb, 0x18)));
+    assert_eq!(hb.translate(0x200), None, "no vSMMU over 0x99: no entry");
+
+    // Several vSMMUs need the host's map to divide the RIDs; two at one address or sharing a
+    // line are refused.
+    let no_map = GuestDtConfig {
+        pci: Some(pci()),
+        smmus: &smmus,
+        ..config(&mpidrs)
+    };
+    assert_eq!(
+        build_guest_dt(&no_map).unwrap_err(),
+        GuestDtError::NoIommuMap(2)
+    );
+    let same_place = [
+        SMMU,
+        GuestSmmu {
+            regs: SMMU.regs,
+            ..second
+        },
+    ];
+    assert_eq!(
+        build_guest_dt(&GuestDtConfig {
+            smmus: &same_place,
+            ..cfg
+        })
+        .unwrap_err(),
+        GuestDtError::SmmusOverlap {
+            first: 0x905_0000,
+            second: 0x905_0000
+        }
+    );
+    let same_line = [
+        SMMU,
+        GuestSmmu {
+            eventq_intid: SMMU.gerror_intid,
+            ..second
+        },
+    ];
+    assert!(matches!(
+        build_guest_dt(&GuestDtConfig {
+            smmus: &same_line,
+            ..cfg
+        })
+        .unwrap_err(),
+        GuestDtError::SharedIntid { intid: 109, .. }
+    ));
 }

@@ -131,13 +131,38 @@ pub(super) fn validate(cfg: &GuestDtConfig) -> Result<(), GuestDtError> {
     if let Some(pci) = &cfg.pci {
         validate_pci(pci)?;
     }
-    if let Some(smmu) = &cfg.smmu {
-        validate_smmu(cfg, smmu)?;
+    // A shared line would be requested twice by Linux without IRQF_SHARED and fail the
+    // probe; with the level-triggered UART or INTx lines it would also mix trigger types.
+    let mut used = vec![("uart", cfg.uart_intid)];
+    if let Some(pci) = &cfg.pci {
+        used.extend(pci.intx.iter().map(|&(_, _, intid)| ("pci intx", intid)));
+    }
+    for (i, smmu) in cfg.smmus.iter().enumerate() {
+        validate_smmu(smmu, &mut used)?;
+        // Two nodes at one address would have one name, and one vSMMU's registers would
+        // shadow the other's.
+        if let Some(other) = cfg.smmus[..i].iter().find(|o| overlaps(o.regs, smmu.regs)) {
+            return Err(GuestDtError::SmmusOverlap {
+                first: other.regs.base,
+                second: smmu.regs.base,
+            });
+        }
+    }
+    if cfg.smmus.len() > 1 && cfg.pci.is_some_and(|p| p.iommu_map.is_empty()) {
+        // Without the host's entries nothing says which RIDs each vSMMU translates.
+        return Err(GuestDtError::NoIommuMap(cfg.smmus.len()));
     }
     Ok(())
 }
 
-fn validate_smmu(cfg: &GuestDtConfig, smmu: &GuestSmmu) -> Result<(), GuestDtError> {
+fn overlaps(a: crate::platform::MemRange, b: crate::platform::MemRange) -> bool {
+    a.base < b.base.saturating_add(b.size) && b.base < a.base.saturating_add(a.size)
+}
+
+fn validate_smmu(
+    smmu: &GuestSmmu,
+    used: &mut alloc::vec::Vec<(&'static str, u32)>,
+) -> Result<(), GuestDtError> {
     let r = smmu.regs;
     if r.size < SMMU_REGS_MIN || r.base.checked_add(r.size).is_none() {
         return Err(GuestDtError::BadRange {
@@ -158,12 +183,6 @@ fn validate_smmu(cfg: &GuestDtConfig, smmu: &GuestSmmu) -> Result<(), GuestDtErr
                 expected: "SPI",
             });
         }
-    }
-    // A shared line would be requested twice by Linux without IRQF_SHARED and fail the
-    // probe; with the level-triggered UART or INTx lines it would also mix trigger types.
-    let mut used = vec![("uart", cfg.uart_intid)];
-    if let Some(pci) = &cfg.pci {
-        used.extend(pci.intx.iter().map(|&(_, _, intid)| ("pci intx", intid)));
     }
     for (second, intid) in irqs {
         if let Some(&(first, _)) = used.iter().find(|&&(_, other)| other == intid) {

@@ -6,10 +6,14 @@ use alloc::vec;
 
 use vm_fdt::FdtWriter;
 
-use super::{GuestDtError, GuestSmmu, EDGE_RISING, GIC_SPI, SMMU_PHANDLE};
+use super::{GuestDtError, GuestSmmu, EDGE_RISING, GIC_SPI};
 
 /// The vSMMU node, as QEMU `virt` writes its SMMUv3 (`create_smmu` in `hw/arm/virt.c`).
-pub(super) fn smmu_node(w: &mut FdtWriter, smmu: &GuestSmmu) -> Result<(), GuestDtError> {
+pub(super) fn smmu_node(
+    w: &mut FdtWriter,
+    smmu: &GuestSmmu,
+    phandle: u32,
+) -> Result<(), GuestDtError> {
     let node = w.begin_node(&format!("smmuv3@{:x}", smmu.regs.base))?;
     w.property_string("compatible", "arm,smmu-v3")?;
     w.property_array_u64("reg", &[smmu.regs.base, smmu.regs.size])?;
@@ -37,7 +41,7 @@ pub(super) fn smmu_node(w: &mut FdtWriter, smmu: &GuestSmmu) -> Result<(), Guest
     w.property_null("dma-coherent")?;
     // One cell: the StreamID, the only specifier the binding allows.
     w.property_u32("#iommu-cells", 1)?;
-    w.property_phandle(SMMU_PHANDLE)?;
+    w.property_phandle(phandle)?;
     w.end_node(node)?;
     Ok(())
 }

@@ -118,23 +118,6 @@ pub enum AssignError {
         /// What the `iommu-map` and the SMMUs say.
         why: String,
     },
-    /// The VM's functions sit behind two SMMUs; a VM has one vSMMU, over one physical SMMU.
-    #[error(
-        "VM {vm}: devices {first} (behind {first_smmu}) and {second} (behind {second_smmu}) are \
-         translated by different SMMUs; a VM's devices must all sit behind one SMMU"
-    )]
-    SeveralSmmus {
-        /// The VM.
-        vm: String,
-        /// A function behind the first SMMU.
-        first: Bdf,
-        /// That SMMU's node.
-        first_smmu: String,
-        /// A function behind another SMMU.
-        second: Bdf,
-        /// That SMMU's node.
-        second_smmu: String,
-    },
 }
 
 /// The IOMMUs the host bridges' `iommu-map`s can name, as the hypervisor took them at boot.
@@ -210,12 +193,32 @@ pub struct VmDevices {
     pub slots: Vec<DeviceSlot>,
     /// (function, pin, INTID) of each function with a legacy interrupt.
     pub intx: Vec<(Bdf, IntxPin, u32)>,
-    /// StreamIDs whose STEs translate through the VM's stage-2.
-    pub stream_ids: Vec<u32>,
     /// IOMMU group numbers.
     pub groups: Vec<usize>,
-    /// The hypervisor's driver instance of the SMMU that translates them all.
-    pub smmu: Option<usize>,
+    /// The SMMUs that translate their DMA, by driver instance (ascending), each with the
+    /// StreamIDs whose STEs translate through the VM's stage 2 there. StreamIDs are per SMMU:
+    /// two of a VM's groups behind different SMMUs may carry the same number.
+    pub smmus: Vec<UnitStreams>,
+}
+
+/// The StreamIDs of a VM's functions on one SMMU.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitStreams {
+    /// The hypervisor's driver instance of the SMMU.
+    pub unit: usize,
+    /// Its StreamIDs the VM's functions emit, ascending.
+    pub stream_ids: Vec<u32>,
+}
+
+impl VmDevices {
+    /// The StreamIDs on driver instance `unit`, empty if none of the VM's functions sit
+    /// behind it.
+    pub fn stream_ids_on(&self, unit: usize) -> &[u32] {
+        self.smmus
+            .iter()
+            .find(|u| u.unit == unit)
+            .map_or(&[], |u| &u.stream_ids[..])
+    }
 }
 
 /// Checks that `vm` may own `devices` given what `earlier` VMs were given: whole IOMMU groups,
@@ -266,7 +269,8 @@ pub fn resolve(
         }
         out.functions.push(dev.clone());
     }
-    let mut first: Option<(usize, Bdf)> = None;
+    // Which SMMU translates a group comes from the host bridge's iommu-map alone; a VM whose
+    // groups sit behind several gets a vSMMU over each (Xen's and iommufd's 1:1 affinity).
     for g in groups {
         let Some(&bdf) = g.devices.iter().find(|d| devices.contains(d)) else {
             continue;
@@ -277,39 +281,31 @@ pub fn resolve(
             group: g.id,
             why,
         })?;
-        match first {
-            None => first = Some((unit, bdf)),
-            Some((u, other)) if u != unit => {
-                let path = |u: usize| {
-                    iommus
-                        .entries
-                        .iter()
-                        .find(|e| e.driven == Ok(u))
-                        .map_or_else(String::new, |e| e.path.clone())
-                };
-                return Err(AssignError::SeveralSmmus {
-                    vm: vm.to_string(),
-                    first: other,
-                    first_smmu: path(u),
-                    second: bdf,
-                    second_smmu: path(unit),
-                });
+        out.groups.push(g.id);
+        let at = match out.smmus.binary_search_by_key(&unit, |u| u.unit) {
+            Ok(i) => i,
+            Err(i) => {
+                out.smmus.insert(
+                    i,
+                    UnitStreams {
+                        unit,
+                        stream_ids: Vec::new(),
+                    },
+                );
+                i
             }
-            Some(_) => {}
-        }
+        };
+        // A group's bridges stay with the hypervisor; their RIDs carry only the DMA of
+        // functions below them, which is this VM's.
+        out.smmus[at]
+            .stream_ids
+            .extend(g.stream_ids.iter().copied());
     }
-    out.smmu = first.map(|(u, _)| u);
+    for u in &mut out.smmus {
+        u.stream_ids.sort_unstable();
+        u.stream_ids.dedup();
+    }
     out.slots = device_slots(vm, topo, host, devices, ipa_bits)?;
-    for g in groups {
-        if g.devices.iter().any(|d| devices.contains(d)) {
-            out.groups.push(g.id);
-            // A group's bridges stay with the hypervisor; their RIDs carry only the DMA of
-            // functions below them, which is this VM's.
-            out.stream_ids.extend(g.stream_ids.iter().copied());
-        }
-    }
-    out.stream_ids.sort_unstable();
-    out.stream_ids.dedup();
     Ok(out)
 }
 
@@ -457,8 +453,13 @@ mod tests {
         let ph = host.iommu_map[0].iommu;
         let driven = directory(&[(ph, "/smmuv3@9050000", Ok(0))]);
         let d = resolve_with(&driven, &host, &[B(0, 3, 0)]).unwrap();
-        assert_eq!(d.smmu, Some(0));
-        assert_eq!(d.stream_ids, vec![0x18]);
+        assert_eq!(
+            d.smmus,
+            vec![UnitStreams {
+                unit: 0,
+                stream_ids: vec![0x18]
+            }]
+        );
 
         let refused = directory(&[(ph, "/smmuv3@9050000", Err("it is not dma-coherent"))]);
         let e = resolve_with(&refused, &host, &[B(0, 3, 0)]).unwrap_err();
@@ -486,9 +487,11 @@ mod tests {
     }
 
     #[test]
-    fn a_vm_behind_two_smmus_is_refused() {
+    fn a_vm_behind_two_smmus_gets_streams_on_each() {
         let mut host = HostBridge::from_dtb(QEMU_SMMU).unwrap().unwrap();
         let whole = host.iommu_map[0];
+        // RIDs below 0x18 go to the first SMMU, the rest to the second with the StreamIDs
+        // starting again at 0x10: the same StreamID numbers on two SMMUs are two streams.
         host.iommu_map = vec![
             IommuMapEntry {
                 length: 0x18,
@@ -497,31 +500,40 @@ mod tests {
             },
             IommuMapEntry {
                 rid_base: 0x18,
-                sid_base: 0x18,
+                sid_base: 0x10,
                 length: 0x1_0000 - 0x18,
                 iommu: 2,
             },
         ];
         let dir = directory(&[(1, "/display-smmu", Ok(0)), (2, "/pcie-smmu", Ok(1))]);
-        assert_eq!(
-            resolve_with(&dir, &host, &[B(0, 3, 0)]).unwrap().smmu,
-            Some(1)
-        );
-        assert_eq!(
-            resolve_with(&dir, &host, &[B(0, 2, 0)]).unwrap().smmu,
-            Some(0)
-        );
+        let on = |d: &VmDevices| {
+            d.smmus
+                .iter()
+                .map(|u| (u.unit, u.stream_ids.clone()))
+                .collect::<Vec<_>>()
+        };
+        let d = resolve_with(&dir, &host, &[B(0, 3, 0)]).unwrap();
+        assert_eq!(on(&d), vec![(1, vec![0x10])]);
+        let d = resolve_with(&dir, &host, &[B(0, 2, 0)]).unwrap();
+        assert_eq!(on(&d), vec![(0, vec![0x10])]);
+        let d = resolve_with(&dir, &host, &[B(0, 3, 0), B(0, 2, 0)]).unwrap();
+        assert_eq!(on(&d), vec![(0, vec![0x10]), (1, vec![0x10])]);
+        assert_eq!(d.stream_ids_on(1), &[0x10]);
+        assert!(d.stream_ids_on(2).is_empty());
+        assert_eq!(d.groups.len(), 2);
+        // Only a driven SMMU translates: with the second one refused, the function behind it
+        // is refused and names it; the first one's function alone is still fine.
+        let dir = directory(&[
+            (1, "/display-smmu", Ok(0)),
+            (2, "/pcie-smmu", Err("it is not dma-coherent")),
+        ]);
         let e = resolve_with(&dir, &host, &[B(0, 2, 0), B(0, 3, 0)]).unwrap_err();
-        assert_eq!(
-            e,
-            AssignError::SeveralSmmus {
-                vm: "vm0".into(),
-                first: B(0, 2, 0),
-                first_smmu: "/display-smmu".into(),
-                second: B(0, 3, 0),
-                second_smmu: "/pcie-smmu".into(),
-            }
+        assert!(
+            matches!(&e, AssignError::Untranslated { bdf, why, .. }
+                if *bdf == B(0, 3, 0) && why.contains("/pcie-smmu")),
+            "{e}"
         );
+        assert!(resolve_with(&dir, &host, &[B(0, 2, 0)]).is_ok());
     }
 
     #[test]

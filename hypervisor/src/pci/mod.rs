@@ -39,7 +39,8 @@ pub mod virtio;
 pub(crate) mod fake;
 
 pub use assign::{
-    check_assignment, check_intx, resolve, AssignError, IommuDirectory, IommuEntry, VmDevices,
+    check_assignment, check_intx, resolve, AssignError, IommuDirectory, IommuEntry, UnitStreams,
+    VmDevices,
 };
 pub use enumerate::{
     enumerate, Bar, BarAddr, BarKind, BridgeInfo, HeaderType, PciDevice, PcieInfo, PortType,

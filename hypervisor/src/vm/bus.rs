@@ -21,8 +21,8 @@ pub enum Target {
     },
     /// The virtual ECAM, at this offset (bus/device/function/register).
     Ecam(u64),
-    /// The vSMMU's register pages, at this offset.
-    Vsmmu(u64),
+    /// The register pages of the VM's vSMMU with this index in `Vm::vsmmus`, at this offset.
+    Vsmmu(usize, u64),
     /// The vPL011, at this offset.
     Uart(u64),
     /// The VM's PCI windows where its stage 2 maps nothing (its I/O BARs, memory BARs it
@@ -53,12 +53,13 @@ pub fn route(vm: &Vm, ipa: Ipa) -> Option<Target> {
     {
         return Some(Target::Ecam(off));
     }
-    if let Some(off) = vm
-        .vsmmu
-        .as_ref()
-        .and_then(|s| within(s.regs.base, s.regs.size, ipa))
+    if let Some((i, off)) = vm
+        .vsmmus
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| within(s.regs.base, s.regs.size, ipa).map(|off| (i, off)))
     {
-        return Some(Target::Vsmmu(off));
+        return Some(Target::Vsmmu(i, off));
     }
     if let Some(off) = within(vm.uart.base, vm.uart.size, ipa) {
         return Some(Target::Uart(off));

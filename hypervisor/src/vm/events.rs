@@ -39,10 +39,8 @@ static EVENTS: AtomicU64 = AtomicU64::new(0);
 pub fn route(vms: &[Vm], drained: &Drained, here: Option<(usize, usize)>, hw: &impl Hw) -> usize {
     // StreamIDs are per SMMU: a stream belongs to the VM whose devices sit behind this one.
     let owner_of = |sid: u32| {
-        vms.iter().find(|v| {
-            v.config.devices.smmu == Some(drained.unit)
-                && v.config.devices.stream_ids.contains(&sid)
-        })
+        vms.iter()
+            .find(|v| v.config.devices.stream_ids_on(drained.unit).contains(&sid))
     };
     if drained.overflowed || !drained.gerror.is_empty() {
         let mut counts = alloc::collections::BTreeMap::<usize, usize>::new();
@@ -89,7 +87,11 @@ pub fn route(vms: &[Vm], drained: &Drained, here: Option<(usize, usize)>, hw: &i
         // An event's lines count against its VM's log rate limits, whichever CPU drained it.
         let ctx = hw.log_context(owner.map(|v| v.id));
         let forwarded = owner.and_then(|vm| {
-            let s = vm.vsmmu.as_ref().filter(|_| !vm.is_stopped())?;
+            let s = vm
+                .vsmmus
+                .iter()
+                .find(|s| s.unit == drained.unit)
+                .filter(|_| !vm.is_stopped())?;
             let irqs = VmIrqs {
                 vm,
                 hw,

@@ -109,7 +109,7 @@ pub struct VmPci {
     pub windows: Vec<crate::pci::PciWindow>,
     /// The config-space model.
     pub vecam: Mutex<VirtualEcam>,
-    /// The host bridge's `iommu-map` entries onto the SMMU under the VM's vSMMU.
+    /// The host bridge's `iommu-map` entries onto the SMMUs under the VM's vSMMUs.
     pub iommu_map: Vec<crate::pci::IommuMapEntry>,
     /// The host bridge's `iommu-map-mask`.
     pub iommu_map_mask: Option<u32>,
@@ -122,6 +122,8 @@ const VUART_FALLBACK_INTID: u32 = 33;
 /// The physical SMMU as a VM's construction needs it: its DT node and what it can do.
 #[derive(Debug, Clone, Copy)]
 pub struct SmmuFacts<'a> {
+    /// Its driver instance (`arch::iommu`'s unit index, as in `VmDevices::smmus`).
+    pub unit: usize,
     /// Its DT node.
     pub info: &'a crate::platform::SmmuInfo,
     /// Its output address size (stage-2 STEs' S2PS).
@@ -164,8 +166,9 @@ pub struct Vm {
     pub uart_intid: u32,
     /// The VM's virtual PCI host bridge, if it owns PCI functions.
     pub pci: Option<VmPci>,
-    /// The VM's emulated SMMUv3, if it owns PCI functions and the physical SMMU can nest.
-    pub vsmmu: Option<VmSmmu>,
+    /// The VM's emulated SMMUv3s: one over each physical SMMU its PCI functions sit behind
+    /// that can nest, ordered by driver instance.
+    pub vsmmus: Vec<VmSmmu>,
     /// Physical address of its stage-2 root table (shared with the SMMU).
     pub s2_root: u64,
     /// Virtual GIC register model.
@@ -197,8 +200,9 @@ const VGIC_SPIS: u32 = 128;
 impl Vm {
     /// Builds a VM whose RAM is `ram` (physically at `ram_pa`), seen by the guest at the host's
     /// first RAM base. Emulated devices sit at the host's device addresses (they are never
-    /// mapped in stage-2, so every access traps). A VM with PCI functions gets a vSMMU when
-    /// `smmu` can nest; otherwise the reason is logged and its devices run on stage 2 only.
+    /// mapped in stage-2, so every access traps). A VM with PCI functions gets a vSMMU over
+    /// each of `smmus` (the physical SMMUs they sit behind) that can nest; for one that
+    /// cannot, the reason is logged and the devices behind it run on stage 2 only.
     pub fn new(
         id: usize,
         config: VmConfig,
@@ -206,7 +210,7 @@ impl Vm {
         ram: Box<dyn GuestRam>,
         ram_pa: PhysAddr,
         host_bridge: Option<&crate::pci::HostBridge>,
-        smmu: Option<SmmuFacts<'_>>,
+        smmus: &[SmmuFacts<'_>],
     ) -> Result<Self, VmError> {
         let ram_ipa = MemRange {
             base: platform.memory[0].base,
@@ -220,7 +224,40 @@ impl Vm {
             stage2.map(slot.page, slot.page, slot.len, MemType::Device)?;
         }
         let has_devices = !config.devices.functions.is_empty();
-        let smmu_phandle = smmu.and_then(|s| s.info.phandle);
+        let vmid = (id + 1) as u16;
+        let uart_intid = platform.uart.intid.unwrap_or(VUART_FALLBACK_INTID);
+        let mut vsmmus: Vec<VmSmmu> = Vec::new();
+        // Lines a vSMMU must not take: the UART's, the INTx lines, earlier vSMMUs'.
+        let mut used: Vec<u32> = alloc::vec![uart_intid];
+        used.extend(config.devices.intx.iter().map(|&(_, _, i)| i));
+        for s in smmus.iter().filter(|_| has_devices) {
+            let s2 = crate::stage2::smmu_s2_config(s.oas_bits, vmid, stage2.root_pa());
+            let ids = config.devices.stream_ids_on(s.unit);
+            let made = crate::devices::vsmmu::pick_intids(s.info, 32 + VGIC_SPIS, &used)
+                .ok_or(crate::devices::vsmmu::NoVsmmu::NoSpi)
+                .and_then(|intids| {
+                    VmSmmu::new(&config.name, s.unit, s.info, &s.phys, ids, s2, intids)
+                });
+            match made {
+                Ok(v) => {
+                    log::info!(
+                        "vsmmu: {}: SMMUv3 (stage 1) at {:#x}, StreamIDs {ids:?} of {}, SPIs {}/{}",
+                        config.name,
+                        s.info.regs.base,
+                        s.info.path,
+                        v.eventq_intid,
+                        v.gerror_intid
+                    );
+                    used.extend([v.eventq_intid, v.gerror_intid]);
+                    vsmmus.push(v);
+                }
+                Err(e) => log::warn!(
+                    "vsmmu: {}: {}: {e}: no vSMMU there, its devices behind it on stage 2 only",
+                    config.name,
+                    s.info.path
+                ),
+            }
+        }
         let pci = host_bridge.filter(|_| has_devices).map(|host| VmPci {
             ecam: host.ecam,
             bus_range: (host.bus_start, host.bus_end),
@@ -229,29 +266,10 @@ impl Vm {
             iommu_map: host
                 .iommu_map
                 .iter()
-                .filter(|e| Some(e.iommu) == smmu_phandle)
+                .filter(|e| vsmmus.iter().any(|v| v.host_phandle == Some(e.iommu)))
                 .copied()
                 .collect(),
             iommu_map_mask: host.iommu_map_mask,
-        });
-        let vmid = (id + 1) as u16;
-        let vsmmu = smmu.filter(|_| has_devices).and_then(|s| {
-            let s2 = crate::stage2::smmu_s2_config(s.oas_bits, vmid, stage2.root_pa());
-            let ids = &config.devices.stream_ids;
-            match VmSmmu::new(&config.name, s.info, &s.phys, ids, s2, 32 + VGIC_SPIS) {
-                Ok(v) => {
-                    log::info!(
-                        "vsmmu: {}: SMMUv3 (stage 1) at {:#x}, StreamIDs {ids:?}",
-                        config.name,
-                        s.info.regs.base
-                    );
-                    Some(v)
-                }
-                Err(e) => {
-                    log::warn!("vsmmu: {}: {e}: no vSMMU, stage 2 only", config.name);
-                    None
-                }
-            }
         });
         let vttbr = stage2.root_pa() | (vmid as u64) << 48;
         let vcpus: Vec<VcpuSlot> = config
@@ -287,7 +305,7 @@ impl Vm {
             bar_maps: Mutex::new(BarMaps::new(&config.devices.slots)),
             bar_moves: AtomicU32::new(0),
             pci,
-            vsmmu,
+            vsmmus,
             gicd: MemRange {
                 base: platform.gic.gicd.base,
                 size: 0x10000,
@@ -298,7 +316,7 @@ impl Vm {
                 size: 0x1000,
             },
             // A host console without a wired interrupt still gives the guest a working one.
-            uart_intid: platform.uart.intid.unwrap_or(VUART_FALLBACK_INTID),
+            uart_intid,
             vgic: Mutex::new(vgic),
             vuart: Mutex::new(VPl011::new()),
             console_backlog: Mutex::new(ConsoleBacklog::default()),
@@ -314,12 +332,12 @@ impl Vm {
     }
 
     /// Zeroes RAM (first boot), copies the pristine kernel and initramfs in, writes the guest
-    /// DT, resets the emulated devices (the vSMMU through `phys`) and returns (entry IPA,
-    /// DTB IPA) for vCPU 0.
-    pub fn load(
+    /// DT, resets the emulated devices (each vSMMU through `phys` of its physical SMMU's unit)
+    /// and returns (entry IPA, DTB IPA) for vCPU 0.
+    pub fn load<P: smmu::vsmmu::PhysicalSmmu>(
         &self,
         hw: &impl Hw,
-        phys: &mut impl smmu::vsmmu::PhysicalSmmu,
+        mut phys: impl FnMut(usize) -> P,
     ) -> Result<(Ipa, Ipa), VmError> {
         let kernel = self.config.kernel;
         let place = layout::place(
@@ -345,6 +363,16 @@ impl Vm {
             self.ram.write(Ipa(r.base), m.bytes)?;
         }
         let mpidrs: Vec<u64> = self.vcpus.iter().map(|v| v.mpidr).collect();
+        let smmus: Vec<GuestSmmu> = self
+            .vsmmus
+            .iter()
+            .map(|s| GuestSmmu {
+                regs: s.regs,
+                eventq_intid: s.eventq_intid,
+                gerror_intid: s.gerror_intid,
+                host_phandle: s.host_phandle,
+            })
+            .collect();
         let dtb = build_guest_dt(&GuestDtConfig {
             vm_name: &self.config.name,
             vcpu_mpidrs: &mpidrs,
@@ -367,11 +395,7 @@ impl Vm {
                 iommu_map: &p.iommu_map,
                 iommu_map_mask: p.iommu_map_mask,
             }),
-            smmu: self.vsmmu.as_ref().map(|s| GuestSmmu {
-                regs: s.regs,
-                eventq_intid: s.eventq_intid,
-                gerror_intid: s.gerror_intid,
-            }),
+            smmus: &smmus,
         })
         .map_err(VmError::Dt)?;
         if dtb.len() as u64 > layout::DTB_MAX {
@@ -388,22 +412,28 @@ impl Vm {
             *p.vecam.lock() = VirtualEcam::new(self.config.devices.functions.clone());
             self.reset_bar_maps(hw);
         }
-        if let Some(s) = &self.vsmmu {
-            if boots > 0 {
-                self.log_vsmmu_stats();
-            }
+        if boots > 0 {
+            self.log_vsmmu_stats();
+        }
+        for s in &self.vsmmus {
             // Architectural reset: the guest's streams go back to stage 2 only (GBPA's reset
             // value) and whatever its previous boot left in the TLBs of its VMID is dropped.
-            s.model.lock().reset(phys);
+            s.model.lock().reset(&mut phys(s.unit));
         }
         self.boots.fetch_add(1, Ordering::AcqRel);
         Ok((place.entry, place.dtb))
     }
 
-    /// Logs the VM's vSMMU counters, if it has one.
+    /// Logs the counters of each of the VM's vSMMUs.
     pub fn log_vsmmu_stats(&self) {
-        if let Some(s) = &self.vsmmu {
-            for line in s.stats_lines(&self.config.name) {
+        for s in &self.vsmmus {
+            // A VM with several vSMMUs names each by its address.
+            let name = if self.vsmmus.len() > 1 {
+                format!("{}@{:#x}", self.config.name, s.regs.base)
+            } else {
+                self.config.name.clone()
+            };
+            for line in s.stats_lines(&name) {
                 log::info!("{line}");
             }
         }

@@ -66,7 +66,7 @@ fn vm_with(devices: VmDevices) -> Vm {
         ram,
         PhysAddr(0x8000_0000),
         None,
-        None,
+        &[],
     )
     .unwrap()
 }
@@ -116,7 +116,7 @@ impl smmu::vsmmu::PhysicalSmmu for NoSmmu {
 fn load_places_the_images_and_writes_a_device_tree_naming_the_vm() {
     let vm = vm();
     let hw = FakeHw::new(2, 4);
-    let (entry, dtb) = vm.load(&hw, &mut NoSmmu).unwrap();
+    let (entry, dtb) = vm.load(&hw, |_| NoSmmu).unwrap();
     assert_eq!(entry, Ipa(vm.ram_ipa.base));
     assert_eq!(
         dtb,
@@ -154,17 +154,17 @@ fn ram_is_zeroed_on_the_first_boot_only() {
         ram,
         PhysAddr(0),
         None,
-        None,
+        &[],
     )
     .unwrap();
     let hw = FakeHw::new(2, 4);
-    vm.load(&hw, &mut NoSmmu).unwrap();
+    vm.load(&hw, |_| NoSmmu).unwrap();
     let top = Ipa(vm.ram_ipa.end() - 16);
     let mut b = [0xffu8; 16];
     vm.ram().read(top, &mut b).unwrap();
     assert_eq!(b, [0; 16], "firmware's leftovers are gone");
     vm.ram().write(top, &[7; 16]).unwrap();
-    vm.load(&hw, &mut NoSmmu).unwrap();
+    vm.load(&hw, |_| NoSmmu).unwrap();
     vm.ram().read(top, &mut b).unwrap();
     assert_eq!(
         b, [7; 16],
@@ -178,8 +178,8 @@ fn a_kernel_that_is_not_an_image_or_does_not_fit_is_refused_with_its_address() {
     let mut c = config(VmDevices::default());
     c.kernel.bytes = &[0u8; 64];
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
-    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), None, None).unwrap();
-    let e = vm.load(&FakeHw::new(2, 4), &mut NoSmmu).unwrap_err();
+    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), None, &[]).unwrap();
+    let e = vm.load(&FakeHw::new(2, 4), |_| NoSmmu).unwrap_err();
     assert_eq!(
         e.to_string(),
         "kernel at 0x48000000: the kernel module is not an arm64 Image (bad magic)"
@@ -187,9 +187,9 @@ fn a_kernel_that_is_not_an_image_or_does_not_fit_is_refused_with_its_address() {
     let mut c = config(VmDevices::default());
     c.ram_size = 3 << 20;
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, 3 << 20));
-    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), None, None).unwrap();
+    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), None, &[]).unwrap();
     assert!(matches!(
-        vm.load(&FakeHw::new(2, 4), &mut NoSmmu),
+        vm.load(&FakeHw::new(2, 4), |_| NoSmmu),
         Err(VmError::Layout { .. })
     ));
 }
@@ -444,4 +444,201 @@ fn psci_sees_the_vms_vcpus_by_mpidr() {
     );
     assert_eq!(v.by_mpidr(2), None);
     assert_eq!(v.ram, vm.ram_ipa);
+}
+
+/// A physical SMMU that records which unit each STE write and command reached.
+#[derive(Debug)]
+struct UnitSmmu<'a> {
+    unit: usize,
+    log: &'a core::cell::RefCell<Vec<(usize, &'static str)>>,
+}
+
+impl smmu::vsmmu::PhysicalSmmu for UnitSmmu<'_> {
+    fn write_ste(
+        &mut self,
+        _: u32,
+        _: smmu::ste::Ste,
+    ) -> Result<smmu::driver::SteWrite, smmu::driver::DriverError> {
+        self.log.borrow_mut().push((self.unit, "ste"));
+        Ok(smmu::driver::SteWrite::Unchanged)
+    }
+    fn make_ste(
+        &mut self,
+        b: smmu::driver::SteBreak,
+    ) -> Result<smmu::cmd::Command, smmu::driver::DriverError> {
+        Ok(b.cfgi)
+    }
+    fn submit(&mut self, _: &[smmu::cmd::Command]) -> Result<(), smmu::driver::DriverError> {
+        self.log.borrow_mut().push((self.unit, "cmd"));
+        Ok(())
+    }
+    fn submit_sync(
+        &mut self,
+        _: &[smmu::cmd::Command],
+    ) -> Result<smmu::driver::SyncTicket, smmu::driver::DriverError> {
+        self.log.borrow_mut().push((self.unit, "sync"));
+        Ok(smmu::driver::SyncTicket::at(1))
+    }
+    fn publish(&self) {}
+    fn wait(&self, _: smmu::driver::SyncTicket) -> Result<(), smmu::driver::DriverError> {
+        Ok(())
+    }
+    fn now(&self) -> Option<u64> {
+        None
+    }
+    fn wait_until(&self, _: u64) {}
+}
+
+#[test]
+fn functions_behind_two_smmus_get_a_vsmmu_over_each() {
+    use crate::pci::{IommuMapEntry, UnitStreams};
+    let p = platform();
+    // The board's SMMU and a second one at another address, wired to the same SPIs (so the
+    // second vSMMU must take other lines); the host bridge sends RIDs up to 0x17 to the first
+    // and the rest to the second, with StreamIDs starting again at 0x10.
+    let first = p.smmus[0].clone();
+    let second = crate::platform::SmmuInfo {
+        path: "/smmuv3@2b400000".into(),
+        phandle: Some(0x1234),
+        regs: MemRange {
+            base: 0x2b40_0000,
+            size: 0x2_0000,
+        },
+        ..first.clone()
+    };
+    let mut host = crate::pci::HostBridge::from_dtb(QEMU_DTB).unwrap().unwrap();
+    let whole = host.iommu_map[0];
+    host.iommu_map = alloc::vec![
+        IommuMapEntry {
+            length: 0x18,
+            ..whole
+        },
+        IommuMapEntry {
+            rid_base: 0x18,
+            sid_base: 0x10,
+            length: 0x1_0000 - 0x18,
+            iommu: 0x1234,
+        },
+    ];
+    let mut cfg = FakeConfigSpace::qemu_flat();
+    let topo = crate::pci::enumerate::enumerate(&mut cfg, 0, 0).unwrap();
+    let (a, b) = (Bdf::new(0, 2, 0), Bdf::new(0, 3, 0));
+    let devices = VmDevices {
+        functions: alloc::vec![
+            topo.device(a).unwrap().clone(),
+            topo.device(b).unwrap().clone()
+        ],
+        intx: alloc::vec![(a, IntxPin::A, 37), (b, IntxPin::A, 38)],
+        smmus: alloc::vec![
+            UnitStreams {
+                unit: 0,
+                stream_ids: alloc::vec![0x10],
+            },
+            UnitStreams {
+                unit: 3,
+                stream_ids: alloc::vec![0x10],
+            },
+        ],
+        ..VmDevices::default()
+    };
+    let phys = crate::devices::vsmmu::PhysFacts {
+        nesting: true,
+        stalls_forced: false,
+        idr5: 0x75,
+        ril: false,
+    };
+    let facts = [
+        SmmuFacts {
+            unit: 0,
+            info: &first,
+            oas_bits: 44,
+            phys,
+        },
+        SmmuFacts {
+            unit: 3,
+            info: &second,
+            oas_bits: 44,
+            phys,
+        },
+    ];
+    let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
+    let vm = Vm::new(
+        0,
+        config(devices),
+        &p,
+        ram,
+        PhysAddr(0x8000_0000),
+        Some(&host),
+        &facts,
+    )
+    .unwrap();
+    let lines: Vec<(usize, u32, u32)> = vm
+        .vsmmus
+        .iter()
+        .map(|s| (s.unit, s.eventq_intid, s.gerror_intid))
+        .collect();
+    let (e0, g0) = (first.eventq_intid.unwrap(), first.gerror_intid.unwrap());
+    assert_eq!(lines, [(0, e0, g0), (3, 158, 159)]);
+    // Each register frame traps to its own vSMMU.
+    assert_eq!(
+        route(&vm, Ipa(first.regs.base + 0x44)),
+        Some(Target::Vsmmu(0, 0x44))
+    );
+    assert_eq!(
+        route(&vm, Ipa(0x2b40_0000 + 0x1_00a8)),
+        Some(Target::Vsmmu(1, 0x1_00a8))
+    );
+    // A boot resets each vSMMU through its own physical SMMU.
+    let log = core::cell::RefCell::new(Vec::new());
+    let (_, dtb) = vm
+        .load(&FakeHw::new(2, 4), |unit| UnitSmmu { unit, log: &log })
+        .unwrap();
+    let units: alloc::collections::BTreeSet<usize> = log.borrow().iter().map(|&(u, _)| u).collect();
+    assert_eq!(units, [0, 3].into_iter().collect());
+    // The guest sees two SMMUv3s, and its host bridge sends each function to the right one
+    // with the StreamID its physical SMMU sees.
+    let mut d = alloc::vec![0u8; 1 << 16];
+    vm.ram().read(dtb, &mut d).unwrap();
+    let guest = Platform::parse(&d).unwrap();
+    assert_eq!(guest.smmus.len(), 2);
+    let hb = crate::pci::HostBridge::from_dtb(&d).unwrap().unwrap();
+    let phandle_at = |base: u64| {
+        guest
+            .smmus
+            .iter()
+            .find(|s| s.regs.base == base)
+            .and_then(|s| s.phandle)
+    };
+    assert_eq!(
+        hb.translate(a.rid()).map(|t| (Some(t.0), t.1)),
+        Some((phandle_at(first.regs.base), 0x10))
+    );
+    assert_eq!(
+        hb.translate(b.rid()).map(|t| (Some(t.0), t.1)),
+        Some((phandle_at(0x2b40_0000), 0x10))
+    );
+    // A physical event is the vSMMU's over the SMMU that raised it: StreamID 0x10 of unit 3
+    // is 00:03.0's, not 00:02.0's (StreamID 0x10 of unit 0).
+    let hw = FakeHw::new(2, 4);
+    let suppressed = |unit: usize| {
+        let drained = super::events::Drained {
+            unit,
+            events: alloc::vec![(
+                smmu::event::Event::new(smmu::event::EventKind::FTranslation, 0x10),
+                smmu::driver::EventFate::Suppressed,
+            )],
+            overflowed: false,
+            gerror: smmu::regs::Gerror::empty(),
+            stalls_terminated: 0,
+            quarantined: Vec::new(),
+        };
+        super::events::route(core::slice::from_ref(&vm), &drained, None, &hw);
+        vm.vsmmus
+            .iter()
+            .map(|s| s.model.lock().stats().evt_suppressed)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(suppressed(3), [0, 1]);
+    assert_eq!(suppressed(0), [1, 1]);
+    assert_eq!(suppressed(1), [1, 1], "no VM's stream on unit 1");
 }

@@ -107,8 +107,8 @@ pub(super) fn mmio_access(
                 None => vecam.read(&ecam, off, width),
             }
         }
-        Target::Vsmmu(off) => {
-            let s = vm.vsmmu.as_ref()?;
+        Target::Vsmmu(index, off) => {
+            let s = vm.vsmmus.get(index)?;
             let size = width.bytes() as u8;
             match write {
                 None => s.read(off, size),
@@ -118,7 +118,7 @@ pub(super) fn mmio_access(
                         hw: &Machine,
                         here: Some(vcpu),
                     };
-                    let mut phys = iommu::PhysSmmu(vm.config.devices.smmu.unwrap_or(0));
+                    let mut phys = iommu::PhysSmmu(s.unit);
                     if !s.write(off, size, v, vm.ram(), &mut phys, &irqs) {
                         log::error!(
                             "vsmmu: {}: a register write still waits after {} rounds",

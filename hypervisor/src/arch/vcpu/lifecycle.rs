@@ -98,10 +98,7 @@ pub(super) fn boot_vm(vm: &Vm) {
     // A reload is the guest's doing (its reset): what it logs counts against the VM's limits,
     // whichever CPU loads it (a guest that resets in a loop must not fill the console).
     uart::set_log_vm(Some(vm.id));
-    match vm.load(
-        &Machine,
-        &mut iommu::PhysSmmu(vm.config.devices.smmu.unwrap_or(0)),
-    ) {
+    match vm.load(&Machine, iommu::PhysSmmu) {
         Ok((entry, dtb)) => {
             log::info!(
                 "{}: boot {}: {} vCPUs on pCPUs {:?}, RAM IPA {:#x}+{:#x} at PA {:#x}, kernel at {entry:#x}, DTB at {dtb:#x}, loaded in {} ms, starting",
