@@ -4,7 +4,7 @@
 //! aborting; PCI enumerated, BARs assigned, IOMMU groups computed).
 
 use super::sysreg;
-use crate::pci::{self, Bdf, ConfigSpace, HostBridge, IommuDirectory, IommuGroup, Topology};
+use crate::pci::{self, Bdf, ConfigSpace, HostBridge, IommuDirectory, IommuGroup};
 use crate::platform::{MemRange, SmmuInfo};
 use alloc::alloc::{alloc_zeroed, Layout};
 use alloc::string::String;
@@ -311,39 +311,34 @@ impl pci::virtio::BarMmio for Ecam<'_> {
 /// What the hypervisor found and owns.
 #[derive(Debug, Default)]
 pub struct Iommu {
-    /// The PCI hierarchy with BARs assigned.
-    pub topology: Option<Topology>,
-    /// Its IOMMU groups.
-    pub groups: Vec<IommuGroup>,
-    /// The host bridge as the hypervisor uses it (windows the VMs' stage-2 can reach).
-    pub host: Option<HostBridge>,
+    /// Every host bridge it took, enumerated, with BARs assigned and IOMMU groups computed.
+    pub segments: Vec<pci::Segment>,
     /// Every SMMU an `iommu-map` can name, driven or not.
     pub directory: IommuDirectory,
 }
 
-/// The PCI functions one VM owns (see [`pci::resolve`]).
-pub use crate::pci::VmDevices;
+/// The PCI functions one VM owns (see [`pci::resolve_all`]).
+pub use crate::pci::VmPciDevices;
 
 impl Iommu {
     /// Checks that `vm` may own `devices` given what earlier VMs were given and describes what
-    /// it gets ([`pci::resolve`]: whole IOMMU groups, one VM per function, no shared INTx line,
-    /// DMA through an SMMU the hypervisor drives, device pages that are the VM's alone).
+    /// it gets ([`pci::resolve_all`]: whole IOMMU groups, one VM per function, no shared INTx
+    /// line or StreamID, DMA through an SMMU the hypervisor drives, device pages that are the
+    /// VM's alone), on every host bridge.
     pub fn resolve(
         &self,
         vm: &str,
-        devices: &[Bdf],
-        earlier: &[(String, Vec<Bdf>)],
-    ) -> Result<VmDevices, DeviceError> {
+        devices: &[pci::PciAddr],
+        earlier: &[(String, Vec<pci::PciAddr>)],
+    ) -> Result<VmPciDevices, DeviceError> {
         if devices.is_empty() {
-            return Ok(VmDevices::default());
+            return Ok(VmPciDevices::default());
         }
-        let (Some(topo), Some(host)) = (&self.topology, &self.host) else {
+        if self.segments.is_empty() {
             return Err(DeviceError::NoHostBridge);
-        };
-        pci::resolve(
-            topo,
-            &self.groups,
-            host,
+        }
+        pci::resolve_all(
+            &self.segments,
             &self.directory,
             vm,
             devices,
@@ -351,6 +346,16 @@ impl Iommu {
             crate::stage2::IPA_BITS,
         )
         .map_err(DeviceError::Assign)
+    }
+
+    /// Configuration space of segment `index`'s host bridge.
+    pub fn ecam(&self, index: usize) -> Option<Ecam<'_>> {
+        self.segments.get(index).map(|s| Ecam::new(&s.bridge))
+    }
+
+    /// Every IOMMU group of every segment.
+    pub fn groups(&self) -> impl Iterator<Item = &IommuGroup> {
+        self.segments.iter().flat_map(|s| s.groups.iter())
     }
 }
 
@@ -486,7 +491,10 @@ pub fn invalidate_vm_tlbs(vmid: u16) {
 
 /// Logs the STE the SMMU holds for every StreamID of every IOMMU group, read back from the
 /// stream table in memory (not from what the hypervisor meant to write).
-pub fn dump_stream_table(groups: &[IommuGroup], directory: &IommuDirectory) {
+pub fn dump_stream_table<'a>(
+    groups: impl Iterator<Item = &'a IommuGroup>,
+    directory: &IommuDirectory,
+) {
     for g in groups {
         let Ok(index) = directory.unit_of(g) else {
             continue;
@@ -559,10 +567,10 @@ pub fn drain_events() -> Vec<Drained> {
 pub type HwCmdq = Cmdq<HwRegs, HwQueue>;
 
 /// Takes every SMMU the DT describes and the hypervisor can drive (global bypass off, every
-/// StreamID aborting) and the PCI root complex. Problems are logged and leave that part out:
+/// StreamID aborting) and every host bridge in `bridges` (DT path, PCI domain, bridge). Problems are logged and leave that part out:
 /// an SMMU not driven makes the functions behind it unassignable, and nothing here stops the
 /// VMs from booting without devices.
-pub fn init(smmus: &[SmmuInfo], host: Option<&HostBridge>) -> Iommu {
+pub fn init(smmus: &[SmmuInfo], bridges: &[(String, u16, HostBridge)]) -> Iommu {
     let mut out = Iommu::default();
     if smmus.is_empty() {
         log::warn!("smmu: no arm,smmu-v3 in the DT: no PCI function can be assigned");
@@ -591,33 +599,49 @@ pub fn init(smmus: &[SmmuInfo], host: Option<&HostBridge>) -> Iommu {
         }
     }
     UNITS.call_once(|| driven);
-    let Some(host) = host else {
-        return out;
-    };
+    for (path, domain, host) in bridges {
+        let first_group = out.groups().map(|g| g.id + 1).max().unwrap_or(0);
+        if let Some(seg) = take_bridge(path, *domain, host, first_group, &out.directory) {
+            out.segments.push(seg);
+        }
+    }
+    out
+}
+
+/// Enumerates one host bridge (PCI domain `domain`), assigns its BARs, probes its virtio
+/// functions and computes its IOMMU groups (numbered from `first_group`), logging each function
+/// and group. `None`, logged, when the bridge cannot be used.
+fn take_bridge(
+    path: &str,
+    domain: u16,
+    host: &HostBridge,
+    first_group: usize,
+    directory: &IommuDirectory,
+) -> Option<pci::Segment> {
     // A VM's stage-2 covers a 39-bit IPA space: BARs go only in windows below it (QEMU's
     // 64-bit window at 512 GiB is left unused; every BAR fits the 32-bit one).
     let mut host = host.clone();
     host.windows
         .retain(|w| w.cpu_base + w.size <= 1 << crate::stage2::IPA_BITS);
-    let host = &*out.host.insert(host);
-    let mut ecam = Ecam { host };
+    let mut ecam = Ecam { host: &host };
     let mut topo = match pci::enumerate(&mut ecam, host.bus_start, host.bus_end) {
         Ok(t) => t,
         Err(e) => {
-            log::error!("pci: enumeration failed: {e}");
-            return out;
+            log::error!("pci: {path}: enumeration failed: {e}");
+            return None;
         }
     };
-    if let Err(e) = pci::assign_resources(&mut ecam, &mut topo, host) {
-        log::error!("pci: BAR assignment failed: {e}");
-        return out;
+    if let Err(e) = pci::assign_resources(&mut ecam, &mut topo, &host) {
+        log::error!("pci: {path}: BAR assignment failed: {e}");
+        return None;
     }
     sysreg::dsb_sy();
     pci::virtio::probe_all(&mut ecam, &mut topo);
+    let at = |bdf: Bdf| pci::PciAddr::new(domain, bdf);
     for d in &topo.devices {
         log::info!(
             "pci: {} [{:04x}:{:04x}] class {:06x}{}{}",
-            d.bdf,
+            at(d.bdf),
             d.vendor_id,
             d.device_id,
             d.class,
@@ -638,14 +662,15 @@ pub fn init(smmus: &[SmmuInfo], host: Option<&HostBridge>) -> Iommu {
                 .collect::<alloc::string::String>()
         );
     }
-    let groups = pci::iommu_groups(&topo, host);
+    let mut groups = pci::iommu_groups(&topo, &host);
+    pci::segments::number_groups(&mut groups, first_group);
     for g in &groups {
         let devices = g
             .devices
             .iter()
-            .map(|b| alloc::format!("{b}"))
+            .map(|&b| alloc::format!("{}", at(b)))
             .collect::<Vec<_>>();
-        match out.directory.unit_of(g) {
+        match directory.unit_of(g) {
             Ok(u) => log::info!(
                 "pci: IOMMU group {}: devices {devices:?}, StreamIDs {:?} of {}: unassigned, aborting",
                 g.id,
@@ -658,9 +683,13 @@ pub fn init(smmus: &[SmmuInfo], host: Option<&HostBridge>) -> Iommu {
             ),
         }
     }
-    out.groups = groups;
-    out.topology = Some(topo);
-    out
+    Some(pci::Segment {
+        domain,
+        path: String::from(path),
+        bridge: host,
+        topology: topo,
+        groups,
+    })
 }
 
 /// Probes one SMMU and takes it over: global bypass off, every stream aborting, its

@@ -150,7 +150,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     let image_end = core::ptr::addr_of!(__image_end) as u64;
     let ram: Vec<(u64, u64)> = platform.memory.iter().map(|m| (m.base, m.size)).collect();
     let gic_info = platform.gic.clone();
-    let host_bridge = pick_host_bridge(dtb_slice);
+    let host_bridges = pick_host_bridges(dtb_slice);
     let mut devices = alloc::vec![
         (gic_info.gicd.base, gic_info.gicd.size),
         (platform.uart.base.base, platform.uart.base.size.max(0x1000)),
@@ -165,7 +165,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
             .map(|s| (s.regs.base, s.regs.size)),
     );
     let mut forwardable = Vec::new();
-    if let Some(h) = &host_bridge {
+    for (_, _, h) in &host_bridges {
         devices.push((h.ecam.base, h.ecam.size));
         // The windows a VM's trapped PCI accesses are forwarded into (I/O BARs, and memory
         // BARs a guest placed where they cannot be mapped): only those its IPA space reaches.
@@ -207,7 +207,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
         panic!("GIC distributor: {e}");
     }
     iommu::set_forwardable(forwardable);
-    let iommu = iommu::init(&platform.smmus, host_bridge.as_ref());
+    let iommu = iommu::init(&platform.smmus, &host_bridges);
 
     // Logical CPU 0 is the boot CPU; the others follow in DT order.
     let boot_mpidr = MPIDR_EL1.get() & 0xff_00ff_ffff;
@@ -255,7 +255,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
             }),
         })
         .collect();
-    iommu::dump_stream_table(&iommu.groups, &iommu.directory);
+    iommu::dump_stream_table(iommu.groups(), &iommu.directory);
     uart::set_vms(vms.iter().map(|v| v.prefix.clone()).collect());
     HV.call_once(|| Hv {
         iommu,
@@ -326,34 +326,71 @@ fn cpu_common_init(cpu: usize) {
     }
 }
 
-/// The host bridge the hypervisor takes: the first generic ECAM one. Every other host bridge
-/// node is named with why it is left alone, so that a function behind it, which can then never
-/// be assigned, is not a silent surprise.
-fn pick_host_bridge(dtb: &[u8]) -> Option<crate::pci::HostBridge> {
+/// The host bridges the hypervisor takes: every generic ECAM one, each with its DT path and
+/// PCI domain (`pci::segments::domains`). Every other host bridge node is named with why it is
+/// left alone, so that a function behind it, which can then never be assigned, is not a silent
+/// surprise; so is a generic one whose domain repeats another's or whose ECAM window or address
+/// windows overlap an earlier one's (one address would be two devices).
+fn pick_host_bridges(dtb: &[u8]) -> Vec<(String, u16, crate::pci::HostBridge)> {
     let nodes = match crate::pci::host_bridges(dtb) {
         Ok(n) => n,
         Err(e) => {
             log::error!("pci: the DT's host bridges cannot be read: {e}");
-            return None;
+            return Vec::new();
         }
     };
-    let mut taken: Option<(String, crate::pci::HostBridge)> = None;
+    let mut generic = Vec::new();
     for n in nodes {
-        match (n.bridge, &taken) {
-            (Ok(b), None) => taken = Some((n.path, b)),
-            (Ok(_), Some((first, _))) => log::warn!(
-                "pci: {} (domain {:?}): not driven: the hypervisor takes one host bridge, {first}; its functions cannot be assigned",
-                n.path,
-                n.domain
-            ),
-            (Err(e), _) => log::warn!(
+        match n.bridge {
+            Ok(b) => generic.push((n.path, b)),
+            Err(e) => log::warn!(
                 "pci: {} ({:?}): not driven: {e}; its functions cannot be assigned",
                 n.path,
                 n.compatible
             ),
         }
     }
-    taken.map(|(_, b)| b)
+    let fixed: Vec<Option<u32>> = generic.iter().map(|(_, b)| b.domain).collect();
+    let domains = crate::pci::segments::domains(&fixed);
+    let mut taken: Vec<(String, u16, crate::pci::HostBridge)> = Vec::new();
+    for ((path, b), domain) in generic.into_iter().zip(domains) {
+        let Some(domain) = domain else {
+            log::warn!(
+                "pci: {path}: not driven: its linux,pci-domain {:?} repeats another bridge's or does not fit 16 bits; its functions cannot be assigned",
+                b.domain
+            );
+            continue;
+        };
+        let ranges = |h: &crate::pci::HostBridge| {
+            let mut r = alloc::vec![h.ecam];
+            r.extend(h.windows.iter().map(|w| MemRange {
+                base: w.cpu_base,
+                size: w.size,
+            }));
+            r
+        };
+        let mine = ranges(&b);
+        let clash = taken.iter().find(|(_, _, o)| {
+            ranges(o)
+                .iter()
+                .any(|x| mine.iter().any(|y| x.base < y.end() && y.base < x.end()))
+        });
+        if let Some((other, _, _)) = clash {
+            log::warn!(
+                "pci: {path}: not driven: its ECAM or address windows overlap those of {other}; its functions cannot be assigned"
+            );
+            continue;
+        }
+        log::info!(
+            "pci: host bridge {path}: domain {domain:04x}, buses {:02x}-{:02x}, ECAM {:#x}+{:#x}",
+            b.bus_start,
+            b.bus_end,
+            b.ecam.base,
+            b.ecam.size
+        );
+        taken.push((path, domain, b));
+    }
+    taken
 }
 
 /// Everything guest RAM must not overlap besides the boot modules (the planner checks those):
@@ -421,7 +458,7 @@ fn build_vms(
         log::error!("config: {e}: VM not started");
     }
     let mut vms = Vec::new();
-    let mut assigned: Vec<(String, Vec<crate::pci::Bdf>)> = Vec::new();
+    let mut assigned: Vec<(String, Vec<crate::pci::PciAddr>)> = Vec::new();
     for plan in plans {
         let id = vms.len();
         let devices = match iommu.resolve(&plan.name, &plan.pci_devices, &assigned) {
@@ -476,13 +513,15 @@ fn build_vms(
                 })
             })
             .collect();
+        let host_bridges: Vec<&crate::pci::HostBridge> =
+            iommu.segments.iter().map(|s| &s.bridge).collect();
         let vm = match Vm::new(
             id,
             vm_config,
             p,
             ram,
             PhysAddr(plan.ram_pa),
-            iommu.host.as_ref(),
+            &host_bridges,
             &smmus,
         ) {
             Ok(vm) => vm,
@@ -492,7 +531,7 @@ fn build_vms(
             }
         };
         let d = &vm.config.devices;
-        if !d.functions.is_empty() {
+        if !d.is_empty() {
             // Every SMMU its functions sit behind translates them through its stage 2, or the VM
             // does not start.
             let attached = if d.smmus.is_empty() {
@@ -520,14 +559,16 @@ fn build_vms(
                 .iter()
                 .map(|u| alloc::format!("{:?} on {}", u.stream_ids, iommu::unit_path(u.unit)))
                 .collect();
-            for f in &d.functions {
-                log::info!(
-                    "{}: assigned {} (IOMMU groups {:?}, StreamIDs {})",
-                    plan.name,
-                    f.bdf,
-                    d.groups,
-                    streams.join(", ")
-                );
+            let groups: Vec<usize> = d.groups().collect();
+            for seg in &d.segments {
+                for f in &seg.devices.functions {
+                    log::info!(
+                        "{}: assigned {} (IOMMU groups {groups:?}, StreamIDs {})",
+                        plan.name,
+                        crate::pci::PciAddr::new(seg.domain, f.bdf),
+                        streams.join(", ")
+                    );
+                }
             }
             assigned.push((plan.name.clone(), plan.pci_devices.clone()));
         }

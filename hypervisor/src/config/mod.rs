@@ -68,8 +68,9 @@ pub struct VmSpec {
     pub kernel: Option<ModuleSpec>,
     /// The `multiboot,ramdisk` module child.
     pub ramdisk: Option<MemRange>,
-    /// `smmu-hv,pci-devices`: the physical PCI functions the VM owns.
-    pub pci_devices: Vec<crate::pci::Bdf>,
+    /// `smmu-hv,pci-devices`: the physical PCI functions the VM owns (domain 0 where the
+    /// string names none).
+    pub pci_devices: Vec<crate::pci::PciAddr>,
 }
 
 /// The host resources VMs are carved from.
@@ -103,5 +104,5 @@ pub struct VmPlan {
     pub ramdisk: Option<MemRange>,
     /// The physical PCI functions it owns (checked against IOMMU groups by the caller, who
     /// knows the PCI topology).
-    pub pci_devices: Vec<crate::pci::Bdf>,
+    pub pci_devices: Vec<crate::pci::PciAddr>,
 }

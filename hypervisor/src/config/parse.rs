@@ -156,11 +156,14 @@ fn parse_node(node: FdtNode) -> Result<VmSpec, ConfigError> {
             for s in v.split(|&b| b == 0).filter(|s| !s.is_empty()) {
                 let bdf = core::str::from_utf8(s)
                     .ok()
-                    .and_then(crate::pci::Bdf::parse)
+                    .and_then(crate::pci::PciAddr::parse)
                     .ok_or_else(|| {
                         err(
                             "smmu-hv,pci-devices",
-                            format!("{:?} is not a BB:DD.F function", String::from_utf8_lossy(s)),
+                            format!(
+                                "{:?} is not a BB:DD.F or DDDD:BB:DD.F function",
+                                String::from_utf8_lossy(s)
+                            ),
                         )
                     })?;
                 if out.contains(&bdf) {

@@ -241,7 +241,7 @@ fn parses_a_node() {
                 bootargs: Some("console=ttyAMA0".into())
             }),
             ramdisk: Some(RAMDISK),
-            pci_devices: vec![Bdf::new(0, 1, 0), Bdf::new(0, 2, 0)],
+            pci_devices: vec![Bdf::new(0, 1, 0).into(), Bdf::new(0, 2, 0).into()],
         })]
     );
 }
@@ -253,6 +253,11 @@ fn pci_devices_must_be_bdfs_named_once() {
         (b"00:20.0\0", "not a BB:DD.F"),
         (b"00:01.8\0", "not a BB:DD.F"),
         (b"00:01.0\x0000:01.0\0", "named twice"),
+        (b"0000:00:01.0\x0000:01.0\0", "named twice"),
+        (b"000:00:01.0\0", "not a BB:DD.F or DDDD:BB:DD.F"),
+        (b"1:00:01.0\0", "not a BB:DD.F or DDDD:BB:DD.F"),
+        (b"0001-00:01.0\0", "not a BB:DD.F or DDDD:BB:DD.F"),
+        (b"g001:00:01.0\0", "not a BB:DD.F or DDDD:BB:DD.F"),
     ] {
         let node = vm("vm0", 1, 64 * MIB).set("smmu-hv,pci-devices", value.to_vec());
         let specs = parse_vm_specs(&dtb(&[node])).unwrap();
@@ -260,6 +265,25 @@ fn pci_devices_must_be_bdfs_named_once() {
         assert_eq!(e.field, "smmu-hv,pci-devices");
         assert!(e.reason.contains(why), "{e}");
     }
+}
+
+#[test]
+fn pci_devices_may_name_their_domain() {
+    let node = vm("vm0", 1, 64 * MIB).set(
+        "smmu-hv,pci-devices",
+        b"0001:81:00.0\x0000:02.0\x000000:00:03.0\0".to_vec(),
+    );
+    let spec = parse_vm_specs(&dtb(&[node])).unwrap().remove(0).unwrap();
+    assert_eq!(
+        spec.pci_devices,
+        vec![
+            crate::pci::PciAddr::new(1, Bdf::new(0x81, 0, 0)),
+            crate::pci::PciAddr::new(0, Bdf::new(0, 2, 0)),
+            crate::pci::PciAddr::new(0, Bdf::new(0, 3, 0)),
+        ]
+    );
+    assert_eq!(spec.pci_devices[0].to_string(), "0001:81:00.0");
+    assert_eq!(spec.pci_devices[1].to_string(), "00:02.0");
 }
 
 #[test]

@@ -54,8 +54,9 @@ pub(super) fn pci_node(
         ranges.extend(split(r.size));
     }
     w.property_array_u32("ranges", &ranges)?;
-    // A fixed domain so that the guest's BDFs (equal to the host's) read the same in logs.
-    w.property_u32("linux,pci-domain", 0)?;
+    // The host's domain, fixed, so that the guest's addresses of its functions (BDFs equal to
+    // the host's) read the same in both logs.
+    w.property_u32("linux,pci-domain", u32::from(pci.domain))?;
     w.property_null("dma-coherent")?;
     if !smmus.is_empty() {
         // Linux `pci-iommu.yaml`: <rid-base iommu iommu-base length>. The host's entries for

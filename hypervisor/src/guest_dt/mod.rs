@@ -54,8 +54,9 @@ pub struct GuestDtConfig<'a> {
     /// How many times the VM has booted before this boot (0 on the first):
     /// `/chosen/hypervisor,boot-count`, so a guest can tell a reboot from a first boot.
     pub boot_count: u32,
-    /// The VM's virtual PCI host bridge, if it has assigned PCI functions.
-    pub pci: Option<GuestPci<'a>>,
+    /// The VM's virtual PCI host bridges (one per physical bridge its functions sit behind;
+    /// empty without assigned PCI functions).
+    pub pci: &'a [GuestPci<'a>],
     /// The VM's emulated SMMUv3s, one per physical SMMU its functions sit behind (empty if
     /// none). With [`Self::pci`] too, the host bridge's `iommu-map` sends each RID to the
     /// vSMMU over the physical SMMU the host's map sends it to, with the host's StreamID.
@@ -86,6 +87,9 @@ pub struct GuestSmmu {
 /// host-generic-pci.yaml`).
 #[derive(Clone, Copy, Debug)]
 pub struct GuestPci<'a> {
+    /// Its PCI domain (`linux,pci-domain`): the physical bridge's, so that the guest's
+    /// addresses of its functions read as the host's.
+    pub domain: u16,
     /// Guest IPA range of the VM's ECAM window: 1 MiB per bus of `bus_range`.
     pub ecam: MemRange,
     /// First and last bus number; offset 0 of the window is the first bus.
@@ -196,6 +200,16 @@ pub enum GuestDtError {
         /// The second user.
         second: &'static str,
     },
+    /// Two virtual host bridges share a domain or overlap.
+    #[error(
+        "the virtual host bridges at {first:#x} and {second:#x} share a domain or an ECAM range"
+    )]
+    BridgesClash {
+        /// The first one's ECAM base.
+        first: u64,
+        /// The second one's.
+        second: u64,
+    },
     /// Two vSMMUs' register frames overlap.
     #[error("the vSMMUs at {first:#x} and {second:#x} overlap")]
     SmmusOverlap {
@@ -260,7 +274,7 @@ pub fn build_guest_dt(cfg: &GuestDtConfig) -> Result<Vec<u8>, GuestDtError> {
         w.property_u64("linux,initrd-start", initrd.base)?;
         w.property_u64("linux,initrd-end", initrd.end())?;
     }
-    if cfg.pci.is_some() {
+    if !cfg.pci.is_empty() {
         // Linux (`of_pci_check_probe_only`) then keeps the BARs as found instead of
         // reassigning them: the hypervisor placed them and mapped them into stage-2, and the
         // virtual ECAM refuses moves anyway.
@@ -344,7 +358,7 @@ pub fn build_guest_dt(cfg: &GuestDtConfig) -> Result<Vec<u8>, GuestDtError> {
         smmu_node(&mut w, smmu, smmu_phandle(i))?;
     }
 
-    if let Some(pci) = &cfg.pci {
+    for pci in cfg.pci {
         pci_node(&mut w, pci, cfg.smmus)?;
     }
 

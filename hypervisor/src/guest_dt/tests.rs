@@ -35,7 +35,7 @@ fn config<'a>(mpidrs: &'a [u64]) -> GuestDtConfig<'a> {
             size: 0x12_3456,
         }),
         boot_count: 3,
-        pci: None,
+        pci: &[],
         smmus: &[],
     }
 }
@@ -264,6 +264,7 @@ const INTX: [(Bdf, IntxPin, u32); 4] = [
 
 fn pci() -> GuestPci<'static> {
     GuestPci {
+        domain: 0,
         ecam: MemRange {
             base: 0x40_1000_0000,
             size: 0x100_0000,
@@ -280,7 +281,7 @@ fn pci() -> GuestPci<'static> {
 fn pci_node_parses_back_as_the_same_host_bridge() {
     let mpidrs = [0];
     let cfg = GuestDtConfig {
-        pci: Some(pci()),
+        pci: &[pci()],
         ..config(&mpidrs)
     };
     let dtb = build_guest_dt(&cfg).unwrap();
@@ -342,7 +343,7 @@ fn rejects_bad_pci_configs() {
     let mpidrs = [0];
     let err = |pci: GuestPci| {
         build_guest_dt(&GuestDtConfig {
-            pci: Some(pci),
+            pci: &[pci],
             ..config(&mpidrs)
         })
         .unwrap_err()
@@ -439,7 +440,7 @@ fn be32(bytes: &[u8]) -> Vec<u32> {
 fn smmu_node_and_iommu_map() {
     let mpidrs = [0, 1];
     let cfg = GuestDtConfig {
-        pci: Some(pci()),
+        pci: &[pci()],
         smmus: &[SMMU],
         ..config(&mpidrs)
     };
@@ -532,7 +533,7 @@ fn rejects_bad_smmu_configs() {
     let mpidrs = [0];
     let err = |smmu: GuestSmmu| {
         build_guest_dt(&GuestDtConfig {
-            pci: Some(pci()),
+            pci: &[pci()],
             smmus: &[smmu],
             ..config(&mpidrs)
         })
@@ -636,11 +637,11 @@ fn guest_iommu_map_repeats_the_hosts_onto_the_vsmmu() {
         length: 0x100,
     }];
     let cfg = GuestDtConfig {
-        pci: Some(GuestPci {
+        pci: &[GuestPci {
             iommu_map: &host_map,
             iommu_map_mask: Some(0xfff8),
             ..pci()
-        }),
+        }],
         smmus: &[SMMU],
         ..config(&mpidrs)
     };
@@ -695,10 +696,10 @@ fn a_vsmmu_per_physical_smmu_each_with_its_share_of_the_map() {
     };
     let smmus = [SMMU, second];
     let cfg = GuestDtConfig {
-        pci: Some(GuestPci {
+        pci: &[GuestPci {
             iommu_map: &host_map,
             ..pci()
-        }),
+        }],
         smmus: &smmus,
         ..config(&mpidrs)
     };
@@ -721,7 +722,7 @@ fn a_vsmmu_per_physical_smmu_each_with_its_share_of_the_map() {
     // Several vSMMUs need the host's map to divide the RIDs; two at one address or sharing a
     // line are refused.
     let no_map = GuestDtConfig {
-        pci: Some(pci()),
+        pci: &[pci()],
         smmus: &smmus,
         ..config(&mpidrs)
     };

@@ -128,13 +128,24 @@ pub(super) fn validate(cfg: &GuestDtConfig) -> Result<(), GuestDtError> {
             expected: "SPI",
         });
     }
-    if let Some(pci) = &cfg.pci {
+    for (i, pci) in cfg.pci.iter().enumerate() {
         validate_pci(pci)?;
+        // Two bridges with one domain would collide in Linux (`pci_bus_find_domain_nr`); with
+        // one ECAM window, one node name.
+        if let Some(o) = cfg.pci[..i]
+            .iter()
+            .find(|o| o.domain == pci.domain || overlaps(o.ecam, pci.ecam))
+        {
+            return Err(GuestDtError::BridgesClash {
+                first: o.ecam.base,
+                second: pci.ecam.base,
+            });
+        }
     }
     // A shared line would be requested twice by Linux without IRQF_SHARED and fail the
     // probe; with the level-triggered UART or INTx lines it would also mix trigger types.
     let mut used = vec![("uart", cfg.uart_intid)];
-    if let Some(pci) = &cfg.pci {
+    for pci in cfg.pci {
         used.extend(pci.intx.iter().map(|&(_, _, intid)| ("pci intx", intid)));
     }
     for (i, smmu) in cfg.smmus.iter().enumerate() {
@@ -148,7 +159,7 @@ pub(super) fn validate(cfg: &GuestDtConfig) -> Result<(), GuestDtError> {
             });
         }
     }
-    if cfg.smmus.len() > 1 && cfg.pci.is_some_and(|p| p.iommu_map.is_empty()) {
+    if cfg.smmus.len() > 1 && cfg.pci.iter().any(|p| p.iommu_map.is_empty()) {
         // Without the host's entries nothing says which RIDs each vSMMU translates.
         return Err(GuestDtError::NoIommuMap(cfg.smmus.len()));
     }

@@ -5,6 +5,7 @@
 //! Legacy interrupts are wires: two VMs on one INTx line would see each other's interrupts and
 //! could keep the line asserted for each other.
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -17,7 +18,7 @@ use super::groups::{GroupIommu, IommuGroup};
 use super::host::{HostBridge, InterruptMap, IntxPin};
 use super::isolation::{device_slots, DeviceSlot, IsolationError};
 use super::virtio::VirtioDma;
-use super::Bdf;
+use super::{Bdf, PciAddr};
 
 /// Why a set of device assignments cannot be honoured.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
@@ -103,6 +104,67 @@ pub enum AssignError {
     /// A page the VM's stage 2 would map is not the VM's alone.
     #[error("{0}")]
     Isolation(#[from] IsolationError),
+    /// A VM names a function in a PCI domain no host bridge the hypervisor took has.
+    #[error(
+        "VM {vm}: device {addr}: the machine has no host bridge with PCI domain {:04x} (the \
+         hypervisor took domains {domains:04x?})",
+        addr.domain
+    )]
+    UnknownDomain {
+        /// The VM.
+        vm: String,
+        /// The function it named.
+        addr: PciAddr,
+        /// The domains there are.
+        domains: Vec<u16>,
+    },
+    /// A refusal on one host bridge of several, naming it.
+    #[error("host bridge {bridge} (domain {domain:04x}): {source}")]
+    OnBridge {
+        /// The bridge's DT path.
+        bridge: String,
+        /// Its domain.
+        domain: u16,
+        /// What that bridge's checks said.
+        source: Box<AssignError>,
+    },
+    /// Two VMs' functions on two host bridges raise the same GIC line.
+    #[error(
+        "VM {first_vm} ({first}) and VM {second_vm} ({second}) would share INTx line INTID \
+         {intid} (their host bridges route to the same SPI); move one device"
+    )]
+    SharedIntxAcross {
+        /// The VM seen first.
+        first_vm: String,
+        /// Its function on the line.
+        first: PciAddr,
+        /// The other VM.
+        second_vm: String,
+        /// Its function on the line.
+        second: PciAddr,
+        /// The GIC INTID.
+        intid: u32,
+    },
+    /// A group emits a StreamID that another group also emits on the same SMMU.
+    #[error(
+        "VM {vm}: device {function} (IOMMU group {group}) cannot be assigned: its StreamID \
+         {sid:#x} is also that of {other} (IOMMU group {other_group}) on the same SMMU (the \
+         host bridges' iommu-maps overlap), so no STE can confine one without the other"
+    )]
+    SharedStreamId {
+        /// The VM.
+        vm: String,
+        /// A function of its group.
+        function: PciAddr,
+        /// Its group.
+        group: usize,
+        /// The StreamID.
+        sid: u32,
+        /// A function of the other group.
+        other: PciAddr,
+        /// The other group.
+        other_group: usize,
+    },
     /// No SMMU the hypervisor drives would translate the function's DMA.
     #[error(
         "VM {vm}: device {bdf} (IOMMU group {group}) cannot be assigned: {why}; a VM is never \

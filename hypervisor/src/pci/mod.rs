@@ -31,6 +31,7 @@ pub mod host;
 pub mod isolation;
 pub mod regs;
 pub mod resources;
+pub mod segments;
 pub mod virtio;
 
 // The fake configuration space, also the ground of the vECAM fuzz harness (docs/fuzzing.md).
@@ -53,6 +54,7 @@ pub use host::{
 };
 pub use isolation::{DeviceSlot, IsolationError};
 pub use resources::{assign_resources, ResourceName, DEVICE_PAGE};
+pub use segments::{resolve_all, Segment, SegmentDevices, VmPciDevices};
 
 /// A PCI function's address on its segment: bus, device (slot) and function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -118,6 +120,57 @@ impl fmt::Display for Bdf {
     }
 }
 
+/// A PCI function's address on the machine: its host bridge's PCI domain (segment) and its BDF
+/// there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PciAddr {
+    /// The domain (`linux,pci-domain` of its host bridge).
+    pub domain: u16,
+    /// Bus, device and function on that bridge.
+    pub bdf: Bdf,
+}
+
+impl PciAddr {
+    /// Function `bdf` of domain `domain`.
+    pub const fn new(domain: u16, bdf: Bdf) -> Self {
+        Self { domain, bdf }
+    }
+
+    /// Parses `DDDD:BB:DD.F` (four hex digits of domain) or `BB:DD.F` (domain 0), as Linux
+    /// prints functions and the VM configuration names them.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.len() {
+            7 => Bdf::parse(s).map(|bdf| Self::new(0, bdf)),
+            12 if s.as_bytes()[4] == b':' => {
+                let (d, rest) = s.split_at(4);
+                if !d.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
+                }
+                let domain = u16::from_str_radix(d, 16).ok()?;
+                Bdf::parse(&rest[1..]).map(|bdf| Self::new(domain, bdf))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl From<Bdf> for PciAddr {
+    fn from(bdf: Bdf) -> Self {
+        Self::new(0, bdf)
+    }
+}
+
+/// `BB:DD.F` in domain 0 (how the one-bridge machines every earlier log and configuration
+/// named functions), `DDDD:BB:DD.F` elsewhere.
+impl fmt::Display for PciAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.domain != 0 {
+            write!(f, "{:04x}:", self.domain)?;
+        }
+        write!(f, "{}", self.bdf)
+    }
+}
+
 /// How a virtio function's DMA reaches memory, as `virtio::probe` found it (here, beside the
 /// other facts enumeration records, because [`PciDevice`] holds it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +204,16 @@ pub trait ConfigSpace {
     fn read32(&self, bdf: Bdf, offset: u16) -> u32;
     /// Writes the dword at `offset` (a multiple of 4, below 4096).
     fn write32(&mut self, bdf: Bdf, offset: u16, value: u32);
+}
+
+impl<C: ConfigSpace + ?Sized> ConfigSpace for &mut C {
+    fn read32(&self, bdf: Bdf, offset: u16) -> u32 {
+        (**self).read32(bdf, offset)
+    }
+
+    fn write32(&mut self, bdf: Bdf, offset: u16, value: u32) {
+        (**self).write32(bdf, offset, value)
+    }
 }
 
 /// Why the PCI hierarchy could not be described, enumerated or configured.

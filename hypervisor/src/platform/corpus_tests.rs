@@ -1326,7 +1326,7 @@ fn semantic_bases_are_accepted_by_every_entry_point() {
             (vm.name.as_str(), vm.vcpus, vm.mem_size),
             ("guest", 2, 0x4_0000 << 10)
         );
-        assert_eq!(vm.pci_devices, [Bdf::new(0, 1, 0)]);
+        assert_eq!(vm.pci_devices, [Bdf::new(0, 1, 0).into()]);
     }
 }
 

@@ -19,8 +19,9 @@ pub enum Target {
         /// Offset in the frame.
         off: u64,
     },
-    /// The virtual ECAM, at this offset (bus/device/function/register).
-    Ecam(u64),
+    /// The virtual ECAM of the VM's host bridge with this index in `Vm::pci`, at this offset
+    /// (bus/device/function/register).
+    Ecam(usize, u64),
     /// The register pages of the VM's vSMMU with this index in `Vm::vsmmus`, at this offset.
     Vsmmu(usize, u64),
     /// The vPL011, at this offset.
@@ -46,12 +47,13 @@ pub fn route(vm: &Vm, ipa: Ipa) -> Option<Target> {
             off: off % GICR_FRAME_SIZE,
         });
     }
-    if let Some(off) = vm
+    if let Some((i, off)) = vm
         .pci
-        .as_ref()
-        .and_then(|p| within(p.ecam.base, p.ecam.size, ipa))
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| within(p.ecam.base, p.ecam.size, ipa).map(|off| (i, off)))
     {
-        return Some(Target::Ecam(off));
+        return Some(Target::Ecam(i, off));
     }
     if let Some((i, off)) = vm
         .vsmmus
@@ -65,8 +67,8 @@ pub fn route(vm: &Vm, ipa: Ipa) -> Option<Target> {
         return Some(Target::Uart(off));
     }
     vm.pci
-        .as_ref()
-        .and_then(|p| pci_window(&p.windows, ipa))
+        .iter()
+        .find_map(|p| pci_window(&p.windows, ipa))
         .map(|_| Target::Pci)
 }
 

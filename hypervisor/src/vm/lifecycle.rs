@@ -299,15 +299,18 @@ impl super::Vm {
     /// Stops the VM's PCI functions from mastering DMA or raising their lines until its next
     /// boot's drivers set them up again (PCI Local Bus 3.0, 6.2.2: Command register): a VM
     /// stopped for good, or one being reset.
-    pub fn quiesce_devices(
+    pub fn quiesce_devices<C: crate::pci::ConfigSpace>(
         &self,
-        cfg: Option<&mut impl crate::pci::ConfigSpace>,
+        mut cfg_of: impl FnMut(usize) -> Option<C>,
         hw: &impl crate::hw::Hw,
     ) {
         use crate::pci::regs::{command, COMMAND};
         let d = &self.config.devices;
-        if let Some(cfg) = cfg {
-            for f in &d.functions {
+        for seg in &d.segments {
+            let Some(mut cfg) = cfg_of(seg.segment) else {
+                continue;
+            };
+            for f in &seg.devices.functions {
                 let cmd = cfg.read32(f.bdf, COMMAND) & 0xffff;
                 // The status half is write-1-to-clear: 0s.
                 cfg.write32(
@@ -317,7 +320,7 @@ impl super::Vm {
                 );
             }
         }
-        for &(_, _, intid) in &d.intx {
+        for intid in d.intx_intids() {
             hw.disable_spi(crate::hw::IntId(intid));
         }
     }

@@ -20,7 +20,7 @@ use crate::devices::vpl011::VPl011;
 use crate::devices::vsmmu::{PhysFacts, VmSmmu};
 use crate::guest_dt::{build_guest_dt, GuestDtConfig, GuestPci, GuestSmmu};
 use crate::hw::{GuestRam, Hw, Ipa, OutOfRam, PhysAddr};
-use crate::pci::{ConfigSpace, VmDevices};
+use crate::pci::{ConfigSpace, HostBridge, VmPciDevices};
 use crate::platform::{MemRange, Platform};
 use crate::stage2::{MemType, Stage2, Stage2Error};
 use alloc::boxed::Box;
@@ -68,8 +68,8 @@ pub struct VmConfig {
     pub initrd: Option<BootImage>,
     /// Kernel command line.
     pub bootargs: String,
-    /// The PCI functions it owns.
-    pub devices: VmDevices,
+    /// The PCI functions it owns, by host bridge.
+    pub devices: VmPciDevices,
 }
 
 /// Why a VM could not be built or loaded.
@@ -97,10 +97,17 @@ pub enum VmError {
     Mem(#[from] OutOfRam),
 }
 
-/// A VM's virtual generic ECAM host bridge: same ECAM window and address windows as the
-/// physical one, showing only the VM's functions.
+/// One of a VM's virtual generic ECAM host bridges, over the physical one its functions sit
+/// behind (one per physical bridge): same ECAM window, bus range, domain and address windows,
+/// showing only the VM's functions.
 #[derive(Debug)]
 pub struct VmPci {
+    /// The physical bridge's segment index (`pci::Segment`), for its configuration space.
+    pub segment: usize,
+    /// Its index in `VmConfig::devices.segments`: the functions it shows.
+    pub at: usize,
+    /// Its PCI domain (`linux,pci-domain`), the physical bridge's.
+    pub domain: u16,
     /// ECAM window (guest IPA = host PA; never mapped, every access traps).
     pub ecam: MemRange,
     /// Bus numbers.
@@ -113,6 +120,8 @@ pub struct VmPci {
     pub iommu_map: Vec<crate::pci::IommuMapEntry>,
     /// The host bridge's `iommu-map-mask`.
     pub iommu_map_mask: Option<u32>,
+    /// Where each of its memory BARs is mapped in the VM's stage 2 now.
+    bar_maps: Mutex<BarMaps>,
 }
 
 /// The virtual UART's INTID when the host UART has none wired to the GIC (SPI 1, QEMU `virt`'s
@@ -152,8 +161,6 @@ pub struct Vm {
     ram: Box<dyn GuestRam>,
     /// Its stage-2 tables (shared with the SMMU); changed only when the guest moves a BAR.
     stage2: Mutex<Stage2>,
-    /// Where each of its memory BARs is mapped in its stage 2 now.
-    bar_maps: Mutex<BarMaps>,
     /// BAR moves since its last boot (the first few are logged).
     bar_moves: AtomicU32,
     /// Emulated GIC distributor (guest IPA).
@@ -164,8 +171,8 @@ pub struct Vm {
     pub uart: MemRange,
     /// The PL011's interrupt.
     pub uart_intid: u32,
-    /// The VM's virtual PCI host bridge, if it owns PCI functions.
-    pub pci: Option<VmPci>,
+    /// The VM's virtual PCI host bridges: one per physical bridge its functions sit behind.
+    pub pci: Vec<VmPci>,
     /// The VM's emulated SMMUv3s: one over each physical SMMU its PCI functions sit behind
     /// that can nest, ordered by driver instance.
     pub vsmmus: Vec<VmSmmu>,
@@ -209,7 +216,7 @@ impl Vm {
         platform: &Platform,
         ram: Box<dyn GuestRam>,
         ram_pa: PhysAddr,
-        host_bridge: Option<&crate::pci::HostBridge>,
+        host_bridges: &[&HostBridge],
         smmus: &[SmmuFacts<'_>],
     ) -> Result<Self, VmError> {
         let ram_ipa = MemRange {
@@ -220,16 +227,18 @@ impl Vm {
         stage2.map(ram_ipa.base, ram_pa.get(), ram_ipa.size, MemType::Normal)?;
         // Assigned functions' memory BARs, their slots checked to hold nothing else: the guest
         // sees them where they physically are. I/O BARs are not mapped: their accesses trap.
-        for slot in &config.devices.slots {
-            stage2.map(slot.page, slot.page, slot.len, MemType::Device)?;
+        for seg in &config.devices.segments {
+            for slot in &seg.devices.slots {
+                stage2.map(slot.page, slot.page, slot.len, MemType::Device)?;
+            }
         }
-        let has_devices = !config.devices.functions.is_empty();
+        let has_devices = !config.devices.is_empty();
         let vmid = (id + 1) as u16;
         let uart_intid = platform.uart.intid.unwrap_or(VUART_FALLBACK_INTID);
         let mut vsmmus: Vec<VmSmmu> = Vec::new();
         // Lines a vSMMU must not take: the UART's, the INTx lines, earlier vSMMUs'.
         let mut used: Vec<u32> = alloc::vec![uart_intid];
-        used.extend(config.devices.intx.iter().map(|&(_, _, i)| i));
+        used.extend(config.devices.intx_intids());
         for s in smmus.iter().filter(|_| has_devices) {
             let s2 = crate::stage2::smmu_s2_config(s.oas_bits, vmid, stage2.root_pa());
             let ids = config.devices.stream_ids_on(s.unit);
@@ -258,19 +267,33 @@ impl Vm {
                 ),
             }
         }
-        let pci = host_bridge.filter(|_| has_devices).map(|host| VmPci {
-            ecam: host.ecam,
-            bus_range: (host.bus_start, host.bus_end),
-            windows: host.windows.clone(),
-            vecam: Mutex::new(VirtualEcam::new(config.devices.functions.clone())),
-            iommu_map: host
-                .iommu_map
-                .iter()
-                .filter(|e| vsmmus.iter().any(|v| v.host_phandle == Some(e.iommu)))
-                .copied()
-                .collect(),
-            iommu_map_mask: host.iommu_map_mask,
-        });
+        let pci: Vec<VmPci> = config
+            .devices
+            .segments
+            .iter()
+            .enumerate()
+            .filter(|(_, seg)| !seg.devices.functions.is_empty())
+            .filter_map(|(at, seg)| {
+                let host = host_bridges.get(seg.segment)?;
+                Some(VmPci {
+                    segment: seg.segment,
+                    at,
+                    domain: seg.domain,
+                    ecam: host.ecam,
+                    bus_range: (host.bus_start, host.bus_end),
+                    windows: host.windows.clone(),
+                    vecam: Mutex::new(VirtualEcam::new(seg.devices.functions.clone())),
+                    iommu_map: host
+                        .iommu_map
+                        .iter()
+                        .filter(|e| vsmmus.iter().any(|v| v.host_phandle == Some(e.iommu)))
+                        .copied()
+                        .collect(),
+                    iommu_map_mask: host.iommu_map_mask,
+                    bar_maps: Mutex::new(BarMaps::new(&seg.devices.slots)),
+                })
+            })
+            .collect();
         let vttbr = stage2.root_pa() | (vmid as u64) << 48;
         let vcpus: Vec<VcpuSlot> = config
             .pcpus
@@ -302,7 +325,6 @@ impl Vm {
             ram,
             s2_root: stage2.root_pa(),
             stage2: Mutex::new(stage2),
-            bar_maps: Mutex::new(BarMaps::new(&config.devices.slots)),
             bar_moves: AtomicU32::new(0),
             pci,
             vsmmus,
@@ -373,6 +395,19 @@ impl Vm {
                 host_phandle: s.host_phandle,
             })
             .collect();
+        let pci: Vec<GuestPci> = self
+            .pci
+            .iter()
+            .map(|p| GuestPci {
+                domain: p.domain,
+                ecam: p.ecam,
+                bus_range: p.bus_range,
+                ranges: &p.windows,
+                intx: &self.config.devices.segments[p.at].devices.intx,
+                iommu_map: &p.iommu_map,
+                iommu_map_mask: p.iommu_map_mask,
+            })
+            .collect();
         let dtb = build_guest_dt(&GuestDtConfig {
             vm_name: &self.config.name,
             vcpu_mpidrs: &mpidrs,
@@ -387,14 +422,7 @@ impl Vm {
             bootargs: &self.config.bootargs,
             initrd: place.initrd,
             boot_count: boots,
-            pci: self.pci.as_ref().map(|p| GuestPci {
-                ecam: p.ecam,
-                bus_range: p.bus_range,
-                ranges: &p.windows,
-                intx: &self.config.devices.intx,
-                iommu_map: &p.iommu_map,
-                iommu_map_mask: p.iommu_map_mask,
-            }),
+            pci: &pci,
             smmus: &smmus,
         })
         .map_err(VmError::Dt)?;
@@ -408,10 +436,11 @@ impl Vm {
         });
         *self.vuart.lock() = VPl011::new();
         self.console_backlog.lock().clear();
-        if let Some(p) = &self.pci {
-            *p.vecam.lock() = VirtualEcam::new(self.config.devices.functions.clone());
-            self.reset_bar_maps(hw);
+        for p in &self.pci {
+            *p.vecam.lock() =
+                VirtualEcam::new(self.config.devices.segments[p.at].devices.functions.clone());
         }
+        self.reset_bar_maps(hw);
         if boots > 0 {
             self.log_vsmmu_stats();
         }
@@ -454,18 +483,19 @@ impl Vm {
         }
     }
 
-    /// Maps each BAR the guest moved (virtual ECAM) at its new IPA in the VM's stage 2 and
+    /// Maps each BAR the guest moved (in the virtual ECAM of its host bridge `bridge`, an index
+    /// of [`Vm::pci`]) at its new IPA in the VM's stage 2 and
     /// unmaps the old place. Only the BAR's own slot is ever mapped. A BAR put outside the VM's
     /// PCI memory windows, over another of its BARs, or at an address whose page offset differs
     /// from the physical one stays unmapped: its accesses then trap and are forwarded (see
     /// [`Vm::resolve_pci`]) as long as they stay inside it. Returns whether stage 2 changed:
     /// the caller then invalidates the VM's TLBs in the CPUs and the SMMU.
-    pub fn apply_bar_moves(&self, moves: &[BarMove]) -> bool {
-        let Some(pci) = &self.pci else {
+    pub fn apply_bar_moves(&self, bridge: usize, moves: &[BarMove]) -> bool {
+        let Some(pci) = self.pci.get(bridge) else {
             return false;
         };
         let mut changed = false;
-        let mut maps = self.bar_maps.lock();
+        let mut maps = pci.bar_maps.lock();
         let mut s2 = self.stage2.lock();
         for m in moves {
             let Some(plan) = maps.plan_move(m, &pci.windows) else {
@@ -516,43 +546,49 @@ impl Vm {
     /// Puts every BAR back where the hypervisor placed it (a VM boot: its new virtual ECAM
     /// shows that placement) and drops the VM's TLB entries if anything moved.
     fn reset_bar_maps(&self, hw: &impl Hw) {
-        let mut maps = self.bar_maps.lock();
-        let mut s2 = self.stage2.lock();
-        // Every moved BAR out first, then every one back: a BAR's old place may be another's
-        // home.
-        let (unmap, home) = maps.reset();
-        for &(ipa, len) in &unmap {
-            let _ = s2.unmap(ipa, len);
-        }
-        for slot in &home {
-            if let Err(e) = s2.map(slot.page, slot.page, slot.len, MemType::Device) {
-                log::error!("{}: {} BAR{}: {e}", self.config.name, slot.bdf, slot.bar);
+        let mut moved = false;
+        for pci in &self.pci {
+            let mut maps = pci.bar_maps.lock();
+            let mut s2 = self.stage2.lock();
+            // Every moved BAR out first, then every one back: a BAR's old place may be
+            // another's home.
+            let (unmap, home) = maps.reset();
+            for &(ipa, len) in &unmap {
+                let _ = s2.unmap(ipa, len);
             }
+            for slot in &home {
+                if let Err(e) = s2.map(slot.page, slot.page, slot.len, MemType::Device) {
+                    log::error!("{}: {} BAR{}: {e}", self.config.name, slot.bdf, slot.bar);
+                }
+            }
+            moved |= !home.is_empty();
         }
-        drop(s2);
-        drop(maps);
         self.bar_moves.store(0, Ordering::Relaxed);
-        if !home.is_empty() {
+        if moved {
             self.invalidate_tlbs(hw);
         }
     }
 
     /// Where a trapped guest access at `ipa` inside its PCI windows that its stage 2 does not
     /// map goes: the physical address in the function whose BAR the guest placed there (its
-    /// virtual ECAM decides, reading `cfg`: inside one of the VM's own BARs, wholly, with
+    /// virtual ECAM decides, reading `cfg_of` the bridge's segment: inside one of the VM's own
+    /// BARs, wholly, with
     /// decoding on), or `None` (absent: the access faults). I/O BARs are served this way
     /// always, memory BARs when the guest placed them where they cannot be mapped.
-    pub fn resolve_pci(
+    pub fn resolve_pci<C: ConfigSpace>(
         &self,
-        cfg: &impl ConfigSpace,
+        cfg_of: impl Fn(usize) -> Option<C>,
         ipa: Ipa,
         width: crate::mmio::AccessWidth,
     ) -> Option<PhysAddr> {
-        let pci = self.pci.as_ref()?;
-        let (io, bus) = bus::pci_window(&pci.windows, ipa)?;
+        let (pci, (io, bus)) = self
+            .pci
+            .iter()
+            .find_map(|p| bus::pci_window(&p.windows, ipa).map(|w| (p, w)))?;
+        let cfg = cfg_of(pci.segment)?;
         pci.vecam
             .lock()
-            .resolve(cfg, io, bus, width.bytes())
+            .resolve(&cfg, io, bus, width.bytes())
             .map(PhysAddr)
     }
 
@@ -581,7 +617,7 @@ impl Vm {
 
     /// Whether physical SPI `intid` is the INTx line of one of the VM's PCI functions.
     pub fn owns_spi(&self, intid: u32) -> bool {
-        self.config.devices.intx.iter().any(|&(_, _, i)| i == intid)
+        self.config.devices.intx_intids().any(|i| i == intid)
     }
 
     /// Its vCPUs as PSCI sees them.

@@ -11,7 +11,7 @@ use crate::hw::fake::{FakeHw, FakeRam, HwOp};
 use crate::hw::IntId;
 use crate::mmio::AccessWidth::Word;
 use crate::pci::fake::FakeConfigSpace;
-use crate::pci::{Bdf, IntxPin};
+use crate::pci::{Bdf, IntxPin, SegmentDevices, VmDevices};
 
 const QEMU_DTB: &[u8] = include_bytes!("../../tests/data/qemu-virt-smmuv3-pci.dtb");
 const RAM_SIZE: u64 = 64 << 20;
@@ -38,6 +38,23 @@ fn kernel() -> BootImage {
     }
 }
 
+/// `devices` as the functions of the one host bridge (segment 0, domain 0).
+fn one_segment(devices: VmDevices) -> VmPciDevices {
+    let smmus = devices.smmus.clone();
+    VmPciDevices {
+        segments: if devices.functions.is_empty() && devices.intx.is_empty() {
+            Vec::new()
+        } else {
+            alloc::vec![SegmentDevices {
+                segment: 0,
+                domain: 0,
+                devices,
+            }]
+        },
+        smmus,
+    }
+}
+
 fn config(devices: VmDevices) -> VmConfig {
     VmConfig {
         name: "vm7".into(),
@@ -52,23 +69,14 @@ fn config(devices: VmDevices) -> VmConfig {
             bytes: b"cpio",
         }),
         bootargs: "console=ttyAMA0".into(),
-        devices,
+        devices: one_segment(devices),
     }
 }
 
 fn vm_with(devices: VmDevices) -> Vm {
     let p = platform();
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
-    Vm::new(
-        0,
-        config(devices),
-        &p,
-        ram,
-        PhysAddr(0x8000_0000),
-        None,
-        &[],
-    )
-    .unwrap()
+    Vm::new(0, config(devices), &p, ram, PhysAddr(0x8000_0000), &[], &[]).unwrap()
 }
 
 fn vm() -> Vm {
@@ -153,7 +161,7 @@ fn ram_is_zeroed_on_the_first_boot_only() {
         &p,
         ram,
         PhysAddr(0),
-        None,
+        &[],
         &[],
     )
     .unwrap();
@@ -178,7 +186,7 @@ fn a_kernel_that_is_not_an_image_or_does_not_fit_is_refused_with_its_address() {
     let mut c = config(VmDevices::default());
     c.kernel.bytes = &[0u8; 64];
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
-    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), None, &[]).unwrap();
+    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), &[], &[]).unwrap();
     let e = vm.load(&FakeHw::new(2, 4), |_| NoSmmu).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -187,7 +195,7 @@ fn a_kernel_that_is_not_an_image_or_does_not_fit_is_refused_with_its_address() {
     let mut c = config(VmDevices::default());
     c.ram_size = 3 << 20;
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, 3 << 20));
-    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), None, &[]).unwrap();
+    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), &[], &[]).unwrap();
     assert!(matches!(
         vm.load(&FakeHw::new(2, 4), |_| NoSmmu),
         Err(VmError::Layout { .. })
@@ -259,7 +267,8 @@ fn quiesce_stops_dma_and_lines_of_the_vms_functions_only() {
     };
     let vm = vm_with(devices);
     let hw = FakeHw::new(2, 4);
-    vm.quiesce_devices(Some(&mut cfg), &hw);
+    let mut bridge0 = Some(&mut cfg);
+    vm.quiesce_devices(|segment| bridge0.take().filter(|_| segment == 0), &hw);
     use crate::pci::ConfigSpace;
     assert_eq!(
         cfg.read32(mine, 0x04) & 0xffff,
@@ -406,7 +415,7 @@ fn forwarded_lines_follow_the_guests_enables() {
 #[test]
 fn a_bar_move_without_pci_changes_nothing_and_tlbs_are_dropped_for_the_vmid_only() {
     let vm = vm();
-    assert!(!vm.apply_bar_moves(&[]));
+    assert!(!vm.apply_bar_moves(0, &[]));
     let hw = FakeHw::new(2, 4);
     vm.invalidate_tlbs(&hw);
     assert_eq!(hw.take_ops(), [HwOp::TlbiVm(vm.vttbr), HwOp::SmmuTlbi(1)]);
@@ -568,7 +577,7 @@ fn functions_behind_two_smmus_get_a_vsmmu_over_each() {
         &p,
         ram,
         PhysAddr(0x8000_0000),
-        Some(&host),
+        &[&host],
         &facts,
     )
     .unwrap();
@@ -641,4 +650,112 @@ fn functions_behind_two_smmus_get_a_vsmmu_over_each() {
     assert_eq!(suppressed(3), [0, 1]);
     assert_eq!(suppressed(0), [1, 1]);
     assert_eq!(suppressed(1), [1, 1], "no VM's stream on unit 1");
+}
+
+#[test]
+fn functions_on_two_host_bridges_get_a_virtual_bridge_each() {
+    use crate::pci::{IommuMapEntry, UnitStreams};
+    let p = platform();
+    // QEMU's bridge as domain 0 and a second one (another ECAM window and windows, its RIDs
+    // at StreamIDs 0x8000 up on the same SMMU) as domain 1, both with 00:02.0.
+    let host0 = crate::pci::HostBridge::from_dtb(QEMU_DTB).unwrap().unwrap();
+    let mut host1 = host0.clone();
+    host1.ecam.base += 0x1000_0000;
+    for w in &mut host1.windows {
+        w.cpu_base += w.size;
+    }
+    host1.iommu_map = alloc::vec![IommuMapEntry {
+        sid_base: 0x8000,
+        ..host0.iommu_map[0]
+    }];
+    let mut cfg = FakeConfigSpace::qemu_flat();
+    let topo = crate::pci::enumerate::enumerate(&mut cfg, 0, 0).unwrap();
+    let f = Bdf::new(0, 2, 0);
+    let on = |segment: usize, domain: u16, intid: u32| SegmentDevices {
+        segment,
+        domain,
+        devices: VmDevices {
+            functions: alloc::vec![topo.device(f).unwrap().clone()],
+            intx: alloc::vec![(f, IntxPin::A, intid)],
+            ..VmDevices::default()
+        },
+    };
+    let mut c = config(VmDevices::default());
+    c.devices = VmPciDevices {
+        segments: alloc::vec![on(0, 0, 37), on(1, 1, 38)],
+        smmus: alloc::vec![UnitStreams {
+            unit: 0,
+            stream_ids: alloc::vec![0x10, 0x8010],
+        }],
+    };
+    let facts = [SmmuFacts {
+        unit: 0,
+        info: &p.smmus[0],
+        oas_bits: 44,
+        phys: crate::devices::vsmmu::PhysFacts {
+            nesting: true,
+            stalls_forced: false,
+            idr5: 0x75,
+            ril: false,
+        },
+    }];
+    let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
+    let vm = Vm::new(
+        0,
+        c,
+        &p,
+        ram,
+        PhysAddr(0x8000_0000),
+        &[&host0, &host1],
+        &facts,
+    )
+    .unwrap();
+    assert_eq!(vm.pci.len(), 2);
+    assert_eq!(
+        vm.vsmmus.len(),
+        1,
+        "one SMMU behind both bridges: one vSMMU"
+    );
+    // Each ECAM window traps to its own virtual bridge.
+    assert_eq!(
+        route(&vm, Ipa(host0.ecam.base + 0x1_0000)),
+        Some(Target::Ecam(0, 0x1_0000))
+    );
+    assert_eq!(
+        route(&vm, Ipa(host1.ecam.base + 0x1_0000)),
+        Some(Target::Ecam(1, 0x1_0000))
+    );
+    let log = core::cell::RefCell::new(Vec::new());
+    let (_, dtb) = vm
+        .load(&FakeHw::new(2, 4), |unit| UnitSmmu { unit, log: &log })
+        .unwrap();
+    let mut d = alloc::vec![0u8; 1 << 16];
+    vm.ram().read(dtb, &mut d).unwrap();
+    let bridges = crate::pci::host_bridges(&d).unwrap();
+    let seen: Vec<(Option<u32>, u64)> = bridges
+        .iter()
+        .map(|b| (b.domain, b.bridge.as_ref().unwrap().ecam.base))
+        .collect();
+    assert_eq!(
+        seen,
+        [(Some(0), host0.ecam.base), (Some(1), host1.ecam.base)]
+    );
+    // Each bridge's iommu-map gives its function the StreamID its physical bridge's does.
+    let vsmmu = Platform::parse(&d).unwrap().smmus[0].phandle.unwrap();
+    let sid = |i: usize| bridges[i].bridge.as_ref().unwrap().translate(f.rid());
+    assert_eq!(
+        (sid(0), sid(1)),
+        (Some((vsmmu, 0x10)), Some((vsmmu, 0x8010)))
+    );
+    // Each bridge's interrupt-map has its own function's line.
+    let line = |i: usize| {
+        bridges[i]
+            .bridge
+            .as_ref()
+            .unwrap()
+            .interrupt_map
+            .lookup(f, IntxPin::A)
+            .map(|r| r.intid)
+    };
+    assert_eq!((line(0), line(1)), (Some(37), Some(38)));
 }

@@ -71,7 +71,7 @@ pub(super) fn mmio_access(
     width: AccessWidth,
     write: Option<u64>,
 ) -> Option<u64> {
-    let ecam = || hv().iommu.host.as_ref().map(iommu::Ecam::new);
+    let ecam = |segment: usize| hv().iommu.ecam(segment);
     Some(match bus::route(vm, ipa)? {
         Target::Gicd(off) => match write {
             Some(v) => {
@@ -89,8 +89,11 @@ pub(super) fn mmio_access(
             }
             None => vm.vgic.lock().redist_read(target, off, width),
         },
-        Target::Ecam(off) => {
-            let (Some(pci), Some(mut ecam)) = (vm.pci.as_ref(), ecam()) else {
+        Target::Ecam(bridge, off) => {
+            let Some(pci) = vm.pci.get(bridge) else {
+                return Some(u64::MAX);
+            };
+            let Some(mut ecam) = ecam(pci.segment) else {
                 return Some(u64::MAX);
             };
             let mut vecam = pci.vecam.lock();
@@ -99,7 +102,7 @@ pub(super) fn mmio_access(
                     vecam.write(&mut ecam, off, width, v);
                     let moves = vecam.take_bar_moves();
                     drop(vecam);
-                    if !moves.is_empty() && vm.apply_bar_moves(&moves) {
+                    if !moves.is_empty() && vm.apply_bar_moves(bridge, &moves) {
                         vm.invalidate_tlbs(&Machine);
                     }
                     0
@@ -150,7 +153,7 @@ pub(super) fn mmio_access(
             }
         },
         Target::Pci => {
-            let phys = vm.resolve_pci(&ecam()?, ipa, width)?;
+            let phys = vm.resolve_pci(ecam, ipa, width)?;
             iommu::forward_access(phys, width, write)
         }
     })

@@ -116,7 +116,7 @@ pub(super) fn console_input() {
         for vm in vms {
             vm.log_vsmmu_stats();
         }
-        iommu::dump_stream_table(&hv().iommu.groups, &hv().iommu.directory);
+        iommu::dump_stream_table(hv().iommu.groups(), &hv().iommu.directory);
     }
     let mut touched = 0u64;
     for (vm, byte) in input.bytes {

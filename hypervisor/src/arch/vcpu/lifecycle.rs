@@ -59,8 +59,7 @@ pub(super) fn park_stopped_vcpu(vm: &Vm, vcpu: usize) -> ! {
 
 /// Stops the VM's PCI functions from mastering DMA or raising their lines.
 pub(super) fn quiesce_devices(vm: &Vm) {
-    let mut ecam = hv().iommu.host.as_ref().map(iommu::Ecam::new);
-    vm.quiesce_devices(ecam.as_mut(), &Machine);
+    vm.quiesce_devices(|segment| hv().iommu.ecam(segment), &Machine);
 }
 
 /// Reboots `vm` alone: stops its vCPUs, reloads its kernel, initramfs and DT from the pristine

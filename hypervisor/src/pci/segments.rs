@@ -1,0 +1,295 @@
+//! Every host bridge the hypervisor takes, one PCI segment (domain) each, and a VM's
+//! assignment across them.
+//!
+//! A machine may have several generic ECAM host bridges, each its own hierarchy: its own bus
+//! numbers, windows, `interrupt-map` and `iommu-map`. Functions are named by
+//! [`PciAddr`] (domain and BDF). Each segment is enumerated and grouped on its own
+//! ([`resolve`] does that segment's checks); what spans segments is checked here: an INTx line
+//! is one GIC SPI whichever bridge routes to it, and a StreamID is one STE of one SMMU whichever
+//! bridge's `iommu-map` produced it.
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use super::assign::{resolve, AssignError, IommuDirectory, UnitStreams, VmDevices};
+use super::enumerate::Topology;
+use super::groups::IommuGroup;
+use super::host::HostBridge;
+use super::{Bdf, PciAddr};
+
+/// One host bridge the hypervisor took: its hierarchy, enumerated with resources assigned, and
+/// its IOMMU groups (numbered after the previous segments' so that a group number names one
+/// group on the machine).
+#[derive(Debug, Clone)]
+pub struct Segment {
+    /// Its PCI domain: `linux,pci-domain`, or its index among the taken bridges.
+    pub domain: u16,
+    /// Its DT node's path.
+    pub path: String,
+    /// The bridge as the hypervisor uses it (windows the VMs' stage 2 can reach).
+    pub bridge: HostBridge,
+    /// Its functions.
+    pub topology: Topology,
+    /// Its IOMMU groups.
+    pub groups: Vec<IommuGroup>,
+}
+
+/// The functions a VM owns on one segment.
+#[derive(Debug, Clone, Default)]
+pub struct SegmentDevices {
+    /// Index of the segment in the hypervisor's list.
+    pub segment: usize,
+    /// Its domain.
+    pub domain: u16,
+    /// What [`resolve`] gave the VM there.
+    pub devices: VmDevices,
+}
+
+/// Every PCI function a VM owns, by segment (ascending), with the StreamIDs they emit on each
+/// SMMU.
+#[derive(Debug, Clone, Default)]
+pub struct VmPciDevices {
+    /// One entry per segment the VM has functions on.
+    pub segments: Vec<SegmentDevices>,
+    /// Per SMMU (driver unit, ascending), the StreamIDs of all of them.
+    pub smmus: Vec<UnitStreams>,
+}
+
+impl VmPciDevices {
+    /// Whether the VM owns no function.
+    pub fn is_empty(&self) -> bool {
+        self.segments.iter().all(|s| s.devices.functions.is_empty())
+    }
+
+    /// The StreamIDs on driver unit `unit`, empty if none of the VM's functions sit behind it.
+    pub fn stream_ids_on(&self, unit: usize) -> &[u32] {
+        self.smmus
+            .iter()
+            .find(|u| u.unit == unit)
+            .map_or(&[], |u| &u.stream_ids[..])
+    }
+
+    /// The GIC INTIDs of the VM's functions' INTx lines, on every segment.
+    pub fn intx_intids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.segments
+            .iter()
+            .flat_map(|s| s.devices.intx.iter().map(|&(_, _, intid)| intid))
+    }
+
+    /// Every IOMMU group the VM owns.
+    pub fn groups(&self) -> impl Iterator<Item = usize> + '_ {
+        self.segments
+            .iter()
+            .flat_map(|s| s.devices.groups.iter().copied())
+    }
+}
+
+/// The segment with `domain`.
+fn segment_of(segments: &[Segment], domain: u16) -> Option<usize> {
+    segments.iter().position(|s| s.domain == domain)
+}
+
+/// Checks that `vm` may own `devices` given what `earlier` VMs were given, on every segment
+/// ([`resolve`] on each) and across them: no INTx line shared with another VM's function on
+/// another bridge, no StreamID that a group of another bridge also emits on the same SMMU.
+/// With more than one segment, a segment's refusal names the bridge.
+pub fn resolve_all(
+    segments: &[Segment],
+    iommus: &IommuDirectory,
+    vm: &str,
+    devices: &[PciAddr],
+    earlier: &[(String, Vec<PciAddr>)],
+    ipa_bits: u32,
+) -> Result<VmPciDevices, AssignError> {
+    let mut out = VmPciDevices::default();
+    if devices.is_empty() {
+        return Ok(out);
+    }
+    if let Some(&addr) = devices
+        .iter()
+        .find(|a| segment_of(segments, a.domain).is_none())
+    {
+        return Err(AssignError::UnknownDomain {
+            vm: vm.to_string(),
+            addr,
+            domains: segments.iter().map(|s| s.domain).collect(),
+        });
+    }
+    let on = |list: &[PciAddr], domain: u16| -> Vec<Bdf> {
+        list.iter()
+            .filter(|a| a.domain == domain)
+            .map(|a| a.bdf)
+            .collect()
+    };
+    for (index, seg) in segments.iter().enumerate() {
+        let mine = on(devices, seg.domain);
+        if mine.is_empty() {
+            continue;
+        }
+        let before: Vec<(String, Vec<Bdf>)> = earlier
+            .iter()
+            .map(|(name, list)| (name.clone(), on(list, seg.domain)))
+            .collect();
+        let d = resolve(
+            &seg.topology,
+            &seg.groups,
+            &seg.bridge,
+            iommus,
+            vm,
+            &mine,
+            &before,
+            ipa_bits,
+        )
+        .map_err(|e| {
+            if segments.len() > 1 {
+                AssignError::OnBridge {
+                    bridge: seg.path.clone(),
+                    domain: seg.domain,
+                    source: Box::new(e),
+                }
+            } else {
+                e
+            }
+        })?;
+        out.segments.push(SegmentDevices {
+            segment: index,
+            domain: seg.domain,
+            devices: d,
+        });
+    }
+    check_lines_across(segments, vm, devices, earlier)?;
+    check_streams_across(segments, iommus, vm, &out)?;
+    for s in &out.segments {
+        for u in &s.devices.smmus {
+            match out.smmus.binary_search_by_key(&u.unit, |x| x.unit) {
+                Ok(i) => out.smmus[i].stream_ids.extend(&u.stream_ids),
+                Err(i) => out.smmus.insert(i, u.clone()),
+            }
+        }
+    }
+    for u in &mut out.smmus {
+        u.stream_ids.sort_unstable();
+        u.stream_ids.dedup();
+    }
+    Ok(out)
+}
+
+/// An INTx line is one GIC SPI, whichever bridge's `interrupt-map` routes to it: two VMs'
+/// functions on two bridges must not share one either (each segment's [`resolve`] checked its
+/// own).
+fn check_lines_across(
+    segments: &[Segment],
+    vm: &str,
+    devices: &[PciAddr],
+    earlier: &[(String, Vec<PciAddr>)],
+) -> Result<(), AssignError> {
+    let mut lines: BTreeMap<u32, (&str, PciAddr)> = BTreeMap::new();
+    let requests = earlier
+        .iter()
+        .map(|(n, l)| (n.as_str(), &l[..]))
+        .chain(core::iter::once((vm, devices)));
+    for (name, list) in requests {
+        for &addr in list {
+            let Some(seg) = segment_of(segments, addr.domain).map(|i| &segments[i]) else {
+                continue;
+            };
+            let Some(route) = seg.topology.intx_route(addr.bdf, &seg.bridge.interrupt_map) else {
+                continue;
+            };
+            let (first_vm, first) = *lines.entry(route.intid).or_insert((name, addr));
+            if first_vm != name {
+                return Err(AssignError::SharedIntxAcross {
+                    first_vm: first_vm.to_string(),
+                    first,
+                    second_vm: name.to_string(),
+                    second: addr,
+                    intid: route.intid,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A StreamID is one STE: a group of the VM that emits one which another group also emits on the
+/// same SMMU (two bridges whose `iommu-map`s overlap there) cannot be confined apart from it, so
+/// the VM is refused whoever owns the other group.
+fn check_streams_across(
+    segments: &[Segment],
+    iommus: &IommuDirectory,
+    vm: &str,
+    mine: &VmPciDevices,
+) -> Result<(), AssignError> {
+    for s in &mine.segments {
+        let seg = &segments[s.segment];
+        for g in seg
+            .groups
+            .iter()
+            .filter(|g| s.devices.groups.contains(&g.id))
+        {
+            let Ok(unit) = iommus.unit_of(g) else {
+                continue;
+            };
+            for (other_seg, o) in segments
+                .iter()
+                .flat_map(|os| os.groups.iter().map(move |g| (os, g)))
+                .filter(|(_, o)| o.id != g.id)
+            {
+                if iommus.unit_of(o) != Ok(unit) {
+                    continue;
+                }
+                if let Some(&sid) = g.stream_ids.iter().find(|s| o.stream_ids.contains(s)) {
+                    return Err(AssignError::SharedStreamId {
+                        vm: vm.to_string(),
+                        function: PciAddr::new(seg.domain, g.devices[0]),
+                        group: g.id,
+                        sid,
+                        other: PciAddr::new(other_seg.domain, o.devices[0]),
+                        other_group: o.id,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The domain each taken bridge gets: its `linux,pci-domain` where the DT fixes one, else the
+/// lowest number no bridge has yet (Linux numbers bridges without one from 0 up, but the
+/// hypervisor must not let that collide with a fixed one). `None` for a bridge whose fixed
+/// domain repeats an earlier one's or does not fit 16 bits: it cannot be named.
+pub fn domains(fixed: &[Option<u32>]) -> Vec<Option<u16>> {
+    let mut taken: Vec<u16> = Vec::new();
+    let mut out = alloc::vec![None; fixed.len()];
+    for (i, f) in fixed.iter().enumerate() {
+        if let Some(d) = f.and_then(|d| u16::try_from(d).ok()) {
+            if !taken.contains(&d) {
+                taken.push(d);
+                out[i] = Some(d);
+            }
+        }
+    }
+    for (i, f) in fixed.iter().enumerate() {
+        if f.is_none() {
+            let d = (0..=u16::MAX).find(|d| !taken.contains(d));
+            if let Some(d) = d {
+                taken.push(d);
+                out[i] = Some(d);
+            }
+        }
+    }
+    out
+}
+
+/// Renumbers `groups` (a segment's, numbered from 0) after `first`: group numbers name one
+/// group on the whole machine.
+pub fn number_groups(groups: &mut [IommuGroup], first: usize) {
+    for g in groups {
+        g.id += first;
+    }
+}
+
+#[cfg(test)]
+mod tests;

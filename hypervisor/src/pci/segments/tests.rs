@@ -1,0 +1,203 @@
+use super::*;
+use crate::pci::assign::IommuEntry;
+use crate::pci::enumerate::enumerate;
+use crate::pci::fake::FakeConfigSpace;
+use crate::pci::groups::iommu_groups;
+use crate::pci::host::IommuMapEntry;
+use alloc::vec;
+
+const QEMU_SMMU: &[u8] = include_bytes!("../../../tests/data/qemu-virt-smmuv3-pci.dtb");
+
+fn a(domain: u16, bus: u8, dev: u8, func: u8) -> PciAddr {
+    PciAddr::new(domain, Bdf::new(bus, dev, func))
+}
+
+/// QEMU `virt`'s bridge as domain 0, and a second bridge with the same functions (so the same
+/// BDFs) as domain 1 whose `iommu-map` sends its RIDs to the same SMMU at StreamID `sid_base`
+/// up: 0x8000 keeps the two apart, 0 makes them overlap.
+fn machine(sid_base: u32) -> (Vec<Segment>, IommuDirectory) {
+    let host = HostBridge::from_dtb(QEMU_SMMU).unwrap().unwrap();
+    let ph = host.iommu_map[0].iommu;
+    let mut segments = Vec::new();
+    for (domain, sid) in [(0u16, 0u32), (1, sid_base)] {
+        let mut bridge = host.clone();
+        bridge.iommu_map = vec![IommuMapEntry {
+            rid_base: 0,
+            iommu: ph,
+            sid_base: sid,
+            length: 0x1_0000,
+        }];
+        let mut f = FakeConfigSpace::qemu_flat();
+        let topology = enumerate(&mut f, bridge.bus_start, bridge.bus_end).unwrap();
+        let mut groups = iommu_groups(&topology, &bridge);
+        let first = segments
+            .iter()
+            .flat_map(|s: &Segment| s.groups.iter().map(|g| g.id + 1))
+            .max()
+            .unwrap_or(0);
+        number_groups(&mut groups, first);
+        segments.push(Segment {
+            domain,
+            path: alloc::format!("/pcie@{domain}"),
+            bridge,
+            topology,
+            groups,
+        });
+    }
+    let dir = IommuDirectory {
+        entries: vec![IommuEntry {
+            phandle: ph,
+            path: "/smmuv3@9050000".into(),
+            driven: Ok(0),
+        }],
+    };
+    (segments, dir)
+}
+
+fn resolve_on(
+    segments: &[Segment],
+    dir: &IommuDirectory,
+    vm: &str,
+    devices: &[PciAddr],
+    earlier: &[(String, Vec<PciAddr>)],
+) -> Result<VmPciDevices, AssignError> {
+    resolve_all(segments, dir, vm, devices, earlier, 39)
+}
+
+#[test]
+fn a_vm_takes_functions_on_two_bridges() {
+    let (segs, dir) = machine(0x8000);
+    // Group numbers go on across bridges: domain 1's first group follows domain 0's last.
+    let last0 = segs[0].groups.iter().map(|g| g.id).max().unwrap();
+    assert_eq!(segs[1].groups.iter().map(|g| g.id).min(), Some(last0 + 1));
+    let d = resolve_on(&segs, &dir, "vm0", &[a(0, 0, 2, 0), a(1, 0, 3, 0)], &[]).unwrap();
+    let on: Vec<(usize, u16, Vec<Bdf>)> = d
+        .segments
+        .iter()
+        .map(|s| {
+            (
+                s.segment,
+                s.domain,
+                s.devices.functions.iter().map(|f| f.bdf).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        on,
+        vec![
+            (0, 0, vec![Bdf::new(0, 2, 0)]),
+            (1, 1, vec![Bdf::new(0, 3, 0)])
+        ]
+    );
+    // One SMMU, the StreamIDs of both bridges on it.
+    assert_eq!(d.stream_ids_on(0), &[0x10, 0x8018]);
+    assert_eq!(d.groups().count(), 2);
+    assert!(
+        d.groups().any(|g| g > last0),
+        "domain 1's group numbered after"
+    );
+    assert_eq!(d.intx_intids().count(), 2);
+    assert!(!d.is_empty());
+    // The same BDF on the other bridge is another function, which a second VM may have; but
+    // both bridges' interrupt-maps route slot 3 to one SPI, so not next to vm0's 0001:00:03.0.
+    let earlier = vec![(String::from("vm0"), vec![a(0, 0, 2, 0), a(1, 0, 3, 0)])];
+    let e = resolve_on(&segs, &dir, "vm1", &[a(0, 0, 3, 0)], &earlier).unwrap_err();
+    assert!(
+        matches!(&e, AssignError::SharedIntxAcross { first, second, .. }
+            if *first == a(1, 0, 3, 0) && *second == a(0, 0, 3, 0)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("0001:00:03.0"), "{e}");
+    // A slot of its own line on each bridge is fine.
+    let d = resolve_on(
+        &segs,
+        &dir,
+        "vm1",
+        &[a(1, 0, 1, 0), a(0, 0, 4, 0)],
+        &earlier,
+    )
+    .unwrap();
+    assert_eq!(d.stream_ids_on(0), &[0x20, 0x8008]);
+}
+
+#[test]
+fn refusals_name_the_bridge_and_the_domain() {
+    let (segs, dir) = machine(0x8000);
+    let e = resolve_on(&segs, &dir, "vm0", &[a(2, 0, 1, 0)], &[]).unwrap_err();
+    assert_eq!(
+        e,
+        AssignError::UnknownDomain {
+            vm: "vm0".into(),
+            addr: a(2, 0, 1, 0),
+            domains: vec![0, 1]
+        }
+    );
+    assert!(
+        e.to_string()
+            .contains("no host bridge with PCI domain 0002"),
+        "{e}"
+    );
+    let e = resolve_on(&segs, &dir, "vm0", &[a(1, 0, 9, 0)], &[]).unwrap_err();
+    assert!(
+        matches!(&e, AssignError::OnBridge { domain: 1, source, .. }
+            if matches!(**source, AssignError::UnknownDevice { .. })),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .starts_with("host bridge /pcie@1 (domain 0001): "),
+        "{e}"
+    );
+    // One function to two VMs is still found per bridge.
+    let earlier = vec![(String::from("vm0"), vec![a(1, 0, 3, 0)])];
+    let e = resolve_on(&segs, &dir, "vm1", &[a(1, 0, 3, 0)], &earlier).unwrap_err();
+    assert!(
+        matches!(&e, AssignError::OnBridge { source, .. }
+            if matches!(**source, AssignError::DoubleAssignment { .. })),
+        "{e}"
+    );
+    // With one bridge, refusals read as they always did.
+    let one = &segs[..1];
+    let e = resolve_on(one, &dir, "vm0", &[a(0, 0, 9, 0)], &[]).unwrap_err();
+    assert!(matches!(e, AssignError::UnknownDevice { .. }), "{e}");
+}
+
+#[test]
+fn overlapping_iommu_maps_make_a_streamid_unassignable() {
+    // Both bridges send RID 0x18 to StreamID 0x18 of the same SMMU: one STE for two functions.
+    let (segs, dir) = machine(0);
+    for addr in [a(0, 0, 3, 0), a(1, 0, 3, 0)] {
+        let e = resolve_on(&segs, &dir, "vm0", &[addr], &[]).unwrap_err();
+        assert!(
+            matches!(&e, AssignError::SharedStreamId { sid: 0x18, function, .. } if *function == addr),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn domains_fixed_first_then_the_lowest_free() {
+    assert_eq!(
+        domains(&[Some(1), None, None, Some(1), Some(70_000), Some(0xffff)]),
+        vec![Some(1), Some(0), Some(2), None, None, Some(0xffff)]
+    );
+    assert_eq!(domains(&[None, None]), vec![Some(0), Some(1)]);
+}
+
+#[test]
+fn addresses_parse_and_print_as_linux_writes_them() {
+    assert_eq!(PciAddr::parse("0001:81:00.0"), Some(a(1, 0x81, 0, 0)));
+    assert_eq!(PciAddr::parse("00:03.1"), Some(a(0, 0, 3, 1)));
+    assert_eq!(PciAddr::parse("ffff:00:1f.7"), Some(a(0xffff, 0, 0x1f, 7)));
+    for bad in [
+        "1:00:01.0",
+        "00001:00:01.0",
+        "0001-00:01.0",
+        "0001:00:20.0",
+        "+001:00:01.0",
+    ] {
+        assert_eq!(PciAddr::parse(bad), None, "{bad}");
+    }
+    assert_eq!(a(0, 0, 3, 1).to_string(), "00:03.1");
+    assert_eq!(a(0x1a, 0x81, 0, 0).to_string(), "001a:81:00.0");
+}
