@@ -339,48 +339,11 @@ fn pick_host_bridges(dtb: &[u8]) -> Vec<(String, u16, crate::pci::HostBridge)> {
             return Vec::new();
         }
     };
-    let mut generic = Vec::new();
-    for n in nodes {
-        match n.bridge {
-            Ok(b) => generic.push((n.path, b)),
-            Err(e) => log::warn!(
-                "pci: {} ({:?}): not driven: {e}; its functions cannot be assigned",
-                n.path,
-                n.compatible
-            ),
-        }
+    let (taken, left) = crate::pci::segments::choose(nodes);
+    for (path, why) in &left {
+        log::warn!("pci: {path}: not driven: {why}; its functions cannot be assigned");
     }
-    let fixed: Vec<Option<u32>> = generic.iter().map(|(_, b)| b.domain).collect();
-    let domains = crate::pci::segments::domains(&fixed);
-    let mut taken: Vec<(String, u16, crate::pci::HostBridge)> = Vec::new();
-    for ((path, b), domain) in generic.into_iter().zip(domains) {
-        let Some(domain) = domain else {
-            log::warn!(
-                "pci: {path}: not driven: its linux,pci-domain {:?} repeats another bridge's or does not fit 16 bits; its functions cannot be assigned",
-                b.domain
-            );
-            continue;
-        };
-        let ranges = |h: &crate::pci::HostBridge| {
-            let mut r = alloc::vec![h.ecam];
-            r.extend(h.windows.iter().map(|w| MemRange {
-                base: w.cpu_base,
-                size: w.size,
-            }));
-            r
-        };
-        let mine = ranges(&b);
-        let clash = taken.iter().find(|(_, _, o)| {
-            ranges(o)
-                .iter()
-                .any(|x| mine.iter().any(|y| x.base < y.end() && y.base < x.end()))
-        });
-        if let Some((other, _, _)) = clash {
-            log::warn!(
-                "pci: {path}: not driven: its ECAM or address windows overlap those of {other}; its functions cannot be assigned"
-            );
-            continue;
-        }
+    for (path, domain, b) in &taken {
         log::info!(
             "pci: host bridge {path}: domain {domain:04x}, buses {:02x}-{:02x}, ECAM {:#x}+{:#x}",
             b.bus_start,
@@ -388,7 +351,6 @@ fn pick_host_bridges(dtb: &[u8]) -> Vec<(String, u16, crate::pci::HostBridge)> {
             b.ecam.base,
             b.ecam.size
         );
-        taken.push((path, domain, b));
     }
     taken
 }

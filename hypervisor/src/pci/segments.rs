@@ -16,8 +16,9 @@ use alloc::vec::Vec;
 use super::assign::{resolve, AssignError, IommuDirectory, UnitStreams, VmDevices};
 use super::enumerate::Topology;
 use super::groups::IommuGroup;
-use super::host::HostBridge;
+use super::host::{BridgeNode, HostBridge};
 use super::{Bdf, PciAddr};
+use crate::platform::MemRange;
 
 /// One host bridge the hypervisor took: its hierarchy, enumerated with resources assigned, and
 /// its IOMMU groups (numbered after the previous segments' so that a group number names one
@@ -281,6 +282,63 @@ pub fn domains(fixed: &[Option<u32>]) -> Vec<Option<u16>> {
         }
     }
     out
+}
+
+/// The host bridges the hypervisor takes from the DT's (`host::host_bridges`, document order):
+/// every generic ECAM one, with its DT path and PCI domain ([`domains`]), and every other one
+/// with why it is left alone: not generic (it needs a driver of its own), unusable, a
+/// `linux,pci-domain` that repeats an earlier bridge's or does not fit 16 bits, or an ECAM
+/// window or address window overlapping an earlier taken bridge's (one address would be two
+/// devices).
+#[allow(clippy::type_complexity)]
+pub fn choose(nodes: Vec<BridgeNode>) -> (Vec<(String, u16, HostBridge)>, Vec<(String, String)>) {
+    let mut left = Vec::new();
+    let mut generic = Vec::new();
+    for n in nodes {
+        match n.bridge {
+            Ok(b) => generic.push((n.path, b)),
+            Err(e) => left.push((n.path, alloc::format!("{e} ({:?})", n.compatible))),
+        }
+    }
+    let fixed: Vec<Option<u32>> = generic.iter().map(|(_, b)| b.domain).collect();
+    let mut taken: Vec<(String, u16, HostBridge)> = Vec::new();
+    for ((path, b), domain) in generic.into_iter().zip(domains(&fixed)) {
+        let Some(domain) = domain else {
+            left.push((
+                path,
+                alloc::format!(
+                    "its linux,pci-domain {:?} repeats another bridge's or does not fit 16 bits",
+                    b.domain
+                ),
+            ));
+            continue;
+        };
+        let mine = ranges(&b);
+        let clash = taken.iter().find(|(_, _, o)| {
+            ranges(o)
+                .iter()
+                .any(|x| mine.iter().any(|y| x.base < y.end() && y.base < x.end()))
+        });
+        if let Some((other, _, _)) = clash {
+            left.push((
+                path,
+                alloc::format!("its ECAM or address windows overlap those of {other}"),
+            ));
+            continue;
+        }
+        taken.push((path, domain, b));
+    }
+    (taken, left)
+}
+
+/// A bridge's ECAM window and the CPU side of its address windows.
+fn ranges(h: &HostBridge) -> Vec<MemRange> {
+    let mut r = alloc::vec![h.ecam];
+    r.extend(h.windows.iter().map(|w| MemRange {
+        base: w.cpu_base,
+        size: w.size,
+    }));
+    r
 }
 
 /// Renumbers `groups` (a segment's, numbered from 0) after `first`: group numbers name one

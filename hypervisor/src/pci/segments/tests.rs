@@ -201,3 +201,57 @@ fn addresses_parse_and_print_as_linux_writes_them() {
     assert_eq!(a(0, 0, 3, 1).to_string(), "00:03.1");
     assert_eq!(a(0x1a, 0x81, 0, 0).to_string(), "001a:81:00.0");
 }
+
+#[test]
+fn every_generic_bridge_is_taken_unless_it_clashes() {
+    let host = HostBridge::from_dtb(QEMU_SMMU).unwrap().unwrap();
+    let node = |path: &str, domain: Option<u32>, shift: u64| {
+        let mut b = host.clone();
+        b.domain = domain;
+        b.ecam.base += shift;
+        for w in &mut b.windows {
+            w.cpu_base += shift;
+        }
+        BridgeNode {
+            path: path.into(),
+            compatible: "pci-host-ecam-generic".into(),
+            domain,
+            generic: true,
+            bridge: Ok(b),
+        }
+    };
+    let dw = BridgeNode {
+        path: "/pcie@fe150000".into(),
+        compatible: "rockchip,rk3588-pcie".into(),
+        domain: None,
+        generic: false,
+        bridge: Err(crate::platform::PlatformError::BadProperty {
+            node: "/pcie@fe150000".into(),
+            property: "compatible",
+            reason: "not a generic ECAM host bridge",
+        }),
+    };
+    let (taken, left) = choose(vec![
+        node("/a", None, 0),
+        dw,
+        node("/b", Some(0), 1 << 40),
+        node("/c", Some(0), 2 << 40),
+        node("/d", Some(5), 0x800),
+        node("/e", None, 3 << 40),
+    ]);
+    let taken: Vec<(&str, u16)> = taken.iter().map(|(p, d, _)| (p.as_str(), *d)).collect();
+    // The fixed domain 0 is /b's; /a, without one, gets the lowest free, and /e the next.
+    assert_eq!(taken, vec![("/a", 1), ("/b", 0), ("/e", 2)]);
+    let why = |p: &str| {
+        left.iter()
+            .find(|(q, _)| q == p)
+            .map(|(_, w)| w.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        why("/pcie@fe150000").contains("rockchip,rk3588-pcie"),
+        "{left:?}"
+    );
+    assert!(why("/c").contains("repeats another bridge's"), "{left:?}");
+    assert!(why("/d").contains("overlap those of /a"), "{left:?}");
+}
