@@ -66,7 +66,7 @@ pub fn follow_spi_enables(vm: &Vm, hw: &impl Hw) {
     let Some(pcpu) = vm.vcpus.first().map(|v| v.pcpu) else {
         return;
     };
-    for &(_, _, intid) in &vm.config.devices.intx {
+    for &(_, _, intid, _) in &vm.config.devices.intx {
         if vgic.enable_bit(0, IntId(intid)) {
             hw.enable_spi(IntId(intid), pcpu);
         } else {

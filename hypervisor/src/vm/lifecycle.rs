@@ -317,7 +317,7 @@ impl super::Vm {
                 );
             }
         }
-        for &(_, _, intid) in &d.intx {
+        for &(_, _, intid, _) in &d.intx {
             hw.disable_spi(crate::hw::IntId(intid));
         }
     }

@@ -229,7 +229,7 @@ impl Vm {
         let mut vsmmus: Vec<VmSmmu> = Vec::new();
         // Lines a vSMMU must not take: the UART's, the INTx lines, earlier vSMMUs'.
         let mut used: Vec<u32> = alloc::vec![uart_intid];
-        used.extend(config.devices.intx.iter().map(|&(_, _, i)| i));
+        used.extend(config.devices.intx.iter().map(|&(_, _, i, _)| i));
         for s in smmus.iter().filter(|_| has_devices) {
             let s2 = crate::stage2::smmu_s2_config(s.oas_bits, vmid, stage2.root_pa());
             let ids = config.devices.stream_ids_on(s.unit);
@@ -262,7 +262,10 @@ impl Vm {
             ecam: host.ecam,
             bus_range: (host.bus_start, host.bus_end),
             windows: host.windows.clone(),
-            vecam: Mutex::new(VirtualEcam::new(config.devices.functions.clone())),
+            vecam: Mutex::new(VirtualEcam::new(
+                config.devices.functions.clone(),
+                config.devices.bridges.clone(),
+            )),
             iommu_map: host
                 .iommu_map
                 .iter()
@@ -409,7 +412,10 @@ impl Vm {
         *self.vuart.lock() = VPl011::new();
         self.console_backlog.lock().clear();
         if let Some(p) = &self.pci {
-            *p.vecam.lock() = VirtualEcam::new(self.config.devices.functions.clone());
+            *p.vecam.lock() = VirtualEcam::new(
+                self.config.devices.functions.clone(),
+                self.config.devices.bridges.clone(),
+            );
             self.reset_bar_maps(hw);
         }
         if boots > 0 {
@@ -581,7 +587,7 @@ impl Vm {
 
     /// Whether physical SPI `intid` is the INTx line of one of the VM's PCI functions.
     pub fn owns_spi(&self, intid: u32) -> bool {
-        self.config.devices.intx.iter().any(|&(_, _, i)| i == intid)
+        self.config.devices.intx.iter().any(|e| e.2 == intid)
     }
 
     /// Its vCPUs as PSCI sees them.
