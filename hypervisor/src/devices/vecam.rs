@@ -1,5 +1,6 @@
 //! A VM's view of PCI configuration space: a virtual generic ECAM host bridge that shows only
-//! the functions assigned to the VM, filtering every access before it reaches hardware.
+//! the functions assigned to the VM and, read-only, the bridges on the path from the root bus
+//! to them, filtering every access before it reaches hardware.
 //!
 //! The guest boots with `linux,pci-probe-only` (see [`crate::guest_dt::GuestPci`]), so Linux's
 //! `pci-host-generic` takes the BARs as the hypervisor placed them and only reads, sizes and
@@ -24,6 +25,49 @@
 //! | the rest of 0x40-0xff (capabilities, device-specific registers) | hardware | hardware |
 //! | extended configuration space (0x100-0xfff) | hardware | dropped |
 //!
+//! A bridge above one of the VM's functions (`pci::VmDevices::bridges`) is shown as a
+//! conventional PCI-to-PCI bridge (Type 1 header: PCI-to-PCI Bridge spec 1.2 chapter 3, PCIe
+//! Base spec 7.5.1.3); nothing the guest writes reaches it:
+//!
+//! | bridge registers | reads | writes |
+//! | --- | --- | --- |
+//! | IDs, class, revision (0x00, 0x08) | hardware | dropped |
+//! | Command (0x04) | the guest's (hardware's until it writes) | kept virtual |
+//! | Status (0x06) | hardware, Capabilities List cleared | dropped (RW1C too) |
+//! | Cache Line Size, Latency Timer, BIST (0x0c, 0x0d, 0x0f) | 0 | dropped |
+//! | Header Type (0x0e) | hardware, multi-function bit cleared when the VM sees no other function of the device | dropped |
+//! | BAR0-1 (0x10, 0x14) | 0 (no BAR) | dropped |
+//! | bus numbers, Secondary Latency Timer (0x18), I/O, memory and prefetchable windows with their upper halves, Secondary Status (0x1c-0x33) | hardware | dropped |
+//! | Capabilities Pointer (0x34), Expansion ROM (0x38) | 0 | dropped |
+//! | Interrupt Line (0x3c) | a virtual byte per bridge | kept in that byte |
+//! | Interrupt Pin (0x3d) | hardware | dropped |
+//! | Bridge Control (0x3e) | 0 | dropped |
+//! | 0x40-0xfff (capabilities, device-specific, extended space) | 0 | dropped |
+//!
+//! Why a bridge is shown at all: guest BDFs equal physical ones and Linux finds a function
+//! only by scanning from the root bus through each bridge's secondary bus
+//! (`pci_scan_bridge_extend`); on real boards nearly every endpoint is behind a root port. With
+//! `linux,pci-probe-only` (no `PCI_REASSIGN_ALL_BUS`), Linux 6.12 takes bus numbers that pass
+//! its sanity check (primary is the bus the bridge is on, secondary above it, subordinate not
+//! below secondary) in its first pass without writing them, reads the windows
+//! (`pci_read_bridge_windows`, `pci_read_bridge_bases`) and claims each BAR inside them
+//! (`pci_bus_claim_resources`); its writes (window probes, Bridge Control's Master Abort Mode,
+//! Secondary Status clears, `pci_setup_bridge`) may all be dropped. Why Command is virtual: the
+//! physical bridge must keep Memory Space, I/O Space and Bus Master Enable as the hypervisor set
+//! them, or the MMIO and DMA of every function below stop, other VMs' ones below a shared switch
+//! too; Linux toggles decode around BAR sizing and enables the bridge before its functions.
+//! Why no capabilities: without a PCIe capability there are no Link Control (Link Disable,
+//! Retrain), Slot Control (power, indicators), Root Control, AER or ACS registers for a guest
+//! to write, and Linux's PCIe port driver does not bind (`pcie_portdrv_probe` wants a port
+//! type). Linux does not need it to scan the child bus or bind an endpoint there; it then
+//! treats extended configuration space below the bridge as unreachable
+//! (`pci_bridge_child_ext_cfg_accessible`), so the guest's functions behind a bridge show 256
+//! bytes (nothing a virtio or simple endpoint driver needs is in extended space, which is
+//! read-only anyway). Why 0 rather than all ones past the header: all ones reads as an absent
+//! function or an error response (`PCI_POSSIBLE_ERROR`); a 0 Extended Capability header at
+//! 0x100 says there are none (PCIe Base spec 7.6.3). Bridges have no BAR the guest could move
+//! and are never in [`VirtualEcam::resolve`].
+//!
 //! Why MSI and MSI-X are hidden: a VM has no virtual ITS yet, so a message the device sent
 //! would reach the physical ITS (or nothing) with a doorbell address the guest chose. Linux
 //! finds neither capability and falls back to INTx, which the hypervisor routes.
@@ -39,8 +83,8 @@
 //! of a function without No_Soft_Reset resets it (PCI Bus PM 1.2, 5.4.1), so its PowerState is
 //! kept virtual and it stays in D0 (every function's is: see `VirtualEcam::power_write`);
 //! Enhanced Allocation (fixed BAR addresses with writable Enable bits) is hidden; Resizable
-//! BAR, SR-IOV and the other extended capabilities are in read-only extended space; the Expansion ROM BAR reads 0; BIST is not writable; and bridges,
-//! whose Bridge Control holds Secondary Bus Reset, are never shown.
+//! BAR, SR-IOV and the other extended capabilities are in read-only extended space; the Expansion ROM BAR reads 0; BIST is not writable; and a
+//! shown bridge's Bridge Control, which holds Secondary Bus Reset, reads 0 and drops writes.
 //!
 //! Why a virtio function's VIRTIO_PCI_CAP_PCI_CFG capability (virtio 1.2 4.1.4.9) is hidden:
 //! it is a window from configuration space into the function's BARs, which no driver uses
@@ -52,9 +96,13 @@
 //! simple endpoint is writable-only (AER masks, ACS, LTR are host policy), and ACS or ATS
 //! controls written by a guest could weaken the isolation the IOMMU groups were computed with.
 //!
-//! Guest BDFs equal physical ones. Linux reaches functions behind a bridge only through that
-//! bridge, which a VM never owns (endpoints only), so in practice only functions on the host
-//! bridge's root bus are usable by a guest, which is what QEMU's `virt` gives (`pcie.0`).
+//! Guest BDFs equal physical ones, bridges included: a function behind a root port (physical
+//! 01:00.0 below 00:01.0) is 01:00.0 in the guest too, reached through the shown 00:01.0. Other
+//! functions below a shown bridge (another VM's behind the same switch, the switch's other
+//! downstream ports) read all ones like any function the VM does not own. The guest DT has no
+//! node below the host bridge, so Linux swizzles each INTx pin at every bridge and looks the
+//! host bridge's `interrupt-map` up with the root-bus slot it reaches (`of_irq_parse_pci`): the
+//! guest's map is keyed so (`guest_dt::GuestPci::intx`).
 
 use alloc::vec::Vec;
 
