@@ -58,6 +58,8 @@ fn functions_on_two_host_bridges() -> Result<(), Error> {
             "3",
             "--smp",
             "6",
+            "--mem",
+            "5G",
             "--pci",
             "--host-dts",
             host.to_str().unwrap(),

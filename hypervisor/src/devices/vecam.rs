@@ -1,5 +1,6 @@
 //! A VM's view of PCI configuration space: a virtual generic ECAM host bridge that shows only
-//! the functions assigned to the VM, filtering every access before it reaches hardware.
+//! the functions assigned to the VM and, read-only, the bridges on the path from the root bus
+//! to them, filtering every access before it reaches hardware.
 //!
 //! The guest boots with `linux,pci-probe-only` (see [`crate::guest_dt::GuestPci`]), so Linux's
 //! `pci-host-generic` takes the BARs as the hypervisor placed them and only reads, sizes and
@@ -24,6 +25,49 @@
 //! | the rest of 0x40-0xff (capabilities, device-specific registers) | hardware | hardware |
 //! | extended configuration space (0x100-0xfff) | hardware | dropped |
 //!
+//! A bridge above one of the VM's functions (`pci::VmDevices::bridges`) is shown as a
+//! conventional PCI-to-PCI bridge (Type 1 header: PCI-to-PCI Bridge spec 1.2 chapter 3, PCIe
+//! Base spec 7.5.1.3); nothing the guest writes reaches it:
+//!
+//! | bridge registers | reads | writes |
+//! | --- | --- | --- |
+//! | IDs, class, revision (0x00, 0x08) | hardware | dropped |
+//! | Command (0x04) | the guest's (hardware's until it writes) | kept virtual |
+//! | Status (0x06) | hardware, Capabilities List cleared | dropped (RW1C too) |
+//! | Cache Line Size, Latency Timer, BIST (0x0c, 0x0d, 0x0f) | 0 | dropped |
+//! | Header Type (0x0e) | hardware, multi-function bit cleared when the VM sees no other function of the device | dropped |
+//! | BAR0-1 (0x10, 0x14) | 0 (no BAR) | dropped |
+//! | bus numbers, Secondary Latency Timer (0x18), I/O, memory and prefetchable windows with their upper halves, Secondary Status (0x1c-0x33) | hardware | dropped |
+//! | Capabilities Pointer (0x34), Expansion ROM (0x38) | 0 | dropped |
+//! | Interrupt Line (0x3c) | a virtual byte per bridge | kept in that byte |
+//! | Interrupt Pin (0x3d) | hardware | dropped |
+//! | Bridge Control (0x3e) | 0 | dropped |
+//! | 0x40-0xfff (capabilities, device-specific, extended space) | 0 | dropped |
+//!
+//! Why a bridge is shown at all: guest BDFs equal physical ones and Linux finds a function
+//! only by scanning from the root bus through each bridge's secondary bus
+//! (`pci_scan_bridge_extend`); on real boards nearly every endpoint is behind a root port. With
+//! `linux,pci-probe-only` (no `PCI_REASSIGN_ALL_BUS`), Linux 6.12 takes bus numbers that pass
+//! its sanity check (primary is the bus the bridge is on, secondary above it, subordinate not
+//! below secondary) in its first pass without writing them, reads the windows
+//! (`pci_read_bridge_windows`, `pci_read_bridge_bases`) and claims each BAR inside them
+//! (`pci_bus_claim_resources`); its writes (window probes, Bridge Control's Master Abort Mode,
+//! Secondary Status clears, `pci_setup_bridge`) may all be dropped. Why Command is virtual: the
+//! physical bridge must keep Memory Space, I/O Space and Bus Master Enable as the hypervisor set
+//! them, or the MMIO and DMA of every function below stop, other VMs' ones below a shared switch
+//! too; Linux toggles decode around BAR sizing and enables the bridge before its functions.
+//! Why no capabilities: without a PCIe capability there are no Link Control (Link Disable,
+//! Retrain), Slot Control (power, indicators), Root Control, AER or ACS registers for a guest
+//! to write, and Linux's PCIe port driver does not bind (`pcie_portdrv_probe` wants a port
+//! type). Linux does not need it to scan the child bus or bind an endpoint there; it then
+//! treats extended configuration space below the bridge as unreachable
+//! (`pci_bridge_child_ext_cfg_accessible`), so the guest's functions behind a bridge show 256
+//! bytes (nothing a virtio or simple endpoint driver needs is in extended space, which is
+//! read-only anyway). Why 0 rather than all ones past the header: all ones reads as an absent
+//! function or an error response (`PCI_POSSIBLE_ERROR`); a 0 Extended Capability header at
+//! 0x100 says there are none (PCIe Base spec 7.6.3). Bridges have no BAR the guest could move
+//! and are never in [`VirtualEcam::resolve`].
+//!
 //! Why MSI and MSI-X are hidden: a VM has no virtual ITS yet, so a message the device sent
 //! would reach the physical ITS (or nothing) with a doorbell address the guest chose. Linux
 //! finds neither capability and falls back to INTx, which the hypervisor routes.
@@ -39,8 +83,8 @@
 //! of a function without No_Soft_Reset resets it (PCI Bus PM 1.2, 5.4.1), so its PowerState is
 //! kept virtual and it stays in D0 (every function's is: see `VirtualEcam::power_write`);
 //! Enhanced Allocation (fixed BAR addresses with writable Enable bits) is hidden; Resizable
-//! BAR, SR-IOV and the other extended capabilities are in read-only extended space; the Expansion ROM BAR reads 0; BIST is not writable; and bridges,
-//! whose Bridge Control holds Secondary Bus Reset, are never shown.
+//! BAR, SR-IOV and the other extended capabilities are in read-only extended space; the Expansion ROM BAR reads 0; BIST is not writable; and a
+//! shown bridge's Bridge Control, which holds Secondary Bus Reset, reads 0 and drops writes.
 //!
 //! Why a virtio function's VIRTIO_PCI_CAP_PCI_CFG capability (virtio 1.2 4.1.4.9) is hidden:
 //! it is a window from configuration space into the function's BARs, which no driver uses
@@ -52,9 +96,13 @@
 //! simple endpoint is writable-only (AER masks, ACS, LTR are host policy), and ACS or ATS
 //! controls written by a guest could weaken the isolation the IOMMU groups were computed with.
 //!
-//! Guest BDFs equal physical ones. Linux reaches functions behind a bridge only through that
-//! bridge, which a VM never owns (endpoints only), so in practice only functions on the host
-//! bridge's root bus are usable by a guest, which is what QEMU's `virt` gives (`pcie.0`).
+//! Guest BDFs equal physical ones, bridges included: a function behind a root port (physical
+//! 01:00.0 below 00:01.0) is 01:00.0 in the guest too, reached through the shown 00:01.0. Other
+//! functions below a shown bridge (another VM's behind the same switch, the switch's other
+//! downstream ports) read all ones like any function the VM does not own. The guest DT has no
+//! node below the host bridge, so Linux swizzles each INTx pin at every bridge and looks the
+//! host bridge's `interrupt-map` up with the root-bus slot it reaches (`of_irq_parse_pci`): the
+//! guest's map is keyed so (`guest_dt::GuestPci::intx`).
 
 use alloc::vec::Vec;
 
@@ -267,6 +315,28 @@ struct VFunction {
     decode: Option<u32>,
 }
 
+/// A bridge on the path to one of the VM's functions, shown read-only (see the module doc).
+#[derive(Debug)]
+struct VBridge {
+    dev: PciDevice,
+    /// The VM sees another function of the same device: keep Header Type bit 7.
+    keep_multifunction: bool,
+    /// The guest's Command register (bits 15:0), read from hardware on first use; its writes
+    /// land here only.
+    command: Option<u32>,
+    /// The Interrupt Line register the guest sees.
+    interrupt_line: u8,
+}
+
+/// What an ECAM offset addresses.
+#[derive(Clone, Copy, Debug)]
+enum Shown {
+    /// One of the VM's functions, by index.
+    Function(usize),
+    /// One of the bridges above them, by index.
+    Bridge(usize),
+}
+
 /// Which half of which BAR a BAR slot holds.
 enum BarSlot<'a> {
     /// No BAR there: hard-wired to zero (PCI Local Bus 3.0 6.2.5.1).
@@ -348,6 +418,7 @@ impl VFunction {
 pub struct VirtualEcam {
     first_bus: u8,
     functions: Vec<VFunction>,
+    bridges: Vec<VBridge>,
     /// BAR moves not yet taken by [`VirtualEcam::take_bar_moves`].
     moves: Vec<BarMove>,
 }
@@ -369,11 +440,12 @@ pub struct BarMove {
 }
 
 impl VirtualEcam {
-    /// A bridge showing `functions`, the physical functions assigned to the VM with their
-    /// enumerated (and resource-assigned) state. Only Type 0 functions are shown: a bridge's
-    /// Type 1 header would hand the guest bus numbers and windows of the physical fabric, so
-    /// any other header type is dropped (and logged).
-    pub fn new(functions: Vec<PciDevice>) -> Self {
+    /// A host bridge showing `functions`, the physical functions assigned to the VM with their
+    /// enumerated (and resource-assigned) state, and `bridges`, the bridges on the path from
+    /// the root bus to them (`pci::VmDevices::bridges`). Only Type 0 functions are given to the
+    /// guest; only Type 1 bridges are shown, read-only, so that its scan reaches the functions
+    /// below them. Anything else in either list is dropped (and logged).
+    pub fn new(functions: Vec<PciDevice>, bridges: Vec<PciDevice>) -> Self {
         let (functions, others): (Vec<_>, Vec<_>) = functions
             .into_iter()
             .partition(|d| d.header_type == HeaderType::Endpoint);
@@ -383,8 +455,32 @@ impl VirtualEcam {
                 d.bdf
             );
         }
+        let (bridges, others): (Vec<_>, Vec<_>) = bridges
+            .into_iter()
+            .partition(|d| d.header_type == HeaderType::Bridge);
+        for d in &others {
+            log::warn!(
+                "vECAM: {} is not a Type 1 bridge; not shown to the VM",
+                d.bdf
+            );
+        }
         let same_device = |a: Bdf, b: Bdf| a != b && a.bus == b.bus && a.dev == b.dev;
-        let bdfs: Vec<Bdf> = functions.iter().map(|d| d.bdf).collect();
+        // Linux scans functions 1-7 of a device only if function 0 says it is multi-function
+        // (`pci_scan_slot`): every function the guest sees counts, bridges included.
+        let bdfs: Vec<Bdf> = functions
+            .iter()
+            .chain(bridges.iter())
+            .map(|d| d.bdf)
+            .collect();
+        let bridges = bridges
+            .into_iter()
+            .map(|dev| VBridge {
+                keep_multifunction: bdfs.iter().any(|&b| same_device(b, dev.bdf)),
+                command: None,
+                interrupt_line: 0,
+                dev,
+            })
+            .collect();
         let functions = functions
             .into_iter()
             .map(|dev| {
@@ -413,6 +509,7 @@ impl VirtualEcam {
         VirtualEcam {
             first_bus: 0,
             functions,
+            bridges,
             moves: Vec::new(),
         }
     }
@@ -429,7 +526,7 @@ impl VirtualEcam {
         core::mem::take(&mut self.moves)
     }
 
-    /// The functions shown to the VM.
+    /// The functions given to the VM (not the bridges shown above them).
     pub fn bdfs(&self) -> impl Iterator<Item = Bdf> + '_ {
         self.functions.iter().map(|f| f.dev.bdf)
     }
@@ -478,12 +575,23 @@ impl VirtualEcam {
         Some(phys)
     }
 
+    /// The bridges shown to the VM.
+    pub fn bridge_bdfs(&self) -> impl Iterator<Item = Bdf> + '_ {
+        self.bridges.iter().map(|b| b.dev.bdf)
+    }
+
     /// The Interrupt Line value the guest last wrote for `bdf`.
     pub fn interrupt_line(&self, bdf: Bdf) -> Option<u8> {
         self.functions
             .iter()
             .find(|f| f.dev.bdf == bdf)
             .map(|f| f.interrupt_line)
+            .or_else(|| {
+                self.bridges
+                    .iter()
+                    .find(|b| b.dev.bdf == bdf)
+                    .map(|b| b.interrupt_line)
+            })
     }
 
     /// A guest read of `width` at `offset` in the window.
@@ -500,10 +608,13 @@ impl VirtualEcam {
         if !offset.is_multiple_of(width.bytes()) {
             return ones;
         }
-        let Some((i, reg)) = self.decode(offset) else {
+        let Some((shown, reg)) = self.decode(offset) else {
             return ones;
         };
-        let dword = self.read_dword(cfg, i, reg & !3);
+        let dword = match shown {
+            Shown::Function(i) => self.read_dword(cfg, i, reg & !3),
+            Shown::Bridge(i) => self.bridge_read(cfg, i, reg & !3),
+        };
         (u64::from(dword) >> ((reg & 3) * 8)) & ones
     }
 
@@ -525,23 +636,106 @@ impl VirtualEcam {
         if !offset.is_multiple_of(width.bytes()) {
             return;
         }
-        let Some((i, reg)) = self.decode(offset) else {
+        let Some((shown, reg)) = self.decode(offset) else {
             return;
         };
         let shift = (reg & 3) * 8;
         let enable = (width.mask() << shift) as u32;
         let value = ((value & width.mask()) << shift) as u32;
-        self.write_dword(cfg, i, reg & !3, value, enable);
+        match shown {
+            Shown::Function(i) => self.write_dword(cfg, i, reg & !3, value, enable),
+            Shown::Bridge(i) => self.bridge_write(&*cfg, i, reg & !3, value, enable),
+        }
     }
 
-    /// The assigned function an offset addresses, and the register offset.
-    fn decode(&self, offset: u64) -> Option<(usize, u16)> {
+    /// The assigned function or shown bridge an offset addresses, and the register offset.
+    fn decode(&self, offset: u64) -> Option<(Shown, u16)> {
         let rel_bus = offset >> ECAM_BUS_SHIFT;
         let bus = u8::try_from(u64::from(self.first_bus) + rel_bus).ok()?;
         let devfn = (offset >> 12) & 0xff;
         let bdf = Bdf::new(bus, (devfn >> 3) as u8, (devfn & 7) as u8);
-        let i = self.functions.iter().position(|f| f.dev.bdf == bdf)?;
-        Some((i, (offset & 0xfff) as u16))
+        let shown = match self.functions.iter().position(|f| f.dev.bdf == bdf) {
+            Some(i) => Shown::Function(i),
+            None => Shown::Bridge(self.bridges.iter().position(|b| b.dev.bdf == bdf)?),
+        };
+        Some((shown, (offset & 0xfff) as u16))
+    }
+
+    /// The guest's Command register of shown bridge `i`.
+    fn bridge_command(&mut self, cfg: &dyn ConfigSpace, i: usize) -> u32 {
+        let b = &mut self.bridges[i];
+        *b.command
+            .get_or_insert_with(|| cfg.read32(b.dev.bdf, regs::COMMAND) & 0xffff)
+    }
+
+    /// The dword at `reg` (a multiple of 4) of shown bridge `i` as the guest sees it: a
+    /// conventional PCI-to-PCI bridge (Type 1 header, PCI-to-PCI Bridge spec 1.2 3.2 and PCIe
+    /// Base spec 7.5.1.3) whose routing registers read as the hypervisor programmed them and
+    /// which has nothing else: no BARs, no ROM, no capabilities, no Bridge Control.
+    fn bridge_read(&mut self, cfg: &dyn ConfigSpace, i: usize, reg: u16) -> u32 {
+        let bdf = self.bridges[i].dev.bdf;
+        match reg {
+            regs::ID | regs::CLASS_REV => cfg.read32(bdf, reg),
+            // Status as hardware reports it (the guest sees the link's errors), without the
+            // Capabilities List bit: no capability is shown.
+            regs::COMMAND => {
+                let status = cfg.read32(bdf, reg) & 0xffff_0000 & !regs::STATUS_CAP_LIST;
+                status | self.bridge_command(cfg, i)
+            }
+            // Header Type only: Cache Line Size and Latency Timer mean nothing on PCIe
+            // (7.5.1.1.7-8) and BIST is not offered.
+            regs::HEADER => {
+                let mut header = cfg.read32(bdf, reg) & 0x00ff_0000;
+                if !self.bridges[i].keep_multifunction {
+                    header &= !(u32::from(regs::HEADER_MULTIFUNCTION) << 16);
+                }
+                header
+            }
+            // Bus numbers, Secondary Latency Timer, Secondary Status and the three windows
+            // with their upper halves (7.5.1.3.2-3.12): as the hypervisor set them. A
+            // probe-only guest takes them as they are (`pci_scan_bridge_extend`'s first pass,
+            // `pci_read_bridge_bases`) and finds its functions' BARs inside them.
+            regs::BRIDGE_BUSES..=regs::BRIDGE_IO_UPPER => cfg.read32(bdf, reg),
+            // Interrupt Pin from hardware (Linux reads it and would swizzle through it only
+            // for functions below), a virtual Interrupt Line, and Bridge Control as 0.
+            regs::INTERRUPT => {
+                let pin = cfg.read32(bdf, reg) & 0xff00;
+                pin | u32::from(self.bridges[i].interrupt_line)
+            }
+            // BAR0-1 (0x10, 0x14), Capabilities Pointer (0x34), Expansion ROM (0x38 in a
+            // Type 1 header), the capabilities and device-specific registers (0x40-0xff), and
+            // extended configuration space: 0, which at 0x100 is an Extended Capability header
+            // saying there are none (7.6.3). 0 rather than all ones: all ones would read as an
+            // absent function at 0x00 and as an error response elsewhere (Linux
+            // `PCI_POSSIBLE_ERROR`), and Linux never sizes extended space of a bridge without
+            // PCIe or PCI-X capability anyway (`pci_cfg_space_size`).
+            _ => 0,
+        }
+    }
+
+    /// A guest write to shown bridge `i`: Command and Interrupt Line land in the guest's
+    /// copies; nothing ever reaches the bridge.
+    ///
+    /// Command stays virtual because the physical bridge must keep forwarding Memory and I/O
+    /// transactions and its functions' DMA (Memory Space, I/O Space, Bus Master Enable) as the
+    /// hypervisor set them: a guest clearing them (Linux does around BAR sizing,
+    /// `__pci_read_base`) would cut off every function below, possibly other VMs' below a
+    /// switch. Bus numbers and windows are the physical routing, shared below a switch. Bridge
+    /// Control holds Secondary Bus Reset, which would reset every function below, BARs
+    /// included, behind the hypervisor's back. Status (and Secondary Status) RW1C writes are
+    /// dropped too: the error bits are the host's record of the link.
+    fn bridge_write(&mut self, cfg: &dyn ConfigSpace, i: usize, reg: u16, value: u32, enable: u32) {
+        match reg {
+            regs::COMMAND if enable & 0xffff != 0 => {
+                let old = self.bridge_command(cfg, i);
+                let guest = COMMAND_GUEST_BITS & enable;
+                self.bridges[i].command = Some(old & !guest | value & guest);
+            }
+            regs::INTERRUPT if enable & 0xff != 0 => {
+                self.bridges[i].interrupt_line = value as u8;
+            }
+            _ => {}
+        }
     }
 
     /// The guest's [`COMMAND_DECODE`] bits of function `i`.

@@ -14,8 +14,10 @@
 //!   reads and one hardware write (twice that for a 64-bit access); hardware is only reached at
 //!   dword-aligned offsets below 4 KiB;
 //! - **(b) only the VM's functions**: hardware is read and written only for the BDFs of Type 0
-//!   functions the VM was given; a read of any other function (absent, not owned, a bridge, past
-//!   the last bus, misaligned) returns all ones and touches nothing; a guest read never writes;
+//!   functions the VM was given, and read (never written) for the bridges above them that the
+//!   VM is shown; a read of any other function (absent, not owned, a bridge not on the path to
+//!   an owned one, past the last bus, misaligned) returns all ones and touches nothing; a guest
+//!   read never writes;
 //! - **(c) never a BAR, the ROM BAR, extended space or a header register**: a hardware write is
 //!   only at the dword the guest addressed, never at 0x10-0x27, 0x30, 0x00-0x3f except Command,
 //!   or 0x100 and above;
@@ -35,7 +37,8 @@
 //! - **(i) reads as documented**: every guest read equals the filtering table of
 //!   `devices/vecam.rs` (IDs, class, Status, Header Type with the multi-function bit, virtual BARs and
 //!   sizing, no ROM, the visible capability chain, the virtual Interrupt Line and PowerState,
-//!   hardware elsewhere);
+//!   hardware elsewhere; for a shown bridge, its IDs, bus numbers and windows from hardware, a
+//!   virtual Command and Interrupt Line, 0 elsewhere);
 //! - **(j) forwarded accesses**: `VirtualEcam::resolve` answers only inside a decoding, D0 BAR
 //!   of the VM's as the guest placed it, at the same offset of its physical range.
 //!
@@ -254,6 +257,8 @@ struct GuestWrite {
 pub(crate) struct Recorder<'a> {
     hw: &'a mut FakeConfigSpace,
     funcs: &'a [Func],
+    /// The bridges the VM is shown: readable, never writable.
+    bridges: &'a [ShownBridge],
     checks: Checks,
     counts: &'a mut Counts,
     /// The dwords the guest's write addresses (two for a 64-bit one).
@@ -284,7 +289,9 @@ fn rw1c(f: &Func, off: u16) -> u32 {
 
 impl ConfigSpace for Recorder<'_> {
     fn read32(&self, bdf: Bdf, off: u16) -> u32 {
-        self.func(bdf, "read");
+        if !self.bridges.iter().any(|b| b.bdf == bdf) {
+            self.func(bdf, "read");
+        }
         assert!(
             off.is_multiple_of(4) && off < 0x1000,
             "(a) hardware read of {bdf} at {off:#x}"
@@ -294,6 +301,10 @@ impl ConfigSpace for Recorder<'_> {
     }
 
     fn write32(&mut self, bdf: Bdf, off: u16, value: u32) {
+        assert!(
+            !self.bridges.iter().any(|b| b.bdf == bdf),
+            "(b) hardware write of {value:#x} at {off:#x} of the shown bridge {bdf}"
+        );
         let f = self.func(bdf, "write");
         assert!(
             off.is_multiple_of(4) && off < 0x1000,
@@ -377,6 +388,17 @@ impl ConfigSpace for Recorder<'_> {
     }
 }
 
+/// The harness's model of a bridge the VM is shown (`VmDevices::bridges`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ShownBridge {
+    bdf: Bdf,
+    /// Another function of its device is shown too: Header Type bit 7 stays.
+    multifunction: bool,
+    /// The guest's Command, once read or written (hardware's until then).
+    command: Option<u32>,
+    interrupt_line: u8,
+}
+
 /// Counters of what an input reached, for the tests' depth checks.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Tally {
@@ -392,6 +414,8 @@ pub struct Tally {
     pub walks: u64,
     /// `resolve` calls that found a BAR.
     pub resolved: u64,
+    /// Guest reads of shown bridges compared.
+    pub bridge_reads: u64,
 }
 
 /// The harness.
@@ -401,8 +425,11 @@ pub struct Harness {
     handles: Vec<(Bdf, usize)>,
     /// Every function of the topology, placed.
     all: Vec<PciDevice>,
-    /// What the VM was given (`VirtualEcam::new`'s argument).
+    /// What the VM was given (`VirtualEcam::new`'s first argument).
     given: Vec<PciDevice>,
+    /// The bridges above its Type 0 functions (the second).
+    shown: Vec<PciDevice>,
+    bridges: Vec<ShownBridge>,
     funcs: Vec<Func>,
     /// The model under test.
     pub vecam: VirtualEcam,
@@ -430,8 +457,8 @@ impl Harness {
         };
         let mut topo = enumerate(&mut hw, 0, 0xff).expect("the fake topologies enumerate");
         assign_resources(&mut hw, &mut topo, &qemu_host_bridge()).expect("and fit the windows");
-        let all = topo.devices;
-        let given: Vec<PciDevice> = all
+        let given: Vec<PciDevice> = topo
+            .devices
             .iter()
             .enumerate()
             .filter(|(i, d)| {
@@ -444,21 +471,81 @@ impl Harness {
             })
             .map(|(_, d)| d.clone())
             .collect();
+        // As `pci::resolve` lists them: every bridge above a given Type 0 function.
+        let mut shown: Vec<PciDevice> = given
+            .iter()
+            .filter(|d| d.header_type == HeaderType::Endpoint)
+            .flat_map(|d| topo.bridges_above(d.bdf))
+            .cloned()
+            .collect();
+        shown.sort_by_key(|d| d.bdf);
+        shown.dedup_by_key(|d| d.bdf);
+        let all = topo.devices;
         let mut h = Self {
             hw,
             handles,
             all,
             given: given.clone(),
+            shown: shown.clone(),
+            bridges: Vec::new(),
             funcs: Vec::new(),
-            vecam: VirtualEcam::new(given),
+            vecam: VirtualEcam::new(given, shown),
             checks,
             tally: Tally::default(),
         };
         h.funcs = h.make_funcs();
+        h.bridges = h.make_bridges();
         if checks.bar_page_slots {
             h.check_page_slots();
         }
         h
+    }
+
+    /// The harness's view of the shown bridges, as the VM starts.
+    fn make_bridges(&self) -> Vec<ShownBridge> {
+        let owned = self
+            .given
+            .iter()
+            .filter(|d| d.header_type == HeaderType::Endpoint);
+        let seen: Vec<Bdf> = owned.chain(self.shown.iter()).map(|d| d.bdf).collect();
+        self.shown
+            .iter()
+            .map(|d| ShownBridge {
+                bdf: d.bdf,
+                multifunction: seen
+                    .iter()
+                    .any(|&b| b != d.bdf && b.bus == d.bdf.bus && b.dev == d.bdf.dev),
+                command: None,
+                interrupt_line: 0,
+            })
+            .collect()
+    }
+
+    /// The dword at `reg` of shown bridge `i` as the filtering table documents it.
+    fn expected_bridge_dword(&mut self, i: usize, reg: u16) -> u32 {
+        let bdf = self.bridges[i].bdf;
+        let hw = self.hw.read32(bdf, reg);
+        match reg {
+            0x00 | 0x08 | 0x18..=0x33 => hw,
+            0x04 => {
+                let cmd = *self.bridges[i]
+                    .command
+                    .get_or_insert(self.hw.read32(bdf, 4) & 0xffff);
+                hw & 0xffef_0000 | cmd
+            }
+            0x0c if self.bridges[i].multifunction => hw & 0x00ff_0000,
+            0x0c => hw & 0x007f_0000,
+            0x3c => hw & 0xff00 | u32::from(self.bridges[i].interrupt_line),
+            _ => 0,
+        }
+    }
+
+    /// The shown bridge (index into `bridges`) at an ECAM offset, and the register.
+    fn decode_bridge(&self, off: u64) -> Option<(usize, u16)> {
+        let bus = u8::try_from(off >> 20).ok()?;
+        let bdf = Bdf::new(bus, (off >> 15 & 0x1f) as u8, (off >> 12 & 7) as u8);
+        let i = self.bridges.iter().position(|b| b.bdf == bdf)?;
+        Some((i, (off & 0xfff) as u16))
     }
 
     /// The harness's view of the owned functions, read from hardware as the spec describes the
@@ -721,6 +808,7 @@ impl Harness {
             let rec = Recorder {
                 hw: &mut self.hw,
                 funcs: &self.funcs,
+                bridges: &self.bridges,
                 checks: self.checks,
                 counts: &mut counts,
                 guest: &[],
@@ -774,6 +862,11 @@ impl Harness {
         if !off.is_multiple_of(w.bytes()) {
             return w.mask();
         }
+        if let Some((i, reg)) = self.decode_bridge(off) {
+            self.tally.bridge_reads += 1;
+            let dword = self.expected_bridge_dword(i, reg & !3);
+            return u64::from(dword) >> ((reg & 3) * 8) & w.mask();
+        }
         let Some((i, reg)) = self.decode(off) else {
             return w.mask();
         };
@@ -809,11 +902,40 @@ impl Harness {
                 });
             }
         }
+        // A shown bridge's Command and Interrupt Line are the guest's (in the model, before
+        // the write, so that a Command read from hardware on first use is the old value).
+        if let Some((i, reg)) = aligned.then(|| self.decode_bridge(off)).flatten() {
+            let words: Vec<(u16, u32, u32)> = if w == Double {
+                alloc::vec![
+                    (reg, u32::MAX, value as u32),
+                    (reg + 4, u32::MAX, (value >> 32) as u32)
+                ]
+            } else {
+                let shift = (reg & 3) * 8;
+                alloc::vec![(
+                    reg & !3,
+                    (w.mask() << shift) as u32,
+                    ((value & w.mask()) << shift) as u32
+                )]
+            };
+            for (reg, enable, v) in words {
+                let b = self.bdf_hw_command(i);
+                match reg {
+                    0x04 if enable & 0xffff != 0 => {
+                        let guest = GUEST_COMMAND & enable;
+                        self.bridges[i].command = Some(b & !guest | v & guest);
+                    }
+                    0x3c if enable & 0xff != 0 => self.bridges[i].interrupt_line = v as u8,
+                    _ => {}
+                }
+            }
+        }
         let mut counts = Counts::default();
         {
             let mut rec = Recorder {
                 hw: &mut self.hw,
                 funcs: &self.funcs,
+                bridges: &self.bridges,
                 checks: self.checks,
                 counts: &mut counts,
                 guest: &guest,
@@ -821,8 +943,10 @@ impl Harness {
             self.vecam.write(&mut rec, off, w, value);
         }
         if target.is_none() {
+            // A shown bridge's registers are read (its guest Command starts as hardware's).
+            let bridge = aligned && self.decode_bridge(off).is_some();
             assert!(
-                counts.writes == 0 && counts.reads.get() == 0,
+                counts.writes == 0 && (bridge || counts.reads.get() == 0),
                 "(b) a write at {off:#x} reached hardware"
             );
         }
@@ -881,6 +1005,14 @@ impl Harness {
         self.tally.moves += got.len() as u64;
     }
 
+    /// Shown bridge `i`'s guest Command, hardware's until the guest first reads or writes it.
+    fn bdf_hw_command(&mut self, i: usize) -> u32 {
+        let bdf = self.bridges[i].bdf;
+        *self.bridges[i]
+            .command
+            .get_or_insert(self.hw.read32(bdf, 4) & 0xffff)
+    }
+
     /// The reference BAR emulation (the sizing protocol of PCI Local Bus 3.0 6.2.5.1 per slot,
     /// type bits read-only); returns the move to expect.
     fn bar_write(&mut self, i: usize, g: GuestWrite) -> Option<BarMove> {
@@ -924,6 +1056,7 @@ impl Harness {
             let rec = Recorder {
                 hw: &mut self.hw,
                 funcs: &self.funcs,
+                bridges: &self.bridges,
                 checks: self.checks,
                 counts: &mut counts,
                 guest: &[],
@@ -1010,11 +1143,13 @@ impl Harness {
         }
     }
 
-    /// A BDF: mostly an owned function, else another of the topology, an absent one or any.
+    /// A BDF: mostly an owned function, else a shown bridge, another of the topology, an
+    /// absent one or any.
     fn bdf(&self, inp: &mut Input) -> Bdf {
         let sel = inp.u8();
         match sel & 7 {
             0..=3 if !self.funcs.is_empty() => self.funcs[inp.below(self.funcs.len())].dev.bdf,
+            4 if !self.bridges.is_empty() => self.bridges[inp.below(self.bridges.len())].bdf,
             0..=5 => self.all[inp.below(self.all.len())].bdf,
             6 => Bdf::new(0, inp.u8() & 7, inp.u8() & 7),
             _ => Bdf::new(inp.u8(), inp.u8(), inp.u8()),
@@ -1195,8 +1330,9 @@ impl Harness {
             }
             _ => {
                 // The VM's reset: a new bridge over the same functions (`Vm::load`).
-                self.vecam = VirtualEcam::new(self.given.clone());
+                self.vecam = VirtualEcam::new(self.given.clone(), self.shown.clone());
                 self.funcs = self.make_funcs();
+                self.bridges = self.make_bridges();
             }
         }
     }
@@ -1242,6 +1378,7 @@ mod tests {
             t.sizings += a.sizings;
             t.walks += a.walks;
             t.resolved += a.resolved;
+            t.bridge_reads += a.bridge_reads;
         }
         t
     }
@@ -1254,7 +1391,8 @@ mod tests {
                 && t.hw_writes > 500
                 && t.moves > 100
                 && t.sizings > 100
-                && t.resolved > 50,
+                && t.resolved > 50
+                && t.bridge_reads > 300,
             "shallow: {t:?}"
         );
     }
@@ -1273,6 +1411,7 @@ mod tests {
         let mut rec = Recorder {
             hw: &mut h.hw,
             funcs: &h.funcs,
+            bridges: &h.bridges,
             checks: h.checks,
             counts: &mut counts,
             guest: &[g],
@@ -1291,7 +1430,7 @@ mod tests {
     const F0: Bdf = Bdf::new(0, 1, 0);
 
     #[test]
-    #[should_panic(expected = "(b) hardware write of 00:02.0, which the VM does not own")]
+    #[should_panic(expected = "(b) hardware write of 0x6 at 0x4 of the shown bridge 00:02.0")]
     fn a_write_to_a_bridge_is_caught() {
         let mut h = rich_all();
         hw_write(&mut h, Bdf::new(0, 2, 0), 4, 6, full(4, 6));
@@ -1305,6 +1444,7 @@ mod tests {
         let rec = Recorder {
             hw: &mut h.hw,
             funcs: &h.funcs,
+            bridges: &h.bridges,
             checks: h.checks,
             counts: &mut counts,
             guest: &[],

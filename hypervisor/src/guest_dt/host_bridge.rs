@@ -11,8 +11,12 @@ use crate::pci::{IntxPin, PciSpace};
 
 /// `interrupt-map-mask`: the device number (phys.hi bits 15:11) and the pin. QEMU's `virt`
 /// masks only bits 12:11 because its routing repeats every four slots; the guest's map lists
-/// exactly the slots it owns, so it keys on the whole device number and stays right whatever
-/// the physical routing is.
+/// exactly the root-bus slots its functions' pins enter the host bridge at, so it keys on the
+/// whole device number and stays right whatever the physical routing is. Linux's
+/// `of_irq_parse_pci` swizzles a pin at each bridge without a DT node (the guest DT has none
+/// below the host bridge) and looks the map up with the root-bus ancestor's bus/devfn and the
+/// swizzled pin: the key of each entry is that pair (`GuestPci::intx`), not the function's own
+/// slot and pin. The bus number is masked out: every key is on the root bus.
 pub(super) const PCI_INTX_MASK: [u32; 4] = [0xf800, 0, 0, 7];
 
 /// The generic PCI bus binding's phys.hi (IEEE 1275 PCI binding 2.2.1.1): `npt000ss`, with
@@ -85,17 +89,18 @@ pub(super) fn pci_node(
     w.property_array_u32("interrupt-map-mask", &PCI_INTX_MASK)?;
     let mut map: Vec<u32> = Vec::with_capacity(pci.intx.len() * 8);
     let mut seen: Vec<(u8, IntxPin)> = Vec::new();
-    for &(bdf, pin, intid) in pci.intx {
-        // `validate` made sure duplicates agree; one entry per (slot, pin) is enough.
-        if seen.contains(&(bdf.dev, pin)) {
+    for &(_, _, intid, (root, pin)) in pci.intx {
+        // `validate` made sure duplicates agree; one entry per (slot, pin) is enough (two
+        // functions behind one root port whose pins swizzle to the same one share it).
+        if seen.contains(&(root.dev, pin)) {
             continue;
         }
-        seen.push((bdf.dev, pin));
+        seen.push((root.dev, pin));
         // Child unit address: bus/device/function in phys.hi 23:8; then the pin, the GIC,
         // and a GIC specifier (the GIC node has #address-cells 0). INTx is level triggered
         // (PCIe Base spec 2.2.8.1: Assert_INTx/Deassert_INTx messages model a level).
         map.extend_from_slice(&[
-            u32::from(bdf.rid()) << 8,
+            u32::from(root.rid()) << 8,
             0,
             0,
             pin.number(),

@@ -97,9 +97,11 @@ pub struct GuestPci<'a> {
     /// The address windows, as the host bridge has them (`HostBridge::windows`), with CPU
     /// addresses as the guest sees them (IPA).
     pub ranges: &'a [PciWindow],
-    /// One entry per assigned function that has an interrupt pin: the function, its pin, and
-    /// the GIC INTID (an SPI) that the pin raises in the VM.
-    pub intx: &'a [(Bdf, IntxPin, u32)],
+    /// One entry per assigned function that has an interrupt pin: the function, its pin, the
+    /// GIC INTID (an SPI) that the pin raises in the VM, and where the pin reaches the host
+    /// bridge (the function on the root bus it goes through and the pin there, swizzled at
+    /// each bridge: `pci::VmDevices::intx`), which the `interrupt-map` is keyed on.
+    pub intx: &'a [(Bdf, IntxPin, u32, (Bdf, IntxPin))],
     /// The host bridge's `iommu-map` entries onto the SMMUs the VM's vSMMUs sit on: the
     /// guest's map repeats them, each onto the vSMMU over the SMMU it names, so a function's
     /// StreamID is the same on both sides. Empty means StreamID = RID over the whole RID space

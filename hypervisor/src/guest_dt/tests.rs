@@ -253,13 +253,33 @@ const WINDOWS: [PciWindow; 3] = [
     },
 ];
 
-const INTX: [(Bdf, IntxPin, u32); 4] = [
-    (Bdf::new(0, 2, 0), IntxPin::A, 37),
-    (Bdf::new(0, 3, 0), IntxPin::A, 38),
+const INTX: [(Bdf, IntxPin, u32, (Bdf, IntxPin)); 4] = [
+    (
+        Bdf::new(0, 2, 0),
+        IntxPin::A,
+        37,
+        (Bdf::new(0, 2, 0), IntxPin::A),
+    ),
+    (
+        Bdf::new(0, 3, 0),
+        IntxPin::A,
+        38,
+        (Bdf::new(0, 3, 0), IntxPin::A),
+    ),
     // Slot 6 shares slot 2's lines on QEMU (SPI 3 + slot % 4) but is its own key here.
-    (Bdf::new(0, 6, 0), IntxPin::B, 40),
+    (
+        Bdf::new(0, 6, 0),
+        IntxPin::B,
+        40,
+        (Bdf::new(0, 6, 0), IntxPin::B),
+    ),
     // A second function of slot 3 on the same pin and line: one map entry.
-    (Bdf::new(0, 3, 1), IntxPin::A, 38),
+    (
+        Bdf::new(0, 3, 1),
+        IntxPin::A,
+        38,
+        (Bdf::new(0, 3, 1), IntxPin::A),
+    ),
 ];
 
 fn pci() -> GuestPci<'static> {
@@ -298,7 +318,7 @@ fn pci_node_parses_back_as_the_same_host_bridge() {
         .is_none());
     assert_eq!(hb.interrupt_map.mask, PCI_INTX_MASK);
     assert_eq!(hb.interrupt_map.entries.len(), 3);
-    for (bdf, pin, intid) in INTX {
+    for (bdf, pin, intid, _) in INTX {
         let route = hb.interrupt_map.lookup(bdf, pin).unwrap();
         assert_eq!((route.intid, route.flags, route.parent), (intid, 4, 1));
     }
@@ -390,8 +410,18 @@ fn rejects_bad_pci_configs() {
         GuestDtError::BadPciWindow { .. }
     ));
     let clash = [
-        (Bdf::new(0, 2, 0), IntxPin::A, 37),
-        (Bdf::new(0, 2, 1), IntxPin::A, 38),
+        (
+            Bdf::new(0, 2, 0),
+            IntxPin::A,
+            37,
+            (Bdf::new(0, 2, 0), IntxPin::A),
+        ),
+        (
+            Bdf::new(0, 2, 1),
+            IntxPin::A,
+            38,
+            (Bdf::new(0, 2, 1), IntxPin::A),
+        ),
     ];
     assert_eq!(
         err(GuestPci {
@@ -405,7 +435,12 @@ fn rejects_bad_pci_configs() {
             second: 38
         }
     );
-    let ppi = [(Bdf::new(0, 2, 0), IntxPin::A, 27)];
+    let ppi = [(
+        Bdf::new(0, 2, 0),
+        IntxPin::A,
+        27,
+        (Bdf::new(0, 2, 0), IntxPin::A),
+    )];
     assert!(matches!(
         err(GuestPci {
             intx: &ppi,
@@ -763,4 +798,97 @@ fn a_vsmmu_per_physical_smmu_each_with_its_share_of_the_map() {
         .unwrap_err(),
         GuestDtError::SharedIntid { intid: 109, .. }
     ));
+}
+
+/// The guest's `interrupt-map` behind bridges: Linux (`of_irq_parse_pci`) swizzles each pin up
+/// to the root bus and looks the map up with the root-bus ancestor's slot; the guest sees the
+/// physical bridges (guest BDFs are physical), so the same walk over the physical topology
+/// ([`crate::pci::Topology::intx_route`]) against the parsed-back guest map must give every
+/// function the INTID its physical routing gives.
+#[test]
+fn interrupt_map_is_keyed_on_the_root_slot_and_swizzled_pin() {
+    use crate::pci::fake::FakeConfigSpace;
+    use crate::pci::{enumerate, iommu_groups, HostBridge, IommuDirectory, IommuEntry};
+    const QEMU_SMMU: &[u8] = include_bytes!("../../tests/data/qemu-virt-smmuv3-pci.dtb");
+    let host = HostBridge::from_dtb(QEMU_SMMU).unwrap().unwrap();
+    let dir = IommuDirectory {
+        entries: alloc::vec![IommuEntry {
+            phandle: host.iommu_map[0].iommu,
+            path: "/smmuv3@9050000".into(),
+            driven: Ok(0),
+        }],
+    };
+    let t = enumerate(&mut FakeConfigSpace::switch_topology(true), 0, 0xff).unwrap();
+    let g = iommu_groups(&t, &host);
+    let fns = [Bdf::new(3, 0, 0), Bdf::new(4, 0, 0), Bdf::new(5, 0, 0)];
+    let d = crate::pci::resolve(&t, &g, &host, &dir, "vm0", &fns, &[], 39).unwrap();
+    let mpidrs = [0];
+    let cfg = GuestDtConfig {
+        pci: &[GuestPci {
+            intx: &d.intx,
+            ..pci()
+        }],
+        ..config(&mpidrs)
+    };
+    let dtb = build_guest_dt(&cfg).unwrap();
+    let guest = HostBridge::from_dtb(&dtb).unwrap().unwrap();
+    // Root slot 1 INTA (03:00.0), slot 1 INTB (04:00.0), slot 2 INTA (05:00.0).
+    assert_eq!(guest.interrupt_map.entries.len(), 3);
+    for bdf in fns {
+        let physical = t.intx_route(bdf, &host.interrupt_map).unwrap().intid;
+        let seen = t.intx_route(bdf, &guest.interrupt_map).unwrap();
+        assert_eq!((seen.intid, seen.flags), (physical, 4), "{bdf}");
+    }
+    // Keyed on the functions' own slot (0) and pin (INTA), as before bridges were shown, the
+    // three would have asked for one entry with two INTIDs.
+    assert_eq!(
+        guest.interrupt_map.lookup(Bdf::new(0, 0, 0), IntxPin::A),
+        None
+    );
+}
+
+#[test]
+fn two_functions_entering_at_one_root_slot_and_pin_must_agree() {
+    let rp = Bdf::new(0, 1, 0);
+    let clash = [
+        (Bdf::new(1, 0, 0), IntxPin::A, 36, (rp, IntxPin::A)),
+        (Bdf::new(2, 0, 0), IntxPin::A, 37, (rp, IntxPin::A)),
+    ];
+    let mpidrs = [0];
+    let cfg = GuestDtConfig {
+        pci: &[GuestPci {
+            intx: &clash,
+            ..pci()
+        }],
+        ..config(&mpidrs)
+    };
+    assert_eq!(
+        build_guest_dt(&cfg),
+        Err(GuestDtError::ConflictingIntx {
+            slot: 1,
+            pin: IntxPin::A,
+            first: 36,
+            second: 37
+        })
+    );
+    // Same key, same line: one entry.
+    let shared = [
+        clash[0],
+        (Bdf::new(2, 0, 0), IntxPin::A, 36, (rp, IntxPin::A)),
+    ];
+    let cfg = GuestDtConfig {
+        pci: &[GuestPci {
+            intx: &shared,
+            ..pci()
+        }],
+        ..config(&mpidrs)
+    };
+    let guest = crate::pci::HostBridge::from_dtb(&build_guest_dt(&cfg).unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(guest.interrupt_map.entries.len(), 1);
+    assert_eq!(
+        guest.interrupt_map.lookup(rp, IntxPin::A).unwrap().intid,
+        36
+    );
 }

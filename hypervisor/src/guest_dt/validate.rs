@@ -43,7 +43,7 @@ fn validate_pci(pci: &GuestPci) -> Result<(), GuestDtError> {
             });
         }
     }
-    for (i, &(bdf, pin, intid)) in pci.intx.iter().enumerate() {
+    for (i, &(_, _, intid, (root, pin))) in pci.intx.iter().enumerate() {
         if !(32..1020).contains(&intid) {
             return Err(GuestDtError::BadIntid {
                 what: "pci intx",
@@ -51,12 +51,14 @@ fn validate_pci(pci: &GuestPci) -> Result<(), GuestDtError> {
                 expected: "SPI",
             });
         }
+        // The map's key (see `host_bridge::PCI_INTX_MASK`): the root-bus slot the pin enters
+        // the host bridge at and the pin there, whichever function behind it raised it.
         let clash = pci.intx[..i]
             .iter()
-            .find(|&&(b, p, other)| b.dev == bdf.dev && p == pin && other != intid);
-        if let Some(&(_, _, first)) = clash {
+            .find(|&&(_, _, other, (r, p))| r.dev == root.dev && p == pin && other != intid);
+        if let Some(&(_, _, first, _)) = clash {
             return Err(GuestDtError::ConflictingIntx {
-                slot: bdf.dev,
+                slot: root.dev,
                 pin,
                 first,
                 second: intid,
@@ -146,7 +148,7 @@ pub(super) fn validate(cfg: &GuestDtConfig) -> Result<(), GuestDtError> {
     // probe; with the level-triggered UART or INTx lines it would also mix trigger types.
     let mut used = vec![("uart", cfg.uart_intid)];
     for pci in cfg.pci {
-        used.extend(pci.intx.iter().map(|&(_, _, intid)| ("pci intx", intid)));
+        used.extend(pci.intx.iter().map(|&(_, _, intid, _)| ("pci intx", intid)));
     }
     for (i, smmu) in cfg.smmus.iter().enumerate() {
         validate_smmu(smmu, &mut used)?;

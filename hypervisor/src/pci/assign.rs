@@ -253,8 +253,17 @@ pub struct VmDevices {
     /// The pages of their memory BARs, checked to hold nothing else: mapped into the VM's
     /// stage 2 at the same addresses. I/O BARs are not mapped (their accesses are forwarded).
     pub slots: Vec<DeviceSlot>,
-    /// (function, pin, INTID) of each function with a legacy interrupt.
-    pub intx: Vec<(Bdf, IntxPin, u32)>,
+    /// (function, its pin, INTID, (root-bus function, pin there)) of each function with a
+    /// legacy interrupt. The last pair is where the pin reaches the host bridge
+    /// ([`Topology::intx_at_root`]): the function itself on the root bus, else the bridge above
+    /// it there, with the pin swizzled at every bridge on the way. The guest's `interrupt-map`
+    /// is keyed on it, because Linux's `of_irq_parse_pci` looks the map up with that pair.
+    pub intx: Vec<(Bdf, IntxPin, u32, (Bdf, IntxPin))>,
+    /// Every bridge on the path from the root bus to one of the functions
+    /// ([`Topology::bridges_above`]), once each, ordered by BDF. They are not assigned (they
+    /// route everyone's traffic and stay with the hypervisor): the guest is shown them
+    /// read-only so that its scan from the root bus reaches the functions below them.
+    pub bridges: Vec<PciDevice>,
     /// IOMMU group numbers.
     pub groups: Vec<usize>,
     /// The SMMUs that translate their DMA, by driver instance (ascending), each with the
@@ -325,8 +334,8 @@ pub fn resolve(
             });
         }
         if let Some(route) = topo.intx_route(bdf, &host.interrupt_map) {
-            if let Some(pin) = dev.interrupt_pin {
-                out.intx.push((bdf, pin, route.intid));
+            if let (Some(pin), Some(root)) = (dev.interrupt_pin, topo.intx_at_root(bdf)) {
+                out.intx.push((bdf, pin, route.intid, root));
             }
         }
         out.functions.push(dev.clone());
@@ -368,6 +377,13 @@ pub fn resolve(
         u.stream_ids.dedup();
     }
     out.slots = device_slots(vm, topo, host, devices, ipa_bits)?;
+    let mut bridges: Vec<&PciDevice> = devices
+        .iter()
+        .flat_map(|&bdf| topo.bridges_above(bdf))
+        .collect();
+    bridges.sort_unstable_by_key(|d| d.bdf);
+    bridges.dedup_by_key(|d| d.bdf);
+    out.bridges = bridges.into_iter().cloned().collect();
     Ok(out)
 }
 
@@ -783,5 +799,43 @@ mod tests {
             check_intx(&req, &t, map),
             Err(AssignError::SharedIntx { spi: 5, .. })
         ));
+    }
+
+    #[test]
+    fn resolve_lists_the_bridges_above_and_where_each_pin_reaches_the_host_bridge() {
+        let host = HostBridge::from_dtb(QEMU_SMMU).unwrap().unwrap();
+        let dir = directory(&[(host.iommu_map[0].iommu, "/smmuv3@9050000", Ok(0))]);
+        let mut f = FakeConfigSpace::switch_topology(true);
+        let t = enumerate(&mut f, host.bus_start, host.bus_end).unwrap();
+        let g = iommu_groups(&t, &host);
+        let devices = [B(5, 0, 0), B(3, 0, 0), B(4, 0, 0)];
+        let d = resolve(&t, &g, &host, &dir, "vm0", &devices, &[], 39).unwrap();
+        let bridges: Vec<Bdf> = d.bridges.iter().map(|b| b.bdf).collect();
+        // Both root ports, the switch's upstream port once, both downstream ports; by BDF.
+        assert_eq!(
+            bridges,
+            [B(0, 1, 0), B(0, 2, 0), B(1, 0, 0), B(2, 0, 0), B(2, 1, 0)]
+        );
+        assert!(d.bridges.iter().all(|b| b.bridge.is_some()));
+        assert!(d.functions.iter().all(|f| !bridges.contains(&f.bdf)));
+        // 03:00.0 INTA enters at root slot 1 as INTA (SPI 4); 04:00.0 INTA is INTB from
+        // downstream port 02:01.0 up, so root slot 1 INTB (SPI 5); 05:00.0 at slot 2 INTA (SPI
+        // 5 too, QEMU's rotation).
+        assert_eq!(
+            d.intx,
+            [
+                (B(5, 0, 0), IntxPin::A, 37, (B(0, 2, 0), IntxPin::A)),
+                (B(3, 0, 0), IntxPin::A, 36, (B(0, 1, 0), IntxPin::A)),
+                (B(4, 0, 0), IntxPin::A, 37, (B(0, 1, 0), IntxPin::B)),
+            ]
+        );
+        for &(bdf, _, intid, (root, pin)) in &d.intx {
+            assert_eq!(t.intx_at_root(bdf), Some((root, pin)));
+            assert_eq!(host.interrupt_map.lookup(root, pin).unwrap().intid, intid);
+        }
+        // A function on the root bus has no bridge above it.
+        let d = resolve_with(&dir, &host, &[B(0, 3, 0)]).unwrap();
+        assert!(d.bridges.is_empty());
+        assert_eq!(d.intx[0].3, (B(0, 3, 0), IntxPin::A));
     }
 }

@@ -230,18 +230,52 @@ impl Topology {
     /// way to the root bus (PCI-to-PCI Bridge spec 9.1; Linux `of_irq_parse_pci` does the same
     /// for bridges without a DT node), then looked up in the host bridge's `interrupt-map`.
     pub fn intx_route(&self, bdf: Bdf, map: &InterruptMap) -> Option<IntxRoute> {
+        let (root, pin) = self.intx_at_root(bdf)?;
+        map.lookup(root, pin)
+    }
+
+    /// Where function `bdf`'s INTx pin reaches the host bridge: the function on the root bus it
+    /// goes through (itself, or the bridge above it there) and the pin after swizzling at each
+    /// bridge on the way (PCI-to-PCI Bridge spec 9.1). This is the key the host bridge's
+    /// `interrupt-map` is looked up with (Linux `of_irq_parse_pci` builds it the same way for
+    /// bridges without a DT node: the root-bus ancestor's bus/devfn and the swizzled pin).
+    pub fn intx_at_root(&self, bdf: Bdf) -> Option<(Bdf, IntxPin)> {
         let mut dev = self.device(bdf)?;
         let mut pin = dev.interrupt_pin?;
         // Bounded by the number of functions: a parent link can never loop back in a
         // topology built by `enumerate`, but a hand-made one might.
         for _ in 0..=self.devices.len() {
             let Some(parent) = dev.parent else {
-                return map.lookup(dev.bdf, pin);
+                return Some((dev.bdf, pin));
             };
             pin = pin.swizzle(dev.bdf.dev);
             dev = self.device(parent)?;
         }
         None
+    }
+
+    /// The bridges on the path from the root bus to function `bdf`, root-bus first: the
+    /// bridges software must go through to reach it (Linux finds `bdf` only by scanning the
+    /// secondary bus of each). Empty for a function on the root bus, an unknown one, or a
+    /// hand-made topology whose parent links loop or name a function that is not there.
+    pub fn bridges_above(&self, bdf: Bdf) -> Vec<&PciDevice> {
+        let mut path = Vec::new();
+        let Some(mut dev) = self.device(bdf) else {
+            return path;
+        };
+        // Bounded like `intx_at_root`.
+        for _ in 0..=self.devices.len() {
+            let Some(parent) = dev.parent else {
+                path.reverse();
+                return path;
+            };
+            let Some(p) = self.device(parent) else {
+                return Vec::new();
+            };
+            path.push(p);
+            dev = p;
+        }
+        Vec::new()
     }
 }
 
@@ -800,5 +834,28 @@ mod tests {
         f.set(d, 0x100, 0x1001_0001);
         let t = enumerate(&mut f, 0, 0).unwrap();
         assert!(t.devices[0].pcie.is_some());
+    }
+
+    #[test]
+    fn bridges_above_a_function_root_bus_first() {
+        let t = enumerate(&mut FakeConfigSpace::switch_topology(true), 0, 0xff).unwrap();
+        let path = |bdf| {
+            t.bridges_above(bdf)
+                .iter()
+                .map(|d| d.bdf)
+                .collect::<Vec<_>>()
+        };
+        let b = Bdf::new;
+        assert_eq!(path(b(3, 0, 0)), [b(0, 1, 0), b(1, 0, 0), b(2, 0, 0)]);
+        assert_eq!(path(b(4, 0, 0)), [b(0, 1, 0), b(1, 0, 0), b(2, 1, 0)]);
+        assert_eq!(path(b(5, 0, 0)), [b(0, 2, 0)]);
+        assert_eq!(path(b(1, 0, 0)), [b(0, 1, 0)]);
+        assert!(path(b(0, 1, 0)).is_empty());
+        assert!(path(b(9, 0, 0)).is_empty());
+        // A hand-made loop ends the walk with nothing rather than spinning.
+        let mut looped = t.clone();
+        looped.devices[0].parent = Some(b(3, 0, 0));
+        assert!(looped.bridges_above(b(3, 0, 0)).is_empty());
+        assert_eq!(t.intx_at_root(b(4, 0, 0)), Some((b(0, 1, 0), IntxPin::B)));
     }
 }

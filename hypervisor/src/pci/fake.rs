@@ -111,6 +111,9 @@ impl FakeFn {
         f.masks[m(regs::BRIDGE_PREF_BASE_UPPER)] = u32::MAX;
         f.masks[m(regs::BRIDGE_PREF_LIMIT_UPPER)] = u32::MAX;
         f.masks[m(regs::BRIDGE_IO_UPPER)] = u32::MAX;
+        // Interrupt Line and Bridge Control (bits 11:0 of the upper half, Secondary Bus Reset
+        // among them) are writable, as on hardware.
+        f.masks[m(regs::INTERRUPT)] = 0x0fff_00ff;
         match port {
             Some(p) => f.pcie(p),
             None => f,

@@ -76,7 +76,7 @@ impl VmPciDevices {
     pub fn intx_intids(&self) -> impl Iterator<Item = u32> + '_ {
         self.segments
             .iter()
-            .flat_map(|s| s.devices.intx.iter().map(|&(_, _, intid)| intid))
+            .flat_map(|s| s.devices.intx.iter().map(|&(_, _, intid, _)| intid))
     }
 
     /// Every IOMMU group the VM owns.

@@ -282,7 +282,10 @@ impl Vm {
                     ecam: host.ecam,
                     bus_range: (host.bus_start, host.bus_end),
                     windows: host.windows.clone(),
-                    vecam: Mutex::new(VirtualEcam::new(seg.devices.functions.clone())),
+                    vecam: Mutex::new(VirtualEcam::new(
+                        seg.devices.functions.clone(),
+                        seg.devices.bridges.clone(),
+                    )),
                     iommu_map: host
                         .iommu_map
                         .iter()
@@ -437,8 +440,8 @@ impl Vm {
         *self.vuart.lock() = VPl011::new();
         self.console_backlog.lock().clear();
         for p in &self.pci {
-            *p.vecam.lock() =
-                VirtualEcam::new(self.config.devices.segments[p.at].devices.functions.clone());
+            let d = &self.config.devices.segments[p.at].devices;
+            *p.vecam.lock() = VirtualEcam::new(d.functions.clone(), d.bridges.clone());
         }
         self.reset_bar_maps(hw);
         if boots > 0 {

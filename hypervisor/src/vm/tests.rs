@@ -262,7 +262,7 @@ fn quiesce_stops_dma_and_lines_of_the_vms_functions_only() {
     }
     let devices = VmDevices {
         functions: alloc::vec![topo.device(mine).unwrap().clone()],
-        intx: alloc::vec![(mine, IntxPin::A, 37)],
+        intx: alloc::vec![(mine, IntxPin::A, 37, (mine, IntxPin::A))],
         ..VmDevices::default()
     };
     let vm = vm_with(devices);
@@ -390,7 +390,12 @@ fn sgis_go_to_their_targets_and_wake_the_others() {
 #[test]
 fn forwarded_lines_follow_the_guests_enables() {
     let devices = VmDevices {
-        intx: alloc::vec![(Bdf::new(0, 2, 0), IntxPin::A, 37)],
+        intx: alloc::vec![(
+            Bdf::new(0, 2, 0),
+            IntxPin::A,
+            37,
+            (Bdf::new(0, 2, 0), IntxPin::A)
+        )],
         ..VmDevices::default()
     };
     let vm = vm_with(devices);
@@ -537,7 +542,10 @@ fn functions_behind_two_smmus_get_a_vsmmu_over_each() {
             topo.device(a).unwrap().clone(),
             topo.device(b).unwrap().clone()
         ],
-        intx: alloc::vec![(a, IntxPin::A, 37), (b, IntxPin::A, 38)],
+        intx: alloc::vec![
+            (a, IntxPin::A, 37, (a, IntxPin::A)),
+            (b, IntxPin::A, 38, (b, IntxPin::A))
+        ],
         smmus: alloc::vec![
             UnitStreams {
                 unit: 0,
@@ -676,7 +684,7 @@ fn functions_on_two_host_bridges_get_a_virtual_bridge_each() {
         domain,
         devices: VmDevices {
             functions: alloc::vec![topo.device(f).unwrap().clone()],
-            intx: alloc::vec![(f, IntxPin::A, intid)],
+            intx: alloc::vec![(f, IntxPin::A, intid, (f, IntxPin::A))],
             ..VmDevices::default()
         },
     };

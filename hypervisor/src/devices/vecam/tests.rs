@@ -17,7 +17,7 @@ fn setup(mut f: FakeConfigSpace, owned: &[Bdf]) -> (FakeConfigSpace, VirtualEcam
         .into_iter()
         .filter(|d| owned.contains(&d.bdf))
         .collect();
-    (f, VirtualEcam::new(devs))
+    (f, VirtualEcam::new(devs, Vec::new()))
 }
 
 fn off(bdf: Bdf, reg: u16) -> u64 {
@@ -548,19 +548,223 @@ fn af_flr_is_dropped_and_ea_is_hidden() {
 }
 
 #[test]
-fn bridges_are_never_shown_so_secondary_bus_reset_is_unreachable() {
+fn a_bridge_given_as_a_function_is_not_shown() {
     let mut fake = FakeConfigSpace::switch_topology(true);
     let mut topo = enumerate(&mut fake, 0, 0xff).unwrap();
     assign_resources(&mut fake, &mut topo, &qemu_host_bridge()).unwrap();
-    // A VM handed a root port (check_assignment refuses it; the model drops it too).
+    // A VM handed a root port as one of its functions (check_assignment refuses it; the model
+    // drops it too): it is neither the guest's nor shown.
     let rp = Bdf::new(0, 1, 0);
     let devs = topo.devices.into_iter().filter(|d| d.bdf == rp).collect();
-    let mut v = VirtualEcam::new(devs);
+    let mut v = VirtualEcam::new(devs, Vec::new());
     let mut rec = Recorder::default();
     // Bridge Control (0x3e) bit 6: Secondary Bus Reset.
     v.write(&mut rec.with(&mut fake), off(rp, 0x3c), W, 0x0040_0000);
     assert!(rec.writes.is_empty());
     assert_eq!(v.read(&fake, off(rp, 0), W), 0xffff_ffff);
+    assert_eq!(fake.read32(rp, 0x3c) >> 16, 0);
+}
+
+/// Enumerates and places `f`, gives the VM the functions `owned` and shows it the bridges
+/// above them, as `pci::resolve` lists them.
+fn setup_with_bridges(mut f: FakeConfigSpace, owned: &[Bdf]) -> (FakeConfigSpace, VirtualEcam) {
+    let mut topo = enumerate(&mut f, 0, 0xff).unwrap();
+    assign_resources(&mut f, &mut topo, &qemu_host_bridge()).unwrap();
+    let mut bridges: Vec<PciDevice> = owned
+        .iter()
+        .flat_map(|&b| topo.bridges_above(b))
+        .cloned()
+        .collect();
+    bridges.sort_by_key(|d| d.bdf);
+    bridges.dedup_by_key(|d| d.bdf);
+    let devs = topo
+        .devices
+        .iter()
+        .filter(|d| owned.contains(&d.bdf))
+        .cloned()
+        .collect();
+    (f, VirtualEcam::new(devs, bridges))
+}
+
+/// What a probe-only scan from the root bus finds, as Linux's `pci_scan_child_bus` and
+/// `pci_scan_bridge_extend` (first pass) walk it: every function that answers, and behind each
+/// Type 1 header the secondary bus it reports.
+fn scan(v: &mut VirtualEcam, f: &FakeConfigSpace, bus: u8, found: &mut Vec<Bdf>) {
+    for dev in 0..32 {
+        for func in 0..8 {
+            let bdf = Bdf::new(bus, dev, func);
+            if v.read(f, off(bdf, 0), W) == 0xffff_ffff {
+                if func == 0 {
+                    break;
+                }
+                continue;
+            }
+            found.push(bdf);
+            let header = v.read(f, off(bdf, 0x0e), B);
+            if header & 0x7f == 1 {
+                let buses = v.read(f, off(bdf, 0x18), W);
+                let (primary, secondary, subordinate) =
+                    (buses as u8, (buses >> 8) as u8, (buses >> 16) as u8);
+                // The checks `pci_scan_bridge_extend` makes before it takes the numbers.
+                assert_eq!(primary, bus, "{bdf}");
+                assert!(secondary > bus && secondary <= subordinate, "{bdf}");
+                scan(v, f, secondary, found);
+            }
+            if func == 0 && header & 0x80 == 0 {
+                break;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_function_behind_a_switch_is_reached_through_its_bridges_read_only() {
+    let ep = Bdf::new(3, 0, 0);
+    let (rp, up, dp) = (Bdf::new(0, 1, 0), Bdf::new(1, 0, 0), Bdf::new(2, 0, 0));
+    let (mut fake, mut v) = setup_with_bridges(FakeConfigSpace::switch_topology(true), &[ep]);
+    assert_eq!(v.bridge_bdfs().collect::<Vec<_>>(), [rp, up, dp]);
+    assert_eq!(v.bdfs().collect::<Vec<_>>(), [ep]);
+
+    let mut found = Vec::new();
+    scan(&mut v, &fake, 0, &mut found);
+    // Not the other root port (00:02.0), the other downstream port (02:01.0) or the other
+    // VM's endpoint below this switch (04:00.0), nor 05:00.0.
+    assert_eq!(found, [rp, up, dp, ep]);
+    for other in [
+        Bdf::new(0, 2, 0),
+        Bdf::new(2, 1, 0),
+        Bdf::new(4, 0, 0),
+        Bdf::new(5, 0, 0),
+    ] {
+        assert_eq!(v.read(&fake, off(other, 0), W), 0xffff_ffff, "{other}");
+        assert_eq!(v.read(&fake, off(other, 0x18), W), 0xffff_ffff, "{other}");
+    }
+
+    // The endpoint's memory BARs lie inside every window above it, as the guest reads them
+    // (Linux `pci_read_bridge_mmio{,_pref}`, then `pci_claim_resource` in the window).
+    // 03:00.0: BAR0 32-bit memory, BAR2 64-bit prefetchable.
+    let mut bars: Vec<(u64, bool)> = Vec::new();
+    for reg in [0x10u16, 0x18] {
+        let lo = v.read(&fake, off(ep, reg), W);
+        let hi = if lo & 0x4 != 0 {
+            v.read(&fake, off(ep, reg + 4), W)
+        } else {
+            0
+        };
+        bars.push((lo & !0xf | hi << 32, lo & 0x8 != 0));
+    }
+    assert_eq!(bars.iter().map(|b| b.1).collect::<Vec<_>>(), [false, true]);
+    for b in [rp, up, dp] {
+        let mem = v.read(&fake, off(b, 0x20), W);
+        let (mem_base, mem_limit) = (mem << 16 & 0xfff0_0000, (mem & 0xfff0_0000) | 0xf_ffff);
+        let pref = v.read(&fake, off(b, 0x24), W);
+        let pref_base = (pref << 16 & 0xfff0_0000) | v.read(&fake, off(b, 0x28), W) << 32;
+        let pref_limit = ((pref & 0xfff0_0000) | 0xf_ffff) | v.read(&fake, off(b, 0x2c), W) << 32;
+        for &(addr, prefetchable) in &bars {
+            let inside = if prefetchable {
+                (pref_base..=pref_limit).contains(&addr)
+            } else {
+                (mem_base..=mem_limit).contains(&addr)
+            };
+            assert!(inside, "{b}: BAR at {addr:#x} outside the bridge's window");
+        }
+    }
+
+    for b in [rp, up, dp] {
+        // Hardware where the routing is; no BARs, ROM, capabilities or Bridge Control.
+        for reg in [0x00, 0x08, 0x18, 0x1c, 0x20, 0x24, 0x28, 0x2c, 0x30] {
+            assert_eq!(
+                v.read(&fake, off(b, reg), W),
+                u64::from(fake.read32(b, reg))
+            );
+        }
+        for reg in [0x10, 0x14, 0x34, 0x38, 0x40, 0x44, 0x100, 0xffc] {
+            assert_eq!(v.read(&fake, off(b, reg), W), 0, "{b} {reg:#x}");
+        }
+        assert_ne!(fake.read32(b, 0x04) & regs::STATUS_CAP_LIST, 0);
+        assert_eq!(v.read(&fake, off(b, 0x06), H) & 0x10, 0);
+        assert_eq!(v.read(&fake, off(b, 0x0e), B), 1, "Type 1, single function");
+        assert_eq!(v.read(&fake, off(b, 0x0c), B), 0, "no cache line size");
+        assert_eq!(v.read(&fake, off(b, 0x3e), H), 0);
+
+        let before: Vec<u32> = (0..0x40).step_by(4).map(|r| fake.read32(b, r)).collect();
+        let mut rec = Recorder::default();
+        let mut hw = rec.with(&mut fake);
+        // Bus numbers and windows (Linux writes them when it reassigns, `pci_setup_bridge`,
+        // and probes window support, `pci_read_bridge_windows`).
+        v.write(&mut hw, off(b, 0x18), W, 0x00ff_0100);
+        for reg in [0x1c, 0x20, 0x24, 0x28, 0x2c, 0x30] {
+            v.write(&mut hw, off(b, reg), W, 0xffff_ffff);
+            v.write(&mut hw, off(b, reg), W, 0);
+        }
+        // Secondary Bus Reset, as a half-word and as part of the dword.
+        v.write(&mut hw, off(b, 0x3e), H, 0x0040);
+        v.write(&mut hw, off(b, 0x3c), W, 0x0040_0000);
+        // Command cleared (BAR sizing, `__pci_read_base`) and Status written as RW1C.
+        v.write(&mut hw, off(b, 0x04), W, 0xffff_0000);
+        // Its BARs, ROM, capabilities and extended space.
+        for reg in [0x10, 0x14, 0x38, 0x40, 0x100] {
+            v.write(&mut hw, off(b, reg), W, 0xffff_ffff);
+        }
+        assert!(rec.writes.is_empty(), "{b}: {:x?}", rec.writes);
+        let after: Vec<u32> = (0..0x40).step_by(4).map(|r| fake.read32(b, r)).collect();
+        assert_eq!(before, after, "{b}");
+        assert!(v.take_bar_moves().is_empty());
+        // The hardware bridge still forwards memory and DMA as the hypervisor set it; the guest
+        // reads back what it wrote.
+        let cmd = fake.read32(b, 0x04);
+        assert_eq!(
+            cmd & 0x6,
+            0x6,
+            "{b}: Memory Space and Bus Master stay enabled"
+        );
+        assert_eq!(v.read(&fake, off(b, 0x04), H), 0);
+        v.write(&mut fake, off(b, 0x04), H, 0x0006);
+        assert_eq!(v.read(&fake, off(b, 0x04), H), 0x0006);
+        // Interrupt Line is a byte of the guest's.
+        v.write(&mut fake, off(b, 0x3c), B, 0x2a);
+        assert_eq!(v.read(&fake, off(b, 0x3c), B), 0x2a);
+        assert_eq!(fake.read32(b, 0x3c) & 0xff, 0);
+        assert_eq!(v.interrupt_line(b), Some(0x2a));
+    }
+    // Behind the bridges the endpoint is the VM's as before.
+    assert_eq!(v.read(&fake, off(ep, 0), W), u64::from(fake.read32(ep, 0)));
+    // Forwarding knows only the VM's functions' BARs: the bridge's window itself, outside
+    // them, is not forwarded.
+    let mem = v.read(&fake, off(rp, 0x20), W);
+    let window_end = (mem & 0xfff0_0000) | 0xf_ffff;
+    assert!(bars.iter().all(|&(a, _)| a != window_end - 3));
+    assert_eq!(v.resolve(&fake, false, window_end - 3, 4), None);
+}
+
+#[test]
+fn a_multi_function_bridge_keeps_its_bit_only_when_the_guest_sees_a_sibling() {
+    let build = || {
+        let mut f = FakeConfigSpace::new();
+        let a = f.add(None, 1, 0, FakeFn::root_port().multifunction());
+        let b = f.add(None, 1, 1, FakeFn::root_port().multifunction());
+        for rp in [a, b] {
+            f.add(
+                Some(rp),
+                0,
+                0,
+                FakeFn::endpoint(0x8086, 0x10d3)
+                    .pcie(PortType::Endpoint)
+                    .bar32(0, 0x4000, false)
+                    .pin(1),
+            );
+        }
+        f
+    };
+    let (a, b) = (Bdf::new(1, 0, 0), Bdf::new(2, 0, 0));
+    let (f, mut v) = setup_with_bridges(build(), &[a]);
+    assert_eq!(v.read(&f, off(Bdf::new(0, 1, 0), 0x0e), B), 0x01);
+    assert_eq!(v.read(&f, off(Bdf::new(0, 1, 1), 0), W), 0xffff_ffff);
+    let (f, mut v) = setup_with_bridges(build(), &[a, b]);
+    assert_eq!(v.read(&f, off(Bdf::new(0, 1, 0), 0x0e), B), 0x81);
+    let mut found = Vec::new();
+    scan(&mut v, &f, 0, &mut found);
+    assert_eq!(found, [Bdf::new(0, 1, 0), a, Bdf::new(0, 1, 1), b]);
 }
 
 #[test]
