@@ -26,23 +26,25 @@
 //! | extended configuration space (0x100-0xfff) | hardware | dropped |
 //!
 //! A bridge above one of the VM's functions (`pci::VmDevices::bridges`) is shown as a
-//! conventional PCI-to-PCI bridge (Type 1 header: PCI-to-PCI Bridge spec 1.2 chapter 3, PCIe
-//! Base spec 7.5.1.3); nothing the guest writes reaches it:
+//! PCI-to-PCI bridge (Type 1 header: PCI-to-PCI Bridge spec 1.2 chapter 3, PCIe Base spec
+//! 7.5.1.3) with its PCIe capability as its only one; nothing the guest writes reaches it:
 //!
 //! | bridge registers | reads | writes |
 //! | --- | --- | --- |
 //! | IDs, class, revision (0x00, 0x08) | hardware | dropped |
 //! | Command (0x04) | the guest's (hardware's until it writes) | kept virtual |
-//! | Status (0x06) | hardware, Capabilities List cleared | dropped (RW1C too) |
+//! | Status (0x06) | hardware, Capabilities List set only with the PCIe capability shown | dropped (RW1C too) |
 //! | Cache Line Size, Latency Timer, BIST (0x0c, 0x0d, 0x0f) | 0 | dropped |
 //! | Header Type (0x0e) | hardware, multi-function bit cleared when the VM sees no other function of the device | dropped |
 //! | BAR0-1 (0x10, 0x14) | 0 (no BAR) | dropped |
 //! | bus numbers, Secondary Latency Timer (0x18), I/O, memory and prefetchable windows with their upper halves, Secondary Status (0x1c-0x33) | hardware | dropped |
-//! | Capabilities Pointer (0x34), Expansion ROM (0x38) | 0 | dropped |
+//! | Capabilities Pointer (0x34) | the PCIe capability's offset (0 without one) | dropped |
+//! | Expansion ROM (0x38) | 0 | dropped |
 //! | Interrupt Line (0x3c) | a virtual byte per bridge | kept in that byte |
 //! | Interrupt Pin (0x3d) | hardware | dropped |
 //! | Bridge Control (0x3e) | 0 | dropped |
-//! | 0x40-0xfff (capabilities, device-specific, extended space) | 0 | dropped |
+//! | PCIe capability (7.5.3), next pointer 0 | hardware, except: Slot Implemented cleared; Slot Capabilities/Control/Status (and their 2 versions), Root Control/Capabilities/Status read 0; Link Capabilities without ASPM Support and Link Bandwidth Notification; Device Capabilities 2 without ARI Forwarding Supported | dropped |
+//! | the rest of 0x40-0xfff (other capabilities, device-specific, extended space) | 0 | dropped |
 //!
 //! Why a bridge is shown at all: guest BDFs equal physical ones and Linux finds a function
 //! only by scanning from the root bus through each bridge's secondary bus
@@ -56,14 +58,17 @@
 //! physical bridge must keep Memory Space, I/O Space and Bus Master Enable as the hypervisor set
 //! them, or the MMIO and DMA of every function below stop, other VMs' ones below a shared switch
 //! too; Linux toggles decode around BAR sizing and enables the bridge before its functions.
-//! Why no capabilities: without a PCIe capability there are no Link Control (Link Disable,
-//! Retrain), Slot Control (power, indicators), Root Control, AER or ACS registers for a guest
-//! to write, and Linux's PCIe port driver does not bind (`pcie_portdrv_probe` wants a port
-//! type). Linux does not need it to scan the child bus or bind an endpoint there; it then
-//! treats extended configuration space below the bridge as unreachable
-//! (`pci_bridge_child_ext_cfg_accessible`), so the guest's functions behind a bridge show 256
-//! bytes (nothing a virtio or simple endpoint driver needs is in extended space, which is
-//! read-only anyway). Why 0 rather than all ones past the header: all ones reads as an absent
+//! Why the PCIe capability, and only it, read-only: without it the guest takes the bridge for a
+//! conventional PCI bridge, and Linux's `pci_for_each_dma_alias` gives every function below it
+//! the bridge's Requester ID as a DMA alias, so the guest's arm-smmu-v3 driver refuses the
+//! function ("stream ... already in tree", seen on QEMU); a Root, Upstream or Downstream Port
+//! adds no alias, as the hypervisor's IOMMU groups assume. Read-only, there is no Link Control
+//! (Link Disable, Retrain), Device Control 2 (ARI forwarding), Slot Control (power,
+//! indicators) or Root Control for a guest to write; what it could act on and not undo is
+//! hidden (see `bridge_pcie_read`). No AER or ACS (extended space reads 0): the guest cannot
+//! weaken the isolation the IOMMU groups were computed with. Functions below read their own
+//! extended space (read-only, as in the first table).
+//! Why 0 rather than all ones past the header: all ones reads as an absent
 //! function or an error response (`PCI_POSSIBLE_ERROR`); a 0 Extended Capability header at
 //! 0x100 says there are none (PCIe Base spec 7.6.3). Bridges have no BAR the guest could move
 //! and are never in [`VirtualEcam::resolve`].
@@ -406,6 +411,44 @@ impl VFunction {
     }
 }
 
+/// Bytes of a PCIe Capability structure (PCIe Base spec 7.5.3: through Slot Control 2 and
+/// Slot Status 2).
+const PCIE_CAP_LEN: u16 = 0x3c;
+
+/// Dword `rel` of a shown bridge's PCIe capability (at `at` in its configuration space), read
+/// only, as the only capability.
+///
+/// Why show it at all: without it the guest takes the bridge for a conventional PCI-to-PCI
+/// bridge, and Linux's `pci_for_each_dma_alias` then gives every function below it the
+/// bridge's Requester ID as a DMA alias; its arm-smmu-v3 driver finds that StreamID already
+/// taken by the bridge ("stream ... already in tree") and the function gets no IOMMU. A Root,
+/// Upstream or Downstream Port adds no alias, which is also what the hypervisor's IOMMU groups
+/// assume. What the guest must not act on is hidden: Slot Implemented (pciehp would drive slot
+/// power and remove the function on a presence change it cannot see), the Root registers (PME
+/// status it cannot clear would keep Linux's PME service polling), ASPM support (it could only
+/// enable ASPM on the function's end of the link) and Link Bandwidth Notification, and ARI
+/// Forwarding Supported (the guest would turn ARI on in a bridge whose Device Control 2 it
+/// cannot write).
+fn bridge_pcie_read(cfg: &dyn ConfigSpace, bdf: Bdf, at: u16, rel: u16) -> u32 {
+    /// PCIe Capabilities register (bits 31:16 of the first dword): Slot Implemented.
+    const SLOT_IMPLEMENTED: u32 = 1 << (16 + 8);
+    /// Link Capabilities: ASPM Support (11:10) and Link Bandwidth Notification Capability (21).
+    const LNKCAP_HIDDEN: u32 = 0b11 << 10 | 1 << 21;
+    /// Device Capabilities 2: ARI Forwarding Supported.
+    const DEVCAP2_ARI: u32 = 1 << 5;
+    let hw = cfg.read32(bdf, at + rel);
+    match rel {
+        // Capability ID 0x10, no next capability, the port's own PCIe Capabilities.
+        0x00 => hw & 0xffff_0000 & !SLOT_IMPLEMENTED | u32::from(cap_id::PCIE),
+        0x0c => hw & !LNKCAP_HIDDEN,
+        // Slot Capabilities, Slot Control/Status, Root Control/Capabilities, Root Status;
+        // Slot Capabilities 2 and Slot Control/Status 2.
+        0x14 | 0x18 | 0x1c | 0x20 | 0x34 | 0x38 => 0,
+        0x24 => hw & !DEVCAP2_ARI,
+        _ => hw,
+    }
+}
+
 /// The configuration space of one VM's virtual ECAM host bridge.
 ///
 /// Accesses are decoded as ECAM offsets (PCIe Base spec 7.2.2): bus (relative to the first
@@ -674,14 +717,22 @@ impl VirtualEcam {
     /// which has nothing else: no BARs, no ROM, no capabilities, no Bridge Control.
     fn bridge_read(&mut self, cfg: &dyn ConfigSpace, i: usize, reg: u16) -> u32 {
         let bdf = self.bridges[i].dev.bdf;
+        let pcie = self.bridges[i].dev.pcie.map(|p| u16::from(p.offset) & !3);
+        if let Some(at) = pcie.filter(|&at| (at..at + PCIE_CAP_LEN).contains(&reg)) {
+            return bridge_pcie_read(cfg, bdf, at, reg - at);
+        }
         match reg {
             regs::ID | regs::CLASS_REV => cfg.read32(bdf, reg),
-            // Status as hardware reports it (the guest sees the link's errors), without the
-            // Capabilities List bit: no capability is shown.
+            // Status as hardware reports it (the guest sees the link's errors), with the
+            // Capabilities List bit only if the PCIe capability is shown.
             regs::COMMAND => {
-                let status = cfg.read32(bdf, reg) & 0xffff_0000 & !regs::STATUS_CAP_LIST;
+                let mut status = cfg.read32(bdf, reg) & 0xffff_0000 & !regs::STATUS_CAP_LIST;
+                if pcie.is_some() {
+                    status |= regs::STATUS_CAP_LIST;
+                }
                 status | self.bridge_command(cfg, i)
             }
+            regs::CAP_PTR => pcie.map_or(0, u32::from),
             // Header Type only: Cache Line Size and Latency Timer mean nothing on PCIe
             // (7.5.1.1.7-8) and BIST is not offered.
             regs::HEADER => {
@@ -713,7 +764,8 @@ impl VirtualEcam {
         }
     }
 
-    /// A guest write to shown bridge `i`: Command and Interrupt Line land in the guest's
+    /// A guest write to shown bridge `i` (its PCIe capability included): Command and Interrupt
+    /// Line land in the guest's
     /// copies; nothing ever reaches the bridge.
     ///
     /// Command stays virtual because the physical bridge must keep forwarding Memory and I/O

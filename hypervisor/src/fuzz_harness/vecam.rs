@@ -38,7 +38,8 @@
 //!   `devices/vecam.rs` (IDs, class, Status, Header Type with the multi-function bit, virtual BARs and
 //!   sizing, no ROM, the visible capability chain, the virtual Interrupt Line and PowerState,
 //!   hardware elsewhere; for a shown bridge, its IDs, bus numbers and windows from hardware, a
-//!   virtual Command and Interrupt Line, 0 elsewhere);
+//!   virtual Command and Interrupt Line, its PCIe capability alone and read-only with slot,
+//!   root, ASPM, bandwidth-notification and ARI-forwarding bits hidden, 0 elsewhere);
 //! - **(j) forwarded accesses**: `VirtualEcam::resolve` answers only inside a decoding, D0 BAR
 //!   of the VM's as the guest placed it, at the same offset of its physical range.
 //!
@@ -397,6 +398,8 @@ pub(crate) struct ShownBridge {
     /// The guest's Command, once read or written (hardware's until then).
     command: Option<u32>,
     interrupt_line: u8,
+    /// Where its PCIe capability is (shown read-only as its only capability), if it has one.
+    pcie: Option<u16>,
 }
 
 /// Counters of what an input reached, for the tests' depth checks.
@@ -517,6 +520,7 @@ impl Harness {
                     .any(|&b| b != d.bdf && b.bus == d.bdf.bus && b.dev == d.bdf.dev),
                 command: None,
                 interrupt_line: 0,
+                pcie: d.pcie.map(|p| u16::from(p.offset) & !3),
             })
             .collect()
     }
@@ -525,14 +529,28 @@ impl Harness {
     fn expected_bridge_dword(&mut self, i: usize, reg: u16) -> u32 {
         let bdf = self.bridges[i].bdf;
         let hw = self.hw.read32(bdf, reg);
+        let pcie = self.bridges[i].pcie;
+        if let Some(at) = pcie.filter(|&at| reg >= at && reg < at + 0x3c) {
+            // The PCIe capability, alone in the chain: no Slot Implemented, no ASPM or
+            // bandwidth notification, no slot or root registers, no ARI forwarding.
+            return match reg - at {
+                0x00 => hw & 0xfeff_0000 | 0x10,
+                0x0c => hw & !0x0020_0c00,
+                0x14 | 0x18 | 0x1c | 0x20 | 0x34 | 0x38 => 0,
+                0x24 => hw & !0x20,
+                _ => hw,
+            };
+        }
         match reg {
             0x00 | 0x08 | 0x18..=0x33 => hw,
             0x04 => {
                 let cmd = *self.bridges[i]
                     .command
                     .get_or_insert(self.hw.read32(bdf, 4) & 0xffff);
-                hw & 0xffef_0000 | cmd
+                let cap_list = if pcie.is_some() { 0x0010_0000 } else { 0 };
+                hw & 0xffef_0000 | cap_list | cmd
             }
+            0x34 => pcie.map_or(0, u32::from),
             0x0c if self.bridges[i].multifunction => hw & 0x00ff_0000,
             0x0c => hw & 0x007f_0000,
             0x3c => hw & 0xff00 | u32::from(self.bridges[i].interrupt_line),

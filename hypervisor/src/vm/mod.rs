@@ -282,10 +282,15 @@ impl Vm {
                     ecam: host.ecam,
                     bus_range: (host.bus_start, host.bus_end),
                     windows: host.windows.clone(),
-                    vecam: Mutex::new(VirtualEcam::new(
-                        seg.devices.functions.clone(),
-                        seg.devices.bridges.clone(),
-                    )),
+                    // Offset 0 of the window is the bridge's first bus (0x80 for a second
+                    // segment that starts there).
+                    vecam: Mutex::new(
+                        VirtualEcam::new(
+                            seg.devices.functions.clone(),
+                            seg.devices.bridges.clone(),
+                        )
+                        .with_first_bus(host.bus_start),
+                    ),
                     iommu_map: host
                         .iommu_map
                         .iter()
@@ -441,7 +446,8 @@ impl Vm {
         self.console_backlog.lock().clear();
         for p in &self.pci {
             let d = &self.config.devices.segments[p.at].devices;
-            *p.vecam.lock() = VirtualEcam::new(d.functions.clone(), d.bridges.clone());
+            *p.vecam.lock() = VirtualEcam::new(d.functions.clone(), d.bridges.clone())
+                .with_first_bus(p.bus_range.0);
         }
         self.reset_bar_maps(hw);
         if boots > 0 {
