@@ -186,7 +186,8 @@ fn check_lines_across(
     devices: &[PciAddr],
     earlier: &[(String, Vec<PciAddr>)],
 ) -> Result<(), AssignError> {
-    let mut lines: BTreeMap<u32, (&str, PciAddr)> = BTreeMap::new();
+    // Keyed like `check_intx`: by interrupt controller and INTID.
+    let mut lines: BTreeMap<(u32, u32), (&str, PciAddr)> = BTreeMap::new();
     let requests = earlier
         .iter()
         .map(|(n, l)| (n.as_str(), &l[..]))
@@ -199,7 +200,9 @@ fn check_lines_across(
             let Some(route) = seg.topology.intx_route(addr.bdf, &seg.bridge.interrupt_map) else {
                 continue;
             };
-            let (first_vm, first) = *lines.entry(route.intid).or_insert((name, addr));
+            let (first_vm, first) = *lines
+                .entry((route.parent, route.intid))
+                .or_insert((name, addr));
             if first_vm != name {
                 return Err(AssignError::SharedIntxAcross {
                     first_vm: first_vm.to_string(),
