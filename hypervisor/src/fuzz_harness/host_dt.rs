@@ -19,13 +19,17 @@
 //! - **(e) accepted VMs are well-formed**: the memory size is a whole number of KiB, the
 //!   `smmu-hv,cpus` list (if any) is non-empty, module and static-memory ranges do not wrap, and
 //!   the kernel and ramdisk are non-empty;
-//! - **(f) deterministic**: reading the same blob twice gives the same answers.
+//! - **(f) deterministic**: reading the same blob twice gives the same answers;
+//! - **(g) the host bridges taken are apart**: of every bridge node [`host_bridges`] lists,
+//!   those `pci::segments::choose` takes are each well-formed as in (d), have distinct PCI
+//!   domains, and no two share an address of their ECAM or address windows; every other node is
+//!   named with a reason.
 //!
 //! Compiled only under `cfg(test)` or the `fuzzing` feature; no `unsafe`. The malformed-DT
 //! corpus of `platform/corpus_tests.rs` checks (b)-(e) on each of its cases too.
 
 use crate::config::{parse_vm_specs, ConfigError, VmSpec};
-use crate::pci::{HostBridge, PciError, PciSpace};
+use crate::pci::{host_bridges, HostBridge, PciError, PciSpace};
 use crate::platform::{MemRange, Platform, PlatformError};
 use alloc::vec::Vec;
 
@@ -40,10 +44,48 @@ pub type VmsResult = Result<Vec<Result<VmSpec, ConfigError>>, PlatformError>;
 pub fn run(dtb: &[u8]) {
     let first = read(dtb);
     check(&first.0, &first.1, &first.2);
+    check_bridges(dtb);
     assert!(
         read(dtb) == first,
         "(f) a second read of the same blob differs"
     );
+}
+
+/// Invariant (g).
+pub fn check_bridges(dtb: &[u8]) {
+    let Ok(nodes) = host_bridges(dtb) else {
+        return;
+    };
+    let n = nodes.len();
+    let (taken, left) = crate::pci::segments::choose(nodes);
+    assert_eq!(
+        taken.len() + left.len(),
+        n,
+        "(g) a bridge node neither taken nor named"
+    );
+    assert!(left.iter().all(|(_, why)| !why.is_empty()), "(g) no reason");
+    let span = |h: &HostBridge| {
+        let mut r = alloc::vec![h.ecam];
+        r.extend(h.windows.iter().map(|w| MemRange {
+            base: w.cpu_base,
+            size: w.size,
+        }));
+        r
+    };
+    for (i, (_, d, b)) in taken.iter().enumerate() {
+        check_bridge(b);
+        for (_, e, o) in &taken[..i] {
+            assert_ne!(d, e, "(g) two bridges with domain {d}");
+            for x in span(b) {
+                for y in span(o) {
+                    assert!(
+                        x.base >= y.end() || y.base >= x.end(),
+                        "(g) taken bridges overlap: {x:x?} {y:x?}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 fn read(dtb: &[u8]) -> (PlatformResult, BridgeResult, VmsResult) {

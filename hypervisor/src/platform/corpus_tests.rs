@@ -79,6 +79,7 @@ fn outcome(dtb: &[u8]) -> Outcome {
         vms: parse_vm_specs(dtb),
     };
     crate::fuzz_harness::host_dt::check(&o.platform, &o.bridge, &o.vms);
+    crate::fuzz_harness::host_dt::check_bridges(dtb);
     o
 }
 
