@@ -17,7 +17,7 @@ use super::assign::{resolve, AssignError, IommuDirectory, UnitStreams, VmDevices
 use super::enumerate::Topology;
 use super::groups::IommuGroup;
 use super::host::{BridgeNode, HostBridge};
-use super::{Bdf, PciAddr};
+use super::{Bdf, PciAddr, DEVICE_PAGE};
 use crate::platform::MemRange;
 
 /// One host bridge the hypervisor took: its hierarchy, enumerated with resources assigned, and
@@ -291,8 +291,8 @@ pub fn domains(fixed: &[Option<u32>]) -> Vec<Option<u16>> {
 /// every generic ECAM one, with its DT path and PCI domain ([`domains`]), and every other one
 /// with why it is left alone: not generic (it needs a driver of its own), unusable, a
 /// `linux,pci-domain` that repeats an earlier bridge's or does not fit 16 bits, or an ECAM
-/// window or address window overlapping an earlier taken bridge's (one address would be two
-/// devices).
+/// window or address window overlapping an earlier taken bridge's, or sharing a stage-2 page
+/// with one (one address would be two devices; one page would be two bridges' registers).
 #[allow(clippy::type_complexity)]
 pub fn choose(nodes: Vec<BridgeNode>) -> (Vec<(String, u16, HostBridge)>, Vec<(String, String)>) {
     let mut left = Vec::new();
@@ -334,12 +334,28 @@ pub fn choose(nodes: Vec<BridgeNode>) -> (Vec<(String, u16, HostBridge)>, Vec<(S
     (taken, left)
 }
 
-/// A bridge's ECAM window and the CPU side of its address windows.
+/// A bridge's ECAM window and the CPU side of its address windows, each widened to whole
+/// stage-2 pages: two bridges whose windows merely share a page would put one bridge's BAR in a
+/// page the other's function's VM maps (the page isolation of `pci::isolation` is per segment).
 fn ranges(h: &HostBridge) -> Vec<MemRange> {
-    let mut r = alloc::vec![h.ecam];
-    r.extend(h.windows.iter().map(|w| MemRange {
-        base: w.cpu_base,
-        size: w.size,
+    let page = |r: MemRange| {
+        let base = r.base & !(DEVICE_PAGE - 1);
+        let end = r
+            .base
+            .saturating_add(r.size)
+            .saturating_add(DEVICE_PAGE - 1)
+            & !(DEVICE_PAGE - 1);
+        MemRange {
+            base,
+            size: end.saturating_sub(base),
+        }
+    };
+    let mut r = alloc::vec![page(h.ecam)];
+    r.extend(h.windows.iter().map(|w| {
+        page(MemRange {
+            base: w.cpu_base,
+            size: w.size,
+        })
     }));
     r
 }

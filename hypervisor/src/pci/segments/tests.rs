@@ -255,3 +255,33 @@ fn every_generic_bridge_is_taken_unless_it_clashes() {
     assert!(why("/c").contains("repeats another bridge's"), "{left:?}");
     assert!(why("/d").contains("overlap those of /a"), "{left:?}");
 }
+
+#[test]
+fn bridges_sharing_a_page_are_not_both_taken() {
+    // No byte in common, but one 4 KiB page: a BAR of each could land in it, and a VM given one
+    // would map the other's registers.
+    let host = HostBridge::from_dtb(QEMU_SMMU).unwrap().unwrap();
+    let node = |path: &str, ecam: u64, window: u64| {
+        let mut b = host.clone();
+        b.domain = None;
+        b.ecam.base = ecam;
+        b.windows.truncate(1);
+        b.windows[0].cpu_base = window;
+        b.windows[0].size = 0x800;
+        BridgeNode {
+            path: path.into(),
+            compatible: "pci-host-ecam-generic".into(),
+            domain: None,
+            generic: true,
+            bridge: Ok(b),
+        }
+    };
+    let (taken, left) = choose(vec![
+        node("/g", 1 << 40, 0x5000_0000),
+        node("/h", 2 << 40, 0x5000_0800),
+        node("/i", 3 << 40, 0x5000_1000),
+    ]);
+    let taken: Vec<&str> = taken.iter().map(|(p, _, _)| p.as_str()).collect();
+    assert_eq!(taken, ["/g", "/i"], "{left:?}");
+    assert!(left[0].1.contains("overlap those of /g"), "{left:?}");
+}
