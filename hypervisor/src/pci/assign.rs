@@ -15,7 +15,7 @@ use thiserror::Error;
 
 use super::enumerate::{PciDevice, Topology};
 use super::groups::{GroupIommu, IommuGroup};
-use super::host::{HostBridge, InterruptMap, IntxPin};
+use super::host::{HostBridge, InterruptMap, IntxPin, IntxRoute};
 use super::isolation::{device_slots, DeviceSlot, IsolationError};
 use super::virtio::VirtioDma;
 use super::{Bdf, PciAddr};
@@ -281,14 +281,74 @@ pub struct UnitStreams {
     pub stream_ids: Vec<u32>,
 }
 
+impl UnitStreams {
+    /// The StreamIDs `smmus` lists on driver instance `unit`, empty if it lists none there.
+    pub fn on(smmus: &[UnitStreams], unit: usize) -> &[u32] {
+        smmus
+            .iter()
+            .find(|u| u.unit == unit)
+            .map_or(&[], |u| &u.stream_ids[..])
+    }
+
+    /// Adds `ids` to `unit`'s list in `smmus` (kept ordered by unit), making it if needed.
+    /// [`UnitStreams::settle`] sorts and deduplicates once every list is complete.
+    pub fn add(smmus: &mut Vec<UnitStreams>, unit: usize, ids: impl IntoIterator<Item = u32>) {
+        let at = match smmus.binary_search_by_key(&unit, |u| u.unit) {
+            Ok(i) => i,
+            Err(i) => {
+                smmus.insert(
+                    i,
+                    UnitStreams {
+                        unit,
+                        stream_ids: Vec::new(),
+                    },
+                );
+                i
+            }
+        };
+        smmus[at].stream_ids.extend(ids);
+    }
+
+    /// Every list of `smmus` ascending, each StreamID once.
+    pub fn settle(smmus: &mut [UnitStreams]) {
+        for u in smmus {
+            u.stream_ids.sort_unstable();
+            u.stream_ids.dedup();
+        }
+    }
+}
+
 impl VmDevices {
     /// The StreamIDs on driver instance `unit`, empty if none of the VM's functions sit
     /// behind it.
     pub fn stream_ids_on(&self, unit: usize) -> &[u32] {
-        self.smmus
-            .iter()
-            .find(|u| u.unit == unit)
-            .map_or(&[], |u| &u.stream_ids[..])
+        UnitStreams::on(&self.smmus, unit)
+    }
+}
+
+/// Which VM each INTx line went to first, keyed by interrupt controller and INTID (a line is
+/// one wire whichever bridge or slot routes to it): the one rule [`check_intx`] and the check
+/// across host bridges apply.
+#[derive(Debug)]
+pub(crate) struct LineOwners<'a, T> {
+    lines: BTreeMap<(u32, u32), (&'a str, T)>,
+}
+
+impl<'a, T: Copy> LineOwners<'a, T> {
+    pub(crate) fn new() -> Self {
+        Self {
+            lines: BTreeMap::new(),
+        }
+    }
+
+    /// Records that `vm`'s function `who` raises `route`; returns the VM and function that
+    /// had the line first if that is another VM.
+    pub(crate) fn claim(&mut self, route: &IntxRoute, vm: &'a str, who: T) -> Option<(&'a str, T)> {
+        let first = *self
+            .lines
+            .entry((route.parent, route.intid))
+            .or_insert((vm, who));
+        (first.0 != vm).then_some(first)
     }
 }
 
@@ -353,29 +413,11 @@ pub fn resolve(
             why,
         })?;
         out.groups.push(g.id);
-        let at = match out.smmus.binary_search_by_key(&unit, |u| u.unit) {
-            Ok(i) => i,
-            Err(i) => {
-                out.smmus.insert(
-                    i,
-                    UnitStreams {
-                        unit,
-                        stream_ids: Vec::new(),
-                    },
-                );
-                i
-            }
-        };
         // A group's bridges stay with the hypervisor; their RIDs carry only the DMA of
         // functions below them, which is this VM's.
-        out.smmus[at]
-            .stream_ids
-            .extend(g.stream_ids.iter().copied());
+        UnitStreams::add(&mut out.smmus, unit, g.stream_ids.iter().copied());
     }
-    for u in &mut out.smmus {
-        u.stream_ids.sort_unstable();
-        u.stream_ids.dedup();
-    }
+    UnitStreams::settle(&mut out.smmus);
     out.slots = device_slots(vm, topo, host, devices, ipa_bits)?;
     let mut bridges: Vec<&PciDevice> = devices
         .iter()
@@ -452,7 +494,7 @@ pub fn check_intx<S: AsRef<str>>(
     topo: &Topology,
     interrupt_map: &InterruptMap,
 ) -> Result<(), AssignError> {
-    let mut lines: BTreeMap<(u32, u32), (&str, Bdf)> = BTreeMap::new();
+    let mut lines = LineOwners::new();
     for (vm, bdfs) in assignments {
         let vm = vm.as_ref();
         for &bdf in bdfs {
@@ -465,10 +507,7 @@ pub fn check_intx<S: AsRef<str>>(
             let Some(route) = topo.intx_route(bdf, interrupt_map) else {
                 continue;
             };
-            let (first_vm, first) = *lines
-                .entry((route.parent, route.intid))
-                .or_insert((vm, bdf));
-            if first_vm != vm {
+            if let Some((first_vm, first)) = lines.claim(&route, vm, bdf) {
                 return Err(AssignError::SharedIntx {
                     first_vm: first_vm.to_string(),
                     first,

@@ -9,11 +9,10 @@
 //! bridge's `iommu-map` produced it.
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use super::assign::{resolve, AssignError, IommuDirectory, UnitStreams, VmDevices};
+use super::assign::{resolve, AssignError, IommuDirectory, LineOwners, UnitStreams, VmDevices};
 use super::enumerate::Topology;
 use super::groups::IommuGroup;
 use super::host::{BridgeNode, HostBridge};
@@ -66,10 +65,7 @@ impl VmPciDevices {
 
     /// The StreamIDs on driver unit `unit`, empty if none of the VM's functions sit behind it.
     pub fn stream_ids_on(&self, unit: usize) -> &[u32] {
-        self.smmus
-            .iter()
-            .find(|u| u.unit == unit)
-            .map_or(&[], |u| &u.stream_ids[..])
+        UnitStreams::on(&self.smmus, unit)
     }
 
     /// The GIC INTIDs of the VM's functions' INTx lines, on every segment.
@@ -164,16 +160,10 @@ pub fn resolve_all(
     check_streams_across(segments, iommus, vm, &out)?;
     for s in &out.segments {
         for u in &s.devices.smmus {
-            match out.smmus.binary_search_by_key(&u.unit, |x| x.unit) {
-                Ok(i) => out.smmus[i].stream_ids.extend(&u.stream_ids),
-                Err(i) => out.smmus.insert(i, u.clone()),
-            }
+            UnitStreams::add(&mut out.smmus, u.unit, u.stream_ids.iter().copied());
         }
     }
-    for u in &mut out.smmus {
-        u.stream_ids.sort_unstable();
-        u.stream_ids.dedup();
-    }
+    UnitStreams::settle(&mut out.smmus);
     Ok(out)
 }
 
@@ -186,8 +176,7 @@ fn check_lines_across(
     devices: &[PciAddr],
     earlier: &[(String, Vec<PciAddr>)],
 ) -> Result<(), AssignError> {
-    // Keyed like `check_intx`: by interrupt controller and INTID.
-    let mut lines: BTreeMap<(u32, u32), (&str, PciAddr)> = BTreeMap::new();
+    let mut lines = LineOwners::new();
     let requests = earlier
         .iter()
         .map(|(n, l)| (n.as_str(), &l[..]))
@@ -200,10 +189,7 @@ fn check_lines_across(
             let Some(route) = seg.topology.intx_route(addr.bdf, &seg.bridge.interrupt_map) else {
                 continue;
             };
-            let (first_vm, first) = *lines
-                .entry((route.parent, route.intid))
-                .or_insert((name, addr));
-            if first_vm != name {
+            if let Some((first_vm, first)) = lines.claim(&route, name, addr) {
                 return Err(AssignError::SharedIntxAcross {
                     first_vm: first_vm.to_string(),
                     first,
