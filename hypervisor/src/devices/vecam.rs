@@ -11,15 +11,19 @@
 //! | functions not assigned to the VM | all ones | dropped |
 //! | IDs, class, revision (0x00, 0x08) | hardware | dropped |
 //! | Header Type (0x0e) | hardware, multi-function bit cleared when the VM owns no other function of the device | dropped |
-//! | Command (0x04) | hardware; I/O and Memory Space Enable virtual (as the hypervisor set them until the guest writes them) | Bus Master, Parity Error Response, SERR#, INTx Disable to hardware; I/O and Memory Space Enable kept virtual (the physical address map never changes after boot) |
+//! | Command (0x04) | hardware; I/O and Memory Space Enable virtual (as the hypervisor set them until the guest writes them); INTx Disable set on an MSI-only function | Bus Master, Parity Error Response, SERR#, INTx Disable to hardware (held set on an MSI-only function); I/O and Memory Space Enable kept virtual (the physical address map never changes after boot) |
 //! | Status (0x06) | hardware (Capabilities List cleared if every capability is hidden) | RW1C error bits |
 //! | BARs (0x10-0x24) | the guest's (virtual) BARs, or the size mask after an all-ones write | never reach hardware; a memory BAR move is reported for the hypervisor to remap ([`VirtualEcam::take_bar_moves`]) |
 //! | subsystem IDs, CardBus CIS, reserved (0x28, 0x2c, 0x38) | hardware | dropped |
 //! | Expansion ROM BAR (0x30) | 0 (no ROM) | dropped |
-//! | Capabilities Pointer (0x34) and every next pointer | MSI, MSI-X, Enhanced Allocation and virtio's PCI_CFG unlinked | dropped |
+//! | Capabilities Pointer (0x34) and every next pointer | Enhanced Allocation and virtio's PCI_CFG unlinked; MSI and MSI-X too unless [`VirtualEcam::with_msi`] | dropped |
 //! | Interrupt Line (0x3c) | a virtual byte per function | kept in that byte |
-//! | Interrupt Pin, Min_Gnt, Max_Lat (0x3d-0x3f) | hardware | dropped |
-//! | MSI, MSI-X and Enhanced Allocation capabilities, virtio's VIRTIO_PCI_CAP_PCI_CFG | 0 | dropped |
+//! | Interrupt Pin, Min_Gnt, Max_Lat (0x3d-0x3f) | hardware (the pin 0 on an MSI-only function) | dropped |
+//! | Enhanced Allocation capability, virtio's VIRTIO_PCI_CAP_PCI_CFG; MSI and MSI-X without [`VirtualEcam::with_msi`] | 0 | dropped |
+//! | with [`VirtualEcam::with_msi`]: MSI-X Message Control | hardware | MSI-X Enable and Function Mask to hardware; Table Size read-only |
+//! | with [`VirtualEcam::with_msi`]: MSI-X Table Offset/BIR, PBA Offset/BIR | hardware | dropped (read-only) |
+//! | with [`VirtualEcam::with_msi`]: MSI Message Control | hardware | MSI Enable and Multiple Message Enable (at most Multiple Message Capable) to hardware; the capable bits read-only |
+//! | with [`VirtualEcam::with_msi`]: MSI Message Address, Upper Address, Data, Mask Bits, Pending Bits | hardware | hardware |
 //! | Power Management PMCSR | hardware; PowerState virtual | hardware, PowerState kept D0 |
 //! | PCIe Device Control, AF Control | hardware | hardware, without Initiate FLR |
 //! | the rest of 0x40-0xff (capabilities, device-specific registers) | hardware | hardware |
@@ -73,9 +77,44 @@
 //! 0x100 says there are none (PCIe Base spec 7.6.3). Bridges have no BAR the guest could move
 //! and are never in [`VirtualEcam::resolve`].
 //!
-//! Why MSI and MSI-X are hidden: a VM has no virtual ITS yet, so a message the device sent
-//! would reach the physical ITS (or nothing) with a doorbell address the guest chose. Linux
-//! finds neither capability and falls back to INTx, which the hypervisor routes.
+//! Why MSI and MSI-X are hidden without [`VirtualEcam::with_msi`] (the default): the VM has no
+//! virtual ITS, so a message the device sent would reach the physical ITS (or nothing) with a
+//! doorbell address the guest chose and an EventID no one mapped for it. Linux finds neither
+//! capability and falls back to INTx, which the hypervisor routes.
+//!
+//! MSI and MSI-X with a virtual ITS ([`VirtualEcam::with_msi`]`(true)`): both capabilities are
+//! linked and the guest's Message Address and Data go to hardware unchanged. That is safe, and
+//! needs no translation, because of where a message lands:
+//! - the address is the guest's IOVA of its vITS doorbell (GITS_TRANSLATER, the translation
+//!   frame at offset 0x1_0040 of the `arm,gic-v3-its` node's `reg`) in its own
+//!   stage 1 when it drives a vSMMU, or that IPA itself without one. The function's write is
+//!   DMA: the physical SMMU translates it through the guest's stage 1 (if any) nested over the
+//!   VM's stage 2, which maps the vITS doorbell's IPA page onto the physical GITS_TRANSLATER
+//!   page. An address anywhere else is an ordinary DMA write, confined to the VM's memory by
+//!   stage 2 like any other, or a translation fault;
+//! - the physical ITS takes the DeviceID from the transaction, not the guest: the Requester
+//!   ID, through the host bridge's `msi-map`, which the guest cannot change. The data is the
+//!   guest's EventID, which only the hypervisor's physical ITT for that DeviceID maps (the
+//!   guest's MAPTI becomes a physical MAPTI of an LPI the hypervisor chose for that VM, for a
+//!   DeviceID the VM owns: `devices::vits`). An EventID the guest did not map hits no ITE
+//!   and is dropped (a translation error, IHI 0069).
+//!
+//! So a function can raise only its own DeviceID's events, which the hypervisor routes to its
+//! own VM, whatever its guest writes into Message Address and Data. Only Message Control is
+//! filtered (the capable bits and Table Size read-only, Multiple Message Enable clamped to
+//! what the function supports) and the MSI-X BIR dwords are read-only, as in the spec.
+//!
+//! The MSI-X Table and PBA (PCI Local Bus 3.0 6.8.2) are in one of the function's memory BARs
+//! and are passed through with it: nothing to emulate. Every memory BAR has whole pages of its
+//! own (`pci::assign_resources`, checked again by `pci::isolation::device_slots` against every
+//! BAR of every function), so the page holding a Table or PBA holds no other function's
+//! registers, and the VM's stage 2 maps it only as that function's BAR. A guest's table entries
+//! are Message Address/Data pairs, safe for the same reason as MSI's.
+//!
+//! A function assigned MSI-only (`pci::VmDevices::msi_only`, [`VirtualEcam::with_msi_only`])
+//! shares its INTx line with another VM's function: the hypervisor sets its Command.INTxDisable
+//! and holds it set (a guest write cannot clear it, reads show it set), and its Interrupt Pin
+//! reads 0, so the guest uses MSI or MSI-X and never asserts the other VM's line.
 //!
 //! Why Initiate Function Level Reset is dropped: an FLR resets the function's configuration
 //! space (PCIe Base spec 6.6.2), physical BARs included, and the guest cannot put them back
@@ -180,6 +219,61 @@ const VIRTIO_PCI_CFG_CAP_LEN: u16 = 20;
 /// PMCSR bits 1:0, PowerState: D0-D3hot.
 const PMCSR_POWER_STATE: u32 = 0x3;
 
+/// Interrupt Pin, byte 1 of the dword at 0x3c.
+const INTERRUPT_PIN: u32 = 0xff00;
+
+/// MSI-X Message Control bits a guest may write, in the upper half of the capability's first
+/// dword (PCI Local Bus 3.0 6.8.2.3): MSI-X Enable (15) and Function Mask (14). Table Size
+/// (10:0) is read-only.
+const MSIX_CONTROL_GUEST: u32 = 0xc000 << 16;
+/// MSI Message Control bits a guest may write (6.8.1.3): MSI Enable (0) and Multiple Message
+/// Enable (6:4). Multiple Message Capable (3:1), 64-bit Address Capable (7) and Per-Vector
+/// Masking Capable (8) are read-only.
+const MSI_CONTROL_ENABLE: u32 = 1 << 16;
+const MSI_CONTROL_MME_SHIFT: u32 = 20;
+const MSI_CONTROL_MME: u32 = 0x7 << MSI_CONTROL_MME_SHIFT;
+const MSI_CONTROL_MMC_SHIFT: u32 = 17;
+
+/// A guest write to a shown MSI or MSI-X capability's Message Control dword or MSI-X's
+/// Table/PBA Offset/BIR: `None` if `reg` is none of those (the write takes the generic path,
+/// which passes MSI's Message Address, Data and Mask/Pending Bits through), else
+/// `Some(None)` to drop it or `Some(Some(dword))` to write `dword` to hardware.
+///
+/// Only the guest-writable Message Control bits change; the capability header (ID, next
+/// pointer) and the capable bits keep hardware's values. MSI's Multiple Message Enable is
+/// clamped to Multiple Message Capable: more is undefined (6.8.1.3) and nothing Linux writes.
+/// Table and PBA Offset/BIR are read-only in the spec; dropping the write says so.
+fn msi_control_write(
+    chain: &CapChain,
+    cfg: &dyn ConfigSpace,
+    bdf: Bdf,
+    reg: u16,
+    value: u32,
+    enable: u32,
+) -> Option<Option<u32>> {
+    let merge = |guest: u32| {
+        let hw = cfg.read32(bdf, reg);
+        let guest = guest & enable;
+        (guest != 0).then_some((hw & !guest) | (value & guest))
+    };
+    if let Some(at) = chain.msix.map(u16::from) {
+        if reg == at {
+            return Some(merge(MSIX_CONTROL_GUEST));
+        }
+        if reg == at + 4 || reg == at + 8 {
+            return Some(None);
+        }
+    }
+    if chain.msi.map(u16::from) == Some(reg) {
+        return Some(merge(MSI_CONTROL_ENABLE | MSI_CONTROL_MME).map(|v| {
+            let capable = (v >> MSI_CONTROL_MMC_SHIFT) & 0x7;
+            let wanted = (v & MSI_CONTROL_MME) >> MSI_CONTROL_MME_SHIFT;
+            (v & !MSI_CONTROL_MME) | wanted.min(capable) << MSI_CONTROL_MME_SHIFT
+        }));
+    }
+    None
+}
+
 /// ECAM places a function's 4 KiB at bus << 20 | device << 15 | function << 12 (PCIe Base
 /// spec 7.2.2).
 const ECAM_BUS_SHIFT: u32 = 20;
@@ -197,6 +291,10 @@ struct CapChain {
     pm: Option<u8>,
     /// The Advanced Features capability, for its Initiate FLR bit.
     af: Option<u8>,
+    /// The MSI capability, when shown, for its Message Control.
+    msi: Option<u8>,
+    /// The MSI-X capability, when shown, for its Message Control and read-only BIR dwords.
+    msix: Option<u8>,
 }
 
 /// The bytes of the Enhanced Allocation capability at `ptr` (PCIe Base spec 7.8.5): its header,
@@ -221,7 +319,8 @@ impl CapChain {
     /// Walks the conventional list the way Linux's `__pci_find_next_cap_ttl` does (pointers
     /// into the header end it, bounded by [`regs::CAP_TTL`], low two pointer bits reserved:
     /// PCI Local Bus 3.0 6.7), and decides what the guest sees.
-    fn read(cfg: &dyn ConfigSpace, bdf: Bdf) -> CapChain {
+    /// With `msi`, MSI and MSI-X stay linked (see [`VirtualEcam::with_msi`]).
+    fn read(cfg: &dyn ConfigSpace, bdf: Bdf, msi: bool) -> CapChain {
         let mut chain = CapChain::default();
         if cfg.read32(bdf, regs::COMMAND) & regs::STATUS_CAP_LIST == 0 {
             return chain;
@@ -236,6 +335,17 @@ impl CapChain {
             let hdr = cfg.read32(bdf, u16::from(ptr));
             match hdr as u8 {
                 0xff => break,
+                // Shown and passed through (the module doc's "MSI and MSI-X with a virtual
+                // ITS"); only their Message Control and, for MSI-X, the BIR/offset dwords
+                // are filtered (`msi_control_write`).
+                cap_id::MSI if msi => {
+                    chain.msi = Some(ptr);
+                    visible.push(ptr);
+                }
+                cap_id::MSIX if msi => {
+                    chain.msix = Some(ptr);
+                    visible.push(ptr);
+                }
                 cap_id::MSI => {
                     // Message Control (PCI Local Bus 3.0 6.8.1.3): bit 7 64-bit address, bit 8
                     // per-vector masking; the capability is 10, 14, 20 or 24 bytes long
@@ -318,6 +428,9 @@ struct VFunction {
     /// The guest's I/O and Memory Space Enable ([`COMMAND_DECODE`]), read from hardware (as
     /// the hypervisor set them) on first use.
     decode: Option<u32>,
+    /// Assigned MSI-only ([`VirtualEcam::with_msi_only`]): Command.INTxDisable held set,
+    /// Interrupt Pin read as 0.
+    msi_only: bool,
 }
 
 /// A bridge on the path to one of the VM's functions, shown read-only (see the module doc).
@@ -460,6 +573,8 @@ fn bridge_pcie_read(cfg: &dyn ConfigSpace, bdf: Bdf, at: u16, rel: u16) -> u32 {
 #[derive(Debug)]
 pub struct VirtualEcam {
     first_bus: u8,
+    /// MSI and MSI-X shown and passed through ([`VirtualEcam::with_msi`]).
+    msi: bool,
     functions: Vec<VFunction>,
     bridges: Vec<VBridge>,
     /// BAR moves not yet taken by [`VirtualEcam::take_bar_moves`].
@@ -535,6 +650,7 @@ impl VirtualEcam {
                     vbar: [0; 6],
                     power_state: 0,
                     decode: None,
+                    msi_only: false,
                     dev,
                 };
                 // The guest starts with the BARs where the hypervisor placed them.
@@ -551,6 +667,7 @@ impl VirtualEcam {
             .collect();
         VirtualEcam {
             first_bus: 0,
+            msi: false,
             functions,
             bridges,
             moves: Vec::new(),
@@ -562,6 +679,52 @@ impl VirtualEcam {
     pub fn with_first_bus(mut self, bus: u8) -> Self {
         self.first_bus = bus;
         self
+    }
+
+    /// Shows the functions' MSI and MSI-X capabilities and passes them through (`true`), or
+    /// hides them as without a virtual ITS (`false`, the default). Only for a VM with a
+    /// virtual ITS in its DT, over a host whose physical ITS maps its functions' DeviceIDs:
+    /// see the module doc's "MSI and MSI-X with a virtual ITS". Call it before the guest runs
+    /// (a capability list already read is read again).
+    pub fn with_msi(mut self, msi: bool) -> Self {
+        self.msi = msi;
+        for f in &mut self.functions {
+            f.chain = None;
+        }
+        self
+    }
+
+    /// Marks `bdfs` (those of the VM's functions among them) MSI-only (`pci::VmDevices::
+    /// msi_only`): their INTx line is another VM's, so Command.INTxDisable is set in hardware
+    /// now and held set (guest writes cannot clear it, reads show it set) and the Interrupt Pin
+    /// reads 0, so the guest never looks for a legacy interrupt it has no line for. Setting it
+    /// here rather than at the guest's first Command write matters: until then the function
+    /// could hold the other VM's line asserted.
+    pub fn with_msi_only(mut self, cfg: &mut dyn ConfigSpace, bdfs: &[Bdf]) -> Self {
+        for f in self
+            .functions
+            .iter_mut()
+            .filter(|f| bdfs.contains(&f.dev.bdf))
+        {
+            f.msi_only = true;
+            // Command only: zeros in the Status half clear nothing (RW1C).
+            let command = cfg.read32(f.dev.bdf, regs::COMMAND) & 0xffff;
+            if command & regs::command::INTX_DISABLE == 0 {
+                cfg.write32(
+                    f.dev.bdf,
+                    regs::COMMAND,
+                    command | regs::command::INTX_DISABLE,
+                );
+            }
+        }
+        self
+    }
+
+    /// Whether `bdf` is one of the VM's functions assigned MSI-only.
+    pub fn is_msi_only(&self, bdf: Bdf) -> bool {
+        self.functions
+            .iter()
+            .any(|f| f.dev.bdf == bdf && f.msi_only)
     }
 
     /// The memory BAR moves the guest made since the last call, in order.
@@ -798,9 +961,10 @@ impl VirtualEcam {
     }
 
     fn chain(&mut self, cfg: &dyn ConfigSpace, i: usize) -> &CapChain {
+        let msi = self.msi;
         let f = &mut self.functions[i];
         f.chain
-            .get_or_insert_with(|| CapChain::read(cfg, f.dev.bdf))
+            .get_or_insert_with(|| CapChain::read(cfg, f.dev.bdf, msi))
     }
 
     /// The dword at `reg` (a multiple of 4) as the guest sees it.
@@ -808,7 +972,10 @@ impl VirtualEcam {
         let bdf = self.functions[i].dev.bdf;
         match reg {
             regs::COMMAND => {
-                let hw = cfg.read32(bdf, reg) & !COMMAND_DECODE | self.decode_bits(cfg, i);
+                let mut hw = cfg.read32(bdf, reg) & !COMMAND_DECODE | self.decode_bits(cfg, i);
+                if self.functions[i].msi_only {
+                    hw |= regs::command::INTX_DISABLE;
+                }
                 if self.chain(cfg, i).first == 0 {
                     hw & !regs::STATUS_CAP_LIST
                 } else {
@@ -840,7 +1007,11 @@ impl VirtualEcam {
                 (hw & !0xff) | u32::from(self.chain(cfg, i).first)
             }
             regs::INTERRUPT => {
-                let hw = cfg.read32(bdf, reg);
+                let mut hw = cfg.read32(bdf, reg);
+                if self.functions[i].msi_only {
+                    // No pin: Linux then never looks for an INTx route (`pci_read_irq`).
+                    hw &= !INTERRUPT_PIN;
+                }
                 (hw & !0xff) | u32::from(self.functions[i].interrupt_line)
             }
             DEVICE_SPECIFIC..regs::EXT_CAP_START => {
@@ -878,7 +1049,10 @@ impl VirtualEcam {
                 self.functions[i].decode = Some(decode & !enable | value & enable & COMMAND_DECODE);
                 let hw = cfg.read32(bdf, reg);
                 let guest = COMMAND_GUEST_BITS & !COMMAND_DECODE & enable;
-                let command = (hw & 0xffff & !guest) | (value & guest);
+                let mut command = (hw & 0xffff & !guest) | (value & guest);
+                if self.functions[i].msi_only {
+                    command |= regs::command::INTX_DISABLE;
+                }
                 // Zeros in the Status half leave it alone; only the ones the guest wrote clear.
                 let clear = value & enable & STATUS_RW1C;
                 // A write that changes nothing is not made: decode toggles stay off the bus.
@@ -894,6 +1068,12 @@ impl VirtualEcam {
                 let pcie = self.functions[i].dev.pcie.map(|p| u16::from(p.offset));
                 let chain = self.chain(&*cfg, i);
                 if chain.is_hidden(reg) {
+                    return;
+                }
+                if let Some(write) = msi_control_write(chain, &*cfg, bdf, reg, value, enable) {
+                    if let Some(v) = write {
+                        cfg.write32(bdf, reg, v);
+                    }
                     return;
                 }
                 let pm = chain.pm.map(u16::from);

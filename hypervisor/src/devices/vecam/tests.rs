@@ -854,3 +854,134 @@ impl ConfigSpace for Recording<'_> {
         self.inner.write32(bdf, offset, value);
     }
 }
+
+/// An endpoint on 00:01.0 with INTA, MSI-X at 0x40 (Table Size 8, table in BAR0 at 0x800, PBA
+/// at 0xc00), a 64-bit MSI with 4 vectors capable at 0x50, PCIe at 0x60. Returns the fake
+/// (enumerated and placed) and the vECAM with `msi`.
+fn msi_function(msi: bool) -> (FakeConfigSpace, VirtualEcam, Bdf) {
+    let mut fake = FakeConfigSpace::new();
+    let h = fake.add(
+        None,
+        1,
+        0,
+        FakeFn::endpoint(1, 2)
+            .pin(1)
+            .msix()
+            .msi()
+            .pcie(PortType::Endpoint)
+            .bar32(0, 0x1000, false),
+    );
+    let ep = Bdf::new(0, 1, 0);
+    let at = |f: &FakeConfigSpace, r: u16| f.read32(ep, r);
+    // MSI-X: Table Size field 7 (8 entries); Table Offset 0x800 BIR 0; PBA Offset 0xc00 BIR 0.
+    fake.set(h, 0x40, at(&fake, 0x40) | 0x0007 << 16);
+    fake.set(h, 0x44, 0x800);
+    fake.set(h, 0x48, 0xc00);
+    // MSI: 64-bit Address Capable, Multiple Message Capable 2 (4 vectors).
+    fake.set(h, 0x50, at(&fake, 0x50) | (1 << 7 | 2 << 1) << 16);
+    let (f, v) = setup(fake, &[ep]);
+    (f, v.with_msi(msi), ep)
+}
+
+#[test]
+fn msi_and_msix_are_shown_only_with_msi() {
+    let (f, mut v, ep) = msi_function(false);
+    assert_eq!(cap_ids(&mut v, &f, ep), [cap_id::PCIE]);
+    assert_eq!(v.read(&f, off(ep, 0x40), W), 0);
+    let (f, mut v, ep) = msi_function(true);
+    assert_eq!(v.read(&f, off(ep, 0x34), B), 0x40);
+    assert_eq!(
+        cap_ids(&mut v, &f, ep),
+        [cap_id::MSIX, cap_id::MSI, cap_id::PCIE]
+    );
+    // Read through: Message Control, Table and PBA Offset/BIR as hardware has them.
+    assert_eq!(v.read(&f, off(ep, 0x42), H), 0x0007);
+    assert_eq!(v.read(&f, off(ep, 0x44), W), 0x800);
+    assert_eq!(v.read(&f, off(ep, 0x48), W), 0xc00);
+    assert_eq!(v.read(&f, off(ep, 0x52), H), 0x0084);
+    // Switching back hides them again, even after they were read.
+    let mut v = v.with_msi(false);
+    assert_eq!(cap_ids(&mut v, &f, ep), [cap_id::PCIE]);
+}
+
+#[test]
+fn msix_control_writes_reach_hardware_with_read_only_bits_kept() {
+    let (mut f, mut v, ep) = msi_function(true);
+    let hdr = f.read32(ep, 0x40);
+    let mut rec = Recorder::default();
+    // Enable and Function Mask, and an attempt at Table Size.
+    v.write(&mut rec.with(&mut f), off(ep, 0x42), H, 0xc3ff);
+    assert_eq!(rec.writes, [(ep, 0x40, hdr & 0xffff | 0xc007 << 16)]);
+    // A whole-dword write cannot change the ID or next pointer either.
+    let mut rec = Recorder::default();
+    v.write(&mut rec.with(&mut f), off(ep, 0x40), W, 0x8000_0000);
+    assert_eq!(rec.writes, [(ep, 0x40, hdr & 0xffff | 0x8007 << 16)]);
+    // A write that covers no writable bit, and the BIR dwords, never reach hardware.
+    let mut rec = Recorder::default();
+    v.write(&mut rec.with(&mut f), off(ep, 0x40), H, 0xffff);
+    v.write(&mut rec.with(&mut f), off(ep, 0x44), W, 0x1001);
+    v.write(&mut rec.with(&mut f), off(ep, 0x48), W, 0x2002);
+    assert!(rec.writes.is_empty());
+    assert_eq!(f.read32(ep, 0x44), 0x800);
+}
+
+#[test]
+fn msi_control_address_and_data_reach_hardware() {
+    let (mut f, mut v, ep) = msi_function(true);
+    let hdr = f.read32(ep, 0x50);
+    let mut rec = Recorder::default();
+    // Enable with Multiple Message Enable 7 (128 vectors): clamped to the 4 it supports.
+    v.write(&mut rec.with(&mut f), off(ep, 0x52), H, 0x00f1);
+    assert_eq!(
+        rec.writes,
+        [(ep, 0x50, hdr & !(0x70 << 16) | (0x01 | 2 << 4) << 16)]
+    );
+    // 64-bit Address Capable and Multiple Message Capable are read-only.
+    let mut rec = Recorder::default();
+    v.write(&mut rec.with(&mut f), off(ep, 0x52), H, 0x0010);
+    assert_eq!(rec.writes, [(ep, 0x50, hdr | 0x0010 << 16)]);
+    // The guest's doorbell IOVA and EventID, unchanged.
+    let mut rec = Recorder::default();
+    v.write(&mut rec.with(&mut f), off(ep, 0x54), W, 0x0809_0040);
+    v.write(&mut rec.with(&mut f), off(ep, 0x58), W, 0x1);
+    v.write(&mut rec.with(&mut f), off(ep, 0x5c), H, 0x0023);
+    assert_eq!(
+        rec.writes,
+        [(ep, 0x54, 0x0809_0040), (ep, 0x58, 1), (ep, 0x5c, 0x23)]
+    );
+}
+
+#[test]
+fn an_msi_only_function_keeps_intx_disabled_and_shows_no_pin() {
+    let mut fake = FakeConfigSpace::new();
+    for dev in [1, 2] {
+        fake.add(
+            None,
+            dev,
+            0,
+            FakeFn::endpoint(1, 2).pin(1).msix().bar32(0, 0x1000, false),
+        );
+    }
+    let (ep, other) = (Bdf::new(0, 1, 0), Bdf::new(0, 2, 0));
+    let (mut f, v) = setup(fake, &[ep, other]);
+    assert_eq!(f.read32(ep, 4) & 0x400, 0);
+    let mut v = v.with_msi(true).with_msi_only(&mut f, &[ep]);
+    // Set in hardware at once, before the guest writes anything.
+    assert_ne!(f.read32(ep, 4) & 0x400, 0);
+    assert!(v.is_msi_only(ep) && !v.is_msi_only(other));
+    // The guest clears it (and sets Bus Master): hardware keeps it, reads show it.
+    v.write(&mut f, off(ep, 4), H, 0x0007);
+    assert_eq!(f.read32(ep, 4) & 0x0404, 0x0404);
+    assert_eq!(v.read(&f, off(ep, 4), H), 0x0407);
+    v.write(&mut f, off(ep, 5), B, 0x00);
+    assert_eq!(f.read32(ep, 4) & 0x400, 0x400);
+    // No pin; the Interrupt Line byte stays the guest's.
+    assert_eq!(v.read(&f, off(ep, 0x3d), B), 0);
+    v.write(&mut f, off(ep, 0x3c), B, 0x2a);
+    assert_eq!(v.read(&f, off(ep, 0x3c), H), 0x002a);
+    // The other function's INTx Disable and pin are the guest's as before.
+    v.write(&mut f, off(other, 4), H, 0x0407);
+    v.write(&mut f, off(other, 4), H, 0x0007);
+    assert_eq!(f.read32(other, 4) & 0x400, 0);
+    assert_eq!(v.read(&f, off(other, 0x3d), B), 1);
+}
