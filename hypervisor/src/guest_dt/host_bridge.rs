@@ -1,4 +1,4 @@
-//! The node of the VM's virtual PCI host bridge: `ranges`, `iommu-map` and the INTx
+//! The node of the VM's virtual PCI host bridge: `ranges`, `iommu-map`, `msi-map` and the INTx
 //! `interrupt-map`.
 
 use alloc::format;
@@ -31,11 +31,13 @@ fn phys_hi(space: PciSpace, prefetchable: bool) -> u32 {
     ss << 24 | u32::from(prefetchable) << 30
 }
 
-/// The host bridge node Linux's `pci-host-generic` (`pci_host_common_probe`) binds to.
+/// The host bridge node Linux's `pci-host-generic` (`pci_host_common_probe`) binds to; `its`
+/// is the phandle of the VM's virtual ITS, if it has one.
 pub(super) fn pci_node(
     w: &mut FdtWriter,
     pci: &GuestPci,
     smmus: &[GuestSmmu],
+    its: Option<u32>,
 ) -> Result<(), GuestDtError> {
     let node = w.begin_node(&format!("pcie@{:x}", pci.ecam.base))?;
     w.property_string("compatible", "pci-host-ecam-generic")?;
@@ -86,8 +88,28 @@ pub(super) fn pci_node(
             w.property_u32("iommu-map-mask", mask)?;
         }
     }
+    if let Some(its) = its {
+        // Linux `pci-msi.txt`: <rid-base msi-controller msi-base length>. The host's entries,
+        // each onto the vITS (a guest has one, whichever physical ITS the host's entry names):
+        // a function's DeviceID is the same on both sides, so the vITS passes a guest's
+        // DeviceID through. Without any, DeviceID = RID, as on QEMU `virt`.
+        let map: Vec<u32> = if pci.msi_map.is_empty() {
+            alloc::vec![0, its, 0, 1 << 16]
+        } else {
+            pci.msi_map
+                .iter()
+                .flat_map(|e| [e.rid_base, its, e.devid_base, e.len])
+                .collect()
+        };
+        w.property_array_u32("msi-map", &map)?;
+        if let Some(mask) = pci.msi_map_mask {
+            w.property_u32("msi-map-mask", mask)?;
+        }
+    }
+    // The GIC's #address-cells: 2 with an ITS child, else 0.
+    let parent_addr: &[u32] = if its.is_some() { &[0, 0] } else { &[] };
     w.property_array_u32("interrupt-map-mask", &PCI_INTX_MASK)?;
-    let mut map: Vec<u32> = Vec::with_capacity(pci.intx.len() * 8);
+    let mut map: Vec<u32> = Vec::with_capacity(pci.intx.len() * 10);
     let mut seen: Vec<(u8, IntxPin)> = Vec::new();
     for &(_, _, intid, (root, pin)) in pci.intx {
         // `validate` made sure duplicates agree; one entry per (slot, pin) is enough (two
@@ -97,18 +119,12 @@ pub(super) fn pci_node(
         }
         seen.push((root.dev, pin));
         // Child unit address: bus/device/function in phys.hi 23:8; then the pin, the GIC,
-        // and a GIC specifier (the GIC node has #address-cells 0). INTx is level triggered
-        // (PCIe Base spec 2.2.8.1: Assert_INTx/Deassert_INTx messages model a level).
-        map.extend_from_slice(&[
-            u32::from(root.rid()) << 8,
-            0,
-            0,
-            pin.number(),
-            GIC_PHANDLE,
-            GIC_SPI,
-            intid - 32,
-            LEVEL_HIGH,
-        ]);
+        // its unit address (as many zero cells as its #address-cells) and a GIC specifier.
+        // INTx is level triggered (PCIe Base spec 2.2.8.1: Assert_INTx/Deassert_INTx
+        // messages model a level).
+        map.extend_from_slice(&[u32::from(root.rid()) << 8, 0, 0, pin.number(), GIC_PHANDLE]);
+        map.extend_from_slice(parent_addr);
+        map.extend_from_slice(&[GIC_SPI, intid - 32, LEVEL_HIGH]);
     }
     w.property_array_u32("interrupt-map", &map)?;
     w.end_node(node)?;

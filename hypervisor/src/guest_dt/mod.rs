@@ -61,7 +61,28 @@ pub struct GuestDtConfig<'a> {
     /// none). With [`Self::pci`] too, the host bridge's `iommu-map` sends each RID to the
     /// vSMMU over the physical SMMU the host's map sends it to, with the host's StreamID.
     pub smmus: &'a [GuestSmmu],
+    /// The VM's virtual ITS, if it has one: an `arm,gic-v3-its` child of the GIC node, and an
+    /// `msi-map` onto it on every host bridge ([`GuestPci::msi_map`]). Without one, no MSI
+    /// controller is described and the guest's functions use INTx.
+    pub its: Option<GuestIts>,
 }
+
+/// The VM's virtual GICv3 ITS (`devices::vits`), described as QEMU `virt` describes its ITS
+/// (`fdt_add_its_gic_node`): a child `its@<base>` of the GIC node with compatible
+/// "arm,gic-v3-its", `msi-controller` and `#msi-cells = <1>` (the DeviceID; Linux
+/// `Documentation/devicetree/bindings/interrupt-controller/arm,gic-v3.yaml`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestIts {
+    /// Guest IPA of the ITS control frame (GITS_CTLR...); the translation frame holding
+    /// GITS_TRANSLATER follows it at +0x1_0000.
+    pub base: u64,
+    /// Bytes of the two frames: [`GUEST_ITS_SIZE`] at least.
+    pub size: u64,
+}
+
+/// The control and translation frames of a GICv3 ITS, 64 KiB each (IHI 0069: ITS register
+/// map); QEMU `virt` gives its ITS this size.
+pub const GUEST_ITS_SIZE: u64 = 0x2_0000;
 
 /// The VM's emulated SMMUv3 (the vSMMU), described by an `arm,smmu-v3` node (Linux
 /// `Documentation/devicetree/bindings/iommu/arm,smmu-v3.yaml`) shaped like QEMU `virt`'s.
@@ -109,6 +130,14 @@ pub struct GuestPci<'a> {
     pub iommu_map: &'a [crate::pci::IommuMapEntry],
     /// The host bridge's `iommu-map-mask`, repeated for the same reason.
     pub iommu_map_mask: Option<u32>,
+    /// The host bridge's `msi-map` entries (`HostBridge::msi_map`), repeated onto the VM's
+    /// virtual ITS when it has one ([`GuestDtConfig::its`]): the guest's DeviceID of a
+    /// function is then the host's, so the vITS can take a guest MAPD's DeviceID as the
+    /// physical one (`devices::vits`). Empty means DeviceID = RID over the whole RID space, as
+    /// on QEMU `virt`. Must be empty without an ITS.
+    pub msi_map: &'a [crate::pci::MsiMapEntry],
+    /// The host bridge's `msi-map-mask`, repeated for the same reason (only with an ITS).
+    pub msi_map_mask: Option<u32>,
 }
 
 /// Why a guest DT could not be built.
@@ -220,6 +249,29 @@ pub enum GuestDtError {
         /// The second one's base.
         second: u64,
     },
+    /// The ITS frames overlap another range of the guest's address map.
+    #[error("the ITS at {its:#x} overlaps the {what} at {base:#x}")]
+    ItsOverlaps {
+        /// The ITS base.
+        its: u64,
+        /// What it overlaps.
+        what: &'static str,
+        /// That range's base.
+        base: u64,
+    },
+    /// A host bridge has `msi-map` entries but the VM has no ITS for them to name.
+    #[error("the virtual host bridge at {0:#x} has msi-map entries and the VM has no ITS")]
+    MsiMapWithoutIts(u64),
+    /// An `msi-map` entry is empty or reaches past the RID or DeviceID space.
+    #[error("msi-map entry {rid_base:#x}+{len:#x} (DeviceID {devid_base:#x}) is empty or wraps")]
+    BadMsiMap {
+        /// Its first RID.
+        rid_base: u32,
+        /// Its first DeviceID.
+        devid_base: u32,
+        /// Its length.
+        len: u32,
+    },
     /// Several vSMMUs and a host bridge with no `iommu-map` to say which RIDs go to which.
     #[error("{0} vSMMUs, and the host bridge has no iommu-map to divide the RIDs between them")]
     NoIommuMap(usize),
@@ -244,6 +296,12 @@ const SMMU_PHANDLE: u32 = 3;
 /// The phandle of the VM's vSMMU with index `i` (guest phandles are the hypervisor's to pick).
 const fn smmu_phandle(i: usize) -> u32 {
     SMMU_PHANDLE + i as u32
+}
+
+/// The ITS's phandle: the first after the vSMMUs', so it collides with none of them however
+/// many there are.
+const fn its_phandle(smmus: usize) -> u32 {
+    smmu_phandle(smmus)
 }
 /// Interrupt type cells of the GIC binding.
 const GIC_SPI: u32 = 0;
@@ -308,9 +366,19 @@ pub fn build_guest_dt(cfg: &GuestDtConfig) -> Result<Vec<u8>, GuestDtError> {
     w.property_string("compatible", "arm,gic-v3")?;
     w.property_u32("#interrupt-cells", 3)?;
     w.property_null("interrupt-controller")?;
-    // No children; the explicit 0 is what an `interrupt-map` parent lookup (and dtc's
-    // interrupt_provider check) expects of an interrupt controller.
-    w.property_u32("#address-cells", 0)?;
+    if cfg.its.is_some() {
+        // The ITS child's `reg` is in the root's address space: 2 cells each and an identity
+        // `ranges`, as on QEMU `virt`. Every `interrupt-map` entry naming the GIC then
+        // carries 2 parent unit-address cells (Linux `of_irq_parse_raw` reads the parent's
+        // #address-cells).
+        w.property_u32("#address-cells", 2)?;
+        w.property_u32("#size-cells", 2)?;
+        w.property_null("ranges")?;
+    } else {
+        // No children; the explicit 0 is what an `interrupt-map` parent lookup (and dtc's
+        // interrupt_provider check) expects of an interrupt controller.
+        w.property_u32("#address-cells", 0)?;
+    }
     w.property_u32("#redistributor-regions", 1)?;
     w.property_array_u64(
         "reg",
@@ -321,6 +389,16 @@ pub fn build_guest_dt(cfg: &GuestDtConfig) -> Result<Vec<u8>, GuestDtError> {
         &[GIC_PPI, cfg.maintenance_ppi - 16, LEVEL_HIGH],
     )?;
     w.property_phandle(GIC_PHANDLE)?;
+    if let Some(its) = cfg.its {
+        let node = w.begin_node(&format!("its@{:x}", its.base))?;
+        w.property_string("compatible", "arm,gic-v3-its")?;
+        w.property_null("msi-controller")?;
+        // One cell: the DeviceID.
+        w.property_u32("#msi-cells", 1)?;
+        w.property_array_u64("reg", &[its.base, its.size])?;
+        w.property_phandle(its_phandle(cfg.smmus.len()))?;
+        w.end_node(node)?;
+    }
     w.end_node(gic)?;
 
     let timer = w.begin_node("timer")?;
@@ -360,8 +438,9 @@ pub fn build_guest_dt(cfg: &GuestDtConfig) -> Result<Vec<u8>, GuestDtError> {
         smmu_node(&mut w, smmu, smmu_phandle(i))?;
     }
 
+    let its = cfg.its.map(|_| its_phandle(cfg.smmus.len()));
     for pci in cfg.pci {
-        pci_node(&mut w, pci, cfg.smmus)?;
+        pci_node(&mut w, pci, cfg.smmus, its)?;
     }
 
     w.end_node(root)?;

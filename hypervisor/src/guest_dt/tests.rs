@@ -37,6 +37,7 @@ fn config<'a>(mpidrs: &'a [u64]) -> GuestDtConfig<'a> {
         boot_count: 3,
         pci: &[],
         smmus: &[],
+        its: None,
     }
 }
 
@@ -294,6 +295,8 @@ fn pci() -> GuestPci<'static> {
         intx: &INTX,
         iommu_map: &[],
         iommu_map_mask: None,
+        msi_map: &[],
+        msi_map_mask: None,
     }
 }
 
@@ -891,4 +894,321 @@ fn two_functions_entering_at_one_root_slot_and_pin_must_agree() {
         guest.interrupt_map.lookup(rp, IntxPin::A).unwrap().intid,
         36
     );
+}
+
+/// QEMU `virt`'s ITS placement.
+const ITS: GuestIts = GuestIts {
+    base: 0x808_0000,
+    size: GUEST_ITS_SIZE,
+};
+
+/// Every `phandle` in the tree, with its node's name.
+fn phandles(fdt: &fdt::Fdt) -> Vec<(u32, String)> {
+    fdt.all_nodes()
+        .filter_map(|n| {
+            let p = n.property("phandle")?.as_usize()? as u32;
+            Some((p, n.name.to_string()))
+        })
+        .collect()
+}
+
+/// The `interrupt-map` walked the way Linux's `of_irq_parse_raw` walks it: per entry the
+/// child unit address (the bridge's #address-cells, 3) and specifier (#interrupt-cells, 1),
+/// the parent's phandle, then as many unit-address cells as the *parent's* #address-cells
+/// and as many specifier cells as its #interrupt-cells. Returns (child cells, pin, parent,
+/// parent unit address, parent specifier) per entry.
+#[allow(clippy::type_complexity)]
+fn linux_interrupt_map(
+    fdt: &fdt::Fdt,
+    bridge: &str,
+) -> Vec<([u32; 3], u32, u32, Vec<u32>, Vec<u32>)> {
+    let node = fdt.find_node(bridge).unwrap();
+    let cells = be32(node.property("interrupt-map").unwrap().value);
+    let own_addr = node.property("#address-cells").unwrap().as_usize().unwrap();
+    let own_int = node
+        .property("#interrupt-cells")
+        .unwrap()
+        .as_usize()
+        .unwrap();
+    assert_eq!((own_addr, own_int), (3, 1));
+    let mut rest = &cells[..];
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let parent = fdt.find_phandle(rest[4]).unwrap();
+        // Absent #address-cells counts as 0 for an interrupt parent (`of_irq_parse_raw`).
+        let pa = parent
+            .property("#address-cells")
+            .and_then(|p| p.as_usize())
+            .unwrap_or(0);
+        let pi = parent
+            .property("#interrupt-cells")
+            .unwrap()
+            .as_usize()
+            .unwrap();
+        out.push((
+            [rest[0], rest[1], rest[2]],
+            rest[3],
+            rest[4],
+            rest[5..5 + pa].to_vec(),
+            rest[5 + pa..5 + pa + pi].to_vec(),
+        ));
+        rest = &rest[5 + pa + pi..];
+    }
+    out
+}
+
+#[test]
+fn its_node_msi_map_and_interrupt_map_with_parent_address_cells() {
+    let mpidrs = [0, 1];
+    let cfg = GuestDtConfig {
+        pci: &[pci()],
+        smmus: &[SMMU],
+        its: Some(ITS),
+        ..config(&mpidrs)
+    };
+    let dtb = build_guest_dt(&cfg).unwrap();
+    let fdt = fdt::Fdt::new(&dtb).unwrap();
+
+    let gic = fdt.find_node("/intc@8000000").unwrap();
+    assert_eq!(gic.property("#address-cells").unwrap().as_usize(), Some(2));
+    assert_eq!(gic.property("#size-cells").unwrap().as_usize(), Some(2));
+    assert!(gic.property("ranges").unwrap().value.is_empty());
+    let its = fdt.find_node("/intc@8000000/its@8080000").unwrap();
+    assert_eq!(its.compatible().unwrap().first(), "arm,gic-v3-its");
+    assert!(its.property("msi-controller").unwrap().value.is_empty());
+    assert_eq!(its.property("#msi-cells").unwrap().as_usize(), Some(1));
+    assert_eq!(
+        be32(its.property("reg").unwrap().value),
+        [0, 0x808_0000, 0, 0x2_0000]
+    );
+    let its_ph = its.property("phandle").unwrap().as_usize().unwrap() as u32;
+    // After the one vSMMU's, and no phandle is given twice.
+    assert_eq!(its_ph, SMMU_PHANDLE + 1);
+    let mut all = phandles(&fdt);
+    assert_eq!(all.len(), 4, "{all:?}");
+    all.sort();
+    all.dedup_by_key(|p| p.0);
+    assert_eq!(all.len(), 4, "{all:?}");
+    assert_eq!(fdt.find_phandle(its_ph).unwrap().name, "its@8080000");
+
+    let pcie = fdt.find_node("/pcie@4010000000").unwrap();
+    // DeviceID = RID over the whole RID space, onto the vITS.
+    assert_eq!(
+        be32(pcie.property("msi-map").unwrap().value),
+        [0, its_ph, 0, 0x1_0000]
+    );
+    assert!(pcie.property("msi-map-mask").is_none());
+    assert!(pcie.property("msi-parent").is_none());
+
+    // 10 cells per entry: 3 + 1 + phandle + 2 zero parent unit-address cells + 3.
+    let raw = be32(pcie.property("interrupt-map").unwrap().value);
+    assert_eq!(raw.len(), 3 * 10);
+    let map = linux_interrupt_map(&fdt, "/pcie@4010000000");
+    assert_eq!(map.len(), 3);
+    for (_, _, parent, addr, _) in &map {
+        assert_eq!((*parent, &addr[..]), (GIC_PHANDLE, &[0, 0][..]));
+    }
+    // Each function's pin still finds its own SPI, level high.
+    for (_, _, intid, (root, pin)) in INTX {
+        let found = map
+            .iter()
+            .find(|(child, p, ..)| {
+                let key = u32::from(root.rid()) << 8;
+                child[0] & PCI_INTX_MASK[0] == key & PCI_INTX_MASK[0] && *p == pin.number()
+            })
+            .unwrap();
+        assert_eq!(found.4, [GIC_SPI, intid - 32, LEVEL_HIGH]);
+    }
+    // The hypervisor's own reader (the same walk) agrees, and reads the msi-map back.
+    let hb = crate::pci::HostBridge::from_dtb(&dtb).unwrap().unwrap();
+    for (bdf, pin, intid, _) in INTX {
+        let route = hb.interrupt_map.lookup(bdf, pin).unwrap();
+        assert_eq!((route.intid, route.parent), (intid, GIC_PHANDLE));
+    }
+    assert_eq!(
+        hb.msi_map,
+        [crate::pci::IommuMapEntry {
+            rid_base: 0,
+            iommu: its_ph,
+            sid_base: 0,
+            length: 0x1_0000,
+        }]
+    );
+    // The vSMMU keeps its wired interrupts.
+    let smmu = fdt.find_node("/smmuv3@9050000").unwrap();
+    assert!(smmu.property("msi-parent").is_none());
+    assert_eq!(
+        be32(smmu.property("interrupts").unwrap().value),
+        [0, 74, 1, 0, 77, 1]
+    );
+    // The platform parser still finds the GIC and the rest.
+    let p = Platform::parse(&dtb).unwrap();
+    assert_eq!(p.gic.gicd, cfg.gicd);
+}
+
+#[test]
+fn without_an_its_nothing_changes() {
+    let mpidrs = [0];
+    let cfg = GuestDtConfig {
+        pci: &[pci()],
+        ..config(&mpidrs)
+    };
+    let dtb = build_guest_dt(&cfg).unwrap();
+    let fdt = fdt::Fdt::new(&dtb).unwrap();
+    let gic = fdt.find_node("/intc@8000000").unwrap();
+    assert_eq!(gic.property("#address-cells").unwrap().as_usize(), Some(0));
+    assert!(gic.property("ranges").is_none());
+    assert_eq!(gic.children().count(), 0);
+    assert!(fdt.find_compatible(&["arm,gic-v3-its"]).is_none());
+    let pcie = fdt.find_node("/pcie@4010000000").unwrap();
+    assert!(pcie.property("msi-map").is_none());
+    assert_eq!(
+        be32(pcie.property("interrupt-map").unwrap().value).len(),
+        3 * 8
+    );
+    for (_, _, _, addr, spec) in linux_interrupt_map(&fdt, "/pcie@4010000000") {
+        assert!(addr.is_empty());
+        assert_eq!(spec.len(), 3);
+    }
+}
+
+#[test]
+fn the_hosts_msi_map_is_repeated_onto_the_vits() {
+    let mpidrs = [0];
+    let msi_map = [
+        crate::pci::MsiMapEntry {
+            rid_base: 0,
+            devid_base: 0x1_0000,
+            len: 0x100,
+        },
+        crate::pci::MsiMapEntry {
+            rid_base: 0x100,
+            devid_base: 0x2_0000,
+            len: 0xff00,
+        },
+    ];
+    let cfg = GuestDtConfig {
+        pci: &[GuestPci {
+            msi_map: &msi_map,
+            msi_map_mask: Some(0xfff8),
+            ..pci()
+        }],
+        its: Some(ITS),
+        ..config(&mpidrs)
+    };
+    let dtb = build_guest_dt(&cfg).unwrap();
+    let fdt = fdt::Fdt::new(&dtb).unwrap();
+    // No vSMMU: the ITS takes the first phandle after the (absent) vSMMUs'.
+    let its_ph = SMMU_PHANDLE;
+    assert_eq!(fdt.find_phandle(its_ph).unwrap().name, "its@8080000");
+    let pcie = fdt.find_node("/pcie@4010000000").unwrap();
+    assert_eq!(
+        be32(pcie.property("msi-map").unwrap().value),
+        [0, its_ph, 0x1_0000, 0x100, 0x100, its_ph, 0x2_0000, 0xff00]
+    );
+    assert_eq!(
+        pcie.property("msi-map-mask").unwrap().as_usize(),
+        Some(0xfff8)
+    );
+    assert!(pcie.property("iommu-map").is_none());
+    let hb = crate::pci::HostBridge::from_dtb(&dtb).unwrap().unwrap();
+    let back: Vec<crate::pci::MsiMapEntry> = hb.msi_map.iter().map(Into::into).collect();
+    assert_eq!(back, msi_map);
+    assert!(hb.msi_map.iter().all(|e| e.iommu == its_ph));
+    assert_eq!(hb.msi_map_mask, Some(0xfff8));
+}
+
+#[test]
+fn rejects_bad_its_configs() {
+    let mpidrs = [0];
+    let with = |its: Option<GuestIts>, pci: GuestPci| {
+        build_guest_dt(&GuestDtConfig {
+            pci: &[pci],
+            smmus: &[SMMU],
+            its,
+            ..config(&mpidrs)
+        })
+    };
+    let at = |base: u64| Some(GuestIts { base, ..ITS });
+    assert!(with(at(0x808_0000), pci()).is_ok());
+    for (base, what, other) in [
+        (0x800_0000, "gicd", 0x800_0000),
+        (0x80a_0000, "gicr", 0x80a_0000),
+        (0x8ff_0000, "uart", 0x900_0000),
+        (0x904_0000, "smmu", 0x905_0000),
+        (0x4000_0000, "ram", 0x4000_0000),
+        (0x40_1000_0000, "pci ecam", 0x40_1000_0000),
+        (0x2000_0000, "pci window", 0x1000_0000),
+    ] {
+        assert_eq!(
+            with(at(base), pci()).unwrap_err(),
+            GuestDtError::ItsOverlaps {
+                its: base,
+                what,
+                base: other
+            },
+            "{what}"
+        );
+    }
+    for its in [
+        GuestIts {
+            size: 0x1_0000,
+            ..ITS
+        },
+        GuestIts {
+            base: 0x808_1000,
+            ..ITS
+        },
+        GuestIts {
+            base: u64::MAX - 0xffff,
+            ..ITS
+        },
+    ] {
+        assert!(matches!(
+            with(Some(its), pci()).unwrap_err(),
+            GuestDtError::BadRange { what: "its", .. }
+        ));
+    }
+    // msi-map iff ITS: entries or a mask without one are refused.
+    let entry = crate::pci::MsiMapEntry {
+        rid_base: 0,
+        devid_base: 0,
+        len: 0x1_0000,
+    };
+    let mapped = GuestPci {
+        msi_map: core::slice::from_ref(&entry),
+        ..pci()
+    };
+    assert_eq!(
+        with(None, mapped).unwrap_err(),
+        GuestDtError::MsiMapWithoutIts(0x40_1000_0000)
+    );
+    let masked = GuestPci {
+        msi_map_mask: Some(0xffff),
+        ..pci()
+    };
+    assert_eq!(
+        with(None, masked).unwrap_err(),
+        GuestDtError::MsiMapWithoutIts(0x40_1000_0000)
+    );
+    assert!(with(at(0x808_0000), mapped).is_ok());
+    for (rid_base, devid_base, len) in [(0, 0, 0), (0x8000, 0, 0x8001), (0, u32::MAX, 2)] {
+        let bad = [crate::pci::MsiMapEntry {
+            rid_base,
+            devid_base,
+            len,
+        }];
+        let p = GuestPci {
+            msi_map: &bad,
+            ..pci()
+        };
+        assert_eq!(
+            with(at(0x808_0000), p).unwrap_err(),
+            GuestDtError::BadMsiMap {
+                rid_base,
+                devid_base,
+                len
+            }
+        );
+    }
 }

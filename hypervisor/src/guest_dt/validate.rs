@@ -2,8 +2,9 @@
 
 use alloc::vec;
 
-use super::{GuestDtConfig, GuestDtError, GuestPci, GuestSmmu};
+use super::{GuestDtConfig, GuestDtError, GuestIts, GuestPci, GuestSmmu, GUEST_ITS_SIZE};
 use crate::pci::PciSpace;
+use crate::platform::MemRange;
 
 /// SMMUv3 register pages 0 and 1 (IHI 0070 chapter 6: two 64 KiB pages); the driver maps
 /// both.
@@ -161,11 +162,84 @@ pub(super) fn validate(cfg: &GuestDtConfig) -> Result<(), GuestDtError> {
             });
         }
     }
+    for pci in cfg.pci {
+        validate_msi_map(pci, cfg.its.is_some())?;
+    }
+    if let Some(its) = cfg.its {
+        validate_its(cfg, &its)?;
+    }
     if cfg.smmus.len() > 1 && cfg.pci.iter().any(|p| p.iommu_map.is_empty()) {
         // Without the host's entries nothing says which RIDs each vSMMU translates.
         return Err(GuestDtError::NoIommuMap(cfg.smmus.len()));
     }
     Ok(())
+}
+
+/// A host bridge's `msi-map` names the ITS, so it is written exactly when there is one (with
+/// one and no entries, the identity map is written).
+fn validate_msi_map(pci: &GuestPci, its: bool) -> Result<(), GuestDtError> {
+    if !its && (!pci.msi_map.is_empty() || pci.msi_map_mask.is_some()) {
+        return Err(GuestDtError::MsiMapWithoutIts(pci.ecam.base));
+    }
+    for e in pci.msi_map {
+        // The RID space is 16 bits; Linux's `of_map_id` adds the offset to the DeviceID base.
+        let rid_end = u64::from(e.rid_base) + u64::from(e.len);
+        if e.len == 0 || rid_end > 1 << 16 || e.devid_base.checked_add(e.len).is_none() {
+            return Err(GuestDtError::BadMsiMap {
+                rid_base: e.rid_base,
+                devid_base: e.devid_base,
+                len: e.len,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The ITS's two 64 KiB frames, 64 KiB aligned (IHI 0069: the ITS register map is in 64 KiB
+/// frames), over nothing else the guest's address map holds: another device's registers
+/// there would be shadowed by the vITS's trap, or RAM would be.
+fn validate_its(cfg: &GuestDtConfig, its: &GuestIts) -> Result<(), GuestDtError> {
+    let r = MemRange {
+        base: its.base,
+        size: its.size,
+    };
+    if r.size < GUEST_ITS_SIZE
+        || !r.base.is_multiple_of(0x1_0000)
+        || r.base.checked_add(r.size).is_none()
+    {
+        return Err(GuestDtError::BadRange {
+            what: "its",
+            base: r.base,
+            size: r.size,
+        });
+    }
+    let mut others = vec![
+        ("ram", cfg.ram),
+        ("gicd", cfg.gicd),
+        ("gicr", cfg.gicr),
+        ("uart", cfg.uart),
+    ];
+    others.extend(cfg.smmus.iter().map(|s| ("smmu", s.regs)));
+    for pci in cfg.pci {
+        others.push(("pci ecam", pci.ecam));
+        others.extend(pci.ranges.iter().map(|w| {
+            (
+                "pci window",
+                MemRange {
+                    base: w.cpu_base,
+                    size: w.size,
+                },
+            )
+        }));
+    }
+    match others.into_iter().find(|&(_, o)| overlaps(o, r)) {
+        Some((what, o)) => Err(GuestDtError::ItsOverlaps {
+            its: r.base,
+            what,
+            base: o.base,
+        }),
+        None => Ok(()),
+    }
 }
 
 fn overlaps(a: crate::platform::MemRange, b: crate::platform::MemRange) -> bool {

@@ -414,6 +414,8 @@ impl Vm {
                 intx: &self.config.devices.segments[p.at].devices.intx,
                 iommu_map: &p.iommu_map,
                 iommu_map_mask: p.iommu_map_mask,
+                msi_map: &[],
+                msi_map_mask: None,
             })
             .collect();
         let dtb = build_guest_dt(&GuestDtConfig {
@@ -432,6 +434,7 @@ impl Vm {
             boot_count: boots,
             pci: &pci,
             smmus: &smmus,
+            its: None,
         })
         .map_err(VmError::Dt)?;
         if dtb.len() as u64 > layout::DTB_MAX {
