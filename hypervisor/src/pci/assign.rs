@@ -3,7 +3,11 @@
 //! Isolation between VMs rests on the SMMU, which can only separate IOMMU groups: giving part
 //! of a group to a VM would let its devices reach (or be reached by) devices it does not own.
 //! Legacy interrupts are wires: two VMs on one INTx line would see each other's interrupts and
-//! could keep the line asserted for each other.
+//! could keep the line asserted for each other. So a line goes to the first VM that asks; a
+//! later VM's function on it is refused, or, when that VM can take MSIs (it has a virtual ITS
+//! and the host an ITS: `msi_vms` of [`resolve_msi`]) and the function has an MSI or MSI-X
+//! capability, assigned MSI-only: no INTx route, Command.INTxDisable held set and no Interrupt
+//! Pin in its vECAM ([`VmDevices::msi_only`]).
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
@@ -86,6 +90,12 @@ pub enum AssignError {
         spi: u32,
         /// The GIC INTID.
         intid: u32,
+    },
+    /// A function on another VM's INTx line cannot be assigned MSI-only instead.
+    #[error("{source}; it cannot be assigned MSI-only instead: no MSI/MSI-X capability")]
+    NoMsiCapability {
+        /// The refusal it would otherwise get (`SharedIntx` or `SharedIntxAcross`).
+        source: Box<AssignError>,
     },
     /// A function's DMA would not go through the IOMMU at all.
     #[error(
@@ -264,6 +274,11 @@ pub struct VmDevices {
     /// route everyone's traffic and stay with the hypervisor): the guest is shown them
     /// read-only so that its scan from the root bus reaches the functions below them.
     pub bridges: Vec<PciDevice>,
+    /// The functions assigned MSI-only: their INTx line is another VM's, so they have no
+    /// entry in [`Self::intx`] (no `interrupt-map` entry, no SPI forwarded) and the vECAM holds
+    /// their Command.INTxDisable and hides their pin (`VirtualEcam::with_msi_only`). Ordered
+    /// as the VM's configuration lists them.
+    pub msi_only: Vec<Bdf>,
     /// IOMMU group numbers.
     pub groups: Vec<usize>,
     /// The SMMUs that translate their DMA, by driver instance (ascending), each with the
@@ -355,7 +370,7 @@ impl<'a, T: Copy> LineOwners<'a, T> {
 /// Checks that `vm` may own `devices` given what `earlier` VMs were given: whole IOMMU groups,
 /// one VM per function, no shared INTx line, DMA that the IOMMU translates, device pages that
 /// hold nothing of anyone else's and lie in the VM's `ipa_bits`-bit IPA space; and describes
-/// what it gets.
+/// what it gets. No VM takes MSIs: [`resolve_msi`] with none.
 #[allow(clippy::too_many_arguments)]
 pub fn resolve(
     topo: &Topology,
@@ -367,14 +382,57 @@ pub fn resolve(
     earlier: &[(String, Vec<Bdf>)],
     ipa_bits: u32,
 ) -> Result<VmDevices, AssignError> {
+    resolve_msi(
+        topo,
+        groups,
+        host,
+        iommus,
+        vm,
+        devices,
+        earlier,
+        ipa_bits,
+        &[],
+    )
+}
+
+/// [`resolve`], where the VMs named in `msi_vms` (`vm` or earlier ones) take MSIs: each has
+/// a virtual ITS and the host a physical ITS. Such a VM's function whose INTx line an earlier
+/// VM's function has is assigned MSI-only ([`VmDevices::msi_only`], with an info message naming
+/// the VM, the function and the line) if it has an MSI or MSI-X capability, and refused
+/// ([`AssignError::NoMsiCapability`]) if not; an MSI-only function claims no line.
+#[allow(clippy::too_many_arguments)]
+pub fn resolve_msi(
+    topo: &Topology,
+    groups: &[IommuGroup],
+    host: &HostBridge,
+    iommus: &IommuDirectory,
+    vm: &str,
+    devices: &[Bdf],
+    earlier: &[(String, Vec<Bdf>)],
+    ipa_bits: u32,
+    msi_vms: &[&str],
+) -> Result<VmDevices, AssignError> {
     if devices.is_empty() {
         return Ok(VmDevices::default());
     }
     let mut requests: Vec<(String, Vec<Bdf>)> = earlier.to_vec();
     requests.push((vm.to_string(), devices.to_vec()));
     check_assignment(groups, &requests)?;
-    check_intx(&requests, topo, &host.interrupt_map)?;
     let mut out = VmDevices::default();
+    for m in plan_intx(&requests, topo, &host.interrupt_map, msi_vms)? {
+        if m.vm == requests.len() - 1 {
+            log::info!(
+                "pci: VM {vm}: {} assigned MSI-only: its INTx line SPI {} (INTID {}) is VM \
+                 {}'s ({}); it gets no INTx, only MSI/MSI-X",
+                m.bdf,
+                m.spi,
+                m.intid,
+                m.first_vm,
+                m.first
+            );
+            out.msi_only.push(m.bdf);
+        }
+    }
     for &bdf in devices {
         let dev = topo.device(bdf).ok_or_else(|| AssignError::UnknownDevice {
             vm: vm.to_string(),
@@ -393,7 +451,10 @@ pub fn resolve(
                 what,
             });
         }
-        if let Some(route) = topo.intx_route(bdf, &host.interrupt_map) {
+        let route = topo
+            .intx_route(bdf, &host.interrupt_map)
+            .filter(|_| !out.msi_only.contains(&bdf));
+        if let Some(route) = route {
             if let (Some(pin), Some(root)) = (dev.interrupt_pin, topo.intx_at_root(bdf)) {
                 out.intx.push((bdf, pin, route.intid, root));
             }
@@ -494,8 +555,41 @@ pub fn check_intx<S: AsRef<str>>(
     topo: &Topology,
     interrupt_map: &InterruptMap,
 ) -> Result<(), AssignError> {
+    plan_intx(assignments, topo, interrupt_map, &[]).map(|_| ())
+}
+
+/// A function assigned MSI-only because an earlier VM has its INTx line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct MsiOnly<T> {
+    /// The index of its VM in the assignments.
+    pub vm: usize,
+    /// The function.
+    pub bdf: T,
+    /// The line's SPI (as the DT writes it) and INTID.
+    pub spi: u32,
+    pub intid: u32,
+    /// The VM that has the line, and its function there.
+    pub first_vm: String,
+    pub first: T,
+}
+
+/// Whether `dev` can signal without INTx.
+fn has_msi(dev: &PciDevice) -> bool {
+    dev.msi.is_some() || dev.msix.is_some()
+}
+
+/// [`check_intx`], where a function of a VM in `msi_vms` on a line an earlier VM has is
+/// assigned MSI-only (if it has MSI or MSI-X) rather than refused: returns those functions,
+/// in the order met. An MSI-only function claims no line.
+pub(crate) fn plan_intx<S: AsRef<str>>(
+    assignments: &[(S, Vec<Bdf>)],
+    topo: &Topology,
+    interrupt_map: &InterruptMap,
+    msi_vms: &[&str],
+) -> Result<Vec<MsiOnly<Bdf>>, AssignError> {
     let mut lines = LineOwners::new();
-    for (vm, bdfs) in assignments {
+    let mut msi_only = Vec::new();
+    for (index, (vm, bdfs)) in assignments.iter().enumerate() {
         let vm = vm.as_ref();
         for &bdf in bdfs {
             if topo.device(bdf).is_none() {
@@ -508,18 +602,34 @@ pub fn check_intx<S: AsRef<str>>(
                 continue;
             };
             if let Some((first_vm, first)) = lines.claim(&route, vm, bdf) {
-                return Err(AssignError::SharedIntx {
+                let shared = AssignError::SharedIntx {
                     first_vm: first_vm.to_string(),
                     first,
                     second_vm: vm.to_string(),
                     second: bdf,
                     spi: route.spi,
                     intid: route.intid,
+                };
+                if !msi_vms.contains(&vm) {
+                    return Err(shared);
+                }
+                if !topo.device(bdf).is_some_and(has_msi) {
+                    return Err(AssignError::NoMsiCapability {
+                        source: Box::new(shared),
+                    });
+                }
+                msi_only.push(MsiOnly {
+                    vm: index,
+                    bdf,
+                    spi: route.spi,
+                    intid: route.intid,
+                    first_vm: first_vm.to_string(),
+                    first,
                 });
             }
         }
     }
-    Ok(())
+    Ok(msi_only)
 }
 
 #[cfg(test)]
@@ -814,6 +924,151 @@ mod tests {
         // One VM may own both.
         let same = [("vm0", vec![B(0, 1, 0), B(0, 5, 0)])];
         assert_eq!(check_intx(&same, &t, &host.interrupt_map), Ok(()));
+    }
+
+    /// qemu_flat (slots 1-4: virtio with MSI-X, SPIs 4, 5, 6, 3) and more slots, whose INTA
+    /// repeats the root bus's routing every four: 5 (MSI-X, SPI 4), 6 (MSI, SPI 5), 7 (MSI-X,
+    /// SPI 6), 8 (a pin and neither capability, SPI 3), 9 (MSI-X, SPI 4), 10 (neither a pin
+    /// nor a capability).
+    fn crowded() -> (Topology, Vec<IommuGroup>, HostBridge, IommuDirectory) {
+        use crate::pci::fake::FakeFn;
+        use crate::pci::PortType::RcIntegratedEndpoint;
+        let mut f = FakeConfigSpace::qemu_flat();
+        let ep = || FakeFn::endpoint(0x1234, 0x11).pcie(RcIntegratedEndpoint);
+        f.add(None, 5, 0, ep().msix().pin(1));
+        f.add(None, 6, 0, ep().msi().pin(1));
+        f.add(None, 7, 0, ep().msix().pin(1));
+        f.add(None, 8, 0, ep().pin(1));
+        f.add(None, 9, 0, ep().msix().pin(1));
+        f.add(None, 10, 0, ep());
+        let (t, g, host) = setup(f);
+        let dir = directory(&[(host.iommu_map[0].iommu, "/smmuv3@9050000", Ok(0))]);
+        (t, g, host, dir)
+    }
+
+    #[test]
+    fn three_vms_on_shared_lines_get_their_functions_msi_only() {
+        let (t, g, host, dir) = crowded();
+        let msi = ["vm0", "vm1", "vm2", "vm3"];
+        let run = |vm: &str, devices: &[Bdf], earlier: &[(String, Vec<Bdf>)]| {
+            resolve_msi(&t, &g, &host, &dir, vm, devices, earlier, 39, &msi)
+        };
+        let lines = |d: &VmDevices| -> Vec<(Bdf, u32)> {
+            d.intx
+                .iter()
+                .map(|&(bdf, _, intid, _)| (bdf, intid))
+                .collect()
+        };
+        let vm0 = vec![B(0, 1, 0), B(0, 2, 0), B(0, 4, 0)];
+        let d0 = run("vm0", &vm0, &[]).unwrap();
+        assert!(d0.msi_only.is_empty());
+        assert_eq!(
+            lines(&d0),
+            [(B(0, 1, 0), 36), (B(0, 2, 0), 37), (B(0, 4, 0), 35)]
+        );
+        // vm1: 00:05.0 is on vm0's SPI 4; 00:03.0 has a line of its own.
+        let mut earlier = vec![(String::from("vm0"), vm0)];
+        let vm1 = vec![B(0, 5, 0), B(0, 3, 0)];
+        let d1 = run("vm1", &vm1, &earlier).unwrap();
+        assert_eq!(d1.msi_only, [B(0, 5, 0)]);
+        assert_eq!(lines(&d1), [(B(0, 3, 0), 38)]);
+        assert_eq!(d1.functions.len(), 2);
+        // vm2: 00:06.0 (MSI) on vm0's SPI 5, 00:07.0 on vm1's SPI 6; 00:0a.0 has no pin and
+        // is given as it would be anyway.
+        earlier.push((String::from("vm1"), vm1));
+        let vm2 = vec![B(0, 6, 0), B(0, 7, 0), B(0, 10, 0)];
+        let d2 = run("vm2", &vm2, &earlier).unwrap();
+        assert_eq!(d2.msi_only, [B(0, 6, 0), B(0, 7, 0)]);
+        assert!(d2.intx.is_empty());
+        assert_eq!(d2.functions.len(), 3);
+        // An MSI-only function claims no line: on SPI 4, vm3 meets vm0's 00:01.0, not vm1's
+        // MSI-only 00:05.0.
+        earlier.push((String::from("vm2"), vm2));
+        let mut all = earlier.clone();
+        all.push((String::from("vm3"), vec![B(0, 9, 0)]));
+        let plan = plan_intx(&all, &t, &host.interrupt_map, &msi).unwrap();
+        let met: Vec<(usize, Bdf, &str, Bdf, u32)> = plan
+            .iter()
+            .map(|m| (m.vm, m.bdf, m.first_vm.as_str(), m.first, m.intid))
+            .collect();
+        assert_eq!(
+            met,
+            [
+                (1, B(0, 5, 0), "vm0", B(0, 1, 0), 36),
+                (2, B(0, 6, 0), "vm0", B(0, 2, 0), 37),
+                (2, B(0, 7, 0), "vm1", B(0, 3, 0), 38),
+                (3, B(0, 9, 0), "vm0", B(0, 1, 0), 36),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_function_without_msi_on_a_shared_line_is_still_refused() {
+        let (t, g, host, dir) = crowded();
+        let earlier = vec![(String::from("vm0"), vec![B(0, 4, 0)])];
+        let e = resolve_msi(
+            &t,
+            &g,
+            &host,
+            &dir,
+            "vm1",
+            &[B(0, 8, 0)],
+            &earlier,
+            39,
+            &["vm0", "vm1"],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            AssignError::NoMsiCapability {
+                source: Box::new(AssignError::SharedIntx {
+                    first_vm: "vm0".into(),
+                    first: B(0, 4, 0),
+                    second_vm: "vm1".into(),
+                    second: B(0, 8, 0),
+                    spi: 3,
+                    intid: 35,
+                })
+            }
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("share INTx line SPI 3"), "{msg}");
+        assert!(msg.contains("no MSI/MSI-X capability"), "{msg}");
+    }
+
+    #[test]
+    fn without_msi_a_shared_line_is_refused_as_before() {
+        let (t, g, host, dir) = crowded();
+        let earlier = vec![(String::from("vm0"), vec![B(0, 1, 0)])];
+        let shared = AssignError::SharedIntx {
+            first_vm: "vm0".into(),
+            first: B(0, 1, 0),
+            second_vm: "vm1".into(),
+            second: B(0, 5, 0),
+            spi: 4,
+            intid: 36,
+        };
+        let devices = [B(0, 5, 0)];
+        let old = resolve(&t, &g, &host, &dir, "vm1", &devices, &earlier, 39);
+        assert_eq!(old.unwrap_err(), shared);
+        // Only the earlier VM takes MSIs: the later one is still refused.
+        let e = resolve_msi(&t, &g, &host, &dir, "vm1", &devices, &earlier, 39, &["vm0"]);
+        assert_eq!(e.unwrap_err(), shared);
+        // And a VM that takes MSIs but shares no line keeps its INTx.
+        let d = resolve_msi(
+            &t,
+            &g,
+            &host,
+            &dir,
+            "vm1",
+            &[B(0, 3, 0)],
+            &earlier,
+            39,
+            &["vm1"],
+        )
+        .unwrap();
+        assert!(d.msi_only.is_empty());
+        assert_eq!(d.intx.len(), 1);
     }
 
     #[test]

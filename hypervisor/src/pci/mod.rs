@@ -40,8 +40,8 @@ pub mod virtio;
 pub(crate) mod fake;
 
 pub use assign::{
-    check_assignment, check_intx, resolve, AssignError, IommuDirectory, IommuEntry, UnitStreams,
-    VmDevices,
+    check_assignment, check_intx, resolve, resolve_msi, AssignError, IommuDirectory, IommuEntry,
+    UnitStreams, VmDevices,
 };
 pub use enumerate::{
     enumerate, Bar, BarAddr, BarKind, BridgeInfo, HeaderType, PciDevice, PcieInfo, PortType,
@@ -54,7 +54,7 @@ pub use host::{
 };
 pub use isolation::{DeviceSlot, IsolationError};
 pub use resources::{assign_resources, ResourceName, DEVICE_PAGE};
-pub use segments::{resolve_all, Segment, SegmentDevices, VmPciDevices};
+pub use segments::{resolve_all, resolve_all_msi, Segment, SegmentDevices, VmPciDevices};
 
 /// One `msi-map` entry (Linux `Documentation/devicetree/bindings/pci/pci-msi.txt`): Requester
 /// IDs `rid_base..rid_base+len` reach the MSI controller with DeviceIDs `devid_base..`. The

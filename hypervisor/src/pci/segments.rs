@@ -12,7 +12,9 @@ use alloc::boxed::Box;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use super::assign::{resolve, AssignError, IommuDirectory, LineOwners, UnitStreams, VmDevices};
+use super::assign::{
+    resolve_msi, AssignError, IommuDirectory, LineOwners, MsiOnly, UnitStreams, VmDevices,
+};
 use super::enumerate::Topology;
 use super::groups::IommuGroup;
 use super::host::{BridgeNode, HostBridge};
@@ -75,6 +77,16 @@ impl VmPciDevices {
             .flat_map(|s| s.devices.intx.iter().map(|&(_, _, intid, _)| intid))
     }
 
+    /// The VM's functions assigned MSI-only ([`VmDevices::msi_only`]), on every segment.
+    pub fn msi_only(&self) -> impl Iterator<Item = PciAddr> + '_ {
+        self.segments.iter().flat_map(|s| {
+            s.devices
+                .msi_only
+                .iter()
+                .map(move |&bdf| PciAddr::new(s.domain, bdf))
+        })
+    }
+
     /// Every IOMMU group the VM owns.
     pub fn groups(&self) -> impl Iterator<Item = usize> + '_ {
         self.segments
@@ -91,7 +103,8 @@ fn segment_of(segments: &[Segment], domain: u16) -> Option<usize> {
 /// Checks that `vm` may own `devices` given what `earlier` VMs were given, on every segment
 /// ([`resolve`] on each) and across them: no INTx line shared with another VM's function on
 /// another bridge, no StreamID that a group of another bridge also emits on the same SMMU.
-/// With more than one segment, a segment's refusal names the bridge.
+/// With more than one segment, a segment's refusal names the bridge. No VM takes MSIs:
+/// [`resolve_all_msi`] with none.
 pub fn resolve_all(
     segments: &[Segment],
     iommus: &IommuDirectory,
@@ -99,6 +112,22 @@ pub fn resolve_all(
     devices: &[PciAddr],
     earlier: &[(String, Vec<PciAddr>)],
     ipa_bits: u32,
+) -> Result<VmPciDevices, AssignError> {
+    resolve_all_msi(segments, iommus, vm, devices, earlier, ipa_bits, &[])
+}
+
+/// [`resolve_all`], where the VMs named in `msi_vms` take MSIs (see
+/// [`super::resolve_msi`]): a function of theirs on an INTx line an earlier VM's function has,
+/// on this bridge or another, is assigned MSI-only if it has an MSI or MSI-X capability
+/// ([`VmPciDevices::msi_only`]) and refused if not.
+pub fn resolve_all_msi(
+    segments: &[Segment],
+    iommus: &IommuDirectory,
+    vm: &str,
+    devices: &[PciAddr],
+    earlier: &[(String, Vec<PciAddr>)],
+    ipa_bits: u32,
+    msi_vms: &[&str],
 ) -> Result<VmPciDevices, AssignError> {
     let mut out = VmPciDevices::default();
     if devices.is_empty() {
@@ -129,7 +158,7 @@ pub fn resolve_all(
             .iter()
             .map(|(name, list)| (name.clone(), on(list, seg.domain)))
             .collect();
-        let d = resolve(
+        let d = resolve_msi(
             &seg.topology,
             &seg.groups,
             &seg.bridge,
@@ -138,6 +167,7 @@ pub fn resolve_all(
             &mine,
             &before,
             ipa_bits,
+            msi_vms,
         )
         .map_err(|e| {
             if segments.len() > 1 {
@@ -156,7 +186,29 @@ pub fn resolve_all(
             devices: d,
         });
     }
-    check_lines_across(segments, vm, devices, earlier)?;
+    // A line another bridge's function of an earlier VM has: MSI-only too (a segment's own
+    // check saw only its bridge), off the INTx list the guest's interrupt-map is made from.
+    for m in check_lines_across(segments, vm, devices, earlier, msi_vms)? {
+        if m.vm != earlier.len() {
+            continue;
+        }
+        let Some(s) = out.segments.iter_mut().find(|s| s.domain == m.bdf.domain) else {
+            continue;
+        };
+        if s.devices.msi_only.contains(&m.bdf.bdf) {
+            continue;
+        }
+        log::info!(
+            "pci: VM {vm}: {} assigned MSI-only: its INTx line INTID {} is VM {}'s ({}, \
+             another host bridge); it gets no INTx, only MSI/MSI-X",
+            m.bdf,
+            m.intid,
+            m.first_vm,
+            m.first
+        );
+        s.devices.intx.retain(|&(bdf, ..)| bdf != m.bdf.bdf);
+        s.devices.msi_only.push(m.bdf.bdf);
+    }
     check_streams_across(segments, iommus, vm, &out)?;
     for s in &out.segments {
         for u in &s.devices.smmus {
@@ -170,18 +222,22 @@ pub fn resolve_all(
 /// An INTx line is one GIC SPI, whichever bridge's `interrupt-map` routes to it: two VMs'
 /// functions on two bridges must not share one either (each segment's [`resolve`] checked its
 /// own).
+/// With `msi_vms`, a function of those VMs on an earlier VM's line is MSI-only instead of
+/// refused if it has MSI or MSI-X (returned, in the order met) and claims no line.
 fn check_lines_across(
     segments: &[Segment],
     vm: &str,
     devices: &[PciAddr],
     earlier: &[(String, Vec<PciAddr>)],
-) -> Result<(), AssignError> {
+    msi_vms: &[&str],
+) -> Result<Vec<MsiOnly<PciAddr>>, AssignError> {
     let mut lines = LineOwners::new();
+    let mut msi_only = Vec::new();
     let requests = earlier
         .iter()
         .map(|(n, l)| (n.as_str(), &l[..]))
         .chain(core::iter::once((vm, devices)));
-    for (name, list) in requests {
+    for (index, (name, list)) in requests.enumerate() {
         for &addr in list {
             let Some(seg) = segment_of(segments, addr.domain).map(|i| &segments[i]) else {
                 continue;
@@ -190,17 +246,37 @@ fn check_lines_across(
                 continue;
             };
             if let Some((first_vm, first)) = lines.claim(&route, name, addr) {
-                return Err(AssignError::SharedIntxAcross {
+                let shared = AssignError::SharedIntxAcross {
                     first_vm: first_vm.to_string(),
                     first,
                     second_vm: name.to_string(),
                     second: addr,
                     intid: route.intid,
+                };
+                if !msi_vms.contains(&name) {
+                    return Err(shared);
+                }
+                let msi = seg
+                    .topology
+                    .device(addr.bdf)
+                    .is_some_and(|d| d.msi.is_some() || d.msix.is_some());
+                if !msi {
+                    return Err(AssignError::NoMsiCapability {
+                        source: Box::new(shared),
+                    });
+                }
+                msi_only.push(MsiOnly {
+                    vm: index,
+                    bdf: addr,
+                    spi: route.spi,
+                    intid: route.intid,
+                    first_vm: first_vm.to_string(),
+                    first,
                 });
             }
         }
     }
-    Ok(())
+    Ok(msi_only)
 }
 
 /// A StreamID is one STE: a group of the VM that emits one which another group also emits on the

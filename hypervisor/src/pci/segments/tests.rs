@@ -121,6 +121,36 @@ fn a_vm_takes_functions_on_two_bridges() {
 }
 
 #[test]
+fn a_line_shared_across_bridges_makes_the_later_function_msi_only() {
+    let (segs, dir) = machine(0x8000);
+    // Slot 3 of both bridges routes to one SPI: vm0 has it on domain 1.
+    let earlier = vec![(String::from("vm0"), vec![a(1, 0, 3, 0)])];
+    let msi = ["vm0", "vm1"];
+    let d = resolve_all_msi(
+        &segs,
+        &dir,
+        "vm1",
+        &[a(0, 0, 3, 0), a(0, 0, 4, 0)],
+        &earlier,
+        39,
+        &msi,
+    )
+    .unwrap();
+    assert_eq!(d.msi_only().collect::<Vec<_>>(), [a(0, 0, 3, 0)]);
+    // Only 00:04.0's line is forwarded and in the guest's interrupt-map.
+    let intx: Vec<Bdf> = d.segments[0].devices.intx.iter().map(|e| e.0).collect();
+    assert_eq!(intx, [Bdf::new(0, 4, 0)]);
+    assert_eq!(d.intx_intids().count(), 1);
+    assert_eq!(d.segments[0].devices.functions.len(), 2);
+    // Without MSI for vm1: refused as before.
+    let e = resolve_all_msi(&segs, &dir, "vm1", &[a(0, 0, 3, 0)], &earlier, 39, &["vm0"]);
+    assert!(
+        matches!(e, Err(AssignError::SharedIntxAcross { .. })),
+        "{e:?}"
+    );
+}
+
+#[test]
 fn refusals_name_the_bridge_and_the_domain() {
     let (segs, dir) = machine(0x8000);
     let e = resolve_on(&segs, &dir, "vm0", &[a(2, 0, 1, 0)], &[]).unwrap_err();
