@@ -41,7 +41,14 @@
 //!   virtual Command and Interrupt Line, its PCIe capability alone and read-only with slot,
 //!   root, ASPM, bandwidth-notification and ARI-forwarding bits hidden, 0 elsewhere);
 //! - **(j) forwarded accesses**: `VirtualEcam::resolve` answers only inside a decoding, D0 BAR
-//!   of the VM's as the guest placed it, at the same offset of its physical range.
+//!   of the VM's as the guest placed it, at the same offset of its physical range;
+//! - **(k) MSI with a virtual ITS** (`VirtualEcam::with_msi`, bit 3 of the topology byte; bits
+//!   7:4 mark owned functions MSI-only, `with_msi_only`): MSI and MSI-X are in the chain and
+//!   read from hardware instead of (d); a hardware write to MSI-X Message Control changes only
+//!   Enable and Function Mask, none reaches the Table or PBA Offset/BIR; one to MSI Message
+//!   Control changes only Enable and Multiple Message Enable, never above Multiple Message
+//!   Capable; an MSI-only function's Command.INTxDisable is set from the start and no write
+//!   clears it, reads show it set and its Interrupt Pin reads 0.
 //!
 //! The rules of the PCI isolation work are checks that [`Checks`] switches (all on by default):
 //! [`Checks::pm_power_state`], [`Checks::af_flr`], [`Checks::ea_hidden`],
@@ -223,6 +230,11 @@ struct Func {
     hidden: Vec<(u16, u16)>,
     /// Visible capabilities: (offset, id, next visible offset).
     visible: Vec<(u16, u8, u16)>,
+    /// The MSI and MSI-X capabilities, when shown (in MSI mode).
+    msi: Option<u16>,
+    msix: Option<u16>,
+    /// Assigned MSI-only: INTx Disable held set, no pin.
+    msi_only: bool,
     pcie: Option<u16>,
     pm: Option<u16>,
     no_soft_reset: bool,
@@ -339,6 +351,35 @@ impl ConfigSpace for Recorder<'_> {
             );
         }
         let hw = self.hw.read32(bdf, off);
+        if let Some(m) = f.msix {
+            assert!(
+                off != m + 4 && off != m + 8,
+                "(k) {bdf}: MSI-X Table or PBA Offset/BIR at {off:#x} written"
+            );
+            let changed = (value ^ hw) & !0xc000_0000;
+            assert!(
+                off != m || changed == 0,
+                "(k) {bdf}: MSI-X Message Control bits {changed:#x} changed"
+            );
+        }
+        if f.msi == Some(off) {
+            let changed = (value ^ hw) & !(1 << 16 | 0x7 << 20);
+            assert!(
+                changed == 0,
+                "(k) {bdf}: MSI Message Control bits {changed:#x} changed"
+            );
+            let (mme, mmc) = (value >> 20 & 7, hw >> 17 & 7);
+            assert!(
+                mme <= mmc,
+                "(k) {bdf}: Multiple Message Enable {mme} above Capable {mmc}"
+            );
+        }
+        if f.msi_only && off == 4 {
+            assert!(
+                value & 1 << 10 != 0,
+                "(k) {bdf}: INTx Disable of an MSI-only function cleared"
+            );
+        }
         let rw1c = rw1c(f, off);
         // Status holds only read-only and RW1C bits: what a write puts there is moot but for
         // the RW1C ones.
@@ -438,6 +479,10 @@ pub struct Harness {
     pub vecam: VirtualEcam,
     /// Switched-on checks.
     pub checks: Checks,
+    /// MSI and MSI-X shown (`VirtualEcam::with_msi`).
+    msi: bool,
+    /// The owned functions assigned MSI-only (`VirtualEcam::with_msi_only`).
+    msi_only: Vec<Bdf>,
     /// Counters.
     pub tally: Tally,
 }
@@ -448,7 +493,9 @@ fn ecam(bdf: Bdf, reg: u16) -> u64 {
 }
 
 impl Harness {
-    /// Topology `sel` (0-7), the functions whose bit is set in `owned` (bit 15: also a bridge).
+    /// Topology `sel` (bits 2:0), the functions whose bit is set in `owned` (bit 15: also a
+    /// bridge); with `sel` bit 3, MSI and MSI-X shown and the first four owned Type 0
+    /// functions whose bit is set in `sel` bits 7:4 assigned MSI-only.
     pub fn new(sel: u8, owned: u16, checks: Checks) -> Self {
         let (mut hw, handles) = match sel & 7 {
             0 => (FakeConfigSpace::qemu_flat(), Vec::new()),
@@ -484,6 +531,18 @@ impl Harness {
         shown.sort_by_key(|d| d.bdf);
         shown.dedup_by_key(|d| d.bdf);
         let all = topo.devices;
+        let msi = sel & 8 != 0;
+        let msi_only: Vec<Bdf> = given
+            .iter()
+            .filter(|d| d.header_type == HeaderType::Endpoint)
+            .take(4)
+            .enumerate()
+            .filter(|&(j, _)| msi && sel >> (4 + j) & 1 != 0)
+            .map(|(_, d)| d.bdf)
+            .collect();
+        let vecam = VirtualEcam::new(given.clone(), shown.clone())
+            .with_msi(msi)
+            .with_msi_only(&mut hw, &msi_only);
         let mut h = Self {
             hw,
             handles,
@@ -492,8 +551,10 @@ impl Harness {
             shown: shown.clone(),
             bridges: Vec::new(),
             funcs: Vec::new(),
-            vecam: VirtualEcam::new(given, shown),
+            vecam,
             checks,
+            msi,
+            msi_only,
             tally: Tally::default(),
         };
         h.funcs = h.make_funcs();
@@ -585,6 +646,9 @@ impl Harness {
                         .any(|o| o.bdf != bdf && o.bdf.bus == bdf.bus && o.bdf.dev == bdf.dev),
                     hidden: Vec::new(),
                     visible: Vec::new(),
+                    msi: None,
+                    msix: None,
+                    msi_only: self.msi_only.contains(&bdf),
                     pcie: None,
                     pm: None,
                     no_soft_reset: false,
@@ -610,6 +674,14 @@ impl Harness {
                         }
                         let control = hdr >> 16;
                         match id {
+                            cap_id::MSI if self.msi => {
+                                f.msi = f.msi.or(Some(ptr));
+                                shown.push((ptr, id));
+                            }
+                            cap_id::MSIX if self.msi => {
+                                f.msix = f.msix.or(Some(ptr));
+                                shown.push((ptr, id));
+                            }
                             // PCI Local Bus 3.0 6.8.1: 10, 14, 20 or 24 bytes, in whole dwords.
                             cap_id::MSI => {
                                 let len = 12
@@ -769,6 +841,7 @@ impl Harness {
                 } else {
                     hw
                 };
+                let hw = if f.msi_only { hw | 1 << 10 } else { hw };
                 if f.visible.is_empty() {
                     hw & !(1 << 20)
                 } else {
@@ -788,6 +861,7 @@ impl Harness {
             }
             0x30 => 0,
             0x34 => hw & !0xff | u32::from(f.visible.first().map_or(0, |v| v.0 as u8)),
+            0x3c if f.msi_only => hw & !0xffff | u32::from(f.interrupt_line),
             0x3c => hw & !0xff | u32::from(f.interrupt_line),
             0x40..=0xff => {
                 if let Some(&(_, _, next)) = f.visible.iter().find(|v| v.0 == reg) {
@@ -1142,7 +1216,11 @@ impl Harness {
             return;
         }
         let mut ptr = (self.read(ecam(bdf, 0x34), Byte) & 0xfc) as u16;
-        let hidden = [cap_id::MSI, cap_id::MSIX];
+        let hidden: &[u8] = if self.msi {
+            &[]
+        } else {
+            &[cap_id::MSI, cap_id::MSIX]
+        };
         for step in 0.. {
             if ptr < 0x40 {
                 break;
@@ -1348,7 +1426,9 @@ impl Harness {
             }
             _ => {
                 // The VM's reset: a new bridge over the same functions (`Vm::load`).
-                self.vecam = VirtualEcam::new(self.given.clone(), self.shown.clone());
+                self.vecam = VirtualEcam::new(self.given.clone(), self.shown.clone())
+                    .with_msi(self.msi)
+                    .with_msi_only(&mut self.hw, &self.msi_only);
                 self.funcs = self.make_funcs();
                 self.bridges = self.make_bridges();
             }
@@ -1492,6 +1572,89 @@ mod tests {
         let mut h = Harness::new(3, 0x7fff, Checks::default());
         let virtio = Bdf::new(0, 4, 0);
         hw_write(&mut h, virtio, 0x50, 1, full(0x50, 1));
+    }
+
+    /// The rich topology, every endpoint owned, MSI shown, 00:01.0 (the first) MSI-only.
+    fn rich_msi() -> Harness {
+        Harness::new(3 | 8 | 0x10, 0x7fff, Checks::default())
+    }
+
+    const F1: Bdf = Bdf::new(0, 1, 1);
+
+    fn func(h: &Harness, bdf: Bdf) -> &Func {
+        h.funcs.iter().find(|f| f.dev.bdf == bdf).unwrap()
+    }
+
+    #[test]
+    fn msi_mode_shows_and_passes_msi_through_the_model() {
+        let mut h = rich_msi();
+        let msi = func(&h, F0).msi.expect("00:01.0 has MSI");
+        let msix = func(&h, F1).msix.expect("00:01.1 has MSI-X");
+        assert!(func(&h, F0).msi_only && !func(&h, F1).msi_only);
+        assert!(func(&h, F0).hidden.is_empty());
+        // Set before the guest ran.
+        assert_ne!(h.hw.read32(F0, 4) & 1 << 10, 0);
+        // The walk finds both (it would panic on them without MSI).
+        h.walk(F0);
+        h.walk(F1);
+        // Enable with 128 vectors asked of a 1-vector function; address and data through.
+        // (The fake's Message Control is read-only: the write is seen by the recorder only.)
+        let before = h.tally.hw_writes;
+        h.write(ecam(F0, msi + 2), Half, 0x0071);
+        assert_eq!(h.tally.hw_writes, before + 1);
+        h.write(ecam(F0, msi + 4), Word, 0x0809_0040);
+        h.write(ecam(F0, msi + 12), Half, 0x2a);
+        assert_eq!(h.hw.read32(F0, msi + 4), 0x0809_0040);
+        assert_eq!(h.hw.read32(F0, msi + 12) & 0xffff, 0x2a);
+        assert_eq!(h.read(ecam(F0, msi + 4), Word), 0x0809_0040);
+        h.write(ecam(F1, msix + 2), Half, 0xc7ff);
+        h.write(ecam(F1, msix + 4), Word, 0x1234_5678);
+        // The MSI-only function: INTx Disable stays, no pin.
+        h.write(ecam(F0, 4), Half, 0x0007);
+        assert_ne!(h.hw.read32(F0, 4) & 1 << 10, 0);
+        assert_eq!(h.read(ecam(F0, 4), Half) & 1 << 10, 1 << 10);
+        assert_eq!(h.read(ecam(F0, 0x3d), Byte), 0);
+        assert_eq!(h.read(ecam(F1, 0x3d), Byte), 2);
+        // The VM's reset keeps both.
+        let mut inp = Input::new(&[0xff]);
+        h.step(&mut inp);
+        h.walk(F0);
+        assert_eq!(h.read(ecam(F0, 0x3d), Byte), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "(k) 00:01.1: MSI-X Table or PBA Offset/BIR")]
+    fn an_msix_bir_write_is_caught() {
+        let mut h = rich_msi();
+        let m = func(&h, F1).msix.unwrap();
+        hw_write(&mut h, F1, m + 4, 0x1001, full(m + 4, 0x1001));
+    }
+
+    #[test]
+    #[should_panic(expected = "(k) 00:01.1: MSI-X Message Control bits 0x7ff0000 changed")]
+    fn an_msix_table_size_write_is_caught() {
+        let mut h = rich_msi();
+        let m = func(&h, F1).msix.unwrap();
+        let hw = h.hw.read32(F1, m);
+        let v = hw | 0x07ff_0000;
+        hw_write(&mut h, F1, m, v, full(m, v));
+    }
+
+    #[test]
+    #[should_panic(expected = "(k) 00:01.0: Multiple Message Enable 7 above Capable 0")]
+    fn an_msi_mme_above_capable_is_caught() {
+        let mut h = rich_msi();
+        let m = func(&h, F0).msi.unwrap();
+        let v = h.hw.read32(F0, m) | 0x71 << 16;
+        hw_write(&mut h, F0, m, v, full(m, v));
+    }
+
+    #[test]
+    #[should_panic(expected = "(k) 00:01.0: INTx Disable of an MSI-only function cleared")]
+    fn an_msi_only_intx_enable_is_caught() {
+        let mut h = rich_msi();
+        let v = h.hw.read32(F0, 4) & 0xffff & !(1 << 10);
+        hw_write(&mut h, F0, 4, v, full(4, v));
     }
 
     #[test]
