@@ -699,7 +699,8 @@ impl VirtualEcam {
     /// now and held set (guest writes cannot clear it, reads show it set) and the Interrupt Pin
     /// reads 0, so the guest never looks for a legacy interrupt it has no line for. Setting it
     /// here rather than at the guest's first Command write matters: until then the function
-    /// could hold the other VM's line asserted.
+    /// could hold the other VM's line asserted. Meant with [`VirtualEcam::with_msi`]`(true)`:
+    /// without it such a function has no interrupt at all.
     pub fn with_msi_only(mut self, cfg: &mut dyn ConfigSpace, bdfs: &[Bdf]) -> Self {
         for f in self
             .functions

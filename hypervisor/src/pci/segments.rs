@@ -4,7 +4,7 @@
 //! A machine may have several generic ECAM host bridges, each its own hierarchy: its own bus
 //! numbers, windows, `interrupt-map` and `iommu-map`. Functions are named by
 //! [`PciAddr`] (domain and BDF). Each segment is enumerated and grouped on its own
-//! ([`resolve`] does that segment's checks); what spans segments is checked here: an INTx line
+//! ([`resolve`](super::resolve) does that segment's checks); what spans segments is checked here: an INTx line
 //! is one GIC SPI whichever bridge routes to it, and a StreamID is one STE of one SMMU whichever
 //! bridge's `iommu-map` produced it.
 
@@ -45,7 +45,7 @@ pub struct SegmentDevices {
     pub segment: usize,
     /// Its domain.
     pub domain: u16,
-    /// What [`resolve`] gave the VM there.
+    /// What [`resolve`](super::resolve) gave the VM there.
     pub devices: VmDevices,
 }
 
@@ -101,7 +101,7 @@ fn segment_of(segments: &[Segment], domain: u16) -> Option<usize> {
 }
 
 /// Checks that `vm` may own `devices` given what `earlier` VMs were given, on every segment
-/// ([`resolve`] on each) and across them: no INTx line shared with another VM's function on
+/// ([`resolve`](super::resolve) on each) and across them: no INTx line shared with another VM's function on
 /// another bridge, no StreamID that a group of another bridge also emits on the same SMMU.
 /// With more than one segment, a segment's refusal names the bridge. No VM takes MSIs:
 /// [`resolve_all_msi`] with none.
@@ -220,7 +220,7 @@ pub fn resolve_all_msi(
 }
 
 /// An INTx line is one GIC SPI, whichever bridge's `interrupt-map` routes to it: two VMs'
-/// functions on two bridges must not share one either (each segment's [`resolve`] checked its
+/// functions on two bridges must not share one either (each segment's [`resolve`](super::resolve) checked its
 /// own).
 /// With `msi_vms`, a function of those VMs on an earlier VM's line is MSI-only instead of
 /// refused if it has MSI or MSI-X (returned, in the order met) and claims no line.
