@@ -412,6 +412,32 @@ pub fn resolve_msi(
     ipa_bits: u32,
     msi_vms: &[&str],
 ) -> Result<VmDevices, AssignError> {
+    let mut notes = Vec::new();
+    let out = resolve_noting(
+        topo, groups, host, iommus, vm, devices, earlier, ipa_bits, msi_vms, &mut notes,
+    )?;
+    for n in notes {
+        log::info!("{n}");
+    }
+    Ok(out)
+}
+
+/// [`resolve_msi`], adding to `notes` the message for each function assigned MSI-only instead
+/// of logging it: the caller logs them once the whole assignment is accepted, so no message
+/// announces what a later check refuses.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn resolve_noting(
+    topo: &Topology,
+    groups: &[IommuGroup],
+    host: &HostBridge,
+    iommus: &IommuDirectory,
+    vm: &str,
+    devices: &[Bdf],
+    earlier: &[(String, Vec<Bdf>)],
+    ipa_bits: u32,
+    msi_vms: &[&str],
+    notes: &mut Vec<String>,
+) -> Result<VmDevices, AssignError> {
     if devices.is_empty() {
         return Ok(VmDevices::default());
     }
@@ -421,15 +447,11 @@ pub fn resolve_msi(
     let mut out = VmDevices::default();
     for m in plan_intx(&requests, topo, &host.interrupt_map, msi_vms)? {
         if m.vm == requests.len() - 1 {
-            log::info!(
+            notes.push(format!(
                 "pci: VM {vm}: {} assigned MSI-only: its INTx line SPI {} (INTID {}) is VM \
                  {}'s ({}); it gets no INTx, only MSI/MSI-X",
-                m.bdf,
-                m.spi,
-                m.intid,
-                m.first_vm,
-                m.first
-            );
+                m.bdf, m.spi, m.intid, m.first_vm, m.first
+            ));
             out.msi_only.push(m.bdf);
         }
     }
@@ -1000,6 +1022,54 @@ mod tests {
                 (3, B(0, 9, 0), "vm0", B(0, 1, 0), 36),
             ]
         );
+    }
+
+    #[test]
+    fn the_msi_only_message_names_the_vm_the_function_and_the_line() {
+        let (t, g, host, dir) = crowded();
+        let earlier = vec![(String::from("vm0"), vec![B(0, 1, 0)])];
+        let mut notes = Vec::new();
+        let d = resolve_noting(
+            &t,
+            &g,
+            &host,
+            &dir,
+            "vm1",
+            &[B(0, 5, 0), B(0, 3, 0)],
+            &earlier,
+            39,
+            &["vm1"],
+            &mut notes,
+        )
+        .unwrap();
+        assert_eq!(d.msi_only, [B(0, 5, 0)]);
+        assert_eq!(
+            notes,
+            [
+                "pci: VM vm1: 00:05.0 assigned MSI-only: its INTx line SPI 4 (INTID 36) is VM \
+              vm0's (00:01.0); it gets no INTx, only MSI/MSI-X"
+            ]
+        );
+        // A refused VM has no message: 00:08.0 (no MSI) on vm0's SPI 3 refuses it all.
+        let earlier = vec![(String::from("vm0"), vec![B(0, 1, 0), B(0, 4, 0)])];
+        let mut notes = Vec::new();
+        let refused = resolve_noting(
+            &t,
+            &g,
+            &host,
+            &dir,
+            "vm1",
+            &[B(0, 5, 0), B(0, 8, 0)],
+            &earlier,
+            39,
+            &["vm1"],
+            &mut notes,
+        );
+        assert!(
+            matches!(refused, Err(AssignError::NoMsiCapability { .. })),
+            "{refused:?}"
+        );
+        assert!(notes.is_empty(), "{notes:?}");
     }
 
     #[test]

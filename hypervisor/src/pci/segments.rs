@@ -13,7 +13,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use super::assign::{
-    resolve_msi, AssignError, IommuDirectory, LineOwners, MsiOnly, UnitStreams, VmDevices,
+    resolve_noting, AssignError, IommuDirectory, LineOwners, MsiOnly, UnitStreams, VmDevices,
 };
 use super::enumerate::Topology;
 use super::groups::IommuGroup;
@@ -133,6 +133,8 @@ pub fn resolve_all_msi(
     if devices.is_empty() {
         return Ok(out);
     }
+    // Messages for the functions assigned MSI-only, logged once the VM is accepted.
+    let mut notes: Vec<String> = Vec::new();
     if let Some(&addr) = devices
         .iter()
         .find(|a| segment_of(segments, a.domain).is_none())
@@ -158,7 +160,7 @@ pub fn resolve_all_msi(
             .iter()
             .map(|(name, list)| (name.clone(), on(list, seg.domain)))
             .collect();
-        let d = resolve_msi(
+        let d = resolve_noting(
             &seg.topology,
             &seg.groups,
             &seg.bridge,
@@ -168,6 +170,7 @@ pub fn resolve_all_msi(
             &before,
             ipa_bits,
             msi_vms,
+            &mut notes,
         )
         .map_err(|e| {
             if segments.len() > 1 {
@@ -198,14 +201,14 @@ pub fn resolve_all_msi(
         if s.devices.msi_only.contains(&m.bdf.bdf) {
             continue;
         }
-        log::info!(
+        notes.push(alloc::format!(
             "pci: VM {vm}: {} assigned MSI-only: its INTx line INTID {} is VM {}'s ({}, \
              another host bridge); it gets no INTx, only MSI/MSI-X",
             m.bdf,
             m.intid,
             m.first_vm,
             m.first
-        );
+        ));
         s.devices.intx.retain(|&(bdf, ..)| bdf != m.bdf.bdf);
         s.devices.msi_only.push(m.bdf.bdf);
     }
@@ -216,6 +219,9 @@ pub fn resolve_all_msi(
         }
     }
     UnitStreams::settle(&mut out.smmus);
+    for n in notes {
+        log::info!("{n}");
+    }
     Ok(out)
 }
 
