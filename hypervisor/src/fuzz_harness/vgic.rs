@@ -563,6 +563,7 @@ impl Harness {
         let gic = VGic::new(VGicConfig {
             num_spis: shape.num_spis,
             vcpu_mpidr: shape.mpidr.clone(),
+            ..VGicConfig::default()
         });
         Self {
             gic,

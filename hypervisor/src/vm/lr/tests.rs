@@ -13,6 +13,7 @@ fn vgic(spis: &[u32]) -> VGic {
     let mut g = VGic::new(VGicConfig {
         num_spis: 64,
         vcpu_mpidr: alloc::vec![0, 1],
+        ..VGicConfig::default()
     });
     g.dist_write(
         GICD_CTLR,
