@@ -90,7 +90,7 @@ impl VGic {
     /// to express (fewer than 4 LPIs, which Linux would not honour anyway).
     fn num_lpis_field(&self) -> u32 {
         let n = self.lpis.count();
-        if n >= super::MAX_LPIS || n < 4 {
+        if !(4..super::MAX_LPIS).contains(&n) {
             0
         } else {
             n.ilog2() - 1
