@@ -147,9 +147,9 @@ pub struct RefGic {
 }
 
 /// GICR_PROPBASER: IDbits [4:0], InnerCache [9:7], Shareability [11:10], PA [51:12],
-/// OuterCache [58:56] (IHI 0069H 12.11.29).
+/// OuterCache [58:56] (IHI 0069H, GICR_PROPBASER).
 const PROPBASER_BITS: u64 = 0x1F | 0x7 << 7 | 0x3 << 10 | 0xF_FFFF_FFFF << 12 | 0x7 << 56;
-/// GICR_PENDBASER: InnerCache, Shareability, PA [51:16], OuterCache; PTZ reads 0 (12.11.30).
+/// GICR_PENDBASER: InnerCache, Shareability, PA [51:16], OuterCache; PTZ reads 0 (GICR_PENDBASER).
 const PENDBASER_BITS: u64 = 0x7 << 7 | 0x3 << 10 | 0xF_FFFF_FFFF << 16 | 0x7 << 56;
 
 /// Guest RAM the property tables live in: 128 KiB at `RAM_BASE`, the upper 64 KiB being where

@@ -154,7 +154,7 @@ impl LpiStore {
 }
 
 /// LPIs a PROPBASER value covers: INTIDs below 2^(IDbits+1), with IDbits capped at what
-/// GICD_TYPER advertises (IHI 0069H 12.11.29: IDbits larger than GICD_TYPER.IDbits behave as
+/// GICD_TYPER advertises (IHI 0069H, GICR_PROPBASER: IDbits larger than GICD_TYPER.IDbits behave as
 /// GICD_TYPER.IDbits; smaller than 13 means no LPI is in range).
 fn lpis_in_table(propbaser: u64) -> u32 {
     let id_bits = ((propbaser & GICR_PROPBASER_IDBITS_MASK) as u32).min(GICD_TYPER_IDBITS_LPIS);

@@ -6,7 +6,7 @@
 //! table into each), EnableLPIs is set once and then stays set until reset (RES1 after being
 //! written 1 is IMPLEMENTATION DEFINED, IHI 0069H 12.11.2; so GICR_CTLR.CES reads 0), and
 //! PROPBASER/PENDBASER hold what was written while EnableLPIs is 0 and ignore writes once it is 1
-//! (UNPREDICTABLE in the spec, 12.11.29-30).
+//! (UNPREDICTABLE in the spec, IHI 0069H GICR_PROPBASER and GICR_PENDBASER).
 //! DS=1 makes IGRPMODR0 and NSACR RAZ/WI; active state is not modelled (IS/ICACTIVER0 RAZ/WI).
 
 use super::regs::*;
@@ -26,16 +26,12 @@ impl VGic {
             AccessWidth::Byte if in_range(offset, GICR_IPRIORITYR, GICR_IPRIORITYR_SIZE) => {
                 self.redist_priority(vcpu, offset).into()
             }
-            AccessWidth::Word if self.redist_reg64(vcpu, offset & !7).is_some() => {
+            AccessWidth::Word => match self.redist_reg64(vcpu, offset & !7) {
                 // 32-bit access to either half of a 64-bit register.
-                let reg = self.redist_reg64(vcpu, offset & !7).unwrap_or(0);
-                if offset & 4 == 0 {
-                    reg & 0xFFFF_FFFF
-                } else {
-                    reg >> 32
-                }
-            }
-            AccessWidth::Word => self.redist_read32(vcpu, offset).into(),
+                Some(reg) if offset & 4 == 0 => reg & 0xFFFF_FFFF,
+                Some(reg) => reg >> 32,
+                None => self.redist_read32(vcpu, offset).into(),
+            },
             AccessWidth::Double => self.redist_reg64(vcpu, offset).unwrap_or(0),
             _ => 0,
         }
