@@ -154,8 +154,8 @@ impl LpiStore {
 }
 
 /// LPIs a PROPBASER value covers: INTIDs below 2^(IDbits+1), with IDbits capped at what
-/// GICD_TYPER advertises (IHI 0069H, GICR_PROPBASER: IDbits larger than GICD_TYPER.IDbits behave as
-/// GICD_TYPER.IDbits; smaller than 13 means no LPI is in range).
+/// GICD_TYPER advertises (IHI 0069H, GICR_PROPBASER: a larger IDbits behaves as
+/// GICD_TYPER.IDbits; one below 13 leaves no LPI in range).
 fn lpis_in_table(propbaser: u64) -> u32 {
     let id_bits = ((propbaser & GICR_PROPBASER_IDBITS_MASK) as u32).min(GICD_TYPER_IDBITS_LPIS);
     (1u32 << (id_bits + 1)).saturating_sub(LPI_BASE)
