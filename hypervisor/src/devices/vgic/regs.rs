@@ -83,14 +83,15 @@ pub const GICR_TYPER_LAST: u64 = 1 << 4;
 pub const GICR_TYPER_PROCESSOR_NUMBER_SHIFT: u32 = 8;
 pub const GICR_TYPER_AFFINITY_SHIFT: u32 = 32;
 
-/// GICR_PROPBASER fields that hold state (IHI 0069H, GICR_PROPBASER): IDbits [4:0], InnerCache [9:7],
-/// Shareability [11:10], Physical_Address [51:12], OuterCache [58:56]; the rest is RES0.
+/// GICR_PROPBASER fields that hold state (IHI 0069H, GICR_PROPBASER): IDbits [4:0],
+/// InnerCache [9:7], Shareability [11:10], Physical_Address [51:12], OuterCache [58:56]; the
+/// rest is RES0.
 pub const GICR_PROPBASER_WRITABLE: u64 = 0x070F_FFFF_FFFF_FF9F;
 pub const GICR_PROPBASER_IDBITS_MASK: u64 = 0x1F;
 pub const GICR_PROPBASER_PA_MASK: u64 = 0x000F_FFFF_FFFF_F000;
-/// GICR_PENDBASER fields that hold state (IHI 0069H, GICR_PENDBASER): InnerCache [9:7], Shareability
-/// [11:10], Physical_Address [51:16], OuterCache [58:56]. PTZ [62] is write-only here (reads 0):
-/// the pending table is never read, so there is nothing for it to zero.
+/// GICR_PENDBASER fields that hold state (IHI 0069H, GICR_PENDBASER): InnerCache [9:7],
+/// Shareability [11:10], Physical_Address [51:16], OuterCache [58:56]. PTZ [62] is write-only
+/// here (reads 0): the pending table is never read, so there is nothing for it to zero.
 pub const GICR_PENDBASER_WRITABLE: u64 = 0x070F_FFFF_FFFF_0F80;
 
 pub const GICR_WAKER_PROCESSOR_SLEEP: u32 = 1 << 1;
