@@ -1,12 +1,17 @@
 //! Hostile-guest driver of the virtual GICv3 ([`VGic`]) with simulated list registers.
 //!
 //! [`run`] builds a [`VGic`] and, beside it, [`RefGic`]: a reference written from IHI 0069H
-//! chapter 12 and the model's documented choices (GICD_CTLR.DS=1, ARE RAO/WI, no LPIs, no
-//! active state, priority bytes of 8 bits, `spi_target` 0 for 1-of-N and unmatched routes). It
+//! chapter 12 and the model's documented choices (GICD_CTLR.DS=1, ARE RAO/WI, no active state,
+//! priority bytes of 8 bits, `spi_target` 0 for 1-of-N and unmatched routes; with LPIs, the
+//! module documentation of `devices::vgic`: set-once EnableLPIs, PROPBASER/PENDBASER frozen
+//! once it is set, a configuration byte per LPI read from the guest's property table only at
+//! `lpi_config_refresh{,_all}`, pending per vCPU, Group 1, edge). It
 //! keeps its own state one INTID at a time and decodes every register access itself, so it
 //! shares no code with the model. The input drives guest register accesses, the hypervisor's
 //! calls (`set_pending`, `clear_pending`, `sgi_targets` as `vm::irq::send_sgi` uses it,
-//! `spi_target`, `pop_deliverable`) and a copy of the list-register filler
+//! `spi_target`, `pop_deliverable`, and with LPIs the vITS glue's `lpi_config_refresh`,
+//! `lpi_config_refresh_all`, `set_lpi_pending`, `clear_lpi_pending`, `move_lpis`, `reset`, plus
+//! the guest writing its property table in RAM) and a copy of the list-register filler
 //! (`vm::lr::fill`) over simulated list registers that the guest acknowledges and
 //! deactivates. Invariants, each a panic naming it:
 //!
@@ -16,7 +21,8 @@
 //!   (RAZ/WI for halfwords, misaligned or out-of-frame accesses and unknown vCPUs);
 //! - **(c) state only for implemented INTIDs**: `enable_bit`, `is_enabled`, `priority`,
 //!   `group1`, `is_edge`, `is_pending` equal the reference for every INTID probed, including
-//!   unimplemented SPIs, 1020-1023, `u32::MAX` and vCPUs the VM does not have (all false or 0);
+//!   unimplemented SPIs, 1020-1023, LPIs past the bound (or any without LPI support),
+//!   `u32::MAX` and vCPUs the VM does not have (all false or 0);
 //! - **(d) SGIs only to the VM's vCPUs**: `sgi_targets` returns INTID < 16 and a bitmap of
 //!   existing vCPUs, exactly the ones ICC_SGI1R_EL1 names (IHI 0069H 12.2.22; IRM=1 is all but
 //!   the sender);
@@ -34,13 +40,15 @@
 //!   after its deactivation. With [`Checks::spi_single_pe`] also: an SPI is in the list
 //!   registers of at most one vCPU (off by default, see docs/fuzzing.md).
 
+use alloc::collections::BTreeSet;
 use alloc::vec;
 use alloc::vec::Vec;
 
 use super::{Input, MAX_OPS};
 use crate::devices::vgic::regs::*;
-use crate::devices::vgic::{VGic, VGicConfig, MAX_SPIS};
-use crate::hw::IntId;
+use crate::devices::vgic::{VGic, VGicConfig, LPI_BASE, MAX_SPIS};
+use crate::hw::fake::FakeRam;
+use crate::hw::{GuestRam, IntId, Ipa};
 use crate::mmio::AccessWidth::{self, Byte, Double, Word};
 
 /// The emulated UART's SPI (QEMU `virt`: SPI 1), whose level the filler samples.
@@ -64,10 +72,15 @@ pub struct Shape {
     pub lrs: usize,
     /// Start from what Linux's GICv3 driver programs at boot.
     pub linux_init: bool,
+    /// `VGicConfig::lpis`.
+    pub lpis: bool,
+    /// `VGicConfig::max_lpis`.
+    pub max_lpis: u32,
 }
 
 /// Byte 0: bits [2:0] SPI count, [4:3] vCPUs 1-4 (bit 5: 8 vCPUs), [7:6] the MPIDR layout;
-/// byte 1: bits [1:0] list registers - 1, bit 2: start from Linux's initialisation.
+/// byte 1: bits [1:0] list registers - 1, bit 2: start from Linux's initialisation, bit 3:
+/// LPIs, bits [5:4] the LPI bound.
 pub fn shape(b0: u8, b1: u8) -> Shape {
     let num_spis = [0, 32, 64, 128, MAX_SPIS, 7, 100, 5000][usize::from(b0 & 7)];
     let n = if b0 & 0x20 != 0 {
@@ -92,6 +105,8 @@ pub fn shape(b0: u8, b1: u8) -> Shape {
         mpidr,
         lrs: 1 + usize::from(b1 & 3),
         linux_init: b1 & 4 != 0,
+        lpis: b1 & 8 != 0,
+        max_lpis: [64, 8192, 100, u32::MAX][usize::from((b1 >> 4) & 3)],
     }
 }
 
@@ -116,7 +131,32 @@ pub struct RefGic {
     spis: Vec<Irq>,
     irouter: Vec<u64>,
     sleep: Vec<bool>,
+    /// LPI support.
+    lpis: bool,
+    /// LPIs kept: 8192..8192 + nlpis.
+    nlpis: u32,
+    /// Per vCPU: GICR_CTLR.EnableLPIs, GICR_PROPBASER, GICR_PENDBASER.
+    enable_lpis: Vec<bool>,
+    propbaser: Vec<u64>,
+    pendbaser: Vec<u64>,
+    /// The configuration byte of each LPI as last read from the property table.
+    lpi_cfg: Vec<u8>,
+    /// Per vCPU: the pending LPIs (a set, unlike the model's bitmaps, so that a pop looks only
+    /// at what is pending).
+    lpi_pending: Vec<BTreeSet<u32>>,
 }
+
+/// GICR_PROPBASER: IDbits [4:0], InnerCache [9:7], Shareability [11:10], PA [51:12],
+/// OuterCache [58:56] (IHI 0069H, GICR_PROPBASER).
+const PROPBASER_BITS: u64 = 0x1F | 0x7 << 7 | 0x3 << 10 | 0xF_FFFF_FFFF << 12 | 0x7 << 56;
+/// GICR_PENDBASER: InnerCache, Shareability, PA [51:16], OuterCache; PTZ reads 0 (GICR_PENDBASER).
+const PENDBASER_BITS: u64 = 0x7 << 7 | 0x3 << 10 | 0xF_FFFF_FFFF << 16 | 0x7 << 56;
+
+/// Guest RAM the property tables live in: 128 KiB at `RAM_BASE`, the upper 64 KiB being where
+/// a Linux-like driver puts the table (it ends exactly at the end of RAM).
+const RAM_BASE: u64 = 0x4000_0000;
+const RAM_SIZE: u64 = 0x2_0000;
+const PROP_PA: u64 = RAM_BASE + 0x1_0000;
 
 /// Affinity fields of MPIDR_EL1 and GICD_IROUTER: Aff3 [39:32], Aff2-Aff0 [23:0].
 const AFF: u64 = 0xFF_00FF_FFFF;
@@ -130,15 +170,101 @@ impl RefGic {
             // SGIs are edge-triggered, GICR_ICFGR0 is read-only (IHI 0069H 12.11.7).
             irq.edge = true;
         }
+        let nlpis = if s.lpis {
+            s.max_lpis.min((1 << 16) - LPI_BASE)
+        } else {
+            0
+        };
+        let n = s.mpidr.len();
         Self {
             nspis,
             mpidr: s.mpidr.clone(),
             ctlr: 0,
-            private: vec![private; s.mpidr.len()],
+            private: vec![private; n],
             spis: vec![Irq::default(); nspis as usize],
             irouter: vec![0; nspis as usize],
-            sleep: vec![true; s.mpidr.len()],
+            sleep: vec![true; n],
+            lpis: s.lpis,
+            nlpis,
+            enable_lpis: vec![false; n],
+            propbaser: vec![0; n],
+            pendbaser: vec![0; n],
+            lpi_cfg: vec![0; nlpis as usize],
+            lpi_pending: vec![BTreeSet::new(); n],
         }
+    }
+
+    /// Index of a kept LPI.
+    fn lpi(&self, intid: u32) -> Option<usize> {
+        let i = intid.checked_sub(LPI_BASE)?;
+        (i < self.nlpis).then_some(i as usize)
+    }
+
+    /// An LPI seen as the per-INTID state the checks compare: Group 1, edge, priority [7:2].
+    fn lpi_irq(&self, vcpu: usize, intid: u32) -> Option<Irq> {
+        let i = self.lpi(intid)?;
+        let cfg = self.lpi_cfg[i];
+        Some(Irq {
+            group1: true,
+            enable: cfg & 1 != 0,
+            pending: self
+                .lpi_pending
+                .get(vcpu)
+                .is_some_and(|p| p.contains(&intid)),
+            edge: true,
+            prio: cfg & 0xFC,
+        })
+    }
+
+    /// Any INTID's state, LPIs included.
+    fn any_irq(&self, vcpu: usize, intid: u32) -> Option<Irq> {
+        if intid >= LPI_BASE {
+            self.lpi_irq(vcpu, intid)
+        } else {
+            self.irq(vcpu, intid).copied()
+        }
+    }
+
+    /// How many bytes from `pa` the property table of `vcpu` covers: INTIDs below
+    /// 2^(min(IDbits, 15) + 1), from 8192, and no more than are kept.
+    fn table_lpis(&self, vcpu: usize) -> u32 {
+        let id_bits = (self.propbaser[vcpu] & 0x1F).min(15) as u32;
+        ((1u32 << (id_bits + 1)).saturating_sub(LPI_BASE)).min(self.nlpis)
+    }
+
+    /// INV/MAPTI: the entry of `intid`, one byte, through `vcpu`'s PROPBASER.
+    fn refresh(&mut self, ram: &FakeRam, vcpu: usize, intid: u32) {
+        if !self.enable_lpis.get(vcpu).copied().unwrap_or(false) {
+            return;
+        }
+        let Some(i) = self.lpi(intid) else { return };
+        let mut b = [0u8];
+        let pa = self.propbaser[vcpu] & 0xF_FFFF_FFFF << 12;
+        let ok = (i as u32) < self.table_lpis(vcpu) && ram.read(Ipa(pa + i as u64), &mut b).is_ok();
+        self.lpi_cfg[i] = if ok { b[0] } else { 0 };
+    }
+
+    /// INVALL: the whole table in one read; if any of it is outside RAM, all disabled.
+    fn refresh_all(&mut self, ram: &FakeRam, vcpu: usize) {
+        if !self.enable_lpis.get(vcpu).copied().unwrap_or(false) {
+            return;
+        }
+        let n = self.table_lpis(vcpu) as usize;
+        let pa = self.propbaser[vcpu] & 0xF_FFFF_FFFF << 12;
+        let mut table = vec![0u8; n];
+        if ram.read(Ipa(pa), &mut table).is_err() {
+            table.fill(0);
+        }
+        table.resize(self.nlpis as usize, 0);
+        self.lpi_cfg = table;
+    }
+
+    fn move_lpis(&mut self, from: usize, to: usize) {
+        if from >= self.n() || to >= self.n() || from == to {
+            return;
+        }
+        let moved = core::mem::take(&mut self.lpi_pending[from]);
+        self.lpi_pending[to].extend(moved);
     }
 
     fn n(&self) -> usize {
@@ -191,6 +317,11 @@ impl RefGic {
     }
 
     fn enabled(&self, vcpu: usize, intid: u32) -> bool {
+        if intid >= LPI_BASE {
+            return self.lpi_irq(vcpu, intid).is_some_and(|i| i.enable)
+                && self.enable_lpis.get(vcpu).copied().unwrap_or(false)
+                && self.ctlr & 2 != 0;
+        }
         self.irq(vcpu, intid)
             .is_some_and(|i| i.enable && self.ctlr & if i.group1 { 2 } else { 1 } != 0)
     }
@@ -215,7 +346,18 @@ impl RefGic {
     }
 
     fn typer(&self) -> u32 {
-        let mut t = (self.nspis / 32) | (9 << 19);
+        let mut t = self.nspis / 32;
+        if self.lpis {
+            // LPIS, IDbits = 15, num_LPIs: 2^(num_LPIs+1) LPIs, the largest that fit the bound
+            // (0 = the whole 16-bit range, or a bound below 4).
+            let num = match self.nlpis {
+                n if !(4..(1 << 16) - LPI_BASE).contains(&n) => 0,
+                n => 31 - n.leading_zeros() - 1,
+            };
+            t |= 1 << 17 | 15 << 19 | num << 11;
+        } else {
+            t |= 9 << 19;
+        }
         if self.mpidr.iter().any(|m| m >> 32 & 0xFF != 0) {
             t |= 1 << 24; // A3V
         }
@@ -374,7 +516,7 @@ impl RefGic {
         let m = self.mpidr[vcpu];
         let aff = (m >> 32 & 0xFF) << 24 | (m & 0xFF_FFFF);
         let last = u64::from(vcpu + 1 == self.n()) << 4;
-        aff << 32 | (vcpu as u64) << 8 | last
+        aff << 32 | (vcpu as u64) << 8 | last | u64::from(self.lpis)
     }
 
     /// A GICR read of `vcpu`'s RD_base + SGI_base frames (IHI 0069H 12.10, 12.11).
@@ -383,11 +525,19 @@ impl RefGic {
             return 0;
         }
         let p = &self.private[vcpu];
+        let base = |off: u64| match off {
+            0x70 if self.lpis => self.propbaser[vcpu],
+            0x78 if self.lpis => self.pendbaser[vcpu],
+            _ => 0,
+        };
         match (w, off) {
             (Byte, 0x1_0400..=0x1_041F) => p[(off - 0x1_0400) as usize].prio.into(),
             (Double, 0x8) => self.rd_typer(vcpu),
             (Word, 0x8 | 0xC) => (self.rd_typer(vcpu) >> ((off & 4) * 8)) & 0xFFFF_FFFF,
+            (Double, 0x70 | 0x78) => base(off),
+            (Word, 0x70..=0x7F) => (base(off & !7) >> ((off & 4) * 8)) & 0xFFFF_FFFF,
             (Word, _) => u64::from(match off {
+                0x0 => u32::from(self.enable_lpis[vcpu]),
                 0x4 => GIC_IIDR,
                 0x14 if self.sleep[vcpu] => 0b110,
                 0xFFE8 => GIC_PIDR2,
@@ -416,6 +566,20 @@ impl RefGic {
         }
         let v = value as u32;
         match (w, off) {
+            (Word, 0x0) if self.lpis && v & 1 != 0 => self.enable_lpis[vcpu] = true,
+            (Word | Double, 0x70..=0x7F) if self.lpis && !self.enable_lpis[vcpu] => {
+                let (reg, bits) = if off < 0x78 {
+                    (&mut self.propbaser[vcpu], PROPBASER_BITS)
+                } else {
+                    (&mut self.pendbaser[vcpu], PENDBASER_BITS)
+                };
+                let new = match (w, off & 4) {
+                    (Double, _) => value,
+                    (_, 0) => *reg & !0xFFFF_FFFF | u64::from(v),
+                    _ => *reg & 0xFFFF_FFFF | u64::from(v) << 32,
+                };
+                *reg = new & bits;
+            }
             (Byte, 0x1_0400..=0x1_041F) => {
                 self.private[vcpu][(off - 0x1_0400) as usize].prio = v as u8
             }
@@ -473,19 +637,33 @@ impl RefGic {
         // Cheap tests first: routing is only looked at for latched SPIs.
         let spis = (32..32 + self.nspis)
             .filter(|&i| self.spis[i as usize - 32].pending && self.target(i) == vcpu);
+        let lpis = self.lpi_pending[vcpu].iter().copied();
         (0..32)
             .chain(spis)
+            .chain(lpis)
             .filter(|&i| {
-                self.irq(vcpu, i).is_some_and(|irq| irq.pending)
+                self.any_irq(vcpu, i).is_some_and(|irq| irq.pending)
                     && self.enabled(vcpu, i)
                     && !exclude.contains(&i)
             })
-            .map(|i| (self.irq(vcpu, i).map_or(0, |irq| irq.prio), i))
+            .map(|i| (self.any_irq(vcpu, i).map_or(0, |irq| irq.prio), i))
             .min()
             .map(|(p, i)| (i, p))
     }
 
     fn set_pending(&mut self, vcpu: usize, intid: u32, on: bool) {
+        if intid >= LPI_BASE {
+            // A redistributor with EnableLPIs 0 takes no LPI.
+            if self.lpi(intid).is_none() || vcpu >= self.n() {
+                return;
+            }
+            if !on {
+                self.lpi_pending[vcpu].remove(&intid);
+            } else if self.enable_lpis[vcpu] {
+                self.lpi_pending[vcpu].insert(intid);
+            }
+            return;
+        }
         if let Some(i) = self.irq_mut(vcpu, intid) {
             i.pending = on;
         }
@@ -534,6 +712,8 @@ pub struct Tally {
     pub sgis: u64,
     /// Guest register reads compared.
     pub reads: u64,
+    /// LPIs `pop_deliverable` returned.
+    pub lpis_delivered: u64,
 }
 
 /// The harness: model, reference, list registers.
@@ -555,6 +735,10 @@ pub struct Harness {
     touched: Vec<(usize, u32)>,
     /// Rotating window of INTIDs checked after every step.
     sweep: u32,
+    /// The VM's RAM, holding the guest's LPI property tables.
+    pub ram: FakeRam,
+    /// The shape, for resets.
+    shape: Shape,
 }
 
 impl Harness {
@@ -563,6 +747,8 @@ impl Harness {
         let gic = VGic::new(VGicConfig {
             num_spis: shape.num_spis,
             vcpu_mpidr: shape.mpidr.clone(),
+            lpis: shape.lpis,
+            max_lpis: shape.max_lpis,
         });
         Self {
             gic,
@@ -573,7 +759,68 @@ impl Harness {
             tally: Tally::default(),
             touched: Vec::new(),
             sweep: 0,
+            ram: FakeRam::new(RAM_BASE, RAM_SIZE as usize),
+            shape: shape.clone(),
         }
+    }
+
+    /// A VM reset: the GIC back to its reset state, the list registers emptied (as
+    /// `quiesce_local_vcpu` and `reset_el1_and_vgic_cpu` do); RAM keeps its contents.
+    pub fn reset(&mut self) {
+        self.gic.reset();
+        self.reference = RefGic::new(&self.shape);
+        for l in &mut self.lrs {
+            l.fill(None);
+        }
+        self.uart_level = false;
+    }
+
+    /// The vITS glue: INV or MAPTI of `intid` on `vcpu`.
+    pub fn lpi_refresh(&mut self, vcpu: usize, intid: u32) {
+        self.gic.lpi_config_refresh(&self.ram, vcpu, intid);
+        self.reference.refresh(&self.ram, vcpu, intid);
+        self.touched.push((vcpu, intid));
+    }
+
+    /// The vITS glue: INVALL on `vcpu`.
+    pub fn lpi_refresh_all(&mut self, vcpu: usize) {
+        self.gic.lpi_config_refresh_all(&self.ram, vcpu);
+        self.reference.refresh_all(&self.ram, vcpu);
+        for i in [0, 1, 63, 64] {
+            self.touched.push((vcpu.min(self.n()), LPI_BASE + i));
+        }
+    }
+
+    /// The vITS glue: MOVALL.
+    pub fn move_lpis(&mut self, from: usize, to: usize) {
+        self.gic.move_lpis(from, to);
+        self.reference.move_lpis(from, to);
+        for v in [from, to] {
+            for i in [0, 1, 63, 64] {
+                self.touched.push((v.min(self.n()), LPI_BASE + i));
+            }
+        }
+    }
+
+    /// The guest writes the property table entry of `intid` as `vcpu`'s PROPBASER locates it
+    /// (if that is in RAM).
+    pub fn write_prop(&mut self, vcpu: usize, intid: u32, cfg: u8) {
+        let pa = self
+            .reference
+            .propbaser
+            .get(vcpu)
+            .map_or(PROP_PA, |p| p & 0xF_FFFF_FFFF << 12);
+        let at = pa.wrapping_add(u64::from(intid.wrapping_sub(LPI_BASE)));
+        let _ = self.ram.write(Ipa(at), &[cfg]);
+    }
+
+    /// What Linux's `its_cpu_init_lpis` does on `vcpu`: PROPBASER (IDbits 15, inner-shareable,
+    /// RaWaWb), PENDBASER with PTZ, EnableLPIs.
+    pub fn linux_lpi_init(&mut self, vcpu: usize) {
+        let attrs = 7 << 7 | 1 << 10;
+        self.redist_write(vcpu, GICR_PROPBASER, Double, PROP_PA | attrs | 15);
+        self.redist_write(vcpu, GICR_PENDBASER, Double, RAM_BASE | attrs | 1 << 62);
+        self.redist_write(vcpu, GICR_CTLR, Word, 1);
     }
 
     fn n(&self) -> usize {
@@ -634,10 +881,11 @@ impl Harness {
 
     /// The hypervisor latches or clears a pending interrupt.
     pub fn set_pending(&mut self, vcpu: usize, intid: u32, on: bool) {
-        if on {
-            self.gic.set_pending(vcpu, IntId(intid));
-        } else {
-            self.gic.clear_pending(vcpu, IntId(intid));
+        match (on, intid >= LPI_BASE) {
+            (true, false) => self.gic.set_pending(vcpu, IntId(intid)),
+            (false, false) => self.gic.clear_pending(vcpu, IntId(intid)),
+            (true, true) => self.gic.set_lpi_pending(vcpu, intid),
+            (false, true) => self.gic.clear_lpi_pending(vcpu, intid),
         }
         self.reference.set_pending(vcpu, intid, on);
         self.touched.push((vcpu, intid));
@@ -683,7 +931,9 @@ impl Harness {
             .map(|(i, p)| (i.0, p));
         let want = self.reference.best(vcpu, exclude);
         if let Some((intid, _)) = got {
-            let implemented = intid < 32 + self.reference.nspis && vcpu < self.n();
+            let implemented = (intid < 32 + self.reference.nspis
+                || self.reference.lpi(intid).is_some())
+                && vcpu < self.n();
             assert!(
                 implemented,
                 "(f) vCPU {vcpu}: pop_deliverable returned out-of-range INTID {intid}"
@@ -705,6 +955,9 @@ impl Harness {
             self.reference.set_pending(vcpu, intid, false);
             self.touched.push((vcpu, intid));
             self.tally.delivered += 1;
+            if intid >= LPI_BASE {
+                self.tally.lpis_delivered += 1;
+            }
         }
         got
     }
@@ -719,6 +972,16 @@ impl Harness {
             .iter()
             .map(|l| l.map_or(u32::MAX, |l| l.intid))
             .collect();
+        // An LPI raised again while its entry is still pending merges with it.
+        let merged: Vec<u32> = lrs
+            .iter()
+            .flatten()
+            .filter(|l| l.state == LrState::Pending && l.intid >= LPI_BASE)
+            .map(|l| l.intid)
+            .collect();
+        for intid in merged {
+            self.set_pending(vcpu, intid, false);
+        }
         if self.gic.spi_target(IntId(UART_INTID)) == vcpu
             && self.uart_level
             && !in_flight.contains(&UART_INTID)
@@ -740,7 +1003,7 @@ impl Harness {
             };
             let level = !self.gic.is_edge(vcpu, IntId(intid));
             let group1 = self.gic.group1(vcpu, IntId(intid));
-            let r = self.reference.irq(vcpu, intid).copied().unwrap_or_default();
+            let r = self.reference.any_irq(vcpu, intid).unwrap_or_default();
             assert!(
                 prio == r.prio && group1 == r.group1 && level != r.edge,
                 "(g) vCPU {vcpu}: INTID {intid} filled with priority {prio:#x}, group1 {group1}, \
@@ -783,7 +1046,7 @@ impl Harness {
     fn check_intid(&self, vcpu: usize, intid: u32) {
         let g = &self.gic;
         let r = &self.reference;
-        let irq = r.irq(vcpu, intid).copied().unwrap_or_default();
+        let irq = r.any_irq(vcpu, intid).unwrap_or_default();
         let got = (
             g.enable_bit(vcpu, IntId(intid)),
             g.is_enabled(vcpu, IntId(intid)),
@@ -853,7 +1116,20 @@ impl Harness {
             self.check_intid(n, intid);
         }
         // A rotating window over every INTID and edge case.
-        let extra = [32 + nspis, 1019, 1020, 1023, u32::MAX, UART_INTID];
+        let nlpis = self.reference.nlpis;
+        let extra = [
+            32 + nspis,
+            1019,
+            1020,
+            1023,
+            u32::MAX,
+            UART_INTID,
+            LPI_BASE - 1,
+            LPI_BASE,
+            LPI_BASE + 1,
+            LPI_BASE + nlpis.saturating_sub(1),
+            LPI_BASE + nlpis,
+        ];
         let total = 32 + nspis + extra.len() as u32;
         for _ in 0..2 {
             let k = self.sweep % total;
@@ -877,6 +1153,10 @@ impl Harness {
             for intid in (0..32).chain([32, 32 + nspis, 1020, u32::MAX]) {
                 self.check_intid(v, intid);
             }
+            let nlpis = self.reference.nlpis;
+            for intid in (LPI_BASE..LPI_BASE + nlpis.min(128)).chain([LPI_BASE + nlpis]) {
+                self.check_intid(v, intid);
+            }
         }
         // SPI state does not depend on the vCPU asking.
         for intid in 32..32 + nspis + 2 {
@@ -896,7 +1176,20 @@ impl Harness {
 
     fn intid(&self, inp: &mut Input) -> u32 {
         let nspis = self.reference.nspis;
-        match inp.u8() & 15 {
+        let sel = inp.u8();
+        if self.reference.lpis && sel & 0x80 != 0 {
+            // An LPI: mostly within the bound, sometimes just past it or anywhere in 16 bits.
+            let nlpis = self.reference.nlpis;
+            return match sel & 7 {
+                // A few LPIs, so configuration and pending meet.
+                0..=3 => LPI_BASE + u32::from(inp.u8() & 15) % nlpis.max(1),
+                4 => LPI_BASE + u32::from(inp.u8()) % nlpis.max(1),
+                5 => LPI_BASE + u32::from(inp.u16()) % nlpis.max(1),
+                6 => LPI_BASE + nlpis - u32::from(inp.u8() & 1),
+                _ => LPI_BASE + u32::from(inp.u16()) % ((1 << 16) - LPI_BASE),
+            };
+        }
+        match sel & 15 {
             0..=2 => u32::from(inp.u8() & 15),
             3..=4 => 16 + u32::from(inp.u8() & 15),
             5..=9 => 32 + u32::from(inp.u16()) % nspis.max(1),
@@ -1063,6 +1356,9 @@ impl Harness {
             for i in (0..32).step_by(4) {
                 self.redist_write(v, GICR_IPRIORITYR + i, Word, 0xa0a0_a0a0);
             }
+            if self.reference.lpis {
+                self.linux_lpi_init(v);
+            }
         }
     }
 
@@ -1086,10 +1382,55 @@ impl Harness {
             | (m >> 32 & 0xFF) << 48
     }
 
+    /// One LPI operation: the vITS glue's calls, the guest's property table, a reset.
+    fn lpi_step(&mut self, inp: &mut Input) {
+        let vcpu = self.vcpu(inp);
+        match inp.u8() & 7 {
+            0 => {
+                let (intid, cfg) = (self.intid(inp), inp.u8());
+                self.write_prop(vcpu, intid, cfg);
+                if inp.bool() {
+                    self.lpi_refresh(vcpu, intid);
+                }
+            }
+            1 => {
+                let intid = self.intid(inp);
+                self.lpi_refresh(vcpu, intid);
+            }
+            2 => self.lpi_refresh_all(vcpu),
+            3 => {
+                let (intid, on) = (self.intid(inp), inp.u8() & 3 != 0);
+                self.set_pending(vcpu, intid, on);
+            }
+            4 => {
+                let to = self.vcpu(inp);
+                self.move_lpis(vcpu, to);
+            }
+            5 | 6 => {
+                // A driver's MSI: the LPI enabled in the table, INV, then the device fires.
+                let (intid, prio) = (self.intid(inp), inp.u8());
+                self.write_prop(vcpu, intid, prio | 1);
+                self.lpi_refresh(vcpu, intid);
+                self.set_pending(vcpu, intid, true);
+            }
+            _ => match inp.u8() {
+                0 => self.reset(),
+                1..=63 if vcpu < self.n() => self.linux_lpi_init(vcpu),
+                _ => {}
+            },
+        }
+    }
+
     /// One operation from the input.
     pub(crate) fn step(&mut self, inp: &mut Input) {
         let n = self.n();
-        match inp.u8() & 15 {
+        let op = inp.u8();
+        if self.reference.lpis && op >= 0xA0 {
+            self.lpi_step(inp);
+            self.check();
+            return;
+        }
+        match op & 15 {
             0 => {
                 let (off, w) = (self.dist_offset(inp), inp.width());
                 self.dist_read(off, w);
@@ -1216,6 +1557,75 @@ mod tests {
             t.delivered > 1000 && t.filled > 500 && t.eois > 200 && t.put_back > 10 && t.sgis > 100,
             "shallow: {t:?}"
         );
+    }
+
+    #[test]
+    fn random_inputs_with_lpis_keep_the_invariants() {
+        let mut rng = Rng(0x1319_8a2e_0370_7344);
+        let mut delivered = 0;
+        for i in 0..400u32 {
+            let mut data = rng.input(400);
+            if data.len() >= 2 {
+                // LPIs on, Linux's initialisation (LPIs enabled on every vCPU), every bound.
+                data[1] = (data[1] & 0x33) | 0x0C | ((i % 4) as u8) << 4;
+            }
+            delivered += run_with(&data, Checks::default()).tally.lpis_delivered;
+        }
+        assert!(delivered > 400, "shallow: {delivered} LPIs delivered");
+    }
+
+    /// `booted` with LPIs (bound 64), LPI 8195 enabled at priority 0x40 on vCPU 0.
+    fn booted_lpis() -> Harness {
+        let mut h = Harness::new(&shape(0x09 | 0x40, 0x0F), Checks::default());
+        h.linux_init();
+        h.write_prop(0, LPI_BASE + 3, 0x41);
+        h.lpi_refresh(0, LPI_BASE + 3);
+        h.check();
+        h
+    }
+
+    #[test]
+    fn an_lpi_is_delivered_once_and_merges_while_pending() {
+        let mut h = booted_lpis();
+        let lpi = LPI_BASE + 3;
+        h.set_pending(0, lpi, true);
+        h.sync(0);
+        assert_eq!(
+            h.lrs[0][0].map(|l| (l.intid, l.prio, l.level)),
+            Some((lpi, 0x40, false))
+        );
+        h.set_pending(0, lpi, true);
+        h.sync(0);
+        assert_eq!(h.lrs[0].iter().flatten().count(), 1);
+        h.ack(0, 0);
+        h.eoi(0, 0);
+        h.sync(0);
+        assert_eq!(
+            h.lrs[0].iter().flatten().count(),
+            0,
+            "merged: not delivered again"
+        );
+        h.check_all();
+    }
+
+    #[test]
+    #[should_panic(expected = "(c) vCPU 0 INTID 8195")]
+    fn an_lpi_config_read_behind_the_references_back_is_caught() {
+        let mut h = booted_lpis();
+        // The guest changes its table; the model re-reads it without an INV.
+        h.write_prop(0, LPI_BASE + 3, 0x40);
+        h.gic.lpi_config_refresh_all(&h.ram, 0);
+        h.touched.push((0, LPI_BASE + 3));
+        h.check();
+    }
+
+    #[test]
+    #[should_panic(expected = "(f) vCPU 1")]
+    fn a_lost_movall_is_caught() {
+        let mut h = booted_lpis();
+        h.set_pending(0, LPI_BASE + 3, true);
+        h.reference.move_lpis(0, 1);
+        h.pop(1, &[]);
     }
 
     /// Two vCPUs in one cluster, 64 SPIs, 4 list registers, after Linux's initialisation.

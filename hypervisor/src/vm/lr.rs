@@ -8,7 +8,7 @@
 //! global lock (ARM_CP_IO), which all vCPUs of all VMs share.
 
 use crate::devices::vgic::lr::{ListRegister, LrState};
-use crate::devices::vgic::VGic;
+use crate::devices::vgic::{is_lpi, VGic};
 use crate::hw::{Hw, IntId};
 use aarch64_cpu::registers::ICH_HCR_EL2;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -124,8 +124,13 @@ impl HwPending {
     }
 
     /// Holds `intid` until it gets a list register; `false` when there is no room (the caller
-    /// deactivates it: its source raises it again).
+    /// deactivates it: its source raises it again). An LPI is always refused: it has no active
+    /// state to link, and a HW list register's pINTID cannot name one (QEMU keeps 10 bits of
+    /// it, `icv_deactivate_irq` deactivates only pINTIDs below 1020).
     pub fn push(&mut self, intid: IntId) -> bool {
+        if is_lpi(intid) {
+            return false;
+        }
         if self.slots.contains(&Some(intid)) {
             return true;
         }
@@ -178,6 +183,11 @@ pub fn fill(
             }
         } else {
             *slot = IntId(lr.vintid());
+            if lr.state() == LrState::Pending && is_lpi(*slot) {
+                // The guest has not taken it yet: an LPI raised again meanwhile merges with it,
+                // as a second MSI merges into a pending LPI on real hardware.
+                vgic.clear_pending(vcpu, *slot);
+            }
         }
     }
     let mut free = free[..nfree].iter().copied();
@@ -216,7 +226,10 @@ pub fn fill(
             more = true;
             break;
         };
-        let level = !vgic.is_edge(vcpu, intid);
+        // A level line asks for EOI maintenance to be re-sampled. An LPI never does: it is
+        // edge-like with no active state to track (IHI 0069H chapter 5), so once the guest EOIs
+        // it the entry reads invalid and the next `fill` frees it like any other.
+        let level = !is_lpi(intid) && !vgic.is_edge(vcpu, intid);
         let lr = ListRegister::software(intid.0, prio, vgic.group1(vcpu, intid), level);
         lrs.write(hw, i, lr);
         in_flight[i] = intid;

@@ -316,6 +316,7 @@ impl Vm {
         let vgic = VGic::new(VGicConfig {
             num_spis: VGIC_SPIS,
             vcpu_mpidr: vcpus.iter().map(|v| v.mpidr).collect(),
+            ..VGicConfig::default()
         });
         let gicr = MemRange {
             // The guest's redistributors sit where the host's first region starts (its layout
@@ -444,6 +445,7 @@ impl Vm {
         *self.vgic.lock() = VGic::new(VGicConfig {
             num_spis: VGIC_SPIS,
             vcpu_mpidr: mpidrs,
+            ..VGicConfig::default()
         });
         *self.vuart.lock() = VPl011::new();
         self.console_backlog.lock().clear();

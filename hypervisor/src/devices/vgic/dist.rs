@@ -65,11 +65,16 @@ impl VGic {
     }
 
     fn dist_typer(&self) -> u32 {
-        // ITLinesNumber: 32 * (N + 1) INTIDs. CPUNumber stays 0 because ARE=1. No LPIs/MBIS/ESPI.
+        // ITLinesNumber: 32 * (N + 1) INTIDs. CPUNumber stays 0 because ARE=1. No MBIS/ESPI.
         let mut typer = self.num_spis / 32;
-        typer |= 9 << GICD_TYPER_IDBITS_SHIFT; // 10 INTID bits
-                                               // Advertise Aff3 and Range Selector support only when the vCPU topology needs them, so
-                                               // Linux can address every vCPU; sgi_targets() decodes both regardless.
+        if self.lpi_support {
+            typer |= GICD_TYPER_LPIS | GICD_TYPER_IDBITS_LPIS << GICD_TYPER_IDBITS_SHIFT;
+            typer |= self.num_lpis_field() << GICD_TYPER_NUM_LPIS_SHIFT;
+        } else {
+            typer |= GICD_TYPER_IDBITS_NO_LPIS << GICD_TYPER_IDBITS_SHIFT;
+        }
+        // Advertise Aff3 and Range Selector support only when the vCPU topology needs them, so
+        // Linux can address every vCPU; sgi_targets() decodes both regardless.
         if self.redists.iter().any(|r| (r.mpidr >> 32) & 0xFF != 0) {
             typer |= GICD_TYPER_A3V;
         }
@@ -77,6 +82,19 @@ impl VGic {
             typer |= GICD_TYPER_RSS;
         }
         typer
+    }
+
+    /// GICD_TYPER.num_LPIs: the largest 2^(n+1) within the store's bound, so that Linux
+    /// (`its_lpi_init`, "hypervisor restricted LPI range") allocates only LPIs the store keeps.
+    /// 0 (no restriction beyond IDbits) when the store covers every 16-bit LPI, or is too small
+    /// to express (fewer than 4 LPIs, which Linux would not honour anyway).
+    fn num_lpis_field(&self) -> u32 {
+        let n = self.lpis.count();
+        if !(4..super::MAX_LPIS).contains(&n) {
+            0
+        } else {
+            n.ilog2() - 1
+        }
     }
 
     /// Maps GICD bit-array register word `n` (INTIDs 32n..32n+31) to an SPI bank word.

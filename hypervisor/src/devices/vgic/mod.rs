@@ -6,9 +6,39 @@
 //! of this model with [`VGic::pop_deliverable`].
 //!
 //! The guest sees what KVM's vgic-mmio-v3 exposes: a GICv3 with a single security state
-//! (GICD_CTLR.DS=1), affinity routing always on (ARE RAO/WI), no LPIs, no ITS, and no
-//! extended SPI/PPI ranges. Active state is not modelled here (the list registers hold it), so
-//! the IS/ICACTIVER registers are RAZ/WI.
+//! (GICD_CTLR.DS=1), affinity routing always on (ARE RAO/WI), no ITS in this model (the vITS is
+//! `devices::vits`), and no extended SPI/PPI ranges. Active state is not modelled here (the
+//! list registers hold it), so the IS/ICACTIVER registers are RAZ/WI.
+//!
+//! # LPIs
+//!
+//! Off unless [`VGicConfig::lpis`] (the VM has a virtual ITS); then GICD_TYPER has LPIS=1,
+//! IDbits=15 and num_LPIs matching the bound, GICR_TYPER has PLPIS=1 (VLPIS, DirectLPI and
+//! CommonLPIAff 0), GICR_CTLR.EnableLPIs can be set once per vCPU and stays set until reset,
+//! and GICR_PROPBASER/PENDBASER read back what was written before EnableLPIs (writes after it
+//! are ignored; PENDBASER.PTZ reads 0). What is kept, for INTIDs 8192..8192 +
+//! [`VGicConfig::max_lpis`] only (others are ignored everywhere), in arrays sized once at
+//! construction:
+//! - one configuration byte per LPI for the whole VM (enable bit 0, priority [7:2], used
+//!   unshifted as with DS=1), a copy of the guest's property table entry. The table is read
+//!   from guest RAM only when the vITS glue says an entry may have changed:
+//!   [`VGic::lpi_config_refresh`] (INV, MAPTI: one byte at PROPBASER.PA + INTID - 8192) and
+//!   [`VGic::lpi_config_refresh_all`] (INVALL: one read of the table, capped at the bound and
+//!   at PROPBASER.IDbits), through the PROPBASER of the vCPU the command targets, and only
+//!   once that vCPU has set EnableLPIs. A read outside guest RAM leaves the LPI(s) disabled.
+//!   Between refreshes the guest's writes to its table have no effect, as on a GIC that
+//!   caches configuration (IHI 0069H 5.1: software must INV after changing an entry);
+//! - one pending bit per LPI and vCPU, set by [`VGic::set_lpi_pending`] (ignored while that
+//!   vCPU's EnableLPIs is 0), cleared by [`VGic::clear_lpi_pending`], moved by
+//!   [`VGic::move_lpis`] (MOVALL), and cleared when [`VGic::pop_deliverable`] hands the LPI
+//!   to a list register. An LPI has no active state, so from then on it is the list
+//!   register's alone (software entry, HW=0, no EOI maintenance). The guest's pending tables
+//!   (PENDBASER) are never read or written.
+//!
+//! LPIs are Group 1, edge-like, and delivered to their vCPU only while its EnableLPIs and
+//! GICD_CTLR.EnableGrp1 are set; they compete with SGIs, PPIs and SPIs by priority (ties go to
+//! the lower INTID, so to the non-LPI). A VM reset ([`VGic::reset`] or a new [`VGic`]) clears
+//! EnableLPIs, PROPBASER, PENDBASER and the whole store.
 //!
 //! Accesses follow IHI 0069H 12.1.3: every register takes 32-bit accesses; IPRIORITYR also takes
 //! byte accesses; 64-bit registers (GICD_IROUTER, GICR_TYPER, GICR_PROPBASER/PENDBASER) take
@@ -16,6 +46,7 @@
 //! out-of-frame offsets, unknown vCPUs) is RAZ/WI and never panics.
 
 mod dist;
+mod lpi;
 pub mod lr;
 mod redist;
 pub mod regs;
@@ -33,15 +64,45 @@ const NUM_PRIVATE: u32 = 32;
 /// Largest SPI count: ITLinesNumber=29 gives INTIDs up to 991; a 32nd block would overlap the
 /// special INTIDs 1020-1023 (IHI 0069H 2.2.1).
 pub const MAX_SPIS: u32 = 960;
+/// The first LPI (IHI 0069H 2.2.1).
+pub const LPI_BASE: u32 = 8192;
+/// LPIs that 16-bit INTIDs (GICD_TYPER.IDbits = 15) leave room for: 8192..65535.
+pub const MAX_LPIS: u32 = (1 << 16) - LPI_BASE;
+/// Default bound on LPIs per VM: what Linux asks of a 64 KiB property table is far more than
+/// a VM's few functions use (one per MSI-X vector), and 8192 keeps the store at 8 KiB of
+/// configuration plus 1 KiB of pending bits per vCPU.
+pub const DEFAULT_MAX_LPIS: u32 = 8192;
+
+/// Whether `intid` is an LPI (INTID 8192 and up).
+pub const fn is_lpi(intid: IntId) -> bool {
+    intid.0 >= LPI_BASE
+}
 
 /// Static shape of the virtual GIC.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct VGicConfig {
     /// Number of SPIs (INTIDs 32..32+num_spis). Rounded down to a multiple of 32 and capped at
     /// [`MAX_SPIS`].
     pub num_spis: u32,
     /// MPIDR_EL1 affinity of each vCPU, index = vCPU id.
     pub vcpu_mpidr: Vec<u64>,
+    /// LPI support (GICD_TYPER.LPIS, GICR_TYPER.PLPIS, EnableLPIs, PROPBASER/PENDBASER): on
+    /// when the VM has a virtual ITS. Off, the GIC is exactly the LPI-less one.
+    pub lpis: bool,
+    /// LPIs modelled when `lpis`: INTIDs 8192..8192+max_lpis (capped at [`MAX_LPIS`]); LPIs
+    /// past it are ignored.
+    pub max_lpis: u32,
+}
+
+impl Default for VGicConfig {
+    fn default() -> Self {
+        Self {
+            num_spis: 0,
+            vcpu_mpidr: Vec::new(),
+            lpis: false,
+            max_lpis: DEFAULT_MAX_LPIS,
+        }
+    }
 }
 
 /// Which per-INTID bit array a register operates on.
@@ -181,6 +242,12 @@ struct Redist {
     irqs: IrqBank,
     /// GICR_WAKER.ProcessorSleep; ChildrenAsleep mirrors it (no real wake-up latency).
     processor_sleep: bool,
+    /// GICR_CTLR.EnableLPIs: set once, then RES1 until reset.
+    enable_lpis: bool,
+    /// GICR_PROPBASER (writable fields only).
+    propbaser: u64,
+    /// GICR_PENDBASER (writable fields only; PTZ is never kept).
+    pendbaser: u64,
 }
 
 /// The virtual GICv3 distributor plus one redistributor per vCPU.
@@ -196,12 +263,19 @@ pub struct VGic {
     irouter: Vec<u64>,
     /// Cached routing decision of each SPI, recomputed on IROUTER writes.
     spi_target: Vec<usize>,
+    /// VGicConfig::lpis.
+    lpi_support: bool,
+    /// The LPIs (empty without LPI support).
+    lpis: lpi::LpiStore,
+    /// The shape it was built with, for [`VGic::reset`].
+    cfg: VGicConfig,
 }
 
 impl VGic {
     /// Builds the GIC in its reset state: everything disabled, group 0, priority 0, SPIs
     /// level-triggered and routed to affinity 0, every redistributor asleep.
     pub fn new(cfg: VGicConfig) -> Self {
+        let nlpis = if cfg.lpis { cfg.max_lpis } else { 0 };
         let num_spis = (cfg.num_spis & !31).min(MAX_SPIS);
         let redists = cfg
             .vcpu_mpidr
@@ -214,6 +288,9 @@ impl VGic {
                     mpidr,
                     irqs,
                     processor_sleep: true,
+                    enable_lpis: false,
+                    propbaser: 0,
+                    pendbaser: 0,
                 }
             })
             .collect();
@@ -224,11 +301,20 @@ impl VGic {
             spis: IrqBank::new((num_spis / 32) as usize),
             irouter: vec![0; num_spis as usize],
             spi_target: vec![0; num_spis as usize],
+            lpi_support: cfg.lpis,
+            lpis: lpi::LpiStore::new(nlpis, cfg.vcpu_mpidr.len()),
+            cfg,
         };
         for idx in 0..num_spis as usize {
             gic.spi_target[idx] = gic.route(gic.irouter[idx]);
         }
         gic
+    }
+
+    /// Back to the reset state of [`VGic::new`] with the same shape (VM reboot): among the
+    /// rest, every EnableLPIs, PROPBASER and PENDBASER is 0 and no LPI is configured or pending.
+    pub fn reset(&mut self) {
+        *self = Self::new(self.cfg.clone());
     }
 
     /// Number of vCPUs (= redistributors).
@@ -269,8 +355,13 @@ impl VGic {
             .is_some_and(|(bank, idx)| bank.bit(reg, idx))
     }
 
-    /// Enabled at its (re)distributor AND its group enabled in GICD_CTLR.
+    /// Enabled at its (re)distributor AND its group enabled in GICD_CTLR. An LPI: enabled in
+    /// its cached configuration, with EnableLPIs set at `vcpu` and Group 1 enabled (LPIs are
+    /// always Group 1, IHI 0069H 5.1).
     pub fn is_enabled(&self, vcpu: usize, intid: IntId) -> bool {
+        if is_lpi(intid) {
+            return self.lpi_delivery_on(vcpu) && self.lpis.enabled(intid.0);
+        }
         let group_enable = if self.group1(vcpu, intid) {
             regs::GICD_CTLR_ENABLE_GRP1
         } else {
@@ -279,26 +370,54 @@ impl VGic {
         self.enable_bit(vcpu, intid) && self.ctlr & group_enable != 0
     }
 
-    /// Raw enable bit only (ISENABLER), regardless of GICD_CTLR; used to mirror enables of
-    /// hardware-mapped interrupts.
+    /// Raw enable bit only (ISENABLER, or an LPI's cached enable), regardless of GICD_CTLR;
+    /// used to mirror enables of hardware-mapped interrupts.
     pub fn enable_bit(&self, vcpu: usize, intid: IntId) -> bool {
+        if is_lpi(intid) {
+            return self.lpis.enabled(intid.0);
+        }
         self.bit(vcpu, intid.0, BitReg::Enable)
     }
 
-    /// Priority byte (all 8 bits as written by the guest; 0 for unknown interrupts).
+    /// Whether `vcpu` takes LPIs now: its EnableLPIs and GICD_CTLR.EnableGrp1.
+    fn lpi_delivery_on(&self, vcpu: usize) -> bool {
+        self.ctlr & regs::GICD_CTLR_ENABLE_GRP1 != 0
+            && self.redists.get(vcpu).is_some_and(|r| r.enable_lpis)
+    }
+
+    /// Priority byte (all 8 bits as written by the guest; an LPI's cached Priority [7:2] with
+    /// bits [1:0] 0; 0 for unknown interrupts).
     pub fn priority(&self, vcpu: usize, intid: IntId) -> u8 {
+        if is_lpi(intid) {
+            return self.lpis.priority(intid.0);
+        }
         self.locate(vcpu, intid.0)
             .and_then(|(bank, idx)| bank.priority.get(idx).copied())
             .unwrap_or(0)
     }
 
-    /// IGROUPR bit: true = Group 1.
+    /// IGROUPR bit: true = Group 1 (always for a modelled LPI).
     pub fn group1(&self, vcpu: usize, intid: IntId) -> bool {
+        if is_lpi(intid) {
+            return self.lpi_modelled(intid);
+        }
         self.bit(vcpu, intid.0, BitReg::Group)
     }
 
-    /// ICFGR: true = edge-triggered (always for SGIs), false = level-sensitive.
+    /// Whether `intid` is an LPI within the store's bound.
+    fn lpi_modelled(&self, intid: IntId) -> bool {
+        intid
+            .0
+            .checked_sub(LPI_BASE)
+            .is_some_and(|i| i < self.lpis.count())
+    }
+
+    /// ICFGR: true = edge-triggered (always for SGIs and modelled LPIs), false =
+    /// level-sensitive (and for unknown INTIDs).
     pub fn is_edge(&self, vcpu: usize, intid: IntId) -> bool {
+        if is_lpi(intid) {
+            return self.lpi_modelled(intid);
+        }
         self.bit(vcpu, intid.0, BitReg::Edge)
     }
 
@@ -326,28 +445,40 @@ impl VGic {
             .unwrap_or(0)
     }
 
-    /// Latch an interrupt pending (SGI/PPI: for that vcpu; SPI: vcpu ignored).
+    /// Latch an interrupt pending (SGI/PPI/LPI: for that vcpu; SPI: vcpu ignored). An LPI
+    /// goes through [`VGic::set_lpi_pending`].
     pub fn set_pending(&mut self, vcpu: usize, intid: IntId) {
+        if is_lpi(intid) {
+            return self.set_lpi_pending(vcpu, intid.0);
+        }
         if let Some((bank, idx)) = self.locate_mut(vcpu, intid.0) {
             bank.set_bit(BitReg::Pending, idx, true);
         }
     }
 
-    /// Clear an interrupt's pending latch (SGI/PPI: for that vcpu; SPI: vcpu ignored).
+    /// Clear an interrupt's pending latch (SGI/PPI/LPI: for that vcpu; SPI: vcpu ignored).
     pub fn clear_pending(&mut self, vcpu: usize, intid: IntId) {
+        if is_lpi(intid) {
+            return self.clear_lpi_pending(vcpu, intid.0);
+        }
         if let Some((bank, idx)) = self.locate_mut(vcpu, intid.0) {
             bank.set_bit(BitReg::Pending, idx, false);
         }
     }
 
-    /// Whether the pending latch is set (SGI/PPI: for that vcpu; SPI: vcpu ignored).
+    /// Whether the pending latch is set (SGI/PPI/LPI: for that vcpu; SPI: vcpu ignored).
     pub fn is_pending(&self, vcpu: usize, intid: IntId) -> bool {
+        if is_lpi(intid) {
+            return self.is_lpi_pending(vcpu, intid.0);
+        }
         self.bit(vcpu, intid.0, BitReg::Pending)
     }
 
     /// Highest-priority (lowest value; ties -> lowest INTID) latched-pending interrupt that
-    /// is_enabled for `vcpu` (SGIs/PPIs of that vcpu, SPIs whose spi_target is vcpu), whose
-    /// INTID is not in `exclude`; clears its latch and returns (intid, priority).
+    /// is_enabled for `vcpu` (SGIs/PPIs of that vcpu, SPIs whose spi_target is vcpu, LPIs
+    /// pending at vcpu), whose INTID is not in `exclude`; clears its latch and returns
+    /// (intid, priority). An LPI has no active state, so once popped it is the list
+    /// register's alone.
     pub fn pop_deliverable(&mut self, vcpu: usize, exclude: &[IntId]) -> Option<(IntId, u8)> {
         let redist = self.redists.get(vcpu)?;
         // Best candidate so far as (priority, intid): tuple order gives the tie-break.
@@ -373,6 +504,13 @@ impl VGic {
             consider(&self.spis, w, NUM_PRIVATE, &|idx| {
                 self.spi_target.get(idx) == Some(&vcpu)
             });
+        }
+        if self.lpi_delivery_on(vcpu) {
+            if let Some(cand) = self.lpis.best(vcpu, exclude) {
+                if best.is_none_or(|b| cand < b) {
+                    best = Some(cand);
+                }
+            }
         }
         let (prio, intid) = best?;
         let intid = IntId(intid);

@@ -1,6 +1,12 @@
 //! GICR frames of one vCPU (IHI 0069H 12.10): RD_base at 0, SGI_base at 0x10000.
 //!
-//! No LPIs: GICR_CTLR.EnableLPIs, PROPBASER and PENDBASER are RAZ/WI and GICR_TYPER.PLPIS=0.
+//! Without LPI support GICR_CTLR.EnableLPIs, PROPBASER and PENDBASER are RAZ/WI and
+//! GICR_TYPER.PLPIS=0. With it, PLPIS=1 (VLPIS, DirectLPI and CommonLPIAff 0: each
+//! redistributor has its own PROPBASER as the guest programs it, and Linux programs the same
+//! table into each), EnableLPIs is set once and then stays set until reset (RES1 after being
+//! written 1 is IMPLEMENTATION DEFINED, IHI 0069H 12.11.2; so GICR_CTLR.CES reads 0), and
+//! PROPBASER/PENDBASER hold what was written while EnableLPIs is 0 and ignore writes once it is 1
+//! (UNPREDICTABLE in the spec, IHI 0069H GICR_PROPBASER and GICR_PENDBASER).
 //! DS=1 makes IGRPMODR0 and NSACR RAZ/WI; active state is not modelled (IS/ICACTIVER0 RAZ/WI).
 
 use super::regs::*;
@@ -20,18 +26,13 @@ impl VGic {
             AccessWidth::Byte if in_range(offset, GICR_IPRIORITYR, GICR_IPRIORITYR_SIZE) => {
                 self.redist_priority(vcpu, offset).into()
             }
-            AccessWidth::Word if offset & !7 == GICR_TYPER => {
-                // 32-bit access to either half of the 64-bit register.
-                let typer = self.redist_typer(vcpu);
-                if offset & 4 == 0 {
-                    typer & 0xFFFF_FFFF
-                } else {
-                    typer >> 32
-                }
-            }
-            AccessWidth::Word => self.redist_read32(vcpu, offset).into(),
-            AccessWidth::Double if offset == GICR_TYPER => self.redist_typer(vcpu),
-            // PROPBASER/PENDBASER (64-bit, RAZ without LPIs) fall through here.
+            AccessWidth::Word => match self.redist_reg64(vcpu, offset & !7) {
+                // 32-bit access to either half of a 64-bit register.
+                Some(reg) if offset & 4 == 0 => reg & 0xFFFF_FFFF,
+                Some(reg) => reg >> 32,
+                None => self.redist_read32(vcpu, offset).into(),
+            },
+            AccessWidth::Double => self.redist_reg64(vcpu, offset).unwrap_or(0),
             _ => 0,
         }
     }
@@ -46,8 +47,48 @@ impl VGic {
             AccessWidth::Byte if in_range(offset, GICR_IPRIORITYR, GICR_IPRIORITYR_SIZE) => {
                 self.set_redist_priority(vcpu, offset, value as u8);
             }
+            AccessWidth::Word if self.lpi_support && Self::lpi_base_reg(offset & !7) => {
+                let base = offset & !7;
+                let old = self.redist_reg64(vcpu, base).unwrap_or(0);
+                let new = if offset & 4 == 0 {
+                    (old & !0xFFFF_FFFF) | value
+                } else {
+                    (old & 0xFFFF_FFFF) | (value << 32)
+                };
+                self.write_lpi_base(vcpu, base, new);
+            }
             AccessWidth::Word => self.redist_write32(vcpu, offset, value as u32),
+            AccessWidth::Double if self.lpi_support => self.write_lpi_base(vcpu, offset, value),
             // GICR_TYPER is read-only; PROPBASER/PENDBASER WI without LPIs.
+            _ => {}
+        }
+    }
+
+    /// GICR_PROPBASER or GICR_PENDBASER.
+    fn lpi_base_reg(offset: u64) -> bool {
+        offset == GICR_PROPBASER || offset == GICR_PENDBASER
+    }
+
+    /// The 64-bit register at 8-byte-aligned `offset`, if there is one there: GICR_TYPER, and
+    /// with LPI support GICR_PROPBASER/PENDBASER.
+    fn redist_reg64(&self, vcpu: usize, offset: u64) -> Option<u64> {
+        let r = self.redist(vcpu)?;
+        match offset {
+            GICR_TYPER => Some(self.redist_typer(vcpu)),
+            GICR_PROPBASER if self.lpi_support => Some(r.propbaser),
+            GICR_PENDBASER if self.lpi_support => Some(r.pendbaser),
+            _ => None,
+        }
+    }
+
+    /// A write of PROPBASER or PENDBASER (other offsets WI); ignored once EnableLPIs is set.
+    fn write_lpi_base(&mut self, vcpu: usize, offset: u64, value: u64) {
+        let Some(r) = self.redists.get_mut(vcpu).filter(|r| !r.enable_lpis) else {
+            return;
+        };
+        match offset {
+            GICR_PROPBASER => r.propbaser = value & GICR_PROPBASER_WRITABLE,
+            GICR_PENDBASER => r.pendbaser = value & GICR_PENDBASER_WRITABLE,
             _ => {}
         }
     }
@@ -64,6 +105,9 @@ impl VGic {
             // Lets Linux's gic_iterate_rdists() stop at the last frame.
             typer |= GICR_TYPER_LAST;
         }
+        if self.lpi_support {
+            typer |= GICR_TYPER_PLPIS;
+        }
         typer
     }
 
@@ -76,7 +120,9 @@ impl VGic {
             return 0;
         };
         match offset {
-            // GICR_CTLR: RWP/UWP read 0 (writes take effect at once), EnableLPIs RAZ.
+            // GICR_CTLR: RWP/UWP read 0 (writes take effect at once); EnableLPIs RAZ without
+            // LPI support.
+            GICR_CTLR if r.enable_lpis => GICR_CTLR_ENABLE_LPIS,
             GICR_IIDR => GIC_IIDR,
             GICR_WAKER if r.processor_sleep => {
                 GICR_WAKER_PROCESSOR_SLEEP | GICR_WAKER_CHILDREN_ASLEEP
@@ -98,6 +144,12 @@ impl VGic {
 
     fn redist_write32(&mut self, vcpu: usize, offset: u64, value: u32) {
         match offset {
+            GICR_CTLR if self.lpi_support && value & GICR_CTLR_ENABLE_LPIS != 0 => {
+                if let Some(r) = self.redists.get_mut(vcpu) {
+                    // 0 -> 1 only: a later 0 is ignored (RES1 once set).
+                    r.enable_lpis = true;
+                }
+            }
             GICR_WAKER => {
                 if let Some(r) = self.redists.get_mut(vcpu) {
                     // Only ProcessorSleep is writable; ChildrenAsleep follows it immediately.

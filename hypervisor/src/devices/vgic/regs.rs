@@ -48,6 +48,13 @@ pub const GICD_CTLR_DS: u32 = 1 << 6;
 pub const GICD_CTLR_RWP: u32 = 1 << 31;
 
 pub const GICD_TYPER_IDBITS_SHIFT: u32 = 19;
+/// IDbits without LPIs: 10-bit INTIDs.
+pub const GICD_TYPER_IDBITS_NO_LPIS: u32 = 9;
+/// IDbits with LPIs: 16-bit INTIDs (as KVM and QEMU), LPIs 8192..65535.
+pub const GICD_TYPER_IDBITS_LPIS: u32 = 15;
+/// num_LPIs [15:11]: if non-zero, 2^(num_LPIs+1) LPIs are usable (IHI 0069H, GICD_TYPER).
+pub const GICD_TYPER_NUM_LPIS_SHIFT: u32 = 11;
+pub const GICD_TYPER_LPIS: u32 = 1 << 17;
 pub const GICD_TYPER_A3V: u32 = 1 << 24;
 pub const GICD_TYPER_RSS: u32 = 1 << 26;
 
@@ -67,9 +74,25 @@ pub const GICR_PROPBASER: u64 = 0x0070;
 pub const GICR_PENDBASER: u64 = 0x0078;
 pub const GICR_PIDR2: u64 = 0xFFE8;
 
+/// GICR_CTLR.EnableLPIs (IHI 0069H 12.11.2). RWP is bit 3 and always reads 0 here.
+pub const GICR_CTLR_ENABLE_LPIS: u32 = 1 << 0;
+
+/// GICR_TYPER.PLPIS: physical LPIs supported.
+pub const GICR_TYPER_PLPIS: u64 = 1 << 0;
 pub const GICR_TYPER_LAST: u64 = 1 << 4;
 pub const GICR_TYPER_PROCESSOR_NUMBER_SHIFT: u32 = 8;
 pub const GICR_TYPER_AFFINITY_SHIFT: u32 = 32;
+
+/// GICR_PROPBASER fields that hold state (IHI 0069H, GICR_PROPBASER): IDbits [4:0],
+/// InnerCache [9:7], Shareability [11:10], Physical_Address [51:12], OuterCache [58:56]; the
+/// rest is RES0.
+pub const GICR_PROPBASER_WRITABLE: u64 = 0x070F_FFFF_FFFF_FF9F;
+pub const GICR_PROPBASER_IDBITS_MASK: u64 = 0x1F;
+pub const GICR_PROPBASER_PA_MASK: u64 = 0x000F_FFFF_FFFF_F000;
+/// GICR_PENDBASER fields that hold state (IHI 0069H, GICR_PENDBASER): InnerCache [9:7],
+/// Shareability [11:10], Physical_Address [51:16], OuterCache [58:56]. PTZ [62] is write-only
+/// here (reads 0): the pending table is never read, so there is nothing for it to zero.
+pub const GICR_PENDBASER_WRITABLE: u64 = 0x070F_FFFF_FFFF_0F80;
 
 pub const GICR_WAKER_PROCESSOR_SLEEP: u32 = 1 << 1;
 pub const GICR_WAKER_CHILDREN_ASLEEP: u32 = 1 << 2;

@@ -13,6 +13,7 @@ fn vgic(spis: &[u32]) -> VGic {
     let mut g = VGic::new(VGicConfig {
         num_spis: 64,
         vcpu_mpidr: alloc::vec![0, 1],
+        ..VGicConfig::default()
     });
     g.dist_write(
         GICD_CTLR,
@@ -195,4 +196,169 @@ fn held_interrupts_are_bounded_and_not_doubled() {
     assert!(!held.push(IntId(100)), "full: the caller deactivates it");
     assert_eq!(held.take_all().count(), MAX_HW_PENDING);
     assert!(!held.any());
+}
+
+// ---- LPIs ----
+
+use crate::devices::vgic::{DEFAULT_MAX_LPIS, LPI_BASE};
+use crate::hw::fake::FakeRam;
+use crate::hw::{GuestRam, Ipa};
+
+const PROP: u64 = 0x4001_0000;
+const LPI: u32 = LPI_BASE + 42;
+
+/// `vgic(spis)` with LPIs: vCPU 0 set EnableLPIs with its property table at `PROP`, where `LPI`
+/// is enabled at priority 0x80, and INVALL read it.
+fn lpi_vgic(spis: &[u32]) -> VGic {
+    let mut g = VGic::new(VGicConfig {
+        num_spis: 64,
+        vcpu_mpidr: alloc::vec![0, 1],
+        lpis: true,
+        max_lpis: DEFAULT_MAX_LPIS,
+    });
+    g.dist_write(
+        GICD_CTLR,
+        Word,
+        u64::from(GICD_CTLR_ARE | GICD_CTLR_ENABLE_GRP1),
+    );
+    g.dist_write(GICD_IGROUPR + 4, Word, 0xffff_ffff);
+    for &i in spis {
+        g.dist_write(GICD_ISENABLER + u64::from(i / 32) * 4, Word, 1 << (i % 32));
+    }
+    let ram = FakeRam::new(0x4000_0000, 0x2_0000);
+    ram.write(Ipa(PROP + u64::from(LPI - LPI_BASE)), &[0x81])
+        .unwrap();
+    g.redist_write(
+        0,
+        GICR_PROPBASER,
+        crate::mmio::AccessWidth::Double,
+        PROP | 15,
+    );
+    g.redist_write(0, GICR_CTLR, Word, u64::from(GICR_CTLR_ENABLE_LPIS));
+    g.lpi_config_refresh_all(&ram, 0);
+    g
+}
+
+fn lpis_in(hw: &FakeHw) -> usize {
+    hw.lrs()
+        .iter()
+        .filter(|&&v| v != 0 && ListRegister(v).vintid() == LPI)
+        .count()
+}
+
+#[test]
+fn an_lpi_goes_in_as_a_software_entry_and_is_done_once_the_guest_eois_it() {
+    let hw = FakeHw::new(0, 4);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut held = HwPending::default();
+    let mut g = lpi_vgic(&[]);
+    g.set_lpi_pending(0, LPI);
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    let v = hw.lrs()[0];
+    let lr = ListRegister(v);
+    assert_eq!(lr.state(), LrState::Pending);
+    assert_eq!(lr.vintid(), LPI, "the 32-bit vINTID holds the LPI");
+    assert!(!lr.is_hw());
+    assert_eq!(
+        v & (1 << 41),
+        0,
+        "no EOI maintenance: an LPI has no active state"
+    );
+    assert_ne!(v & (1 << 60), 0, "Group 1");
+    assert_eq!((v >> 48) & 0xff, 0x80);
+    assert!(!g.is_lpi_pending(0, LPI), "the list register has it now");
+    // The guest acknowledges it (active) and EOIs it: the entry reads invalid.
+    hw.set_lr(0, v & !(3 << 62) | (2 << 62));
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    assert_eq!(lpis_in(&hw), 1, "still active: kept");
+    hw.set_lr(0, v & !(3 << 62));
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    assert_eq!(hw.lrs(), alloc::vec![0; 4], "done, and not delivered again");
+    assert!(!has_pending(&hw, &lrs, &held, &mut g, 0));
+    assert_eq!(hw.hcr(), ICH_HCR_EN);
+}
+
+#[test]
+fn an_lpi_raised_again_merges_while_pending_and_follows_once_taken() {
+    let hw = FakeHw::new(0, 4);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut held = HwPending::default();
+    let mut g = lpi_vgic(&[]);
+    g.set_lpi_pending(0, LPI);
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    // A second MSI before the guest took the first: one interrupt.
+    g.set_lpi_pending(0, LPI);
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    assert_eq!(lpis_in(&hw), 1);
+    assert!(!g.is_lpi_pending(0, LPI), "merged into the pending entry");
+    // The guest took it (active); a third MSI stays pending in the vGIC meanwhile...
+    let v = hw.lrs()[0];
+    hw.set_lr(0, v & !(3 << 62) | (2 << 62));
+    g.set_lpi_pending(0, LPI);
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    assert_eq!(lpis_in(&hw), 1, "not listed twice");
+    assert!(g.is_lpi_pending(0, LPI), "kept, not lost");
+    // ...and is delivered once the guest EOIs the first.
+    hw.set_lr(0, v & !(3 << 62));
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    assert_eq!(lpis_in(&hw), 1);
+    assert_eq!(ListRegister(hw.lrs()[0]).state(), LrState::Pending);
+    assert!(!g.is_lpi_pending(0, LPI));
+}
+
+#[test]
+fn an_lpi_left_pending_in_a_list_register_at_exit_is_not_lost() {
+    let hw = FakeHw::new(0, 4);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut held = HwPending::default();
+    let mut g = lpi_vgic(&[]);
+    g.set_lpi_pending(0, LPI);
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    // The vCPU exits (WFI) before taking it: it waits in the list register, so the vCPU must
+    // not sleep, and the next fill keeps it there.
+    assert!(has_pending(&hw, &lrs, &held, &mut g, 0));
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    assert_eq!(lpis_in(&hw), 1);
+    assert_eq!(ListRegister(hw.lrs()[0]).state(), LrState::Pending);
+}
+
+#[test]
+fn lpis_and_spis_share_the_list_registers_by_priority() {
+    let hw = FakeHw::new(0, 1);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut held = HwPending::default();
+    let mut g = lpi_vgic(&[40]);
+    g.dist_write(GICD_IPRIORITYR + 40, crate::mmio::AccessWidth::Byte, 0xa0);
+    pend(&mut g, 40);
+    g.set_lpi_pending(0, LPI);
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    assert_eq!(ListRegister(hw.lrs()[0]).vintid(), LPI, "0x80 before 0xa0");
+    assert_eq!(hw.hcr(), ICH_HCR_EN | ICH_HCR_UIE, "the SPI waits");
+    hw.set_lr(0, 0);
+    service_maintenance(&hw, &lrs);
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    assert_eq!(ListRegister(hw.lrs()[0]).vintid(), 40);
+    assert_eq!(hw.hcr(), ICH_HCR_EN);
+    // The other way round: an LPI that does not fit waits in the vGIC, still pending.
+    g.dist_write(GICD_IPRIORITYR + 40, crate::mmio::AccessWidth::Byte, 0x10);
+    hw.set_lr(0, 0);
+    pend(&mut g, 40);
+    g.set_lpi_pending(0, LPI);
+    fill(&hw, &lrs, &mut held, &mut g, 0, None);
+    assert_eq!(ListRegister(hw.lrs()[0]).vintid(), 40);
+    assert!(g.is_lpi_pending(0, LPI), "put back, not lost");
+    assert_eq!(hw.hcr(), ICH_HCR_EN | ICH_HCR_UIE);
+}
+
+#[test]
+fn an_lpi_is_never_held_for_a_hardware_entry() {
+    let mut held = HwPending::default();
+    assert!(!held.push(IntId(LPI_BASE)));
+    assert!(!held.push(IntId(u32::MAX)));
+    assert!(!held.any());
+    assert!(held.push(IntId(1019)));
 }
