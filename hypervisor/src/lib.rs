@@ -23,6 +23,7 @@ pub mod fuzz_harness;
 pub mod guest_dt;
 pub mod hw;
 pub mod idregs;
+pub mod its;
 pub mod memory;
 pub mod mmio;
 pub mod pci;
