@@ -10,7 +10,8 @@ use super::irqs::{irqs, Irqs};
 use super::props::{bad, be, compatibles, missing, prop_str, prop_u32, reg};
 use super::tree::Tree;
 use super::{
-    GicInfo, MemRange, PlatformError, PsciConduit, Result, SmmuInfo, TimerInfo, UartInfo, UartKind,
+    GicInfo, ItsInfo, MemRange, PlatformError, PsciConduit, Result, SmmuInfo, TimerInfo, UartInfo,
+    UartKind,
 };
 
 pub(super) fn cpus(fdt: &Fdt) -> Result<Vec<u64>> {
@@ -93,7 +94,46 @@ pub(super) fn gic(tree: &Tree, gic: usize) -> Result<GicInfo> {
         gicr: gicr.to_vec(),
         redist_stride,
         maintenance_ppi,
+        its: its(tree),
     })
+}
+
+/// Every enabled `arm,gic-v3-its` node (binding `arm,gic-v3.yaml`, patternProperties
+/// "^msi-controller@"/"^its@"). Nothing here fails the parse: a board whose ITS the hypervisor
+/// cannot use still runs VMs, without MSIs, so each problem is a reason in
+/// [`ItsInfo::refused`].
+fn its(tree: &Tree) -> Vec<ItsInfo> {
+    tree.compatible("arm,gic-v3-its")
+        .into_iter()
+        .map(|index| {
+            let node = tree.nodes[index].node;
+            let translated = tree.cpu_reg(index);
+            let regs = translated.as_ref().ok().and_then(|r| r.first().copied());
+            let refused = match regs {
+                None => Some(match &translated {
+                    Err(e) => alloc::format!("its reg is unusable ({e})"),
+                    Ok(_) => String::from("it has no reg"),
+                }),
+                Some(r) if r.size < ItsInfo::FRAMES_SIZE => Some(String::from(
+                    "its reg is smaller than the two 64 KiB frames (control, translation)",
+                )),
+                Some(r) if !r.base.is_multiple_of(0x1_0000) => {
+                    Some(String::from("its frames are not 64 KiB aligned"))
+                }
+                // Linux ignores such a node too ("no msi-controller property, ITS ignored").
+                Some(_) if node.property("msi-controller").is_none() => {
+                    Some(String::from("it has no msi-controller property"))
+                }
+                Some(_) => None,
+            };
+            ItsInfo {
+                path: tree.path(index),
+                phandle: tree.phandle_of(index),
+                regs: regs.unwrap_or(MemRange { base: 0, size: 0 }),
+                refused,
+            }
+        })
+        .collect()
 }
 
 /// Redistributor regions accepted; more than any GICv3 implementation has.
