@@ -68,7 +68,13 @@ fn fvp_base_revc() {
     };
     assert_eq!(h.iommu_map, vec![its(s[0].phandle.unwrap())]);
     assert_eq!(h.msi_map.len(), 1);
-    assert_ne!(h.msi_map[0].iommu, s[0].phandle.unwrap());
+    assert_ne!(h.msi_map[0].its_phandle, s[0].phandle.unwrap());
+    // The one ITS of the FVP, a child of its GIC.
+    let p = Platform::parse(FVP).unwrap();
+    assert_eq!(p.gic.its.len(), 1);
+    assert_eq!(p.gic.its[0].refused, None);
+    assert_eq!(Some(h.msi_map[0].its_phandle), p.gic.its[0].phandle);
+    assert_eq!(h.device_id(0x0108).map(|(_, d)| d), Some(0x0108));
     assert_eq!(h.translate(0x0108), Some((s[0].phandle.unwrap(), 0x0108)));
     assert_eq!(h.interrupt_map.entries.len(), 4);
 }
