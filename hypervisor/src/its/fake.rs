@@ -191,10 +191,9 @@ impl State {
                 }
                 _ => self.refused.push(c),
             },
-            Command::Discard { device, event } => {
-                if self.ites.remove(&(device, event)).is_none() {
-                    self.refused.push(c);
-                }
+            // The guard itself removes the translation; only a missing one is refused.
+            Command::Discard { device, event } if self.ites.remove(&(device, event)).is_none() => {
+                self.refused.push(c);
             }
             Command::Movi {
                 device,
@@ -206,10 +205,10 @@ impl State {
             },
             Command::Inv { device, event }
             | Command::Int { device, event }
-            | Command::Clear { device, event } => {
-                if !self.ites.contains_key(&(device, event)) {
-                    self.refused.push(c);
-                }
+            | Command::Clear { device, event }
+                if !self.ites.contains_key(&(device, event)) =>
+            {
+                self.refused.push(c);
             }
             _ => {}
         }

@@ -653,15 +653,13 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
             .alloc_zeroed(itt_size, 256)
             .ok_or_else(|| self.err(ItsErrorKind::OutOfMemory("an ITT")))?;
         self.mem.clean(itt, itt_size);
-        if let Err(e) = self.send(&[Command::Mapd {
+        // On failure whether the ITS took the ITT is unknown: it is leaked rather than reused.
+        self.send(&[Command::Mapd {
             device,
             size: cmd::mapd_size(n),
             itt,
             valid: true,
-        }]) {
-            // Whether the ITS took the ITT is unknown: it is leaked rather than reused.
-            return Err(e);
-        }
+        }])?;
         self.devices.insert(
             device,
             DeviceState {
