@@ -13,16 +13,8 @@ const GICD_CTLR_RWP: u32 = 1 << 31;
 const GICD_CTLR_ARE_GRP1: u32 = (1 << 4) | (1 << 1);
 const GICR_WAKER_PROCESSOR_SLEEP: u32 = 1 << 1;
 const GICR_WAKER_CHILDREN_ASLEEP: u32 = 1 << 2;
-const GICR_TYPER_LAST: u64 = 1 << 4;
 /// GICR_TYPER.PLPIS [0]: the redistributor supports physical LPIs.
 const GICR_TYPER_PLPIS: u64 = 1 << 0;
-/// GICR_TYPER.VLPIS [1]: a GICv4 redistributor, with VLPI_base and a reserved frame after
-/// RD_base and SGI_base (IHI 0069H 9.1), so its frames are 0x40000 apart.
-const GICR_TYPER_VLPIS: u64 = 1 << 1;
-/// RD_base + SGI_base.
-const GICR_STRIDE_V3: u64 = 0x20000;
-/// RD_base + SGI_base + VLPI_base + reserved.
-const GICR_STRIDE_V4: u64 = 0x40000;
 /// GICR_CTLR.EnableLPIs [0] and RWP [3] (IHI 0069H 12.11.2).
 const GICR_CTLR_ENABLE_LPIS: u32 = 1 << 0;
 const GICR_CTLR_RWP: u32 = 1 << 3;
@@ -33,8 +25,6 @@ const GICR_BASER_SHARE: u64 = 3 << 10;
 const GICR_BASER_CACHE: u64 = 7 << 7;
 /// InnerCache = 0b001, Normal Non-cacheable.
 const GICR_BASER_NC: u64 = 1 << 7;
-/// Most redistributor frames walked in one region without a Last bit: more than any GIC has.
-const MAX_FRAMES_PER_REGION: usize = 4096;
 /// Priority of every physical interrupt the hypervisor takes; all equal, no preemption at EL2.
 pub const DEFAULT_PRIORITY: u32 = 0xa0;
 const POLL_LIMIT: u32 = 1_000_000;
@@ -336,40 +326,15 @@ impl Gic {
     }
 }
 
-/// Every redistributor frame of the GIC, in DT order. With a DT `redistributor-stride` the
-/// regions are cut at that stride; otherwise each frame's GICR_TYPER.VLPIS gives the step to
-/// the next (0x20000, or 0x40000 on GICv4), as Linux's `gic_iterate_rdists` does; either way a
-/// region ends at GICR_TYPER.Last (IHI 0069H 12.11.35) or at its end.
+/// Every redistributor frame of the GIC ([`crate::platform::redistributor_frames`]).
 ///
 /// # Safety
 ///
 /// The GICR ranges of `info` must be the GIC's redistributors, mapped as Device memory.
 unsafe fn redistributor_frames(info: &GicInfo) -> alloc::vec::Vec<u64> {
-    let mut frames = alloc::vec::Vec::new();
-    for r in &info.gicr {
-        let mut at = r.base;
-        for _ in 0..MAX_FRAMES_PER_REGION {
-            if at
-                .checked_add(GICR_STRIDE_V3)
-                .is_none_or(|end| end > r.end())
-            {
-                break;
-            }
-            // SAFETY: `at` lies in a redistributor region the caller vouched for, at a frame
-            // boundary (every step is a whole frame).
-            let typer = unsafe { block::<GicrRdRegs>(at) }.typer.get();
-            frames.push(at);
-            if typer & GICR_TYPER_LAST != 0 {
-                break;
-            }
-            at += info
-                .redist_stride
-                .unwrap_or(if typer & GICR_TYPER_VLPIS != 0 {
-                    GICR_STRIDE_V4
-                } else {
-                    GICR_STRIDE_V3
-                });
-        }
-    }
-    frames
+    crate::platform::redistributor_frames(info, |at| {
+        // SAFETY: the walk only reads frames inside a redistributor region the caller vouched
+        // for, at whole-frame steps.
+        unsafe { block::<GicrRdRegs>(at) }.typer.get()
+    })
 }

@@ -136,6 +136,49 @@ fn its(tree: &Tree) -> Vec<ItsInfo> {
         .collect()
 }
 
+/// GICR_TYPER.VLPIS [1]: a GICv4 redistributor, with VLPI_base and a reserved frame after
+/// RD_base and SGI_base (IHI 0069H 9.1).
+const GICR_TYPER_VLPIS: u64 = 1 << 1;
+/// GICR_TYPER.Last [4]: the last redistributor of its region (IHI 0069H 12.11.35).
+const GICR_TYPER_LAST: u64 = 1 << 4;
+/// RD_base + SGI_base.
+const GICR_STRIDE_V3: u64 = 0x2_0000;
+/// RD_base + SGI_base + VLPI_base + reserved.
+const GICR_STRIDE_V4: u64 = 0x4_0000;
+/// Most frames walked in one region without a Last bit: more than any GIC has.
+const MAX_FRAMES_PER_REGION: usize = 4096;
+
+/// Every redistributor's RD_base, in DT order, given `typer`, the GICR_TYPER of the frame at
+/// an address. With a DT `redistributor-stride` the regions are cut at that stride; otherwise
+/// each frame's GICR_TYPER.VLPIS gives the step to the next (0x20000, or 0x40000 on GICv4), as
+/// Linux's `gic_iterate_rdists` does. Either way a region ends at GICR_TYPER.Last or where no
+/// whole frame fits.
+pub fn redistributor_frames(info: &GicInfo, mut typer: impl FnMut(u64) -> u64) -> Vec<u64> {
+    let mut frames = Vec::new();
+    for r in &info.gicr {
+        let mut at = r.base;
+        for _ in 0..MAX_FRAMES_PER_REGION {
+            if at
+                .checked_add(GICR_STRIDE_V3)
+                .is_none_or(|end| end > r.end())
+            {
+                break;
+            }
+            let t = typer(at);
+            frames.push(at);
+            if t & GICR_TYPER_LAST != 0 {
+                break;
+            }
+            at += info.redist_stride.unwrap_or(if t & GICR_TYPER_VLPIS != 0 {
+                GICR_STRIDE_V4
+            } else {
+                GICR_STRIDE_V3
+            });
+        }
+    }
+    frames
+}
+
 /// Redistributor regions accepted; more than any GICv3 implementation has.
 const MAX_GICR_REGIONS: u32 = 64;
 

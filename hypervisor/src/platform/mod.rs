@@ -28,6 +28,7 @@ pub(crate) mod tree;
 
 use blob::{check_blob, malformed};
 use boot_modules::modules;
+pub use devices::redistributor_frames;
 use devices::{cpus, gic, psci, smmus, timer, uart};
 use ram::{memory, reserved};
 

@@ -941,3 +941,47 @@ fn its_nodes_are_found_translated_and_checked() {
     let p = Platform::parse(&its_board(Some(&[]), &[])).unwrap();
     assert!(p.gic.its.is_empty());
 }
+
+#[test]
+fn redistributor_frames_step_by_vlpis_or_the_dt_stride() {
+    let region = |base, size| MemRange { base, size };
+    let mut info = GicInfo {
+        gicd: region(0x800_0000, 0x1_0000),
+        gicr: vec![region(0x80a_0000, 0xf6_0000)],
+        redist_stride: None,
+        maintenance_ppi: 25,
+        its: vec![],
+    };
+    const VLPIS: u64 = 1 << 1;
+    const LAST: u64 = 1 << 4;
+    // QEMU gic-version=4, 4 CPUs: frames 0x40000 apart, the fourth Last.
+    let v4 = |at: u64| {
+        VLPIS
+            | if at == 0x80a_0000 + 3 * 0x4_0000 {
+                LAST
+            } else {
+                0
+            }
+    };
+    assert_eq!(
+        redistributor_frames(&info, v4),
+        [0x80a_0000, 0x80e_0000, 0x812_0000, 0x816_0000]
+    );
+    // GICv3: 0x20000 apart (CPU1's RD at 0x80c0000).
+    let v3 = |at: u64| if at == 0x80c_0000 { LAST } else { 0 };
+    assert_eq!(redistributor_frames(&info, v3), [0x80a_0000, 0x80c_0000]);
+    // No Last bit: the walk ends where no whole frame fits in the region.
+    info.gicr = vec![region(0x100_0000, 0x5_0000), region(0x200_0000, 0x2_0000)];
+    assert_eq!(
+        redistributor_frames(&info, |_| 0),
+        [0x100_0000, 0x102_0000, 0x200_0000]
+    );
+    // A DT stride wins over VLPIS.
+    info.redist_stride = Some(0x2_0000);
+    assert_eq!(
+        redistributor_frames(&info, |_| VLPIS),
+        [0x100_0000, 0x102_0000, 0x200_0000]
+    );
+    info.gicr = vec![];
+    assert!(redistributor_frames(&info, |_| 0).is_empty());
+}
