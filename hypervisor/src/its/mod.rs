@@ -807,6 +807,49 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
         Ok(())
     }
 
+    /// Moves every LPI of VM `owner` routed to CPU `from` to CPU `to` (a MOVI each, then a
+    /// SYNC of `from`): the guest's MOVALL, with only the VM's own events moved, which a
+    /// physical MOVALL (every LPI of the redistributor) would not promise.
+    pub fn move_all(&mut self, owner: usize, from: usize, to: usize) -> Result<(), ItsError> {
+        let old = self.rdbase(from)?;
+        self.rdbase(to)?;
+        let moving: Vec<u32> = self
+            .mappings
+            .iter()
+            .filter(|(_, m)| m.owner == owner && m.cpu == from)
+            .map(|(&p, _)| p)
+            .collect();
+        if moving.is_empty() {
+            return Ok(());
+        }
+        let mut cmds: Vec<Command> = moving
+            .iter()
+            .filter_map(|p| self.mappings.get(p))
+            .map(|m| Command::Movi {
+                device: m.device,
+                event: m.event,
+                icid: to as u16,
+            })
+            .collect();
+        cmds.push(Command::Sync { rdbase: old });
+        // In chunks the queue can hold (it is empty between batches).
+        for chunk in cmds.chunks(CMDQ_SIZE / CMD_SIZE / 2) {
+            self.send(chunk)?;
+        }
+        for p in moving {
+            if let Some(m) = self.mappings.get_mut(&p) {
+                m.cpu = to;
+            }
+        }
+        Ok(())
+    }
+
+    /// SYNC of CPU `cpu`'s redistributor: every earlier command's effect on it is visible.
+    pub fn sync(&mut self, cpu: usize) -> Result<(), ItsError> {
+        let rdbase = self.rdbase(cpu)?;
+        self.send(&[Command::Sync { rdbase }])
+    }
+
     /// INT + SYNC: makes the event's LPI pending.
     pub fn raise(&mut self, owner: usize, device: u32, event: u32) -> Result<(), ItsError> {
         let (_, m) = self.mapping(owner, device, event)?;

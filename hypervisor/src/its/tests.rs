@@ -550,3 +550,47 @@ fn the_queue_wraps() {
     assert_eq!(s.borrow().creadr, s.borrow().cwriter);
     assert!(s.borrow().commands.len() > 3000);
 }
+
+#[test]
+fn move_all_moves_only_that_vms_lpis_on_that_cpu() {
+    let (mut its, s) = ready();
+    its.map_device(0, 1, 4).unwrap();
+    its.map_device(1, 2, 4).unwrap();
+    let a = its.map_event(0, 1, 0, 0).unwrap();
+    let b = its.map_event(0, 1, 1, 0).unwrap();
+    let c = its.map_event(0, 1, 2, 1).unwrap();
+    let other = its.map_event(1, 2, 0, 0).unwrap();
+    s.borrow_mut().commands.clear();
+    its.move_all(0, 0, 1).unwrap();
+    assert_eq!(
+        s.borrow().commands,
+        [
+            Command::Movi {
+                device: 1,
+                event: 0,
+                icid: 1
+            },
+            Command::Movi {
+                device: 1,
+                event: 1,
+                icid: 1
+            },
+            Command::Sync { rdbase: 0 },
+        ]
+    );
+    for p in [a, b, c] {
+        assert_eq!(its.cpu_of(p), Some(1));
+    }
+    assert_eq!(its.cpu_of(other), Some(0));
+    assert_eq!(s.borrow().ites[&(2, 0)].1, 0);
+    // Nothing to move: no command at all.
+    s.borrow_mut().commands.clear();
+    its.move_all(0, 0, 1).unwrap();
+    assert!(s.borrow().commands.is_empty());
+    its.sync(1).unwrap();
+    assert_eq!(s.borrow().commands, [Command::Sync { rdbase: 1 }]);
+    assert_eq!(
+        its.move_all(0, 1, 7).unwrap_err().kind,
+        ItsErrorKind::NoCollection(7)
+    );
+}
