@@ -198,3 +198,25 @@ fn multi_smmu_virt_takes_the_smmu_the_iommu_map_names() {
     assert_eq!(h.translate(0x0100), Some((pcie_smmu, 0x0100)));
     assert_eq!(h.msi_map.len(), 1);
 }
+
+#[test]
+fn boards_its_nodes() {
+    // D05 (hip07): eight ITSes, children of the GIC, each with msi-controller.
+    let p = Platform::parse(D05).unwrap();
+    assert_eq!(p.gic.its.len(), 8);
+    assert!(
+        p.gic.its.iter().all(|i| i.refused.is_none()),
+        "{:?}",
+        p.gic.its
+    );
+    // RK3588: two, both usable; its PCIe bridges' msi-maps name one or the other.
+    let p = Platform::parse(ROCK5B).unwrap();
+    assert_eq!(p.gic.its.len(), 2);
+    assert!(
+        p.gic.its.iter().all(|i| i.refused.is_none()),
+        "{:?}",
+        p.gic.its
+    );
+    let phandles: Vec<u32> = p.gic.its.iter().filter_map(|i| i.phandle).collect();
+    assert_eq!(phandles.len(), 2);
+}
