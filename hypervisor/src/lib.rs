@@ -5,6 +5,8 @@
 //! - [`vm`]: the VM control plane as plain Rust — power states and PSCI, lifecycle, the MMIO
 //!   bus, BAR remapping, list-register scheduling, image placement.
 //! - [`devices`]: the virtual devices, each given guest RAM and an interrupt port, never the VM.
+//! - [`its`]: the physical GICv3 ITS driver and LPI allocation, generic over its registers and
+//!   memory (`arch/its.rs` gives it the machine's).
 //! - What the machine is: [`platform`] (its DT), [`config`] (the VMs asked for), [`pci`] (the
 //!   physical PCI topology, resources and IOMMU groups), [`stage2`], [`guest_dt`].
 //!
@@ -23,6 +25,7 @@ pub mod fuzz_harness;
 pub mod guest_dt;
 pub mod hw;
 pub mod idregs;
+pub mod its;
 pub mod memory;
 pub mod mmio;
 pub mod pci;

@@ -13,10 +13,20 @@ const GICD_CTLR_RWP: u32 = 1 << 31;
 const GICD_CTLR_ARE_GRP1: u32 = (1 << 4) | (1 << 1);
 const GICR_WAKER_PROCESSOR_SLEEP: u32 = 1 << 1;
 const GICR_WAKER_CHILDREN_ASLEEP: u32 = 1 << 2;
-const GICR_TYPER_LAST: u64 = 1 << 4;
-const GICR_STRIDE: u64 = 0x20000;
+/// GICR_TYPER.PLPIS [0]: the redistributor supports physical LPIs.
+const GICR_TYPER_PLPIS: u64 = 1 << 0;
+/// GICR_CTLR.EnableLPIs [0] and RWP [3] (IHI 0069H 12.11.2).
+const GICR_CTLR_ENABLE_LPIS: u32 = 1 << 0;
+const GICR_CTLR_RWP: u32 = 1 << 3;
+/// GICD_TYPER.LPIS [17] (IHI 0069H 12.9.38).
+const GICD_TYPER_LPIS: u32 = 1 << 17;
+/// GICR_PROPBASER / GICR_PENDBASER Shareability [11:10] and InnerCache [9:7].
+const GICR_BASER_SHARE: u64 = 3 << 10;
+const GICR_BASER_CACHE: u64 = 7 << 7;
+/// InnerCache = 0b001, Normal Non-cacheable.
+const GICR_BASER_NC: u64 = 1 << 7;
 /// Priority of every physical interrupt the hypervisor takes; all equal, no preemption at EL2.
-const DEFAULT_PRIORITY: u32 = 0xa0;
+pub const DEFAULT_PRIORITY: u32 = 0xa0;
 const POLL_LIMIT: u32 = 1_000_000;
 
 /// ICC_CTLR_EL1.EOImode (bit 1; aarch64-cpu names only ExtRange): priority drop and
@@ -31,8 +41,8 @@ pub const SPURIOUS: u32 = 1020;
 #[derive(Debug)]
 pub struct Gic {
     gicd: Mmio<GicdRegs>,
-    /// Redistributor regions: (base, frames it can hold, frame stride).
-    gicr: alloc::vec::Vec<(u64, usize, u64)>,
+    /// Every redistributor's RD_base, by index, counting through the regions in DT order.
+    frames: alloc::vec::Vec<u64>,
 }
 
 /// A redistributor that did not wake up or could not be found.
@@ -44,6 +54,16 @@ pub enum GicError {
     /// A register poll (RWP, ChildrenAsleep) never completed.
     #[error("GIC register poll timed out: {0}")]
     Timeout(&'static str),
+    /// The redistributor has no physical LPIs (GICR_TYPER.PLPIS = 0).
+    #[error("redistributor {0} has no physical LPIs")]
+    NoLpis(usize),
+    /// GICR_CTLR.EnableLPIs was set before us and cannot be cleared (it may be RES1 once set,
+    /// IHI 0069H 12.11.2), so GICR_PROPBASER/PENDBASER cannot be reprogrammed.
+    #[error("redistributor {0}: LPIs already enabled and EnableLPIs does not clear")]
+    LpisStuck(usize),
+    /// GICR_PROPBASER or GICR_PENDBASER did not keep the table address.
+    #[error("redistributor {0}: {1} does not keep its address")]
+    TableNotKept(usize, &'static str),
 }
 
 impl Gic {
@@ -57,28 +77,83 @@ impl Gic {
         Self {
             // SAFETY: guaranteed by the caller.
             gicd: unsafe { block::<GicdRegs>(info.gicd.base) },
-            gicr: info
-                .gicr
-                .iter()
-                .map(|r| {
-                    let stride = info.redist_stride.unwrap_or(GICR_STRIDE);
-                    (r.base, (r.size / stride) as usize, stride)
-                })
-                .collect(),
+            // SAFETY: as above, the GICR ranges are mapped.
+            frames: unsafe { redistributor_frames(info) },
         }
     }
 
-    /// The address of redistributor frame `index`, counting through the regions in DT order.
+    /// The address of redistributor frame `index` (an index `find_redistributor` returned).
     fn frame(&self, index: usize) -> u64 {
-        let mut i = index;
-        for &(base, count, stride) in &self.gicr {
-            if i < count {
-                return base + i as u64 * stride;
-            }
-            i -= count;
+        self.frames[index]
+    }
+
+    /// Redistributors found.
+    pub fn redistributors(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// GICD_TYPER.LPIS: the distributor supports LPIs.
+    pub fn lpis_supported(&self) -> bool {
+        self.gicd.typer.get() & GICD_TYPER_LPIS != 0
+    }
+
+    /// INTID bits the distributor supports (GICD_TYPER.IDbits + 1).
+    pub fn id_bits(&self) -> u32 {
+        ((self.gicd.typer.get() >> 19) & 0x1f) + 1
+    }
+
+    /// Redistributor `rd`'s GICR_TYPER.Processor_Number [23:8] (an ITS collection's target
+    /// with GITS_TYPER.PTA = 0) and RD_base (the target with PTA = 1).
+    pub fn processor_number(&self, rd: usize) -> (u16, u64) {
+        ((self.rd(rd).typer.get() >> 8) as u16, self.frame(rd))
+    }
+
+    /// Gives redistributor `rd` the LPI tables and enables LPIs there (IHI 0069H 12.11.2,
+    /// 12.11.22, 12.11.27): EnableLPIs cleared first if a previous owner left it set (and an
+    /// error if it stays set), then GICR_PROPBASER and GICR_PENDBASER, read back; a
+    /// redistributor that does not keep the shareability gets the non-cacheable attributes
+    /// (the driver cleans every property-table write to the PoC anyway).
+    pub fn enable_lpis(&self, rd: usize, propbaser: u64, pendbaser: u64) -> Result<(), GicError> {
+        let r = self.rd(rd);
+        if r.typer.get() & GICR_TYPER_PLPIS == 0 {
+            return Err(GicError::NoLpis(rd));
         }
-        // `find_redistributor` only returns indices inside a region.
-        unreachable!("redistributor index {index} outside every region")
+        let wait_rwp = || {
+            (0..POLL_LIMIT)
+                .any(|_| r.ctlr.get() & GICR_CTLR_RWP == 0)
+                .then_some(())
+                .ok_or(GicError::Timeout("GICR_CTLR.RWP"))
+        };
+        if r.ctlr.get() & GICR_CTLR_ENABLE_LPIS != 0 {
+            r.ctlr.set(r.ctlr.get() & !GICR_CTLR_ENABLE_LPIS);
+            wait_rwp()?;
+            if r.ctlr.get() & GICR_CTLR_ENABLE_LPIS != 0 {
+                return Err(GicError::LpisStuck(rd));
+            }
+        }
+        let program = |reg: &tock_registers::registers::ReadWrite<u64>,
+                       value: u64,
+                       name: &'static str|
+         -> Result<(), GicError> {
+            reg.set(value);
+            let mut read = reg.get();
+            if read & GICR_BASER_SHARE != value & GICR_BASER_SHARE {
+                reg.set(value & !(GICR_BASER_SHARE | GICR_BASER_CACHE) | GICR_BASER_NC);
+                read = reg.get();
+            }
+            let addr = 0x000F_FFFF_FFFF_F000;
+            if read & addr != value & addr {
+                return Err(GicError::TableNotKept(rd, name));
+            }
+            Ok(())
+        };
+        program(&r.propbaser, propbaser, "GICR_PROPBASER")?;
+        program(&r.pendbaser, pendbaser, "GICR_PENDBASER")?;
+        // The tables' contents (cleaned by the ITS driver) before the redistributor reads them.
+        sysreg::dsb_sy();
+        r.ctlr.set(r.ctlr.get() | GICR_CTLR_ENABLE_LPIS);
+        sysreg::dsb_sy();
+        Ok(())
     }
 
     fn wait_rwp(&self) -> Result<(), GicError> {
@@ -131,21 +206,9 @@ impl Gic {
     /// Index of the redistributor whose GICR_TYPER.Affinity_Value matches `mpidr`.
     pub fn find_redistributor(&self, mpidr: u64) -> Result<usize, GicError> {
         let aff = (mpidr & 0xff_ffff) | ((mpidr >> 32) & 0xff) << 24;
-        // GICR_TYPER.Last ends a region's populated frames (IHI 0069 12.11.35), not the search.
-        let mut first = 0;
-        for &(_, count, _) in &self.gicr {
-            for i in first..first + count {
-                let typer = self.rd(i).typer.get();
-                if typer >> 32 == aff {
-                    return Ok(i);
-                }
-                if typer & GICR_TYPER_LAST != 0 {
-                    break;
-                }
-            }
-            first += count;
-        }
-        Err(GicError::NoRedistributor(mpidr))
+        (0..self.frames.len())
+            .find(|&i| self.rd(i).typer.get() >> 32 == aff)
+            .ok_or(GicError::NoRedistributor(mpidr))
     }
 
     /// Wakes this CPU's redistributor, resets its SGIs/PPIs, and enables the EL2 CPU interface.
@@ -261,4 +324,17 @@ impl Gic {
     pub fn deactivate(intid: u32) {
         sysreg::icc_dir(intid as u64);
     }
+}
+
+/// Every redistributor frame of the GIC ([`crate::platform::redistributor_frames`]).
+///
+/// # Safety
+///
+/// The GICR ranges of `info` must be the GIC's redistributors, mapped as Device memory.
+unsafe fn redistributor_frames(info: &GicInfo) -> alloc::vec::Vec<u64> {
+    crate::platform::redistributor_frames(info, |at| {
+        // SAFETY: the walk only reads frames inside a redistributor region the caller vouched
+        // for, at whole-frame steps.
+        unsafe { block::<GicrRdRegs>(at) }.typer.get()
+    })
 }

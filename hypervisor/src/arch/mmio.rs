@@ -55,6 +55,9 @@ register_structs! {
         (0x0010 => pub statusr: ReadWrite<u32>),
         (0x0014 => pub waker: ReadWrite<u32>),
         (0x0018 => _reserved0),
+        (0x0070 => pub propbaser: ReadWrite<u64>),
+        (0x0078 => pub pendbaser: ReadWrite<u64>),
+        (0x0080 => _reserved1),
         (0x10000 => @END),
     }
 }

@@ -5,6 +5,7 @@ pub mod gic;
 pub mod guest_mem;
 pub mod hw;
 pub mod iommu;
+pub mod its;
 pub mod mmio;
 pub mod mmu;
 pub mod sysreg;
@@ -77,6 +78,8 @@ pub struct Hv {
     pub vms: Vec<Vm>,
     /// The physical SMMU's and PCI's state.
     pub iommu: iommu::Iommu,
+    /// The physical ITS and LPIs, if the machine has a usable ITS.
+    pub its: its::Its,
 }
 
 static HV: Once<Hv> = Once::new();
@@ -156,6 +159,14 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
         (platform.uart.base.base, platform.uart.base.size.max(0x1000)),
     ];
     devices.extend(gic_info.gicr.iter().map(|r| (r.base, r.size)));
+    // An ITS's control frame (GITS_*); the translation frame is for devices' MSI writes only.
+    devices.extend(
+        gic_info
+            .its
+            .iter()
+            .filter(|i| i.refused.is_none())
+            .map(|i| (i.regs.base, 0x1_0000)),
+    );
     // Only the SMMUs the hypervisor may drive: the others' registers are never touched.
     devices.extend(
         platform
@@ -256,6 +267,17 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
         })
         .collect();
     iommu::dump_stream_table(iommu.groups(), &iommu.directory);
+    let its_phandle = gic_info
+        .its
+        .iter()
+        .find(|i| i.refused.is_none())
+        .and_then(|i| i.phandle);
+    let its = its::init(
+        &gic_info.its,
+        &gic,
+        mpidrs.len(),
+        max_device_id(&vms, &iommu, its_phandle),
+    );
     uart::set_vms(vms.iter().map(|v| v.prefix.clone()).collect());
     HV.call_once(|| Hv {
         iommu,
@@ -263,6 +285,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
         gic,
         cpus,
         vms,
+        its,
     });
     cpu_common_init(0);
 
@@ -310,6 +333,7 @@ fn cpu_common_init(cpu: usize) {
         Err(e) => panic!("GIC on CPU {cpu}: {e}"),
     }
     let rd = info.redist();
+    its::init_cpu(&hv.its, &hv.gic, cpu, rd);
     hv.gic
         .set_private_enabled(rd, crate::vm::irq::KICK_SGI.0, true);
     hv.gic
@@ -324,6 +348,28 @@ fn cpu_common_init(cpu: usize) {
             hv.gic.enable_spi_with(intid, info.mpidr, true);
         }
     }
+}
+
+/// The largest DeviceID an assigned function's MSIs carry to the ITS with phandle
+/// `its_phandle` (through its bridge's `msi-map`): the Device table is sized for it rather
+/// than for all of Devbits. 0 when no assigned function has one.
+fn max_device_id(vms: &[Vm], iommu: &iommu::Iommu, its_phandle: Option<u32>) -> u32 {
+    let Some(its) = its_phandle else {
+        return 0;
+    };
+    vms.iter()
+        .flat_map(|vm| vm.config.devices.segments.iter())
+        .filter_map(|sd| Some((iommu.segments.get(sd.segment)?, sd)))
+        .flat_map(|(seg, sd)| {
+            sd.devices
+                .functions
+                .iter()
+                .filter_map(|f| seg.bridge.device_id(f.bdf.rid()))
+        })
+        .filter(|&(ph, _)| ph == its)
+        .map(|(_, devid)| devid)
+        .max()
+        .unwrap_or(0)
 }
 
 /// The host bridges the hypervisor takes: every generic ECAM one, each with its DT path and

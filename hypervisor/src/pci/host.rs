@@ -73,6 +73,20 @@ pub struct IommuMapEntry {
     pub length: u32,
 }
 
+/// One `msi-map` entry: Requester IDs `rid_base..rid_base+len` become DeviceIDs
+/// `devid_base..` at the ITS with phandle `its_phandle`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsiMapEntry {
+    /// First Requester ID covered.
+    pub rid_base: u32,
+    /// Phandle of the MSI controller (the `arm,gic-v3-its` node).
+    pub its_phandle: u32,
+    /// DeviceID of `rid_base`.
+    pub devid_base: u32,
+    /// Number of Requester IDs covered.
+    pub len: u32,
+}
+
 /// A legacy interrupt pin (PCIe Base spec 7.5.1.1.12, Interrupt Pin register).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum IntxPin {
@@ -180,10 +194,10 @@ pub struct HostBridge {
     pub iommu_map: Vec<IommuMapEntry>,
     /// `iommu-map-mask`, applied to a RID before the lookup.
     pub iommu_map_mask: Option<u32>,
-    /// `msi-map` entries (`pci-msi.yaml`): Requester IDs onto MSI controller DeviceIDs, in DT
-    /// order; the `sid_base` field holds the DeviceID of `rid_base`.
-    pub msi_map: Vec<IommuMapEntry>,
-    /// `msi-map-mask`.
+    /// `msi-map` entries (`pci-msi.yaml`): Requester IDs onto ITS DeviceIDs, in DT order.
+    /// Without an `msi-map`, an `msi-parent` is one identity entry over every RID.
+    pub msi_map: Vec<MsiMapEntry>,
+    /// `msi-map-mask`, applied to a RID before the lookup.
     pub msi_map_mask: Option<u32>,
     /// `linux,pci-domain`, if the DT fixes one.
     pub domain: Option<u32>,
@@ -330,6 +344,16 @@ impl HostBridge {
             .map(|e| (e.iommu, e.sid_base + (rid - e.rid_base)))
     }
 
+    /// Which ITS (its phandle) an MSI of Requester ID `rid` goes to, with which DeviceID, or
+    /// `None` if the `msi-map` does not cover it (Linux `of_map_id`, as [`Self::translate`]).
+    pub fn device_id(&self, rid: u16) -> Option<(u32, u32)> {
+        let rid = u32::from(rid) & self.msi_map_mask.unwrap_or(u32::MAX);
+        self.msi_map
+            .iter()
+            .find(|e| rid >= e.rid_base && rid - e.rid_base < e.len)
+            .map(|e| (e.its_phandle, e.devid_base + (rid - e.rid_base)))
+    }
+
     /// CPU physical address of register `offset` of function `bdf` in the ECAM window, or
     /// `None` if the bus is outside the bridge's range. Buses are numbered from `bus_start`
     /// inside the window (Linux `pci_ecam_map_bus`).
@@ -393,7 +417,7 @@ fn parse(fdt: &Fdt, node: FdtNode) -> Result<HostBridge, PlatformError> {
         windows: ranges(node)?,
         iommu_map: id_map(fdt, node, "iommu-map", "#iommu-cells")?,
         iommu_map_mask: prop_u32(node, "iommu-map-mask"),
-        msi_map: id_map(fdt, node, "msi-map", "#msi-cells")?,
+        msi_map: msi_map(fdt, node)?,
         msi_map_mask: prop_u32(node, "msi-map-mask"),
         domain: prop_u32(node, "linux,pci-domain"),
         interrupt_map: interrupt_map(fdt, node)?,
@@ -505,6 +529,48 @@ fn id_map(
             })
         })
         .collect()
+}
+
+/// `msi-map`, parsed as `iommu-map` is; or, without one, `msi-parent`: its first cell names
+/// the ITS and every RID is its own DeviceID (what Linux does for a bridge with no `msi-map`:
+/// `pci_msi_domain_get_msi_rid` keeps the RID; an argument cell, if any, is the bridge's own
+/// DeviceID for its own MSIs, which a host bridge never sends).
+fn msi_map(fdt: &Fdt, node: FdtNode) -> Result<Vec<MsiMapEntry>, PlatformError> {
+    let to_msi = |e: IommuMapEntry| MsiMapEntry {
+        rid_base: e.rid_base,
+        its_phandle: e.iommu,
+        devid_base: e.sid_base,
+        len: e.length,
+    };
+    if node.property("msi-map").is_some() {
+        return Ok(id_map(fdt, node, "msi-map", "#msi-cells")?
+            .into_iter()
+            .map(to_msi)
+            .collect());
+    }
+    let Some(prop) = node.property("msi-parent") else {
+        return Ok(Vec::new());
+    };
+    let cells = cells(prop.value).ok_or_else(|| bad(node, "msi-parent", "not whole cells"))?;
+    let (&phandle, args) = cells
+        .split_first()
+        .ok_or_else(|| bad(node, "msi-parent", "empty"))?;
+    let target = fdt
+        .find_phandle(phandle)
+        .ok_or_else(|| bad(node, "msi-parent", "phandle names no node"))?;
+    if args.len() > 1 || prop_u32(target, "#msi-cells").unwrap_or(0) as usize != args.len() {
+        return Err(bad(
+            node,
+            "msi-parent",
+            "not one controller with its #msi-cells (0 or 1) arguments",
+        ));
+    }
+    Ok(alloc::vec![MsiMapEntry {
+        rid_base: 0,
+        its_phandle: phandle,
+        devid_base: 0,
+        len: 1 << 16,
+    }])
 }
 
 fn interrupt_map(fdt: &Fdt, node: FdtNode) -> Result<InterruptMap, PlatformError> {
@@ -666,6 +732,119 @@ mod tests {
             Some(0x40_1000_0000 + (1 << 20) + (0x13 << 12) + 0x100)
         );
         assert_eq!(hb.ecam_address(Bdf::new(0, 0, 0), 0x1000), None);
+    }
+
+    #[test]
+    fn qemu_virt_msi_map_is_the_rid_identity_to_the_its() {
+        // msi-map = <0 &its 0 0x10000> (its@8080000 has phandle 0x8006 in this blob).
+        let hb = HostBridge::from_dtb(QEMU_SMMU).unwrap().unwrap();
+        assert_eq!(hb.msi_map.len(), 1);
+        let its = hb.msi_map[0].its_phandle;
+        assert_eq!(
+            hb.msi_map[0],
+            MsiMapEntry {
+                rid_base: 0,
+                its_phandle: its,
+                devid_base: 0,
+                len: 0x1_0000
+            }
+        );
+        assert_eq!(hb.msi_map_mask, None);
+        for rid in [0u16, 0x8, 0x100, 0xffff] {
+            assert_eq!(hb.device_id(rid), Some((its, u32::from(rid))));
+        }
+    }
+
+    /// A bridge with the MSI properties `props` (name, cells) and an ITS of phandle 9 with
+    /// `msi_cells`.
+    fn msi_bridge(props: &[(&str, &[u32])], msi_cells: u32) -> Vec<u8> {
+        let mut w = vm_fdt::FdtWriter::new().unwrap();
+        let root = w.begin_node("").unwrap();
+        w.property_u32("#address-cells", 2).unwrap();
+        w.property_u32("#size-cells", 2).unwrap();
+        let n = w.begin_node("its@8080000").unwrap();
+        w.property_u32("#msi-cells", msi_cells).unwrap();
+        w.property_phandle(9).unwrap();
+        w.end_node(n).unwrap();
+        let n = w.begin_node("pcie@30000000").unwrap();
+        w.property_string("compatible", "pci-host-ecam-generic")
+            .unwrap();
+        w.property_array_u64("reg", &[0x3000_0000, 0x100_0000])
+            .unwrap();
+        w.property_u32("#address-cells", 3).unwrap();
+        w.property_u32("#size-cells", 2).unwrap();
+        for (name, cells) in props {
+            w.property_array_u32(name, cells).unwrap();
+        }
+        w.end_node(n).unwrap();
+        w.end_node(root).unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn msi_map_with_offset_and_mask_and_msi_parent() {
+        let hb = HostBridge::from_dtb(&msi_bridge(
+            &[
+                ("msi-map", &[0x100, 9, 0x4000, 0x100, 0x800, 9, 0, 0x10]),
+                ("msi-map-mask", &[0xfff8]),
+            ],
+            1,
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(hb.msi_map.len(), 2);
+        assert_eq!(hb.msi_map_mask, Some(0xfff8));
+        // 0x10b & 0xfff8 = 0x108: DeviceID 0x4008 (first entry wins).
+        assert_eq!(hb.device_id(0x10b), Some((9, 0x4008)));
+        assert_eq!(hb.device_id(0x80f), Some((9, 0x8)));
+        assert_eq!(hb.device_id(0x810), None);
+        assert_eq!(hb.device_id(0xff), None);
+        // msi-parent alone: every RID is its own DeviceID at that ITS, with or without the
+        // controller's one argument cell.
+        for (cells, msi_cells) in [(&[9u32][..], 0), (&[9, 0x7][..], 1)] {
+            let hb = HostBridge::from_dtb(&msi_bridge(&[("msi-parent", cells)], msi_cells))
+                .unwrap()
+                .unwrap();
+            assert_eq!(hb.device_id(0x1234), Some((9, 0x1234)));
+            assert_eq!(hb.msi_map.len(), 1);
+        }
+        // msi-map wins over msi-parent.
+        let hb = HostBridge::from_dtb(&msi_bridge(
+            &[("msi-parent", &[9, 0]), ("msi-map", &[0, 9, 0x100, 0x10])],
+            1,
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(hb.device_id(0x3), Some((9, 0x103)));
+        assert_eq!(hb.device_id(0x13), None);
+        // Malformed: clear errors.
+        for (props, msi_cells, why) in [
+            (
+                &[("msi-map", &[0u32, 9, 0][..])][..],
+                1,
+                "whole number of entries",
+            ),
+            (
+                &[("msi-map", &[0, 8, 0, 0x10][..])][..],
+                1,
+                "phandle names no node",
+            ),
+            (
+                &[("msi-map", &[0, 9, 0, 0x10][..])][..],
+                2,
+                "#msi-cells is not 1",
+            ),
+            (
+                &[("msi-map", &[0xff00, 9, 0, 0x200][..])][..],
+                1,
+                "past the RID",
+            ),
+            (&[("msi-parent", &[8][..])][..], 0, "phandle names no node"),
+            (&[("msi-parent", &[9][..])][..], 1, "#msi-cells"),
+        ] {
+            let e = HostBridge::from_dtb(&msi_bridge(props, msi_cells)).unwrap_err();
+            assert!(alloc::format!("{e}").contains(why), "{e}");
+        }
     }
 
     #[test]

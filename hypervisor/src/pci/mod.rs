@@ -50,7 +50,7 @@ pub use enumerate::{
 pub use groups::{iommu_groups, GroupIommu, IommuGroup};
 pub use host::{
     host_bridges, BridgeNode, HostBridge, InterruptMap, InterruptMapEntry, IntxPin, IntxRoute,
-    IommuMapEntry, PciSpace, PciWindow,
+    IommuMapEntry, MsiMapEntry, PciSpace, PciWindow,
 };
 pub use isolation::{DeviceSlot, IsolationError};
 pub use resources::{assign_resources, ResourceName, DEVICE_PAGE};

@@ -68,7 +68,13 @@ fn fvp_base_revc() {
     };
     assert_eq!(h.iommu_map, vec![its(s[0].phandle.unwrap())]);
     assert_eq!(h.msi_map.len(), 1);
-    assert_ne!(h.msi_map[0].iommu, s[0].phandle.unwrap());
+    assert_ne!(h.msi_map[0].its_phandle, s[0].phandle.unwrap());
+    // The one ITS of the FVP, a child of its GIC.
+    let p = Platform::parse(FVP).unwrap();
+    assert_eq!(p.gic.its.len(), 1);
+    assert_eq!(p.gic.its[0].refused, None);
+    assert_eq!(Some(h.msi_map[0].its_phandle), p.gic.its[0].phandle);
+    assert_eq!(h.device_id(0x0108).map(|(_, d)| d), Some(0x0108));
     assert_eq!(h.translate(0x0108), Some((s[0].phandle.unwrap(), 0x0108)));
     assert_eq!(h.interrupt_map.entries.len(), 4);
 }
@@ -191,4 +197,26 @@ fn multi_smmu_virt_takes_the_smmu_the_iommu_map_names() {
     assert_eq!(h.iommu_map_mask, Some(0xffff));
     assert_eq!(h.translate(0x0100), Some((pcie_smmu, 0x0100)));
     assert_eq!(h.msi_map.len(), 1);
+}
+
+#[test]
+fn boards_its_nodes() {
+    // D05 (hip07): eight ITSes, children of the GIC, each with msi-controller.
+    let p = Platform::parse(D05).unwrap();
+    assert_eq!(p.gic.its.len(), 8);
+    assert!(
+        p.gic.its.iter().all(|i| i.refused.is_none()),
+        "{:?}",
+        p.gic.its
+    );
+    // RK3588: two, both usable; its PCIe bridges' msi-maps name one or the other.
+    let p = Platform::parse(ROCK5B).unwrap();
+    assert_eq!(p.gic.its.len(), 2);
+    assert!(
+        p.gic.its.iter().all(|i| i.refused.is_none()),
+        "{:?}",
+        p.gic.its
+    );
+    let phandles: Vec<u32> = p.gic.its.iter().filter_map(|i| i.phandle).collect();
+    assert_eq!(phandles.len(), 2);
 }

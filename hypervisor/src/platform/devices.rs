@@ -10,7 +10,8 @@ use super::irqs::{irqs, Irqs};
 use super::props::{bad, be, compatibles, missing, prop_str, prop_u32, reg};
 use super::tree::Tree;
 use super::{
-    GicInfo, MemRange, PlatformError, PsciConduit, Result, SmmuInfo, TimerInfo, UartInfo, UartKind,
+    GicInfo, ItsInfo, MemRange, PlatformError, PsciConduit, Result, SmmuInfo, TimerInfo, UartInfo,
+    UartKind,
 };
 
 pub(super) fn cpus(fdt: &Fdt) -> Result<Vec<u64>> {
@@ -93,7 +94,89 @@ pub(super) fn gic(tree: &Tree, gic: usize) -> Result<GicInfo> {
         gicr: gicr.to_vec(),
         redist_stride,
         maintenance_ppi,
+        its: its(tree),
     })
+}
+
+/// Every enabled `arm,gic-v3-its` node (binding `arm,gic-v3.yaml`, patternProperties
+/// "^msi-controller@"/"^its@"). Nothing here fails the parse: a board whose ITS the hypervisor
+/// cannot use still runs VMs, without MSIs, so each problem is a reason in
+/// [`ItsInfo::refused`].
+fn its(tree: &Tree) -> Vec<ItsInfo> {
+    tree.compatible("arm,gic-v3-its")
+        .into_iter()
+        .map(|index| {
+            let node = tree.nodes[index].node;
+            let translated = tree.cpu_reg(index);
+            let regs = translated.as_ref().ok().and_then(|r| r.first().copied());
+            let refused = match regs {
+                None => Some(match &translated {
+                    Err(e) => alloc::format!("its reg is unusable ({e})"),
+                    Ok(_) => String::from("it has no reg"),
+                }),
+                Some(r) if r.size < ItsInfo::FRAMES_SIZE => Some(String::from(
+                    "its reg is smaller than the two 64 KiB frames (control, translation)",
+                )),
+                Some(r) if !r.base.is_multiple_of(0x1_0000) => {
+                    Some(String::from("its frames are not 64 KiB aligned"))
+                }
+                // Linux ignores such a node too ("no msi-controller property, ITS ignored").
+                Some(_) if node.property("msi-controller").is_none() => {
+                    Some(String::from("it has no msi-controller property"))
+                }
+                Some(_) => None,
+            };
+            ItsInfo {
+                path: tree.path(index),
+                phandle: tree.phandle_of(index),
+                regs: regs.unwrap_or(MemRange { base: 0, size: 0 }),
+                refused,
+            }
+        })
+        .collect()
+}
+
+/// GICR_TYPER.VLPIS [1]: a GICv4 redistributor, with VLPI_base and a reserved frame after
+/// RD_base and SGI_base (IHI 0069H 9.1).
+const GICR_TYPER_VLPIS: u64 = 1 << 1;
+/// GICR_TYPER.Last [4]: the last redistributor of its region (IHI 0069H 12.11.35).
+const GICR_TYPER_LAST: u64 = 1 << 4;
+/// RD_base + SGI_base.
+const GICR_STRIDE_V3: u64 = 0x2_0000;
+/// RD_base + SGI_base + VLPI_base + reserved.
+const GICR_STRIDE_V4: u64 = 0x4_0000;
+/// Most frames walked in one region without a Last bit: more than any GIC has.
+const MAX_FRAMES_PER_REGION: usize = 4096;
+
+/// Every redistributor's RD_base, in DT order, given `typer`, the GICR_TYPER of the frame at
+/// an address. With a DT `redistributor-stride` the regions are cut at that stride; otherwise
+/// each frame's GICR_TYPER.VLPIS gives the step to the next (0x20000, or 0x40000 on GICv4), as
+/// Linux's `gic_iterate_rdists` does. Either way a region ends at GICR_TYPER.Last or where no
+/// whole frame fits.
+pub fn redistributor_frames(info: &GicInfo, mut typer: impl FnMut(u64) -> u64) -> Vec<u64> {
+    let mut frames = Vec::new();
+    for r in &info.gicr {
+        let mut at = r.base;
+        for _ in 0..MAX_FRAMES_PER_REGION {
+            if at
+                .checked_add(GICR_STRIDE_V3)
+                .is_none_or(|end| end > r.end())
+            {
+                break;
+            }
+            let t = typer(at);
+            frames.push(at);
+            if t & GICR_TYPER_LAST != 0 {
+                break;
+            }
+            at += info.redist_stride.unwrap_or(if t & GICR_TYPER_VLPIS != 0 {
+                GICR_STRIDE_V4
+            } else {
+                GICR_STRIDE_V3
+            });
+        }
+    }
+    frames
 }
 
 /// Redistributor regions accepted; more than any GICv3 implementation has.

@@ -28,6 +28,7 @@ pub(crate) mod tree;
 
 use blob::{check_blob, malformed};
 use boot_modules::modules;
+pub use devices::redistributor_frames;
 use devices::{cpus, gic, psci, smmus, timer, uart};
 use ram::{memory, reserved};
 
@@ -71,6 +72,34 @@ pub struct GicInfo {
     pub redist_stride: Option<u64>,
     /// INTID of the virtual-interface maintenance interrupt (a PPI, so 16 + the DT number).
     pub maintenance_ppi: u32,
+    /// Every enabled `arm,gic-v3-its` node, in DT order, usable or not (see
+    /// [`ItsInfo::refused`]).
+    pub its: Vec<ItsInfo>,
+}
+
+/// A GICv3 ITS (`arm,gic-v3-its`, normally a child of the GIC node, `reg` translated through
+/// the GIC node's `ranges`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItsInfo {
+    /// Its node's path, which names it in messages.
+    pub path: String,
+    /// Its phandle, by which host bridges' `msi-map` entries name it.
+    pub phandle: Option<u32>,
+    /// Its two 64 KiB frames: control (GITS_*), then translation (GITS_TRANSLATER at +0x40).
+    pub regs: MemRange,
+    /// Why the hypervisor will not drive it, if it will not (a warning at boot; the functions
+    /// whose MSIs go to it then get none).
+    pub refused: Option<String>,
+}
+
+impl ItsInfo {
+    /// Bytes of the two frames (IHI 0069H 12.19: ITS_base and ITS_base + 0x10000).
+    pub const FRAMES_SIZE: u64 = 0x2_0000;
+
+    /// The physical address of GITS_TRANSLATER, the MSI doorbell.
+    pub const fn translater(&self) -> u64 {
+        self.regs.base + 0x1_0040
+    }
 }
 
 /// The architected timer's interrupts, in binding order.

@@ -26,6 +26,15 @@ fn qemu_expected() -> Platform {
             }],
             redist_stride: None,
             maintenance_ppi: 25,
+            its: vec![ItsInfo {
+                path: "/intc@8000000/its@8080000".to_string(),
+                phandle: Some(0x8006),
+                regs: MemRange {
+                    base: 0x808_0000,
+                    size: 0x2_0000,
+                },
+                refused: None,
+            }],
         },
         timer: TimerInfo {
             intids: [29, 30, 27, 26],
@@ -318,7 +327,8 @@ fn synthetic_board() {
             gicd: r(0x2f00_0000, 0x1_0000),
             gicr: vec![r(0x2f10_0000, 0x20_0000)],
             redist_stride: None,
-            maintenance_ppi: 25
+            maintenance_ppi: 25,
+            its: vec![],
         }
     );
     assert_eq!(
@@ -820,4 +830,158 @@ fn unknown_console_falls_back_or_is_refused_by_name() {
         note.contains("/soc/serial@1c0a0000") && note.contains("xyz,uart1"),
         "{note}"
     );
+}
+
+/// A minimal board whose GIC (at 0x8000000, #address-cells 2 and, with `ranges`, mapping its
+/// children 1:1) has the ITS children `its`: (unit name, reg cells, msi-controller).
+fn its_board(ranges: Option<&[u32]>, its: &[(&str, &[u32], bool)]) -> Vec<u8> {
+    let mut w = FdtWriter::new().unwrap();
+    let root = w.begin_node("").unwrap();
+    w.property_u32("#address-cells", 2).unwrap();
+    w.property_u32("#size-cells", 2).unwrap();
+    w.property_u32("interrupt-parent", 1).unwrap();
+    let n = w.begin_node("memory@40000000").unwrap();
+    w.property_string("device_type", "memory").unwrap();
+    w.property_array_u64("reg", &[0x4000_0000, 0x4000_0000])
+        .unwrap();
+    w.end_node(n).unwrap();
+    let cpus = w.begin_node("cpus").unwrap();
+    w.property_u32("#address-cells", 1).unwrap();
+    w.property_u32("#size-cells", 0).unwrap();
+    let n = w.begin_node("cpu@0").unwrap();
+    w.property_string("device_type", "cpu").unwrap();
+    w.property_u32("reg", 0).unwrap();
+    w.end_node(n).unwrap();
+    w.end_node(cpus).unwrap();
+    let gic = w.begin_node("intc@8000000").unwrap();
+    w.property_string("compatible", "arm,gic-v3").unwrap();
+    w.property_u32("#interrupt-cells", 3).unwrap();
+    w.property_null("interrupt-controller").unwrap();
+    w.property_u32("#address-cells", 2).unwrap();
+    w.property_u32("#size-cells", 2).unwrap();
+    match ranges {
+        Some([]) => w.property_null("ranges").unwrap(),
+        Some(r) => w.property_array_u32("ranges", r).unwrap(),
+        None => {}
+    }
+    w.property_array_u64("reg", &[0x800_0000, 0x1_0000, 0x80a_0000, 0xf6_0000])
+        .unwrap();
+    w.property_array_u32("interrupts", &[1, 9, 4]).unwrap();
+    w.property_phandle(1).unwrap();
+    for (i, (name, reg, msi)) in its.iter().enumerate() {
+        let n = w.begin_node(name).unwrap();
+        w.property_string("compatible", "arm,gic-v3-its").unwrap();
+        if *msi {
+            w.property_null("msi-controller").unwrap();
+        }
+        w.property_u32("#msi-cells", 1).unwrap();
+        w.property_array_u32("reg", reg).unwrap();
+        w.property_phandle(10 + i as u32).unwrap();
+        w.end_node(n).unwrap();
+    }
+    w.end_node(gic).unwrap();
+    let n = w.begin_node("timer").unwrap();
+    w.property_string("compatible", "arm,armv8-timer").unwrap();
+    w.property_array_u32("interrupts", &[1, 13, 4, 1, 14, 4, 1, 11, 4, 1, 10, 4])
+        .unwrap();
+    w.end_node(n).unwrap();
+    let n = w.begin_node("pl011@9000000").unwrap();
+    w.property_string("compatible", "arm,pl011").unwrap();
+    w.property_array_u64("reg", &[0x900_0000, 0x1000]).unwrap();
+    w.end_node(n).unwrap();
+    let chosen = w.begin_node("chosen").unwrap();
+    w.property_string("stdout-path", "/pl011@9000000").unwrap();
+    w.end_node(chosen).unwrap();
+    w.end_node(root).unwrap();
+    w.finish().unwrap()
+}
+
+#[test]
+fn its_nodes_are_found_translated_and_checked() {
+    let good: &[u32] = &[0, 0x808_0000, 0, 0x2_0000];
+    // The GIC's `ranges` moves its children: child 0 is CPU 0x1000_0000.
+    let p = Platform::parse(&its_board(
+        Some(&[0, 0, 0, 0x1000_0000, 0, 0x1000_0000]),
+        &[
+            ("its@8080000", good, true),
+            ("its@80a0000", &[0, 0x80a_0000, 0, 0x2_0000], false),
+            ("its@80c0000", &[0, 0x80c_0000, 0, 0x1_0000], true),
+            ("its@80d0000", &[0, 0x80d_8000, 0, 0x2_0000], true),
+        ],
+    ))
+    .unwrap();
+    let its = &p.gic.its;
+    assert_eq!(its.len(), 4);
+    assert_eq!(its[0].path, "/intc@8000000/its@8080000");
+    assert_eq!(its[0].phandle, Some(10));
+    assert_eq!(
+        its[0].regs,
+        MemRange {
+            base: 0x1808_0000,
+            size: 0x2_0000
+        }
+    );
+    assert_eq!(its[0].refused, None);
+    assert_eq!(its[0].translater(), 0x1809_0040);
+    assert_eq!(
+        its[1].refused.as_deref(),
+        Some("it has no msi-controller property")
+    );
+    assert!(its[2].refused.as_deref().unwrap().contains("smaller"));
+    assert!(its[3].refused.as_deref().unwrap().contains("aligned"));
+    // An empty `ranges` is the identity.
+    let p = Platform::parse(&its_board(Some(&[]), &[("its@8080000", good, true)])).unwrap();
+    assert_eq!(p.gic.its[0].regs.base, 0x808_0000);
+    // Without `ranges` the children are not memory-mapped: refused, with the reason, and the
+    // rest of the platform still parses.
+    let p = Platform::parse(&its_board(None, &[("its@8080000", good, true)])).unwrap();
+    let why = p.gic.its[0].refused.as_deref().unwrap();
+    assert!(why.contains("no ranges"), "{why}");
+    // No ITS: an empty list.
+    let p = Platform::parse(&its_board(Some(&[]), &[])).unwrap();
+    assert!(p.gic.its.is_empty());
+}
+
+#[test]
+fn redistributor_frames_step_by_vlpis_or_the_dt_stride() {
+    let region = |base, size| MemRange { base, size };
+    let mut info = GicInfo {
+        gicd: region(0x800_0000, 0x1_0000),
+        gicr: vec![region(0x80a_0000, 0xf6_0000)],
+        redist_stride: None,
+        maintenance_ppi: 25,
+        its: vec![],
+    };
+    const VLPIS: u64 = 1 << 1;
+    const LAST: u64 = 1 << 4;
+    // QEMU gic-version=4, 4 CPUs: frames 0x40000 apart, the fourth Last.
+    let v4 = |at: u64| {
+        VLPIS
+            | if at == 0x80a_0000 + 3 * 0x4_0000 {
+                LAST
+            } else {
+                0
+            }
+    };
+    assert_eq!(
+        redistributor_frames(&info, v4),
+        [0x80a_0000, 0x80e_0000, 0x812_0000, 0x816_0000]
+    );
+    // GICv3: 0x20000 apart (CPU1's RD at 0x80c0000).
+    let v3 = |at: u64| if at == 0x80c_0000 { LAST } else { 0 };
+    assert_eq!(redistributor_frames(&info, v3), [0x80a_0000, 0x80c_0000]);
+    // No Last bit: the walk ends where no whole frame fits in the region.
+    info.gicr = vec![region(0x100_0000, 0x5_0000), region(0x200_0000, 0x2_0000)];
+    assert_eq!(
+        redistributor_frames(&info, |_| 0),
+        [0x100_0000, 0x102_0000, 0x200_0000]
+    );
+    // A DT stride wins over VLPIS.
+    info.redist_stride = Some(0x2_0000);
+    assert_eq!(
+        redistributor_frames(&info, |_| VLPIS),
+        [0x100_0000, 0x102_0000, 0x200_0000]
+    );
+    info.gicr = vec![];
+    assert!(redistributor_frames(&info, |_| 0).is_empty());
 }

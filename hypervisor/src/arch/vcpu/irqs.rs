@@ -5,7 +5,7 @@
 use super::{lrs_here, vm_and_vcpu, IRQ_STATE};
 use crate::arch::gic::{Gic, SPURIOUS};
 use crate::arch::hw::Machine;
-use crate::arch::{hv, iommu, sysreg, this_cpu, uart};
+use crate::arch::{hv, iommu, its, sysreg, this_cpu, uart};
 use crate::hw::IntId;
 use crate::vm::irq::{self, KICK_SGI, VTIMER_PPI};
 use crate::vm::lr;
@@ -28,10 +28,17 @@ pub(super) const MAX_IRQS_PER_EXIT: usize = 32;
 pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) {
     for _ in 0..MAX_IRQS_PER_EXIT {
         let intid = Gic::ack();
-        if intid >= SPURIOUS {
+        // 1020-1023 are the special INTIDs (IHI 0069H 2.2.1; 1023: nothing pending); an LPI
+        // (8192 and up) is an interrupt like any other and must be EOId.
+        if (SPURIOUS..=SPECIAL_LAST).contains(&intid) {
             break;
         }
-        if intid == VTIMER_PPI.0 && running.is_some() {
+        if intid >= crate::its::FIRST_LPI {
+            // Priority drop only: an LPI has no active state, so there is nothing to
+            // deactivate (ICC_DIR).
+            Gic::eoi(intid);
+            lpi(intid, running);
+        } else if intid == VTIMER_PPI.0 && running.is_some() {
             // Priority drop only: the guest's EOI of the HW list register deactivates it.
             Gic::eoi(intid);
             let ticks = {
@@ -83,9 +90,39 @@ pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) {
                     this_cpu()
                 ),
             }
-            if intid >= 32 {
+            // SPIs only: an extended-range or reserved INTID has no GICD enable bit here.
+            if (32..SPURIOUS).contains(&intid) {
                 hv().gic.disable_spi(intid);
             }
+        }
+    }
+}
+
+/// The last special INTID (1023, "no pending interrupt").
+const SPECIAL_LAST: u32 = 1023;
+
+/// A physical LPI taken at EL2 (already EOId). Until the VM wiring delivers it (as a vLPI to
+/// the vCPU of its owner), it is reported, against the owner VM's log rate limit, and
+/// disabled so that a device cannot keep the CPU busy with it.
+pub(super) fn lpi(intid: u32, running: Option<(&Vm, usize)>) {
+    let hv = hv();
+    let owner = its::owner(&hv.its, intid);
+    let old = uart::set_log_vm(owner.map(|(vm, _, _)| vm));
+    match (owner, running) {
+        (Some((vm, dev, ev)), _) => log::warn!(
+            "{}: LPI {intid} (DeviceID {dev:#x}, EventID {ev}) not delivered yet: disabled",
+            hv.vms.get(vm).map_or("?", |v| v.config.name.as_str())
+        ),
+        (None, Some((vm, vcpu))) => log::warn!(
+            "{}: vcpu{vcpu}: LPI {intid} that no device owns",
+            vm.config.name
+        ),
+        (None, None) => log::warn!("CPU {}: LPI {intid} that no device owns", this_cpu()),
+    }
+    uart::set_log_vm(old);
+    if owner.is_some() {
+        if let Err(e) = its::disable(&hv.its, intid) {
+            log::error!("its: LPI {intid} not disabled: {e}");
         }
     }
 }
