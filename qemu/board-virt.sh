@@ -8,7 +8,8 @@
 #
 #   qemu/board-virt.sh [--vms N] [--vm-bootargs I STR]... [--bootargs STR] [--vm-dts FILE]
 #                      [--host-dts FILE] [--show-dts] [--guest DIR] [--bare] [--smp N] [--mem SIZE]
-#                      [--pci] [--vm-pci I BDFS]... [--dumpdtb FILE] [--uboot] [-- QEMU_ARGS...]
+#                      [--pci] [--vm-pci I BDFS]... [--vm-intx-only I]... [--dumpdtb FILE] [--uboot]
+#                      [-- QEMU_ARGS...]
 #
 #   --vms N             VMs to generate (default 2): VM i gets 2 vCPUs pinned to the physical CPUs
 #                       with MPIDRs 2i and 2i+1, 1 GiB of RAM, the guest kernel and initramfs
@@ -33,6 +34,7 @@
 #                       on the hub as a peer at 10.0.2.2
 #   --vm-pci I BDFS     VM I's `smmu-hv,pci-devices` (comma-separated BDFs, e.g. "00:01.0,00:02.0";
 #                       "" for none) instead of what --pci gives it; adds no device
+#   --vm-intx-only I    VM I gets `smmu-hv,intx-only;`: no virtual ITS, its functions use INTx
 #   --smp N             CPUs (default 4)
 #   --mem SIZE          RAM (default 4G)
 #   --dumpdtb FILE      write the DTB QEMU would pass to FILE and exit
@@ -86,6 +88,7 @@ DUMPDTB=""
 UBOOT=0
 PCI=0
 declare -A VM_PCI=()
+declare -A VM_INTX_ONLY=()
 EXTRA=()
 
 need_arg() { [ "$#" -ge 2 ] || die "$1 needs a value (see --help)"; }
@@ -112,6 +115,12 @@ while [ "$#" -gt 0 ]; do
             [[ "$2" =~ ^[0-9]+$ ]] || die "--vm-pci wants a VM index (0, 1, ...), got '$2'"
             VM_PCI[$((10#$2))]="$3"
             shift 3
+            ;;
+        --vm-intx-only)
+            need_arg "$@"
+            [[ "$2" =~ ^[0-9]+$ ]] || die "--vm-intx-only wants a VM index (0, 1, ...), got '$2'"
+            VM_INTX_ONLY[$((10#$2))]=1
+            shift 2
             ;;
         --smp) need_arg "$@"; SMP="$2"; shift 2 ;;
         --mem) need_arg "$@"; MEM="$2"; shift 2 ;;
@@ -331,6 +340,7 @@ vms_block() {
         if [ -n "$bdfs" ]; then
             printf '\t\t\tsmmu-hv,pci-devices = %s;\n' "$(dts_string_list "$bdfs")"
         fi
+        [ -z "${VM_INTX_ONLY[$i]-}" ] || printf '\t\t\tsmmu-hv,intx-only;\n'
         printf '\t\t\tmodule@%x {\n' "$GUEST_KERNEL_ADDR"
         printf '\t\t\t\tcompatible = "multiboot,kernel", "multiboot,module";\n'
         printf '\t\t\t\treg = <0x0 %s 0x0 %s>;\n' "$GUEST_KERNEL_ADDR" "$KERNEL_SIZE"
@@ -351,6 +361,9 @@ if [ -z "$VM_DTS" ]; then
     done
     for i in "${!VM_PCI[@]}"; do
         [ "$i" -lt "$VMS" ] || die "--vm-pci $i: there are only $VMS VMs (--vms $VMS)"
+    done
+    for i in "${!VM_INTX_ONLY[@]}"; do
+        [ "$i" -lt "$VMS" ] || die "--vm-intx-only $i: there are only $VMS VMs (--vms $VMS)"
     done
     [ $((VMS * VM_CPUS)) -le "$SMP" ] ||
         die "--vms $VMS needs $((VMS * VM_CPUS)) CPUs ($VM_CPUS per VM) but --smp is $SMP"

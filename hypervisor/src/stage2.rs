@@ -51,21 +51,29 @@ pub enum MemType {
     Normal,
     /// Device-nGnRE, execute-never: passed-through device registers.
     Device,
+    /// Device-nGnRE, execute-never, write-only (S2AP = 0b10, Arm ARM D8.4.4): an interrupt
+    /// controller's doorbell (GITS_TRANSLATER), which a device's MSI writes through the SMMU
+    /// and nothing needs to read.
+    DeviceWriteOnly,
 }
 
 impl MemType {
     fn attributes(self) -> Stage2Attributes {
-        let common = Stage2Attributes::VALID
-            | Stage2Attributes::ACCESS_FLAG
-            | Stage2Attributes::S2AP_ACCESS_RW;
+        let common = Stage2Attributes::VALID | Stage2Attributes::ACCESS_FLAG;
+        let rw = common | Stage2Attributes::S2AP_ACCESS_RW;
         match self {
             Self::Normal => {
-                common
-                    | Stage2Attributes::MEMATTR_NORMAL_INNER_WB
+                rw | Stage2Attributes::MEMATTR_NORMAL_INNER_WB
                     | Stage2Attributes::MEMATTR_NORMAL_OUTER_WB
                     | Stage2Attributes::SH_INNER
             }
-            Self::Device => common | Stage2Attributes::MEMATTR_DEVICE_nGnRE | Stage2Attributes::XN,
+            Self::Device => rw | Stage2Attributes::MEMATTR_DEVICE_nGnRE | Stage2Attributes::XN,
+            Self::DeviceWriteOnly => {
+                common
+                    | Stage2Attributes::S2AP_ACCESS_WO
+                    | Stage2Attributes::MEMATTR_DEVICE_nGnRE
+                    | Stage2Attributes::XN
+            }
         }
     }
 }
@@ -174,7 +182,11 @@ impl Stage2 {
                 // The callback's range is clipped to the walk; the leaf covers a whole block.
                 let block_size = 1usize << (12 + 9 * (3 - level));
                 let offset = ipa as usize & (block_size - 1);
-                let mem = if flags.contains(Stage2Attributes::XN) {
+                let wo =
+                    flags & Stage2Attributes::S2AP_ACCESS_RW == Stage2Attributes::S2AP_ACCESS_WO;
+                let mem = if wo {
+                    MemType::DeviceWriteOnly
+                } else if flags.contains(Stage2Attributes::XN) {
                     MemType::Device
                 } else {
                     MemType::Normal
@@ -268,6 +280,26 @@ mod tests {
                 size: 0x1000
             })
         );
+    }
+
+    #[test]
+    fn a_doorbell_page_is_write_only_device_memory() {
+        let mut s2 = Stage2::new();
+        s2.map(0x0809_0000, 0x0809_0000, 0x1000, MemType::DeviceWriteOnly)
+            .unwrap();
+        s2.map(0x0900_0000, 0x0900_0000, 0x1000, MemType::Device)
+            .unwrap();
+        let leaf = s2.lookup(0x0809_0040).unwrap();
+        assert_eq!((leaf.pa, leaf.level), (0x0809_0040, 3));
+        assert_eq!(leaf.mem, MemType::DeviceWriteOnly);
+        assert_eq!(s2.lookup(0x0900_0000).unwrap().mem, MemType::Device);
+        assert_eq!(s2.lookup(0x0809_1000), None);
+        let wo = MemType::DeviceWriteOnly.attributes();
+        assert_eq!(
+            wo & Stage2Attributes::S2AP_ACCESS_RW,
+            Stage2Attributes::S2AP_ACCESS_WO
+        );
+        assert!(wo.contains(Stage2Attributes::XN));
     }
 
     #[test]

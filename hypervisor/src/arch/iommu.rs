@@ -324,12 +324,15 @@ impl Iommu {
     /// Checks that `vm` may own `devices` given what earlier VMs were given and describes what
     /// it gets ([`pci::resolve_all`]: whole IOMMU groups, one VM per function, no shared INTx
     /// line or StreamID, DMA through an SMMU the hypervisor drives, device pages that are the
-    /// VM's alone), on every host bridge.
+    /// VM's alone), on every host bridge. A VM that takes MSIs (`msi`: it gets a vITS) has a
+    /// function on an earlier VM's INTx line assigned MSI-only instead of refused
+    /// ([`pci::resolve_all_msi`]).
     pub fn resolve(
         &self,
         vm: &str,
         devices: &[pci::PciAddr],
         earlier: &[(String, Vec<pci::PciAddr>)],
+        msi: bool,
     ) -> Result<VmPciDevices, DeviceError> {
         if devices.is_empty() {
             return Ok(VmPciDevices::default());
@@ -337,13 +340,15 @@ impl Iommu {
         if self.segments.is_empty() {
             return Err(DeviceError::NoHostBridge);
         }
-        pci::resolve_all(
+        let msi_vms: &[&str] = if msi { &[vm] } else { &[] };
+        pci::resolve_all_msi(
             &self.segments,
             &self.directory,
             vm,
             devices,
             earlier,
             crate::stage2::IPA_BITS,
+            msi_vms,
         )
         .map_err(DeviceError::Assign)
     }

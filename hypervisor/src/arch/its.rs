@@ -14,7 +14,7 @@ use spin::Mutex;
 
 use super::gic::{Gic, DEFAULT_PRIORITY};
 use super::sysreg;
-use crate::its::{self as driver, ItsConfig, ItsError, ItsMemory, ItsRegs};
+use crate::its::{self as driver, ItsConfig, ItsMemory, ItsRegs};
 use crate::platform::ItsInfo;
 
 /// Register reads a poll makes before giving up. QEMU completes every command inside the
@@ -228,12 +228,4 @@ pub fn init_cpu(its: &Its, gic: &Gic, cpu: usize, rd: usize) {
 /// Who physical LPI `plpi` belongs to: (VM, DeviceID, EventID).
 pub fn owner(its: &Its, plpi: u32) -> Option<(usize, u32, u32)> {
     its.its.as_ref()?.lock().owner(plpi)
-}
-
-/// Disables LPI `plpi` (its property byte, INV, SYNC).
-pub fn disable(its: &Its, plpi: u32) -> Result<(), ItsError> {
-    match &its.its {
-        Some(i) => i.lock().set_enabled(plpi, false),
-        None => Ok(()),
-    }
 }

@@ -245,7 +245,23 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
         base: image_start,
         size: image_end - image_start,
     };
-    let vms = match build_vms(&platform, dtb_slice, &mpidrs, &busy, hypervisor, &iommu) {
+    // The ITS before the VMs: a VM gets a vITS only over an ITS that is driven. Its Device
+    // table covers every function on the machine (a few KiB on QEMU), not only the assigned
+    // ones, so which VM takes what never depends on the probe order.
+    let its_phandle = gic_info
+        .its
+        .iter()
+        .find(|i| i.refused.is_none())
+        .and_then(|i| i.phandle);
+    let its = its::init(
+        &gic_info.its,
+        &gic,
+        mpidrs.len(),
+        max_device_id(&iommu, its_phandle),
+    );
+    let vms = match build_vms(
+        &platform, dtb_slice, &mpidrs, &busy, hypervisor, &iommu, &its,
+    ) {
         Ok(v) => v,
         Err(e) => {
             log::error!("no VM could be built: {e}");
@@ -267,17 +283,6 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
         })
         .collect();
     iommu::dump_stream_table(iommu.groups(), &iommu.directory);
-    let its_phandle = gic_info
-        .its
-        .iter()
-        .find(|i| i.refused.is_none())
-        .and_then(|i| i.phandle);
-    let its = its::init(
-        &gic_info.its,
-        &gic,
-        mpidrs.len(),
-        max_device_id(&vms, &iommu, its_phandle),
-    );
     uart::set_vms(vms.iter().map(|v| v.prefix.clone()).collect());
     HV.call_once(|| Hv {
         iommu,
@@ -350,19 +355,19 @@ fn cpu_common_init(cpu: usize) {
     }
 }
 
-/// The largest DeviceID an assigned function's MSIs carry to the ITS with phandle
+/// The largest DeviceID a function of the machine sends its MSIs with to the ITS with phandle
 /// `its_phandle` (through its bridge's `msi-map`): the Device table is sized for it rather
-/// than for all of Devbits. 0 when no assigned function has one.
-fn max_device_id(vms: &[Vm], iommu: &iommu::Iommu, its_phandle: Option<u32>) -> u32 {
+/// than for all of Devbits. 0 when no function has one.
+fn max_device_id(iommu: &iommu::Iommu, its_phandle: Option<u32>) -> u32 {
     let Some(its) = its_phandle else {
         return 0;
     };
-    vms.iter()
-        .flat_map(|vm| vm.config.devices.segments.iter())
-        .filter_map(|sd| Some((iommu.segments.get(sd.segment)?, sd)))
-        .flat_map(|(seg, sd)| {
-            sd.devices
-                .functions
+    iommu
+        .segments
+        .iter()
+        .flat_map(|seg| {
+            seg.topology
+                .devices
                 .iter()
                 .filter_map(|f| seg.bridge.device_id(f.bdf.rid()))
         })
@@ -448,6 +453,7 @@ fn build_vms(
     busy: &[MemRange],
     hypervisor: MemRange,
     iommu: &iommu::Iommu,
+    its: &its::Its,
 ) -> Result<Vec<Vm>, BuildError> {
     let specs = config::parse_vm_specs(dtb).map_err(BuildError::Config)?;
     let specs = if specs.is_empty() {
@@ -469,7 +475,9 @@ fn build_vms(
     let mut assigned: Vec<(String, Vec<crate::pci::PciAddr>)> = Vec::new();
     for plan in plans {
         let id = vms.len();
-        let devices = match iommu.resolve(&plan.name, &plan.pci_devices, &assigned) {
+        // MSIs need an ITS the machine has and the VM not asking for INTx only.
+        let msi = its.its.is_some() && !plan.intx_only;
+        let devices = match iommu.resolve(&plan.name, &plan.pci_devices, &assigned, msi) {
             Ok(d) => d,
             Err(e) => {
                 log::error!(
@@ -498,6 +506,7 @@ fn build_vms(
             initrd: plan.ramdisk.map(module),
             bootargs,
             devices,
+            intx_only: plan.intx_only,
         };
         let units: Vec<usize> = vm_config.devices.smmus.iter().map(|u| u.unit).collect();
         let heap_before = ALLOCATOR.lock().stats_alloc_actual();
@@ -523,14 +532,18 @@ fn build_vms(
             .collect();
         let host_bridges: Vec<&crate::pci::HostBridge> =
             iommu.segments.iter().map(|s| &s.bridge).collect();
+        let its_facts = vm_its_facts(its, iommu, &vm_config.devices);
         let vm = match Vm::new(
             id,
             vm_config,
             p,
             ram,
             PhysAddr(plan.ram_pa),
-            &host_bridges,
-            &smmus,
+            &crate::vm::VmMachine {
+                host_bridges: &host_bridges,
+                smmus: &smmus,
+                its: its_facts.as_ref().filter(|_| msi),
+            },
         ) {
             Ok(vm) => vm,
             Err(e) => {
@@ -578,6 +591,10 @@ fn build_vms(
                     );
                 }
             }
+            // Its functions start quiesced: no DMA until the guest enables it, and INTx
+            // Disable set, which a function assigned MSI-only keeps (its vECAM holds it):
+            // it must not raise the line another VM's function has.
+            vm.quiesce_functions(|segment| iommu.ecam(segment));
             assigned.push((plan.name.clone(), plan.pci_devices.clone()));
         }
         // A statement of its own: the allocator's lock guard must be gone before the log line
@@ -594,6 +611,38 @@ fn build_vms(
         return Err(BuildError::AllRefused);
     }
     Ok(vms)
+}
+
+/// The driven ITS as a VM with `devices` would see it: the DeviceIDs its functions' MSIs carry
+/// there (their host bridges' `msi-map`s). `None` without a driven ITS.
+fn vm_its_facts(
+    its: &its::Its,
+    iommu: &iommu::Iommu,
+    devices: &crate::pci::VmPciDevices,
+) -> Option<crate::vm::its::ItsFacts> {
+    let driver = its.its.as_ref()?;
+    let phandle = its.unit.as_ref().and_then(|u| u.1);
+    let mut ids: Vec<u32> = devices
+        .segments
+        .iter()
+        .filter_map(|sd| Some((iommu.segments.get(sd.segment)?, sd)))
+        .flat_map(|(seg, sd)| {
+            sd.devices
+                .functions
+                .iter()
+                .filter_map(|f| seg.bridge.device_id(f.bdf.rid()))
+        })
+        .filter(|&(ph, _)| Some(ph) == phandle)
+        .map(|(_, id)| id)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    Some(crate::vm::its::ItsFacts {
+        index: 0,
+        base: driver.lock().base(),
+        phandle,
+        devices: ids,
+    })
 }
 
 /// One VM on the first CPUs from the /chosen kernel and ramdisk modules.
@@ -622,6 +671,7 @@ fn legacy_spec(
         }),
         ramdisk,
         pci_devices: Vec::new(),
+        intx_only: false,
     })])
 }
 

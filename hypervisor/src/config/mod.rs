@@ -71,6 +71,9 @@ pub struct VmSpec {
     /// `smmu-hv,pci-devices`: the physical PCI functions the VM owns (domain 0 where the
     /// string names none).
     pub pci_devices: Vec<crate::pci::PciAddr>,
+    /// `smmu-hv,intx-only`: its functions keep INTx and never see MSI or MSI-X, even where
+    /// the machine has an ITS (no virtual ITS for the VM).
+    pub intx_only: bool,
 }
 
 /// The host resources VMs are carved from.
@@ -105,4 +108,6 @@ pub struct VmPlan {
     /// The physical PCI functions it owns (checked against IOMMU groups by the caller, who
     /// knows the PCI topology).
     pub pci_devices: Vec<crate::pci::PciAddr>,
+    /// `smmu-hv,intx-only`.
+    pub intx_only: bool,
 }

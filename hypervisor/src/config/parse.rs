@@ -175,6 +175,19 @@ fn parse_node(node: FdtNode) -> Result<VmSpec, ConfigError> {
         }
     };
 
+    // A boolean: present or absent (DT spec 2.2.4, an empty value), so that a typo such as
+    // `= <0>` meaning "no" is refused rather than read as "yes".
+    let intx_only = match node.property("smmu-hv,intx-only") {
+        None => false,
+        Some(p) if p.value.is_empty() => true,
+        Some(_) => {
+            return Err(err(
+                "smmu-hv,intx-only",
+                "is a boolean: it takes no value (present means INTx only)".into(),
+            ))
+        }
+    };
+
     Ok(VmSpec {
         name,
         vcpus,
@@ -184,6 +197,7 @@ fn parse_node(node: FdtNode) -> Result<VmSpec, ConfigError> {
         kernel,
         ramdisk,
         pci_devices,
+        intx_only,
     })
 }
 

@@ -133,6 +133,7 @@ impl Ctx<'_> {
             kernel,
             ramdisk: spec.ramdisk,
             pci_devices: spec.pci_devices,
+            intx_only: spec.intx_only,
         })
     }
 

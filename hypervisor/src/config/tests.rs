@@ -242,6 +242,7 @@ fn parses_a_node() {
             }),
             ramdisk: Some(RAMDISK),
             pci_devices: vec![Bdf::new(0, 1, 0).into(), Bdf::new(0, 2, 0).into()],
+            intx_only: false,
         })]
     );
 }
@@ -284,6 +285,27 @@ fn pci_devices_may_name_their_domain() {
     );
     assert_eq!(spec.pci_devices[0].to_string(), "0001:81:00.0");
     assert_eq!(spec.pci_devices[1].to_string(), "00:02.0");
+}
+
+#[test]
+fn intx_only_is_a_boolean() {
+    let plain = vm("vm0", 1, 64 * MIB);
+    let spec = parse_vm_specs(&dtb(core::slice::from_ref(&plain)))
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert!(!spec.intx_only);
+    let spec = parse_vm_specs(&dtb(&[plain.clone().set("smmu-hv,intx-only", vec![])]))
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert!(spec.intx_only);
+    let e = parse_vm_specs(&dtb(&[plain.set("smmu-hv,intx-only", cells(&[0]))]))
+        .unwrap()
+        .remove(0)
+        .unwrap_err();
+    assert_eq!(e.field, "smmu-hv,intx-only");
+    assert!(e.reason.contains("takes no value"), "{e}");
 }
 
 #[test]
@@ -349,6 +371,7 @@ fn happy_path() {
                 kernel: kernel.clone(),
                 ramdisk: Some(RAMDISK),
                 pci_devices: vec![],
+                intx_only: false,
             },
             VmPlan {
                 name: "vm1".into(),
@@ -358,6 +381,7 @@ fn happy_path() {
                 kernel,
                 ramdisk: Some(RAMDISK),
                 pci_devices: vec![],
+                intx_only: false,
             },
         ]
     );
@@ -681,6 +705,7 @@ fn hand_built_specs_are_checked_too() {
         }),
         ramdisk: None,
         pci_devices: vec![],
+        intx_only: false,
     };
     let failed = cfg_err("y", "cpus", "unreadable");
     let (plans, errors) = plan_vms(vec![Ok(spec), Err(failed.clone())], &machine());

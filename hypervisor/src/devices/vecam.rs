@@ -702,12 +702,8 @@ impl VirtualEcam {
     /// could hold the other VM's line asserted. Meant with [`VirtualEcam::with_msi`]`(true)`:
     /// without it such a function has no interrupt at all.
     pub fn with_msi_only(mut self, cfg: &mut dyn ConfigSpace, bdfs: &[Bdf]) -> Self {
-        for f in self
-            .functions
-            .iter_mut()
-            .filter(|f| bdfs.contains(&f.dev.bdf))
-        {
-            f.msi_only = true;
+        self = self.holding_intx_disable(bdfs);
+        for f in self.functions.iter().filter(|f| f.msi_only) {
             // Command only: zeros in the Status half clear nothing (RW1C).
             let command = cfg.read32(f.dev.bdf, regs::COMMAND) & 0xffff;
             if command & regs::command::INTX_DISABLE == 0 {
@@ -717,6 +713,20 @@ impl VirtualEcam {
                     command | regs::command::INTX_DISABLE,
                 );
             }
+        }
+        self
+    }
+
+    /// [`VirtualEcam::with_msi_only`] for functions whose INTxDisable the caller has already
+    /// set in hardware (a VM's functions are quiesced, Command.INTxDisable set, before each of
+    /// its boots): only the holding and the hidden pin.
+    pub fn holding_intx_disable(mut self, bdfs: &[Bdf]) -> Self {
+        for f in self
+            .functions
+            .iter_mut()
+            .filter(|f| bdfs.contains(&f.dev.bdf))
+        {
+            f.msi_only = true;
         }
         self
     }

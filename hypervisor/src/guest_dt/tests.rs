@@ -1027,11 +1027,11 @@ fn its_node_msi_map_and_interrupt_map_with_parent_address_cells() {
     }
     assert_eq!(
         hb.msi_map,
-        [crate::pci::IommuMapEntry {
+        [crate::pci::MsiMapEntry {
             rid_base: 0,
-            iommu: its_ph,
-            sid_base: 0,
-            length: 0x1_0000,
+            its_phandle: its_ph,
+            devid_base: 0,
+            len: 0x1_0000,
         }]
     );
     // The vSMMU keeps its wired interrupts.
@@ -1077,11 +1077,13 @@ fn the_hosts_msi_map_is_repeated_onto_the_vits() {
     let mpidrs = [0];
     let msi_map = [
         crate::pci::MsiMapEntry {
+            its_phandle: 0,
             rid_base: 0,
             devid_base: 0x1_0000,
             len: 0x100,
         },
         crate::pci::MsiMapEntry {
+            its_phandle: 0,
             rid_base: 0x100,
             devid_base: 0x2_0000,
             len: 0xff00,
@@ -1112,9 +1114,10 @@ fn the_hosts_msi_map_is_repeated_onto_the_vits() {
     );
     assert!(pcie.property("iommu-map").is_none());
     let hb = crate::pci::HostBridge::from_dtb(&dtb).unwrap().unwrap();
-    let back: Vec<crate::pci::MsiMapEntry> = hb.msi_map.iter().map(Into::into).collect();
-    assert_eq!(back, msi_map);
-    assert!(hb.msi_map.iter().all(|e| e.iommu == its_ph));
+    let triple = |e: &crate::pci::MsiMapEntry| (e.rid_base, e.devid_base, e.len);
+    let back: Vec<_> = hb.msi_map.iter().map(triple).collect();
+    assert_eq!(back, msi_map.iter().map(triple).collect::<Vec<_>>());
+    assert!(hb.msi_map.iter().all(|e| e.its_phandle == its_ph));
     assert_eq!(hb.msi_map_mask, Some(0xfff8));
 }
 
@@ -1171,6 +1174,7 @@ fn rejects_bad_its_configs() {
     }
     // msi-map iff ITS: entries or a mask without one are refused.
     let entry = crate::pci::MsiMapEntry {
+        its_phandle: 0,
         rid_base: 0,
         devid_base: 0,
         len: 0x1_0000,
@@ -1194,6 +1198,7 @@ fn rejects_bad_its_configs() {
     assert!(with(at(0x808_0000), mapped).is_ok());
     for (rid_base, devid_base, len) in [(0, 0, 0), (0x8000, 0, 0x8001), (0, u32::MAX, 2)] {
         let bad = [crate::pci::MsiMapEntry {
+            its_phandle: 0,
             rid_base,
             devid_base,
             len,

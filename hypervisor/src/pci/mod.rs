@@ -56,31 +56,6 @@ pub use isolation::{DeviceSlot, IsolationError};
 pub use resources::{assign_resources, ResourceName, DEVICE_PAGE};
 pub use segments::{resolve_all, resolve_all_msi, Segment, SegmentDevices, VmPciDevices};
 
-/// One `msi-map` entry (Linux `Documentation/devicetree/bindings/pci/pci-msi.txt`): Requester
-/// IDs `rid_base..rid_base+len` reach the MSI controller with DeviceIDs `devid_base..`. The
-/// controller's phandle is left out: a guest's map names its one virtual ITS.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MsiMapEntry {
-    /// First Requester ID covered.
-    pub rid_base: u32,
-    /// DeviceID of `rid_base`.
-    pub devid_base: u32,
-    /// Number of Requester IDs covered.
-    pub len: u32,
-}
-
-impl From<&IommuMapEntry> for MsiMapEntry {
-    /// An entry of [`HostBridge::msi_map`], which keeps the DeviceID of `rid_base` in
-    /// `sid_base` (the two maps share a layout).
-    fn from(e: &IommuMapEntry) -> Self {
-        Self {
-            rid_base: e.rid_base,
-            devid_base: e.sid_base,
-            len: e.length,
-        }
-    }
-}
-
 /// A PCI function's address on its segment: bus, device (slot) and function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Bdf {

@@ -24,6 +24,8 @@ pub enum Target {
     Ecam(usize, u64),
     /// The register pages of the VM's vSMMU with this index in `Vm::vsmmus`, at this offset.
     Vsmmu(usize, u64),
+    /// The control frame of the VM's vITS, at this offset.
+    Vits(u64),
     /// The vPL011, at this offset.
     Uart(u64),
     /// The VM's PCI windows where its stage 2 maps nothing (its I/O BARs, memory BARs it
@@ -36,7 +38,7 @@ fn within(base: u64, size: u64, ipa: Ipa) -> Option<u64> {
 }
 
 /// Which device `ipa` belongs to, in the order the devices are tried (distributor, then
-/// redistributors, ECAM, vSMMU, UART, PCI windows): `None` when nothing lives there.
+/// redistributors, ECAM, vSMMU, vITS, UART, PCI windows): `None` when nothing lives there.
 pub fn route(vm: &Vm, ipa: Ipa) -> Option<Target> {
     if let Some(off) = within(vm.gicd.base, vm.gicd.size, ipa) {
         return Some(Target::Gicd(off));
@@ -62,6 +64,9 @@ pub fn route(vm: &Vm, ipa: Ipa) -> Option<Target> {
         .find_map(|(i, s)| within(s.regs.base, s.regs.size, ipa).map(|off| (i, off)))
     {
         return Some(Target::Vsmmu(i, off));
+    }
+    if let Some(off) = vm.its.as_ref().and_then(|i| i.control_offset(ipa)) {
+        return Some(Target::Vits(off));
     }
     if let Some(off) = within(vm.uart.base, vm.uart.size, ipa) {
         return Some(Target::Uart(off));

@@ -301,8 +301,20 @@ impl super::Vm {
     /// stopped for good, or one being reset.
     pub fn quiesce_devices<C: crate::pci::ConfigSpace>(
         &self,
-        mut cfg_of: impl FnMut(usize) -> Option<C>,
+        cfg_of: impl FnMut(usize) -> Option<C>,
         hw: &impl crate::hw::Hw,
+    ) {
+        self.quiesce_functions(cfg_of);
+        for intid in self.config.devices.intx_intids() {
+            hw.disable_spi(crate::hw::IntId(intid));
+        }
+    }
+
+    /// The configuration-space half of [`Vm::quiesce_devices`]: Bus Master off and INTx
+    /// Disable on in each of the VM's functions (also how they start, before the first boot).
+    pub fn quiesce_functions<C: crate::pci::ConfigSpace>(
+        &self,
+        mut cfg_of: impl FnMut(usize) -> Option<C>,
     ) {
         use crate::pci::regs::{command, COMMAND};
         let d = &self.config.devices;
@@ -319,9 +331,6 @@ impl super::Vm {
                     (cmd & !command::BUS_MASTER) | command::INTX_DISABLE,
                 );
             }
-        }
-        for intid in d.intx_intids() {
-            hw.disable_spi(crate::hw::IntId(intid));
         }
     }
 }

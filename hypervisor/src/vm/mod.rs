@@ -8,6 +8,7 @@ pub mod bars;
 pub mod bus;
 pub mod events;
 pub mod irq;
+pub mod its;
 pub mod layout;
 pub mod lifecycle;
 pub mod lr;
@@ -18,7 +19,7 @@ use crate::devices::vecam::{BarMove, VirtualEcam};
 use crate::devices::vgic::{VGic, VGicConfig, GICR_FRAME_SIZE};
 use crate::devices::vpl011::VPl011;
 use crate::devices::vsmmu::{PhysFacts, VmSmmu};
-use crate::guest_dt::{build_guest_dt, GuestDtConfig, GuestPci, GuestSmmu};
+use crate::guest_dt::{build_guest_dt, GuestDtConfig, GuestIts, GuestPci, GuestSmmu};
 use crate::hw::{GuestRam, Hw, Ipa, OutOfRam, PhysAddr};
 use crate::pci::{ConfigSpace, HostBridge, VmPciDevices};
 use crate::platform::{MemRange, Platform};
@@ -70,6 +71,8 @@ pub struct VmConfig {
     pub bootargs: String,
     /// The PCI functions it owns, by host bridge.
     pub devices: VmPciDevices,
+    /// `smmu-hv,intx-only`: no virtual ITS, so its functions keep INTx.
+    pub intx_only: bool,
 }
 
 /// Why a VM could not be built or loaded.
@@ -120,6 +123,11 @@ pub struct VmPci {
     pub iommu_map: Vec<crate::pci::IommuMapEntry>,
     /// The host bridge's `iommu-map-mask`.
     pub iommu_map_mask: Option<u32>,
+    /// The host bridge's `msi-map` entries onto the ITS the VM's vITS stands for (empty
+    /// without a vITS): the guest's map repeats them, so a DeviceID is the same on both sides.
+    pub msi_map: Vec<crate::pci::MsiMapEntry>,
+    /// The host bridge's `msi-map-mask`, with them.
+    pub msi_map_mask: Option<u32>,
     /// Where each of its memory BARs is mapped in the VM's stage 2 now.
     bar_maps: Mutex<BarMaps>,
 }
@@ -127,6 +135,18 @@ pub struct VmPci {
 /// The virtual UART's INTID when the host UART has none wired to the GIC (SPI 1, QEMU `virt`'s
 /// UART line and clear of PCI INTx lines on the boards the hypervisor knows).
 const VUART_FALLBACK_INTID: u32 = 33;
+
+/// What of the machine a VM is built over: the host bridges its functions sit behind (by
+/// segment), the physical SMMUs they sit behind, the ITS their MSIs reach (`None`: no vITS).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VmMachine<'a> {
+    /// The host bridges, by segment index.
+    pub host_bridges: &'a [&'a HostBridge],
+    /// The physical SMMUs the VM's functions sit behind.
+    pub smmus: &'a [SmmuFacts<'a>],
+    /// The ITS the VM's functions' MSIs reach, if it gets a vITS.
+    pub its: Option<&'a its::ItsFacts>,
+}
 
 /// The physical SMMU as a VM's construction needs it: its DT node and what it can do.
 #[derive(Debug, Clone, Copy)]
@@ -176,6 +196,9 @@ pub struct Vm {
     /// The VM's emulated SMMUv3s: one over each physical SMMU its PCI functions sit behind
     /// that can nest, ordered by driver instance.
     pub vsmmus: Vec<VmSmmu>,
+    /// Its virtual ITS, when the machine has an ITS its functions' MSIs reach and the VM did
+    /// not ask for INTx only.
+    pub its: Option<its::VmIts>,
     /// Physical address of its stage-2 root table (shared with the SMMU).
     pub s2_root: u64,
     /// Virtual GIC register model.
@@ -200,6 +223,17 @@ struct GuestDtInputs {
     timer: crate::platform::TimerInfo,
 }
 
+/// The virtual ECAM of a VM's functions on one host bridge whose first bus is `first_bus`, at
+/// its reset values: MSI and MSI-X shown when the VM has a vITS, INTxDisable held for the
+/// functions assigned MSI-only (the hypervisor sets it in hardware when it quiesces the VM's
+/// functions, before every boot).
+fn vecam_of(d: &crate::pci::VmDevices, first_bus: u8, msi: bool) -> VirtualEcam {
+    VirtualEcam::new(d.functions.clone(), d.bridges.clone())
+        .with_first_bus(first_bus)
+        .with_msi(msi)
+        .holding_intx_disable(&d.msi_only)
+}
+
 /// SPIs of each VM's vGIC (INTIDs 32-159): room for the host's own SPI numbers, which the VM's
 /// devices keep (the UART, PCI INTx, the vSMMU's lines).
 const VGIC_SPIS: u32 = 128;
@@ -208,7 +242,7 @@ impl Vm {
     /// Builds a VM whose RAM is `ram` (physically at `ram_pa`), seen by the guest at the host's
     /// first RAM base. Emulated devices sit at the host's device addresses (they are never
     /// mapped in stage-2, so every access traps). A VM with PCI functions gets a vSMMU over
-    /// each of `smmus` (the physical SMMUs they sit behind) that can nest; for one that
+    /// each of `machine.smmus` (the physical SMMUs they sit behind) that can nest; for one that
     /// cannot, the reason is logged and the devices behind it run on stage 2 only.
     pub fn new(
         id: usize,
@@ -216,9 +250,13 @@ impl Vm {
         platform: &Platform,
         ram: Box<dyn GuestRam>,
         ram_pa: PhysAddr,
-        host_bridges: &[&HostBridge],
-        smmus: &[SmmuFacts<'_>],
+        machine: &VmMachine<'_>,
     ) -> Result<Self, VmError> {
+        let VmMachine {
+            host_bridges,
+            smmus,
+            its,
+        } = *machine;
         let ram_ipa = MemRange {
             base: platform.memory[0].base,
             size: config.ram_size,
@@ -233,6 +271,19 @@ impl Vm {
             }
         }
         let has_devices = !config.devices.is_empty();
+        let its = its
+            .filter(|_| has_devices && !config.intx_only)
+            .and_then(|f| its::VmIts::new(f, config.pcpus.len()));
+        if let Some(v) = &its {
+            // The doorbell the guest's functions write their MSIs to: the physical
+            // GITS_TRANSLATER page, write-only (see `vm::its` for what a CPU store does).
+            stage2.map(
+                v.doorbell.base,
+                v.doorbell.base,
+                v.doorbell.size,
+                MemType::DeviceWriteOnly,
+            )?;
+        }
         let vmid = (id + 1) as u16;
         let uart_intid = platform.uart.intid.unwrap_or(VUART_FALLBACK_INTID);
         let mut vsmmus: Vec<VmSmmu> = Vec::new();
@@ -284,13 +335,7 @@ impl Vm {
                     windows: host.windows.clone(),
                     // Offset 0 of the window is the bridge's first bus (0x80 for a second
                     // segment that starts there).
-                    vecam: Mutex::new(
-                        VirtualEcam::new(
-                            seg.devices.functions.clone(),
-                            seg.devices.bridges.clone(),
-                        )
-                        .with_first_bus(host.bus_start),
-                    ),
+                    vecam: Mutex::new(vecam_of(&seg.devices, host.bus_start, its.is_some())),
                     iommu_map: host
                         .iommu_map
                         .iter()
@@ -298,6 +343,16 @@ impl Vm {
                         .copied()
                         .collect(),
                     iommu_map_mask: host.iommu_map_mask,
+                    msi_map: host
+                        .msi_map
+                        .iter()
+                        .filter(|e| {
+                            its.as_ref()
+                                .is_some_and(|i| i.host_phandle == Some(e.its_phandle))
+                        })
+                        .copied()
+                        .collect(),
+                    msi_map_mask: host.msi_map_mask.filter(|_| its.is_some()),
                     bar_maps: Mutex::new(BarMaps::new(&seg.devices.slots)),
                 })
             })
@@ -316,6 +371,8 @@ impl Vm {
         let vgic = VGic::new(VGicConfig {
             num_spis: VGIC_SPIS,
             vcpu_mpidr: vcpus.iter().map(|v| v.mpidr).collect(),
+            // LPIs exactly when the guest has an ITS to raise them.
+            lpis: its.is_some(),
             ..VGicConfig::default()
         });
         let gicr = MemRange {
@@ -337,6 +394,7 @@ impl Vm {
             bar_moves: AtomicU32::new(0),
             pci,
             vsmmus,
+            its,
             gicd: MemRange {
                 base: platform.gic.gicd.base,
                 size: 0x10000,
@@ -415,8 +473,8 @@ impl Vm {
                 intx: &self.config.devices.segments[p.at].devices.intx,
                 iommu_map: &p.iommu_map,
                 iommu_map_mask: p.iommu_map_mask,
-                msi_map: &[],
-                msi_map_mask: None,
+                msi_map: &p.msi_map,
+                msi_map_mask: p.msi_map_mask,
             })
             .collect();
         let dtb = build_guest_dt(&GuestDtConfig {
@@ -435,7 +493,10 @@ impl Vm {
             boot_count: boots,
             pci: &pci,
             smmus: &smmus,
-            its: None,
+            its: self.its.as_ref().map(|i| GuestIts {
+                base: i.regs.base,
+                size: crate::guest_dt::GUEST_ITS_SIZE,
+            }),
         })
         .map_err(VmError::Dt)?;
         if dtb.len() as u64 > layout::DTB_MAX {
@@ -445,14 +506,14 @@ impl Vm {
         *self.vgic.lock() = VGic::new(VGicConfig {
             num_spis: VGIC_SPIS,
             vcpu_mpidr: mpidrs,
+            lpis: self.its.is_some(),
             ..VGicConfig::default()
         });
         *self.vuart.lock() = VPl011::new();
         self.console_backlog.lock().clear();
         for p in &self.pci {
             let d = &self.config.devices.segments[p.at].devices;
-            *p.vecam.lock() = VirtualEcam::new(d.functions.clone(), d.bridges.clone())
-                .with_first_bus(p.bus_range.0);
+            *p.vecam.lock() = vecam_of(d, p.bus_range.0, self.its.is_some());
         }
         self.reset_bar_maps(hw);
         if boots > 0 {
@@ -479,6 +540,9 @@ impl Vm {
             for line in s.stats_lines(&name) {
                 log::info!("{line}");
             }
+        }
+        if let Some(i) = &self.its {
+            log::info!("{}", i.stats_line(&self.config.name));
         }
     }
 

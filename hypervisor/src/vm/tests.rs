@@ -70,13 +70,22 @@ fn config(devices: VmDevices) -> VmConfig {
         }),
         bootargs: "console=ttyAMA0".into(),
         devices: one_segment(devices),
+        intx_only: false,
     }
 }
 
 fn vm_with(devices: VmDevices) -> Vm {
     let p = platform();
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
-    Vm::new(0, config(devices), &p, ram, PhysAddr(0x8000_0000), &[], &[]).unwrap()
+    Vm::new(
+        0,
+        config(devices),
+        &p,
+        ram,
+        PhysAddr(0x8000_0000),
+        &VmMachine::default(),
+    )
+    .unwrap()
 }
 
 fn vm() -> Vm {
@@ -161,8 +170,7 @@ fn ram_is_zeroed_on_the_first_boot_only() {
         &p,
         ram,
         PhysAddr(0),
-        &[],
-        &[],
+        &VmMachine::default(),
     )
     .unwrap();
     let hw = FakeHw::new(2, 4);
@@ -186,7 +194,7 @@ fn a_kernel_that_is_not_an_image_or_does_not_fit_is_refused_with_its_address() {
     let mut c = config(VmDevices::default());
     c.kernel.bytes = &[0u8; 64];
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
-    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), &[], &[]).unwrap();
+    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), &VmMachine::default()).unwrap();
     let e = vm.load(&FakeHw::new(2, 4), |_| NoSmmu).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -195,7 +203,7 @@ fn a_kernel_that_is_not_an_image_or_does_not_fit_is_refused_with_its_address() {
     let mut c = config(VmDevices::default());
     c.ram_size = 3 << 20;
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, 3 << 20));
-    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), &[], &[]).unwrap();
+    let vm = Vm::new(0, c, &p, ram, PhysAddr(0), &VmMachine::default()).unwrap();
     assert!(matches!(
         vm.load(&FakeHw::new(2, 4), |_| NoSmmu),
         Err(VmError::Layout { .. })
@@ -585,8 +593,11 @@ fn functions_behind_two_smmus_get_a_vsmmu_over_each() {
         &p,
         ram,
         PhysAddr(0x8000_0000),
-        &[&host],
-        &facts,
+        &VmMachine {
+            host_bridges: &[&host],
+            smmus: &facts,
+            its: None,
+        },
     )
     .unwrap();
     let lines: Vec<(usize, u32, u32)> = vm
@@ -714,8 +725,11 @@ fn functions_on_two_host_bridges_get_a_virtual_bridge_each() {
         &p,
         ram,
         PhysAddr(0x8000_0000),
-        &[&host0, &host1],
-        &facts,
+        &VmMachine {
+            host_bridges: &[&host0, &host1],
+            smmus: &facts,
+            its: None,
+        },
     )
     .unwrap();
     assert_eq!(vm.pci.len(), 2);
@@ -766,4 +780,110 @@ fn functions_on_two_host_bridges_get_a_virtual_bridge_each() {
             .map(|r| r.intid)
     };
     assert_eq!((line(0), line(1)), (Some(37), Some(38)));
+}
+
+fn vm_with_its(intx_only: bool) -> Vm {
+    let mut cfg = FakeConfigSpace::qemu_flat();
+    let topo = crate::pci::enumerate::enumerate(&mut cfg, 0, 0).unwrap();
+    let f = Bdf::new(0, 2, 0);
+    let devices = VmDevices {
+        functions: alloc::vec![topo.device(f).unwrap().clone()],
+        ..VmDevices::default()
+    };
+    let p = platform();
+    let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
+    let facts = super::its::ItsFacts {
+        index: 0,
+        base: 0x0808_0000,
+        phandle: None,
+        devices: alloc::vec![0x10],
+    };
+    let c = VmConfig {
+        intx_only,
+        ..config(devices)
+    };
+    let m = VmMachine {
+        its: Some(&facts),
+        ..VmMachine::default()
+    };
+    Vm::new(0, c, &p, ram, PhysAddr(0x8000_0000), &m).unwrap()
+}
+
+#[test]
+fn a_vits_traps_its_control_frame_and_maps_only_the_doorbell_page() {
+    let vm = vm_with_its(false);
+    let its = vm.its.as_ref().expect("a vITS");
+    assert_eq!(its.devices(), &[0x10]);
+    assert_eq!(route(&vm, Ipa(0x0808_0000)), Some(Target::Vits(0)));
+    assert_eq!(route(&vm, Ipa(0x0808_fff8)), Some(Target::Vits(0xfff8)));
+    let s2 = vm.stage2.lock();
+    let leaf = s2.lookup(0x0809_0040).expect("GITS_TRANSLATER mapped");
+    assert_eq!(leaf.pa, 0x0809_0040, "onto the physical doorbell");
+    assert_eq!(leaf.mem, MemType::DeviceWriteOnly);
+    assert_eq!(s2.lookup(0x0808_0000), None, "control frame never mapped");
+    assert_eq!(
+        s2.lookup(0x0809_1000),
+        None,
+        "rest of the translation frame unmapped"
+    );
+}
+
+#[test]
+fn intx_only_vm_gets_no_vits_and_no_doorbell() {
+    let vm = vm_with_its(true);
+    assert!(vm.its.is_none());
+    assert_eq!(route(&vm, Ipa(0x0808_0000)), None);
+    assert_eq!(vm.stage2.lock().lookup(0x0809_0040), None);
+    // Nor does a VM without functions, whatever the machine has.
+    let p = platform();
+    let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
+    let facts = super::its::ItsFacts {
+        index: 0,
+        base: 0x0808_0000,
+        phandle: None,
+        devices: alloc::vec![0x10],
+    };
+    let vm = Vm::new(
+        0,
+        config(VmDevices::default()),
+        &p,
+        ram,
+        PhysAddr(0x8000_0000),
+        &VmMachine {
+            its: Some(&facts),
+            ..VmMachine::default()
+        },
+    )
+    .unwrap();
+    assert!(vm.its.is_none());
+}
+
+#[test]
+fn a_vits_vm_boots_with_an_its_node_and_lpis_in_its_vgic() {
+    let vm = vm_with_its(false);
+    let hw = FakeHw::new(2, 4);
+    let (_, dtb) = vm.load(&hw, |_| NoSmmu).unwrap();
+    let mut blob = alloc::vec![0u8; 0x10000];
+    vm.ram().read(dtb, &mut blob).unwrap();
+    let fdt = fdt::Fdt::new(&blob).unwrap();
+    let its = fdt
+        .find_compatible(&["arm,gic-v3-its"])
+        .expect("an ITS node");
+    assert!(its.property("msi-controller").is_some());
+    let reg = its.reg().unwrap().next().unwrap();
+    assert_eq!(reg.starting_address as u64, 0x0808_0000);
+    // The vGIC offers LPIs: GICD_TYPER.LPIS (bit 17).
+    let typer = vm
+        .vgic
+        .lock()
+        .dist_read(0x4, crate::mmio::AccessWidth::Word);
+    assert_ne!(typer & (1 << 17), 0);
+    // And a VM without one does not.
+    let plain = vm_with_its(true);
+    plain.load(&hw, |_| NoSmmu).unwrap();
+    let typer = plain
+        .vgic
+        .lock()
+        .dist_read(0x4, crate::mmio::AccessWidth::Word);
+    assert_eq!(typer & (1 << 17), 0);
 }

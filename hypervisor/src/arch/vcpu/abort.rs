@@ -133,6 +133,7 @@ pub(super) fn mmio_access(
                 }
             }
         }
+        Target::Vits(off) => super::vits::access(vm, off, width, write)?,
         Target::Uart(off) => match write {
             Some(v) => {
                 let mut out = [0u8; 1];

@@ -101,28 +101,28 @@ pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) {
 /// The last special INTID (1023, "no pending interrupt").
 const SPECIAL_LAST: u32 = 1023;
 
-/// A physical LPI taken at EL2 (already EOId). Until the VM wiring delivers it (as a vLPI to
-/// the vCPU of its owner), it is reported, against the owner VM's log rate limit, and
-/// disabled so that a device cannot keep the CPU busy with it.
+/// A physical LPI taken at EL2 (already EOId): the owner VM's guest LPI made pending in the
+/// vCPU its translation targets (`vits::deliver`), through a list register at that vCPU's next
+/// entry. One the guest's vITS does not translate now (its ITS disabled, its collection
+/// unmapped) is dropped, as an ITS drops one. An LPI no VM owns (a race with an unmap) is
+/// reported against the running VM's log budget and otherwise ignored: nothing maps it any
+/// more, so it cannot recur.
 pub(super) fn lpi(intid: u32, running: Option<(&Vm, usize)>) {
     let hv = hv();
-    let owner = its::owner(&hv.its, intid);
-    let old = uart::set_log_vm(owner.map(|(vm, _, _)| vm));
-    match (owner, running) {
-        (Some((vm, dev, ev)), _) => log::warn!(
-            "{}: LPI {intid} (DeviceID {dev:#x}, EventID {ev}) not delivered yet: disabled",
-            hv.vms.get(vm).map_or("?", |v| v.config.name.as_str())
-        ),
-        (None, Some((vm, vcpu))) => log::warn!(
-            "{}: vcpu{vcpu}: LPI {intid} that no device owns",
-            vm.config.name
-        ),
-        (None, None) => log::warn!("CPU {}: LPI {intid} that no device owns", this_cpu()),
-    }
-    uart::set_log_vm(old);
-    if owner.is_some() {
-        if let Err(e) = its::disable(&hv.its, intid) {
-            log::error!("its: LPI {intid} not disabled: {e}");
+    match its::owner(&hv.its, intid) {
+        Some((vm, _, _)) => {
+            super::vits::deliver(vm, intid, running);
+        }
+        None => {
+            let old = uart::set_log_vm(running.map(|(vm, _)| vm.id));
+            match running {
+                Some((vm, vcpu)) => log::warn!(
+                    "{}: vcpu{vcpu}: LPI {intid} that no device owns",
+                    vm.config.name
+                ),
+                None => log::warn!("CPU {}: LPI {intid} that no device owns", this_cpu()),
+            }
+            uart::set_log_vm(old);
         }
     }
 }

@@ -57,9 +57,11 @@ pub(super) fn park_stopped_vcpu(vm: &Vm, vcpu: usize) -> ! {
     run_bound_vcpu();
 }
 
-/// Stops the VM's PCI functions from mastering DMA or raising their lines.
+/// Stops the VM's PCI functions from mastering DMA or raising their lines, and unmaps every
+/// event its guest mapped in the physical ITS (its MSIs then raise nothing).
 pub(super) fn quiesce_devices(vm: &Vm) {
     vm.quiesce_devices(|segment| hv().iommu.ecam(segment), &Machine);
+    super::vits::reset(vm);
 }
 
 /// Reboots `vm` alone: stops its vCPUs, reloads its kernel, initramfs and DT from the pristine

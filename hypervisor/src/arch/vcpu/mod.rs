@@ -11,6 +11,7 @@ mod irqs;
 mod lifecycle;
 mod smccc;
 mod sysreg_trap;
+mod vits;
 
 use crate::arch::{hv, sysreg, this_cpu, uart};
 use crate::esr::{fault_ipa, instruction_length, ExceptionClass};

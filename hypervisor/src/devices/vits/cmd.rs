@@ -236,8 +236,8 @@ impl Vits {
                 Ok(())
             }
             Command::Clear { device, event } => {
-                let (ite, _) = self.targeted(device, event)?;
-                phys.clear(ev(device, event, &ite));
+                let (ite, vcpu) = self.targeted(device, event)?;
+                phys.clear(ev(device, event, &ite), ite.vintid, vcpu);
                 Ok(())
             }
             Command::Inv { device, event } => {

@@ -162,7 +162,7 @@ impl PhysicalIts for RecordingIts {
         self.ops.push(PhysOp::Raise(ev));
     }
 
-    fn clear(&mut self, ev: PhysEvent) {
+    fn clear(&mut self, ev: PhysEvent, _vintid: u32, _vcpu: usize) {
         self.check_live(ev, "clear");
         self.ops.push(PhysOp::Clear(ev));
     }

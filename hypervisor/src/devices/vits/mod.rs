@@ -94,8 +94,9 @@ pub trait PhysicalIts {
     fn invalidate(&mut self, ev: PhysEvent, vintid: u32);
     /// INT: make the event's physical LPI pending.
     fn raise(&mut self, ev: PhysEvent);
-    /// CLEAR: clear the event's physical LPI's pending state.
-    fn clear(&mut self, ev: PhysEvent);
+    /// CLEAR: clear the event's physical LPI's pending state, and the guest's LPI `vintid` at
+    /// vCPU `vcpu` (the collection's), where a physical LPI already taken left it pending.
+    fn clear(&mut self, ev: PhysEvent, vintid: u32, vcpu: usize);
     /// MOVALL: the VM's LPIs pending at vCPU `from` become pending at vCPU `to` (both pinned
     /// CPUs run only this VM).
     fn move_all(&mut self, from: usize, to: usize);
