@@ -13,10 +13,11 @@ KVER_GLOB='linux-image-6.12.*-arm64-unsigned'
 # Debian's U-Boot for QEMU's virt board (package u-boot-qemu), firmware of the U-Boot board path.
 UBOOT_BIN=/usr/lib/u-boot/qemu_arm64/u-boot.bin
 # Kernel config symbol and module name of each driver the guest needs beyond the kernel's built-in
-# ones: the virtio PCI transport and the virtio disk and NIC, and Intel's e1000e NIC (QEMU's
-# `-device e1000e`, a device users plug as it comes). Those the kernel has as modules (=m) go into
+# ones: the virtio PCI transport and the virtio disk and NIC, Intel's e1000e NIC (QEMU's
+# `-device e1000e`, a device users plug as it comes) and the NVMe driver (QEMU's `-device nvme`:
+# a controller with a vector per queue, which the MSI test gives a VM). Those the kernel has as modules (=m) go into
 # the initramfs with their dependencies; built-in ones (=y) need nothing.
-GUEST_DRIVERS=(VIRTIO_PCI:virtio_pci VIRTIO_BLK:virtio_blk VIRTIO_NET:virtio_net E1000E:e1000e)
+GUEST_DRIVERS=(VIRTIO_PCI:virtio_pci VIRTIO_BLK:virtio_blk VIRTIO_NET:virtio_net E1000E:e1000e BLK_DEV_NVME:nvme)
 # modinfo lives in /usr/sbin, which a user's PATH may lack.
 export PATH="$PATH:/usr/sbin:/sbin"
 

@@ -4,7 +4,8 @@
 //! (0001:81:00.0) and a NIC of domain 0, so its guest sees two virtual host bridges, each
 //! with the host's `linux,pci-domain`, the disk behind its root port, both behind its vSMMU; it
 //! reads the disk through nested translation (the MD5 of what its DMA brought in against the
-//! host's of the image). vm1 keeps domain 0's other functions. vm2 asks for the domain-0
+//! host's of the image). vm1 keeps domain 0's other functions. vm2, INTx only
+//! (`smmu-hv,intx-only`, so it cannot take the function MSI-only instead), asks for the domain-0
 //! function whose INTx line is the one vm0's domain-1 disk raises: refused, naming both.
 
 use std::fs;
@@ -72,6 +73,8 @@ fn functions_on_two_host_bridges() -> Result<(), Error> {
             "--vm-pci",
             "2",
             "00:01.0",
+            "--vm-intx-only",
+            "2",
             "--vm-bootargs",
             "0",
             off,

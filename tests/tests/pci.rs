@@ -82,16 +82,28 @@ fn fact_in(lines: &[Line], source: Option<&str>, key: &str) -> Option<String> {
 /// exactly its own two functions, reads its own disk (the host's MD5 of that VM's image, and the
 /// two images differ), writes and reads back its scratch MiB, gets its own MAC and address, pings
 /// the other and is pinged by it; the hypervisor reports the functions and their assignment
-/// (StreamID = RequesterID), aborts none of them, and powers off when both VMs have.
+/// (StreamID = RequesterID), aborts none of them, and powers off when both VMs have. vm0's
+/// functions interrupt by MSI-X through its vITS; vm1 asks for INTx only
+/// (`smmu-hv,intx-only`), so its functions keep the forwarded INTx lines, the fallback.
 #[test]
 fn two_guests_with_their_own_disks_and_nics() -> Result<(), integration_tests::Error> {
     let vm0_args = bootargs(&VM0, VM1.ip);
     let vm1_args = bootargs(&VM1, VM0.ip);
-    let mut q = Qemu::spawn_two_pci_vms(
+    let mut q = Qemu::spawn_with_limit(
         "two_guests_with_their_own_disks_and_nics",
-        None,
-        &vm0_args,
-        &vm1_args,
+        &[
+            "--vms",
+            "2",
+            "--pci",
+            "--vm-intx-only",
+            "1",
+            "--vm-bootargs",
+            "0",
+            &vm0_args,
+            "--vm-bootargs",
+            "1",
+            &vm1_args,
+        ],
         PCI_RUN_TIMEOUT,
     )?;
     let guest = stock_guest_dir();
@@ -117,6 +129,24 @@ fn two_guests_with_their_own_disks_and_nics() -> Result<(), integration_tests::E
             "{vm}'s eth0 address"
         );
         disk_md5s.push(check_vm_disk(&mut q, vm)?);
+        // How they interrupted, after the disk's DMA: MSI-X (vm0, through its vITS) or the
+        // INTx line (vm1, INTx only); the disk's completions counted either way.
+        let irqs = q.wait_vm_fact(vm, "pci-irqs", STEP_TIMEOUT)?;
+        let want = if vm == "vm0" { "msix" } else { "intx" };
+        for (bdf, _) in [a.disk, a.nic] {
+            let entry = irqs
+                .split(',')
+                .find(|e| e.starts_with(&format!("{bdf}:")))
+                .unwrap_or_else(|| panic!("{vm}: no {bdf} in pci-irqs={irqs}"));
+            let f: Vec<&str> = entry.rsplitn(4, ':').collect();
+            assert_eq!(f[2], want, "{vm}'s {bdf} interrupts by {want}: {irqs}");
+            if bdf == a.disk.0 {
+                assert!(
+                    f[0].parse::<u64>().unwrap() > 0,
+                    "{vm}'s disk interrupted: {irqs}"
+                );
+            }
+        }
         check_vm_pings(&mut q, vm)?;
         q.wait_vm_for(vm, "guest: powering off", STEP_TIMEOUT)?;
     }
