@@ -298,8 +298,9 @@ fn power_off_last(q: &mut Qemu, vm: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// The cycler's `guest: iommu-cycle=I rmmod=ok modprobe=ok disk=ok groups=2 ms=T` lines, checked
-/// in order: every step ok and both its functions back in IOMMU groups after each cycle. Returns
+/// The cycler's `guest: iommu-cycle=I rmmod=ok modprobe=ok disk=ok groups=2 irq=msix:N:C ms=T`
+/// lines, checked in order: every step ok, both its functions back in IOMMU groups and its disk
+/// interrupting by MSI-X after each cycle. Returns
 /// the first and last lines' arrival times and each cycle's duration (ms).
 fn check_cycles(q: &mut Qemu, vm: &str) -> Result<(Duration, Duration, Vec<u64>), Error> {
     let mut times = Vec::new();
@@ -331,6 +332,13 @@ fn check_cycles(q: &mut Qemu, vm: &str) -> Result<(Duration, Duration, Vec<u64>)
                  content after the rescan, the functions back in IOMMU groups): {text:?}"
             );
         }
+        // The disk re-probed after the rescan interrupts by MSI-X through the VM's vITS (the
+        // guest's ITS driver mapped its events again) and did for the reads just checked.
+        let irq: Vec<&str> = f.get("irq").copied().unwrap_or("").split(':').collect();
+        assert!(
+            irq.len() == 3 && irq[0] == "msix" && irq[2].parse::<u64>().is_ok_and(|n| n > 0),
+            "{vm}'s driver cycle {i}: its disk's MSI-X after the rescan (irq=MODE:N:COUNT): {text:?}"
+        );
         ms.push(
             f.get("ms")
                 .and_then(|v| v.parse().ok())

@@ -263,6 +263,10 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
             (Boot::Single(Col::Bare), "bare"),
             (Boot::Single(Col::Vsmmu), "vSMMU"),
             (Boot::Single(Col::S2), "stage-2 only"),
+            (
+                Boot::Single(Col::VsmmuIntx),
+                "vSMMU with INTx (smmu-hv,intx-only)",
+            ),
             (Boot::Pair(Col::Vsmmu), "two VMs, vSMMU"),
             (Boot::Pair(Col::S2), "two VMs, stage-2 only"),
         ];

@@ -161,9 +161,9 @@ pub(crate) fn figures_table(res: &Results, o: &Opts) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| workload | better | bare | vSMMU | stage-2 only | vSMMU/bare | vSMMU/s2 |"
+        "| workload | better | bare | vSMMU | stage-2 only | vSMMU, INTx | vSMMU/bare | vSMMU/s2 | vSMMU/INTx |"
     );
-    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for row in rows(o) {
         let Some(samples) = res.samples.get(&row.key) else {
             continue;
@@ -195,14 +195,16 @@ pub(crate) fn figures_table(res: &Results, o: &Opts) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.label,
             if row.higher_better { "higher" } else { "lower" },
             col(Col::Bare),
             col(Col::Vsmmu),
             col(Col::S2),
+            col(Col::VsmmuIntx),
             ratio(Col::Bare),
-            ratio(Col::S2)
+            ratio(Col::S2),
+            ratio(Col::VsmmuIntx)
         );
     }
     s

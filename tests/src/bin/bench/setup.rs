@@ -15,16 +15,21 @@ pub(crate) enum Col {
     Bare,
     Vsmmu,
     S2,
+    /// The vSMMU setup with `smmu-hv,intx-only`: no vITS, the functions on their INTx lines
+    /// (the others interrupt by MSI-X: bare through QEMU's ITS, the hypervisor's through the
+    /// VM's vITS, injected through list registers).
+    VsmmuIntx,
 }
 
 impl Col {
-    pub(crate) const ALL: [Col; 3] = [Col::Bare, Col::Vsmmu, Col::S2];
+    pub(crate) const ALL: [Col; 4] = [Col::Bare, Col::Vsmmu, Col::S2, Col::VsmmuIntx];
 
     pub(crate) fn label(self) -> &'static str {
         match self {
             Col::Bare => "bare",
             Col::Vsmmu => "vSMMU",
             Col::S2 => "stage-2 only",
+            Col::VsmmuIntx => "vSMMU, INTx",
         }
     }
 
@@ -33,6 +38,7 @@ impl Col {
             Col::Bare => "bare",
             Col::Vsmmu => "vsmmu",
             Col::S2 => "s2",
+            Col::VsmmuIntx => "vsmmu-intx",
         }
     }
 }
@@ -91,8 +97,11 @@ impl Ctx {
                 a.push(BASE_BOOTARGS.to_string());
                 1
             }
-            Boot::Single(_) => {
+            Boot::Single(c) => {
                 a.extend(["--vms", "1", "--smp", "2", "--guest", &guest].map(String::from));
+                if c == Col::VsmmuIntx {
+                    a.extend(["--vm-intx-only", "0"].map(String::from));
+                }
                 a.extend(
                     ["--vm-pci", "0", "00:01.0,00:02.0", "--vm-bootargs", "0"].map(String::from),
                 );
