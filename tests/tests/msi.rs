@@ -6,8 +6,9 @@
 //! (the guest's stage 1 maps its doorbell IOVA onto the vITS's GITS_TRANSLATER, whose page the
 //! VM's stage 2 sends to the physical one): the disks' MD5s cross DMA whose completions are
 //! those MSIs, the NVMe has a vector per I/O queue, vm0 and vm2 ping each other over their
-//! NICs. vm1 forges MSIs with CPU stores to its doorbell page: nothing is raised anywhere, and
-//! a read of the page aborts.
+//! NICs. vm1 forges MSIs with CPU stores to its doorbell page (nothing is raised anywhere, and
+//! a read of the page aborts), then points its NIC's MSI-X table elsewhere: the NIC's MSIs fault
+//! in vm1's own SMMU stage 1, and the other VMs' pings and interrupts go on.
 
 use std::fs;
 use std::time::Duration;
@@ -62,7 +63,9 @@ fn msix_through_each_vms_vits_with_more_functions_than_intx_lines() -> Result<()
     let (image, nvme_md5) = nvme_disk();
     let drive = format!("if=none,id=nvm,file={image},format=raw");
     let vm0 = format!("{} hvtest=poweroff", VM0.net_bootargs(VM2_IP));
-    let vm1 = "console=ttyAMA0 rdinit=/init hvforge=0x8090040 hvtest=poweroff".to_string();
+    let vm1 = "console=ttyAMA0 rdinit=/init iomem=relaxed hvforge=0x8090040 \
+               hvmsixforge=10.0.2.11/24 hvtest=poweroff"
+        .to_string();
     let vm2 = format!(
         "console=ttyAMA0 rdinit=/init hvip={VM2_IP}/24 hvping={} hvpinged=1 hvtest=poweroff",
         VM0.ip
@@ -177,6 +180,25 @@ fn msix_through_each_vms_vits_with_more_functions_than_intx_lines() -> Result<()
         "a CPU store to the doorbell raised an MSI: {forged}"
     );
 
+    // vm1 then pointed its NIC's MSI-X table at an IOVA its stage 1 does not map and made the
+    // NIC receive: those MSIs faulted in vm1's own SMMU stage 1 (events to vm1's driver).
+    let msix = q.wait_vm_fact("vm1", "msixforge", STEP_TIMEOUT)?;
+    let (entries, events) = msix
+        .split_once(" smmu-events:")
+        .unwrap_or_else(|| panic!("msixforge={msix}"));
+    assert!(
+        entries
+            .trim_start_matches("entries:")
+            .parse::<u32>()
+            .unwrap()
+            >= 2,
+        "vm1 rewrote its NIC's MSI-X table: {msix}"
+    );
+    assert!(
+        events.parse::<u32>().unwrap() > 0,
+        "vm1's misdirected MSIs faulted in its own stage 1: {msix}"
+    );
+
     // vm0 and vm2 reach each other over their NICs (MSI-X on both sides).
     check_vm_pings(&mut q, "vm0")?;
     check_vm_pings(&mut q, "vm2")?;
@@ -204,9 +226,21 @@ fn msix_through_each_vms_vits_with_more_functions_than_intx_lines() -> Result<()
         !log.contains("that no device owns"),
         "an LPI no device owns reached the hypervisor"
     );
+    // The misdirected MSIs' faults went to vm1's vSMMU, and only there.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("[hv] vsmmu: vm1: event") && l.contains("forwarded to the guest")),
+        "vm1's faults forwarded to its guest"
+    );
+    for vm in ["vm0", "vm2"] {
+        assert!(
+            !log.contains(&format!("[hv] vsmmu: {vm}: event")),
+            "{vm} got an SMMU event"
+        );
+    }
     assert!(
         !log.contains("smmu: event"),
-        "no physical SMMU event: every DMA, MSIs included, was translated"
+        "no SMMU event the hypervisor had to keep: every fault was a guest's own"
     );
     Ok(())
 }
