@@ -4,7 +4,7 @@
 use super::{lrs_here, run_bound_vcpu, IRQ_STATE};
 use crate::arch::gic::Gic;
 use crate::arch::hw::Machine;
-use crate::arch::{hv, iommu, sysreg, this_cpu, uart};
+use crate::arch::{hv, iommu, its, sysreg, this_cpu, uart};
 use crate::vm::irq::VTIMER_PPI;
 use crate::vm::lifecycle::{all_stopped_for_good, Power, RESET_WAIT_MS};
 use crate::vm::Vm;
@@ -45,6 +45,10 @@ pub(super) fn quiesce_local_vcpu(vm: &Vm, vcpu: usize) {
         Gic::deactivate(intid.0);
     }
     let rd = hv().cpus[this_cpu()].redist();
+    // Its vPE (GICv4.0) leaves the redistributor before its vPT may be zeroed and reused.
+    if vm.its.as_ref().is_some_and(|i| i.is_direct()) {
+        its::vpe_leave(&hv().its, &hv().gic, rd);
+    }
     hv().gic.set_private_enabled(rd, VTIMER_PPI.0, false);
     hv().gic.clear_private_active(rd, VTIMER_PPI.0);
     HCR_EL2.set(0);
@@ -86,6 +90,8 @@ pub(super) fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
         run_bound_vcpu();
     }
     quiesce_devices(vm);
+    // Every vCPU left its vPE (quiesce_local_vcpu) and no event maps to it any more.
+    its::unmap_vpes(&hv().its, vm.id, &vm.config.name);
     log::info!("{}: reset done, reloading", vm.config.name);
     vm.life.finish_reset();
     vm.request_boot(&Machine);
@@ -112,6 +118,7 @@ pub(super) fn boot_vm(vm: &Vm) {
                 vm.ram_pa,
                 crate::arch::timestamp_ms() - t0
             );
+            its::map_vpes(&hv().its, vm.id, &vm.config.name);
             vm.vcpus[0].power.set(Power::OnPending {
                 entry,
                 context: dtb.get(),
