@@ -116,3 +116,67 @@ fn msix_directly_injected_with_gicv4() -> Result<(), Error> {
     );
     Ok(())
 }
+
+/// A VM reset under direct injection: vm0 reboots itself once. Its vCPUs leave their vPEs, its
+/// events are unmapped, its vPEs unmapped (VMAPP V=0) and their tables zeroed; the next boot
+/// maps them again and its disk's MSIs arrive directly as before.
+#[test]
+fn a_reset_vm_gets_its_vpes_back() -> Result<(), Error> {
+    let mut q = Qemu::spawn_with_limit(
+        "a_reset_vm_gets_its_vpes_back",
+        &[
+            "--gic",
+            "4",
+            "--vms",
+            "2",
+            "--pci",
+            "--vm-bootargs",
+            "0",
+            "console=ttyAMA0 rdinit=/init hvtest=reboot1",
+            "--vm-bootargs",
+            "1",
+            "console=ttyAMA0 rdinit=/init hvtest=poweroff",
+        ],
+        RUN_LIMIT,
+    )?;
+    q.wait_for_all(&["[hv] its: vm0: GICv4.0 direct injection"], STEP_TIMEOUT)?;
+    for boot in 0..2 {
+        check_vm_disk(&mut q, "vm0")?;
+        let line = q.wait_vm_fact("vm0", "pci-irqs", STEP_TIMEOUT)?;
+        println!("vm0 boot {boot}: pci-irqs={line}");
+        let (mode, _, n) = irqs_of(&line, VM0.disk.0);
+        assert_eq!(mode, "msix", "{line}");
+        assert!(n > 0, "vm0's disk raised MSIs on boot {boot}: {line}");
+        if boot == 0 {
+            q.wait_for("[hv] vm0: resetting: PSCI SYSTEM_RESET", STEP_TIMEOUT)?;
+            q.wait_for("[hv] vm0: reset done, reloading", STEP_TIMEOUT)?;
+        }
+    }
+    let status = q.wait_exit(STEP_TIMEOUT)?;
+    assert!(status.success(), "QEMU exit {status:?}");
+    let log = q.log();
+    // The last stats line is the stop's (the reset logs one too, after its unmapping).
+    let stats = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("[hv] vits: vm0 stats:"))
+        .expect("vm0's vITS stats at its stop");
+    println!("{stats}");
+    assert!(!stats.contains("events_mapped=0"), "{stats}");
+    assert!(
+        stats.contains("delivery gicv4-direct, lpis_at_el2=0 "),
+        "{stats}"
+    );
+    assert!(stats.contains("command_errors=0"), "{stats}");
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.starts_with("[hv] its: vm") && !l.contains("GICv4.0 direct injection, vPEIDs")
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "physical ITS commands failed: {failed:?}"
+    );
+    Ok(())
+}

@@ -1,5 +1,10 @@
 //! The VM's virtual ITS on the machine: its trapped control frame, the port its command model
 //! drives the physical ITS through, and a physical LPI taken at EL2 turned into the guest's.
+//!
+//! The port has two paths, chosen per VM when it is created (`VmIts::is_direct`): physical
+//! LPIs taken at EL2 and injected through list registers, or GICv4.0 direct injection, where
+//! each guest event is a vLPI of its target vCPU's vPE (VMAPTI) and the guest's LPI
+//! configuration is copied into the VM's own vLPI property table at MAPTI and INV/INVALL.
 
 use crate::arch::hw::Machine;
 use crate::arch::{hv, its, this_cpu, uart};
