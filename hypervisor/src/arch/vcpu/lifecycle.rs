@@ -61,11 +61,14 @@ pub(super) fn park_stopped_vcpu(vm: &Vm, vcpu: usize) -> ! {
     run_bound_vcpu();
 }
 
-/// Stops the VM's PCI functions from mastering DMA or raising their lines, and unmaps every
-/// event its guest mapped in the physical ITS (its MSIs then raise nothing).
+/// Stops the VM's PCI functions from mastering DMA or raising their lines, unmaps every
+/// event its guest mapped in the physical ITS (its MSIs then raise nothing), then its vPEs
+/// (GICv4.0: VMAPP V=0, their tables zeroed). On a reset every vCPU has left its vPE by then;
+/// on a stop for good others may still be leaving, but nothing reuses a stopped VM's vPTs.
 pub(super) fn quiesce_devices(vm: &Vm) {
     vm.quiesce_devices(|segment| hv().iommu.ecam(segment), &Machine);
     super::vits::reset(vm);
+    its::unmap_vpes(&hv().its, vm.id, &vm.config.name);
 }
 
 /// Reboots `vm` alone: stops its vCPUs, reloads its kernel, initramfs and DT from the pristine
@@ -90,8 +93,6 @@ pub(super) fn reset_vm(vm: &Vm, vcpu: usize, reason: &str) -> ! {
         run_bound_vcpu();
     }
     quiesce_devices(vm);
-    // Every vCPU left its vPE (quiesce_local_vcpu) and no event maps to it any more.
-    its::unmap_vpes(&hv().its, vm.id, &vm.config.name);
     log::info!("{}: reset done, reloading", vm.config.name);
     vm.life.finish_reset();
     vm.request_boot(&Machine);
