@@ -8,7 +8,8 @@
 #
 #   qemu/board-virt.sh [--vms N] [--vm-bootargs I STR]... [--bootargs STR] [--vm-dts FILE]
 #                      [--host-dts FILE] [--show-dts] [--guest DIR] [--bare] [--smp N] [--mem SIZE]
-#                      [--pci] [--vm-pci I BDFS]... [--vm-intx-only I]... [--dumpdtb FILE] [--uboot]
+#                      [--pci] [--vm-pci I BDFS]... [--vm-intx-only I]... [--gic 3|4]
+#                      [--dumpdtb FILE] [--uboot]
 #                      [-- QEMU_ARGS...]
 #
 #   --vms N             VMs to generate (default 2): VM i gets 2 vCPUs pinned to the physical CPUs
@@ -35,6 +36,9 @@
 #   --vm-pci I BDFS     VM I's `smmu-hv,pci-devices` (comma-separated BDFs, e.g. "00:01.0,00:02.0";
 #                       "" for none) instead of what --pci gives it; adds no device
 #   --vm-intx-only I    VM I gets `smmu-hv,intx-only;`: no virtual ITS, its functions use INTx
+#   --gic 3|4           the GIC version (default 3): 4 is QEMU's GICv4.0 (GITS_TYPER.Virtual,
+#                       GICR_TYPER.VLPIS, redistributors 0x40000 apart), with which the hypervisor
+#                       injects its VMs' MSIs directly (`gic-version=4` in the DT dump and the run)
 #   --smp N             CPUs (default 4)
 #   --mem SIZE          RAM (default 4G)
 #   --dumpdtb FILE      write the DTB QEMU would pass to FILE and exit
@@ -84,6 +88,7 @@ GUEST="$ROOT/build/guest/stock"
 BARE=0
 SMP=4
 MEM=4G
+GIC=3
 DUMPDTB=""
 UBOOT=0
 PCI=0
@@ -123,6 +128,7 @@ while [ "$#" -gt 0 ]; do
             shift 2
             ;;
         --smp) need_arg "$@"; SMP="$2"; shift 2 ;;
+        --gic) need_arg "$@"; GIC="$2"; shift 2 ;;
         --mem) need_arg "$@"; MEM="$2"; shift 2 ;;
         --dumpdtb) need_arg "$@"; DUMPDTB="$2"; shift 2 ;;
         --uboot) UBOOT=1; shift ;;
@@ -133,6 +139,7 @@ while [ "$#" -gt 0 ]; do
 done
 
 is_count "$SMP" || die "--smp wants a positive number, got '$SMP'"
+[[ "$GIC" =~ ^[34]$ ]] || die "--gic wants 3 or 4, got '$GIC'"
 is_count "$VMS" || die "--vms wants a positive number, got '$VMS'"
 command -v qemu-system-aarch64 >/dev/null || die "qemu-system-aarch64 not found: run qemu/setup.sh"
 
@@ -253,9 +260,9 @@ uboot_board() {
 
 if [ "$BARE" = 1 ]; then
     # The same SMMUv3 as under the hypervisor: the bare reference runs its guest's stage 1 on it.
-    MACHINE="virt,gic-version=3,iommu=smmuv3"
+    MACHINE="virt,gic-version=$GIC,iommu=smmuv3"
 else
-    MACHINE="virt,virtualization=on,gic-version=3,iommu=smmuv3"
+    MACHINE="virt,virtualization=on,gic-version=$GIC,iommu=smmuv3"
 fi
 
 # SVE and SME off: the hypervisor saves only the guest's V registers (its own Rust code uses

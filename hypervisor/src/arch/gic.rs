@@ -4,7 +4,7 @@
 use super::mmio::{block, GicdRegs, GicrRdRegs, GicrSgiRegs, Mmio};
 use super::sysreg;
 use crate::platform::GicInfo;
-use aarch64_cpu::registers::{ICC_CTLR_EL1, ICC_SRE_EL2};
+use aarch64_cpu::registers::{ICC_CTLR_EL1, ICC_SRE_EL2, ICH_VTR_EL2};
 use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 
 const GICD_CTLR_RWP: u32 = 1 << 31;
@@ -25,6 +25,18 @@ const GICR_BASER_SHARE: u64 = 3 << 10;
 const GICR_BASER_CACHE: u64 = 7 << 7;
 /// InnerCache = 0b001, Normal Non-cacheable.
 const GICR_BASER_NC: u64 = 1 << 7;
+/// GICD_TYPER.DVIS [18]: direct injection of virtual LPIs (GICv4).
+const GICD_TYPER_DVIS: u32 = 1 << 18;
+/// GICR_TYPER.VLPIS [1]: the redistributor takes virtual LPIs (and has a VLPI_base frame).
+const GICR_TYPER_VLPIS: u64 = 1 << 1;
+/// ICH_VTR_EL2.nV4 [20]: the CPU interface does not support direct injection.
+const ICH_VTR_NV4: u64 = 1 << 20;
+/// GICR_VPROPBASER and GICR_VPENDBASER, offsets in VLPI_base.
+const GICR_VPROPBASER: u64 = 0x70;
+const GICR_VPENDBASER: u64 = 0x78;
+/// GICR_VPENDBASER.Valid [63] and PendingLast [61].
+const GICR_VPENDBASER_VALID: u64 = 1 << 63;
+const GICR_VPENDBASER_PENDING_LAST: u64 = 1 << 61;
 /// Priority of every physical interrupt the hypervisor takes; all equal, no preemption at EL2.
 pub const DEFAULT_PRIORITY: u32 = 0xa0;
 const POLL_LIMIT: u32 = 1_000_000;
@@ -154,6 +166,64 @@ impl Gic {
         r.ctlr.set(r.ctlr.get() | GICR_CTLR_ENABLE_LPIS);
         sysreg::dsb_sy();
         Ok(())
+    }
+
+    /// Whether the GIC side of GICv4.0 direct injection is there: GICD_TYPER.DVIS [18],
+    /// GICR_TYPER.VLPIS [1] on every redistributor, and ICH_VTR_EL2.nV4 [20] = 0 (the CPU
+    /// interface takes vLPIs). GITS_TYPER.Virtual is the ITS driver's to check.
+    pub fn gicv4_capable(&self) -> bool {
+        let dvis = self.gicd.typer.get() & GICD_TYPER_DVIS != 0;
+        let vlpis = (0..self.frames.len()).all(|i| self.rd(i).typer.get() & GICR_TYPER_VLPIS != 0);
+        let nv4 = ICH_VTR_EL2.get() & ICH_VTR_NV4 != 0;
+        dvis && vlpis && !nv4 && !self.frames.is_empty()
+    }
+
+    /// GICR_VPROPBASER (+0x70) or GICR_VPENDBASER (+0x78) of redistributor `rd`'s VLPI_base
+    /// frame (RD_base + 0x20000; IHI 0069H 9.11.36/9.11.37, GICv4.0 layout).
+    fn vlpi_reg(&self, rd: usize, off: u64) -> *mut u64 {
+        (self.frame(rd) + 0x2_0000 + off) as usize as *mut u64
+    }
+
+    /// Makes a vPE resident on redistributor `rd` (Linux its_vpe_schedule): Valid cleared first
+    /// if a vPE was (fields other than Valid may not change while it is set), then
+    /// GICR_VPROPBASER = `vpropbaser`, then GICR_VPENDBASER = `vpt` | RaWaWb | Inner Shareable
+    /// | PendingLast (the table may hold pending vLPIs: scan it) | Valid. Only for a GIC that
+    /// is [`Gic::gicv4_capable`].
+    pub fn make_vpe_resident(&self, rd: usize, vpropbaser: u64, vpt: u64) {
+        self.make_vpe_nonresident(rd);
+        let pend = (vpt & 0x000F_FFFF_FFFF_0000)
+            | GICR_BASER_CACHE
+            | (1 << 10)
+            | GICR_VPENDBASER_PENDING_LAST
+            | GICR_VPENDBASER_VALID;
+        sysreg::dsb_sy();
+        // SAFETY: `rd` is a redistributor frame of the GIC `new` was given, whose VLPIS (checked
+        // by gicv4_capable) makes it 0x40000 long with VLPI_base at +0x20000, mapped as Device
+        // memory with the rest of the GICR region; GICR_VPROPBASER/VPENDBASER are 64-bit.
+        unsafe {
+            self.vlpi_reg(rd, GICR_VPROPBASER)
+                .write_volatile(vpropbaser);
+            self.vlpi_reg(rd, GICR_VPENDBASER).write_volatile(pend);
+        }
+        sysreg::dsb_sy();
+    }
+
+    /// Makes whatever vPE is resident on `rd` non-resident (GICR_VPENDBASER.Valid = 0; the
+    /// redistributor writes its pending state back to the vPT: GICv4.0 has no Dirty to poll on
+    /// QEMU, and a real 4.0 GIC completes it before the write returns). Returns the value read
+    /// before (0 if nothing was resident).
+    pub fn make_vpe_nonresident(&self, rd: usize) -> u64 {
+        // SAFETY: as in `make_vpe_resident`.
+        let old = unsafe { self.vlpi_reg(rd, GICR_VPENDBASER).read_volatile() };
+        if old & GICR_VPENDBASER_VALID != 0 {
+            // SAFETY: as above.
+            unsafe {
+                self.vlpi_reg(rd, GICR_VPENDBASER)
+                    .write_volatile(old & !GICR_VPENDBASER_VALID)
+            };
+            sysreg::dsb_sy();
+        }
+        old
     }
 
     fn wait_rwp(&self) -> Result<(), GicError> {

@@ -144,6 +144,9 @@ pub struct Its {
     pub unit: Option<(String, Option<u32>)>,
     /// The driver.
     pub its: Option<Mutex<PhysIts>>,
+    /// GICv4.0 direct injection is available: the GIC has it (`Gic::gicv4_capable`) and the
+    /// driven ITS has GITS_TYPER.Virtual and a vPE table.
+    pub gicv4: bool,
 }
 
 /// Probes the first usable ITS of `infos`, its Device table sized for `max_device_id`, and
@@ -171,12 +174,15 @@ pub fn init(infos: &[ItsInfo], gic: &Gic, cpus: usize, max_device_id: u32) -> It
             );
             continue;
         }
+        // One vPE per CPU at most: vCPUs are pinned 1:1.
+        let vpes = if gic.gicv4_capable() { cpus } else { 0 };
         let cfg = ItsConfig {
             max_device_id,
             cpus,
             lpi_bits: gic.id_bits(),
             priority: DEFAULT_PRIORITY as u8,
             poll_limit: POLL_LIMIT,
+            vpes,
         };
         let regs = MmioIts {
             base: info.regs.base,
@@ -195,6 +201,16 @@ pub fn init(infos: &[ItsInfo], gic: &Gic, cpus: usize, max_device_id: u32) -> It
                     its.device_table().pages,
                     its.device_table().page / 1024,
                 );
+                driven.gicv4 = its.has_vpes();
+                if driven.gicv4 {
+                    log::info!(
+                        "its: GICv4.0 direct injection: {} vPEs (vPE table {} KiB); vLPIs need no exit. A vCPU's WFI waits at EL2 with its vPE resident: QEMU wakes that WFI on a pending vIRQ, real hardware may not (the doorbell path, which would wake it, is not built)",
+                        vpes,
+                        its.vpe_table().map_or(0, |t| t.pages * t.page / 1024)
+                    );
+                } else if vpes > 0 {
+                    log::info!("its: the GIC has GICv4 but the ITS has no GITS_TYPER.Virtual: list registers");
+                }
                 driven.unit = Some((info.path.clone(), info.phandle));
                 driven.its = Some(Mutex::new(its));
             }
@@ -228,4 +244,104 @@ pub fn init_cpu(its: &Its, gic: &Gic, cpu: usize, rd: usize) {
 /// Who physical LPI `plpi` belongs to: (VM, DeviceID, EventID).
 pub fn owner(its: &Its, plpi: u32) -> Option<(usize, u32, u32)> {
     its.its.as_ref()?.lock().owner(plpi)
+}
+
+/// Gives VM `vm` GICv4.0 direct injection if the machine has it: its vPEs (one per vCPU, on
+/// the CPUs `pcpus` it is pinned to, whose MPIDRs are `mpidrs[cpu]`) and its vLPI property
+/// table. `false`: list registers.
+pub fn create_direct(
+    its: &Its,
+    gic: &Gic,
+    mpidrs: &[u64],
+    vm: usize,
+    name: &str,
+    pcpus: &[usize],
+) -> bool {
+    if !its.gicv4 {
+        return false;
+    }
+    let Some(i) = &its.its else {
+        return false;
+    };
+    let mut i = i.lock();
+    let pta = i.typer().pta;
+    let mut targets = alloc::vec::Vec::new();
+    for &cpu in pcpus {
+        // The redistributor's identity is readable before its CPU wakes it.
+        let Some(rd) = mpidrs
+            .get(cpu)
+            .and_then(|&m| gic.find_redistributor(m).ok())
+        else {
+            log::warn!("its: {name}: no redistributor for CPU {cpu}: list registers instead");
+            return false;
+        };
+        let (procnum, rd_pa) = gic.processor_number(rd);
+        targets.push((cpu, crate::its::cmd::rdbase(pta, procnum, rd_pa)));
+    }
+    match i.create_vm(vm, &targets) {
+        Ok(vpes) => {
+            log::info!(
+                "its: {name}: GICv4.0 direct injection, vPEIDs {:?} on CPUs {pcpus:?}",
+                vpes.iter().map(|v| v.id).collect::<alloc::vec::Vec<_>>()
+            );
+            true
+        }
+        Err(e) => {
+            log::warn!("its: {name}: {e}: list registers instead");
+            false
+        }
+    }
+}
+
+/// Before vCPU `vcpu` of VM `vm` enters on this CPU (redistributor `rd`): its vPE made
+/// resident there, and left so while the vCPU runs (vCPUs are pinned 1:1, so no other vPE
+/// ever needs the redistributor). Nothing for a VM without vPEs.
+pub fn vpe_enter(its: &Its, gic: &Gic, vm: usize, vcpu: usize, rd: usize) {
+    let Some(i) = &its.its else {
+        return;
+    };
+    let (vprop, vpe) = {
+        let i = i.lock();
+        let Some(vpe) = i.vpes(vm).get(vcpu).copied() else {
+            return;
+        };
+        let Some(vprop) = i.vpropbaser(vm) else {
+            return;
+        };
+        (vprop, vpe)
+    };
+    gic.make_vpe_resident(rd, vprop, vpe.vpt);
+}
+
+/// A vCPU stopping on this CPU: whatever vPE is resident on `rd` is made non-resident, so
+/// that its vPT can be zeroed and reused.
+pub fn vpe_leave(its: &Its, gic: &Gic, rd: usize) {
+    if its.gicv4 {
+        gic.make_vpe_nonresident(rd);
+    }
+}
+
+/// VM `vm`'s reset, once its vCPUs left their vPEs and its events are unmapped: its vPEs
+/// unmapped (VMAPP V=0) and their tables zeroed.
+pub fn unmap_vpes(its: &Its, vm: usize, name: &str) {
+    if let Some(i) = &its.its {
+        let mut i = i.lock();
+        if !i.vpes(vm).is_empty() {
+            if let Err(e) = i.unmap_vpes(vm) {
+                log::error!("its: {name}: reset: {e}");
+            }
+        }
+    }
+}
+
+/// VM `vm`'s boot: its vPEs mapped again (VMAPP V=1) if a reset unmapped them.
+pub fn map_vpes(its: &Its, vm: usize, name: &str) {
+    if let Some(i) = &its.its {
+        let mut i = i.lock();
+        if !i.vpes(vm).is_empty() {
+            if let Err(e) = i.map_vpes(vm) {
+                log::error!("its: {name}: boot: {e}");
+            }
+        }
+    }
 }

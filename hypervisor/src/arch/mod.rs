@@ -268,6 +268,21 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
             system_off();
         }
     };
+    // The delivery path of each VM's MSIs, chosen once: GICv4.0 direct injection when the
+    // machine has it, list registers otherwise.
+    for vm in &vms {
+        if let Some(v) = &vm.its {
+            let pcpus: Vec<usize> = vm.vcpus.iter().map(|c| c.pcpu).collect();
+            v.set_direct(its::create_direct(
+                &its,
+                &gic,
+                &mpidrs,
+                vm.id,
+                &vm.config.name,
+                &pcpus,
+            ));
+        }
+    }
     let cpus = mpidrs
         .iter()
         .enumerate()

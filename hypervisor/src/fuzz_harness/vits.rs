@@ -534,7 +534,7 @@ mod tests {
     fn a_double_release_is_caught() {
         let mut h = Harness::new(&mut Input::new(&[0]));
         h.phys.map_device(OWNED[0], 32).unwrap();
-        let plpi = h.phys.map_event(OWNED[0], 1, 0).unwrap();
+        let plpi = h.phys.map_event(OWNED[0], 1, 0, 8192).unwrap();
         let ev = crate::devices::vits::PhysEvent {
             device: OWNED[0],
             event: 1,
@@ -549,7 +549,7 @@ mod tests {
     fn a_leaked_lpi_is_caught() {
         let mut h = Harness::new(&mut Input::new(&[0]));
         h.phys.map_device(OWNED[0], 32).unwrap();
-        h.phys.map_event(OWNED[0], 1, 0).unwrap();
+        h.phys.map_event(OWNED[0], 1, 0, 8192).unwrap();
         h.check_state();
     }
 }

@@ -10,12 +10,14 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
-use super::cmd::{Command, CMD_SIZE};
+use super::cmd::{AnyCommand, Command, VCommand, CMD_SIZE};
 use super::regs::*;
 use super::{ItsMemory, ItsRegs};
 
 /// GITS_TYPER of QEMU 10.0.2 virt with gic-version=3 (shared notes, read on the machine).
 pub const QEMU_TYPER: u64 = 0x0000_001F_0001_EFB1;
+/// GITS_TYPER with gic-version=4 (GICv4.0: Virtual, VMOVP).
+pub const QEMU_TYPER_V4: u64 = 0x0000_003F_0001_EFB3;
 
 /// Everything the fake ITS and its memory hold, shared by [`FakeRegs`] and [`FakeMem`].
 #[derive(Debug)]
@@ -34,8 +36,16 @@ pub struct State {
     pub creadr: u64,
     /// Every register write, in order: (offset, value).
     pub writes: Vec<(u64, u64)>,
-    /// Every command processed, in order.
+    /// Every GICv3 command processed, in order.
     pub commands: Vec<Command>,
+    /// Every command processed, GICv3 and GICv4 ones, in order.
+    pub log: Vec<AnyCommand>,
+    /// Mapped vPEs (VMAPP V=1): vPEID -> (RDbase, VPT_addr, VPT_size).
+    pub vpes: BTreeMap<u16, (u64, u64, u8)>,
+    /// Virtual translations (VMAPTI): (DeviceID, EventID) -> (vPEID, vINTID, doorbell).
+    pub vites: BTreeMap<(u32, u32), (u16, u32, u32)>,
+    /// vLPIs made pending (INT on a virtual ITE): (vPEID, vINTID).
+    pub vlpis_raised: Vec<(u16, u32)>,
     /// Mapped devices: DeviceID -> (ITT PA, MAPD Size).
     pub devices: BTreeMap<u32, (u64, u8)>,
     /// Mapped collections: ICID -> RDbase.
@@ -78,6 +88,10 @@ impl State {
         baser[0] = TYPE_DEVICE << BASER_TYPE_SHIFT | 7 << BASER_ESZ_SHIFT | 2 << BASER_PSZ_SHIFT;
         baser[1] =
             TYPE_COLLECTION << BASER_TYPE_SHIFT | 7 << BASER_ESZ_SHIFT | 2 << BASER_PSZ_SHIFT;
+        // With Virtual, BASER2 is the vPE table (8-byte entries).
+        if typer & 2 != 0 {
+            baser[2] = TYPE_VPE << BASER_TYPE_SHIFT | 7 << BASER_ESZ_SHIFT | 2 << BASER_PSZ_SHIFT;
+        }
         Self {
             typer,
             enabled: false,
@@ -87,6 +101,10 @@ impl State {
             creadr: 0,
             writes: Vec::new(),
             commands: Vec::new(),
+            log: Vec::new(),
+            vpes: BTreeMap::new(),
+            vites: BTreeMap::new(),
+            vlpis_raised: Vec::new(),
             devices: BTreeMap::new(),
             collections: BTreeMap::new(),
             ites: BTreeMap::new(),
@@ -142,9 +160,17 @@ impl State {
                 self.creadr |= CREADR_STALLED;
                 return;
             }
-            let c = Command::decode(&raw);
-            self.apply(c);
-            self.commands.push(c);
+            match AnyCommand::decode(&raw) {
+                // The V commands exist only with GITS_TYPER.Virtual; otherwise unknown ones,
+                // which QEMU skips.
+                AnyCommand::V(v) if self.typer & 2 != 0 => self.apply_v(v),
+                AnyCommand::V(_) => self.refused.push(Command::Unknown(raw[0])),
+                AnyCommand::P(c) => {
+                    self.apply(c);
+                    self.commands.push(c);
+                }
+            }
+            self.log.push(AnyCommand::decode(&raw));
             self.creadr = (self.creadr + CMD_SIZE as u64) % size;
         }
     }
@@ -168,6 +194,7 @@ impl State {
             Command::Mapd { device, .. } => {
                 self.devices.remove(&device);
                 self.ites.retain(|&(d, _), _| d != device);
+                self.vites.retain(|&(d, _), _| d != device);
             }
             Command::Mapc {
                 icid,
@@ -192,8 +219,19 @@ impl State {
                 _ => self.refused.push(c),
             },
             // The guard itself removes the translation; only a missing one is refused.
-            Command::Discard { device, event } if self.ites.remove(&(device, event)).is_none() => {
+            Command::Discard { device, event }
+                if self.ites.remove(&(device, event)).is_none()
+                    && self.vites.remove(&(device, event)).is_none() =>
+            {
                 self.refused.push(c);
+            }
+            // MOVI on a virtual ITE is rejected (QEMU: VMOVI moves those).
+            Command::Movi { device, event, .. } if self.vites.contains_key(&(device, event)) => {
+                self.refused.push(c);
+            }
+            Command::Int { device, event } if self.vites.contains_key(&(device, event)) => {
+                let (vpe, vintid, _) = self.vites[&(device, event)];
+                self.vlpis_raised.push((vpe, vintid));
             }
             Command::Movi {
                 device,
@@ -206,11 +244,97 @@ impl State {
             Command::Inv { device, event }
             | Command::Int { device, event }
             | Command::Clear { device, event }
-                if !self.ites.contains_key(&(device, event)) =>
+                if !self.ites.contains_key(&(device, event))
+                    && !self.vites.contains_key(&(device, event)) =>
             {
                 self.refused.push(c);
             }
             _ => {}
+        }
+    }
+}
+
+impl State {
+    /// A GICv4.0 command, checked as QEMU checks it (`arm_gicv3_its.c`: process_vmapp,
+    /// process_vmapti, process_vmovi, process_vmovp), stricter where noted.
+    fn apply_v(&mut self, c: VCommand) {
+        let vpe_entries = {
+            let b = self.baser[2];
+            if b & BASER_VALID == 0 {
+                0
+            } else {
+                ((b & BASER_SIZE_MASK) + 1) * 0x1_0000 / 8
+            }
+        };
+        let refuse = |s: &mut Self| s.refused.push(Command::Unknown(c.encode()[0]));
+        match c {
+            VCommand::Vmapp {
+                vpe,
+                rdbase,
+                vpt,
+                vpt_size,
+                valid,
+            } => {
+                if u64::from(vpe) >= vpe_entries
+                    || u32::from(vpt_size) > ((self.typer >> 8) & 0x1F) as u32
+                {
+                    return refuse(self);
+                }
+                if valid {
+                    // Stricter than QEMU: the vPT must be 64 KiB aligned memory the driver owns.
+                    if !vpt.is_multiple_of(0x1_0000) || self.find(vpt, 0x2000).is_none() {
+                        return refuse(self);
+                    }
+                    self.vpes.insert(vpe, (rdbase, vpt, vpt_size));
+                } else {
+                    self.vpes.remove(&vpe);
+                }
+            }
+            VCommand::Vmapti {
+                device,
+                event,
+                vpe,
+                vintid,
+                doorbell,
+            } => match self.devices.get(&device) {
+                // Stricter than QEMU: the vPE must be mapped.
+                Some(&(_, size))
+                    if u64::from(event) < 2u64 << size
+                        && self.vpes.contains_key(&vpe)
+                        && vintid >= 8192
+                        && (doorbell == 1023 || doorbell >= 8192) =>
+                {
+                    self.ites.remove(&(device, event));
+                    self.vites.insert((device, event), (vpe, vintid, doorbell));
+                }
+                _ => refuse(self),
+            },
+            VCommand::Vmovi {
+                device,
+                event,
+                vpe,
+                doorbell,
+            } => {
+                let mapped = self.vpes.contains_key(&vpe);
+                match self.vites.get_mut(&(device, event)) {
+                    Some(e) if mapped => {
+                        e.0 = vpe;
+                        if let Some(d) = doorbell {
+                            e.2 = d;
+                        }
+                    }
+                    _ => refuse(self),
+                }
+            }
+            VCommand::Vmovp { vpe, rdbase } => match self.vpes.get_mut(&vpe) {
+                Some(e) => e.0 = rdbase,
+                None => refuse(self),
+            },
+            VCommand::Vsync { vpe } | VCommand::Vinvall { vpe } => {
+                if !self.vpes.contains_key(&vpe) {
+                    refuse(self);
+                }
+            }
         }
     }
 }

@@ -13,7 +13,12 @@
 //!   CPU, which `arch::gic` programs into GICR_PROPBASER/GICR_PENDBASER;
 //! - one collection per CPU (ICID = CPU index);
 //! - per device an ITT, and per mapped event a physical LPI from a bitmap allocator, with its
-//!   owner (VM, DeviceID, EventID).
+//!   owner (VM, DeviceID, EventID);
+//! - with GICv4.0 (GITS_TYPER.Virtual and [`ItsConfig::vpes`]): a flat vPE table, per VM a
+//!   vLPI property table of its own (never guest memory) and per vCPU a vPE with a zeroed
+//!   pending table (vPT), and events mapped straight to a vPE's vLPI (VMAPTI) instead of a
+//!   physical LPI. Such an event still takes an index of the LPI allocator as its handle (the
+//!   vITS model keys its translations by it), whose physical LPI stays disabled and unmapped.
 
 pub mod cmd;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -26,7 +31,7 @@ mod tests;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use cmd::{Command, CMD_SIZE};
+use cmd::{AnyCommand, Command, VCommand, CMD_SIZE, NO_DOORBELL};
 use regs::*;
 
 /// The first LPI INTID (IHI 0069H 1.2.1): property table entry 0 is LPI 8192.
@@ -43,6 +48,15 @@ pub const MAX_DEVICE_BITS: u32 = 16;
 pub const MAX_LPI_BITS: u32 = 16;
 /// Fewest LPI INTID bits: 14 bits still give 8192 LPIs.
 pub const MIN_LPI_BITS: u32 = 14;
+/// A VM's vLPI property table: 64 KiB, entries for vINTIDs 8192..65535 (the guest's vGIC has
+/// 16 INTID bits), as Linux's LPI_PROPBASE_SZ. GICR_VPROPBASER holds PA[51:12]: 4 KiB aligned.
+pub const VPROP_SIZE: usize = 0x1_0000;
+/// vINTID bits of every vPE (the vGIC's GICD_TYPER.IDbits + 1): VPROPBASER.IDbits and VMAPP
+/// VPT_size are this - 1.
+pub const VLPI_BITS: u32 = 16;
+/// A vPE's pending table: 64 KiB, 64 KiB aligned (VMAPP VPT_addr and GICR_VPENDBASER hold
+/// PA[51:16]), as Linux's its_allocate_pending_table.
+pub const VPT_SIZE: usize = 0x1_0000;
 
 /// The ITS control frame's registers, by offset from ITS_base (`regs`).
 pub trait ItsRegs {
@@ -91,6 +105,9 @@ pub struct ItsConfig {
     pub priority: u8,
     /// Register reads a poll (Quiescent, CREADR) makes before giving up.
     pub poll_limit: u32,
+    /// vPEs (vCPUs of VMs with direct injection) the vPE table is sized for; 0 means no
+    /// GICv4 use even on an ITS with GITS_TYPER.Virtual.
+    pub vpes: usize,
 }
 
 /// What failed, on which ITS.
@@ -214,7 +231,21 @@ pub enum ItsErrorKind {
         /// GITS_CREADR.Offset of the stalled command.
         offset: u64,
         /// That command as the driver wrote it.
-        command: Command,
+        command: AnyCommand,
+    },
+    /// Direct injection asked of an ITS without a vPE table.
+    #[error("no GICv4 direct injection (GITS_TYPER.Virtual or the vPE table missing)")]
+    NoVirtual,
+    /// The vPE table has no free vPEID left.
+    #[error("no free vPEID")]
+    NoFreeVpe,
+    /// The VM has vPEs already, or has none, or no vPE with that index.
+    #[error("VM {vm}: vPE state does not allow this ({what})")]
+    VpeState {
+        /// The VM.
+        vm: usize,
+        /// What was wrong.
+        what: &'static str,
     },
     /// The queue has not room for the commands (earlier ones never completed).
     #[error("command queue full")]
@@ -240,6 +271,32 @@ struct Mapping {
     device: u32,
     event: u32,
     cpu: usize,
+    /// Mapped to a vLPI (VMAPTI) of the VM's vPE with this index, rather than to the pLPI.
+    vpe: Option<usize>,
+}
+
+/// One vCPU's vPE (GICv4.0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vpe {
+    /// Its vPEID.
+    pub id: u16,
+    /// The CPU (collection index) its vCPU is pinned to.
+    pub cpu: usize,
+    /// That CPU's redistributor as VMAPP names it (GITS_TYPER.PTA: processor number or PA).
+    pub rdbase: u64,
+    /// Its pending table's PA (64 KiB aligned, [`VPT_SIZE`]).
+    pub vpt: u64,
+    /// Whether the ITS has it mapped (VMAPP V=1).
+    pub mapped: bool,
+}
+
+/// One VM's GICv4.0 state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct VmVpes {
+    /// Its vLPI property table's PA ([`VPROP_SIZE`]).
+    vprop: u64,
+    /// One per vCPU, by vCPU index.
+    vpes: Vec<Vpe>,
 }
 
 /// A table the ITS was given.
@@ -281,6 +338,11 @@ pub struct Its<R: ItsRegs, M: ItsMemory> {
     events: BTreeMap<(u32, u32), u32>,
     lpis: lpi::Lpis,
     broken: bool,
+    /// The vPE table (GICv4.0), when the ITS has Virtual and the caller wants vPEs.
+    vpe_table: Option<TableInfo>,
+    /// vPEIDs in use.
+    vpe_ids: lpi::Lpis,
+    vms: BTreeMap<usize, VmVpes>,
 }
 
 impl<R: ItsRegs, M: ItsMemory> core::fmt::Debug for Its<R, M> {
@@ -346,6 +408,8 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
         let mut cacheable = true;
         let mut device_table = None;
         let mut collection_table = None;
+        let mut vpe_table = None;
+        let want_vpes = typer.virtual_ && cfg.vpes > 0;
         for n in 0..GITS_BASER_COUNT as usize {
             let off = GITS_BASER + 8 * n as u64;
             let v = regs.read64(off);
@@ -358,8 +422,9 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
                 TYPE_COLLECTION if collection_table.is_none() => {
                     (cfg.cpus.max(1), "the Collection table")
                 }
+                TYPE_VPE if want_vpes && vpe_table.is_none() => (cfg.vpes, "the vPE table"),
                 _ => {
-                    // vPE (GICv4) and unknown types: not used; zero is "not valid".
+                    // Unwanted vPE tables and unknown types: not used; zero is "not valid".
                     if v & BASER_VALID != 0 {
                         regs.write64(off, v & !BASER_VALID);
                     }
@@ -377,10 +442,10 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
                 what,
                 &mut cacheable,
             )?;
-            if ty == TYPE_DEVICE {
-                device_table = Some(t);
-            } else {
-                collection_table = Some(t);
+            match ty {
+                TYPE_DEVICE => device_table = Some(t),
+                TYPE_VPE => vpe_table = Some(t),
+                _ => collection_table = Some(t),
             }
         }
         let device_table = device_table.ok_or_else(|| err(ItsErrorKind::NoTable("Device")))?;
@@ -459,6 +524,11 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
             events: BTreeMap::new(),
             lpis: lpi::Lpis::new((1u32 << lpi_bits) - FIRST_LPI),
             broken: false,
+            vpe_ids: lpi::Lpis::new(vpe_table.map_or(0, |t: TableInfo| {
+                ((t.pages * t.page / t.entry_size).min(cfg.vpes).min(1 << 16)) as u32
+            })),
+            vpe_table,
+            vms: BTreeMap::new(),
         })
     }
 
@@ -690,14 +760,16 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
             itt: 0,
             valid: false,
         });
-        let mut targets: Vec<u64> = mine
-            .iter()
-            .filter_map(|&(_, p)| self.mappings.get(&p))
-            .filter_map(|m| self.collections.get(m.cpu).copied().flatten())
-            .collect();
-        targets.sort_unstable();
-        targets.dedup();
-        cmds.extend(targets.into_iter().map(|rdbase| Command::Sync { rdbase }));
+        let mut targets: Vec<AnyCommand> = Vec::new();
+        for m in mine.iter().filter_map(|&(_, p)| self.mappings.get(&p)) {
+            if let Ok(c) = self.sync_of(m) {
+                if !targets.contains(&c) {
+                    targets.push(c);
+                }
+            }
+        }
+        let mut cmds: Vec<AnyCommand> = cmds.into_iter().map(AnyCommand::from).collect();
+        cmds.extend(targets);
         self.send(&cmds)?;
         for (event, plpi) in mine {
             self.release(device, event, plpi);
@@ -767,6 +839,7 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
                 device,
                 event,
                 cpu,
+                vpe: None,
             },
         );
         Ok(plpi)
@@ -775,14 +848,15 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
     /// DISCARD + SYNC, and frees the event's LPI.
     pub fn unmap_event(&mut self, owner: usize, device: u32, event: u32) -> Result<(), ItsError> {
         let (plpi, m) = self.mapping(owner, device, event)?;
-        let rdbase = self.rdbase(m.cpu)?;
-        self.send(&[Command::Discard { device, event }, Command::Sync { rdbase }])?;
+        let sync = self.sync_of(&m)?;
+        self.send(&[Command::Discard { device, event }.into(), sync])?;
         self.release(device, event, plpi);
         Ok(())
     }
 
     /// MOVI to CPU `cpu`'s collection, then SYNC of the old target (its pending state has
-    /// moved once the old redistributor has seen the MOVI: IHI 0069H 5.3.14).
+    /// moved once the old redistributor has seen the MOVI: IHI 0069H 5.3.14). Not for an event
+    /// mapped to a vLPI ([`Its::move_vevent`]): MOVI works on physical ITEs only.
     pub fn move_event(
         &mut self,
         owner: usize,
@@ -791,6 +865,12 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
         cpu: usize,
     ) -> Result<(), ItsError> {
         let (plpi, m) = self.mapping(owner, device, event)?;
+        if m.vpe.is_some() {
+            return Err(self.err(ItsErrorKind::VpeState {
+                vm: owner,
+                what: "MOVI of a virtual ITE",
+            }));
+        }
         let old = self.rdbase(m.cpu)?;
         self.rdbase(cpu)?;
         self.send(&[
@@ -816,7 +896,7 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
         let moving: Vec<u32> = self
             .mappings
             .iter()
-            .filter(|(_, m)| m.owner == owner && m.cpu == from)
+            .filter(|(_, m)| m.owner == owner && m.cpu == from && m.vpe.is_none())
             .map(|(&p, _)| p)
             .collect();
         if moving.is_empty() {
@@ -853,15 +933,364 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
     /// INT + SYNC: makes the event's LPI pending.
     pub fn raise(&mut self, owner: usize, device: u32, event: u32) -> Result<(), ItsError> {
         let (_, m) = self.mapping(owner, device, event)?;
-        let rdbase = self.rdbase(m.cpu)?;
-        self.send(&[Command::Int { device, event }, Command::Sync { rdbase }])
+        let sync = self.sync_of(&m)?;
+        self.send(&[Command::Int { device, event }.into(), sync])
     }
 
     /// CLEAR + SYNC: clears the event's LPI's pending state.
     pub fn clear(&mut self, owner: usize, device: u32, event: u32) -> Result<(), ItsError> {
         let (_, m) = self.mapping(owner, device, event)?;
-        let rdbase = self.rdbase(m.cpu)?;
-        self.send(&[Command::Clear { device, event }, Command::Sync { rdbase }])
+        let sync = self.sync_of(&m)?;
+        self.send(&[Command::Clear { device, event }.into(), sync])
+    }
+
+    /// The synchronisation an event's commands need: SYNC of its collection's redistributor,
+    /// or VSYNC of its vPE (IHI 0069H 5.3, VSYNC) for a virtual ITE.
+    fn sync_of(&self, m: &Mapping) -> Result<AnyCommand, ItsError> {
+        match m.vpe {
+            Some(i) => Ok(VCommand::Vsync {
+                vpe: self.vpe_of(m.owner, i)?.id,
+            }
+            .into()),
+            None => Ok(Command::Sync {
+                rdbase: self.rdbase(m.cpu)?,
+            }
+            .into()),
+        }
+    }
+
+    fn vpe_of(&self, owner: usize, index: usize) -> Result<Vpe, ItsError> {
+        self.vms
+            .get(&owner)
+            .and_then(|v| v.vpes.get(index))
+            .copied()
+            .ok_or_else(|| {
+                self.err(ItsErrorKind::VpeState {
+                    vm: owner,
+                    what: "no such vPE",
+                })
+            })
+    }
+
+    /// Whether GICv4.0 direct injection is available: GITS_TYPER.Virtual and a vPE table.
+    pub fn has_vpes(&self) -> bool {
+        self.vpe_table.is_some()
+    }
+
+    /// The vPE table, if there is one.
+    pub fn vpe_table(&self) -> Option<TableInfo> {
+        self.vpe_table
+    }
+
+    /// Gives VM `owner` direct injection: a zeroed vLPI property table of its own and, per
+    /// vCPU (`cpus[i]` the CPU vCPU i is pinned to and the RDbase of its redistributor, see
+    /// [`cmd::rdbase`]: known before that CPU maps its collection), a vPEID and a zeroed vPT,
+    /// mapped ([`Its::map_vpes`]). Returns the vPEs.
+    pub fn create_vm(&mut self, owner: usize, cpus: &[(usize, u64)]) -> Result<Vec<Vpe>, ItsError> {
+        if self.vpe_table.is_none() {
+            return Err(self.err(ItsErrorKind::NoVirtual));
+        }
+        if self.vms.contains_key(&owner) || cpus.is_empty() {
+            return Err(self.err(ItsErrorKind::VpeState {
+                vm: owner,
+                what: "vPEs exist already or no vCPU",
+            }));
+        }
+        if let Some(&(cpu, _)) = cpus.iter().find(|&&(c, _)| c >= self.collections.len()) {
+            return Err(self.err(ItsErrorKind::NoCollection(cpu)));
+        }
+        let vprop = self
+            .mem
+            .alloc_zeroed(VPROP_SIZE, 0x1000)
+            .ok_or_else(|| self.err(ItsErrorKind::OutOfMemory("a vLPI property table")))?;
+        self.mem.clean(vprop, VPROP_SIZE);
+        let mut vpes = Vec::with_capacity(cpus.len());
+        for &(cpu, rdbase) in cpus {
+            let Some(id) = self.vpe_ids.alloc() else {
+                self.drop_vpes(vprop, &vpes);
+                return Err(self.err(ItsErrorKind::NoFreeVpe));
+            };
+            let Some(vpt) = self.mem.alloc_zeroed(VPT_SIZE, 0x1_0000) else {
+                self.vpe_ids.free(id);
+                self.drop_vpes(vprop, &vpes);
+                return Err(self.err(ItsErrorKind::OutOfMemory("a vPE pending table")));
+            };
+            self.mem.clean(vpt, VPT_SIZE);
+            vpes.push(Vpe {
+                id: id as u16,
+                cpu,
+                rdbase,
+                vpt,
+                mapped: false,
+            });
+        }
+        self.vms.insert(owner, VmVpes { vprop, vpes });
+        self.map_vpes(owner)?;
+        Ok(self.vpes(owner).to_vec())
+    }
+
+    fn drop_vpes(&mut self, vprop: u64, vpes: &[Vpe]) {
+        for v in vpes {
+            self.vpe_ids.free(u32::from(v.id));
+            self.mem.free(v.vpt, VPT_SIZE, 0x1_0000);
+        }
+        self.mem.free(vprop, VPROP_SIZE, 0x1000);
+    }
+
+    /// VM `owner`'s vPEs, by vCPU index (empty without direct injection).
+    pub fn vpes(&self, owner: usize) -> &[Vpe] {
+        self.vms.get(&owner).map_or(&[], |v| &v.vpes)
+    }
+
+    /// GICR_VPROPBASER for VM `owner`'s vPEs (IHI 0069H 9.11.36, GICv4.0 layout): the vLPI
+    /// property table's PA[51:12], IDbits [4:0] = [`VLPI_BITS`] - 1, cacheable and Inner
+    /// Shareable as the physical PROPBASER.
+    pub fn vpropbaser(&self, owner: usize) -> Option<u64> {
+        let v = self.vms.get(&owner)?;
+        Some(propbaser(v.vprop, VLPI_BITS))
+    }
+
+    /// VMAPP V=1 (vPEID, the RDbase of its vCPU's CPU, vPT, VPT_size = [`VLPI_BITS`] - 1),
+    /// then VINVALL and VSYNC (as Linux's its_map_vm), for each of VM `owner`'s vPEs not
+    /// mapped. A vPE table entry with V=1 must not name a vPT another vPE uses, so the vPTs are
+    /// the VM's own.
+    pub fn map_vpes(&mut self, owner: usize) -> Result<(), ItsError> {
+        let vpes = self.vpes(owner).to_vec();
+        let mut cmds: Vec<AnyCommand> = Vec::new();
+        for v in vpes.iter().filter(|v| !v.mapped) {
+            cmds.push(
+                VCommand::Vmapp {
+                    vpe: v.id,
+                    rdbase: v.rdbase,
+                    vpt: v.vpt,
+                    vpt_size: (VLPI_BITS - 1) as u8,
+                    valid: true,
+                }
+                .into(),
+            );
+            cmds.push(VCommand::Vinvall { vpe: v.id }.into());
+            cmds.push(VCommand::Vsync { vpe: v.id }.into());
+        }
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        self.send(&cmds)?;
+        if let Some(vm) = self.vms.get_mut(&owner) {
+            for v in &mut vm.vpes {
+                v.mapped = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// A VM's stop or reset, after every vCPU of it made its vPE non-resident
+    /// (GICR_VPENDBASER.Valid = 0) and every event of it was unmapped: VMAPP V=0 and a SYNC of
+    /// its redistributor for each vPE, then the vPTs and the property table zeroed for the
+    /// next boot (which maps them again with [`Its::map_vpes`]).
+    pub fn unmap_vpes(&mut self, owner: usize) -> Result<(), ItsError> {
+        if self
+            .mappings
+            .values()
+            .any(|m| m.owner == owner && m.vpe.is_some())
+        {
+            return Err(self.err(ItsErrorKind::VpeState {
+                vm: owner,
+                what: "events still mapped to its vPEs",
+            }));
+        }
+        let vpes = self.vpes(owner).to_vec();
+        let mut cmds: Vec<AnyCommand> = Vec::new();
+        for v in vpes.iter().filter(|v| v.mapped) {
+            let rdbase = v.rdbase;
+            cmds.push(
+                VCommand::Vmapp {
+                    vpe: v.id,
+                    rdbase,
+                    vpt: v.vpt,
+                    vpt_size: (VLPI_BITS - 1) as u8,
+                    valid: false,
+                }
+                .into(),
+            );
+            cmds.push(Command::Sync { rdbase }.into());
+        }
+        if !cmds.is_empty() {
+            self.send(&cmds)?;
+        }
+        let zero = alloc::vec![0u8; VPT_SIZE.max(VPROP_SIZE)];
+        let Some(vm) = self.vms.get_mut(&owner) else {
+            return Ok(());
+        };
+        for v in &mut vm.vpes {
+            v.mapped = false;
+        }
+        let (vprop, vpts): (u64, Vec<u64>) = (vm.vprop, vm.vpes.iter().map(|v| v.vpt).collect());
+        for vpt in vpts {
+            self.mem.write(vpt, &zero[..VPT_SIZE]);
+            self.mem.clean(vpt, VPT_SIZE);
+        }
+        self.mem.write(vprop, &zero[..VPROP_SIZE]);
+        self.mem.clean(vprop, VPROP_SIZE);
+        Ok(())
+    }
+
+    /// Maps (`device`, `event`) of VM `owner` straight to vLPI `vintid` of its vPE `vpe`
+    /// (a vCPU index): VMAPTI with no doorbell, then VSYNC. The vLPI stays disabled until its
+    /// configuration is copied in ([`Its::set_vlpi_config`]). Returns the handle the vITS
+    /// model keys the translation by (an LPI allocator index, never enabled physically).
+    pub fn map_vevent(
+        &mut self,
+        owner: usize,
+        device: u32,
+        event: u32,
+        vpe: usize,
+        vintid: u32,
+    ) -> Result<u32, ItsError> {
+        let dev = self.device(owner, device)?;
+        if event >= dev.events {
+            return Err(self.err(ItsErrorKind::EventOutOfRange { device, event }));
+        }
+        if self.events.contains_key(&(device, event)) {
+            return Err(self.err(ItsErrorKind::EventMapped { device, event }));
+        }
+        if !(FIRST_LPI..1 << VLPI_BITS).contains(&vintid) {
+            return Err(self.err(ItsErrorKind::UnknownLpi(vintid)));
+        }
+        let v = self.vpe_of(owner, vpe)?;
+        if !v.mapped {
+            return Err(self.err(ItsErrorKind::VpeState {
+                vm: owner,
+                what: "vPE not mapped",
+            }));
+        }
+        let handle = FIRST_LPI
+            + self
+                .lpis
+                .alloc()
+                .ok_or_else(|| self.err(ItsErrorKind::NoFreeLpi))?;
+        let sent = self.send(&[
+            VCommand::Vmapti {
+                device,
+                event,
+                vpe: v.id,
+                vintid,
+                doorbell: NO_DOORBELL,
+            },
+            VCommand::Vsync { vpe: v.id },
+        ]);
+        if let Err(e) = sent {
+            self.lpis.free(handle - FIRST_LPI);
+            return Err(e);
+        }
+        self.events.insert((device, event), handle);
+        self.mappings.insert(
+            handle,
+            Mapping {
+                owner,
+                device,
+                event,
+                cpu: v.cpu,
+                vpe: Some(vpe),
+            },
+        );
+        Ok(handle)
+    }
+
+    /// VMOVI of a virtual ITE to VM `owner`'s vPE `vpe` (no doorbell), then VSYNC of the old
+    /// vPE (its pending state has moved once that vPE saw the VMOVI: IHI 0069H 5.3, VMOVI).
+    pub fn move_vevent(
+        &mut self,
+        owner: usize,
+        device: u32,
+        event: u32,
+        vpe: usize,
+    ) -> Result<(), ItsError> {
+        let (handle, m) = self.mapping(owner, device, event)?;
+        let Some(old) = m.vpe else {
+            return Err(self.err(ItsErrorKind::VpeState {
+                vm: owner,
+                what: "VMOVI of a physical ITE",
+            }));
+        };
+        let (old, new) = (self.vpe_of(owner, old)?, self.vpe_of(owner, vpe)?);
+        self.send(&[
+            VCommand::Vmovi {
+                device,
+                event,
+                vpe: new.id,
+                doorbell: None,
+            },
+            VCommand::Vsync { vpe: old.id },
+        ])?;
+        if let Some(m) = self.mappings.get_mut(&handle) {
+            m.vpe = Some(vpe);
+            m.cpu = new.cpu;
+        }
+        Ok(())
+    }
+
+    /// VMOVP of VM `owner`'s vPE `vpe` to CPU `cpu`'s redistributor, then VSYNC (GITS_TYPER.VMOVP
+    /// = 1 is required: no ITSList or sequence number; IHI 0069H 5.3, VMOVP). The caller makes
+    /// the vPE non-resident on the old CPU first and resident on the new one after.
+    pub fn move_vpe(&mut self, owner: usize, vpe: usize, cpu: usize) -> Result<(), ItsError> {
+        let v = self.vpe_of(owner, vpe)?;
+        if !self.typer.vmovp {
+            return Err(self.err(ItsErrorKind::VpeState {
+                vm: owner,
+                what: "VMOVP needs GITS_TYPER.VMOVP = 1",
+            }));
+        }
+        let rdbase = self.rdbase(cpu)?;
+        self.send(&[
+            VCommand::Vmovp { vpe: v.id, rdbase },
+            VCommand::Vsync { vpe: v.id },
+        ])?;
+        if let Some(vm) = self.vms.get_mut(&owner) {
+            vm.vpes[vpe].cpu = cpu;
+            vm.vpes[vpe].rdbase = rdbase;
+        }
+        Ok(())
+    }
+
+    /// The guest's configuration byte `config` (priority, enable) of the vLPI a virtual ITE of
+    /// VM `owner` maps to, copied into the VM's vLPI property table, then INV and VSYNC: the
+    /// redistributor re-reads it (QEMU: GICR_INVLPIR is not implemented, DirectLPI = 0, so INV
+    /// goes through the ITS, which accepts it on a virtual ITE).
+    pub fn set_vlpi_config(
+        &mut self,
+        owner: usize,
+        device: u32,
+        event: u32,
+        vintid: u32,
+        config: u8,
+    ) -> Result<(), ItsError> {
+        let (_, m) = self.mapping(owner, device, event)?;
+        let Some(vpe) = m.vpe else {
+            return Err(self.err(ItsErrorKind::VpeState {
+                vm: owner,
+                what: "a vLPI configuration for a physical ITE",
+            }));
+        };
+        let vpe = self.vpe_of(owner, vpe)?;
+        let Some(vprop) = self.vms.get(&owner).map(|v| v.vprop) else {
+            return Err(self.err(ItsErrorKind::NoVirtual));
+        };
+        if !(FIRST_LPI..1 << VLPI_BITS).contains(&vintid) {
+            return Err(self.err(ItsErrorKind::UnknownLpi(vintid)));
+        }
+        let at = vprop + u64::from(vintid - FIRST_LPI);
+        self.mem.write(at, &[config]);
+        self.mem.clean(at, 1);
+        self.send(&[
+            Command::Inv { device, event }.into(),
+            AnyCommand::from(VCommand::Vsync { vpe: vpe.id }),
+        ])
+    }
+
+    /// Whether (`device`, `event`) of VM `owner` is mapped to a vLPI.
+    pub fn is_virtual(&self, owner: usize, device: u32, event: u32) -> bool {
+        self.mapping(owner, device, event)
+            .is_ok_and(|(_, m)| m.vpe.is_some())
     }
 
     /// Enables or disables LPI `plpi`: its property byte, then INV + SYNC.
@@ -924,7 +1353,7 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
     /// queue. Recovery would mean writing GITS_CREADR past the command, which QEMU allows
     /// (GICD_CTLR.DS = 1) but the architecture does not promise, and the ITS's view of its
     /// tables is then unknown anyway; so the ITS is marked broken and refuses further commands.
-    fn send(&mut self, cmds: &[Command]) -> Result<(), ItsError> {
+    fn send<C: Copy + Into<AnyCommand>>(&mut self, cmds: &[C]) -> Result<(), ItsError> {
         if self.broken {
             return Err(self.err(ItsErrorKind::Broken));
         }
@@ -940,7 +1369,7 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
         }
         for c in cmds {
             let at = self.cmdq + self.cwriter;
-            self.mem.write(at, &c.encode());
+            self.mem.write(at, &(*c).into().encode());
             if !self.cacheable {
                 self.mem.clean(at, CMD_SIZE);
             }
@@ -970,7 +1399,7 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
         self.mem.read(self.cmdq + offset, &mut raw);
         self.err(ItsErrorKind::Stalled {
             offset,
-            command: Command::decode(&raw),
+            command: AnyCommand::decode(&raw),
         })
     }
 

@@ -26,6 +26,8 @@ pub const BASER_SIZE_MASK: u64 = 0xFF;
 pub const TYPE_DEVICE: u64 = 1;
 /// Type Collection (0b100).
 pub const TYPE_COLLECTION: u64 = 4;
+/// Type vPE (0b010, GICv4).
+pub const TYPE_VPE: u64 = 2;
 
 /// InnerCache [61:59] (BASER, CBASER) = 0b111, Normal Inner Write-back, read- and
 /// write-allocate, as Linux's GITS_BASER_RaWaWb.
@@ -78,6 +80,10 @@ pub struct Typer {
     pub cid_bits: u32,
     /// Physical [0]: physical LPIs supported.
     pub physical: bool,
+    /// Virtual [1]: virtual LPIs and the GICv4 commands supported.
+    pub virtual_: bool,
+    /// VMOVP [37]: VMOVP needs no ITSList or sequence number.
+    pub vmovp: bool,
 }
 
 impl Typer {
@@ -95,6 +101,8 @@ impl Typer {
                 16
             },
             physical: v & 1 != 0,
+            virtual_: v & 2 != 0,
+            vmovp: v & (1 << 37) != 0,
         }
     }
 }
@@ -136,8 +144,13 @@ mod tests {
                 pta: false,
                 cid_bits: 16,
                 physical: true,
+                virtual_: false,
+                vmovp: false,
             }
         );
+        // gic-version=4: Virtual and VMOVP as well.
+        let t4 = Typer::decode(0x0000_003F_0001_EFB3);
+        assert!(t4.virtual_ && t4.vmovp && t4.physical);
         assert!(Typer::decode(1 << 19).pta);
         assert!(!Typer::decode(1 << 19).physical);
         assert_eq!(Typer::decode(0).cid_bits, 16);

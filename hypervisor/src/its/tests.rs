@@ -1,4 +1,5 @@
-use super::fake::{self, State, QEMU_TYPER};
+use super::cmd::{AnyCommand, VCommand};
+use super::fake::{self, State, QEMU_TYPER, QEMU_TYPER_V4};
 use super::*;
 use alloc::rc::Rc;
 use core::cell::RefCell;
@@ -12,6 +13,7 @@ fn cfg() -> ItsConfig {
         lpi_bits: 16,
         priority: 0xa0,
         poll_limit: 100,
+        vpes: 0,
     }
 }
 
@@ -520,11 +522,11 @@ fn a_hung_queue_times_out_and_a_stall_breaks_the_its() {
         matches!(
             e.kind,
             ItsErrorKind::Stalled {
-                command: Command::Mapti {
+                command: AnyCommand::P(Command::Mapti {
                     device: 8,
                     event: 0,
                     ..
-                },
+                }),
                 ..
             }
         ),
@@ -593,4 +595,245 @@ fn move_all_moves_only_that_vms_lpis_on_that_cpu() {
         its.move_all(0, 1, 7).unwrap_err().kind,
         ItsErrorKind::NoCollection(7)
     );
+}
+
+/// A GICv4.0 ITS (QEMU gic-version=4) with room for 4 vPEs and both CPUs' collections.
+fn ready_v4() -> (FakeIts, Rc<RefCell<State>>) {
+    let (r, m, s) = fake::new(QEMU_TYPER_V4);
+    let mut its = Its::probe(BASE, r, m, ItsConfig { vpes: 4, ..cfg() }).unwrap();
+    its.init_cpu(0, 0, 0x80a_0000).unwrap();
+    its.init_cpu(1, 1, 0x80e_0000).unwrap();
+    s.borrow_mut().commands.clear();
+    s.borrow_mut().log.clear();
+    (its, s)
+}
+
+#[test]
+fn a_v4_its_gets_a_flat_vpe_table_and_a_v3_one_or_no_vpes_wanted_none() {
+    let (its, s) = ready_v4();
+    let t = its.vpe_table().unwrap();
+    assert_eq!((t.index, t.pages, t.entry_size), (2, 1, 8));
+    let b2 = s.borrow().baser[2];
+    assert_ne!(b2 & BASER_VALID, 0);
+    assert_eq!(b2 & BASER_INDIRECT, 0);
+    assert_eq!((b2 >> BASER_TYPE_SHIFT) & 7, TYPE_VPE);
+    assert_eq!(b2 & 0x0000_FFFF_FFFF_0000, t.pa);
+    assert!(its.has_vpes());
+    // GICv3: no vPE table, and direct injection refused.
+    let (mut v3, _) = ready();
+    assert!(!v3.has_vpes());
+    assert_eq!(
+        v3.create_vm(0, &[(0, 0), (1, 1)]).unwrap_err().kind,
+        ItsErrorKind::NoVirtual
+    );
+    // Virtual but no vPEs wanted: BASER2 left invalid.
+    let (r, m, s) = fake::new(QEMU_TYPER_V4);
+    let its = Its::probe(BASE, r, m, cfg()).unwrap();
+    assert!(!its.has_vpes());
+    assert_eq!(s.borrow().baser[2] & BASER_VALID, 0);
+}
+
+#[test]
+fn create_vm_maps_one_vpe_per_vcpu_on_its_pinned_cpu_with_zeroed_tables() {
+    let (mut its, s) = ready_v4();
+    let vpes = its.create_vm(3, &[(1, 1), (0, 0)]).unwrap();
+    assert_eq!(vpes.len(), 2);
+    assert_ne!(vpes[0].id, vpes[1].id);
+    let st = s.borrow();
+    for v in &vpes {
+        assert!(v.mapped);
+        assert!(v.vpt.is_multiple_of(0x1_0000));
+        assert!(st.read_mem(v.vpt, VPT_SIZE).iter().all(|&b| b == 0));
+        // VMAPP(vPE, RDbase of the pinned CPU = its processor number, vPT, 15).
+        assert_eq!(st.vpes[&v.id], (v.cpu as u64, v.vpt, 15));
+    }
+    assert_eq!((vpes[0].cpu, vpes[1].cpu), (1, 0));
+    assert!(st.refused.is_empty(), "{:?}", st.refused);
+    // VMAPP, VINVALL, VSYNC per vPE.
+    assert_eq!(
+        st.log[..3],
+        [
+            AnyCommand::V(VCommand::Vmapp {
+                vpe: vpes[0].id,
+                rdbase: 1,
+                vpt: vpes[0].vpt,
+                vpt_size: 15,
+                valid: true
+            }),
+            AnyCommand::V(VCommand::Vinvall { vpe: vpes[0].id }),
+            AnyCommand::V(VCommand::Vsync { vpe: vpes[0].id }),
+        ]
+    );
+    // GICR_VPROPBASER: the VM's own 4K-aligned table, zeroed (every vLPI disabled), IDbits 15.
+    let vprop = its.vpropbaser(3).unwrap();
+    assert_eq!(vprop & 0x1F, 15);
+    let pa = vprop & PROPBASER_PA_MASK;
+    assert!(st.read_mem(pa, VPROP_SIZE).iter().all(|&b| b == 0));
+    drop(st);
+    assert!(matches!(
+        its.create_vm(3, &[(0, 0)]).unwrap_err().kind,
+        ItsErrorKind::VpeState { vm: 3, .. }
+    ));
+    // Only 4 vPEIDs: a VM of 3 more vCPUs does not fit, and gives back what it took.
+    let left = s.borrow().memory_left;
+    assert_eq!(
+        its.create_vm(4, &[(0, 0), (1, 1), (0, 0)])
+            .unwrap_err()
+            .kind,
+        ItsErrorKind::NoFreeVpe
+    );
+    assert_eq!(s.borrow().memory_left, left);
+    assert!(its.vpes(4).is_empty());
+    its.create_vm(4, &[(0, 0), (1, 1)]).unwrap();
+}
+
+#[test]
+fn a_virtual_event_is_vmapti_with_no_doorbell_and_its_config_goes_to_the_vprop_table() {
+    let (mut its, s) = ready_v4();
+    let vpes = its.create_vm(0, &[(0, 0), (1, 1)]).unwrap();
+    its.map_device(0, 8, 4).unwrap();
+    s.borrow_mut().log.clear();
+    let h = its.map_vevent(0, 8, 2, 1, 8300).unwrap();
+    assert!(its.is_virtual(0, 8, 2));
+    assert_eq!(its.owner(h), Some((0, 8, 2)));
+    {
+        let st = s.borrow();
+        assert_eq!(
+            st.log,
+            [
+                AnyCommand::V(VCommand::Vmapti {
+                    device: 8,
+                    event: 2,
+                    vpe: vpes[1].id,
+                    vintid: 8300,
+                    doorbell: 1023
+                }),
+                AnyCommand::V(VCommand::Vsync { vpe: vpes[1].id }),
+            ]
+        );
+        assert_eq!(st.vites[&(8, 2)], (vpes[1].id, 8300, 1023));
+        assert!(st.ites.is_empty(), "no physical ITE");
+    }
+    // The handle's physical LPI is never enabled.
+    assert_eq!(prop_byte(&its, &s, h) & 1, 0);
+    // The guest's config byte into the VM's table, then INV + VSYNC.
+    s.borrow_mut().log.clear();
+    its.set_vlpi_config(0, 8, 2, 8300, 0xa3).unwrap();
+    let vprop = its.vpropbaser(0).unwrap() & PROPBASER_PA_MASK;
+    assert_eq!(
+        s.borrow().read_mem(vprop + u64::from(8300 - FIRST_LPI), 1),
+        [0xa3]
+    );
+    assert_eq!(
+        s.borrow().log,
+        [
+            AnyCommand::P(Command::Inv {
+                device: 8,
+                event: 2
+            }),
+            AnyCommand::V(VCommand::Vsync { vpe: vpes[1].id }),
+        ]
+    );
+    // INT and CLEAR act on the virtual ITE, synchronised by VSYNC.
+    s.borrow_mut().log.clear();
+    its.raise(0, 8, 2).unwrap();
+    its.clear(0, 8, 2).unwrap();
+    assert_eq!(s.borrow().vlpis_raised, [(vpes[1].id, 8300)]);
+    assert_eq!(
+        s.borrow().log[1],
+        AnyCommand::V(VCommand::Vsync { vpe: vpes[1].id })
+    );
+    // MOVI -> VMOVI, with a VSYNC of the old vPE; MOVI itself is refused for it.
+    assert!(its.move_event(0, 8, 2, 0).is_err());
+    s.borrow_mut().log.clear();
+    its.move_vevent(0, 8, 2, 0).unwrap();
+    assert_eq!(
+        s.borrow().log,
+        [
+            AnyCommand::V(VCommand::Vmovi {
+                device: 8,
+                event: 2,
+                vpe: vpes[0].id,
+                doorbell: None
+            }),
+            AnyCommand::V(VCommand::Vsync { vpe: vpes[1].id }),
+        ]
+    );
+    assert_eq!(s.borrow().vites[&(8, 2)].0, vpes[0].id);
+    assert!(s.borrow().refused.is_empty(), "{:?}", s.borrow().refused);
+    // DISCARD on the virtual ITE frees the handle.
+    its.unmap_event(0, 8, 2).unwrap();
+    assert!(s.borrow().vites.is_empty());
+    assert_eq!(its.owner(h), None);
+    assert_eq!(its.lpis_in_use(), 0);
+    // Bad requests: another VM's vPE index, a vINTID that is no LPI, a physical ITE's config.
+    assert!(its.map_vevent(0, 8, 1, 2, 8300).is_err());
+    assert!(its.map_vevent(0, 8, 1, 0, 100).is_err());
+    its.map_event(0, 8, 3, 0).unwrap();
+    assert!(its.set_vlpi_config(0, 8, 3, 8300, 1).is_err());
+    assert!(its.move_vevent(0, 8, 3, 1).is_err());
+}
+
+#[test]
+fn a_vm_stop_unmaps_events_then_vpes_and_zeroes_the_tables_for_the_next_boot() {
+    let (mut its, s) = ready_v4();
+    let vpes = its.create_vm(0, &[(0, 0), (1, 1)]).unwrap();
+    its.map_device(0, 8, 4).unwrap();
+    its.map_vevent(0, 8, 0, 0, 8200).unwrap();
+    its.set_vlpi_config(0, 8, 0, 8200, 0xa3).unwrap();
+    // Pending state the redistributor left in a vPT.
+    s.borrow_mut().memory.get_mut(&vpes[0].vpt).unwrap()[1025] = 0x10;
+    // vPEs with events still mapped are not unmapped.
+    assert!(its.unmap_vpes(0).is_err());
+    its.unmap_all(0).unwrap();
+    assert!(s.borrow().vites.is_empty());
+    s.borrow_mut().log.clear();
+    its.unmap_vpes(0).unwrap();
+    let st = s.borrow();
+    assert!(st.vpes.is_empty());
+    assert_eq!(
+        st.log[..2],
+        [
+            AnyCommand::V(VCommand::Vmapp {
+                vpe: vpes[0].id,
+                rdbase: 0,
+                vpt: vpes[0].vpt,
+                vpt_size: 15,
+                valid: false
+            }),
+            AnyCommand::P(Command::Sync { rdbase: 0 }),
+        ]
+    );
+    assert!(st.read_mem(vpes[0].vpt, VPT_SIZE).iter().all(|&b| b == 0));
+    let vprop = its.vpropbaser(0).unwrap() & PROPBASER_PA_MASK;
+    assert!(st.read_mem(vprop, VPROP_SIZE).iter().all(|&b| b == 0));
+    drop(st);
+    assert!(its.vpes(0).iter().all(|v| !v.mapped));
+    // The next boot maps the same vPEs again.
+    assert!(its.map_vevent(0, 8, 0, 0, 8200).is_err(), "vPE unmapped");
+    its.map_device(0, 8, 4).unwrap();
+    its.map_vpes(0).unwrap();
+    assert_eq!(s.borrow().vpes.len(), 2);
+    its.map_vevent(0, 8, 0, 0, 8200).unwrap();
+    assert!(s.borrow().refused.is_empty(), "{:?}", s.borrow().refused);
+}
+
+#[test]
+fn vmovp_moves_a_vpe_to_another_redistributor() {
+    let (mut its, s) = ready_v4();
+    let vpes = its.create_vm(0, &[(0, 0)]).unwrap();
+    s.borrow_mut().log.clear();
+    its.move_vpe(0, 0, 1).unwrap();
+    assert_eq!(
+        s.borrow().log,
+        [
+            AnyCommand::V(VCommand::Vmovp {
+                vpe: vpes[0].id,
+                rdbase: 1
+            }),
+            AnyCommand::V(VCommand::Vsync { vpe: vpes[0].id }),
+        ]
+    );
+    assert_eq!(s.borrow().vpes[&vpes[0].id].0, 1);
+    assert_eq!(its.vpes(0)[0].cpu, 1);
 }

@@ -30,7 +30,7 @@ use crate::hw::Ipa;
 use crate::platform::MemRange;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use spin::Mutex;
 
 /// Size of one ITS frame (IHI 0069H 12.1.3: control frame, then translation frame).
@@ -74,6 +74,9 @@ pub struct VmIts {
     /// Physical LPIs dropped because the guest's vITS translated them to nothing (its ITS
     /// disabled, the collection unmapped).
     dropped: AtomicU64,
+    /// GICv4.0 direct injection: the events are mapped to its vCPUs' vPEs and their vLPIs
+    /// reach the guest with no exit; chosen once, when the VM is created.
+    direct: AtomicBool,
 }
 
 impl VmIts {
@@ -109,6 +112,7 @@ impl VmIts {
             cfg,
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            direct: AtomicBool::new(false),
         })
     }
 
@@ -138,15 +142,37 @@ impl VmIts {
         v
     }
 
-    /// One statistics line: the delivery path (list registers: GICv4 direct injection is not
-    /// used), LPIs delivered and dropped, the model's commands and errors.
+    /// The VM's MSIs are directly injected (GICv4.0), set when the VM is created.
+    pub fn set_direct(&self, direct: bool) {
+        self.direct.store(direct, Ordering::Relaxed);
+    }
+
+    /// Whether the VM's MSIs are directly injected.
+    pub fn is_direct(&self) -> bool {
+        self.direct.load(Ordering::Relaxed)
+    }
+
+    /// One statistics line: the delivery path (`gicv4-direct` or `list-registers`), the
+    /// physical LPIs taken at EL2 for the VM (delivered + dropped; 0 with direct injection,
+    /// where a device's MSI never reaches the hypervisor), delivered and dropped apart, the
+    /// model's commands and errors.
     pub fn stats_line(&self, vm: &str) -> String {
         let m = self.model.lock();
         let st = m.stats();
-        alloc::format!(
-            "vits: {vm} stats: delivery list-registers, lpis_delivered={} lpis_dropped={} commands={} command_errors={} stalls={} devices_mapped={} events_mapped={}",
+        let (delivered, dropped) = (
             self.delivered.load(Ordering::Relaxed),
             self.dropped.load(Ordering::Relaxed),
+        );
+        alloc::format!(
+            "vits: {vm} stats: delivery {}, lpis_at_el2={} lpis_delivered={} lpis_dropped={} commands={} command_errors={} stalls={} devices_mapped={} events_mapped={}",
+            if self.is_direct() {
+                "gicv4-direct"
+            } else {
+                "list-registers"
+            },
+            delivered + dropped,
+            delivered,
+            dropped,
             st.commands,
             st.total_errors(),
             st.stalls,
@@ -196,6 +222,27 @@ mod tests {
         assert_eq!(its.control_offset(Ipa(0x0808_0008)), Some(8));
         assert_eq!(its.control_offset(Ipa(0x0809_0040)), None);
         assert_eq!(its.devices(), &[0x10, 0x18]);
+    }
+
+    #[test]
+    fn the_stats_line_names_the_delivery_path_and_counts_lpis_taken_at_el2() {
+        let its = VmIts::new(&facts(&[0x10]), 2).unwrap();
+        assert!(its
+            .stats_line("vm0")
+            .contains("delivery list-registers, lpis_at_el2=0 "));
+        // Two LPIs taken at EL2, neither translated by the (disabled) model: dropped, counted.
+        assert_eq!(its.virtual_of(0x2000), None);
+        assert_eq!(its.virtual_of(0x2001), None);
+        let line = its.stats_line("vm0");
+        assert!(
+            line.contains("lpis_at_el2=2 lpis_delivered=0 lpis_dropped=2"),
+            "{line}"
+        );
+        its.set_direct(true);
+        assert!(its.is_direct());
+        assert!(its
+            .stats_line("vm0")
+            .starts_with("vits: vm0 stats: delivery gicv4-direct, "));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use super::{lrs_here, run_bound_vcpu, IRQ_STATE};
 use crate::arch::gic::Gic;
 use crate::arch::hw::Machine;
-use crate::arch::{hv, iommu, sysreg, this_cpu, uart};
+use crate::arch::{hv, iommu, its, sysreg, this_cpu, uart};
 use crate::vm::irq::VTIMER_PPI;
 use crate::vm::lifecycle::{all_stopped_for_good, Power, RESET_WAIT_MS};
 use crate::vm::Vm;
@@ -45,6 +45,10 @@ pub(super) fn quiesce_local_vcpu(vm: &Vm, vcpu: usize) {
         Gic::deactivate(intid.0);
     }
     let rd = hv().cpus[this_cpu()].redist();
+    // Its vPE (GICv4.0) leaves the redistributor before its vPT may be zeroed and reused.
+    if vm.its.as_ref().is_some_and(|i| i.is_direct()) {
+        its::vpe_leave(&hv().its, &hv().gic, rd);
+    }
     hv().gic.set_private_enabled(rd, VTIMER_PPI.0, false);
     hv().gic.clear_private_active(rd, VTIMER_PPI.0);
     HCR_EL2.set(0);
@@ -57,11 +61,14 @@ pub(super) fn park_stopped_vcpu(vm: &Vm, vcpu: usize) -> ! {
     run_bound_vcpu();
 }
 
-/// Stops the VM's PCI functions from mastering DMA or raising their lines, and unmaps every
-/// event its guest mapped in the physical ITS (its MSIs then raise nothing).
+/// Stops the VM's PCI functions from mastering DMA or raising their lines, unmaps every
+/// event its guest mapped in the physical ITS (its MSIs then raise nothing), then its vPEs
+/// (GICv4.0: VMAPP V=0, their tables zeroed). On a reset every vCPU has left its vPE by then;
+/// on a stop for good others may still be leaving, but nothing reuses a stopped VM's vPTs.
 pub(super) fn quiesce_devices(vm: &Vm) {
     vm.quiesce_devices(|segment| hv().iommu.ecam(segment), &Machine);
     super::vits::reset(vm);
+    its::unmap_vpes(&hv().its, vm.id, &vm.config.name);
 }
 
 /// Reboots `vm` alone: stops its vCPUs, reloads its kernel, initramfs and DT from the pristine
@@ -112,6 +119,7 @@ pub(super) fn boot_vm(vm: &Vm) {
                 vm.ram_pa,
                 crate::arch::timestamp_ms() - t0
             );
+            its::map_vpes(&hv().its, vm.id, &vm.config.name);
             vm.vcpus[0].power.set(Power::OnPending {
                 entry,
                 context: dtb.get(),

@@ -71,6 +71,15 @@ pub fn run_bound_vcpu() -> ! {
                 IRQ_STATE[cpu].lock().hw_pending = HwPending::default();
                 hv().gic
                     .set_private_enabled(hv().cpus[cpu].redist(), VTIMER_PPI.0, false);
+                if vm.its.as_ref().is_some_and(|i| i.is_direct()) {
+                    crate::arch::its::vpe_enter(
+                        &hv().its,
+                        &hv().gic,
+                        vm.id,
+                        vcpu,
+                        hv().cpus[cpu].redist(),
+                    );
+                }
                 let frame = TrapFrame::new_el1_entry(entry.get(), context);
                 // SAFETY: `cpu` is this CPU and nothing borrows its stack across this call.
                 unsafe { boot::enter(cpu, &frame) };

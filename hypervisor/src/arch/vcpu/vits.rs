@@ -1,5 +1,10 @@
 //! The VM's virtual ITS on the machine: its trapped control frame, the port its command model
 //! drives the physical ITS through, and a physical LPI taken at EL2 turned into the guest's.
+//!
+//! The port has two paths, chosen per VM when it is created (`VmIts::is_direct`): physical
+//! LPIs taken at EL2 and injected through list registers, or GICv4.0 direct injection, where
+//! each guest event is a vLPI of its target vCPU's vPE (VMAPTI) and the guest's LPI
+//! configuration is copied into the VM's own vLPI property table at MAPTI and INV/INVALL.
 
 use crate::arch::hw::Machine;
 use crate::arch::{hv, its, this_cpu, uart};
@@ -81,6 +86,27 @@ impl Port<'_> {
     fn cpu(&self, vcpu: usize) -> usize {
         self.vm.vcpus.get(vcpu).map_or(this_cpu(), |v| v.pcpu)
     }
+
+    /// GICv4.0 direct injection: events are mapped to the vCPUs' vPEs (chosen at creation).
+    fn direct(&self) -> bool {
+        self.vm.its.as_ref().is_some_and(|i| i.is_direct())
+    }
+
+    /// The guest's configuration byte of `vintid` (from its property table, re-read now)
+    /// copied into the VM's vLPI property table, and the redistributor told (INV).
+    fn copy_vlpi_config(&self, ev: PhysEvent, vintid: u32) {
+        let config = {
+            let mut vgic = self.vm.vgic.lock();
+            for vcpu in 0..self.vm.vcpus.len() {
+                vgic.lpi_config_refresh(self.vm.ram(), vcpu, vintid);
+            }
+            vgic.lpi_config(vintid)
+        };
+        let id = self.vm.id;
+        let _ = self.with("INV", |i| {
+            i.set_vlpi_config(id, ev.device, ev.event, vintid, config)
+        });
+    }
 }
 
 impl PhysicalIts for Port<'_> {
@@ -94,9 +120,30 @@ impl PhysicalIts for Port<'_> {
         let _ = self.with("MAPD V=0", |i| i.unmap_device(id, device));
     }
 
-    fn map_event(&mut self, device: u32, event: u32, vcpu: usize) -> Result<u32, PhysItsError> {
+    fn map_event(
+        &mut self,
+        device: u32,
+        event: u32,
+        vcpu: usize,
+        vintid: u32,
+    ) -> Result<u32, PhysItsError> {
         let (id, cpu) = (self.vm.id, self.cpu(vcpu));
-        self.with("MAPTI", |i| i.map_event(id, device, event, cpu))
+        if !self.direct() {
+            return self.with("MAPTI", |i| i.map_event(id, device, event, cpu));
+        }
+        // VMAPTI to the vCPU's vPE, then the vLPI's configuration as the guest has it now
+        // (as KVM's its_map_vlpi): a guest that configured the LPI before its MAPTI gets no
+        // further INV.
+        let handle = self.with("VMAPTI", |i| i.map_vevent(id, device, event, vcpu, vintid))?;
+        self.copy_vlpi_config(
+            PhysEvent {
+                device,
+                event,
+                plpi: handle,
+            },
+            vintid,
+        );
+        Ok(handle)
     }
 
     fn unmap_event(&mut self, ev: PhysEvent) {
@@ -106,10 +153,20 @@ impl PhysicalIts for Port<'_> {
 
     fn move_event(&mut self, ev: PhysEvent, vcpu: usize) {
         let (id, cpu) = (self.vm.id, self.cpu(vcpu));
+        if self.direct() {
+            let _ = self.with("VMOVI", |i| i.move_vevent(id, ev.device, ev.event, vcpu));
+            return;
+        }
         let _ = self.with("MOVI", |i| i.move_event(id, ev.device, ev.event, cpu));
     }
 
-    fn invalidate(&mut self, _ev: PhysEvent, vintid: u32) {
+    fn invalidate(&mut self, ev: PhysEvent, vintid: u32) {
+        if self.direct() {
+            // The vLPI's enable and priority are the redistributor's, from the VM's vLPI
+            // property table (never the guest's memory): the guest's byte is copied there.
+            self.copy_vlpi_config(ev, vintid);
+            return;
+        }
         // The LPI's enable and priority live in the vGIC, read from the guest's property
         // table (GICR_PROPBASER of a vCPU that enabled LPIs; Linux gives them all one table).
         // The physical LPI stays enabled: one that fires while the guest has it disabled stays
@@ -133,6 +190,8 @@ impl PhysicalIts for Port<'_> {
     }
 
     fn move_all(&mut self, from: usize, to: usize) {
+        // With direct injection pending vLPIs sit in the vPEs' vPTs, which GICv4.0 gives no
+        // command to move between vPEs; MOVALL then moves nothing (Linux never issues it).
         self.vm.vgic.lock().move_lpis(from, to);
     }
 

@@ -241,6 +241,16 @@ impl VGic {
         }
     }
 
+    /// The configuration byte (priority, enable) of LPI `intid` as last read from the guest's
+    /// property table (0, disabled, for one never read or past the bound): what GICv4 direct
+    /// injection copies into the VM's vLPI property table.
+    pub fn lpi_config(&self, intid: u32) -> u8 {
+        self.lpis
+            .index(intid)
+            .and_then(|i| self.lpis.config.get(i).copied())
+            .unwrap_or(0)
+    }
+
     /// Number of LPIs the store holds (0 without LPI support).
     pub fn num_lpis(&self) -> u32 {
         self.lpis.count()

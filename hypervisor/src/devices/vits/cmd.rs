@@ -428,7 +428,7 @@ impl Vits {
         self.unmap_event(device, event, phys);
         let vcpu = self.collection(icid).unwrap_or(0);
         let plpi = phys
-            .map_event(device, event, vcpu)
+            .map_event(device, event, vcpu, intid)
             .map_err(|_| CmdError::Physical)?;
         self.ites.insert(
             (device, event),

@@ -38,6 +38,8 @@ pub struct RecordingIts {
     pub live: BTreeMap<u32, (u32, u32, usize)>,
     /// Every pLPI ever handed out.
     pub handed: BTreeSet<u32>,
+    /// The guest LPI each pLPI was asked for with (the last time it was handed out).
+    pub vintids: BTreeMap<u32, u32>,
     next: u32,
     /// When set, `map_device` and `map_event` refuse.
     pub fail: bool,
@@ -106,7 +108,13 @@ impl PhysicalIts for RecordingIts {
         self.ops.push(PhysOp::UnmapDevice(device));
     }
 
-    fn map_event(&mut self, device: u32, event: u32, vcpu: usize) -> Result<u32, PhysItsError> {
+    fn map_event(
+        &mut self,
+        device: u32,
+        event: u32,
+        vcpu: usize,
+        vintid: u32,
+    ) -> Result<u32, PhysItsError> {
         self.check_owned(device, "map_event");
         let events = *self
             .devices
@@ -127,6 +135,7 @@ impl PhysicalIts for RecordingIts {
         self.next += 1;
         self.live.insert(plpi, (device, event, vcpu));
         self.handed.insert(plpi);
+        self.vintids.insert(plpi, vintid);
         self.ops.push(PhysOp::MapEvent {
             ev: PhysEvent {
                 device,

@@ -81,8 +81,16 @@ pub trait PhysicalIts {
     fn unmap_device(&mut self, device: u32);
     /// MAPTI/MAPI: choose a free physical LPI, map (`device`, `event`) to it and route it to
     /// the physical CPU of `vcpu`; returns the LPI, which is the model's until
-    /// [`PhysicalIts::unmap_event`] gives it back.
-    fn map_event(&mut self, device: u32, event: u32, vcpu: usize) -> Result<u32, PhysItsError>;
+    /// [`PhysicalIts::unmap_event`] gives it back. `vintid` is the guest's LPI, for a port that
+    /// maps the event straight to it (GICv4 direct injection: VMAPTI to `vcpu`'s vPE; the
+    /// returned number is then only the model's handle for the translation).
+    fn map_event(
+        &mut self,
+        device: u32,
+        event: u32,
+        vcpu: usize,
+        vintid: u32,
+    ) -> Result<u32, PhysItsError>;
     /// DISCARD (or the event's device unmapped, a MAPTI replacing it, a reset): unmap the event
     /// and free its physical LPI.
     fn unmap_event(&mut self, ev: PhysEvent);

@@ -629,6 +629,9 @@ fn mapti_maps_an_event_to_a_physical_lpi() {
         ]
     );
     assert_eq!(r.its.translation(DEV_A, 0), Some((8192, 2, FIRST_PLPI)));
+    // The port is told the guest's LPI (a GICv4 port maps the event straight to it).
+    assert_eq!(r.phys.vintids[&FIRST_PLPI], 8192);
+    assert_eq!(r.phys.vintids[&(FIRST_PLPI + 1)], 65535);
     assert_eq!(r.its.virtual_of(FIRST_PLPI), Some((8192, 2)));
     assert_eq!(r.its.virtual_of(FIRST_PLPI + 1), Some((65535, 3)));
     assert_eq!(r.its.virtual_of(FIRST_PLPI + 2), None);
