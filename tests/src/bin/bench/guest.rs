@@ -176,7 +176,7 @@ pub(crate) fn num(facts: &Facts, key: &str) -> R<f64> {
 /// The IOMMU domain each setup's guest must have put its functions in (`iommu_group/type`).
 fn domain_ok(col: Col, domain: &str) -> bool {
     match col {
-        Col::Bare | Col::Vsmmu | Col::VsmmuIntx => domain.starts_with("DMA"),
+        Col::Bare | Col::Vsmmu | Col::VsmmuIntx | Col::VsmmuV4 => domain.starts_with("DMA"),
         Col::S2 => domain == "identity",
     }
 }

@@ -161,9 +161,12 @@ pub(crate) fn figures_table(res: &Results, o: &Opts) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| workload | better | bare | vSMMU | stage-2 only | vSMMU, INTx | vSMMU/bare | vSMMU/s2 | vSMMU/INTx |"
+        "| workload | better | bare | vSMMU | stage-2 only | vSMMU, INTx | vSMMU, GICv4 | vSMMU/bare | vSMMU/s2 | vSMMU/INTx | GICv4/bare |"
     );
-    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(
+        s,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
     for row in rows(o) {
         let Some(samples) = res.samples.get(&row.key) else {
             continue;
@@ -185,8 +188,8 @@ pub(crate) fn figures_table(res: &Results, o: &Opts) -> String {
                 .unwrap_or_default();
             cell(&v)
         };
-        let ratio = |b: Col| -> String {
-            let r = ratios(samples, Col::Vsmmu, b);
+        let ratio_of = |a: Col, b: Col| -> String {
+            let r = ratios(samples, a, b);
             if r.is_empty() {
                 "—".to_string()
             } else {
@@ -195,16 +198,18 @@ pub(crate) fn figures_table(res: &Results, o: &Opts) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.label,
             if row.higher_better { "higher" } else { "lower" },
             col(Col::Bare),
             col(Col::Vsmmu),
             col(Col::S2),
             col(Col::VsmmuIntx),
-            ratio(Col::Bare),
-            ratio(Col::S2),
-            ratio(Col::VsmmuIntx)
+            col(Col::VsmmuV4),
+            ratio_of(Col::Vsmmu, Col::Bare),
+            ratio_of(Col::Vsmmu, Col::S2),
+            ratio_of(Col::Vsmmu, Col::VsmmuIntx),
+            ratio_of(Col::VsmmuV4, Col::Bare)
         );
     }
     s

@@ -19,10 +19,13 @@ pub(crate) enum Col {
     /// (the others interrupt by MSI-X: bare through QEMU's ITS, the hypervisor's through the
     /// VM's vITS, injected through list registers).
     VsmmuIntx,
+    /// The vSMMU setup on `gic-version=4`: MSIs injected directly into the running vCPU
+    /// (GICv4.0 vLPIs), no exit per interrupt.
+    VsmmuV4,
 }
 
 impl Col {
-    pub(crate) const ALL: [Col; 4] = [Col::Bare, Col::Vsmmu, Col::S2, Col::VsmmuIntx];
+    pub(crate) const ALL: [Col; 5] = [Col::Bare, Col::Vsmmu, Col::S2, Col::VsmmuIntx, Col::VsmmuV4];
 
     pub(crate) fn label(self) -> &'static str {
         match self {
@@ -30,6 +33,7 @@ impl Col {
             Col::Vsmmu => "vSMMU",
             Col::S2 => "stage-2 only",
             Col::VsmmuIntx => "vSMMU, INTx",
+            Col::VsmmuV4 => "vSMMU, GICv4",
         }
     }
 
@@ -39,6 +43,7 @@ impl Col {
             Col::Vsmmu => "vsmmu",
             Col::S2 => "s2",
             Col::VsmmuIntx => "vsmmu-intx",
+            Col::VsmmuV4 => "vsmmu-v4",
         }
     }
 }
@@ -101,6 +106,9 @@ impl Ctx {
                 a.extend(["--vms", "1", "--smp", "2", "--guest", &guest].map(String::from));
                 if c == Col::VsmmuIntx {
                     a.extend(["--vm-intx-only", "0"].map(String::from));
+                }
+                if c == Col::VsmmuV4 {
+                    a.extend(["--gic", "4"].map(String::from));
                 }
                 a.extend(
                     ["--vm-pci", "0", "00:01.0,00:02.0", "--vm-bootargs", "0"].map(String::from),
