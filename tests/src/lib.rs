@@ -55,7 +55,8 @@ pub use guest::{
 pub use md5::md5_hex;
 pub use paths::{guest_kver, modular_guest_dir, repo_root, stock_guest_dir, target_dir};
 pub use pci::{
-    check_vm_disk, check_vm_pings, host_disk_md5, Assigned, DISK_BYTES, DISK_CONTENT, VM0, VM1,
+    check_vm_disk, check_vm_pings, host_disk_md5, make_disk_image, pci_irqs_of, vits_stats,
+    Assigned, DISK_BYTES, DISK_CONTENT, VM0, VM1,
 };
 pub use qemu::{Line, Qemu, Stream};
 pub use text::{guest_fact, hv_text, line_source, strip_ansi, vm_text};

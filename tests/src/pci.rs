@@ -4,6 +4,7 @@
 use crate::md5::md5_hex;
 use crate::paths::repo_root;
 use crate::{Error, Qemu, STEP_TIMEOUT};
+use std::collections::BTreeMap;
 use std::fs;
 
 /// The part of each `--pci` disk image the host and the guest checksum: its first 8 MiB.
@@ -123,4 +124,60 @@ impl Assigned {
             self.ip
         )
     }
+}
+
+/// Writes `build/disks/NAME.img`: [`DISK_BYTES`] whose first [`DISK_CONTENT`] bytes are a fixed
+/// pseudo-random sequence from `seed` (a test's own disk, unlike the `--pci` ones); returns its
+/// path and that part's MD5.
+pub fn make_disk_image(name: &str, seed: u64) -> (String, String) {
+    let path = repo_root().join(format!("build/disks/{name}.img"));
+    let mut data = Vec::with_capacity(DISK_BYTES);
+    let mut x = seed;
+    while data.len() < DISK_BYTES {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(DISK_BYTES);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, &data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (
+        path.to_str().unwrap().to_string(),
+        md5_hex(&data[..DISK_CONTENT]),
+    )
+}
+
+/// VM `vm`'s last `[hv] vits: VM stats: delivery PATH, k=v ...` line in `log`: the delivery path
+/// and the counters. Panics if there is none.
+pub fn vits_stats(log: &str, vm: &str) -> (String, BTreeMap<String, u64>) {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(&format!("[hv] vits: {vm} stats: ")))
+        .unwrap_or_else(|| panic!("no vITS stats for {vm}"));
+    println!("{line}");
+    let (_, rest) = line
+        .split_once(" stats: delivery ")
+        .expect("the stats line's format");
+    let (path, counters) = rest.split_once(", ").expect("the stats line's format");
+    let counters = counters
+        .split_whitespace()
+        .filter_map(|f| {
+            let (k, v) = f.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect();
+    (path.to_string(), counters)
+}
+
+/// The entry of function `bdf` in a guest's `pci-irqs=BDF:MODE:N:COUNT,...` fact: (mode: msix,
+/// msi, intx or none; vectors; interrupts counted). Panics if `bdf` is not in it.
+pub fn pci_irqs_of<'a>(line: &'a str, bdf: &str) -> (&'a str, u32, u64) {
+    let entry = line
+        .split(',')
+        .find(|e| e.starts_with(&format!("{bdf}:")))
+        .unwrap_or_else(|| panic!("no {bdf} in pci-irqs={line}"));
+    let f: Vec<&str> = entry.rsplitn(4, ':').collect();
+    (f[2], f[1].parse().unwrap(), f[0].parse().unwrap())
 }

@@ -8,12 +8,11 @@
 //! (`smmu-hv,intx-only`, so it cannot take the function MSI-only instead), asks for the domain-0
 //! function whose INTx line is the one vm0's domain-1 disk raises: refused, naming both.
 
-use std::fs;
 use std::time::Duration;
 
 use integration_tests::{
-    check_vm_disk, check_vm_guest_facts, md5_hex, repo_root, stock_guest_dir, Error, Qemu,
-    DISK_BYTES, DISK_CONTENT, STEP_TIMEOUT,
+    check_vm_disk, check_vm_guest_facts, make_disk_image, repo_root, stock_guest_dir, Error, Qemu,
+    DISK_BYTES, STEP_TIMEOUT,
 };
 
 /// Wall-clock limit of the run (two guest boots and their disk reads).
@@ -25,31 +24,10 @@ const RUN_LIMIT: Duration = Duration::from_secs(480);
 const DISK: &str = "0001:81:00.0";
 const ROOT_PORT: &str = "0001:80:01.0";
 
-/// A disk image of [`DISK_BYTES`] whose first [`DISK_CONTENT`] bytes are a fixed pseudo-random
-/// sequence (not vm0's or vm1's `--pci` images); returns its path and that part's MD5.
-fn domain1_disk() -> (String, String) {
-    let path = repo_root().join("build/disks/domain1.img");
-    let mut data = Vec::with_capacity(DISK_BYTES);
-    let mut x: u64 = 0x5eed_d0d1;
-    while data.len() < DISK_BYTES {
-        x = x
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    data.truncate(DISK_BYTES);
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(&path, &data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    (
-        path.to_str().unwrap().to_string(),
-        md5_hex(&data[..DISK_CONTENT]),
-    )
-}
-
 #[test]
 fn functions_on_two_host_bridges() -> Result<(), Error> {
     let host = repo_root().join("tests/configs/two-bridges.dtsi");
-    let (image, md5) = domain1_disk();
+    let (image, md5) = make_disk_image("domain1", 0x5eed_d0d1);
     let drive = format!("if=none,id=d1disk,file={image},format=raw");
     let off = "console=ttyAMA0 rdinit=/init hvtest=poweroff";
     let mut q = Qemu::spawn_with_limit(

@@ -8,22 +8,12 @@
 use std::time::Duration;
 
 use integration_tests::{
-    check_vm_disk, check_vm_guest_facts, check_vm_pings, stock_guest_dir, Error, Qemu,
-    STEP_TIMEOUT, VM0, VM1,
+    check_vm_disk, check_vm_guest_facts, check_vm_pings, pci_irqs_of, stock_guest_dir, vits_stats,
+    Error, Qemu, STEP_TIMEOUT, VM0, VM1,
 };
 
 /// Wall-clock limit of the run (two guest boots with their disk reads and pings).
 const RUN_LIMIT: Duration = Duration::from_secs(420);
-
-/// A `pci-irqs` entry: (mode, vectors, interrupts counted).
-fn irqs_of<'a>(line: &'a str, bdf: &str) -> (&'a str, u32, u64) {
-    let entry = line
-        .split(',')
-        .find(|e| e.starts_with(&format!("{bdf}:")))
-        .unwrap_or_else(|| panic!("no {bdf} in pci-irqs={line}"));
-    let f: Vec<&str> = entry.rsplitn(4, ':').collect();
-    (f[2], f[1].parse().unwrap(), f[0].parse().unwrap())
-}
 
 #[test]
 fn msix_directly_injected_with_gicv4() -> Result<(), Error> {
@@ -67,7 +57,7 @@ fn msix_directly_injected_with_gicv4() -> Result<(), Error> {
         let line = q.wait_vm_fact(a.vm, "pci-irqs", STEP_TIMEOUT)?;
         println!("{}: pci-irqs={line}", a.vm);
         for f in [a.disk.0, a.nic.0] {
-            let (mode, _, n) = irqs_of(&line, f);
+            let (mode, _, n) = pci_irqs_of(&line, f);
             assert_eq!(mode, "msix", "{}'s {f} uses MSI-X: {line}", a.vm);
             if f == a.disk.0 {
                 assert!(n > 0, "{}'s disk {f} raised MSIs: {line}", a.vm);
@@ -88,16 +78,12 @@ fn msix_directly_injected_with_gicv4() -> Result<(), Error> {
     assert!(status.success(), "QEMU exit {status:?} after two poweroffs");
     let log = q.log();
     for vm in ["vm0", "vm1"] {
-        let stats = log
-            .lines()
-            .find(|l| l.contains(&format!("[hv] vits: {vm} stats:")))
-            .unwrap_or_else(|| panic!("no vITS stats for {vm}"));
-        println!("{stats}");
-        assert!(stats.contains("delivery gicv4-direct,"), "{stats}");
+        let (path, c) = vits_stats(&log, vm);
+        assert_eq!(path, "gicv4-direct", "{vm}'s delivery path");
         // Not one of the VM's MSIs reached the hypervisor as a physical LPI.
-        assert!(stats.contains("lpis_at_el2=0 "), "{stats}");
-        assert!(stats.contains("command_errors=0"), "{stats}");
-        assert!(!stats.contains("events_mapped=0"), "{stats}");
+        assert_eq!(c["lpis_at_el2"], 0, "{vm}");
+        assert_eq!(c["command_errors"], 0, "{vm}");
+        assert!(c["events_mapped"] > 0, "{vm}: no event mapped");
     }
     assert!(
         !log.contains("that no device owns"),
@@ -144,7 +130,7 @@ fn a_reset_vm_gets_its_vpes_back() -> Result<(), Error> {
         check_vm_disk(&mut q, "vm0")?;
         let line = q.wait_vm_fact("vm0", "pci-irqs", STEP_TIMEOUT)?;
         println!("vm0 boot {boot}: pci-irqs={line}");
-        let (mode, _, n) = irqs_of(&line, VM0.disk.0);
+        let (mode, _, n) = pci_irqs_of(&line, VM0.disk.0);
         assert_eq!(mode, "msix", "{line}");
         assert!(n > 0, "vm0's disk raised MSIs on boot {boot}: {line}");
         if boot == 0 {
@@ -156,18 +142,11 @@ fn a_reset_vm_gets_its_vpes_back() -> Result<(), Error> {
     assert!(status.success(), "QEMU exit {status:?}");
     let log = q.log();
     // The last stats line is the stop's (the reset logs one too, after its unmapping).
-    let stats = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("[hv] vits: vm0 stats:"))
-        .expect("vm0's vITS stats at its stop");
-    println!("{stats}");
-    assert!(!stats.contains("events_mapped=0"), "{stats}");
-    assert!(
-        stats.contains("delivery gicv4-direct, lpis_at_el2=0 "),
-        "{stats}"
-    );
-    assert!(stats.contains("command_errors=0"), "{stats}");
+    let (path, c) = vits_stats(&log, "vm0");
+    assert_eq!(path, "gicv4-direct");
+    assert_eq!(c["lpis_at_el2"], 0);
+    assert_eq!(c["command_errors"], 0);
+    assert!(c["events_mapped"] > 0, "vm0: no event mapped at its stop");
     let failed: Vec<&str> = log
         .lines()
         .filter(|l| {

@@ -12,12 +12,11 @@
 //! a read of the page aborts), then points its NIC's MSI-X table elsewhere: the NIC's MSIs fault
 //! in vm1's own SMMU stage 1, and the other VMs' pings and interrupts go on.
 
-use std::fs;
 use std::time::Duration;
 
 use integration_tests::{
-    check_vm_disk, check_vm_guest_facts, check_vm_pings, md5_hex, repo_root, stock_guest_dir,
-    Error, Qemu, DISK_BYTES, DISK_CONTENT, STEP_TIMEOUT, VM0,
+    check_vm_disk, check_vm_guest_facts, check_vm_pings, make_disk_image, pci_irqs_of,
+    stock_guest_dir, vits_stats, Error, Qemu, DISK_BYTES, STEP_TIMEOUT, VM0,
 };
 
 /// Wall-clock limit of the run (three guest boots with their disk reads and pings).
@@ -29,40 +28,9 @@ const NVME: &str = "00:05.0";
 const NIC2: &str = "00:06.0";
 const VM2_IP: &str = "10.0.2.12";
 
-/// The NVMe namespace's image: [`DISK_BYTES`] whose first [`DISK_CONTENT`] bytes are a fixed
-/// pseudo-random sequence (not the `--pci` disks'); returns its path and that part's MD5.
-fn nvme_disk() -> (String, String) {
-    let path = repo_root().join("build/disks/nvme.img");
-    let mut data = Vec::with_capacity(DISK_BYTES);
-    let mut x: u64 = 0x0a5e_2b1d;
-    while data.len() < DISK_BYTES {
-        x = x
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    data.truncate(DISK_BYTES);
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(&path, &data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    (
-        path.to_str().unwrap().to_string(),
-        md5_hex(&data[..DISK_CONTENT]),
-    )
-}
-
-/// A `pci-irqs` entry: (BDF, mode, vectors, interrupts counted).
-fn irqs_of<'a>(line: &'a str, bdf: &str) -> (&'a str, u32, u64) {
-    let entry = line
-        .split(',')
-        .find(|e| e.starts_with(&format!("{bdf}:")))
-        .unwrap_or_else(|| panic!("no {bdf} in pci-irqs={line}"));
-    let f: Vec<&str> = entry.rsplitn(4, ':').collect();
-    (f[2], f[1].parse().unwrap(), f[0].parse().unwrap())
-}
-
 #[test]
 fn msix_through_each_vms_vits_with_more_functions_than_intx_lines() -> Result<(), Error> {
-    let (image, nvme_md5) = nvme_disk();
+    let (image, nvme_md5) = make_disk_image("nvme", 0x0a5e_2b1d);
     let drive = format!("if=none,id=nvm,file={image},format=raw");
     let vm0 = format!("{} hvtest=poweroff", VM0.net_bootargs(VM2_IP));
     let vm1 = "console=ttyAMA0 rdinit=/init iomem=relaxed hvforge=0x8090040 \
@@ -159,7 +127,7 @@ fn msix_through_each_vms_vits_with_more_functions_than_intx_lines() -> Result<()
         let line = q.wait_vm_fact(vm, "pci-irqs", STEP_TIMEOUT)?;
         println!("{vm}: pci-irqs={line}");
         for f in fns {
-            let (mode, vectors, n) = irqs_of(&line, f);
+            let (mode, vectors, n) = pci_irqs_of(&line, f);
             assert_eq!(mode, "msix", "{vm}'s {f} uses MSI-X: {line}");
             if f == "00:01.0" || f == "00:03.0" || f == NVME {
                 assert!(n > 0, "{vm}'s disk {f} raised MSIs: {line}");
@@ -222,15 +190,11 @@ fn msix_through_each_vms_vits_with_more_functions_than_intx_lines() -> Result<()
     // Each vITS delivered LPIs, dropped none, and no LPI reached the hypervisor unowned (a
     // forged one would have, had DeviceID 0 been mapped).
     for vm in ["vm0", "vm1", "vm2"] {
-        let stats = log
-            .lines()
-            .find(|l| l.contains(&format!("[hv] vits: {vm} stats:")))
-            .unwrap_or_else(|| panic!("no vITS stats for {vm}"));
-        println!("{stats}");
-        assert!(stats.contains("delivery list-registers"), "{stats}");
-        assert!(stats.contains("lpis_dropped=0"), "{stats}");
-        assert!(stats.contains("command_errors=0"), "{stats}");
-        assert!(!stats.contains("lpis_delivered=0 "), "{stats}");
+        let (path, c) = vits_stats(&log, vm);
+        assert_eq!(path, "list-registers", "{vm}'s delivery path");
+        assert_eq!(c["lpis_dropped"], 0, "{vm}");
+        assert_eq!(c["command_errors"], 0, "{vm}");
+        assert!(c["lpis_delivered"] > 0, "{vm}: no LPI delivered");
     }
     assert!(
         !log.contains("that no device owns"),

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use integration_tests::{
     check_guest_facts, check_vm_disk, check_vm_guest_facts, check_vm_pings, host_disk_md5,
-    stock_guest_dir, vm_text, Assigned, Line, Qemu, DISK_BYTES, DISK_CONTENT, STEP_TIMEOUT, VM0,
-    VM1,
+    pci_irqs_of, stock_guest_dir, vm_text, Assigned, Line, Qemu, DISK_BYTES, DISK_CONTENT,
+    STEP_TIMEOUT, VM0, VM1,
 };
 
 /// vCPUs the board script gives each generated VM (and `--smp` of the bare run).
@@ -134,17 +134,10 @@ fn two_guests_with_their_own_disks_and_nics() -> Result<(), integration_tests::E
         let irqs = q.wait_vm_fact(vm, "pci-irqs", STEP_TIMEOUT)?;
         let want = if vm == "vm0" { "msix" } else { "intx" };
         for (bdf, _) in [a.disk, a.nic] {
-            let entry = irqs
-                .split(',')
-                .find(|e| e.starts_with(&format!("{bdf}:")))
-                .unwrap_or_else(|| panic!("{vm}: no {bdf} in pci-irqs={irqs}"));
-            let f: Vec<&str> = entry.rsplitn(4, ':').collect();
-            assert_eq!(f[2], want, "{vm}'s {bdf} interrupts by {want}: {irqs}");
+            let (mode, _, n) = pci_irqs_of(&irqs, bdf);
+            assert_eq!(mode, want, "{vm}'s {bdf} interrupts by {want}: {irqs}");
             if bdf == a.disk.0 {
-                assert!(
-                    f[0].parse::<u64>().unwrap() > 0,
-                    "{vm}'s disk interrupted: {irqs}"
-                );
+                assert!(n > 0, "{vm}'s disk interrupted: {irqs}");
             }
         }
         check_vm_pings(&mut q, vm)?;

@@ -793,6 +793,19 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
         self.lpis.free(plpi - FIRST_LPI);
     }
 
+    /// Checks that (`device`, `event`) can be mapped: `device` is `owner`'s, `event` within its
+    /// ITT, and not mapped already.
+    fn free_event(&self, owner: usize, device: u32, event: u32) -> Result<(), ItsError> {
+        let dev = self.device(owner, device)?;
+        if event >= dev.events {
+            return Err(self.err(ItsErrorKind::EventOutOfRange { device, event }));
+        }
+        if self.events.contains_key(&(device, event)) {
+            return Err(self.err(ItsErrorKind::EventMapped { device, event }));
+        }
+        Ok(())
+    }
+
     /// Maps (`device`, `event`) to a free physical LPI, enabled, routed to CPU `cpu`: MAPTI,
     /// INV (the property byte was just written), SYNC. Returns the LPI.
     pub fn map_event(
@@ -802,13 +815,7 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
         event: u32,
         cpu: usize,
     ) -> Result<u32, ItsError> {
-        let dev = self.device(owner, device)?;
-        if event >= dev.events {
-            return Err(self.err(ItsErrorKind::EventOutOfRange { device, event }));
-        }
-        if self.events.contains_key(&(device, event)) {
-            return Err(self.err(ItsErrorKind::EventMapped { device, event }));
-        }
+        self.free_event(owner, device, event)?;
         let rdbase = self.rdbase(cpu)?;
         let plpi = FIRST_LPI
             + self
@@ -1146,13 +1153,7 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
         vpe: usize,
         vintid: u32,
     ) -> Result<u32, ItsError> {
-        let dev = self.device(owner, device)?;
-        if event >= dev.events {
-            return Err(self.err(ItsErrorKind::EventOutOfRange { device, event }));
-        }
-        if self.events.contains_key(&(device, event)) {
-            return Err(self.err(ItsErrorKind::EventMapped { device, event }));
-        }
+        self.free_event(owner, device, event)?;
         if !(FIRST_LPI..1 << VLPI_BITS).contains(&vintid) {
             return Err(self.err(ItsErrorKind::UnknownLpi(vintid)));
         }
