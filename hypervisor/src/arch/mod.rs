@@ -637,19 +637,23 @@ fn vm_its_facts(
 ) -> Option<crate::vm::its::ItsFacts> {
     let driver = its.its.as_ref()?;
     let phandle = its.unit.as_ref().and_then(|u| u.1);
-    let mut ids: Vec<u32> = devices
-        .segments
-        .iter()
-        .filter_map(|sd| Some((iommu.segments.get(sd.segment)?, sd)))
-        .flat_map(|(seg, sd)| {
-            sd.devices
-                .functions
-                .iter()
-                .filter_map(|f| seg.bridge.device_id(f.bdf.rid()))
-        })
-        .filter(|&(ph, _)| Some(ph) == phandle)
-        .map(|(_, id)| id)
-        .collect();
+    let mut ids: Vec<u32> = Vec::new();
+    let mut no_msi = Vec::new();
+    for sd in &devices.segments {
+        let Some(seg) = iommu.segments.get(sd.segment) else {
+            continue;
+        };
+        for f in &sd.devices.functions {
+            match seg.bridge.device_id(f.bdf.rid()) {
+                Some((ph, id))
+                    if Some(ph) == phandle && id != crate::vm::its::CPU_STORE_DEVICE_ID =>
+                {
+                    ids.push(id)
+                }
+                _ => no_msi.push((sd.segment, f.bdf)),
+            }
+        }
+    }
     ids.sort_unstable();
     ids.dedup();
     Some(crate::vm::its::ItsFacts {
@@ -657,6 +661,7 @@ fn vm_its_facts(
         base: driver.lock().base(),
         phandle,
         devices: ids,
+        no_msi,
     })
 }
 

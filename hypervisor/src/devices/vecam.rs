@@ -431,6 +431,9 @@ struct VFunction {
     /// Assigned MSI-only ([`VirtualEcam::with_msi_only`]): Command.INTxDisable held set,
     /// Interrupt Pin read as 0.
     msi_only: bool,
+    /// MSI and MSI-X hidden for it even with [`VirtualEcam::with_msi`]: the VM's ITS cannot
+    /// serve its DeviceID ([`VirtualEcam::without_msi_for`]).
+    no_msi: bool,
 }
 
 /// A bridge on the path to one of the VM's functions, shown read-only (see the module doc).
@@ -651,6 +654,7 @@ impl VirtualEcam {
                     power_state: 0,
                     decode: None,
                     msi_only: false,
+                    no_msi: false,
                     dev,
                 };
                 // The guest starts with the BARs where the hypervisor placed them.
@@ -689,6 +693,22 @@ impl VirtualEcam {
     pub fn with_msi(mut self, msi: bool) -> Self {
         self.msi = msi;
         for f in &mut self.functions {
+            f.chain = None;
+        }
+        self
+    }
+
+    /// Keeps MSI and MSI-X hidden for `bdfs` (those of the VM's functions among them) although
+    /// the VM has a virtual ITS: functions whose MSIs that ITS cannot take (no DeviceID for it
+    /// in their bridge's `msi-map`, or the DeviceID a CPU store carries, which the hypervisor
+    /// never maps). They keep INTx, as without a vITS.
+    pub fn without_msi_for(mut self, bdfs: &[Bdf]) -> Self {
+        for f in self
+            .functions
+            .iter_mut()
+            .filter(|f| bdfs.contains(&f.dev.bdf))
+        {
+            f.no_msi = true;
             f.chain = None;
         }
         self
@@ -972,8 +992,8 @@ impl VirtualEcam {
     }
 
     fn chain(&mut self, cfg: &dyn ConfigSpace, i: usize) -> &CapChain {
-        let msi = self.msi;
         let f = &mut self.functions[i];
+        let msi = self.msi && !f.no_msi;
         f.chain
             .get_or_insert_with(|| CapChain::read(cfg, f.dev.bdf, msi))
     }

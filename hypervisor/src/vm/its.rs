@@ -48,9 +48,13 @@ pub struct ItsFacts {
     pub base: u64,
     /// Its DT phandle, which host bridges' `msi-map` entries name.
     pub phandle: Option<u32>,
-    /// The DeviceIDs of the VM's functions on it (their host bridge's `msi-map`), without
-    /// [`CPU_STORE_DEVICE_ID`].
+    /// The DeviceIDs of the VM's functions on it (their host bridge's `msi-map`);
+    /// [`CPU_STORE_DEVICE_ID`] is dropped by [`VmIts::new`].
     pub devices: Vec<u32>,
+    /// The VM's functions whose MSIs it cannot take, as (segment index, function): no DeviceID for
+    /// it in their bridge's `msi-map`, or [`CPU_STORE_DEVICE_ID`]. Their MSI and MSI-X stay
+    /// hidden, so they keep INTx.
+    pub no_msi: Vec<(usize, crate::pci::Bdf)>,
 }
 
 /// A VM's virtual ITS.
@@ -198,6 +202,7 @@ mod tests {
             base: 0x0808_0000,
             phandle: Some(0x8003),
             devices: devices.to_vec(),
+            no_msi: Vec::new(),
         }
     }
 

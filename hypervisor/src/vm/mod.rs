@@ -128,6 +128,9 @@ pub struct VmPci {
     pub msi_map: Vec<crate::pci::MsiMapEntry>,
     /// The host bridge's `msi-map-mask`, with them.
     pub msi_map_mask: Option<u32>,
+    /// `None` without a vITS (MSI and MSI-X hidden); with one, its functions whose MSIs the
+    /// ITS cannot take (`its::ItsFacts::no_msi`), which keep them hidden.
+    no_msi: Option<Vec<crate::pci::Bdf>>,
     /// Where each of its memory BARs is mapped in the VM's stage 2 now.
     bar_maps: Mutex<BarMaps>,
 }
@@ -224,13 +227,18 @@ struct GuestDtInputs {
 }
 
 /// The virtual ECAM of a VM's functions on one host bridge whose first bus is `first_bus`, at
-/// its reset values: MSI and MSI-X shown when the VM has a vITS, INTxDisable held for the
-/// functions assigned MSI-only (the hypervisor sets it in hardware when it quiesces the VM's
-/// functions, before every boot).
-fn vecam_of(d: &crate::pci::VmDevices, first_bus: u8, msi: bool) -> VirtualEcam {
+/// its reset values: MSI and MSI-X shown when the VM has a vITS (`no_msi` is `Some`) except for
+/// the functions `no_msi` lists, INTxDisable held for the functions assigned MSI-only (the
+/// hypervisor sets it in hardware when it quiesces the VM's functions, before every boot).
+fn vecam_of(
+    d: &crate::pci::VmDevices,
+    first_bus: u8,
+    no_msi: &Option<Vec<crate::pci::Bdf>>,
+) -> VirtualEcam {
     VirtualEcam::new(d.functions.clone(), d.bridges.clone())
         .with_first_bus(first_bus)
-        .with_msi(msi)
+        .with_msi(no_msi.is_some())
+        .without_msi_for(no_msi.as_deref().unwrap_or_default())
         .holding_intx_disable(&d.msi_only)
 }
 
@@ -318,6 +326,26 @@ impl Vm {
                 ),
             }
         }
+        // The functions on (physical) segment `segment` that take no MSIs: all without a vITS.
+        let no_msi_on = |segment: usize| -> Option<Vec<crate::pci::Bdf>> {
+            machine.its.filter(|_| its.is_some()).map(|f| {
+                f.no_msi
+                    .iter()
+                    .filter(|&&(seg, _)| seg == segment)
+                    .map(|&(_, bdf)| bdf)
+                    .collect()
+            })
+        };
+        for seg in &config.devices.segments {
+            let none = no_msi_on(seg.segment).unwrap_or_default();
+            for f in seg.devices.msi_only.iter().filter(|f| none.contains(f)) {
+                log::warn!(
+                    "{}: {} is assigned MSI-only, but the ITS cannot take its MSIs: it has no interrupt",
+                    config.name,
+                    crate::pci::PciAddr::new(seg.domain, *f)
+                );
+            }
+        }
         let pci: Vec<VmPci> = config
             .devices
             .segments
@@ -335,7 +363,11 @@ impl Vm {
                     windows: host.windows.clone(),
                     // Offset 0 of the window is the bridge's first bus (0x80 for a second
                     // segment that starts there).
-                    vecam: Mutex::new(vecam_of(&seg.devices, host.bus_start, its.is_some())),
+                    vecam: Mutex::new(vecam_of(
+                        &seg.devices,
+                        host.bus_start,
+                        &no_msi_on(seg.segment),
+                    )),
                     iommu_map: host
                         .iommu_map
                         .iter()
@@ -353,6 +385,7 @@ impl Vm {
                         .copied()
                         .collect(),
                     msi_map_mask: host.msi_map_mask.filter(|_| its.is_some()),
+                    no_msi: no_msi_on(seg.segment),
                     bar_maps: Mutex::new(BarMaps::new(&seg.devices.slots)),
                 })
             })
@@ -513,7 +546,7 @@ impl Vm {
         self.console_backlog.lock().clear();
         for p in &self.pci {
             let d = &self.config.devices.segments[p.at].devices;
-            *p.vecam.lock() = vecam_of(d, p.bus_range.0, self.its.is_some());
+            *p.vecam.lock() = vecam_of(d, p.bus_range.0, &p.no_msi);
         }
         self.reset_bar_maps(hw);
         if boots > 0 {

@@ -797,6 +797,7 @@ fn vm_with_its(intx_only: bool) -> Vm {
         base: 0x0808_0000,
         phandle: None,
         devices: alloc::vec![0x10],
+        no_msi: Vec::new(),
     };
     let c = VmConfig {
         intx_only,
@@ -842,6 +843,7 @@ fn intx_only_vm_gets_no_vits_and_no_doorbell() {
         base: 0x0808_0000,
         phandle: None,
         devices: alloc::vec![0x10],
+        no_msi: Vec::new(),
     };
     let vm = Vm::new(
         0,
@@ -886,4 +888,61 @@ fn a_vits_vm_boots_with_an_its_node_and_lpis_in_its_vgic() {
         .lock()
         .dist_read(0x4, crate::mmio::AccessWidth::Word);
     assert_eq!(typer & (1 << 17), 0);
+}
+
+#[test]
+fn a_function_the_vits_cannot_serve_keeps_msi_hidden_its_neighbour_does_not() {
+    let p = platform();
+    let host0 = crate::pci::HostBridge::from_dtb(QEMU_DTB).unwrap().unwrap();
+    let mut host1 = host0.clone();
+    host1.ecam.base += 0x1000_0000;
+    for w in &mut host1.windows {
+        w.cpu_base += w.size;
+    }
+    let mut cfg = FakeConfigSpace::qemu_flat();
+    let topo = crate::pci::enumerate::enumerate(&mut cfg, 0, 0).unwrap();
+    let f = Bdf::new(0, 2, 0);
+    let on = |segment: usize, domain: u16| SegmentDevices {
+        segment,
+        domain,
+        devices: VmDevices {
+            functions: alloc::vec![topo.device(f).unwrap().clone()],
+            ..VmDevices::default()
+        },
+    };
+    let mut c = config(VmDevices::default());
+    c.devices = VmPciDevices {
+        segments: alloc::vec![on(0, 0), on(1, 1)],
+        smmus: Vec::new(),
+    };
+    // Segment 1's 00:02.0 has no DeviceID the ITS could take.
+    let facts = super::its::ItsFacts {
+        index: 0,
+        base: 0x0808_0000,
+        phandle: None,
+        devices: alloc::vec![0x10],
+        no_msi: alloc::vec![(1, f)],
+    };
+    let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
+    let m = VmMachine {
+        host_bridges: &[&host0, &host1],
+        its: Some(&facts),
+        ..VmMachine::default()
+    };
+    let vm = Vm::new(0, c, &p, ram, PhysAddr(0x8000_0000), &m).unwrap();
+    assert!(vm.its.is_some());
+    // The capability after the PCIe one (0x40): MSI-X at 0x50 where shown, none where hidden.
+    let next_after_pcie = |bridge: usize| {
+        let off = (2u64 << 15) | 0x41;
+        vm.pci[bridge]
+            .vecam
+            .lock()
+            .read(&cfg, off, crate::mmio::AccessWidth::Byte)
+    };
+    assert_eq!(next_after_pcie(0), 0x50, "segment 0's function shows MSI-X");
+    assert_eq!(
+        next_after_pcie(1),
+        0,
+        "segment 1's function keeps MSI-X hidden"
+    );
 }

@@ -905,6 +905,26 @@ fn msi_and_msix_are_shown_only_with_msi() {
 }
 
 #[test]
+fn a_function_the_vits_cannot_serve_keeps_msi_hidden() {
+    let (mut f, v, ep) = msi_function(true);
+    let mut v = v.without_msi_for(&[ep]);
+    assert_eq!(cap_ids(&mut v, &f, ep), [cap_id::PCIE]);
+    assert_eq!(v.read(&f, off(ep, 0x40), W), 0);
+    let mut rec = Recorder::default();
+    v.write(&mut rec.with(&mut f), off(ep, 0x42), H, 0x8000);
+    assert!(rec.writes.is_empty(), "MSI-X Enable never reaches it");
+    // Its pin stays visible: it keeps INTx.
+    assert_ne!(v.read(&f, off(ep, 0x3d), B), 0);
+    // Another function is not affected: the list names only this one.
+    let (f, v, ep) = msi_function(true);
+    let mut v = v.without_msi_for(&[Bdf::new(0, 9, 0)]);
+    assert_eq!(
+        cap_ids(&mut v, &f, ep),
+        [cap_id::MSIX, cap_id::MSI, cap_id::PCIE]
+    );
+}
+
+#[test]
 fn msix_control_writes_reach_hardware_with_read_only_bits_kept() {
     let (mut f, mut v, ep) = msi_function(true);
     let hdr = f.read32(ep, 0x40);
