@@ -561,8 +561,13 @@ impl Vm {
         Ok((place.entry, place.dtb))
     }
 
-    /// Logs the counters of each of the VM's vSMMUs.
+    /// Logs the counters of the VM's vITS and of each of its vSMMUs.
     pub fn log_vsmmu_stats(&self) {
+        // The vITS's line first: a reader that waits for a VM's vSMMU lines has seen it by then
+        // (the benchmark reads both around each workload; an INTx-only VM has none).
+        if let Some(i) = &self.its {
+            log::info!("{}", i.stats_line(&self.config.name));
+        }
         for s in &self.vsmmus {
             // A VM with several vSMMUs names each by its address.
             let name = if self.vsmmus.len() > 1 {
@@ -573,9 +578,6 @@ impl Vm {
             for line in s.stats_lines(&name) {
                 log::info!("{line}");
             }
-        }
-        if let Some(i) = &self.its {
-            log::info!("{}", i.stats_line(&self.config.name));
         }
     }
 

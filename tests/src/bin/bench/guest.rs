@@ -89,14 +89,21 @@ pub(crate) fn type_command(q: &mut Qemu, one_guest: bool, cmd: &str) -> R<()> {
 pub(crate) fn vsmmu_counters(q: &mut Qemu, vms: &[&str]) -> R<BTreeMap<String, Delta>> {
     console_command(q, 's').map_err(qe)?;
     let found = RefCell::new(BTreeMap::new());
+    let vits: RefCell<BTreeMap<String, Delta>> = RefCell::new(BTreeMap::new());
     q.wait_until(
         &format!("the hypervisor's vSMMU stats lines of {vms:?}"),
         STEP_TIMEOUT,
         |l| {
             if let Some(t) = hv_text(l) {
                 for vm in vms {
+                    if t.starts_with(&format!("vits: {vm} stats: ")) {
+                        vits.borrow_mut().insert(vm.to_string(), parse_vits(t));
+                    }
                     if t.starts_with(&format!("vsmmu: {vm} stats: ")) {
-                        found.borrow_mut().insert(vm.to_string(), parse_stats(l));
+                        let mut d = parse_stats(l);
+                        // The vITS line comes first (an INTx-only VM has none).
+                        d.extend(vits.borrow_mut().remove(*vm).unwrap_or_default());
+                        found.borrow_mut().insert(vm.to_string(), d);
                     }
                 }
             }
@@ -105,6 +112,16 @@ pub(crate) fn vsmmu_counters(q: &mut Qemu, vms: &[&str]) -> R<BTreeMap<String, D
     )
     .map_err(qe)?;
     Ok(found.into_inner())
+}
+
+/// The numeric counters of a `vits: VM stats: delivery PATH, k=v ...` line, as `vits_k`.
+fn parse_vits(text: &str) -> Delta {
+    text.split_whitespace()
+        .filter_map(|f| {
+            let (k, v) = f.split_once('=')?;
+            Some((format!("vits_{k}"), v.parse().ok()?))
+        })
+        .collect()
 }
 
 pub(crate) fn delta(before: &Delta, after: &Delta) -> Delta {

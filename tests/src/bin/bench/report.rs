@@ -258,11 +258,11 @@ pub(crate) fn counts_table(res: &Results, o: &Opts) -> String {
     }
     let _ = writeln!(
         s,
-        "| workload | op | ops measured (vSMMU) | traps/op | CMDQ_PROD writes/op | CMDQ_CONS reads/op | other register traps/op | guest commands/op | guest CMD_SYNCs/op | physical commands per guest command | physical CMD_SYNCs per guest CMD_SYNC | traps/op, stage-2 only |"
+        "| workload | op | ops measured (vSMMU) | traps/op | CMDQ_PROD writes/op | CMDQ_CONS reads/op | other register traps/op | guest commands/op | guest CMD_SYNCs/op | physical commands per guest command | physical CMD_SYNCs per guest CMD_SYNC | MSIs (LPIs at EL2)/op | traps/op, stage-2 only |"
     );
     let _ = writeln!(
         s,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for (key, label, op) in rows {
         let Some(cols) = res.counts.get(&key) else {
@@ -311,7 +311,7 @@ pub(crate) fn counts_table(res: &Results, o: &Opts) -> String {
         };
         let _ = writeln!(
             s,
-            "| {label} | {op} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {op} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             cell(&ops),
             per(&|d| get(d, "traps")),
             per(&|d| get(d, "cmdq_prod")),
@@ -324,6 +324,8 @@ pub(crate) fn counts_table(res: &Results, o: &Opts) -> String {
                 "commands"
             ),
             ratio(&|d| get(d, "phys_syncs"), "syncs"),
+            // Each one an exit: the physical LPI taken at EL2 and injected (list registers).
+            per(&|d| get(d, "vits_lpis_at_el2")),
             s2_traps,
         );
     }
