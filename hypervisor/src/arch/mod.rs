@@ -628,8 +628,8 @@ fn build_vms(
     Ok(vms)
 }
 
-/// The driven ITS as a VM with `devices` would see it: the DeviceIDs its functions' MSIs carry
-/// there (their host bridges' `msi-map`s). `None` without a driven ITS.
+/// The driven ITS as a VM with `devices` would see it: the DeviceID each of its functions' MSIs
+/// carry there (their host bridges' `msi-map`s), if any. `None` without a driven ITS.
 fn vm_its_facts(
     its: &its::Its,
     iommu: &iommu::Iommu,
@@ -637,31 +637,25 @@ fn vm_its_facts(
 ) -> Option<crate::vm::its::ItsFacts> {
     let driver = its.its.as_ref()?;
     let phandle = its.unit.as_ref().and_then(|u| u.1);
-    let mut ids: Vec<u32> = Vec::new();
-    let mut no_msi = Vec::new();
-    for sd in &devices.segments {
-        let Some(seg) = iommu.segments.get(sd.segment) else {
-            continue;
-        };
-        for f in &sd.devices.functions {
-            match seg.bridge.device_id(f.bdf.rid()) {
-                Some((ph, id))
-                    if Some(ph) == phandle && id != crate::vm::its::CPU_STORE_DEVICE_ID =>
-                {
-                    ids.push(id)
-                }
-                _ => no_msi.push((sd.segment, f.bdf)),
-            }
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
+    let functions = devices
+        .segments
+        .iter()
+        .filter_map(|sd| Some((sd, &iommu.segments.get(sd.segment)?.bridge)))
+        .flat_map(|(sd, bridge)| {
+            sd.devices.functions.iter().map(move |f| {
+                let id = bridge
+                    .device_id(f.bdf.rid())
+                    .filter(|&(ph, _)| Some(ph) == phandle)
+                    .map(|(_, id)| id);
+                (sd.segment, f.bdf, id)
+            })
+        })
+        .collect();
     Some(crate::vm::its::ItsFacts {
         index: 0,
         base: driver.lock().base(),
         phandle,
-        devices: ids,
-        no_msi,
+        functions,
     })
 }
 

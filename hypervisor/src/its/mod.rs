@@ -786,6 +786,12 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
         self.mem.clean(at, 1);
     }
 
+    /// Records the mapping of (`m.device`, `m.event`) to `plpi` (what [`Its::release`] undoes).
+    fn record(&mut self, plpi: u32, m: Mapping) {
+        self.events.insert((m.device, m.event), plpi);
+        self.mappings.insert(plpi, m);
+    }
+
     fn release(&mut self, device: u32, event: u32, plpi: u32) {
         self.set_prop(plpi, false);
         self.events.remove(&(device, event));
@@ -838,8 +844,7 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
             self.lpis.free(plpi - FIRST_LPI);
             return Err(e);
         }
-        self.events.insert((device, event), plpi);
-        self.mappings.insert(
+        self.record(
             plpi,
             Mapping {
                 owner,
@@ -1183,8 +1188,7 @@ impl<R: ItsRegs, M: ItsMemory> Its<R, M> {
             self.lpis.free(handle - FIRST_LPI);
             return Err(e);
         }
-        self.events.insert((device, event), handle);
-        self.mappings.insert(
+        self.record(
             handle,
             Mapping {
                 owner,

@@ -20,7 +20,7 @@
 //! wires it). On QEMU it is 0: TCG CPU stores carry no requester ID (see
 //! `../shared/notes/its-facts.md` 3). The hypervisor never maps [`CPU_STORE_DEVICE_ID`] in
 //! the physical ITS (a VM whose function has that DeviceID gets no vITS for it: see
-//! [`ItsFacts::devices`]), so such a store is dropped by the ITS as an unmapped DeviceID and
+//! [`ItsFacts::devices`], [`ItsFacts::no_msi_on`]), so such a store is dropped by the ITS as an unmapped DeviceID and
 //! raises nothing. On hardware whose CPU stores carry another DeviceID, or one a guest could
 //! choose, the board file must name it; the ITS control frame, any MSI-64 page and the ITS's
 //! tables are never mapped into any stage 2.
@@ -48,13 +48,39 @@ pub struct ItsFacts {
     pub base: u64,
     /// Its DT phandle, which host bridges' `msi-map` entries name.
     pub phandle: Option<u32>,
-    /// The DeviceIDs of the VM's functions on it (their host bridge's `msi-map`);
-    /// [`CPU_STORE_DEVICE_ID`] is dropped by [`VmIts::new`].
-    pub devices: Vec<u32>,
-    /// The VM's functions whose MSIs it cannot take, as (segment index, function): no DeviceID for
-    /// it in their bridge's `msi-map`, or [`CPU_STORE_DEVICE_ID`]. Their MSI and MSI-X stay
-    /// hidden, so they keep INTx.
-    pub no_msi: Vec<(usize, crate::pci::Bdf)>,
+    /// Each of the VM's functions as (segment index, function, its DeviceID on this ITS): `None`
+    /// where its host bridge's `msi-map` gives it none here.
+    pub functions: Vec<(usize, crate::pci::Bdf, Option<u32>)>,
+}
+
+impl ItsFacts {
+    /// Whether the ITS can take the MSIs of a function with DeviceID `id`: it has one, and not
+    /// [`CPU_STORE_DEVICE_ID`], which the hypervisor never maps.
+    fn takes_msi(id: Option<u32>) -> bool {
+        id.is_some_and(|d| d != CPU_STORE_DEVICE_ID)
+    }
+
+    /// The DeviceIDs the VM may name in its vITS, sorted, each once.
+    pub fn devices(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .functions
+            .iter()
+            .filter_map(|&(_, _, id)| id.filter(|_| Self::takes_msi(id)))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// The VM's functions on segment `segment` whose MSIs the ITS cannot take: their MSI and
+    /// MSI-X stay hidden, so they keep INTx.
+    pub fn no_msi_on(&self, segment: usize) -> Vec<crate::pci::Bdf> {
+        self.functions
+            .iter()
+            .filter(|&&(seg, _, id)| seg == segment && !Self::takes_msi(id))
+            .map(|&(_, bdf, _)| bdf)
+            .collect()
+    }
 }
 
 /// A VM's virtual ITS.
@@ -87,12 +113,7 @@ impl VmIts {
     /// A vITS for `vcpus` vCPUs over `facts`' physical ITS, or `None` when the VM has no
     /// DeviceID there it could name.
     pub fn new(facts: &ItsFacts, vcpus: usize) -> Option<Self> {
-        let devices: Vec<u32> = facts
-            .devices
-            .iter()
-            .copied()
-            .filter(|&d| d != CPU_STORE_DEVICE_ID)
-            .collect();
+        let devices = facts.devices();
         if devices.is_empty() {
             return None;
         }
@@ -196,13 +217,17 @@ impl VmIts {
 mod tests {
     use super::*;
 
+    /// Facts of functions 00:01.0, 00:02.0, ... on segment 0 with DeviceIDs `devices`.
     fn facts(devices: &[u32]) -> ItsFacts {
         ItsFacts {
             index: 0,
             base: 0x0808_0000,
             phandle: Some(0x8003),
-            devices: devices.to_vec(),
-            no_msi: Vec::new(),
+            functions: devices
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| (0, crate::pci::Bdf::new(0, i as u8 + 1, 0), Some(d)))
+                .collect(),
         }
     }
 
@@ -256,5 +281,19 @@ mod tests {
         assert_eq!(its.devices(), &[0x10]);
         assert!(VmIts::new(&facts(&[CPU_STORE_DEVICE_ID]), 1).is_none());
         assert!(VmIts::new(&facts(&[]), 1).is_none());
+    }
+
+    #[test]
+    fn functions_the_its_cannot_take_msis_from_keep_them_hidden() {
+        use crate::pci::Bdf;
+        let mut f = facts(&[0x18, CPU_STORE_DEVICE_ID, 0x10, 0x18]);
+        f.functions.push((1, Bdf::new(0x81, 0, 0), None));
+        f.functions.push((1, Bdf::new(0x82, 0, 0), Some(0x8200)));
+        // Sorted, each once, without DeviceID 0.
+        assert_eq!(f.devices(), [0x10, 0x18, 0x8200]);
+        // By segment: DeviceID 0 and no DeviceID at all.
+        assert_eq!(f.no_msi_on(0), [Bdf::new(0, 2, 0)]);
+        assert_eq!(f.no_msi_on(1), [Bdf::new(0x81, 0, 0)]);
+        assert!(f.no_msi_on(2).is_empty());
     }
 }

@@ -327,14 +327,11 @@ impl Vm {
             }
         }
         // The functions on (physical) segment `segment` that take no MSIs: all without a vITS.
-        let no_msi_on = |segment: usize| -> Option<Vec<crate::pci::Bdf>> {
-            machine.its.filter(|_| its.is_some()).map(|f| {
-                f.no_msi
-                    .iter()
-                    .filter(|&&(seg, _)| seg == segment)
-                    .map(|&(_, bdf)| bdf)
-                    .collect()
-            })
+        let no_msi_on = |segment: usize| {
+            machine
+                .its
+                .filter(|_| its.is_some())
+                .map(|f| f.no_msi_on(segment))
         };
         for seg in &config.devices.segments {
             let none = no_msi_on(seg.segment).unwrap_or_default();

@@ -782,6 +782,16 @@ fn functions_on_two_host_bridges_get_a_virtual_bridge_each() {
     assert_eq!((line(0), line(1)), (Some(37), Some(38)));
 }
 
+/// QEMU's ITS as a VM with `functions` (segment index, function, DeviceID) sees it.
+fn its_facts(functions: &[(usize, Bdf, Option<u32>)]) -> super::its::ItsFacts {
+    super::its::ItsFacts {
+        index: 0,
+        base: 0x0808_0000,
+        phandle: None,
+        functions: functions.to_vec(),
+    }
+}
+
 fn vm_with_its(intx_only: bool) -> Vm {
     let mut cfg = FakeConfigSpace::qemu_flat();
     let topo = crate::pci::enumerate::enumerate(&mut cfg, 0, 0).unwrap();
@@ -792,13 +802,7 @@ fn vm_with_its(intx_only: bool) -> Vm {
     };
     let p = platform();
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
-    let facts = super::its::ItsFacts {
-        index: 0,
-        base: 0x0808_0000,
-        phandle: None,
-        devices: alloc::vec![0x10],
-        no_msi: Vec::new(),
-    };
+    let facts = its_facts(&[(0, Bdf::new(0, 2, 0), Some(0x10))]);
     let c = VmConfig {
         intx_only,
         ..config(devices)
@@ -838,13 +842,7 @@ fn intx_only_vm_gets_no_vits_and_no_doorbell() {
     // Nor does a VM without functions, whatever the machine has.
     let p = platform();
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
-    let facts = super::its::ItsFacts {
-        index: 0,
-        base: 0x0808_0000,
-        phandle: None,
-        devices: alloc::vec![0x10],
-        no_msi: Vec::new(),
-    };
+    let facts = its_facts(&[(0, Bdf::new(0, 2, 0), Some(0x10))]);
     let vm = Vm::new(
         0,
         config(VmDevices::default()),
@@ -915,14 +913,8 @@ fn a_function_the_vits_cannot_serve_keeps_msi_hidden_its_neighbour_does_not() {
         segments: alloc::vec![on(0, 0), on(1, 1)],
         smmus: Vec::new(),
     };
-    // Segment 1's 00:02.0 has no DeviceID the ITS could take.
-    let facts = super::its::ItsFacts {
-        index: 0,
-        base: 0x0808_0000,
-        phandle: None,
-        devices: alloc::vec![0x10],
-        no_msi: alloc::vec![(1, f)],
-    };
+    // Segment 1's 00:02.0 has no DeviceID for the ITS.
+    let facts = its_facts(&[(0, f, Some(0x10)), (1, f, None)]);
     let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
     let m = VmMachine {
         host_bridges: &[&host0, &host1],

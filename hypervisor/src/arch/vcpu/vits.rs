@@ -87,6 +87,17 @@ impl Port<'_> {
         self.vm.vcpus.get(vcpu).map_or(this_cpu(), |v| v.pcpu)
     }
 
+    /// The guest's configuration byte of `vintid` re-read into the vGIC from its property
+    /// table (GICR_PROPBASER of a vCPU that enabled LPIs, the last such vCPU's where they
+    /// differ; Linux gives them all one table), and returned.
+    fn refresh_guest_config(&self, vintid: u32) -> u8 {
+        let mut vgic = self.vm.vgic.lock();
+        for vcpu in 0..self.vm.vcpus.len() {
+            vgic.lpi_config_refresh(self.vm.ram(), vcpu, vintid);
+        }
+        vgic.lpi_config(vintid)
+    }
+
     /// GICv4.0 direct injection: events are mapped to the vCPUs' vPEs (chosen at creation).
     fn direct(&self) -> bool {
         self.vm.its.as_ref().is_some_and(|i| i.is_direct())
@@ -95,13 +106,7 @@ impl Port<'_> {
     /// The guest's configuration byte of `vintid` (from its property table, re-read now)
     /// copied into the VM's vLPI property table, and the redistributor told (INV).
     fn copy_vlpi_config(&self, ev: PhysEvent, vintid: u32) {
-        let config = {
-            let mut vgic = self.vm.vgic.lock();
-            for vcpu in 0..self.vm.vcpus.len() {
-                vgic.lpi_config_refresh(self.vm.ram(), vcpu, vintid);
-            }
-            vgic.lpi_config(vintid)
-        };
+        let config = self.refresh_guest_config(vintid);
         let id = self.vm.id;
         let _ = self.with("INV", |i| {
             i.set_vlpi_config(id, ev.device, ev.event, vintid, config)
@@ -168,13 +173,10 @@ impl PhysicalIts for Port<'_> {
             return;
         }
         // The LPI's enable and priority live in the vGIC, read from the guest's property
-        // table (GICR_PROPBASER of a vCPU that enabled LPIs; Linux gives them all one table).
-        // The physical LPI stays enabled: one that fires while the guest has it disabled stays
-        // pending in the vGIC, as a disabled LPI stays pending in a redistributor.
-        let mut vgic = self.vm.vgic.lock();
-        for vcpu in 0..self.vm.vcpus.len() {
-            vgic.lpi_config_refresh(self.vm.ram(), vcpu, vintid);
-        }
+        // table. The physical LPI stays enabled: one that fires while the guest has it
+        // disabled stays pending in the vGIC, as a disabled LPI stays pending in a
+        // redistributor.
+        self.refresh_guest_config(vintid);
     }
 
     fn raise(&mut self, ev: PhysEvent) {
