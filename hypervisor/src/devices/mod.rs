@@ -1,12 +1,15 @@
 //! The virtual devices a VM's guest sees, each a state machine behind `read(offset)` /
 //! `write(offset, value)` (rust-vmm vm-superio's shape): the vGICv3, the vPL011 and its console
-//! input backlog, the virtual ECAM, the virtual ITS model (not wired yet, issue 15) and the glue to the emulated SMMUv3 (`smmu::vsmmu`). A device
-//! is given what it needs — guest RAM, an [`IrqPort`] to raise its interrupt lines — never the
+//! input backlog, the virtual ECAM, the virtual ITS model (not wired yet, issue 15), the glue to
+//! the emulated SMMUv3 (`smmu::vsmmu`) and a generic virtio-mmio transport with its split
+//! virtqueues ([`virtio`], for devices the hypervisor emulates; not wired yet). A device is
+//! given what it needs — guest RAM, an [`IrqPort`] to raise its interrupt lines — never the
 //! whole VM, so it builds and is tested on the host and knows nothing of vCPUs or CPUs.
 
 pub mod console;
 pub mod vecam;
 pub mod vgic;
+pub mod virtio;
 pub mod vits;
 pub mod vpl011;
 pub mod vsmmu;
