@@ -163,7 +163,7 @@ impl VirtioMmio {
     }
 
     /// Queue `q` if it is live (ready) and the driver is DRIVER_OK: the device must not use a
-    /// queue before that (spec 3.1.1).
+    /// queue before that (spec 2.1.2).
     pub fn queue_mut(&mut self, q: u16) -> Option<&mut SplitQueue> {
         if !self.status.contains(Status::DRIVER_OK) {
             return None;
@@ -293,8 +293,8 @@ impl VirtioMmio {
         match off {
             regs::DEVICE_FEATURES_SEL => self.device_features_sel = value,
             regs::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            // Features are fixed once accepted (spec 3.1.1 orders the steps; 2.2.2: the
-            // driver MUST NOT change them afterwards).
+            // Features are fixed once accepted: spec 3.1.1 has them written before FEATURES_OK
+            // and never after.
             regs::DRIVER_FEATURES if !features_ok => match self.driver_features_sel {
                 0 => set_half(&mut self.driver_features, false, value),
                 1 => set_half(&mut self.driver_features, true, value),
@@ -391,7 +391,7 @@ impl VirtioMmio {
         // driver's copy of it (it writes back what it read, plus a bit) is not compared.
         let new = Status::from_bits_truncate(value) - Status::DEVICE_NEEDS_RESET;
         let old = self.status - Status::DEVICE_NEEDS_RESET;
-        // The driver MUST NOT clear a status bit (spec 2.1.2); only a reset does.
+        // The driver MUST NOT clear a status bit (spec 2.1.1); only a reset does.
         if !new.contains(old) {
             return MmioAction::None;
         }

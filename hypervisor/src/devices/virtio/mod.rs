@@ -23,11 +23,11 @@ pub use mmio::{MmioAction, VirtioMmio};
 pub use queue::{Chain, QueueError, SplitQueue};
 
 /// Feature bit (a bit number, as in the spec and Linux): the device complies with virtio 1.x
-/// rather than the legacy interface (spec 6.1). A version 2 MMIO device needs it negotiated:
+/// rather than the legacy interface (spec 6). A version 2 MMIO device needs it negotiated:
 /// [`VirtioMmio`] refuses FEATURES_OK without it.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 /// Feature bit: the device's DMA goes through the platform's IOMMU / access restrictions
-/// (spec 6.1).
+/// (spec 6).
 pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
 
 /// The feature mask of feature bit number `bit` (`feature(VIRTIO_F_VERSION_1)` = `1 << 32`).

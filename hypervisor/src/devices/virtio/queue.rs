@@ -5,9 +5,9 @@
 //!
 //! - the descriptor table, 16-byte aligned: `size` × { addr le64, len le32, flags le16,
 //!   next le16 };
-//! - the available (driver) ring, 2-byte aligned: flags le16, idx le16, ring[size] le16,
+//! - the available (driver) ring, 2-byte aligned: flags le16, idx le16, `ring[size]` le16,
 //!   used_event le16 (unused: VIRTIO_F_EVENT_IDX is never offered);
-//! - the used (device) ring, 4-byte aligned: flags le16, idx le16, ring[size] { id le32,
+//! - the used (device) ring, 4-byte aligned: flags le16, idx le16, `ring[size]` { id le32,
 //!   len le32 }, avail_event le16 (unused likewise).
 //!
 //! The ring indices are free-running 16-bit counters; slot = index % size, exact across the
@@ -253,7 +253,7 @@ impl SplitQueue {
             return Ok(None);
         }
         // The driver writes the ring entry and descriptors before avail.idx, with a write
-        // barrier between (spec 2.7.13); this pairs with it so they are not read stale.
+        // barrier between (spec 2.7.13.3.1); this pairs with it so they are not read stale.
         fence(Ordering::Acquire);
         let head = Self::read_u16(
             mem,
@@ -275,8 +275,8 @@ impl SplitQueue {
         let (mut readable, mut writable) = (0u64, 0u64);
         let mut seen_write = false;
         let mut idx = head;
-        // A chain has at most `size` descriptors; one more means it revisits one (spec 2.7.5.2
-        // bounds a chain by the queue size).
+        // A chain of more descriptors than the table has revisits one: a loop, which the
+        // driver MUST NOT make (spec 2.7.5.2).
         for _ in 0..self.size {
             let mut d = [0; DESC_SIZE as usize];
             mem.read(self.desc + DESC_SIZE * u64::from(idx), &mut d)?;
@@ -357,9 +357,9 @@ impl SplitQueue {
     /// not.
     pub fn needs_interrupt(&self, mem: &impl GuestMemory) -> bool {
         // The used.idx store must be ordered before the flags load, else the device may read a
-        // NO_INTERRUPT the driver has just cleared after seeing an old used.idx and sleep
-        // forever (spec 2.7.13.3's full barrier, as Linux's virtqueue_kick_prepare on the
-        // other side).
+        // NO_INTERRUPT the driver has just cleared after seeing an old used.idx, and neither
+        // side wakes the other (spec 2.7.7; Linux's `virtqueue_enable_cb` has the matching full
+        // barrier).
         fence(Ordering::SeqCst);
         Self::read_u16(mem, self.avail).map_or(true, |f| f & VIRTQ_AVAIL_F_NO_INTERRUPT == 0)
     }
