@@ -7,6 +7,7 @@
 pub mod console;
 pub mod vecam;
 pub mod vgic;
+pub mod viommu;
 pub mod vits;
 pub mod vpl011;
 pub mod vsmmu;
