@@ -14,6 +14,18 @@
 //! A request completes inside the caller (the guest's QueueNotify trap): ATTACH, DETACH and
 //! UNMAP reply only once their STE update, TLB invalidation and CMD_SYNC completed, since Linux
 //! takes completion as "no longer reachable" (notes A11.6).
+//!
+//! # What the glue must provide
+//!
+//! - The [`TablePool`]'s table pages and CD slots are **IPAs**: with a nested STE the SMMU
+//!   walks stage 1 (CD fetch included) through the VM's stage 2. So the pool must be mapped in
+//!   that stage 2, Normal write-back (S2PTW faults walks to Device memory) and **read-only**
+//!   (the SMMU only reads them: CD.HA/HD = 0), or the guest could rewrite its own tables.
+//! - [`Viommu::vm_reset`] once before the VM runs (it writes every endpoint's STE),
+//!   [`Viommu::reset`] on Status 0, and DEVICE_NEEDS_RESET while [`Viommu::needs_reset`].
+//! - Requests in the order they were made available, each reply's `used_len` into the used
+//!   ring (Linux copies ATTACH/DETACH/PROBE statuses back only when it equals the writable
+//!   length exactly).
 
 mod tables;
 #[cfg(test)]
@@ -456,7 +468,10 @@ impl<P: TablePool> Viommu<P> {
     /// negotiated features cleared.
     pub fn reset(&mut self, phys: &mut impl PhysicalSmmu) {
         self.driver_features = 0;
-        self.needs_reset = false;
+        if core::mem::take(&mut self.needs_reset) {
+            // After a failed physical operation the STEs in force are unknown: write them all.
+            self.stes.iter_mut().for_each(|s| *s = None);
+        }
         let ste = self.unattached_ste();
         for i in 0..self.cfg.endpoints.len() {
             self.attached[i] = None;

@@ -24,9 +24,9 @@ pub const MAIR0: u64 = 0x04_ff;
 
 /// The leaf attributes of a mapping (Arm ARM D8.3 stage-1 descriptors): valid, access flag set
 /// (the SMMU need not manage AF: CD.HA = 0), inner shareable, non-global (tagged with the
-/// domain's ASID), AP[1] = 1 (PCIe transactions without PASID are unprivileged; Linux
+/// domain's ASID), AP\[1\] = 1 (PCIe transactions without PASID are unprivileged; Linux
 /// io-pgtable-arm sets ARM_LPAE_PTE_AP_UNPRIV likewise), never executable, AttrIndx 0;
-/// AP[2] (READ_ONLY) unless `write`.
+/// AP\[2\] (READ_ONLY) unless `write`.
 pub fn leaf_attributes(write: bool) -> El1Attributes {
     let mut a = El1Attributes::VALID
         | El1Attributes::ACCESSED

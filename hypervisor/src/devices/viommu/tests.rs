@@ -921,3 +921,26 @@ fn hostile_requests_keep_the_invariants() {
     assert_eq!(r.v.table_pages(), 0);
     assert!(!r.v.needs_reset());
 }
+
+#[test]
+fn a_failing_physical_smmu_gives_ioerr_and_needs_a_reset() {
+    let mut r = Rig::new();
+    assert_eq!(r.st(&attach(0, 1, 0)), status::OK);
+    assert_eq!(r.st(&map(0, 0, 0xfff, 0x4000_0000, RW)), status::OK);
+    r.phys.fail = true;
+    let rep = r.v.request(&unmap(0, 0, 0xfff), 4, &mut r.phys);
+    assert_eq!(rep.status(), Some(status::IOERR));
+    assert!(r.v.needs_reset());
+    assert_eq!(
+        r.v.request(&attach(1, 1, 0), 4, &mut r.phys).status(),
+        Some(status::IOERR)
+    );
+    assert!(r.v.stats().phys_errors > 0);
+    r.phys.fail = false;
+    r.v.reset(&mut r.phys);
+    r.v.pool_mut().used = r.v.table_pages();
+    assert!(!r.v.needs_reset());
+    r.check();
+    assert_eq!(r.ste(1), Ste::stage2(harness::s2_config()));
+    assert_eq!(r.v.stats().table_pages, 0);
+}
