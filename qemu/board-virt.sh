@@ -8,7 +8,7 @@
 #
 #   qemu/board-virt.sh [--vms N] [--vm-bootargs I STR]... [--bootargs STR] [--vm-dts FILE]
 #                      [--host-dts FILE] [--show-dts] [--guest DIR] [--bare] [--smp N] [--mem SIZE]
-#                      [--pci] [--vm-pci I BDFS]... [--vm-intx-only I]... [--gic 3|4]
+#                      [--pci] [--vm-pci I BDFS]... [--vm-intx-only I]... [--vm-iommu I KIND]... [--gic 3|4]
 #                      [--dumpdtb FILE] [--uboot]
 #                      [-- QEMU_ARGS...]
 #
@@ -36,6 +36,8 @@
 #   --vm-pci I BDFS     VM I's `smmu-hv,pci-devices` (comma-separated BDFs, e.g. "00:01.0,00:02.0";
 #                       "" for none) instead of what --pci gives it; adds no device
 #   --vm-intx-only I    VM I gets `smmu-hv,intx-only;`: no virtual ITS, its functions use INTx
+#   --vm-iommu I KIND   VM I gets `smmu-hv,iommu = "KIND";`: smmuv3 (the default, an emulated
+#                       SMMUv3) or virtio-iommu (a paravirtual virtio-iommu over virtio-mmio)
 #   --gic 3|4           the GIC version (default 3): 4 is QEMU's GICv4.0 (GITS_TYPER.Virtual,
 #                       GICR_TYPER.VLPIS, redistributors 0x40000 apart), with which the hypervisor
 #                       injects its VMs' MSIs directly (`gic-version=4` in the DT dump and the run)
@@ -94,6 +96,7 @@ UBOOT=0
 PCI=0
 declare -A VM_PCI=()
 declare -A VM_INTX_ONLY=()
+declare -A VM_IOMMU=()
 EXTRA=()
 
 need_arg() { [ "$#" -ge 2 ] || die "$1 needs a value (see --help)"; }
@@ -126,6 +129,15 @@ while [ "$#" -gt 0 ]; do
             [[ "$2" =~ ^[0-9]+$ ]] || die "--vm-intx-only wants a VM index (0, 1, ...), got '$2'"
             VM_INTX_ONLY[$((10#$2))]=1
             shift 2
+            ;;
+        --vm-iommu)
+            [ "$#" -ge 3 ] || die "--vm-iommu needs a VM index and smmuv3 or virtio-iommu"
+            [[ "$2" =~ ^[0-9]+$ ]] || die "--vm-iommu wants a VM index (0, 1, ...), got '$2'"
+            case "$3" in
+                smmuv3 | virtio-iommu) VM_IOMMU[$((10#$2))]="$3" ;;
+                *) die "--vm-iommu $2: '$3' is neither smmuv3 nor virtio-iommu" ;;
+            esac
+            shift 3
             ;;
         --smp) need_arg "$@"; SMP="$2"; shift 2 ;;
         --gic) need_arg "$@"; GIC="$2"; shift 2 ;;
@@ -348,6 +360,7 @@ vms_block() {
             printf '\t\t\tsmmu-hv,pci-devices = %s;\n' "$(dts_string_list "$bdfs")"
         fi
         [ -z "${VM_INTX_ONLY[$i]-}" ] || printf '\t\t\tsmmu-hv,intx-only;\n'
+        [ -z "${VM_IOMMU[$i]-}" ] || printf '\t\t\tsmmu-hv,iommu = "%s";\n' "${VM_IOMMU[$i]}"
         printf '\t\t\tmodule@%x {\n' "$GUEST_KERNEL_ADDR"
         printf '\t\t\t\tcompatible = "multiboot,kernel", "multiboot,module";\n'
         printf '\t\t\t\treg = <0x0 %s 0x0 %s>;\n' "$GUEST_KERNEL_ADDR" "$KERNEL_SIZE"
@@ -371,6 +384,9 @@ if [ -z "$VM_DTS" ]; then
     done
     for i in "${!VM_INTX_ONLY[@]}"; do
         [ "$i" -lt "$VMS" ] || die "--vm-intx-only $i: there are only $VMS VMs (--vms $VMS)"
+    done
+    for i in "${!VM_IOMMU[@]}"; do
+        [ "$i" -lt "$VMS" ] || die "--vm-iommu $i: there are only $VMS VMs (--vms $VMS)"
     done
     [ $((VMS * VM_CPUS)) -le "$SMP" ] ||
         die "--vms $VMS needs $((VMS * VM_CPUS)) CPUs ($VM_CPUS per VM) but --smp is $SMP"

@@ -51,6 +51,10 @@ pub enum MemType {
     Normal,
     /// Device-nGnRE, execute-never: passed-through device registers.
     Device,
+    /// Normal memory like [`MemType::Normal`], read-only and execute-never (S2AP = 0b01): the
+    /// hypervisor's own stage-1 tables of a VM's virtio-iommu domains, which the SMMU's
+    /// nested walk reads through this stage 2 and nothing of the VM may write.
+    NormalReadOnly,
     /// Device-nGnRE, execute-never, write-only (S2AP = 0b10, Arm ARM D8.4.4): an interrupt
     /// controller's doorbell (GITS_TRANSLATER), which a device's MSI writes through the SMMU
     /// and nothing needs to read.
@@ -66,6 +70,14 @@ impl MemType {
                 rw | Stage2Attributes::MEMATTR_NORMAL_INNER_WB
                     | Stage2Attributes::MEMATTR_NORMAL_OUTER_WB
                     | Stage2Attributes::SH_INNER
+            }
+            Self::NormalReadOnly => {
+                common
+                    | Stage2Attributes::S2AP_ACCESS_RO
+                    | Stage2Attributes::MEMATTR_NORMAL_INNER_WB
+                    | Stage2Attributes::MEMATTR_NORMAL_OUTER_WB
+                    | Stage2Attributes::SH_INNER
+                    | Stage2Attributes::XN
             }
             Self::Device => rw | Stage2Attributes::MEMATTR_DEVICE_nGnRE | Stage2Attributes::XN,
             Self::DeviceWriteOnly => {
@@ -182,10 +194,11 @@ impl Stage2 {
                 // The callback's range is clipped to the walk; the leaf covers a whole block.
                 let block_size = 1usize << (12 + 9 * (3 - level));
                 let offset = ipa as usize & (block_size - 1);
-                let wo =
-                    flags & Stage2Attributes::S2AP_ACCESS_RW == Stage2Attributes::S2AP_ACCESS_WO;
-                let mem = if wo {
+                let ap = flags & Stage2Attributes::S2AP_ACCESS_RW;
+                let mem = if ap == Stage2Attributes::S2AP_ACCESS_WO {
                     MemType::DeviceWriteOnly
+                } else if ap == Stage2Attributes::S2AP_ACCESS_RO {
+                    MemType::NormalReadOnly
                 } else if flags.contains(Stage2Attributes::XN) {
                     MemType::Device
                 } else {
@@ -300,6 +313,21 @@ mod tests {
             Stage2Attributes::S2AP_ACCESS_WO
         );
         assert!(wo.contains(Stage2Attributes::XN));
+    }
+
+    #[test]
+    fn a_table_pool_is_read_only_normal_memory() {
+        let mut s2 = Stage2::new();
+        s2.map(0x8000_0000, 0x4800_0000, 0x10_0000, MemType::NormalReadOnly)
+            .unwrap();
+        let leaf = s2.lookup(0x8000_1008).unwrap();
+        assert_eq!((leaf.pa, leaf.mem), (0x4800_1008, MemType::NormalReadOnly));
+        let ro = MemType::NormalReadOnly.attributes();
+        assert_eq!(
+            ro & Stage2Attributes::S2AP_ACCESS_RW,
+            Stage2Attributes::S2AP_ACCESS_RO
+        );
+        assert!(ro.contains(Stage2Attributes::MEMATTR_NORMAL_INNER_WB));
     }
 
     #[test]

@@ -78,9 +78,48 @@ pub const VSMMU_STATS_KEYS: [&str; 9] = [
 /// The counters of a `[hv] vsmmu: vmN stats: traps=1 cmdq_prod=2 ...` line (all of them, decimal;
 /// at least [`VSMMU_STATS_KEYS`]); panics on anything else.
 pub fn parse_stats(line: &str) -> BTreeMap<String, u64> {
+    parse_counters(line, &VSMMU_STATS_KEYS)
+}
+
+/// The counters every `[hv] viommu: vmN stats: ...` line has (it may have more).
+pub const VIOMMU_STATS_KEYS: [&str; 12] = [
+    "notifies",
+    "requests",
+    "attach",
+    "detach",
+    "map",
+    "unmap",
+    "errors",
+    "phys_syncs",
+    "domains",
+    "mappings",
+    "table_pages",
+    "queue_errors",
+];
+
+/// The counters of a `[hv] viommu: vmN stats: ...` line (at least [`VIOMMU_STATS_KEYS`]).
+pub fn parse_viommu_stats(line: &str) -> BTreeMap<String, u64> {
+    parse_counters(line, &VIOMMU_STATS_KEYS)
+}
+
+/// Asks the hypervisor for its counters (Ctrl-\ s) and returns VM `vm`'s virtio-iommu ones, as
+/// [`vsmmu_stats`] does the vSMMU's.
+pub fn viommu_stats(q: &mut Qemu, vm: &str) -> Result<BTreeMap<String, u64>, Error> {
+    console_command(q, 's')?;
+    let prefix = format!("viommu: {vm} stats: ");
+    let what = format!("the hypervisor's line {prefix:?}...");
+    let line = q.wait_until(&what, STEP_TIMEOUT, |l| {
+        hv_text(l).is_some_and(|t| t.starts_with(&prefix))
+    })?;
+    println!("hypervisor: {}", line.text);
+    Ok(parse_viommu_stats(&line.text))
+}
+
+/// The `key=value` counters after ` stats: ` in `line`, all decimal, at least `keys`.
+fn parse_counters(line: &str, keys: &[&str]) -> BTreeMap<String, u64> {
     let (_, fields) = line
         .split_once(" stats: ")
-        .unwrap_or_else(|| panic!("not a vSMMU stats line: {line:?}"));
+        .unwrap_or_else(|| panic!("not a stats line: {line:?}"));
     let stats: BTreeMap<String, u64> = fields
         .split_whitespace()
         .map(|f| {
@@ -89,10 +128,10 @@ pub fn parse_stats(line: &str) -> BTreeMap<String, u64> {
                 .unwrap_or_else(|| panic!("unreadable counter {f:?} in {line:?}"))
         })
         .collect();
-    for key in VSMMU_STATS_KEYS {
+    for &key in keys {
         assert!(
             stats.contains_key(key),
-            "the vSMMU stats line lacks {key}: {line:?}"
+            "the stats line lacks {key}: {line:?}"
         );
     }
     stats

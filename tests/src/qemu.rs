@@ -232,8 +232,22 @@ impl Qemu {
         vm1_args: &str,
         limit: Duration,
     ) -> Result<Qemu, Error> {
+        Self::spawn_two_pci_vms_with(name, guest, vm0_args, vm1_args, &[], limit)
+    }
+
+    /// As [`Qemu::spawn_two_pci_vms`], with more board script arguments (`--vm-iommu 0
+    /// virtio-iommu`, say).
+    pub fn spawn_two_pci_vms_with(
+        name: &str,
+        guest: Option<&Path>,
+        vm0_args: &str,
+        vm1_args: &str,
+        board: &[&str],
+        limit: Duration,
+    ) -> Result<Qemu, Error> {
         let guest = guest.map(|g| g.to_str().expect("the repository path is UTF-8"));
         let mut args = vec!["--vms", "2", "--pci"];
+        args.extend(board);
         if let Some(g) = guest {
             args.extend(["--guest", g]);
         }

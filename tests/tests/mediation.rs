@@ -20,9 +20,9 @@ use std::thread;
 use std::time::Duration;
 
 use integration_tests::{
-    check_vm_disk, check_vm_guest_facts, focus, hv_text, modular_guest_dir, parse_stats, ste_lines,
-    type_paced, vm_text, vsmmu_stats, Assigned, Error, Line, Qemu, MAX_LOAD_GAP_MS, STEP_TIMEOUT,
-    VM0, VM1,
+    check_vm_disk, check_vm_guest_facts, focus, hv_text, modular_guest_dir, parse_stats,
+    parse_viommu_stats, ste_lines, type_paced, viommu_stats, vm_text, vsmmu_stats, Assigned, Error,
+    Line, Qemu, MAX_LOAD_GAP_MS, STEP_TIMEOUT, VM0, VM1,
 };
 
 /// vCPUs the board script gives each generated VM.
@@ -50,16 +50,51 @@ const FLOOD_COMMANDS: u64 = 100 * 256;
 /// The commands the hostile guest has refused (3 illegal, 1 queue outside its RAM).
 const HOSTILE_COMMAND_ERRORS: u64 = 4;
 
-/// Starts both VMs (`--vms 2 --pci`) on the modular guest with these kernel command lines.
-fn spawn_two(name: &str, vm0_args: &str, vm1_args: &str, limit: Duration) -> Result<Qemu, Error> {
-    Qemu::spawn_two_pci_vms(name, Some(&modular_guest_dir()), vm0_args, vm1_args, limit)
+/// Starts both VMs (`--vms 2 --pci`) on the modular guest with these kernel command lines, the
+/// VMs in `virtio` on a virtio-iommu (`--vm-iommu I virtio-iommu`), the others on their vSMMU.
+fn spawn_two(
+    name: &str,
+    vm0_args: &str,
+    vm1_args: &str,
+    virtio: &[&Assigned],
+    limit: Duration,
+) -> Result<Qemu, Error> {
+    let indices: Vec<&str> = virtio
+        .iter()
+        .map(|a| a.vm.trim_start_matches("vm"))
+        .collect();
+    let mut board = Vec::new();
+    for i in &indices {
+        board.extend(["--vm-iommu", i, "virtio-iommu"]);
+    }
+    Qemu::spawn_two_pci_vms_with(
+        name,
+        Some(&modular_guest_dir()),
+        vm0_args,
+        vm1_args,
+        &board,
+        limit,
+    )
 }
+
+/// The IOMMU a VM's guest drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Iommu {
+    /// Its vSMMU, with `arm_smmu_v3`.
+    Smmuv3,
+    /// Its virtio-iommu, with `virtio_iommu`.
+    Virtio,
+}
+
+/// The virtio-iommu's probe as the guest's driver logs it (tests/guest/init `viommu-probe`):
+/// the device on virtio-mmio, a 39-bit input range, 4 KiB pages and 2 MiB / 1 GiB blocks.
+const VIOMMU_PROBE_TAIL: &str = "input-bits=39 page-mask=0x40201000";
 
 /// Checks boot `boot_count` of VM `a.vm`'s guest (the next one among its lines): the common facts
 /// (the modular kernel's release), its boot count, its driver's probe of its vSMMU, exactly its
 /// own functions in IOMMU groups, and its disk ([`check_vm_disk`]: the host's MD5 of its image,
 /// the scratch MiB written and read back).
-fn check_boot(q: &mut Qemu, a: &Assigned, boot_count: u32) -> Result<(), Error> {
+fn check_boot(q: &mut Qemu, a: &Assigned, boot_count: u32, iommu: Iommu) -> Result<(), Error> {
     let vm = a.vm;
     check_vm_guest_facts(q, vm, &modular_guest_dir(), VM_CPUS)?;
     expect_fact(
@@ -70,10 +105,27 @@ fn check_boot(q: &mut Qemu, a: &Assigned, boot_count: u32) -> Result<(), Error> 
         "its boot count",
     )?;
     let probe = q.wait_vm_fact(vm, "smmu-probe", STEP_TIMEOUT)?;
-    assert_ne!(
-        probe, "none",
-        "{vm}'s arm_smmu_v3 module probed no SMMU on boot {boot_count}"
-    );
+    let viommu = q.wait_vm_fact(vm, "viommu-probe", STEP_TIMEOUT)?;
+    match iommu {
+        Iommu::Smmuv3 => {
+            assert_ne!(
+                probe, "none",
+                "{vm}'s arm_smmu_v3 module probed no SMMU on boot {boot_count}"
+            );
+            assert_eq!(
+                viommu, "none",
+                "{vm} has no virtio-iommu on boot {boot_count}"
+            );
+        }
+        Iommu::Virtio => {
+            assert_eq!(probe, "none", "{vm} has no SMMUv3 on boot {boot_count}");
+            assert!(
+                viommu.starts_with("virtio") && viommu.ends_with(VIOMMU_PROBE_TAIL),
+                "{vm}'s virtio_iommu module probed its virtio-iommu ({VIOMMU_PROBE_TAIL}) on \
+                 boot {boot_count}: {viommu:?}"
+            );
+        }
+    }
     let why = format!("the functions in its IOMMU groups on boot {boot_count}: exactly its own");
     expect_fact(q, vm, "iommu-groups", &a.iommu_groups(), &why)?;
     check_vm_disk(q, vm)?;
@@ -302,10 +354,14 @@ fn power_off_last(q: &mut Qemu, vm: &str) -> Result<(), Error> {
 /// lines, checked in order: every step ok, both its functions back in IOMMU groups and its disk
 /// interrupting by MSI-X after each cycle. Returns
 /// the first and last lines' arrival times and each cycle's duration (ms).
-fn check_cycles(q: &mut Qemu, vm: &str) -> Result<(Duration, Duration, Vec<u64>), Error> {
+fn check_cycles(
+    q: &mut Qemu,
+    vm: &str,
+    cycles: u32,
+) -> Result<(Duration, Duration, Vec<u64>), Error> {
     let mut times = Vec::new();
     let mut ms = Vec::new();
-    for i in 1..=CYCLES {
+    for i in 1..=cycles {
         let what = "\"guest: iommu-cycle=...\" (or a kernel panic)";
         let line = q.wait_vm_until(vm, what, STEP_TIMEOUT, |l| {
             l.contains("guest: iommu-cycle=") || l.contains("Kernel panic")
@@ -328,8 +384,8 @@ fn check_cycles(q: &mut Qemu, vm: &str) -> Result<(Duration, Duration, Vec<u64>)
             assert_eq!(
                 f.get(key).copied(),
                 Some(value.as_str()),
-                "{vm}'s driver cycle {i}: {key} (rmmod/modprobe of arm_smmu_v3, its disk's \
-                 content after the rescan, the functions back in IOMMU groups): {text:?}"
+                "{vm}'s driver cycle {i}: {key} (rmmod/modprobe of its IOMMU driver, its \
+                 disk's content after the rescan, the functions back in IOMMU groups): {text:?}"
             );
         }
         // The disk re-probed after the rescan interrupts by MSI-X through the VM's vITS (the
@@ -346,7 +402,7 @@ fn check_cycles(q: &mut Qemu, vm: &str) -> Result<(Duration, Duration, Vec<u64>)
         );
         times.push(line.at);
     }
-    let all = format!("{CYCLES}/{CYCLES}");
+    let all = format!("{cycles}/{cycles}");
     expect_fact(
         q,
         vm,
@@ -370,7 +426,11 @@ fn check_cycles(q: &mut Qemu, vm: &str) -> Result<(Duration, Duration, Vec<u64>)
 /// done at each end of a window are interpolated linearly between the arrival times
 /// ([`Line::at`]) and `rounds` of the worker's load reports around it (and its estimated start:
 /// [`rounds_rate`]).
-fn rebind_while_the_other_does_dma(cycler: &Assigned, worker: &Assigned) -> Result<(), Error> {
+fn rebind_while_the_other_does_dma(
+    cycler: &Assigned,
+    worker: &Assigned,
+    cycler_iommu: Iommu,
+) -> Result<(), Error> {
     let (c, w) = (cycler.vm, worker.vm);
     let cycler_args = format!(
         "console=ttyAMA0 rdinit=/init hvip={}/24 hvcycle={CYCLES} hvtest=reboot{REBOOTS}",
@@ -385,15 +445,24 @@ fn rebind_while_the_other_does_dma(cycler: &Assigned, worker: &Assigned) -> Resu
     } else {
         (&worker_args, &cycler_args)
     };
-    let name = format!("{c}_rebinds_its_iommu_driver_while_{w}_does_dma");
-    let mut q = spawn_two(&name, vm0_args, vm1_args, CYCLE_RUN_TIMEOUT)?;
+    let (name, virtio) = match cycler_iommu {
+        Iommu::Smmuv3 => (
+            format!("{c}_rebinds_its_iommu_driver_while_{w}_does_dma"),
+            vec![],
+        ),
+        Iommu::Virtio => (
+            format!("{c}_on_virtio_iommu_rebinds_while_{w}_on_vsmmu_does_dma"),
+            vec![cycler],
+        ),
+    };
+    let mut q = spawn_two(&name, vm0_args, vm1_args, &virtio, CYCLE_RUN_TIMEOUT)?;
 
-    check_boot(&mut q, cycler, 0)?;
-    check_boot(&mut q, worker, 0)?;
-    let (cycling_from, cycling_to, ms) = check_cycles(&mut q, c)?;
+    check_boot(&mut q, cycler, 0, cycler_iommu)?;
+    check_boot(&mut q, worker, 0, Iommu::Smmuv3)?;
+    let (cycling_from, cycling_to, ms) = check_cycles(&mut q, c, CYCLES)?;
     for boot in 1..=REBOOTS {
         q.wait_vm_for(c, "guest: rebooting", STEP_TIMEOUT)?;
-        check_boot(&mut q, cycler, boot)?;
+        check_boot(&mut q, cycler, boot, cycler_iommu)?;
     }
     q.wait_vm_for(c, "guest: powering off", STEP_TIMEOUT)?;
     let stopped = q.wait_for_line(&format!("[hv] {c}: stopped"), STEP_TIMEOUT)?;
@@ -457,21 +526,155 @@ fn rebind_while_the_other_does_dma(cycler: &Assigned, worker: &Assigned) -> Resu
     }
     check_nested(&mut q, worker)?;
     check_no_complaint_about(&q.lines(), worker);
+    if cycler_iommu == Iommu::Virtio {
+        // The cycler's device answered every request of its 20 probes and 4 boots without an
+        // error status, a queue error or a failed physical operation (its counters at its stop).
+        let stats = last_viommu_stats(&q.lines(), c);
+        for key in ["errors", "queue_errors", "phys_errors"] {
+            assert_eq!(stats[key], 0, "{c}'s virtio-iommu counter {key}: {stats:?}");
+        }
+        assert!(
+            stats["attach"] > 0 && stats["map"] > 0 && stats["unmap"] > 0,
+            "{c}'s guest drove its virtio-iommu: {stats:?}"
+        );
+    }
     power_off_last(&mut q, w)
+}
+
+/// The counters of the last `[hv] viommu: VM stats:` line of `vm` in `lines`.
+fn last_viommu_stats(lines: &[Line], vm: &str) -> BTreeMap<String, u64> {
+    let prefix = format!("viommu: {vm} stats: ");
+    let line = lines
+        .iter()
+        .rev()
+        .find(|l| hv_text(&l.text).is_some_and(|t| t.starts_with(&prefix)))
+        .unwrap_or_else(|| panic!("no virtio-iommu stats line of {vm}"));
+    parse_viommu_stats(&line.text)
 }
 
 /// vm0 cycles its IOMMU driver and reboots while vm1 does DMA; see
 /// [`rebind_while_the_other_does_dma`].
 #[test]
 fn vm0_rebinds_its_iommu_driver_while_vm1_does_dma() -> Result<(), Error> {
-    rebind_while_the_other_does_dma(&VM0, &VM1)
+    rebind_while_the_other_does_dma(&VM0, &VM1, Iommu::Smmuv3)
 }
 
 /// vm1 cycles its IOMMU driver and reboots while vm0 does DMA; see
 /// [`rebind_while_the_other_does_dma`].
 #[test]
 fn vm1_rebinds_its_iommu_driver_while_vm0_does_dma() -> Result<(), Error> {
-    rebind_while_the_other_does_dma(&VM1, &VM0)
+    rebind_while_the_other_does_dma(&VM1, &VM0, Iommu::Smmuv3)
+}
+
+/// vm0, on a virtio-iommu, cycles `virtio_iommu` and reboots while vm1, on its vSMMU, does DMA;
+/// see [`rebind_while_the_other_does_dma`].
+#[test]
+fn vm0_on_virtio_iommu_rebinds_while_vm1_on_vsmmu_does_dma() -> Result<(), Error> {
+    rebind_while_the_other_does_dma(&VM0, &VM1, Iommu::Virtio)
+}
+
+/// The mirror image: vm1 on a virtio-iommu cycles while vm0 on its vSMMU does DMA.
+#[test]
+fn vm1_on_virtio_iommu_rebinds_while_vm0_on_vsmmu_does_dma() -> Result<(), Error> {
+    rebind_while_the_other_does_dma(&VM1, &VM0, Iommu::Virtio)
+}
+
+/// Driver cycles of the leak check (`virtio_iommu_driver_cycles_leak_nothing`).
+const LEAK_CYCLES: u32 = 100;
+/// Wall-clock limit of the leak run (100 cycles at ~1.5 s, two boots).
+const LEAK_RUN_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The hypervisor's heap in use, from the `[hv] heap: N bytes of M in use` line that ends a
+/// Ctrl-\ s dump (after the last line a global wait consumed).
+fn heap_in_use(q: &mut Qemu) -> Result<u64, Error> {
+    let line = q.wait_until("the hypervisor's heap line", STEP_TIMEOUT, |l| {
+        hv_text(l).is_some_and(|t| t.starts_with("heap: "))
+    })?;
+    println!("hypervisor: {}", line.text);
+    let text = hv_text(&line.text).expect("matched");
+    Ok(text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable heap line {text:?}")))
+}
+
+/// vm0 on its virtio-iommu unloads and reloads `virtio_iommu` 100 times (its endpoints removed
+/// and rescanned each time: 100 device resets, ~200 domains made and freed): its device's
+/// figures (domains, mappings, table pages) and the hypervisor's heap after the last cycle are
+/// exactly what they were after the first, with the guest idle in the same state each time
+/// (`hvcyclewait=`). vm1 sits idle on its vSMMU, so nothing else moves the heap.
+#[test]
+fn virtio_iommu_driver_cycles_leak_nothing() -> Result<(), Error> {
+    let vm0_args = format!(
+        "console=ttyAMA0 rdinit=/init hvip={}/24 hvcycle={LEAK_CYCLES} hvcyclewait=6 hvtest=poweroff",
+        VM0.ip
+    );
+    let vm1_args = "console=ttyAMA0 rdinit=/init";
+    let mut q = spawn_two(
+        "virtio_iommu_driver_cycles_leak_nothing",
+        &vm0_args,
+        vm1_args,
+        &[&VM0],
+        LEAK_RUN_TIMEOUT,
+    )?;
+    check_boot(&mut q, &VM0, 0, Iommu::Virtio)?;
+    let mut figures = Vec::new();
+    for i in [1, LEAK_CYCLES] {
+        q.wait_vm_until(
+            "vm0",
+            "\"guest: iommu-cycle-idle=...\"",
+            LEAK_RUN_TIMEOUT,
+            |l| l.contains(&format!("guest: iommu-cycle-idle={i}")),
+        )?;
+        let stats = viommu_stats(&mut q, "vm0")?;
+        let heap = heap_in_use(&mut q)?;
+        figures.push((stats, heap));
+    }
+    let (first, last) = (&figures[0], &figures[1]);
+    for key in ["domains", "mappings", "table_pages"] {
+        assert_eq!(
+            first.0[key], last.0[key],
+            "vm0's virtio-iommu {key} after 1 and after {LEAK_CYCLES} driver cycles"
+        );
+    }
+    assert_eq!(
+        first.1, last.1,
+        "the hypervisor's heap in use after 1 and after {LEAK_CYCLES} driver cycles of vm0"
+    );
+    assert!(
+        last.0["resets"] >= u64::from(LEAK_CYCLES),
+        "vm0's virtio-iommu was reset by each rmmod: {:?}",
+        last.0
+    );
+    for key in ["errors", "queue_errors", "phys_errors"] {
+        assert_eq!(
+            last.0[key], 0,
+            "vm0's virtio-iommu counter {key}: {:?}",
+            last.0
+        );
+    }
+    eprintln!(
+        "vm0's virtio-iommu after 1 and {LEAK_CYCLES} cycles: domains {} / {}, mappings {} / {}, \
+         table pages {} / {}; hypervisor heap {} / {} bytes",
+        first.0["domains"],
+        last.0["domains"],
+        first.0["mappings"],
+        last.0["mappings"],
+        first.0["table_pages"],
+        last.0["table_pages"],
+        first.1,
+        last.1
+    );
+    expect_fact(
+        &mut q,
+        "vm0",
+        "iommu-cycles",
+        &format!("{LEAK_CYCLES}/{LEAK_CYCLES}"),
+        "its driver cycles that went through",
+    )?;
+    q.wait_vm_for("vm0", "guest: powering off", STEP_TIMEOUT)?;
+    power_off_last(&mut q, "vm1")
 }
 
 /// Whether the hypervisor logged a line whose text (without its level tag) starts with `want`.
@@ -512,11 +715,12 @@ fn hostile_guest_is_contained() -> Result<(), Error> {
         "hostile_guest_is_contained",
         &vm0_args,
         &vm1_args,
+        &[],
         HOSTILE_RUN_TIMEOUT,
     )?;
 
     check_vm_guest_facts(&mut q, "vm0", &modular_guest_dir(), VM_CPUS)?;
-    check_boot(&mut q, &VM1, 0)?;
+    check_boot(&mut q, &VM1, 0, Iommu::Smmuv3)?;
     let why = "its arm_smmu_v3 unloaded for the attacks";
     expect_fact(&mut q, "vm0", "hostile-driver-loaded", "0", why)?;
     let attacks_from = q.elapsed();

@@ -5,6 +5,7 @@ pub mod gic;
 pub mod guest_mem;
 pub mod hw;
 pub mod iommu;
+pub mod iopt;
 pub mod its;
 pub mod mmio;
 pub mod mmu;
@@ -36,6 +37,12 @@ const DEFAULT_VCPUS: usize = 2;
 
 #[global_allocator]
 static ALLOCATOR: LockedHeap<32> = LockedHeap::empty();
+
+/// The hypervisor heap's bytes in use (as the allocator rounds them) and its size.
+pub fn heap_usage() -> (usize, usize) {
+    let heap = ALLOCATOR.lock();
+    (heap.stats_alloc_actual(), heap.stats_total_bytes())
+}
 
 #[repr(C, align(4096))]
 struct HeapSpace([u8; HEAP_SIZE]);
@@ -522,6 +529,7 @@ fn build_vms(
             bootargs,
             devices,
             intx_only: plan.intx_only,
+            iommu: plan.iommu,
         };
         let units: Vec<usize> = vm_config.devices.smmus.iter().map(|u| u.unit).collect();
         let heap_before = ALLOCATOR.lock().stats_alloc_actual();
@@ -558,6 +566,7 @@ fn build_vms(
                 host_bridges: &host_bridges,
                 smmus: &smmus,
                 its: its_facts.as_ref().filter(|_| msi),
+                viommu: Some(&iopt::Factory),
             },
         ) {
             Ok(vm) => vm,
@@ -686,6 +695,7 @@ fn legacy_spec(
         ramdisk,
         pci_devices: Vec::new(),
         intx_only: false,
+        iommu: crate::config::IommuKind::default(),
     })])
 }
 

@@ -74,6 +74,40 @@ pub struct VmSpec {
     /// `smmu-hv,intx-only`: its functions keep INTx and never see MSI or MSI-X, even where
     /// the machine has an ITS (no virtual ITS for the VM).
     pub intx_only: bool,
+    /// `smmu-hv,iommu`: the IOMMU its guest sees over its PCI functions.
+    pub iommu: IommuKind,
+}
+
+/// The IOMMU a VM's guest drives for its PCI functions (`smmu-hv,iommu`). Either way the
+/// physical SMMU nests the guest's translation over the VM's stage 2, so a function reaches only
+/// its VM's memory; what differs is the interface and who writes the stage-1 tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IommuKind {
+    /// `"smmuv3"` (the default): an emulated stage-1 SMMUv3 per physical SMMU, its tables in
+    /// the guest's RAM, driven by Linux's `arm-smmu-v3`.
+    #[default]
+    Smmuv3,
+    /// `"virtio-iommu"`: a paravirtual virtio-iommu over virtio-mmio per physical SMMU, whose
+    /// stage-1 tables the hypervisor writes from the guest's MAP/UNMAP requests (Linux's
+    /// `virtio_iommu`).
+    VirtioIommu,
+}
+
+impl IommuKind {
+    /// The property value naming it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Smmuv3 => "smmuv3",
+            Self::VirtioIommu => "virtio-iommu",
+        }
+    }
+
+    /// The kind a property value names.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Smmuv3, Self::VirtioIommu]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
 }
 
 /// The host resources VMs are carved from.
@@ -110,4 +144,6 @@ pub struct VmPlan {
     pub pci_devices: Vec<crate::pci::PciAddr>,
     /// `smmu-hv,intx-only`.
     pub intx_only: bool,
+    /// `smmu-hv,iommu`.
+    pub iommu: IommuKind,
 }

@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 use fdt::node::FdtNode;
 
 use super::error::cfg_err;
-use super::{ConfigError, ModuleSpec, VmSpec};
+use super::{ConfigError, IommuKind, ModuleSpec, VmSpec};
 use crate::platform::{self, MemRange, PlatformError};
 
 /// The `compatible` that marks a `/chosen` child as a VM.
@@ -188,6 +188,18 @@ fn parse_node(node: FdtNode) -> Result<VmSpec, ConfigError> {
         }
     };
 
+    let iommu = match node.property("smmu-hv,iommu") {
+        None => IommuKind::default(),
+        Some(_) => platform::prop_str(node, "smmu-hv,iommu")
+            .and_then(IommuKind::parse)
+            .ok_or_else(|| {
+                err(
+                    "smmu-hv,iommu",
+                    "must be \"smmuv3\" or \"virtio-iommu\"".into(),
+                )
+            })?,
+    };
+
     Ok(VmSpec {
         name,
         vcpus,
@@ -198,6 +210,7 @@ fn parse_node(node: FdtNode) -> Result<VmSpec, ConfigError> {
         ramdisk,
         pci_devices,
         intx_only,
+        iommu,
     })
 }
 

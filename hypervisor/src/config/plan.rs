@@ -134,6 +134,7 @@ impl Ctx<'_> {
             ramdisk: spec.ramdisk,
             pci_devices: spec.pci_devices,
             intx_only: spec.intx_only,
+            iommu: spec.iommu,
         })
     }
 

@@ -243,6 +243,7 @@ fn parses_a_node() {
             ramdisk: Some(RAMDISK),
             pci_devices: vec![Bdf::new(0, 1, 0).into(), Bdf::new(0, 2, 0).into()],
             intx_only: false,
+            iommu: IommuKind::Smmuv3,
         })]
     );
 }
@@ -309,6 +310,29 @@ fn intx_only_is_a_boolean() {
 }
 
 #[test]
+fn iommu_names_one_of_two_kinds() {
+    let plain = vm("vm0", 1, 64 * MIB);
+    let parse = |n: Node| parse_vm_specs(&dtb(&[n])).unwrap().remove(0);
+    assert_eq!(parse(plain.clone()).unwrap().iommu, IommuKind::Smmuv3);
+    for (v, k) in [
+        ("smmuv3", IommuKind::Smmuv3),
+        ("virtio-iommu", IommuKind::VirtioIommu),
+    ] {
+        let spec = parse(
+            plain
+                .clone()
+                .set("smmu-hv,iommu", [v.as_bytes(), b"\0"].concat()),
+        );
+        assert_eq!(spec.unwrap().iommu, k);
+    }
+    for bad in [&b"virtio\0"[..], b"SMMUv3\0", &[0xff, 0], b"", &cells(&[1])] {
+        let e = parse(plain.clone().set("smmu-hv,iommu", bad.to_vec())).unwrap_err();
+        assert_eq!(e.field, "smmu-hv,iommu");
+        assert!(e.reason.contains("\"virtio-iommu\""), "{e}");
+    }
+}
+
+#[test]
 fn one_cell_addresses_and_node_name() {
     let node = vm("guest", 1, 64 * MIB)
         .set("#address-cells", cells(&[1]))
@@ -372,6 +396,7 @@ fn happy_path() {
                 ramdisk: Some(RAMDISK),
                 pci_devices: vec![],
                 intx_only: false,
+                iommu: IommuKind::Smmuv3,
             },
             VmPlan {
                 name: "vm1".into(),
@@ -382,6 +407,7 @@ fn happy_path() {
                 ramdisk: Some(RAMDISK),
                 pci_devices: vec![],
                 intx_only: false,
+                iommu: IommuKind::Smmuv3,
             },
         ]
     );
@@ -706,6 +732,7 @@ fn hand_built_specs_are_checked_too() {
         ramdisk: None,
         pci_devices: vec![],
         intx_only: false,
+        iommu: IommuKind::Smmuv3,
     };
     let failed = cfg_err("y", "cpus", "unreadable");
     let (plans, errors) = plan_vms(vec![Ok(spec), Err(failed.clone())], &machine());

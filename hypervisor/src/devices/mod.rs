@@ -10,7 +10,6 @@ pub mod console;
 pub mod vecam;
 pub mod vgic;
 pub mod viommu;
-pub mod viommu_dev;
 pub mod virtio;
 pub mod vits;
 pub mod vpl011;

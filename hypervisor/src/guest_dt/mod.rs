@@ -101,6 +101,11 @@ pub struct GuestSmmu {
     /// The phandle of the physical SMMU it sits on, as the host bridge's `iommu-map` entries
     /// name it: the guest's entries naming this vSMMU are those.
     pub host_phandle: Option<u32>,
+    /// What the guest sees there: an `arm,smmu-v3` node, or (`IommuKind::VirtioIommu`) a
+    /// `virtio,mmio` node of the VM's virtio-iommu (`regs` its 0x200-byte register frame and
+    /// `eventq_intid` its one interrupt; `gerror_intid` unused), which the host bridges'
+    /// `iommu-map` names the same way.
+    pub kind: crate::config::IommuKind,
 }
 
 /// The VM's virtual ECAM host bridge (see [`crate::devices::vecam::VirtualEcam`]), described by a
@@ -330,6 +335,11 @@ pub fn build_guest_dt(cfg: &GuestDtConfig) -> Result<Vec<u8>, GuestDtError> {
     w.property_string("stdout-path", &uart_path)?;
     w.property_string("hypervisor,vm-name", cfg.vm_name)?;
     w.property_u32("hypervisor,boot-count", cfg.boot_count)?;
+    if let Some(s) = cfg.smmus.first() {
+        // Which IOMMU driver the guest's init loads ("smmuv3" or "virtio-iommu"); a VM has
+        // one kind (`smmu-hv,iommu`).
+        w.property_string("hypervisor,iommu", s.kind.as_str())?;
+    }
     if let Some(initrd) = cfg.initrd {
         w.property_u64("linux,initrd-start", initrd.base)?;
         w.property_u64("linux,initrd-end", initrd.end())?;

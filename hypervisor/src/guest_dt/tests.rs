@@ -465,6 +465,7 @@ const SMMU: GuestSmmu = GuestSmmu {
     eventq_intid: 32 + 74,
     gerror_intid: 32 + 77,
     host_phandle: Some(0x77),
+    kind: crate::config::IommuKind::Smmuv3,
 };
 
 fn be32(bytes: &[u8]) -> Vec<u32> {
@@ -731,6 +732,7 @@ fn a_vsmmu_per_physical_smmu_each_with_its_share_of_the_map() {
         eventq_intid: 158,
         gerror_intid: 159,
         host_phandle: Some(0x88),
+        kind: crate::config::IommuKind::Smmuv3,
     };
     let smmus = [SMMU, second];
     let cfg = GuestDtConfig {

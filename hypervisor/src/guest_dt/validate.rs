@@ -9,6 +9,8 @@ use crate::platform::MemRange;
 /// SMMUv3 register pages 0 and 1 (IHI 0070 chapter 6: two 64 KiB pages); the driver maps
 /// both.
 const SMMU_REGS_MIN: u64 = 0x2_0000;
+/// A virtio-mmio frame: registers to 0x0fc, the device's configuration space from 0x100.
+use crate::devices::virtio::mmio::FRAME_SIZE as VIRTIO_MMIO_REGS_MIN;
 /// MPIDR_EL1 Aff3 (39:32) and Aff2..Aff0 (23:0); everything else is not part of a CPU's id.
 const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
 
@@ -251,18 +253,28 @@ fn validate_smmu(
     used: &mut alloc::vec::Vec<(&'static str, u32)>,
 ) -> Result<(), GuestDtError> {
     let r = smmu.regs;
-    if r.size < SMMU_REGS_MIN || r.base.checked_add(r.size).is_none() {
+    // A virtio-iommu is a virtio-mmio register frame (0x100 of registers, then its config
+    // space) with one interrupt; a vSMMU two register pages and two interrupts.
+    let virtio = smmu.kind == crate::config::IommuKind::VirtioIommu;
+    let (what, min) = if virtio {
+        ("virtio-iommu regs", VIRTIO_MMIO_REGS_MIN)
+    } else {
+        ("smmu regs", SMMU_REGS_MIN)
+    };
+    if r.size < min || r.base.checked_add(r.size).is_none() {
         return Err(GuestDtError::BadRange {
-            what: "smmu regs",
+            what,
             base: r.base,
             size: r.size,
         });
     }
-    let irqs = [
+    let both = [
         ("smmu eventq", smmu.eventq_intid),
         ("smmu gerror", smmu.gerror_intid),
     ];
-    for (what, intid) in irqs {
+    let one = [("virtio-iommu", smmu.eventq_intid)];
+    let irqs: &[(&'static str, u32)] = if virtio { &one } else { &both };
+    for &(what, intid) in irqs {
         if !(32..1020).contains(&intid) {
             return Err(GuestDtError::BadIntid {
                 what,
@@ -271,7 +283,7 @@ fn validate_smmu(
             });
         }
     }
-    for (second, intid) in irqs {
+    for &(second, intid) in irqs {
         if let Some(&(first, _)) = used.iter().find(|&&(_, other)| other == intid) {
             return Err(GuestDtError::SharedIntid {
                 intid,

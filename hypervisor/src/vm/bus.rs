@@ -24,6 +24,9 @@ pub enum Target {
     Ecam(usize, u64),
     /// The register pages of the VM's vSMMU with this index in `Vm::vsmmus`, at this offset.
     Vsmmu(usize, u64),
+    /// The register frame of the VM's virtio-iommu with this index in `Vm::viommus`, at this
+    /// offset.
+    Viommu(usize, u64),
     /// The control frame of the VM's vITS, at this offset.
     Vits(u64),
     /// The vPL011, at this offset.
@@ -38,7 +41,7 @@ fn within(base: u64, size: u64, ipa: Ipa) -> Option<u64> {
 }
 
 /// Which device `ipa` belongs to, in the order the devices are tried (distributor, then
-/// redistributors, ECAM, vSMMU, vITS, UART, PCI windows): `None` when nothing lives there.
+/// redistributors, ECAM, vSMMU, virtio-iommu, vITS, UART, PCI windows): `None` when nothing lives there.
 pub fn route(vm: &Vm, ipa: Ipa) -> Option<Target> {
     if let Some(off) = within(vm.gicd.base, vm.gicd.size, ipa) {
         return Some(Target::Gicd(off));
@@ -64,6 +67,14 @@ pub fn route(vm: &Vm, ipa: Ipa) -> Option<Target> {
         .find_map(|(i, s)| within(s.regs.base, s.regs.size, ipa).map(|off| (i, off)))
     {
         return Some(Target::Vsmmu(i, off));
+    }
+    if let Some((i, off)) = vm
+        .viommus
+        .iter()
+        .enumerate()
+        .find_map(|(i, v)| within(v.regs.base, v.regs.size, ipa).map(|off| (i, off)))
+    {
+        return Some(Target::Viommu(i, off));
     }
     if let Some(off) = vm.its.as_ref().and_then(|i| i.control_offset(ipa)) {
         return Some(Target::Vits(off));

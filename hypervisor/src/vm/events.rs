@@ -86,6 +86,35 @@ pub fn route(vms: &[Vm], drained: &Drained, here: Option<(usize, usize)>, hw: &i
         let owner = owner_of(e.stream_id);
         // An event's lines count against its VM's log rate limits, whichever CPU drained it.
         let ctx = hw.log_context(owner.map(|v| v.id));
+        if let Some((vm, v)) = owner.and_then(|vm| {
+            let v = vm.viommus.iter().find(|v| v.unit == drained.unit)?;
+            Some((vm, v)).filter(|_| !vm.is_stopped())
+        }) {
+            if fate == EventFate::Suppressed {
+                hw.log_context(ctx);
+                continue;
+            }
+            let irqs = VmIrqs {
+                vm,
+                hw,
+                here: here.filter(|h| h.0 == vm.id).map(|h| h.1),
+            };
+            let n = EVENTS.fetch_add(1, Ordering::Relaxed) + 1;
+            if v.forward_event(e.stream_id, e, &mut vm.ram(), &irqs) {
+                to_guests += 1;
+                log::info!(
+                    "viommu: {}: event {} StreamID {} forwarded to the guest (input {:#x})",
+                    vm.config.name,
+                    e.kind.name(),
+                    e.stream_id,
+                    e.input_addr
+                );
+            } else {
+                log_hypervisor_event(n, e, Some(vm.config.name.as_str()));
+            }
+            hw.log_context(ctx);
+            continue;
+        }
         let forwarded = owner.and_then(|vm| {
             let s = vm
                 .vsmmus

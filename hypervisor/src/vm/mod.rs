@@ -13,6 +13,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod lr;
 pub mod psci;
+pub mod viommu;
 
 use crate::devices::console::ConsoleBacklog;
 use crate::devices::vecam::{BarMove, VirtualEcam};
@@ -73,6 +74,9 @@ pub struct VmConfig {
     pub devices: VmPciDevices,
     /// `smmu-hv,intx-only`: no virtual ITS, so its functions keep INTx.
     pub intx_only: bool,
+    /// `smmu-hv,iommu`: the vSMMU or a virtio-iommu over each physical SMMU it has functions
+    /// behind.
+    pub iommu: crate::config::IommuKind,
 }
 
 /// Why a VM could not be built or loaded.
@@ -149,6 +153,9 @@ pub struct VmMachine<'a> {
     pub smmus: &'a [SmmuFacts<'a>],
     /// The ITS the VM's functions' MSIs reach, if it gets a vITS.
     pub its: Option<&'a its::ItsFacts>,
+    /// What makes a virtio-iommu's model and table pool (`None`: the machine has none, and a
+    /// VM asking for a virtio-iommu gets stage 2 only).
+    pub viommu: Option<&'a dyn crate::devices::viommu::device::ViommuFactory>,
 }
 
 /// The physical SMMU as a VM's construction needs it: its DT node and what it can do.
@@ -199,6 +206,9 @@ pub struct Vm {
     /// The VM's emulated SMMUv3s: one over each physical SMMU its PCI functions sit behind
     /// that can nest, ordered by driver instance.
     pub vsmmus: Vec<VmSmmu>,
+    /// Its virtio-iommus (`smmu-hv,iommu = "virtio-iommu"`), in place of the vSMMUs: one over
+    /// each physical SMMU its functions sit behind that can nest, ordered by driver instance.
+    pub viommus: Vec<crate::devices::viommu::device::VmViommu>,
     /// Its virtual ITS, when the machine has an ITS its functions' MSIs reach and the VM did
     /// not ask for INTx only.
     pub its: Option<its::VmIts>,
@@ -264,6 +274,7 @@ impl Vm {
             host_bridges,
             smmus,
             its,
+            viommu,
         } = *machine;
         let ram_ipa = MemRange {
             base: platform.memory[0].base,
@@ -295,12 +306,54 @@ impl Vm {
         let vmid = (id + 1) as u16;
         let uart_intid = platform.uart.intid.unwrap_or(VUART_FALLBACK_INTID);
         let mut vsmmus: Vec<VmSmmu> = Vec::new();
+        let mut viommus: Vec<crate::devices::viommu::device::VmViommu> = Vec::new();
         // Lines a vSMMU must not take: the UART's, the INTx lines, earlier vSMMUs'.
         let mut used: Vec<u32> = alloc::vec![uart_intid];
         used.extend(config.devices.intx_intids());
         for s in smmus.iter().filter(|_| has_devices) {
             let s2 = crate::stage2::smmu_s2_config(s.oas_bits, vmid, stage2.root_pa());
             let ids = config.devices.stream_ids_on(s.unit);
+            if config.iommu == crate::config::IommuKind::VirtioIommu {
+                let window = viommu::pool_window(platform, ram_ipa, viommus.len());
+                match viommu::build(
+                    &config.name,
+                    s,
+                    ids,
+                    s2,
+                    32 + VGIC_SPIS,
+                    &used,
+                    window,
+                    viommu,
+                ) {
+                    Ok((v, pool_pa)) => {
+                        // The SMMU's nested walks read the domains' tables through this
+                        // mapping; the guest's CPUs may read but never write them.
+                        stage2.map(
+                            v.pool.base,
+                            pool_pa.base,
+                            pool_pa.size,
+                            MemType::NormalReadOnly,
+                        )?;
+                        log::info!(
+                            "viommu: {}: virtio-iommu at {:#x} (virtio-mmio), endpoints {ids:?} of {}, SPI {}, table pool {} KiB at IPA {:#x}",
+                            config.name,
+                            v.regs.base,
+                            s.info.path,
+                            v.intid,
+                            pool_pa.size / 1024,
+                            v.pool.base
+                        );
+                        used.push(v.intid);
+                        viommus.push(v);
+                    }
+                    Err(e) => log::warn!(
+                        "viommu: {}: {}: {e}: no virtio-iommu there, its devices behind it on stage 2 only",
+                        config.name,
+                        s.info.path
+                    ),
+                }
+                continue;
+            }
             let made = crate::devices::vsmmu::pick_intids(s.info, 32 + VGIC_SPIS, &used)
                 .ok_or(crate::devices::vsmmu::NoVsmmu::NoSpi)
                 .and_then(|intids| {
@@ -368,7 +421,10 @@ impl Vm {
                     iommu_map: host
                         .iommu_map
                         .iter()
-                        .filter(|e| vsmmus.iter().any(|v| v.host_phandle == Some(e.iommu)))
+                        .filter(|e| {
+                            vsmmus.iter().any(|v| v.host_phandle == Some(e.iommu))
+                                || viommus.iter().any(|v| v.host_phandle == Some(e.iommu))
+                        })
                         .copied()
                         .collect(),
                     iommu_map_mask: host.iommu_map_mask,
@@ -424,6 +480,7 @@ impl Vm {
             bar_moves: AtomicU32::new(0),
             pci,
             vsmmus,
+            viommus,
             its,
             gicd: MemRange {
                 base: platform.gic.gicd.base,
@@ -490,7 +547,15 @@ impl Vm {
                 eventq_intid: s.eventq_intid,
                 gerror_intid: s.gerror_intid,
                 host_phandle: s.host_phandle,
+                kind: crate::config::IommuKind::Smmuv3,
             })
+            .chain(self.viommus.iter().map(|v| GuestSmmu {
+                regs: v.regs,
+                eventq_intid: v.intid,
+                gerror_intid: v.intid,
+                host_phandle: v.host_phandle,
+                kind: crate::config::IommuKind::VirtioIommu,
+            }))
             .collect();
         let pci: Vec<GuestPci> = self
             .pci
@@ -554,6 +619,11 @@ impl Vm {
             // value) and whatever its previous boot left in the TLBs of its VMID is dropped.
             s.model.lock().reset(&mut phys(s.unit));
         }
+        for v in &self.viommus {
+            // Device and VM reset: no domains, `bypass` = 1, every endpoint on stage 2 only,
+            // the VMID's stage-1 TLB entries dropped.
+            v.vm_reset(&mut phys(v.unit));
+        }
         self.boots.fetch_add(1, Ordering::AcqRel);
         Ok((place.entry, place.dtb))
     }
@@ -575,6 +645,14 @@ impl Vm {
             for line in s.stats_lines(&name) {
                 log::info!("{line}");
             }
+        }
+        for v in &self.viommus {
+            let name = if self.viommus.len() > 1 {
+                format!("{}@{:#x}", self.config.name, v.regs.base)
+            } else {
+                self.config.name.clone()
+            };
+            log::info!("{}", v.stats_line(&name));
         }
     }
 

@@ -71,6 +71,7 @@ fn config(devices: VmDevices) -> VmConfig {
         bootargs: "console=ttyAMA0".into(),
         devices: one_segment(devices),
         intx_only: false,
+        iommu: crate::config::IommuKind::default(),
     }
 }
 
@@ -597,6 +598,7 @@ fn functions_behind_two_smmus_get_a_vsmmu_over_each() {
             host_bridges: &[&host],
             smmus: &facts,
             its: None,
+            viommu: None,
         },
     )
     .unwrap();
@@ -729,6 +731,7 @@ fn functions_on_two_host_bridges_get_a_virtual_bridge_each() {
             host_bridges: &[&host0, &host1],
             smmus: &facts,
             its: None,
+            viommu: None,
         },
     )
     .unwrap();
@@ -805,6 +808,7 @@ fn vm_with_its(intx_only: bool) -> Vm {
     let facts = its_facts(&[(0, Bdf::new(0, 2, 0), Some(0x10))]);
     let c = VmConfig {
         intx_only,
+        iommu: crate::config::IommuKind::default(),
         ..config(devices)
     };
     let m = VmMachine {

@@ -133,6 +133,23 @@ pub(super) fn mmio_access(
                 }
             }
         }
+        Target::Viommu(index, off) => {
+            let v = vm.viommus.get(index)?;
+            let size = width.bytes() as u8;
+            match write {
+                None => v.read(off, size),
+                Some(val) => {
+                    let irqs = VmIrqs {
+                        vm,
+                        hw: &Machine,
+                        here: Some(vcpu),
+                    };
+                    let mut phys = iommu::PhysSmmu(v.unit);
+                    v.write(off, size, val, &mut vm.ram(), &mut phys, &irqs);
+                    0
+                }
+            }
+        }
         Target::Vits(off) => super::vits::access(vm, off, width, write)?,
         Target::Uart(off) => match write {
             Some(v) => {

@@ -154,6 +154,9 @@ pub(super) fn console_input() {
             vm.log_vsmmu_stats();
         }
         iommu::dump_stream_table(hv().iommu.groups(), &hv().iommu.directory);
+        let (used, total) = crate::arch::heap_usage();
+        // What a leak over many driver cycles would show (tests compare it across cycles).
+        log::info!("heap: {used} bytes of {total} in use");
     }
     let mut touched = 0u64;
     for (vm, byte) in input.bytes {

@@ -27,6 +27,7 @@
 //!   ring (Linux copies ATTACH/DETACH/PROBE statuses back only when it equals the writable
 //!   length exactly).
 
+pub mod device;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -61,7 +62,8 @@ pub mod feature {
     pub const BYPASS: u64 = 1 << 3;
     /// VIRTIO_IOMMU_F_PROBE.
     pub const PROBE: u64 = 1 << 4;
-    /// VIRTIO_IOMMU_F_MMIO (never offered).
+    /// VIRTIO_IOMMU_F_MMIO: MAP_F_MMIO mappings (Device memory), which Linux uses for the
+    /// MSI doorbell page it maps in its software MSI window.
     pub const MMIO: u64 = 1 << 5;
     /// VIRTIO_IOMMU_F_BYPASS_CONFIG.
     pub const BYPASS_CONFIG: u64 = 1 << 6;
@@ -369,13 +371,15 @@ impl<P: TablePool> Viommu<P> {
 
     /// Feature bits offered: VERSION_1, INPUT_RANGE, DOMAIN_RANGE, MAP_UNMAP, PROBE (when
     /// `probe_size` is non-zero), BYPASS_CONFIG. Never F_BYPASS (the spec says new devices
-    /// should not offer it with BYPASS_CONFIG) nor F_MMIO.
+    /// should not offer it with BYPASS_CONFIG), and F_MMIO: without it Linux cannot map its MSI
+    /// doorbell (`viommu_map_pages` refuses IOMMU_MMIO), and MSIs would fall back to INTx.
     pub fn device_features(&self) -> u64 {
         let mut f = feature::VERSION_1
             | feature::INPUT_RANGE
             | feature::DOMAIN_RANGE
             | feature::MAP_UNMAP
-            | feature::BYPASS_CONFIG;
+            | feature::BYPASS_CONFIG
+            | feature::MMIO;
         if self.cfg.probe_size != 0 {
             f |= feature::PROBE;
         }
@@ -870,8 +874,13 @@ impl<P: TablePool> Viommu<P> {
         if d.bypass() {
             return status::INVAL;
         }
-        // MMIO needs F_MMIO, which is not offered.
-        if flags & !(MAP_F_READ | MAP_F_WRITE) != 0 {
+        // MMIO only with F_MMIO negotiated.
+        let mmio = if self.negotiated(feature::MMIO) {
+            MAP_F_MMIO
+        } else {
+            0
+        };
+        if flags & !(MAP_F_READ | MAP_F_WRITE | mmio) != 0 {
             return status::INVAL;
         }
         if e < s {
@@ -898,7 +907,7 @@ impl<P: TablePool> Viommu<P> {
         if self.mappings >= self.cfg.max_mappings {
             return status::NOMEM;
         }
-        let present = flags != 0;
+        let present = flags & (MAP_F_READ | MAP_F_WRITE) != 0;
         if present {
             // Every UNMAP frees the subtables it empties, so what is free is all there is.
             if worst_case_tables(s, e, p) > self.pool.free_pages() {
@@ -912,7 +921,8 @@ impl<P: TablePool> Viommu<P> {
             if let Some(t) = d.tables.as_mut() {
                 // Write-only is widened to read/write: stage-1 APs cannot express it, and the
                 // spec allows reads then (notes A4, MAP).
-                if let Err(err) = t.map(s, e, p, flags & MAP_F_WRITE != 0) {
+                let (write, mmio) = (flags & MAP_F_WRITE != 0, flags & MAP_F_MMIO != 0);
+                if let Err(err) = t.map(s, e, p, write, mmio) {
                     log::error!("viommu: {}: map {s:#x}-{e:#x}: {err}", self.cfg.name);
                     self.needs_reset = true;
                     return status::DEVERR;
@@ -949,7 +959,7 @@ impl<P: TablePool> Viommu<P> {
         let mut ranges = Vec::new();
         for &(ms, me, flags) in &inside {
             d.mappings.remove(&ms);
-            if flags != 0 {
+            if flags & (MAP_F_READ | MAP_F_WRITE) != 0 {
                 if let Some(t) = d.tables.as_mut() {
                     if t.unmap(ms, me).is_err() {
                         self.needs_reset = true;

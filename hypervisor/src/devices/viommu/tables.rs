@@ -19,23 +19,28 @@ const SZ_2M: u64 = 1 << 21;
 const SZ_1G: u64 = 1 << 30;
 
 /// MAIR0 of every CD: Attr0 = 0xff Normal inner/outer write-back read/write-allocate (what
-/// mappings use, through AttrIndx 0), Attr1 = 0x04 Device-nGnRE (unused: F_MMIO is not offered).
+/// mappings use, through AttrIndx 0), Attr1 = 0x04 Device-nGnRE (MAP_F_MMIO mappings: the MSI
+/// doorbell Linux maps in its software MSI window).
 pub const MAIR0: u64 = 0x04_ff;
 
 /// The leaf attributes of a mapping (Arm ARM D8.3 stage-1 descriptors): valid, access flag set
 /// (the SMMU need not manage AF: CD.HA = 0), inner shareable, non-global (tagged with the
 /// domain's ASID), AP\[1\] = 1 (PCIe transactions without PASID are unprivileged; Linux
-/// io-pgtable-arm sets ARM_LPAE_PTE_AP_UNPRIV likewise), never executable, AttrIndx 0;
-/// AP\[2\] (READ_ONLY) unless `write`.
-pub fn leaf_attributes(write: bool) -> El1Attributes {
+/// io-pgtable-arm sets ARM_LPAE_PTE_AP_UNPRIV likewise), never executable, AttrIndx 0 (Normal)
+/// or, for `mmio`, 1 (Device-nGnRE); AP\[2\] (READ_ONLY) unless `write`.
+pub fn leaf_attributes(write: bool, mmio: bool) -> El1Attributes {
     let mut a = El1Attributes::VALID
         | El1Attributes::ACCESSED
         | El1Attributes::INNER_SHAREABLE
         | El1Attributes::NON_GLOBAL
         | El1Attributes::USER
         | El1Attributes::UXN
-        | El1Attributes::PXN
-        | El1Attributes::ATTRIBUTE_INDEX_0;
+        | El1Attributes::PXN;
+    a |= if mmio {
+        El1Attributes::ATTRIBUTE_INDEX_1
+    } else {
+        El1Attributes::ATTRIBUTE_INDEX_0
+    };
     if !write {
         a |= El1Attributes::READ_ONLY;
     }
@@ -141,13 +146,14 @@ impl<T: Translation<El1Attributes>> Tables<T> {
         self.map.translation()
     }
 
-    /// Maps `[s, e]` (page aligned, inside the input range) onto `p` with blocks where aligned.
-    pub fn map(&mut self, s: u64, e: u64, p: u64, write: bool) -> Result<(), MapError> {
+    /// Maps `[s, e]` (page aligned, inside the input range) onto `p` with blocks where aligned,
+    /// as Device memory if `mmio`.
+    pub fn map(&mut self, s: u64, e: u64, p: u64, write: bool, mmio: bool) -> Result<(), MapError> {
         let r = MemoryRegion::new(s as usize, (e + 1) as usize);
         self.map.map_range(
             &r,
             PhysicalAddress(p as usize),
-            leaf_attributes(write),
+            leaf_attributes(write, mmio),
             Constraints::empty(),
         )
     }

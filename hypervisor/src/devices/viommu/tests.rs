@@ -70,7 +70,8 @@ const ALL: u64 = feature::VERSION_1
     | feature::DOMAIN_RANGE
     | feature::MAP_UNMAP
     | feature::PROBE
-    | feature::BYPASS_CONFIG;
+    | feature::BYPASS_CONFIG
+    | feature::MMIO;
 
 impl Rig {
     fn with(c: ViommuConfig, capacity: usize, features: u64) -> Self {
@@ -131,6 +132,11 @@ impl Rig {
     /// Translates `iova` through domain `d`'s table image like the SMMU: levels 1-3, 4 KiB
     /// granule. Returns (IPA, writable, level of the leaf).
     fn walk(&self, d: u32, iova: u64) -> Option<(u64, bool, usize)> {
+        self.leaf(d, iova).map(|(ipa, w, level, _)| (ipa, w, level))
+    }
+
+    /// As [`Rig::walk`], with the leaf's AttrIndx too.
+    fn leaf(&self, d: u32, iova: u64) -> Option<(u64, bool, usize, u64)> {
         let tr = self.v.domain_translation(d)?;
         let img = tr.as_bytes();
         let base =
@@ -152,16 +158,18 @@ impl Rig {
             if level == 3 {
                 assert_ne!(desc & 2, 0, "level-3 descriptor must be a page");
             }
-            // AF, nG, AP[1] (unprivileged), UXN/PXN, inner shareable, AttrIndx 0.
+            // AF, nG, AP[1] (unprivileged), UXN/PXN, inner shareable, AttrIndx 0 (Normal) or
+            // 1 (Device, MAP_F_MMIO).
             assert_eq!(
                 desc & (1 << 10 | 1 << 11 | 1 << 6),
                 1 << 10 | 1 << 11 | 1 << 6
             );
             assert_eq!(desc >> 53 & 3, 3);
             assert_eq!(desc >> 8 & 3, 3);
-            assert_eq!(desc >> 2 & 7, 0);
+            assert!(desc >> 2 & 7 <= 1);
             let mask = (1u64 << shift) - 1;
-            return Some(((oa & !mask) | (iova & mask), desc & (1 << 7) == 0, level));
+            let ipa = (oa & !mask) | (iova & mask);
+            return Some((ipa, desc & (1 << 7) == 0, level, desc >> 2 & 7));
         }
         None
     }
@@ -216,7 +224,7 @@ const K4: u64 = 0x1000;
 fn features_and_config_space() {
     let mut r = Rig::new();
     assert_eq!(r.v.device_features(), ALL);
-    assert_eq!(r.v.device_features() & (feature::BYPASS | feature::MMIO), 0);
+    assert_eq!(r.v.device_features() & feature::BYPASS, 0);
     let c = |r: &Rig, off: u64| r.v.config_read(off, 4);
     assert_eq!((c(&r, 0), c(&r, 4)), (0x4020_1000, 0));
     assert_eq!((c(&r, 8), c(&r, 0xc)), (0, 0));
@@ -455,10 +463,13 @@ fn map_statuses() {
         status::INVAL,
         "unknown flag"
     );
+    // MMIO (Device memory: the MSI doorbell) only with F_MMIO negotiated.
+    let mut no_mmio = Rig::with(cfg(), 1000, ALL & !feature::MMIO);
+    assert_eq!(no_mmio.st(&attach(0, 8, 0)), status::OK);
     assert_eq!(
-        r.st(&map(0, K4, 0x1fff, 0, MAP_F_WRITE | MAP_F_MMIO)),
+        no_mmio.st(&map(0, K4, 0x1fff, 0, MAP_F_WRITE | MAP_F_MMIO)),
         status::INVAL,
-        "MMIO"
+        "MMIO without F_MMIO"
     );
     assert_eq!(r.st(&map(0, 0x10_0000, 0x10_3fff, 0, RW)), status::OK);
     assert_eq!(
@@ -943,4 +954,30 @@ fn a_failing_physical_smmu_gives_ioerr_and_needs_a_reset() {
     r.check();
     assert_eq!(r.ste(1), Ste::stage2(harness::s2_config()));
     assert_eq!(r.v.stats().table_pages, 0);
+}
+
+#[test]
+fn an_mmio_mapping_is_device_memory() {
+    // Linux maps its MSI doorbell (the vITS's GITS_TRANSLATER page) with IOMMU_MMIO in its
+    // software MSI window at 0x800_0000: MAP_F_WRITE | MAP_F_MMIO, F_MMIO negotiated.
+    let mut r = Rig::new();
+    assert_eq!(r.st(&attach(0, 8, 0)), status::OK);
+    let flags = MAP_F_WRITE | MAP_F_MMIO;
+    assert_eq!(
+        r.st(&map(0, 0x800_0000, 0x800_0fff, 0x809_0000, flags)),
+        status::OK
+    );
+    assert_eq!(r.st(&map(0, K4, 0x1fff, 0x4000_0000, RW)), status::OK);
+    assert_eq!(r.leaf(0, 0x800_0040), Some((0x809_0040, true, 3, 1)));
+    assert_eq!(r.leaf(0, K4), Some((0x4000_0000, true, 3, 0)));
+    // Attr1 of MAIR0 is Device-nGnRE, Attr0 Normal write-back.
+    assert_eq!(MAIR0 >> 8 & 0xff, 0x04);
+    assert_eq!(MAIR0 & 0xff, 0xff);
+    // MMIO alone (no READ or WRITE) maps nothing, like any mapping without permissions.
+    assert_eq!(
+        r.st(&map(0, 0x900_0000, 0x900_0fff, 0x809_0000, MAP_F_MMIO)),
+        status::OK
+    );
+    assert_eq!(r.walk(0, 0x900_0000), None);
+    r.check();
 }
