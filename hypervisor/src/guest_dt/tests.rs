@@ -1219,3 +1219,67 @@ fn rejects_bad_its_configs() {
         );
     }
 }
+
+#[test]
+fn a_virtio_iommu_is_a_virtio_mmio_node_with_one_interrupt() {
+    let mpidrs = [0u64, 1];
+    let viommu = GuestSmmu {
+        regs: MemRange {
+            base: 0x905_0000,
+            size: 0x200,
+        },
+        // One line: the second field is unused, so repeating it is no clash.
+        eventq_intid: 32 + 74,
+        gerror_intid: 32 + 74,
+        host_phandle: Some(0x77),
+        kind: crate::config::IommuKind::VirtioIommu,
+    };
+    let smmus = [viommu];
+    let cfg = GuestDtConfig {
+        pci: &[pci()],
+        smmus: &smmus,
+        ..config(&mpidrs)
+    };
+    let dtb = build_guest_dt(&cfg).unwrap();
+    let fdt = fdt::Fdt::new(&dtb).unwrap();
+    let node = fdt.find_node("/virtio_mmio@9050000").unwrap();
+    assert_eq!(node.compatible().map(|c| c.first()), Some("virtio,mmio"));
+    assert_eq!(
+        be32(node.property("interrupts").unwrap().value),
+        [0, 74, 1],
+        "one edge SPI"
+    );
+    assert_eq!(
+        node.property("#iommu-cells").and_then(|p| p.as_usize()),
+        Some(1)
+    );
+    // The host bridge's RIDs go to it, and the guest's init learns which driver to load.
+    let hb = crate::pci::HostBridge::from_dtb(&dtb).unwrap().unwrap();
+    let phandle = node.property("phandle").and_then(|p| p.as_usize()).unwrap() as u32;
+    assert_eq!(hb.translate(0x10), Some((phandle, 0x10)));
+    let chosen = fdt.find_node("/chosen").unwrap();
+    assert_eq!(
+        chosen.property("hypervisor,iommu").and_then(|p| p.as_str()),
+        Some("virtio-iommu")
+    );
+    // A frame too small for its config space is refused.
+    let small = [GuestSmmu {
+        regs: MemRange {
+            base: 0x905_0000,
+            size: 0x100,
+        },
+        ..viommu
+    }];
+    assert_eq!(
+        build_guest_dt(&GuestDtConfig {
+            smmus: &small,
+            ..cfg
+        })
+        .unwrap_err(),
+        GuestDtError::BadRange {
+            what: "virtio-iommu regs",
+            base: 0x905_0000,
+            size: 0x100
+        }
+    );
+}

@@ -942,3 +942,205 @@ fn a_function_the_vits_cannot_serve_keeps_msi_hidden_its_neighbour_does_not() {
         "segment 1's function keeps MSI-X hidden"
     );
 }
+
+/// A virtio-iommu table pool over aarch64-paging's `IdTranslation` (tables on the host heap,
+/// which a `Send` model needs: `TargetAllocator` is not), for the VM-level tests; the model's
+/// own tests check its tables and pages.
+#[derive(Debug)]
+struct TestPool {
+    base: u64,
+}
+
+impl crate::devices::viommu::TablePool for TestPool {
+    type Tr = aarch64_paging::idmap::IdTranslation<aarch64_paging::descriptor::El1Attributes>;
+    fn translation(&mut self) -> Self::Tr {
+        aarch64_paging::idmap::IdTranslation::new()
+    }
+    fn free_pages(&self) -> usize {
+        64
+    }
+    fn cd_ipa(&self, slot: usize) -> u64 {
+        self.base + 64 * slot as u64
+    }
+    fn write_cd(&mut self, _: usize, _: [u64; 8]) {}
+}
+
+/// Makes virtio-iommu models over [`TestPool`]s, their pool "physically" at 0x7000_0000, or
+/// refuses (`ok` false) as a machine whose heap is exhausted would.
+#[derive(Debug)]
+struct TestFactory {
+    ok: bool,
+}
+
+impl crate::devices::viommu::device::ViommuFactory for TestFactory {
+    fn make(
+        &self,
+        cfg: crate::devices::viommu::ViommuConfig,
+        pool_ipa: u64,
+    ) -> Result<
+        (
+            alloc::boxed::Box<dyn crate::devices::viommu::device::ViommuModel>,
+            MemRange,
+        ),
+        &'static str,
+    > {
+        if !self.ok {
+            return Err("the heap cannot give it");
+        }
+        let pool = TestPool { base: pool_ipa };
+        let model = crate::devices::viommu::Viommu::new(cfg, pool);
+        Ok((
+            alloc::boxed::Box::new(model),
+            MemRange {
+                base: 0x7000_0000,
+                size: 1 << 20,
+            },
+        ))
+    }
+}
+
+/// A VM with two functions behind the board's SMMU and `smmu-hv,iommu = "virtio-iommu"`,
+/// built with `factory`.
+fn viommu_vm(factory: &TestFactory) -> (Vm, Platform) {
+    use crate::pci::UnitStreams;
+    let p = platform();
+    let host = crate::pci::HostBridge::from_dtb(QEMU_DTB).unwrap().unwrap();
+    let mut cfg = FakeConfigSpace::qemu_flat();
+    let topo = crate::pci::enumerate::enumerate(&mut cfg, 0, 0).unwrap();
+    let (a, b) = (Bdf::new(0, 2, 0), Bdf::new(0, 3, 0));
+    let devices = VmDevices {
+        functions: alloc::vec![
+            topo.device(a).unwrap().clone(),
+            topo.device(b).unwrap().clone()
+        ],
+        intx: alloc::vec![
+            (a, IntxPin::A, 37, (a, IntxPin::A)),
+            (b, IntxPin::A, 38, (b, IntxPin::A))
+        ],
+        smmus: alloc::vec![UnitStreams {
+            unit: 0,
+            stream_ids: alloc::vec![0x10, 0x18],
+        }],
+        ..VmDevices::default()
+    };
+    let facts = [SmmuFacts {
+        unit: 0,
+        info: &p.smmus[0],
+        oas_bits: 44,
+        phys: crate::devices::vsmmu::PhysFacts {
+            nesting: true,
+            stalls_forced: false,
+            idr5: 0x75,
+            ril: false,
+        },
+    }];
+    let c = VmConfig {
+        iommu: crate::config::IommuKind::VirtioIommu,
+        ..config(devices)
+    };
+    let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
+    let vm = Vm::new(
+        0,
+        c,
+        &p,
+        ram,
+        PhysAddr(0x8000_0000),
+        &VmMachine {
+            host_bridges: &[&host],
+            smmus: &facts,
+            its: None,
+            viommu: Some(factory),
+        },
+    )
+    .unwrap();
+    (vm, p)
+}
+
+#[test]
+fn a_virtio_iommu_vm_gets_a_virtio_mmio_device_over_its_smmu_and_a_read_only_table_pool() {
+    let (vm, p) = viommu_vm(&TestFactory { ok: true });
+    let smmu = &p.smmus[0];
+    assert!(vm.vsmmus.is_empty(), "a virtio-iommu instead of the vSMMU");
+    assert_eq!(vm.viommus.len(), 1);
+    let v = &vm.viommus[0];
+    // At the physical SMMU's address, its virtio-mmio frame; its line the SMMU's eventq one.
+    assert_eq!(
+        (v.unit, v.regs.base, v.regs.size),
+        (0, smmu.regs.base, 0x200)
+    );
+    assert_eq!(Some(v.intid), smmu.eventq_intid);
+    assert_eq!(
+        route(&vm, Ipa(smmu.regs.base + 0x70)),
+        Some(Target::Viommu(0, 0x70))
+    );
+    assert_eq!(route(&vm, Ipa(smmu.regs.base + 0x200)), None);
+    // The pool: 2 MiB above the VM's RAM, read-only Normal memory in its stage 2, onto the
+    // pool's physical pages; nothing above it.
+    assert_eq!(v.pool.base, p.memory[0].base + RAM_SIZE);
+    let s2 = vm.stage2.lock();
+    let leaf = s2.lookup(v.pool.base + 0x1008).unwrap();
+    assert_eq!(
+        (leaf.pa, leaf.mem),
+        (0x7000_1008, crate::stage2::MemType::NormalReadOnly)
+    );
+    assert_eq!(s2.lookup(v.pool.base + (1 << 20)), None);
+    drop(s2);
+    // A boot resets it through its physical SMMU and describes it in the guest's DT: a
+    // `virtio,mmio` IOMMU node the host bridge's `iommu-map` names, and which driver to load.
+    let log = core::cell::RefCell::new(Vec::new());
+    let (_, dtb) = vm
+        .load(&FakeHw::new(2, 4), |unit| UnitSmmu { unit, log: &log })
+        .unwrap();
+    assert!(log
+        .borrow()
+        .iter()
+        .any(|&(u, what)| u == 0 && what == "ste"));
+    let mut d = alloc::vec![0u8; 1 << 16];
+    vm.ram().read(dtb, &mut d).unwrap();
+    let fdt = fdt::Fdt::new(&d).unwrap();
+    let node = fdt
+        .find_node(&alloc::format!("/virtio_mmio@{:x}", smmu.regs.base))
+        .expect("the virtio-iommu's node");
+    assert_eq!(node.compatible().map(|c| c.first()), Some("virtio,mmio"));
+    assert!(node.property("dma-coherent").is_some());
+    assert_eq!(
+        node.property("#iommu-cells").and_then(|p| p.as_usize()),
+        Some(1)
+    );
+    let phandle = node.property("phandle").and_then(|p| p.as_usize()).unwrap() as u32;
+    let hb = crate::pci::HostBridge::from_dtb(&d).unwrap().unwrap();
+    assert_eq!(hb.translate(0x10), Some((phandle, 0x10)));
+    let chosen = fdt.find_node("/chosen").unwrap();
+    assert_eq!(
+        chosen.property("hypervisor,iommu").and_then(|p| p.as_str()),
+        Some("virtio-iommu")
+    );
+    assert!(fdt.find_node("/smmuv3@9050000").is_none());
+}
+
+#[test]
+fn a_virtio_iommu_the_machine_cannot_give_leaves_the_functions_on_stage_2() {
+    let (vm, _) = viommu_vm(&TestFactory { ok: false });
+    assert!(vm.viommus.is_empty() && vm.vsmmus.is_empty());
+    // No pool window was mapped.
+    let above = vm.ram_ipa.base + RAM_SIZE;
+    assert_eq!(vm.stage2.lock().lookup(above), None);
+}
+
+#[test]
+fn the_pool_window_lies_above_the_vms_ram_inside_the_hosts_ram() {
+    let p = platform();
+    let ram = MemRange {
+        base: p.memory[0].base,
+        size: RAM_SIZE + 0x1000,
+    };
+    // Rounded up to 2 MiB past the RAM's end, one window per device.
+    let w = super::viommu::pool_window(&p, ram, 1).unwrap();
+    assert_eq!(w.base, p.memory[0].base + RAM_SIZE + (4 << 20));
+    // A VM whose RAM ends where the host's does has no room.
+    let full = MemRange {
+        base: p.memory[0].base,
+        size: p.memory[0].size,
+    };
+    assert_eq!(super::viommu::pool_window(&p, full, 0), None);
+}
