@@ -1,8 +1,8 @@
 //! The virtual devices a VM's guest sees, each a state machine behind `read(offset)` /
 //! `write(offset, value)` (rust-vmm vm-superio's shape): the vGICv3, the vPL011 and its console
-//! input backlog, the virtual ECAM, the virtual ITS model (not wired yet, issue 15), the glue to
-//! the emulated SMMUv3 (`smmu::vsmmu`) and a generic virtio-mmio transport with its split
-//! virtqueues ([`virtio`], for devices the hypervisor emulates; not wired yet). A device is
+//! input backlog, the virtual ECAM, the virtual ITS model, the glue to the emulated SMMUv3
+//! (`smmu::vsmmu`), a generic virtio-mmio transport with its split virtqueues ([`virtio`]) and
+//! the virtio-iommu on it ([`viommu`]). A device is
 //! given what it needs — guest RAM, an [`IrqPort`] to raise its interrupt lines — never the
 //! whole VM, so it builds and is tested on the host and knows nothing of vCPUs or CPUs.
 
