@@ -107,7 +107,9 @@ verify_config() {
     say "config checked: every symbol of ${FRAGMENT#"$ROOT"/} is as it asks ($(grep -c '=m$' "$config") modules)"
 }
 
-# The cache key of the kernel build: what the Image and modules are made from.
+# The cache key of the kernel build: what the Image and modules are made from (the source, the
+# tool chain, the fragment and the functions that build and check it), not the whole script, so
+# that an edit to the guest's tools or initramfs does not rebuild the kernel.
 kernel_key() {
     {
         echo "source: $SRC_PKG $(dpkg-query -W -f='${Version}' "$SRC_PKG")"
@@ -115,8 +117,8 @@ kernel_key() {
         echo "ld: $("${CROSS}ld" --version | head -1)"
         echo "fragment:"
         cat "$FRAGMENT"
-        echo "script:"
-        cat "$KROOT/qemu/kernel.sh"
+        echo "build:"
+        declare -f build_kernel verify_config
     } | sha256sum | cut -c1-16
 }
 
