@@ -4,8 +4,9 @@
 # config fragment qemu/guest-kernel.config, and its initramfs (busybox and tests/guest/init, as the
 # stock guest's, loading arm_smmu_v3 first), which also carries the benchmark's guest script
 # (tests/guest/bench.sh as /bench.sh), the kernel's dma_map_benchmark user tool (from the same
-# source, built statically: /bin/dma_map_benchmark) and the noisy-neighbour test's attacker
-# (tests/guest/attacker.c, built statically: /bin/hvattack). Publishes build/guest/modular (Image,
+# source, built statically: /bin/dma_map_benchmark), the noisy-neighbour test's attacker
+# (tests/guest/attacker.c, built statically: /bin/hvattack) and the hostile virtio-iommu guest
+# (tests/guest/viommu_attack.c: /bin/hvviommu). Publishes build/guest/modular (Image,
 # initramfs.cpio.gz, kver, modules, config), a link into the cache, like build/guest/stock.
 #
 #   qemu/kernel.sh            build what is missing (the kernel: 5 to 8 minutes on 2 cores), then link
@@ -13,10 +14,11 @@
 # Cached by content outside the git tree (~/.cache/smmu-hv or $HV_CACHE), in two levels:
 #   kernel-KEY/          Image, kver, config, lib/modules/KVER/ (modules_install + depmod),
 #                        build.log; KEY hashes linux-source-6.12's version, the config fragment,
-#                        this script and the cross compiler's and binutils' versions
+#                        this script's functions that build and check the kernel and the cross
+#                        compiler's and binutils' versions
 #   guest-modular-GKEY/  what build/guest/modular links to; GKEY hashes KEY, busybox's .deb,
-#                        tests/guest/init, tests/guest/bench.sh, tests/guest/attacker.c and the
-#                        initramfs packing code
+#                        tests/guest/init, tests/guest/bench.sh, the guest programs
+#                        (tests/guest/*.c) and the initramfs packing code
 #                        (so a changed init repacks the initramfs in seconds, without rebuilding
 #                        the kernel)
 # The kernel is built in a scratch directory under the cache, removed afterwards.
@@ -212,10 +214,12 @@ build_dma_map_benchmark() {
     "${CROSS}strip" "$out"
 }
 
-# The noisy-neighbour test's attacker (tests/tests/noisy.rs, tests/guest/init's `hvattack=`):
-# tests/guest/attacker.c built statically for the guest as $1 (C, pthreads).
+# A guest program of the tests, tests/guest/$2, built statically for the guest as $1 (C,
+# pthreads): the noisy-neighbour test's attacker (attacker.c, tests/tests/noisy.rs, init's
+# `hvattack=`) and the hostile virtio-iommu guest (viommu_attack.c, tests/tests/mediation.rs,
+# init's `hvviommu=`).
 build_attacker() {
-    local out="$1" src="$ROOT/tests/guest/attacker.c"
+    local out="$1" src="$ROOT/tests/guest/$2"
     "${CROSS}gcc" -static -O2 -pthread -Wall -Wextra -Werror -o "$out" "$src" ||
         die "could not build ${src#"$ROOT"/}"
     "${CROSS}strip" "$out"
@@ -248,8 +252,9 @@ build_guest() {
     mkdir -p "$ir/bin"
     cp "$ROOT/tests/guest/bench.sh" "$ir/bench.sh"
     build_dma_map_benchmark "$tmp/dma" "$ir/bin/dma_map_benchmark"
-    build_attacker "$ir/bin/hvattack"
-    say "initramfs extras: /bench.sh, /bin/dma_map_benchmark (static, from $SRC_PKG), /bin/hvattack (static, tests/guest/attacker.c)"
+    build_attacker "$ir/bin/hvattack" attacker.c
+    build_attacker "$ir/bin/hvviommu" viommu_attack.c
+    say "initramfs extras: /bench.sh, /bin/dma_map_benchmark (static, from $SRC_PKG), /bin/hvattack and /bin/hvviommu (static, tests/guest/attacker.c and viommu_attack.c)"
     mkdir -p "$out.tmp.$$"
     cp "$mods/load-order" "$out.tmp.$$/modules"
     pack_guest_initramfs "$ir" "$tmp/b/bin/busybox" "$out.tmp.$$/initramfs.cpio.gz"
@@ -292,13 +297,14 @@ main() {
     gkey="$({
         echo "kernel: $key"
         echo "load: ${LOAD_MODULES[*]}"
-        cat "$bdeb" "$ROOT/tests/guest/init" "$ROOT/tests/guest/bench.sh" "$ROOT/tests/guest/attacker.c"
+        cat "$bdeb" "$ROOT/tests/guest/init" "$ROOT/tests/guest/bench.sh" "$ROOT/tests/guest/attacker.c" \
+            "$ROOT/tests/guest/viommu_attack.c"
         declare -f pack_guest_initramfs build_guest add_load_order mod_name build_dma_map_benchmark \
             build_attacker
     } | sha256sum | cut -c1-16)"
     gdir="$CACHE/guest-modular-$gkey"
     if [ ! -f "$gdir/initramfs.cpio.gz" ] || [ ! -f "$gdir/Image" ] || [ ! -f "$gdir/modules" ]; then
-        say "building the modular guest's initramfs ($(basename "$bdeb"), tests/guest/init, tests/guest/bench.sh, tests/guest/attacker.c)"
+        say "building the modular guest's initramfs ($(basename "$bdeb"), tests/guest/init, tests/guest/bench.sh, tests/guest/attacker.c, tests/guest/viommu_attack.c)"
         build_guest "$gdir" "$kdir" "$bdeb"
     fi
     ln -sfn "$gdir" "$BUILD/guest/modular"

@@ -926,3 +926,254 @@ fn hostile_guest_is_contained() -> Result<(), Error> {
 
     Ok(())
 }
+
+/// What vm0's hostile virtio-iommu guest must read back (tests/guest/viommu_attack.c's facts, in
+/// order) and why: the spec's statuses for each request a driver would never make, and
+/// DEVICE_NEEDS_RESET (Status 0x4f) for each broken ring, each undone by a reset.
+const VIOMMU_ATTACKS: [(&str, &str, &str); 17] = [
+    (
+        "vi-id",
+        "magic=0x74726976 version=2 device=23",
+        "virtio-mmio v2, device ID 23",
+    ),
+    (
+        "vi-init",
+        "status=0xf page-mask=0x40201000 input=0x0-0x7fffffffff domains=0-63 probe=64",
+        "DRIVER_OK with every feature, the config space of its VM's virtio-iommu",
+    ),
+    ("vi-attach-own", "0", "S_OK for its own disk"),
+    (
+        "vi-attach-foreign",
+        "6,6",
+        "S_NOENT for vm1's endpoint and for one nobody has",
+    ),
+    ("vi-attach-bad-flags", "4", "S_INVAL for a reserved flag"),
+    (
+        "vi-map-huge",
+        "8,0",
+        "S_NOMEM for 1 GiB of 4 KiB pages, then S_OK for a 2 MiB block: the pool given back",
+    ),
+    (
+        "vi-map-beyond",
+        "5,5",
+        "S_RANGE for an output beyond the IPA space and an input beyond the input range",
+    ),
+    (
+        "vi-map-outside-ram",
+        "0",
+        "S_OK for an output outside its RAM: stage 2's to refuse",
+    ),
+    (
+        "vi-unmap-split",
+        "0,5,0",
+        "S_RANGE for an UNMAP that would split a mapping, S_OK for the whole",
+    ),
+    (
+        "vi-unknown",
+        "used=0 tail=0xee",
+        "nothing written for an unknown type, used length 0",
+    ),
+    (
+        "vi-malformed",
+        "4,4,used=0",
+        "S_INVAL for a short MAP and an unknown MAP flag, nothing for a 2-byte writable part",
+    ),
+    ("vi-nic-attach", "0", "its NIC in a domain of its own"),
+    ("vi-nic-move", "0", "its NIC moved to domain 1"),
+    (
+        "vi-s2-fault",
+        "records=0",
+        "no fault record for a stage-2 fault: the hypervisor's",
+    ),
+    (
+        "vi-bad-buffer",
+        "status=0x4f",
+        "DEVICE_NEEDS_RESET for a buffer outside its RAM",
+    ),
+    (
+        "vi-reset",
+        "status=0xf attach=0",
+        "a reset and a new negotiation bring the device back",
+    ),
+    (
+        "vi-final",
+        "status=0xf attach=0",
+        "the device back after the loop, the huge length and the avail overrun",
+    ),
+];
+
+/// The requests of the hostile virtio-iommu guest's flood (313 notifies of 32 each).
+const VIOMMU_FLOOD_REQUESTS: u64 = 10016;
+
+/// vm0, on a virtio-iommu with its driver unloaded, attacks the device by hand
+/// (tests/guest/viommu_attack.c, init's `hvviommu=`) while vm1, on its vSMMU, runs its DMA load:
+/// ATTACH of vm1's endpoint, MAPs beyond its IPA space, a MAP of more tables than its pool has,
+/// an UNMAP that would split, unknown and short requests, a flood of 10016 requests and 10000
+/// empty notifies, its NIC's DMA through an empty domain (a fault record in its event queue) and
+/// through a mapping outside its RAM (a stage-2 fault only the hypervisor sees), and four
+/// broken rings. Each gets the spec's answer; vm1's load ends clean, its vSMMU saw nothing, its
+/// STEs are its own, and the hypervisor logged nothing against it.
+#[test]
+fn hostile_virtio_iommu_guest_is_contained() -> Result<(), Error> {
+    let vm0_args = format!(
+        "console=ttyAMA0 rdinit=/init mem=896M hvviommu={HOSTILE_BASE},{},{},{} hvtest=poweroff",
+        VM0.disk.1, VM0.nic.1, VM1.disk.1
+    );
+    let vm1_args = format!(
+        "console=ttyAMA0 rdinit=/init hvip={}/24 hvload={LOAD_SECONDS}",
+        VM1.ip
+    );
+    let mut q = spawn_two(
+        "hostile_virtio_iommu_guest_is_contained",
+        &vm0_args,
+        &vm1_args,
+        &[&VM0],
+        HOSTILE_RUN_TIMEOUT,
+    )?;
+    check_vm_guest_facts(&mut q, "vm0", &modular_guest_dir(), VM_CPUS)?;
+    check_boot(&mut q, &VM1, 0, Iommu::Smmuv3)?;
+    expect_fact(
+        &mut q,
+        "vm0",
+        "vi-driver-loaded",
+        "0",
+        "its virtio_iommu unloaded for the attacks",
+    )?;
+    let attacks_from = q.elapsed();
+    let mut facts = BTreeMap::new();
+    for key in [
+        "vi-id",
+        "vi-init",
+        "vi-attach-own",
+        "vi-attach-foreign",
+        "vi-attach-bad-flags",
+        "vi-map-huge",
+        "vi-map-beyond",
+        "vi-map-outside-ram",
+        "vi-unmap-split",
+        "vi-unknown",
+        "vi-malformed",
+        "vi-flood",
+        "vi-nic-attach",
+        "vi-s1-fault",
+        "vi-nic-move",
+        "vi-s2-fault",
+        "vi-bad-buffer",
+        "vi-reset",
+        "vi-loop",
+        "vi-huge-len",
+        "vi-avail-overrun",
+        "vi-final",
+    ] {
+        let v = q.wait_vm_fact("vm0", key, STEP_TIMEOUT)?;
+        println!("vm0: {key}={v}");
+        facts.insert(key, v);
+    }
+    expect_fact(&mut q, "vm0", "vi-exit", "0", "hvviommu ran to its end")?;
+    let attacks_to = q.elapsed();
+    let wrong: Vec<String> = VIOMMU_ATTACKS
+        .iter()
+        .filter(|(key, want, _)| facts[key] != *want)
+        .map(|(key, want, why)| format!("{key}: {why}: want {want:?}, read {:?}", facts[key]))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "vm0's attacks answered wrongly: {wrong:#?}"
+    );
+    for key in ["vi-loop", "vi-huge-len", "vi-avail-overrun"] {
+        assert_eq!(
+            facts[key], "status=0x4f",
+            "{key}: DEVICE_NEEDS_RESET for a broken ring"
+        );
+    }
+    let flood = fields(&facts["vi-flood"]);
+    assert_eq!(
+        (flood["requests"], flood["errors"], flood["status"]),
+        (VIOMMU_FLOOD_REQUESTS.to_string().as_str(), "0", "0xf"),
+        "vm0's flood: every MAP and UNMAP done with S_OK, the device still DRIVER_OK: {:?}",
+        facts["vi-flood"]
+    );
+    // The stage-1 fault of its NIC's DMA through the empty domain, as a fault record: MAPPING,
+    // a read with its address (F_READ | F_ADDRESS, bit 8), the NIC's endpoint, an address in
+    // its rings (at 0x30000000).
+    let s1 = &facts["vi-s1-fault"];
+    let (records, first) = s1
+        .split_once(" first=")
+        .unwrap_or_else(|| panic!("vi-s1-fault unreadable: {s1:?}"));
+    let rec = fields(first);
+    assert!(
+        records != "records=0"
+            && rec.get("reason") == Some(&"2")
+            && rec.get("flags") == Some(&"0x101")
+            && rec.get("ep") == Some(&VM0.nic.1.to_string().as_str())
+            && rec.get("len") == Some(&"24"),
+        "its NIC's stage-1 fault as a MAPPING fault record (READ | ADDRESS, endpoint {}): {s1:?}",
+        VM0.nic.1
+    );
+    let addr = rec["addr"]
+        .strip_prefix("0x")
+        .and_then(|a| u64::from_str_radix(a, 16).ok());
+    assert!(
+        addr.is_some_and(|a| (0x3000_0000..0x3000_3000).contains(&a)),
+        "the fault record's address lies in the NIC's rings at IOVA 0x30000000: {s1:?}"
+    );
+    q.wait_vm_for("vm0", "guest: powering off", STEP_TIMEOUT)?;
+    q.wait_for("[hv] vm0: stopped", STEP_TIMEOUT)?;
+    let stats = viommu_stats(&mut q, "vm0")?;
+    println!("vm0's virtio-iommu after its attacks: {stats:?}");
+    assert_eq!(
+        (stats["queue_errors"], stats["phys_errors"]),
+        (4, 0),
+        "vm0's virtio-iommu: 4 broken rings, no physical error: {stats:?}"
+    );
+    assert!(
+        stats["requests"] >= VIOMMU_FLOOD_REQUESTS && stats["notifies"] >= 10000,
+        "vm0's virtio-iommu counted its flood: {stats:?}"
+    );
+
+    // vm1: its load clean all along, its streams its own.
+    let last = stop_load(&mut q, "vm1")?;
+    assert!(
+        last.get("rounds") > 0,
+        "vm1's load did no round: {:?}",
+        last.text
+    );
+    let mut reports = load_reports(&q.lines(), "vm1");
+    reports.push(last.clone());
+    let rate = rounds_rate(&reports, attacks_from, attacks_to);
+    let v1 = vsmmu_stats(&mut q, "vm1")?;
+    for key in ["guest_events", "s2_faults", "command_errors"] {
+        assert_eq!(v1.get(key), Some(&0), "vm1's vSMMU counter {key}");
+    }
+    check_nested(&mut q, &VM1)?;
+    let lines = q.lines();
+    check_no_complaint_about(&lines, &VM1);
+    eprintln!(
+        "vm0's flood: {}; vm1's load during vm0's attacks: {}; final: {}",
+        facts["vi-flood"],
+        rate.map_or("no report".to_string(), |(r, n, s)| format!(
+            "{r:.2} rounds/s ({n:.0} rounds in {s:.1} s)"
+        )),
+        last.text
+    );
+    power_off_last(&mut q, "vm1")?;
+
+    // The hypervisor's side: the stage-1 fault forwarded, the stage-2 fault its own.
+    let nic = VM0.nic.1;
+    assert!(
+        hv_logged(
+            &lines,
+            &format!("viommu: vm0: event F_TRANSLATION StreamID {nic} forwarded to the guest")
+        ),
+        "the hypervisor logged no forwarded stage-1 fault of vm0's NIC"
+    );
+    assert!(
+        lines.iter().any(|l| hv_text(&l.text).is_some_and(|t| {
+            t.starts_with("smmu: event #")
+                && t.contains(&format!("StreamID {nic} (vm0) stage-2"))
+                && t.contains("IPA 0x20000")
+        })),
+        "the hypervisor logged no stage-2 fault of vm0's NIC at its mapping outside its RAM"
+    );
+    Ok(())
+}
