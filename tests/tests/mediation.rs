@@ -86,6 +86,14 @@ enum Iommu {
     Virtio,
 }
 
+/// The MSI window of the guest's IOMMU groups with arm-smmu-v3 (its IOMMU_RESV_SW_MSI region,
+/// MSI_IOVA_BASE and MSI_IOVA_LENGTH, where Linux maps the doorbell).
+const SW_MSI_WINDOW: &str = "0x0000000008000000-0x00000000080fffff";
+/// The MSI window with the hypervisor's virtio-iommu: the page of the vITS's GITS_TRANSLATER
+/// (QEMU virt's ITS at 0x8080000, its translation frame 64 KiB on), which PROBE reports as
+/// RESV_MEM_T_MSI and every translating domain passes 1:1.
+const VITS_DOORBELL: &str = "0x0000000008090000-0x0000000008090fff";
+
 /// The virtio-iommu's probe as the guest's driver logs it (tests/guest/init `viommu-probe`):
 /// the device on virtio-mmio, a 39-bit input range, 4 KiB pages and 2 MiB / 1 GiB blocks.
 const VIOMMU_PROBE_TAIL: &str = "input-bits=39 page-mask=0x40201000";
@@ -128,6 +136,14 @@ fn check_boot(q: &mut Qemu, a: &Assigned, boot_count: u32, iommu: Iommu) -> Resu
     }
     let why = format!("the functions in its IOMMU groups on boot {boot_count}: exactly its own");
     expect_fact(q, vm, "iommu-groups", &a.iommu_groups(), &why)?;
+    let (window, why) = match iommu {
+        Iommu::Smmuv3 => (SW_MSI_WINDOW, "arm-smmu-v3's software MSI window"),
+        Iommu::Virtio => (
+            VITS_DOORBELL,
+            "the vITS's doorbell page, its virtio-iommu's PROBE MSI region",
+        ),
+    };
+    expect_fact(q, vm, "iommu-msi-window", window, why)?;
     check_vm_disk(q, vm)?;
     Ok(())
 }

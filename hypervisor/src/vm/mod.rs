@@ -323,6 +323,7 @@ impl Vm {
                     32 + VGIC_SPIS,
                     &used,
                     window,
+                    its.as_ref().map(|v| v.doorbell),
                     viommu,
                 ) {
                     Ok((v, pool_pa)) => {

@@ -970,6 +970,17 @@ impl crate::devices::viommu::TablePool for TestPool {
 #[derive(Debug)]
 struct TestFactory {
     ok: bool,
+    /// The RESV_MEM regions of the last config it was given.
+    resv: spin::Mutex<Vec<(u64, u64, u8)>>,
+}
+
+impl TestFactory {
+    fn new(ok: bool) -> Self {
+        Self {
+            ok,
+            resv: spin::Mutex::new(Vec::new()),
+        }
+    }
 }
 
 impl crate::devices::viommu::device::ViommuFactory for TestFactory {
@@ -987,6 +998,7 @@ impl crate::devices::viommu::device::ViommuFactory for TestFactory {
         if !self.ok {
             return Err("the heap cannot give it");
         }
+        *self.resv.lock() = cfg.resv.clone();
         let pool = TestPool { base: pool_ipa };
         let model = crate::devices::viommu::Viommu::new(cfg, pool);
         Ok((
@@ -1002,6 +1014,12 @@ impl crate::devices::viommu::device::ViommuFactory for TestFactory {
 /// A VM with two functions behind the board's SMMU and `smmu-hv,iommu = "virtio-iommu"`,
 /// built with `factory`.
 fn viommu_vm(factory: &TestFactory) -> (Vm, Platform) {
+    viommu_vm_with(factory, None)
+}
+
+/// As [`viommu_vm`], with the machine's ITS facts `its` (a vITS for the VM if they name its
+/// functions).
+fn viommu_vm_with(factory: &TestFactory, its: Option<&super::its::ItsFacts>) -> (Vm, Platform) {
     use crate::pci::UnitStreams;
     let p = platform();
     let host = crate::pci::HostBridge::from_dtb(QEMU_DTB).unwrap().unwrap();
@@ -1048,7 +1066,7 @@ fn viommu_vm(factory: &TestFactory) -> (Vm, Platform) {
         &VmMachine {
             host_bridges: &[&host],
             smmus: &facts,
-            its: None,
+            its,
             viommu: Some(factory),
         },
     )
@@ -1058,7 +1076,7 @@ fn viommu_vm(factory: &TestFactory) -> (Vm, Platform) {
 
 #[test]
 fn a_virtio_iommu_vm_gets_a_virtio_mmio_device_over_its_smmu_and_a_read_only_table_pool() {
-    let (vm, p) = viommu_vm(&TestFactory { ok: true });
+    let (vm, p) = viommu_vm(&TestFactory::new(true));
     let smmu = &p.smmus[0];
     assert!(vm.vsmmus.is_empty(), "a virtio-iommu instead of the vSMMU");
     assert_eq!(vm.viommus.len(), 1);
@@ -1120,7 +1138,7 @@ fn a_virtio_iommu_vm_gets_a_virtio_mmio_device_over_its_smmu_and_a_read_only_tab
 
 #[test]
 fn a_virtio_iommu_the_machine_cannot_give_leaves_the_functions_on_stage_2() {
-    let (vm, _) = viommu_vm(&TestFactory { ok: false });
+    let (vm, _) = viommu_vm(&TestFactory::new(false));
     assert!(vm.viommus.is_empty() && vm.vsmmus.is_empty());
     // No pool window was mapped.
     let above = vm.ram_ipa.base + RAM_SIZE;
@@ -1143,4 +1161,32 @@ fn the_pool_window_lies_above_the_vms_ram_inside_the_hosts_ram() {
         size: p.memory[0].size,
     };
     assert_eq!(super::viommu::pool_window(&p, full, 0), None);
+}
+
+#[test]
+fn a_virtio_iommu_reports_its_vits_doorbell_as_the_msi_region() {
+    // No vITS: no MSI region (Linux then uses its software MSI window).
+    let f = TestFactory::new(true);
+    let (vm, _) = viommu_vm(&f);
+    assert!(vm.its.is_none());
+    assert_eq!(*f.resv.lock(), alloc::vec![]);
+    // With one: its GITS_TRANSLATER page, the one stage 2 sends to the physical doorbell.
+    let f = TestFactory::new(true);
+    let facts = its_facts(&[
+        (0, Bdf::new(0, 2, 0), Some(0x10)),
+        (0, Bdf::new(0, 3, 0), Some(0x18)),
+    ]);
+    let (vm, _) = viommu_vm_with(&f, Some(&facts));
+    let doorbell = vm.its.as_ref().expect("a vITS").doorbell;
+    assert_eq!(
+        *f.resv.lock(),
+        alloc::vec![(
+            doorbell.base,
+            doorbell.end() - 1,
+            crate::devices::viommu::RESV_MEM_T_MSI
+        )]
+    );
+    assert_eq!((doorbell.base, doorbell.size), (0x0809_0000, 0x1000));
+    let leaf = vm.stage2.lock().lookup(doorbell.base + 0x40).unwrap();
+    assert_eq!(leaf.mem, MemType::DeviceWriteOnly);
 }

@@ -6,7 +6,7 @@
 
 use super::SmmuFacts;
 use crate::devices::viommu::device::{ViommuFactory, VmViommu};
-use crate::devices::viommu::ViommuConfig;
+use crate::devices::viommu::{ViommuConfig, RESV_MEM_T_MSI};
 use crate::devices::virtio::mmio::FRAME_SIZE as VIRTIO_MMIO_REGS_MIN;
 use crate::platform::{MemRange, Platform};
 use alloc::string::String;
@@ -28,8 +28,11 @@ pub const PAGE_SIZES: u64 = (1 << 12) | (1 << 21) | (1 << 30);
 pub const MAX_DOMAINS: usize = 64;
 /// Mappings at once over all of a VM's domains (Linux's streaming DMA keeps a few hundred).
 pub const MAX_MAPPINGS: usize = 16384;
-/// Bytes of PROBE properties per endpoint (no properties: Linux then reserves its own
-/// software MSI window and maps the doorbell with MAP like any page).
+/// Bytes of PROBE properties per endpoint: room for two RESV_MEM properties (24 bytes each).
+/// The one reported is the vITS's doorbell page as RESV_MEM_T_MSI, which every translating
+/// domain maps 1:1; Linux then composes MSIs with the doorbell's own address and maps nothing
+/// for them. (A VM without a vITS reports none, and Linux's MSIs, if any, would go through
+/// its own software MSI window, mapped with MAP like any page.)
 pub const PROBE_SIZE: u32 = 64;
 /// SMMU_IDR5.GRAN4K (IHI 0070 6.3.6): the domains' tables use the 4 KiB granule.
 const IDR5_GRAN4K: u32 = 1 << 4;
@@ -91,7 +94,8 @@ pub fn pool_window(platform: &Platform, ram: MemRange, index: usize) -> Option<M
 }
 
 /// What a VM with `endpoints` (StreamIDs) on physical SMMU `s` is given: its virtio-iommu,
-/// and the pool's physical range to map read-only at `VmViommu::pool`.
+/// and the pool's physical range to map read-only at `VmViommu::pool`. `doorbell` is the
+/// VM's vITS's GITS_TRANSLATER page, if it has one: PROBE's MSI region.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     vm: &str,
@@ -101,6 +105,7 @@ pub fn build(
     spi_end: u32,
     used: &[u32],
     pool_ipa: Option<MemRange>,
+    doorbell: Option<MemRange>,
     factory: Option<&dyn ViommuFactory>,
 ) -> Result<(VmViommu, MemRange), NoViommu> {
     if !s.phys.nesting {
@@ -133,7 +138,10 @@ pub fn build(
         page_size_mask: PAGE_SIZES,
         max_domains: MAX_DOMAINS,
         max_mappings: MAX_MAPPINGS,
-        resv: Vec::new(),
+        resv: doorbell
+            .map(|d| (d.base, d.end() - 1, RESV_MEM_T_MSI))
+            .into_iter()
+            .collect(),
         probe_size: PROBE_SIZE,
     };
     let (model, pool_pa) = factory.make(cfg, window.base).map_err(NoViommu::NoPool)?;

@@ -635,6 +635,20 @@ impl<P: TablePool> Viommu<P> {
         }
     }
 
+    /// The MSI regions PROBE reports (at most one, as the spec allows per endpoint; the same
+    /// for every endpoint), page aligned: what each translating domain maps 1:1.
+    fn msi_regions(&self) -> Vec<(u64, u64)> {
+        let g = self.granule();
+        self.cfg
+            .resv
+            .iter()
+            .filter(|r| r.2 == RESV_MEM_T_MSI)
+            .take(1)
+            .map(|&(rs, re, _)| (rs - rs % g, re | (g - 1)))
+            .filter(|&(_, re)| re >> self.cfg.input_bits == 0)
+            .collect()
+    }
+
     fn endpoint(&self, id: u32) -> Option<usize> {
         self.cfg.endpoints.iter().position(|m| m.vsid == id)
     }
@@ -789,10 +803,23 @@ impl<P: TablePool> Viommu<P> {
                 let tables = if want_bypass {
                     None
                 } else {
-                    if self.pool.free_pages() < 1 {
+                    // The root, and the tables of the MSI doorbells every translating domain
+                    // passes 1:1 (the PROBE's RESV_MEM_T_MSI regions, which Linux then neither
+                    // maps nor lets its IOVA allocator hand out).
+                    let msi = self.msi_regions();
+                    let need = 1 + msi
+                        .iter()
+                        .map(|&(rs, re)| worst_case_tables(rs, re, rs))
+                        .sum::<usize>();
+                    if self.pool.free_pages() < need {
                         return status::NOMEM;
                     }
-                    let t = Tables::new(self.pool.translation(), asid(id));
+                    let mut t = Tables::new(self.pool.translation(), asid(id));
+                    for &(rs, re) in &msi {
+                        if t.map(rs, re, rs, true, true).is_err() {
+                            return status::NOMEM;
+                        }
+                    }
                     // The CD is in memory before any STE points at it.
                     let cd = context_descriptor(
                         self.cfg.input_bits,

@@ -283,8 +283,9 @@ fn attach_creates_a_domain_with_its_cd_and_a_nested_ste() {
         ssid: 0,
         leaf: true
     }));
+    // The root, and an L2 and an L3 table for the MSI doorbell's 1:1 pages.
     let s = r.v.stats();
-    assert_eq!((s.domains, s.table_pages), (1, 1));
+    assert_eq!((s.domains, s.table_pages), (1, 3));
     // Attaching again is a no-op; a second endpoint shares the domain.
     assert_eq!(r.st(&attach(3, 8, 0)), status::OK);
     assert_eq!(r.st(&attach(3, 2, 0)), status::OK);
@@ -310,7 +311,7 @@ fn attach_moves_and_frees_the_old_domain() {
         asid: 1
     }));
     let s = r.v.stats();
-    assert_eq!((s.domains, s.mappings, s.table_pages), (1, 0, 1));
+    assert_eq!((s.domains, s.mappings, s.table_pages), (1, 0, 3));
     // The old domain's CD slot is cleared; its ID can be reused.
     assert_eq!(r.v.pool().cds[&0], [0; 8]);
     assert_eq!(r.st(&map(0, 0, 0xfff, 0, RW)), status::NOENT);
@@ -501,6 +502,8 @@ fn map_statuses() {
 fn map_nomem_changes_nothing() {
     let mut c = cfg();
     c.max_mappings = 2;
+    // No MSI doorbell to pass 1:1, so that the root is the domain's only table.
+    c.resv = vec![];
     let mut r = Rig::with(c, 2, ALL);
     assert_eq!(r.st(&attach(0, 1, 0)), status::OK);
     // A page not 2 MiB-congruent to its IPA needs an L2 and an L3 table: 2 > 1 free.
@@ -524,7 +527,11 @@ fn map_nomem_changes_nothing() {
     assert_eq!(r.st(&attach(0, 1, 0)), status::OK);
     let e = (1 << 39) - 1;
     assert_eq!(r.st(&map(0, 0x4000_0000, e, 0x4000_0000, RW)), status::OK);
-    assert_eq!(r.v.table_pages(), 1, "1 GiB blocks only");
+    assert_eq!(
+        r.v.table_pages(),
+        3,
+        "1 GiB blocks only (and the doorbell's L2 and L3 tables)"
+    );
     assert_eq!(r.walk(0, 0x12_3456_7000), Some((0x12_3456_7000, true, 1)));
 }
 
@@ -979,5 +986,45 @@ fn an_mmio_mapping_is_device_memory() {
         status::OK
     );
     assert_eq!(r.walk(0, 0x900_0000), None);
+    r.check();
+}
+
+#[test]
+fn a_translating_domain_passes_the_msi_doorbell_one_to_one() {
+    // PROBE reports the vITS's GITS_TRANSLATER frame as RESV_MEM_T_MSI, so Linux composes its
+    // MSIs with the doorbell's own address as IOVA and never maps it: every translating domain
+    // must map it 1:1, as Device memory, from its creation.
+    let mut r = Rig::new();
+    assert_eq!(r.st(&attach(0, 8, 0)), status::OK);
+    assert_eq!(r.leaf(0, 0x809_0040), Some((0x809_0040, true, 3, 1)));
+    assert_eq!(r.leaf(0, 0x809_f000), Some((0x809_f000, true, 3, 1)));
+    assert_eq!(r.walk(0, 0x80a_0000), None, "only the region");
+    // The guest can neither map over it nor take it away.
+    assert_eq!(
+        r.st(&map(0, 0x809_0000, 0x809_0fff, 0x4000_0000, RW)),
+        status::INVAL
+    );
+    assert_eq!(
+        r.st(&map(0, 0x800_0000, 0x800_ffff, 0x4000_0000, RW)),
+        status::OK
+    );
+    assert_eq!(r.st(&unmap(0, 0, 0xfff_ffff)), status::OK);
+    assert_eq!(r.walk(0, 0x800_0000), None);
+    assert_eq!(r.leaf(0, 0x809_0040), Some((0x809_0040, true, 3, 1)));
+    assert_eq!(r.v.stats().mappings, 0);
+    // A bypass domain has no tables: stage 2 alone sends the doorbell's IPA to the ITS.
+    assert_eq!(r.st(&attach(1, 1, ATTACH_F_BYPASS)), status::OK);
+    assert_eq!(r.v.domain_translation(1).map(|_| ()), None);
+    // A pool without room for the doorbell's tables: NOMEM, no domain.
+    let used = r.v.table_pages();
+    r.v.pool_mut().capacity = used + 2;
+    assert_eq!(r.st(&attach(2, 2, 0)), status::NOMEM);
+    assert_eq!(r.v.stats().domains, 2);
+    r.v.pool_mut().capacity = used + 3;
+    assert_eq!(r.st(&attach(2, 2, 0)), status::OK);
+    // Freed with the domain, pages and all.
+    assert_eq!(r.st(&detach(2, 2)), status::OK);
+    assert_eq!(r.st(&detach(0, 8)), status::OK);
+    assert_eq!(r.v.table_pages(), 0);
     r.check();
 }
