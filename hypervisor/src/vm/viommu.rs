@@ -10,7 +10,6 @@ use crate::devices::viommu::{ViommuConfig, RESV_MEM_T_MSI};
 use crate::devices::virtio::mmio::FRAME_SIZE as VIRTIO_MMIO_REGS_MIN;
 use crate::platform::{MemRange, Platform};
 use alloc::string::String;
-use alloc::vec::Vec;
 use smmu::vsmmu::StreamMap;
 
 /// IPA room for each virtio-iommu's table pool, 2 MiB-aligned so one block descriptor could
