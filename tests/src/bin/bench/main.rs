@@ -344,7 +344,10 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
         for (setup, facts) in &res.facts {
             let f: Vec<String> = facts
                 .iter()
-                .filter(|(k, _)| k.starts_with("iommu-domain") || *k == "clock" || *k == "cmdline")
+                .filter(|(k, _)| {
+                    k.starts_with("iommu-domain")
+                        || ["clock", "cmdline", "modules"].contains(&k.as_str())
+                })
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             let _ = writeln!(md, "- {setup}: {}", f.join("; "));
