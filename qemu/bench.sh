@@ -12,11 +12,11 @@
 #   qemu/bench.sh [--repeats N] [--out FILE] [--setups LIST] [--no-net] [--dma-seconds S] [--quick]
 #
 # e.g. `qemu/bench.sh --setups bare,vsmmu,viommu,bare-viommu --repeats 2 --out
-# docs/benchmarks/$(date +%F).md`; `qemu/bench.sh --help` for all. Each boot takes 30 to 60 s
-# on 2 cores (a --quick one about 30 s): that run (8 boots) about 6 minutes, the default (all
-# 7 setups and the two-VM pairs, 3 repeats: 27 boots) about 20, after the builds. Each QEMU run
-# is under a wall-clock limit; their console logs are in $CARGO_TARGET_DIR (or
-# target/)/qemu-logs/bench-*.log.
+# docs/benchmarks/$(date +%F).md`; `qemu/bench.sh --help` for all. On 2 cores a boot takes
+# about 30 s bare and 50 s under the hypervisor (--quick: 15 and 40 s): that run (8 boots)
+# about 6 minutes, the default (all 7 setups and the two-VM pairs, 3 repeats: 27 boots) about
+# 20, after the builds. Each QEMU run is under a wall-clock limit; their console logs are in
+# $CARGO_TARGET_DIR (or target/)/qemu-logs/bench-*.log.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -349,7 +349,7 @@ pub(crate) fn which_to_pick(res: &Results) -> String {
         "- DMA map + unmap of one page (`dma_map_benchmark -t 1 -g 1`): virtio-iommu {}, vSMMU {} \
          (virtio-iommu/vSMMU {}); bare on QEMU, virtio-iommu-pci {}, SMMUv3 {}. What the \
          hypervisor adds over the bare machine with the same kind of IOMMU: virtio-iommu {}, \
-         vSMMU {}. With 16 pages per mapping: virtio-iommu {}, vSMMU {} ({}).",
+         vSMMU {}. With 16 pages per mapping: virtio-iommu {}, vSMMU {} (virtio-iommu/vSMMU {}).",
         fig(median(res, pair, v), "µs"),
         fig(median(res, pair, s), "µs"),
         rat(median_ratio(res, pair, v, s)),
