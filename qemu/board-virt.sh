@@ -7,7 +7,8 @@
 # images are put in memory with `-device loader`, one pristine copy that every VM names.
 #
 #   qemu/board-virt.sh [--vms N] [--vm-bootargs I STR]... [--bootargs STR] [--vm-dts FILE]
-#                      [--host-dts FILE] [--show-dts] [--guest DIR] [--bare] [--smp N] [--mem SIZE]
+#                      [--host-dts FILE] [--show-dts] [--guest DIR] [--bare] [--bare-iommu KIND]
+#                      [--smp N] [--mem SIZE]
 #                      [--pci] [--vm-pci I BDFS]... [--vm-intx-only I]... [--vm-iommu I KIND]... [--gic 3|4]
 #                      [--dumpdtb FILE] [--uboot]
 #                      [-- QEMU_ARGS...]
@@ -27,6 +28,12 @@
 #                       the VMs block, at its end) and exit
 #   --guest DIR         guest images: DIR/Image, DIR/initramfs.cpio.gz (default: build/guest/stock)
 #   --bare              boot VM 0's guest kernel directly on QEMU, no hypervisor (for comparisons)
+#   --bare-iommu KIND   with --bare, the machine's IOMMU: smmuv3 (the default: `iommu=smmuv3`, the
+#                       SMMUv3 the hypervisor runs on) or virtio-iommu (QEMU's own virtio-iommu-pci
+#                       at 00:05.0, before any other device, and no SMMU: QEMU takes one or the
+#                       other; it writes the DT node and the host bridge's `iommu-map` itself, for
+#                       every other function of the root bus). tests/guest/init loads
+#                       virtio_iommu when it sees that PCI function (1af4:1057)
 #   --pci               PCI devices for vm0 and vm1 on the root bus: vm0 gets a virtio-blk-pci at
 #                       00:01.0 (disk build/disks/vm0.img) and a virtio-net-pci at 00:02.0 (MAC
 #                       52:54:00:00:00:10), vm1 the same at 00:03.0 and 00:04.0 (vm1.img, MAC
@@ -88,6 +95,7 @@ HOST_DTS=""
 SHOW_DTS=0
 GUEST="$ROOT/build/guest/stock"
 BARE=0
+BARE_IOMMU=""
 SMP=4
 MEM=4G
 GIC=3
@@ -117,6 +125,14 @@ while [ "$#" -gt 0 ]; do
         --show-dts) SHOW_DTS=1; shift ;;
         --guest) need_arg "$@"; GUEST="$2"; shift 2 ;;
         --bare) BARE=1; shift ;;
+        --bare-iommu)
+            need_arg "$@"
+            case "$2" in
+                smmuv3 | virtio-iommu) BARE_IOMMU="$2" ;;
+                *) die "--bare-iommu: '$2' is neither smmuv3 nor virtio-iommu" ;;
+            esac
+            shift 2
+            ;;
         --pci) PCI=1; shift ;;
         --vm-pci)
             [ "$#" -ge 3 ] || die "--vm-pci needs a VM index and a BDF list (see --help)"
@@ -270,7 +286,19 @@ uboot_board() {
     exec "${CMD[@]}"
 }
 
-if [ "$BARE" = 1 ]; then
+[ -z "$BARE_IOMMU" ] || [ "$BARE" = 1 ] ||
+    die "--bare-iommu picks the bare machine's IOMMU; without --bare use --vm-iommu"
+# --bare-iommu virtio-iommu: QEMU's virtio-iommu-pci on this root-bus slot (--pci and the
+# benchmark use slots 1 to 4).
+BARE_VIOMMU_SLOT=5
+BARE_IOMMU_ARGS=()
+if [ "$BARE" = 1 ] && [ "$BARE_IOMMU" = virtio-iommu ]; then
+    # No SMMU: QEMU refuses iommu=smmuv3 with a virtio-iommu-pci.
+    MACHINE="virt,gic-version=$GIC"
+    # First on the command line: a function takes its DMA address space when it is created, so
+    # only those created after the IOMMU are behind it.
+    BARE_IOMMU_ARGS=(-device "virtio-iommu-pci,bus=pcie.0,addr=$BARE_VIOMMU_SLOT.0")
+elif [ "$BARE" = 1 ]; then
     # The same SMMUv3 as under the hypervisor: the bare reference runs its guest's stage 1 on it.
     MACHINE="virt,gic-version=$GIC,iommu=smmuv3"
 else
@@ -300,7 +328,7 @@ if [ "$BARE" = 1 ]; then
     [ -n "$DUMPDTB" ] && M="$M,dumpdtb=$(qemu_escape "$DUMPDTB")"
     CMD=(qemu-system-aarch64 -M "$M" "${MACHINE_OPTS[@]}"
         -kernel "$GUEST_IMAGE" -initrd "$GUEST_INITRD" -append "${VM_BOOTARGS[0]-$DEFAULT_BOOTARGS}"
-        "${PCI_ARGS[@]}" "${EXTRA[@]}")
+        "${BARE_IOMMU_ARGS[@]}" "${PCI_ARGS[@]}" "${EXTRA[@]}")
     say "bare guest, no hypervisor: ${CMD[*]}"
     exec "${CMD[@]}"
 fi

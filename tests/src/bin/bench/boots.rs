@@ -2,11 +2,11 @@
 //! time, a guest-to-guest transfer, and one VM's DMA map/unmap with and without the other's).
 
 use crate::guest::{
-    collect_until, delta, dma_setup, info, kernel_init_time, num, type_command, vm_load_ms,
-    vsmmu_counters, wait_exec, workload, Facts,
+    check_iommu_driver, collect_until, delta, dma_setup, guest_modules, hv_counters, info,
+    kernel_init_time, num, type_command, vm_load_ms, wait_exec, workload, Facts,
 };
 use crate::setup::{Boot, Col, Ctx, VM_IPS};
-use crate::stats::Results;
+use crate::stats::{dma_pairs, Results};
 use crate::{qe, R};
 use integration_tests::{focus, Qemu, BOOT_TIMEOUT, STEP_TIMEOUT};
 use std::time::{Duration, Instant};
@@ -35,10 +35,15 @@ pub(crate) fn run_single(col: Col, rep: usize, ctx: &Ctx, res: &mut Results, nam
     }
     res.add("boot-less-load", col, rep, boot - load.unwrap_or(0.0));
     q.wait_for("guest: shell", STEP_TIMEOUT).map_err(qe)?;
-    let facts = info(&mut q, None, col)?;
+    let modules = guest_modules(&q.lines());
+    check_iommu_driver(col, modules.as_deref())?;
+    let mut facts = info(&mut q, None, col)?;
+    if let Some(m) = modules {
+        facts.insert("modules".to_string(), m.join(","));
+    }
     res.facts.entry(col.label().to_string()).or_insert(facts);
 
-    let hv: &[&str] = if col == Col::Bare { &[] } else { &["vm0"] };
+    let hv: &[&str] = if col.is_bare() { &[] } else { &["vm0"] };
     let long = Duration::from_secs(300);
     let o = &ctx.opts;
 
@@ -91,13 +96,11 @@ pub(crate) fn run_single(col: Col, rep: usize, ctx: &Ctx, res: &mut Results, nam
         res.add(&format!("{k}-unmap"), col, rep, unmap);
         res.add(&format!("{k}-pair"), col, rep, map + unmap);
         if let Some(d) = d.get("vm0") {
-            // Strict invalidation: one CMD_SYNC per dma_unmap, none per dma_map.
-            res.add_count(
-                &k,
-                col,
-                d.get("syncs").copied().unwrap_or(0) as f64,
-                d.clone(),
-            );
+            let (pairs, traps) = dma_pairs(d);
+            if pairs > 0.0 {
+                res.add(&format!("{k}-traps"), col, rep, traps / pairs);
+            }
+            res.add_count(&k, col, pairs, d.clone());
         }
     }
     Ok(())
@@ -201,7 +204,7 @@ fn two_vms_dma(q: &mut Qemu, col: Col, rep: usize, ctx: &Ctx, res: &mut Results)
         type_command(q, false, &cmd)?;
         collect_until(q, Some(vm), "ready", STEP_TIMEOUT, &mut facts[1 - i])?;
     }
-    let before = vsmmu_counters(q, &["vm0", "vm1"])?;
+    let before = hv_counters(q, &["vm0", "vm1"])?;
     focus(q, "vm1").map_err(qe)?;
     let start = Instant::now();
     q.send("\n").map_err(qe)?;
@@ -211,7 +214,7 @@ fn two_vms_dma(q: &mut Qemu, col: Col, rep: usize, ctx: &Ctx, res: &mut Results)
     for (i, vm) in ["vm0", "vm1"].iter().enumerate() {
         collect_until(q, Some(vm), "measured", timeout, &mut facts[i])?;
     }
-    let after = vsmmu_counters(q, &["vm0", "vm1"])?;
+    let after = hv_counters(q, &["vm0", "vm1"])?;
     for vm in ["vm0", "vm1"] {
         focus(q, vm).map_err(qe)?;
         q.send("\n").map_err(qe)?;
@@ -226,7 +229,7 @@ fn two_vms_dma(q: &mut Qemu, col: Col, rep: usize, ctx: &Ctx, res: &mut Results)
     for (vm, row) in [("vm0", "dma2-vm0"), ("vm1", "dma2-vm1")] {
         if let (Some(b), Some(a)) = (before.get(vm), after.get(vm)) {
             let d = delta(b, a);
-            let ops = d.get("syncs").copied().unwrap_or(0) as f64;
+            let (ops, _) = dma_pairs(&d);
             res.add_count(row, col, ops, d);
         }
     }

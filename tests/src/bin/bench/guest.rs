@@ -1,12 +1,13 @@
 //! Talking to the guest's `tests/guest/bench.sh` and the hypervisor's console: typing a
-//! workload and its handshakes, reading its `bench: KEY=VALUE` facts and the vSMMU counters
-//! around the measured part, checking the IOMMU domains, and reading boot times off the log.
+//! workload and its handshakes, reading its `bench: KEY=VALUE` facts and the hypervisor's vSMMU
+//! or virtio-iommu counters around the measured part, checking the IOMMU domains, and reading boot times off the log.
 
 use crate::setup::Col;
 use crate::stats::Delta;
 use crate::{qe, R};
 use integration_tests::{
-    console_command, hv_text, parse_stats, type_paced, Error, Line, Qemu, STEP_TIMEOUT,
+    console_command, hv_text, parse_stats, parse_viommu_stats, type_paced, Error, Line, Qemu,
+    STEP_TIMEOUT,
 };
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -85,13 +86,14 @@ pub(crate) fn type_command(q: &mut Qemu, one_guest: bool, cmd: &str) -> R<()> {
     type_paced(q, &format!("{cmd}\n")).map_err(qe)
 }
 
-/// The vSMMU counters of `vms` (Ctrl-\ s), by VM.
-pub(crate) fn vsmmu_counters(q: &mut Qemu, vms: &[&str]) -> R<BTreeMap<String, Delta>> {
+/// The hypervisor's counters of `vms` (Ctrl-\ s), by VM: each VM's vIOMMU line (`vsmmu:` as
+/// they are, or `viommu:` as `viommu_KEY`) with its vITS line (`vits_KEY`).
+pub(crate) fn hv_counters(q: &mut Qemu, vms: &[&str]) -> R<BTreeMap<String, Delta>> {
     console_command(q, 's').map_err(qe)?;
     let found = RefCell::new(BTreeMap::new());
     let vits: RefCell<BTreeMap<String, Delta>> = RefCell::new(BTreeMap::new());
     q.wait_until(
-        &format!("the hypervisor's vSMMU stats lines of {vms:?}"),
+        &format!("the hypervisor's vSMMU or virtio-iommu stats lines of {vms:?}"),
         STEP_TIMEOUT,
         |l| {
             if let Some(t) = hv_text(l) {
@@ -99,8 +101,7 @@ pub(crate) fn vsmmu_counters(q: &mut Qemu, vms: &[&str]) -> R<BTreeMap<String, D
                     if t.starts_with(&format!("vits: {vm} stats: ")) {
                         vits.borrow_mut().insert(vm.to_string(), parse_vits(t));
                     }
-                    if t.starts_with(&format!("vsmmu: {vm} stats: ")) {
-                        let mut d = parse_stats(l);
+                    if let Some(mut d) = iommu_counters(t, vm) {
                         // The vITS line comes first (an INTx-only VM has none).
                         d.extend(vits.borrow_mut().remove(*vm).unwrap_or_default());
                         found.borrow_mut().insert(vm.to_string(), d);
@@ -112,6 +113,24 @@ pub(crate) fn vsmmu_counters(q: &mut Qemu, vms: &[&str]) -> R<BTreeMap<String, D
     )
     .map_err(qe)?;
     Ok(found.into_inner())
+}
+
+/// The counters of VM `vm`'s vIOMMU line (the text of a `[hv]` line): a vSMMU's as they are, a
+/// virtio-iommu's as `viommu_KEY` (both have `phys_syncs`, `ste_writes`); `None` for any other
+/// line.
+pub(crate) fn iommu_counters(text: &str, vm: &str) -> Option<Delta> {
+    if text.starts_with(&format!("vsmmu: {vm} stats: ")) {
+        return Some(parse_stats(text));
+    }
+    if text.starts_with(&format!("viommu: {vm} stats: ")) {
+        let d = parse_viommu_stats(text);
+        return Some(
+            d.into_iter()
+                .map(|(k, v)| (format!("viommu_{k}"), v))
+                .collect(),
+        );
+    }
+    None
 }
 
 /// The numeric counters of a `vits: VM stats: delivery PATH, k=v ...` line, as `vits_k`.
@@ -158,14 +177,14 @@ pub(crate) fn workload(
     let before = if stat_vms.is_empty() {
         BTreeMap::new()
     } else {
-        vsmmu_counters(q, stat_vms)?
+        hv_counters(q, stat_vms)?
     };
     q.send("\n").map_err(qe)?;
     collect_until(q, vm, "measured", timeout, &mut facts)?;
     let after = if stat_vms.is_empty() {
         BTreeMap::new()
     } else {
-        vsmmu_counters(q, stat_vms)?
+        hv_counters(q, stat_vms)?
     };
     q.send("\n").map_err(qe)?;
     collect_until(q, vm, "end", STEP_TIMEOUT, &mut facts)?;
@@ -193,7 +212,9 @@ pub(crate) fn num(facts: &Facts, key: &str) -> R<f64> {
 /// The IOMMU domain each setup's guest must have put its functions in (`iommu_group/type`).
 fn domain_ok(col: Col, domain: &str) -> bool {
     match col {
-        Col::Bare | Col::Vsmmu | Col::VsmmuIntx | Col::VsmmuV4 => domain.starts_with("DMA"),
+        Col::Bare | Col::Vsmmu | Col::VsmmuIntx | Col::VsmmuV4 | Col::Viommu | Col::BareViommu => {
+            domain.starts_with("DMA")
+        }
         Col::S2 => domain == "identity",
     }
 }
@@ -271,4 +292,38 @@ pub(crate) fn dma_setup(q: &mut Qemu, vm: Option<&str>, bdf: &str, col: Col) -> 
         ));
     }
     Ok(())
+}
+
+/// The modules the guest's init loaded (`guest: modules=a,b,c`), if it said.
+pub(crate) fn guest_modules(lines: &[Line]) -> Option<Vec<String>> {
+    lines.iter().find_map(|l| {
+        let (_, m) = l.text.split_once("guest: modules=")?;
+        Some(m.trim().split(',').map(str::to_string).collect())
+    })
+}
+
+/// The IOMMU driver the guest of setup `col` must have loaded.
+pub(crate) fn iommu_driver(col: Col) -> &'static str {
+    if col.is_viommu() {
+        "virtio_iommu"
+    } else {
+        "arm_smmu_v3"
+    }
+}
+
+/// Checks that the guest of `col` loaded its IOMMU driver (`modules`: [`guest_modules`]).
+pub(crate) fn check_iommu_driver(col: Col, modules: Option<&[String]>) -> R<()> {
+    let want = iommu_driver(col);
+    match modules {
+        Some(m) if m.iter().any(|x| x == want) => Ok(()),
+        Some(m) => Err(format!(
+            "the {} guest loaded {} but not {want}",
+            col.label(),
+            m.join(",")
+        )),
+        None => Err(format!(
+            "the {} guest did not say which modules it loaded",
+            col.label()
+        )),
+    }
 }

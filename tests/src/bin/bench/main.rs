@@ -1,22 +1,26 @@
-//! The benchmark behind `qemu/bench.sh` (issue 7): what the hypervisor costs a Linux guest,
-//! measured side by side in one run on one machine.
+//! The benchmark behind `qemu/bench.sh` (issue 7; the virtio-iommu setups: issue 16): what the
+//! hypervisor costs a Linux guest, measured side by side in one run on one machine.
 //!
 //! It boots the same modular guest kernel (`build/guest/modular`, from `qemu/kernel.sh`) on
-//! QEMU's `virt` in three setups, each with the same two PCI functions (a virtio disk at 00:01.0
-//! and a virtio NIC at 00:02.0, behind QEMU's SMMUv3) and two CPUs:
+//! QEMU's `virt` in up to seven setups ([`Col`]), each with the same two PCI functions (a virtio
+//! disk at 00:01.0 and a virtio NIC at 00:02.0) and two CPUs:
 //!
 //! 1. bare: Linux directly on QEMU, its arm-smmu-v3 driver doing stage 1 on QEMU's SMMU;
 //! 2. vSMMU: Linux as the one VM of the hypervisor, its stage 1 on the emulated SMMU (traps),
 //!    nested over the hypervisor's stage 2 in the physical SMMU;
-//! 3. stage-2 only: the same VM with `iommu.passthrough=1` (identity domains: no vIOMMU work).
+//! 3. stage-2 only: the same VM with `iommu.passthrough=1` (identity domains: no vIOMMU work);
+//! 4. and 5. the vSMMU VM with INTx only, and on GICv4;
+//! 6. virtio-iommu: the same VM with the hypervisor's virtio-iommu instead of the vSMMU (its
+//!    virtio_iommu driver's requests, one trap each, on tables the hypervisor owns);
+//! 7. bare with QEMU's virtio-iommu-pci (no SMMU): what a VMM's user would pick instead;
 //!
 //! and, unless `--no-net`, two VMs for a guest-to-guest transfer (vSMMU and stage-2 only; bare
 //! has one guest). In each, it types `sh /bench.sh WORKLOAD` into the guest shell
 //! (`tests/guest/bench.sh`, in the initramfs) and reads its `bench: KEY=VALUE` lines; under the
-//! hypervisor it reads the vSMMU counters (Ctrl-\ s) at the handshakes around each measured part,
-//! for exact trap and command counts per operation. Every repeat boots every setup, in a rotated
-//! order, so drift hits all alike; figures are min/median/max over the repeats and ratios are
-//! taken within a repeat.
+//! hypervisor it reads the vSMMU or virtio-iommu counters (Ctrl-\ s) at the handshakes around
+//! each measured part, for exact trap, request and command counts per operation. Every repeat
+//! boots every setup, in a rotated order, so drift hits all alike; figures are min/median/max
+//! over the repeats and ratios are taken within a repeat.
 //!
 //! The disks are private copies (under the cargo target directory) of `build/disks/vm0.img` and
 //! `vm1.img`, given to QEMU exactly as the board script's `--pci` gives them: QEMU locks a disk
@@ -48,7 +52,9 @@ use boots::{run_pair, run_single};
 use integration_tests::{guest_kver, modular_guest_dir, repo_root, target_dir, Error};
 use machine::{command_line, cpu_model, loadavg, qemu_processes, sha256};
 use opts::{Opts, USAGE};
-use report::{counts_table, figures_table, READING};
+use report::{
+    counts_table, figures_table, shown_cols, viommu_counts_table, which_to_pick, READING,
+};
 use setup::{check_board_pci, pci_devices, private_disks, Boot, Col, Ctx};
 use stats::Results;
 
@@ -152,7 +158,7 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
                 others_boots += 1;
             }
             let h = sha256(&hv_bin);
-            if h != hv_hash && boot.col() != Col::Bare {
+            if h != hv_hash && !boot.col().is_bare() {
                 hv_changed.push(format!("{name}: {h}"));
             }
             eprintln!(
@@ -186,10 +192,27 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
     let load_end = loadavg();
 
     let figures = figures_table(&res, &opts);
-    let counts = counts_table(&res, &opts);
+    let cols = shown_cols(&opts);
+    let counts = if cols.contains(&Col::Vsmmu) {
+        counts_table(&res, &opts)
+    } else {
+        String::new()
+    };
+    let vcounts = viommu_counts_table(&res, &opts);
+    let pick = (cols.contains(&Col::Viommu) || cols.contains(&Col::BareViommu))
+        .then(|| which_to_pick(&res));
     println!("{figures}");
-    println!("Exact counts (vSMMU setup; hypervisor counters read before and after each measured part):\n");
-    println!("{counts}");
+    if !counts.is_empty() {
+        println!("Exact counts (vSMMU setup; hypervisor counters read before and after each measured part):\n");
+        println!("{counts}");
+    }
+    if !vcounts.is_empty() {
+        println!("Exact counts (virtio-iommu setup):\n");
+        println!("{vcounts}");
+    }
+    if let Some(p) = &pick {
+        println!("Which to pick:\n\n{p}");
+    }
     if !res.failures.is_empty() {
         println!("Failed boots:");
         for f in &res.failures {
@@ -256,7 +279,11 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
              (build/disks/vmN.img, copied to {}): QEMU locks a disk image, and the board's own would \
              collide with any `--pci` test running in the same checkout. All setups have the same \
              machine: QEMU virt with its SMMUv3, `-cpu max`, 2 CPUs (4 for two VMs), 4 GiB; each VM \
-             has 2 vCPUs and 1 GiB.\n",
+             has 2 vCPUs and 1 GiB. The one exception is bare with virtio-iommu-pci \
+             (`--bare-iommu virtio-iommu`): no SMMU (QEMU takes one IOMMU or the other), QEMU's \
+             virtio-iommu-pci at 00:05.0 instead, created before the functions; its guest's init \
+             loads virtio_iommu on seeing that function (1af4:1057), the hypervisor's virtio-iommu \
+             VM's because its DT's /chosen/hypervisor,iommu says so.\n",
             ctx.disks[0].parent().map_or(String::new(), |d| d.display().to_string())
         );
         let setups = [
@@ -267,11 +294,24 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
                 Boot::Single(Col::VsmmuIntx),
                 "vSMMU with INTx (smmu-hv,intx-only)",
             ),
+            (Boot::Single(Col::VsmmuV4), "vSMMU on GICv4"),
+            (
+                Boot::Single(Col::Viommu),
+                "virtio-iommu (smmu-hv,iommu = \"virtio-iommu\")",
+            ),
+            (
+                Boot::Single(Col::BareViommu),
+                "bare, QEMU's virtio-iommu-pci",
+            ),
             (Boot::Pair(Col::Vsmmu), "two VMs, vSMMU"),
             (Boot::Pair(Col::S2), "two VMs, stage-2 only"),
         ];
         for (b, label) in setups {
-            if matches!(b, Boot::Pair(_)) && !opts.net {
+            let run = match b {
+                Boot::Single(c) => opts.singles.contains(&c),
+                Boot::Pair(_) => opts.net,
+            };
+            if !run {
                 continue;
             }
             let guest_arg = ctx.guest.display().to_string();
@@ -304,7 +344,10 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
         for (setup, facts) in &res.facts {
             let f: Vec<String> = facts
                 .iter()
-                .filter(|(k, _)| k.starts_with("iommu-domain") || *k == "clock" || *k == "cmdline")
+                .filter(|(k, _)| {
+                    k.starts_with("iommu-domain")
+                        || ["clock", "cmdline", "modules"].contains(&k.as_str())
+                })
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             let _ = writeln!(md, "- {setup}: {}", f.join("; "));
@@ -315,18 +358,41 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
              then summarised the same way. Times are the guests' own clocks.\n\n{READING}"
         );
         md.push_str(&figures);
-        let _ = writeln!(
-            md,
-            "\n## Exact counts\n\nThe vSMMU setup's counters (Ctrl-\\ s), read at the guest's handshakes \
-             just before and just after each measured part: each column is a counter's difference \
-             divided by the operations the guest did (every repeat's quotient; one value when all \
-             agree). dma_map_benchmark does not report its iteration count: with strict invalidation \
-             Linux issues exactly one CMD_SYNC per `dma_unmap` and no command per `dma_map`, so the \
-             guest's CMD_SYNCs over the run are its map+unmap pairs (nothing else does DMA meanwhile: \
-             the disk is idle and the NIC is the benchmark's). \"Physical commands\" counts what the \
-             hypervisor submitted to the physical SMMU on the guest's behalf, CMD_SYNCs included.\n"
-        );
-        md.push_str(&counts);
+        if !counts.is_empty() || !vcounts.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Exact counts\n\nThe hypervisor's counters (Ctrl-\\ s), read at the guest's \
+                 handshakes just before and just after each measured part: each column is a \
+                 counter's difference divided by the operations the guest did (every repeat's \
+                 quotient; one value when all agree). dma_map_benchmark does not report its \
+                 iteration count; the counters give it (nothing else does DMA meanwhile: the disk \
+                 is idle and the NIC is the benchmark's).\n"
+            );
+        }
+        if !counts.is_empty() {
+            let _ = writeln!(
+                md,
+                "The vSMMU setup: with strict invalidation Linux issues exactly one CMD_SYNC per \
+                 `dma_unmap` and no command per `dma_map`, so the guest's CMD_SYNCs over the run \
+                 are its map+unmap pairs. \"Physical commands\" counts what the hypervisor \
+                 submitted to the physical SMMU on the guest's behalf, CMD_SYNCs included.\n"
+            );
+            md.push_str(&counts);
+        }
+        if !vcounts.is_empty() {
+            let _ = writeln!(
+                md,
+                "\nThe virtio-iommu setup (its `viommu: vm0 stats:` line): each request is one \
+                 trap, its QueueNotify, carried out inside it; Linux sends one MAP per `dma_map` \
+                 and one UNMAP per `dma_unmap`, each followed by its notify, so the guest's UNMAP \
+                 requests are its map+unmap pairs. \"Physical\" counts what the hypervisor \
+                 submitted to the physical SMMU for them.\n"
+            );
+            md.push_str(&vcounts);
+        }
+        if let Some(p) = &pick {
+            let _ = writeln!(md, "\n## Which to pick\n\n{p}");
+        }
         if !res.failures.is_empty() {
             let _ = writeln!(md, "\n## Failed boots\n");
             for f in &res.failures {

@@ -6,17 +6,26 @@ use std::path::PathBuf;
 pub(crate) const USAGE: &str = "\
 usage: bench [--repeats N] [--out FILE] [--setups LIST] [--no-net] [--dma-seconds S] [--quick]
 
-Boots the modular guest (build/guest/modular) bare on QEMU, under the hypervisor with its vSMMU,
-and under the hypervisor with stage 2 only (iommu.passthrough=1), N times each in a rotated
-order, runs the same workloads in each (tests/guest/bench.sh) and prints one table of figures
-and ratios (median [min-max]) and the exact vSMMU counts per operation.
+Boots the modular guest (build/guest/modular) in each setup N times, in a rotated order, runs
+the same workloads in each (tests/guest/bench.sh) and prints one table of figures and ratios
+(median [min-max]), the exact vSMMU and virtio-iommu counts per operation and, with either
+virtio-iommu setup, which to pick. The setups (--setups names):
+
+  bare         Linux directly on QEMU, its arm-smmu-v3 driver on QEMU's SMMUv3
+  vsmmu        the hypervisor's one VM, its stage 1 on the vSMMU nested over stage 2
+  s2           the same VM with iommu.passthrough=1 (stage 2 only)
+  vsmmu-intx   the vSMMU VM with smmu-hv,intx-only (INTx, no vITS)
+  vsmmu-v4     the vSMMU VM on gic-version=4 (MSIs injected directly)
+  viommu       the VM with the hypervisor's virtio-iommu (--vm-iommu 0 virtio-iommu)
+  bare-viommu  Linux directly on QEMU with QEMU's virtio-iommu-pci, no SMMU
+               (qemu/board-virt.sh --bare --bare-iommu virtio-iommu)
+  net          two VMs (vSMMU, then stage 2 only): guest-to-guest TCP and concurrent DMA
 
   --repeats N      boots of each setup (default 3)
   --out FILE       also write the tables as Markdown to FILE, with the date, the machine and
                    the command line
-  --setups LIST    only these setups, comma-separated: bare, vsmmu, s2, net (the two-VM
-                   pairs); default all
-  --no-net         the same as --setups bare,vsmmu,s2
+  --setups LIST    only these setups, comma-separated (names above); default all
+  --no-net         all but net
   --dma-seconds S  length of each dma_map_benchmark run (default 3)
   --quick          a smoke run: 1 repeat, short workloads (figures not worth keeping)
 

@@ -1,11 +1,12 @@
-//! The report: the table of figures (median [min–max] per setup, and the vSMMU setup's ratios
-//! to the others), the table of exact vSMMU counts per operation, and the Markdown report's
-//! notes on reading them.
+//! The report: the table of figures (median [min–max] per setup that ran, and the ratios between
+//! those that ran), the tables of exact vSMMU and virtio-iommu counts per operation, the
+//! Markdown report's notes on reading them and its "Which to pick" (figures from the run, facts
+//! that hold anyway).
 
 use crate::boots::DMA_CONFIGS;
 use crate::opts::Opts;
 use crate::setup::Col;
-use crate::stats::{cell, count_cell, ratios, Delta, Results};
+use crate::stats::{cell, count_cell, fmt_num, ratios, Delta, Results};
 use std::fmt::Write as _;
 
 /// What always holds when reading the figures (the Markdown report's notes).
@@ -15,11 +16,16 @@ How to read them:
 - Everything runs under QEMU's TCG on a shared host: absolute times mean little, and other jobs' \
   load moves them from one boot to the next (the boots list below says how many other QEMUs ran). \
   The ratios are taken within a repeat, whose setups ran minutes apart; the counts below are exact.
-- All three setups translate DMA in QEMU's SMMUv3 model: bare with stage 1 (the guest's tables), \
-  vSMMU nested (the guest's stage 1 over the hypervisor's stage 2), stage-2 only with stage 2. \
-  Bare is the same guest on the same emulated SMMU, not an IOMMU-less machine.
-- Interrupts differ: bare QEMU virt has a GICv3 ITS, so the bare guest's virtio functions use MSI-X; \
-  the hypervisor's guests have no ITS and use INTx through the virtual GIC.
+- All setups but one translate DMA in QEMU's SMMUv3 model: bare with stage 1 (the guest's \
+  tables), vSMMU nested (the guest's stage 1 over the hypervisor's stage 2), virtio-iommu nested \
+  too (stage-1 tables the hypervisor writes for the guest's requests), stage-2 only with stage 2. \
+  Bare is the same guest on the same emulated SMMU, not an IOMMU-less machine. Bare with \
+  virtio-iommu-pci has no SMMU: QEMU's virtio-iommu model carries out the guest's requests and \
+  translates itself.
+- Interrupts: bare QEMU virt has a GICv3 ITS, so the bare guest's virtio functions use MSI-X; the \
+  hypervisor's guests use MSI-X through their virtual ITS (physical LPIs taken at EL2 and \
+  injected through list registers), but INTx through the virtual GIC with `smmu-hv,intx-only`, \
+  and directly injected vLPIs on GICv4.
 - Boot to init under the hypervisor includes its load of the VM, mostly a first-boot pass zeroing \
   all 1 GiB of the VM's RAM, which under emulation makes the host allocate it. How long that takes \
   depends on the host, not on the setup: about 0.5 s when the boot before had freed as much \
@@ -106,6 +112,14 @@ fn rows(o: &Opts) -> Vec<Row> {
                 false,
             ));
         }
+        r.push(row(
+            &format!("{k}-traps"),
+            format!(
+                "dma_map_benchmark -t {t} -g {g}: traps per map + unmap (vSMMU: register traps \
+                 per guest CMD_SYNC; virtio-iommu: QueueNotify per UNMAP request)"
+            ),
+            false,
+        ));
     }
     if o.net {
         r.push(row(
@@ -157,29 +171,71 @@ fn rows(o: &Opts) -> Vec<Row> {
     r
 }
 
+/// The ratio columns, each shown when the run has both setups: (numerator, denominator, header).
+const RATIOS: [(Col, Col, &str); 7] = [
+    (Col::Vsmmu, Col::Bare, "vSMMU/bare"),
+    (
+        Col::Viommu,
+        Col::BareViommu,
+        "virtio-iommu/bare virtio-iommu-pci",
+    ),
+    (Col::Viommu, Col::Vsmmu, "virtio-iommu/vSMMU"),
+    (Col::BareViommu, Col::Bare, "bare: virtio-iommu-pci/SMMUv3"),
+    (Col::Vsmmu, Col::S2, "vSMMU/s2"),
+    (Col::Vsmmu, Col::VsmmuIntx, "vSMMU/INTx"),
+    (Col::VsmmuV4, Col::Bare, "GICv4/bare"),
+];
+
+/// The setups the run has, in the table's order: the single-guest setups asked for, and vSMMU
+/// and stage-2 only when the two-VM pairs ran.
+pub(crate) fn shown_cols(o: &Opts) -> Vec<Col> {
+    Col::ALL
+        .into_iter()
+        .filter(|c| o.singles.contains(c) || (o.net && matches!(c, Col::Vsmmu | Col::S2)))
+        .collect()
+}
+
+/// The ratio columns of the run: those whose two setups both ran.
+pub(crate) fn shown_ratios(o: &Opts) -> Vec<(Col, Col, &'static str)> {
+    let cols = shown_cols(o);
+    RATIOS
+        .into_iter()
+        .filter(|(a, b, _)| cols.contains(a) && cols.contains(b))
+        .collect()
+}
+
+/// What a bare setup shows in a row it cannot have (`None`: it has the row).
+fn bare_na(key: &str) -> Option<&'static str> {
+    match key {
+        "boot2" | "boot2-less-load" | "net" | "ping" | "dma2-alone" | "dma2-both"
+        | "dma2-other" | "dma2-ratio" | "dma2-skew" => Some("n/a (one guest)"),
+        "boot-load" => Some("n/a"),
+        k if k.ends_with("-traps") => Some("n/a"),
+        _ => None,
+    }
+}
+
 pub(crate) fn figures_table(res: &Results, o: &Opts) -> String {
+    let cols = shown_cols(o);
+    let ratio_cols = shown_ratios(o);
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "| workload | better | bare | vSMMU | stage-2 only | vSMMU, INTx | vSMMU, GICv4 | vSMMU/bare | vSMMU/s2 | vSMMU/INTx | GICv4/bare |"
-    );
-    let _ = writeln!(
-        s,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-    );
+    let mut header = "| workload | better |".to_string();
+    for c in &cols {
+        let _ = write!(header, " {} |", c.label());
+    }
+    for (_, _, h) in &ratio_cols {
+        let _ = write!(header, " {h} |");
+    }
+    let _ = writeln!(s, "{header}");
+    let _ = writeln!(s, "|{}", " --- |".repeat(2 + cols.len() + ratio_cols.len()));
     for row in rows(o) {
         let Some(samples) = res.samples.get(&row.key) else {
             continue;
         };
         let col = |c: Col| -> String {
-            if c == Col::Bare {
-                match row.key.as_str() {
-                    "boot2" | "boot2-less-load" | "net" | "ping" | "dma2-alone" | "dma2-both"
-                    | "dma2-other" | "dma2-ratio" | "dma2-skew" => {
-                        return "n/a (one guest)".to_string()
-                    }
-                    "boot-load" => return "n/a".to_string(),
-                    _ => {}
+            if c.is_bare() {
+                if let Some(na) = bare_na(&row.key) {
+                    return na.to_string();
                 }
             }
             let v: Vec<f64> = samples
@@ -196,24 +252,193 @@ pub(crate) fn figures_table(res: &Results, o: &Opts) -> String {
                 format!("×{}", cell(&r))
             }
         };
-        let _ = writeln!(
+        let _ = write!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} |",
             row.label,
-            if row.higher_better { "higher" } else { "lower" },
-            col(Col::Bare),
-            col(Col::Vsmmu),
-            col(Col::S2),
-            col(Col::VsmmuIntx),
-            col(Col::VsmmuV4),
-            ratio_of(Col::Vsmmu, Col::Bare),
-            ratio_of(Col::Vsmmu, Col::S2),
-            ratio_of(Col::Vsmmu, Col::VsmmuIntx),
-            ratio_of(Col::VsmmuV4, Col::Bare)
+            if row.higher_better { "higher" } else { "lower" }
         );
+        for &c in &cols {
+            let _ = write!(s, " {} |", col(c));
+        }
+        for &(a, b, _) in &ratio_cols {
+            let _ = write!(s, " {} |", ratio_of(a, b));
+        }
+        s.push('\n');
     }
     s
 }
+
+/// The median of a metric's samples of setup `col` over the repeats.
+pub(crate) fn median(res: &Results, key: &str, col: Col) -> Option<f64> {
+    let v: Vec<f64> = res
+        .samples
+        .get(key)?
+        .get(&col)?
+        .iter()
+        .map(|&(_, x)| x)
+        .collect();
+    med(&v)
+}
+
+/// The median of a metric's per-repeat ratios `a/b` (repeats with both).
+pub(crate) fn median_ratio(res: &Results, key: &str, a: Col, b: Col) -> Option<f64> {
+    med(&ratios(res.samples.get(key)?, a, b))
+}
+
+fn med(v: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// A figure for the prose: the number with its unit, or "not measured".
+fn fig(v: Option<f64>, unit: &str) -> String {
+    match v {
+        Some(v) => format!("{} {unit}", fmt_num(v)).trim_end().to_string(),
+        None => "not measured".to_string(),
+    }
+}
+
+/// A ratio for the prose: `×1.234`, or "not measured".
+fn rat(v: Option<f64>) -> String {
+    match v {
+        Some(v) => format!("×{}", fmt_num(v)),
+        None => "not measured".to_string(),
+    }
+}
+
+/// Which of two setups did better by the ratio `a/b` of a metric (`higher`: higher is better),
+/// in words with the ratio; within 5 % counts as even.
+fn verdict(r: Option<f64>, higher: bool, a: &str, b: &str) -> String {
+    match r {
+        None => format!("not compared ({a} or {b} not measured)"),
+        Some(r) if (0.95..=1.05).contains(&r) => {
+            format!(
+                "even, the {a} and the {b} within 5 % ({a}/{b} ×{})",
+                fmt_num(r)
+            )
+        }
+        Some(r) => format!(
+            "the {} better ({a}/{b} ×{})",
+            if (r > 1.0) == higher { a } else { b },
+            fmt_num(r)
+        ),
+    }
+}
+
+/// The report's "Which to pick": the run's own figures for the virtio-iommu, the vSMMU and the
+/// two bare machines, then what holds whatever the figures (this code base's facts).
+pub(crate) fn which_to_pick(res: &Results) -> String {
+    let (v, s, bv, b) = (Col::Viommu, Col::Vsmmu, Col::BareViommu, Col::Bare);
+    let pair = "dma-t1-g1-pair";
+    let pair16 = "dma-t1-g16-pair";
+    let traps = "dma-t1-g1-traps";
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "Measured in this run (medians over the repeats; a ratio is taken within each repeat):\n"
+    );
+    let _ = writeln!(
+        t,
+        "- DMA map + unmap of one page (`dma_map_benchmark -t 1 -g 1`): virtio-iommu {}, vSMMU {} \
+         (virtio-iommu/vSMMU {}); bare on QEMU, virtio-iommu-pci {}, SMMUv3 {}. What the \
+         hypervisor adds over the bare machine with the same kind of IOMMU: virtio-iommu {}, \
+         vSMMU {}. With 16 pages per mapping: virtio-iommu {}, vSMMU {} (virtio-iommu/vSMMU {}).",
+        fig(median(res, pair, v), "µs"),
+        fig(median(res, pair, s), "µs"),
+        rat(median_ratio(res, pair, v, s)),
+        fig(median(res, pair, bv), "µs"),
+        fig(median(res, pair, b), "µs"),
+        rat(median_ratio(res, pair, v, bv)),
+        rat(median_ratio(res, pair, s, b)),
+        fig(median(res, pair16, v), "µs"),
+        fig(median(res, pair16, s), "µs"),
+        rat(median_ratio(res, pair16, v, s)),
+    );
+    let _ = writeln!(
+        t,
+        "- Traps per map + unmap (the hypervisor's counters): virtio-iommu {}, vSMMU {}.",
+        fig(median(res, traps, v), ""),
+        fig(median(res, traps, s), ""),
+    );
+    let _ = writeln!(
+        t,
+        "- Disk: sequential 1 MiB reads virtio-iommu {}, vSMMU {} ({}), bare virtio-iommu-pci {}, \
+         bare SMMUv3 {}; 4 KiB reads virtio-iommu {}, vSMMU {} ({}).",
+        fig(median(res, "seq", v), "MiB/s"),
+        fig(median(res, "seq", s), "MiB/s"),
+        rat(median_ratio(res, "seq", v, s)),
+        fig(median(res, "seq", bv), "MiB/s"),
+        fig(median(res, "seq", b), "MiB/s"),
+        fig(median(res, "4k", v), "IOPS"),
+        fig(median(res, "4k", s), "IOPS"),
+        rat(median_ratio(res, "4k", v, s)),
+    );
+    let _ = writeln!(
+        t,
+        "\nSo here, DMA mapping churn: {}; disk throughput: {}; and on bare QEMU (a VMM user's \
+         choice), DMA mapping churn: {}.\n",
+        verdict(
+            median_ratio(res, pair, v, s),
+            false,
+            "virtio-iommu",
+            "vSMMU"
+        ),
+        verdict(
+            median_ratio(res, "seq", v, s),
+            true,
+            "virtio-iommu",
+            "vSMMU"
+        ),
+        verdict(
+            median_ratio(res, pair, bv, b),
+            false,
+            "virtio-iommu-pci",
+            "SMMUv3"
+        ),
+    );
+    t.push_str(PICK_FACTS);
+    t
+}
+
+/// What holds of the two vIOMMUs whatever the figures (docs/design.md section 5,
+/// docs/vm-config.md).
+pub(crate) const PICK_FACTS: &str = "\
+What holds whatever the figures:
+
+- **virtio-iommu** (`smmu-hv,iommu = \"virtio-iommu\"`): every MAP and every UNMAP is a request \
+  and costs one trap (its QueueNotify), the hypervisor carrying it out inside the trap: a map \
+  costs a trap where the vSMMU's costs none, and an UNMAP is answered only once the physical \
+  TLBI and CMD_SYNC have completed, synchronously. The guest writes no stage-1 tables: the \
+  hypervisor builds them in a pool of its own memory (read-only to the guest), so there is \
+  nothing to shadow and nothing to read back from guest memory. It needs the guest's \
+  virtio_iommu driver over virtio-mmio (Linux `CONFIG_VIRTIO_IOMMU`, `CONFIG_VIRTIO_MMIO`), and \
+  offers 4 KiB pages (2 MiB and 1 GiB blocks), 39-bit IOVAs, 64 domains and 16384 mappings per \
+  device.
+- **vSMMU** (`smmuv3`, the default): the guest's stock arm-smmu-v3 driver, as on the bare \
+  machine or hardware. A map writes the guest's own tables, no trap; an unmap's TLBI and \
+  CMD_SYNC reach the hypervisor as one batch per CMDQ_PROD write, one trap. The guest's tables, \
+  stream table and CDs live in its RAM: the hypervisor reads its STEs and shadows them, the \
+  physical SMMU walks its stage 1 nested over stage 2. It is the one for a guest without a \
+  virtio-iommu driver (another OS, a kernel without `CONFIG_VIRTIO_IOMMU`, firmware that \
+  drives an SMMU).
+- Neither gives a guest SVA or PASIDs: the vSMMU has no substreams (SSIDSIZE 0), ATS or PRI, \
+  and the virtio-iommu offers no PASID feature. Both nest over the same stage 2, so isolation \
+  is the same.
+- The bare columns are QEMU's own models without a hypervisor, what a VMM's user would pick \
+  between: the virtio-iommu-pci handles each request in QEMU, the SMMUv3 walks the guest's \
+  tables in QEMU.
+- In short: the vSMMU for any guest with an SMMUv3 driver, and where DMA mappings churn (a map \
+  costs it no trap); the virtio-iommu for a guest with the driver where the hypervisor should \
+  own the I/O page tables (no guest tables to shadow or validate), at the cost of a trap per \
+  map and a synchronous invalidation per unmap, which the figures above put a price on.
+";
 
 pub(crate) fn counts_table(res: &Results, o: &Opts) -> String {
     let mut s = String::new();
@@ -330,4 +555,70 @@ pub(crate) fn counts_table(res: &Results, o: &Opts) -> String {
         );
     }
     s
+}
+
+/// The virtio-iommu setup's exact counts per operation (its `viommu:` counters, read around each
+/// measured part), as [`counts_table`] has the vSMMU's; empty without that setup's counts.
+pub(crate) fn viommu_counts_table(res: &Results, o: &Opts) -> String {
+    let mut rows: Vec<(String, String, &str)> = vec![
+        (
+            "seq".into(),
+            format!("sequential read, 1 MiB O_DIRECT, {} MiB", o.seq_passes * 8),
+            "MiB",
+        ),
+        ("4k".into(), "4 KiB O_DIRECT reads, one dd".into(), "read"),
+        (
+            "rand".into(),
+            "random 4 KiB O_DIRECT reads, one dd each".into(),
+            "read",
+        ),
+    ];
+    for (t, g) in DMA_CONFIGS {
+        rows.push((
+            format!("dma-t{t}-g{g}"),
+            format!("dma_map_benchmark -t {t} -g {g}"),
+            "map+unmap (= guest UNMAP request)",
+        ));
+    }
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| workload | op | ops measured (virtio-iommu) | traps (QueueNotify)/op | requests/op | MAP/op | UNMAP/op | ATTACH + DETACH/op | failed requests/op | physical CMD_SYNCs/op | physical TLBIs/op | MSIs (LPIs at EL2)/op |"
+    );
+    let _ = writeln!(s, "|{}", " --- |".repeat(12));
+    let mut any = false;
+    for (key, label, op) in rows {
+        let Some(v) = res.counts.get(&key).and_then(|c| c.get(&Col::Viommu)) else {
+            continue;
+        };
+        any = true;
+        let get = |d: &Delta, k: &str| d.get(&format!("viommu_{k}")).copied().unwrap_or(0) as f64;
+        let per = |f: &dyn Fn(&Delta) -> f64| -> String {
+            count_cell(
+                &v.iter()
+                    .map(|(ops, d)| if *ops > 0.0 { f(d) / ops } else { f64::NAN })
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let ops: Vec<f64> = v.iter().map(|(ops, _)| *ops).collect();
+        let _ = writeln!(
+            s,
+            "| {label} | {op} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            cell(&ops),
+            per(&|d| get(d, "notifies")),
+            per(&|d| get(d, "requests")),
+            per(&|d| get(d, "map")),
+            per(&|d| get(d, "unmap")),
+            per(&|d| get(d, "attach") + get(d, "detach")),
+            per(&|d| get(d, "errors")),
+            per(&|d| get(d, "phys_syncs")),
+            per(&|d| get(d, "tlbis")),
+            per(&|d| d.get("vits_lpis_at_el2").copied().unwrap_or(0) as f64),
+        );
+    }
+    if any {
+        s
+    } else {
+        String::new()
+    }
 }

@@ -9,9 +9,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// What the three columns of the table are.
+/// The setups: the columns of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Col {
+    /// Linux directly on QEMU, its arm-smmu-v3 driver on QEMU's SMMUv3.
     Bare,
     Vsmmu,
     S2,
@@ -22,10 +23,34 @@ pub(crate) enum Col {
     /// The vSMMU setup on `gic-version=4`: MSIs injected directly into the running vCPU
     /// (GICv4.0 vLPIs), no exit per interrupt.
     VsmmuV4,
+    /// The vSMMU setup's VM with `smmu-hv,iommu = "virtio-iommu"`: the same functions behind the
+    /// hypervisor's virtio-iommu (virtio-mmio), the guest's virtio_iommu driver.
+    Viommu,
+    /// Linux directly on QEMU with QEMU's own virtio-iommu-pci and no SMMU
+    /// (`--bare-iommu virtio-iommu`): what a VMM's user would pick instead.
+    BareViommu,
 }
 
 impl Col {
-    pub(crate) const ALL: [Col; 5] = [Col::Bare, Col::Vsmmu, Col::S2, Col::VsmmuIntx, Col::VsmmuV4];
+    pub(crate) const ALL: [Col; 7] = [
+        Col::Bare,
+        Col::Vsmmu,
+        Col::S2,
+        Col::VsmmuIntx,
+        Col::VsmmuV4,
+        Col::Viommu,
+        Col::BareViommu,
+    ];
+
+    /// Linux directly on QEMU, no hypervisor (no hypervisor counters).
+    pub(crate) fn is_bare(self) -> bool {
+        matches!(self, Col::Bare | Col::BareViommu)
+    }
+
+    /// The guest drives a virtio-iommu (virtio_iommu), not an SMMUv3 (arm_smmu_v3).
+    pub(crate) fn is_viommu(self) -> bool {
+        matches!(self, Col::Viommu | Col::BareViommu)
+    }
 
     pub(crate) fn label(self) -> &'static str {
         match self {
@@ -34,6 +59,8 @@ impl Col {
             Col::S2 => "stage-2 only",
             Col::VsmmuIntx => "vSMMU, INTx",
             Col::VsmmuV4 => "vSMMU, GICv4",
+            Col::Viommu => "virtio-iommu",
+            Col::BareViommu => "bare, virtio-iommu-pci",
         }
     }
 
@@ -44,6 +71,8 @@ impl Col {
             Col::S2 => "s2",
             Col::VsmmuIntx => "vsmmu-intx",
             Col::VsmmuV4 => "vsmmu-v4",
+            Col::Viommu => "viommu",
+            Col::BareViommu => "bare-viommu",
         }
     }
 }
@@ -95,10 +124,12 @@ impl Ctx {
         };
         let mut a: Vec<String> = Vec::new();
         let vms = match boot {
-            Boot::Single(Col::Bare) => {
-                a.extend(
-                    ["--bare", "--smp", "2", "--guest", &guest, "--bootargs"].map(String::from),
-                );
+            Boot::Single(c) if c.is_bare() => {
+                a.extend(["--bare", "--smp", "2", "--guest", &guest].map(String::from));
+                if c == Col::BareViommu {
+                    a.extend(["--bare-iommu", "virtio-iommu"].map(String::from));
+                }
+                a.push("--bootargs".to_string());
                 a.push(BASE_BOOTARGS.to_string());
                 1
             }
@@ -109,6 +140,9 @@ impl Ctx {
                 }
                 if c == Col::VsmmuV4 {
                     a.extend(["--gic", "4"].map(String::from));
+                }
+                if c == Col::Viommu {
+                    a.extend(["--vm-iommu", "0", "virtio-iommu"].map(String::from));
                 }
                 a.extend(
                     ["--vm-pci", "0", "00:01.0,00:02.0", "--vm-bootargs", "0"].map(String::from),

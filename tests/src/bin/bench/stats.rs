@@ -42,7 +42,7 @@ impl Results {
     }
 }
 
-fn fmt_num(v: f64) -> String {
+pub(crate) fn fmt_num(v: f64) -> String {
     let a = v.abs();
     if a >= 1000.0 {
         format!("{v:.0}")
@@ -99,5 +99,24 @@ pub(crate) fn count_cell(vals: &[f64]) -> String {
         lo
     } else {
         format!("{lo}–{hi}")
+    }
+}
+
+/// dma_map_benchmark's map+unmap pairs over a measured part, from the counter deltas `d` of its
+/// VM (it does not report its iteration count), and the traps they took: `(pairs, traps)`.
+///
+/// - vSMMU: with strict invalidation Linux issues one CMD_SYNC per `dma_unmap` and no command
+///   per `dma_map`, so the guest's CMD_SYNCs are the pairs; traps are all its register traps.
+/// - virtio-iommu (`viommu_*`): one UNMAP request per `dma_unmap` (and one MAP per `dma_map`),
+///   so the UNMAPs are the pairs; a trap is a QueueNotify (`notifies`), the only register the
+///   driver writes per request.
+///
+/// (0, 0) from a VM with neither (none measured).
+pub(crate) fn dma_pairs(d: &Delta) -> (f64, f64) {
+    let get = |k: &str| d.get(k).copied().unwrap_or(0) as f64;
+    if d.contains_key("viommu_notifies") {
+        (get("viommu_unmap"), get("viommu_notifies"))
+    } else {
+        (get("syncs"), get("traps"))
     }
 }
