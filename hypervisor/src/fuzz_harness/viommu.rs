@@ -22,7 +22,8 @@
 //! - **(c) UNMAP**: before an UNMAP that removed readable/writable mappings returns OK (so before
 //!   its used-ring completion, which the device writes only after the model returns), the
 //!   physical SMMU saw non-leaf TLBIs of the domain's ASID covering every page (or the whole
-//!   ASID or VMID) and then a CMD_SYNC that was waited for;
+//!   ASID or VMID) and then a CMD_SYNC that was waited for; likewise a TLBI of the whole ASID
+//!   and a waited CMD_SYNC before an ATTACH or DETACH that freed a domain returns S_OK;
 //! - **(d) the used ring**: per call, used.idx moves forward by at most the chains the driver
 //!   made available, is what the device published in RAM, and never falls behind the chains it
 //!   took except with DEVICE_NEEDS_RESET set (one chain at most);
@@ -363,6 +364,28 @@ fn check_unmap(domain: u32, removed: &[(u64, u64)], events: &[Ev]) {
     );
 }
 
+/// Invariant (c) for a freed domain: a TLBI of its whole ASID (or VMID) and a waited CMD_SYNC
+/// after it.
+fn check_freed(domain: u32, events: &[Ev]) {
+    let asid = (domain + 1) as u16;
+    let at = events
+        .iter()
+        .position(|e| matches!(e, Ev::Cmd(c) if whole(c, asid)));
+    let Some(at) = at else {
+        panic!("(c) domain {domain} freed without a TLBI of its ASID");
+    };
+    let sync = events[at..].iter().find_map(|e| match e {
+        Ev::Sync(s) => Some(*s),
+        _ => None,
+    });
+    assert!(
+        sync.is_some_and(|s| events[at..]
+            .iter()
+            .any(|e| matches!(e, Ev::Waited(w) if *w >= s))),
+        "(c) domain {domain} freed before a CMD_SYNC after its TLBI was waited for"
+    );
+}
+
 impl Checked {
     fn refresh(&mut self) {
         let used = self.v.table_pages();
@@ -497,7 +520,22 @@ impl ViommuModel for Checked {
         self.log.lock().events.clear();
         let domain = (r.len() >= 8).then(|| le32(r, 4));
         let before = domain.map(|d| self.v.domain_mappings(d));
+        let translating: Vec<u32> = self
+            .v
+            .domain_ids()
+            .filter(|&d| self.v.domain_root(d).is_some())
+            .collect();
         let rep = ViommuModel::request(&mut self.v, r, w, phys);
+        if matches!(rep.status(), Some(status::OK)) {
+            // A domain an ATTACH (a move) or DETACH freed: its tables go back to the pool, so
+            // its ASID must have left the TLBs and walk caches first.
+            let events = self.log.lock().events.clone();
+            for d in translating {
+                if self.v.domain_root(d).is_none() {
+                    check_freed(d, &events);
+                }
+            }
+        }
         if rep.status() == Some(status::OK) {
             self.log.lock().ok[usize::from(r[0]).min(5)] += 1;
         }
@@ -1671,6 +1709,17 @@ mod tests {
                 }),
             ],
         );
+    }
+
+    #[test]
+    #[should_panic(expected = "(c) domain 3 freed without a TLBI of its ASID")]
+    fn a_domain_freed_without_its_tlbi_is_caught() {
+        let mut h = linux();
+        assert_eq!(h.status_of(&attach(3, 1)), Some(status::OK));
+        h.log.lock().hide_tlbis = true;
+        let mut d = attach(3, 1);
+        d[0] = req::DETACH;
+        h.status_of(&d);
     }
 
     #[test]
