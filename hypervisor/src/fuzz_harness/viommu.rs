@@ -1622,7 +1622,7 @@ mod tests {
     fn random_inputs_keep_the_invariants() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut t = Tally::default();
-        for _ in 0..1200 {
+        for _ in 0..900 {
             let a = run_with(&rng.input(400));
             t.completed += a.completed;
             t.events += a.events;
@@ -1634,11 +1634,11 @@ mod tests {
             }
         }
         assert!(
-            t.completed > 8000
-                && t.ok[0] > 1000
+            t.completed > 6000
+                && t.ok[0] > 800
                 && t.ok[2] > 100
                 && t.ok[3] > 200
-                && t.events > 100
+                && t.events > 80
                 && t.queue_errors > 500
                 && t.resets > 1000,
             "shallow: {t:?}"
