@@ -10,6 +10,8 @@
 //! - [`vpl011`]: the virtual PL011, the console input path into it and the console output mux;
 //! - [`vecam`]: the virtual ECAM, over a recording fake configuration space;
 //! - [`vits`]: the virtual ITS model, over a recording physical ITS;
+//! - [`viommu`]: the virtio-iommu device (virtio-mmio transport, queues, request model), over
+//!   a recording physical SMMU;
 //! - [`bars`]: the guest's BAR moves against where `vm::bars` maps them in its stage 2;
 //! - [`host_dt`]: not a guest's model but the readers of the untrusted host DT, on any blob.
 //!
@@ -19,6 +21,7 @@ pub mod bars;
 pub mod host_dt;
 pub mod vecam;
 pub mod vgic;
+pub mod viommu;
 pub mod vits;
 pub mod vpl011;
 

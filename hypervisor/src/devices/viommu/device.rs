@@ -353,6 +353,13 @@ impl VmViommu {
     /// Writes waiting fault records into the event queue's buffers; whether to raise the
     /// interrupt.
     fn flush_events(st: &mut State, ram: &mut impl GuestMemory) -> bool {
+        // A device that set DEVICE_NEEDS_RESET has met an error it cannot recover from (virtio
+        // 1.2 2.1.2): like the notifies the transport now ignores, fault records must not take
+        // more of the driver's buffers (each bad one would be consumed and never used) until
+        // the reset, which drops the backlog.
+        if st.mmio.status().contains(Status::DEVICE_NEEDS_RESET) {
+            return false;
+        }
         let mut used = false;
         while let Some(record) = st.backlog.front().copied() {
             let Some(q) = st.mmio.queue_mut(EVENTQ) else {
@@ -426,6 +433,19 @@ impl VmViommu {
             phys: &mut NoSmmu,
         });
         st.backlog.clear();
+    }
+
+    /// Queue `q` as the device holds it (areas and indices) while it is live: the fuzz
+    /// harness's invariant on the used ring.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn queue(&self, q: u16) -> Option<crate::devices::virtio::SplitQueue> {
+        self.state.lock().mmio.queue(q).cloned()
+    }
+
+    /// The device status (Status register).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn status(&self) -> Status {
+        self.state.lock().mmio.status()
     }
 
     /// The counters as one log line.

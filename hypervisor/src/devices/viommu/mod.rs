@@ -28,6 +28,8 @@
 //!   length exactly).
 
 pub mod device;
+#[cfg(test)]
+mod device_tests;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -530,6 +532,37 @@ impl<P: TablePool> Viommu<P> {
     /// IPA of a domain's root table.
     pub fn domain_root(&self, domain: u32) -> Option<u64> {
         self.domains.get(&domain)?.tables.as_ref().map(Tables::root)
+    }
+
+    /// The live domains' IDs.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn domain_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.domains.keys().copied()
+    }
+
+    /// A domain's mappings as the model recorded them: (virt_start, virt_end, phys, flags).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn domain_mappings(&self, domain: u32) -> Vec<(u64, u64, u64, u32)> {
+        self.domains.get(&domain).map_or(Vec::new(), |d| {
+            d.mappings
+                .iter()
+                .map(|(&s, &(e, p, f))| (s, e, p, f))
+                .collect()
+        })
+    }
+
+    /// A domain's valid leaves ([`tables::Tables::leaves`]); none for a bypass domain.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn domain_leaves(&self, domain: u32, f: &mut dyn FnMut(u64, u64, u64, El1Attributes)) {
+        if let Some(t) = self.domains.get(&domain).and_then(|d| d.tables.as_ref()) {
+            t.leaves(f);
+        }
+    }
+
+    /// The domain endpoint `vsid` is attached to.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn attached_domain(&self, vsid: u32) -> Option<u32> {
+        self.attached[self.endpoint(vsid)?]
     }
 
     /// Table pages in use by every domain (walks them all: for stats and tests).

@@ -177,6 +177,20 @@ impl<T: Translation<El1Attributes>> Tables<T> {
         self.map.compact_subtables();
     }
 
+    /// Every valid leaf (block or page): `f(iova, bytes, output IPA, attributes)`, in IOVA
+    /// order (the fuzz harness checks them against the mappings the model validated).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn leaves(&self, f: &mut dyn FnMut(u64, u64, u64, El1Attributes)) {
+        let r = MemoryRegion::new(0, self.size as usize);
+        let _ = self.map.walk_range(&r, &mut |mr, d, _| {
+            if d.is_valid() {
+                let (s, e) = (mr.start().0 as u64, mr.end().0 as u64);
+                f(s, e - s, d.output_address().0 as u64, d.flags());
+            }
+            Ok(())
+        });
+    }
+
     /// Table pages in use (root included), counted by walking the tables: every descriptor the
     /// walk reaches at level 2 lies in an L2 table, at level 3 in an L3 table, in address order.
     pub fn pages(&self) -> usize {

@@ -171,6 +171,12 @@ impl VirtioMmio {
         self.queues.get_mut(usize::from(q))?.live.as_mut()
     }
 
+    /// Queue `q` if it is live, whatever the status (for inspection: the device must use
+    /// [`VirtioMmio::queue_mut`]).
+    pub fn queue(&self, q: u16) -> Option<&SplitQueue> {
+        self.queues.get(usize::from(q))?.live.as_ref()
+    }
+
     /// Marks used buffers in InterruptStatus; the caller raises the interrupt (if the queue's
     /// [`SplitQueue::needs_interrupt`] says so).
     pub fn raise_used(&mut self) {
