@@ -22,6 +22,12 @@ How to read them:
   Bare is the same guest on the same emulated SMMU, not an IOMMU-less machine. Bare with \
   virtio-iommu-pci has no SMMU: QEMU's virtio-iommu model carries out the guest's requests and \
   translates itself.
+- Under TCG the hypervisor's own code is emulated instruction by instruction, while QEMU's device \
+  models run as native host code. Work the hypervisor does in a trap (a virtio-iommu request: \
+  parsing its descriptors, editing the stage-1 tables, freeing emptied ones) is therefore dearer \
+  here against the same work in QEMU's virtio-iommu-pci than it would be on hardware, where \
+  both are native; a trap itself (a guest exit and return) is cheap under TCG. Compare the \
+  setups' trap counts as well as their times.
 - Interrupts: bare QEMU virt has a GICv3 ITS, so the bare guest's virtio functions use MSI-X; the \
   hypervisor's guests use MSI-X through their virtual ITS (physical LPIs taken at EL2 and \
   injected through list registers), but INTx through the virtual GIC with `smmu-hv,intx-only`, \
