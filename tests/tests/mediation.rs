@@ -264,6 +264,9 @@ fn stop_load(q: &mut Qemu, vm: &str) -> Result<LoadReport, Error> {
 /// its start, and so on from there).
 const LOAD_REPORT_PERIOD: Duration = Duration::from_secs(5);
 
+/// A load's rate in a window: rounds a second, the rounds done in it, its length in seconds.
+type Rate = (f64, f64, f64);
+
 /// Rounds per second of a load between `from` and `to`, from its reports in order (the periodic
 /// ones, then the final one): the rounds done at each end of the window are interpolated
 /// linearly between the arrival times and `rounds` of the reports around it. The load's start,
@@ -271,7 +274,7 @@ const LOAD_REPORT_PERIOD: Duration = Duration::from_secs(5);
 /// one round, ~0.2 s, earlier). The window is clipped to the span of these points. Returns the
 /// rate, the rounds done in the clipped window and its length in seconds; `None` if the window
 /// and the points do not overlap.
-fn rounds_rate(reports: &[LoadReport], from: Duration, to: Duration) -> Option<(f64, f64, f64)> {
+fn rounds_rate(reports: &[LoadReport], from: Duration, to: Duration) -> Option<Rate> {
     let first = reports.first()?;
     let start = first.at.checked_sub(LOAD_REPORT_PERIOD)?;
     let points: Vec<(f64, f64)> = [(start, 0)]
@@ -733,6 +736,31 @@ fn virtio_iommu_driver_cycles_leak_nothing() -> Result<(), Error> {
     power_off_last(&mut q, "vm1")
 }
 
+/// vm1, the worker beside a hostile vm0: its load stopped, it did rounds and ended clean, its
+/// vSMMU saw no event, fault or refused command, its STEs are its own nested ones. Returns its
+/// last load report and its rate between `from` and `to` (the attacks).
+fn check_worker_clean(
+    q: &mut Qemu,
+    from: Duration,
+    to: Duration,
+) -> Result<(LoadReport, Option<Rate>), Error> {
+    let last = stop_load(q, "vm1")?;
+    assert!(
+        last.get("rounds") > 0,
+        "vm1's load did no round: {:?}",
+        last.text
+    );
+    let mut reports = load_reports(&q.lines(), "vm1");
+    reports.push(last.clone());
+    let rate = rounds_rate(&reports, from, to);
+    let stats = vsmmu_stats(q, "vm1")?;
+    for key in ["guest_events", "s2_faults", "command_errors"] {
+        assert_eq!(stats.get(key), Some(&0), "vm1's vSMMU counter {key}");
+    }
+    check_nested(q, &VM1)?;
+    Ok((last, rate))
+}
+
 /// Whether the hypervisor logged a line whose text (without its level tag) starts with `want`.
 fn hv_logged(lines: &[Line], want: &str) -> bool {
     lines
@@ -885,21 +913,7 @@ fn hostile_guest_is_contained() -> Result<(), Error> {
     q.wait_vm_for("vm0", "guest: powering off", STEP_TIMEOUT)?;
     q.wait_for("[hv] vm0: stopped", STEP_TIMEOUT)?;
 
-    // vm1: its load clean all along, its streams its own.
-    let last = stop_load(&mut q, "vm1")?;
-    assert!(
-        last.get("rounds") > 0,
-        "vm1's load did no round: {:?}",
-        last.text
-    );
-    let mut reports = load_reports(&q.lines(), "vm1");
-    reports.push(last.clone());
-    let rate = rounds_rate(&reports, attacks_from, attacks_to);
-    let stats = vsmmu_stats(&mut q, "vm1")?;
-    for key in ["guest_events", "s2_faults", "command_errors"] {
-        assert_eq!(stats.get(key), Some(&0), "vm1's vSMMU counter {key}");
-    }
-    check_nested(&mut q, &VM1)?;
+    let (last, rate) = check_worker_clean(&mut q, attacks_from, attacks_to)?;
     let lines = q.lines();
     let vm0 = last_stats(&lines, "vm0");
     assert_eq!(
@@ -1147,21 +1161,7 @@ fn hostile_virtio_iommu_guest_is_contained() -> Result<(), Error> {
         "vm0's virtio-iommu counted its flood: {stats:?}"
     );
 
-    // vm1: its load clean all along, its streams its own.
-    let last = stop_load(&mut q, "vm1")?;
-    assert!(
-        last.get("rounds") > 0,
-        "vm1's load did no round: {:?}",
-        last.text
-    );
-    let mut reports = load_reports(&q.lines(), "vm1");
-    reports.push(last.clone());
-    let rate = rounds_rate(&reports, attacks_from, attacks_to);
-    let v1 = vsmmu_stats(&mut q, "vm1")?;
-    for key in ["guest_events", "s2_faults", "command_errors"] {
-        assert_eq!(v1.get(key), Some(&0), "vm1's vSMMU counter {key}");
-    }
-    check_nested(&mut q, &VM1)?;
+    let (last, rate) = check_worker_clean(&mut q, attacks_from, attacks_to)?;
     let lines = q.lines();
     check_no_complaint_about(&lines, &VM1);
     eprintln!(

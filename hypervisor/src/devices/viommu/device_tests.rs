@@ -3,6 +3,7 @@
 //! recording physical SMMU and driver helpers (`fuzz_harness::viommu`), whose invariants are
 //! checked after every call here too.
 
+use super::tests::{attach, detach, map, probe, unmap};
 use super::*;
 use crate::devices::virtio::mmio::regs;
 use crate::devices::virtio::Status;
@@ -11,49 +12,6 @@ use smmu::event::{Event, EventKind};
 
 const RW: u32 = MAP_F_READ | MAP_F_WRITE;
 
-fn attach(d: u32, ep: u32, flags: u32) -> Vec<u8> {
-    let mut r = vec![0; 20];
-    r[0] = req::ATTACH;
-    r[4..8].copy_from_slice(&d.to_le_bytes());
-    r[8..12].copy_from_slice(&ep.to_le_bytes());
-    r[12..16].copy_from_slice(&flags.to_le_bytes());
-    r
-}
-
-fn detach(d: u32, ep: u32) -> Vec<u8> {
-    let mut r = attach(d, ep, 0);
-    r[0] = req::DETACH;
-    r
-}
-
-fn map(d: u32, s: u64, e: u64, p: u64, flags: u32) -> Vec<u8> {
-    let mut r = vec![0; 36];
-    r[0] = req::MAP;
-    r[4..8].copy_from_slice(&d.to_le_bytes());
-    r[8..16].copy_from_slice(&s.to_le_bytes());
-    r[16..24].copy_from_slice(&e.to_le_bytes());
-    r[24..32].copy_from_slice(&p.to_le_bytes());
-    r[32..36].copy_from_slice(&flags.to_le_bytes());
-    r
-}
-
-fn unmap(d: u32, s: u64, e: u64) -> Vec<u8> {
-    let mut r = vec![0; 28];
-    r[0] = req::UNMAP;
-    r[4..8].copy_from_slice(&d.to_le_bytes());
-    r[8..16].copy_from_slice(&s.to_le_bytes());
-    r[16..24].copy_from_slice(&e.to_le_bytes());
-    r
-}
-
-fn probe(ep: u32) -> Vec<u8> {
-    let mut r = vec![0; 72];
-    r[0] = req::PROBE;
-    r[4..8].copy_from_slice(&ep.to_le_bytes());
-    r
-}
-
-/// A device through the whole of Linux's probe: every feature, queues of 64.
 fn ready() -> Harness {
     let mut h = Harness::new(0, 16);
     let f = h.device_features();

@@ -175,7 +175,8 @@ impl Rig {
     }
 }
 
-fn attach(d: u32, ep: u32, flags: u32) -> Vec<u8> {
+/// The device-readable part of an ATTACH (the device tests build their requests with these too).
+pub(super) fn attach(d: u32, ep: u32, flags: u32) -> Vec<u8> {
     let mut r = vec![0; 20];
     r[0] = req::ATTACH;
     r[4..8].copy_from_slice(&d.to_le_bytes());
@@ -184,13 +185,13 @@ fn attach(d: u32, ep: u32, flags: u32) -> Vec<u8> {
     r
 }
 
-fn detach(d: u32, ep: u32) -> Vec<u8> {
+pub(super) fn detach(d: u32, ep: u32) -> Vec<u8> {
     let mut r = attach(d, ep, 0);
     r[0] = req::DETACH;
     r
 }
 
-fn map(d: u32, s: u64, e: u64, p: u64, flags: u32) -> Vec<u8> {
+pub(super) fn map(d: u32, s: u64, e: u64, p: u64, flags: u32) -> Vec<u8> {
     let mut r = vec![0; 36];
     r[0] = req::MAP;
     r[4..8].copy_from_slice(&d.to_le_bytes());
@@ -201,7 +202,7 @@ fn map(d: u32, s: u64, e: u64, p: u64, flags: u32) -> Vec<u8> {
     r
 }
 
-fn unmap(d: u32, s: u64, e: u64) -> Vec<u8> {
+pub(super) fn unmap(d: u32, s: u64, e: u64) -> Vec<u8> {
     let mut r = vec![0; 28];
     r[0] = req::UNMAP;
     r[4..8].copy_from_slice(&d.to_le_bytes());
@@ -210,7 +211,7 @@ fn unmap(d: u32, s: u64, e: u64) -> Vec<u8> {
     r
 }
 
-fn probe(ep: u32) -> Vec<u8> {
+pub(super) fn probe(ep: u32) -> Vec<u8> {
     let mut r = vec![0; 72];
     r[0] = req::PROBE;
     r[4..8].copy_from_slice(&ep.to_le_bytes());
