@@ -960,7 +960,7 @@ fn hostile_guest_is_contained() -> Result<(), Error> {
 /// What vm0's hostile virtio-iommu guest must read back (tests/guest/viommu_attack.c's facts, in
 /// order) and why: the spec's statuses for each request a driver would never make, and
 /// DEVICE_NEEDS_RESET (Status 0x4f) for each broken ring, each undone by a reset.
-const VIOMMU_ATTACKS: [(&str, &str, &str); 17] = [
+const VIOMMU_ATTACKS: [(&str, &str, &str); 18] = [
     (
         "vi-id",
         "magic=0x74726976 version=2 device=23",
@@ -992,6 +992,11 @@ const VIOMMU_ATTACKS: [(&str, &str, &str); 17] = [
         "vi-map-outside-ram",
         "0",
         "S_OK for an output outside its RAM: stage 2's to refuse",
+    ),
+    (
+        "vi-map-doorbell",
+        "4",
+        "S_INVAL for a MAP over the MSI doorbell PROBE reserves",
     ),
     (
         "vi-unmap-split",
@@ -1038,6 +1043,7 @@ const VIOMMU_FLOOD_REQUESTS: u64 = 10016;
 /// vm0, on a virtio-iommu with its driver unloaded, attacks the device by hand
 /// (tests/guest/viommu_attack.c, init's `hvviommu=`) while vm1, on its vSMMU, runs its DMA load:
 /// ATTACH of vm1's endpoint, MAPs beyond its IPA space, a MAP of more tables than its pool has,
+/// a MAP over its MSI doorbell,
 /// an UNMAP that would split, unknown and short requests, a flood of 10016 requests and 10000
 /// empty notifies, its NIC's DMA through an empty domain (a fault record in its event queue) and
 /// through a mapping outside its RAM (a stage-2 fault only the hypervisor sees), and four
@@ -1080,6 +1086,7 @@ fn hostile_virtio_iommu_guest_is_contained() -> Result<(), Error> {
         "vi-map-huge",
         "vi-map-beyond",
         "vi-map-outside-ram",
+        "vi-map-doorbell",
         "vi-unmap-split",
         "vi-unknown",
         "vi-malformed",
