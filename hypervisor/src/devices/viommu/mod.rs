@@ -65,7 +65,7 @@ pub mod feature {
     /// VIRTIO_IOMMU_F_PROBE.
     pub const PROBE: u64 = 1 << 4;
     /// VIRTIO_IOMMU_F_MMIO: MAP_F_MMIO mappings (Device memory), which Linux uses for the
-    /// MSI doorbell page it maps in its software MSI window.
+    /// MSI doorbell page it maps in its software MSI window when PROBE reports no MSI region.
     pub const MMIO: u64 = 1 << 5;
     /// VIRTIO_IOMMU_F_BYPASS_CONFIG.
     pub const BYPASS_CONFIG: u64 = 1 << 6;
@@ -373,8 +373,9 @@ impl<P: TablePool> Viommu<P> {
 
     /// Feature bits offered: VERSION_1, INPUT_RANGE, DOMAIN_RANGE, MAP_UNMAP, PROBE (when
     /// `probe_size` is non-zero), BYPASS_CONFIG. Never F_BYPASS (the spec says new devices
-    /// should not offer it with BYPASS_CONFIG), and F_MMIO: without it Linux cannot map its MSI
-    /// doorbell (`viommu_map_pages` refuses IOMMU_MMIO), and MSIs would fall back to INTx.
+    /// should not offer it with BYPASS_CONFIG), and F_MMIO: without it a Linux that gets no MSI
+    /// region from PROBE (a VM without a vITS) cannot map its doorbell (`viommu_map_pages`
+    /// refuses IOMMU_MMIO), and MSIs would fall back to INTx.
     pub fn device_features(&self) -> u64 {
         let mut f = feature::VERSION_1
             | feature::INPUT_RANGE

@@ -19,8 +19,8 @@ const SZ_2M: u64 = 1 << 21;
 const SZ_1G: u64 = 1 << 30;
 
 /// MAIR0 of every CD: Attr0 = 0xff Normal inner/outer write-back read/write-allocate (what
-/// mappings use, through AttrIndx 0), Attr1 = 0x04 Device-nGnRE (MAP_F_MMIO mappings: the MSI
-/// doorbell Linux maps in its software MSI window).
+/// mappings use, through AttrIndx 0), Attr1 = 0x04 Device-nGnRE (the MSI doorbell every
+/// translating domain passes 1:1, and MAP_F_MMIO mappings).
 pub const MAIR0: u64 = 0x04_ff;
 
 /// The leaf attributes of a mapping (Arm ARM D8.3 stage-1 descriptors): valid, access flag set
