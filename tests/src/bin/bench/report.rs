@@ -446,9 +446,10 @@ What holds whatever the figures:
   map and a synchronous invalidation per unmap, which the figures above put a price on.
 ";
 
-pub(crate) fn counts_table(res: &Results, o: &Opts) -> String {
-    let mut s = String::new();
-    let mut rows: Vec<(String, String, &str)> = vec![
+/// The disk and DMA workloads of the counts tables: (key, label, the operation counted), the
+/// dma_map_benchmark ones counted as `dma_op`.
+fn workload_rows(o: &Opts, dma_op: &'static str) -> Vec<(String, String, &'static str)> {
+    let mut rows: Vec<(String, String, &'static str)> = vec![
         (
             "seq".into(),
             format!("sequential read, 1 MiB O_DIRECT, {} MiB", o.seq_passes * 8),
@@ -465,9 +466,15 @@ pub(crate) fn counts_table(res: &Results, o: &Opts) -> String {
         rows.push((
             format!("dma-t{t}-g{g}"),
             format!("dma_map_benchmark -t {t} -g {g}"),
-            "map+unmap (= guest CMD_SYNC)",
+            dma_op,
         ));
     }
+    rows
+}
+
+pub(crate) fn counts_table(res: &Results, o: &Opts) -> String {
+    let mut s = String::new();
+    let mut rows = workload_rows(o, "map+unmap (= guest CMD_SYNC)");
     if o.net {
         rows.push((
             "net-tx".into(),
@@ -566,26 +573,7 @@ pub(crate) fn counts_table(res: &Results, o: &Opts) -> String {
 /// The virtio-iommu setup's exact counts per operation (its `viommu:` counters, read around each
 /// measured part), as [`counts_table`] has the vSMMU's; empty without that setup's counts.
 pub(crate) fn viommu_counts_table(res: &Results, o: &Opts) -> String {
-    let mut rows: Vec<(String, String, &str)> = vec![
-        (
-            "seq".into(),
-            format!("sequential read, 1 MiB O_DIRECT, {} MiB", o.seq_passes * 8),
-            "MiB",
-        ),
-        ("4k".into(), "4 KiB O_DIRECT reads, one dd".into(), "read"),
-        (
-            "rand".into(),
-            "random 4 KiB O_DIRECT reads, one dd each".into(),
-            "read",
-        ),
-    ];
-    for (t, g) in DMA_CONFIGS {
-        rows.push((
-            format!("dma-t{t}-g{g}"),
-            format!("dma_map_benchmark -t {t} -g {g}"),
-            "map+unmap (= guest UNMAP request)",
-        ));
-    }
+    let rows = workload_rows(o, "map+unmap (= guest UNMAP request)");
     let mut s = String::new();
     let _ = writeln!(
         s,
