@@ -778,6 +778,15 @@ pub fn config(sel: u8) -> ViommuConfig {
 }
 
 impl Harness {
+    /// A device of [`config`]`(0)` over 16 table pages, probed as Linux does: every feature
+    /// accepted, both queues of [`QUEUE_SIZE`] (the tests' usual start).
+    pub fn probed() -> Self {
+        let mut h = Self::new(0, 16);
+        let f = h.device_features();
+        assert!(h.negotiate(f, QUEUE_SIZE));
+        h
+    }
+
     /// A device for [`config`]`(sel)` over a pool of `capacity` table pages.
     pub fn new(sel: u8, capacity: usize) -> Self {
         let cfg = config(sel);
@@ -1646,6 +1655,7 @@ pub fn run(data: &[u8]) {
 mod tests {
     use super::super::Rng;
     use super::*;
+    use crate::devices::viommu::tests::{attach, map, unmap};
 
     #[test]
     fn random_inputs_keep_the_invariants() {
@@ -1684,41 +1694,6 @@ mod tests {
         ]);
     }
 
-    fn linux() -> Harness {
-        let mut h = Harness::new(0, 16);
-        let f = h.device_features();
-        assert!(h.negotiate(f, 64));
-        h
-    }
-
-    fn map(d: u32, s: u64, e: u64, p: u64, flags: u32) -> Vec<u8> {
-        let mut r = vec![0; 36];
-        r[0] = req::MAP;
-        r[4..8].copy_from_slice(&d.to_le_bytes());
-        r[8..16].copy_from_slice(&s.to_le_bytes());
-        r[16..24].copy_from_slice(&e.to_le_bytes());
-        r[24..32].copy_from_slice(&p.to_le_bytes());
-        r[32..36].copy_from_slice(&flags.to_le_bytes());
-        r
-    }
-
-    fn attach(d: u32, ep: u32) -> Vec<u8> {
-        let mut r = vec![0; 20];
-        r[0] = req::ATTACH;
-        r[4..8].copy_from_slice(&d.to_le_bytes());
-        r[8..12].copy_from_slice(&ep.to_le_bytes());
-        r
-    }
-
-    fn unmap(d: u32, s: u64, e: u64) -> Vec<u8> {
-        let mut r = vec![0; 28];
-        r[0] = req::UNMAP;
-        r[4..8].copy_from_slice(&d.to_le_bytes());
-        r[8..16].copy_from_slice(&s.to_le_bytes());
-        r[16..24].copy_from_slice(&e.to_le_bytes());
-        r
-    }
-
     #[test]
     #[should_panic(expected = "(a) domain 0: leaf")]
     fn a_leaf_outside_its_mapping_is_caught() {
@@ -1748,8 +1723,8 @@ mod tests {
     #[test]
     #[should_panic(expected = "(c) UNMAP of domain 0 completed without a TLBI")]
     fn an_unmap_without_its_tlbi_is_caught() {
-        let mut h = linux();
-        assert_eq!(h.status_of(&attach(0, 1)), Some(status::OK));
+        let mut h = Harness::probed();
+        assert_eq!(h.status_of(&attach(0, 1, 0)), Some(status::OK));
         assert_eq!(
             h.status_of(&map(0, 0x10_0000, 0x10_1fff, RAM, 3)),
             Some(status::OK)
@@ -1778,10 +1753,10 @@ mod tests {
     #[test]
     #[should_panic(expected = "(c) domain 3 freed without a TLBI of its ASID")]
     fn a_domain_freed_without_its_tlbi_is_caught() {
-        let mut h = linux();
-        assert_eq!(h.status_of(&attach(3, 1)), Some(status::OK));
+        let mut h = Harness::probed();
+        assert_eq!(h.status_of(&attach(3, 1, 0)), Some(status::OK));
         h.log.lock().hide_tlbis = true;
-        let mut d = attach(3, 1);
+        let mut d = attach(3, 1, 0);
         d[0] = req::DETACH;
         h.status_of(&d);
     }
@@ -1817,8 +1792,8 @@ mod tests {
     #[test]
     #[should_panic(expected = "(f) after a reset: 1 domains")]
     fn a_reset_that_keeps_domains_is_caught() {
-        let mut h = linux();
-        assert_eq!(h.status_of(&attach(0, 1)), Some(status::OK));
+        let mut h = Harness::probed();
+        assert_eq!(h.status_of(&attach(0, 1, 0)), Some(status::OK));
         h.log.lock().skip_reset = true;
         h.set_status(0);
     }

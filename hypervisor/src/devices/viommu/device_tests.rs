@@ -12,13 +12,6 @@ use smmu::event::{Event, EventKind};
 
 const RW: u32 = MAP_F_READ | MAP_F_WRITE;
 
-fn ready() -> Harness {
-    let mut h = Harness::new(0, 16);
-    let f = h.device_features();
-    assert!(h.negotiate(f, device::QUEUE_SIZE));
-    h
-}
-
 fn stat(h: &Harness, k: &str) -> u64 {
     h.counters()[k]
 }
@@ -59,7 +52,7 @@ fn identification_and_negotiation() {
 
 #[test]
 fn attach_map_unmap_detach_round_trip() {
-    let mut h = ready();
+    let mut h = Harness::probed();
     let iova = 0x10_0000;
     let out = h.requests(&[
         (attach(1, 8, 0), 4),
@@ -119,7 +112,7 @@ fn attach_map_unmap_detach_round_trip() {
 
 #[test]
 fn requests_complete_in_order_with_their_used_lengths() {
-    let mut h = ready();
+    let mut h = Harness::probed();
     let out = h.requests(&[
         (attach(0, 1, 0), 4),
         (attach(0, 7, 0), 4),
@@ -151,7 +144,7 @@ fn requests_complete_in_order_with_their_used_lengths() {
 
 #[test]
 fn probe_reports_the_msi_region() {
-    let mut h = ready();
+    let mut h = Harness::probed();
     let (len, b) = h.requests(&[(probe(2), 0x204)]).pop().unwrap().unwrap();
     assert_eq!(len, 0x204);
     assert_eq!(b[0x200], status::OK);
@@ -170,7 +163,7 @@ fn probe_reports_the_msi_region() {
 
 #[test]
 fn fault_records_reach_the_event_queue_and_the_backlog_is_bounded() {
-    let mut h = ready();
+    let mut h = Harness::probed();
     let mut e = Event::new(EventKind::FTranslation, 0x20);
     e.input_addr = 0x1234_5000;
     e.rnw = true;
@@ -231,7 +224,7 @@ fn bad_descriptors_need_a_reset_and_never_panic() {
         }),
     ];
     for (what, spoil) in cases {
-        let mut h = ready();
+        let mut h = Harness::probed();
         h.ram.put(slot_buf(0), &attach(0, 1, 0));
         h.put_desc(0, 0, slot_buf(0), 20, 1, 1);
         h.put_desc(0, 1, slot_buf(0) + 0x100, 4, 2, 0);
@@ -254,7 +247,7 @@ fn bad_descriptors_need_a_reset_and_never_panic() {
 
 #[test]
 fn short_and_odd_requests_get_their_statuses() {
-    let mut h = ready();
+    let mut h = Harness::probed();
     // A zero-length readable descriptor is left out of the chain: no type, nothing written.
     h.put_desc(0, 0, slot_buf(0), 0, 1, 1);
     h.put_desc(0, 1, slot_buf(0) + 0x100, 4, 2, 0);
@@ -281,7 +274,7 @@ fn short_and_odd_requests_get_their_statuses() {
 
 #[test]
 fn a_physical_failure_is_ioerr_and_needs_a_reset() {
-    let mut h = ready();
+    let mut h = Harness::probed();
     h.phys.inner.fail = true;
     assert_eq!(h.status_of(&attach(0, 1, 0)), Some(status::IOERR));
     assert_ne!(h.read(regs::STATUS, 4) & 0x40, 0);
@@ -295,7 +288,7 @@ fn a_physical_failure_is_ioerr_and_needs_a_reset() {
 
 #[test]
 fn reset_frees_everything_and_negotiation_works_again() {
-    let mut h = ready();
+    let mut h = Harness::probed();
     let out = h.requests(&[
         (attach(0, 1, 0), 4),
         (attach(3, 8, 0), 4),
@@ -339,7 +332,7 @@ fn reset_frees_everything_and_negotiation_works_again() {
 
 #[test]
 fn bypass_byte_and_no_interrupt_hint() {
-    let mut h = ready();
+    let mut h = Harness::probed();
     h.write(regs::CONFIG + 0x24, 1, 0);
     for m in smmu::vsmmu::harness::STREAMS {
         assert_eq!(h.phys.inner.stes[&m.psid], smmu::ste::Ste::abort());
@@ -371,7 +364,7 @@ fn bypass_byte_and_no_interrupt_hint() {
 
 #[test]
 fn a_bad_event_buffer_needs_a_reset_and_the_queue_is_left_alone() {
-    let mut h = ready();
+    let mut h = Harness::probed();
     let e = Event::new(EventKind::FTranslation, 1);
     // Two buffers outside RAM.
     for i in 0..2 {

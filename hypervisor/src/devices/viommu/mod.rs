@@ -32,7 +32,7 @@ pub mod device;
 mod device_tests;
 mod tables;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use aarch64_paging::descriptor::El1Attributes;
 use aarch64_paging::paging::Translation;

@@ -175,8 +175,8 @@ impl Rig {
     }
 }
 
-/// The device-readable part of an ATTACH (the device tests build their requests with these too).
-pub(super) fn attach(d: u32, ep: u32, flags: u32) -> Vec<u8> {
+/// The device-readable part of an ATTACH (the device tests and the fuzz harness's tests build their requests with these too).
+pub(crate) fn attach(d: u32, ep: u32, flags: u32) -> Vec<u8> {
     let mut r = vec![0; 20];
     r[0] = req::ATTACH;
     r[4..8].copy_from_slice(&d.to_le_bytes());
@@ -185,13 +185,13 @@ pub(super) fn attach(d: u32, ep: u32, flags: u32) -> Vec<u8> {
     r
 }
 
-pub(super) fn detach(d: u32, ep: u32) -> Vec<u8> {
+pub(crate) fn detach(d: u32, ep: u32) -> Vec<u8> {
     let mut r = attach(d, ep, 0);
     r[0] = req::DETACH;
     r
 }
 
-pub(super) fn map(d: u32, s: u64, e: u64, p: u64, flags: u32) -> Vec<u8> {
+pub(crate) fn map(d: u32, s: u64, e: u64, p: u64, flags: u32) -> Vec<u8> {
     let mut r = vec![0; 36];
     r[0] = req::MAP;
     r[4..8].copy_from_slice(&d.to_le_bytes());
@@ -202,7 +202,7 @@ pub(super) fn map(d: u32, s: u64, e: u64, p: u64, flags: u32) -> Vec<u8> {
     r
 }
 
-pub(super) fn unmap(d: u32, s: u64, e: u64) -> Vec<u8> {
+pub(crate) fn unmap(d: u32, s: u64, e: u64) -> Vec<u8> {
     let mut r = vec![0; 28];
     r[0] = req::UNMAP;
     r[4..8].copy_from_slice(&d.to_le_bytes());
@@ -211,7 +211,7 @@ pub(super) fn unmap(d: u32, s: u64, e: u64) -> Vec<u8> {
     r
 }
 
-pub(super) fn probe(ep: u32) -> Vec<u8> {
+pub(crate) fn probe(ep: u32) -> Vec<u8> {
     let mut r = vec![0; 72];
     r[0] = req::PROBE;
     r[4..8].copy_from_slice(&ep.to_le_bytes());
