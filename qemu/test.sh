@@ -42,6 +42,10 @@ cargo clippy -p hypervisor -p boot -p smmu --target "$TARGET" -- -D warnings
 step "host unit tests: cargo test --workspace --exclude $IT_CRATE"
 cargo test --workspace --exclude "$IT_CRATE"
 
+step "loom model checks (lock-free command queue, split vSMMU trap): qemu/loom.sh"
+say "every interleaving within preemption bound 2: about 2 min on 2 cores with the build"
+qemu/loom.sh
+
 step "hypervisor image: qemu/build.sh"
 qemu/build.sh
 

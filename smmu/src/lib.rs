@@ -26,4 +26,5 @@ pub mod event;
 pub mod queue;
 pub mod regs;
 pub mod ste;
+mod sync;
 pub mod vsmmu;

@@ -20,8 +20,8 @@
 use super::{DriverError, SmmuRegs};
 use crate::cmd::{Command, Sync};
 use crate::regs::{self, Cerror, Gerror};
+use crate::sync::{self, fence, AtomicBool, AtomicU64, Mutex, Ordering};
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Memory of the command queue: written by several CPUs at once, each in its own entries.
 pub trait QueueMemory {
@@ -95,7 +95,7 @@ pub struct Cmdq<R, Q> {
     /// Command errors recovered since boot.
     error_count: AtomicU64,
     /// The last few: (the failed command's batch, the error).
-    errors: spin::Mutex<Vec<(u64, DriverError)>>,
+    errors: Mutex<Vec<(u64, DriverError)>>,
 }
 
 impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
@@ -118,7 +118,7 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
             publisher: AtomicBool::new(false),
             recovering: AtomicBool::new(false),
             error_count: AtomicU64::new(0),
-            errors: spin::Mutex::new(Vec::with_capacity(ERROR_LOG)),
+            errors: Mutex::new(Vec::with_capacity(ERROR_LOG)),
         }
     }
 
@@ -156,9 +156,14 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
         let n = self.entries();
         let mut raw = 0;
         for _ in 0..CONS_RETRIES {
+            // Acquire: the register read below happens after the read `before` was folded from
+            // (the fetch_max that wrote it released it), so it shows a CONS no older: the SMMU's
+            // count is at least `before`.
             let before = self.cons.load(Ordering::Acquire);
             raw = self.regs.read32(regs::SMMU_CMDQ_CONS);
-            if self.cons.load(Ordering::Acquire) != before {
+            // Register reads are ordered before later loads (SmmuRegs), so this is a later look.
+            if self.cons.load(Ordering::Relaxed) != before {
+                sync::spin_loop();
                 continue;
             }
             // While the count stayed at `before`, nothing beyond `before + n` could be reserved,
@@ -171,6 +176,14 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
                 return (before, raw);
             }
             let now = before + ahead;
+            if now == before {
+                // Nothing new: no write, so idle pollers share the line (and, in the loom
+                // models, stay independent of each other).
+                return (before, raw);
+            }
+            // Release: the SMMU's consumption we saw (its reads of the entries, the commands'
+            // effects) happens before a reserver overwrites those slots and before a waiter
+            // that reads the count returns. Acquire: the same from whoever folded a larger one.
             return (self.cons.fetch_max(now, Ordering::AcqRel).max(now), raw);
         }
         (self.cons.load(Ordering::Acquire), raw)
@@ -180,12 +193,16 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
     /// sequence number. Waits (bounded) while the queue is full.
     fn reserve(&self, k: u64) -> Result<u64, DriverError> {
         for _ in 0..self.poll_limit {
-            let p = self.reserved.load(Ordering::Acquire);
+            // Relaxed: the count only hands out slot numbers, which the compare-and-swap's
+            // atomicity makes unique; nothing is published through it.
+            let p = self.reserved.load(Ordering::Relaxed);
+            // Acquire (pairs with refresh_cons's fetch_max): the SMMU has read the entries that
+            // lapped slots held before this CPU writes over them.
             let c = self.cons.load(Ordering::Acquire);
             if p + k <= c + self.entries() {
                 if self
                     .reserved
-                    .compare_exchange_weak(p, p + k, Ordering::AcqRel, Ordering::Relaxed)
+                    .compare_exchange_weak(p, p + k, Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
                 {
                     return Ok(p);
@@ -198,7 +215,7 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
             if Cerror::from_cons(raw) != Cerror::None {
                 self.recover();
             }
-            core::hint::spin_loop();
+            sync::spin_loop();
         }
         log::error!("smmu: timeout waiting for command queue space");
         Err(DriverError::Timeout("command queue space"))
@@ -214,7 +231,9 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
 
     /// [`Cmdq::queue`] with a CMD_SYNC after `cmds`; returns its ticket.
     pub fn queue_sync(&self, cmds: &[Command]) -> Result<SyncTicket, DriverError> {
-        let errors = self.error_count.load(Ordering::Acquire);
+        // Any value will do that is older than the increment for an error of this batch, which
+        // happens after the batch is queued: coherence gives that to a Relaxed load already.
+        let errors = self.error_count.load(Ordering::Relaxed);
         let sync = core::iter::once(Command::Sync(Sync::none()));
         let (first, last) =
             self.enqueue(cmds.iter().copied().chain(sync), cmds.len() as u64 + 1)?;
@@ -248,12 +267,15 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
             let batch = *first.get_or_insert(p);
             for (seq, c) in (p..p + k).zip(&mut cmds) {
                 self.mem.write_entry(self.slot_pa(seq), c.encode());
+                // Relaxed: published with the entry by the mark below.
                 self.batch[self.slot(seq)].store(batch, Ordering::Relaxed);
             }
             self.mem.entry_barrier();
             for seq in p..p + k {
-                // SeqCst pairs with the publisher's re-check after it lets go of the flag.
-                self.written[self.slot(seq)].store(seq, Ordering::SeqCst);
+                // Release (pairs with publish's Acquire scan): the entry and its batch happen
+                // before the SMMU_CMDQ_PROD write that hands the slot to the SMMU, and so before
+                // the SMMU reads them and before a recoverer reads the batch of a failed one.
+                self.written[self.slot(seq)].store(seq, Ordering::Release);
             }
             if left > k {
                 // A batch bigger than the queue: the SMMU must consume this part first.
@@ -267,31 +289,48 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
 
     /// Moves SMMU_CMDQ_PROD over every entry marked ready, unless another CPU is doing so (it
     /// then takes ours too).
+    ///
+    /// Nothing is left unpublished: a producer marks its slots, then comes here. Either its
+    /// compare-and-swap finds the flag free and it publishes itself, or it reads the `true` of a
+    /// holder that has not let go yet; then the producer's fence (F1) precedes that holder's
+    /// fence after letting go (F2) in the single order of SeqCst fences (else the swap would
+    /// have read the holder's `false` or later), so the holder's re-check after F2 sees the
+    /// mark and it goes round again (C++ \[atomics.fences\], the store-buffering pattern).
+    /// SeqCst loads and stores alone would do the same, but loom checks only fences.
     pub fn publish(&self) {
+        // F1: orders this CPU's marks before its look at the flag.
+        fence(Ordering::SeqCst);
         loop {
+            // Acquire (pairs with the Release below): the previous holder's `published` and
+            // SMMU_CMDQ_PROD write happen before this holder reads and moves them.
             if self
                 .publisher
-                .compare_exchange(false, true, Ordering::SeqCst, Ordering::Relaxed)
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_err()
             {
                 return;
             }
+            // Relaxed: only flag holders touch it, ordered by the flag.
             let start = self.published.load(Ordering::Relaxed);
             let mut end = start;
+            // Acquire (pairs with enqueue's Release mark): the entry is complete before the
+            // SMMU_CMDQ_PROD write below hands it over.
             while end < start + self.entries()
                 && self.written[self.slot(end)].load(Ordering::Acquire) == end
             {
                 end += 1;
             }
             if end != start {
-                // SmmuRegs writes are ordered after the normal-memory writes before them; the
-                // entries of other CPUs were ordered before their marks (entry_barrier).
+                // SmmuRegs writes are ordered after the memory accesses before them (the
+                // entries, through the marks' acquire, included).
                 self.regs.write32(regs::SMMU_CMDQ_PROD, self.reg_value(end));
-                self.published.store(end, Ordering::Release);
+                self.published.store(end, Ordering::Relaxed);
             }
-            self.publisher.store(false, Ordering::SeqCst);
-            // A producer that marked after the scan and found the flag taken relies on this.
-            if self.written[self.slot(end)].load(Ordering::SeqCst) != end {
+            self.publisher.store(false, Ordering::Release);
+            // F2: orders letting go before the re-check, against a producer's F1.
+            fence(Ordering::SeqCst);
+            // Relaxed: a mark seen here is taken with the Acquire scan of the next round.
+            if self.written[self.slot(end)].load(Ordering::Relaxed) != end {
                 return;
             }
         }
@@ -299,6 +338,8 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
 
     /// Whether the ticket's CMD_SYNC is known to have completed (no register access).
     pub fn completed(&self, t: SyncTicket) -> bool {
+        // Acquire (pairs with refresh_cons's fetch_max): the SMMU's execution of the batch
+        // happens before the caller goes on.
         self.cons.load(Ordering::Acquire) > t.sync
     }
 
@@ -318,13 +359,16 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
                 if Cerror::from_cons(raw) != Cerror::None {
                     self.recover();
                 }
-                core::hint::spin_loop();
+                sync::spin_loop();
             }
         }
         if !done {
             log::error!("smmu: timeout waiting for CMD_SYNC completion");
             return Err(DriverError::Timeout("CMD_SYNC completion"));
         }
+        // The recovery of a failed command of this batch (its log entry and this increment)
+        // happens before the SMMU resumes and so before the CONS that completed the wait: this
+        // load sees the increment, and the lock the entry.
         if self.error_count.load(Ordering::Acquire) != t.errors {
             let log = self.errors.lock();
             if let Some(&(_, e)) = log.iter().find(|&&(b, _)| b == t.first) {
@@ -356,6 +400,7 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
     /// replaces it with a CMD_SYNC (as Linux's `__arm_smmu_cmdq_skip_err` does) and acknowledges
     /// through GERRORN, so the queue resumes.
     fn recover(&self) {
+        // Acquire/Release: one recoverer at a time, each after the previous one's GERRORN write.
         if self
             .recovering
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -395,7 +440,8 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
                     },
                 ));
             }
-            self.error_count.fetch_add(1, Ordering::AcqRel);
+            // Release: the log entry before the count that makes a waiter look at the log.
+            self.error_count.fetch_add(1, Ordering::Release);
             self.regs
                 .write32(regs::SMMU_GERRORN, gerrorn ^ Gerror::CMDQ_ERR.bits());
         }
