@@ -167,8 +167,9 @@ impl Vm {
 
 /// A guest that probed the vSMMU (stream table, command queue, SMMUEN) and wrote each vCPU's
 /// TLBI and CMD_SYNC into its command queue (slots 0-1 and 2-3).
-fn boot() -> (Arc<Mutex<Vm>>, Phys, Ram, FakeSmmu) {
-    let hw = FakeSmmu::new(2, 0);
+/// The physical queue has 2^`log2` entries; `others` producers of other VMs may share it.
+fn boot(log2: u8, others: usize) -> (Arc<Mutex<Vm>>, Phys, Ram, FakeSmmu) {
+    let hw = FakeSmmu::new(log2, others);
     let mut phys = Phys(Arc::new(hw.cmdq(64)));
     let mut ram = Ram {
         bytes: Arc::new(Mutex::new(vec![0; RAM_SIZE])),
@@ -262,7 +263,7 @@ fn two_vcpus_traps_overlap_and_complete_only_after_the_physical_sync() {
     model(
         "two_vcpus_traps_overlap_and_complete_only_after_the_physical_sync",
         || {
-            let (vm, phys, ram, hw) = boot();
+            let (vm, phys, ram, hw) = boot(2, 0);
             // vCPU 0 traps PROD = 2 first (a guest's PROD writes are ordered), then waits
             // outside the lock while vCPU 1 traps PROD = 4.
             let started = Arc::new((Mutex::new(false), Condvar::new()));
@@ -288,6 +289,35 @@ fn two_vcpus_traps_overlap_and_complete_only_after_the_physical_sync() {
             vcpu1.join().unwrap();
             assert_eq!(vm.lock().unwrap().read_cons(&hw), 4);
             assert_eq!((ram.u32_at(MSI[0]), ram.u32_at(MSI[1])), (0xa, 0xb));
+        },
+    );
+}
+
+#[test]
+fn another_vms_commands_on_the_shared_queue_complete_nothing_of_the_guests() {
+    model(
+        "another_vms_commands_on_the_shared_queue_complete_nothing_of_the_guests",
+        || {
+            let (vm, phys, ram, hw) = boot(3, 1);
+            // Another VM's vSMMU (or the hypervisor) queues a command and a CMD_SYNC of its own
+            // on the same physical queue while vCPU 0's trap runs.
+            let other = {
+                let (q, hw) = (phys.0.clone(), hw.clone());
+                thread::spawn(move || {
+                    q.submit_sync(&[loom_support::tagged(0, 0)]).unwrap();
+                    assert_eq!(
+                        hw.ran(0),
+                        1,
+                        "the other VM's CMD_SYNC completed before its command"
+                    );
+                })
+            };
+            trap(&vm, phys.clone(), ram.clone(), &hw, 2, None);
+            other.join().unwrap();
+            assert_eq!(ram.u32_at(MSI[0]), 0xa);
+            // vCPU 1's commands were never handed over: nothing of them is visible.
+            assert_eq!(vm.lock().unwrap().read_cons(&hw), 2);
+            assert_eq!(ram.u32_at(MSI[1]), 0);
         },
     );
 }

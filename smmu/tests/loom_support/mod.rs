@@ -57,11 +57,12 @@ pub struct Hw {
     cons: AtomicU32,
     gerror: AtomicU32,
     gerrorn: AtomicU32,
-    /// Per producer, its tagged commands the consumer ran (checked to come once and in order).
+    /// Per producer, its tagged commands completed (checked to come once and in order).
     pub ran: Vec<AtomicU64>,
-    /// Every command run, in order (CMD_SYNCs included).
+    /// Every command completed, in order (CMD_SYNCs included).
     pub log: Mutex<Vec<Command>>,
-    busy: Mutex<()>,
+    /// Consumed and not complete yet; its lock is the SMMU's: one step at a time.
+    consumed: Mutex<Vec<Command>>,
 }
 
 /// The SMMU: registers, queue memory and the consumer's state.
@@ -79,7 +80,7 @@ impl FakeSmmu {
             gerrorn: AtomicU32::new(0),
             ran: (0..producers).map(|_| AtomicU64::new(0)).collect(),
             log: Mutex::new(Vec::new()),
-            busy: Mutex::new(()),
+            consumed: Mutex::new(Vec::new()),
         }))
     }
 
@@ -93,6 +94,8 @@ impl FakeSmmu {
         for _ in 0..2 << self.0.log2 {
             self.step();
         }
+        // And completes them, CMD_SYNC or not.
+        self.complete(&mut self.0.consumed.lock().unwrap());
     }
 
     /// Tagged commands of producer `t` run so far.
@@ -118,7 +121,7 @@ impl FakeSmmu {
             return;
         }
         // One SMMU: its steps come one at a time, whichever CPU's poll makes them.
-        let _smmu = hw.busy.lock().unwrap();
+        let mut consumed = hw.consumed.lock().unwrap();
         let prod = hw.prod.load(Ordering::Acquire) & wrap_mask;
         let cons = hw.cons.load(Ordering::Acquire);
         let stopped = hw.gerror.load(Ordering::Acquire) ^ hw.gerrorn.load(Ordering::Acquire) != 0;
@@ -135,14 +138,27 @@ impl FakeSmmu {
                 .fetch_xor(Gerror::CMDQ_ERR.bits(), Ordering::AcqRel);
             return;
         }
-        if let Command::CfgiSte { sid, .. } = c {
-            let (t, n) = ((sid >> 16) as usize, u64::from(sid & 0xffff));
-            let done = hw.ran[t].load(Ordering::Relaxed);
-            assert_eq!(n, done, "producer {t}: command {n} run after {done} others");
-            hw.ran[t].store(done + 1, Ordering::Release);
+        consumed.push(c);
+        if let Command::Sync(_) = c {
+            // Consumed is not complete: a command takes effect by the CMD_SYNC after it at the
+            // latest (IHI 0070 4.7.3), and that is when the model lets it.
+            self.complete(&mut consumed);
         }
-        hw.log.lock().unwrap().push(c);
         hw.cons.store((cons + 1) & wrap_mask, Ordering::Release);
+    }
+
+    /// Completes the commands consumed so far, in order.
+    fn complete(&self, consumed: &mut Vec<Command>) {
+        let hw = &self.0;
+        for c in consumed.drain(..) {
+            if let Command::CfgiSte { sid, .. } = c {
+                let (t, n) = ((sid >> 16) as usize, u64::from(sid & 0xffff));
+                let done = hw.ran[t].load(Ordering::Relaxed);
+                assert_eq!(n, done, "producer {t}: command {n} run after {done} others");
+                hw.ran[t].store(done + 1, Ordering::Release);
+            }
+            hw.log.lock().unwrap().push(c);
+        }
     }
 }
 
