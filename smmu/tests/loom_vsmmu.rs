@@ -145,7 +145,15 @@ impl Vm {
     /// A guest CMDQ_CONS read: it never goes back, and a command it shows consumed, if it was
     /// an invalidation, has run (`batches[i]`: vCPU i's commands are guest slots 2i, 2i + 1).
     fn read_cons(&mut self, hw: &FakeSmmu) -> u32 {
-        let c = self.v.read(regs::SMMU_CMDQ_CONS, 4) as u32;
+        let raw = self.v.read(regs::SMMU_CMDQ_CONS, 4) as u32;
+        // CMDQ_CONS.ERR [30:24]: the only error these guests can see is CERROR_ABT for a
+        // physical CMD_SYNC that failed (a poll that ran out).
+        assert_eq!(
+            raw >> 24 & 0x7f,
+            0,
+            "guest CMDQ_CONS {raw:#x}: a command error (a physical CMD_SYNC failed)"
+        );
+        let c = raw & ((2 << CMDQ_LOG2) - 1);
         assert!(
             c >= self.seen_cons,
             "guest CMDQ_CONS went back from {:#x} to {c:#x}",

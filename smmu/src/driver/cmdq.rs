@@ -275,6 +275,8 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
                 // Release (pairs with publish's Acquire scan): the entry and its batch happen
                 // before the SMMU_CMDQ_PROD write that hands the slot to the SMMU, and so before
                 // the SMMU reads them and before a recoverer reads the batch of a failed one.
+                // entry_barrier alone orders them on the machine (a Relaxed mark is no bug in
+                // the loom models, docs/assurance.md); this keeps it so for any QueueMemory.
                 self.written[self.slot(seq)].store(seq, Ordering::Release);
             }
             if left > k {
