@@ -46,6 +46,10 @@ step "loom model checks (lock-free command queue, split vSMMU trap): qemu/loom.s
 say "every interleaving within preemption bound 2: about 2 min on 2 cores with the build"
 qemu/loom.sh
 
+step "Miri (undefined behaviour) over a subset of the unit tests: qemu/miri.sh"
+say "installs the pinned nightly with miri and rust-src once (about 700 MB on disk), then about 6 min on 2 cores"
+qemu/miri.sh
+
 step "hypervisor image: qemu/build.sh"
 qemu/build.sh
 
