@@ -42,24 +42,29 @@ fn sync_batch(
 
 #[test]
 fn two_producers_with_syncs_in_a_queue_of_two() {
-    model("two_producers_with_syncs_in_a_queue_of_two", || {
-        let hw = FakeSmmu::new(1, 2);
-        let q = Arc::new(hw.cmdq(POLLS));
-        let p1 = {
-            let (q, hw) = (q.clone(), hw.clone());
-            thread::spawn(move || sync_batch(&q, &hw, 1, 0, 1))
-        };
-        sync_batch(&q, &hw, 0, 0, 1);
-        p1.join().unwrap();
-        hw.drain();
-        assert_eq!((hw.ran(0), hw.ran(1)), (1, 1));
-    });
+    model(
+        "two_producers_with_syncs_in_a_queue_of_two",
+        usize::MAX,
+        || {
+            let hw = FakeSmmu::new(1, 2);
+            let q = Arc::new(hw.cmdq(POLLS));
+            let p1 = {
+                let (q, hw) = (q.clone(), hw.clone());
+                thread::spawn(move || sync_batch(&q, &hw, 1, 0, 1))
+            };
+            sync_batch(&q, &hw, 0, 0, 1);
+            p1.join().unwrap();
+            hw.drain();
+            assert_eq!((hw.ran(0), hw.ran(1)), (1, 1));
+        },
+    );
 }
 
 #[test]
 fn a_batch_bigger_than_the_queue_beside_one_without_a_sync() {
     model(
         "a_batch_bigger_than_the_queue_beside_one_without_a_sync",
+        usize::MAX,
         || {
             let hw = FakeSmmu::new(1, 2);
             let q = Arc::new(hw.cmdq(POLLS));
@@ -81,6 +86,8 @@ fn a_batch_bigger_than_the_queue_beside_one_without_a_sync() {
 fn three_producers_one_without_a_sync_in_a_queue_of_four() {
     model(
         "three_producers_one_without_a_sync_in_a_queue_of_four",
+        // 889 k interleavings in a minute at 2; 3 had not finished after 26 min.
+        2,
         || {
             let hw = FakeSmmu::new(2, 3);
             let q = Arc::new(hw.cmdq(POLLS));
@@ -121,6 +128,7 @@ fn three_producers_one_without_a_sync_in_a_queue_of_four() {
 fn a_command_error_reaches_only_the_batch_that_held_it() {
     model(
         "a_command_error_reaches_only_the_batch_that_held_it",
+        usize::MAX,
         || {
             let hw = FakeSmmu::new(2, 2);
             let q = Arc::new(hw.cmdq(POLLS));

@@ -270,6 +270,7 @@ fn trap(
 fn two_vcpus_traps_overlap_and_complete_only_after_the_physical_sync() {
     model(
         "two_vcpus_traps_overlap_and_complete_only_after_the_physical_sync",
+        usize::MAX,
         || {
             let (vm, phys, ram, hw) = boot(2, 0);
             // vCPU 0 traps PROD = 2 first (a guest's PROD writes are ordered), then waits
@@ -305,6 +306,7 @@ fn two_vcpus_traps_overlap_and_complete_only_after_the_physical_sync() {
 fn another_vms_commands_on_the_shared_queue_complete_nothing_of_the_guests() {
     model(
         "another_vms_commands_on_the_shared_queue_complete_nothing_of_the_guests",
+        usize::MAX,
         || {
             let (vm, phys, ram, hw) = boot(3, 1);
             // Another VM's vSMMU (or the hypervisor) queues a command and a CMD_SYNC of its own

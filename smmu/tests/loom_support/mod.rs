@@ -15,13 +15,11 @@ use smmu::regs::{self, Gerror};
 /// PA of the queue.
 pub const BASE: u64 = 0x1000;
 
-/// What a run of the model does, within a preemption bound: `LOOM_MAX_PREEMPTIONS` if set
-/// (the full runs in docs/assurance.md), else 2 (the test command's).
-pub fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
+/// Every interleaving of `f` within a preemption bound: `LOOM_MAX_PREEMPTIONS` if set (3 in
+/// the full run, docs/assurance.md), else 2 (the test command's), and at most `max_bound`.
+pub fn model(name: &str, max_bound: usize, f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(2);
-    }
+    b.preemption_bound = Some(b.preemption_bound.unwrap_or(2).min(max_bound));
     b.max_branches = 20_000;
     let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = runs.clone();
