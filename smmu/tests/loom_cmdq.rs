@@ -60,6 +60,32 @@ fn two_producers_with_syncs_in_a_queue_of_two() {
     );
 }
 
+/// The SMMU also on a thread of its own, so that it may move between any two CPU operations,
+/// not only inside polls; for a bounded number of steps (loom's scheduling is not fair across
+/// yields: an SMMU thread that ran until told to stop made the model run polls against a
+/// starved CPU until they ran out).
+#[test]
+fn two_producers_with_the_smmu_also_on_a_thread_of_its_own() {
+    model(
+        "two_producers_with_the_smmu_also_on_a_thread_of_its_own",
+        usize::MAX,
+        || {
+            let hw = FakeSmmu::new(1, 2);
+            let q = Arc::new(hw.cmdq(POLLS));
+            let smmu = hw.start(4);
+            let p1 = {
+                let (q, hw) = (q.clone(), hw.clone());
+                thread::spawn(move || sync_batch(&q, &hw, 1, 0, 1))
+            };
+            sync_batch(&q, &hw, 0, 0, 1);
+            p1.join().unwrap();
+            smmu.join().unwrap();
+            hw.drain();
+            assert_eq!((hw.ran(0), hw.ran(1)), (1, 1));
+        },
+    );
+}
+
 #[test]
 fn a_batch_bigger_than_the_queue_beside_one_without_a_sync() {
     model(

@@ -87,6 +87,18 @@ impl FakeSmmu {
         Cmdq::new(self.clone(), self.clone(), BASE, self.0.log2, poll_limit)
     }
 
+    /// An SMMU thread beside the CPUs' polls: `steps` steps, each followed by a yield, so it may
+    /// move between any two CPU operations; bounded, so loom never runs it against a starved CPU.
+    pub fn start(&self, steps: usize) -> loom::thread::JoinHandle<()> {
+        let me = self.clone();
+        loom::thread::spawn(move || {
+            for _ in 0..steps {
+                me.step();
+                loom::thread::yield_now();
+            }
+        })
+    }
+
     /// The SMMU runs what is left once every CPU is done (what was published without a wait).
     pub fn drain(&self) {
         for _ in 0..2 << self.0.log2 {
