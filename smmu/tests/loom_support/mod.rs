@@ -1,6 +1,8 @@
 //! The physical SMMU's command queue consumer as the loom models see it: registers and queue
-//! memory in loom atomics, and a consumer that fetches from CONS to PROD, runs what it fetches
-//! and stops on an illegal command until GERRORN acknowledges it (IHI 0070 3.5, 7.1).
+//! memory in loom atomics, and a consumer that fetches from CONS to PROD, completes what it
+//! fetched at the next CMD_SYNC, and stops on an illegal command until GERRORN acknowledges it
+//! (IHI 0070 3.5, 4.7.3, 7.1). It steps when a CPU polls SMMU_CMDQ_CONS ([`FakeSmmu::step`]),
+//! and on a thread of its own for a few steps where a model asks ([`FakeSmmu::start`]).
 //! Ordering of the hardware accesses is what [`smmu::driver::SmmuRegs`] promises: a register
 //! write is a release, a register read an acquire; queue entries are plain (relaxed) doublewords,
 //! so a consumer that fetched an entry nothing ordered before its PROD would see a stale one.
