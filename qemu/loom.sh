@@ -2,8 +2,8 @@
 # The loom model checks of the lock-free physical command queue and of the vSMMU's split trap
 # (smmu/tests/loom_*.rs, docs/assurance.md): every interleaving of a few threads within a
 # preemption bound. The test command runs them with bound 2 (LOOM_MAX_PREEMPTIONS, default 2);
-# `qemu/loom.sh --full` with bound 3, the documented full run (the 3-producer model stays at 2,
-# which it caps itself: at 3 it had not finished after 26 min).
+# `qemu/loom.sh --full` with bound 3, the documented full run, about 17 min (the 3-producer
+# model stays at 2, which it caps itself: at 3 it had not finished after 26 min).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
