@@ -462,6 +462,14 @@ int main(int argc, char **argv)
     printf("guest: vi-nic-attach=%u\n", attach(2, nic_ep, 0));
     nic_dma(nic_bdf, 1, 0x30000000);
     unsigned n = fault_records(rec, sizeof rec, 1);
+    /*
+     * The NIC retries while it is being read: reset it (its DMA stops) and take what was still
+     * on its way, so that no record of this fault is left to be counted as the next one's.
+     */
+    nic[0x14] = 0;
+    usleep(500000);
+    char late[160];
+    n += fault_records(late, sizeof late, 0);
     printf("guest: vi-s1-fault=records=%u first=%s\n", n, rec);
     printf("guest: vi-nic-move=%u\n", attach(1, nic_ep, 0));
     nic_dma(nic_bdf, 1, 0x10000000);
