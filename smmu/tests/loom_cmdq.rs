@@ -31,7 +31,7 @@ fn sync_batch(
 ) {
     let cmds: Vec<Command> = (from..from + k).map(|n| tagged(t, n)).collect();
     q.submit_sync(&cmds)
-        .unwrap_or_else(|e| panic!("producer {t}: {e}\n{q:#?}\n{hw:#?}"));
+        .unwrap_or_else(|e| panic!("producer {t}: {e}"));
     let ran = hw.ran(t);
     assert!(
         ran >= u64::from(from + k),
@@ -42,22 +42,18 @@ fn sync_batch(
 
 #[test]
 fn two_producers_with_syncs_in_a_queue_of_two() {
-    model(
-        "two_producers_with_syncs_in_a_queue_of_two",
-        usize::MAX,
-        || {
-            let hw = FakeSmmu::new(1, 2);
-            let q = Arc::new(hw.cmdq(POLLS));
-            let p1 = {
-                let (q, hw) = (q.clone(), hw.clone());
-                thread::spawn(move || sync_batch(&q, &hw, 1, 0, 1))
-            };
-            sync_batch(&q, &hw, 0, 0, 1);
-            p1.join().unwrap();
-            hw.drain();
-            assert_eq!((hw.ran(0), hw.ran(1)), (1, 1));
-        },
-    );
+    model(usize::MAX, || {
+        let hw = FakeSmmu::new(1, 2);
+        let q = Arc::new(hw.cmdq(POLLS));
+        let p1 = {
+            let (q, hw) = (q.clone(), hw.clone());
+            thread::spawn(move || sync_batch(&q, &hw, 1, 0, 1))
+        };
+        sync_batch(&q, &hw, 0, 0, 1);
+        p1.join().unwrap();
+        hw.drain();
+        assert_eq!((hw.ran(0), hw.ran(1)), (1, 1));
+    });
 }
 
 /// The SMMU also on a thread of its own, so that it may move between any two CPU operations,
@@ -66,52 +62,43 @@ fn two_producers_with_syncs_in_a_queue_of_two() {
 /// starved CPU until they ran out).
 #[test]
 fn two_producers_with_the_smmu_also_on_a_thread_of_its_own() {
-    model(
-        "two_producers_with_the_smmu_also_on_a_thread_of_its_own",
-        usize::MAX,
-        || {
-            let hw = FakeSmmu::new(1, 2);
-            let q = Arc::new(hw.cmdq(POLLS));
-            let smmu = hw.start(4);
-            let p1 = {
-                let (q, hw) = (q.clone(), hw.clone());
-                thread::spawn(move || sync_batch(&q, &hw, 1, 0, 1))
-            };
-            sync_batch(&q, &hw, 0, 0, 1);
-            p1.join().unwrap();
-            smmu.join().unwrap();
-            hw.drain();
-            assert_eq!((hw.ran(0), hw.ran(1)), (1, 1));
-        },
-    );
+    model(usize::MAX, || {
+        let hw = FakeSmmu::new(1, 2);
+        let q = Arc::new(hw.cmdq(POLLS));
+        let smmu = hw.start(4);
+        let p1 = {
+            let (q, hw) = (q.clone(), hw.clone());
+            thread::spawn(move || sync_batch(&q, &hw, 1, 0, 1))
+        };
+        sync_batch(&q, &hw, 0, 0, 1);
+        p1.join().unwrap();
+        smmu.join().unwrap();
+        hw.drain();
+        assert_eq!((hw.ran(0), hw.ran(1)), (1, 1));
+    });
 }
 
 #[test]
 fn a_batch_bigger_than_the_queue_beside_one_without_a_sync() {
-    model(
-        "a_batch_bigger_than_the_queue_beside_one_without_a_sync",
-        usize::MAX,
-        || {
-            let hw = FakeSmmu::new(1, 2);
-            let q = Arc::new(hw.cmdq(POLLS));
-            let p1 = {
-                let q = q.clone();
-                // No CMD_SYNC and no wait: publication alone must get it run.
-                thread::spawn(move || q.submit(&[tagged(1, 0)]).unwrap())
-            };
-            // Three commands and a CMD_SYNC through a queue of two: queued in parts.
-            sync_batch(&q, &hw, 0, 0, 3);
-            p1.join().unwrap();
-            hw.drain();
-            assert_eq!((hw.ran(0), hw.ran(1)), (3, 1), "a command was lost");
-        },
-    );
+    model(usize::MAX, || {
+        let hw = FakeSmmu::new(1, 2);
+        let q = Arc::new(hw.cmdq(POLLS));
+        let p1 = {
+            let q = q.clone();
+            // No CMD_SYNC and no wait: publication alone must get it run.
+            thread::spawn(move || q.submit(&[tagged(1, 0)]).unwrap())
+        };
+        // Three commands and a CMD_SYNC through a queue of two: queued in parts.
+        sync_batch(&q, &hw, 0, 0, 3);
+        p1.join().unwrap();
+        hw.drain();
+        assert_eq!((hw.ran(0), hw.ran(1)), (3, 1), "a command was lost");
+    });
 }
 
 #[test]
 fn three_producers_one_without_a_sync_in_a_queue_of_four() {
     model(
-        "three_producers_one_without_a_sync_in_a_queue_of_four",
         // 889 k interleavings in a minute at 2; 3 had not finished after 26 min.
         2,
         || {
@@ -152,27 +139,23 @@ fn three_producers_one_without_a_sync_in_a_queue_of_four() {
 
 #[test]
 fn a_command_error_reaches_only_the_batch_that_held_it() {
-    model(
-        "a_command_error_reaches_only_the_batch_that_held_it",
-        usize::MAX,
-        || {
-            let hw = FakeSmmu::new(2, 2);
-            let q = Arc::new(hw.cmdq(POLLS));
-            let p1 = {
-                let (q, hw) = (q.clone(), hw.clone());
-                thread::spawn(move || sync_batch(&q, &hw, 1, 0, 1))
-            };
-            match q.submit_sync(&[ILLEGAL, tagged(0, 0)]) {
-                Err(DriverError::CommandError { command, .. }) => {
-                    assert_eq!(command, ILLEGAL.encode(), "another command's error")
-                }
-                other => panic!("producer 0: its illegal command gave {other:?}"),
+    model(usize::MAX, || {
+        let hw = FakeSmmu::new(2, 2);
+        let q = Arc::new(hw.cmdq(POLLS));
+        let p1 = {
+            let (q, hw) = (q.clone(), hw.clone());
+            thread::spawn(move || sync_batch(&q, &hw, 1, 0, 1))
+        };
+        match q.submit_sync(&[ILLEGAL, tagged(0, 0)]) {
+            Err(DriverError::CommandError { command, .. }) => {
+                assert_eq!(command, ILLEGAL.encode(), "another command's error")
             }
-            // The queue went on past the skipped command.
-            assert_eq!(hw.ran(0), 1);
-            p1.join().unwrap();
-            hw.drain();
-            assert_eq!(q.error_count(), 1);
-        },
-    );
+            other => panic!("producer 0: its illegal command gave {other:?}"),
+        }
+        // The queue went on past the skipped command.
+        assert_eq!(hw.ran(0), 1);
+        p1.join().unwrap();
+        hw.drain();
+        assert_eq!(q.error_count(), 1);
+    });
 }

@@ -268,66 +268,58 @@ fn trap(
 
 #[test]
 fn two_vcpus_traps_overlap_and_complete_only_after_the_physical_sync() {
-    model(
-        "two_vcpus_traps_overlap_and_complete_only_after_the_physical_sync",
-        usize::MAX,
-        || {
-            let (vm, phys, ram, hw) = boot(2, 0);
-            // vCPU 0 traps PROD = 2 first (a guest's PROD writes are ordered), then waits
-            // outside the lock while vCPU 1 traps PROD = 4.
-            let started = Arc::new((Mutex::new(false), Condvar::new()));
-            let vcpu1 = {
-                let (vm, phys, ram, hw, started) = (
-                    vm.clone(),
-                    phys.clone(),
-                    ram.clone(),
-                    hw.clone(),
-                    started.clone(),
-                );
-                thread::spawn(move || {
-                    let (m, cv) = &*started;
-                    let mut go = m.lock().unwrap();
-                    while !*go {
-                        go = cv.wait(go).unwrap();
-                    }
-                    drop(go);
-                    trap(&vm, phys, ram, &hw, 4, None);
-                })
-            };
-            trap(&vm, phys.clone(), ram.clone(), &hw, 2, Some(&started));
-            vcpu1.join().unwrap();
-            assert_eq!(vm.lock().unwrap().read_cons(&hw), 4);
-            assert_eq!((ram.u32_at(MSI[0]), ram.u32_at(MSI[1])), (0xa, 0xb));
-        },
-    );
+    model(usize::MAX, || {
+        let (vm, phys, ram, hw) = boot(2, 0);
+        // vCPU 0 traps PROD = 2 first (a guest's PROD writes are ordered), then waits
+        // outside the lock while vCPU 1 traps PROD = 4.
+        let started = Arc::new((Mutex::new(false), Condvar::new()));
+        let vcpu1 = {
+            let (vm, phys, ram, hw, started) = (
+                vm.clone(),
+                phys.clone(),
+                ram.clone(),
+                hw.clone(),
+                started.clone(),
+            );
+            thread::spawn(move || {
+                let (m, cv) = &*started;
+                let mut go = m.lock().unwrap();
+                while !*go {
+                    go = cv.wait(go).unwrap();
+                }
+                drop(go);
+                trap(&vm, phys, ram, &hw, 4, None);
+            })
+        };
+        trap(&vm, phys.clone(), ram.clone(), &hw, 2, Some(&started));
+        vcpu1.join().unwrap();
+        assert_eq!(vm.lock().unwrap().read_cons(&hw), 4);
+        assert_eq!((ram.u32_at(MSI[0]), ram.u32_at(MSI[1])), (0xa, 0xb));
+    });
 }
 
 #[test]
 fn another_vms_commands_on_the_shared_queue_complete_nothing_of_the_guests() {
-    model(
-        "another_vms_commands_on_the_shared_queue_complete_nothing_of_the_guests",
-        usize::MAX,
-        || {
-            let (vm, phys, ram, hw) = boot(3, 1);
-            // Another VM's vSMMU (or the hypervisor) queues a command and a CMD_SYNC of its own
-            // on the same physical queue while vCPU 0's trap runs.
-            let other = {
-                let (q, hw) = (phys.0.clone(), hw.clone());
-                thread::spawn(move || {
-                    q.submit_sync(&[loom_support::tagged(0, 0)]).unwrap();
-                    assert_eq!(
-                        hw.ran(0),
-                        1,
-                        "the other VM's CMD_SYNC completed before its command"
-                    );
-                })
-            };
-            trap(&vm, phys.clone(), ram.clone(), &hw, 2, None);
-            other.join().unwrap();
-            assert_eq!(ram.u32_at(MSI[0]), 0xa);
-            // vCPU 1's commands were never handed over: nothing of them is visible.
-            assert_eq!(vm.lock().unwrap().read_cons(&hw), 2);
-            assert_eq!(ram.u32_at(MSI[1]), 0);
-        },
-    );
+    model(usize::MAX, || {
+        let (vm, phys, ram, hw) = boot(3, 1);
+        // Another VM's vSMMU (or the hypervisor) queues a command and a CMD_SYNC of its own
+        // on the same physical queue while vCPU 0's trap runs.
+        let other = {
+            let (q, hw) = (phys.0.clone(), hw.clone());
+            thread::spawn(move || {
+                q.submit_sync(&[loom_support::tagged(0, 0)]).unwrap();
+                assert_eq!(
+                    hw.ran(0),
+                    1,
+                    "the other VM's CMD_SYNC completed before its command"
+                );
+            })
+        };
+        trap(&vm, phys.clone(), ram.clone(), &hw, 2, None);
+        other.join().unwrap();
+        assert_eq!(ram.u32_at(MSI[0]), 0xa);
+        // vCPU 1's commands were never handed over: nothing of them is visible.
+        assert_eq!(vm.lock().unwrap().read_cons(&hw), 2);
+        assert_eq!(ram.u32_at(MSI[1]), 0);
+    });
 }

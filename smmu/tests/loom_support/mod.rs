@@ -19,7 +19,9 @@ pub const BASE: u64 = 0x1000;
 
 /// Every interleaving of `f` within a preemption bound: `LOOM_MAX_PREEMPTIONS` if set (3 in
 /// the full run, docs/assurance.md), else 2 (the test command's), and at most `max_bound`.
-pub fn model(name: &str, max_bound: usize, f: impl Fn() + Sync + Send + 'static) {
+pub fn model(max_bound: usize, f: impl Fn() + Sync + Send + 'static) {
+    // The test harness names the thread after the test.
+    let name = std::thread::current().name().unwrap_or("?").to_string();
     let mut b = loom::model::Builder::new();
     b.preemption_bound = Some(b.preemption_bound.unwrap_or(2).min(max_bound));
     b.max_branches = 20_000;
