@@ -13,6 +13,7 @@
 //! callback that writes bytes to the UART; nothing here touches hardware, so it is tested on the
 //! host.
 
+use crate::monitor::{Edit, LineEditor};
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -48,7 +49,12 @@ enum Source {
     Guest(usize),
     /// The hypervisor.
     Hv,
+    /// The monitor's command line being typed ([`ConsoleMux::prompt_show`]).
+    Prompt,
 }
+
+/// Starts the monitor's command line on the terminal.
+pub const PROMPT: &str = "[hv] monitor> ";
 
 /// Per-guest output state.
 #[derive(Debug)]
@@ -76,6 +82,9 @@ pub struct ConsoleMux {
     /// Source of the unfinished physical line on the terminal, if the last byte written was not
     /// the end of a line.
     open: Option<Source>,
+    /// The monitor's command line while one is being typed: drawn again below whatever
+    /// output cut it, so the operator always sees what they typed.
+    prompt: Option<String>,
 }
 
 impl ConsoleMux {
@@ -92,7 +101,11 @@ impl ConsoleMux {
                 mid_line: false,
             })
             .collect();
-        Self { guests, open: None }
+        Self {
+            guests,
+            open: None,
+            prompt: None,
+        }
     }
 
     /// Maps a VM index to its slot; every unknown index goes to the shared last slot.
@@ -130,6 +143,7 @@ impl ConsoleMux {
         if focused {
             self.emit(slot, false, out);
         }
+        self.redraw_prompt(out);
     }
 
     /// Writes out VM `vm`'s buffered partial line (without ending it), e.g. when it gains focus so
@@ -150,6 +164,57 @@ impl ConsoleMux {
             out(HV_PREFIX.as_bytes());
             out(piece.as_bytes());
             out(EOL);
+        }
+        self.redraw_prompt(out);
+    }
+
+    /// Shows the monitor's command line as `text`: only what changed when it is still the
+    /// terminal's open line (typed bytes, or backspaces), else the whole line anew.
+    pub fn prompt_show(&mut self, text: &str, out: &mut dyn FnMut(&[u8])) {
+        let drawn = self
+            .prompt
+            .take()
+            .filter(|_| self.open == Some(Source::Prompt));
+        match drawn {
+            Some(old) if text.starts_with(old.as_str()) => out(&text.as_bytes()[old.len()..]),
+            Some(old) if old.starts_with(text) => {
+                for _ in text.len()..old.len() {
+                    out(b"\x08 \x08");
+                }
+            }
+            Some(_) => {
+                out(EOL);
+                self.open = None;
+            }
+            None => {}
+        }
+        if self.open != Some(Source::Prompt) {
+            self.end_foreign_line(Source::Prompt, out);
+            out(PROMPT.as_bytes());
+            out(text.as_bytes());
+            self.open = Some(Source::Prompt);
+        }
+        self.prompt = Some(String::from(text));
+    }
+
+    /// Ends the monitor's command line (submitted or cancelled): it stays on the terminal as
+    /// typed, and is not drawn again.
+    pub fn prompt_end(&mut self, out: &mut dyn FnMut(&[u8])) {
+        self.prompt = None;
+        if self.open == Some(Source::Prompt) {
+            out(EOL);
+            self.open = None;
+        }
+    }
+
+    /// Draws the command line being typed again once other output has ended its lines.
+    fn redraw_prompt(&mut self, out: &mut dyn FnMut(&[u8])) {
+        if self.open.is_none() {
+            if let Some(p) = &self.prompt {
+                out(PROMPT.as_bytes());
+                out(p.as_bytes());
+                self.open = Some(Source::Prompt);
+            }
         }
     }
 
@@ -216,9 +281,13 @@ impl ConsoleMux {
 /// The console escape byte, Ctrl-\. Not Ctrl-A, which QEMU's own monitor escape already uses.
 pub const ESCAPE: u8 = 0x1c;
 
-/// One-line help the glue can print on [`InputAction::Help`].
-pub const HELP: &str =
-    "console: Ctrl-\\ <digit> switches to that VM, Ctrl-\\ Ctrl-\\ sends Ctrl-\\, Ctrl-\\ s prints vSMMU statistics and STEs, Ctrl-\\ ? shows this help";
+/// The console's help, printed on [`InputAction::Help`] (then the monitor's commands).
+pub const HELP: &str = "console keys, Ctrl-\\ then:
+  0-9      send console input to that VM
+  :        open the monitor's command line (its `help` lists the commands)
+  s        statistics, as tables
+  ?        this help
+  Ctrl-\\   send a Ctrl-\\ to the VM with the input";
 
 /// What the glue should do with one input byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,8 +305,21 @@ pub enum InputAction {
     Help,
     /// The user asked for the vSMMUs' trap counters and the stream table.
     Stats,
+    /// The monitor's command line changed; [`InputRouter::monitor_line`] has it.
+    Monitor(MonitorInput),
     /// Nothing to do: the byte was consumed by an escape sequence or dropped.
     Ignored,
+}
+
+/// What happened to the monitor's command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MonitorInput {
+    /// Opened (Ctrl-\\ :) or edited: draw [`InputRouter::monitor_line`].
+    Edited,
+    /// Enter: [`InputRouter::take_command`] has the line.
+    Submitted,
+    /// Esc or Ctrl-C: the line is gone.
+    Cancelled,
 }
 
 /// Routes console input to the focused VM and interprets the escape sequences:
@@ -247,6 +329,8 @@ pub enum InputAction {
 /// * Ctrl-\ Ctrl-\: one literal 0x1c goes to the focused VM.
 /// * Ctrl-\ ?: [`InputAction::Help`].
 /// * Ctrl-\ s: [`InputAction::Stats`].
+/// * Ctrl-\ : opens the monitor's command line ([`crate::monitor::LineEditor`]): every byte
+///   goes to it until Enter, Esc or Ctrl-C ([`InputAction::Monitor`]); none reaches a VM.
 /// * Ctrl-\ then anything else: both bytes are dropped, so a mistyped sequence never leaks half
 ///   an escape into a guest.
 #[derive(Debug)]
@@ -255,6 +339,10 @@ pub struct InputRouter {
     focus: usize,
     /// The previous byte was an unconsumed [`ESCAPE`].
     escaped: bool,
+    /// The monitor's command line, while one is open.
+    monitor: Option<LineEditor>,
+    /// The last command line submitted, not yet taken.
+    command: Option<String>,
 }
 
 impl InputRouter {
@@ -265,7 +353,28 @@ impl InputRouter {
             num_vms,
             focus: 0,
             escaped: false,
+            monitor: None,
+            command: None,
         }
+    }
+
+    /// Moves the input focus to VM `vm` (the monitor's `focus`); `false` if there is none.
+    pub fn set_focus(&mut self, vm: usize) -> bool {
+        let ok = vm < self.num_vms;
+        if ok {
+            self.focus = vm;
+        }
+        ok
+    }
+
+    /// The monitor's command line as typed so far, while it is open.
+    pub fn monitor_line(&self) -> Option<&str> {
+        self.monitor.as_ref().map(LineEditor::text)
+    }
+
+    /// The command line last submitted ([`MonitorInput::Submitted`]).
+    pub fn take_command(&mut self) -> Option<String> {
+        self.command.take()
     }
 
     /// The VM that currently receives input.
@@ -275,6 +384,21 @@ impl InputRouter {
 
     /// Processes one input byte.
     pub fn feed(&mut self, byte: u8) -> InputAction {
+        if let Some(ed) = &mut self.monitor {
+            return match ed.feed(byte) {
+                Edit::Changed => InputAction::Monitor(MonitorInput::Edited),
+                Edit::Ignored => InputAction::Ignored,
+                Edit::Submit => {
+                    self.command = Some(ed.take());
+                    self.monitor = None;
+                    InputAction::Monitor(MonitorInput::Submitted)
+                }
+                Edit::Cancel => {
+                    self.monitor = None;
+                    InputAction::Monitor(MonitorInput::Cancelled)
+                }
+            };
+        }
         if core::mem::take(&mut self.escaped) {
             return match byte {
                 ESCAPE => self.deliver(ESCAPE),
@@ -289,6 +413,10 @@ impl InputRouter {
                 }
                 b'?' => InputAction::Help,
                 b's' => InputAction::Stats,
+                b':' => {
+                    self.monitor = Some(LineEditor::new());
+                    InputAction::Monitor(MonitorInput::Edited)
+                }
                 _ => InputAction::Ignored,
             };
         }
@@ -687,5 +815,62 @@ mod tests {
         assert_eq!(none.feed(b'a'), InputAction::Ignored);
         assert_eq!(none.feed(ESCAPE), InputAction::Ignored);
         assert_eq!(none.feed(b'0'), InputAction::Ignored);
+    }
+
+    #[test]
+    fn the_monitor_line_takes_every_byte_until_enter_and_no_vm_gets_one() {
+        let mut r = InputRouter::new(2);
+        assert_eq!(r.feed(ESCAPE), InputAction::Ignored);
+        assert_eq!(r.feed(b':'), InputAction::Monitor(MonitorInput::Edited));
+        assert_eq!(r.monitor_line(), Some(""));
+        for &b in b"stop vm1" {
+            assert_eq!(r.feed(b), InputAction::Monitor(MonitorInput::Edited));
+        }
+        // The escape and digits are text here, not focus switches.
+        assert_eq!(r.feed(ESCAPE), InputAction::Ignored);
+        assert_eq!(r.feed(b'1'), InputAction::Monitor(MonitorInput::Edited));
+        assert_eq!(r.feed(0x7f), InputAction::Monitor(MonitorInput::Edited));
+        assert_eq!(r.focus(), 0);
+        assert_eq!(r.monitor_line(), Some("stop vm1"));
+        assert_eq!(r.feed(b'\r'), InputAction::Monitor(MonitorInput::Submitted));
+        assert_eq!(r.monitor_line(), None);
+        assert_eq!(r.take_command().as_deref(), Some("stop vm1"));
+        assert_eq!(r.take_command(), None);
+        // Input goes to the focused VM again.
+        assert_eq!(r.feed(b'x'), InputAction::Deliver { vm: 0, byte: b'x' });
+        r.feed(ESCAPE);
+        r.feed(b':');
+        r.feed(b'l');
+        assert_eq!(r.feed(0x1b), InputAction::Monitor(MonitorInput::Cancelled));
+        assert_eq!(r.take_command(), None);
+        assert_eq!(r.feed(b'y'), InputAction::Deliver { vm: 0, byte: b'y' });
+        assert!(r.set_focus(1));
+        assert!(!r.set_focus(2));
+        assert_eq!(r.feed(b'z'), InputAction::Deliver { vm: 1, byte: b'z' });
+    }
+
+    #[test]
+    fn the_prompt_echoes_what_changed_and_comes_back_below_other_output() {
+        let mut m = mux(1);
+        assert_eq!(capture(|out| m.prompt_show("", out)), PROMPT.as_bytes());
+        assert_eq!(capture(|out| m.prompt_show("li", out)), b"li");
+        assert_eq!(capture(|out| m.prompt_show("l", out)), b"\x08 \x08");
+        // A guest line cuts the prompt (no cut mark: it is not a guest's), then the prompt
+        // is drawn again with what was typed.
+        let o = capture(|out| m.guest_write(0, b"boot\n", false, out));
+        assert_eq!(o, b"\r\n[vm0] boot\r\n[hv] monitor> l");
+        let o = capture(|out| m.hv_line("note", out));
+        assert_eq!(o, b"\r\n[hv] note\r\n[hv] monitor> l");
+        assert_eq!(capture(|out| m.prompt_show("list", out)), b"ist");
+        // A line that is not an extension is drawn whole.
+        assert_eq!(
+            capture(|out| m.prompt_show("stop", out)),
+            b"\r\n[hv] monitor> stop"
+        );
+        assert_eq!(capture(|out| m.prompt_end(out)), b"\r\n");
+        // Gone: later output does not bring it back.
+        let o = capture(|out| m.hv_line("done", out));
+        assert_eq!(o, b"[hv] done\r\n");
+        assert!(capture(|out| m.prompt_end(out)).is_empty());
     }
 }

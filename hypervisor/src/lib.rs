@@ -28,6 +28,7 @@ pub mod idregs;
 pub mod its;
 pub mod memory;
 pub mod mmio;
+pub mod monitor;
 pub mod pci;
 pub mod platform;
 pub mod ratelimit;

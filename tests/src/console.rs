@@ -20,6 +20,19 @@ pub fn console_command(q: &mut Qemu, key: char) -> Result<(), Error> {
     q.send(&format!("{CONSOLE_ESCAPE}{key}"))
 }
 
+/// Runs a command of the hypervisor's monitor: Ctrl-\ :, the line, Enter (the monitor echoes
+/// it as `[hv] monitor> LINE`).
+pub fn monitor(q: &mut Qemu, line: &str) -> Result<(), Error> {
+    q.send(&format!("{CONSOLE_ESCAPE}:{line}\r"))
+}
+
+/// Asks for every VM's counters as the machine-readable `key=value` lines, then the physical
+/// stream table and the heap figure (the monitor's `stats raw`; Ctrl-\ s prints the same
+/// counters as tables for people).
+pub fn raw_stats(q: &mut Qemu) -> Result<(), Error> {
+    monitor(q, "stats raw")
+}
+
 /// Types `text` into the focused VM's console a few bytes at a time (8 bytes per 100 ms): the
 /// hypervisor's vPL011 has a 32-byte receive FIFO like the real one, and bytes that arrive while
 /// it is full are lost (the guest logs `ttyAMA0: 1 input overrun(s)`).
@@ -102,10 +115,10 @@ pub fn parse_viommu_stats(line: &str) -> BTreeMap<String, u64> {
     parse_counters(line, &VIOMMU_STATS_KEYS)
 }
 
-/// Asks the hypervisor for its counters (Ctrl-\ s) and returns VM `vm`'s virtio-iommu ones, as
-/// [`vsmmu_stats`] does the vSMMU's.
+/// Asks the hypervisor for its counters ([`raw_stats`]) and returns VM `vm`'s virtio-iommu
+/// ones, as [`vsmmu_stats`] does the vSMMU's.
 pub fn viommu_stats(q: &mut Qemu, vm: &str) -> Result<BTreeMap<String, u64>, Error> {
-    console_command(q, 's')?;
+    raw_stats(q)?;
     let prefix = format!("viommu: {vm} stats: ");
     let what = format!("the hypervisor's line {prefix:?}...");
     let line = q.wait_until(&what, STEP_TIMEOUT, |l| {
@@ -137,11 +150,11 @@ fn parse_counters(line: &str, keys: &[&str]) -> BTreeMap<String, u64> {
     stats
 }
 
-/// Asks the hypervisor for its vSMMU counters (Ctrl-\ s) and returns VM `vm`'s, from the first
-/// stats line of `vm` after the last line a global wait consumed (the STE dump that follows is
-/// left for the next wait, [`ste_lines`]).
+/// Asks the hypervisor for its vSMMU counters ([`raw_stats`]) and returns VM `vm`'s, from the
+/// first stats line of `vm` after the last line a global wait consumed (the STE dump that
+/// follows is left for the next wait, [`ste_lines`]).
 pub fn vsmmu_stats(q: &mut Qemu, vm: &str) -> Result<BTreeMap<String, u64>, Error> {
-    console_command(q, 's')?;
+    raw_stats(q)?;
     let prefix = format!("vsmmu: {vm} stats: ");
     let what = format!("the hypervisor's line {prefix:?}...");
     let line = q.wait_until(&what, STEP_TIMEOUT, |l| {

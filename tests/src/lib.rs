@@ -44,8 +44,9 @@ mod uboot;
 use std::time::Duration;
 
 pub use console::{
-    check_answer, console_command, focus, parse_stats, parse_viommu_stats, ste_lines, type_paced,
-    viommu_stats, vsmmu_stats, CONSOLE_ESCAPE, VIOMMU_STATS_KEYS, VSMMU_STATS_KEYS,
+    check_answer, console_command, focus, monitor, parse_stats, parse_viommu_stats, raw_stats,
+    ste_lines, type_paced, viommu_stats, vsmmu_stats, CONSOLE_ESCAPE, VIOMMU_STATS_KEYS,
+    VSMMU_STATS_KEYS,
 };
 pub use error::Error;
 pub use guest::{

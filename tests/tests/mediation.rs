@@ -604,7 +604,7 @@ const LEAK_CYCLES: u32 = 100;
 const LEAK_RUN_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// The hypervisor's heap in use, from the `[hv] heap: N bytes of M in use` line that ends a
-/// Ctrl-\ s dump (after the last line a global wait consumed).
+/// `stats raw` dump (after the last line a global wait consumed).
 fn heap_in_use(q: &mut Qemu) -> Result<u64, Error> {
     let line = q.wait_until("the hypervisor's heap line", STEP_TIMEOUT, |l| {
         hv_text(l).is_some_and(|t| t.starts_with("heap: "))
@@ -620,7 +620,7 @@ fn heap_in_use(q: &mut Qemu) -> Result<u64, Error> {
 
 /// How long vm0's init idles after its first and last driver cycle (`hvcyclewait=`).
 const LEAK_IDLE: Duration = Duration::from_secs(15);
-/// Ctrl-\ s dumps [`settled_figures`] may ask for before it gives up on a steady heap.
+/// `stats raw` dumps [`settled_figures`] may ask for before it gives up on a steady heap.
 const HEAP_READS: usize = 6;
 
 /// vm0's virtio-iommu figures and the hypervisor's heap in use, read while vm0 idles after

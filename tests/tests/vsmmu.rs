@@ -7,7 +7,7 @@
 //! functions, read and write their disks and ping each other through it; the physical STEs of
 //! both VMs' StreamIDs are nested with the VM's VMID; and vm0 measures how many vSMMU register
 //! traps one 4 KiB O_DIRECT disk read costs (`hvbench=traps`, read against the hypervisor's
-//! counters, Ctrl-\ s). `stage1_fault_is_forwarded_to_the_guest`: a DMA outside vm0's own
+//! counters, the monitor's `stats raw`). `stage1_fault_is_forwarded_to_the_guest`: a DMA outside vm0's own
 //! stage-1 mappings faults at stage 1, the event reaches vm0's own driver through its vSMMU's
 //! event queue, and vm1's disk is untouched. (A stage-2 fault stays the hypervisor's:
 //! `pci.rs`, `stage2_fault_is_logged_and_contained`.)
@@ -128,7 +128,7 @@ fn event_lines(lines: &[Line]) -> Vec<&str> {
 /// over its stage 2: each guest's driver probes its vSMMU and groups exactly its own two
 /// functions, reads its own disk (the host's MD5), writes and reads back its scratch MiB, and
 /// the two ping each other. vm0 then measures the vSMMU traps of 256 4 KiB O_DIRECT reads
-/// against the hypervisor's counters (Ctrl-\ s before and after): CMDQ_CONS is never read (its
+/// against the hypervisor's counters (`stats raw` before and after): CMDQ_CONS is never read (its
 /// CMD_SYNCs complete through an MSI write into its memory) and a read costs at most
 /// [`MAX_TRAPS_PER_READ`]; meanwhile the physical STEs of both VMs' StreamIDs are nested, with
 /// each VM's VMID. No SMMU event anywhere; both VMs power off and so does the machine.

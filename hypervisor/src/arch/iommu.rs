@@ -315,6 +315,8 @@ pub struct Iommu {
     pub segments: Vec<pci::Segment>,
     /// Every SMMU an `iommu-map` can name, driven or not.
     pub directory: IommuDirectory,
+    /// One line per SMMU in the DT for the boot banner: its features, or why it is not driven.
+    pub summary: Vec<String>,
 }
 
 /// The PCI functions one VM owns (see [`pci::resolve_all`]).
@@ -585,10 +587,24 @@ pub fn init(smmus: &[SmmuInfo], bridges: &[(String, u16, HostBridge)]) -> Iommu 
         let result = match &info.refused {
             Some(why) => Err(why.clone()),
             None => probe(info, i).map(|u| {
+                let f = u.smmu.lock().features();
+                out.summary.push(alloc::format!(
+                    "{}: SMMUv3 at {:#x}, {}-bit StreamIDs, {}-bit VMIDs, {}-bit OAS, nesting {}",
+                    info.path,
+                    info.regs.base,
+                    f.sid_bits,
+                    f.vmid_bits,
+                    f.oas_bits,
+                    if f.nesting { "yes" } else { "no" }
+                ));
                 driven.push(u);
                 driven.len() - 1
             }),
         };
+        if let Err(why) = &result {
+            out.summary
+                .push(alloc::format!("{}: not driven: {why}", info.path));
+        }
         if let Err(why) = &result {
             log::error!(
                 "smmu: {}: not driven: {why}; the PCI functions behind it are never assigned",

@@ -4,7 +4,7 @@
 //! focus), both under the one console lock.
 
 use super::mmio::{block, Mmio, Pl011Regs};
-use crate::console::{ConsoleMux, InputAction, InputRouter};
+use crate::console::{ConsoleMux, InputAction, InputRouter, MonitorInput};
 use crate::platform::UartKind;
 use crate::ratelimit::{site_key, LogLimiter, Verdict};
 use alloc::string::String;
@@ -126,6 +126,8 @@ pub struct Console {
     input: InputRouter,
     /// Per VM: input has been delivered to it (it is being used interactively).
     typed_into: Vec<bool>,
+    /// The VMs' names, by index, for the console's messages.
+    names: Vec<String>,
 }
 
 /// The console, once probed.
@@ -169,15 +171,44 @@ pub unsafe fn init(base: u64, kind: UartKind) {
         mux: ConsoleMux::new(Vec::new()),
         input: InputRouter::new(0),
         typed_into: Vec::new(),
+        names: Vec::new(),
     });
 }
 
-/// Shares the console with VMs whose prefixes are given by VM index; input goes to VM 0.
-pub fn set_vms(prefixes: Vec<String>) {
+/// Shares the console with VMs whose names and prefixes are given by VM index; input goes to
+/// VM 0.
+pub fn set_vms(names: Vec<String>, prefixes: Vec<String>) {
     if let Some(c) = CONSOLE.lock().as_mut() {
         c.input = InputRouter::new(prefixes.len());
         c.typed_into = alloc::vec![false; prefixes.len()];
         c.mux = ConsoleMux::new(prefixes);
+        c.names = names;
+    }
+}
+
+/// Moves the console input to VM `vm` (the monitor's `focus`), saying so as Ctrl-\ <digit>
+/// does; `false` if there is no such VM.
+pub fn set_focus(vm: usize) -> bool {
+    let mut guard = CONSOLE.lock();
+    let Some(c) = guard.as_mut() else {
+        return false;
+    };
+    if !c.input.set_focus(vm) {
+        return false;
+    }
+    c.focus_moved(vm);
+    true
+}
+
+impl Console {
+    fn focus_moved(&mut self, vm: usize) {
+        let uart = &self.uart;
+        let name = self.names.get(vm).map_or("?", String::as_str);
+        self.mux
+            .hv_line(&alloc::format!("console input -> {name}"), &mut |b| {
+                uart.write(b)
+            });
+        self.mux.flush_partial(vm, &mut |b| uart.write(b));
     }
 }
 
@@ -215,7 +246,10 @@ pub fn print_guest(vm: usize, bytes: &[u8]) {
 /// nobody types into keeps whole lines only, so its output never splits around other sources'.
 pub fn flush_if_focused(vm: usize) {
     if let Some(c) = CONSOLE.lock().as_mut() {
-        if c.input.focus() == vm && c.typed_into.get(vm).copied().unwrap_or(false) {
+        if c.input.focus() == vm
+            && c.typed_into.get(vm).copied().unwrap_or(false)
+            && c.input.monitor_line().is_none()
+        {
             let uart = &c.uart;
             c.mux.flush_partial(vm, &mut |b| uart.write(b));
         }
@@ -232,6 +266,8 @@ pub struct Input {
     pub bytes: Vec<(usize, u8)>,
     /// The user asked for the vSMMU statistics (Ctrl-\ s).
     pub stats: bool,
+    /// Monitor command lines submitted, in order.
+    pub commands: Vec<String>,
 }
 
 /// Drains received bytes and routes them. Focus switches and help are handled here; the rest
@@ -254,19 +290,29 @@ pub fn take_input() -> Input {
                 }
                 delivered.push((vm, byte));
             }
-            InputAction::SwitchFocus(vm) => {
-                let uart = &c.uart;
-                c.mux
-                    .hv_line(&alloc::format!("console input -> vm{vm}"), &mut |b| {
-                        uart.write(b)
-                    });
-                c.mux.flush_partial(vm, &mut |b| uart.write(b));
-            }
+            InputAction::SwitchFocus(vm) => c.focus_moved(vm),
             InputAction::Help => {
                 let uart = &c.uart;
                 c.mux.hv_line(crate::console::HELP, &mut |b| uart.write(b));
+                c.mux.hv_line(crate::monitor::HELP, &mut |b| uart.write(b));
             }
             InputAction::Stats => input.stats = true,
+            InputAction::Monitor(what) => {
+                let uart = &c.uart;
+                match what {
+                    MonitorInput::Edited => {
+                        let line = c.input.monitor_line().unwrap_or_default();
+                        c.mux.prompt_show(line, &mut |b| uart.write(b));
+                    }
+                    MonitorInput::Cancelled => c.mux.prompt_end(&mut |b| uart.write(b)),
+                    MonitorInput::Submitted => {
+                        c.mux.prompt_end(&mut |b| uart.write(b));
+                        input.commands.extend(c.input.take_command());
+                        // One command per call: it runs before the bytes typed after it.
+                        break;
+                    }
+                }
+            }
             InputAction::Ignored => {}
         }
     }

@@ -597,6 +597,11 @@ impl ViommuModel for Checked {
         assert_eq!(self.v.bypass(), 1, "(f) bypass is not 1 after a VM reset");
         self.check_reset();
     }
+    fn abort_streams(&mut self, phys: &mut dyn PhysicalSmmu) {
+        ViommuModel::abort_streams(&mut self.v, phys);
+        self.refresh();
+        self.check_reset();
+    }
     fn fault_record(&mut self, psid: u32, e: &Event) -> Option<[u8; 24]> {
         self.v.fault_record(psid, e)
     }

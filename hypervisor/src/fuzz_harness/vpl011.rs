@@ -398,6 +398,8 @@ pub struct Harness {
     dropped: BTreeSet<u64>,
     router: InputRouter,
     router_ref: (bool, usize),
+    /// The reference's monitor command line, while one is open: its length.
+    monitor_ref: Option<usize>,
     mux: ConsoleMux,
     term: Terminal,
     /// VM 0 was typed into (the glue's `typed_into`).
@@ -429,6 +431,7 @@ impl Harness {
             dropped: BTreeSet::new(),
             router: InputRouter::new(2),
             router_ref: (false, 0),
+            monitor_ref: None,
             mux: ConsoleMux::new(vec![String::from("[vm0] "), String::from("[vm1] ")]),
             term: Terminal::default(),
             typed_into: false,
@@ -636,7 +639,24 @@ impl Harness {
     pub fn type_byte(&mut self, byte: u8) {
         let got = self.router.feed(byte);
         let (esc, focus) = self.router_ref;
-        let want = if esc {
+        let want = if let Some(len) = self.monitor_ref {
+            // The monitor's command line takes every byte until Enter, Esc or Ctrl-C.
+            use crate::console::MonitorInput;
+            let (next, action) = match byte {
+                b'\r' | b'\n' => (None, InputAction::Monitor(MonitorInput::Submitted)),
+                0x03 | 0x1b => (None, InputAction::Monitor(MonitorInput::Cancelled)),
+                0x08 | 0x7f if len > 0 => {
+                    (Some(len - 1), InputAction::Monitor(MonitorInput::Edited))
+                }
+                0x15 if len > 0 => (Some(0), InputAction::Monitor(MonitorInput::Edited)),
+                0x20..=0x7e if len < crate::monitor::LINE_MAX => {
+                    (Some(len + 1), InputAction::Monitor(MonitorInput::Edited))
+                }
+                _ => (Some(len), InputAction::Ignored),
+            };
+            self.monitor_ref = next;
+            action
+        } else if esc {
             self.router_ref.0 = false;
             match byte {
                 ESCAPE => InputAction::Deliver { vm: focus, byte },
@@ -646,6 +666,10 @@ impl Harness {
                 }
                 b'?' => InputAction::Help,
                 b's' => InputAction::Stats,
+                b':' => {
+                    self.monitor_ref = Some(0);
+                    InputAction::Monitor(crate::console::MonitorInput::Edited)
+                }
                 _ => InputAction::Ignored,
             }
         } else if byte == ESCAPE {
@@ -687,6 +711,19 @@ impl Harness {
                 self.flush(vm);
             }
             InputAction::Help => self.hv_line(crate::console::HELP),
+            InputAction::Monitor(crate::console::MonitorInput::Edited) => {
+                assert_eq!(
+                    self.router.monitor_line().map(str::len),
+                    self.monitor_ref,
+                    "(h) the monitor's line"
+                );
+            }
+            InputAction::Monitor(crate::console::MonitorInput::Submitted) => {
+                // Whatever was typed parses to a command or an error, never a panic. (The
+                // prompt is not drawn here: this terminal model checks guest and hv lines.)
+                let line = self.router.take_command().expect("(h) a submitted line");
+                let _ = crate::monitor::parse(&line, &["vm0", "vm1"]);
+            }
             _ => {}
         }
     }

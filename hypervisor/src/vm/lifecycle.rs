@@ -17,7 +17,7 @@
 //!   looks at that vCPU (and is cancelled by it) or sees the reset and is refused with
 //!   PSCI DENIED.
 
-use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 
 use crate::hw::Ipa;
 use spin::Mutex;
@@ -29,7 +29,8 @@ pub enum VmState {
     Running,
     /// One CPU is stopping its vCPUs to reload it; it runs again afterwards.
     Resetting,
-    /// Stopped for good: its vCPUs are parked and it is not coming back.
+    /// Stopped: its vCPUs are parked, and only the operator's `start` (the monitor) boots it
+    /// again.
     Stopped,
 }
 
@@ -56,6 +57,7 @@ impl VmState {
 pub struct Lifecycle {
     state: AtomicU8,
     generation: AtomicU32,
+    reset_requested: AtomicBool,
 }
 
 impl Default for Lifecycle {
@@ -70,6 +72,7 @@ impl Lifecycle {
         Self {
             state: AtomicU8::new(0),
             generation: AtomicU32::new(0),
+            reset_requested: AtomicBool::new(false),
         }
     }
 
@@ -112,14 +115,40 @@ impl Lifecycle {
         if self.state() != VmState::Resetting {
             return false;
         }
-        // The generation moves before the VM runs: whatever was accepted before is stale.
+        // The generation moves before the VM runs: whatever was accepted before is stale, a
+        // reset asked of the boot that ended too.
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.reset_requested.store(false, Ordering::Release);
         self.transition(VmState::Resetting, VmState::Running)
     }
 
     /// Ends a reset with the VM stopped for good (its vCPUs would not stop).
     pub fn abandon_reset(&self) -> bool {
         self.transition(VmState::Resetting, VmState::Stopped)
+    }
+
+    /// Starts booting a stopped VM again (the operator's `start`): it is resetting from here,
+    /// exactly as in a reset after its vCPUs stopped, and ends the same way. `false` unless it
+    /// was stopped.
+    pub fn begin_start(&self) -> bool {
+        self.transition(VmState::Stopped, VmState::Resetting)
+    }
+
+    /// Asks for a reset that one of the VM's own vCPUs carries out at its next exit (the
+    /// operator's `reset` comes from whatever CPU took the console input). `false` unless it
+    /// is running.
+    pub fn request_reset(&self) -> bool {
+        if !self.runs() {
+            return false;
+        }
+        self.reset_requested.store(true, Ordering::Release);
+        true
+    }
+
+    /// Takes a reset request; a request made before a reset or a stop began is void (it
+    /// asked about a boot that is over).
+    pub fn take_reset_request(&self) -> bool {
+        self.reset_requested.swap(false, Ordering::AcqRel) && self.runs()
     }
 }
 
@@ -341,6 +370,46 @@ mod tests {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
     use std::thread;
+
+    #[test]
+    fn a_stopped_vm_starts_again_through_a_reset_in_a_new_generation() {
+        let l = Lifecycle::new();
+        assert!(!l.begin_start(), "a running VM is not started");
+        assert!(l.stop());
+        assert!(!l.begin_reset(), "a stopped VM is not reset");
+        assert!(!l.request_reset());
+        assert!(l.begin_start());
+        assert!(!l.begin_start(), "one start at a time");
+        assert_eq!(l.state(), VmState::Resetting);
+        assert!(l.finish_reset());
+        assert!(l.runs());
+        assert_eq!(l.generation(), 1);
+        // A start whose vCPUs never stopped leaves it stopped.
+        assert!(l.stop());
+        assert!(l.begin_start());
+        assert!(l.abandon_reset());
+        assert_eq!(l.state(), VmState::Stopped);
+    }
+
+    #[test]
+    fn a_reset_request_is_taken_once_and_only_while_the_vm_runs() {
+        let l = Lifecycle::new();
+        assert!(!l.take_reset_request());
+        assert!(l.request_reset());
+        assert!(l.take_reset_request());
+        assert!(!l.take_reset_request(), "taken once");
+        // Made before a stop: void once the VM is stopped, and after it starts again.
+        assert!(l.request_reset());
+        assert!(l.stop());
+        assert!(!l.take_reset_request());
+        assert!(l.begin_start() && l.finish_reset());
+        assert!(!l.take_reset_request());
+        // The same when nobody looked while it was stopped.
+        assert!(l.request_reset());
+        assert!(l.stop());
+        assert!(l.begin_start() && l.finish_reset());
+        assert!(!l.take_reset_request());
+    }
 
     #[test]
     fn transitions() {

@@ -227,6 +227,8 @@ pub struct Vm {
     pub life: Lifecycle,
     /// Completed loads of the VM's images (the guest sees the count before this boot).
     pub boots: AtomicU32,
+    /// When its current boot started (ms since the hypervisor started), for its uptime.
+    pub booted_at_ms: core::sync::atomic::AtomicU64,
     dt_template: GuestDtInputs,
 }
 
@@ -500,6 +502,7 @@ impl Vm {
             vcpus,
             life: Lifecycle::new(),
             boots: AtomicU32::new(0),
+            booted_at_ms: core::sync::atomic::AtomicU64::new(0),
             dt_template: GuestDtInputs {
                 maintenance_ppi: platform.gic.maintenance_ppi,
                 timer: platform.timer,
@@ -629,32 +632,110 @@ impl Vm {
         Ok((place.entry, place.dtb))
     }
 
-    /// Logs the counters of the VM's vITS and of each of its vSMMUs.
-    pub fn log_vsmmu_stats(&self) {
+    /// Aborts every stream of its functions (a stop, or before a reload): each physical STE
+    /// aborts and the VMID's TLB entries are dropped, in force before this returns. The next
+    /// [`Vm::load`] sets them up again, on stage 2 only until the guest's driver says more.
+    pub fn abort_streams<P: smmu::vsmmu::PhysicalSmmu>(&self, mut phys: impl FnMut(usize) -> P) {
+        for s in &self.vsmmus {
+            s.model.lock().abort_streams(&mut phys(s.unit));
+        }
+        for v in &self.viommus {
+            v.abort_streams(&mut phys(v.unit));
+        }
+    }
+
+    /// The counters of the VM's vITS and of each of its vSMMUs and virtio-iommus, as the
+    /// machine-readable `... stats: key=value ...` lines the tests and the benchmark read.
+    pub fn stats_lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
         // The vITS's line first: a reader that waits for a VM's vSMMU lines has seen it by then
         // (the benchmark reads both around each workload; an INTx-only VM has none).
         if let Some(i) = &self.its {
-            log::info!("{}", i.stats_line(&self.config.name));
+            lines.push(i.stats_line(&self.config.name));
         }
         for s in &self.vsmmus {
-            // A VM with several vSMMUs names each by its address.
-            let name = if self.vsmmus.len() > 1 {
-                format!("{}@{:#x}", self.config.name, s.regs.base)
-            } else {
-                self.config.name.clone()
-            };
-            for line in s.stats_lines(&name) {
-                log::info!("{line}");
-            }
+            lines.extend(s.stats_lines(&self.iommu_name(s.regs.base, self.vsmmus.len())));
         }
         for v in &self.viommus {
-            let name = if self.viommus.len() > 1 {
-                format!("{}@{:#x}", self.config.name, v.regs.base)
-            } else {
-                self.config.name.clone()
-            };
-            log::info!("{}", v.stats_line(&name));
+            lines.push(v.stats_line(&self.iommu_name(v.regs.base, self.viommus.len())));
         }
+        lines
+    }
+
+    /// How the stats lines name one of `count` emulated IOMMUs at `base`: a VM with several
+    /// names each by its address.
+    fn iommu_name(&self, base: u64, count: usize) -> String {
+        if count > 1 {
+            format!("{}@{base:#x}", self.config.name)
+        } else {
+            self.config.name.clone()
+        }
+    }
+
+    /// Logs [`Vm::stats_lines`].
+    pub fn log_vsmmu_stats(&self) {
+        for line in self.stats_lines() {
+            log::info!("{line}");
+        }
+    }
+
+    /// One line per emulated IOMMU saying what the guest's driver made of it (the monitor's
+    /// `list`): its streams' physical STE configurations and its main counters.
+    pub fn iommu_summaries(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in &self.vsmmus {
+            let model = s.model.lock();
+            let (mut nested, mut s2, mut abort, mut other) = (0, 0, 0, 0);
+            for (_, ste) in model.physical_stes() {
+                match ste.map(|e| e.config()) {
+                    Some(smmu::ste::StreamConfig::Nested) => nested += 1,
+                    Some(smmu::ste::StreamConfig::S2Translate) => s2 += 1,
+                    Some(smmu::ste::StreamConfig::Abort) => abort += 1,
+                    _ => other += 1,
+                }
+            }
+            let st = model.stats();
+            let kinds: Vec<String> = [
+                (nested, "nested"),
+                (s2, "stage 2 only"),
+                (abort, "aborting"),
+                (other, "not set up"),
+            ]
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!("{n} {what}"))
+            .collect();
+            let streams = kinds.join(", ");
+            out.push(format!(
+                "vsmmu {:#x}: STEs {streams}; {} traps {} cmds {} errors {} faults",
+                s.regs.base,
+                st.traps(),
+                st.commands,
+                st.command_errors,
+                st.s2_faults
+            ));
+        }
+        for v in &self.viommus {
+            let line = v.stats_line("");
+            let field = |k: &str| -> String {
+                String::from(
+                    line.split(' ')
+                        .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+                        .unwrap_or("?"),
+                )
+            };
+            out.push(format!(
+                "virtio-iommu {:#x}: status {}; {} domains {} mappings {} errors {} faults {} resets",
+                v.regs.base,
+                field("status"),
+                field("domains"),
+                field("mappings"),
+                field("errors"),
+                field("faults"),
+                field("resets")
+            ));
+        }
+        out
     }
 
     /// Queues console input for the guest (see [`ConsoleBacklog::input`]).

@@ -489,6 +489,20 @@ impl Vsmmu {
         self.settle(phys);
     }
 
+    /// Aborts every stream of the VM (a VM stopped, or about to be reloaded): each physical
+    /// STE aborts, and the VMID's TLB entries and the CFGI_STEs complete under one CMD_SYNC
+    /// before this returns, so none of its devices' DMA reaches memory afterwards whatever its
+    /// guest's tables said. The next [`Vsmmu::reset`] sets them up again.
+    pub fn abort_streams(&mut self, phys: &mut impl PhysicalSmmu) {
+        self.settle(phys);
+        for i in 0..self.streams.len() {
+            self.write_now(i, Ste::abort(), phys);
+        }
+        self.batch
+            .push_tlbi(Command::TlbiNhAll { vmid: self.vmid() }, usize::MAX);
+        self.settle(phys);
+    }
+
     fn vmid(&self) -> u16 {
         self.cfg.s2.vmid
     }

@@ -247,45 +247,47 @@ impl Vsmmu {
     /// break-before-make waited for at once, holding the model.
     pub(super) fn reshadow_now(&mut self, mem: &impl GuestMemory, phys: &mut impl PhysicalSmmu) {
         for i in 0..self.streams.len() {
-            let s = self.streams[i];
-            if s.dirty.is_none() {
+            if self.streams[i].dirty.is_none() {
                 continue;
             }
             let (ste, bad) = self.shadow(i, mem);
-            match phys.write_ste(s.map.psid, ste) {
-                Ok(SteWrite::Unchanged) => self.stats.ste_skipped += 1,
-                Ok(SteWrite::Written(cfgi)) => {
-                    self.stats.ste_writes += 1;
-                    self.batch.push_config(cfgi, false);
-                }
-                Ok(SteWrite::Broken(b)) => {
-                    self.stats.ste_writes += 1;
-                    self.stats.ste_breaks += 1;
-                    let made = phys
-                        .submit_sync(&[b.cfgi])
-                        .and_then(|t| phys.wait(t))
-                        .and_then(|()| phys.make_ste(b));
-                    match made {
-                        Ok(cfgi) => self.batch.push_config(cfgi, false),
-                        Err(e) => {
-                            self.stats.phys_sync_errors += 1;
-                            log::error!(
-                                "vsmmu: {}: physical STE {}: {e}",
-                                self.cfg.name,
-                                s.map.psid
-                            );
-                        }
-                    }
-                }
-                Err(e) => log::error!("vsmmu: {}: physical STE {}: {e}", self.cfg.name, s.map.psid),
-            }
+            self.write_now(i, ste, phys);
             self.note_bad(i, bad, false);
-            let st = &mut self.streams[i];
-            st.phys = Some(ste);
-            st.dirty = None;
-            st.named = false;
-            st.making = None;
         }
         self.note_stream_work();
+    }
+
+    /// Writes stream `i`'s physical STE on the control path: no budget, a break-before-make
+    /// waited for at once; its CFGI_STE joins the batch for the caller's sync.
+    pub(super) fn write_now(&mut self, i: usize, ste: Ste, phys: &mut impl PhysicalSmmu) {
+        let psid = self.streams[i].map.psid;
+        match phys.write_ste(psid, ste) {
+            Ok(SteWrite::Unchanged) => self.stats.ste_skipped += 1,
+            Ok(SteWrite::Written(cfgi)) => {
+                self.stats.ste_writes += 1;
+                self.batch.push_config(cfgi, false);
+            }
+            Ok(SteWrite::Broken(b)) => {
+                self.stats.ste_writes += 1;
+                self.stats.ste_breaks += 1;
+                let made = phys
+                    .submit_sync(&[b.cfgi])
+                    .and_then(|t| phys.wait(t))
+                    .and_then(|()| phys.make_ste(b));
+                match made {
+                    Ok(cfgi) => self.batch.push_config(cfgi, false),
+                    Err(e) => {
+                        self.stats.phys_sync_errors += 1;
+                        log::error!("vsmmu: {}: physical STE {psid}: {e}", self.cfg.name);
+                    }
+                }
+            }
+            Err(e) => log::error!("vsmmu: {}: physical STE {psid}: {e}", self.cfg.name),
+        }
+        let st = &mut self.streams[i];
+        st.phys = Some(ste);
+        st.dirty = None;
+        st.named = false;
+        st.making = None;
     }
 }

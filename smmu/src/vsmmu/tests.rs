@@ -485,6 +485,33 @@ fn reset_puts_streams_on_stage_2_only_and_drops_the_vms_tlb() {
 }
 
 #[test]
+fn abort_streams_aborts_every_stream_until_the_next_reset() {
+    let mut r = Rig::new();
+    r.enable(false);
+    r.phys.clear();
+    r.v.abort_streams(&mut r.phys);
+    for sid in [0x108, 0x110] {
+        assert_eq!(r.phys.stes[&sid], Ste::abort(), "StreamID {sid:#x}");
+    }
+    let cfgi = |sid| Command::CfgiSte { sid, leaf: true };
+    assert_eq!(
+        r.phys.cmds,
+        [cfgi(0x108), cfgi(0x110), Command::TlbiNhAll { vmid: 7 }]
+    );
+    assert_eq!(r.phys.syncs, 1, "in force before it returns");
+    assert!(r
+        .v
+        .physical_stes()
+        .all(|(_, ste)| ste == Some(Ste::abort())));
+    // The reset of the next boot puts them back on stage 2 only.
+    r.phys.clear();
+    r.v.reset(&mut r.phys);
+    for sid in [0x108, 0x110] {
+        assert_eq!(r.phys.stes[&sid], Ste::stage2(s2()));
+    }
+}
+
+#[test]
 fn gbpa_update_handshake_applies_only_while_disabled() {
     let mut r = Rig::new();
     // Without UPDATE the write is ignored.

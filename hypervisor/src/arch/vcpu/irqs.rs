@@ -149,19 +149,10 @@ pub(super) fn console_input() {
     let input = uart::take_input();
     let vms = &hv().vms;
     if input.stats {
-        // The console's Ctrl-\ s: every VM's vSMMU counters and the physical stream table. The
-        // console's own work, not the running VM's: none of its lines counts against that VM's
-        // log rate limit (a vSMMU prints several lines from one call site, and the benchmark
-        // asks twice per workload: the limit dropped its counters).
-        let old = uart::set_log_vm(None);
-        for vm in vms {
-            vm.log_vsmmu_stats();
-        }
-        iommu::dump_stream_table(hv().iommu.groups(), &hv().iommu.directory);
-        let (used, total) = crate::arch::heap_usage();
-        // What a leak over many driver cycles would show (tests compare it across cycles).
-        log::info!("heap: {used} bytes of {total} in use");
-        uart::set_log_vm(old);
+        super::monitor::stats(None, false);
+    }
+    for line in &input.commands {
+        super::monitor::run(line);
     }
     let mut touched = 0u64;
     for (vm, byte) in input.bytes {

@@ -9,7 +9,7 @@ use crate::vm::irq::VTIMER_PPI;
 use crate::vm::lifecycle::{all_stopped_for_good, Power, RESET_WAIT_MS};
 use crate::vm::Vm;
 use aarch64_cpu::registers::{Writeable, CNTV_CTL_EL0, HCR_EL2};
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 /// Stops `vm`: logs once, makes its other vCPUs park, and powers the machine off when no VM
 /// is left running.
@@ -17,16 +17,29 @@ pub fn stop_vm(vm: &Vm, reason: &str) {
     if vm.stop() {
         log::info!("{}: stopped: {reason}", vm.config.name);
         vm.log_vsmmu_stats();
-        // A VM stopped for good: its functions stop mastering DMA and raising their lines.
+        // A stopped VM: its functions stop mastering DMA and raising their lines, and their
+        // streams abort, so nothing its guest left in its tables reaches memory while it is
+        // stopped. (A reset leaves them to the reload: the reset of its vSMMUs puts them on
+        // stage 2 only.)
         quiesce_devices(vm);
+        vm.abort_streams(iommu::PhysSmmu);
         vm.kick_all(None, &Machine);
         power_off_if_all_stopped();
     }
 }
 
-/// Powers the machine off once every VM is stopped for good (none running, none resetting).
+/// Set once the operator stopped a VM from the monitor: the machine then stays on when no VM
+/// is left running, for the operator's next `start` (or `poweroff`).
+pub(super) static OPERATOR_HOLD: AtomicBool = AtomicBool::new(false);
+
+/// Powers the machine off once every VM is stopped (none running, none resetting), unless the
+/// operator holds it on ([`OPERATOR_HOLD`]).
 pub(super) fn power_off_if_all_stopped() {
     if all_stopped_for_good(hv().vms.iter().map(|v| &v.life)) {
+        if OPERATOR_HOLD.load(Ordering::Acquire) {
+            log::info!("all VMs stopped: the machine stays on for the monitor (Ctrl-\\ : then `start VM` or `poweroff`)");
+            return;
+        }
         log::info!("all VMs stopped: powering off");
         crate::arch::system_off();
     }
@@ -108,6 +121,7 @@ pub(super) fn boot_vm(vm: &Vm) {
     uart::set_log_vm(Some(vm.id));
     match vm.load(&Machine, iommu::PhysSmmu) {
         Ok((entry, dtb)) => {
+            vm.booted_at_ms.store(t0, Ordering::Release);
             log::info!(
                 "{}: boot {}: {} vCPUs on pCPUs {:?}, RAM IPA {:#x}+{:#x} at PA {:#x}, kernel at {entry:#x}, DTB at {dtb:#x}, loaded in {} ms, starting",
                 vm.config.name,

@@ -9,6 +9,7 @@ mod el2;
 mod inject;
 mod irqs;
 mod lifecycle;
+mod monitor;
 mod smccc;
 mod sysreg_trap;
 mod vits;
@@ -25,7 +26,8 @@ use boot::{ExceptionKind, TrapFrame};
 use el2::{configure_el2, reset_el1_and_vgic_cpu};
 use inject::{inject_abort, inject_undef};
 use irqs::{handle_irqs, has_pending_virtual, sync_list_registers};
-use lifecycle::{boot_vm, park_stopped_vcpu, stop_vm};
+use lifecycle::{boot_vm, park_stopped_vcpu, reset_vm, stop_vm};
+pub use monitor::row as monitor_row;
 use smccc::handle_smccc;
 use sysreg_trap::handle_sysreg;
 
@@ -57,6 +59,11 @@ pub fn run_bound_vcpu() -> ! {
         idle_forever();
     };
     loop {
+        if vm.life.take_reset_request() {
+            // The operator's reset, with this vCPU off (the guest turned it off, or it was
+            // never started): it runs the reset as any of the VM's vCPUs would.
+            reset_vm(vm, vcpu, "reset by the operator");
+        }
         if vm.life.runs() {
             let power = &vm.vcpus[vcpu].power;
             if power.get() == Power::Boot {
@@ -139,6 +146,9 @@ extern "C" fn hv_lower_exception(frame: &mut TrapFrame, kind: u64) {
     }
     if vm.is_stopped() {
         park_stopped_vcpu(vm, vcpu);
+    }
+    if vm.life.take_reset_request() {
+        reset_vm(vm, vcpu, "reset by the operator");
     }
     sync_list_registers(vm, vcpu);
 }

@@ -54,6 +54,8 @@ pub trait ViommuModel: Send {
     fn reset(&mut self, phys: &mut dyn PhysicalSmmu);
     /// VM reset.
     fn vm_reset(&mut self, phys: &mut dyn PhysicalSmmu);
+    /// Every endpoint aborting (a VM stopped).
+    fn abort_streams(&mut self, phys: &mut dyn PhysicalSmmu);
     /// The guest's fault record of a physical event of `psid`, if it is the guest's to see.
     fn fault_record(&mut self, psid: u32, e: &Event) -> Option<[u8; 24]>;
     /// Counters.
@@ -116,6 +118,9 @@ where
     }
     fn vm_reset(&mut self, phys: &mut dyn PhysicalSmmu) {
         Viommu::vm_reset(self, &mut DynSmmu(phys))
+    }
+    fn abort_streams(&mut self, phys: &mut dyn PhysicalSmmu) {
+        Viommu::abort_streams(self, &mut DynSmmu(phys))
     }
     fn fault_record(&mut self, psid: u32, e: &Event) -> Option<[u8; 24]> {
         Viommu::fault_record(self, psid, e)
@@ -420,6 +425,13 @@ impl VmViommu {
             irq.raise(IntId(self.intid));
         }
         true
+    }
+
+    /// Every endpoint aborting (a VM stopped, or about to be reloaded): a device reset with
+    /// `bypass` 0, so no endpoint is left on any translation. [`VmViommu::vm_reset`] brings
+    /// them back at the next boot.
+    pub fn abort_streams(&self, phys: &mut dyn PhysicalSmmu) {
+        self.state.lock().model.abort_streams(phys);
     }
 
     /// VM reset: the transport and the model start over (`bypass` back to 1: every endpoint on

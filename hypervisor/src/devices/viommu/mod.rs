@@ -512,6 +512,13 @@ impl<P: TablePool> Viommu<P> {
         self.reset(phys);
     }
 
+    /// Every endpoint aborting: `bypass` 0 (unattached endpoints abort), then a device reset,
+    /// which detaches them all, frees every domain and drops the VMID's TLB entries.
+    pub fn abort_streams(&mut self, phys: &mut impl PhysicalSmmu) {
+        self.bypass = 0;
+        self.reset(phys);
+    }
+
     /// The physical STE last written for each endpoint (psid, STE).
     pub fn physical_stes(&self) -> impl Iterator<Item = (u32, Ste)> + '_ {
         self.cfg

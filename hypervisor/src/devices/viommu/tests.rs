@@ -295,6 +295,28 @@ fn attach_creates_a_domain_with_its_cd_and_a_nested_ste() {
 }
 
 #[test]
+fn abort_streams_aborts_every_endpoint_and_frees_its_domains_until_the_vm_reset() {
+    let mut r = Rig::new();
+    assert_eq!(r.st(&attach(3, 8, 0)), status::OK);
+    r.phys.take_commands();
+    r.v.abort_streams(&mut r.phys);
+    r.check();
+    for m in harness::STREAMS.iter() {
+        assert_eq!(r.ste(m.vsid), Ste::abort(), "endpoint {}", m.vsid);
+    }
+    assert_eq!(r.v.stats().domains, 0);
+    assert!(r.phys.take_commands().contains(&Command::TlbiNhAll {
+        vmid: harness::s2_config().vmid
+    }));
+    // The next boot's VM reset: every endpoint on stage 2 only again.
+    r.v.vm_reset(&mut r.phys);
+    r.check();
+    for m in harness::STREAMS.iter() {
+        assert_eq!(r.ste(m.vsid), Ste::stage2(harness::s2_config()));
+    }
+}
+
+#[test]
 fn attach_moves_and_frees_the_old_domain() {
     let mut r = Rig::new();
     assert_eq!(r.st(&attach(0, 1, 0)), status::OK);

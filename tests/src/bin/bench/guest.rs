@@ -6,7 +6,7 @@ use crate::setup::Col;
 use crate::stats::Delta;
 use crate::{qe, R};
 use integration_tests::{
-    console_command, hv_text, parse_stats, parse_viommu_stats, type_paced, Error, Line, Qemu,
+    hv_text, parse_stats, parse_viommu_stats, raw_stats, type_paced, Error, Line, Qemu,
     STEP_TIMEOUT,
 };
 use std::cell::RefCell;
@@ -86,10 +86,10 @@ pub(crate) fn type_command(q: &mut Qemu, one_guest: bool, cmd: &str) -> R<()> {
     type_paced(q, &format!("{cmd}\n")).map_err(qe)
 }
 
-/// The hypervisor's counters of `vms` (Ctrl-\ s), by VM: each VM's vIOMMU line (`vsmmu:` as
+/// The hypervisor's counters of `vms` (the monitor's `stats raw`), by VM: each VM's vIOMMU line (`vsmmu:` as
 /// they are, or `viommu:` as `viommu_KEY`) with its vITS line (`vits_KEY`).
 pub(crate) fn hv_counters(q: &mut Qemu, vms: &[&str]) -> R<BTreeMap<String, Delta>> {
-    console_command(q, 's').map_err(qe)?;
+    raw_stats(q).map_err(qe)?;
     let found = RefCell::new(BTreeMap::new());
     let vits: RefCell<BTreeMap<String, Delta>> = RefCell::new(BTreeMap::new());
     q.wait_until(

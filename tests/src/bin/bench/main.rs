@@ -17,7 +17,7 @@
 //! and, unless `--no-net`, two VMs for a guest-to-guest transfer (vSMMU and stage-2 only; bare
 //! has one guest). In each, it types `sh /bench.sh WORKLOAD` into the guest shell
 //! (`tests/guest/bench.sh`, in the initramfs) and reads its `bench: KEY=VALUE` lines; under the
-//! hypervisor it reads the vSMMU or virtio-iommu counters (Ctrl-\ s) at the handshakes around
+//! hypervisor it reads the vSMMU or virtio-iommu counters (the monitor's `stats raw`) at the handshakes around
 //! each measured part, for exact trap, request and command counts per operation. Every repeat
 //! boots every setup, in a rotated order, so drift hits all alike; figures are min/median/max
 //! over the repeats and ratios are taken within a repeat.
@@ -361,7 +361,7 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
         if !counts.is_empty() || !vcounts.is_empty() {
             let _ = writeln!(
                 md,
-                "\n## Exact counts\n\nThe hypervisor's counters (Ctrl-\\ s), read at the guest's \
+                "\n## Exact counts\n\nThe hypervisor's counters (the monitor's `stats raw`), read at the guest's \
                  handshakes just before and just after each measured part: each column is a \
                  counter's difference divided by the operations the guest did (every repeat's \
                  quotient; one value when all agree). dma_map_benchmark does not report its \
