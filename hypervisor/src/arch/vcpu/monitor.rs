@@ -2,7 +2,7 @@
 //! layout are `crate::monitor`'s, the lifecycle rules `vm::lifecycle`'s). What a command prints
 //! goes straight to the console, whatever the log level: the operator asked for it.
 
-use super::lifecycle::{power_off_if_all_stopped, stop_vm, OPERATOR_HOLD};
+use super::lifecycle::{stop_vm, OPERATOR_HOLD};
 use crate::arch::hw::Machine;
 use crate::arch::{hv, iommu, timestamp_ms, uart};
 use crate::monitor::{self, Command, VmRow, VmState};
@@ -80,11 +80,12 @@ fn execute(c: Command) {
         Command::Poweroff => {
             say("monitor: stopping every VM and powering off");
             OPERATOR_HOLD.store(false, Ordering::Release);
+            // Each running VM's devices quiesced first; one in the middle of a reset has had
+            // them quiesced by the reset. Then off, whatever is left: the operator asked.
             for vm in vms {
                 stop_vm(vm, "the operator powers the machine off");
             }
-            // A VM that was resetting stops at the end of its reset; the machine goes off then.
-            power_off_if_all_stopped();
+            crate::arch::system_off();
         }
     }
 }
