@@ -164,12 +164,12 @@ pub(super) fn apply(
         }
     }
 
-    match platform::prop_str(node, "xen,enhanced") {
-        Some("disabled") => {}
-        Some(_) => note("xen,enhanced ignored: no Xen PV interfaces (grant tables, xenstore, event channels); the guest finds no /hypervisor node".into()),
-        // Present without a value: Xen's "enabled".
-        None if node.property("xen,enhanced").is_some() => note("xen,enhanced ignored: no Xen PV interfaces (grant tables, xenstore, event channels); the guest finds no /hypervisor node".into()),
-        None => {}
+    // Present without a value is Xen's "enabled".
+    let enhanced = node
+        .property("xen,enhanced")
+        .map(|_| platform::prop_str(node, "xen,enhanced"));
+    if enhanced.is_some_and(|v| v != Some("disabled")) {
+        note("xen,enhanced ignored: no Xen PV interfaces (grant tables, xenstore, event channels); the guest finds no /hypervisor node".into());
     }
     if let Some(p) = node.property("sve") {
         if u32_value(p.value) != Some(0) {
