@@ -150,7 +150,12 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     // accesses).
     unsafe { uart::init(platform.uart.base.base, platform.uart.kind) };
     let _ = log::set_logger(&uart::Logger);
-    log::set_max_level(log::LevelFilter::Info);
+    // The command line's `loglvl=` (docs/vm-config.md), else info.
+    let (hv_opts, hv_warnings) = config::hv_options(dtb_slice).unwrap_or_default();
+    log::set_max_level(hv_opts.log_level.unwrap_or(log::LevelFilter::Info));
+    for w in hv_warnings {
+        log::warn!("bootargs: {w}");
+    }
     if let Some(note) = &platform.uart.note {
         log::warn!("console: {note}");
     }
@@ -797,6 +802,7 @@ fn legacy_spec(
         pci_devices: Vec::new(),
         intx_only: false,
         iommu: crate::config::IommuKind::default(),
+        cpupool: None,
     })])
 }
 

@@ -26,6 +26,10 @@
 //! VMs accepted before it and decides where each VM's CPUs and RAM are. A bad VM is refused on
 //! its own, with a [`ConfigError`] naming it and the offending property, so one typo in one
 //! node does not keep the other VMs from booting.
+//!
+//! Xen's own `compatible = "xen,domain"` nodes are VMs too, when `/chosen` says
+//! `smmu-hv,xen-dom0less;` (see `xen.rs` for what each Xen property becomes), and `/chosen`
+//! carries the hypervisor's own command line ([`parse_hv_bootargs`]).
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -37,10 +41,19 @@ mod parse;
 mod plan;
 #[cfg(test)]
 mod tests;
+mod xen;
+#[cfg(test)]
+mod xen_tests;
 
+/// The command line is read with the platform (it picks the console); re-exported for the
+/// config's readers.
+pub use crate::platform::{hv_options, parse_hv_bootargs, HvOptions};
 pub use error::ConfigError;
-pub use parse::parse_vm_specs;
+pub use parse::{parse_vm_specs, parse_vm_specs_noted};
 pub use plan::plan_vms;
+
+/// What [`parse_vm_specs_noted`] reads: one result per VM node, and the lines to log.
+pub type NotedSpecs = (Vec<Result<VmSpec, ConfigError>>, Vec<(log::Level, String)>);
 
 /// A boot module (an image the boot loader placed in memory) as a VM node names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +89,18 @@ pub struct VmSpec {
     pub intx_only: bool,
     /// `smmu-hv,iommu`: the IOMMU its guest sees over its PCI functions.
     pub iommu: IommuKind,
+    /// Xen's `domain-cpupool`: the CPUs its vCPUs are taken from when `smmu-hv,cpus` does not
+    /// pin them.
+    pub cpupool: Option<CpuPool>,
+}
+
+/// A Xen boot-time cpupool (`xen,cpupool`, Xen's `docs/misc/arm/device-tree/cpupools.txt`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuPool {
+    /// Its node's path, for messages.
+    pub path: String,
+    /// The MPIDR (`reg`) of each CPU node its `cpupool-cpus` names, in that order.
+    pub mpidrs: Vec<u64>,
 }
 
 /// The IOMMU a VM's guest drives for its PCI functions (`smmu-hv,iommu`). Either way the

@@ -7,29 +7,84 @@ use alloc::vec::Vec;
 
 use fdt::node::FdtNode;
 
+use log::Level;
+
 use super::error::cfg_err;
-use super::{ConfigError, IommuKind, ModuleSpec, VmSpec};
+use super::xen::{self, Note, XenCtx, XEN_DOMAIN};
+use super::{ConfigError, IommuKind, ModuleSpec, NotedSpecs, VmSpec};
+use crate::platform::tree::Tree;
 use crate::platform::{self, MemRange, PlatformError};
 
 /// The `compatible` that marks a `/chosen` child as a VM.
 const VM_COMPATIBLE: &str = "smmu-hv,vm";
 
-/// Every `compatible = "smmu-hv,vm"` child of /chosen, in DT order. Ok(empty) if there are
-/// none. A node that cannot be read gives Err for that node only.
+/// Every VM node of /chosen, in DT order: `compatible = "smmu-hv,vm"`, and
+/// `compatible = "xen,domain"` under `/chosen/smmu-hv,xen-dom0less;`. Ok(empty) if there are
+/// none. A node that cannot be read gives Err for that node only. What [`parse_vm_specs_noted`]
+/// notes is logged.
 pub fn parse_vm_specs(dtb: &[u8]) -> Result<Vec<Result<VmSpec, ConfigError>>, PlatformError> {
+    let (specs, notes) = parse_vm_specs_noted(dtb)?;
+    for (level, note) in notes {
+        log::log!(level, "config: {note}");
+    }
+    Ok(specs)
+}
+
+/// [`parse_vm_specs`], with the lines to log (Xen domains left alone, Xen properties ignored)
+/// returned instead of logged.
+pub fn parse_vm_specs_noted(dtb: &[u8]) -> Result<NotedSpecs, PlatformError> {
     platform::with_fdt(dtb, |fdt| {
-        let Some(chosen) = fdt.find_node("/chosen") else {
-            return Vec::new();
+        let mut notes = Vec::new();
+        let (Some(root), Some(chosen)) = (fdt.find_node("/"), fdt.find_node("/chosen")) else {
+            return (Vec::new(), notes);
         };
-        chosen
+        let (opt_in, bad_opt_in) = platform::xen_opt_in(chosen);
+        notes.extend(bad_opt_in.map(|w| (Level::Warn, w)));
+        let is = |n: FdtNode, c: &str| platform::compatibles(n).any(|x| x == c);
+        let xen_domains = chosen
             .children()
-            .filter(|n| platform::compatibles(*n).any(|c| c == VM_COMPATIBLE))
-            .map(parse_node)
-            .collect()
+            .filter(|n| !is(*n, VM_COMPATIBLE) && is(*n, XEN_DOMAIN))
+            .count();
+        // Built only for Xen domains, which are the only nodes with phandles to follow.
+        let tree = (opt_in && xen_domains > 0)
+            .then(|| Tree::new(fdt))
+            .flatten();
+        let ctx = tree.as_ref().map(|tree| XenCtx {
+            tree,
+            static_mem_cells: xen::chosen_cells(root, chosen),
+        });
+        if xen_domains > 0 && ctx.is_none() {
+            notes.push((
+                Level::Warn,
+                format!("/chosen has {xen_domains} xen,domain node(s) (a Xen dom0less configuration): ignored; add `{};` to /chosen to run them as VMs", platform::XEN_OPT_IN),
+            ));
+        }
+        let specs = chosen
+            .children()
+            .filter_map(|n| {
+                if is(n, VM_COMPATIBLE) {
+                    Some(parse_node(n, None, &mut notes))
+                } else if is(n, XEN_DOMAIN) {
+                    ctx.as_ref().map(|c| parse_node(n, Some(c), &mut notes))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        (specs, notes)
     })
 }
 
-fn parse_node(node: FdtNode) -> Result<VmSpec, ConfigError> {
+/// Xen's legacy (4.4) module compatibles next to today's: `xen,linux-zimage` is a kernel,
+/// `xen,linux-initrd` a ramdisk (their generic `xen,multiboot-module` says nothing more).
+const KERNEL_COMPATIBLES: [&str; 2] = ["multiboot,kernel", "xen,linux-zimage"];
+const RAMDISK_COMPATIBLES: [&str; 2] = ["multiboot,ramdisk", "xen,linux-initrd"];
+
+fn parse_node(
+    node: FdtNode,
+    xen: Option<&XenCtx>,
+    notes: &mut Vec<Note>,
+) -> Result<VmSpec, ConfigError> {
     let name = match node.property("smmu-hv,name") {
         None => node.name.to_string(),
         Some(_) => match platform::prop_str(node, "smmu-hv,name") {
@@ -113,9 +168,9 @@ fn parse_node(node: FdtNode) -> Result<VmSpec, ConfigError> {
     let mut kernel = None;
     let mut ramdisk = None;
     for child in node.children() {
-        let is = |c: &str| platform::compatibles(child).any(|x| x == c);
-        let is_kernel = is("multiboot,kernel");
-        if !is_kernel && !is("multiboot,ramdisk") {
+        let is = |cs: [&str; 2]| platform::compatibles(child).any(|x| cs.contains(&x));
+        let is_kernel = is(KERNEL_COMPATIBLES);
+        if !is_kernel && !is(RAMDISK_COMPATIBLES) {
             // Other `multiboot,module`s (device trees, policies, ...) are not ours to use.
             continue;
         }
@@ -200,7 +255,7 @@ fn parse_node(node: FdtNode) -> Result<VmSpec, ConfigError> {
             })?,
     };
 
-    Ok(VmSpec {
+    let mut spec = VmSpec {
         name,
         vcpus,
         pcpus,
@@ -211,7 +266,12 @@ fn parse_node(node: FdtNode) -> Result<VmSpec, ConfigError> {
         pci_devices,
         intx_only,
         iommu,
-    })
+        cpupool: None,
+    };
+    if let Some(ctx) = xen {
+        xen::apply(node, ctx, &mut spec, notes)?;
+    }
+    Ok(spec)
 }
 
 /// `value` as exactly `n` big-endian u32 cells.

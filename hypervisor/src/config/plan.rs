@@ -20,6 +20,10 @@ pub(super) const RAM_ALIGN: u64 = 2 << 20;
 struct Claims {
     /// Logical indices of the CPUs `smmu-hv,cpus` names, if the list is usable at all.
     cpus: Vec<usize>,
+    /// Logical indices of the CPUs of its `domain-cpupool`, if it does not pin its vCPUs:
+    /// VMs without a pool or pins leave them alone (in Xen, a pool's CPUs run only the
+    /// domains in that pool), VMs in a pool may share it.
+    pool_cpus: Vec<usize>,
     /// `smmu-hv,static-mem`, if it passes the checks that do not depend on other VMs.
     mem: Option<MemRange>,
 }
@@ -46,7 +50,19 @@ impl Claims {
                 && r.size.is_multiple_of(RAM_ALIGN)
                 && in_ram(machine, *r)
         });
-        Claims { cpus, mem }
+        let pool_cpus = match (&spec.pcpus, &spec.cpupool) {
+            (None, Some(pool)) => pool
+                .mpidrs
+                .iter()
+                .filter_map(|m| machine.cpus.iter().position(|c| c == m))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Claims {
+            cpus,
+            pool_cpus,
+            mem,
+        }
     }
 }
 
@@ -168,15 +184,45 @@ impl Ctx<'_> {
         let owner = |cpu: usize| self.accepted.iter().find(|p| p.pcpus.contains(&cpu));
 
         let Some(mpidrs) = &spec.pcpus else {
-            let free: Vec<usize> = (0..have)
+            let (field, candidates) = match &spec.cpupool {
+                None => ("cpus", (0..have).collect::<Vec<usize>>()),
+                Some(pool) => {
+                    let mut idx = Vec::with_capacity(pool.mpidrs.len());
+                    for m in &pool.mpidrs {
+                        let Some(cpu) = self.machine.cpus.iter().position(|c| c == m) else {
+                            return Err((
+                                "domain-cpupool",
+                                format!("{}: the machine has no CPU with MPIDR {m:#x}", pool.path),
+                            ));
+                        };
+                        idx.push(cpu);
+                    }
+                    ("domain-cpupool", idx)
+                }
+            };
+            let in_pool = spec.cpupool.is_some();
+            let free: Vec<usize> = candidates
+                .iter()
+                .copied()
                 .filter(|&c| owner(c).is_none())
-                .filter(|c| !self.later.iter().any(|l| l.cpus.contains(c)))
+                .filter(|c| {
+                    !self
+                        .later
+                        .iter()
+                        .any(|l| l.cpus.contains(c) || (!in_pool && l.pool_cpus.contains(c)))
+                })
                 .collect();
             if free.len() < want {
-                return Err((
-                    "cpus",
-                    format!("needs {want} CPUs, only {} free", free.len()),
-                ));
+                let reason = match &spec.cpupool {
+                    None => format!("needs {want} CPUs, only {} free", free.len()),
+                    Some(pool) => format!(
+                        "needs {want} CPUs, cpupool {} has {} of its {} free",
+                        pool.path,
+                        free.len(),
+                        candidates.len()
+                    ),
+                };
+                return Err((field, reason));
             }
             return Ok(free[..want].to_vec());
         };

@@ -244,6 +244,7 @@ fn parses_a_node() {
             pci_devices: vec![Bdf::new(0, 1, 0).into(), Bdf::new(0, 2, 0).into()],
             intx_only: false,
             iommu: IommuKind::Smmuv3,
+            cpupool: None,
         })]
     );
 }
@@ -733,6 +734,7 @@ fn hand_built_specs_are_checked_too() {
         pci_devices: vec![],
         intx_only: false,
         iommu: IommuKind::Smmuv3,
+        cpupool: None,
     };
     let failed = cfg_err("y", "cpus", "unreadable");
     let (plans, errors) = plan_vms(vec![Ok(spec), Err(failed.clone())], &machine());

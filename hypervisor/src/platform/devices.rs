@@ -246,10 +246,33 @@ pub(super) fn uart<'b, 'a>(
     chosen: Option<FdtNode<'b, 'a>>,
     gic: usize,
 ) -> Result<UartInfo> {
-    let named = chosen
+    let stdout = chosen
         .and_then(|c| prop_str(c, "stdout-path"))
         .and_then(|path| stdout_node(tree, fdt, path));
-    let mut note = None;
+    let mut note: Option<String> = None;
+    let named = match chosen.and_then(|c| super::cmdline::hv_options_of(c).0.dtuart) {
+        None => stdout,
+        Some(d) => match dtuart_node(tree, fdt, &d) {
+            Some(i) => {
+                if Some(i) != stdout {
+                    note = Some(alloc::format!(
+                        "dtuart={d} (hypervisor command line) selects {}{}",
+                        tree.path(i),
+                        stdout
+                            .map(|s| alloc::format!(" instead of stdout-path's {}", tree.path(s)))
+                            .unwrap_or_default()
+                    ));
+                }
+                Some(i)
+            }
+            None => {
+                note = Some(alloc::format!(
+                    "dtuart={d} (hypervisor command line) names no UART the console driver knows: using stdout-path's"
+                ));
+                stdout
+            }
+        },
+    };
     let index = match named {
         Some(i) if uart_kind(tree.nodes[i].node)?.is_some() => i,
         other => {
@@ -259,8 +282,12 @@ pub(super) fn uart<'b, 'a>(
                 .find(|&i| tree.enabled(i) && !matches!(uart_kind(tree.nodes[i].node), Ok(None)));
             match (other, any) {
                 (Some(n), Some(any)) => {
+                    let earlier = note
+                        .take()
+                        .map(|n| alloc::format!("{n}; "))
+                        .unwrap_or_default();
                     note = Some(alloc::format!(
-                        "stdout-path names {} (compatible {:?}), which the console driver does not know: using {}",
+                        "{earlier}stdout-path names {} (compatible {:?}), which the console driver does not know: using {}",
                         tree.path(n),
                         compatibles(tree.nodes[n].node).next().unwrap_or(""),
                         tree.path(any)
@@ -304,6 +331,12 @@ pub(super) fn uart<'b, 'a>(
         path: tree.path(index),
         note,
     })
+}
+
+/// The node Xen's `dtuart=` names ("path-or-alias[:options]", as `stdout-path`), if it is a
+/// UART of a kind the console driver knows.
+pub(super) fn dtuart_node(tree: &Tree, fdt: &Fdt, value: &str) -> Option<usize> {
+    stdout_node(tree, fdt, value).filter(|&i| matches!(uart_kind(tree.nodes[i].node), Ok(Some(_))))
 }
 
 /// Resolves a `stdout-path` value ("path-or-alias[:options]") to its node.

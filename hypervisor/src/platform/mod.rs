@@ -16,6 +16,7 @@ mod blob;
 #[cfg(test)]
 mod board_tests;
 mod boot_modules;
+mod cmdline;
 #[cfg(test)]
 mod corpus_tests;
 mod devices;
@@ -28,6 +29,10 @@ pub(crate) mod tree;
 
 use blob::{check_blob, malformed};
 use boot_modules::modules;
+pub use cmdline::{
+    hv_options, hv_options_of, parse_hv_bootargs, xen_opt_in, HvOptions, HV_BOOTARGS, XEN_BOOTARGS,
+    XEN_OPT_IN,
+};
 pub use devices::redistributor_frames;
 use devices::{cpus, gic, psci, smmus, timer, uart};
 use ram::{memory, reserved};
@@ -333,13 +338,18 @@ impl Platform {
 }
 
 /// The console UART, found with as little of the DT as possible (the blob's structure,
-/// `/chosen/stdout-path` and that node's `compatible` and `reg`), so that a DT
-/// [`Platform::parse`] rejects can still be reported on the board's console.
+/// `/chosen/stdout-path` or the command line's `dtuart=`, and that node's `compatible` and
+/// `reg`), so that a DT [`Platform::parse`] rejects can still be reported on the board's
+/// console.
 pub fn early_console(dtb: &[u8]) -> Option<(u64, UartKind)> {
     with_fdt(dtb, |fdt| {
         let tree = tree::Tree::new(fdt)?;
         let chosen = fdt.find_node("/chosen")?;
-        let index = devices::stdout_node(&tree, fdt, prop_str(chosen, "stdout-path")?)?;
+        let dtuart = cmdline::hv_options_of(chosen).0.dtuart;
+        let index = match dtuart.and_then(|d| devices::dtuart_node(&tree, fdt, &d)) {
+            Some(i) => i,
+            None => devices::stdout_node(&tree, fdt, prop_str(chosen, "stdout-path")?)?,
+        };
         let kind = devices::uart_kind(tree.nodes[index].node).ok()??;
         let base = tree.cpu_reg(index).ok()?.first()?.base;
         Some((base, kind))

@@ -147,6 +147,8 @@ struct Opts {
     psci_method: Option<&'static str>,
     stdout: Option<&'static str>,
     timer_irqs: &'static [u32],
+    /// More `/chosen` properties (a string each; an empty string is an empty value).
+    chosen: &'static [(&'static str, &'static str)],
 }
 
 const FULL: Opts = Opts {
@@ -157,6 +159,7 @@ const FULL: Opts = Opts {
     psci_method: Some("hvc"),
     stdout: Some("serial1:115200n8"),
     timer_irqs: &[1, 13, 8, 1, 14, 8, 1, 11, 8, 1, 10, 8],
+    chosen: &[],
 };
 
 /// A board unlike QEMU's: devices under a 1/1-cell bus, 2-cell MPIDRs, reservations,
@@ -280,6 +283,13 @@ fn synth(o: &Opts) -> Vec<u8> {
     if let Some(stdout) = o.stdout {
         w.property_string("stdout-path", stdout).unwrap();
     }
+    for (name, value) in o.chosen {
+        if value.is_empty() {
+            w.property_null(name).unwrap();
+        } else {
+            w.property_string(name, value).unwrap();
+        }
+    }
     let n = w.begin_node("module@90000000").unwrap();
     w.property_string_list(
         "compatible",
@@ -381,6 +391,52 @@ fn stdout_path_variants() {
     assert_eq!(uart_base(Some("loop")), 0x1c09_0000);
     assert_eq!(uart_base(Some("/nowhere")), 0x1c09_0000);
     assert_eq!(uart_base(None), 0x1c09_0000);
+}
+
+#[test]
+fn dtuart_on_the_command_line_picks_the_console() {
+    // stdout-path names serial1 (0x1c0a_0000); Xen's dtuart= names another UART.
+    let console = |chosen| {
+        let dtb = synth(&Opts { chosen, ..FULL });
+        let p = Platform::parse(&dtb).unwrap();
+        assert_eq!(
+            early_console(&dtb).map(|(b, _)| b),
+            Some(p.uart.base.base),
+            "early_console agrees"
+        );
+        (p.uart.base.base, p.uart.note)
+    };
+    let (base, note) = console(&[("smmu-hv,bootargs", "console=dtuart dtuart=serial0")]);
+    assert_eq!(base, 0x1c09_0000);
+    let note = note.unwrap();
+    assert!(
+        note.contains("dtuart=serial0") && note.contains("/soc/serial@1c0a0000"),
+        "{note}"
+    );
+    let (base, _) = console(&[("smmu-hv,bootargs", "dtuart=/soc/serial@1c090000:115200")]);
+    assert_eq!(base, 0x1c09_0000);
+    // The same UART as stdout-path: nothing to say.
+    assert_eq!(
+        console(&[("smmu-hv,bootargs", "dtuart=serial1")]),
+        (0x1c0a_0000, None)
+    );
+    // Unresolvable: stdout-path's, with a note.
+    let (base, note) = console(&[("smmu-hv,bootargs", "dtuart=serial7")]);
+    assert_eq!(base, 0x1c0a_0000);
+    assert!(note.unwrap().contains("names no UART"));
+    // Xen's command line counts only under the opt-in.
+    assert_eq!(
+        console(&[("xen,xen-bootargs", "dtuart=serial0")]).0,
+        0x1c0a_0000
+    );
+    assert_eq!(
+        console(&[
+            ("xen,xen-bootargs", "dtuart=serial0"),
+            ("smmu-hv,xen-dom0less", "")
+        ])
+        .0,
+        0x1c09_0000
+    );
 }
 
 #[test]
