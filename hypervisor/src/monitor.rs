@@ -643,7 +643,7 @@ mod tests {
             boots: 2,
             uptime_ms: Some(3_723_000),
             iommu_summary: vec![
-                "vsmmu 0x9050000: STEs 2 nested; 812 traps 1600 cmds 0 errors 0 faults".into(),
+                "vsmmu 0x9050000: 2 nested; 812 traps 1600 cmds 0 errors 0 faults".into(),
             ],
         }
     }
@@ -683,7 +683,7 @@ mod tests {
         );
         assert_eq!(
             lines[7],
-            "    vsmmu 0x9050000: STEs 2 nested; 812 traps 1600 cmds 0 errors 0 faults"
+            "    vsmmu 0x9050000: 2 nested; 812 traps 1600 cmds 0 errors 0 faults"
         );
         assert!(
             lines[8].starts_with(" -  bad   refused: `smmu-hv,cpus`"),

@@ -1,40 +1,64 @@
-//! The operator's monitor (Ctrl-\ : then a command), on two VMs with their own disks and NICs
-//! (`--pci`): the boot banner lists both; `list` shows them running; `stop vm0` stops vm0 while
-//! vm1 keeps answering at its shell, `list` shows vm0 stopped and its StreamIDs' physical STEs
-//! abort; `start vm0` boots it again
-//! from its pristine images (its boot count goes up, its disk's MD5 through its DMA and its
-//! vSMMU probe are as on its first boot); `reset vm1` reboots vm1 alone; `log warn` hides the
-//! hypervisor's info lines (the STE dump of Ctrl-\ s) until `log info`; the statistics are
-//! tables that fit an 80-column terminal; an unknown VM gets an error naming the VMs there are;
-//! `poweroff` ends the run.
+//! The operator's monitor (Ctrl-\ : then a command), on a configuration written the way Xen's
+//! ImageBuilder writes dom0less domains (`tests/configs/xen-dom0less.dts`: `xen,domain` nodes
+//! domU0 and domU1 with cpupools, `xen,static-mem`, `xen,xen-bootargs = "loglvl=warning"`),
+//! each with its own disk and NIC (`--pci`).
+//!
+//! The boot banner lists both domains on their pools' CPUs and domU1 at its static PA; the
+//! command line's log level holds back the info lines (a VM's boot line) until `log info`.
+//! `list` shows them running; `stop domU0` stops it while domU1 keeps answering at its shell,
+//! `list` shows domU0 stopped and its StreamIDs' physical STEs abort; `start domU0` boots it
+//! again from its pristine images (its boot count goes up; its disk's MD5 through its DMA, its
+//! vSMMU probe and its ping of the other domain are as on its first boot); `reset domU1`
+//! reboots domU1 alone; `log warn` hides the STE dump of Ctrl-\ s until `log info`; the
+//! statistics are tables that fit an 80-column terminal; an unknown VM gets an error naming the
+//! VMs there are; `poweroff` ends the run.
 
 use std::time::Duration;
 
 use integration_tests::{
-    check_answer, check_vm_disk, console_command, hv_text, monitor, raw_stats, ste_lines, Error,
-    Line, Qemu, BOOT_TIMEOUT, STEP_TIMEOUT, VM0,
+    check_answer, console_command, host_disk_md5, hv_text, monitor, raw_stats, repo_root,
+    ste_lines, Error, Line, Qemu, BOOT_TIMEOUT, DISK_BYTES, STEP_TIMEOUT, VM0,
 };
 
 /// Wall-clock limit of the run: four guest boots (two first boots, a start, a reset).
 const RUN_LIMIT: Duration = Duration::from_secs(900);
 
-/// The guest stays at its shell (no `hvtest=`): the VMs run until the monitor ends them.
-const BOOTARGS: &str = "console=ttyAMA0 rdinit=/init";
+/// The domains and the `--pci` disks they own (the config gives domU0 vm0's functions).
+const DOMAINS: [(&str, &str); 2] = [("domU0", "vm0"), ("domU1", "vm1")];
 
-/// What a VM's guest shows of one boot: its boot count, the MD5 of its disk, its vSMMU probe.
+/// What a VM's guest shows of one boot: its boot count, the MD5 of its disk, its vSMMU probe,
+/// its ping of the other domain. Its guest stays at its shell afterwards (no `hvtest=`).
 #[derive(Debug, PartialEq)]
 struct Boot {
     count: String,
     md5: String,
     probe: String,
+    ping: String,
 }
 
 fn wait_boot(q: &mut Qemu, vm: &str) -> Result<Boot, Error> {
     let count = q.wait_vm_fact(vm, "boot-count", BOOT_TIMEOUT)?;
     let probe = q.wait_vm_fact(vm, "smmu-probe", STEP_TIMEOUT)?;
-    let md5 = check_vm_disk(q, vm)?;
+    assert_eq!(
+        q.wait_vm_fact(vm, "disk-bytes", STEP_TIMEOUT)?,
+        DISK_BYTES.to_string(),
+        "{vm}'s /dev/vda size"
+    );
+    let md5 = q.wait_vm_fact(vm, "disk-md5", STEP_TIMEOUT)?;
+    let disk = DOMAINS.iter().find(|d| d.0 == vm).expect("a domain").1;
+    assert_eq!(
+        md5,
+        host_disk_md5(disk),
+        "{vm}'s disk (build/disks/{disk}.img) through its DMA"
+    );
+    let ping = q.wait_vm_fact(vm, "ping", STEP_TIMEOUT)?;
     q.wait_vm_for(vm, "guest: shell", STEP_TIMEOUT)?;
-    Ok(Boot { count, md5, probe })
+    Ok(Boot {
+        count,
+        md5,
+        probe,
+        ping,
+    })
 }
 
 /// Runs `cmd` at the monitor and returns the hypervisor's lines from its echo up to the first
@@ -64,7 +88,7 @@ fn hv_lines(lines: &[Line]) -> Vec<String> {
 
 /// `list`'s row of `vm` (` 0  vm0   running ...`), split into words.
 fn list_row(q: &mut Qemu, vm: &str) -> Result<Vec<String>, Error> {
-    let lines = command(q, "list", |l| l.starts_with(" 1  vm1 "))?;
+    let lines = command(q, "list", |l| l.starts_with(" 1  domU1 "))?;
     let row = lines
         .iter()
         .find(|l| l.split_whitespace().nth(1) == Some(vm))
@@ -74,79 +98,114 @@ fn list_row(q: &mut Qemu, vm: &str) -> Result<Vec<String>, Error> {
 }
 
 #[test]
-fn the_operator_stops_starts_and_resets_vms_from_the_monitor() -> Result<(), Error> {
-    let mut q = Qemu::spawn_two_pci_vms(
-        "the_operator_stops_starts_and_resets_vms_from_the_monitor",
-        None,
-        BOOTARGS,
-        BOOTARGS,
+fn the_operator_runs_xen_dom0less_domains_from_the_monitor() -> Result<(), Error> {
+    let config = repo_root().join("tests/configs/xen-dom0less.dts");
+    let mut q = Qemu::spawn_with_limit(
+        "the_operator_runs_xen_dom0less_domains_from_the_monitor",
+        &["--vm-dts", config.to_str().unwrap(), "--pci"],
         RUN_LIMIT,
     )?;
-    // The banner: the machine, its SMMU, both VMs accepted.
+    // The banner: the machine, its SMMU, both domains accepted on their pools' CPUs, domU1's
+    // RAM at its xen,static-mem.
     q.wait_for("[hv] smmu-hv ", BOOT_TIMEOUT)?;
     q.wait_for(
         "[hv] SMMU /smmuv3@9050000: SMMUv3 at 0x9050000",
         STEP_TIMEOUT,
     )?;
     q.wait_for("[hv] VMs: 2 accepted, 0 refused", STEP_TIMEOUT)?;
-    let first0 = wait_boot(&mut q, "vm0")?;
-    let first1 = wait_boot(&mut q, "vm1")?;
-    assert_eq!(first0.count, "0", "vm0's first boot");
+    q.wait_for(
+        "[hv]  0  domU0  starting       0         -  0:0 1:1",
+        STEP_TIMEOUT,
+    )?;
+    q.wait_for("[hv]     RAM 1 GiB at IPA 0x40000000, PA 0x", STEP_TIMEOUT)?;
+    q.wait_for(
+        "[hv]  1  domU1  starting       0         -  0:2 1:3",
+        STEP_TIMEOUT,
+    )?;
+    q.wait_for(
+        "[hv]     RAM 1 GiB at IPA 0x40000000, PA 0x100000000",
+        STEP_TIMEOUT,
+    )?;
+    let first0 = wait_boot(&mut q, "domU0")?;
+    let first1 = wait_boot(&mut q, "domU1")?;
+    assert_eq!(first0.count, "0", "domU0's first boot");
+    assert_eq!(first0.ping, "ok", "domU0 pinged domU1 over its own NIC");
+    // `loglvl=warning`: no VM's boot line (info) was printed.
+    let boot_lines = |q: &Qemu, vm: &str| {
+        hv_lines(&q.lines())
+            .iter()
+            .filter(|l| l.starts_with(&format!("{vm}: boot ")))
+            .count()
+    };
+    assert_eq!(boot_lines(&q, "domU0"), 0, "info lines at loglvl=warning");
+    command(&mut q, "log info", |l| l == "monitor: log level INFO")?;
 
-    let row = list_row(&mut q, "vm0")?;
-    assert_eq!(row[2], "running", "vm0 in `list`: {row:?}");
-    assert_eq!(row[3], "1", "vm0's boots in `list`: {row:?}");
+    let row = list_row(&mut q, "domU0")?;
+    assert_eq!(row[2], "running", "domU0 in `list`: {row:?}");
+    assert_eq!(row[3], "1", "domU0's boots in `list`: {row:?}");
 
     // An unknown VM: an error naming the VMs there are, and nothing else happens.
     let err = command(&mut q, "stop vm7", |l| l.starts_with("monitor: "))?;
     assert_eq!(
         err.last().map(String::as_str),
-        Some("monitor: no VM `vm7` (the VMs are vm0, vm1)")
+        Some("monitor: no VM `vm7` (the VMs are domU0, domU1)")
     );
 
-    // Stop vm0: stopped, listed so, and vm1 still answers at its shell.
-    command(&mut q, "stop vm0", |l| {
-        l == "vm0: stopped: stopped by the operator"
+    // Stop domU0: stopped, listed so, its streams aborting, and domU1 still answers.
+    command(&mut q, "stop domU0", |l| {
+        l == "domU0: stopped: stopped by the operator"
     })?;
-    let row = list_row(&mut q, "vm0")?;
-    assert_eq!(row[2], "stopped", "vm0 after `stop vm0`: {row:?}");
+    let row = list_row(&mut q, "domU0")?;
+    assert_eq!(row[2], "stopped", "domU0 after `stop domU0`: {row:?}");
     raw_stats(&mut q)?;
     let stes = ste_lines(&mut q, &[VM0.disk.1, VM0.nic.1])?;
     for (sid, l) in &stes {
         assert!(
             l.contains("Abort"),
-            "vm0's StreamID {sid} aborts while it is stopped: {l}"
+            "domU0's StreamID {sid} aborts while it is stopped: {l}"
         );
     }
-    command(&mut q, "focus vm1", |l| l == "console input -> vm1")?;
-    check_answer(&mut q, "vm1")?;
+    command(&mut q, "focus domU1", |l| l == "console input -> domU1")?;
+    check_answer(&mut q, "domU1")?;
 
-    // Start it again: a new boot from the pristine images, the same disk and vSMMU as before.
-    command(&mut q, "start vm0", |l| {
-        l == "monitor: starting vm0 (boot 1)"
+    // Start it again: a new boot from the pristine images, the same disk, vSMMU and NIC.
+    command(&mut q, "start domU0", |l| {
+        l == "monitor: starting domU0 (boot 1)"
     })?;
-    let again0 = wait_boot(&mut q, "vm0")?;
-    assert_eq!(again0.count, "1", "vm0's boot count after `start vm0`");
-    assert_eq!(again0.md5, first0.md5, "vm0's disk through its DMA, again");
-    assert_eq!(again0.probe, first0.probe, "vm0's vSMMU probe, again");
-    let row = list_row(&mut q, "vm0")?;
+    let again0 = wait_boot(&mut q, "domU0")?;
+    assert_eq!(again0.count, "1", "domU0's boot count after `start domU0`");
+    assert_eq!(
+        again0.md5, first0.md5,
+        "domU0's disk through its DMA, again"
+    );
+    assert_eq!(again0.probe, first0.probe, "domU0's vSMMU probe, again");
+    assert_eq!(again0.ping, "ok", "domU0's ping of domU1, again");
+    assert_eq!(
+        boot_lines(&q, "domU0"),
+        1,
+        "its boot line, at log level info"
+    );
+    let row = list_row(&mut q, "domU0")?;
     assert_eq!(
         (row[2].as_str(), row[3].as_str()),
         ("running", "2"),
-        "vm0 after `start vm0`: {row:?}"
+        "domU0 after `start domU0`: {row:?}"
     );
 
-    // Reset vm1 by command: it reboots alone.
-    command(&mut q, "reset vm1", |l| {
-        l == "vm1: resetting: reset by the operator"
+    // Reset domU1 by command: it reboots alone.
+    command(&mut q, "reset domU1", |l| {
+        l == "domU1: resetting: reset by the operator"
     })?;
-    let again1 = wait_boot(&mut q, "vm1")?;
-    assert_eq!(again1.count, "1", "vm1's boot count after `reset vm1`");
-    assert_eq!(again1.md5, first1.md5, "vm1's disk through its DMA, again");
-    assert_eq!(again1.probe, first1.probe, "vm1's vSMMU probe, again");
+    let again1 = wait_boot(&mut q, "domU1")?;
+    assert_eq!(again1.count, "1", "domU1's boot count after `reset domU1`");
+    assert_eq!(
+        again1.md5, first1.md5,
+        "domU1's disk through its DMA, again"
+    );
+    assert_eq!(again1.probe, first1.probe, "domU1's vSMMU probe, again");
 
-    // The log level: at `warn` the STE dump (info lines) of Ctrl-\ s is gone; the counters
-    // (the console's own output) stay. Every line of the tables fits 80 columns.
+    // The log level by command: at `warn` the STE dump (info lines) of Ctrl-\ s is gone; the
+    // counters (the console's own output) stay. Every line of the tables fits 80 columns.
     command(&mut q, "log warn", |l| l == "monitor: log level WARN")?;
     let stats = |q: &mut Qemu| -> Result<Vec<String>, Error> {
         let from = q.lines().len();
@@ -158,8 +217,8 @@ fn the_operator_stops_starts_and_resets_vms_from_the_monitor() -> Result<(), Err
     };
     let quiet = stats(&mut q)?;
     assert!(
-        quiet.iter().any(|l| l == "vsmmu: vm0"),
-        "vm0's vSMMU table: {quiet:#?}"
+        quiet.iter().any(|l| l == "vsmmu: domU0"),
+        "domU0's vSMMU table: {quiet:#?}"
     );
     assert!(
         !quiet.iter().any(|l| l.starts_with("smmu: STE ")),

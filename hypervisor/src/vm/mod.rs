@@ -707,7 +707,7 @@ impl Vm {
             .collect();
             let streams = kinds.join(", ");
             out.push(format!(
-                "vsmmu {:#x}: STEs {streams}; {} traps {} cmds {} errors {} faults",
+                "vsmmu {:#x}: {streams}; {} traps {} cmds {} errors {} faults",
                 s.regs.base,
                 st.traps(),
                 st.commands,
