@@ -28,7 +28,7 @@ export LOOM_MAX_PREEMPTIONS="$BOUND"
 say "model checks with preemption bound $BOUND (limit ${LIMIT} s per test binary), target dir $CARGO_TARGET_DIR"
 for t in loom_cmdq loom_vsmmu; do
     start=$(date +%s)
-    say "cargo test -p smmu --release --test $t"
-    timeout "$LIMIT" cargo test -p smmu --release --test "$t" -- --test-threads=1 --nocapture
+    say "cargo test -p smmu-hv-smmuv3 --release --test $t"
+    timeout "$LIMIT" cargo test -p smmu-hv-smmuv3 --release --test "$t" -- --test-threads=1 --nocapture
     say "$t: $(($(date +%s) - start)) s"
 done

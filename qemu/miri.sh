@@ -55,7 +55,7 @@ run() {
 
 if [ "$FULL" = 1 ]; then
     limit="${MIRI_FULL_TIMEOUT:-2400}"
-    run "$limit" "smmu (all)" cargo +"$NIGHTLY" miri test -p smmu
+    run "$limit" "smmu (all)" cargo +"$NIGHTLY" miri test -p smmu-hv-smmuv3
     run "$limit" "hypervisor (all)" cargo +"$NIGHTLY" miri test -p hypervisor --lib
     say "all passed"
     exit 0
@@ -63,7 +63,7 @@ fi
 
 # smmu: everything (the command queue, its multi-threaded stress test, queue/STE/command
 # encodings, the driver, the vSMMU model and its fuzz harness' tests).
-run 600 "smmu" cargo +"$NIGHTLY" miri test -p smmu
+run 600 "smmu" cargo +"$NIGHTLY" miri test -p smmu-hv-smmuv3
 
 # hypervisor: one invocation (Miri's start-up on this crate is ~50 s), filtered by module path.
 # Left out: the exhaustive/corpus/fuzz-harness loops (hours under Miri), the ITS driver's tests

@@ -36,8 +36,8 @@ cargo clippy --workspace --exclude "$IT_CRATE" --all-targets -- -D warnings
 step "clippy (integration tests): cargo clippy -p $IT_CRATE --all-targets -- -D warnings"
 cargo clippy -p "$IT_CRATE" --all-targets -- -D warnings
 
-step "clippy ($TARGET): cargo clippy -p hypervisor -p boot -p smmu --target $TARGET -- -D warnings"
-cargo clippy -p hypervisor -p boot -p smmu --target "$TARGET" -- -D warnings
+step "clippy ($TARGET): cargo clippy -p hypervisor -p boot -p smmu-hv-smmuv3 --target $TARGET -- -D warnings"
+cargo clippy -p hypervisor -p boot -p smmu-hv-smmuv3 --target "$TARGET" -- -D warnings
 
 step "host unit tests: cargo test --workspace --exclude $IT_CRATE"
 cargo test --workspace --exclude "$IT_CRATE"

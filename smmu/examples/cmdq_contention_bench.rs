@@ -5,7 +5,7 @@
 //! CMD_SYNC, then waits for the sync. A "hardware" thread consumes the queue like an SMMU, with an
 //! optional fixed cost per command.
 //!
-//! Run: `cargo run --release -p smmu --example cmdq_contention_bench [-- COST_NS]`
+//! Run: `cargo run --release -p smmu-hv-smmuv3 --example cmdq_contention_bench [-- COST_NS]`
 //! (COST_NS: the fake SMMU's time per command, default 200)
 //! Figures only; not a pass/fail test, apart from checking every command was consumed. With more
 //! threads than cores (the SMMU thread included) the figures are mostly the host's scheduler.

@@ -41,7 +41,7 @@
 //! all threads are SCHED_OTHER and other load on the host makes the tails). The figures that
 //! matter are the ratios; absolute times are the host's.
 //!
-//! Run: `cargo run --release -p smmu --example shared_smmu_flood_bench -- [--secs S]
+//! Run: `cargo run --release -p smmu-hv-smmuv3 --example shared_smmu_flood_bench -- [--secs S]
 //! [--sync-ns N] [--ste-ns N] [--tlbi-ns N] [--no-budget] [FLOOD...]`
 
 use smmu::cmd::{Command, Sync, SyncCs, TlbiAddr};

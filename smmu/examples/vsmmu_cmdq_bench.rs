@@ -2,7 +2,7 @@
 //! second one trap path consumes (decode, scope to the VM, forward, complete CMD_SYNC by MSI),
 //! with a physical SMMU that accepts everything at once, and whether the steady state allocates.
 //!
-//! Run: `cargo run --release -p smmu --example vsmmu_cmdq_bench`
+//! Run: `cargo run --release -p smmu-hv-smmuv3 --example vsmmu_cmdq_bench`
 //! (figures only; not a pass/fail test).
 
 use smmu::cmd::{Command, Sync, SyncCs, TlbiAddr};

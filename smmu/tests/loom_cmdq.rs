@@ -4,7 +4,7 @@
 //! a completed CMD_SYNC covers all that its producer queued before it, a command error reaches
 //! only the batch that held the failed command, and no poll runs out (nothing waits forever).
 //!
-//! `RUSTFLAGS="--cfg loom" cargo test -p smmu --test loom_cmdq --release` (qemu/loom.sh;
+//! `RUSTFLAGS="--cfg loom" cargo test -p smmu-hv-smmuv3 --test loom_cmdq --release` (qemu/loom.sh;
 //! docs/assurance.md has the full runs and the mutations these tests catch).
 #![cfg(loom)]
 

@@ -6,7 +6,7 @@
 //! guest's CMDQ_CONS never goes back, and neither it nor a CMD_SYNC's MSI shows a guest command
 //! complete before the physical SMMU ran the invalidation it was forwarded as.
 //!
-//! `RUSTFLAGS="--cfg loom" cargo test -p smmu --test loom_vsmmu --release` (qemu/loom.sh).
+//! `RUSTFLAGS="--cfg loom" cargo test -p smmu-hv-smmuv3 --test loom_vsmmu --release` (qemu/loom.sh).
 #![cfg(loom)]
 
 mod loom_support;
