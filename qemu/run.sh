@@ -29,5 +29,5 @@ fi
 if [ "$#" = 0 ]; then
     set -- --pci
 fi
-say "booting on QEMU virt; to quit QEMU press Ctrl-a then x; Ctrl-\\ then 0/1 picks the VM that gets input"
+say "booting on QEMU virt; to quit QEMU press Ctrl-a then x; Ctrl-\\ then 0/1 picks the VM that gets input, Ctrl-\\ : opens the monitor (help lists its commands)"
 exec "$ROOT/qemu/board-virt.sh" "$@"

@@ -53,6 +53,11 @@ qemu/miri.sh
 step "hypervisor image: qemu/build.sh"
 qemu/build.sh
 
+step "cargo run, the default boot's entry point: cargo run -- --pci --show-dts"
+# The DT the default boot would use, without booting it: the path cannot rot unseen.
+vms="$(cargo run -q -- --pci --show-dts | grep -c 'compatible = "smmu-hv,vm"')" || true
+[ "$vms" = 2 ] || { say "cargo run -- --pci --show-dts printed $vms VM nodes, not 2"; exit 1; }
+
 step "modular guest kernel (IOMMU drivers as modules): qemu/kernel.sh"
 say "built from linux-source-6.12 once per content (about 5 min on 2 cores), then cached in ~/.cache/smmu-hv"
 qemu/kernel.sh

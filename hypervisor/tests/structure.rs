@@ -2,7 +2,7 @@
 //!
 //! - `unsafe` appears in code only under `boot/` and `hypervisor/src/arch/` (the compiler
 //!   checks the hypervisor crate's other modules through `#![deny(unsafe_code)]`; this also
-//!   covers the `smmu` crate, the test tooling and `run/`, where only the two host benchmarks
+//!   covers the `smmu` crate, the test tooling and `qemu/runner/`, where only the two host benchmarks
 //!   listed in [`HOST_ONLY_UNSAFE`] may use it);
 //! - no import cycle: between the hypervisor's top-level modules, and between sibling modules
 //!   anywhere below them (a directory module counts with everything under it);
@@ -143,7 +143,7 @@ fn uses_unsafe(code: &str) -> bool {
 fn unsafe_only_in_boot_and_arch() {
     let root = workspace();
     let mut files = Vec::new();
-    for dir in ["boot", "hypervisor", "smmu", "tests", "run"] {
+    for dir in ["boot", "hypervisor", "smmu", "tests", "qemu/runner"] {
         rust_files(&root.join(dir), &mut files);
     }
     assert!(files.len() > 100, "found only {} sources", files.len());

@@ -17,11 +17,12 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-/// The workspace root: this crate's manifest directory's parent.
+/// The workspace root: two levels above this crate's manifest directory (`qemu/runner/`).
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("run/ sits in the workspace root")
+        .ancestors()
+        .nth(2)
+        .expect("qemu/runner/ sits two levels below the workspace root")
         .to_path_buf()
 }
 
