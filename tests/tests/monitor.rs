@@ -9,7 +9,8 @@
 //! `list` shows domU0 stopped and its StreamIDs' physical STEs abort; `start domU0` boots it
 //! again from its pristine images (its boot count goes up; its disk's MD5 through its DMA, its
 //! vSMMU probe and its ping of the other domain are as on its first boot); `reset domU1`
-//! reboots domU1 alone; `log warn` hides the STE dump of Ctrl-\ s until `log info`; the
+//! reboots domU1 alone; domU1's own `poweroff -f` leaves it stopped, and `start domU1` boots it
+//! a third time; `log warn` hides the STE dump of Ctrl-\ s until `log info`; the
 //! statistics are tables that fit an 80-column terminal; an unknown VM gets an error naming the
 //! VMs there are; `poweroff` ends the run.
 
@@ -20,7 +21,7 @@ use integration_tests::{
     ste_lines, Error, Line, Qemu, BOOT_TIMEOUT, DISK_BYTES, STEP_TIMEOUT, VM0,
 };
 
-/// Wall-clock limit of the run: four guest boots (two first boots, a start, a reset).
+/// Wall-clock limit of the run: five guest boots (two first boots, two starts, a reset).
 const RUN_LIMIT: Duration = Duration::from_secs(900);
 
 /// The domains and the `--pci` disks they own (the config gives domU0 vm0's functions).
@@ -91,7 +92,10 @@ fn list_row(q: &mut Qemu, vm: &str) -> Result<Vec<String>, Error> {
     let lines = command(q, "list", |l| l.starts_with(" 1  domU1 "))?;
     let row = lines
         .iter()
-        .find(|l| l.split_whitespace().nth(1) == Some(vm))
+        .find(|l| {
+            let mut w = l.split_whitespace();
+            w.next().is_some_and(|i| i.parse::<usize>().is_ok()) && w.next() == Some(vm)
+        })
         .unwrap_or_else(|| panic!("no row of {vm} in `list`: {lines:#?}"));
     println!("list: {row}");
     Ok(row.split_whitespace().map(str::to_string).collect())
@@ -203,6 +207,22 @@ fn the_operator_runs_xen_dom0less_domains_from_the_monitor() -> Result<(), Error
         "domU1's disk through its DMA, again"
     );
     assert_eq!(again1.probe, first1.probe, "domU1's vSMMU probe, again");
+
+    // A guest that powered itself off is stopped, not gone: `start` brings it back.
+    command(&mut q, "focus domU1", |l| l == "console input -> domU1")?;
+    q.send("poweroff -f\n")?;
+    q.wait_for("[hv] domU1: stopped: PSCI SYSTEM_OFF", STEP_TIMEOUT)?;
+    let row = list_row(&mut q, "domU1")?;
+    assert_eq!(row[2], "stopped", "domU1 after its poweroff: {row:?}");
+    command(&mut q, "start domU1", |l| {
+        l == "monitor: starting domU1 (boot 2)"
+    })?;
+    let third1 = wait_boot(&mut q, "domU1")?;
+    assert_eq!(third1.count, "2", "domU1's boot count after `start domU1`");
+    assert_eq!(
+        third1.md5, first1.md5,
+        "domU1's disk through its DMA, a third time"
+    );
 
     // The log level by command: at `warn` the STE dump (info lines) of Ctrl-\ s is gone; the
     // counters (the console's own output) stay. Every line of the tables fits 80 columns.
