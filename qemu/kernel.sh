@@ -262,7 +262,7 @@ build_guest() {
     say "initramfs extras: /bench.sh, /bin/dma_map_benchmark (static, from $SRC_PKG), /bin/hvattack and /bin/hvviommu (static, tests/guest/attacker.c and viommu_attack.c)"
     mkdir -p "$out.tmp.$$"
     cp "$mods/load-order" "$out.tmp.$$/modules"
-    pack_guest_initramfs "$ir" "$tmp/b/bin/busybox" "$out.tmp.$$/initramfs.cpio.gz"
+    pack_guest_initramfs "$ir" "$(busybox_in "$tmp/b")" "$out.tmp.$$/initramfs.cpio.gz"
     # The Image: a hard link to the kernel cache's (same file system), a copy if that fails.
     ln "$kdir/Image" "$out.tmp.$$/Image" 2>/dev/null || cp "$kdir/Image" "$out.tmp.$$/Image"
     cp "$kdir/kver" "$kdir/config" "$out.tmp.$$/"
@@ -314,7 +314,7 @@ main() {
         cat "$bdeb" "$ROOT/tests/guest/init" "$ROOT/tests/guest/bench.sh" "$ROOT/tests/guest/attacker.c" \
             "$ROOT/tests/guest/viommu_attack.c"
         declare -f pack_guest_initramfs build_guest add_load_order mod_name build_dma_map_benchmark \
-            build_attacker
+            build_attacker busybox_in
     } | sha256sum | cut -c1-16)"
     gdir="$CACHE/guest-modular-$gkey"
     if [ ! -f "$gdir/initramfs.cpio.gz" ] || [ ! -f "$gdir/Image" ] || [ ! -f "$gdir/modules" ]; then

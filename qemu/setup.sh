@@ -260,7 +260,9 @@ add_guest_module() {
 guest_modules() {
     local k="$1" ir="$2" config tree d sym name val
     config="$(ls "$k"/boot/config-* | head -1)"
-    tree="$(ls -d "$k"/lib/modules/*/ | head -1)"
+    # lib/modules on bookworm; usr/lib/modules on trixie (its kernel packages follow merged /usr).
+    tree="$(ls -d "$k"/lib/modules/*/ "$k"/usr/lib/modules/*/ 2>/dev/null | head -1 || true)"
+    [ -n "$tree" ] || die "guest kernel: no lib/modules/KVER or usr/lib/modules/KVER in the package"
     tree="${tree%/}"
     mkdir -p "$ir/lib/modules"
     : >"$ir/lib/modules/load-order"
@@ -275,6 +277,16 @@ guest_modules() {
         esac
     done
     say "guest modules (load order): $(tr '\n' ' ' <"$ir/lib/modules/load-order")"
+}
+
+# The busybox binary of busybox-static's package extracted in $1: bin/busybox on bookworm,
+# usr/bin/busybox on trixie (merged /usr).
+busybox_in() {
+    local f
+    for f in "$1/bin/busybox" "$1/usr/bin/busybox"; do
+        [ -f "$f" ] && { echo "$f"; return 0; }
+    done
+    die "no bin/busybox or usr/bin/busybox in busybox-static's package"
 }
 
 # The guest initramfs $3 (gzipped cpio, written whole, then renamed) from the directory $1, which
@@ -357,7 +369,7 @@ ensure_guest_images() {
         guest_modules "$tmp/k" "$ir"
         # The modules the guest loads, in order, for the tests to compare with (`guest: modules=`).
         cp "$ir/lib/modules/load-order" "$out/modules"
-        pack_guest_initramfs "$ir" "$tmp/b/bin/busybox" "$out/initramfs.cpio.gz"
+        pack_guest_initramfs "$ir" "$(busybox_in "$tmp/b")" "$out/initramfs.cpio.gz"
         rm -rf "$tmp"
     fi
     ln -sfn "$out" "$gdir/stock"
