@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Idempotent build of the modular guest: a Linux kernel with its IOMMU drivers as modules
 # (arm_smmu_v3, virtio_iommu), from Debian's linux-source-6.12 with gcc-aarch64-linux-gnu (an
-# amd64 host's cross compiler; an arm64 host's own gcc) and the config fragment qemu/guest-kernel.config, and its initramfs (busybox and tests/guest/init, as the
-# stock guest's, loading arm_smmu_v3 first), which also carries the benchmark's guest script
-# (tests/guest/bench.sh as /bench.sh), the kernel's dma_map_benchmark user tool (from the same
+# amd64 host's cross compiler; an arm64 host's own gcc) and the config fragment
+# qemu/guest-kernel.config, and its initramfs (busybox and tests/guest/init, as the stock guest's,
+# loading arm_smmu_v3 first), which also carries the benchmark's guest script (tests/guest/bench.sh
+# as /bench.sh), the kernel's dma_map_benchmark user tool (from the same
 # source, built statically: /bin/dma_map_benchmark), the noisy-neighbour test's attacker
 # (tests/guest/attacker.c, built statically: /bin/hvattack) and the hostile virtio-iommu guest
 # (tests/guest/viommu_attack.c: /bin/hvviommu). Publishes build/guest/modular (Image,
@@ -63,8 +64,6 @@ ensure_build_packages() {
     for c in "${!need[@]}"; do
         command -v "$c" >/dev/null || missing+=("${need[$c]}")
     done
-    # gcc twice on an arm64 host: once is enough.
-    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
     [ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
     # The static C library of the guest's static programs (dma_map_benchmark, hvattack, hvviommu).
     [ -e "$LIBC_A" ] || missing+=("$LIBC_A_PKG")
@@ -79,6 +78,8 @@ ensure_build_packages() {
         die "no $SRC_PKG in apt (bookworm: it is in bookworm-security; trixie: in trixie itself; is that suite in the apt sources?)"
     # The newest in the archive (bookworm-security or trixie), as the stock guest's kernel image.
     [ "$have" = "$want" ] || missing+=("$SRC_PKG")
+    # Each package once (an arm64 host's compiler is gcc, its static C library libc6-dev).
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
     if [ "${#missing[@]}" -gt 0 ]; then
         apt_update
         say "installing ${missing[*]}"
