@@ -394,30 +394,30 @@ plan() {
     if [ "${#pkgs[@]}" -gt 0 ]; then
         lines+=("apt packages:     ${pkgs[*]} (and what apt pulls in)")
         update=1
-        secs=$((secs + 20 + 10 * ${#pkgs[@]}))
-        qemu_ok || secs=$((secs + 90))
+        secs=$((secs + 15 + 5 * ${#pkgs[@]}))
+        qemu_ok || secs=$((secs + 45))
     fi
     missing_rust
     if [ "$RUST_NEED_TOOLCHAIN" = 1 ]; then
         lines+=("rustup toolchain: $RUST_CHANNEL, profile minimal, components ${RUST_COMPONENTS[*]}, targets ${RUST_TARGETS[*]} (about 700 MB in ~/.rustup)")
-        secs=$((secs + 120))
+        secs=$((secs + 75))
     else
         [ "${#RUST_NEED_COMPONENTS[@]}" = 0 ] ||
             lines+=("rustup component: ${RUST_NEED_COMPONENTS[*]} for $RUST_CHANNEL")
         [ "${#RUST_NEED_TARGETS[@]}" = 0 ] ||
             lines+=("rustup target:    ${RUST_NEED_TARGETS[*]} for $RUST_CHANNEL")
-        secs=$((secs + 30 * (${#RUST_NEED_COMPONENTS[@]} + ${#RUST_NEED_TARGETS[@]})))
+        secs=$((secs + 20 * (${#RUST_NEED_COMPONENTS[@]} + ${#RUST_NEED_TARGETS[@]})))
     fi
     if ! guest="$(cached_guest)"; then
         lines+=("guest images:     the newest ${KVER_GLOB} and busybox-static (arm64 .debs, about 95 MB, kept in $CACHE/debs), unpacked into $CACHE/guest-KEY (about 45 MB); build/guest/stock links there")
-        secs=$((secs + 60))
+        secs=$((secs + 40))
     fi
     [ "${#lines[@]}" -gt 0 ] || return 1
-    [ "$update" = 1 ] && secs=$((secs + 30)) && lines=("apt-get update" "${lines[@]}")
+    [ "$update" = 1 ] && secs=$((secs + 20)) && lines=("apt-get update" "${lines[@]}")
     {
         printf '[setup] Debian %s %s host: will add\n' "$HOST_SUITE" "$HOST_ARCH"
         printf '[setup]   %s\n' "${lines[@]}"
-        printf '[setup] about %s min (mostly downloads); then nothing more to do on a re-run\n' \
+        printf '[setup] roughly %s min on a fast mirror (mostly downloads; an emulated or slow host takes longer); a re-run then finds nothing to do\n' \
             "$(((secs + 59) / 60))"
     } >&2
 }
