@@ -399,7 +399,7 @@ plan() {
     fi
     missing_rust
     if [ "$RUST_NEED_TOOLCHAIN" = 1 ]; then
-        lines+=("rustup toolchain: $RUST_CHANNEL, profile minimal, components ${RUST_COMPONENTS[*]}, targets ${RUST_TARGETS[*]} (about 700 MB in ~/.rustup)")
+        lines+=("rustup toolchain: $RUST_CHANNEL, profile minimal, components ${RUST_COMPONENTS[*]}, targets ${RUST_TARGETS[*]} (about 800 MB in ~/.rustup)")
         secs=$((secs + 75))
     else
         [ "${#RUST_NEED_COMPONENTS[@]}" = 0 ] ||
