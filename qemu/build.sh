@@ -3,7 +3,9 @@
 # bootable arm64 `Image` (the ELF starts with the 64-byte Linux Image header):
 #   build/hypervisor.elf   the ELF, with symbols, for gdb and addr2line
 #   build/hypervisor.bin   the raw image QEMU boots with -kernel
-# Installs binutils-aarch64-linux-gnu (for objcopy) if it is missing.
+# objcopy is LLVM's, from rustup's llvm-tools component (rust-toolchain.toml): the same on every
+# host (amd64 or arm64), pinned with the compiler, no apt package. cargo-binutils' `rust-objcopy`
+# runs this same binary; it is called directly here rather than installing that crate for a name.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,32 +15,18 @@ BUILD="$ROOT/build"
 say() { printf '[build] %s\n' "$*" >&2; }
 die() { printf '[build] error: %s\n' "$*" >&2; exit 1; }
 
-# The objcopy that understands aarch64 ELF: the cross binutils on other hosts, the native one on arm64.
-find_objcopy() {
-    if command -v aarch64-linux-gnu-objcopy >/dev/null; then
-        echo aarch64-linux-gnu-objcopy
-    elif [ "$(uname -m)" = aarch64 ] && command -v objcopy >/dev/null; then
-        echo objcopy
-    fi
-}
-
+# llvm-objcopy of the pinned toolchain (run from $ROOT, so that rust-toolchain.toml picks it):
+# $(rustc --print sysroot)/lib/rustlib/HOST/bin/llvm-objcopy. Adds the llvm-tools component if
+# the toolchain lacks it (a toolchain installed before rust-toolchain.toml listed it).
 ensure_objcopy() {
-    OBJCOPY="$(find_objcopy)"
-    [ -n "$OBJCOPY" ] && return 0
-    local sudo=""
-    if [ "$(id -u)" != 0 ]; then
-        command -v sudo >/dev/null || die "aarch64-linux-gnu-objcopy missing, not root and no sudo: install binutils-aarch64-linux-gnu"
-        sudo="sudo"
-    fi
-    command -v apt-get >/dev/null || die "aarch64-linux-gnu-objcopy missing and no apt-get: install binutils-aarch64-linux-gnu"
-    say "installing binutils-aarch64-linux-gnu (for aarch64-linux-gnu-objcopy)"
-    if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binutils-aarch64-linux-gnu >/dev/null; then
-        say "apt-get install failed; retrying after apt-get update"
-        $sudo apt-get update -qq
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binutils-aarch64-linux-gnu >/dev/null
-    fi
-    OBJCOPY="$(find_objcopy)"
-    [ -n "$OBJCOPY" ] || die "aarch64-linux-gnu-objcopy still missing after installing binutils-aarch64-linux-gnu"
+    local sysroot host
+    sysroot="$(cd "$ROOT" && rustc --print sysroot)" || die "rustc failed: run qemu/setup.sh"
+    host="$(cd "$ROOT" && rustc -vV | sed -n 's/^host: //p')"
+    OBJCOPY="$sysroot/lib/rustlib/$host/bin/llvm-objcopy"
+    [ -x "$OBJCOPY" ] && return 0
+    say "rustup component add llvm-tools (for llvm-objcopy)"
+    (cd "$ROOT" && rustup component add llvm-tools) || die "rustup component add llvm-tools failed"
+    [ -x "$OBJCOPY" ] || die "no $OBJCOPY after adding llvm-tools"
 }
 
 main() {
@@ -59,7 +47,7 @@ main() {
 
     if [ ! -f "$BUILD/hypervisor.bin" ] || [ "$elf" -nt "$BUILD/hypervisor.bin" ] ||
         ! cmp -s "$elf" "$BUILD/hypervisor.elf"; then
-        say "$OBJCOPY -O binary -> build/hypervisor.bin"
+        say "llvm-objcopy -O binary -> build/hypervisor.bin"
         cp "$elf" "$BUILD/hypervisor.elf.tmp"
         "$OBJCOPY" -O binary "$BUILD/hypervisor.elf.tmp" "$BUILD/hypervisor.bin.tmp" ||
             die "objcopy failed on $elf"

@@ -1,33 +1,38 @@
 #!/usr/bin/env bash
 # Idempotent build of the modular guest: a Linux kernel with its IOMMU drivers as modules
-# (arm_smmu_v3, virtio_iommu), from Debian's linux-source-6.12 with gcc-aarch64-linux-gnu and the
-# config fragment qemu/guest-kernel.config, and its initramfs (busybox and tests/guest/init, as the
-# stock guest's, loading arm_smmu_v3 first), which also carries the benchmark's guest script
-# (tests/guest/bench.sh as /bench.sh), the kernel's dma_map_benchmark user tool (from the same
+# (arm_smmu_v3, virtio_iommu), from Debian's linux-source-6.12 with gcc-aarch64-linux-gnu (an
+# amd64 host's cross compiler; an arm64 host's own gcc) and the config fragment
+# qemu/guest-kernel.config, and its initramfs (busybox and tests/guest/init, as the stock guest's,
+# loading arm_smmu_v3 first), which also carries the benchmark's guest script (tests/guest/bench.sh
+# as /bench.sh), the kernel's dma_map_benchmark user tool (from the same
 # source, built statically: /bin/dma_map_benchmark), the noisy-neighbour test's attacker
 # (tests/guest/attacker.c, built statically: /bin/hvattack) and the hostile virtio-iommu guest
 # (tests/guest/viommu_attack.c: /bin/hvviommu). Publishes build/guest/modular (Image,
 # initramfs.cpio.gz, kver, modules, config), a link into the cache, like build/guest/stock.
 #
-#   qemu/kernel.sh            build what is missing (the kernel: 5 to 8 minutes on 2 cores), then link
+#   qemu/kernel.sh                  build what is missing (the kernel: 5 to 8 minutes on 2 cores), then link
+#   qemu/kernel.sh --packages-only  install the host packages the build needs, then stop (a new
+#                                   host's or CI image's check that the build has what it needs)
 #
 # Cached by content outside the git tree (~/.cache/smmu-hv or $HV_CACHE), in two levels:
 #   kernel-KEY/          Image, kver, config, lib/modules/KVER/ (modules_install + depmod),
 #                        build.log; KEY hashes linux-source-6.12's version, the config fragment,
-#                        this script's functions that build and check the kernel and the cross
-#                        compiler's and binutils' versions
+#                        this script's functions that build and check the kernel and the
+#                        (cross or native) compiler's and binutils' versions
 #   guest-modular-GKEY/  what build/guest/modular links to; GKEY hashes KEY, busybox's .deb,
 #                        tests/guest/init, tests/guest/bench.sh, the guest programs
 #                        (tests/guest/*.c) and the initramfs packing code
 #                        (so a changed init repacks the initramfs in seconds, without rebuilding
 #                        the kernel)
 # The kernel is built in a scratch directory under the cache, removed afterwards.
-# Installs what it needs with apt when missing. Debian bookworm (amd64 or arm64) only.
+# Installs what it needs with apt when missing. Debian 12 (bookworm) or 13 (trixie), amd64 or arm64
+# (qemu/setup.sh's check_host refuses other hosts).
 set -euo pipefail
 
 KROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# The helpers of qemu/setup.sh: SUDO, apt_update, check_host, ensure_arm64_arch, fetch_deb,
-# pack_guest_initramfs, CACHE, BUILD. Sourced, it runs nothing.
+# The helpers of qemu/setup.sh: SUDO, apt_update, check_host (which sets HOST_SUITE and the tool
+# chain: CROSS, CC_PKG, LIBC_A, LIBC_A_PKG), ensure_arm64_arch, fetch_deb, pack_guest_initramfs,
+# CACHE, BUILD. Sourced, it runs nothing.
 # shellcheck source=qemu/setup.sh
 . "$KROOT/qemu/setup.sh"
 
@@ -37,7 +42,6 @@ die() { printf '[kernel] error: %s\n' "$*" >&2; exit 1; }
 SRC_PKG=linux-source-6.12
 SRC_TARBALL=/usr/src/linux-source-6.12.tar.xz
 FRAGMENT="$ROOT/qemu/guest-kernel.config"
-CROSS=aarch64-linux-gnu-
 # The modules the initramfs's init loads, in this order (each after the modules it depends on):
 # the SMMU driver first, as early as possible, because endpoints wait for their IOMMU driver only
 # 10 s after boot (then bind without one). Every other module is shipped, not loaded.
@@ -47,8 +51,8 @@ LOAD_MODULES=(arm_smmu_v3)
 ensure_build_packages() {
     local missing=() c
     local -A need=(
-        [aarch64-linux-gnu-gcc]=gcc-aarch64-linux-gnu # the cross compiler and binutils
-        [gcc]=gcc                                     # host programs (kconfig, fixdep, ...)
+        ["${CROSS}gcc"]="$CC_PKG" # the aarch64 compiler and binutils (cross on amd64, native on arm64)
+        [gcc]=gcc                 # host programs (kconfig, fixdep, ...)
         [make]=make
         [bc]=bc
         [bison]=bison
@@ -61,8 +65,8 @@ ensure_build_packages() {
         command -v "$c" >/dev/null || missing+=("${need[$c]}")
     done
     [ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
-    # The static C library of the guest's user tool (dma_map_benchmark).
-    [ -e /usr/aarch64-linux-gnu/lib/libc.a ] || missing+=(libc6-dev-arm64-cross)
+    # The static C library of the guest's static programs (dma_map_benchmark, hvattack, hvviommu).
+    [ -e "$LIBC_A" ] || missing+=("$LIBC_A_PKG")
     local have want
     have="$(dpkg-query -W -f='${Version}' "$SRC_PKG" 2>/dev/null || true)"
     want="$(apt-cache policy "$SRC_PKG" | sed -n 's/ *Candidate: //p')"
@@ -71,9 +75,11 @@ ensure_build_packages() {
         want="$(apt-cache policy "$SRC_PKG" | sed -n 's/ *Candidate: //p')"
     fi
     [ -n "$want" ] && [ "$want" != "(none)" ] ||
-        die "no $SRC_PKG in apt (it is in bookworm-security: is that suite in the apt sources?)"
-    # The newest in the archive (bookworm-security), as the stock guest's kernel image.
+        die "no $SRC_PKG in apt (bookworm: it is in bookworm-security; trixie: in trixie itself; is that suite in the apt sources?)"
+    # The newest in the archive (bookworm-security or trixie), as the stock guest's kernel image.
     [ "$have" = "$want" ] || missing+=("$SRC_PKG")
+    # Each package once (an arm64 host's compiler is gcc, its static C library libc6-dev).
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
     if [ "${#missing[@]}" -gt 0 ]; then
         apt_update
         say "installing ${missing[*]}"
@@ -257,7 +263,7 @@ build_guest() {
     say "initramfs extras: /bench.sh, /bin/dma_map_benchmark (static, from $SRC_PKG), /bin/hvattack and /bin/hvviommu (static, tests/guest/attacker.c and viommu_attack.c)"
     mkdir -p "$out.tmp.$$"
     cp "$mods/load-order" "$out.tmp.$$/modules"
-    pack_guest_initramfs "$ir" "$tmp/b/bin/busybox" "$out.tmp.$$/initramfs.cpio.gz"
+    pack_guest_initramfs "$ir" "$(busybox_in "$tmp/b")" "$out.tmp.$$/initramfs.cpio.gz"
     # The Image: a hard link to the kernel cache's (same file system), a copy if that fails.
     ln "$kdir/Image" "$out.tmp.$$/Image" 2>/dev/null || cp "$kdir/Image" "$out.tmp.$$/Image"
     cp "$kdir/kver" "$kdir/config" "$out.tmp.$$/"
@@ -268,12 +274,21 @@ build_guest() {
 }
 
 main() {
-    local t_start
+    local t_start packages_only=0
+    case "${1:-}" in
+        "") ;;
+        --packages-only) packages_only=1 ;;
+        *) die "usage: qemu/kernel.sh [--packages-only]" ;;
+    esac
     t_start="$(date +%s)"
     check_host
     ensure_arm64_arch
     [ "$APT_UPDATED" = 0 ] && [ "$NEED_UPDATE" = 1 ] && apt_update
     ensure_build_packages
+    if [ "$packages_only" = 1 ]; then
+        say "build packages present (Debian $HOST_SUITE $HOST_ARCH; compiler ${CROSS}gcc: $("${CROSS}gcc" --version | head -1); $SRC_PKG $(dpkg-query -W -f='${Version}' "$SRC_PKG")); --packages-only: not building"
+        return 0
+    fi
     mkdir -p "$CACHE" "$BUILD/guest"
 
     # One build at a time per cache (two checkouts would otherwise build the same kernel twice).
@@ -300,7 +315,7 @@ main() {
         cat "$bdeb" "$ROOT/tests/guest/init" "$ROOT/tests/guest/bench.sh" "$ROOT/tests/guest/attacker.c" \
             "$ROOT/tests/guest/viommu_attack.c"
         declare -f pack_guest_initramfs build_guest add_load_order mod_name build_dma_map_benchmark \
-            build_attacker
+            build_attacker busybox_in
     } | sha256sum | cut -c1-16)"
     gdir="$CACHE/guest-modular-$gkey"
     if [ ! -f "$gdir/initramfs.cpio.gz" ] || [ ! -f "$gdir/Image" ] || [ ! -f "$gdir/modules" ]; then
