@@ -254,7 +254,8 @@ pub enum VmState {
 }
 
 impl VmState {
-    fn name(&self) -> &'static str {
+    /// How `list` and the monitor's messages spell it.
+    pub fn name(&self) -> &'static str {
         match self {
             VmState::Starting => "starting",
             VmState::Running => "running",

@@ -90,11 +90,19 @@ fn execute(c: Command) {
     }
 }
 
+/// The monitor's name of a lifecycle state: one spelling for `list` and the messages.
 fn state_name(s: Life) -> &'static str {
+    state_of(s, 1).name()
+}
+
+/// The monitor's view of a lifecycle state; a running VM whose first boot is not loaded yet
+/// (`boots` 0) is starting.
+fn state_of(s: Life, boots: u32) -> VmState {
     match s {
-        Life::Running => "running",
-        Life::Resetting => "resetting",
-        Life::Stopped => "stopped",
+        Life::Running if boots == 0 => VmState::Starting,
+        Life::Running => VmState::Running,
+        Life::Resetting => VmState::Resetting,
+        Life::Stopped => VmState::Stopped,
     }
 }
 
@@ -132,12 +140,7 @@ fn start(vm: &Vm) {
 /// What `list` and the boot banner show of `vm`.
 pub fn row(vm: &Vm) -> VmRow {
     let boots = vm.boots.load(Ordering::Acquire);
-    let state = match vm.life.state() {
-        Life::Running if boots == 0 => VmState::Starting,
-        Life::Running => VmState::Running,
-        Life::Resetting => VmState::Resetting,
-        Life::Stopped => VmState::Stopped,
-    };
+    let state = state_of(vm.life.state(), boots);
     let d = &vm.config.devices;
     let functions: Vec<String> = d
         .segments
