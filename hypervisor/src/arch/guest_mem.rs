@@ -2,7 +2,8 @@
 //! reads or writes. Every access is bounds-checked against a range the hypervisor owns.
 
 use super::sysreg;
-use crate::hw::{GuestRam, Ipa, OutOfRam, PhysAddr};
+use crate::hw::{GuestRam, Ipa, OutOfRam, PhysAddr, ZeroTime};
+use aarch64_cpu::registers::{Readable, CNTPCT_EL0};
 use crate::platform::MemRange;
 
 /// A VM's RAM: IPA `ipa.base..` backed by PA `pa..`.
@@ -64,9 +65,19 @@ impl GuestRam for PhysRam {
     }
 
     /// Zeroes the whole of guest RAM (a fresh VM must not see a previous VM's data).
-    fn zero_all(&self) {
+    fn zero_all(&self) -> ZeroTime {
+        let (start, len) = (self.pa.get() as usize, self.ipa.size as usize);
+        let t0 = CNTPCT_EL0.get();
         // SAFETY: the whole range is this VM's RAM (see `new`), mapped as normal memory.
-        unsafe { sysreg::zero_and_clean(self.pa.get() as usize, self.ipa.size as usize) };
+        unsafe { sysreg::zero_range(start, len) };
+        let t1 = CNTPCT_EL0.get();
+        sysreg::clean_dcache_range(start, len);
+        let t2 = CNTPCT_EL0.get();
+        ZeroTime {
+            zero: t1 - t0,
+            clean: t2 - t1,
+            zva_block: sysreg::zva_block(),
+        }
     }
 }
 

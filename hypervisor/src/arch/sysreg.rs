@@ -250,32 +250,37 @@ pub fn clean_dcache_range(start: usize, len: usize) {
     dsb_sy();
 }
 
-/// Zeroes `[start, start + len)` and cleans it to the point of coherency, with DC ZVA where the
-/// CPU allows it (one instruction per block instead of a store loop: it matters for a whole
-/// guest's RAM, above all under emulation).
+/// DC ZVA's block size in bytes (DCZID_EL0.BS: log2 of 4-byte words), or `None` where
+/// DCZID_EL0.DZP prohibits the instruction.
+pub fn zva_block() -> Option<usize> {
+    let dczid: u64;
+    // SAFETY: reading DCZID_EL0 has no side effect.
+    unsafe { asm!("mrs {}, dczid_el0", out(reg) dczid, options(nomem, nostack)) };
+    (dczid & (1 << 4) == 0).then_some(4usize << (dczid & 0xf))
+}
+
+/// Zeroes `[start, start + len)` with DC ZVA where the CPU allows it (one instruction per
+/// block instead of a store loop: it matters for a whole guest's RAM, above all under
+/// emulation), with plain stores otherwise. It is not cleaned: [`clean_dcache_range`] is the
+/// caller's, for agents that read it with caches off.
 ///
 /// # Safety
 ///
 /// The caller must own the range (nothing else reads or writes it meanwhile, no Rust
 /// reference points into it) and it must be mapped as normal memory.
-pub unsafe fn zero_and_clean(start: usize, len: usize) {
-    let dczid: u64;
-    // SAFETY: reading DCZID_EL0 has no side effect.
-    unsafe { asm!("mrs {}, dczid_el0", out(reg) dczid, options(nomem, nostack)) };
-    let prohibited = dczid & (1 << 4) != 0;
-    let block = 4usize << (dczid & 0xf);
-    if prohibited || !start.is_multiple_of(block) || !len.is_multiple_of(block) {
-        // SAFETY: the caller owns the range.
-        unsafe { core::ptr::write_bytes(start as *mut u8, 0, len) };
-    } else {
-        let mut p = start;
-        while p < start + len {
-            // SAFETY: DC ZVA zeroes one aligned block inside the caller's range.
-            unsafe { asm!("dc zva, {}", in(reg) p, options(nostack)) };
-            p += block;
+pub unsafe fn zero_range(start: usize, len: usize) {
+    match zva_block() {
+        Some(block) if start.is_multiple_of(block) && len.is_multiple_of(block) => {
+            let mut p = start;
+            while p < start + len {
+                // SAFETY: DC ZVA zeroes one aligned block inside the caller's range.
+                unsafe { asm!("dc zva, {}", in(reg) p, options(nostack)) };
+                p += block;
+            }
         }
+        // SAFETY: the caller owns the range.
+        _ => unsafe { core::ptr::write_bytes(start as *mut u8, 0, len) },
     }
-    clean_dcache_range(start, len);
 }
 
 /// Invalidates `[start, start + len)` to the point of coherency, discarding lines that may have

@@ -226,7 +226,8 @@ impl super::GuestRam for FakeRam {
         self.bytes.lock()[r].copy_from_slice(data);
         Ok(())
     }
-    fn zero_all(&self) {
+    fn zero_all(&self) -> super::ZeroTime {
         self.bytes.lock().fill(0);
+        super::ZeroTime::default()
     }
 }

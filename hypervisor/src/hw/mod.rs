@@ -96,8 +96,19 @@ pub trait GuestRam: Send + Sync + core::fmt::Debug {
     /// Copies `data` to guest memory at `ipa`, visible to a guest running with its MMU and
     /// caches off.
     fn write(&self, ipa: Ipa, data: &[u8]) -> Result<(), OutOfRam>;
-    /// Zeroes all of it.
-    fn zero_all(&self);
+    /// Zeroes all of it, cleaned to the point of coherency; says how long each half took.
+    fn zero_all(&self) -> ZeroTime;
+}
+
+/// What zeroing guest RAM cost, in system-counter ticks (CNTPCT_EL0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroTime {
+    /// Writing the zeroes (DC ZVA, or stores).
+    pub zero: u64,
+    /// Cleaning them to the point of coherency (DC CVAC).
+    pub clean: u64,
+    /// DC ZVA's block size in bytes; `None`: prohibited, plain stores were used.
+    pub zva_block: Option<usize>,
 }
 
 /// The emulated SMMU's model reads the guest's tables and queues straight through the VM's RAM

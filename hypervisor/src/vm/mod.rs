@@ -536,7 +536,20 @@ impl Vm {
             // from zeroes. On a reboot the RAM only ever held this VM's own data, and the
             // kernel, initramfs and DT are rewritten from pristine copies anyway. (Under
             // emulation this first pass costs seconds: it makes the host allocate all of it.)
-            self.ram.zero_all();
+            let t = self.ram.zero_all();
+            let ms = |ticks: u64| ticks * 1000 / hw.counter_freq().max(1);
+            log::info!(
+                "{}: RAM zeroed: {} MiB in {} ms ({} ms {}, {} ms cleaning to PoC)",
+                self.config.name,
+                self.ram_ipa.size >> 20,
+                ms(t.zero + t.clean),
+                ms(t.zero),
+                match t.zva_block {
+                    Some(b) => format!("DC ZVA of {b}-byte blocks"),
+                    None => String::from("stores (DC ZVA prohibited)"),
+                },
+                ms(t.clean)
+            );
         }
         self.ram.write(place.entry, kernel.bytes)?;
         if let (Some(m), Some(r)) = (self.config.initrd, place.initrd) {
