@@ -128,6 +128,12 @@ pub const fn is_stage2_fault_code(fsc: u8) -> bool {
     matches!(fsc, 0x04..=0x0f | 0x2b)
 }
 
+/// Whether a DFSC/IFSC is a translation fault, at any level (0b0001LL, and level -1 with
+/// FEAT_LPA2: 0b101011): what an access to a RAM block not mapped yet in stage 2 raises.
+pub const fn is_translation_fault_code(fsc: u8) -> bool {
+    matches!(fsc, 0x04..=0x07 | 0x2b)
+}
+
 /// A trapped MSR/MRS (Arm ARM D24.2.40.8, "ISS encoding for an exception from MSR, MRS, or
 /// System instruction execution in AArch64 state").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

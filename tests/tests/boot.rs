@@ -14,16 +14,20 @@ const BOOTS: u32 = 3;
 /// A guest IPA where vm0 has nothing (its DT puts RAM at 0x4000_0000 and only the emulated GIC
 /// and UART below): a load from it must reach the guest as an abort, i.e. SIGBUS for devmem.
 const UNMAPPED_IPA: &str = "0x0a000000";
+/// A word of vm0's RAM (1 GiB at 0x4000_0000) above what its kernel uses (`mem=768M`): each
+/// boot reads it through /dev/mem, then leaves a marker there for the next boot not to find.
+const RAM_PROBE: &str = "0x7f000000";
 
 /// One QEMU run (TCG is slow) shared by the checks of a guest that reboots itself twice through
 /// PSCI SYSTEM_RESET and then powers off: every boot must come up whole from pristine images
-/// (same kernel, 2 CPUs, working timer, the checksum), see its boot count grow, and get an
-/// abort for a load from an unmapped IPA; the hypervisor must report each reset and the final
+/// (same kernel, 2 CPUs, working timer, the checksum), see its boot count grow, get an
+/// abort for a load from an unmapped IPA, and find zeroes in RAM where the boot before left a
+/// marker; the hypervisor must report each reset and the final
 /// SYSTEM_OFF, then power the machine off.
 #[test]
 fn guest_facts_reboots_and_system_off() -> Result<(), integration_tests::Error> {
     let bootargs = format!(
-        "console=ttyAMA0 rdinit=/init hvtest=reboot{} hvprobe={UNMAPPED_IPA}",
+        "console=ttyAMA0 rdinit=/init hvtest=reboot{} hvprobe={UNMAPPED_IPA} mem=768M hvramprobe={RAM_PROBE}",
         BOOTS - 1
     );
     // A PCI function assigned to no VM: the hypervisor must own it (SMMU enabled with global
@@ -75,6 +79,19 @@ fn guest_facts_reboots_and_system_off() -> Result<(), integration_tests::Error> 
             q.wait_fact("unmapped-read-status", STEP_TIMEOUT)?,
             "135",
             "devmem of an unmapped IPA must die of SIGBUS (128 + 7)"
+        );
+        // RAM no boot's kernel uses, which the boot before marked: zeroed before this boot's
+        // first read of it (a reset re-zeroes the VM's RAM; the first boot's was stale).
+        let hex = |v: String| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok();
+        assert_eq!(
+            hex(q.wait_fact("ram-probe", STEP_TIMEOUT)?),
+            Some(0),
+            "boot {boot}: RAM at {RAM_PROBE} before this boot wrote it"
+        );
+        assert_eq!(
+            hex(q.wait_fact("ram-probe-marked", STEP_TIMEOUT)?),
+            Some(0x5a5a_0000 + u64::from(boot)),
+            "boot {boot}: the marker it left at {RAM_PROBE}"
         );
         if boot + 1 < BOOTS {
             q.wait_for("guest: rebooting", STEP_TIMEOUT)?;

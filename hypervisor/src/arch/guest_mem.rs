@@ -2,24 +2,31 @@
 //! reads or writes. Every access is bounds-checked against a range the hypervisor owns.
 
 use super::sysreg;
+use crate::hw::scrub::{By, Scrub};
 use crate::hw::{GuestRam, Ipa, OutOfRam, PhysAddr, ZeroTime};
-use aarch64_cpu::registers::{Readable, CNTPCT_EL0};
 use crate::platform::MemRange;
+use aarch64_cpu::registers::{Readable, CNTPCT_EL0};
 
-/// A VM's RAM: IPA `ipa.base..` backed by PA `pa..`.
-#[derive(Clone, Copy, Debug)]
+/// A VM's RAM: IPA `ipa.base..` backed by PA `pa..`, with the zeroing state of its blocks.
+#[derive(Debug)]
 pub struct PhysRam {
     ipa: MemRange,
     pa: PhysAddr,
+    scrub: Scrub,
 }
 
 impl PhysRam {
     /// # Safety
     ///
     /// `[pa, pa + ipa.size)` must be RAM owned by this VM alone (not the hypervisor's image, heap
-    /// or another VM's RAM), identity-mapped at EL2.
+    /// or another VM's RAM), identity-mapped at EL2. It starts stale: whatever firmware or an
+    /// earlier boot left there is never read before its block is zeroed.
     pub unsafe fn new(ipa: MemRange, pa: PhysAddr) -> Self {
-        Self { ipa, pa }
+        Self {
+            ipa,
+            pa,
+            scrub: Scrub::new(ipa, false),
+        }
     }
 
     /// The PA of `[ipa, ipa + len)`, which must lie in this VM's RAM.
@@ -43,6 +50,8 @@ impl GuestRam for PhysRam {
     /// read it with its MMU and caches off).
     fn write(&self, ipa: Ipa, data: &[u8]) -> Result<(), OutOfRam> {
         let pa = self.pa_of(ipa, data.len() as u64)?;
+        // Never written into a stale block: zeroing it later would wipe what was written.
+        self.ensure_zeroed(ipa, data.len() as u64, By::Access)?;
         // SAFETY: `pa_of` checked the range lies in this VM's RAM, which `new`'s caller
         // guaranteed is identity-mapped and aliased by no Rust reference.
         unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pa as *mut u8, data.len()) };
@@ -54,6 +63,8 @@ impl GuestRam for PhysRam {
     /// both the guest's and the hypervisor's mappings, so no cache maintenance is needed.
     fn read(&self, ipa: Ipa, buf: &mut [u8]) -> Result<(), OutOfRam> {
         let pa = self.pa_of(ipa, buf.len() as u64)?;
+        // Nothing is read that this boot did not write or zero.
+        self.ensure_zeroed(ipa, buf.len() as u64, By::Access)?;
         // The guest may write this memory concurrently: volatile byte reads make that a stale
         // value at worst, never an invalid one.
         for (i, b) in buf.iter_mut().enumerate() {
@@ -64,20 +75,26 @@ impl GuestRam for PhysRam {
         Ok(())
     }
 
-    /// Zeroes the whole of guest RAM (a fresh VM must not see a previous VM's data).
-    fn zero_all(&self) -> ZeroTime {
-        let (start, len) = (self.pa.get() as usize, self.ipa.size as usize);
+    fn scrub(&self) -> &Scrub {
+        &self.scrub
+    }
+
+    fn zero(&self, ipa: Ipa, len: u64) -> Result<ZeroTime, OutOfRam> {
+        let start = self.pa_of(ipa, len)?;
+        let len = len as usize;
         let t0 = CNTPCT_EL0.get();
-        // SAFETY: the whole range is this VM's RAM (see `new`), mapped as normal memory.
+        // SAFETY: `pa_of` checked the range lies in this VM's RAM (see `new`), mapped as normal
+        // memory; the caller claimed its blocks (`GuestRam::zero`), so no other CPU of the
+        // hypervisor reads or writes it meanwhile and no Rust reference points into it.
         unsafe { sysreg::zero_range(start, len) };
         let t1 = CNTPCT_EL0.get();
         sysreg::clean_dcache_range(start, len);
         let t2 = CNTPCT_EL0.get();
-        ZeroTime {
+        Ok(ZeroTime {
             zero: t1 - t0,
             clean: t2 - t1,
             zva_block: sysreg::zva_block(),
-        }
+        })
     }
 }
 

@@ -76,6 +76,10 @@ impl Hw for Machine {
         super::iommu::invalidate_vm_tlbs(vmid);
     }
 
+    fn stage2_published(&self) {
+        super::sysreg::dsb_ishst();
+    }
+
     fn log_context(&self, vm: Option<usize>) -> Option<usize> {
         super::uart::set_log_vm(vm)
     }

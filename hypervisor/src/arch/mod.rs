@@ -112,6 +112,9 @@ pub fn timestamp_ms() -> u64 {
 
 static CONDUIT: Once<PsciConduit> = Once::new();
 
+/// The command line's `ram-zero=` (every VM's).
+static RAM_ZEROING: Once<crate::platform::RamZeroing> = Once::new();
+
 /// Powers the machine off through PSCI; never returns.
 pub fn system_off() -> ! {
     match CONDUIT.get() {
@@ -153,6 +156,7 @@ extern "C" fn hv_primary_main(dtb: usize, image_base: usize) -> ! {
     // The command line's `loglvl=` (docs/vm-config.md), else info.
     let (hv_opts, hv_warnings) = config::hv_options(dtb_slice).unwrap_or_default();
     log::set_max_level(hv_opts.log_level.unwrap_or(log::LevelFilter::Info));
+    RAM_ZEROING.call_once(|| hv_opts.ram_zero.unwrap_or_default());
     for w in hv_warnings {
         log::warn!("bootargs: {w}");
     }
@@ -628,6 +632,7 @@ fn build_vms(
             devices,
             intx_only: plan.intx_only,
             iommu: plan.iommu,
+            ram_zeroing: RAM_ZEROING.get().copied().unwrap_or_default(),
         };
         let units: Vec<usize> = vm_config.devices.smmus.iter().map(|u| u.unit).collect();
         let heap_before = ALLOCATOR.lock().stats_alloc_actual();

@@ -208,6 +208,24 @@ pub fn dsb_sy() {
     unsafe { asm!("dsb sy", options(nostack)) };
 }
 
+/// Inner-shareable store barrier: table writes reach every CPU's walker (and the SMMU's, which
+/// is coherent) before what follows.
+#[inline(always)]
+pub fn dsb_ishst() {
+    // SAFETY: a barrier has no memory effect beyond ordering.
+    unsafe { asm!("dsb ishst", options(nostack)) };
+}
+
+/// Whether a physical IRQ is pending at this CPU (ISR_EL1.I, read at EL2: the physical
+/// state, whatever HCR_EL2.IMO says), masked at EL2 as it is.
+#[inline(always)]
+pub fn irq_pending() -> bool {
+    let isr: u64;
+    // SAFETY: reading ISR_EL1 has no side effect.
+    unsafe { asm!("mrs {}, isr_el1", out(reg) isr, options(nomem, nostack)) };
+    isr & (1 << 7) != 0
+}
+
 /// Wakes CPUs waiting in WFE.
 #[inline(always)]
 pub fn sev() {
@@ -269,17 +287,24 @@ pub fn zva_block() -> Option<usize> {
 /// The caller must own the range (nothing else reads or writes it meanwhile, no Rust
 /// reference points into it) and it must be mapped as normal memory.
 pub unsafe fn zero_range(start: usize, len: usize) {
-    match zva_block() {
-        Some(block) if start.is_multiple_of(block) && len.is_multiple_of(block) => {
-            let mut p = start;
-            while p < start + len {
-                // SAFETY: DC ZVA zeroes one aligned block inside the caller's range.
-                unsafe { asm!("dc zva, {}", in(reg) p, options(nostack)) };
-                p += block;
-            }
-        }
+    let end = start + len;
+    let whole = |b: usize| (start.next_multiple_of(b), end & !(b - 1));
+    let Some(block) = zva_block().filter(|&b| whole(b).0 < whole(b).1) else {
         // SAFETY: the caller owns the range.
-        _ => unsafe { core::ptr::write_bytes(start as *mut u8, 0, len) },
+        unsafe { core::ptr::write_bytes(start as *mut u8, 0, len) };
+        return;
+    };
+    let (first, last) = whole(block);
+    // SAFETY: the caller owns the range; these are its parts outside whole DC ZVA blocks.
+    unsafe {
+        core::ptr::write_bytes(start as *mut u8, 0, first - start);
+        core::ptr::write_bytes(last as *mut u8, 0, end - last);
+    }
+    let mut p = first;
+    while p < last {
+        // SAFETY: DC ZVA zeroes one aligned block inside the caller's range.
+        unsafe { asm!("dc zva, {}", in(reg) p, options(nostack)) };
+        p += block;
     }
 }
 

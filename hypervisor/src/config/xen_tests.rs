@@ -557,6 +557,27 @@ fn bootargs_options() {
 }
 
 #[test]
+fn bootargs_ram_zeroing() {
+    use crate::platform::RamZeroing;
+    assert_eq!(parse_hv_bootargs("").0.ram_zero, None);
+    assert_eq!(RamZeroing::default(), RamZeroing::Lazy);
+    for (v, z) in [
+        ("lazy", RamZeroing::Lazy),
+        ("idle", RamZeroing::Idle),
+        ("eager", RamZeroing::Eager),
+    ] {
+        let (o, w) = parse_hv_bootargs(&format!("ram-zero={v}"));
+        assert_eq!((o.ram_zero, w.len()), (Some(z), 0), "{v}");
+    }
+    let (o, w) = parse_hv_bootargs("ram-zero=never");
+    assert_eq!(
+        o.ram_zero, None,
+        "RAM is always zeroed: a bad value changes nothing"
+    );
+    assert!(w[0].contains("unknown value \"never\""), "{w:?}");
+}
+
+#[test]
 fn bootargs_from_chosen() {
     let opts = |chosen: &[(&'static str, Vec<u8>)]| hv_options(&dtb(chosen, &[])).unwrap();
     assert_eq!(opts(&[]), (HvOptions::default(), vec![]));

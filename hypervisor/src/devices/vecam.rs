@@ -434,6 +434,9 @@ struct VFunction {
     /// MSI and MSI-X hidden for it even with [`VirtualEcam::with_msi`]: the VM's ITS cannot
     /// serve its DeviceID ([`VirtualEcam::without_msi_for`]).
     no_msi: bool,
+    /// The guest set Bus Master Enable while the DMA gate was closed: held clear in hardware,
+    /// shown set to the guest, let through by [`VirtualEcam::open_dma`].
+    bus_master_held: bool,
 }
 
 /// A bridge on the path to one of the VM's functions, shown read-only (see the module doc).
@@ -582,6 +585,11 @@ pub struct VirtualEcam {
     bridges: Vec<VBridge>,
     /// BAR moves not yet taken by [`VirtualEcam::take_bar_moves`].
     moves: Vec<BarMove>,
+    /// Whether its functions may master DMA: closed ([`VirtualEcam::holding_bus_master`])
+    /// until the VM's RAM is all zeroed and mapped ([`VirtualEcam::open_dma`]).
+    dma_open: bool,
+    /// A Bus Master Enable was held since [`VirtualEcam::take_dma_request`] last looked.
+    dma_requested: bool,
 }
 
 /// A guest moved a memory BAR of one of its functions: the hypervisor must map the BAR's
@@ -655,6 +663,7 @@ impl VirtualEcam {
                     decode: None,
                     msi_only: false,
                     no_msi: false,
+                    bus_master_held: false,
                     dev,
                 };
                 // The guest starts with the BARs where the hypervisor placed them.
@@ -675,6 +684,40 @@ impl VirtualEcam {
             functions,
             bridges,
             moves: Vec::new(),
+            dma_open: true,
+            dma_requested: false,
+        }
+    }
+
+    /// Closes the DMA gate: a guest's Bus Master Enable does not reach its function (reads
+    /// show it set) until [`VirtualEcam::open_dma`]; [`VirtualEcam::take_dma_request`] says one
+    /// was held. The VM's RAM is zeroed lazily, and a function must never master DMA into a
+    /// block not zeroed and mapped yet (`vm::ram`). Open by default.
+    pub fn holding_bus_master(mut self) -> Self {
+        self.dma_open = false;
+        self
+    }
+
+    /// Whether a guest's Bus Master Enable was held since the last call: the caller zeroes and
+    /// maps the VM's RAM, then calls [`VirtualEcam::open_dma`] within the same trap.
+    pub fn take_dma_request(&mut self) -> bool {
+        core::mem::take(&mut self.dma_requested)
+    }
+
+    /// Whether its functions may master DMA.
+    pub fn dma_open(&self) -> bool {
+        self.dma_open
+    }
+
+    /// Opens the DMA gate (the VM's RAM is all zeroed and mapped): every Bus Master Enable
+    /// held is set in hardware, and later ones go straight through.
+    pub fn open_dma(&mut self, cfg: &mut dyn ConfigSpace) {
+        self.dma_open = true;
+        for f in self.functions.iter_mut().filter(|f| f.bus_master_held) {
+            f.bus_master_held = false;
+            let hw = cfg.read32(f.dev.bdf, regs::COMMAND) & 0xffff;
+            // The Status half as 0s: its RW1C bits stay as they are.
+            cfg.write32(f.dev.bdf, regs::COMMAND, hw | regs::command::BUS_MASTER);
         }
     }
 
@@ -1007,6 +1050,9 @@ impl VirtualEcam {
                 if self.functions[i].msi_only {
                     hw |= regs::command::INTX_DISABLE;
                 }
+                if self.functions[i].bus_master_held {
+                    hw |= regs::command::BUS_MASTER;
+                }
                 if self.chain(cfg, i).first == 0 {
                     hw & !regs::STATUS_CAP_LIST
                 } else {
@@ -1083,6 +1129,17 @@ impl VirtualEcam {
                 let mut command = (hw & 0xffff & !guest) | (value & guest);
                 if self.functions[i].msi_only {
                     command |= regs::command::INTX_DISABLE;
+                }
+                let bus_master = regs::command::BUS_MASTER;
+                if guest & bus_master != 0 {
+                    self.functions[i].bus_master_held = false;
+                }
+                if !self.dma_open && command & bus_master != 0 {
+                    // No DMA before the VM's RAM is all zeroed and mapped: held until
+                    // `open_dma`, which the trap that made this write calls.
+                    command &= !bus_master;
+                    self.functions[i].bus_master_held = true;
+                    self.dma_requested = true;
                 }
                 // Zeros in the Status half leave it alone; only the ones the guest wrote clear.
                 let clear = value & enable & STATUS_RW1C;

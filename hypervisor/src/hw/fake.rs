@@ -27,6 +27,8 @@ pub enum HwOp {
     TlbiVm(u64),
     /// [`Hw::smmu_tlbi_vmid`].
     SmmuTlbi(u16),
+    /// [`Hw::stage2_published`].
+    Stage2Published,
 }
 
 #[derive(Debug)]
@@ -160,6 +162,9 @@ impl Hw for FakeHw {
     fn smmu_tlbi_vmid(&self, vmid: u16) {
         self.op(HwOp::SmmuTlbi(vmid));
     }
+    fn stage2_published(&self) {
+        self.op(HwOp::Stage2Published);
+    }
     fn log_context(&self, vm: Option<usize>) -> Option<usize> {
         core::mem::replace(&mut self.state.lock().log_vm, vm)
     }
@@ -178,20 +183,50 @@ impl Hw for FakeHw {
 pub struct FakeRam {
     base: u64,
     bytes: Mutex<Vec<u8>>,
+    scrub: super::scrub::Scrub,
+    zeroes: Mutex<Vec<(u64, u64)>>,
 }
 
 impl FakeRam {
-    /// `size` zeroed bytes seen at IPA `base`.
+    /// `size` zeroed bytes seen at IPA `base` (every block counts as zeroed).
     pub fn new(base: u64, size: usize) -> Self {
+        Self::with(base, alloc::vec![0; size], true)
+    }
+
+    /// `size` bytes of `byte` at IPA `base`, every block stale: RAM as firmware or an earlier
+    /// user left it.
+    pub fn stale(base: u64, size: usize, byte: u8) -> Self {
+        Self::with(base, alloc::vec![byte; size], false)
+    }
+
+    fn with(base: u64, bytes: Vec<u8>, zeroed: bool) -> Self {
+        let ram = crate::platform::MemRange {
+            base,
+            size: bytes.len() as u64,
+        };
         Self {
             base,
-            bytes: Mutex::new(alloc::vec![0; size]),
+            bytes: Mutex::new(bytes),
+            scrub: super::scrub::Scrub::new(ram, zeroed),
+            zeroes: Mutex::new(Vec::new()),
         }
     }
 
     /// Fills it with `byte` (to see what zeroing clears).
     pub fn fill(&self, byte: u8) {
         self.bytes.lock().fill(byte);
+    }
+
+    /// The bytes at `ipa`, whatever the blocks' state (what the machine holds, not what the
+    /// accessor would let through).
+    pub fn peek(&self, ipa: Ipa, len: usize) -> Vec<u8> {
+        let r = self.span(ipa, len).expect("inside the fake RAM");
+        self.bytes.lock()[r].to_vec()
+    }
+
+    /// Every range [`super::GuestRam::zero`] zeroed, (IPA, length), in order.
+    pub fn zeroed_ranges(&self) -> Vec<(u64, u64)> {
+        self.zeroes.lock().clone()
     }
 
     fn span(&self, ipa: Ipa, len: usize) -> Result<core::ops::Range<usize>, super::OutOfRam> {
@@ -218,16 +253,46 @@ impl super::GuestRam for FakeRam {
     }
     fn read(&self, ipa: Ipa, buf: &mut [u8]) -> Result<(), super::OutOfRam> {
         let r = self.span(ipa, buf.len())?;
+        self.ensure_zeroed(ipa, buf.len() as u64, super::scrub::By::Access)?;
         buf.copy_from_slice(&self.bytes.lock()[r]);
         Ok(())
     }
     fn write(&self, ipa: Ipa, data: &[u8]) -> Result<(), super::OutOfRam> {
         let r = self.span(ipa, data.len())?;
+        self.ensure_zeroed(ipa, data.len() as u64, super::scrub::By::Access)?;
         self.bytes.lock()[r].copy_from_slice(data);
         Ok(())
     }
-    fn zero_all(&self) -> super::ZeroTime {
-        self.bytes.lock().fill(0);
-        super::ZeroTime::default()
+    fn scrub(&self) -> &super::scrub::Scrub {
+        &self.scrub
+    }
+    fn zero(&self, ipa: Ipa, len: u64) -> Result<super::ZeroTime, super::OutOfRam> {
+        let r = self.span(ipa, len as usize)?;
+        self.bytes.lock()[r].fill(0);
+        self.zeroes.lock().push((ipa.get(), len));
+        Ok(super::ZeroTime {
+            zero: len / 4096,
+            clean: 1,
+            zva_block: Some(64),
+        })
+    }
+}
+
+/// A shared [`FakeRam`]: the test keeps a handle to look at what the machine holds.
+impl super::GuestRam for alloc::sync::Arc<FakeRam> {
+    fn ipa_range(&self) -> crate::platform::MemRange {
+        (**self).ipa_range()
+    }
+    fn read(&self, ipa: Ipa, buf: &mut [u8]) -> Result<(), super::OutOfRam> {
+        (**self).read(ipa, buf)
+    }
+    fn write(&self, ipa: Ipa, data: &[u8]) -> Result<(), super::OutOfRam> {
+        (**self).write(ipa, data)
+    }
+    fn scrub(&self) -> &super::scrub::Scrub {
+        (**self).scrub()
+    }
+    fn zero(&self, ipa: Ipa, len: u64) -> Result<super::ZeroTime, super::OutOfRam> {
+        (**self).zero(ipa, len)
     }
 }

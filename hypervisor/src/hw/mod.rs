@@ -9,6 +9,7 @@
 pub mod addr;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fake;
+pub mod scrub;
 
 pub use addr::{Ipa, PhysAddr};
 
@@ -64,6 +65,10 @@ pub trait Hw {
     fn tlbi_vm(&self, vttbr: u64);
     /// Drops every SMMU TLB entry of `vmid` (stage 2 and nested), and waits for it.
     fn smmu_tlbi_vmid(&self, vmid: u16);
+    /// Makes stage-2 descriptors just turned from invalid to valid visible to every CPU's table
+    /// walker (DSB ISHST) before a faulting access is retried. Nothing is invalidated: no TLB
+    /// holds an entry for an invalid descriptor (Arm ARM D8.14.1).
+    fn stage2_published(&self);
 
     /// Makes this CPU's log lines from now on count against VM `vm`'s log rate limits (`None`:
     /// the hypervisor's own). Returns what it was, to put back.
@@ -88,6 +93,10 @@ pub struct OutOfRam {
 /// A VM's RAM as the hypervisor reads and writes it: the one checked accessor that turns an IPA
 /// range into memory or an error; nothing else dereferences guest addresses. `arch` backs it
 /// with the VM's physical RAM, host tests with a buffer.
+///
+/// Its RAM is zeroed lazily, 2 MiB block by block ([`scrub`]): `read` and `write` first make
+/// every block they touch zeroed in this boot (zeroing a stale one there and then), so the
+/// hypervisor never hands a guest, or acts on, a byte this boot did not write or zero.
 pub trait GuestRam: Send + Sync + core::fmt::Debug {
     /// The IPA range it covers.
     fn ipa_range(&self) -> crate::platform::MemRange;
@@ -96,8 +105,20 @@ pub trait GuestRam: Send + Sync + core::fmt::Debug {
     /// Copies `data` to guest memory at `ipa`, visible to a guest running with its MMU and
     /// caches off.
     fn write(&self, ipa: Ipa, data: &[u8]) -> Result<(), OutOfRam>;
-    /// Zeroes all of it, cleaned to the point of coherency; says how long each half took.
-    fn zero_all(&self) -> ZeroTime;
+    /// Which of its blocks are zeroed in this boot.
+    fn scrub(&self) -> &scrub::Scrub;
+    /// Zeroes `[ipa, ipa + len)` and cleans it to the point of coherency, whatever its blocks'
+    /// state: only for the claimant of those blocks, or the loader while the table is closed
+    /// ([`scrub::Scrub`]). Says how long each half took.
+    fn zero(&self, ipa: Ipa, len: u64) -> Result<ZeroTime, OutOfRam>;
+
+    /// Makes every block `[ipa, ipa + len)` touches zeroed in this boot (by `by`): what `read`
+    /// and `write` do first, and what maps a block in stage 2 does.
+    fn ensure_zeroed(&self, ipa: Ipa, len: u64, by: scrub::By) -> Result<(), OutOfRam> {
+        self.scrub().ensure_range(ipa, len, by, &mut |r| {
+            self.zero(Ipa(r.base), r.size).unwrap_or_default()
+        })
+    }
 }
 
 /// What zeroing guest RAM cost, in system-counter ticks (CNTPCT_EL0).

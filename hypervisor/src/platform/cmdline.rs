@@ -35,6 +35,25 @@ pub struct HvOptions {
     /// Xen's `dtuart=`: the console UART, a path or an alias (`serial0`), options after `:`
     /// ignored as Xen's own baud settings are, instead of `/chosen/stdout-path`.
     pub dtuart: Option<String>,
+    /// `ram-zero=`: when the VMs' RAM is zeroed in each boot.
+    pub ram_zero: Option<RamZeroing>,
+}
+
+/// When a VM's RAM is zeroed in each boot (`ram-zero=`; docs/design.md section 3). Whichever,
+/// no block is mapped, read or DMA'd into before it is zeroed in that boot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RamZeroing {
+    /// `lazy` (the default): each 2 MiB block at its first use (a vCPU's access, the
+    /// hypervisor's), and all that is left at the DMA gate (the first Bus Master Enable), where
+    /// the VM's idle CPUs help.
+    #[default]
+    Lazy,
+    /// `idle`: as `lazy`, and a VM with PCI functions (whose first Bus Master Enable needs all
+    /// of it) has its idle CPUs zero the rest ahead of need. Under TCG on few host cores this
+    /// slows the boot (an idle vCPU zeroing answers IPIs a block late): measured, not default.
+    Idle,
+    /// `eager`: all of it before the guest starts, on all of the VM's CPUs at once.
+    Eager,
 }
 
 impl HvOptions {
@@ -45,6 +64,9 @@ impl HvOptions {
         }
         if later.dtuart.is_some() {
             self.dtuart = later.dtuart;
+        }
+        if later.ram_zero.is_some() {
+            self.ram_zero = later.ram_zero;
         }
     }
 }
@@ -94,6 +116,14 @@ pub fn parse_hv_bootargs(line: &str) -> (HvOptions, Vec<String>) {
                     ));
                 }
             }
+            ("ram-zero", Some(v)) => match v {
+                "lazy" => opts.ram_zero = Some(RamZeroing::Lazy),
+                "idle" => opts.ram_zero = Some(RamZeroing::Idle),
+                "eager" => opts.ram_zero = Some(RamZeroing::Eager),
+                _ => warnings.push(format!(
+                    "`{word}`: unknown value {v:?} (lazy, idle, eager): ignored"
+                )),
+            },
             ("dtuart", Some(v)) => {
                 // Xen's default (an empty value) is the UART stdout-path names.
                 opts.dtuart = (!v.is_empty()).then(|| v.to_string());

@@ -30,8 +30,8 @@ pub(crate) mod tree;
 use blob::{check_blob, malformed};
 use boot_modules::modules;
 pub use cmdline::{
-    hv_options, hv_options_of, parse_hv_bootargs, xen_opt_in, HvOptions, HV_BOOTARGS, XEN_BOOTARGS,
-    XEN_OPT_IN,
+    hv_options, hv_options_of, parse_hv_bootargs, xen_opt_in, HvOptions, RamZeroing, HV_BOOTARGS,
+    XEN_BOOTARGS, XEN_OPT_IN,
 };
 pub use devices::redistributor_frames;
 use devices::{cpus, gic, psci, smmus, timer, uart};

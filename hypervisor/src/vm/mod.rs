@@ -13,6 +13,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod lr;
 pub mod psci;
+pub mod ram;
 pub mod viommu;
 
 use crate::devices::console::ConsoleBacklog;
@@ -77,6 +78,8 @@ pub struct VmConfig {
     /// `smmu-hv,iommu`: the vSMMU or a virtio-iommu over each physical SMMU it has functions
     /// behind.
     pub iommu: crate::config::IommuKind,
+    /// When its RAM is zeroed in each boot (the hypervisor's `ram-zero=`).
+    pub ram_zeroing: crate::platform::RamZeroing,
 }
 
 /// Why a VM could not be built or loaded.
@@ -189,7 +192,17 @@ pub struct Vm {
     /// Where guest RAM lives physically.
     pub ram_pa: PhysAddr,
     ram: Box<dyn GuestRam>,
-    /// Its stage-2 tables (shared with the SMMU); changed only when the guest moves a BAR.
+    /// Which 2 MiB blocks of its RAM are mapped in its stage 2 now: only blocks zeroed in this
+    /// boot (`vm::ram`), changed under the stage-2 lock.
+    ram_mapped: Box<[core::sync::atomic::AtomicBool]>,
+    /// Whether its idle CPUs zero its RAM ahead of need: `ram-zero=idle` and it has PCI
+    /// functions, whose first Bus Master Enable needs all of it zeroed and mapped.
+    zero_ahead: bool,
+    /// Callers waiting for all of its RAM to be zeroed (the DMA gate, an eager load): its idle
+    /// CPUs help them whatever `zero_ahead` says.
+    zero_wanted: AtomicU32,
+    /// Its stage-2 tables (shared with the SMMU); changed when a RAM block is first mapped in a
+    /// boot, when a boot unmaps them all, and when the guest moves a BAR.
     stage2: Mutex<Stage2>,
     /// BAR moves since its last boot (the first few are logged).
     bar_moves: AtomicU32,
@@ -252,6 +265,7 @@ fn vecam_of(
         .with_msi(no_msi.is_some())
         .without_msi_for(no_msi.as_deref().unwrap_or_default())
         .holding_intx_disable(&d.msi_only)
+        .holding_bus_master()
 }
 
 /// SPIs of each VM's vGIC (INTIDs 32-159): room for the host's own SPI numbers, which the VM's
@@ -283,7 +297,9 @@ impl Vm {
             size: config.ram_size,
         };
         let mut stage2 = Stage2::new();
-        stage2.map(ram_ipa.base, ram_pa.get(), ram_ipa.size, MemType::Normal)?;
+        // RAM is mapped block by block as each is zeroed in a boot (`vm::ram`): the tables are
+        // built now, every block left unmapped.
+        ram::prebuild(&mut stage2, ram_ipa, ram_pa.get())?;
         // Assigned functions' memory BARs, their slots checked to hold nothing else: the guest
         // sees them where they physically are. I/O BARs are not mapped: their accesses trap.
         for seg in &config.devices.segments {
@@ -477,6 +493,15 @@ impl Vm {
             vttbr,
             ram_ipa,
             ram_pa,
+            ram_mapped: (0..ram_ipa.size.div_ceil(crate::hw::scrub::BLOCK))
+                .map(|_| core::sync::atomic::AtomicBool::new(false))
+                .collect(),
+            zero_ahead: match config.ram_zeroing {
+                crate::platform::RamZeroing::Lazy => false,
+                crate::platform::RamZeroing::Idle => has_devices,
+                crate::platform::RamZeroing::Eager => false,
+            },
+            zero_wanted: AtomicU32::new(0),
             ram,
             s2_root: stage2.root_pa(),
             stage2: Mutex::new(stage2),
@@ -511,9 +536,10 @@ impl Vm {
         })
     }
 
-    /// Zeroes RAM (first boot), copies the pristine kernel and initramfs in, writes the guest
-    /// DT, resets the emulated devices (each vSMMU through `phys` of its physical SMMU's unit)
-    /// and returns (entry IPA, DTB IPA) for vCPU 0.
+    /// Makes its RAM stale and unmapped, copies the pristine kernel and initramfs and the guest
+    /// DT in (zeroing only what of their blocks they do not overwrite: `vm::ram`), resets the
+    /// emulated devices (each vSMMU through `phys` of its physical SMMU's unit) and returns
+    /// (entry IPA, DTB IPA) for vCPU 0.
     pub fn load<P: smmu::vsmmu::PhysicalSmmu>(
         &self,
         hw: &impl Hw,
@@ -531,30 +557,6 @@ impl Vm {
             err,
         })?;
         let boots = self.boots.load(Ordering::Acquire);
-        if boots == 0 {
-            // RAM straight from firmware may hold earlier boot stages' data: the VM starts
-            // from zeroes. On a reboot the RAM only ever held this VM's own data, and the
-            // kernel, initramfs and DT are rewritten from pristine copies anyway. (Under
-            // emulation this first pass costs seconds: it makes the host allocate all of it.)
-            let t = self.ram.zero_all();
-            let ms = |ticks: u64| ticks * 1000 / hw.counter_freq().max(1);
-            log::info!(
-                "{}: RAM zeroed: {} MiB in {} ms ({} ms {}, {} ms cleaning to PoC)",
-                self.config.name,
-                self.ram_ipa.size >> 20,
-                ms(t.zero + t.clean),
-                ms(t.zero),
-                match t.zva_block {
-                    Some(b) => format!("DC ZVA of {b}-byte blocks"),
-                    None => String::from("stores (DC ZVA prohibited)"),
-                },
-                ms(t.clean)
-            );
-        }
-        self.ram.write(place.entry, kernel.bytes)?;
-        if let (Some(m), Some(r)) = (self.config.initrd, place.initrd) {
-            self.ram.write(Ipa(r.base), m.bytes)?;
-        }
         let mpidrs: Vec<u64> = self.vcpus.iter().map(|v| v.mpidr).collect();
         let smmus: Vec<GuestSmmu> = self
             .vsmmus
@@ -614,7 +616,16 @@ impl Vm {
         if dtb.len() as u64 > layout::DTB_MAX {
             return Err(VmError::DtTooLarge(dtb.len()));
         }
-        self.ram.write(place.dtb, &dtb)?;
+        // Every boot starts from zeroes, whoever used the RAM before (firmware, or this VM's
+        // previous boot): nothing of it is mapped until zeroed, and the loader zeroes only what
+        // its images do not overwrite (`vm::ram`).
+        self.restart_ram(hw)?;
+        let mut images: Vec<(Ipa, &[u8])> = alloc::vec![(place.entry, kernel.bytes)];
+        if let (Some(m), Some(r)) = (self.config.initrd, place.initrd) {
+            images.push((Ipa(r.base), m.bytes));
+        }
+        images.push((place.dtb, &dtb));
+        self.load_ram(hw, &images)?;
         *self.vgic.lock() = VGic::new(VGicConfig {
             num_spis: VGIC_SPIS,
             vcpu_mpidr: mpidrs,

@@ -72,6 +72,7 @@ fn config(devices: VmDevices) -> VmConfig {
         devices: one_segment(devices),
         intx_only: false,
         iommu: crate::config::IommuKind::default(),
+        ram_zeroing: crate::platform::RamZeroing::default(),
     }
 }
 
@@ -160,33 +161,292 @@ fn load_places_the_images_and_writes_a_device_tree_naming_the_vm() {
     assert_eq!(vm.boots.load(Ordering::Acquire), 1);
 }
 
-#[test]
-fn ram_is_zeroed_on_the_first_boot_only() {
+/// A VM over RAM that firmware left full of 0xa5 (every block stale), with `devices`; the
+/// test keeps a handle on the RAM to see what the machine holds.
+fn vm_on_stale_ram(devices: VmDevices) -> (Vm, alloc::sync::Arc<FakeRam>) {
+    vm_on_stale_ram_zeroing(devices, crate::platform::RamZeroing::default())
+}
+
+/// [`vm_on_stale_ram`] with `ram-zero=` `zeroing`.
+fn vm_on_stale_ram_zeroing(
+    devices: VmDevices,
+    zeroing: crate::platform::RamZeroing,
+) -> (Vm, alloc::sync::Arc<FakeRam>) {
     let p = platform();
-    let ram = alloc::boxed::Box::new(FakeRam::new(p.memory[0].base, RAM_SIZE as usize));
-    ram.fill(0xa5);
+    let ram = alloc::sync::Arc::new(FakeRam::stale(p.memory[0].base, RAM_SIZE as usize, 0xa5));
     let vm = Vm::new(
         0,
-        config(VmDevices::default()),
+        VmConfig {
+            ram_zeroing: zeroing,
+            ..config(devices)
+        },
         &p,
-        ram,
-        PhysAddr(0),
+        alloc::boxed::Box::new(ram.clone()),
+        PhysAddr(0x8000_0000),
         &VmMachine::default(),
+    )
+    .unwrap();
+    (vm, ram)
+}
+
+const BLOCK: u64 = crate::hw::scrub::BLOCK;
+
+#[test]
+fn ram_is_zeroed_before_first_use_in_every_boot_and_mapped_only_then() {
+    let (vm, ram) = vm_on_stale_ram(VmDevices::default());
+    let base = vm.ram_ipa.base;
+    let mapped = |ipa: u64| vm.stage2.lock().lookup(ipa).is_some();
+    assert!(!mapped(base), "nothing of RAM is mapped before a boot");
+    let hw = FakeHw::new(2, 4);
+    let (entry, dtb) = vm.load(&hw, |_| NoSmmu).unwrap();
+    // The kernel (1 MiB of file, 2 MiB of image_size) fills block 0, the DT block 1, the
+    // initramfs block 2: the loader zeroed what they do not cover there, nothing else.
+    let zeroed = ram.zeroed_ranges();
+    assert!(
+        zeroed.iter().all(|&(a, l)| a + l <= base + 3 * BLOCK),
+        "the loader zeroes only the images' blocks: {zeroed:x?}"
+    );
+    assert!(
+        !zeroed
+            .iter()
+            .any(|&(a, l)| a < entry.get() + (1 << 20) && entry.get() < a + l),
+        "the kernel's bytes are not zeroed before being written: {zeroed:x?}"
+    );
+    assert_eq!(ram.peek(Ipa(entry.get() + 1000), 1), [1000u32 as u8]);
+    assert_eq!(
+        ram.peek(Ipa(entry.get() + (1 << 20)), 4),
+        [0; 4],
+        "BSS zeroed"
+    );
+    assert_eq!(
+        ram.peek(Ipa(dtb.get() + 0x10_0000), 4),
+        [0; 4],
+        "after the DT"
+    );
+    assert!(mapped(base) && mapped(dtb.get()) && mapped(base + 2 * BLOCK));
+    let top = Ipa(vm.ram_ipa.end() - 16);
+    assert!(!mapped(top.get()), "a block nothing wrote stays unmapped");
+    assert_eq!(ram.peek(top, 4), [0xa5; 4], "and is not zeroed yet");
+    let z = vm.ram_zeroing();
+    assert_eq!(z.left, (RAM_SIZE / BLOCK) as usize - 3);
+    assert_eq!(
+        z.by(crate::hw::scrub::By::Loader),
+        3 * BLOCK - (1 << 20) - 4 - dtb_len(&ram, dtb),
+        "all of their blocks but the images' bytes"
+    );
+
+    // A vCPU's first access: zeroed, mapped, retried; what the DSB publishes.
+    hw.take_ops();
+    assert!(matches!(vm.ram_fault(top, true, &hw), ram::RamFault::Retry));
+    assert!(mapped(top.get()));
+    assert_eq!(ram.peek(Ipa(top.get() & !(BLOCK - 1)), 4), [0; 4]);
+    assert_eq!(ram.peek(top, 16), [0; 16]);
+    assert_eq!(hw.take_ops(), [HwOp::Stage2Published]);
+    assert!(
+        matches!(vm.ram_fault(top, true, &hw), ram::RamFault::Retry),
+        "a fault another CPU's mapping answered is retried"
+    );
+    assert!(
+        matches!(vm.ram_fault(top, false, &hw), ram::RamFault::NotRam),
+        "a permission fault on RAM is not a lazy mapping"
+    );
+    assert!(matches!(
+        vm.ram_fault(Ipa(0x0900_0000), true, &hw),
+        ram::RamFault::NotRam
+    ));
+
+    // The hypervisor's own access to a stale block zeroes it first, leaving it unmapped.
+    let mid = Ipa(base + 20 * BLOCK + 8);
+    let mut b = [0xffu8; 8];
+    vm.ram().read(mid, &mut b).unwrap();
+    assert_eq!(b, [0; 8]);
+    assert_eq!(
+        ram.peek(Ipa(base + 21 * BLOCK - 8), 8),
+        [0; 8],
+        "the whole block"
+    );
+    assert!(!mapped(mid.get()));
+
+    // The guest leaves a marker; its next boot (a reset) finds zeroes there.
+    vm.ram().write(top, &[7; 16]).unwrap();
+    hw.take_ops();
+    vm.load(&hw, |_| NoSmmu).unwrap();
+    assert!(!mapped(top.get()), "every block unmapped again");
+    assert!(
+        hw.take_ops().contains(&HwOp::TlbiVm(vm.vttbr)),
+        "and the TLBs dropped"
+    );
+    assert_eq!(ram.peek(top, 16), [7; 16], "still in the machine");
+    vm.ram().read(top, &mut b).unwrap();
+    assert_eq!(b, [0; 8], "never seen by the next boot");
+}
+
+/// The DT's length as the loader wrote it (its header's totalsize).
+fn dtb_len(ram: &FakeRam, dtb: Ipa) -> u64 {
+    let h = ram.peek(Ipa(dtb.get() + 4), 4);
+    u64::from(u32::from_be_bytes([h[0], h[1], h[2], h[3]]))
+}
+
+#[test]
+fn idle_cpus_zero_ahead_only_when_asked_for_a_vm_with_devices_and_stop_when_told() {
+    use crate::platform::RamZeroing;
+    let mut cfg = FakeConfigSpace::qemu_flat();
+    let topo = crate::pci::enumerate::enumerate(&mut cfg, 0, 0).unwrap();
+    let mine = Bdf::new(0, 2, 0);
+    let devices = || VmDevices {
+        functions: alloc::vec![topo.device(mine).unwrap().clone()],
+        ..VmDevices::default()
+    };
+    let hw = FakeHw::new(2, 4);
+    for (d, z) in [
+        (VmDevices::default(), RamZeroing::Idle),
+        (devices(), RamZeroing::Lazy),
+    ] {
+        let (vm, _) = vm_on_stale_ram_zeroing(d, z);
+        vm.load(&hw, |_| NoSmmu).unwrap();
+        assert!(!vm.has_idle_zeroing());
+        assert_eq!(vm.zero_idle(&hw, &mut || false), 0, "{z:?}: on demand only");
+    }
+
+    let (vm, ram) = vm_on_stale_ram_zeroing(devices(), RamZeroing::Idle);
+    vm.load(&hw, |_| NoSmmu).unwrap();
+    assert!(vm.has_idle_zeroing());
+    let mut asked = 0;
+    assert_eq!(
+        vm.zero_idle(&hw, &mut || {
+            asked += 1;
+            asked > 2
+        }),
+        2,
+        "asked before each block"
+    );
+    let n = (RAM_SIZE / BLOCK) as usize;
+    assert_eq!(vm.zero_idle(&hw, &mut || false), n - 3 - 2);
+    assert!(!vm.has_idle_zeroing());
+    assert!((0..n as u64).all(|i| vm
+        .stage2
+        .lock()
+        .lookup(vm.ram_ipa.base + i * BLOCK)
+        .is_some()));
+    assert_eq!(ram.peek(Ipa(vm.ram_ipa.end() - 4), 4), [0; 4]);
+}
+
+#[test]
+fn an_eager_load_zeroes_and_maps_all_of_it_before_the_start() {
+    let (vm, ram) =
+        vm_on_stale_ram_zeroing(VmDevices::default(), crate::platform::RamZeroing::Eager);
+    let hw = FakeHw::new(2, 4);
+    vm.load(&hw, |_| NoSmmu).unwrap();
+    let n = RAM_SIZE / BLOCK;
+    assert!((0..n).all(|i| vm
+        .stage2
+        .lock()
+        .lookup(vm.ram_ipa.base + i * BLOCK)
+        .is_some()));
+    assert_eq!(ram.peek(Ipa(vm.ram_ipa.end() - 4), 4), [0; 4]);
+    assert_eq!(vm.ram_zeroing().left, 0);
+    assert!(
+        hw.take_ops().contains(&HwOp::Kick(3)),
+        "the other vCPU's CPU helps"
+    );
+}
+
+#[test]
+fn bus_master_enable_waits_until_all_ram_is_zeroed_and_mapped() {
+    use crate::pci::regs::command;
+    use crate::pci::ConfigSpace;
+    let mut cfg = FakeConfigSpace::qemu_flat();
+    let topo = crate::pci::enumerate::enumerate(&mut cfg, 0, 0).unwrap();
+    let mine = Bdf::new(0, 2, 0);
+    let devices = VmDevices {
+        functions: alloc::vec![topo.device(mine).unwrap().clone()],
+        intx: alloc::vec![(mine, IntxPin::A, 37, (mine, IntxPin::A))],
+        ..VmDevices::default()
+    };
+    let host = crate::pci::HostBridge::from_dtb(QEMU_DTB).unwrap().unwrap();
+    let p = platform();
+    let ram = alloc::sync::Arc::new(FakeRam::stale(p.memory[0].base, RAM_SIZE as usize, 0xa5));
+    let vm = Vm::new(
+        0,
+        config(devices),
+        &p,
+        alloc::boxed::Box::new(ram.clone()),
+        PhysAddr(0x8000_0000),
+        &VmMachine {
+            host_bridges: &[&host],
+            ..VmMachine::default()
+        },
     )
     .unwrap();
     let hw = FakeHw::new(2, 4);
     vm.load(&hw, |_| NoSmmu).unwrap();
-    let top = Ipa(vm.ram_ipa.end() - 16);
-    let mut b = [0xffu8; 16];
-    vm.ram().read(top, &mut b).unwrap();
-    assert_eq!(b, [0; 16], "firmware's leftovers are gone");
-    vm.ram().write(top, &[7; 16]).unwrap();
-    vm.load(&hw, |_| NoSmmu).unwrap();
-    vm.ram().read(top, &mut b).unwrap();
+    let mut c = Some(&mut cfg);
+    vm.quiesce_functions(|_| c.take());
+    // The guest's driver sets Memory Space and Bus Master Enable.
+    let off = u64::from(mine.dev) << 15 | 0x04;
+    let mut vecam = vm.pci[0].vecam.lock();
+    vecam.write(&mut cfg, off, Word, 0x6);
     assert_eq!(
-        b, [7; 16],
-        "a reboot rewrites only the images (the RAM was the VM's own)"
+        cfg.read32(mine, 0x04) & command::BUS_MASTER,
+        0,
+        "held: the function cannot master DMA yet"
     );
+    assert_eq!(
+        vecam.read(&cfg, off, Word) & u64::from(command::BUS_MASTER),
+        u64::from(command::BUS_MASTER),
+        "the guest sees what it wrote"
+    );
+    assert!(vecam.take_dma_request());
+    assert!(!vecam.take_dma_request(), "taken once");
+    drop(vecam);
+    assert!(!ram.zeroed_ranges().is_empty());
+    hw.take_ops();
+    let mut c = Some(&mut cfg);
+    vm.open_dma(&hw, |_| c.take()).unwrap();
+    let n = RAM_SIZE / BLOCK;
+    assert!(
+        (0..n).all(|i| vm
+            .stage2
+            .lock()
+            .lookup(vm.ram_ipa.base + i * BLOCK)
+            .is_some()),
+        "every block mapped before the device may master"
+    );
+    assert_eq!(ram.peek(Ipa(vm.ram_ipa.end() - 4), 4), [0; 4], "and zeroed");
+    let ops = hw.take_ops();
+    assert!(
+        ops.contains(&HwOp::SmmuTlbi(vm.vmid)),
+        "the SMMU sees them: {ops:?}"
+    );
+    assert!(
+        ops.contains(&HwOp::Kick(3)),
+        "the idle vCPU is woken to help: {ops:?}"
+    );
+    assert_eq!(
+        cfg.read32(mine, 0x04) & command::BUS_MASTER,
+        command::BUS_MASTER,
+        "let through"
+    );
+    // Open now: a later Bus Master Enable goes straight through.
+    let mut vecam = vm.pci[0].vecam.lock();
+    assert!(vecam.dma_open());
+    vecam.write(&mut cfg, off, Word, 0x2);
+    assert_eq!(cfg.read32(mine, 0x04) & command::BUS_MASTER, 0);
+    vecam.write(&mut cfg, off, Word, 0x6);
+    assert!(!vecam.take_dma_request());
+    assert_eq!(
+        cfg.read32(mine, 0x04) & command::BUS_MASTER,
+        command::BUS_MASTER
+    );
+    drop(vecam);
+    // A reset: held again until the next boot's RAM is all zeroed.
+    let mut c = Some(&mut cfg);
+    vm.quiesce_functions(|_| c.take());
+    vm.load(&hw, |_| NoSmmu).unwrap();
+    let mut vecam = vm.pci[0].vecam.lock();
+    vecam.write(&mut cfg, off, Word, 0x6);
+    assert!(vecam.take_dma_request());
+    assert_eq!(cfg.read32(mine, 0x04) & command::BUS_MASTER, 0);
 }
 
 #[test]

@@ -11,6 +11,7 @@ use crate::hw::Ipa;
 use crate::mmio::AccessWidth;
 use crate::vm::bus::{self, Target};
 use crate::vm::irq::{self, VmIrqs};
+use crate::vm::ram::RamFault;
 use crate::vm::Vm;
 use aarch64_cpu::registers::{Readable, FAR_EL2, HPFAR_EL2};
 use boot::TrapFrame;
@@ -32,6 +33,11 @@ pub(super) fn handle_data_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr
         return;
     }
     let ipa = fault_ipa(HPFAR_EL2.get(), FAR_EL2.get());
+    // A block of its RAM not mapped yet in this boot (any instruction, any width, a stage-1
+    // table walk): zeroed, mapped, retried.
+    if !ram_fault(vm, ipa, da.dfsc) {
+        return;
+    }
     if !da.isv {
         log::warn!(
             "{}: vcpu{vcpu} access to {ipa:#x} at {:#x} without instruction syndrome: injecting an external abort",
@@ -58,6 +64,24 @@ pub(super) fn handle_data_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr
                 frame.elr
             );
             inject_abort(vm, frame, esr, true);
+        }
+    }
+}
+
+/// A stage-2 fault (fault status code `fsc`) at `ipa`: `true` if it is not the VM's RAM's
+/// (the caller goes on); otherwise its block is zeroed and mapped (`vm::ram`), and the access
+/// is retried, or the VM is stopped if that failed.
+pub(super) fn ram_fault(vm: &Vm, ipa: Ipa, fsc: u8) -> bool {
+    match vm.ram_fault(ipa, crate::esr::is_translation_fault_code(fsc), &Machine) {
+        RamFault::NotRam => true,
+        RamFault::Retry => false,
+        RamFault::Failed(e) => {
+            log::error!(
+                "{}: RAM at {ipa:#x} could not be zeroed and mapped: {e}",
+                vm.config.name
+            );
+            super::stop_vm(vm, "its RAM could not be mapped");
+            false
         }
     }
 }
@@ -101,9 +125,20 @@ pub(super) fn mmio_access(
                 Some(v) => {
                     vecam.write(&mut ecam, off, width, v);
                     let moves = vecam.take_bar_moves();
+                    let dma = vecam.take_dma_request();
                     drop(vecam);
                     if !moves.is_empty() && vm.apply_bar_moves(bridge, &moves) {
                         vm.invalidate_tlbs(&Machine);
+                    }
+                    if dma {
+                        // Bus Master Enable, held: the VM's RAM all zeroed and mapped first.
+                        if let Err(e) = vm.open_dma(&Machine, |s| hv().iommu.ecam(s)) {
+                            log::error!(
+                                "{}: bus mastering refused: its RAM could not be zeroed and mapped: {e}",
+                                vm.config.name
+                            );
+                            super::stop_vm(vm, "its RAM could not be mapped for DMA");
+                        }
                     }
                     0
                 }

@@ -14,6 +14,7 @@ mod smccc;
 mod sysreg_trap;
 mod vits;
 
+use crate::arch::hw::Machine;
 use crate::arch::{hv, sysreg, this_cpu, uart};
 use crate::esr::{fault_ipa, instruction_length, ExceptionClass};
 use crate::vm::irq::VTIMER_PPI;
@@ -95,7 +96,13 @@ pub fn run_bound_vcpu() -> ! {
         // Woken by any interrupt (a kick from CPU_ON, a VM boot or reset, console input or
         // an SMMU event routed here): serve the hypervisor's own before looking again.
         uart::set_log_vm(None);
-        sysreg::wfi();
+        // Until its vCPU is powered on, the CPU zeroes its VM's RAM ahead of need (one with PCI
+        // functions), looking at its power between blocks.
+        let power = &vm.vcpus[vcpu].power;
+        let idle = || vm.life.runs() && power.get() == Power::Off;
+        if !(idle() && vm.zero_idle(&Machine, &mut || sysreg::irq_pending() || !idle()) > 0) {
+            sysreg::wfi();
+        }
         handle_irqs(None);
     }
 }
@@ -182,7 +189,17 @@ fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
         ExceptionClass::WfiWfe => {
             frame.elr = frame.elr.wrapping_add(instruction_length(esr));
             uart::flush_if_focused(vm.id);
-            if !has_pending_virtual(vm, vcpu) {
+            // An idle vCPU zeroes its VM's RAM ahead of need (one with PCI functions) until
+            // something is pending for it, and only waits when there is nothing left. A
+            // directly injected vLPI pends nowhere EL2 can see: then one block per WFI.
+            let direct = vm.its.as_ref().is_some_and(|i| i.is_direct());
+            let mut blocks = 0;
+            if !has_pending_virtual(vm, vcpu)
+                && vm.zero_idle(&Machine, &mut || {
+                    blocks += 1;
+                    (direct && blocks > 1) || sysreg::irq_pending() || has_pending_virtual(vm, vcpu)
+                }) == 0
+            {
                 sysreg::wfi();
             }
         }
@@ -201,6 +218,9 @@ fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
         }
         ExceptionClass::InstAbortLower => {
             let ipa = fault_ipa(HPFAR_EL2.get(), FAR_EL2.get());
+            if !abort::ram_fault(vm, ipa, esr as u8 & 0x3f) {
+                return;
+            }
             log::warn!(
                 "{}: vcpu{vcpu} instruction fetch from unmapped IPA {ipa:#x} (ELR {:#x}, SPSR {:#x}, ESR {esr:#x})",
                 vm.config.name,

@@ -1005,3 +1005,51 @@ fn an_msi_only_function_keeps_intx_disabled_and_shows_no_pin() {
     assert_eq!(f.read32(other, 4) & 0x400, 0);
     assert_eq!(v.read(&f, off(other, 0x3d), B), 1);
 }
+
+#[test]
+fn bus_master_enable_is_held_until_the_dma_gate_opens() {
+    let blk = Bdf::new(0, 2, 0);
+    let (mut f, v) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+    let mut v = v.holding_bus_master();
+    let bme = u64::from(regs::command::BUS_MASTER);
+    assert!(!v.dma_open());
+    // Memory Space and Bus Master Enable in one byte write, as Linux's pci_set_master does.
+    v.write(&mut f, off(blk, 4), B, 0x06);
+    assert_eq!(
+        u64::from(f.read32(blk, regs::COMMAND)) & bme,
+        0,
+        "held in hardware"
+    );
+    assert_eq!(
+        v.read(&f, off(blk, 4), H) & bme,
+        bme,
+        "the guest reads what it wrote"
+    );
+    assert!(v.take_dma_request());
+    assert!(!v.take_dma_request());
+    // The guest clears it again before the gate opened: nothing is let through.
+    v.write(&mut f, off(blk, 4), H, 0x02);
+    assert_eq!(v.read(&f, off(blk, 4), H) & bme, 0);
+    v.write(&mut f, off(blk, 4), H, 0x06);
+    assert!(v.take_dma_request());
+    // A write of another byte of the dword keeps it held.
+    v.write(&mut f, off(blk, 5), B, 0x00);
+    assert_eq!(v.read(&f, off(blk, 4), H) & bme, bme);
+    assert_eq!(u64::from(f.read32(blk, regs::COMMAND)) & bme, 0);
+    v.open_dma(&mut f);
+    assert!(v.dma_open());
+    assert_eq!(
+        u64::from(f.read32(blk, regs::COMMAND)) & bme,
+        bme,
+        "let through"
+    );
+    v.write(&mut f, off(blk, 4), H, 0x02);
+    assert_eq!(u64::from(f.read32(blk, regs::COMMAND)) & bme, 0);
+    v.write(&mut f, off(blk, 4), H, 0x06);
+    assert!(!v.take_dma_request(), "the gate stays open");
+    assert_eq!(u64::from(f.read32(blk, regs::COMMAND)) & bme, bme);
+    // Open by default: a VirtualEcam without the gate passes it straight through.
+    let (mut f, mut v) = setup(FakeConfigSpace::qemu_flat(), &[blk]);
+    v.write(&mut f, off(blk, 4), B, 0x06);
+    assert_eq!(u64::from(f.read32(blk, regs::COMMAND)) & bme, bme);
+}

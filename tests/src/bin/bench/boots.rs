@@ -3,7 +3,7 @@
 
 use crate::guest::{
     check_iommu_driver, collect_until, delta, dma_setup, guest_modules, hv_counters, info,
-    kernel_init_time, num, type_command, vm_load_ms, wait_exec, workload, Facts,
+    kernel_init_time, num, type_command, vm_gate_ms, vm_load_ms, wait_exec, workload, Facts,
 };
 use crate::setup::{Boot, Col, Ctx, VM_IPS};
 use crate::stats::{dma_pairs, Results};
@@ -34,7 +34,11 @@ pub(crate) fn run_single(col: Col, rep: usize, ctx: &Ctx, res: &mut Results, nam
         res.add("boot-load", col, rep, load);
     }
     res.add("boot-less-load", col, rep, boot - load.unwrap_or(0.0));
-    q.wait_for("guest: shell", STEP_TIMEOUT).map_err(qe)?;
+    let shell = q.wait_for_line("guest: shell", STEP_TIMEOUT).map_err(qe)?;
+    res.add("boot-shell", col, rep, (shell.at - exec.at).as_secs_f64());
+    if let Some(ms) = vm_gate_ms(&q.lines(), "vm0") {
+        res.add("boot-gate", col, rep, ms / 1e3);
+    }
     let modules = guest_modules(&q.lines());
     check_iommu_driver(col, modules.as_deref())?;
     let mut facts = info(&mut q, None, col)?;

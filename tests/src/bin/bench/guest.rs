@@ -212,9 +212,14 @@ pub(crate) fn num(facts: &Facts, key: &str) -> R<f64> {
 /// The IOMMU domain each setup's guest must have put its functions in (`iommu_group/type`).
 fn domain_ok(col: Col, domain: &str) -> bool {
     match col {
-        Col::Bare | Col::Vsmmu | Col::VsmmuIntx | Col::VsmmuV4 | Col::Viommu | Col::BareViommu => {
-            domain.starts_with("DMA")
-        }
+        Col::Bare
+        | Col::Vsmmu
+        | Col::VsmmuIntx
+        | Col::VsmmuV4
+        | Col::Viommu
+        | Col::BareViommu
+        | Col::BarePrealloc
+        | Col::VsmmuPrealloc => domain.starts_with("DMA"),
         Col::S2 => domain == "identity",
     }
 }
@@ -245,6 +250,17 @@ pub(crate) fn vm_load_ms(lines: &[Line], vm: &str) -> Option<f64> {
     lines.iter().find_map(|l| {
         let t = hv_text(&l.text)?.strip_prefix(&prefix)?;
         let (_, rest) = t.split_once(", loaded in ")?;
+        rest.split_once(" ms")?.0.parse().ok()
+    })
+}
+
+/// How long VM `vm`'s first Bus Master Enable waited for the rest of its RAM to be zeroed
+/// (`[hv] vm0: bus mastering enabled by its guest: ... (900 MiB of it at the gate in 812 ms)`).
+pub(crate) fn vm_gate_ms(lines: &[Line], vm: &str) -> Option<f64> {
+    let prefix = format!("{vm}: bus mastering enabled by its guest: ");
+    lines.iter().find_map(|l| {
+        let t = hv_text(&l.text)?.strip_prefix(&prefix)?;
+        let (_, rest) = t.split_once(" at the gate in ")?;
         rest.split_once(" ms")?.0.parse().ok()
     })
 }

@@ -303,6 +303,14 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
                 Boot::Single(Col::BareViommu),
                 "bare, QEMU's virtio-iommu-pci",
             ),
+            (
+                Boot::Single(Col::BarePrealloc),
+                "bare, the host's RAM for QEMU preallocated (`-mem-prealloc`)",
+            ),
+            (
+                Boot::Single(Col::VsmmuPrealloc),
+                "vSMMU, the host's RAM for QEMU preallocated (`-mem-prealloc`)",
+            ),
             (Boot::Pair(Col::Vsmmu), "two VMs, vSMMU"),
             (Boot::Pair(Col::S2), "two VMs, stage-2 only"),
         ];

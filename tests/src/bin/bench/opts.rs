@@ -19,6 +19,11 @@ virtio-iommu setup, which to pick. The setups (--setups names):
   viommu       the VM with the hypervisor's virtio-iommu (--vm-iommu 0 virtio-iommu)
   bare-viommu  Linux directly on QEMU with QEMU's virtio-iommu-pci, no SMMU
                (qemu/board-virt.sh --bare --bare-iommu virtio-iommu)
+  bare-prealloc, vsmmu-prealloc
+               bare and vsmmu with QEMU's guest RAM allocated by the host before the boot
+               (-mem-prealloc): under TCG the first touch of a host page costs its allocation,
+               which the hypervisor's zeroing pays for every page it zeroes; these two columns
+               compare boots without that artefact
   net          two VMs (vSMMU, then stage 2 only): guest-to-guest TCP and concurrent DMA
 
   --repeats N      boots of each setup (default 3)

@@ -75,6 +75,19 @@ fn rows(o: &Opts) -> Vec<Row> {
             false,
         ),
         row(
+            "boot-shell",
+            "boot to the shell (s): QEMU's exec to `guest: shell`, its drivers probed (modules \
+             loaded by init)"
+                .to_string(),
+            false,
+        ),
+        row(
+            "boot-gate",
+            "of which the first Bus Master Enable waiting for the VM's RAM to be all zeroed (s)"
+                .to_string(),
+            false,
+        ),
+        row(
             "boot-kernel",
             "the guest kernel's own clock at `Run /init` (s)".to_string(),
             false,
@@ -178,8 +191,13 @@ fn rows(o: &Opts) -> Vec<Row> {
 }
 
 /// The ratio columns, each shown when the run has both setups: (numerator, denominator, header).
-const RATIOS: [(Col, Col, &str); 7] = [
+const RATIOS: [(Col, Col, &str); 8] = [
     (Col::Vsmmu, Col::Bare, "vSMMU/bare"),
+    (
+        Col::VsmmuPrealloc,
+        Col::BarePrealloc,
+        "vSMMU/bare, host RAM preallocated",
+    ),
     (
         Col::Viommu,
         Col::BareViommu,

@@ -29,10 +29,17 @@ pub(crate) enum Col {
     /// Linux directly on QEMU with QEMU's own virtio-iommu-pci and no SMMU
     /// (`--bare-iommu virtio-iommu`): what a VMM's user would pick instead.
     BareViommu,
+    /// [`Col::Bare`] with QEMU's guest RAM allocated by the host before the boot
+    /// (`-mem-prealloc`): under TCG the first touch of a page costs a host page fault and
+    /// allocation, which the hypervisor's zeroing pays for every page it zeroes and a bare
+    /// guest only for the pages it uses. Preallocated, neither pays it during the boot.
+    BarePrealloc,
+    /// [`Col::Vsmmu`] with the host's RAM preallocated, as [`Col::BarePrealloc`].
+    VsmmuPrealloc,
 }
 
 impl Col {
-    pub(crate) const ALL: [Col; 7] = [
+    pub(crate) const ALL: [Col; 9] = [
         Col::Bare,
         Col::Vsmmu,
         Col::S2,
@@ -40,11 +47,18 @@ impl Col {
         Col::VsmmuV4,
         Col::Viommu,
         Col::BareViommu,
+        Col::BarePrealloc,
+        Col::VsmmuPrealloc,
     ];
 
     /// Linux directly on QEMU, no hypervisor (no hypervisor counters).
     pub(crate) fn is_bare(self) -> bool {
-        matches!(self, Col::Bare | Col::BareViommu)
+        matches!(self, Col::Bare | Col::BareViommu | Col::BarePrealloc)
+    }
+
+    /// QEMU's guest RAM allocated by the host before the boot (`-mem-prealloc`).
+    pub(crate) fn prealloc(self) -> bool {
+        matches!(self, Col::BarePrealloc | Col::VsmmuPrealloc)
     }
 
     /// The guest drives a virtio-iommu (virtio_iommu), not an SMMUv3 (arm_smmu_v3).
@@ -61,6 +75,8 @@ impl Col {
             Col::VsmmuV4 => "vSMMU, GICv4",
             Col::Viommu => "virtio-iommu",
             Col::BareViommu => "bare, virtio-iommu-pci",
+            Col::BarePrealloc => "bare, host RAM preallocated",
+            Col::VsmmuPrealloc => "vSMMU, host RAM preallocated",
         }
     }
 
@@ -73,6 +89,8 @@ impl Col {
             Col::VsmmuV4 => "vsmmu-v4",
             Col::Viommu => "viommu",
             Col::BareViommu => "bare-viommu",
+            Col::BarePrealloc => "bare-prealloc",
+            Col::VsmmuPrealloc => "vsmmu-prealloc",
         }
     }
 }
@@ -162,6 +180,9 @@ impl Ctx {
             }
         };
         a.push("--".to_string());
+        if boot.col().prealloc() {
+            a.push("-mem-prealloc".to_string());
+        }
         a.extend(pci_devices(&self.disks[..vms]));
         a
     }

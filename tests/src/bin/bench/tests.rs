@@ -269,3 +269,46 @@ fn which_to_pick_prose() {
     // 16-page mappings were not measured.
     assert!(p.contains("With 16 pages per mapping: virtio-iommu not measured"));
 }
+
+#[test]
+fn prealloc_setups_are_bare_and_vsmmu_with_the_hosts_ram_preallocated() {
+    let o = Opts::parse(&[
+        "--setups".into(),
+        "bare-prealloc,vsmmu-prealloc,bare".into(),
+    ])
+    .unwrap();
+    assert_eq!(
+        o.singles,
+        vec![Col::Bare, Col::BarePrealloc, Col::VsmmuPrealloc]
+    );
+    let ctx = Ctx {
+        opts: o,
+        guest: PathBuf::from("/g"),
+        disks: [PathBuf::from("/d/vm0.img"), PathBuf::from("/d/vm1.img")],
+    };
+    let qemu = |a: &[String]| {
+        a.iter()
+            .skip_while(|w| *w != "--")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let bare = ctx.args(Boot::Single(Col::BarePrealloc));
+    assert_eq!(bare[0], "--bare");
+    assert_eq!(qemu(&bare)[1], "-mem-prealloc");
+    let plain = ctx.args(Boot::Single(Col::Bare));
+    assert_eq!(
+        bare.iter()
+            .filter(|w| *w != "-mem-prealloc")
+            .collect::<Vec<_>>(),
+        plain.iter().collect::<Vec<_>>(),
+        "the same boot otherwise"
+    );
+    let hv = ctx.args(Boot::Single(Col::VsmmuPrealloc));
+    assert!(hv.windows(2).any(|w| w == ["--vm-pci", "0"]));
+    assert!(qemu(&hv).contains(&"-mem-prealloc".to_string()));
+    assert!(!qemu(&ctx.args(Boot::Single(Col::Vsmmu))).contains(&"-mem-prealloc".to_string()));
+    assert!(Col::BarePrealloc.is_bare() && !Col::VsmmuPrealloc.is_bare());
+    assert!(shown_ratios(&ctx.opts)
+        .iter()
+        .any(|(a, b, _)| (*a, *b) == (Col::VsmmuPrealloc, Col::BarePrealloc)));
+}
