@@ -149,7 +149,10 @@ impl Vm {
             scrub.len() - blocks.len(),
             match self.config.ram_zeroing {
                 RamZeroing::Eager => ", now (ram-zero=eager)",
-                _ if self.zero_ahead => " or while its CPUs idle, and all before its first bus mastering",
+                _ if self.zero_ahead => {
+                    " or while its CPUs idle, and all before its first bus mastering"
+                }
+                _ if self.pci.is_empty() => " (ram-zero=lazy)",
                 _ => " (ram-zero=lazy), and all before its first bus mastering",
             }
         );
