@@ -298,7 +298,9 @@ fn bare_guest_with_vm0s_pci_devices() -> Result<(), integration_tests::Error> {
 }
 
 /// A device DMA that leaves its VM's memory is stopped by the SMMU at stage 2 and reported by
-/// the hypervisor with the VM, StreamID and IPA, while the other VM's disk I/O goes on untouched.
+/// the hypervisor with the VM, StreamID and IPA, while the other VM's disk I/O goes on untouched;
+/// a DMA into RAM no CPU of the VM touched lands in zeroed memory (a second virtio-rng, 00:08.0,
+/// StreamID 64, with its rings and buffer above vm1's kernel's `mem=768M`).
 /// vm1 also owns a virtio-rng function at 00:07.0 (RID/StreamID 56), which its init takes from
 /// the driver and programs by hand with rings at IPA 8 GiB (its RAM is 1 GiB at 1 GiB). vm1
 /// boots with `iommu.passthrough=1`: its driver gives its functions identity domains, so its
@@ -315,16 +317,18 @@ fn stage2_fault_is_logged_and_contained() -> Result<(), integration_tests::Error
             "--pci",
             "--vm-pci",
             "1",
-            "00:03.0,00:04.0,00:07.0",
+            "00:03.0,00:04.0,00:07.0,00:08.0",
             "--vm-bootargs",
             "0",
             "console=ttyAMA0 rdinit=/init hvtest=poweroff",
             "--vm-bootargs",
             "1",
-            "console=ttyAMA0 rdinit=/init iommu.passthrough=1 hvdmafault=00:07.0 hvtest=poweroff",
+            "console=ttyAMA0 rdinit=/init iommu.passthrough=1 mem=768M hvdmafault=00:07.0 hvdmazero=00:08.0 hvtest=poweroff",
             "--",
             "-device",
             "virtio-rng-pci,disable-legacy=on,iommu_platform=on,addr=7",
+            "-device",
+            "virtio-rng-pci,disable-legacy=on,iommu_platform=on,addr=8",
         ],
         PCI_RUN_TIMEOUT,
     )?;
@@ -361,9 +365,28 @@ fn stage2_fault_is_logged_and_contained() -> Result<(), integration_tests::Error
         STEP_TIMEOUT,
     )?;
     println!("hypervisor: {event}");
+    // A DMA into RAM no CPU of vm1 touched (above its kernel's mem=768M): the SMMU finds it
+    // mapped (no event) and it lands in a block the hypervisor zeroed before vm1's first Bus
+    // Master Enable, the rest of which reads 0.
+    assert_eq!(
+        q.wait_vm_fact("vm1", "dma-zero-used", STEP_TIMEOUT)?,
+        "1 len=64",
+        "vm1's virtio-rng wrote its buffer at 0x7e000000"
+    );
+    assert_eq!(
+        q.wait_vm_fact("vm1", "dma-zero-after", STEP_TIMEOUT)?,
+        "0x00000000,0x00000000,0x00000000",
+        "the rest of that never-touched block, after the DMA"
+    );
     q.wait_for("[hv] all VMs stopped", STEP_TIMEOUT)?;
     let status = q.wait_exit(STEP_TIMEOUT)?;
     assert!(status.success(), "QEMU exited with {status}");
+    assert!(
+        !q.lines()
+            .iter()
+            .any(|l| l.text.contains("smmu: event") && l.text.contains("StreamID 64 ")),
+        "the DMA into never-touched RAM faulted"
+    );
 
     // vm0's disk: whole and intact, checked from its own output.
     let lines = q.lines();

@@ -10,8 +10,9 @@
 //! - Device DMA goes through the same stage 2 (the SMMU shares it), but no function masters
 //!   DMA before every block is zeroed and mapped: its virtual ECAM holds Bus Master Enable
 //!   until [`Vm::open_dma`] has done that ([`crate::devices::vecam::VirtualEcam::take_dma_request`]).
-//! - A VM with PCI functions, which will need all of it, has its idle CPUs (a vCPU in WFI,
-//!   one not powered on yet) zero the rest ahead of time ([`Vm::zero_idle`]).
+//! - The VM's idle CPUs (a vCPU in WFI, one not powered on yet) help whoever needs all of it
+//!   (the DMA gate, an eager load), and with `ram-zero=idle` zero ahead of need for a VM with
+//!   PCI functions ([`Vm::zero_idle`]).
 
 use super::{Vm, VmError};
 use crate::hw::scrub::{self, By, ScrubStats};

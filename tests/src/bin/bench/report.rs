@@ -32,12 +32,16 @@ How to read them:
   hypervisor's guests use MSI-X through their virtual ITS (physical LPIs taken at EL2 and \
   injected through list registers), but INTx through the virtual GIC with `smmu-hv,intx-only`, \
   and directly injected vLPIs on GICv4.
-- Boot to init under the hypervisor includes its load of the VM, mostly a first-boot pass zeroing \
-  all 1 GiB of the VM's RAM, which under emulation makes the host allocate it. How long that takes \
-  depends on the host, not on the setup: about 0.5 s when the boot before had freed as much \
-  memory (another boot of the hypervisor with as many VMs), 1.5 to 5 s otherwise (after a bare \
-  boot, or one VM before two), which the rotated order hands out unevenly. Its own \
-  `loaded in N ms` is shown, and the boot time less it.
+- Boot to init under the hypervisor includes its load of the VM (its own `loaded in N ms` is \
+  shown, and the boot time less it). The VM's RAM is zeroed before first use, 2 MiB at a time \
+  (`ram-zero=lazy`): the load zeroes only around the images, the guest's first touches zero \
+  the blocks it uses, and the first Bus Master Enable of one of its functions waits until \
+  the rest is zeroed (shown as its own row; these guests probe their drivers after init, so \
+  it falls between init and the shell). Zeroing under emulation makes the host allocate every \
+  page it touches, which a bare guest never pays for pages it does not use; how long that takes \
+  depends on the host's free memory, not on the setup. The `host RAM preallocated` setups \
+  (QEMU's `-mem-prealloc`, bare and vSMMU alike) take that allocation out of the zeroing; \
+  their boot times include QEMU allocating its 4 GiB before the machine starts, in both.
 - dma_map_benchmark reports 0.1 µs steps; with `iommu.passthrough=1` it measures dma-direct.
 - The random reads run one dd process per read: the row below them (the same loop on /dev/zero) \
   shows that process creation, not the disk, dominates them.
