@@ -137,7 +137,7 @@ impl Vm {
         log::info!(
             "{}: RAM of boot {}: {} MiB, zeroed before first use: {} MiB around the images now in {} ms ({} ms {}, {} ms cleaning to PoC), the other {} blocks of 2 MiB as they are first used{}",
             self.config.name,
-            self.boots.load(Ordering::Acquire),
+            self.boots.load(Ordering::Acquire) + 1,
             mib(self.ram_ipa.size),
             mib(bytes),
             Self::ms(hw, time.zero + time.clean),
@@ -171,7 +171,7 @@ impl Vm {
         log::info!(
             "{}: RAM of boot {}: all {} MiB zeroed before the start in {} ms, on {} CPUs ({} MiB by the others), {} ms zeroing and {} ms cleaning, CPUs together",
             self.config.name,
-            self.boots.load(Ordering::Acquire),
+            self.boots.load(Ordering::Acquire) + 1,
             mib(self.ram_ipa.size),
             Self::ms(hw, hw.counter().saturating_sub(t0)),
             self.vcpus.len(),
@@ -185,19 +185,28 @@ impl Vm {
 
     /// Zeroes (by `by`) and maps every block: first the stale ones nobody claimed, then each
     /// in turn, waiting for those other CPUs are zeroing.
-    fn zero_and_map_all(&self, by: By) -> Result<(), VmError> {
+    /// `Ok(false)`: given up because the VM stopped running (a reset or stop began, which must
+    /// not wait for all of it: its vCPUs have a deadline to park).
+    fn zero_and_map_all(&self, by: By) -> Result<bool, VmError> {
         let scrub = self.ram.scrub();
         let ram = &*self.ram;
-        while let Some(i) = scrub.zero_one(by, &mut |r| {
-            ram.zero(Ipa(r.base), r.size).unwrap_or_default()
-        }) {
+        let runs = || by == By::Loader || self.life.runs();
+        while runs() {
+            let Some(i) = scrub.zero_one(by, &mut |r| {
+                ram.zero(Ipa(r.base), r.size).unwrap_or_default()
+            }) else {
+                break;
+            };
             let mut s2 = self.stage2.lock();
             self.map_block(&mut s2, i)?;
         }
         for i in 0..scrub.len() {
+            if !runs() {
+                return Ok(false);
+            }
             self.zero_and_map(i, by)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Maps block `i` in stage 2 if it is zeroed in this boot and not mapped yet (`s2` is the
@@ -313,15 +322,19 @@ impl Vm {
     /// virtual ECAM held): every block is zeroed and mapped first, both TLBs see it, then every
     /// held Bus Master Enable of the VM's functions is let through (`cfg_of` the physical
     /// configuration space of a segment). The VM's idle CPUs help (they are kicked awake).
+    /// `Ok(false)`: the VM stopped running meanwhile (a reset or stop, whose vCPUs must park
+    /// in time): the gate stays closed, the Bus Master Enable held, for the next boot to drop.
     pub fn open_dma<C: ConfigSpace>(
         &self,
         hw: &impl Hw,
         mut cfg_of: impl FnMut(usize) -> Option<C>,
-    ) -> Result<(), VmError> {
+    ) -> Result<bool, VmError> {
         let scrub = self.ram.scrub();
         let before = scrub.stats();
         let t0 = hw.counter();
-        self.with_helpers(hw, || self.zero_and_map_all(By::Gate))?;
+        if !self.with_helpers(hw, || self.zero_and_map_all(By::Gate))? {
+            return Ok(false);
+        }
         self.invalidate_tlbs(hw);
         for p in &self.pci {
             if let Some(mut cfg) = cfg_of(p.segment) {
@@ -336,7 +349,7 @@ impl Vm {
             Self::ms(hw, hw.counter().saturating_sub(t0))
         );
         self.report_zeroed(hw);
-        Ok(())
+        Ok(true)
     }
 
     /// What zeroing its RAM cost in this boot so far.

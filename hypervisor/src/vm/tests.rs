@@ -402,7 +402,7 @@ fn bus_master_enable_waits_until_all_ram_is_zeroed_and_mapped() {
     assert!(!ram.zeroed_ranges().is_empty());
     hw.take_ops();
     let mut c = Some(&mut cfg);
-    vm.open_dma(&hw, |_| c.take()).unwrap();
+    assert!(vm.open_dma(&hw, |_| c.take()).unwrap());
     let n = RAM_SIZE / BLOCK;
     assert!(
         (0..n).all(|i| vm
@@ -439,6 +439,23 @@ fn bus_master_enable_waits_until_all_ram_is_zeroed_and_mapped() {
         command::BUS_MASTER
     );
     drop(vecam);
+    // A reset begun while a gate would wait: it gives up at once, still held.
+    let mut c = Some(&mut cfg);
+    vm.quiesce_functions(|_| c.take());
+    vm.load(&hw, |_| NoSmmu).unwrap();
+    vm.pci[0].vecam.lock().write(&mut cfg, off, Word, 0x6);
+    assert!(vm.life.begin_reset());
+    let mut c = Some(&mut cfg);
+    assert!(
+        !vm.open_dma(&hw, |_| c.take()).unwrap(),
+        "given up for the reset"
+    );
+    assert_eq!(
+        cfg.read32(mine, 0x04) & command::BUS_MASTER,
+        0,
+        "still held"
+    );
+    assert!(vm.life.finish_reset());
     // A reset: held again until the next boot's RAM is all zeroed.
     let mut c = Some(&mut cfg);
     vm.quiesce_functions(|_| c.take());

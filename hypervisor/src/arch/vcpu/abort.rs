@@ -132,6 +132,7 @@ pub(super) fn mmio_access(
                     }
                     if dma {
                         // Bus Master Enable, held: the VM's RAM all zeroed and mapped first.
+                        // `Ok(false)`: a reset or stop began; this vCPU parks on its way out.
                         if let Err(e) = vm.open_dma(&Machine, |s| hv().iommu.ecam(s)) {
                             log::error!(
                                 "{}: bus mastering refused: its RAM could not be zeroed and mapped: {e}",
