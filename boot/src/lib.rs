@@ -60,13 +60,18 @@ pub struct TrapFrame {
     pub elr: u64,
     /// SPSR_EL2: its PSTATE.
     pub spsr: u64,
-    _pad: u64,
+    /// CNTPCT_EL0 at the vector's first instruction (the trap profile's start).
+    pub entry_ts: u64,
     /// q0 to q31.
     pub q: [u128; 32],
     /// FPCR.
     pub fpcr: u64,
     /// FPSR.
     pub fpsr: u64,
+    /// CNTPCT_EL0 just before the ERET of the last return through this frame slot: the vector
+    /// code writes it there after the restore, and the next exception's save leaves it alone,
+    /// so the next trap's handler reads when the previous one really ended.
+    pub eret_ts: u64,
 }
 
 impl TrapFrame {
@@ -104,6 +109,8 @@ const OFF_ELR: usize = offset_of!(TrapFrame, elr);
 const OFF_SPSR: usize = offset_of!(TrapFrame, spsr);
 const OFF_Q: usize = offset_of!(TrapFrame, q);
 const OFF_FPCR: usize = offset_of!(TrapFrame, fpcr);
+const OFF_ENTRY_TS: usize = offset_of!(TrapFrame, entry_ts);
+const OFF_ERET_TS: usize = offset_of!(TrapFrame, eret_ts);
 const _: () = assert!(
     OFF_ELR == OFF_X30 + 8,
     "asm stores x30 and ELR with one stp"
@@ -279,6 +286,8 @@ park:
 .macro SAVE_FRAME
     sub     sp, sp, #{frame}
     stp     x0, x1, [sp, #0]
+    mrs     x0, cntpct_el0
+    str     x0, [sp, #{off_entry_ts}]
     stp     x2, x3, [sp, #16]
     stp     x4, x5, [sp, #32]
     stp     x6, x7, [sp, #48]
@@ -382,17 +391,9 @@ __vectors:
     HANDLER current_fiq, 2, hv_current_exception
     HANDLER current_serror, 3, hv_current_exception
 
-/* Pops the frame at sp and returns from the exception into it. */
-restore_frame_and_eret:
-    mov     x0, sp
-    add     x1, sp, #{frame}
-    b       enter_frame
-
-/* enter_frame(frame: *const TrapFrame, stack_top: usize): loads the frame straight into the
- * registers (it may live anywhere, even on the stack being reset) and ERETs with sp at the top
- * of this CPU's stack. Nothing is written to memory. */
-.global enter_frame
-enter_frame:
+/* Loads the frame at x0 into the registers and ERETs with sp = x1. With `stamp`, CNTPCT_EL0 goes
+ * into the frame's eret_ts slot after the restore (the trap profile's end of the exit). */
+.macro LOAD_FRAME_ERET stamp
     mov     sp, x1
     add     x2, x0, #{off_fpcr}
     ldp     x3, x4, [x2]
@@ -433,8 +434,27 @@ enter_frame:
     ldp     x24, x25, [x0, #192]
     ldp     x26, x27, [x0, #208]
     ldp     x28, x29, [x0, #224]
+    .if \stamp
+    mrs     x1, cntpct_el0
+    str     x1, [x0, #{off_eret_ts}]
+    .endif
     ldp     x0, x1, [x0, #0]
     eret
+.endm
+
+/* Pops the frame at sp and returns from the exception into it. The frame slot stays below sp,
+ * where the next exception's frame goes: its eret_ts survives for that handler to read. */
+restore_frame_and_eret:
+    mov     x0, sp
+    add     x1, sp, #{frame}
+    LOAD_FRAME_ERET 1
+
+/* enter_frame(frame: *const TrapFrame, stack_top: usize): loads the frame straight into the
+ * registers (it may live anywhere, even on the stack being reset) and ERETs with sp at the top
+ * of this CPU's stack. Nothing is written to memory. */
+.global enter_frame
+enter_frame:
+    LOAD_FRAME_ERET 0
 
 .section .bss.early_pt, "aw", @nobits
 .balign 4096
@@ -461,6 +481,8 @@ __stacks_start:
         off_spsr = const OFF_SPSR,
         off_q = const OFF_Q,
         off_fpcr = const OFF_FPCR,
+        off_entry_ts = const OFF_ENTRY_TS,
+        off_eret_ts = const OFF_ERET_TS,
     );
 
     extern "C" {

@@ -31,6 +31,7 @@ pub mod mmio;
 pub mod monitor;
 pub mod pci;
 pub mod platform;
+pub mod profile;
 pub mod ratelimit;
 pub mod stage2;
 pub mod vm;

@@ -43,6 +43,8 @@ pub struct VcpuSlot {
     pub mpidr: u64,
     /// Power state.
     pub power: VcpuPower,
+    /// Where its exits' time went (`crate::profile`), written only by its physical CPU.
+    pub profile: spin::Mutex<crate::profile::TrapProfile>,
 }
 
 /// A boot module: where it lies and its bytes (pristine, never written: every boot of the VM
@@ -455,6 +457,7 @@ impl Vm {
                 pcpu,
                 mpidr: i as u64,
                 power: VcpuPower::new(),
+                profile: Default::default(),
             })
             .collect();
         let vgic = VGic::new(VGicConfig {
@@ -660,6 +663,18 @@ impl Vm {
             lines.push(v.stats_line(&self.iommu_name(v.regs.base, self.viommus.len())));
         }
         lines
+    }
+
+    /// The trap profile of all its vCPUs together (`crate::profile`), as a statistics line;
+    /// `freq` is the generic counter's frequency.
+    pub fn profile_line(&self, freq: u64) -> String {
+        let sum = self
+            .vcpus
+            .iter()
+            .fold(crate::profile::TrapProfile::default(), |acc, v| {
+                acc.merged(&v.profile.lock())
+            });
+        sum.stats_line(&self.config.name, freq)
     }
 
     /// How the stats lines name one of `count` emulated IOMMUs at `base`: a VM with several

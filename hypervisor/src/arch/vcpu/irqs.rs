@@ -24,8 +24,10 @@ pub(super) const MAX_IRQS_PER_EXIT: usize = 32;
 /// Physical interrupts taken while the guest runs (`running` is its VM and vCPU) or while this
 /// CPU has no running vCPU (`None`: its VM is stopped or not started): the hypervisor's own
 /// (console input, SMMU events) are served either way; a guest's are dropped when it is not
-/// running.
-pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) {
+/// running. Returns whether console input was served (the operator's monitor may have run:
+/// the trap profile leaves such an exit out).
+pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) -> bool {
+    let mut console = false;
     for _ in 0..MAX_IRQS_PER_EXIT {
         let intid = Gic::ack();
         // 1020-1023 are the special INTIDs (IHI 0069H 2.2.1; 1023: nothing pending); an LPI
@@ -64,6 +66,7 @@ pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) {
         } else if Some(intid) == hv().platform.uart.intid {
             Gic::eoi_and_deactivate(intid);
             console_input();
+            console = true;
         } else if iommu::is_smmu_irq(intid) {
             Gic::eoi_and_deactivate(intid);
             service_smmu_events();
@@ -96,6 +99,7 @@ pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) {
             }
         }
     }
+    console
 }
 
 /// The last special INTID (1023, "no pending interrupt").

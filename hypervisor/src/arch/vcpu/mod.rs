@@ -16,11 +16,12 @@ mod vits;
 
 use crate::arch::{hv, sysreg, this_cpu, uart};
 use crate::esr::{fault_ipa, instruction_length, ExceptionClass};
+use crate::profile::{Kind, Laps, Stage, Stopwatch};
 use crate::vm::irq::VTIMER_PPI;
 use crate::vm::lifecycle::Power;
 use crate::vm::lr::{HwPending, Lrs};
 use crate::vm::Vm;
-use aarch64_cpu::registers::{Readable, ESR_EL2, FAR_EL2, HPFAR_EL2};
+use aarch64_cpu::registers::{Readable, CNTPCT_EL0, ESR_EL2, FAR_EL2, HPFAR_EL2};
 use abort::handle_data_abort;
 use boot::{ExceptionKind, TrapFrame};
 use el2::{configure_el2, reset_el1_and_vgic_cpu};
@@ -135,11 +136,24 @@ extern "C" fn hv_lower_exception(frame: &mut TrapFrame, kind: u64) {
     let Some((vm, vcpu)) = vm_and_vcpu() else {
         panic!("guest exception on a CPU without a vCPU");
     };
+    let laps = Stopwatch::start(counter as fn() -> u64, frame.entry_ts);
+    laps.enter(Stage::Decode);
+    let cpu = this_cpu();
+    if let Some((kind, end)) = LAST_EXIT[cpu].lock().take() {
+        vm.vcpus[vcpu]
+            .profile
+            .lock()
+            .add_exit(kind, end, frame.eret_ts);
+    }
     // What the hypervisor logs while it handles this exit is the guest's doing: rate-limited.
     uart::set_log_vm(Some(vm.id));
     match ExceptionKind::from_raw(kind) {
-        ExceptionKind::Sync => handle_sync(vm, vcpu, frame),
-        ExceptionKind::Irq | ExceptionKind::Fiq => handle_irqs(Some((vm, vcpu))),
+        ExceptionKind::Sync => handle_sync(vm, vcpu, frame, &laps),
+        ExceptionKind::Irq | ExceptionKind::Fiq => {
+            if !handle_irqs(Some((vm, vcpu))) {
+                laps.kind(Kind::Irq);
+            }
+        }
         ExceptionKind::SError => {
             stop_vm(vm, "SError from the guest");
         }
@@ -150,8 +164,24 @@ extern "C" fn hv_lower_exception(frame: &mut TrapFrame, kind: u64) {
     if vm.life.take_reset_request() {
         reset_vm(vm, vcpu, "reset by the operator");
     }
+    laps.enter(Stage::LrSync);
     sync_list_registers(vm, vcpu);
+    let (kind, ticks, end) = laps.finish();
+    if let Some(kind) = kind {
+        vm.vcpus[vcpu].profile.lock().add(kind, &ticks);
+        *LAST_EXIT[cpu].lock() = Some((kind, end));
+    }
 }
+
+/// The generic counter, for the trap profile.
+fn counter() -> u64 {
+    CNTPCT_EL0.get()
+}
+
+/// Per physical CPU: the kind of its last profiled exit and when its handler ended, until the
+/// next exit reads when its ERET ran (`TrapFrame::eret_ts`) and charges the difference.
+static LAST_EXIT: [spin::Mutex<Option<(Kind, u64)>>; boot::MAX_CPUS] =
+    [const { spin::Mutex::new(None) }; boot::MAX_CPUS];
 
 /// Entry from the vector table for exceptions taken at EL2: a hypervisor bug.
 #[no_mangle]
@@ -169,10 +199,10 @@ extern "C" fn hv_current_exception(frame: &mut TrapFrame, kind: u64) {
     );
 }
 
-fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
+fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, laps: &impl Laps) {
     let esr = ESR_EL2.get();
     match ExceptionClass::from_esr(esr) {
-        ExceptionClass::DataAbortLower => handle_data_abort(vm, vcpu, frame, esr),
+        ExceptionClass::DataAbortLower => handle_data_abort(vm, vcpu, frame, esr, laps),
         ExceptionClass::Hvc64 => handle_smccc(vm, vcpu, frame),
         ExceptionClass::Smc64 => {
             // A trapped SMC leaves ELR at the SMC itself (Arm ARM D1.11.4).
