@@ -225,9 +225,13 @@ pub(crate) fn num(facts: &Facts, key: &str) -> R<f64> {
 /// The IOMMU domain each setup's guest must have put its functions in (`iommu_group/type`).
 fn domain_ok(col: Col, domain: &str) -> bool {
     match col {
-        Col::Bare | Col::Vsmmu | Col::VsmmuIntx | Col::VsmmuV4 | Col::Viommu | Col::BareViommu => {
-            domain.starts_with("DMA")
-        }
+        Col::Bare
+        | Col::Vsmmu
+        | Col::VsmmuBase
+        | Col::VsmmuIntx
+        | Col::VsmmuV4
+        | Col::Viommu
+        | Col::BareViommu => domain.starts_with("DMA"),
         Col::S2 => domain == "identity",
     }
 }

@@ -261,6 +261,14 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
             guest.display()
         );
         let _ = writeln!(md, "- Hypervisor: build/hypervisor.bin, sha256 {hv_hash}");
+        if let Some(b) = &opts.baseline {
+            let _ = writeln!(
+                md,
+                "- Baseline hypervisor (the column \"vSMMU, baseline\"): {}, sha256 {}",
+                b.display(),
+                sha256(b)
+            );
+        }
         for w in warnings.iter().chain(&hv_changed) {
             let _ = writeln!(md, "- **Warning**: {w}");
         }
@@ -295,6 +303,10 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
         let setups = [
             (Boot::Single(Col::Bare), "bare"),
             (Boot::Single(Col::Vsmmu), "vSMMU"),
+            (
+                Boot::Single(Col::VsmmuBase),
+                "vSMMU on the baseline image (--baseline)",
+            ),
             (Boot::Single(Col::S2), "stage-2 only"),
             (
                 Boot::Single(Col::VsmmuIntx),

@@ -178,8 +178,10 @@ fn rows(o: &Opts) -> Vec<Row> {
 }
 
 /// The ratio columns, each shown when the run has both setups: (numerator, denominator, header).
-const RATIOS: [(Col, Col, &str); 7] = [
+const RATIOS: [(Col, Col, &str); 9] = [
     (Col::Vsmmu, Col::Bare, "vSMMU/bare"),
+    (Col::VsmmuBase, Col::Bare, "baseline/bare"),
+    (Col::Vsmmu, Col::VsmmuBase, "vSMMU/baseline"),
     (
         Col::Viommu,
         Col::BareViommu,
@@ -195,7 +197,7 @@ const RATIOS: [(Col, Col, &str); 7] = [
 /// The setups the run has, in the table's order: the single-guest setups asked for, and vSMMU
 /// and stage-2 only when the two-VM pairs ran.
 pub(crate) fn shown_cols(o: &Opts) -> Vec<Col> {
-    Col::ALL
+    Col::ORDER
         .into_iter()
         .filter(|c| o.singles.contains(c) || (o.net && matches!(c, Col::Vsmmu | Col::S2)))
         .collect()

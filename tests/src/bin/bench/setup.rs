@@ -29,11 +29,27 @@ pub(crate) enum Col {
     /// Linux directly on QEMU with QEMU's own virtio-iommu-pci and no SMMU
     /// (`--bare-iommu virtio-iommu`): what a VMM's user would pick instead.
     BareViommu,
+    /// The vSMMU setup on another build of the hypervisor (`--baseline FILE`): before and after
+    /// a change, side by side in one run.
+    VsmmuBase,
 }
 
 impl Col {
+    /// The setups `--setups` names (the baseline comes with `--baseline` instead).
     pub(crate) const ALL: [Col; 7] = [
         Col::Bare,
+        Col::Vsmmu,
+        Col::S2,
+        Col::VsmmuIntx,
+        Col::VsmmuV4,
+        Col::Viommu,
+        Col::BareViommu,
+    ];
+
+    /// Every setup in the tables' order.
+    pub(crate) const ORDER: [Col; 8] = [
+        Col::Bare,
+        Col::VsmmuBase,
         Col::Vsmmu,
         Col::S2,
         Col::VsmmuIntx,
@@ -61,6 +77,7 @@ impl Col {
             Col::VsmmuV4 => "vSMMU, GICv4",
             Col::Viommu => "virtio-iommu",
             Col::BareViommu => "bare, virtio-iommu-pci",
+            Col::VsmmuBase => "vSMMU, baseline",
         }
     }
 
@@ -73,6 +90,7 @@ impl Col {
             Col::VsmmuV4 => "vsmmu-v4",
             Col::Viommu => "viommu",
             Col::BareViommu => "bare-viommu",
+            Col::VsmmuBase => "vsmmu-base",
         }
     }
 }
@@ -143,6 +161,10 @@ impl Ctx {
                 }
                 if c == Col::Viommu {
                     a.extend(["--vm-iommu", "0", "virtio-iommu"].map(String::from));
+                }
+                if let (Col::VsmmuBase, Some(image)) = (c, &self.opts.baseline) {
+                    a.push("--hv-image".to_string());
+                    a.push(image.display().to_string());
                 }
                 a.extend(
                     ["--vm-pci", "0", "00:01.0,00:02.0", "--vm-bootargs", "0"].map(String::from),
