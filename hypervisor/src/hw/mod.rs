@@ -96,6 +96,12 @@ pub trait GuestRam: Send + Sync + core::fmt::Debug {
     /// Copies `data` to guest memory at `ipa`, visible to a guest running with its MMU and
     /// caches off.
     fn write(&self, ipa: Ipa, data: &[u8]) -> Result<(), OutOfRam>;
+    /// Copies `data` to guest memory at `ipa` for a guest that reads it through cacheable
+    /// mappings: what an emulated device writes whose guest DT node says `dma-coherent` (the
+    /// vSMMU's queues and CMD_SYNC MSIs, virtio rings), which needs no cache maintenance.
+    fn write_coherent(&self, ipa: Ipa, data: &[u8]) -> Result<(), OutOfRam> {
+        self.write(ipa, data)
+    }
     /// Zeroes all of it.
     fn zero_all(&self);
 }
@@ -110,8 +116,9 @@ impl smmu::vsmmu::GuestMemory for &dyn GuestRam {
         })
     }
 
+    /// The emulated devices' writes: every one of them is `dma-coherent` in the guest's DT.
     fn write(&mut self, ipa: u64, data: &[u8]) -> Result<(), smmu::vsmmu::GuestMemError> {
-        GuestRam::write(*self, Ipa(ipa), data).map_err(|e| smmu::vsmmu::GuestMemError {
+        GuestRam::write_coherent(*self, Ipa(ipa), data).map_err(|e| smmu::vsmmu::GuestMemError {
             ipa: e.ipa.get(),
             len: e.len,
         })
