@@ -86,23 +86,36 @@ pub enum Kind {
     /// A guest read of an emulated register that touches no device, physical or modelled
     /// beyond its register file (a vSMMU register read): the fixed cost of any exit.
     RegRead,
-    /// A physical interrupt taken at EL2 while the guest ran (a device's INTx or LPI, the
-    /// timer, a kick).
+    /// A physical LPI taken at EL2 while the guest ran (an assigned function's MSI, for list
+    /// registers), and nothing but LPIs in that exit.
+    Lpi,
+    /// The guest's virtual timer (its physical PPI taken at EL2), and nothing else but LPIs.
+    Timer,
+    /// Any other physical interrupt exit (a device's INTx, a kick, SMMU events, several kinds
+    /// at once); console input is left out (the operator's monitor runs in it).
     Irq,
 }
 
 /// How many [`Kind`]s there are.
-pub const KINDS: usize = 3;
+pub const KINDS: usize = 5;
 
 impl Kind {
     /// Every kind, in order.
-    pub const ALL: [Kind; KINDS] = [Kind::CmdqProd, Kind::RegRead, Kind::Irq];
+    pub const ALL: [Kind; KINDS] = [
+        Kind::CmdqProd,
+        Kind::RegRead,
+        Kind::Lpi,
+        Kind::Timer,
+        Kind::Irq,
+    ];
 
     /// Its name in the statistics.
     pub fn name(self) -> &'static str {
         match self {
             Kind::CmdqProd => "prod",
             Kind::RegRead => "read",
+            Kind::Lpi => "lpi",
+            Kind::Timer => "timer",
             Kind::Irq => "irq",
         }
     }
@@ -414,7 +427,7 @@ mod tests {
         let mut q = TrapProfile::default();
         q.add(Kind::Irq, &[1; STAGES]);
         let m = p.merged(&q);
-        assert_eq!(m.count, [2, 0, 1]);
+        assert_eq!(m.count, [2, 0, 0, 0, 1]);
         assert_eq!(m.ticks[Kind::Irq as usize], [1; STAGES]);
     }
 

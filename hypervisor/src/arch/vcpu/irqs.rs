@@ -7,6 +7,7 @@ use crate::arch::gic::{Gic, SPURIOUS};
 use crate::arch::hw::Machine;
 use crate::arch::{hv, iommu, its, sysreg, this_cpu, uart};
 use crate::hw::IntId;
+use crate::profile::Kind;
 use crate::vm::irq::{self, KICK_SGI, VTIMER_PPI};
 use crate::vm::lr;
 use crate::vm::Vm;
@@ -24,10 +25,10 @@ pub(super) const MAX_IRQS_PER_EXIT: usize = 32;
 /// Physical interrupts taken while the guest runs (`running` is its VM and vCPU) or while this
 /// CPU has no running vCPU (`None`: its VM is stopped or not started): the hypervisor's own
 /// (console input, SMMU events) are served either way; a guest's are dropped when it is not
-/// running. Returns whether console input was served (the operator's monitor may have run:
-/// the trap profile leaves such an exit out).
-pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) -> bool {
-    let mut console = false;
+/// running. Returns what kind of exit that was for the trap profile: `None` if console input
+/// was served (the operator's monitor may have run in it).
+pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) -> Option<Kind> {
+    let (mut lpis, mut timer, mut other, mut console) = (false, false, false, false);
     for _ in 0..MAX_IRQS_PER_EXIT {
         let intid = Gic::ack();
         // 1020-1023 are the special INTIDs (IHI 0069H 2.2.1; 1023: nothing pending); an LPI
@@ -40,9 +41,11 @@ pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) -> bool {
             // deactivate (ICC_DIR).
             Gic::eoi(intid);
             lpi(intid, running);
+            lpis = true;
         } else if intid == VTIMER_PPI.0 && running.is_some() {
             // Priority drop only: the guest's EOI of the HW list register deactivates it.
             Gic::eoi(intid);
+            timer = true;
             let ticks = {
                 let mut st = IRQ_STATE[this_cpu()].lock();
                 st.hw_pending.push(VTIMER_PPI);
@@ -98,8 +101,16 @@ pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) -> bool {
                 hv().gic.disable_spi(intid);
             }
         }
+        if !(intid >= crate::its::FIRST_LPI || intid == VTIMER_PPI.0) {
+            other = true;
+        }
     }
-    console
+    match (console, other, timer, lpis) {
+        (true, ..) => None,
+        (false, false, true, _) => Some(Kind::Timer),
+        (false, false, false, true) => Some(Kind::Lpi),
+        _ => Some(Kind::Irq),
+    }
 }
 
 /// The last special INTID (1023, "no pending interrupt").

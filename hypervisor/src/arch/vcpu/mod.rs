@@ -150,8 +150,8 @@ extern "C" fn hv_lower_exception(frame: &mut TrapFrame, kind: u64) {
     match ExceptionKind::from_raw(kind) {
         ExceptionKind::Sync => handle_sync(vm, vcpu, frame, &laps),
         ExceptionKind::Irq | ExceptionKind::Fiq => {
-            if !handle_irqs(Some((vm, vcpu))) {
-                laps.kind(Kind::Irq);
+            if let Some(k) = handle_irqs(Some((vm, vcpu))) {
+                laps.kind(k);
             }
         }
         ExceptionKind::SError => {

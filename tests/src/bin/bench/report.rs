@@ -629,10 +629,12 @@ pub(crate) fn profile_table(res: &Results, o: &Opts) -> String {
     const STAGES: [&str; 8] = [
         "save", "decode", "model", "submit", "wait", "complete", "lr_sync", "exit",
     ];
-    const KINDS: [(&str, &str); 3] = [
+    const KINDS: [(&str, &str); 5] = [
         ("prod", "CMDQ_PROD write"),
         ("read", "vSMMU register read"),
-        ("irq", "interrupt"),
+        ("lpi", "LPI (MSI)"),
+        ("timer", "guest timer"),
+        ("irq", "other interrupt"),
     ];
     let mut s = String::new();
     let _ = writeln!(
