@@ -216,8 +216,9 @@ pub struct Vm {
     pub its: Option<its::VmIts>,
     /// Physical address of its stage-2 root table (shared with the SMMU).
     pub s2_root: u64,
-    /// Virtual GIC register model.
-    pub vgic: Mutex<VGic>,
+    /// Virtual GIC register model, with the generation that lets an exit skip the list
+    /// registers when nothing changed (`lr::VgicLock`).
+    pub vgic: lr::VgicLock,
     /// Virtual PL011 model.
     pub vuart: Mutex<VPl011>,
     /// Console input its PL011's FIFO had no room for yet.
@@ -499,7 +500,7 @@ impl Vm {
             },
             // A host console without a wired interrupt still gives the guest a working one.
             uart_intid,
-            vgic: Mutex::new(vgic),
+            vgic: lr::VgicLock::new(vgic),
             vuart: Mutex::new(VPl011::new()),
             console_backlog: Mutex::new(ConsoleBacklog::default()),
             vcpus,

@@ -15,7 +15,7 @@ use crate::vm::Vm;
 /// Whether a virtual interrupt is waiting for the vCPU (in a list register or deliverable).
 pub(super) fn has_pending_virtual(vm: &Vm, vcpu: usize) -> bool {
     let held = IRQ_STATE[this_cpu()].lock().hw_pending;
-    lr::has_pending(&Machine, lrs_here(), &held, &mut vm.vgic.lock(), vcpu)
+    lr::has_pending(&Machine, lrs_here(), &held, &mut vm.vgic.lock_own(), vcpu)
 }
 
 /// Most physical interrupts handled per exit: an interrupt whose condition the hypervisor failed
@@ -190,16 +190,25 @@ pub(super) fn console_input() {
 }
 
 /// Fills this CPU's free list registers for the vCPU before it runs again (`vm::lr::fill`).
-pub(super) fn sync_list_registers(vm: &Vm, vcpu: usize) {
+/// `sync_exit`: the exit was synchronous (a trap, not an interrupt), so the fill may be skipped
+/// when nothing changed since the last one (`lr::FillState`): most traps change no interrupt
+/// state.
+pub(super) fn sync_list_registers(vm: &Vm, vcpu: usize, sync_exit: bool) {
     // The UART's level is sampled before the vGIC is locked (the lock order is vGIC alone).
     let uart = vm.vuart.lock().irq_level().then_some(IntId(vm.uart_intid));
+    let generation = vm.vgic.generation();
     let mut irqs = IRQ_STATE[this_cpu()].lock();
-    lr::fill(
+    let st = &mut *irqs;
+    if sync_exit && !st.filled.needed(generation, &st.hw_pending, uart) {
+        return;
+    }
+    let left = lr::fill(
         &Machine,
         lrs_here(),
-        &mut irqs.hw_pending,
-        &mut vm.vgic.lock(),
+        &mut st.hw_pending,
+        &mut vm.vgic.lock_own(),
         vcpu,
         uart,
     );
+    st.filled.filled(generation, uart, left);
 }

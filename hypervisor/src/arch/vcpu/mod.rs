@@ -19,7 +19,7 @@ use crate::esr::{fault_ipa, instruction_length, ExceptionClass};
 use crate::profile::{Kind, Laps, Stage, Stopwatch};
 use crate::vm::irq::VTIMER_PPI;
 use crate::vm::lifecycle::Power;
-use crate::vm::lr::{HwPending, Lrs};
+use crate::vm::lr::{FillState, HwPending, Lrs};
 use crate::vm::Vm;
 use aarch64_cpu::registers::{Readable, CNTPCT_EL0, ESR_EL2, FAR_EL2, HPFAR_EL2};
 use abort::handle_data_abort;
@@ -76,7 +76,12 @@ pub fn run_bound_vcpu() -> ! {
             if let Some((entry, context)) = power.take_entry(&vm.life) {
                 configure_el2(vm, vcpu);
                 reset_el1_and_vgic_cpu();
-                IRQ_STATE[cpu].lock().hw_pending = HwPending::default();
+                {
+                    let mut st = IRQ_STATE[cpu].lock();
+                    st.hw_pending = HwPending::default();
+                    // The list registers were just cleared: the first exit fills them.
+                    st.filled = FillState::new();
+                }
                 hv().gic
                     .set_private_enabled(hv().cpus[cpu].redist(), VTIMER_PPI.0, false);
                 if vm.its.as_ref().is_some_and(|i| i.is_direct()) {
@@ -119,6 +124,9 @@ pub struct IrqState {
     last_injected_vector: u64,
     /// Guest timer interrupts taken on this CPU.
     timer_exits: u64,
+    /// What the last list-register fill saw (`sync_list_registers` skips one that would
+    /// find nothing new).
+    filled: FillState,
 }
 
 /// One per physical CPU, only touched by that CPU.
@@ -127,6 +135,7 @@ pub static IRQ_STATE: [spin::Mutex<IrqState>; boot::MAX_CPUS] = [const {
         hw_pending: HwPending::new(),
         last_injected_vector: u64::MAX,
         timer_exits: 0,
+        filled: FillState::new(),
     })
 }; boot::MAX_CPUS];
 
@@ -165,7 +174,11 @@ extern "C" fn hv_lower_exception(frame: &mut TrapFrame, kind: u64) {
         reset_vm(vm, vcpu, "reset by the operator");
     }
     laps.enter(Stage::LrSync);
-    sync_list_registers(vm, vcpu);
+    sync_list_registers(
+        vm,
+        vcpu,
+        ExceptionKind::from_raw(kind) == ExceptionKind::Sync,
+    );
     let (kind, ticks, end) = laps.finish();
     if let Some(kind) = kind {
         vm.vcpus[vcpu].profile.lock().add(kind, &ticks);
