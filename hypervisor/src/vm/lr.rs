@@ -202,10 +202,15 @@ impl FillState {
 
     /// Whether a synchronous exit (an interrupt exit always fills: a maintenance interrupt or a
     /// completed level interrupt needs it) must fill the list registers: the vGIC moved on since
-    /// the last fill, a hardware interrupt waits, the UART's line changed, or the last fill left
-    /// interrupts waiting for a free list register.
+    /// the last fill, a hardware interrupt waits, the UART's line is or was high (the filler
+    /// re-latches it on every fill while it is, whatever trigger the guest gave it), or the last
+    /// fill left interrupts waiting for a free list register.
     pub fn needed(&self, generation: u64, pending: &HwPending, uart: Option<IntId>) -> bool {
-        self.generation != Some(generation) || pending.any() || uart != self.uart || self.left_some
+        self.generation != Some(generation)
+            || pending.any()
+            || uart.is_some()
+            || self.uart.is_some()
+            || self.left_some
     }
 
     /// Records a fill that started at `generation` and saw `uart`.
@@ -271,7 +276,8 @@ impl HwPending {
 /// routing says, since the physical SPI is routed here), then `uart_level` (the emulated UART's
 /// INTID while its line is high), then the vGIC's latched interrupts by priority. Asks for an
 /// underflow maintenance interrupt when some remain. Returns whether some remain (in the vGIC
-/// or `pending`) for want of a free list register.
+/// or `pending`) for want of a free list register, or latched behind their own entry: the next
+/// exit must not skip its fill ([`FillState`]).
 pub fn fill(
     hw: &impl Hw,
     lrs: &Lrs,
@@ -355,7 +361,17 @@ pub fn fill(
             ICH_HCR_EN
         },
     );
-    more || pending.slots.iter().any(Option::is_some)
+    // Latched again while in a list register (an edge raised while active): deliverable once
+    // the guest deactivates it, which it does without an exit, so the next exit must look.
+    let latched = !more
+        && match vgic.pop_deliverable(vcpu, &[]) {
+            Some((intid, _)) => {
+                vgic.set_pending(vcpu, intid);
+                true
+            }
+            None => false,
+        };
+    more || latched || pending.any()
 }
 
 /// Clears the conditions of the GIC maintenance interrupt (IHI 0069, 12.5.9 ICH_MISR_EL2):
