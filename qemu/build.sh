@@ -9,7 +9,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TARGET=aarch64-unknown-none
+# Softfloat: the compiler emits no FP/SIMD instruction, so the trap path leaves the guest's FP/SIMD
+# registers in place (docs/design.md, section 6; qemu/check-no-fp.sh checks the ELF).
+TARGET=aarch64-unknown-none-softfloat
 BUILD="$ROOT/build"
 
 say() { printf '[build] %s\n' "$*" >&2; }
