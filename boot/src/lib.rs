@@ -367,8 +367,8 @@ restore_frame_and_eret:
     add     x1, sp, #{frame}
     b       load_frame_and_eret
 
-/* enter_fresh_frame(frame: *const TrapFrame, stack_top: usize): a vCPU's first instruction of a
- * power-on, CPU_ON or VM boot. Zeroes V0-V31, FPCR and FPSR, so that nothing an earlier boot of
+/* enter_fresh_frame(frame: *const TrapFrame, stack_top: usize): enters a vCPU afresh (power-on,
+ * CPU_ON, a VM's boot or reset). Zeroes V0-V31, FPCR and FPSR, so that nothing an earlier boot of
  * the VM, another guest's image or the firmware left in them reaches this one (the traps never
  * switch them), then loads the frame as restore_frame_and_eret does.
  *
