@@ -10,7 +10,7 @@
 #                      [--host-dts FILE] [--show-dts] [--guest DIR] [--bare] [--bare-iommu KIND]
 #                      [--smp N] [--mem SIZE]
 #                      [--pci] [--vm-pci I BDFS]... [--vm-intx-only I]... [--vm-iommu I KIND]... [--gic 3|4]
-#                      [--dumpdtb FILE] [--uboot]
+#                      [--dumpdtb FILE] [--uboot] [--hv-image FILE]
 #                      [-- QEMU_ARGS...]
 #
 #   --vms N             VMs to generate (default 2): VM i gets 2 vCPUs pinned to the physical CPUs
@@ -51,6 +51,8 @@
 #   --smp N             CPUs (default 4)
 #   --mem SIZE          RAM (default 4G)
 #   --dumpdtb FILE      write the DTB QEMU would pass to FILE and exit
+#   --hv-image FILE     boot this hypervisor image instead of build/hypervisor.bin (the bench's
+#                       baseline column: another build of the hypervisor in the same run)
 #   --uboot             the board path instead: QEMU starts Debian's U-Boot (u-boot-qemu) as its
 #                       firmware, at EL2, with a virtio disk (qemu/uboot-disk.sh) holding
 #                       hypervisor.bin, board.dtb (this machine's own DT, no VMs), Image and
@@ -101,6 +103,7 @@ MEM=4G
 GIC=3
 DUMPDTB=""
 UBOOT=0
+HV_IMAGE="$ROOT/build/hypervisor.bin"
 PCI=0
 declare -A VM_PCI=()
 declare -A VM_INTX_ONLY=()
@@ -160,6 +163,7 @@ while [ "$#" -gt 0 ]; do
         --mem) need_arg "$@"; MEM="$2"; shift 2 ;;
         --dumpdtb) need_arg "$@"; DUMPDTB="$2"; shift 2 ;;
         --uboot) UBOOT=1; shift ;;
+        --hv-image) need_arg "$@"; HV_IMAGE="$2"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         --) shift; EXTRA=("$@"); break ;;
         *) die "unknown option '$1' (see --help)" ;;
@@ -173,7 +177,6 @@ command -v qemu-system-aarch64 >/dev/null || die "qemu-system-aarch64 not found:
 
 GUEST_IMAGE="$GUEST/Image"
 GUEST_INITRD="$GUEST/initramfs.cpio.gz"
-HV_IMAGE="$ROOT/build/hypervisor.bin"
 [ -f "$GUEST_IMAGE" ] || die "no guest kernel at $GUEST_IMAGE: run qemu/setup.sh"
 [ -f "$GUEST_INITRD" ] || die "no guest initramfs at $GUEST_INITRD: run qemu/setup.sh"
 

@@ -9,7 +9,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TARGET=aarch64-unknown-none
+# Softfloat: the compiler emits no FP/SIMD instruction, so the trap path leaves the guest's FP/SIMD
+# registers in place (docs/design.md, section 6; qemu/check-no-fp.sh checks the ELF).
+TARGET=aarch64-unknown-none-softfloat
 BUILD="$ROOT/build"
 
 say() { printf '[build] %s\n' "$*" >&2; }
@@ -29,9 +31,21 @@ ensure_objcopy() {
     [ -x "$OBJCOPY" ] || die "no $OBJCOPY after adding llvm-tools"
 }
 
+# The target's standard library in the pinned toolchain: rustup installs the targets of
+# rust-toolchain.toml with the toolchain, not into a toolchain installed before the file named
+# them (as when the target changed from aarch64-unknown-none), so add it here as qemu/setup.sh would.
+ensure_target() {
+    local have
+    have="$(cd "$ROOT" && rustup target list --installed 2>/dev/null)" || return 0
+    grep -qx "$TARGET" <<<"$have" && return 0
+    say "rustup target add $TARGET (the pinned toolchain lacks it)"
+    (cd "$ROOT" && rustup target add "$TARGET") || die "rustup target add $TARGET failed"
+}
+
 main() {
     command -v cargo >/dev/null || die "cargo not found: run qemu/setup.sh (needs rustup)"
     ensure_objcopy
+    ensure_target
 
     # The workspace's target/ unless the caller chose another one the usual cargo way.
     local target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"

@@ -6,8 +6,9 @@
 # loading arm_smmu_v3 first), which also carries the benchmark's guest script (tests/guest/bench.sh
 # as /bench.sh), the kernel's dma_map_benchmark user tool (from the same
 # source, built statically: /bin/dma_map_benchmark), the noisy-neighbour test's attacker
-# (tests/guest/attacker.c, built statically: /bin/hvattack) and the hostile virtio-iommu guest
-# (tests/guest/viommu_attack.c: /bin/hvviommu). Publishes build/guest/modular (Image,
+# (tests/guest/attacker.c, built statically: /bin/hvattack), the hostile virtio-iommu guest
+# (tests/guest/viommu_attack.c: /bin/hvviommu) and the FP/SIMD state check across traps
+# (tests/guest/fpcheck.c: /bin/hvfpcheck). Publishes build/guest/modular (Image,
 # initramfs.cpio.gz, kver, modules, config), a link into the cache, like build/guest/stock.
 #
 #   qemu/kernel.sh                  build what is missing (the kernel: 5 to 8 minutes on 2 cores), then link
@@ -222,8 +223,9 @@ build_dma_map_benchmark() {
 
 # A guest program of the tests, tests/guest/$2, built statically for the guest as $1 (C,
 # pthreads): the noisy-neighbour test's attacker (attacker.c, tests/tests/noisy.rs, init's
-# `hvattack=`) and the hostile virtio-iommu guest (viommu_attack.c, tests/tests/mediation.rs,
-# init's `hvviommu=`).
+# `hvattack=`), the hostile virtio-iommu guest (viommu_attack.c, tests/tests/mediation.rs,
+# init's `hvviommu=`) and the FP/SIMD check (fpcheck.c, tests/tests/mediation.rs, init's
+# `hvfpcheck=`).
 build_attacker() {
     local out="$1" src="$ROOT/tests/guest/$2"
     "${CROSS}gcc" -static -O2 -pthread -Wall -Wextra -Werror -o "$out" "$src" ||
@@ -260,7 +262,8 @@ build_guest() {
     build_dma_map_benchmark "$tmp/dma" "$ir/bin/dma_map_benchmark"
     build_attacker "$ir/bin/hvattack" attacker.c
     build_attacker "$ir/bin/hvviommu" viommu_attack.c
-    say "initramfs extras: /bench.sh, /bin/dma_map_benchmark (static, from $SRC_PKG), /bin/hvattack and /bin/hvviommu (static, tests/guest/attacker.c and viommu_attack.c)"
+    build_attacker "$ir/bin/hvfpcheck" fpcheck.c
+    say "initramfs extras: /bench.sh, /bin/dma_map_benchmark (static, from $SRC_PKG), /bin/hvattack, /bin/hvviommu and /bin/hvfpcheck (static, tests/guest/attacker.c, viommu_attack.c and fpcheck.c)"
     mkdir -p "$out.tmp.$$"
     cp "$mods/load-order" "$out.tmp.$$/modules"
     pack_guest_initramfs "$ir" "$(busybox_in "$tmp/b")" "$out.tmp.$$/initramfs.cpio.gz"
@@ -313,13 +316,13 @@ main() {
         echo "kernel: $key"
         echo "load: ${LOAD_MODULES[*]}"
         cat "$bdeb" "$ROOT/tests/guest/init" "$ROOT/tests/guest/bench.sh" "$ROOT/tests/guest/attacker.c" \
-            "$ROOT/tests/guest/viommu_attack.c"
+            "$ROOT/tests/guest/viommu_attack.c" "$ROOT/tests/guest/fpcheck.c"
         declare -f pack_guest_initramfs build_guest add_load_order mod_name build_dma_map_benchmark \
             build_attacker busybox_in
     } | sha256sum | cut -c1-16)"
     gdir="$CACHE/guest-modular-$gkey"
     if [ ! -f "$gdir/initramfs.cpio.gz" ] || [ ! -f "$gdir/Image" ] || [ ! -f "$gdir/modules" ]; then
-        say "building the modular guest's initramfs ($(basename "$bdeb"), tests/guest/init, tests/guest/bench.sh, tests/guest/attacker.c, tests/guest/viommu_attack.c)"
+        say "building the modular guest's initramfs ($(basename "$bdeb"), tests/guest/init, tests/guest/bench.sh, tests/guest/attacker.c, tests/guest/viommu_attack.c, tests/guest/fpcheck.c)"
         build_guest "$gdir" "$kdir" "$bdeb"
     fi
     ln -sfn "$gdir" "$BUILD/guest/modular"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The test command (and CI's): host set-up, formatting, clippy on host and aarch64-unknown-none,
-# host unit tests, the hypervisor build, then the QEMU integration tests. Stops at the first failure.
+# The test command (and CI's): host set-up, formatting, clippy on host and
+# aarch64-unknown-none-softfloat, host unit tests, the hypervisor build and its no-FP/SIMD check,
+# then the QEMU integration tests. Stops at the first failure.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TARGET=aarch64-unknown-none
+TARGET=aarch64-unknown-none-softfloat
 # Integration tests boot QEMU; they run in their own step, after the build.
 IT_CRATE=integration-tests
 
@@ -52,6 +53,10 @@ qemu/miri.sh
 
 step "hypervisor image: qemu/build.sh"
 qemu/build.sh
+
+step "no FP/SIMD instruction at EL2 but the fresh entry's zeroing: qemu/check-no-fp.sh"
+say "the traps do not save the guest's FP/SIMD registers: nothing else may touch them"
+qemu/check-no-fp.sh
 
 step "cargo run, the default boot's entry point: cargo run -- --pci --show-dts"
 # The DT the default boot would use, without booting it: the path cannot rot unseen.

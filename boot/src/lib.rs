@@ -1,6 +1,7 @@
 //! The first instructions of the hypervisor at EL2: the arm64 Image header (so QEMU `-kernel` and
 //! U-Boot `booti` load it), self-relocation of the position-independent image, BSS clearing,
-//! per-CPU stacks, the EL2 exception vector table and the trap frame save/restore.
+//! per-CPU stacks, the EL2 exception vector table, the trap frame save/restore and a vCPU's fresh
+//! entry (the only code that touches FP/SIMD registers: it zeroes them).
 //!
 //! Nothing here runs Rust before the stack, BSS and relocations are set up. The Rust side provides:
 //! `hv_primary_main(dtb: usize, image_base: usize) -> !`, `hv_secondary_main(cpu: usize) -> !`,
@@ -49,8 +50,14 @@ impl ExceptionKind {
 
 /// Register state of the interrupted context, saved on the EL2 stack by every vector entry and
 /// restored (possibly modified) on return. For a trap from a guest this *is* the vCPU's
-/// general-purpose, FP/SIMD and PC/PSTATE state: the hypervisor's Rust code may use FP/SIMD
-/// registers, so they are saved on every entry.
+/// general-purpose and PC/PSTATE state.
+///
+/// It holds no FP/SIMD state: the hypervisor is built for `aarch64-unknown-none-softfloat` and
+/// `qemu/check-no-fp.sh` proves that no instruction of it but [`enter`]'s zeroing touches an
+/// FP/SIMD register, so the guest's V registers, FPCR and FPSR stay in the CPU across every trap.
+/// That is enough because each vCPU is pinned to its own physical CPU for the VM's whole life
+/// (static partitioning: nothing else ever runs there to need them), as with KVM's lazy FP
+/// switching when nothing else is scheduled.
 #[derive(Clone, Debug, Default)]
 #[repr(C, align(16))]
 pub struct TrapFrame {
@@ -60,18 +67,18 @@ pub struct TrapFrame {
     pub elr: u64,
     /// SPSR_EL2: its PSTATE.
     pub spsr: u64,
-    _pad: u64,
-    /// q0 to q31.
-    pub q: [u128; 32],
-    /// FPCR.
-    pub fpcr: u64,
-    /// FPSR.
-    pub fpsr: u64,
+    /// CNTPCT_EL0 at the vector's first instruction (the trap profile's start).
+    pub entry_ts: u64,
+    /// CNTPCT_EL0 just before the ERET of the last return through this frame slot: the vector
+    /// code writes it there after the restore, and the next exception's save leaves it alone,
+    /// so the next trap's handler reads when the previous one really ended.
+    pub eret_ts: u64,
 }
 
 impl TrapFrame {
     /// A frame that enters EL1h at `pc` with DAIF masked and `x0 = arg0`, as Linux's boot
-    /// protocol and PSCI CPU_ON require.
+    /// protocol and PSCI CPU_ON require. Its other general-purpose registers are zero; [`enter`]
+    /// zeroes the FP/SIMD registers, FPCR and FPSR as it enters it.
     pub fn new_el1_entry(pc: u64, arg0: u64) -> Self {
         let mut f = Self::default();
         f.x[0] = arg0;
@@ -102,13 +109,12 @@ const FRAME_SIZE: usize = size_of::<TrapFrame>();
 const OFF_X30: usize = offset_of!(TrapFrame, x) + 30 * 8;
 const OFF_ELR: usize = offset_of!(TrapFrame, elr);
 const OFF_SPSR: usize = offset_of!(TrapFrame, spsr);
-const OFF_Q: usize = offset_of!(TrapFrame, q);
-const OFF_FPCR: usize = offset_of!(TrapFrame, fpcr);
+const OFF_ENTRY_TS: usize = offset_of!(TrapFrame, entry_ts);
+const OFF_ERET_TS: usize = offset_of!(TrapFrame, eret_ts);
 const _: () = assert!(
     OFF_ELR == OFF_X30 + 8,
     "asm stores x30 and ELR with one stp"
 );
-const _: () = assert!(offset_of!(TrapFrame, fpsr) == OFF_FPCR + 8);
 const _: () = assert!(FRAME_SIZE.is_multiple_of(16) && FRAME_SIZE < 4096);
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
@@ -279,6 +285,8 @@ park:
 .macro SAVE_FRAME
     sub     sp, sp, #{frame}
     stp     x0, x1, [sp, #0]
+    mrs     x0, cntpct_el0
+    str     x0, [sp, #{off_entry_ts}]
     stp     x2, x3, [sp, #16]
     stp     x4, x5, [sp, #32]
     stp     x6, x7, [sp, #48]
@@ -297,27 +305,6 @@ park:
     mrs     x1, spsr_el2
     stp     x30, x0, [sp, #{off_x30}]
     str     x1, [sp, #{off_spsr}]
-    add     x0, sp, #{off_q}
-    stp     q0, q1, [x0, #0]
-    stp     q2, q3, [x0, #32]
-    stp     q4, q5, [x0, #64]
-    stp     q6, q7, [x0, #96]
-    stp     q8, q9, [x0, #128]
-    stp     q10, q11, [x0, #160]
-    stp     q12, q13, [x0, #192]
-    stp     q14, q15, [x0, #224]
-    stp     q16, q17, [x0, #256]
-    stp     q18, q19, [x0, #288]
-    stp     q20, q21, [x0, #320]
-    stp     q22, q23, [x0, #352]
-    stp     q24, q25, [x0, #384]
-    stp     q26, q27, [x0, #416]
-    stp     q28, q29, [x0, #448]
-    stp     q30, q31, [x0, #480]
-    mrs     x1, fpcr
-    mrs     x2, fpsr
-    add     x3, sp, #{off_fpcr}
-    stp     x1, x2, [x3]
 .endm
 
 .section .text.vectors, "ax"
@@ -382,39 +369,12 @@ __vectors:
     HANDLER current_fiq, 2, hv_current_exception
     HANDLER current_serror, 3, hv_current_exception
 
-/* Pops the frame at sp and returns from the exception into it. */
-restore_frame_and_eret:
-    mov     x0, sp
-    add     x1, sp, #{frame}
-    b       enter_frame
-
-/* enter_frame(frame: *const TrapFrame, stack_top: usize): loads the frame straight into the
- * registers (it may live anywhere, even on the stack being reset) and ERETs with sp at the top
- * of this CPU's stack. Nothing is written to memory. */
-.global enter_frame
-enter_frame:
+/* Loads the frame at x0 straight into the general-purpose registers (it may live anywhere, even
+ * on the stack being reset) and ERETs with sp = x1 (the top of this CPU's stack). With `stamp`,
+ * CNTPCT_EL0 goes into the frame's eret_ts slot after the restore (the trap profile's end of the
+ * exit); otherwise nothing is written to memory. */
+.macro LOAD_FRAME_ERET stamp
     mov     sp, x1
-    add     x2, x0, #{off_fpcr}
-    ldp     x3, x4, [x2]
-    msr     fpcr, x3
-    msr     fpsr, x4
-    add     x2, x0, #{off_q}
-    ldp     q0, q1, [x2, #0]
-    ldp     q2, q3, [x2, #32]
-    ldp     q4, q5, [x2, #64]
-    ldp     q6, q7, [x2, #96]
-    ldp     q8, q9, [x2, #128]
-    ldp     q10, q11, [x2, #160]
-    ldp     q12, q13, [x2, #192]
-    ldp     q14, q15, [x2, #224]
-    ldp     q16, q17, [x2, #256]
-    ldp     q18, q19, [x2, #288]
-    ldp     q20, q21, [x2, #320]
-    ldp     q22, q23, [x2, #352]
-    ldp     q24, q25, [x2, #384]
-    ldp     q26, q27, [x2, #416]
-    ldp     q28, q29, [x2, #448]
-    ldp     q30, q31, [x2, #480]
     ldr     x3, [x0, #{off_spsr}]
     ldp     x30, x2, [x0, #{off_x30}]
     msr     elr_el2, x2
@@ -433,8 +393,72 @@ enter_frame:
     ldp     x24, x25, [x0, #192]
     ldp     x26, x27, [x0, #208]
     ldp     x28, x29, [x0, #224]
+    .if \stamp
+    mrs     x1, cntpct_el0
+    str     x1, [x0, #{off_eret_ts}]
+    .endif
     ldp     x0, x1, [x0, #0]
     eret
+.endm
+
+/* Pops the frame at sp and returns from the exception into it. The guest's FP/SIMD registers,
+ * FPCR and FPSR were never saved: no code at EL2 touches them (softfloat target, checked by
+ * qemu/check-no-fp.sh), so they still hold what the guest left there. The frame slot stays below
+ * sp, where the next exception's frame goes: its eret_ts survives for that handler to read. */
+restore_frame_and_eret:
+    mov     x0, sp
+    add     x1, sp, #{frame}
+    LOAD_FRAME_ERET 1
+
+/* enter_fresh_frame(frame: *const TrapFrame, stack_top: usize): enters a vCPU afresh (power-on,
+ * CPU_ON, a VM's boot or reset). Zeroes V0-V31, FPCR and FPSR, so that nothing an earlier boot of
+ * the VM, another guest's image or the firmware left in them reaches this one (the traps never
+ * switch them), then loads the frame as restore_frame_and_eret does (without the profile's stamp).
+ *
+ * The only code of the hypervisor that touches FP/SIMD state (qemu/check-no-fp.sh allows this
+ * symbol alone): the target has no FP feature, so the assembler gets it for these lines only.
+ * CPTR_EL2.TFP is clear here (configure_el2 ran), so none of it traps. */
+.global enter_fresh_frame
+enter_fresh_frame:
+    .arch_extension fp
+    .arch_extension simd
+    movi    v0.2d, #0
+    movi    v1.2d, #0
+    movi    v2.2d, #0
+    movi    v3.2d, #0
+    movi    v4.2d, #0
+    movi    v5.2d, #0
+    movi    v6.2d, #0
+    movi    v7.2d, #0
+    movi    v8.2d, #0
+    movi    v9.2d, #0
+    movi    v10.2d, #0
+    movi    v11.2d, #0
+    movi    v12.2d, #0
+    movi    v13.2d, #0
+    movi    v14.2d, #0
+    movi    v15.2d, #0
+    movi    v16.2d, #0
+    movi    v17.2d, #0
+    movi    v18.2d, #0
+    movi    v19.2d, #0
+    movi    v20.2d, #0
+    movi    v21.2d, #0
+    movi    v22.2d, #0
+    movi    v23.2d, #0
+    movi    v24.2d, #0
+    movi    v25.2d, #0
+    movi    v26.2d, #0
+    movi    v27.2d, #0
+    movi    v28.2d, #0
+    movi    v29.2d, #0
+    movi    v30.2d, #0
+    movi    v31.2d, #0
+    msr     fpcr, xzr
+    msr     fpsr, xzr
+    .arch_extension nosimd
+    .arch_extension nofp
+    LOAD_FRAME_ERET 0
 
 .section .bss.early_pt, "aw", @nobits
 .balign 4096
@@ -459,19 +483,21 @@ __stacks_start:
         frame = const FRAME_SIZE,
         off_x30 = const OFF_X30,
         off_spsr = const OFF_SPSR,
-        off_q = const OFF_Q,
-        off_fpcr = const OFF_FPCR,
+        off_entry_ts = const OFF_ENTRY_TS,
+        off_eret_ts = const OFF_ERET_TS,
     );
 
     extern "C" {
-        fn enter_frame(frame: *const TrapFrame, stack_top: usize) -> !;
+        fn enter_fresh_frame(frame: *const TrapFrame, stack_top: usize) -> !;
         static __stacks_start: u8;
         fn secondary_entry();
     }
 
-    /// Loads `frame` into the CPU and returns from the exception into it (ERET), with this CPU's
-    /// EL2 stack reset to empty: every Rust frame on it is abandoned and nothing above this
-    /// call runs again.
+    /// Enters a vCPU afresh (power-on, CPU_ON, a VM's boot or reset): zeroes the FP/SIMD
+    /// registers, FPCR and FPSR, loads `frame` into the CPU and returns from the exception into
+    /// it (ERET), with this CPU's EL2 stack reset to empty: every Rust frame on it is abandoned
+    /// and nothing above this call runs again. Not for resuming a vCPU after a trap: that keeps
+    /// its FP/SIMD state, which lives in the registers only.
     ///
     /// # Safety
     ///
@@ -481,9 +507,10 @@ __stacks_start:
         assert!(cpu < MAX_CPUS);
         let base = core::ptr::addr_of!(__stacks_start) as usize;
         let top = base + (cpu + 1) * STACK_SIZE;
-        // SAFETY: `frame` is a valid TrapFrame; enter_frame only reads it and writes no
-        // memory before the ERET; the caller guarantees the stack may be reset.
-        unsafe { enter_frame(frame, top) }
+        // SAFETY: `frame` is a valid TrapFrame; enter_fresh_frame only reads it and writes no
+        // memory before the ERET (it zeroes FP/SIMD registers, which no EL2 code relies on);
+        // the caller guarantees the stack may be reset.
+        unsafe { enter_fresh_frame(frame, top) }
     }
 
     /// Physical address of the secondary CPU entry point, for PSCI CPU_ON.

@@ -1,6 +1,7 @@
 //! The EL2 hypervisor, in layers (docs/design.md):
 //! - `arch`: what only runs on the machine — entry points, trap decode, the run loop, the
-//!   physical drivers, and all `unsafe`. Built only for `aarch64-unknown-none`.
+//!   physical drivers, and all `unsafe`. Built only for `aarch64-unknown-none-softfloat` (no
+//!   FP/SIMD instruction at EL2: the guest's FP state stays in the registers across traps).
 //! - [`hw`]: the port through which everything else reaches the machine (faked in host tests).
 //! - [`vm`]: the VM control plane as plain Rust — power states and PSCI, lifecycle, the MMIO
 //!   bus, BAR remapping, list-register scheduling, image placement.
@@ -31,6 +32,7 @@ pub mod mmio;
 pub mod monitor;
 pub mod pci;
 pub mod platform;
+pub mod profile;
 pub mod ratelimit;
 pub mod stage2;
 pub mod vm;

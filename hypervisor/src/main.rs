@@ -7,6 +7,8 @@ use hypervisor as _;
 
 #[cfg(not(target_os = "none"))]
 fn main() {
-    eprintln!("the hypervisor runs only on aarch64-unknown-none: build it with qemu/build.sh");
+    eprintln!(
+        "the hypervisor runs only on aarch64-unknown-none-softfloat: build it with qemu/build.sh"
+    );
     std::process::exit(1);
 }

@@ -5,8 +5,12 @@
 //! Hardware is reached through [`SmmuRegs`] (MMIO) and [`DmaMemory`] (memory the SMMU reads and
 //! writes: tables and queues), so all of it runs on the host against a fake.
 //!
-//! Completion is by polling SMMU_CMDQ_CONS (CMD_SYNC with CS = SIG_NONE): QEMU's `virt` SMMU has
-//! neither MSI nor SEV (QEMU 10.0 `hw/arm/smmuv3.c`: SMMU_IDR0.MSI and SEV are 0). Every wait is bounded by [`SmmuConfig::poll_limit`].
+//! A CMD_SYNC completes by an MSI write into the hypervisor's memory where SMMU_IDR0.MSI says the
+//! SMMU can (CS = SIG_IRQ; [`Cmdq::with_msi_completion`]), otherwise by polling SMMU_CMDQ_CONS
+//! (CS = SIG_NONE), as on QEMU's `virt` SMMU, which has neither MSI nor SEV (QEMU 10.0
+//! `hw/arm/smmuv3.c`: SMMU_IDR0.MSI and SEV are 0). SEV (a WFE between polls) is not used: a
+//! WFE is only bounded with the generic timer's event stream on, which would also wake every
+//! guest's WFE. Every wait is bounded by [`SmmuConfig::poll_limit`].
 
 use crate::budget::TokenBucket;
 use crate::cmd::Command;
@@ -346,14 +350,22 @@ impl<R: SmmuRegs + Clone, M: DmaMemory> Smmu<R, M> {
         let cmdq_log2 = idr1.cmdqs().min(cfg.cmdq_max_log2);
         // A queue is aligned to its size, at least 32 bytes (IHI 0070 6.3, CMDQ_BASE.ADDR).
         let cbytes = (1usize << cmdq_log2) * Command::SIZE;
-        let cmdq_base = mem.alloc_zeroed(cbytes, cbytes.max(32))?;
-        let cmdq = Cmdq::new(
+        // With SMMU_IDR0.MSI, CMD_SYNCs complete by writing a word just after the queue (one
+        // entry's room, so the queue's memory view covers it): waiters poll memory, not
+        // SMMU_CMDQ_CONS (COHACC, required above, makes the cacheable write visible).
+        let msi = idr0.msi();
+        let room = if msi { cbytes + Command::SIZE } else { cbytes };
+        let cmdq_base = mem.alloc_zeroed(room, cbytes.max(32))?;
+        let mut cmdq = Cmdq::new(
             regs.clone(),
-            mem.queue_memory(cmdq_base, cbytes),
+            mem.queue_memory(cmdq_base, room),
             cmdq_base,
             cmdq_log2,
             cfg.poll_limit,
         );
+        if msi {
+            cmdq = cmdq.with_msi_completion(cmdq_base + cbytes as u64);
+        }
         let evtq = Queue::new(idr1.eventqs().min(cfg.evtq_max_log2));
         let mut smmu = Self {
             regs,

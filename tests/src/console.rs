@@ -164,6 +164,38 @@ pub fn vsmmu_stats(q: &mut Qemu, vm: &str) -> Result<BTreeMap<String, u64>, Erro
     Ok(parse_stats(&line.text))
 }
 
+/// The per-register counts of a `[hv] vsmmu: vmN traps by register: IDR0@0x0 r5/w0, CR0@0x20
+/// r3/w2, ...` line (the second line of a VM's vSMMU counters): by register name, (reads,
+/// writes). Panics on anything else.
+pub fn parse_register_traps(line: &str) -> BTreeMap<String, (u64, u64)> {
+    let (_, list) = line
+        .split_once(" traps by register:")
+        .unwrap_or_else(|| panic!("not a traps-by-register line: {line:?}"));
+    list.split(", ")
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let parsed = e.split_once('@').and_then(|(name, rest)| {
+                let (_, counts) = rest.split_once(" r")?;
+                let (r, w) = counts.split_once("/w")?;
+                Some((name.to_string(), (r.parse().ok()?, w.parse().ok()?)))
+            });
+            parsed.unwrap_or_else(|| panic!("unreadable register count {e:?} in {line:?}"))
+        })
+        .collect()
+}
+
+/// VM `vm`'s vSMMU trap counts by register: the `vsmmu: vm traps by register: ...` line that
+/// follows its stats line, so to be called right after [`vsmmu_stats`] (a global wait).
+pub fn vsmmu_register_traps(q: &mut Qemu, vm: &str) -> Result<BTreeMap<String, (u64, u64)>, Error> {
+    let prefix = format!("vsmmu: {vm} traps by register:");
+    let what = format!("the hypervisor's line {prefix:?}...");
+    let line = q.wait_until(&what, STEP_TIMEOUT, |l| {
+        hv_text(l).is_some_and(|t| t.starts_with(&prefix))
+    })?;
+    Ok(parse_register_traps(&line.text))
+}
+
 /// The first STE dump line of each of `sids` after the last line a global wait consumed
 /// (`[hv] smmu: STE 8 (IOMMU group 1): V=1 Nested, VMID 1, S2TTB 0x...`), by StreamID.
 pub fn ste_lines(q: &mut Qemu, sids: &[u32]) -> Result<BTreeMap<u32, String>, Error> {

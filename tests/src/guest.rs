@@ -143,3 +143,58 @@ fn guest_facts(
 /// guest's 1 s CMD_SYNC timeout, and its block layer's 30 s request timeout; 5 s is 4x the worst
 /// measured, room for a busy host, and still catches those.
 pub const MAX_LOAD_GAP_MS: u64 = 5000;
+
+/// What `hvfpcheck` (tests/guest/fpcheck.c, in the modular guest) printed: `fpcheck: ok traps=N
+/// mismatches=0 threads=2 batch=1000 secs=S ns_per_trap=X reg=0xV`, or `fpcheck: FAIL ...
+/// first=...` with the first mismatch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FpCheck {
+    /// `ok` rather than `FAIL`.
+    pub ok: bool,
+    /// Trapping reads of all its threads.
+    pub traps: u64,
+    /// Registers (or FPCR, FPSR, the value read) found different from what they must be.
+    pub mismatches: u64,
+    /// The run's wall-clock time over the reads of one thread (the threads run at once).
+    pub ns_per_trap: u64,
+    /// The line, from `fpcheck:` on.
+    pub text: String,
+}
+
+/// Parses an `fpcheck: ...` line (anything before `fpcheck:`, such as a VM prefix, is skipped).
+pub fn parse_fpcheck(line: &str) -> Option<FpCheck> {
+    let (_, rest) = line.split_once("fpcheck: ")?;
+    let rest = rest.trim_end();
+    let mut words = rest.split_whitespace();
+    let ok = match words.next()? {
+        "ok" => true,
+        "FAIL" => false,
+        _ => return None,
+    };
+    let field = |key: &str| -> Option<u64> {
+        rest.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))?
+            .parse()
+            .ok()
+    };
+    Some(FpCheck {
+        ok,
+        traps: field("traps")?,
+        mismatches: field("mismatches")?,
+        ns_per_trap: field("ns_per_trap").unwrap_or(0),
+        text: format!("fpcheck: {rest}"),
+    })
+}
+
+/// Checks the `fpcheck:` line `line` of VM `vm`: `ok`, no mismatch, exactly `traps` reads.
+/// Panics with the line otherwise.
+pub fn check_fpcheck(vm: &str, line: &str, traps: u64) -> FpCheck {
+    let f = parse_fpcheck(line).unwrap_or_else(|| panic!("{vm}: unreadable fpcheck line {line:?}"));
+    assert!(
+        f.ok && f.mismatches == 0,
+        "{vm}'s FP/SIMD registers, FPCR or FPSR changed across the hypervisor's traps: {}",
+        f.text
+    );
+    assert_eq!(f.traps, traps, "{vm}'s fpcheck reads: {}", f.text);
+    f
+}

@@ -44,14 +44,14 @@ mod uboot;
 use std::time::Duration;
 
 pub use console::{
-    check_answer, console_command, focus, monitor, parse_stats, parse_viommu_stats, raw_stats,
-    ste_lines, type_paced, viommu_stats, vsmmu_stats, CONSOLE_ESCAPE, VIOMMU_STATS_KEYS,
-    VSMMU_STATS_KEYS,
+    check_answer, console_command, focus, monitor, parse_register_traps, parse_stats,
+    parse_viommu_stats, raw_stats, ste_lines, type_paced, viommu_stats, vsmmu_register_traps,
+    vsmmu_stats, CONSOLE_ESCAPE, VIOMMU_STATS_KEYS, VSMMU_STATS_KEYS,
 };
 pub use error::Error;
 pub use guest::{
-    check_guest_facts, check_vm_guest_facts, GuestReport, CPU_FEATURES_HIDDEN, CPU_FEATURES_KEPT,
-    MAX_LOAD_GAP_MS,
+    check_fpcheck, check_guest_facts, check_vm_guest_facts, parse_fpcheck, FpCheck, GuestReport,
+    CPU_FEATURES_HIDDEN, CPU_FEATURES_KEPT, MAX_LOAD_GAP_MS,
 };
 pub use md5::md5_hex;
 pub use paths::{guest_kver, modular_guest_dir, repo_root, stock_guest_dir, target_dir};

@@ -139,3 +139,39 @@ fn uboot_word_splitting_and_limits() {
     assert_eq!(vars.len(), 1);
     assert_eq!(vars["a"], "0x49000000");
 }
+
+#[test]
+fn fpcheck_lines() {
+    let ok = parse_fpcheck(
+        "[vm1] fpcheck: ok traps=2000000 mismatches=0 threads=2 batch=1000 secs=9.123 \
+         ns_per_trap=9123 reg=0x1c1e0eb\r",
+    )
+    .expect("an ok line");
+    assert!(ok.ok);
+    assert_eq!(
+        (ok.traps, ok.mismatches, ok.ns_per_trap),
+        (2_000_000, 0, 9123)
+    );
+    assert!(ok.text.starts_with("fpcheck: ok traps=2000000"));
+    let fail = parse_fpcheck(
+        "fpcheck: FAIL traps=4000 mismatches=3 threads=2 batch=1000 secs=0.1 ns_per_trap=50 \
+         reg=0x1 first=thread 0 batch 0 v5 expected 0x1 got 0x0",
+    )
+    .expect("a FAIL line");
+    assert!(!fail.ok);
+    assert_eq!(fail.mismatches, 3);
+    assert_eq!(parse_fpcheck("fpcheck: FAIL cannot open /dev/mem"), None);
+    assert_eq!(parse_fpcheck("hvfpcheck smmu 1000"), None);
+}
+
+#[test]
+fn register_trap_lines() {
+    let regs = parse_register_traps(
+        "[hv] vsmmu: vm0 traps by register: IDR0@0x0 r2000005/w0, CR0@0x20 r3/w2, \
+         EVENTQ_CONS@0x100ac r1/w7",
+    );
+    assert_eq!(regs["IDR0"], (2_000_005, 0));
+    assert_eq!(regs["CR0"], (3, 2));
+    assert_eq!(regs["EVENTQ_CONS"], (1, 7));
+    assert!(parse_register_traps("[hv] vsmmu: vm0 traps by register: ").is_empty());
+}

@@ -8,6 +8,12 @@
 //! driver 20 times (`hvcycle=`: its endpoints removed, `rmmod arm_smmu_v3`, `modprobe
 //! arm_smmu_v3`, a rescan, its disk's content checked) and then reboots 3 times, while the worker
 //! runs continuous checked disk DMA and a ping stream to the cycler (`hvload=`).
+//! `vm0_rebinds_its_iommu_driver_while_vm1_does_dma` also checks that a guest's FP/SIMD state
+//! survives the hypervisor's traps, which never save it (docs/design.md, section 6):
+//! `/bin/hvfpcheck` (tests/guest/fpcheck.c) holds patterns in all 32 V registers, FPCR and FPSR
+//! on both vCPUs of a VM across millions of trapped SMMU_IDR0 reads, which the hypervisor's
+//! counters must show: on the cycler's last boot, after its reboots (`hvfpcheck=`), and in the
+//! worker's shell at the end.
 //! `hostile_guest_is_contained`: vm0, its driver unloaded, programs its vSMMU by hand with busybox
 //! `devmem` (`hvhostile=`: bypass and reserved STEs, another VM's StreamID, illegal commands, a
 //! command flood, a queue outside its RAM, DMA through a bad STE and a bad CD) and gets what the
@@ -20,9 +26,10 @@ use std::thread;
 use std::time::Duration;
 
 use integration_tests::{
-    check_vm_disk, check_vm_guest_facts, focus, hv_text, modular_guest_dir, parse_stats,
-    parse_viommu_stats, ste_lines, type_paced, viommu_stats, vm_text, vsmmu_stats, Assigned, Error,
-    Line, Qemu, MAX_LOAD_GAP_MS, STEP_TIMEOUT, VM0, VM1,
+    check_fpcheck, check_vm_disk, check_vm_guest_facts, focus, hv_text, modular_guest_dir,
+    parse_register_traps, parse_stats, parse_viommu_stats, ste_lines, type_paced, viommu_stats,
+    vm_text, vsmmu_register_traps, vsmmu_stats, Assigned, Error, Line, Qemu, MAX_LOAD_GAP_MS,
+    STEP_TIMEOUT, VM0, VM1,
 };
 
 /// vCPUs the board script gives each generated VM.
@@ -49,6 +56,15 @@ const HOSTILE_BASE: &str = "0x78000000";
 const FLOOD_COMMANDS: u64 = 100 * 256;
 /// The commands the hostile guest has refused (3 illegal, 1 queue outside its RAM).
 const HOSTILE_COMMAND_ERRORS: u64 = 4;
+/// `hvfpcheck`'s threads: one pinned to each of a VM's vCPUs.
+const FP_THREADS: u64 = 2;
+/// Trapped SMMU_IDR0 reads per thread of `hvfpcheck` in the worker's shell at the end, both
+/// threads at once: about 8 µs a trap under TCG, so about 10 s.
+const FP_TRAPS: u64 = 1_000_000;
+/// The same on the cycler's last boot, after its reboots, while the worker's load still runs.
+const FP_TRAPS_AFTER_REBOOTS: u64 = 500_000;
+/// How long one `hvfpcheck` run may take (measured: see the reads above; a busy host is slower).
+const FP_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Starts both VMs (`--vms 2 --pci`) on the modular guest with these kernel command lines, the
 /// VMs in `virtio` on a virtio-iommu (`--vm-iommu I virtio-iommu`), the others on their vSMMU.
@@ -445,14 +461,24 @@ fn check_cycles(
 /// done at each end of a window are interpolated linearly between the arrival times
 /// ([`Line::at`]) and `rounds` of the worker's load reports around it (and its estimated start:
 /// [`rounds_rate`]).
+///
+/// With `fpcheck`, both VMs also run `hvfpcheck` (FP/SIMD state across traps): the cycler on its
+/// last boot ([`FP_TRAPS_AFTER_REBOOTS`] reads a thread, its vSMMU's SMMU_IDR0 count at its stop
+/// at least as large), the worker in its shell at the end ([`fpcheck_in_shell`]).
 fn rebind_while_the_other_does_dma(
     cycler: &Assigned,
     worker: &Assigned,
     cycler_iommu: Iommu,
+    fpcheck: bool,
 ) -> Result<(), Error> {
     let (c, w) = (cycler.vm, worker.vm);
+    let fp_args = if fpcheck {
+        format!(" hvfpcheck={FP_TRAPS_AFTER_REBOOTS}@{REBOOTS}")
+    } else {
+        String::new()
+    };
     let cycler_args = format!(
-        "console=ttyAMA0 rdinit=/init hvip={}/24 hvcycle={CYCLES} hvtest=reboot{REBOOTS}",
+        "console=ttyAMA0 rdinit=/init hvip={}/24 hvcycle={CYCLES} hvtest=reboot{REBOOTS}{fp_args}",
         cycler.ip
     );
     let worker_args = format!(
@@ -483,8 +509,37 @@ fn rebind_while_the_other_does_dma(
         q.wait_vm_for(c, "guest: rebooting", STEP_TIMEOUT)?;
         check_boot(&mut q, cycler, boot, cycler_iommu)?;
     }
+    let cycler_fp = if fpcheck {
+        // After three resets, each entering its vCPUs afresh.
+        let line = q.wait_vm_for(c, "fpcheck: ", FP_TIMEOUT)?;
+        Some(check_fpcheck(c, &line, FP_THREADS * FP_TRAPS_AFTER_REBOOTS))
+    } else {
+        None
+    };
     q.wait_vm_for(c, "guest: powering off", STEP_TIMEOUT)?;
     let stopped = q.wait_for_line(&format!("[hv] {c}: stopped"), STEP_TIMEOUT)?;
+    if let Some(fp) = cycler_fp {
+        // Its counters as the hypervisor logged them at its stop (a reset zeroes them, so they
+        // are its last boot's): every read of hvfpcheck's trapped.
+        let prefix = format!("vsmmu: {c} traps by register:");
+        let line = q.wait_until(&format!("{prefix:?}..."), STEP_TIMEOUT, |l| {
+            hv_text(l).is_some_and(|t| t.starts_with(&prefix))
+        })?;
+        let idr0 = parse_register_traps(&line.text)
+            .get("IDR0")
+            .map_or(0, |&(r, _)| r);
+        println!(
+            "{c} after {REBOOTS} reboots: {} (IDR0 reads trapped in that boot: {idr0})",
+            fp.text
+        );
+        assert!(
+            idr0 >= fp.traps,
+            "{c}'s vSMMU counted {idr0} SMMU_IDR0 reads in its last boot, fewer than hvfpcheck's \
+             {} (its reads did not trap to the hypervisor?): {}",
+            fp.traps,
+            line.text
+        );
+    }
 
     // The idle window: the worker alone.
     thread::sleep(IDLE_WINDOW);
@@ -545,6 +600,9 @@ fn rebind_while_the_other_does_dma(
     }
     check_nested(&mut q, worker)?;
     check_no_complaint_about(&q.lines(), worker);
+    if fpcheck {
+        fpcheck_in_shell(&mut q, w, FP_TRAPS)?;
+    }
     if cycler_iommu == Iommu::Virtio {
         // The cycler's device answered every request of its 20 probes and 4 boots without an
         // error status, a queue error or a failed physical operation (its counters at its stop).
@@ -558,6 +616,34 @@ fn rebind_while_the_other_does_dma(
         );
     }
     power_off_last(&mut q, w)
+}
+
+/// Runs `hvfpcheck smmu TRAPS` in VM `vm`'s shell (two threads, one on each vCPU) between two
+/// readings of its vSMMU counters: it must print `ok` with no mismatch, and the hypervisor must
+/// have counted at least its reads as trapped SMMU_IDR0 reads (and as traps).
+fn fpcheck_in_shell(q: &mut Qemu, vm: &str, traps: u64) -> Result<(), Error> {
+    let before = vsmmu_stats(q, vm)?;
+    let before_regs = vsmmu_register_traps(q, vm)?;
+    focus(q, vm)?;
+    type_paced(q, &format!("hvfpcheck smmu {traps}\n"))?;
+    let line = q.wait_vm_for(vm, "fpcheck: ", FP_TIMEOUT)?;
+    let fp = check_fpcheck(vm, &line, FP_THREADS * traps);
+    let after = vsmmu_stats(q, vm)?;
+    let after_regs = vsmmu_register_traps(q, vm)?;
+    let idr0 = |m: &BTreeMap<String, (u64, u64)>| m.get("IDR0").map_or(0, |&(r, _)| r);
+    let idr0_delta = idr0(&after_regs).saturating_sub(idr0(&before_regs));
+    let traps_delta = after["traps"].saturating_sub(before["traps"]);
+    println!(
+        "{vm}: {} (vSMMU traps +{traps_delta}, SMMU_IDR0 reads +{idr0_delta})",
+        fp.text
+    );
+    assert!(
+        idr0_delta >= fp.traps && traps_delta >= fp.traps,
+        "{vm}'s vSMMU counted {idr0_delta} more SMMU_IDR0 reads and {traps_delta} more traps \
+         over hvfpcheck's {} reads (they did not all trap to the hypervisor?)",
+        fp.traps
+    );
+    Ok(())
 }
 
 /// The counters of the last `[hv] viommu: VM stats:` line of `vm` in `lines`.
@@ -575,27 +661,27 @@ fn last_viommu_stats(lines: &[Line], vm: &str) -> BTreeMap<String, u64> {
 /// [`rebind_while_the_other_does_dma`].
 #[test]
 fn vm0_rebinds_its_iommu_driver_while_vm1_does_dma() -> Result<(), Error> {
-    rebind_while_the_other_does_dma(&VM0, &VM1, Iommu::Smmuv3)
+    rebind_while_the_other_does_dma(&VM0, &VM1, Iommu::Smmuv3, true)
 }
 
 /// vm1 cycles its IOMMU driver and reboots while vm0 does DMA; see
 /// [`rebind_while_the_other_does_dma`].
 #[test]
 fn vm1_rebinds_its_iommu_driver_while_vm0_does_dma() -> Result<(), Error> {
-    rebind_while_the_other_does_dma(&VM1, &VM0, Iommu::Smmuv3)
+    rebind_while_the_other_does_dma(&VM1, &VM0, Iommu::Smmuv3, false)
 }
 
 /// vm0, on a virtio-iommu, cycles `virtio_iommu` and reboots while vm1, on its vSMMU, does DMA;
 /// see [`rebind_while_the_other_does_dma`].
 #[test]
 fn vm0_on_virtio_iommu_rebinds_while_vm1_on_vsmmu_does_dma() -> Result<(), Error> {
-    rebind_while_the_other_does_dma(&VM0, &VM1, Iommu::Virtio)
+    rebind_while_the_other_does_dma(&VM0, &VM1, Iommu::Virtio, false)
 }
 
 /// The mirror image: vm1 on a virtio-iommu cycles while vm0 on its vSMMU does DMA.
 #[test]
 fn vm1_on_virtio_iommu_rebinds_while_vm0_on_vsmmu_does_dma() -> Result<(), Error> {
-    rebind_while_the_other_does_dma(&VM1, &VM0, Iommu::Virtio)
+    rebind_while_the_other_does_dma(&VM1, &VM0, Iommu::Virtio, false)
 }
 
 /// Driver cycles of the leak check (`virtio_iommu_driver_cycles_leak_nothing`).

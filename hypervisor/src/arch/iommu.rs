@@ -740,14 +740,19 @@ fn probe(info: &SmmuInfo, index: usize) -> Result<SmmuUnit, String> {
     }
     let f = s.features();
     log::info!(
-        "smmu: {} (SMMUv3 at {:#x}): {}-bit StreamIDs ({} stream table), {}-bit VMIDs, {}-bit OAS, nesting {}; enabled, global bypass off, every stream aborting",
+        "smmu: {} (SMMUv3 at {:#x}): {}-bit StreamIDs ({} stream table), {}-bit VMIDs, {}-bit OAS, nesting {}, CMD_SYNC completion by {}; enabled, global bypass off, every stream aborting",
         info.path,
         info.regs.base,
         f.sid_bits,
         if f.two_level { "2-level" } else { "linear" },
         f.vmid_bits,
         f.oas_bits,
-        if f.nesting { "yes" } else { "no" }
+        if f.nesting { "yes" } else { "no" },
+        if s.cmdq().msi_completion() {
+            "MSI (SMMU_IDR0.MSI)"
+        } else {
+            "polling SMMU_CMDQ_CONS (no SMMU_IDR0.MSI)"
+        }
     );
     Ok(SmmuUnit {
         path: info.path.clone(),

@@ -179,7 +179,11 @@ pub fn init(infos: &[ItsInfo], gic: &Gic, cpus: usize, max_device_id: u32) -> It
         let cfg = ItsConfig {
             max_device_id,
             cpus,
-            lpi_bits: gic.id_bits(),
+            lpi_bits: driver::lpi_bits_for(
+                cpus,
+                gic.id_bits(),
+                crate::devices::vits::DEFAULT_MAX_EVENTS,
+            ),
             priority: DEFAULT_PRIORITY as u8,
             poll_limit: POLL_LIMIT,
             vpes,
@@ -191,13 +195,14 @@ pub fn init(infos: &[ItsInfo], gic: &Gic, cpus: usize, max_device_id: u32) -> It
             Ok(its) => {
                 let t = its.typer();
                 log::info!(
-                    "its: ITS at {:#x}: Devbits {}, IDbits {}, ITT entry {} B, PTA {}, {} LPIs, Device table {} x {} KiB for DeviceIDs up to {max_device_id:#x}",
+                    "its: ITS at {:#x}: Devbits {}, IDbits {}, ITT entry {} B, PTA {}, {} LPIs ({} per VM for up to {cpus} VMs), Device table {} x {} KiB for DeviceIDs up to {max_device_id:#x}",
                     info.regs.base,
                     t.dev_bits,
                     t.id_bits,
                     t.itt_entry_size,
                     u8::from(t.pta),
                     its.lpi_count(),
+                    crate::devices::vits::DEFAULT_MAX_EVENTS,
                     its.device_table().pages,
                     its.device_table().page / 1024,
                 );

@@ -1,5 +1,5 @@
 //! Everything that runs only on the real (or emulated) machine at EL2: boot sequence, physical
-//! devices, the vCPU run loop. Built only for `aarch64-unknown-none`.
+//! devices, the vCPU run loop. Built only for `aarch64-unknown-none-softfloat`.
 
 pub mod gic;
 pub mod guest_mem;

@@ -7,6 +7,7 @@
 use super::IrqPort;
 use crate::hw::IntId;
 use crate::platform::{MemRange, SmmuInfo};
+use crate::profile::{Laps, Stage, Timed};
 use alloc::string::String;
 use alloc::vec::Vec;
 use smmu::driver::EventFate;
@@ -148,16 +149,20 @@ impl VmSmmu {
     /// while the VM's other vCPUs can trap on their own vSMMU accesses; round after round, at
     /// most `MAX_ROUNDS`. Its interrupts are raised through `irq` at the end. Returns whether
     /// the write completed within `MAX_ROUNDS` (if not, a model bug, the rest is left to the
-    /// VM's next trap).
-    pub fn write(
+    /// VM's next trap). The trap's stopwatch (`crate::profile`) that comes with `phys` is told
+    /// the stages: the model's work, the waits, the completion, and inside them the physical
+    /// submissions and waits.
+    pub fn write<P: PhysicalSmmu, L: Laps>(
         &self,
         off: u64,
         size: u8,
         value: u64,
         mut ram: impl GuestMemory,
-        phys: &mut impl PhysicalSmmu,
+        phys: &mut Timed<'_, P, L>,
         irq: &impl IrqPort,
     ) -> bool {
+        let laps = phys.laps;
+        laps.enter(Stage::Model);
         let mut o = self
             .model
             .lock()
@@ -167,10 +172,13 @@ impl VmSmmu {
             if !o.pending() {
                 break;
             }
+            laps.enter(Stage::Wait);
             let waited = o.wait(&*phys);
+            laps.enter(Stage::Complete);
             o = self.model.lock().complete(o, waited, &mut ram, phys);
             irqs |= o.irqs;
         }
+        laps.enter(Stage::Complete);
         let done = !o.pending();
         o.publish(&*phys);
         self.raise(irqs, irq);

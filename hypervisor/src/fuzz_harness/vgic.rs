@@ -38,7 +38,11 @@
 //!   vCPU; the filler puts an INTID in a list register only as the model offered it, with the
 //!   model's priority, group and trigger; a latch set while the INTID is active is delivered
 //!   after its deactivation. With [`Checks::spi_single_pe`] also: an SPI is in the list
-//!   registers of at most one vCPU (off by default, see docs/fuzzing.md).
+//!   registers of at most one vCPU (off by default, see docs/fuzzing.md);
+//! - **(h) a skipped fill is one that does nothing**: where the hypervisor's trap exits would
+//!   skip the list-register fill (`vm::lr::FillState`: the vGIC's generation, the UART's line
+//!   and the held interrupts as the vCPU's last fill left them, nothing left over, no EOI
+//!   maintenance since), the filler delivers, puts back and merges nothing.
 
 use alloc::collections::BTreeSet;
 use alloc::vec;
@@ -50,6 +54,7 @@ use crate::devices::vgic::{VGic, VGicConfig, LPI_BASE, MAX_SPIS};
 use crate::hw::fake::FakeRam;
 use crate::hw::{GuestRam, IntId, Ipa};
 use crate::mmio::AccessWidth::{self, Byte, Double, Word};
+use crate::vm::lr::{FillState, HwPending};
 
 /// The emulated UART's SPI (QEMU `virt`: SPI 1), whose level the filler samples.
 pub const UART_INTID: u32 = 33;
@@ -739,6 +744,16 @@ pub struct Harness {
     pub ram: FakeRam,
     /// The shape, for resets.
     shape: Shape,
+    /// The vGIC's generation (`vm::lr::VgicLock`): moved on by every step that locks the vGIC
+    /// other than a vCPU's own fill or peek.
+    generation: u64,
+    /// Each vCPU's last fill, as the hypervisor's exits keep it (`vm::lr::FillState`).
+    filled: Vec<FillState>,
+    /// A level entry of the vCPU completed since its last fill: the EOI maintenance interrupt
+    /// that follows is an interrupt exit, which always fills.
+    maintenance: Vec<bool>,
+    /// Inside a vCPU's own fill or peek, whose vGIC calls do not move the generation on.
+    own: bool,
 }
 
 impl Harness {
@@ -761,6 +776,17 @@ impl Harness {
             sweep: 0,
             ram: FakeRam::new(RAM_BASE, RAM_SIZE as usize),
             shape: shape.clone(),
+            generation: 0,
+            filled: vec![FillState::new(); shape.mpidr.len()],
+            maintenance: vec![false; shape.mpidr.len()],
+            own: false,
+        }
+    }
+
+    /// A vGIC call from anyone but the vCPU's own fill: the guard moves the generation on.
+    fn moved(&mut self) {
+        if !self.own {
+            self.generation += 1;
         }
     }
 
@@ -773,10 +799,13 @@ impl Harness {
             l.fill(None);
         }
         self.uart_level = false;
+        self.generation += 1;
+        self.filled.fill(FillState::new());
     }
 
     /// The vITS glue: INV or MAPTI of `intid` on `vcpu`.
     pub fn lpi_refresh(&mut self, vcpu: usize, intid: u32) {
+        self.moved();
         self.gic.lpi_config_refresh(&self.ram, vcpu, intid);
         self.reference.refresh(&self.ram, vcpu, intid);
         self.touched.push((vcpu, intid));
@@ -784,6 +813,7 @@ impl Harness {
 
     /// The vITS glue: INVALL on `vcpu`.
     pub fn lpi_refresh_all(&mut self, vcpu: usize) {
+        self.moved();
         self.gic.lpi_config_refresh_all(&self.ram, vcpu);
         self.reference.refresh_all(&self.ram, vcpu);
         for i in [0, 1, 63, 64] {
@@ -793,6 +823,7 @@ impl Harness {
 
     /// The vITS glue: MOVALL.
     pub fn move_lpis(&mut self, from: usize, to: usize) {
+        self.moved();
         self.gic.move_lpis(from, to);
         self.reference.move_lpis(from, to);
         for v in [from, to] {
@@ -829,6 +860,7 @@ impl Harness {
 
     /// (b) for one distributor read.
     pub fn dist_read(&mut self, off: u64, w: AccessWidth) -> u64 {
+        self.moved();
         let got = self.gic.dist_read(off, w);
         let want = self.reference.dist_read(off, w);
         assert_eq!(
@@ -841,6 +873,7 @@ impl Harness {
 
     /// A distributor write, applied to both.
     pub fn dist_write(&mut self, off: u64, w: AccessWidth, v: u64) {
+        self.moved();
         self.gic.dist_write(off, w, v);
         self.reference.dist_write(off, w, v);
         if let 0x80..=0xCFF = off {
@@ -860,6 +893,7 @@ impl Harness {
 
     /// (b) for one redistributor read.
     pub fn redist_read(&mut self, vcpu: usize, off: u64, w: AccessWidth) -> u64 {
+        self.moved();
         let got = self.gic.redist_read(vcpu, off, w);
         let want = self.reference.redist_read(vcpu, off, w);
         assert_eq!(
@@ -872,6 +906,7 @@ impl Harness {
 
     /// A redistributor write, applied to both.
     pub fn redist_write(&mut self, vcpu: usize, off: u64, w: AccessWidth, v: u64) {
+        self.moved();
         self.gic.redist_write(vcpu, off, w, v);
         self.reference.redist_write(vcpu, off, w, v);
         for i in [0, 7, 15, 16, 27, 31] {
@@ -881,6 +916,7 @@ impl Harness {
 
     /// The hypervisor latches or clears a pending interrupt.
     pub fn set_pending(&mut self, vcpu: usize, intid: u32, on: bool) {
+        self.moved();
         match (on, intid >= LPI_BASE) {
             (true, false) => self.gic.set_pending(vcpu, IntId(intid)),
             (false, false) => self.gic.clear_pending(vcpu, IntId(intid)),
@@ -893,6 +929,7 @@ impl Harness {
 
     /// (d): the guest on `sender` writes ICC_SGI1R_EL1; delivered as `vm::irq::send_sgi` does.
     pub fn sgi(&mut self, v: u64, sender: usize) {
+        self.moved();
         let (sgi, targets) = self.gic.sgi_targets(v, sender);
         let got = (sgi.0, targets);
         let want = self.reference.sgi_targets(v, sender);
@@ -924,6 +961,7 @@ impl Harness {
 
     /// (f) one `pop_deliverable`, compared with the reference, whose latch it then clears.
     pub fn pop(&mut self, vcpu: usize, exclude: &[u32]) -> Option<(u32, u8)> {
+        self.moved();
         let typed: Vec<IntId> = exclude.iter().copied().map(IntId).collect();
         let got = self
             .gic
@@ -968,6 +1006,12 @@ impl Harness {
         let Some(lrs) = self.lrs.get(vcpu) else {
             return;
         };
+        // (h): a fill the hypervisor's trap exits would skip must be one that does nothing.
+        let uart = self.uart_level.then_some(IntId(UART_INTID));
+        let skippable = !self.maintenance[vcpu]
+            && !self.filled[vcpu].needed(self.generation, &HwPending::default(), uart);
+        let (filled0, put0) = (self.tally.filled, self.tally.put_back);
+        self.own = true;
         let mut in_flight: Vec<u32> = lrs
             .iter()
             .map(|l| l.map_or(u32::MAX, |l| l.intid))
@@ -979,6 +1023,10 @@ impl Harness {
             .filter(|l| l.state == LrState::Pending && l.intid >= LPI_BASE)
             .map(|l| l.intid)
             .collect();
+        assert!(
+            !skippable || merged.iter().all(|&i| !self.gic.is_pending(vcpu, IntId(i))),
+            "(h) vCPU {vcpu}: a skippable fill would have merged one of LPIs {merged:?}"
+        );
         for intid in merged {
             self.set_pending(vcpu, intid, false);
         }
@@ -989,6 +1037,7 @@ impl Harness {
             self.set_pending(vcpu, UART_INTID, true);
         }
         let mut pops = 0;
+        let mut last_filled = u32::MAX;
         while let Some((intid, prio)) = self.pop(vcpu, &in_flight) {
             pops += 1;
             assert!(
@@ -1018,7 +1067,26 @@ impl Harness {
             });
             in_flight[i] = intid;
             self.tally.filled += 1;
+            last_filled = intid;
         }
+        let left = self.tally.put_back != put0
+            || match self.pop(vcpu, &[]) {
+                Some((intid, _)) => {
+                    self.set_pending(vcpu, intid, true);
+                    true
+                }
+                None => false,
+            };
+        assert!(
+            !skippable || (self.tally.filled == filled0 && self.tally.put_back == put0),
+            "(h) vCPU {vcpu}: a fill the skip rule (vm::lr::FillState) would skip delivered {} \
+             INTIDs (the last {last_filled}, edge {})",
+            self.tally.filled - filled0,
+            self.gic.is_edge(vcpu, IntId(last_filled))
+        );
+        self.own = false;
+        self.filled[vcpu].filled(self.generation, uart, left);
+        self.maintenance[vcpu] = false;
     }
 
     /// The guest acknowledges list register `i` of `vcpu` (pending -> active).
@@ -1035,9 +1103,12 @@ impl Harness {
     /// interrupt for a level one). A pending entry cannot be deactivated.
     pub fn eoi(&mut self, vcpu: usize, i: usize) {
         if let Some(slot) = self.lrs.get_mut(vcpu).and_then(|l| l.get_mut(i)) {
-            if slot.is_some_and(|lr| lr.state == LrState::Active) {
+            if let Some(lr) = slot.filter(|lr| lr.state == LrState::Active) {
                 *slot = None;
                 self.tally.eois += 1;
+                if lr.level {
+                    self.maintenance[vcpu] = true;
+                }
             }
         }
     }
@@ -1427,8 +1498,14 @@ impl Harness {
         let op = inp.u8();
         if self.reference.lpis && op >= 0xA0 {
             self.lpi_step(inp);
+            self.generation += 1;
             self.check();
             return;
+        }
+        // Every operation but a vCPU's own fill (9, 10) and peek (14), and the guest's
+        // list-register and UART actions (11-13), which do not lock the vGIC, moves it on.
+        if !matches!(op & 15, 9..=14) {
+            self.generation += 1;
         }
         match op & 15 {
             0 => {
@@ -1477,9 +1554,11 @@ impl Harness {
             14 => {
                 // `has_pending_virtual`: a peek that puts the INTID straight back.
                 let vcpu = self.vcpu(inp);
+                self.own = true;
                 if let Some((intid, _)) = self.pop(vcpu, &[]) {
                     self.set_pending(vcpu, intid, true);
                 }
+                self.own = false;
             }
             _ => {
                 let vcpu = self.vcpu(inp);

@@ -94,7 +94,7 @@ pub struct OutOfRam {
 /// range into memory or an error; nothing else dereferences guest addresses. `arch` backs it
 /// with the VM's physical RAM, host tests with a buffer.
 ///
-/// Its RAM is zeroed lazily, 2 MiB block by block ([`scrub`]): `read` and `write` first make
+/// Its RAM is zeroed lazily, 2 MiB block by block ([`scrub`]): `read` and the writes first make
 /// every block they touch zeroed in this boot (zeroing a stale one there and then), so the
 /// hypervisor never hands a guest, or acts on, a byte this boot did not write or zero.
 pub trait GuestRam: Send + Sync + core::fmt::Debug {
@@ -105,6 +105,13 @@ pub trait GuestRam: Send + Sync + core::fmt::Debug {
     /// Copies `data` to guest memory at `ipa`, visible to a guest running with its MMU and
     /// caches off.
     fn write(&self, ipa: Ipa, data: &[u8]) -> Result<(), OutOfRam>;
+    /// Copies `data` to guest memory at `ipa` for a guest that reads it through cacheable
+    /// mappings: what an emulated device writes whose guest DT node says `dma-coherent` (the
+    /// vSMMU's queues and CMD_SYNC MSIs, virtio rings), which needs no cache maintenance. Like
+    /// `write`, it never writes into a block not zeroed yet in this boot.
+    fn write_coherent(&self, ipa: Ipa, data: &[u8]) -> Result<(), OutOfRam> {
+        self.write(ipa, data)
+    }
     /// Which of its blocks are zeroed in this boot.
     fn scrub(&self) -> &scrub::Scrub;
     /// Zeroes `[ipa, ipa + len)` and cleans it to the point of coherency, whatever its blocks'
@@ -142,8 +149,9 @@ impl smmu::vsmmu::GuestMemory for &dyn GuestRam {
         })
     }
 
+    /// The emulated devices' writes: every one of them is `dma-coherent` in the guest's DT.
     fn write(&mut self, ipa: u64, data: &[u8]) -> Result<(), smmu::vsmmu::GuestMemError> {
-        GuestRam::write(*self, Ipa(ipa), data).map_err(|e| smmu::vsmmu::GuestMemError {
+        GuestRam::write_coherent(*self, Ipa(ipa), data).map_err(|e| smmu::vsmmu::GuestMemError {
             ipa: e.ipa.get(),
             len: e.len,
         })

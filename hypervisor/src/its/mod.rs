@@ -48,6 +48,24 @@ pub const MAX_DEVICE_BITS: u32 = 16;
 pub const MAX_LPI_BITS: u32 = 16;
 /// Fewest LPI INTID bits: 14 bits still give 8192 LPIs.
 pub const MIN_LPI_BITS: u32 = 14;
+
+/// The LPI INTID bits to drive a distributor with `gic_bits` (GICD_TYPER.IDbits + 1) for a
+/// machine of `cpus` CPUs: the fewest, from [`MIN_LPI_BITS`], whose LPIs cover `per_vm` events
+/// for as many VMs as there are CPUs (each VM has at least one), so a VM can never take the
+/// LPIs another needs; as many as the GIC has if even that is short.
+///
+/// Fewer bits mean smaller tables (the property table is 2^bits − 8192 bytes, each CPU's pending
+/// table 2^bits / 8), and, under QEMU, cheaper LPIs: QEMU's redistributor rescans the whole
+/// pending table, a byte at a time, whenever the pending LPI it had chosen is taken
+/// (`update_for_all_lpis` in hw/intc/arm_gicv3_redist.c), so with 16 bits every LPI taken at
+/// EL2 cost about 100 µs there.
+pub fn lpi_bits_for(cpus: usize, gic_bits: u32, per_vm: usize) -> u32 {
+    let top = gic_bits.min(MAX_LPI_BITS);
+    let need = cpus.max(1) as u64 * per_vm as u64;
+    (MIN_LPI_BITS..=top)
+        .find(|&b| (1u64 << b) - u64::from(FIRST_LPI) >= need)
+        .unwrap_or(top)
+}
 /// A VM's vLPI property table: 64 KiB, entries for vINTIDs 8192..65535 (the guest's vGIC has
 /// 16 INTID bits), as Linux's LPI_PROPBASE_SZ. GICR_VPROPBASER holds PA[51:12]: 4 KiB aligned.
 pub const VPROP_SIZE: usize = 0x1_0000;

@@ -837,3 +837,20 @@ fn vmovp_moves_a_vpe_to_another_redistributor() {
     assert_eq!(s.borrow().vpes[&vpes[0].id].0, 1);
     assert_eq!(its.vpes(0)[0].cpu, 1);
 }
+
+#[test]
+fn the_lpi_space_is_the_smallest_that_gives_every_possible_vm_its_events() {
+    // QEMU virt: 16 INTID bits; up to 8 CPUs x 1024 events fit 14 bits (8192 LPIs).
+    assert_eq!(lpi_bits_for(4, 16, 1024), MIN_LPI_BITS);
+    assert_eq!(lpi_bits_for(8, 16, 1024), 14);
+    assert_eq!(lpi_bits_for(9, 16, 1024), 15);
+    assert_eq!(lpi_bits_for(24, 16, 1024), 15);
+    assert_eq!(lpi_bits_for(25, 16, 1024), 16);
+    // More than the GIC has: all it has.
+    assert_eq!(lpi_bits_for(64, 16, 1024), 16);
+    assert_eq!(lpi_bits_for(64, 15, 1024), 15);
+    assert_eq!(lpi_bits_for(64, 24, 1024), MAX_LPI_BITS);
+    // A GIC below the minimum is the probe's to refuse.
+    assert_eq!(lpi_bits_for(1, 13, 1024), 13);
+    assert_eq!(lpi_bits_for(0, 16, 1024), 14);
+}

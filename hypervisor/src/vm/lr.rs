@@ -106,6 +106,123 @@ impl Lrs {
 
 /// Forwarded interrupts one CPU can hold at once: each stays active until its guest deactivates
 /// it, so one per forwarded source (timer + a few devices' lines) suffices.
+/// A VM's vGIC behind its lock, with a generation that every change moves on: each
+/// [`VgicLock::lock`] guard moves it when it is dropped, that is after whatever its holder did.
+/// A vCPU's exit that finds the generation where its last [`fill`] left it (and nothing else
+/// new, [`FillState`]) knows the vGIC has nothing new for it and skips the list-register work.
+#[derive(Debug)]
+pub struct VgicLock {
+    inner: spin::Mutex<VGic>,
+    generation: AtomicU64,
+}
+
+/// A held [`VgicLock`]; dropping it moves the generation on.
+#[derive(Debug)]
+pub struct VgicGuard<'a> {
+    guard: spin::MutexGuard<'a, VGic>,
+    generation: &'a AtomicU64,
+}
+
+impl VgicLock {
+    pub fn new(vgic: VGic) -> Self {
+        Self {
+            inner: spin::Mutex::new(vgic),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The vGIC, for any use: the generation moves on when the guard goes.
+    pub fn lock(&self) -> VgicGuard<'_> {
+        VgicGuard {
+            guard: self.inner.lock(),
+            generation: &self.generation,
+        }
+    }
+
+    /// The vGIC for a vCPU's own [`fill`] or a look at its own state: what that changes is the
+    /// caller's vCPU's alone, which no other vCPU needs to notice.
+    pub fn lock_own(&self) -> spin::MutexGuard<'_, VGic> {
+        self.inner.lock()
+    }
+
+    /// The generation now.
+    pub fn generation(&self) -> u64 {
+        // Acquire (pairs with the guard's Release): what a holder did before its bump is seen
+        // by a vCPU that sees the bump.
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+impl core::ops::Deref for VgicGuard<'_> {
+    type Target = VGic;
+    fn deref(&self) -> &VGic {
+        &self.guard
+    }
+}
+
+impl core::ops::DerefMut for VgicGuard<'_> {
+    fn deref_mut(&mut self) -> &mut VGic {
+        &mut self.guard
+    }
+}
+
+impl Drop for VgicGuard<'_> {
+    fn drop(&mut self) {
+        // Release, while still holding the lock: the changes before the bump.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// What this CPU's last [`fill`] for its vCPU saw, to skip the next one when nothing changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillState {
+    /// The vGIC's generation the fill read before it ran; `None`: none since the vCPU's entry.
+    generation: Option<u64>,
+    /// The UART level it saw.
+    uart: Option<IntId>,
+    /// It left interrupts behind for want of a list register (underflow maintenance asked).
+    left_some: bool,
+}
+
+impl Default for FillState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FillState {
+    /// No fill yet (a vCPU entry, a reset): the next one must run.
+    pub const fn new() -> Self {
+        Self {
+            generation: None,
+            uart: None,
+            left_some: false,
+        }
+    }
+
+    /// Whether a synchronous exit (an interrupt exit always fills: a maintenance interrupt or a
+    /// completed level interrupt needs it) must fill the list registers: the vGIC moved on since
+    /// the last fill, a hardware interrupt waits, the UART's line is or was high (the filler
+    /// re-latches it on every fill while it is, whatever trigger the guest gave it), or the last
+    /// fill left interrupts waiting for a free list register.
+    pub fn needed(&self, generation: u64, pending: &HwPending, uart: Option<IntId>) -> bool {
+        self.generation != Some(generation)
+            || pending.any()
+            || uart.is_some()
+            || self.uart.is_some()
+            || self.left_some
+    }
+
+    /// Records a fill that started at `generation` and saw `uart`.
+    pub fn filled(&mut self, generation: u64, uart: Option<IntId>, left_some: bool) {
+        *self = Self {
+            generation: Some(generation),
+            uart,
+            left_some,
+        };
+    }
+}
+
 pub const MAX_HW_PENDING: usize = 8;
 
 /// Hardware interrupts (the virtual timer, assigned devices' INTx) taken at EL2 for the vCPU on
@@ -158,7 +275,9 @@ impl HwPending {
 /// holds (`pending`; SPIs of assigned devices go to the vCPU on this CPU whatever the guest's
 /// routing says, since the physical SPI is routed here), then `uart_level` (the emulated UART's
 /// INTID while its line is high), then the vGIC's latched interrupts by priority. Asks for an
-/// underflow maintenance interrupt when some remain.
+/// underflow maintenance interrupt when some remain. Returns whether some remain (in the vGIC
+/// or `pending`) for want of a free list register, or latched behind their own entry: the next
+/// exit must not skip its fill ([`FillState`]).
 pub fn fill(
     hw: &impl Hw,
     lrs: &Lrs,
@@ -166,7 +285,7 @@ pub fn fill(
     vgic: &mut VGic,
     vcpu: usize,
     uart_level: Option<IntId>,
-) {
+) -> bool {
     let n = lrs.count(hw);
     let mut in_flight = [IntId(u32::MAX); MAX_LRS];
     let mut free = [0usize; MAX_LRS];
@@ -242,6 +361,17 @@ pub fn fill(
             ICH_HCR_EN
         },
     );
+    // Latched again while in a list register (an edge raised while active): deliverable once
+    // the guest deactivates it, which it does without an exit, so the next exit must look.
+    let latched = !more
+        && match vgic.pop_deliverable(vcpu, &[]) {
+            Some((intid, _)) => {
+                vgic.set_pending(vcpu, intid);
+                true
+            }
+            None => false,
+        };
+    more || latched || pending.any()
 }
 
 /// Clears the conditions of the GIC maintenance interrupt (IHI 0069, 12.5.9 ICH_MISR_EL2):

@@ -44,6 +44,8 @@ pub struct VcpuSlot {
     pub mpidr: u64,
     /// Power state.
     pub power: VcpuPower,
+    /// Where its exits' time went (`crate::profile`), written only by its physical CPU.
+    pub profile: spin::Mutex<crate::profile::TrapProfile>,
 }
 
 /// A boot module: where it lies and its bytes (pristine, never written: every boot of the VM
@@ -227,8 +229,9 @@ pub struct Vm {
     pub its: Option<its::VmIts>,
     /// Physical address of its stage-2 root table (shared with the SMMU).
     pub s2_root: u64,
-    /// Virtual GIC register model.
-    pub vgic: Mutex<VGic>,
+    /// Virtual GIC register model, with the generation that lets an exit skip the list
+    /// registers when nothing changed (`lr::VgicLock`).
+    pub vgic: lr::VgicLock,
     /// Virtual PL011 model.
     pub vuart: Mutex<VPl011>,
     /// Console input its PL011's FIFO had no room for yet.
@@ -471,6 +474,7 @@ impl Vm {
                 pcpu,
                 mpidr: i as u64,
                 power: VcpuPower::new(),
+                profile: Default::default(),
             })
             .collect();
         let vgic = VGic::new(VGicConfig {
@@ -521,7 +525,7 @@ impl Vm {
             },
             // A host console without a wired interrupt still gives the guest a working one.
             uart_intid,
-            vgic: Mutex::new(vgic),
+            vgic: lr::VgicLock::new(vgic),
             vuart: Mutex::new(VPl011::new()),
             console_backlog: Mutex::new(ConsoleBacklog::default()),
             vcpus,
@@ -684,6 +688,18 @@ impl Vm {
             lines.push(v.stats_line(&self.iommu_name(v.regs.base, self.viommus.len())));
         }
         lines
+    }
+
+    /// The trap profile of all its vCPUs together (`crate::profile`), as a statistics line;
+    /// `freq` is the generic counter's frequency.
+    pub fn profile_line(&self, freq: u64) -> String {
+        let sum = self
+            .vcpus
+            .iter()
+            .fold(crate::profile::TrapProfile::default(), |acc, v| {
+                acc.merged(&v.profile.lock())
+            });
+        sum.stats_line(&self.config.name, freq)
     }
 
     /// How the stats lines name one of `count` emulated IOMMUs at `base`: a VM with several

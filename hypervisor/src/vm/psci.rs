@@ -296,6 +296,7 @@ mod tests {
                     pcpu: 4 + i,
                     mpidr: i as u64,
                     power: VcpuPower::new(),
+                    profile: Default::default(),
                 })
                 .collect()
         }

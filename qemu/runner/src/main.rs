@@ -1,6 +1,6 @@
 //! `cargo run` at the workspace root, the convention of Rust embedded projects: it execs
 //! `qemu/run.sh` with the arguments after `--`, which sets up the host (`qemu/setup.sh`), builds
-//! the hypervisor for `aarch64-unknown-none` (`qemu/build.sh`) and boots it on QEMU `virt`
+//! the hypervisor for `aarch64-unknown-none-softfloat` (`qemu/build.sh`) and boots it on QEMU `virt`
 //! (`qemu/board-virt.sh`): with no arguments the two default VMs, each with its own virtio disk and
 //! NIC, exactly as `qemu/run.sh` does.
 //!

@@ -11,14 +11,18 @@
 //!    go, so nothing is left unpublished and nobody spins on another CPU's MMIO write;
 //! 4. a CMD_SYNC's submitter polls SMMU_CMDQ_CONS until it is past its slot. CONS is extended to a
 //!    whole-life count, which is unambiguous because at most one queue's worth of entries is ever
-//!    outstanding (step 1), so waits never confuse laps however long a CPU is away.
+//!    outstanding (step 1), so waits never confuse laps however long a CPU is away. Where the SMMU
+//!    can signal completion by MSI (SMMU_IDR0.MSI; [`Cmdq::with_msi_completion`]), every CMD_SYNC
+//!    instead writes its own sequence number (+ 1, low 32 bits) into one word of normal memory,
+//!    which the SMMU does in queue order, so the submitter polls that word and reads CONS only
+//!    every [`MSI_CONS_EVERY`] polls, to see a command error that stopped the queue.
 //!
 //! A command error stops the queue (GERROR.CMDQ_ERR); whichever waiter sees it first replaces the
 //! command with a CMD_SYNC, acknowledges it and records it, and the waiter whose batch held it gets
 //! the [`DriverError::CommandError`] (IHI 0070 7.1).
 
 use super::{DriverError, SmmuRegs};
-use crate::cmd::{Command, Sync};
+use crate::cmd::{Command, Sync, SyncCs};
 use crate::regs::{self, Cerror, Gerror};
 use crate::sync::{self, fence, AtomicBool, AtomicU64, Mutex, Ordering};
 use alloc::vec::Vec;
@@ -62,12 +66,25 @@ impl SyncTicket {
     }
 }
 
+/// The MSIData of the CMD_SYNC at `seq`: one more than its low 32 bits, so the zeroed word
+/// completes no sync.
+fn msi_data(seq: u64) -> u32 {
+    (seq as u32).wrapping_add(1)
+}
+
 /// Command errors remembered for their submitters.
 const ERROR_LOG: usize = 16;
 /// Retries of the CONS read when other CPUs keep moving the extended count meanwhile.
 const CONS_RETRIES: u32 = 64;
 /// Marks no entry has (sequence numbers never get there).
 const UNWRITTEN: u64 = u64::MAX;
+/// With MSI completion, polls of the completion word per SMMU_CMDQ_CONS read.
+pub const MSI_CONS_EVERY: u32 = 64;
+/// CMD_SYNC MSI shareability: Inner Shareable (IHI 0070 4.7.3, MSH; Linux's ARM_SMMU_SH_ISH).
+const MSI_SH_ISH: u8 = 3;
+/// CMD_SYNC MSI attributes: Inner and Outer Write-Back cacheable (Linux's ARM_SMMU_MEMATTR_OIWB),
+/// so that with SMMU_IDR0.COHACC the CPU's cached read of the word sees the write.
+const MSI_ATTR_OIWB: u8 = 0xf;
 
 /// The physical command queue ([module docs](self)).
 #[derive(Debug)]
@@ -96,6 +113,8 @@ pub struct Cmdq<R, Q> {
     error_count: AtomicU64,
     /// The last few: (the failed command's batch, the error).
     errors: Mutex<Vec<(u64, DriverError)>>,
+    /// With MSI completion, the PA of the word every CMD_SYNC writes (inside `mem`).
+    msi: Option<u64>,
 }
 
 impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
@@ -119,7 +138,51 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
             recovering: AtomicBool::new(false),
             error_count: AtomicU64::new(0),
             errors: Mutex::new(Vec::with_capacity(ERROR_LOG)),
+            msi: None,
         }
+    }
+
+    /// CMD_SYNCs complete by an MSI write of their sequence number to the 32-bit word at `pa`,
+    /// which `mem` covers (zeroed, 4-byte aligned, written by nothing else), instead of by
+    /// polling SMMU_CMDQ_CONS: for an SMMU with SMMU_IDR0.MSI and COHACC.
+    pub fn with_msi_completion(mut self, pa: u64) -> Self {
+        self.msi = Some(pa);
+        self
+    }
+
+    /// Whether CMD_SYNCs complete by MSI ([`Cmdq::with_msi_completion`]).
+    pub fn msi_completion(&self) -> bool {
+        self.msi.is_some()
+    }
+
+    /// The CMD_SYNC to put at sequence number `seq`.
+    fn sync_command(&self, seq: u64) -> Command {
+        Command::Sync(match self.msi {
+            None => Sync::none(),
+            Some(pa) => Sync {
+                cs: SyncCs::Irq,
+                msh: MSI_SH_ISH,
+                msiattr: MSI_ATTR_OIWB,
+                msidata: msi_data(seq),
+                msiaddr: pa,
+            },
+        })
+    }
+
+    /// With MSI completion: whether the CMD_SYNC at `seq` has written its word (so it, and
+    /// every command before it, has completed).
+    fn msi_reached(&self, seq: u64) -> bool {
+        let Some(pa) = self.msi else { return false };
+        let e = self.mem.read_entry(pa & !15);
+        let word = (e[((pa >> 3) & 1) as usize] >> ((pa & 4) * 8)) as u32;
+        // The SMMU writes in queue order and at most one queue's worth of syncs is ever
+        // outstanding, so the word is within 2^31 of any waiter's value.
+        let reached = word.wrapping_sub(msi_data(seq)) as i32 >= 0;
+        if reached {
+            // The SMMU's work for the batch happens before the caller goes on.
+            fence(Ordering::Acquire);
+        }
+        reached
     }
 
     /// Entries in the queue.
@@ -266,6 +329,11 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
             };
             let batch = *first.get_or_insert(p);
             for (seq, c) in (p..p + k).zip(&mut cmds) {
+                // A CMD_SYNC signals the way this queue waits (its MSI names its slot).
+                let c = match c {
+                    Command::Sync(_) => self.sync_command(seq),
+                    c => c,
+                };
                 self.mem.write_entry(self.slot_pa(seq), c.encode());
                 // Relaxed: published with the entry by the mark below.
                 self.batch[self.slot(seq)].store(batch, Ordering::Relaxed);
@@ -346,14 +414,27 @@ impl<R: SmmuRegs, Q: QueueMemory> Cmdq<R, Q> {
     }
 
     /// Publishes, then polls SMMU_CMDQ_CONS (bounded) until the ticket's CMD_SYNC has completed,
-    /// i.e. every command queued before it has (IHI 0070 4.7.3). Fails with the command error of
+    /// i.e. every command queued before it has (IHI 0070 4.7.3); with MSI completion, its word
+    /// instead, and CONS only every [`MSI_CONS_EVERY`] polls. Fails with the command error of
     /// a command of this batch, if one had one (it was skipped).
     pub fn wait(&self, t: SyncTicket) -> Result<(), DriverError> {
         self.publish();
         let mut done = self.completed(t);
-        for _ in 0..self.poll_limit {
+        for i in 0..self.poll_limit {
             if done {
                 break;
+            }
+            if self.msi.is_some() {
+                if self.msi_reached(t.sync) {
+                    // Release: as refresh_cons's fold, for reservers and other waiters.
+                    self.cons.fetch_max(t.sync + 1, Ordering::AcqRel);
+                    done = true;
+                    break;
+                }
+                if i % MSI_CONS_EVERY != MSI_CONS_EVERY - 1 {
+                    sync::spin_loop();
+                    continue;
+                }
             }
             let (c, raw) = self.refresh_cons();
             done = c > t.sync;

@@ -44,6 +44,8 @@ pub struct FakeState {
     pub consume_per_cons_read: usize,
     /// Number of CMDQ_PROD writes.
     pub prod_writes: usize,
+    /// Number of CMDQ_CONS reads.
+    pub cons_reads: usize,
 }
 
 /// Both halves of the fake, cheaply clonable.
@@ -75,6 +77,7 @@ impl FakeSmmu {
             consume_on_prod: true,
             consume_per_cons_read: 1,
             prod_writes: 0,
+            cons_reads: 0,
         })))
     }
 
@@ -190,6 +193,12 @@ impl FakeState {
             let words = Command::words_from_bytes(&b);
             match Command::decode(words) {
                 Ok(c) if !self.illegal_opcodes.contains(&c.opcode()) => {
+                    if let Command::Sync(s) = c {
+                        // CS = SIG_IRQ on an SMMU with IDR0.MSI: the completion's MSI write.
+                        if s.cs == crate::cmd::SyncCs::Irq && self.idr0 & (1 << 13) != 0 {
+                            self.write_ram(s.msiaddr, &s.msidata.to_le_bytes());
+                        }
+                    }
                     self.commands.push(c);
                     q.inc_cons();
                     n += 1;
@@ -210,6 +219,9 @@ impl FakeState {
 impl SmmuRegs for FakeSmmu {
     fn read32(&self, off: u64) -> u32 {
         let mut st = self.0.borrow_mut();
+        if off == regs::SMMU_CMDQ_CONS {
+            st.cons_reads += 1;
+        }
         if off == regs::SMMU_CMDQ_CONS && !st.consume_on_prod {
             let n = st.consume_per_cons_read;
             st.consume(n);

@@ -1,7 +1,7 @@
 use super::fake::{FakeSmmu, QEMU_IDR0, QEMU_IDR1, QEMU_IDR5};
 use super::*;
-use crate::cmd::Sync;
 use crate::cmd::TlbiAddr;
+use crate::cmd::{Sync, SyncCs};
 use crate::event::{EventClass, EventKind};
 use crate::regs::StallModel;
 use crate::ste::{S1Fields, S2Config};
@@ -781,4 +781,79 @@ fn reported_global_errors_are_acknowledged_and_cmdq_err_is_left_alone() {
     let again = raised ^ Gerror::EVENTQ_ABT_ERR;
     fake.st().regs32.insert(regs::SMMU_GERROR, again.bits());
     assert_eq!(smmu.acknowledge_gerror(), Gerror::EVENTQ_ABT_ERR);
+}
+
+/// SMMU_IDR0.MSI (IHI 0070 6.3.1).
+const IDR0_MSI: u32 = 1 << 13;
+
+#[test]
+fn with_idr0_msi_a_cmd_sync_completes_by_its_msi_and_the_wait_reads_no_cons() {
+    let fake = FakeSmmu::new(QEMU_IDR0 | IDR0_MSI, QEMU_IDR1, QEMU_IDR5);
+    let mut smmu = probe(&fake, small_cfg()).unwrap();
+    assert!(smmu.cmdq().msi_completion());
+    let word = {
+        let Some(Command::Sync(s)) = fake.take_commands().last().copied() else {
+            panic!("probe ends with a CMD_SYNC");
+        };
+        assert_eq!((s.cs, s.msh, s.msiattr), (SyncCs::Irq, 3, 0xf));
+        // The word sits just after the queue (4 entries of 16 bytes here).
+        assert_eq!(
+            s.msiaddr,
+            (fake.reg64(regs::SMMU_CMDQ_BASE) & crate::bits::mask(51, 5)) + 64
+        );
+        s.msiaddr
+    };
+    // Several syncs, across wraps of the 4-entry queue: each writes its own number (+ 1), and
+    // no wait needs SMMU_CMDQ_CONS.
+    for i in 0..10u32 {
+        let reads = fake.st().cons_reads;
+        smmu.submit_sync(&[Command::TlbiNhAll { vmid: 7 }]).unwrap();
+        assert_eq!(fake.st().cons_reads, reads, "sync {i} read CMDQ_CONS");
+        let cmds = fake.take_commands();
+        let Some(Command::Sync(s)) = cmds.last().copied() else {
+            panic!("{cmds:?}");
+        };
+        let mut b = [0u8; 4];
+        fake.0.borrow().read_ram(word, &mut b);
+        assert_eq!(u32::from_le_bytes(b), s.msidata);
+    }
+}
+
+#[test]
+fn with_msi_completion_a_command_error_is_still_found_through_cons() {
+    let fake = FakeSmmu::new(QEMU_IDR0 | IDR0_MSI, QEMU_IDR1, QEMU_IDR5);
+    let mut smmu = probe(&fake, small_cfg()).unwrap();
+    fake.take_commands();
+    fake.st()
+        .illegal_opcodes
+        .push(crate::cmd::op::TLBI_S12_VMALL);
+    let bad = Command::TlbiS12Vmall { vmid: 7 };
+    let r = smmu.submit_sync(&[bad]);
+    assert!(
+        matches!(
+            r,
+            Err(DriverError::CommandError {
+                cerror: Cerror::Illegal,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(fake.st().cons_reads > 0);
+    // Resumed, and back to MSI completion.
+    smmu.submit_sync(&[Command::TlbiNhAll { vmid: 7 }]).unwrap();
+}
+
+#[test]
+fn without_idr0_msi_cmd_syncs_poll_cons() {
+    let fake = FakeSmmu::qemu();
+    let mut smmu = probe(&fake, small_cfg()).unwrap();
+    assert!(!smmu.cmdq().msi_completion());
+    let reads = fake.st().cons_reads;
+    smmu.submit_sync(&[Command::TlbiNhAll { vmid: 7 }]).unwrap();
+    assert!(fake.st().cons_reads > reads);
+    assert_eq!(
+        fake.take_commands().last(),
+        Some(&Command::Sync(Sync::none()))
+    );
 }

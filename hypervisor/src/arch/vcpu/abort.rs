@@ -9,6 +9,7 @@ use crate::arch::{hv, iommu, uart};
 use crate::esr::{fault_ipa, instruction_length, DataAbort};
 use crate::hw::Ipa;
 use crate::mmio::AccessWidth;
+use crate::profile::{Kind, Laps, Stage, Timed};
 use crate::vm::bus::{self, Target};
 use crate::vm::irq::{self, VmIrqs};
 use crate::vm::ram::RamFault;
@@ -16,7 +17,13 @@ use crate::vm::Vm;
 use aarch64_cpu::registers::{Readable, FAR_EL2, HPFAR_EL2};
 use boot::TrapFrame;
 
-pub(super) fn handle_data_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
+pub(super) fn handle_data_abort(
+    vm: &Vm,
+    vcpu: usize,
+    frame: &mut TrapFrame,
+    esr: u64,
+    laps: &impl Laps,
+) {
     let da = DataAbort::from_esr(esr);
     if !da.is_stage2_fault() {
         // An external abort (HCR_EL2.TEA), parity error or the like on the guest's own access:
@@ -48,7 +55,7 @@ pub(super) fn handle_data_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr
         return;
     }
     let value = reg_read(frame, da.srt) & da.width.mask();
-    let result = mmio_access(vm, vcpu, ipa, da.width, da.write.then_some(value));
+    let result = mmio_access(vm, vcpu, ipa, da.width, da.write.then_some(value), laps);
     match result {
         Some(read) => {
             if !da.write {
@@ -94,6 +101,7 @@ pub(super) fn mmio_access(
     ipa: Ipa,
     width: AccessWidth,
     write: Option<u64>,
+    laps: &impl Laps,
 ) -> Option<u64> {
     let ecam = |segment: usize| hv().iommu.ecam(segment);
     Some(match bus::route(vm, ipa)? {
@@ -150,14 +158,26 @@ pub(super) fn mmio_access(
             let s = vm.vsmmus.get(index)?;
             let size = width.bytes() as u8;
             match write {
-                None => s.read(off, size),
+                None => {
+                    laps.kind(Kind::RegRead);
+                    laps.enter(Stage::Model);
+                    let v = s.read(off, size);
+                    laps.enter(Stage::Complete);
+                    v
+                }
                 Some(v) => {
+                    if off == smmu::regs::SMMU_CMDQ_PROD {
+                        laps.kind(Kind::CmdqProd);
+                    }
                     let irqs = VmIrqs {
                         vm,
                         hw: &Machine,
                         here: Some(vcpu),
                     };
-                    let mut phys = iommu::PhysSmmu(s.unit);
+                    let mut phys = Timed {
+                        inner: iommu::PhysSmmu(s.unit),
+                        laps,
+                    };
                     if !s.write(off, size, v, vm.ram(), &mut phys, &irqs) {
                         log::error!(
                             "vsmmu: {}: a register write still waits after {} rounds",

@@ -51,9 +51,13 @@ fn hcr_guest(ras: bool) -> FieldValue<u64, HCR_EL2::Register> {
 }
 
 /// CPTR_EL2 (non-VHE, Arm ARM D24.2.35): RES1 bits (0-7, 9, 12-13), FP/SIMD not trapped
-/// (TFP, bit 10, clear), SVE (TZ, bit 8) and SME (TSM, bit 12) trapped: the hypervisor saves only
-/// the V registers, so a guest may not use the wider Z registers. aarch64-cpu names only TAM in
-/// this register, hence the raw value.
+/// (TFP, bit 10, clear), SVE (TZ, bit 8) and SME (TSM, bit 12) trapped. The guest's V registers,
+/// FPCR and FPSR are never saved or switched: they stay in the CPU across traps, since its vCPU
+/// is the only one this physical CPU ever runs and no EL2 code touches them (the softfloat target,
+/// checked by qemu/check-no-fp.sh). That guarantee has to be static: in non-VHE TFP also traps
+/// EL2's own FP/SIMD use, so EL2 cannot be trapped while the guest is not. A fresh entry zeroes
+/// them (`boot::enter`), but not the wider SVE Z and P registers or SME's ZA, hence those stay
+/// trapped. aarch64-cpu names only TAM in this register, hence the raw value.
 const CPTR_GUEST: u64 = 0x33ff;
 
 /// SCTLR_EL1 for a vCPU at power-on: MMU and caches off, RES1 bits only (Arm ARM D24.2.158;

@@ -7,6 +7,7 @@ use crate::arch::gic::{Gic, SPURIOUS};
 use crate::arch::hw::Machine;
 use crate::arch::{hv, iommu, its, sysreg, this_cpu, uart};
 use crate::hw::IntId;
+use crate::profile::Kind;
 use crate::vm::irq::{self, KICK_SGI, VTIMER_PPI};
 use crate::vm::lr;
 use crate::vm::Vm;
@@ -14,7 +15,7 @@ use crate::vm::Vm;
 /// Whether a virtual interrupt is waiting for the vCPU (in a list register or deliverable).
 pub(super) fn has_pending_virtual(vm: &Vm, vcpu: usize) -> bool {
     let held = IRQ_STATE[this_cpu()].lock().hw_pending;
-    lr::has_pending(&Machine, lrs_here(), &held, &mut vm.vgic.lock(), vcpu)
+    lr::has_pending(&Machine, lrs_here(), &held, &mut vm.vgic.lock_own(), vcpu)
 }
 
 /// Most physical interrupts handled per exit: an interrupt whose condition the hypervisor failed
@@ -24,8 +25,10 @@ pub(super) const MAX_IRQS_PER_EXIT: usize = 32;
 /// Physical interrupts taken while the guest runs (`running` is its VM and vCPU) or while this
 /// CPU has no running vCPU (`None`: its VM is stopped or not started): the hypervisor's own
 /// (console input, SMMU events) are served either way; a guest's are dropped when it is not
-/// running.
-pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) {
+/// running. Returns what kind of exit that was for the trap profile: `None` if console input
+/// was served (the operator's monitor may have run in it).
+pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) -> Option<Kind> {
+    let (mut lpis, mut timer, mut other, mut console) = (false, false, false, false);
     for _ in 0..MAX_IRQS_PER_EXIT {
         let intid = Gic::ack();
         // 1020-1023 are the special INTIDs (IHI 0069H 2.2.1; 1023: nothing pending); an LPI
@@ -38,9 +41,11 @@ pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) {
             // deactivate (ICC_DIR).
             Gic::eoi(intid);
             lpi(intid, running);
+            lpis = true;
         } else if intid == VTIMER_PPI.0 && running.is_some() {
             // Priority drop only: the guest's EOI of the HW list register deactivates it.
             Gic::eoi(intid);
+            timer = true;
             let ticks = {
                 let mut st = IRQ_STATE[this_cpu()].lock();
                 st.hw_pending.push(VTIMER_PPI);
@@ -64,6 +69,7 @@ pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) {
         } else if Some(intid) == hv().platform.uart.intid {
             Gic::eoi_and_deactivate(intid);
             console_input();
+            console = true;
         } else if iommu::is_smmu_irq(intid) {
             Gic::eoi_and_deactivate(intid);
             service_smmu_events();
@@ -95,6 +101,15 @@ pub(super) fn handle_irqs(running: Option<(&Vm, usize)>) {
                 hv().gic.disable_spi(intid);
             }
         }
+        if !(intid >= crate::its::FIRST_LPI || intid == VTIMER_PPI.0) {
+            other = true;
+        }
+    }
+    match (console, other, timer, lpis) {
+        (true, ..) => None,
+        (false, false, true, _) => Some(Kind::Timer),
+        (false, false, false, true) => Some(Kind::Lpi),
+        _ => Some(Kind::Irq),
     }
 }
 
@@ -175,16 +190,25 @@ pub(super) fn console_input() {
 }
 
 /// Fills this CPU's free list registers for the vCPU before it runs again (`vm::lr::fill`).
-pub(super) fn sync_list_registers(vm: &Vm, vcpu: usize) {
+/// `sync_exit`: the exit was synchronous (a trap, not an interrupt), so the fill may be skipped
+/// when nothing changed since the last one (`lr::FillState`): most traps change no interrupt
+/// state.
+pub(super) fn sync_list_registers(vm: &Vm, vcpu: usize, sync_exit: bool) {
     // The UART's level is sampled before the vGIC is locked (the lock order is vGIC alone).
     let uart = vm.vuart.lock().irq_level().then_some(IntId(vm.uart_intid));
+    let generation = vm.vgic.generation();
     let mut irqs = IRQ_STATE[this_cpu()].lock();
-    lr::fill(
+    let st = &mut *irqs;
+    if sync_exit && !st.filled.needed(generation, &st.hw_pending, uart) {
+        return;
+    }
+    let left = lr::fill(
         &Machine,
         lrs_here(),
-        &mut irqs.hw_pending,
-        &mut vm.vgic.lock(),
+        &mut st.hw_pending,
+        &mut vm.vgic.lock_own(),
         vcpu,
         uart,
     );
+    st.filled.filled(generation, uart, left);
 }

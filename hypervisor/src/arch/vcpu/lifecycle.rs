@@ -52,7 +52,11 @@ pub(super) fn quiesce_local_vcpu(vm: &Vm, vcpu: usize) {
     let lrs = lrs_here();
     lrs.clear_all(&Machine);
     lrs.set_hcr(&Machine, 0);
-    let mut held = core::mem::take(&mut IRQ_STATE[this_cpu()].lock().hw_pending);
+    let mut held = {
+        let mut st = IRQ_STATE[this_cpu()].lock();
+        st.filled = crate::vm::lr::FillState::new();
+        core::mem::take(&mut st.hw_pending)
+    };
     for intid in held.take_all().filter(|i| i.is_spi()) {
         // A device line the guest never got to handle: the next boot starts clean.
         Gic::deactivate(intid.0);

@@ -17,11 +17,12 @@ mod vits;
 use crate::arch::hw::Machine;
 use crate::arch::{hv, sysreg, this_cpu, uart};
 use crate::esr::{fault_ipa, instruction_length, ExceptionClass};
+use crate::profile::{Kind, Laps, Stage, Stopwatch};
 use crate::vm::irq::VTIMER_PPI;
 use crate::vm::lifecycle::Power;
-use crate::vm::lr::{HwPending, Lrs};
+use crate::vm::lr::{FillState, HwPending, Lrs};
 use crate::vm::Vm;
-use aarch64_cpu::registers::{Readable, ESR_EL2, FAR_EL2, HPFAR_EL2};
+use aarch64_cpu::registers::{Readable, CNTPCT_EL0, ESR_EL2, FAR_EL2, HPFAR_EL2};
 use abort::handle_data_abort;
 use boot::{ExceptionKind, TrapFrame};
 use el2::{configure_el2, reset_el1_and_vgic_cpu};
@@ -76,7 +77,12 @@ pub fn run_bound_vcpu() -> ! {
             if let Some((entry, context)) = power.take_entry(&vm.life) {
                 configure_el2(vm, vcpu);
                 reset_el1_and_vgic_cpu();
-                IRQ_STATE[cpu].lock().hw_pending = HwPending::default();
+                {
+                    let mut st = IRQ_STATE[cpu].lock();
+                    st.hw_pending = HwPending::default();
+                    // The list registers were just cleared: the first exit fills them.
+                    st.filled = FillState::new();
+                }
                 hv().gic
                     .set_private_enabled(hv().cpus[cpu].redist(), VTIMER_PPI.0, false);
                 if vm.its.as_ref().is_some_and(|i| i.is_direct()) {
@@ -125,6 +131,9 @@ pub struct IrqState {
     last_injected_vector: u64,
     /// Guest timer interrupts taken on this CPU.
     timer_exits: u64,
+    /// What the last list-register fill saw (`sync_list_registers` skips one that would
+    /// find nothing new).
+    filled: FillState,
 }
 
 /// One per physical CPU, only touched by that CPU.
@@ -133,6 +142,7 @@ pub static IRQ_STATE: [spin::Mutex<IrqState>; boot::MAX_CPUS] = [const {
         hw_pending: HwPending::new(),
         last_injected_vector: u64::MAX,
         timer_exits: 0,
+        filled: FillState::new(),
     })
 }; boot::MAX_CPUS];
 
@@ -142,11 +152,24 @@ extern "C" fn hv_lower_exception(frame: &mut TrapFrame, kind: u64) {
     let Some((vm, vcpu)) = vm_and_vcpu() else {
         panic!("guest exception on a CPU without a vCPU");
     };
+    let laps = Stopwatch::start(counter as fn() -> u64, frame.entry_ts);
+    laps.enter(Stage::Decode);
+    let cpu = this_cpu();
+    if let Some((kind, end)) = LAST_EXIT[cpu].lock().take() {
+        vm.vcpus[vcpu]
+            .profile
+            .lock()
+            .add_exit(kind, end, frame.eret_ts);
+    }
     // What the hypervisor logs while it handles this exit is the guest's doing: rate-limited.
     uart::set_log_vm(Some(vm.id));
     match ExceptionKind::from_raw(kind) {
-        ExceptionKind::Sync => handle_sync(vm, vcpu, frame),
-        ExceptionKind::Irq | ExceptionKind::Fiq => handle_irqs(Some((vm, vcpu))),
+        ExceptionKind::Sync => handle_sync(vm, vcpu, frame, &laps),
+        ExceptionKind::Irq | ExceptionKind::Fiq => {
+            if let Some(k) = handle_irqs(Some((vm, vcpu))) {
+                laps.kind(k);
+            }
+        }
         ExceptionKind::SError => {
             stop_vm(vm, "SError from the guest");
         }
@@ -157,8 +180,28 @@ extern "C" fn hv_lower_exception(frame: &mut TrapFrame, kind: u64) {
     if vm.life.take_reset_request() {
         reset_vm(vm, vcpu, "reset by the operator");
     }
-    sync_list_registers(vm, vcpu);
+    laps.enter(Stage::LrSync);
+    sync_list_registers(
+        vm,
+        vcpu,
+        ExceptionKind::from_raw(kind) == ExceptionKind::Sync,
+    );
+    let (kind, ticks, end) = laps.finish();
+    if let Some(kind) = kind {
+        vm.vcpus[vcpu].profile.lock().add(kind, &ticks);
+        *LAST_EXIT[cpu].lock() = Some((kind, end));
+    }
 }
+
+/// The generic counter, for the trap profile.
+fn counter() -> u64 {
+    CNTPCT_EL0.get()
+}
+
+/// Per physical CPU: the kind of its last profiled exit and when its handler ended, until the
+/// next exit reads when its ERET ran (`TrapFrame::eret_ts`) and charges the difference.
+static LAST_EXIT: [spin::Mutex<Option<(Kind, u64)>>; boot::MAX_CPUS] =
+    [const { spin::Mutex::new(None) }; boot::MAX_CPUS];
 
 /// Entry from the vector table for exceptions taken at EL2: a hypervisor bug.
 #[no_mangle]
@@ -176,10 +219,10 @@ extern "C" fn hv_current_exception(frame: &mut TrapFrame, kind: u64) {
     );
 }
 
-fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
+fn handle_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, laps: &impl Laps) {
     let esr = ESR_EL2.get();
     match ExceptionClass::from_esr(esr) {
-        ExceptionClass::DataAbortLower => handle_data_abort(vm, vcpu, frame, esr),
+        ExceptionClass::DataAbortLower => handle_data_abort(vm, vcpu, frame, esr, laps),
         ExceptionClass::Hvc64 => handle_smccc(vm, vcpu, frame),
         ExceptionClass::Smc64 => {
             // A trapped SMC leaves ELR at the SMC itself (Arm ARM D1.11.4).

@@ -8,6 +8,7 @@ use crate::arch::{hv, iommu, timestamp_ms, uart};
 use crate::monitor::{self, Command, VmRow, VmState};
 use crate::vm::lifecycle::{VmState as Life, RESET_WAIT_MS};
 use crate::vm::Vm;
+use aarch64_cpu::registers::{Readable, CNTFRQ_EL0};
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
@@ -188,6 +189,14 @@ pub(super) fn stats(vm: Option<usize>, raw: bool) {
         .enumerate()
         .filter(|(i, _)| vm.is_none_or(|w| w == *i))
     {
+        let profile = v.1.profile_line(CNTFRQ_EL0.get());
+        if raw {
+            say(&profile);
+        } else {
+            for l in crate::profile::table(&profile).unwrap_or_default() {
+                say(&l);
+            }
+        }
         for line in v.1.stats_lines() {
             if raw {
                 say(&line);

@@ -29,6 +29,9 @@ pub(super) struct LpiStore {
     enabled: Vec<u64>,
     /// Pending bitmap of each vCPU.
     pending: Vec<Vec<u64>>,
+    /// Per vCPU, bit `w` set iff `pending[vcpu][w]` is not zero: an exit that finds no LPI
+    /// pending (most do) looks at one word instead of scanning the whole bitmap.
+    summary: Vec<Vec<u64>>,
 }
 
 impl LpiStore {
@@ -41,6 +44,7 @@ impl LpiStore {
             config: vec![0; count as usize],
             enabled: vec![0; words],
             pending: vec![vec![0; words]; vcpus],
+            summary: vec![vec![0; words.div_ceil(64)]; vcpus],
         }
     }
 
@@ -100,6 +104,18 @@ impl LpiStore {
             } else {
                 *w &= !m;
             }
+            let nonzero = *w != 0;
+            self.note_word(vcpu, i / 64, nonzero);
+        }
+    }
+
+    fn note_word(&mut self, vcpu: usize, w: usize, nonzero: bool) {
+        if let Some(s) = self.summary.get_mut(vcpu).and_then(|s| s.get_mut(w / 64)) {
+            if nonzero {
+                *s |= 1 << (w % 64);
+            } else {
+                *s &= !(1 << (w % 64));
+            }
         }
     }
 
@@ -114,6 +130,11 @@ impl LpiStore {
                 *d |= moved;
             }
         }
+        let moved = core::mem::take(&mut self.summary[from]);
+        for (d, m) in self.summary[to].iter_mut().zip(&moved) {
+            *d |= m;
+        }
+        self.summary[from] = vec![0; moved.len()];
     }
 
     /// Recomputes `enabled` from `config` after a bulk change of the latter.
@@ -132,7 +153,21 @@ impl LpiStore {
     pub(super) fn best(&self, vcpu: usize, exclude: &[crate::hw::IntId]) -> Option<(u8, u32)> {
         let pending = self.pending.get(vcpu)?;
         let mut best: Option<(u8, u32)> = None;
-        for (w, (&p, &e)) in pending.iter().zip(&self.enabled).enumerate() {
+        let summary = self.summary.get(vcpu)?;
+        let words = summary.iter().enumerate().flat_map(|(sw, &s)| {
+            let mut left = s;
+            core::iter::from_fn(move || {
+                (left != 0).then(|| {
+                    let b = left.trailing_zeros() as usize;
+                    left &= left - 1;
+                    sw * 64 + b
+                })
+            })
+        });
+        for w in words {
+            let (Some(&p), Some(&e)) = (pending.get(w), self.enabled.get(w)) else {
+                continue;
+            };
             let mut bits = p & e;
             while bits != 0 {
                 let b = bits.trailing_zeros() as usize;
@@ -254,5 +289,42 @@ impl VGic {
     /// Number of LPIs the store holds (0 without LPI support).
     pub fn num_lpis(&self) -> u32 {
         self.lpis.count()
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+
+    #[test]
+    fn the_pending_summary_follows_every_word_so_best_finds_lpis_anywhere_and_only_those() {
+        let mut s = LpiStore::new(MAX_LPIS, 2);
+        let far = LPI_BASE + MAX_LPIS - 1; // last word of the last summary word
+        let near = LPI_BASE + 70; // word 1
+        for (intid, prio) in [(far, 0x20), (near, 0x40)] {
+            s.set_config((intid - LPI_BASE) as usize, prio | LPI_CFG_ENABLE);
+        }
+        assert_eq!(s.best(0, &[]), None);
+        s.set_pending(0, near, true);
+        s.set_pending(0, far, true);
+        assert_eq!(s.best(0, &[]), Some((0x20, far)));
+        assert_eq!(s.best(0, &[crate::hw::IntId(far)]), Some((0x40, near)));
+        assert_eq!(s.best(1, &[]), None);
+        // Clearing one of two bits of a word keeps the word in the summary.
+        s.set_pending(0, near + 1, true);
+        s.set_pending(0, near, false);
+        s.set_pending(0, far, false);
+        assert_eq!(s.best(0, &[]), None); // near + 1 is pending but disabled
+        s.set_config((near + 1 - LPI_BASE) as usize, 0x10 | LPI_CFG_ENABLE);
+        assert_eq!(s.best(0, &[]), Some((0x10, near + 1)));
+        s.set_pending(0, far, true);
+        s.move_all(0, 1);
+        assert_eq!(s.best(0, &[]), None);
+        assert_eq!(s.best(1, &[]), Some((0x10, near + 1)));
+        s.set_pending(1, near + 1, false);
+        assert_eq!(s.best(1, &[]), Some((0x20, far)));
+        s.set_pending(1, far, false);
+        assert_eq!(s.best(1, &[]), None);
+        assert!(s.summary.iter().flatten().all(|&w| w == 0));
     }
 }

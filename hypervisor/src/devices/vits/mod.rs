@@ -37,9 +37,11 @@ use regs::*;
 
 pub use cmd::{Command, CMD_SIZE};
 
-/// Translations (mapped events) a VM may hold by default: a function's MSI-X table has at most
-/// 2048 vectors, and a VM's few functions use far fewer (virtio-net 3-9, NVMe one per CPU + 1).
-pub const DEFAULT_MAX_EVENTS: usize = 4096;
+/// Translations (mapped events) a VM may hold by default, each one physical LPI: a VM's few
+/// functions use far fewer (virtio-net 3-9, NVMe one per CPU + 1), and the physical LPI space is
+/// sized so that every VM the machine could hold gets this many
+/// ([`crate::its::lpi_bits_for`]): no VM can use up another's LPIs.
+pub const DEFAULT_MAX_EVENTS: usize = 1024;
 
 /// The fixed shape of a VM's vITS.
 #[derive(Clone, Debug)]

@@ -362,3 +362,93 @@ fn an_lpi_is_never_held_for_a_hardware_entry() {
     assert!(!held.any());
     assert!(held.push(IntId(1019)));
 }
+
+#[test]
+fn every_vgic_guard_moves_the_generation_on_when_dropped_and_a_vcpus_own_lock_does_not() {
+    let l = VgicLock::new(vgic(&[40]));
+    let g0 = l.generation();
+    {
+        let mut g = l.lock();
+        pend(&mut g, 40);
+        assert_eq!(l.generation(), g0, "not while held: the change is not done");
+    }
+    assert_eq!(l.generation(), g0 + 1);
+    let _ = l.lock().is_pending(0, IntId(40));
+    assert_eq!(
+        l.generation(),
+        g0 + 2,
+        "reads count too: the cheap, safe side"
+    );
+    let held = HwPending::default();
+    let lrs = Lrs::new();
+    let hw = FakeHw::new(0, 4);
+    lrs.clear_all(&hw);
+    let mut pending = held;
+    fill(&hw, &lrs, &mut pending, &mut l.lock_own(), 0, None);
+    assert_eq!(
+        l.generation(),
+        g0 + 2,
+        "a vCPU's own fill changes only its own state"
+    );
+}
+
+#[test]
+fn a_fill_is_skipped_only_when_nothing_it_would_look_at_changed() {
+    let mut st = FillState::new();
+    let none = HwPending::default();
+    assert!(st.needed(5, &none, None), "nothing filled since the entry");
+    st.filled(5, None, false);
+    assert!(!st.needed(5, &none, None));
+    assert!(st.needed(6, &none, None), "the vGIC moved on");
+    assert!(st.needed(5, &none, Some(UART)), "the UART's line rose");
+    let mut held = HwPending::default();
+    assert!(held.push(IntId(40)));
+    assert!(st.needed(5, &held, None), "a forwarded interrupt waits");
+    st.filled(5, None, true);
+    assert!(
+        st.needed(5, &none, None),
+        "interrupts were left for want of a list register"
+    );
+    st.filled(7, Some(UART), false);
+    assert!(
+        st.needed(7, &none, Some(UART)),
+        "a high UART line is re-latched on every fill"
+    );
+    assert!(st.needed(7, &none, None), "the UART's line fell");
+    st.filled(7, None, false);
+    assert!(!st.needed(7, &none, None));
+}
+
+#[test]
+fn a_fill_says_when_it_left_interrupts_for_want_of_a_list_register() {
+    let hw = FakeHw::new(0, 2);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut held = HwPending::default();
+    let mut g = vgic(&[40, 41, 42]);
+    pend(&mut g, 40);
+    assert!(!fill(&hw, &lrs, &mut held, &mut g, 0, None));
+    for i in [41, 42] {
+        pend(&mut g, i);
+    }
+    assert!(
+        fill(&hw, &lrs, &mut held, &mut g, 0, None),
+        "one free entry, two pending"
+    );
+}
+
+#[test]
+fn an_edge_latched_again_while_in_a_list_register_keeps_the_next_fill_from_being_skipped() {
+    let hw = FakeHw::new(0, 4);
+    let lrs = Lrs::new();
+    lrs.clear_all(&hw);
+    let mut held = HwPending::default();
+    let mut g = vgic(&[40]);
+    g.dist_write(GICD_ICFGR + 8, Word, 2 << 16); // SPI 40 edge
+    pend(&mut g, 40);
+    assert!(!fill(&hw, &lrs, &mut held, &mut g, 0, None));
+    // Raised again while the guest has it: it stays latched behind its own entry.
+    pend(&mut g, 40);
+    assert!(fill(&hw, &lrs, &mut held, &mut g, 0, None));
+    assert!(g.is_pending(0, IntId(40)), "put back");
+}

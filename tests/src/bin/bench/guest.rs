@@ -87,11 +87,12 @@ pub(crate) fn type_command(q: &mut Qemu, one_guest: bool, cmd: &str) -> R<()> {
 }
 
 /// The hypervisor's counters of `vms` (the monitor's `stats raw`), by VM: each VM's vIOMMU line (`vsmmu:` as
-/// they are, or `viommu:` as `viommu_KEY`) with its vITS line (`vits_KEY`).
+/// they are, or `viommu:` as `viommu_KEY`) with its trap profile (`prof_KEY`, nanosecond sums) and
+/// vITS line (`vits_KEY`).
 pub(crate) fn hv_counters(q: &mut Qemu, vms: &[&str]) -> R<BTreeMap<String, Delta>> {
     raw_stats(q).map_err(qe)?;
     let found = RefCell::new(BTreeMap::new());
-    let vits: RefCell<BTreeMap<String, Delta>> = RefCell::new(BTreeMap::new());
+    let extra: RefCell<BTreeMap<String, Delta>> = RefCell::new(BTreeMap::new());
     q.wait_until(
         &format!("the hypervisor's vSMMU or virtio-iommu stats lines of {vms:?}"),
         STEP_TIMEOUT,
@@ -99,11 +100,22 @@ pub(crate) fn hv_counters(q: &mut Qemu, vms: &[&str]) -> R<BTreeMap<String, Delt
             if let Some(t) = hv_text(l) {
                 for vm in vms {
                     if t.starts_with(&format!("vits: {vm} stats: ")) {
-                        vits.borrow_mut().insert(vm.to_string(), parse_vits(t));
+                        extra
+                            .borrow_mut()
+                            .entry(vm.to_string())
+                            .or_default()
+                            .extend(parse_prefixed(t, "vits_"));
+                    }
+                    if t.starts_with(&format!("profile: {vm} stats: ")) {
+                        extra
+                            .borrow_mut()
+                            .entry(vm.to_string())
+                            .or_default()
+                            .extend(parse_prefixed(t, "prof_"));
                     }
                     if let Some(mut d) = iommu_counters(t, vm) {
                         // The vITS line comes first (an INTx-only VM has none).
-                        d.extend(vits.borrow_mut().remove(*vm).unwrap_or_default());
+                        d.extend(extra.borrow_mut().remove(*vm).unwrap_or_default());
                         found.borrow_mut().insert(vm.to_string(), d);
                     }
                 }
@@ -133,12 +145,13 @@ pub(crate) fn iommu_counters(text: &str, vm: &str) -> Option<Delta> {
     None
 }
 
-/// The numeric counters of a `vits: VM stats: delivery PATH, k=v ...` line, as `vits_k`.
-fn parse_vits(text: &str) -> Delta {
+/// The numeric counters of a `vits: VM stats: delivery PATH, k=v ...` or `profile: VM stats:
+/// ns sums, k=v ...` line, as `PREFIXk`.
+fn parse_prefixed(text: &str, prefix: &str) -> Delta {
     text.split_whitespace()
         .filter_map(|f| {
             let (k, v) = f.split_once('=')?;
-            Some((format!("vits_{k}"), v.parse().ok()?))
+            Some((format!("{prefix}{k}"), v.parse().ok()?))
         })
         .collect()
 }
@@ -214,6 +227,7 @@ fn domain_ok(col: Col, domain: &str) -> bool {
     match col {
         Col::Bare
         | Col::Vsmmu
+        | Col::VsmmuBase
         | Col::VsmmuIntx
         | Col::VsmmuV4
         | Col::Viommu

@@ -53,7 +53,8 @@ use integration_tests::{guest_kver, modular_guest_dir, repo_root, target_dir, Er
 use machine::{command_line, cpu_model, loadavg, qemu_processes, sha256};
 use opts::{Opts, USAGE};
 use report::{
-    counts_table, figures_table, shown_cols, viommu_counts_table, which_to_pick, READING,
+    counts_table, figures_table, profile_table, shown_cols, viommu_counts_table, which_to_pick,
+    READING,
 };
 use setup::{check_board_pci, pci_devices, private_disks, Boot, Col, Ctx};
 use stats::Results;
@@ -210,6 +211,11 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
         println!("Exact counts (virtio-iommu setup):\n");
         println!("{vcounts}");
     }
+    let profile = profile_table(&res, &opts);
+    if !profile.is_empty() {
+        println!("Trap profile (ns per exit, by stage, from the generic counter in EL2; median [min–max] over the repeats):\n");
+        println!("{profile}");
+    }
     if let Some(p) = &pick {
         println!("Which to pick:\n\n{p}");
     }
@@ -255,6 +261,14 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
             guest.display()
         );
         let _ = writeln!(md, "- Hypervisor: build/hypervisor.bin, sha256 {hv_hash}");
+        if let Some(b) = &opts.baseline {
+            let _ = writeln!(
+                md,
+                "- Baseline hypervisor (the column \"vSMMU, baseline\"): {}, sha256 {}",
+                b.display(),
+                sha256(b)
+            );
+        }
         for w in warnings.iter().chain(&hv_changed) {
             let _ = writeln!(md, "- **Warning**: {w}");
         }
@@ -289,6 +303,10 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
         let setups = [
             (Boot::Single(Col::Bare), "bare"),
             (Boot::Single(Col::Vsmmu), "vSMMU"),
+            (
+                Boot::Single(Col::VsmmuBase),
+                "vSMMU on the baseline image (--baseline)",
+            ),
             (Boot::Single(Col::S2), "stage-2 only"),
             (
                 Boot::Single(Col::VsmmuIntx),
@@ -397,6 +415,23 @@ fn run(opts: Opts, args: &[String]) -> R<bool> {
                  submitted to the physical SMMU for them.\n"
             );
             md.push_str(&vcounts);
+        }
+        if !profile.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Trap profile\n\nThe hypervisor's trap profile (the monitor's `stats raw` \
+                 `profile:` line: nanosecond sums per kind of exit and stage, from CNTPCT_EL0), read \
+                 with the counters above: per workload and kind of exit, the exits per operation \
+                 and the mean time per exit in each stage, from the vector's first instruction \
+                 (save) to the ERET (exit). Stages: save and exit are the frame save and restore; \
+                 decode the ESR_EL2 decode and routing; model the device model under its lock; \
+                 submit the physical SMMU's queue and stream-table writes and CMDQ_PROD; wait its \
+                 CMD_SYNC (or a budget); complete the guest's CMDQ_CONS, its CMD_SYNC MSI and \
+                 interrupts; lr_sync the list registers. \"Outside EL2\" is the guest's own \
+                 map+unmap time less the exits' time in EL2: the exception entry and return and \
+                 what the guest itself does.\n"
+            );
+            md.push_str(&profile);
         }
         if let Some(p) = &pick {
             let _ = writeln!(md, "\n## Which to pick\n\n{p}");

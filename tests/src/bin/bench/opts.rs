@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 pub(crate) const USAGE: &str = "\
 usage: bench [--repeats N] [--out FILE] [--setups LIST] [--no-net] [--dma-seconds S] [--quick]
+             [--baseline IMAGE]
 
 Boots the modular guest (build/guest/modular) in each setup N times, in a rotated order, runs
 the same workloads in each (tests/guest/bench.sh) and prints one table of figures and ratios
@@ -33,6 +34,9 @@ virtio-iommu setup, which to pick. The setups (--setups names):
   --no-net         all but net
   --dma-seconds S  length of each dma_map_benchmark run (default 3)
   --quick          a smoke run: 1 repeat, short workloads (figures not worth keeping)
+  --baseline IMAGE also boot the vSMMU setup on IMAGE, another build of the hypervisor (e.g.
+                   the commit before a change: `git worktree add`, `qemu/build.sh` there), as the
+                   column \"vSMMU, baseline\": before and after side by side, same host, same run
 
 Run it through qemu/bench.sh, which sets up, builds the hypervisor and the modular guest first.";
 
@@ -47,6 +51,8 @@ pub(crate) struct Opts {
     pub(crate) k4_passes: u32,
     pub(crate) rand_reads: u32,
     pub(crate) net_mib: u32,
+    /// Another hypervisor image, booted as the vSMMU setup's baseline column.
+    pub(crate) baseline: Option<PathBuf>,
 }
 
 impl Opts {
@@ -61,6 +67,7 @@ impl Opts {
             k4_passes: 4,
             rand_reads: 200,
             net_mib: 16,
+            baseline: None,
         };
         let mut it = args.iter();
         let num = |v: Option<&String>, what: &str| -> Result<u64, String> {
@@ -94,6 +101,13 @@ impl Opts {
                     o.singles.sort();
                     o.singles.dedup();
                 }
+                "--baseline" => {
+                    let f = PathBuf::from(it.next().ok_or("--baseline wants an image file")?);
+                    if !f.is_file() {
+                        return Err(format!("--baseline: no file {}", f.display()));
+                    }
+                    o.baseline = Some(f);
+                }
                 "--quick" => {
                     o.repeats = 1;
                     o.dma_seconds = 1;
@@ -105,6 +119,10 @@ impl Opts {
                 "-h" | "--help" => return Err(String::new()),
                 other => return Err(format!("unknown argument {other:?}")),
             }
+        }
+        if o.baseline.is_some() {
+            o.singles.push(Col::VsmmuBase);
+            o.singles.sort();
         }
         Ok(o)
     }

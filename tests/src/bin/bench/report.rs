@@ -195,8 +195,10 @@ fn rows(o: &Opts) -> Vec<Row> {
 }
 
 /// The ratio columns, each shown when the run has both setups: (numerator, denominator, header).
-const RATIOS: [(Col, Col, &str); 8] = [
+const RATIOS: [(Col, Col, &str); 10] = [
     (Col::Vsmmu, Col::Bare, "vSMMU/bare"),
+    (Col::VsmmuBase, Col::Bare, "baseline/bare"),
+    (Col::Vsmmu, Col::VsmmuBase, "vSMMU/baseline"),
     (
         Col::VsmmuPrealloc,
         Col::BarePrealloc,
@@ -217,7 +219,7 @@ const RATIOS: [(Col, Col, &str); 8] = [
 /// The setups the run has, in the table's order: the single-guest setups asked for, and vSMMU
 /// and stage-2 only when the two-VM pairs ran.
 pub(crate) fn shown_cols(o: &Opts) -> Vec<Col> {
-    Col::ALL
+    Col::ORDER
         .into_iter()
         .filter(|c| o.singles.contains(c) || (o.net && matches!(c, Col::Vsmmu | Col::S2)))
         .collect()
@@ -631,6 +633,96 @@ pub(crate) fn viommu_counts_table(res: &Results, o: &Opts) -> String {
             per(&|d| get(d, "tlbis")),
             per(&|d| d.get("vits_lpis_at_el2").copied().unwrap_or(0) as f64),
         );
+    }
+    if any {
+        s
+    } else {
+        String::new()
+    }
+}
+
+/// The hypervisor's trap profile per workload (its `profile:` sums, read around each measured
+/// part): for each setup under the hypervisor and each kind of exit the workload caused, the
+/// exits per operation and the mean nanoseconds per exit in each stage, measured in EL2 from
+/// the vector's first instruction to the ERET. For the DMA workloads also the guest's own
+/// map+unmap time and what of it lies outside EL2 (the exception entry and return themselves,
+/// and the guest's side). Empty without profile counts.
+pub(crate) fn profile_table(res: &Results, o: &Opts) -> String {
+    const STAGES: [&str; 8] = [
+        "save", "decode", "model", "submit", "wait", "complete", "lr_sync", "exit",
+    ];
+    const KINDS: [(&str, &str); 5] = [
+        ("prod", "CMDQ_PROD write"),
+        ("read", "vSMMU register read"),
+        ("lpi", "LPI (MSI)"),
+        ("timer", "guest timer"),
+        ("irq", "other interrupt"),
+    ];
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| workload | setup | exit | exits/op | {} | all in EL2 | guest's map+unmap | outside EL2 per op |",
+        STAGES.join(" | ")
+    );
+    let _ = writeln!(s, "|{}", " --- |".repeat(STAGES.len() + 7));
+    let mut any = false;
+    for (key, label, _) in workload_rows(o, "map+unmap") {
+        let Some(cols) = res.counts.get(&key) else {
+            continue;
+        };
+        for (col, v) in cols {
+            for (kind, what) in KINDS {
+                let get = |d: &Delta, k: &str| {
+                    d.get(&format!("prof_{kind}_{k}")).copied().unwrap_or(0) as f64
+                };
+                let exits: Vec<f64> = v.iter().map(|(_, d)| get(d, "n")).collect();
+                if exits.iter().all(|&n| n == 0.0) {
+                    continue;
+                }
+                any = true;
+                let per_exit = |stage: &str| -> Vec<f64> {
+                    v.iter().map(|(_, d)| get(d, stage) / get(d, "n")).collect()
+                };
+                let all: Vec<f64> = v
+                    .iter()
+                    .map(|(_, d)| STAGES.iter().map(|st| get(d, st)).sum::<f64>() / get(d, "n"))
+                    .collect();
+                let per_op: Vec<f64> = v
+                    .iter()
+                    .map(|(ops, d)| {
+                        if *ops > 0.0 {
+                            get(d, "n") / ops
+                        } else {
+                            f64::NAN
+                        }
+                    })
+                    .collect();
+                let stages: Vec<String> =
+                    STAGES.iter().map(|st| count_cell(&per_exit(st))).collect();
+                let (guest, outside) = match (key.starts_with("dma") && kind == "prod")
+                    .then(|| median(res, &format!("{key}-pair"), *col))
+                    .flatten()
+                {
+                    Some(us) => {
+                        let in_el2 =
+                            med(&per_op).unwrap_or(f64::NAN) * med(&all).unwrap_or(f64::NAN);
+                        (
+                            format!("{} ns", fmt_num(us * 1000.0)),
+                            format!("{} ns", fmt_num(us * 1000.0 - in_el2)),
+                        )
+                    }
+                    None => ("—".to_string(), "—".to_string()),
+                };
+                let _ = writeln!(
+                    s,
+                    "| {label} | {} | {what} | {} | {} | {} | {guest} | {outside} |",
+                    col.label(),
+                    count_cell(&per_op),
+                    stages.join(" | "),
+                    count_cell(&all),
+                );
+            }
+        }
     }
     if any {
         s

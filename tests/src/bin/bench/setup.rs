@@ -29,6 +29,9 @@ pub(crate) enum Col {
     /// Linux directly on QEMU with QEMU's own virtio-iommu-pci and no SMMU
     /// (`--bare-iommu virtio-iommu`): what a VMM's user would pick instead.
     BareViommu,
+    /// The vSMMU setup on another build of the hypervisor (`--baseline FILE`): before and after
+    /// a change, side by side in one run.
+    VsmmuBase,
     /// [`Col::Bare`] with QEMU's guest RAM allocated by the host before the boot
     /// (`-mem-prealloc`): under TCG the first touch of a page costs a host page fault and
     /// allocation, which the hypervisor's zeroing pays for every page it zeroes and a bare
@@ -39,8 +42,23 @@ pub(crate) enum Col {
 }
 
 impl Col {
+    /// The setups `--setups` names (the baseline comes with `--baseline` instead).
     pub(crate) const ALL: [Col; 9] = [
         Col::Bare,
+        Col::Vsmmu,
+        Col::S2,
+        Col::VsmmuIntx,
+        Col::VsmmuV4,
+        Col::Viommu,
+        Col::BareViommu,
+        Col::BarePrealloc,
+        Col::VsmmuPrealloc,
+    ];
+
+    /// Every setup in the tables' order.
+    pub(crate) const ORDER: [Col; 10] = [
+        Col::Bare,
+        Col::VsmmuBase,
         Col::Vsmmu,
         Col::S2,
         Col::VsmmuIntx,
@@ -77,6 +95,7 @@ impl Col {
             Col::BareViommu => "bare, virtio-iommu-pci",
             Col::BarePrealloc => "bare, host RAM preallocated",
             Col::VsmmuPrealloc => "vSMMU, host RAM preallocated",
+            Col::VsmmuBase => "vSMMU, baseline",
         }
     }
 
@@ -91,6 +110,7 @@ impl Col {
             Col::BareViommu => "bare-viommu",
             Col::BarePrealloc => "bare-prealloc",
             Col::VsmmuPrealloc => "vsmmu-prealloc",
+            Col::VsmmuBase => "vsmmu-base",
         }
     }
 }
@@ -161,6 +181,10 @@ impl Ctx {
                 }
                 if c == Col::Viommu {
                     a.extend(["--vm-iommu", "0", "virtio-iommu"].map(String::from));
+                }
+                if let (Col::VsmmuBase, Some(image)) = (c, &self.opts.baseline) {
+                    a.push("--hv-image".to_string());
+                    a.push(image.display().to_string());
                 }
                 a.extend(
                     ["--vm-pci", "0", "00:01.0,00:02.0", "--vm-bootargs", "0"].map(String::from),

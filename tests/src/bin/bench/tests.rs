@@ -271,6 +271,37 @@ fn which_to_pick_prose() {
 }
 
 #[test]
+fn a_baseline_image_adds_its_column_booted_on_that_image() {
+    let dir = std::env::temp_dir().join(format!("bench-baseline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("before.bin");
+    std::fs::write(&image, b"img").unwrap();
+    let o = Opts::parse(&[
+        "--setups".into(),
+        "bare,vsmmu".into(),
+        "--baseline".into(),
+        image.display().to_string(),
+    ])
+    .unwrap();
+    assert_eq!(o.singles, vec![Col::Bare, Col::Vsmmu, Col::VsmmuBase]);
+    assert_eq!(shown_cols(&o), vec![Col::Bare, Col::VsmmuBase, Col::Vsmmu]);
+    let ctx = Ctx {
+        opts: o,
+        guest: PathBuf::from("/g"),
+        disks: [PathBuf::from("/d/vm0.img"), PathBuf::from("/d/vm1.img")],
+    };
+    let a = ctx.args(Boot::Single(Col::VsmmuBase));
+    assert!(a
+        .windows(2)
+        .any(|w| w[0] == "--hv-image" && w[1] == image.display().to_string()));
+    assert!(!ctx
+        .args(Boot::Single(Col::Vsmmu))
+        .contains(&"--hv-image".to_string()));
+    assert!(Opts::parse(&["--baseline".into(), "/no/such/image".into()]).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn prealloc_setups_are_bare_and_vsmmu_with_the_hosts_ram_preallocated() {
     let o = Opts::parse(&[
         "--setups".into(),
