@@ -19,7 +19,10 @@ pub(crate) fn run_single(col: Col, rep: usize, ctx: &Ctx, res: &mut Results, nam
     let args = ctx.args(Boot::Single(col));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut q = Qemu::spawn_with_limit(name, &argv, Duration::from_secs(900)).map_err(qe)?;
-    let exec = wait_exec(&mut q)?;
+    let mut exec = wait_exec(&mut q)?;
+    if col.prealloc() {
+        exec = start_paused(&mut q)?;
+    }
     let init = q
         .wait_for_line("guest: init started", BOOT_TIMEOUT)
         .map_err(qe)?;
@@ -108,6 +111,19 @@ pub(crate) fn run_single(col: Col, rep: usize, ctx: &Ctx, res: &mut Results, nam
         }
     }
     Ok(())
+}
+
+/// Lets a QEMU started paused (`-S`, with its RAM preallocated) run: `cont` at its monitor
+/// (Ctrl-a c, the command, Ctrl-a c back to the console). QEMU reads it only after allocating
+/// the RAM; its monitor's banner is the machine's start.
+fn start_paused(q: &mut Qemu) -> R<integration_tests::Line> {
+    q.send("\x01c").map_err(qe)?;
+    let banner = q
+        .wait_for_line("monitor - type 'help'", Duration::from_secs(300))
+        .map_err(qe)?;
+    q.send("cont\n").map_err(qe)?;
+    q.send("\x01c").map_err(qe)?;
+    Ok(banner)
 }
 
 /// Two VMs: boot time of both, vm0 sending to vm1 over their NICs.

@@ -41,7 +41,8 @@ How to read them:
   page it touches, which a bare guest never pays for pages it does not use; how long that takes \
   depends on the host's free memory, not on the setup. The `host RAM preallocated` setups \
   (QEMU's `-mem-prealloc`, bare and vSMMU alike) take that allocation out of the zeroing; \
-  their boot times include QEMU allocating its 4 GiB before the machine starts, in both.
+  they start paused and are timed from the machine's start (the `cont` typed at QEMU's monitor \
+  once its 4 GiB are allocated), not from QEMU's exec like the others.
 - dma_map_benchmark reports 0.1 µs steps; with `iommu.passthrough=1` it measures dma-direct.
 - The random reads run one dd process per read: the row below them (the same loop on /dev/zero) \
   shows that process creation, not the disk, dominates them.

@@ -35,7 +35,9 @@ pub(crate) enum Col {
     /// [`Col::Bare`] with QEMU's guest RAM allocated by the host before the boot
     /// (`-mem-prealloc`): under TCG the first touch of a page costs a host page fault and
     /// allocation, which the hypervisor's zeroing pays for every page it zeroes and a bare
-    /// guest only for the pages it uses. Preallocated, neither pays it during the boot.
+    /// guest only for the pages it uses. Preallocated, neither pays it during the boot, which
+    /// is timed from the machine's start (QEMU starts paused, `-S`, and is let go from its
+    /// monitor once the allocation is done), not from QEMU's exec.
     BarePrealloc,
     /// [`Col::Vsmmu`] with the host's RAM preallocated, as [`Col::BarePrealloc`].
     VsmmuPrealloc,
@@ -205,7 +207,10 @@ impl Ctx {
         };
         a.push("--".to_string());
         if boot.col().prealloc() {
+            // Started paused (`-S`): the boot is timed from the `cont` the bench types at QEMU's
+            // monitor, which QEMU reads only once it has allocated the RAM.
             a.push("-mem-prealloc".to_string());
+            a.push("-S".to_string());
         }
         a.extend(pci_devices(&self.disks[..vms]));
         a

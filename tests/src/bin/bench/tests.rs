@@ -325,11 +325,11 @@ fn prealloc_setups_are_bare_and_vsmmu_with_the_hosts_ram_preallocated() {
     };
     let bare = ctx.args(Boot::Single(Col::BarePrealloc));
     assert_eq!(bare[0], "--bare");
-    assert_eq!(qemu(&bare)[1], "-mem-prealloc");
+    assert_eq!(qemu(&bare)[1..3], ["-mem-prealloc", "-S"]);
     let plain = ctx.args(Boot::Single(Col::Bare));
     assert_eq!(
         bare.iter()
-            .filter(|w| *w != "-mem-prealloc")
+            .filter(|w| *w != "-mem-prealloc" && *w != "-S")
             .collect::<Vec<_>>(),
         plain.iter().collect::<Vec<_>>(),
         "the same boot otherwise"
