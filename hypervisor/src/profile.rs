@@ -262,9 +262,16 @@ pub struct Timed<'a, P, L> {
 }
 
 impl<P, L: Laps> Timed<'_, P, L> {
-    fn during<T>(&self, stage: Stage, f: impl FnOnce() -> T) -> T {
+    fn during<T>(&self, stage: Stage, f: impl FnOnce(&P) -> T) -> T {
         let back = self.laps.enter(stage);
-        let r = f();
+        let r = f(&self.inner);
+        self.laps.enter(back);
+        r
+    }
+
+    fn during_mut<T>(&mut self, stage: Stage, f: impl FnOnce(&mut P) -> T) -> T {
+        let back = self.laps.enter(stage);
+        let r = f(&mut self.inner);
         self.laps.enter(back);
         r
     }
@@ -272,39 +279,27 @@ impl<P, L: Laps> Timed<'_, P, L> {
 
 impl<P: PhysicalSmmu, L: Laps> PhysicalSmmu for Timed<'_, P, L> {
     fn write_ste(&mut self, sid: u32, ste: Ste) -> Result<SteWrite, DriverError> {
-        let back = self.laps.enter(Stage::Submit);
-        let r = self.inner.write_ste(sid, ste);
-        self.laps.enter(back);
-        r
+        self.during_mut(Stage::Submit, |p| p.write_ste(sid, ste))
     }
 
     fn make_ste(&mut self, b: SteBreak) -> Result<Command, DriverError> {
-        let back = self.laps.enter(Stage::Submit);
-        let r = self.inner.make_ste(b);
-        self.laps.enter(back);
-        r
+        self.during_mut(Stage::Submit, |p| p.make_ste(b))
     }
 
     fn submit(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
-        let back = self.laps.enter(Stage::Submit);
-        let r = self.inner.submit(cmds);
-        self.laps.enter(back);
-        r
+        self.during_mut(Stage::Submit, |p| p.submit(cmds))
     }
 
     fn submit_sync(&mut self, cmds: &[Command]) -> Result<SyncTicket, DriverError> {
-        let back = self.laps.enter(Stage::Submit);
-        let r = self.inner.submit_sync(cmds);
-        self.laps.enter(back);
-        r
+        self.during_mut(Stage::Submit, |p| p.submit_sync(cmds))
     }
 
     fn publish(&self) {
-        self.during(Stage::Submit, || self.inner.publish())
+        self.during(Stage::Submit, |p| p.publish())
     }
 
     fn wait(&self, ticket: SyncTicket) -> Result<(), DriverError> {
-        self.during(Stage::Wait, || self.inner.wait(ticket))
+        self.during(Stage::Wait, |p| p.wait(ticket))
     }
 
     fn now(&self) -> Option<u64> {
@@ -312,7 +307,7 @@ impl<P: PhysicalSmmu, L: Laps> PhysicalSmmu for Timed<'_, P, L> {
     }
 
     fn wait_until(&self, deadline: u64) {
-        self.during(Stage::Wait, || self.inner.wait_until(deadline))
+        self.during(Stage::Wait, |p| p.wait_until(deadline))
     }
 }
 

@@ -99,19 +99,14 @@ pub(crate) fn hv_counters(q: &mut Qemu, vms: &[&str]) -> R<BTreeMap<String, Delt
         |l| {
             if let Some(t) = hv_text(l) {
                 for vm in vms {
-                    if t.starts_with(&format!("vits: {vm} stats: ")) {
-                        extra
-                            .borrow_mut()
-                            .entry(vm.to_string())
-                            .or_default()
-                            .extend(parse_prefixed(t, "vits_"));
-                    }
-                    if t.starts_with(&format!("profile: {vm} stats: ")) {
-                        extra
-                            .borrow_mut()
-                            .entry(vm.to_string())
-                            .or_default()
-                            .extend(parse_prefixed(t, "prof_"));
+                    for (line, prefix) in [("vits", "vits_"), ("profile", "prof_")] {
+                        if t.starts_with(&format!("{line}: {vm} stats: ")) {
+                            extra
+                                .borrow_mut()
+                                .entry(vm.to_string())
+                                .or_default()
+                                .extend(parse_prefixed(t, prefix));
+                        }
                     }
                     if let Some(mut d) = iommu_counters(t, vm) {
                         // The vITS line comes first (an INTx-only VM has none).
